@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+with open("README.rst", encoding="utf-8") as readme, open("CHANGES.rst", encoding="utf-8") as changes:
+    long_description = readme.read() + "\n\n" + changes.read()
+
+setup(
+    name="serverlayer",
+    version="0.1.0.dev0",
+    description="Real HTTP and SMTP servers as zope.testrunner test layers",
+    long_description=long_description,
+    long_description_content_type="text/x-rst",
+    license="ZPL-2.1",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"serverlayer": ["py.typed"]},
+    include_package_data=True,
+    zip_safe=False,
+    install_requires=[
+        "setuptools",
+        "plone.testing",
+        "zope.testrunner",
+        "waitress >= 3.0",
+    ],
+    extras_require={
+        "test": [],
+        "bench": ["gocept.httpserverlayer == 4.0"],
+    },
+    classifiers=[
+        "Framework :: Zope",
+        "Framework :: Plone",
+        "Intended Audience :: Developers",
+        "License :: OSI Approved :: Zope Public License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Topic :: Software Development :: Testing",
+    ],
+)

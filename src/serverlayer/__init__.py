@@ -1,0 +1,22 @@
+"""Real HTTP and SMTP servers as zope.testrunner / plone.testing test layers."""
+
+from serverlayer.errors import (
+    AddressInUseError,
+    ConfigurationError,
+    LayerIdentityError,
+    ServerLayerError,
+    ServerSideError,
+    SetUpError,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AddressInUseError",
+    "ConfigurationError",
+    "LayerIdentityError",
+    "ServerLayerError",
+    "ServerSideError",
+    "SetUpError",
+    "__version__",
+]

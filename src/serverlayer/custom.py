@@ -1,0 +1,234 @@
+"""Serve a ``http.server.BaseHTTPRequestHandler`` subclass.
+
+    >>> from serverlayer import custom
+    >>> class Hello(custom.RequestHandler):
+    ...     def do_GET(self):
+    ...         self.send_response(200)
+    ...         self.end_headers()
+    ...         self.wfile.write(b'hello')
+    >>> HELLO_LAYER = custom.Layer(Hello, name='HELLO_LAYER')
+"""
+
+from __future__ import annotations
+
+import http.server
+import queue
+import selectors
+import socket
+import socketserver
+import sys
+import threading
+from typing import Any, Callable
+
+from serverlayer.errors import ConfigurationError
+from serverlayer.layer import HTTPLayer, verbose
+from serverlayer.reporting import ErrorLog
+from serverlayer.server import Deadline
+
+#: Exceptions that only mean the client went away.
+DISCONNECTS = (ConnectionError, TimeoutError)
+
+HandlerFactory = Callable[..., socketserver.BaseRequestHandler]
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler that logs nothing unless ``$SERVERLAYER_VERBOSE`` is set.
+
+    ``BaseHTTPRequestHandler`` logs every request to stderr, which buries
+    test output.
+    """
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if verbose():
+            super().log_message(format, *args)
+
+
+class HandlerServer(socketserver.BaseServer):
+    """Serves connections with a request handler on a fixed pool of threads.
+
+    A pool started in ``setUp`` rather than ``ThreadingMixIn``'s thread per
+    connection: a thread started during a test and still alive when it ends
+    (a keep-alive connection, or a handler finishing after the client read
+    its response) makes zope.testrunner report that the test "left new
+    threads behind". Connections beyond the pool's size wait their turn.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: HandlerFactory,
+        *,
+        errors: ErrorLog,
+        threads: int,
+        thread_name: str,
+    ) -> None:
+        host, port = sock.getsockname()[:2]
+        super().__init__((host, port), handler)  # type: ignore[arg-type]
+        self.socket = sock
+        # http.server handlers and wsgiref read these.
+        self.server_name = host
+        self.server_port = port
+        self._errors = errors
+        self._stopping = False
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._connections_lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._queue: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+        self._workers = [
+            threading.Thread(
+                target=self._work, name=f"{thread_name} worker {number}", daemon=True
+            )
+            for number in range(threads)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            ready()
+            while not self._stopping:
+                for key, _ in selector.select():
+                    if key.fileobj is self.socket and not self._stopping:
+                        self._accept()
+
+    def _accept(self) -> None:
+        try:
+            connection, address = self.socket.accept()
+        except OSError:  # the client gave up before we got to it
+            return
+        with self._connections_lock:
+            self._connections.add(connection)
+        self._queue.put((connection, address))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            connection, address = item
+            try:
+                self.finish_request(connection, address)
+            except BaseException:
+                self.handle_error(connection, address)
+            finally:
+                with self._connections_lock:
+                    self._connections.discard(connection)
+                self.shutdown_request(connection)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Record what a handler raised; a client hanging up is no error."""
+        exc_type, exc, tb = sys.exc_info()
+        if exc_type is None or exc is None or self._stopping or isinstance(exc, DISCONNECTS):
+            return
+        handler_name = getattr(self.RequestHandlerClass, "__name__", repr(self.RequestHandlerClass))
+        self._errors.record(
+            f"{handler_name} raised while serving a request from {client_address[0]}",
+            (exc_type, exc, tb),
+        )
+        if verbose():
+            super().handle_error(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        try:
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        request.close()
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._wake_writer.send(b"\0")
+
+    def release(self, timeout: float) -> None:
+        self.socket.close()
+        # Unblock workers waiting for the next request on a keep-alive
+        # connection or writing to a client that stopped reading.
+        with self._connections_lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = Deadline(timeout)
+        for worker in self._workers:
+            worker.join(deadline.remaining())
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
+class Layer(HTTPLayer):
+    """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
+
+    Publishes ``request_handler`` besides the ``http_*`` resources.
+    ``threads`` is how many connections are served at once.
+    """
+
+    request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
+    threads: int = 16
+
+    def __init__(
+        self,
+        request_handler: type[http.server.BaseHTTPRequestHandler] | None = None,
+        *,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if request_handler is not None:
+            self.request_handler = request_handler
+        if threads is not None:
+            self.threads = threads
+        if self.request_handler is not None:
+            self._check_handler(self.request_handler)
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigurationError(
+                f"{self!r}: threads={self.threads!r} must be a whole number of at least 1."
+            )
+
+    def _check_handler(self, handler: object) -> None:
+        if not (isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)):
+            raise ConfigurationError(
+                f"{self!r}: request_handler must be a subclass of"
+                f" http.server.BaseHTTPRequestHandler, not {handler!r}."
+                " Subclass serverlayer.custom.RequestHandler and pass the class."
+            )
+
+    def setUp(self) -> None:
+        if self.request_handler is None:
+            raise ConfigurationError(
+                f"{self!r} has no request handler to serve. Pass one:"
+                " custom.Layer(MyHandler), where MyHandler subclasses"
+                " serverlayer.custom.RequestHandler."
+            )
+        self._check_handler(self.request_handler)
+        super().setUp()
+        self.publish({"request_handler": self.request_handler})
+
+    def handler_factory(self) -> HandlerFactory:
+        """What the server calls to handle a connection."""
+        assert self.request_handler is not None
+        return self.request_handler
+
+    def make_server(self, sock: socket.socket) -> HandlerServer:
+        return HandlerServer(
+            sock,
+            self.handler_factory(),
+            errors=self.server_errors,
+            threads=self.threads,
+            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+        )

@@ -1,0 +1,36 @@
+"""The exceptions serverlayer raises.
+
+Every message names the layer, the address involved and what to do about
+it, because the person reading it is usually looking at a failed CI run
+with nothing else to go on.
+"""
+
+from __future__ import annotations
+
+
+class ServerLayerError(Exception):
+    """Base class of every error serverlayer raises."""
+
+
+class ConfigurationError(ServerLayerError, ValueError):
+    """A layer was given settings it cannot work with."""
+
+
+class LayerIdentityError(ConfigurationError):
+    """Two layers would share one name, so the test runner would mix them up."""
+
+
+class SetUpError(ServerLayerError):
+    """A layer's server could not be started."""
+
+
+class AddressInUseError(SetUpError, OSError):
+    """The fixed address a layer was told to listen on is taken."""
+
+
+class ServerSideError(ServerLayerError, AssertionError):
+    """The server raised while handling a request made during a test.
+
+    It subclasses AssertionError so that unittest counts it as a failure of
+    the test that made the request, not as an error in the test machinery.
+    """

@@ -1,0 +1,311 @@
+"""The plone.testing side of every serverlayer layer.
+
+``ServerLayer`` does what all our layers share: it gives the layer the name
+of the module that created it, works out where to listen, starts the server
+in ``setUp``, publishes where it listens, checks for server-side errors
+after every test, and in ``tearDown`` stops the server and deletes exactly
+the resources it set. A concrete layer says how to make its server
+(``make_server``) and what else to publish (``resources``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+import threading
+import weakref
+from typing import Any, ClassVar, Iterable, Mapping
+
+import plone.testing
+
+from serverlayer.errors import ConfigurationError, LayerIdentityError, SetUpError
+from serverlayer.reporting import ErrorLog, running_test
+from serverlayer.server import Server, ServerThread, bind, format_address
+
+DEFAULT_HOST = "127.0.0.1"
+VERBOSE_ENVIRONMENT = ("SERVERLAYER_VERBOSE", "GOCEPT_HTTP_VERBOSE_LOGGING")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def verbose() -> bool:
+    """Whether servers should log requests and errors to stderr.
+
+    Tests stay quiet by default; set ``SERVERLAYER_VERBOSE=1`` to see what
+    the servers do.
+    """
+    return any(os.environ.get(name) for name in VERBOSE_ENVIRONMENT)
+
+
+def _instantiating_module(layer: plone.testing.Layer) -> str:
+    """The module whose code wrote ``Layer(...)``.
+
+    zope.testrunner tells layers apart by ``__module__`` and ``__name__``.
+    plone.testing takes the module from the frame just above its own
+    ``__init__``, which for a subclass is the subclass's module: every
+    unnamed layer would then be ``serverlayer.wsgi.Layer`` and only one of
+    them would be set up. Skip every ``__init__`` running for this layer.
+    """
+    frame = sys._getframe(1)
+    while (
+        frame is not None
+        and frame.f_code.co_name == "__init__"
+        and frame.f_locals.get("self") is layer
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return type(layer).__module__
+    return str(frame.f_globals.get("__name__", type(layer).__module__))
+
+
+_identities: dict[str, weakref.ReferenceType[ServerLayer]] = {}
+_identities_lock = threading.Lock()
+
+
+def _claim_identity(layer: ServerLayer) -> None:
+    identity = f"{layer.__module__}.{layer.__name__}"
+    with _identities_lock:
+        other = _identities.get(identity, lambda: None)()
+        if other is not None and other is not layer:
+            # A layer of an earlier run of the same code (a repeated doctest,
+            # a reloaded module) may only be waiting for the cycle collector.
+            gc.collect()
+            other = _identities.get(identity, lambda: None)()
+        if other is not None and other is not layer:
+            raise LayerIdentityError(
+                f"Two layers would both be called {identity!r}, so the test"
+                " runner would set up only one of them and run the tests of"
+                " both on it. Give each a name of its own, for example"
+                f" {type(layer).__name__}(..., name='ADMIN_HTTP')."
+            )
+        _identities[identity] = weakref.ref(layer)
+
+
+def _port_number(value: object, *, owner: str, source: str) -> int:
+    try:
+        port = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        port = -1
+    if not 0 <= port <= 65535 or isinstance(value, bool):
+        raise ConfigurationError(
+            f"{owner}: port {value!r} ({source}) is not a port number."
+            " Use an integer from 1 to 65535, or 0 to let the system pick"
+            " a free port."
+        )
+    return port
+
+
+class ServerLayer(plone.testing.Layer):
+    """A layer that runs a server from ``setUp`` until ``tearDown``.
+
+    Where the server listens, first match wins:
+
+    - host: the ``host`` keyword or class attribute; a ``<prefix>_host``
+      resource preset by a base layer; the environment variables in
+      ``host_environment``; ``127.0.0.1``.
+    - port: the ``port`` keyword or class attribute; a preset
+      ``<prefix>_port`` resource; ``0``, which lets the system pick.
+
+    The published host is ``public_host`` (keyword, class attribute or the
+    variables in ``public_host_environment``) when given, so that a browser
+    on another machine can be told where to connect while the server binds
+    an interface of this one.
+    """
+
+    #: ``http`` or ``smtp``: resources are called ``<prefix>_host`` etc.
+    resource_prefix: ClassVar[str] = ""
+    #: The resource holding the server object (``httpd``, ``smtpd``). A base
+    #: layer that has it runs a server of its own, so its ``<prefix>_host``
+    #: and ``<prefix>_port`` are not presets for this layer.
+    server_resource: ClassVar[str] = ""
+    host_environment: ClassVar[tuple[str, ...]] = ()
+    public_host_environment: ClassVar[tuple[str, ...]] = ()
+
+    host: str | None = None
+    port: int | None = None
+    public_host: str | None = None
+    #: Fail a test whose requests made the server raise.
+    report_server_errors: bool = True
+    #: Seconds ``tearDown`` grants requests still running before abandoning
+    #: them (their connections are closed first, so only code that never
+    #: touches the connection can take that long).
+    stop_timeout: float = 1.0
+
+    def __init__(
+        self,
+        *,
+        bases: Iterable[plone.testing.Layer] | None = None,
+        name: str | None = None,
+        module: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        public_host: str | None = None,
+        report_server_errors: bool | None = None,
+    ) -> None:
+        if module is None:
+            module = _instantiating_module(self)
+        super().__init__(
+            bases=None if bases is None else tuple(bases),
+            name=name or type(self).__name__,
+            module=module,
+        )
+        if host is not None:
+            self.host = host
+        if port is not None:
+            self.port = _port_number(port, owner=repr(self), source="port=")
+        if public_host is not None:
+            self.public_host = public_host
+        if report_server_errors is not None:
+            self.report_server_errors = report_server_errors
+        _claim_identity(self)
+        self.server_errors = ErrorLog(repr(self))
+        self._running: ServerThread | None = None
+        self._published: list[str] = []
+        self._check_in_test_tear_down = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__qualname__} {self.__module__}.{self.__name__}>"
+
+    # What a concrete layer provides.
+
+    def make_server(self, sock: socket.socket) -> Server:
+        """Return the server that will serve on the listening ``sock``."""
+        raise NotImplementedError
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        """The resources to publish once the server runs."""
+        prefix = self.resource_prefix
+        return {
+            f"{prefix}_host": host,
+            f"{prefix}_port": port,
+            f"{prefix}_address": format_address(host, port),
+            self.server_resource: running.server,
+        }
+
+    # Lifecycle.
+
+    def setUp(self) -> None:
+        if self._running is not None:
+            raise SetUpError(f"{self!r} is already set up; tear it down first.")
+        try:
+            host, port, source = self.listen_address()
+            sock = bind(host, port, owner=repr(self), source=source)
+            try:
+                server = self.make_server(sock)
+            except BaseException:
+                sock.close()
+                raise
+            bound_port = sock.getsockname()[1]
+            running = ServerThread(
+                server, name=f"serverlayer {self.__module__}.{self.__name__}"
+            )
+            running.start(owner=repr(self))
+            self._running = running
+            self.publish(self.resources(self.published_host(host), bound_port, running))
+        except BaseException:
+            self.tearDown()
+            raise
+
+    def tearDown(self) -> None:
+        running, self._running = self._running, None
+        try:
+            if running is not None:
+                running.stop(timeout=self.stop_timeout)
+        finally:
+            for key in reversed(self._published):
+                del self[key]
+            self._published.clear()
+
+    def testSetUp(self) -> None:
+        self.server_errors.clear()
+        self._check_in_test_tear_down = False
+        if self.report_server_errors:
+            test = running_test()
+            if test is None:
+                self._check_in_test_tear_down = True
+            else:
+                test.addCleanup(self.check_server_errors)
+
+    def testTearDown(self) -> None:
+        if self._check_in_test_tear_down:
+            self._check_in_test_tear_down = False
+            self.check_server_errors()
+
+    # Helpers for subclasses and tests.
+
+    def publish(self, resources: Mapping[str, Any]) -> None:
+        """Set resources that ``tearDown`` will delete again."""
+        for key, value in resources.items():
+            self[key] = value
+            if key not in self._published:
+                self._published.append(key)
+
+    def check_server_errors(self) -> None:
+        """Fail now if the server raised since the test began.
+
+        Runs by itself when a test ends; call it to check mid-way.
+        """
+        running = self._running
+        if running is not None and running.failure is not None:
+            failure, running.failure = running.failure, None
+            self.server_errors.record(
+                "The serving loop died",
+                (type(failure), failure, failure.__traceback__),
+            )
+        self.server_errors.check()
+
+    def listen_address(self) -> tuple[str, int, str]:
+        """Host, port and a description of where they came from."""
+        prefix = self.resource_prefix
+        presets_apply = self.get(self.server_resource) is None
+        host, host_source = DEFAULT_HOST, "the default host"
+        preset_host = self.get(f"{prefix}_host") if presets_apply else None
+        environment_host = next(
+            ((name, os.environ[name]) for name in self.host_environment if os.environ.get(name)),
+            None,
+        )
+        if self.host is not None:
+            host, host_source = self.host, "host="
+        elif preset_host is not None:
+            host, host_source = str(preset_host), f"the {prefix}_host resource of a base layer"
+        elif environment_host is not None:
+            host, host_source = environment_host[1], f"${environment_host[0]}"
+
+        port, port_source = 0, "port 0"
+        preset_port = self.get(f"{prefix}_port") if presets_apply else None
+        if self.port is not None:
+            port, port_source = self.port, "port="
+        elif preset_port is not None:
+            port_source = f"the {prefix}_port resource of a base layer"
+            port = _port_number(preset_port, owner=repr(self), source=port_source)
+        return host, port, f"host from {host_source}, port from {port_source}"
+
+    def published_host(self, bound_host: str) -> str:
+        """The host clients are told to use."""
+        if self.public_host:
+            return self.public_host
+        for name in self.public_host_environment:
+            if os.environ.get(name):
+                return os.environ[name]
+        if bound_host in _WILDCARD_HOSTS:
+            # Listening on every interface is for clients on other machines;
+            # they need a name, not the wildcard.
+            return socket.gethostname()
+        return bound_host
+
+
+class HTTPLayer(ServerLayer):
+    """A server layer that speaks HTTP and publishes the ``http_*`` resources."""
+
+    resource_prefix = "http"
+    server_resource = "httpd"
+    host_environment = ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST")
+    public_host_environment = ("SERVERLAYER_HTTP_PUBLIC_HOST",)
+    scheme: ClassVar[str] = "http"
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        resources = super().resources(host, port, running)
+        resources["http_url"] = f"{self.scheme}://{format_address(host, port)}/"
+        resources["httpd_thread"] = running.thread
+        return resources

@@ -1,0 +1,95 @@
+"""Turning exceptions raised inside a server into failures of the test.
+
+An exception in a request handler happens on a server thread; the client
+only sees a 500 or a dropped connection, and the test may well pass. The
+layer records each such exception in an ``ErrorLog`` and checks it when the
+test ends.
+
+Where it checks matters. zope.testrunner aborts the whole run when a layer's
+``testTearDown`` raises, so the check is added to the running test as a
+``unittest`` cleanup instead: a failing cleanup is reported as a failure of
+that test, traceback included, and the run goes on. zope.testrunner calls
+``testSetUp`` from its result's ``startTest(test)`` without passing the test
+along, which is why ``running_test`` looks for it on the call stack. Where no
+test can be found (another runner, or a layer driven by hand), the layer
+raises from ``testTearDown`` instead, which pytest reports as an error in
+the test's teardown.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+import unittest
+from types import FrameType, TracebackType
+from typing import Optional
+
+from serverlayer.errors import ServerSideError
+
+ExcInfo = tuple[type[BaseException], BaseException, Optional[TracebackType]]
+
+#: How far up the stack ``running_test`` looks: zope.testrunner's
+#: ``startTest`` is two frames above a layer's ``testSetUp``; subclasses
+#: calling ``super().testSetUp()`` add one frame each.
+_SEARCH_DEPTH = 12
+
+
+def running_test(frame: FrameType | None = None) -> unittest.TestCase | None:
+    """The test whose ``startTest`` is on the stack above ``frame``."""
+    frame = frame or sys._getframe(1)
+    for _ in range(_SEARCH_DEPTH):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("test")
+        if isinstance(candidate, unittest.TestCase):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class ErrorLog:
+    """Server-side exceptions of the current test, safe to add to from any thread."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._errors: list[str] = []
+
+    def record(self, summary: str, exc_info: ExcInfo | None = None) -> None:
+        """Remember an exception; the traceback is formatted right away so
+        that no frames of the server thread are kept alive."""
+        text = summary
+        if exc_info is not None:
+            text += "\n" + "".join(traceback.format_exception(*exc_info))
+        with self._lock:
+            self._errors.append(text.rstrip())
+
+    def take(self) -> list[str]:
+        """Return the recorded errors and forget them.
+
+        A test that provokes a server error on purpose takes it, checks it,
+        and so keeps it from failing the test.
+        """
+        with self._lock:
+            errors, self._errors = self._errors, []
+        return errors
+
+    def clear(self) -> None:
+        """Forget every recorded error."""
+        self.take()
+
+    def check(self) -> None:
+        """Raise ``ServerSideError`` if anything was recorded, and forget it."""
+        errors = self.take()
+        if not errors:
+            return
+        count = "an exception" if len(errors) == 1 else f"{len(errors)} exceptions"
+        details = "\n\n".join(errors)
+        raise ServerSideError(
+            f"{self.owner}: the server raised {count} while handling requests"
+            f" made by this test:\n\n{details}\n\n"
+            "Fix the server-side error. If the test provokes it on purpose,"
+            " take it with layer.server_errors.take() and check it, or create"
+            " the layer with report_server_errors=False."
+        )

@@ -1,0 +1,147 @@
+"""The lifecycle every serverlayer server shares.
+
+A layer binds its listening socket here, so that a busy or unresolvable
+address fails in ``setUp`` with a message saying where the address came
+from. The server then runs on a named daemon thread, and ``start`` returns
+only once the serving loop runs, or raises what the loop raised. Stopping
+wakes the loop at once instead of waiting for a poll interval, then lets the
+server close its sockets and join its threads within a bounded time.
+
+Each kind of server (waitress for WSGI, the thread pool behind the custom
+and static layers, aiosmtpd for mail) implements the small ``Server``
+protocol below and nothing else of the lifecycle.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import time
+from typing import Callable, Protocol
+
+from serverlayer.errors import AddressInUseError, ConfigurationError, SetUpError
+
+#: How long ``start`` waits for a serving loop to come up. The wait ends as
+#: soon as the loop runs or fails; the bound only matters for a loop that
+#: hangs before serving.
+READY_TIMEOUT = 10.0
+
+
+class Server(Protocol):
+    """What the lifecycle needs from a concrete server."""
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        """Serve until ``request_stop`` is called; call ``ready`` once serving."""
+
+    def request_stop(self) -> None:
+        """Make ``serve`` return promptly. Called from another thread."""
+
+    def release(self, timeout: float) -> None:
+        """Close every socket and join every thread, after ``serve`` returned.
+
+        Work still running after ``timeout`` seconds is abandoned, so that a
+        request that never ends cannot hang ``tearDown``.
+        """
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port`` as it goes into a URL: IPv6 literals get brackets."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def bind(host: str, port: int, *, owner: str, source: str) -> socket.socket:
+    """Return a socket listening on ``host`` and ``port``.
+
+    ``owner`` names the layer and ``source`` says where host and port were
+    configured; both go into the error messages.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigurationError(
+            f"{owner}: cannot listen on host {host!r} ({source}): {exc.strerror}."
+            " Use an IP address such as 127.0.0.1 or ::1, or a name that"
+            " this machine resolves."
+        ) from exc
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        where = format_address(host, port)
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(
+                f"{owner}: cannot listen on {where} ({source}): the port is"
+                " already in use. Stop whatever listens there, choose another"
+                " port, or use port 0 to let the system pick a free one."
+            ) from exc
+        raise SetUpError(
+            f"{owner}: cannot listen on {where} ({source}): {exc.strerror}."
+        ) from exc
+    return sock
+
+
+class Deadline:
+    """A point in time that several joins share."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+
+class ServerThread:
+    """Runs a ``Server`` on a named daemon thread.
+
+    ``failure`` holds what the serving loop raised, if it died; the layer
+    reports it like any other server-side error.
+    """
+
+    def __init__(self, server: Server, *, name: str) -> None:
+        self.server = server
+        self.failure: BaseException | None = None
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.serve(self._ready.set)
+        except BaseException as exc:
+            self.failure = exc
+        finally:
+            # Wake ``start`` if the loop died before it became ready.
+            self._ready.set()
+
+    def start(self, *, owner: str) -> None:
+        """Start serving; return once the loop runs, or raise why it can't."""
+        self.thread.start()
+        became_ready = self._ready.wait(READY_TIMEOUT)
+        if self.failure is not None or not became_ready:
+            self.stop(timeout=1.0)
+            if self.failure is not None:
+                raise SetUpError(
+                    f"{owner}: the server failed while starting:"
+                    f" {self.failure!r}"
+                ) from self.failure
+            raise SetUpError(
+                f"{owner}: the server did not start serving within"
+                f" {READY_TIMEOUT} seconds."
+            )
+
+    def stop(self, *, timeout: float) -> None:
+        """Stop serving, then close every socket and join every thread."""
+        if self.thread.is_alive():
+            self.server.request_stop()
+            self.thread.join(timeout)
+        self.server.release(timeout)

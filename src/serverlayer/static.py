@@ -1,0 +1,92 @@
+"""Serve a directory of files.
+
+    >>> from serverlayer import static
+    >>> FILES = static.Layer(name='FILES')   # a fresh temporary directory
+
+Given no directory, the layer creates a temporary one, publishes it as the
+``documentroot`` resource, empties it before every test and removes it in
+``tearDown``. A directory you pass in is served as it is and never changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import tempfile
+from http import HTTPStatus
+from typing import Any
+
+from serverlayer import custom
+from serverlayer.errors import ConfigurationError
+
+
+class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHandler):
+    """``SimpleHTTPRequestHandler`` that never serves anything outside its directory.
+
+    The standard library drops ``..`` from the path but follows symbolic
+    links wherever they point and fails on NUL bytes; both end in a 404 here.
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def send_head(self) -> Any:
+        if not self._inside_directory(self.translate_path(self.path)):
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
+
+    def _inside_directory(self, path: str) -> bool:
+        if "\0" in path:
+            return False
+        root = os.path.realpath(self.directory)
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class Layer(custom.Layer):
+    """Serves ``documentroot``, or a temporary directory when none is given."""
+
+    def __init__(self, documentroot: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(StaticFileHandler, **kwargs)
+        self.documentroot = None if documentroot is None else os.fspath(documentroot)
+        self._temporary: str | None = None
+
+    def setUp(self) -> None:
+        if self.documentroot is None:
+            root = self._temporary = tempfile.mkdtemp(prefix="serverlayer-static-")
+        elif os.path.isdir(self.documentroot):
+            root = os.path.abspath(self.documentroot)
+        else:
+            raise ConfigurationError(
+                f"{self!r}: documentroot {self.documentroot!r} is not a"
+                " directory. Pass an existing directory, or none to serve a"
+                " fresh temporary one."
+            )
+        self.publish({"documentroot": root})
+        super().setUp()
+
+    def tearDown(self) -> None:
+        try:
+            super().tearDown()
+        finally:
+            if self._temporary is not None:
+                shutil.rmtree(self._temporary, ignore_errors=True)
+                self._temporary = None
+
+    def testSetUp(self) -> None:
+        super().testSetUp()
+        if self._temporary is not None:
+            for entry in os.scandir(self._temporary):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+
+    def handler_factory(self) -> custom.HandlerFactory:
+        return functools.partial(StaticFileHandler, directory=self["documentroot"])
+
+
+#: A ready layer serving a temporary directory.
+STATIC_FILES = Layer(name="STATIC_FILES")

@@ -1,0 +1,286 @@
+"""Serve a WSGI application over real HTTP/1.1 with waitress.
+
+    >>> from serverlayer import wsgi
+    >>> def app(environ, start_response):
+    ...     start_response('200 OK', [('Content-Type', 'text/plain')])
+    ...     return [b'hello']
+    >>> APP_LAYER = wsgi.Layer(app, name='APP_LAYER')
+
+waitress gives keep-alive, chunked responses and several requests at once,
+so a browser can fetch assets in parallel and an application can call its
+own server without deadlocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+from typing import Any, Callable, Iterable
+
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+
+from serverlayer.errors import ConfigurationError
+from serverlayer.layer import HTTPLayer, verbose
+from serverlayer.reporting import ErrorLog
+from serverlayer.server import Deadline
+
+StartResponse = Callable[..., Callable[[bytes], Any]]
+WSGIApplication = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+#: Headers that describe one connection rather than the response (RFC 9110
+#: section 7.6.1). A WSGI application must not send them; waitress refuses
+#: a response that does.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+class FixupMiddleware:
+    """Drops hop-by-hop headers from an application's responses.
+
+    Applications written for servers that tolerate them (or that set
+    ``Connection: close`` themselves) otherwise fail under waitress, which
+    follows PEP 3333 and refuses such responses.
+    """
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def clean_start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], Any]:
+            headers = [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP_HEADERS]
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, clean_start_response)
+
+
+class _ErrorLogHandler(logging.Handler):
+    """Turns waitress's error log into server-side errors of the test."""
+
+    def __init__(self, errors: ErrorLog) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
+            self.errors.record(record.getMessage(), exc_info)  # type: ignore[arg-type]
+        if verbose():
+            sys.stderr.write(self.format(record) + "\n")
+
+
+class _AccessLog:
+    """Logs each request to stderr, for ``$SERVERLAYER_VERBOSE``."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def logging_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            sys.stderr.write(
+                f"{environ.get('REMOTE_ADDR', '-')} \"{environ['REQUEST_METHOD']}"
+                f" {environ.get('PATH_INFO', '')} {environ.get('SERVER_PROTOCOL', '')}\" {status}\n"
+            )
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, logging_start_response)
+
+
+# waitress's channels and tasks log through a class attribute shared by all
+# servers in the process. These subclasses log through their own server's
+# logger, so that each layer sees only its own errors.
+
+
+class _WSGITask(WSGITask):
+    @property
+    def logger(self) -> logging.Logger:  # type: ignore[override]
+        return self.channel.server.logger  # type: ignore[no-any-return]
+
+
+class _ErrorTask(ErrorTask):
+    @property
+    def logger(self) -> logging.Logger:  # type: ignore[override]
+        return self.channel.server.logger  # type: ignore[no-any-return]
+
+
+class _Channel(HTTPChannel):
+    task_class = _WSGITask
+    error_task_class = _ErrorTask
+
+    @property
+    def logger(self) -> logging.Logger:  # type: ignore[override]
+        return self.server.logger  # type: ignore[no-any-return]
+
+
+class _Dispatcher(ThreadedTaskDispatcher):
+    """waitress's worker pool, with named threads that can be joined."""
+
+    def __init__(self, thread_name: str, logger: logging.Logger) -> None:
+        super().__init__()
+        self.thread_name = thread_name
+        self.logger = logger
+        self.queue_logger = logger
+        self.started: list[threading.Thread] = []
+
+    def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
+        thread = threading.Thread(
+            target=target, args=(thread_no,), name=f"{self.thread_name} worker {thread_no}", daemon=True
+        )
+        thread.start()
+        self.started.append(thread)
+
+
+class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
+    """waitress's server, on a socket the layer bound, with a loop that stops at once.
+
+    waitress's own ``run`` polls with a timeout and offers no way to stop;
+    here the loop checks a flag each time the trigger wakes it.
+    """
+
+    channel_class = _Channel
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        sock: socket.socket,
+        *,
+        errors: ErrorLog,
+        threads: int,
+        thread_name: str,
+    ) -> None:
+        self._trigger_lock = threading.Lock()
+        self._trigger_closed = False
+        self._stop_requested = False
+        logger = logging.getLogger(f"serverlayer.waitress.{thread_name}")
+        logger.propagate = False  # never reach a root handler printing to the terminal
+        logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
+        self._log_handler = _ErrorLogHandler(errors)
+        logger.addHandler(self._log_handler)
+        dispatcher = _Dispatcher(thread_name, logger)
+        adjustments = Adjustments(sockets=[sock], threads=threads)
+        try:
+            super().__init__(
+                app,
+                map={},
+                _sock=sock,
+                dispatcher=dispatcher,
+                adj=adjustments,
+                bind_socket=False,
+                sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+            )
+        except BaseException:
+            logger.removeHandler(self._log_handler)
+            raise
+        self.logger = logger
+        dispatcher.set_thread_count(threads)
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
+        ready()
+        while not self._stop_requested:
+            poll(self.adj.asyncore_loop_timeout, self._map)
+
+    def pull_trigger(self) -> None:
+        # Workers pull the trigger after writing a response; one still
+        # running after close must not write to a closed (or reused) pipe.
+        with self._trigger_lock:
+            if not self._trigger_closed:
+                self.trigger.pull_trigger()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self.pull_trigger()
+
+    def release(self, timeout: float) -> None:
+        deadline = Deadline(timeout)
+        # Closing the channels wakes workers blocked writing to them.
+        for channel in list(self._map.values()):
+            if isinstance(channel, HTTPChannel):
+                channel.handle_close()
+        self.task_dispatcher.shutdown(cancel_pending=True, timeout=deadline.remaining())
+        for thread in self.task_dispatcher.started:
+            thread.join(deadline.remaining())
+        with self._trigger_lock:
+            self._trigger_closed = True
+            wasyncore.close_all(self._map)
+        self.logger.removeHandler(self._log_handler)
+
+
+class Layer(HTTPLayer):
+    """Serves a WSGI application with waitress.
+
+    The application is the ``wsgi_app`` resource of a base layer if there is
+    one, else the ``wsgi_app`` argument or class attribute. ``threads`` is
+    how many requests run at once.
+    """
+
+    wsgi_app: WSGIApplication | None = None
+    threads: int = 8
+
+    def __init__(
+        self,
+        wsgi_app: WSGIApplication | None = None,
+        *,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if wsgi_app is not None:
+            self.wsgi_app = wsgi_app
+        if threads is not None:
+            self.threads = threads
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigurationError(
+                f"{self!r}: threads={self.threads!r} must be a whole number of at least 1."
+            )
+
+    def application(self) -> WSGIApplication:
+        """The application to serve; the ``wsgi_app`` resource wins."""
+        app = self.get("wsgi_app") or self.wsgi_app
+        if app is None:
+            raise ConfigurationError(
+                f"{self!r} has no WSGI application to serve. Pass one,"
+                " wsgi.Layer(my_app), set the wsgi_app attribute, or stack the"
+                " layer on a base layer that publishes a wsgi_app resource."
+            )
+        if not callable(app):
+            raise ConfigurationError(
+                f"{self!r}: the WSGI application {app!r} is not callable."
+            )
+        return app
+
+    def setUp(self) -> None:
+        self.application()  # fail before binding anything
+        super().setUp()
+
+    def make_server(self, sock: socket.socket) -> WaitressServer:
+        app = self.application()
+        if verbose():
+            app = _AccessLog(app)
+        return WaitressServer(
+            app,
+            sock,
+            errors=self.server_errors,
+            threads=self.threads,
+            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+        )
