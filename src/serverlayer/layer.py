@@ -63,16 +63,19 @@ _identities: dict[str, weakref.ReferenceType[ServerLayer]] = {}
 _identities_lock = threading.Lock()
 
 
+def _identity_taken(identity: str, layer: ServerLayer) -> bool:
+    reference = _identities.get(identity)
+    return reference is not None and reference() not in (None, layer)
+
+
 def _claim_identity(layer: ServerLayer) -> None:
     identity = f"{layer.__module__}.{layer.__name__}"
     with _identities_lock:
-        other = _identities.get(identity, lambda: None)()
-        if other is not None and other is not layer:
+        if _identity_taken(identity, layer):
             # A layer of an earlier run of the same code (a repeated doctest,
             # a reloaded module) may only be waiting for the cycle collector.
             gc.collect()
-            other = _identities.get(identity, lambda: None)()
-        if other is not None and other is not layer:
+        if _identity_taken(identity, layer):
             raise LayerIdentityError(
                 f"Two layers would both be called {identity!r}, so the test"
                 " runner would set up only one of them and run the tests of"
@@ -83,11 +86,12 @@ def _claim_identity(layer: ServerLayer) -> None:
 
 
 def _port_number(value: object, *, owner: str, source: str) -> int:
-    try:
-        port = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        port = -1
-    if not 0 <= port <= 65535 or isinstance(value, bool):
+    port = -1
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        port = int(value)
+    if not 0 <= port <= 65535:
         raise ConfigurationError(
             f"{owner}: port {value!r} ({source}) is not a port number."
             " Use an integer from 1 to 65535, or 0 to let the system pick"
@@ -161,6 +165,7 @@ class ServerLayer(plone.testing.Layer):
         _claim_identity(self)
         self.server_errors = ErrorLog(repr(self))
         self._running: ServerThread | None = None
+        self._socket: socket.socket | None = None
         self._published: list[str] = []
         self._check_in_test_tear_down = False
 
@@ -190,18 +195,14 @@ class ServerLayer(plone.testing.Layer):
             raise SetUpError(f"{self!r} is already set up; tear it down first.")
         try:
             host, port, source = self.listen_address()
-            sock = bind(host, port, owner=repr(self), source=source)
-            try:
-                server = self.make_server(sock)
-            except BaseException:
-                sock.close()
-                raise
+            sock = self._socket = bind(host, port, owner=repr(self), source=source)
+            server = self.make_server(sock)
             bound_port = sock.getsockname()[1]
             running = ServerThread(
                 server, name=f"serverlayer {self.__module__}.{self.__name__}"
             )
-            running.start(owner=repr(self))
             self._running = running
+            running.start(owner=repr(self))
             self.publish(self.resources(self.published_host(host), bound_port, running))
         except BaseException:
             self.tearDown()
@@ -209,10 +210,13 @@ class ServerLayer(plone.testing.Layer):
 
     def tearDown(self) -> None:
         running, self._running = self._running, None
+        sock, self._socket = self._socket, None
         try:
             if running is not None:
                 running.stop(timeout=self.stop_timeout)
         finally:
+            if sock is not None:
+                sock.close()  # the server closes it too; this covers one that failed to start
             for key in reversed(self._published):
                 del self[key]
             self._published.clear()

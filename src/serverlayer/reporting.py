@@ -36,14 +36,20 @@ _SEARCH_DEPTH = 12
 
 
 def running_test(frame: FrameType | None = None) -> unittest.TestCase | None:
-    """The test whose ``startTest`` is on the stack above ``frame``."""
+    """The innermost test running on the stack above ``frame``.
+
+    That is the ``self`` of a ``TestCase.run`` frame, or the ``test`` that a
+    result's ``startTest(test)`` was called with.
+    """
     frame = frame or sys._getframe(1)
     for _ in range(_SEARCH_DEPTH):
         if frame is None:
             return None
-        candidate = frame.f_locals.get("test")
-        if isinstance(candidate, unittest.TestCase):
-            return candidate
+        local_names = frame.f_locals
+        if frame.f_code.co_name == "run" and isinstance(local_names.get("self"), unittest.TestCase):
+            return local_names["self"]  # type: ignore[no-any-return]
+        if isinstance(local_names.get("test"), unittest.TestCase):
+            return local_names["test"]  # type: ignore[no-any-return]
         frame = frame.f_back
     return None
 

@@ -128,7 +128,6 @@ class ServerThread:
         self.thread.start()
         became_ready = self._ready.wait(READY_TIMEOUT)
         if self.failure is not None or not became_ready:
-            self.stop(timeout=1.0)
             if self.failure is not None:
                 raise SetUpError(
                     f"{owner}: the server failed while starting:"

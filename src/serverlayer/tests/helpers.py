@@ -1,0 +1,45 @@
+"""What several test modules need: counting threads and file descriptors,
+raw HTTP over a socket, and running zope.testrunner on a sample suite."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thread_names() -> list[str]:
+    return sorted(thread.name for thread in threading.enumerate())
+
+
+def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data`` as it is and read until the server closes."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def run_testrunner(sample: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run zope.testrunner in a fresh process on ``samples/<sample>``."""
+    environment = {**os.environ, **(env or {})}
+    environment.pop("SERVERLAYER_VERBOSE", None)
+    return subprocess.run(
+        [
+            sys.executable, "-W", "error", "-m", "zope.testrunner",
+            "--path", str(SAMPLES / sample), "--tests-pattern", "^sample_",
+            *args,
+        ],
+        capture_output=True, text=True, timeout=120, env=environment,
+    )

@@ -1,0 +1,354 @@
+"""The server core as seen through a layer: where it listens, what it
+publishes, and how it starts and stops."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+import unittest
+import urllib.request
+from unittest import mock
+
+import plone.testing
+
+from serverlayer import AddressInUseError, ConfigurationError, SetUpError, custom, wsgi
+from serverlayer.layer import ServerLayer
+from serverlayer.server import ServerThread
+from serverlayer.tests.helpers import open_descriptors, thread_names
+
+
+def hello_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello from " + environ["SERVER_PORT"].encode()]
+
+
+class Hello(custom.RequestHandler):
+    def do_GET(self):
+        body = b"hello"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read()
+
+
+class Running:
+    """Sets a layer up for the duration of a ``with`` block."""
+
+    def __init__(self, layer: plone.testing.Layer) -> None:
+        self.layer = layer
+
+    def __enter__(self) -> plone.testing.Layer:
+        self.layer.setUp()
+        return self.layer
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.layer.tearDown()
+
+
+class WhereItListensTests(unittest.TestCase):
+
+    def setUp(self):
+        for name in ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST", "SERVERLAYER_HTTP_PUBLIC_HOST"):
+            patcher = mock.patch.dict(os.environ)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+            os.environ.pop(name, None)
+
+    def test_binds_loopback_and_a_free_port_by_default(self):
+        layer = wsgi.Layer(hello_app, name="default_address")
+        with Running(layer):
+            self.assertEqual(layer["http_host"], "127.0.0.1")
+            self.assertEqual(layer["httpd"].socket.getsockname()[0], "127.0.0.1")
+            port = layer["http_port"]
+            self.assertIsInstance(port, int)
+            self.assertNotEqual(port, 0)
+            self.assertEqual(layer["http_address"], f"127.0.0.1:{port}")
+            self.assertEqual(layer["http_url"], f"http://127.0.0.1:{port}/")
+            self.assertEqual(fetch(layer["http_url"]), f"hello from {port}".encode())
+
+    def test_publishes_the_server_and_its_named_thread(self):
+        layer = custom.Layer(Hello, name="server_and_thread")
+        with Running(layer):
+            self.assertIs(layer["httpd_thread"].daemon, True)
+            self.assertTrue(layer["httpd_thread"].is_alive())
+            self.assertIn("server_and_thread", layer["httpd_thread"].name)
+            self.assertEqual(layer["httpd"].socket.getsockname()[1], layer["http_port"])
+
+    def test_ipv6_address_is_bracketed(self):
+        layer = wsgi.Layer(hello_app, name="ipv6", host="::1")
+        with Running(layer):
+            port = layer["http_port"]
+            self.assertEqual(layer["http_host"], "::1")
+            self.assertEqual(layer["http_address"], f"[::1]:{port}")
+            self.assertEqual(fetch(layer["http_url"]), f"hello from {port}".encode())
+
+    def test_host_from_environment(self):
+        os.environ["SERVERLAYER_HTTP_HOST"] = "localhost"
+        layer = wsgi.Layer(hello_app, name="host_from_environment")
+        with Running(layer):
+            self.assertEqual(layer["http_host"], "localhost")
+            self.assertIn(fetch(layer["http_url"]), [f"hello from {layer['http_port']}".encode()])
+
+    def test_gocept_host_variable_is_honoured(self):
+        os.environ["GOCEPT_HTTP_APP_HOST"] = "localhost"
+        layer = custom.Layer(Hello, name="gocept_host")
+        with Running(layer):
+            self.assertEqual(layer["http_host"], "localhost")
+            self.assertEqual(fetch(layer["http_url"]), b"hello")
+
+    def test_keyword_beats_environment(self):
+        os.environ["SERVERLAYER_HTTP_HOST"] = "localhost"
+        layer = wsgi.Layer(hello_app, name="keyword_beats_environment", host="127.0.0.1")
+        with Running(layer):
+            self.assertEqual(layer["http_host"], "127.0.0.1")
+
+    def test_fixed_port(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free_port = probe.getsockname()[1]
+        layer = wsgi.Layer(hello_app, name="fixed_port", port=free_port)
+        with Running(layer):
+            self.assertEqual(layer["http_port"], free_port)
+            self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
+
+    def test_host_and_port_preset_by_a_base_layer(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free_port = probe.getsockname()[1]
+
+        class Preset(plone.testing.Layer):
+            def setUp(self):
+                self["http_host"] = "localhost"
+                self["http_port"] = free_port
+
+            def tearDown(self):
+                del self["http_host"]
+                del self["http_port"]
+
+        preset = Preset(name="preset")
+        layer = wsgi.Layer(hello_app, name="uses_preset", bases=(preset,))
+        preset.setUp()
+        try:
+            with Running(layer):
+                self.assertEqual(layer["http_host"], "localhost")
+                self.assertEqual(layer["http_port"], free_port)
+                self.assertEqual(layer["http_address"], f"localhost:{free_port}")
+                self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
+            # The preset shows through again once our layer is gone.
+            self.assertEqual(layer["http_host"], "localhost")
+        finally:
+            preset.tearDown()
+
+    def test_a_server_layer_below_is_no_preset(self):
+        below = custom.Layer(Hello, name="server_below")
+        above = wsgi.Layer(hello_app, name="server_above", bases=(below,))
+        with Running(below):
+            below_port = below["http_port"]
+            with Running(above):
+                # plone.testing stacks resources: the upper layer shadows.
+                self.assertNotEqual(above["http_port"], below_port)
+                self.assertEqual(fetch(above["http_url"]), f"hello from {above['http_port']}".encode())
+                self.assertEqual(fetch(f"http://127.0.0.1:{below_port}/"), b"hello")
+            self.assertEqual(below["http_port"], below_port)
+        self.assertNotIn("http_port", above)
+
+    def test_remote_browser_setup_binds_one_address_and_publishes_another(self):
+        layer = wsgi.Layer(hello_app, name="public_host", host="0.0.0.0", public_host="app.example.test")
+        with Running(layer):
+            self.assertEqual(layer["httpd"].socket.getsockname()[0], "0.0.0.0")
+            self.assertEqual(layer["http_host"], "app.example.test")
+            port = layer["http_port"]
+            self.assertEqual(layer["http_url"], f"http://app.example.test:{port}/")
+            self.assertEqual(fetch(f"http://127.0.0.1:{port}/"), f"hello from {port}".encode())
+
+    def test_public_host_from_environment(self):
+        os.environ["SERVERLAYER_HTTP_PUBLIC_HOST"] = "grid-client.example.test"
+        layer = custom.Layer(Hello, name="public_host_environment")
+        with Running(layer):
+            self.assertEqual(layer["http_host"], "grid-client.example.test")
+            self.assertEqual(layer["httpd"].socket.getsockname()[0], "127.0.0.1")
+
+
+class BadAddressTests(unittest.TestCase):
+
+    def test_busy_fixed_port_fails_at_once_naming_host_port_and_source(self):
+        with socket.socket() as occupier:
+            occupier.bind(("127.0.0.1", 0))
+            occupier.listen()
+            port = occupier.getsockname()[1]
+            layer = wsgi.Layer(hello_app, name="busy_port", port=port)
+            started = time.monotonic()
+            with self.assertRaises(AddressInUseError) as caught:
+                layer.setUp()
+            self.assertLess(time.monotonic() - started, 1.0)
+        message = str(caught.exception)
+        self.assertIn(f"127.0.0.1:{port}", message)
+        self.assertIn("port from port=", message)
+        self.assertIn("host from the default host", message)
+        self.assertIn("busy_port", message)
+        self.assertIn("port 0", message)
+        self.assertEqual(caught.exception.__cause__.errno, errno.EADDRINUSE)
+        self.assertNotIn("http_port", layer)
+        layer.tearDown()  # harmless after a failed setUp
+
+    def test_busy_port_preset_by_environment_names_the_variable(self):
+        with socket.socket() as occupier, mock.patch.dict(os.environ, {"SERVERLAYER_HTTP_HOST": "127.0.0.1"}):
+            occupier.bind(("127.0.0.1", 0))
+            occupier.listen()
+            layer = custom.Layer(Hello, name="busy_from_env", port=occupier.getsockname()[1])
+            with self.assertRaises(AddressInUseError) as caught:
+                layer.setUp()
+        self.assertIn("$SERVERLAYER_HTTP_HOST", str(caught.exception))
+
+    def test_unresolvable_host(self):
+        layer = wsgi.Layer(hello_app, name="unresolvable", host="no-such-host.invalid")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("no-such-host.invalid", str(caught.exception))
+        self.assertIn("host=", str(caught.exception))
+
+    def test_bad_port_number(self):
+        for bad in (-1, 65536, "http", 1.5, True):
+            with self.subTest(port=bad):
+                with self.assertRaises(ConfigurationError) as caught:
+                    wsgi.Layer(hello_app, name=f"bad_port_{bad!r}", port=bad)
+                self.assertIn("not a port number", str(caught.exception))
+                self.assertIn(repr(bad), str(caught.exception))
+
+
+class TearDownTests(unittest.TestCase):
+
+    def test_deletes_every_resource_it_set(self):
+        layer = wsgi.Layer(hello_app, name="deletes_resources")
+        with Running(layer):
+            keys = {"http_host", "http_port", "http_address", "http_url", "httpd", "httpd_thread"}
+            self.assertTrue(keys <= set(layer._resources))
+        self.assertEqual(layer._resources, {})
+
+    def test_twice_is_harmless(self):
+        layer = custom.Layer(Hello, name="teardown_twice")
+        layer.setUp()
+        layer.tearDown()
+        layer.tearDown()
+        self.assertNotIn("http_port", layer)
+
+    def test_setup_twice_without_teardown_is_refused(self):
+        layer = custom.Layer(Hello, name="setup_twice")
+        with Running(layer):
+            port = layer["http_port"]
+            with self.assertRaises(SetUpError):
+                layer.setUp()
+            self.assertEqual(layer["http_port"], port)
+            self.assertEqual(fetch(layer["http_url"]), b"hello")
+
+    def test_one_layer_survives_many_cycles_on_new_ports(self):
+        layer = wsgi.Layer(hello_app, name="many_cycles")
+        for _ in range(3):
+            with Running(layer):
+                self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
+
+    def test_idle_keep_alive_client_does_not_delay_stop(self):
+        import http.client
+        for layer in (wsgi.Layer(hello_app, name="idle_wsgi"), custom.Layer(KeepAliveHello, name="idle_custom")):
+            with self.subTest(layer=layer):
+                layer.setUp()
+                connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+                connection.request("GET", "/")
+                connection.getresponse().read()
+                started = time.monotonic()
+                layer.tearDown()
+                self.assertLess(time.monotonic() - started, 0.5)
+                connection.close()
+
+    def test_slow_request_does_not_hang_stop(self):
+        import threading
+        entered, release = threading.Event(), threading.Event()
+
+        def slow_app(environ, start_response):
+            entered.set()
+            release.wait(10)
+            start_response("200 OK", [])
+            return [b"late"]
+
+        layer = wsgi.Layer(slow_app, name="slow_wsgi")
+        layer.stop_timeout = 0.2
+        layer.setUp()
+        client = threading.Thread(target=lambda: _swallow(lambda: fetch(layer["http_url"])))
+        client.start()
+        self.assertTrue(entered.wait(5))
+        workers = layer["httpd"].task_dispatcher.started
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertTrue(any(worker.is_alive() for worker in workers))
+        release.set()
+        client.join(5)
+        for worker in workers:
+            worker.join(5)
+
+    def test_no_thread_or_descriptor_is_left_after_stop(self):
+        threads, descriptors = thread_names(), open_descriptors()
+        for layer in (wsgi.Layer(hello_app, name="leak_wsgi"), custom.Layer(Hello, name="leak_custom")):
+            with Running(layer):
+                fetch(layer["http_url"])
+        self.assertEqual(thread_names(), threads)
+        self.assertEqual(open_descriptors(), descriptors)
+
+
+class KeepAliveHello(Hello):
+    protocol_version = "HTTP/1.1"
+
+
+def _swallow(call):
+    try:
+        call()
+    except OSError:
+        pass
+
+
+class BrokenServer:
+    def serve(self, ready):
+        raise RuntimeError("cannot serve today")
+
+    def request_stop(self):
+        pass
+
+    def release(self, timeout):
+        pass
+
+
+class ServerThreadTests(unittest.TestCase):
+
+    def test_error_before_ready_surfaces_in_start(self):
+        running = ServerThread(BrokenServer(), name="broken")
+        with self.assertRaises(SetUpError) as caught:
+            running.start(owner="<the broken layer>")
+        self.assertIn("cannot serve today", str(caught.exception))
+        self.assertIn("<the broken layer>", str(caught.exception))
+        self.assertIsInstance(caught.exception.__cause__, RuntimeError)
+        self.assertFalse(running.thread.is_alive())
+
+    def test_layer_setup_failure_closes_the_socket(self):
+        class BrokenLayer(ServerLayer):
+            resource_prefix = "http"
+            server_resource = "httpd"
+
+            def make_server(self, sock):
+                self.sock = sock
+                return BrokenServer()
+
+        descriptors, threads = open_descriptors(), thread_names()
+        layer = BrokenLayer(name="broken_layer")
+        with self.assertRaises(SetUpError):
+            layer.setUp()
+        self.assertEqual(layer._resources, {})
+        self.assertEqual(layer.sock.fileno(), -1)
+        self.assertEqual(open_descriptors(), descriptors)
+        self.assertEqual(thread_names(), threads)
