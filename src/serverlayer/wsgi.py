@@ -96,14 +96,23 @@ class _AccessLog:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        statuses: list[str] = []
+
         def logging_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            sys.stderr.write(
-                f"{environ.get('REMOTE_ADDR', '-')} \"{environ['REQUEST_METHOD']}"
-                f" {environ.get('PATH_INFO', '')} {environ.get('SERVER_PROTOCOL', '')}\" {status}\n"
-            )
+            statuses.append(status)
             return start_response(status, headers, exc_info)
 
-        return self.app(environ, logging_start_response)
+        try:
+            return self.app(environ, logging_start_response)
+        except BaseException as exc:
+            statuses.append(f"500, the application raised {type(exc).__name__}")
+            raise
+        finally:
+            sys.stderr.write(
+                f"{environ.get('REMOTE_ADDR', '-')} \"{environ['REQUEST_METHOD']}"
+                f" {environ.get('PATH_INFO', '')} {environ.get('SERVER_PROTOCOL', '')}\""
+                f" {statuses[-1] if statuses else '-'}\n"
+            )
 
 
 # waitress's channels and tasks log through a class attribute shared by all

@@ -1,0 +1,1 @@
+"""Tests of the notes application; zope.testrunner finds them here."""

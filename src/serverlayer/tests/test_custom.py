@@ -1,0 +1,177 @@
+"""The custom layer: a BaseHTTPRequestHandler subclass on a thread pool."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import socket
+import struct
+import threading
+import unittest
+import urllib.request
+from contextlib import redirect_stderr
+from unittest import mock
+
+from serverlayer import ConfigurationError, custom
+
+
+class Greeter(custom.RequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = f"hello {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+GREETER_LAYER = custom.Layer(Greeter, name="GREETER_LAYER")
+
+
+class ServingTests(unittest.TestCase):
+    layer = GREETER_LAYER
+
+    def test_serves_the_handler(self):
+        with urllib.request.urlopen(self.layer["http_url"] + "world", timeout=5) as response:
+            self.assertEqual(response.read(), b"hello /world")
+            self.assertEqual(response.headers["Content-Type"], "text/plain")
+
+    def test_publishes_the_handler_class(self):
+        self.assertIs(self.layer["request_handler"], Greeter)
+
+    def test_keep_alive_handler_serves_many_requests_on_one_connection(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.connect()
+        local_port = connection.sock.getsockname()[1]
+        for number in range(10):
+            connection.request("GET", f"/{number}")
+            self.assertEqual(connection.getresponse().read(), f"hello /{number}".encode())
+        self.assertEqual(connection.sock.getsockname()[1], local_port)
+
+
+class HandlerValidationTests(unittest.TestCase):
+
+    def test_handler_must_be_a_request_handler_class(self):
+        for wrong in (object, "Greeter", 42, http.client.HTTPConnection):
+            with self.subTest(handler=wrong), self.assertRaises(ConfigurationError) as caught:
+                custom.Layer(wrong, name=f"wrong_{wrong!r}")
+            self.assertIn("BaseHTTPRequestHandler", str(caught.exception))
+
+    def test_missing_handler_fails_setup(self):
+        layer = custom.Layer(name="no_handler")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("no request handler", str(caught.exception))
+
+    def test_threads_must_be_positive(self):
+        with self.assertRaises(ConfigurationError):
+            custom.Layer(Greeter, name="no_threads", threads=0)
+
+
+class PoolTests(unittest.TestCase):
+
+    def serve(self, handler, **kwargs):
+        layer = custom.Layer(handler, name=f"pool_{self._testMethodName}", **kwargs)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        return layer
+
+    def test_connections_are_served_at_the_same_time(self):
+        arrived = threading.Barrier(4, timeout=5)
+
+        class Together(custom.RequestHandler):
+            def do_GET(self):
+                arrived.wait()
+                self.send_response(204)
+                self.end_headers()
+
+        layer = self.serve(Together)
+        statuses = []
+
+        def fetch():
+            with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+                statuses.append(response.status)
+
+        clients = [threading.Thread(target=fetch) for _ in range(4)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(10)
+        self.assertEqual(statuses, [204] * 4)
+
+    def test_connections_beyond_the_pool_wait_their_turn(self):
+        layer = self.serve(Greeter, threads=1)
+        idle = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        idle.request("GET", "/first")
+        self.assertEqual(idle.getresponse().read(), b"hello /first")
+        results = []
+        waiting = threading.Thread(
+            target=lambda: results.append(urllib.request.urlopen(layer["http_url"] + "second", timeout=5).read())
+        )
+        waiting.start()
+        waiting.join(0.2)
+        self.assertEqual(results, [])  # the only worker is busy with the idle connection
+        idle.close()
+        waiting.join(5)
+        self.assertEqual(results, [b"hello /second"])
+
+
+class DisconnectTests(unittest.TestCase):
+
+    def test_client_hanging_up_early_is_no_error_and_prints_nothing(self):
+        finished = threading.Event()
+
+        class BigAnswer(custom.RequestHandler):
+            def do_GET(self):
+                try:
+                    self.send_response(200)
+                    self.end_headers()
+                    for _ in range(200):
+                        self.wfile.write(b"x" * 65536)
+                finally:
+                    finished.set()
+
+        layer = custom.Layer(BigAnswer, name="hangs_up")
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            layer.setUp()
+            try:
+                client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+                client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                self.assertTrue(client.recv(10))
+                # Close with a reset, the rudest way a client can leave.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                self.assertTrue(finished.wait(5))
+                layer.check_server_errors()
+            finally:
+                layer.tearDown()
+        self.assertEqual(stderr.getvalue(), "")
+
+
+class QuietnessTests(unittest.TestCase):
+
+    def exercise(self):
+        layer = custom.Layer(Greeter, name=f"quiet_{self._testMethodName}")
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            layer.setUp()
+            try:
+                urllib.request.urlopen(layer["http_url"] + "logged", timeout=5).close()
+            finally:
+                layer.tearDown()
+        return stderr.getvalue()
+
+    def test_requests_are_not_logged_by_default(self):
+        with mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            os.environ.pop("GOCEPT_HTTP_VERBOSE_LOGGING", None)
+            self.assertEqual(self.exercise(), "")
+
+    def test_verbose_variable_logs_requests(self):
+        with mock.patch.dict(os.environ, {"SERVERLAYER_VERBOSE": "1"}):
+            self.assertIn('"GET /logged HTTP/1.1" 200', self.exercise())

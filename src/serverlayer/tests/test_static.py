@@ -1,0 +1,209 @@
+"""The static layer: a directory served with correct HTTP, and nothing outside it."""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import http.client
+import os
+import shutil
+import tempfile
+import unittest
+import urllib.error
+import urllib.request
+
+from serverlayer import ConfigurationError, static
+from serverlayer.tests.helpers import raw_request
+
+SECRET = b"TOP-SECRET: must never be served"
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, email.message.Message, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+class TemporaryDirectoryTests(unittest.TestCase):
+    layer = static.STATIC_FILES
+
+    def write(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.layer["documentroot"], name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(data)
+
+    def test_1_serves_files_with_their_content_type(self):
+        cases = {
+            "page.html": "text/html",
+            "style.css": "text/css",
+            "data.json": "application/json",
+            "image.png": "image/png",
+            "notes.txt": "text/plain",
+        }
+        for name in cases:
+            self.write(name, name.encode())
+        self.write("sub/dir/deep.txt", b"deep")
+        for name, content_type in cases.items():
+            status, headers, body = get(self.layer["http_url"] + name)
+            self.assertEqual((status, body), (200, name.encode()))
+            self.assertEqual(headers["Content-Type"].split(";")[0], content_type)
+        self.assertEqual(get(self.layer["http_url"] + "sub/dir/deep.txt")[2], b"deep")
+        status, headers, _ = get(self.layer["http_url"] + "script.js")
+        self.assertEqual(status, 404)
+
+    def test_2_directory_is_emptied_before_each_test(self):
+        self.assertEqual(os.listdir(self.layer["documentroot"]), [])
+        self.assertEqual(get(self.layer["http_url"] + "page.html")[0], 404)
+
+    def test_head_sends_headers_only(self):
+        self.write("file.txt", b"0123456789")
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("HEAD", "/file.txt")
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Length"), "10")
+        self.assertEqual(response.read(), b"")
+        connection.request("GET", "/file.txt")  # same connection: keep-alive
+        self.assertEqual(connection.getresponse().read(), b"0123456789")
+
+    def test_missing_file_is_404(self):
+        self.assertEqual(get(self.layer["http_url"] + "nothing-here.txt")[0], 404)
+
+    def test_if_modified_since(self):
+        self.write("cached.txt", b"cached")
+        status, headers, _ = get(self.layer["http_url"] + "cached.txt")
+        self.assertEqual(status, 200)
+        last_modified = headers["Last-Modified"]
+        status, _, body = get(self.layer["http_url"] + "cached.txt", {"If-Modified-Since": last_modified})
+        self.assertEqual((status, body), (304, b""))
+        older = email.utils.formatdate(email.utils.parsedate_to_datetime(last_modified).timestamp() - 3600,
+                                       usegmt=True)
+        self.assertEqual(get(self.layer["http_url"] + "cached.txt", {"If-Modified-Since": older})[0], 200)
+
+
+class TraversalTests(unittest.TestCase):
+    """Every attempt to read ``outside/secret.txt`` from ``outside/root``."""
+
+    @classmethod
+    def make_tree(cls) -> str:
+        outside = tempfile.mkdtemp(prefix="serverlayer-traversal-")
+        root = os.path.join(outside, "root")
+        os.makedirs(os.path.join(root, "sub"))
+        with open(os.path.join(outside, "secret.txt"), "wb") as file:
+            file.write(SECRET)
+        with open(os.path.join(root, "public.txt"), "wb") as file:
+            file.write(b"public")
+        os.symlink(os.path.join(outside, "secret.txt"), os.path.join(root, "link-to-secret.txt"))
+        os.symlink(outside, os.path.join(root, "link-to-outside"))
+        os.symlink("../../secret.txt", os.path.join(root, "sub", "relative-link.txt"))
+        return outside
+
+    def setUp(self):
+        self.outside = self.make_tree()
+        self.addCleanup(shutil.rmtree, self.outside)
+        self.layer = static.Layer(os.path.join(self.outside, "root"), name=f"traversal_{self._testMethodName}")
+        self.layer.setUp()
+        self.addCleanup(self.layer.tearDown)
+
+    ATTEMPTS = [
+        "/../secret.txt",
+        "/sub/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E/secret.txt",
+        "/.%2e/secret.txt",
+        "/%2e%2e%2fsecret.txt",
+        "/..%2fsecret.txt",
+        "/sub%2f..%2f..%2fsecret.txt",
+        "/%252e%252e/secret.txt",
+        "/%252e%252e%252fsecret.txt",
+        "/..\\secret.txt",
+        "/%5c..%5csecret.txt",
+        "/..%5csecret.txt",
+        "/%c0%ae%c0%ae/secret.txt",
+        "/secret.txt%00.html",
+        "/%00../secret.txt",
+        "/link-to-secret.txt",
+        "/link-to-outside/secret.txt",
+        "/sub/relative-link.txt",
+        "/./../secret.txt",
+        "//../secret.txt",
+        "/sub/./../.././secret.txt",
+    ]
+
+    def test_no_attempt_reads_outside_the_root(self):
+        absolute = os.path.join(self.outside, "secret.txt")
+        attempts = [*self.ATTEMPTS, absolute, "/" + absolute, "/" + absolute.replace("/", "%2f")]
+        for target in attempts:
+            with self.subTest(target=target):
+                response = raw_request(
+                    self.layer["http_host"], self.layer["http_port"],
+                    f"GET {target} HTTP/1.0\r\n\r\n".encode(),
+                )
+                self.assertNotIn(SECRET, response)
+                self.assertIn(response.split(b" ", 2)[1], (b"400", b"404"), response[:200])
+        self.assertEqual(get(self.layer["http_url"] + "public.txt")[2], b"public")
+        self.layer.check_server_errors()
+
+    def test_absolute_form_request_target(self):
+        response = raw_request(
+            self.layer["http_host"], self.layer["http_port"],
+            f"GET http://{self.layer['http_address']}/../secret.txt HTTP/1.0\r\n\r\n".encode(),
+        )
+        self.assertNotIn(SECRET, response)
+
+    def test_directory_listing_names_no_outside_files(self):
+        status, _, body = get(self.layer["http_url"] + "link-to-outside/")
+        self.assertEqual(status, 404)
+        self.assertNotIn(b"secret.txt", body)
+
+
+class GivenDirectoryTests(unittest.TestCase):
+
+    def test_a_given_directory_is_never_modified(self):
+        root = tempfile.mkdtemp(prefix="serverlayer-given-")
+        self.addCleanup(shutil.rmtree, root)
+        with open(os.path.join(root, "keep.txt"), "w") as file:
+            file.write("keep me")
+        layer = static.Layer(root, name="given_directory")
+        layer.setUp()
+        try:
+            self.assertEqual(layer["documentroot"], root)
+            layer.testSetUp()
+            layer.testTearDown()
+            self.assertEqual(get(layer["http_url"] + "keep.txt")[2], b"keep me")
+        finally:
+            layer.tearDown()
+        self.assertEqual(os.listdir(root), ["keep.txt"])
+
+    def test_temporary_directory_is_removed_in_teardown(self):
+        layer = static.Layer(name="removed_directory")
+        layer.setUp()
+        root = layer["documentroot"]
+        self.assertTrue(os.path.isdir(root))
+        layer.tearDown()
+        self.assertFalse(os.path.exists(root))
+        self.assertNotIn("documentroot", layer)
+
+    def test_two_layers_serve_their_own_directories(self):
+        first, second = static.Layer(name="first_root"), static.Layer(name="second_root")
+        for layer, text in ((first, b"first"), (second, b"second")):
+            layer.setUp()
+            self.addCleanup(layer.tearDown)
+            with open(os.path.join(layer["documentroot"], "which.txt"), "wb") as file:
+                file.write(text)
+        self.assertNotEqual(first["documentroot"], second["documentroot"])
+        self.assertEqual(get(first["http_url"] + "which.txt")[2], b"first")
+        self.assertEqual(get(second["http_url"] + "which.txt")[2], b"second")
+
+    def test_missing_directory_is_a_clear_error(self):
+        layer = static.Layer("/no/such/directory", name="missing_directory")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("/no/such/directory", str(caught.exception))
+        self.assertIn("not a directory", str(caught.exception))
+        self.assertEqual(layer._resources, {})

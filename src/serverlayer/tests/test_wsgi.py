@@ -1,0 +1,258 @@
+"""The wsgi layer: real HTTP/1.1 from waitress, used as a test would."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import threading
+import unittest
+import urllib.error
+import urllib.request
+from contextlib import redirect_stderr
+from unittest import mock
+
+import plone.testing
+
+from serverlayer import ConfigurationError, wsgi
+
+
+def echo_app(environ, start_response):
+    """Answers with what the server told the app about the request."""
+    if environ["PATH_INFO"] == "/chunked":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (part for part in (b"first ", b"second ", b"third"))
+    body = f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} from port {environ['REMOTE_PORT']}"
+    data = body.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+HTTP_LAYER = wsgi.Layer(echo_app, name="HTTP_LAYER")
+
+
+class KeepAliveAndChunkingTests(unittest.TestCase):
+    layer = HTTP_LAYER
+
+    def test_many_requests_reuse_one_connection(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        client_ports = set()
+        for number in range(20):
+            connection.request("GET", f"/{number}")
+            response = connection.getresponse()
+            body = response.read().decode()
+            self.assertEqual(response.status, 200)
+            self.assertTrue(body.startswith(f"GET /{number} from port "), body)
+            client_ports.add(body.rsplit(" ", 1)[1])
+            self.assertFalse(response.will_close)
+        self.assertEqual(len(client_ports), 1, "every request should arrive on the same connection")
+
+    def test_response_without_length_is_chunked(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/chunked")
+        response = connection.getresponse()
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(response.read(), b"first second third")
+        connection.request("GET", "/after-chunked")  # the connection is still usable
+        self.assertTrue(connection.getresponse().read().startswith(b"GET /after-chunked"))
+
+    def test_serves_http_1_1(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("HEAD", "/")
+        response = connection.getresponse()
+        self.assertEqual(response.version, 11)
+        self.assertEqual(response.read(), b"")
+
+
+class ConcurrencyTests(unittest.TestCase):
+
+    def test_requests_run_at_the_same_time(self):
+        arrived = threading.Barrier(4, timeout=5)
+
+        def waits_for_three_others(environ, start_response):
+            arrived.wait()  # only returns once four requests are inside the app at once
+            start_response("200 OK", [])
+            return [b"together"]
+
+        layer = wsgi.Layer(waits_for_three_others, name="concurrent")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        results = []
+
+        def fetch():
+            with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+                results.append(response.read())
+
+        clients = [threading.Thread(target=fetch) for _ in range(4)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(10)
+        self.assertEqual(results, [b"together"] * 4)
+
+    def test_app_calling_its_own_server_does_not_deadlock(self):
+        layer: wsgi.Layer
+
+        def calls_itself(environ, start_response):
+            depth = int(environ["PATH_INFO"].strip("/") or 0)
+            if depth < 3:
+                with urllib.request.urlopen(f"{layer['http_url']}{depth + 1}", timeout=5) as response:
+                    inner = response.read()
+            else:
+                inner = b"bottom"
+            start_response("200 OK", [])
+            return [b"%d>" % depth + inner]
+
+        layer = wsgi.Layer(calls_itself, name="calls_itself")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with urllib.request.urlopen(layer["http_url"], timeout=10) as response:
+            self.assertEqual(response.read(), b"0>1>2>3>bottom")
+
+
+class AppSourceTests(unittest.TestCase):
+
+    def test_no_app_fails_setup_with_a_clear_error(self):
+        layer = wsgi.Layer(name="no_app")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("no WSGI application", str(caught.exception))
+        self.assertIn("wsgi_app", str(caught.exception))
+        self.assertEqual(layer._resources, {})
+
+    def test_uncallable_app(self):
+        layer = wsgi.Layer("not an app", name="uncallable_app")
+        with self.assertRaises(ConfigurationError):
+            layer.setUp()
+
+    def test_app_from_class_attribute(self):
+        class AppLayer(wsgi.Layer):
+            wsgi_app = staticmethod(echo_app)
+
+        layer = AppLayer(name="app_attribute")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with urllib.request.urlopen(layer["http_url"] + "attr", timeout=5) as response:
+            self.assertTrue(response.read().startswith(b"GET /attr"))
+
+    def test_wsgi_app_resource_of_a_base_layer_wins(self):
+        def resource_app(environ, start_response):
+            start_response("200 OK", [])
+            return [b"from the resource"]
+
+        class AppProvider(plone.testing.Layer):
+            def setUp(self):
+                self["wsgi_app"] = resource_app
+
+            def tearDown(self):
+                del self["wsgi_app"]
+
+        provider = AppProvider(name="app_provider")
+        layer = wsgi.Layer(echo_app, bases=(provider,), name="resource_wins")
+        provider.setUp()
+        self.addCleanup(provider.tearDown)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"from the resource")
+
+
+class FixupMiddlewareTests(unittest.TestCase):
+
+    def serve(self, app):
+        layer = wsgi.Layer(app, name=f"fixup_{self._testMethodName}")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        return layer
+
+    def test_hop_by_hop_headers_fail_without_it(self):
+        def sends_connection_header(environ, start_response):
+            start_response("200 OK", [("connection", "close"), ("X-Kept", "yes")])
+            return [b"body"]
+
+        layer = self.serve(sends_connection_header)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(layer["http_url"], timeout=5)
+        self.assertEqual(caught.exception.code, 500)
+        errors = layer.server_errors.take()
+        self.assertIn("hop-by-hop", errors[0])
+
+    def test_strips_hop_by_hop_headers_whatever_their_case(self):
+        def sends_connection_headers(environ, start_response):
+            start_response(
+                "200 OK",
+                [("connection", "close"), ("Keep-Alive", "timeout=5"), ("TRANSFER-ENCODING", "identity"),
+                 ("X-Kept", "yes")],
+            )
+            return [b"body"]
+
+        layer = self.serve(wsgi.FixupMiddleware(sends_connection_headers))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"body")
+            self.assertEqual(response.headers["X-Kept"], "yes")
+            self.assertIsNone(response.headers["Keep-Alive"])
+        self.assertEqual(layer.server_errors.take(), [])
+
+    def test_passes_exc_info_only_when_given(self):
+        calls = []
+
+        def two_argument_start_response(status, headers):
+            calls.append((status, headers))
+
+        def three_argument_start_response(status, headers, exc_info=None):
+            calls.append((status, headers, exc_info))
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Upgrade", "h2c"), ("X-Kept", "1")])
+            return []
+
+        def failing_app(environ, start_response):
+            try:
+                raise ValueError("oops")
+            except ValueError:
+                import sys
+                start_response("500 Internal Server Error", [("Connection", "close")], sys.exc_info())
+            return []
+
+        wsgi.FixupMiddleware(app)({}, two_argument_start_response)
+        wsgi.FixupMiddleware(failing_app)({}, three_argument_start_response)
+        self.assertEqual(calls[0], ("200 OK", [("X-Kept", "1")]))
+        self.assertEqual(calls[1][:2], ("500 Internal Server Error", []))
+        self.assertIs(calls[1][2][0], ValueError)
+
+
+class QuietnessTests(unittest.TestCase):
+
+    def exercise(self):
+        def failing_app(environ, start_response):
+            raise RuntimeError("logged?")
+
+        layer = wsgi.Layer(failing_app, name=f"quiet_{self._testMethodName}")
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            layer.setUp()
+            try:
+                with self.assertRaises(urllib.error.HTTPError):
+                    urllib.request.urlopen(layer["http_url"] + "path", timeout=5)
+                layer.server_errors.take()
+            finally:
+                layer.tearDown()
+        return stderr.getvalue()
+
+    def test_nothing_reaches_the_terminal_by_default(self):
+        with mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            os.environ.pop("GOCEPT_HTTP_VERBOSE_LOGGING", None)
+            self.assertEqual(self.exercise(), "")
+
+    def test_verbose_variable_logs_requests_and_errors(self):
+        with mock.patch.dict(os.environ, {"SERVERLAYER_VERBOSE": "1"}):
+            output = self.exercise()
+        self.assertIn('"GET /path HTTP/1.1" 500', output)
+        self.assertIn("RuntimeError: logged?", output)
+
+
+
