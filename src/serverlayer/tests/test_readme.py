@@ -1,0 +1,71 @@
+"""README.rst is true: its doctests pass, and its example test modules pass
+when zope.testrunner runs them the way a user would."""
+
+from __future__ import annotations
+
+import doctest
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[3] / "README.rst"
+CODE_BLOCK = re.compile(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.MULTILINE)
+
+
+def example_modules() -> dict[str, str]:
+    """The README's code blocks that start with ``# test_<name>.py``."""
+    modules = {}
+    for block in CODE_BLOCK.findall(README.read_text()):
+        code = "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
+        first_line = code.splitlines()[0]
+        if re.fullmatch(r"# test_\w+\.py", first_line):
+            modules[first_line[2:]] = code
+    return modules
+
+
+class ExampleModuleTests(unittest.TestCase):
+
+    def test_readme_has_example_modules(self):
+        self.assertGreaterEqual(len(example_modules()), 4)
+
+    def test_example_modules_pass_under_zope_testrunner(self):
+        modules = example_modules()
+        expected_tests = sum(code.count("\n    def test_") for code in modules.values())
+        with tempfile.TemporaryDirectory() as directory:
+            package = Path(directory, "readme_examples", "tests")
+            package.mkdir(parents=True)
+            (package.parent / "__init__.py").write_text("")
+            (package / "__init__.py").write_text("")
+            for name, code in modules.items():
+                (package / name).write_text(code)
+            environment = {key: value for key, value in os.environ.items() if key != "SERVERLAYER_VERBOSE"}
+            completed = subprocess.run(
+                [sys.executable, "-W", "error", "-m", "zope.testrunner", "--path", directory],
+                capture_output=True, text=True, timeout=120, env=environment,
+            )
+        output = completed.stdout + completed.stderr
+        self.assertEqual(completed.returncode, 0, output)
+        self.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)
+        self.assertEqual(completed.stderr, "")
+        self.assertNotIn("left new threads behind", output)
+
+
+def test_suite() -> unittest.TestSuite:
+    if not README.exists():
+        raise FileNotFoundError(f"{README} is missing; run the tests from a checkout.")
+    suite = unittest.TestSuite()
+    suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(ExampleModuleTests))
+    suite.addTest(
+        doctest.DocFileSuite(
+            str(README),
+            module_relative=False,
+            globs={"__name__": "README_rst"},
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            encoding="utf-8",
+        )
+    )
+    return suite
