@@ -12,7 +12,7 @@ setup(
     license="ZPL-2.1",
     python_requires=">=3.10",
     package_dir={"": "src"},
-    packages=find_packages("src"),
+    packages=find_packages("src", exclude=["serverlayer.tests.samples*"]),
     package_data={"serverlayer": ["py.typed"]},
     include_package_data=True,
     zip_safe=False,
@@ -21,16 +21,16 @@ setup(
         "plone.testing",
         "zope.testrunner",
         "waitress >= 3.0",
+        "aiosmtpd >= 1.4.6",
     ],
     extras_require={
-        "test": [],
+        "test": [],  # the suite needs nothing beyond the install requirements
         "bench": ["gocept.httpserverlayer == 4.0"],
     },
     classifiers=[
         "Framework :: Zope",
         "Framework :: Plone",
         "Intended Audience :: Developers",
-        "License :: OSI Approved :: Zope Public License",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",

@@ -18,7 +18,8 @@ import socket
 import socketserver
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, verbose

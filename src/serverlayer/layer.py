@@ -16,7 +16,9 @@ import socket
 import sys
 import threading
 import weakref
-from typing import Any, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from types import FrameType
+from typing import Any, ClassVar
 
 import plone.testing
 
@@ -47,7 +49,7 @@ def _instantiating_module(layer: plone.testing.Layer) -> str:
     unnamed layer would then be ``serverlayer.wsgi.Layer`` and only one of
     them would be set up. Skip every ``__init__`` running for this layer.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while (
         frame is not None
         and frame.f_code.co_name == "__init__"

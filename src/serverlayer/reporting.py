@@ -23,11 +23,10 @@ import threading
 import traceback
 import unittest
 from types import FrameType, TracebackType
-from typing import Optional
 
 from serverlayer.errors import ServerSideError
 
-ExcInfo = tuple[type[BaseException], BaseException, Optional[TracebackType]]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 #: How far up the stack ``running_test`` looks: zope.testrunner's
 #: ``startTest`` is two frames above a layer's ``testSetUp``; subclasses

@@ -18,7 +18,8 @@ import errno
 import socket
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from serverlayer.errors import AddressInUseError, ConfigurationError, SetUpError
 
@@ -129,6 +130,7 @@ class ServerThread:
         became_ready = self._ready.wait(READY_TIMEOUT)
         if self.failure is not None or not became_ready:
             if self.failure is not None:
+                self.thread.join(READY_TIMEOUT)  # the loop is over; let its thread end
                 raise SetUpError(
                     f"{owner}: the server failed while starting:"
                     f" {self.failure!r}"

@@ -17,7 +17,8 @@ import logging
 import socket
 import sys
 import threading
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from waitress import wasyncore
 from waitress.adjustments import Adjustments

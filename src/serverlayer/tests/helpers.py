@@ -33,7 +33,9 @@ def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> b
 
 def run_testrunner(sample: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run zope.testrunner in a fresh process on ``samples/<sample>``."""
-    environment = {**os.environ, **(env or {})}
+    # The child must import what this process imports, however it was set up
+    # (a virtualenv, tox, buildout's egg paths).
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
     environment.pop("SERVERLAYER_VERBOSE", None)
     return subprocess.run(
         [

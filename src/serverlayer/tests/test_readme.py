@@ -43,6 +43,7 @@ class ExampleModuleTests(unittest.TestCase):
             for name, code in modules.items():
                 (package / name).write_text(code)
             environment = {key: value for key, value in os.environ.items() if key != "SERVERLAYER_VERBOSE"}
+            environment["PYTHONPATH"] = os.pathsep.join(sys.path)
             completed = subprocess.run(
                 [sys.executable, "-W", "error", "-m", "zope.testrunner", "--path", directory],
                 capture_output=True, text=True, timeout=120, env=environment,
