@@ -180,11 +180,13 @@ class Layer(HTTPLayer):
     """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
 
     Publishes ``request_handler`` besides the ``http_*`` resources.
-    ``threads`` is how many connections are served at once.
+    ``threads`` is how many connections are served at once: eight covers a
+    browser's six parallel connections, and each thread costs ``setUp``
+    time, most of all on a busy machine.
     """
 
     request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
-    threads: int = 16
+    threads: int = 8
 
     def __init__(
         self,

@@ -34,3 +34,7 @@ class ServerSideError(ServerLayerError, AssertionError):
     It subclasses AssertionError so that unittest counts it as a failure of
     the test that made the request, not as an error in the test machinery.
     """
+
+
+class MailTimeoutError(ServerLayerError, AssertionError):
+    """The mail a test waited for did not arrive in time."""

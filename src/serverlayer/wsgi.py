@@ -241,11 +241,12 @@ class Layer(HTTPLayer):
 
     The application is the ``wsgi_app`` resource of a base layer if there is
     one, else the ``wsgi_app`` argument or class attribute. ``threads`` is
-    how many requests run at once.
+    how many requests run in the application at once (waitress's default,
+    four); idle keep-alive connections hold no thread.
     """
 
     wsgi_app: WSGIApplication | None = None
-    threads: int = 8
+    threads: int = 4
 
     def __init__(
         self,

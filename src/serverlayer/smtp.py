@@ -1,0 +1,426 @@
+"""Capture mail with a real SMTP server, built on aiosmtpd.
+
+    >>> from serverlayer import smtp
+    >>> MAIL_LAYER = smtp.Layer(name='MAIL_LAYER')
+
+The layer publishes ``smtp_host``, ``smtp_port``, ``smtp_address``, the
+server as ``smtpd`` and ``outbox``: every message received during the
+current test, in arrival order, as ``email.message.EmailMessage`` objects
+that also carry their SMTP envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import mailbox
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from email.message import EmailMessage
+from typing import Any, overload
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from serverlayer.errors import ConfigurationError, MailTimeoutError
+from serverlayer.layer import ServerLayer, verbose
+from serverlayer.reporting import ErrorLog
+from serverlayer.server import ServerThread
+
+#: aiosmtpd's default; a message above it is refused with 552.
+DEFAULT_DATA_SIZE_LIMIT = 32 * 1024 * 1024
+
+Credentials = Callable[[str, str], bool] | Mapping[str, str]
+
+
+class ReceivedMessage(EmailMessage):
+    """A message as the server received it.
+
+    It is an ``EmailMessage`` parsed with ``email.policy.default``
+    (``msg['Subject']``, ``msg.get_content()``, ``msg.iter_attachments()``)
+    that also carries what only the SMTP conversation knows: the envelope
+    sender and recipients (Bcc recipients appear only here), the MAIL and
+    RCPT options (aiosmtpd accepts no RCPT options, so that list stays
+    empty), the authenticated user and the raw bytes as received.
+    """
+
+    mail_from: str = ""
+    rcpt_tos: list[str]
+    mail_options: list[str]
+    rcpt_options: list[str]
+    raw: bytes = b""
+    authenticated_as: str | None = None
+
+    def __init__(self, policy: email.policy.Policy | None = None) -> None:
+        super().__init__(policy=policy or email.policy.default)
+        self.rcpt_tos, self.mail_options, self.rcpt_options = [], [], []
+
+    def summary(self) -> str:
+        """One line for failure messages: envelope and subject."""
+        return f"from {self.mail_from} to {', '.join(self.rcpt_tos)}: {self['Subject']!r}"
+
+
+def parse_message(envelope: Envelope, session: Session | None = None) -> ReceivedMessage:
+    raw = envelope.original_content or b""
+    # SMTP carries lines ending in CRLF; parsed content reads as a local
+    # mailbox would give it, with plain newlines. ``raw`` keeps the bytes.
+    message = email.message_from_bytes(
+        raw.replace(b"\r\n", b"\n"), _class=ReceivedMessage, policy=email.policy.default
+    )
+    assert isinstance(message, ReceivedMessage)
+    message.mail_from = envelope.mail_from or ""
+    message.rcpt_tos = list(envelope.rcpt_tos)
+    message.mail_options = list(envelope.mail_options)
+    message.rcpt_options = list(envelope.rcpt_options)
+    message.raw = raw
+    if session is not None and session.authenticated:
+        message.authenticated_as = str(session.auth_data)
+    return message
+
+
+class Outbox(Sequence[ReceivedMessage]):
+    """Messages received during the current test, in arrival order.
+
+    Safe to read while the server adds to it. ``wait_for`` blocks until the
+    messages a test expects have arrived: mail is often sent from a
+    background thread, or after the response the test already has.
+    """
+
+    def __init__(self) -> None:
+        self._messages: list[ReceivedMessage] = []
+        self._changed = threading.Condition()
+
+    def append(self, message: ReceivedMessage) -> None:
+        with self._changed:
+            self._messages.append(message)
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        with self._changed:
+            self._messages.clear()
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    @overload
+    def __getitem__(self, index: int) -> ReceivedMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ReceivedMessage]: ...
+
+    def __getitem__(self, index: int | slice) -> ReceivedMessage | list[ReceivedMessage]:
+        with self._changed:
+            return self._messages[index]
+
+    def __iter__(self) -> Iterator[ReceivedMessage]:
+        with self._changed:
+            return iter(list(self._messages))
+
+    def __repr__(self) -> str:
+        return f"<Outbox with {len(self)} message(s)>"
+
+    def wait_for(
+        self,
+        count: int = 1,
+        *,
+        match: Callable[[ReceivedMessage], bool] | None = None,
+        timeout: float = 5.0,
+    ) -> list[ReceivedMessage]:
+        """Wait until ``count`` messages (matching ``match``, if given) arrived.
+
+        Returns those messages; raises ``MailTimeoutError``, listing what
+        did arrive, when they are not all there after ``timeout`` seconds.
+        """
+
+        def matching() -> list[ReceivedMessage]:
+            return [message for message in self._messages if match is None or match(message)]
+
+        with self._changed:
+            arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)
+            found, everything = matching(), list(self._messages)
+        if arrived:
+            return found[:count]
+        wanted = f"{count} message(s)" + ("" if match is None else f" matching {getattr(match, '__name__', match)}")
+        listing = "\n".join(f"  {number}. {message.summary()}" for number, message in enumerate(everything, 1))
+        raise MailTimeoutError(
+            f"Waited {timeout} seconds for {wanted}; {len(found)} of them arrived,"
+            f" {len(everything)} message(s) in all" + (f":\n{listing}" if everything else ".")
+        )
+
+
+class _Handler:
+    """aiosmtpd hooks: store each message, refuse what the test asked to refuse."""
+
+    def __init__(self, outbox: Outbox, errors: ErrorLog, maildir: str | None, auth_required: bool) -> None:
+        self.outbox = outbox
+        self.errors = errors
+        self.maildir = mailbox.Maildir(maildir, create=True) if maildir else None
+        self.auth_required = auth_required
+        self.refused_recipients: set[str] = set()
+        self.data_reply: str | None = None
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.auth_required and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.lower() in self.refused_recipients:
+            return f"550 5.1.1 <{address}>: Recipient address rejected"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply is not None:
+            return self.data_reply
+        message = parse_message(envelope, session)
+        if self.maildir is not None:
+            self.maildir.add(message.raw)
+        self.outbox.append(message)
+        return "250 OK: message accepted"
+
+    async def handle_exception(self, error: Exception) -> str:
+        self.errors.record("The SMTP server raised", (type(error), error, error.__traceback__))
+        return f"500 Error: ({type(error).__name__}) {error}"
+
+
+class _Connection(SMTP):  # type: ignore[misc]
+    """aiosmtpd's protocol, tracked so that stopping can close every connection."""
+
+    def __init__(self, *args: Any, connections: set[_Connection], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections = connections
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._connections.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(error)
+
+
+class _ThreadLogHandler(logging.Handler):
+    """Routes aiosmtpd's module-wide log to the layer whose thread logged."""
+
+    def __init__(self, errors: ErrorLog) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors = errors
+        self.thread_id: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread_id:
+            return
+        if record.levelno >= logging.ERROR:
+            exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
+            self.errors.record(record.getMessage(), exc_info)  # type: ignore[arg-type]
+        if verbose():
+            sys.stderr.write(self.format(record) + "\n")
+
+
+class SMTPServer:
+    """An aiosmtpd server on its own event loop, on the layer's socket."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        outbox: Outbox,
+        errors: ErrorLog,
+        hostname: str,
+        data_size_limit: int | None,
+        maildir: str | None,
+        credentials: Credentials | None,
+        auth_required: bool,
+    ) -> None:
+        self.socket = sock
+        self.outbox = outbox
+        self.handler = _Handler(outbox, errors, maildir, auth_required)
+        self.hostname = hostname
+        self.data_size_limit = data_size_limit
+        self.credentials = credentials
+        self.loop = asyncio.new_event_loop()
+        self._connections: set[_Connection] = set()
+        self._log_handler = _ThreadLogHandler(errors)
+
+    # What a test may change; ``reset`` undoes it before the next test.
+
+    def refuse_recipients(self, *addresses: str) -> None:
+        """Answer RCPT for these addresses with 550, as a server that does
+        not know them would."""
+        self.handler.refused_recipients.update(address.lower() for address in addresses)
+
+    def fail_data(self, code: int = 451, text: str | None = None) -> None:
+        """Answer every DATA with ``code`` (451: try later, 554: refused)
+        instead of accepting the message."""
+        if not 400 <= code <= 599:
+            raise ConfigurationError(f"fail_data({code}): use an SMTP error code from 400 to 599, such as 451 or 554.")
+        default_text = "4.3.0 Temporary failure, try again later" if code < 500 else "5.3.0 Message refused"
+        self.handler.data_reply = f"{code} {text or default_text}"
+
+    def reset(self) -> None:
+        """Accept every recipient and message again."""
+        self.handler.refused_recipients.clear()
+        self.handler.data_reply = None
+
+    # The lifecycle (serverlayer.server.Server).
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        username = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        if callable(self.credentials):
+            accepted = bool(self.credentials(username, password))
+        else:
+            accepted = self.credentials is not None and self.credentials.get(username) == password
+        return AuthResult(success=accepted, handled=False, auth_data=username if accepted else None)
+
+    def _protocol(self) -> _Connection:
+        auth: dict[str, Any] = {}
+        if self.credentials is not None:
+            # Offered without TLS: test servers listen on loopback.
+            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+        return _Connection(
+            self.handler,
+            connections=self._connections,
+            loop=self.loop,
+            hostname=self.hostname,
+            ident="serverlayer SMTP",
+            data_size_limit=self.data_size_limit,
+            enable_SMTPUTF8=True,
+            **auth,
+        )
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        self._log_handler.thread_id = threading.get_ident()
+        logging.getLogger("mail.log").addHandler(self._log_handler)
+        asyncio.set_event_loop(self.loop)
+        server = None
+        try:
+            server = self.loop.run_until_complete(self.loop.create_server(self._protocol, sock=self.socket))
+            self.loop.call_soon(ready)
+            self.loop.run_forever()
+        finally:
+            self._shut_down(server)
+            asyncio.set_event_loop(None)
+            logging.getLogger("mail.log").removeHandler(self._log_handler)
+
+    def _shut_down(self, server: asyncio.base_events.Server | None) -> None:
+        if server is not None:
+            server.close()
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        if server is not None:
+            self.loop.run_until_complete(server.wait_closed())
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def request_stop(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # the loop already finished
+            pass
+
+    def release(self, timeout: float) -> None:
+        self.socket.close()
+
+
+class Layer(ServerLayer):
+    """A real SMTP server that keeps every message it receives in ``outbox``.
+
+    Keywords:
+
+    - ``data_size_limit``: largest message accepted, in bytes (552 above it);
+      ``None`` for no limit.
+    - ``maildir``: also write every message to this Maildir, to look at
+      after a failed run.
+    - ``auth``: offer AUTH PLAIN and LOGIN, checking credentials against a
+      ``{username: password}`` mapping or a ``check(username, password)``
+      function. ``auth_required=True`` refuses mail before AUTH (530).
+    """
+
+    resource_prefix = "smtp"
+    server_resource = "smtpd"
+    host_environment = ("SERVERLAYER_SMTP_HOST",)
+    public_host_environment = ("SERVERLAYER_SMTP_PUBLIC_HOST",)
+
+    data_size_limit: int | None = DEFAULT_DATA_SIZE_LIMIT
+    maildir: str | None = None
+    auth: Credentials | None = None
+    auth_required: bool = False
+
+    def __init__(
+        self,
+        *,
+        data_size_limit: int | None = DEFAULT_DATA_SIZE_LIMIT,
+        maildir: str | os.PathLike[str] | None = None,
+        auth: Credentials | None = None,
+        auth_required: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if data_size_limit is not None and (not isinstance(data_size_limit, int) or data_size_limit < 1):
+            raise ConfigurationError(
+                f"{self!r}: data_size_limit={data_size_limit!r} must be a number of bytes, or None for no limit."
+            )
+        if auth is not None and not (callable(auth) or isinstance(auth, Mapping)):
+            raise ConfigurationError(
+                f"{self!r}: auth={auth!r} must be a {{username: password}} mapping or a"
+                " function check(username, password) returning True for valid credentials."
+            )
+        if auth_required and auth is None:
+            raise ConfigurationError(
+                f"{self!r}: auth_required=True needs credentials to check; pass auth= as well."
+            )
+        self.data_size_limit = data_size_limit
+        self.maildir = None if maildir is None else os.fspath(maildir)
+        self.auth = auth
+        self.auth_required = auth_required
+
+    def make_server(self, sock: socket.socket) -> SMTPServer:
+        return SMTPServer(
+            sock,
+            outbox=Outbox(),
+            errors=self.server_errors,
+            hostname=self.published_host(sock.getsockname()[0]),
+            data_size_limit=self.data_size_limit,
+            maildir=self.maildir,
+            credentials=self.auth,
+            auth_required=self.auth_required,
+        )
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        resources = super().resources(host, port, running)
+        resources["outbox"] = running.server.outbox  # type: ignore[attr-defined]
+        return resources
+
+    def testSetUp(self) -> None:
+        super().testSetUp()
+        if self._running is not None:
+            server = self._running.server
+            assert isinstance(server, SMTPServer)
+            server.reset()
+            server.outbox.clear()
+
+
+#: A ready layer with the default settings.
+SMTP_SERVER = Layer(name="SMTP_SERVER")

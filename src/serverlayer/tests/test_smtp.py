@@ -1,0 +1,430 @@
+"""The SMTP layer, exercised with smtplib against the running server."""
+
+from __future__ import annotations
+
+import email.policy
+import io
+import mailbox
+import os
+import shutil
+import smtplib
+import socket
+import tempfile
+import threading
+import time
+import unittest
+from contextlib import redirect_stderr
+from email.message import EmailMessage
+from unittest import mock
+
+from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
+
+MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
+
+
+def make_message(subject="Hello", to="bob@example.com", sender="alice@example.com", body="Hi Bob"):
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message.set_content(body)
+    return message
+
+
+class Client:
+    """An smtplib connection to a layer's server, closed after the test."""
+
+    @staticmethod
+    def connect(test, layer, **kwargs):
+        client = smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5, **kwargs)
+        test.addCleanup(_quit, client)
+        return client
+
+
+def _quit(client):
+    try:
+        client.quit()
+    except smtplib.SMTPServerDisconnected:
+        client.close()
+
+
+class ResourceTests(unittest.TestCase):
+    layer = MAIL_LAYER
+
+    def test_publishes_where_it_listens(self):
+        port = self.layer["smtp_port"]
+        self.assertEqual(self.layer["smtp_host"], "127.0.0.1")
+        self.assertIsInstance(port, int)
+        self.assertNotEqual(port, 0)
+        self.assertEqual(self.layer["smtp_address"], f"127.0.0.1:{port}")
+        self.assertIsInstance(self.layer["smtpd"], smtp.SMTPServer)
+        self.assertIs(self.layer["outbox"], self.layer["smtpd"].outbox)
+
+    def test_greets_as_an_esmtp_server_with_utf8_and_8bitmime(self):
+        client = Client.connect(self, self.layer)
+        code, _ = client.ehlo()
+        self.assertEqual(code, 250)
+        for extension in ("smtputf8", "8bitmime", "size"):
+            self.assertTrue(client.has_extn(extension), extension)
+        self.assertFalse(client.has_extn("auth"))
+
+
+class OutboxTests(unittest.TestCase):
+    layer = MAIL_LAYER
+
+    def test_1_message_carries_content_and_envelope(self):
+        message = make_message(subject="Grüße", body="Hallo Bob ✓")
+        message["Cc"] = "carol@example.com"
+        message["Bcc"] = "hidden@example.com"
+        message.add_attachment(b"\x89PNG...", maintype="image", subtype="png", filename="logo.png")
+        Client.connect(self, self.layer).send_message(message)
+        [received] = self.layer["outbox"]
+        self.assertIsInstance(received, EmailMessage)
+        self.assertEqual(received["Subject"], "Grüße")
+        self.assertIsNone(received["Bcc"])
+        self.assertEqual(received.get_body(("plain",)).get_content(), "Hallo Bob ✓\n")
+        [attachment] = received.iter_attachments()
+        self.assertEqual(attachment.get_filename(), "logo.png")
+        self.assertEqual(attachment.get_content(), b"\x89PNG...")
+        self.assertEqual(received.mail_from, "alice@example.com")
+        # smtplib sends RCPT for To, then Bcc, then Cc.
+        self.assertEqual(received.rcpt_tos, ["bob@example.com", "hidden@example.com", "carol@example.com"])
+        self.assertTrue(any(option.startswith("SIZE=") for option in received.mail_options))
+        self.assertIn(b"Subject: =?utf-8?", received.raw)
+        self.assertIsNone(received.authenticated_as)
+
+    def test_2_outbox_is_empty_at_the_start_of_each_test(self):
+        self.assertEqual(len(self.layer["outbox"]), 0)
+        self.assertEqual(list(self.layer["outbox"]), [])
+
+    def test_messages_keep_arrival_order_and_options(self):
+        client = Client.connect(self, self.layer)
+        for number in range(3):
+            client.sendmail("a@example.com", ["b@example.com"], make_message(subject=f"#{number}").as_bytes(),
+                            mail_options=["BODY=7BIT"] if number == 2 else [])
+        outbox = self.layer["outbox"]
+        self.assertEqual([message["Subject"] for message in outbox], ["#0", "#1", "#2"])
+        self.assertIn("BODY=7BIT", outbox[-1].mail_options)
+        self.assertNotIn("BODY=7BIT", outbox[0].mail_options)
+        self.assertEqual(outbox[-1].rcpt_options, [])
+        self.assertEqual([message["Subject"] for message in outbox[1:]], ["#1", "#2"])
+
+    def test_wait_for_mail_sent_from_another_thread(self):
+        def send_later():
+            time.sleep(0.05)  # the application under test taking its time
+            with smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=5) as client:
+                client.send_message(make_message(subject="late"))
+                client.send_message(make_message(subject="later", to="eve@example.com"))
+
+        sender = threading.Thread(target=send_later)
+        sender.start()
+        self.addCleanup(sender.join, 5)
+        [first] = self.layer["outbox"].wait_for(1)
+        self.assertEqual(first["Subject"], "late")
+        [to_eve] = self.layer["outbox"].wait_for(match=lambda message: "eve@example.com" in message.rcpt_tos)
+        self.assertEqual(to_eve["Subject"], "later")
+
+    def test_wait_for_fails_listing_what_arrived(self):
+        Client.connect(self, self.layer).send_message(make_message(subject="the only one"))
+        started = time.monotonic()
+        with self.assertRaises(MailTimeoutError) as caught:
+            self.layer["outbox"].wait_for(2, timeout=0.2)
+        self.assertLess(time.monotonic() - started, 2)
+        message = str(caught.exception)
+        self.assertIn("Waited 0.2 seconds for 2 message(s); 1 of them arrived, 1 message(s) in all:", message)
+        self.assertIn("1. from alice@example.com to bob@example.com: 'the only one'", message)
+        self.assertIsInstance(caught.exception, AssertionError)
+
+    def test_wait_for_a_match_names_the_predicate(self):
+        def addressed_to_mallory(message):
+            return "mallory@example.com" in message.rcpt_tos
+
+        with self.assertRaises(MailTimeoutError) as caught:
+            self.layer["outbox"].wait_for(match=addressed_to_mallory, timeout=0.05)
+        self.assertIn("matching addressed_to_mallory; 0 of them arrived, 0 message(s) in all.", str(caught.exception))
+
+
+class ProtocolTests(unittest.TestCase):
+    layer = MAIL_LAYER
+
+    def test_utf8_addresses(self):
+        message = make_message(sender="jörg@exämple.com", to="zoë@exämple.com")
+        Client.connect(self, self.layer).send_message(message)
+        [received] = self.layer["outbox"]
+        self.assertEqual(received.mail_from, "jörg@exämple.com")
+        self.assertEqual(received.rcpt_tos, ["zoë@exämple.com"])
+        self.assertIn("SMTPUTF8", received.mail_options)
+
+    def test_8bit_body(self):
+        raw = "From: a@example.com\r\nTo: b@example.com\r\nSubject: 8bit\r\n" \
+              "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nÄpfel\r\n"
+        Client.connect(self, self.layer).sendmail(
+            "a@example.com", ["b@example.com"], raw.encode(), mail_options=["BODY=8BITMIME"]
+        )
+        [received] = self.layer["outbox"]
+        self.assertIn("BODY=8BITMIME", received.mail_options)
+        self.assertEqual(received.get_content(), "Äpfel\n")
+        self.assertIn("Äpfel".encode(), received.raw)
+
+    def test_bad_commands_get_errors_and_the_server_keeps_serving(self):
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=5) as sock, \
+                sock.makefile("rb") as replies:
+            self.assertTrue(replies.readline().startswith(b"220 "))
+            for command, expected in (
+                (b"FROBNICATE\r\n", b"500 "),
+                (b"HELO client.example.com\r\n", b"250 "),
+                (b"MAIL TO:<a@example.com>\r\n", b"501 "),
+                (b"RCPT TO:<b@example.com>\r\n", b"503 "),
+                (b"DATA\r\n", b"503 "),
+                (b"HELO " + b"x" * 2000 + b"\r\n", b"500 "),
+                (b"NOOP\r\n", b"250 "),
+            ):
+                sock.sendall(command)
+                reply = replies.readline()
+                self.assertTrue(reply.startswith(expected), (command[:20], reply))
+        Client.connect(self, self.layer).send_message(make_message())
+        self.assertEqual(len(self.layer["outbox"]), 1)
+
+
+class RefusalTests(unittest.TestCase):
+    layer = MAIL_LAYER
+
+    def test_1_refused_recipient_gets_550_and_others_still_get_mail(self):
+        self.layer["smtpd"].refuse_recipients("Nobody@Example.com")
+        refused = Client.connect(self, self.layer).sendmail(
+            "a@example.com", ["nobody@example.com", "bob@example.com"], make_message().as_bytes()
+        )
+        self.assertEqual(refused["nobody@example.com"][0], 550)
+        [received] = self.layer["outbox"]
+        self.assertEqual(received.rcpt_tos, ["bob@example.com"])
+
+    def test_1_refusing_every_recipient_refuses_the_message(self):
+        self.layer["smtpd"].refuse_recipients("bob@example.com")
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            Client.connect(self, self.layer).send_message(make_message())
+        self.assertEqual(len(self.layer["outbox"]), 0)
+
+    def test_2_refusals_end_with_the_test(self):
+        Client.connect(self, self.layer).send_message(make_message())
+        self.assertEqual(len(self.layer["outbox"]), 1)
+
+    def test_3_temporary_failure_of_data(self):
+        self.layer["smtpd"].fail_data(451)
+        with self.assertRaises(smtplib.SMTPDataError) as caught:
+            Client.connect(self, self.layer).send_message(make_message())
+        self.assertEqual(caught.exception.smtp_code, 451)
+        self.assertEqual(len(self.layer["outbox"]), 0)
+
+    def test_3_permanent_failure_of_data(self):
+        self.layer["smtpd"].fail_data(554, "5.7.1 Spam detected")
+        with self.assertRaises(smtplib.SMTPDataError) as caught:
+            Client.connect(self, self.layer).send_message(make_message())
+        self.assertEqual((caught.exception.smtp_code, caught.exception.smtp_error), (554, b"5.7.1 Spam detected"))
+
+    def test_4_failures_end_with_the_test(self):
+        Client.connect(self, self.layer).send_message(make_message())
+        self.assertEqual(len(self.layer["outbox"]), 1)
+
+    def test_fail_data_needs_an_error_code(self):
+        with self.assertRaises(ConfigurationError):
+            self.layer["smtpd"].fail_data(250)
+
+
+class SizeLimitTests(unittest.TestCase):
+
+    def setUp(self):
+        self.layer = smtp.Layer(name="SIZE_LIMIT", data_size_limit=1000)
+        self.layer.setUp()
+        self.addCleanup(self.layer.tearDown)
+
+    def test_declared_size_over_the_limit_is_refused_at_mail(self):
+        with self.assertRaises(smtplib.SMTPSenderRefused) as caught:
+            Client.connect(self, self.layer).send_message(make_message(body="x" * 2000))
+        self.assertEqual(caught.exception.smtp_code, 552)
+
+    def test_undeclared_data_over_the_limit_is_refused_at_data(self):
+        client = Client.connect(self, self.layer)
+        client.helo()  # plain SMTP: no SIZE declared
+        client.mail("a@example.com")
+        client.rcpt("b@example.com")
+        code, reply = client.data(make_message(body="many short lines\n" * 100).as_bytes(policy=email.policy.SMTP))
+        self.assertEqual((code, reply), (552, b"Error: Too much mail data"))
+        self.assertEqual(len(self.layer["outbox"]), 0)
+        client.rset()
+        client.sendmail("a@example.com", ["b@example.com"], make_message(body="small").as_bytes())
+        self.assertEqual(len(self.layer["outbox"]), 1)
+
+    def test_limit_must_be_positive(self):
+        with self.assertRaises(ConfigurationError):
+            smtp.Layer(name="BAD_LIMIT", data_size_limit=0)
+
+
+class AuthTests(unittest.TestCase):
+
+    def serve(self, **kwargs):
+        layer = smtp.Layer(name=f"auth_{self._testMethodName}", **kwargs)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        return layer
+
+    def test_plain_and_login_with_a_mapping(self):
+        layer = self.serve(auth={"alice": "s3cret"})
+        for mechanism in ("PLAIN", "LOGIN"):
+            with self.subTest(mechanism=mechanism):
+                client = Client.connect(self, layer)
+                client.ehlo()
+                self.assertIn(mechanism, client.esmtp_features["auth"])
+                client.user, client.password = "alice", "s3cret"
+                code, _ = client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"))
+                self.assertEqual(code, 235)
+                client.send_message(make_message(subject=mechanism))
+        self.assertEqual([message.authenticated_as for message in layer["outbox"]], ["alice", "alice"])
+
+    def test_wrong_password_is_refused(self):
+        layer = self.serve(auth={"alice": "s3cret"})
+        with self.assertRaises(smtplib.SMTPAuthenticationError) as caught:
+            Client.connect(self, layer).login("alice", "guess")
+        self.assertEqual(caught.exception.smtp_code, 535)
+
+    def test_check_function(self):
+        seen = []
+
+        def check(username, password):
+            seen.append((username, password))
+            return password == username[::-1]
+
+        layer = self.serve(auth=check)
+        Client.connect(self, layer).login("bob", "bob")
+        with self.assertRaises(smtplib.SMTPAuthenticationError):
+            Client.connect(self, layer).login("carol", "carol")
+        # smtplib tries every mechanism the server offers before giving up.
+        self.assertEqual(set(seen), {("bob", "bob"), ("carol", "carol")})
+
+    def test_auth_required_refuses_mail_before_auth(self):
+        layer = self.serve(auth={"alice": "s3cret"}, auth_required=True)
+        with self.assertRaises(smtplib.SMTPSenderRefused) as caught:
+            Client.connect(self, layer).send_message(make_message())
+        self.assertEqual(caught.exception.smtp_code, 530)
+        client = Client.connect(self, layer)
+        client.login("alice", "s3cret")
+        client.send_message(make_message())
+        self.assertEqual(len(layer["outbox"]), 1)
+
+    def test_a_raising_check_is_a_server_error_and_the_server_keeps_serving(self):
+        def check(username, password):
+            raise LookupError("user database is down")
+
+        layer = self.serve(auth=check)
+        with self.assertRaises(smtplib.SMTPException):
+            Client.connect(self, layer).login("alice", "x")
+        errors = layer.server_errors.take()
+        self.assertTrue(errors)
+        for error in errors:  # one per mechanism smtplib tried
+            self.assertIn("LookupError: user database is down", error)
+        self.assertEqual(Client.connect(self, layer).noop()[0], 250)
+
+    def test_bad_settings(self):
+        with self.assertRaises(ConfigurationError):
+            smtp.Layer(name="AUTH_NO_CREDENTIALS", auth_required=True)
+        with self.assertRaises(ConfigurationError):
+            smtp.Layer(name="AUTH_WRONG_TYPE", auth="alice:s3cret")
+
+
+class ConcurrencyTests(unittest.TestCase):
+    layer = MAIL_LAYER
+
+    def test_ten_threads_sending_a_hundred_messages_each_lose_nothing(self):
+        errors = []
+
+        def send(sender_number):
+            try:
+                with smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10) as client:
+                    for number in range(100):
+                        client.send_message(make_message(subject=f"{sender_number}-{number}"))
+            except Exception as error:  # reported below, in the test's thread
+                errors.append(error)
+
+        senders = [threading.Thread(target=send, args=(number,)) for number in range(10)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(60)
+        self.assertEqual(errors, [])
+        subjects = [message["Subject"] for message in self.layer["outbox"].wait_for(1000, timeout=10)]
+        self.assertEqual(sorted(subjects), sorted(f"{s}-{n}" for s in range(10) for n in range(100)))
+        for sender_number in range(10):  # each sender's messages arrive in the order sent
+            own = [subject for subject in subjects if subject.startswith(f"{sender_number}-")]
+            self.assertEqual(own, [f"{sender_number}-{n}" for n in range(100)])
+
+
+class LifecycleTests(unittest.TestCase):
+
+    def test_maildir_gets_a_copy_of_every_message(self):
+        directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
+        self.addCleanup(shutil.rmtree, directory)
+        layer = smtp.Layer(name="MAILDIR", maildir=os.path.join(directory, "mail"))
+        layer.setUp()
+        try:
+            client = Client.connect(self, layer)
+            client.send_message(make_message(subject="first"))
+            client.send_message(make_message(subject="second"))
+        finally:
+            layer.tearDown()
+        stored = mailbox.Maildir(os.path.join(directory, "mail"), create=False)
+        self.assertEqual(sorted(message["Subject"] for message in stored), ["first", "second"])
+
+    def test_busy_fixed_port_fails_at_once(self):
+        with socket.socket() as occupier:
+            occupier.bind(("127.0.0.1", 0))
+            occupier.listen()
+            layer = smtp.Layer(name="BUSY_SMTP", port=occupier.getsockname()[1])
+            started = time.monotonic()
+            with self.assertRaises(AddressInUseError) as caught:
+                layer.setUp()
+            self.assertLess(time.monotonic() - started, 1)
+            self.assertIn(f"127.0.0.1:{occupier.getsockname()[1]}", str(caught.exception))
+        self.assertIn("port from port=", str(caught.exception))
+        self.assertEqual(layer._resources, {})
+
+    def test_host_from_environment(self):
+        with mock.patch.dict(os.environ, {"SERVERLAYER_SMTP_HOST": "::1"}):
+            layer = smtp.Layer(name="SMTP_IPV6")
+            layer.setUp()
+        try:
+            self.assertEqual(layer["smtp_address"], f"[::1]:{layer['smtp_port']}")
+            with smtplib.SMTP("::1", layer["smtp_port"], timeout=5) as client:
+                client.send_message(make_message())
+            self.assertEqual(len(layer["outbox"]), 1)
+        finally:
+            layer.tearDown()
+
+    def test_stop_is_fast_with_clients_connected_and_removes_resources(self):
+        layer = smtp.Layer(name="STOP_WITH_CLIENTS")
+        layer.setUp()
+        idle = Client.connect(self, layer)
+        idle.ehlo()
+        mid_data = socket.create_connection((layer["smtp_host"], layer["smtp_port"]), timeout=5)
+        self.addCleanup(mid_data.close)
+        mid_data.sendall(b"HELO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: half")
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(layer._resources, {})
+
+    def test_quiet_by_default(self):
+        stderr = io.StringIO()
+        with redirect_stderr(stderr), mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            layer = smtp.Layer(name="QUIET_SMTP")
+            layer.setUp()
+            try:
+                with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+                    client.send_message(make_message())
+                    client.docmd("BOGUS")
+            finally:
+                layer.tearDown()
+        self.assertEqual(stderr.getvalue(), "")
+
+    def test_smtp_server_is_a_ready_layer(self):
+        self.assertIsInstance(smtp.SMTP_SERVER, smtp.Layer)
+        self.assertEqual(smtp.SMTP_SERVER.__module__, "serverlayer.smtp")
