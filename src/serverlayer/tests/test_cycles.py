@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import smtplib
 import unittest
 import urllib.request
 
-from serverlayer import custom, static, wsgi
+from serverlayer import custom, smtp, static, wsgi
 from serverlayer.tests.helpers import open_descriptors, thread_names
 
 CYCLES = 200
@@ -52,6 +53,15 @@ class CycleTests(unittest.TestCase):
             return fetch_root(layer, "f.txt")
 
         self.cycle(static.Layer(name="cycled_static"), fetch_file)
+
+
+    def test_smtp(self):
+        def send(layer):
+            with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+                client.sendmail("a@example.com", ["b@example.com"], b"Subject: cycle\r\n\r\nok\r\n")
+            return layer["outbox"][0].get_content().strip().encode()
+
+        self.cycle(smtp.Layer(name="cycled_smtp"), send)
 
 
 def fetch_root(layer, path=""):
