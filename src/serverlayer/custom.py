@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from serverlayer.errors import ConfigurationError
-from serverlayer.layer import HTTPLayer, verbose
-from serverlayer.reporting import ErrorLog
+from serverlayer.layer import HTTPLayer, positive_number
+from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Deadline
 
 #: Exceptions that only mean the client went away.
@@ -202,10 +202,7 @@ class Layer(HTTPLayer):
             self.threads = threads
         if self.request_handler is not None:
             self._check_handler(self.request_handler)
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigurationError(
-                f"{self!r}: threads={self.threads!r} must be a whole number of at least 1."
-            )
+        positive_number(self.threads, owner=repr(self), setting="threads")
 
     def _check_handler(self, handler: object) -> None:
         if not (isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)):

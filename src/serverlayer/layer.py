@@ -27,17 +27,7 @@ from serverlayer.reporting import ErrorLog, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
 
 DEFAULT_HOST = "127.0.0.1"
-VERBOSE_ENVIRONMENT = ("SERVERLAYER_VERBOSE", "GOCEPT_HTTP_VERBOSE_LOGGING")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
-
-
-def verbose() -> bool:
-    """Whether servers should log requests and errors to stderr.
-
-    Tests stay quiet by default; set ``SERVERLAYER_VERBOSE=1`` to see what
-    the servers do.
-    """
-    return any(os.environ.get(name) for name in VERBOSE_ENVIRONMENT)
 
 
 def _instantiating_module(layer: plone.testing.Layer) -> str:
@@ -85,6 +75,13 @@ def _claim_identity(layer: ServerLayer) -> None:
                 f" {type(layer).__name__}(..., name='ADMIN_HTTP')."
             )
         _identities[identity] = weakref.ref(layer)
+
+
+def positive_number(value: object, *, owner: str, setting: str) -> int:
+    """``value`` if it is a whole number of at least 1, else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{owner}: {setting}={value!r} must be a whole number of at least 1.")
+    return value
 
 
 def _port_number(value: object, *, owner: str, source: str) -> int:

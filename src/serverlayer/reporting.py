@@ -18,6 +18,8 @@ the test's teardown.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import threading
 import traceback
@@ -27,6 +29,18 @@ from types import FrameType, TracebackType
 from serverlayer.errors import ServerSideError
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+VERBOSE_ENVIRONMENT = ("SERVERLAYER_VERBOSE", "GOCEPT_HTTP_VERBOSE_LOGGING")
+
+
+def verbose() -> bool:
+    """Whether servers should log requests and errors to stderr.
+
+    Tests stay quiet by default; set ``SERVERLAYER_VERBOSE=1`` to see what
+    the servers do.
+    """
+    return any(os.environ.get(name) for name in VERBOSE_ENVIRONMENT)
+
 
 #: How far up the stack ``running_test`` looks: zope.testrunner's
 #: ``startTest`` is two frames above a layer's ``testSetUp``; subclasses
@@ -98,3 +112,29 @@ class ErrorLog:
             " take it with layer.server_errors.take() and check it, or create"
             " the layer with report_server_errors=False."
         )
+
+
+class ErrorLogHandler(logging.Handler):
+    """Turns a server library's error log records into server-side errors.
+
+    waitress and aiosmtpd report an exception in the application or handler
+    by logging it. This handler records every ERROR record, traceback
+    included, in the layer's ``ErrorLog``, and echoes all records to stderr
+    under ``$SERVERLAYER_VERBOSE``. Given ``thread_id``, it takes only the
+    records logged on that thread: aiosmtpd logs every server through one
+    module-wide logger.
+    """
+
+    def __init__(self, errors: ErrorLog, *, thread_id: int | None = None) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors = errors
+        self.thread_id = thread_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.thread_id is not None and record.thread != self.thread_id:
+            return
+        if record.levelno >= logging.ERROR:
+            exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
+            self.errors.record(record.getMessage(), exc_info)  # type: ignore[arg-type]
+        if verbose():
+            sys.stderr.write(self.format(record) + "\n")

@@ -18,7 +18,6 @@ import logging
 import mailbox
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from email.message import EmailMessage
@@ -27,8 +26,8 @@ from typing import Any, overload
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from serverlayer.errors import ConfigurationError, MailTimeoutError
-from serverlayer.layer import ServerLayer, verbose
-from serverlayer.reporting import ErrorLog
+from serverlayer.layer import ServerLayer
+from serverlayer.reporting import ErrorLog, ErrorLogHandler
 from serverlayer.server import ServerThread
 
 #: aiosmtpd's default; a message above it is refused with 552.
@@ -211,24 +210,6 @@ class _Connection(SMTP):  # type: ignore[misc]
         super().connection_lost(error)
 
 
-class _ThreadLogHandler(logging.Handler):
-    """Routes aiosmtpd's module-wide log to the layer whose thread logged."""
-
-    def __init__(self, errors: ErrorLog) -> None:
-        super().__init__(logging.DEBUG)
-        self.errors = errors
-        self.thread_id: int | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread_id:
-            return
-        if record.levelno >= logging.ERROR:
-            exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
-            self.errors.record(record.getMessage(), exc_info)  # type: ignore[arg-type]
-        if verbose():
-            sys.stderr.write(self.format(record) + "\n")
-
-
 class SMTPServer:
     """An aiosmtpd server on its own event loop, on the layer's socket."""
 
@@ -252,7 +233,7 @@ class SMTPServer:
         self.credentials = credentials
         self.loop = asyncio.new_event_loop()
         self._connections: set[_Connection] = set()
-        self._log_handler = _ThreadLogHandler(errors)
+        self._log_handler = ErrorLogHandler(errors)
 
     # What a test may change; ``reset`` undoes it before the next test.
 

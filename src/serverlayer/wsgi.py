@@ -27,8 +27,8 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from serverlayer.errors import ConfigurationError
-from serverlayer.layer import HTTPLayer, verbose
-from serverlayer.reporting import ErrorLog
+from serverlayer.layer import HTTPLayer, positive_number
+from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
 from serverlayer.server import Deadline
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
@@ -73,21 +73,6 @@ class FixupMiddleware:
             return start_response(status, headers, exc_info)
 
         return self.app(environ, clean_start_response)
-
-
-class _ErrorLogHandler(logging.Handler):
-    """Turns waitress's error log into server-side errors of the test."""
-
-    def __init__(self, errors: ErrorLog) -> None:
-        super().__init__(logging.DEBUG)
-        self.errors = errors
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR:
-            exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
-            self.errors.record(record.getMessage(), exc_info)  # type: ignore[arg-type]
-        if verbose():
-            sys.stderr.write(self.format(record) + "\n")
 
 
 class _AccessLog:
@@ -184,7 +169,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         logger = logging.getLogger(f"serverlayer.waitress.{thread_name}")
         logger.propagate = False  # never reach a root handler printing to the terminal
         logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
-        self._log_handler = _ErrorLogHandler(errors)
+        self._log_handler = ErrorLogHandler(errors)
         logger.addHandler(self._log_handler)
         dispatcher = _Dispatcher(thread_name, logger)
         adjustments = Adjustments(sockets=[sock], threads=threads)
@@ -260,10 +245,7 @@ class Layer(HTTPLayer):
             self.wsgi_app = wsgi_app
         if threads is not None:
             self.threads = threads
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigurationError(
-                f"{self!r}: threads={self.threads!r} must be a whole number of at least 1."
-            )
+        positive_number(self.threads, owner=repr(self), setting="threads")
 
     def application(self) -> WSGIApplication:
         """The application to serve; the ``wsgi_app`` resource wins."""
