@@ -156,7 +156,9 @@ def print_table(rows: Sequence[Row], *, peer: str) -> None:
             row.measure,
             row.ours,
             row.peer,
-            f"{row.ratio:.1f}x",
+            # Two decimals, so that a ratio just below its target does not
+            # print as the target itself.
+            f"{row.ratio:.2f}x",
             row.target,
             "yes" if row.met else "NO",
         )
