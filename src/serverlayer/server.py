@@ -14,14 +14,17 @@ protocol below and nothing else of the lifecycle.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from serverlayer.errors import AddressInUseError, ConfigurationError, SetUpError
+from serverlayer.reporting import ErrorLog
 
 #: How long ``start`` waits for a serving loop to come up. The wait ends as
 #: soon as the loop runs or fails; the bound only matters for a loop that
@@ -146,3 +149,64 @@ class ServerThread:
             self.server.request_stop()
             self.thread.join(timeout)
         self.server.release(timeout)
+
+
+class AsyncioServer:
+    """A ``Server`` whose connections are served by an asyncio event loop of its own.
+
+    Subclasses start serving in ``start``; connections register their
+    transports in ``transports`` so that stopping can abort every one,
+    whatever state its conversation is in.
+    """
+
+    def __init__(self, sock: socket.socket, *, errors: ErrorLog) -> None:
+        self.socket = sock
+        self.errors = errors
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._loop_exception)
+        self.transports: set[asyncio.Transport] = set()
+
+    async def start(self) -> asyncio.base_events.Server:
+        """Start serving on ``self.socket``."""
+        raise NotImplementedError
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
+            return  # a client that hung up or failed its handshake
+        exc_info = None if error is None else (type(error), error, error.__traceback__)
+        self.errors.record(str(context.get("message", "asyncio error")), exc_info)
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = None
+        try:
+            server = self.loop.run_until_complete(self.start())
+            self.loop.call_soon(ready)
+            self.loop.run_forever()
+        finally:
+            self._shut_down(server)
+            asyncio.set_event_loop(None)
+
+    def _shut_down(self, server: asyncio.base_events.Server | None) -> None:
+        if server is not None:
+            server.close()
+        for transport in list(self.transports):
+            transport.abort()
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        if server is not None:
+            self.loop.run_until_complete(server.wait_closed())
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def request_stop(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # the loop already finished
+            pass
+
+    def release(self, timeout: float) -> None:
+        self.socket.close()

@@ -12,6 +12,7 @@ that also carry their SMTP envelope.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import email.policy
 import logging
@@ -28,7 +29,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from serverlayer.errors import ConfigurationError, MailTimeoutError
 from serverlayer.layer import ServerLayer
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
-from serverlayer.server import ServerThread
+from serverlayer.server import AsyncioServer, ServerThread
 
 #: aiosmtpd's default; a message above it is refused with 552.
 DEFAULT_DATA_SIZE_LIMIT = 32 * 1024 * 1024
@@ -63,22 +64,47 @@ class ReceivedMessage(EmailMessage):
         return f"from {self.mail_from} to {', '.join(self.rcpt_tos)}: {self['Subject']!r}"
 
 
-def parse_message(envelope: Envelope, session: Session | None = None) -> ReceivedMessage:
-    raw = envelope.original_content or b""
-    # SMTP carries lines ending in CRLF; parsed content reads as a local
-    # mailbox would give it, with plain newlines. ``raw`` keeps the bytes.
-    message = email.message_from_bytes(
-        raw.replace(b"\r\n", b"\n"), _class=ReceivedMessage, policy=email.policy.default
-    )
-    assert isinstance(message, ReceivedMessage)
-    message.mail_from = envelope.mail_from or ""
-    message.rcpt_tos = list(envelope.rcpt_tos)
-    message.mail_options = list(envelope.mail_options)
-    message.rcpt_options = list(envelope.rcpt_options)
-    message.raw = raw
-    if session is not None and session.authenticated:
-        message.authenticated_as = str(session.auth_data)
-    return message
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """What the server keeps of a message while it answers the client.
+
+    Parsing waits until a test reads the message: it would otherwise cost
+    every message its share of the server's time before the 250 reply.
+    """
+
+    raw: bytes
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    mail_options: tuple[str, ...]
+    rcpt_options: tuple[str, ...]
+    authenticated_as: str | None
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope, session: Session | None = None) -> Arrival:
+        authenticated = session is not None and session.authenticated
+        return cls(
+            raw=envelope.original_content or b"",
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            mail_options=tuple(envelope.mail_options),
+            rcpt_options=tuple(envelope.rcpt_options),
+            authenticated_as=str(session.auth_data) if authenticated else None,  # type: ignore[union-attr]
+        )
+
+    def parse(self) -> ReceivedMessage:
+        # SMTP carries lines ending in CRLF; parsed content reads as a local
+        # mailbox would give it, with plain newlines. ``raw`` keeps the bytes.
+        message = email.message_from_bytes(
+            self.raw.replace(b"\r\n", b"\n"), _class=ReceivedMessage, policy=email.policy.default
+        )
+        assert isinstance(message, ReceivedMessage)
+        message.raw = self.raw
+        message.mail_from = self.mail_from
+        message.rcpt_tos = list(self.rcpt_tos)
+        message.mail_options = list(self.mail_options)
+        message.rcpt_options = list(self.rcpt_options)
+        message.authenticated_as = self.authenticated_as
+        return message
 
 
 class Outbox(Sequence[ReceivedMessage]):
@@ -90,13 +116,20 @@ class Outbox(Sequence[ReceivedMessage]):
     """
 
     def __init__(self) -> None:
-        self._messages: list[ReceivedMessage] = []
+        self._messages: list[ReceivedMessage | Arrival] = []
         self._changed = threading.Condition()
 
-    def append(self, message: ReceivedMessage) -> None:
+    def append(self, message: ReceivedMessage | Arrival) -> None:
         with self._changed:
             self._messages.append(message)
             self._changed.notify_all()
+
+    def _parsed(self) -> list[ReceivedMessage]:
+        """Every message, parsed once; call with the lock held."""
+        for index, message in enumerate(self._messages):
+            if isinstance(message, Arrival):
+                self._messages[index] = message.parse()
+        return self._messages  # type: ignore[return-value]
 
     def clear(self) -> None:
         with self._changed:
@@ -113,11 +146,11 @@ class Outbox(Sequence[ReceivedMessage]):
 
     def __getitem__(self, index: int | slice) -> ReceivedMessage | list[ReceivedMessage]:
         with self._changed:
-            return self._messages[index]
+            return self._parsed()[index]
 
     def __iter__(self) -> Iterator[ReceivedMessage]:
         with self._changed:
-            return iter(list(self._messages))
+            return iter(list(self._parsed()))
 
     def __repr__(self) -> str:
         return f"<Outbox with {len(self)} message(s)>"
@@ -136,11 +169,11 @@ class Outbox(Sequence[ReceivedMessage]):
         """
 
         def matching() -> list[ReceivedMessage]:
-            return [message for message in self._messages if match is None or match(message)]
+            return [message for message in self._parsed() if match is None or match(message)]
 
         with self._changed:
             arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)
-            found, everything = matching(), list(self._messages)
+            found, everything = matching(), list(self._parsed())
         if arrived:
             return found[:count]
         wanted = f"{count} message(s)" + ("" if match is None else f" matching {getattr(match, '__name__', match)}")
@@ -183,10 +216,10 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_reply is not None:
             return self.data_reply
-        message = parse_message(envelope, session)
+        arrival = Arrival.from_envelope(envelope, session)
         if self.maildir is not None:
-            self.maildir.add(message.raw)
-        self.outbox.append(message)
+            self.maildir.add(arrival.raw)
+        self.outbox.append(arrival)
         return "250 OK: message accepted"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -195,22 +228,26 @@ class _Handler:
 
 
 class _Connection(SMTP):  # type: ignore[misc]
-    """aiosmtpd's protocol, tracked so that stopping can close every connection."""
+    """aiosmtpd's protocol, registering its connection so that stopping can close it."""
 
-    def __init__(self, *args: Any, connections: set[_Connection], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, transports: set[asyncio.Transport], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._connections = connections
+        self._transports = transports
+        self._first_transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self._first_transport is None:  # STARTTLS calls this again with the TLS transport
+            self._first_transport = transport
+            self._transports.add(transport)
         super().connection_made(transport)
-        self._connections.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._connections.discard(self)
+        if self._first_transport is not None:
+            self._transports.discard(self._first_transport)
         super().connection_lost(error)
 
 
-class SMTPServer:
+class SMTPServer(AsyncioServer):
     """An aiosmtpd server on its own event loop, on the layer's socket."""
 
     def __init__(
@@ -225,14 +262,12 @@ class SMTPServer:
         credentials: Credentials | None,
         auth_required: bool,
     ) -> None:
-        self.socket = sock
+        super().__init__(sock, errors=errors)
         self.outbox = outbox
         self.handler = _Handler(outbox, errors, maildir, auth_required)
         self.hostname = hostname
         self.data_size_limit = data_size_limit
         self.credentials = credentials
-        self.loop = asyncio.new_event_loop()
-        self._connections: set[_Connection] = set()
         self._log_handler = ErrorLogHandler(errors)
 
     # What a test may change; ``reset`` undoes it before the next test.
@@ -277,7 +312,7 @@ class SMTPServer:
             auth = {"authenticator": self._authenticate, "auth_require_tls": False}
         return _Connection(
             self.handler,
-            connections=self._connections,
+            transports=self.transports,
             loop=self.loop,
             hostname=self.hostname,
             ident="serverlayer SMTP",
@@ -286,43 +321,18 @@ class SMTPServer:
             **auth,
         )
 
+    async def start(self) -> asyncio.base_events.Server:
+        return await self.loop.create_server(self._protocol, sock=self.socket)
+
     def serve(self, ready: Callable[[], None]) -> None:
+        # aiosmtpd logs every server's errors through one module-wide logger;
+        # take the records of this server's thread.
         self._log_handler.thread_id = threading.get_ident()
         logging.getLogger("mail.log").addHandler(self._log_handler)
-        asyncio.set_event_loop(self.loop)
-        server = None
         try:
-            server = self.loop.run_until_complete(self.loop.create_server(self._protocol, sock=self.socket))
-            self.loop.call_soon(ready)
-            self.loop.run_forever()
+            super().serve(ready)
         finally:
-            self._shut_down(server)
-            asyncio.set_event_loop(None)
             logging.getLogger("mail.log").removeHandler(self._log_handler)
-
-    def _shut_down(self, server: asyncio.base_events.Server | None) -> None:
-        if server is not None:
-            server.close()
-        for connection in list(self._connections):
-            if connection.transport is not None:
-                connection.transport.abort()
-        tasks = asyncio.all_tasks(self.loop)
-        for task in tasks:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        if server is not None:
-            self.loop.run_until_complete(server.wait_closed())
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
-
-    def request_stop(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:  # the loop already finished
-            pass
-
-    def release(self, timeout: float) -> None:
-        self.socket.close()
 
 
 class Layer(ServerLayer):
