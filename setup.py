@@ -22,6 +22,7 @@ setup(
         "zope.testrunner",
         "waitress >= 3.0",
         "aiosmtpd >= 1.4.6",
+        "trustme >= 1.2",
     ],
     extras_require={
         "test": [],  # the suite needs nothing beyond the install requirements

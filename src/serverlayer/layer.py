@@ -177,6 +177,11 @@ class ServerLayer(plone.testing.Layer):
         """Return the server that will serve on the listening ``sock``."""
         raise NotImplementedError
 
+    def build_server(self, sock: socket.socket, host: str) -> Server:
+        """The server ``setUp`` runs; layers that wrap ``make_server``'s
+        (in TLS, for one) override this."""
+        return self.make_server(sock)
+
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         """The resources to publish once the server runs."""
         prefix = self.resource_prefix
@@ -195,7 +200,7 @@ class ServerLayer(plone.testing.Layer):
         try:
             host, port, source = self.listen_address()
             sock = self._socket = bind(host, port, owner=repr(self), source=source)
-            server = self.make_server(sock)
+            server = self.build_server(sock, host)
             bound_port = sock.getsockname()[1]
             running = ServerThread(
                 server, name=f"serverlayer {self.__module__}.{self.__name__}"
@@ -299,16 +304,61 @@ class ServerLayer(plone.testing.Layer):
 
 
 class HTTPLayer(ServerLayer):
-    """A server layer that speaks HTTP and publishes the ``http_*`` resources."""
+    """A server layer that speaks HTTP and publishes the ``http_*`` resources.
+
+    With ``tls=True`` it speaks HTTPS with a certificate from the test
+    process's certificate authority, and also publishes that authority as
+    ``ca_bundle`` and ``ssl_context``.
+    """
 
     resource_prefix = "http"
     server_resource = "httpd"
     host_environment = ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST")
     public_host_environment = ("SERVERLAYER_HTTP_PUBLIC_HOST",)
-    scheme: ClassVar[str] = "http"
+    tls: bool = False
+
+    def __init__(self, *, tls: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if tls is not None:
+            self.tls = tls
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def build_server(self, sock: socket.socket, host: str) -> Server:
+        if not self.tls:
+            return self.make_server(sock)
+        from serverlayer import tls
+
+        backend_socket = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")
+        try:
+            backend = self.make_server(backend_socket)
+        except BaseException:
+            backend_socket.close()
+            raise
+        names = tls.certificate_names(host, self.published_host(host))
+        return tls.TLSFront(
+            sock,
+            backend,
+            backend_socket,
+            context=tls.certificate_authority().server_context(names),
+            errors=self.server_errors,
+            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+        )
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)
         resources["http_url"] = f"{self.scheme}://{format_address(host, port)}/"
         resources["httpd_thread"] = running.thread
+        if self.tls:
+            from serverlayer import tls
+
+            resources["httpd"] = running.server.backend  # type: ignore[attr-defined]
+            resources.update(tls_resources(tls.certificate_authority()))
         return resources
+
+
+def tls_resources(authority: Any) -> dict[str, Any]:
+    """What a layer with TLS publishes about the certificate authority."""
+    return {"ca_bundle": authority.ca_bundle, "ssl_context": authority.client_context()}

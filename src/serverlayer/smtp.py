@@ -19,6 +19,7 @@ import logging
 import mailbox
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from email.message import EmailMessage
@@ -26,8 +27,9 @@ from typing import Any, overload
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from serverlayer import tls
 from serverlayer.errors import ConfigurationError, MailTimeoutError
-from serverlayer.layer import ServerLayer
+from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
 from serverlayer.server import AsyncioServer, ServerThread
 
@@ -261,8 +263,14 @@ class SMTPServer(AsyncioServer):
         maildir: str | None,
         credentials: Credentials | None,
         auth_required: bool,
+        starttls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+        implicit_tls_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(sock, errors=errors)
+        self.starttls_context = starttls_context
+        self.require_starttls = require_starttls
+        self.implicit_tls_context = implicit_tls_context
         self.outbox = outbox
         self.handler = _Handler(outbox, errors, maildir, auth_required)
         self.hostname = hostname
@@ -306,10 +314,12 @@ class SMTPServer(AsyncioServer):
         return AuthResult(success=accepted, handled=False, auth_data=username if accepted else None)
 
     def _protocol(self) -> _Connection:
-        auth: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         if self.credentials is not None:
-            # Offered without TLS: test servers listen on loopback.
-            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+            # Offered without TLS too: test servers listen on loopback.
+            options.update(authenticator=self._authenticate, auth_require_tls=False)
+        if self.starttls_context is not None:
+            options.update(tls_context=self.starttls_context, require_starttls=self.require_starttls)
         return _Connection(
             self.handler,
             transports=self.transports,
@@ -318,11 +328,11 @@ class SMTPServer(AsyncioServer):
             ident="serverlayer SMTP",
             data_size_limit=self.data_size_limit,
             enable_SMTPUTF8=True,
-            **auth,
+            **options,
         )
 
     async def start(self) -> asyncio.base_events.Server:
-        return await self.loop.create_server(self._protocol, sock=self.socket)
+        return await self.loop.create_server(self._protocol, sock=self.socket, ssl=self.implicit_tls_context)
 
     def serve(self, ready: Callable[[], None]) -> None:
         # aiosmtpd logs every server's errors through one module-wide logger;
@@ -347,6 +357,11 @@ class Layer(ServerLayer):
     - ``auth``: offer AUTH PLAIN and LOGIN, checking credentials against a
       ``{username: password}`` mapping or a ``check(username, password)``
       function. ``auth_required=True`` refuses mail before AUTH (530).
+    - ``starttls=True`` offers STARTTLS, ``require_starttls=True`` refuses
+      everything but EHLO, STARTTLS, NOOP and QUIT until the client has
+      started TLS, ``implicit_tls=True`` speaks TLS from the first byte
+      (SMTPS). The certificate comes from the test process's certificate
+      authority, published as ``ca_bundle`` and ``ssl_context``.
     """
 
     resource_prefix = "smtp"
@@ -366,9 +381,20 @@ class Layer(ServerLayer):
         maildir: str | os.PathLike[str] | None = None,
         auth: Credentials | None = None,
         auth_required: bool = False,
+        starttls: bool = False,
+        require_starttls: bool = False,
+        implicit_tls: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if implicit_tls and (starttls or require_starttls):
+            raise ConfigurationError(
+                f"{self!r}: implicit_tls=True speaks TLS from the start, so STARTTLS has no"
+                " place; use either implicit_tls or starttls/require_starttls."
+            )
+        self.starttls = starttls or require_starttls
+        self.require_starttls = require_starttls
+        self.implicit_tls = implicit_tls
         if data_size_limit is not None and (not isinstance(data_size_limit, int) or data_size_limit < 1):
             raise ConfigurationError(
                 f"{self!r}: data_size_limit={data_size_limit!r} must be a number of bytes, or None for no limit."
@@ -387,7 +413,16 @@ class Layer(ServerLayer):
         self.auth = auth
         self.auth_required = auth_required
 
+    @property
+    def tls(self) -> bool:
+        return self.starttls or self.implicit_tls
+
     def make_server(self, sock: socket.socket) -> SMTPServer:
+        context = None
+        if self.tls:
+            host = sock.getsockname()[0]
+            names = tls.certificate_names(host, self.published_host(host))
+            context = tls.certificate_authority().server_context(names)
         return SMTPServer(
             sock,
             outbox=Outbox(),
@@ -397,11 +432,16 @@ class Layer(ServerLayer):
             maildir=self.maildir,
             credentials=self.auth,
             auth_required=self.auth_required,
+            starttls_context=context if self.starttls else None,
+            require_starttls=self.require_starttls,
+            implicit_tls_context=context if self.implicit_tls else None,
         )
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)
         resources["outbox"] = running.server.outbox  # type: ignore[attr-defined]
+        if self.tls:
+            resources.update(tls_resources(tls.certificate_authority()))
         return resources
 
     def testSetUp(self) -> None:

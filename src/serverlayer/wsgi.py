@@ -162,6 +162,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         errors: ErrorLog,
         threads: int,
         thread_name: str,
+        url_scheme: str = "http",
     ) -> None:
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
@@ -172,7 +173,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self._log_handler = ErrorLogHandler(errors)
         logger.addHandler(self._log_handler)
         dispatcher = _Dispatcher(thread_name, logger)
-        adjustments = Adjustments(sockets=[sock], threads=threads)
+        adjustments = Adjustments(sockets=[sock], threads=threads, url_scheme=url_scheme)
         try:
             super().__init__(
                 app,
@@ -276,4 +277,5 @@ class Layer(HTTPLayer):
             errors=self.server_errors,
             threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+            url_scheme=self.scheme,
         )

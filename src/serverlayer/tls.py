@@ -1,0 +1,213 @@
+"""TLS for every layer, with certificates from a throwaway certificate authority.
+
+One certificate authority per test process, made with trustme on first use
+(ECDSA keys, so that making it costs milliseconds), issues each server a
+certificate for ``localhost``, ``127.0.0.1``, ``::1`` and the layer's own
+host names. Layers with TLS publish the CA as ``ca_bundle`` (a PEM file for
+``requests``' ``verify=`` or ``curl --cacert``) and ``ssl_context`` (a
+client context that trusts it), so tests verify certificates instead of
+switching verification off.
+
+Code that cannot be handed a CA (a library deep inside the application)
+trusts it while ``TRUST_TEST_CA`` is set up: that layer points the
+environment variables OpenSSL, requests and curl read at a bundle of the
+system's CAs plus the test CA, and restores them in ``tearDown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+
+import plone.testing
+import trustme
+
+from serverlayer.reporting import ErrorLog
+from serverlayer.server import AsyncioServer, Server, ServerThread
+
+#: Names every server certificate carries, whatever the layer's host.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+#: What TRUST_TEST_CA sets: OpenSSL's default CA file (Python's ssl module,
+#: urllib), requests' and curl's.
+TRUST_ENVIRONMENT = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def certificate_names(*hosts: str) -> tuple[str, ...]:
+    """The loopback names plus ``hosts``, without wildcards or repeats."""
+    names = list(LOOPBACK_NAMES)
+    for host in hosts:
+        if host and host not in names and not _is_wildcard(host):
+            names.append(host)
+    return tuple(names)
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+class CertificateAuthority:
+    """The test process's certificate authority and the files it needs."""
+
+    def __init__(self) -> None:
+        self._ca = trustme.CA()
+        self._directory = tempfile.mkdtemp(prefix="serverlayer-ca-")
+        weakref.finalize(self, shutil.rmtree, self._directory, ignore_errors=True)
+        self.ca_bundle = os.path.join(self._directory, "ca.pem")
+        self._ca.cert_pem.write_to_path(self.ca_bundle)
+        self._server_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._lock = threading.Lock()
+
+    def server_context(self, names: tuple[str, ...]) -> ssl.SSLContext:
+        """A server context with a certificate for ``names``, made once per set of names."""
+        with self._lock:
+            context = self._server_contexts.get(names)
+            if context is None:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                self._ca.issue_cert(*names).configure_cert(context)
+                self._server_contexts[names] = context
+            return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts this CA (and only this CA)."""
+        return ssl.create_default_context(cafile=self.ca_bundle)
+
+    def system_bundle(self) -> str:
+        """A PEM file with the system's CAs and this one, written once."""
+        path = os.path.join(self._directory, "system-and-test-ca.pem")
+        with self._lock:
+            if not os.path.exists(path):
+                defaults = ssl.get_default_verify_paths()
+                system = ""
+                for candidate in (defaults.cafile, defaults.openssl_cafile):
+                    if candidate and os.path.exists(candidate):
+                        with open(candidate, encoding="ascii", errors="replace") as file:
+                            system = file.read()
+                        break
+                with open(path, "w", encoding="ascii") as file:
+                    file.write(system.rstrip("\n") + "\n" + self._ca.cert_pem.bytes().decode("ascii"))
+        return path
+
+
+_authority: CertificateAuthority | None = None
+_authority_lock = threading.Lock()
+
+
+def certificate_authority() -> CertificateAuthority:
+    """The process's CA, made on first use."""
+    global _authority
+    with _authority_lock:
+        if _authority is None:
+            _authority = CertificateAuthority()
+        return _authority
+
+
+class TLSFront(AsyncioServer):
+    """Terminates TLS on the layer's socket and forwards each connection in
+    plain text to the server behind it, on an internal loopback socket.
+
+    waitress speaks no TLS; one front for every HTTP layer keeps their HTTP
+    behaviour the same with and without it. A client that fails the
+    handshake, or speaks plain HTTP, loses its connection; the server goes
+    on serving everybody else.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        backend: Server,
+        backend_socket: socket.socket,
+        *,
+        context: ssl.SSLContext,
+        errors: ErrorLog,
+        thread_name: str,
+    ) -> None:
+        super().__init__(sock, errors=errors)
+        self.backend = backend
+        self.context = context
+        self._backend_socket = backend_socket
+        self._backend_address = backend_socket.getsockname()[:2]
+        self._backend_thread = ServerThread(backend, name=f"{thread_name} behind TLS")
+        self._thread_name = thread_name
+
+    async def start(self) -> asyncio.base_events.Server:
+        return await asyncio.start_server(self._forward, sock=self.socket, ssl=self.context)
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        self._backend_thread.start(owner=self._thread_name)
+        super().serve(ready)
+
+    async def _forward(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        client_transport = client_writer.transport
+        self.transports.add(client_transport)  # type: ignore[arg-type]
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection(*self._backend_address)
+        except OSError:
+            client_writer.close()
+            self.transports.discard(client_transport)  # type: ignore[arg-type]
+            return
+        self.transports.add(backend_writer.transport)  # type: ignore[arg-type]
+        try:
+            await asyncio.gather(_pump(client_reader, backend_writer), _pump(backend_reader, client_writer))
+        finally:
+            for writer in (client_writer, backend_writer):
+                writer.close()
+                self.transports.discard(writer.transport)  # type: ignore[arg-type]
+
+    def release(self, timeout: float) -> None:
+        super().release(timeout)
+        self._backend_thread.stop(timeout=timeout)
+        self._backend_socket.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until end of stream, then pass the end on."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        else:  # TLS cannot half-close
+            writer.close()
+    except (ConnectionError, ssl.SSLError):
+        writer.close()
+
+
+class TrustLayer(plone.testing.Layer):
+    """Makes code that builds its own TLS contexts trust the test CA.
+
+    While set up, ``SSL_CERT_FILE`` (read by OpenSSL, so by Python's ssl
+    module and urllib), ``REQUESTS_CA_BUNDLE`` and ``CURL_CA_BUNDLE`` name a
+    bundle of the system's CAs plus the test CA; ``tearDown`` restores what
+    they were. Stack it with a TLS layer: ``bases=(HTTPS_LAYER, TRUST_TEST_CA)``.
+    """
+
+    def setUp(self) -> None:
+        bundle = certificate_authority().system_bundle()
+        self._saved = {name: os.environ.get(name) for name in TRUST_ENVIRONMENT}
+        for name in TRUST_ENVIRONMENT:
+            os.environ[name] = bundle
+        self["ca_bundle"] = certificate_authority().ca_bundle
+
+    def tearDown(self) -> None:
+        for name, value in self._saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        del self["ca_bundle"]
+
+
+#: Trust the test CA for the duration of a layer.
+TRUST_TEST_CA = TrustLayer(name="TRUST_TEST_CA")
