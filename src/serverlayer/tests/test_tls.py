@@ -1,0 +1,272 @@
+"""HTTPS and SMTP over TLS, verified against the test certificate authority."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import smtplib
+import socket
+import ssl
+import subprocess
+import unittest
+import urllib.error
+import urllib.request
+from email.message import EmailMessage
+
+from serverlayer import custom, smtp, static, tls, wsgi
+from serverlayer.tests.helpers import open_descriptors, thread_names
+
+
+def scheme_app(environ, start_response):
+    body = f"{environ['wsgi.url_scheme']} {environ['PATH_INFO']}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class Hello(custom.RequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+
+HTTPS_LAYER = wsgi.Layer(scheme_app, name="HTTPS_LAYER", tls=True)
+
+
+def fetch(url, **kwargs):
+    with urllib.request.urlopen(url, timeout=5, **kwargs) as response:
+        return response.read()
+
+
+class HTTPSTests(unittest.TestCase):
+    layer = HTTPS_LAYER
+
+    def test_publishes_https_url_and_the_ca(self):
+        port = self.layer["http_port"]
+        self.assertEqual(self.layer["http_url"], f"https://127.0.0.1:{port}/")
+        self.assertEqual(self.layer["ca_bundle"], tls.certificate_authority().ca_bundle)
+        with open(self.layer["ca_bundle"]) as bundle:
+            self.assertIn("-----BEGIN CERTIFICATE-----", bundle.read())
+        self.assertIsInstance(self.layer["ssl_context"], ssl.SSLContext)
+
+    def test_verifies_with_ssl_context(self):
+        self.assertEqual(fetch(self.layer["http_url"] + "ctx", context=self.layer["ssl_context"]), b"https /ctx")
+
+    def test_verifies_with_ca_bundle(self):
+        context = ssl.create_default_context(cafile=self.layer["ca_bundle"])
+        self.assertEqual(fetch(self.layer["http_url"] + "bundle", context=context), b"https /bundle")
+
+    def test_verification_fails_without_the_ca(self):
+        with self.assertRaises(urllib.error.URLError) as caught:
+            fetch(self.layer["http_url"], context=ssl.create_default_context())
+        self.assertIsInstance(caught.exception.reason, ssl.SSLCertVerificationError)
+        self.assertEqual(fetch(self.layer["http_url"], context=self.layer["ssl_context"]), b"https /")
+
+    def test_curl_with_cacert(self):
+        completed = subprocess.run(
+            ["curl", "--silent", "--show-error", "--cacert", self.layer["ca_bundle"], self.layer["http_url"] + "curl"],
+            capture_output=True, timeout=30,
+        )
+        self.assertEqual((completed.returncode, completed.stdout), (0, b"https /curl"), completed.stderr)
+        refused = subprocess.run(["curl", "--silent", self.layer["http_url"]], capture_output=True, timeout=30)
+        self.assertEqual(refused.returncode, 60)  # curl: peer certificate cannot be authenticated
+
+    def test_keep_alive_through_tls(self):
+        connection = http.client.HTTPSConnection(
+            self.layer["http_host"], self.layer["http_port"], context=self.layer["ssl_context"], timeout=5
+        )
+        self.addCleanup(connection.close)
+        for number in range(5):
+            connection.request("GET", f"/{number}")
+            self.assertEqual(connection.getresponse().read(), f"https /{number}".encode())
+
+    def test_plain_http_to_the_https_port_fails_and_the_server_keeps_serving(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        with self.assertRaises((http.client.HTTPException, ConnectionError)):
+            connection.request("GET", "/")
+            connection.getresponse()
+        self.assertEqual(fetch(self.layer["http_url"] + "after", context=self.layer["ssl_context"]), b"https /after")
+
+    def test_failed_handshake_and_the_server_keeps_serving(self):
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"\x16\x03\x01\x00\x05garbage")  # a TLS record header, then nonsense
+            self.assertEqual(sock.recv(100)[:1] in (b"", b"\x15"), True)  # closed, or a TLS alert
+        self.assertEqual(fetch(self.layer["http_url"] + "after", context=self.layer["ssl_context"]), b"https /after")
+
+    def test_httpd_is_the_http_server_behind_tls(self):
+        self.assertEqual(self.layer["httpd"].adj.url_scheme, "https")
+
+
+class CertificateNameTests(unittest.TestCase):
+
+    def check_names(self, layer, names):
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        context = ssl.create_default_context(cafile=layer["ca_bundle"])
+        port = layer["http_port"]
+        connect_to = "::1" if ":" in layer["http_host"] else "127.0.0.1"
+        for name in names:
+            with self.subTest(name=name):
+                with socket.create_connection((connect_to, port), timeout=5) as raw, \
+                        context.wrap_socket(raw, server_hostname=name) as tls_socket:
+                    self.assertEqual(tls_socket.version()[:3], "TLS")
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            with socket.create_connection((connect_to, port), timeout=5) as raw:
+                context.wrap_socket(raw, server_hostname="not-this-server.example.com").close()
+
+    def test_ipv4_and_localhost(self):
+        self.check_names(wsgi.Layer(scheme_app, name="names_ipv4", tls=True), ["127.0.0.1", "localhost", "::1"])
+
+    def test_ipv6(self):
+        layer = wsgi.Layer(scheme_app, name="names_ipv6", tls=True, host="::1")
+        self.check_names(layer, ["::1", "localhost"])
+        self.assertEqual(fetch(layer["http_url"], context=layer["ssl_context"]), b"https /")
+        self.assertTrue(layer["http_url"].startswith("https://[::1]:"))
+
+    def test_public_host_is_in_the_certificate(self):
+        layer = wsgi.Layer(scheme_app, name="names_public", tls=True, public_host="app.example.test")
+        self.check_names(layer, ["app.example.test", "127.0.0.1"])
+
+
+class OtherHTTPLayerTests(unittest.TestCase):
+
+    def test_custom_layer_over_tls(self):
+        layer = custom.Layer(Hello, name="custom_tls", tls=True)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.assertTrue(layer["http_url"].startswith("https://"))
+        self.assertEqual(fetch(layer["http_url"], context=layer["ssl_context"]), b"hello")
+
+    def test_static_layer_over_tls(self):
+        layer = static.Layer(name="static_tls", tls=True)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with open(os.path.join(layer["documentroot"], "a.txt"), "w") as file:
+            file.write("over tls")
+        self.assertEqual(fetch(layer["http_url"] + "a.txt", context=layer["ssl_context"]), b"over tls")
+
+    def test_server_errors_behind_tls_are_reported(self):
+        def broken(environ, start_response):
+            raise KeyError("behind tls")
+
+        layer = wsgi.Layer(broken, name="broken_tls", tls=True)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with self.assertRaises(urllib.error.HTTPError):
+            fetch(layer["http_url"], context=layer["ssl_context"])
+        [error] = layer.server_errors.take()
+        self.assertIn("KeyError: 'behind tls'", error)
+
+    def test_cycles_leave_nothing_behind(self):
+        layer = wsgi.Layer(scheme_app, name="tls_cycles", tls=True)
+        threads, descriptors = thread_names(), open_descriptors()
+        for number in range(50):
+            layer.setUp()
+            try:
+                if number % 10 == 0:
+                    self.assertEqual(fetch(layer["http_url"], context=layer["ssl_context"]), b"https /")
+            finally:
+                layer.tearDown()
+        self.assertEqual(thread_names(), threads)
+        self.assertEqual(open_descriptors(), descriptors)
+        self.assertEqual(layer._resources, {})
+
+
+class TrustTests(unittest.TestCase):
+
+    def test_trust_layer_lets_default_contexts_verify_and_restores_the_environment(self):
+        layer = wsgi.Layer(scheme_app, name="trusted", tls=True)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        before = {name: os.environ.get(name) for name in tls.TRUST_ENVIRONMENT}
+        with self.assertRaises(urllib.error.URLError):
+            fetch(layer["http_url"])
+        tls.TRUST_TEST_CA.setUp()
+        try:
+            self.assertEqual(fetch(layer["http_url"] + "trusted"), b"https /trusted")  # no context given
+            completed = subprocess.run(["curl", "--silent", layer["http_url"]], capture_output=True, timeout=30)
+            self.assertEqual(completed.stdout, b"https /")
+            with open(os.environ["SSL_CERT_FILE"]) as bundle:
+                text = bundle.read()
+            with open(layer["ca_bundle"]) as ca:
+                self.assertIn(ca.read().strip(), text)
+            self.assertGreater(text.count("BEGIN CERTIFICATE"), 1)  # the system's CAs are still trusted
+        finally:
+            tls.TRUST_TEST_CA.tearDown()
+        self.assertEqual({name: os.environ.get(name) for name in tls.TRUST_ENVIRONMENT}, before)
+        with self.assertRaises(urllib.error.URLError):
+            fetch(layer["http_url"])
+
+
+def make_message():
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "a@example.com", "b@example.com", "over TLS"
+    message.set_content("secret")
+    return message
+
+
+class SMTPTLSTests(unittest.TestCase):
+
+    def serve(self, **kwargs):
+        layer = smtp.Layer(name=f"smtp_{self._testMethodName}", **kwargs)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        return layer
+
+    def test_starttls(self):
+        layer = self.serve(starttls=True)
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            client.ehlo()
+            self.assertTrue(client.has_extn("starttls"))
+            client.starttls(context=layer["ssl_context"])
+            client.send_message(make_message())
+        self.assertEqual(layer["outbox"][0].get_content(), "secret\n")
+        self.assertEqual(layer["ca_bundle"], tls.certificate_authority().ca_bundle)
+
+    def test_starttls_verification_fails_without_the_ca(self):
+        layer = self.serve(starttls=True)
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            with self.assertRaises(ssl.SSLCertVerificationError):
+                client.starttls(context=ssl.create_default_context())
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            self.assertEqual(client.noop()[0], 250)  # still serving
+
+    def test_required_starttls_refuses_mail_before_tls(self):
+        layer = self.serve(require_starttls=True)
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            with self.assertRaises(smtplib.SMTPSenderRefused) as caught:
+                client.send_message(make_message())
+            self.assertEqual(caught.exception.smtp_code, 530)
+            client.starttls(context=layer["ssl_context"])
+            client.send_message(make_message())
+        self.assertEqual(len(layer["outbox"]), 1)
+
+    def test_auth_over_starttls(self):
+        layer = self.serve(starttls=True, auth={"alice": "s3cret"}, auth_required=True)
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            client.starttls(context=layer["ssl_context"])
+            client.login("alice", "s3cret")
+            client.send_message(make_message())
+        self.assertEqual(layer["outbox"][0].authenticated_as, "alice")
+
+    def test_implicit_tls(self):
+        layer = self.serve(implicit_tls=True)
+        with smtplib.SMTP_SSL(layer["smtp_host"], layer["smtp_port"], context=layer["ssl_context"], timeout=5) as c:
+            c.send_message(make_message())
+        self.assertEqual(len(layer["outbox"]), 1)
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            smtplib.SMTP_SSL(layer["smtp_host"], layer["smtp_port"], context=ssl.create_default_context(), timeout=5)
+        with self.assertRaises((smtplib.SMTPServerDisconnected, ConnectionError, TimeoutError)):
+            smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=0.3)  # plain SMTP: no greeting comes
+        with smtplib.SMTP_SSL(layer["smtp_host"], layer["smtp_port"], context=layer["ssl_context"], timeout=5) as c:
+            self.assertEqual(c.noop()[0], 250)
+
+    def test_implicit_tls_and_starttls_exclude_each_other(self):
+        from serverlayer import ConfigurationError
+
+        with self.assertRaises(ConfigurationError):
+            smtp.Layer(name="both_tls_modes", implicit_tls=True, starttls=True)
