@@ -3,11 +3,14 @@
 from serverlayer.errors import (
     AddressInUseError,
     ConfigurationError,
+    ExpectationError,
     LayerIdentityError,
     MailTimeoutError,
+    RequestTimeoutError,
     ServerLayerError,
     ServerSideError,
     SetUpError,
+    WaitTimeoutError,
 )
 
 __version__ = "0.1.0.dev0"
@@ -15,10 +18,13 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AddressInUseError",
     "ConfigurationError",
+    "ExpectationError",
     "LayerIdentityError",
     "MailTimeoutError",
+    "RequestTimeoutError",
     "ServerLayerError",
     "ServerSideError",
     "SetUpError",
+    "WaitTimeoutError",
     "__version__",
 ]

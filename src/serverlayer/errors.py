@@ -36,5 +36,17 @@ class ServerSideError(ServerLayerError, AssertionError):
     """
 
 
-class MailTimeoutError(ServerLayerError, AssertionError):
+class WaitTimeoutError(ServerLayerError, AssertionError):
+    """What a test waited for did not arrive in time."""
+
+
+class MailTimeoutError(WaitTimeoutError):
     """The mail a test waited for did not arrive in time."""
+
+
+class RequestTimeoutError(WaitTimeoutError):
+    """The requests a test waited for did not arrive in time."""
+
+
+class ExpectationError(ServerLayerError, AssertionError):
+    """A test's expected requests did not arrive, or unexpected ones did."""

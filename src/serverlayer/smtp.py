@@ -21,13 +21,14 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from email.message import EmailMessage
-from typing import Any, overload
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from serverlayer import tls
+from serverlayer.arrivals import Arrivals
 from serverlayer.errors import ConfigurationError, MailTimeoutError
 from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
@@ -109,81 +110,22 @@ class Arrival:
         return message
 
 
-class Outbox(Sequence[ReceivedMessage]):
+class Outbox(Arrivals[ReceivedMessage]):
     """Messages received during the current test, in arrival order.
 
-    Safe to read while the server adds to it. ``wait_for`` blocks until the
-    messages a test expects have arrived: mail is often sent from a
-    background thread, or after the response the test already has.
+    Safe to read while the server adds to it; ``wait_for(count, match=...,
+    timeout=...)`` waits for mail that is still on its way.
     """
 
-    def __init__(self) -> None:
-        self._messages: list[ReceivedMessage | Arrival] = []
-        self._changed = threading.Condition()
+    noun = "message"
+    timeout_error = MailTimeoutError
 
-    def append(self, message: ReceivedMessage | Arrival) -> None:
-        with self._changed:
-            self._messages.append(message)
-            self._changed.notify_all()
-
-    def _parsed(self) -> list[ReceivedMessage]:
-        """Every message, parsed once; call with the lock held."""
-        for index, message in enumerate(self._messages):
-            if isinstance(message, Arrival):
-                self._messages[index] = message.parse()
-        return self._messages  # type: ignore[return-value]
-
-    def clear(self) -> None:
-        with self._changed:
-            self._messages.clear()
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-    @overload
-    def __getitem__(self, index: int) -> ReceivedMessage: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[ReceivedMessage]: ...
-
-    def __getitem__(self, index: int | slice) -> ReceivedMessage | list[ReceivedMessage]:
-        with self._changed:
-            return self._parsed()[index]
-
-    def __iter__(self) -> Iterator[ReceivedMessage]:
-        with self._changed:
-            return iter(list(self._parsed()))
-
-    def __repr__(self) -> str:
-        return f"<Outbox with {len(self)} message(s)>"
-
-    def wait_for(
-        self,
-        count: int = 1,
-        *,
-        match: Callable[[ReceivedMessage], bool] | None = None,
-        timeout: float = 5.0,
-    ) -> list[ReceivedMessage]:
-        """Wait until ``count`` messages (matching ``match``, if given) arrived.
-
-        Returns those messages; raises ``MailTimeoutError``, listing what
-        did arrive, when they are not all there after ``timeout`` seconds.
-        """
-
-        def matching() -> list[ReceivedMessage]:
-            return [message for message in self._parsed() if match is None or match(message)]
-
-        with self._changed:
-            arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)
-            found, everything = matching(), list(self._parsed())
-        if arrived:
-            return found[:count]
-        wanted = f"{count} message(s)" + ("" if match is None else f" matching {getattr(match, '__name__', match)}")
-        listing = "\n".join(f"  {number}. {message.summary()}" for number, message in enumerate(everything, 1))
-        raise MailTimeoutError(
-            f"Waited {timeout} seconds for {wanted}; {len(found)} of them arrived,"
-            f" {len(everything)} message(s) in all" + (f":\n{listing}" if everything else ".")
-        )
+    def _ready(self) -> list[ReceivedMessage]:
+        # Parse each message once, when a test first reads it.
+        for index, item in enumerate(self._items):
+            if isinstance(item, Arrival):
+                self._items[index] = item.parse()
+        return self._items
 
 
 class _Handler:

@@ -1,0 +1,94 @@
+"""A thread-safe record of what a server received during the current test.
+
+Servers append from their own threads while the test reads. ``wait_for``
+blocks until what the test expects has arrived: mail is often sent, and
+requests made, from a background thread or after the response the test
+already has. When it times out, the error lists everything that did arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, Generic, TypeVar, overload
+
+from serverlayer.errors import WaitTimeoutError
+
+T = TypeVar("T")
+
+
+class Arrivals(Sequence[T], Generic[T]):
+    """Items in arrival order; each item has a one-line ``summary()``."""
+
+    #: Used in messages: "3 message(s)", "1 request(s)".
+    noun: ClassVar[str] = "item"
+    timeout_error: ClassVar[type[WaitTimeoutError]] = WaitTimeoutError
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._changed = threading.Condition()
+
+    def append(self, item: Any) -> None:
+        with self._changed:
+            self._items.append(item)
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        with self._changed:
+            self._items.clear()
+
+    def _ready(self) -> list[T]:
+        """The items as tests see them; called with the lock held."""
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        with self._changed:
+            return self._ready()[index]
+
+    def __iter__(self) -> Iterator[T]:
+        with self._changed:
+            return iter(list(self._ready()))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} with {len(self)} {self.noun}(s)>"
+
+    def wait_for(
+        self,
+        count: int = 1,
+        *,
+        match: Callable[[T], bool] | None = None,
+        timeout: float = 5.0,
+    ) -> list[T]:
+        """Wait until ``count`` items (matching ``match``, if given) arrived.
+
+        Returns those items; raises ``timeout_error``, listing what did
+        arrive, when they are not all there after ``timeout`` seconds.
+        """
+
+        def matching() -> list[T]:
+            return [item for item in self._ready() if match is None or match(item)]
+
+        with self._changed:
+            arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)
+            found, everything = matching(), list(self._ready())
+        if arrived:
+            return found[:count]
+        wanted = f"{count} {self.noun}(s)"
+        if match is not None:
+            wanted += f" matching {getattr(match, '__name__', match)}"
+        listing = "\n".join(
+            f"  {number}. {item.summary()}" for number, item in enumerate(everything, 1)  # type: ignore[attr-defined]
+        )
+        raise self.timeout_error(
+            f"Waited {timeout} seconds for {wanted}; {len(found)} of them arrived,"
+            f" {len(everything)} {self.noun}(s) in all" + (f":\n{listing}" if everything else ".")
+        )
