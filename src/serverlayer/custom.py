@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.server
 import queue
 import selectors
@@ -23,6 +24,7 @@ from typing import Any
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
+from serverlayer.recording import recording_handler
 from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Deadline
 
@@ -127,7 +129,8 @@ class HandlerServer(socketserver.BaseServer):
         exc_type, exc, tb = sys.exc_info()
         if exc_type is None or exc is None or self._stopping or isinstance(exc, DISCONNECTS):
             return
-        handler_name = getattr(self.RequestHandlerClass, "__name__", repr(self.RequestHandlerClass))
+        handler = getattr(self.RequestHandlerClass, "func", self.RequestHandlerClass)  # unwrap a partial
+        handler_name = getattr(handler, "__name__", repr(handler))
         self._errors.record(
             f"{handler_name} raised while serving a request from {client_address[0]}",
             (exc_type, exc, tb),
@@ -223,10 +226,16 @@ class Layer(HTTPLayer):
         super().setUp()
         self.publish({"request_handler": self.request_handler})
 
+    def handler_arguments(self) -> dict[str, Any]:
+        """Keyword arguments the handler class is called with, besides the connection."""
+        return {}
+
     def handler_factory(self) -> HandlerFactory:
-        """What the server calls to handle a connection."""
+        """What the server calls to handle a connection: the handler, recording requests."""
         assert self.request_handler is not None
-        return self.request_handler
+        handler: HandlerFactory = recording_handler(self.request_handler, self.requests)
+        arguments = self.handler_arguments()
+        return functools.partial(handler, **arguments) if arguments else handler
 
     def make_server(self, sock: socket.socket) -> HandlerServer:
         return HandlerServer(

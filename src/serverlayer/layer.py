@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import plone.testing
 
 from serverlayer.errors import ConfigurationError, LayerIdentityError, SetUpError
+from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
 
@@ -321,6 +322,12 @@ class HTTPLayer(ServerLayer):
         super().__init__(**kwargs)
         if tls is not None:
             self.tls = tls
+        #: The requests of the current test, published as ``http_requests``.
+        self.requests = RequestLog()
+
+    def testSetUp(self) -> None:
+        super().testSetUp()
+        self.requests.clear()
 
     @property
     def scheme(self) -> str:
@@ -351,6 +358,7 @@ class HTTPLayer(ServerLayer):
         resources = super().resources(host, port, running)
         resources["http_url"] = f"{self.scheme}://{format_address(host, port)}/"
         resources["httpd_thread"] = running.thread
+        resources["http_requests"] = self.requests
         if self.tls:
             from serverlayer import tls
 

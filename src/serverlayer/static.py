@@ -10,7 +10,6 @@ Given no directory, the layer creates a temporary one, publishes it as the
 
 from __future__ import annotations
 
-import functools
 import http.server
 import os
 import shutil
@@ -84,8 +83,8 @@ class Layer(custom.Layer):
                 else:
                     os.unlink(entry.path)
 
-    def handler_factory(self) -> custom.HandlerFactory:
-        return functools.partial(StaticFileHandler, directory=self["documentroot"])
+    def handler_arguments(self) -> dict[str, Any]:
+        return {"directory": self["documentroot"]}
 
 
 #: A ready layer serving a temporary directory.

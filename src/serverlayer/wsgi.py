@@ -28,6 +28,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
+from serverlayer.recording import RecordingMiddleware
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
 from serverlayer.server import Deadline
 
@@ -268,7 +269,7 @@ class Layer(HTTPLayer):
         super().setUp()
 
     def make_server(self, sock: socket.socket) -> WaitressServer:
-        app = self.application()
+        app: WSGIApplication = RecordingMiddleware(self.application(), self.requests)
         if verbose():
             app = _AccessLog(app)
         return WaitressServer(

@@ -1,0 +1,144 @@
+"""Every HTTP layer records the requests of the current test.
+
+The ``http_requests`` resource lists them in arrival order: method, path
+and query as the client sent them, headers and body bytes. Recording reads
+the body before the application does and hands it on unchanged, so the
+application sees exactly what it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.message
+import io
+import json
+import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from serverlayer.arrivals import Arrivals
+from serverlayer.errors import RequestTimeoutError
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server received it."""
+
+    method: str
+    #: The path as sent, percent-encoding and all, without the query.
+    path: str
+    #: The query string as sent, without the ``?``.
+    query: str
+    headers: email.message.Message
+    body: bytes
+
+    @property
+    def query_params(self) -> dict[str, list[str]]:
+        """The query string, decoded: ``{'q': ['tea']}``."""
+        return urllib.parse.parse_qs(self.query, keep_blank_values=True)
+
+    def json(self) -> Any:
+        """The body, decoded as JSON."""
+        return json.loads(self.body)
+
+    def summary(self) -> str:
+        target = self.path + (f"?{self.query}" if self.query else "")
+        size = f" ({len(self.body)} bytes)" if self.body else ""
+        return f"{self.method} {target}{size}"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class RequestLog(Arrivals[RecordedRequest]):
+    """Requests received during the current test, in arrival order."""
+
+    noun = "request"
+    timeout_error = RequestTimeoutError
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Path and query of a request target (origin or absolute form)."""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme:  # absolute form: http://host/path?query
+        return parts.path or "/", parts.query
+    path, _, query = target.partition("?")
+    return path, query
+
+
+class RecordingMiddleware:
+    """Records each request, then calls the application with the same input."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], log: RequestLog) -> None:
+        self.app = app
+        self.log = log
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        length = environ.get("CONTENT_LENGTH") or ""
+        body = environ["wsgi.input"].read(int(length)) if length.isdigit() else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        headers = email.message.Message()
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                headers[key[5:].replace("_", "-").title()] = value
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers[key.replace("_", "-").title()] = environ[key]
+        path, query = split_target(environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/"))
+        self.log.append(RecordedRequest(environ["REQUEST_METHOD"], path, query, headers, body))
+        return self.app(environ, start_response)
+
+
+class _BodyFirst:
+    """A request's body, already read, followed by the rest of the connection.
+
+    It reads from the connection only as much as the handler asks for, so
+    nothing of a following request is taken in advance.
+    """
+
+    def __init__(self, body: bytes, rest: Any) -> None:
+        self._body = io.BytesIO(body)
+        self.rest = rest
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._body.read(size)
+        if size is None or size < 0:
+            return data + self.rest.read()
+        if len(data) < size:
+            data += self.rest.read(size - len(data))
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._body.read1(size) or self.rest.read1(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = self._body.readline(size)
+        if line.endswith(b"\n") or (size is not None and 0 <= size <= len(line)):
+            return line
+        return line + self.rest.readline(-1 if size is None or size < 0 else size - len(line))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rest, name)
+
+
+def recording_handler(handler: type[Any], log: RequestLog) -> type[Any]:
+    """A subclass of a ``BaseHTTPRequestHandler`` class that records requests.
+
+    The handler still reads the body it expects from ``rfile``: the
+    recorded bytes come first, then the rest of the connection.
+    """
+
+    def parse_request(self: Any) -> bool:
+        if isinstance(self.rfile, _BodyFirst):  # the previous request's
+            self.rfile = self.rfile.rest
+        if not handler.parse_request(self):
+            return False
+        length = self.headers.get("Content-Length", "")
+        body = self.rfile.read(int(length)) if length.isdigit() else b""
+        path, query = split_target(self.path)
+        log.append(RecordedRequest(self.command, path, query, self.headers, body))
+        if body:
+            self.rfile = _BodyFirst(body, self.rfile)
+        return True
+
+    return type(handler.__name__, (handler,), {"parse_request": parse_request, "__module__": handler.__module__})
