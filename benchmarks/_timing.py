@@ -121,15 +121,19 @@ def print_machine_load(load: MachineLoad) -> None:
 
 @dataclass(frozen=True)
 class Row:
-    """One measure: serverlayer's and the peer's medians, and the target."""
+    """One measure: serverlayer's and the peer's medians, and the target.
+
+    A measure without a peer or without a target has ``ratio`` or ``met``
+    None; the table shows ``-`` for them.
+    """
 
     measure: str
     ours: str
     peer: str
     #: How many times better serverlayer does than the peer (> 1 is better).
-    ratio: float
+    ratio: float | None
     target: str
-    met: bool
+    met: bool | None
 
 
 def print_environment(title: str, details: Mapping[str, str]) -> None:
@@ -149,8 +153,9 @@ def print_environment(title: str, details: Mapping[str, str]) -> None:
     print()
 
 
-def print_table(rows: Sequence[Row], *, peer: str) -> None:
-    header = ("measure", "serverlayer", peer, "ratio", "target", "met")
+def print_table(rows: Sequence[Row], *, peer: str, ours: str = "serverlayer") -> None:
+    """Lay ``rows`` out; ``ours`` and ``peer`` head the two columns of medians."""
+    header = ("measure", ours, peer, "ratio", "target", "met")
     lines = [header] + [
         (
             row.measure,
@@ -158,9 +163,9 @@ def print_table(rows: Sequence[Row], *, peer: str) -> None:
             row.peer,
             # Two decimals, so that a ratio just below its target does not
             # print as the target itself.
-            f"{row.ratio:.2f}x",
+            "-" if row.ratio is None else f"{row.ratio:.2f}x",
             row.target,
-            "yes" if row.met else "NO",
+            "-" if row.met is None else "yes" if row.met else "NO",
         )
         for row in rows
     ]
