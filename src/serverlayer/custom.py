@@ -17,6 +17,7 @@ import queue
 import selectors
 import socket
 import socketserver
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -73,6 +74,9 @@ class HandlerServer(socketserver.BaseServer):
         self.server_port = port
         self._errors = errors
         self._stopping = False
+        #: Set when the server stops: handlers that wait wait on it.
+        self.stopped = threading.Event()
+        self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._connections_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -138,15 +142,25 @@ class HandlerServer(socketserver.BaseServer):
         if verbose():
             super().handle_error(request, client_address)
 
+    def abort_connection(self, connection: socket.socket) -> None:
+        """Close ``connection`` with a TCP reset once its handler returns,
+        as a crashing server or a middlebox would."""
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._aborted.add(connection)
+
     def shutdown_request(self, request: Any) -> None:
-        try:
-            request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if request in self._aborted:
+            self._aborted.discard(request)  # no FIN first: the client sees the reset
+        else:
+            try:
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         request.close()
 
     def request_stop(self) -> None:
         self._stopping = True
+        self.stopped.set()
         self._wake_writer.send(b"\0")
 
     def release(self, timeout: float) -> None:

@@ -234,12 +234,12 @@ class ServerLayer(plone.testing.Layer):
             if test is None:
                 self._check_in_test_tear_down = True
             else:
-                test.addCleanup(self.check_server_errors)
+                test.addCleanup(self.check_after_test)
 
     def testTearDown(self) -> None:
         if self._check_in_test_tear_down:
             self._check_in_test_tear_down = False
-            self.check_server_errors()
+            self.check_after_test()
 
     # Helpers for subclasses and tests.
 
@@ -249,6 +249,10 @@ class ServerLayer(plone.testing.Layer):
             self[key] = value
             if key not in self._published:
                 self._published.append(key)
+
+    def check_after_test(self) -> None:
+        """What runs when a test ends: server errors, and whatever a layer adds."""
+        self.check_server_errors()
 
     def check_server_errors(self) -> None:
         """Fail now if the server raised since the test began.

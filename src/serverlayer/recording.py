@@ -136,7 +136,8 @@ def recording_handler(handler: type[Any], log: RequestLog) -> type[Any]:
         length = self.headers.get("Content-Length", "")
         body = self.rfile.read(int(length)) if length.isdigit() else b""
         path, query = split_target(self.path)
-        log.append(RecordedRequest(self.command, path, query, self.headers, body))
+        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body)
+        log.append(self.recorded_request)
         if body:
             self.rfile = _BodyFirst(body, self.rfile)
         return True
