@@ -1,0 +1,252 @@
+"""The content layer: answers a test programs, faults, and expectations."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from serverlayer import ConfigurationError, ExpectationError, content
+from serverlayer.content import Response
+from serverlayer.tests.helpers import run_testrunner
+
+CONTENT = content.HTTP_CONTENT
+
+
+def call(layer, path, data=None, method=None, headers=None, timeout=5):
+    request = urllib.request.Request(layer["http_url"] + path.lstrip("/"), data=data, method=method,
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+class DefaultAnswerTests(unittest.TestCase):
+    layer = CONTENT
+
+    def test_1_nothing_set_is_404(self):
+        self.assertEqual(call(self.layer, "/anything")[0], 404)
+
+    def test_2_serve_content_answers_everything(self):
+        self.layer["http_content"].serve_content("hello", headers={"X-Served": "yes"})
+        for path in ("/", "/a/b", "/c?d=e"):
+            status, headers, body = call(self.layer, path)
+            self.assertEqual((status, body, headers["X-Served"]), (200, b"hello", "yes"))
+        self.assertEqual(call(self.layer, "/", data=b"x", method="DELETE")[2], b"hello")
+
+    def test_3_defaults_are_back_for_each_test(self):
+        self.assertEqual(call(self.layer, "/")[0], 404)
+        self.assertEqual(self.layer["http_content"].routes, [])
+
+    def test_attributes_as_in_pytest_localserver(self):
+        http_content = self.layer["http_content"]
+        http_content.code, http_content.content, http_content.headers = 418, b"teapot", {"X-Tea": "green"}
+        status, headers, body = call(self.layer, "/")
+        self.assertEqual((status, body, headers["X-Tea"]), (418, b"teapot", "green"))
+
+    def test_chunked_default(self):
+        self.layer["http_content"].serve_content("in two chunks", chunked=True)
+        status, headers, body = call(self.layer, "/")
+        self.assertEqual((headers["Transfer-Encoding"], body), ("chunked", b"in two chunks"))
+
+    def test_head_gets_no_body(self):
+        self.layer["http_content"].serve_content("body")
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("HEAD", "/")
+        response = connection.getresponse()
+        self.assertEqual((response.getheader("Content-Length"), response.read()), ("4", b""))
+
+
+class RouteTests(unittest.TestCase):
+    layer = CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_exact_path_and_method(self):
+        self.http_content.route("/orders", "POST").respond("created", status=201)
+        self.assertEqual(call(self.layer, "/orders", data=b"{}")[:3:2], (201, b"created"))
+        self.assertEqual(call(self.layer, "/orders")[0], 404)  # GET does not match
+        self.assertEqual(call(self.layer, "/orders/1", data=b"{}")[0], 404)
+
+    def test_regular_expression_path(self):
+        self.http_content.route(re.compile(r"/orders/\d+")).respond("an order")
+        self.assertEqual(call(self.layer, "/orders/42")[2], b"an order")
+        self.assertEqual(call(self.layer, "/orders/abc")[0], 404)
+
+    def test_query_and_headers(self):
+        self.http_content.route("/search", query={"q": "tea"}, headers={"Accept": "application/json"}) \
+            .respond_json({"results": ["green", "black"]})
+        status, headers, body = call(self.layer, "/search?q=tea&page=1", headers={"Accept": "application/json"})
+        self.assertEqual((status, headers["Content-Type"], json.loads(body)),
+                         (200, "application/json", {"results": ["green", "black"]}))
+        self.assertEqual(call(self.layer, "/search?q=coffee", headers={"Accept": "application/json"})[0], 404)
+        self.assertEqual(call(self.layer, "/search?q=tea")[0], 404)
+
+    def test_first_declared_route_wins(self):
+        self.http_content.route(re.compile("/.*")).respond("catch-all")
+        self.http_content.route("/specific").respond("specific")
+        self.assertEqual(call(self.layer, "/specific")[2], b"catch-all")
+
+    def test_sequence_then_the_last_answer_repeats(self):
+        self.http_content.route("/flaky").respond_sequence(Response(503, "busy"), Response(200, "ok"))
+        self.assertEqual([call(self.layer, "/flaky")[:3:2] for _ in range(3)],
+                         [(503, b"busy"), (200, b"ok"), (200, b"ok")])
+
+    def test_answer_function(self):
+        self.http_content.route("/echo").respond_with(
+            lambda request: Response(200, request.body.upper(), [("X-Method", request.method)])
+        )
+        status, headers, body = call(self.layer, "/echo", data=b"shout")
+        self.assertEqual((body, headers["X-Method"]), (b"SHOUT", "POST"))
+
+    def test_handler_for_anything_else(self):
+        self.http_content.route("/known").respond("known")
+        self.http_content.handler = lambda request: Response(200, f"handled {request.path}") \
+            if request.path.startswith("/dyn") else None
+        self.assertEqual(call(self.layer, "/known")[2], b"known")
+        self.assertEqual(call(self.layer, "/dynamic")[2], b"handled /dynamic")
+        self.assertEqual(call(self.layer, "/other")[0], 404)
+
+    def test_any_method(self):
+        self.http_content.route("/dav", "PROPFIND").respond("props", status=207)
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("PROPFIND", "/dav")
+        response = connection.getresponse()
+        self.assertEqual((response.status, response.read()), (207, b"props"))
+
+    def test_bad_settings(self):
+        with self.assertRaises(ConfigurationError):
+            self.http_content.route(42)
+        with self.assertRaises(ConfigurationError):
+            self.http_content.route("/x").respond_sequence()
+
+
+class FaultTests(unittest.TestCase):
+    layer = CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_delay_makes_client_time_out(self):
+        self.http_content.route("/slow").respond("late", delay=2)
+        started = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            call(self.layer, "/slow", timeout=0.2)
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertEqual(call(self.layer, "/fast")[0], 404)  # others are still served
+
+    def test_short_delay_then_answer(self):
+        self.http_content.route("/slowish").respond("late", delay=0.1)
+        started = time.monotonic()
+        self.assertEqual(call(self.layer, "/slowish")[2], b"late")
+        self.assertGreaterEqual(time.monotonic() - started, 0.1)
+
+    def test_reset(self):
+        self.http_content.route("/reset").respond(reset=True)
+        with self.assertRaises(ConnectionResetError):
+            call(self.layer, "/reset")
+        self.assertEqual(call(self.layer, "/after")[0], 404)
+
+    def test_truncated_body(self):
+        self.http_content.route("/truncated").respond("0123456789", truncate=4)
+        with self.assertRaises(http.client.IncompleteRead) as caught:
+            call(self.layer, "/truncated")
+        self.assertEqual(caught.exception.partial, b"0123")
+
+    def test_chosen_status(self):
+        self.http_content.route("/gateway").respond(status=504)
+        self.assertEqual(call(self.layer, "/gateway")[0], 504)
+
+    def test_teardown_is_not_held_up_by_a_delay(self):
+        layer = content.Layer(name="delay_teardown")
+        layer.setUp()
+        layer["http_content"].route("/forever").respond(delay=60)
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer["http_requests"].wait_for(1)
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+
+
+class ExpectationTests(unittest.TestCase):
+    layer = CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_met_expectation_answers_and_passes(self):
+        self.http_content.expect("/charges", "POST", query={"amount": "100"}).respond_json({"id": 1}, 201)
+        self.assertEqual(call(self.layer, "/charges?amount=100", data=b"{}")[0], 201)
+        self.http_content.check()
+
+    def test_unmet_expectation_shows_the_closest_requests(self):
+        self.http_content.expect("/charges", "POST", query={"amount": "100"})
+        call(self.layer, "/charges?amount=99", data=b"{}")
+        call(self.layer, "/refunds", data=b"{}")
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        message = str(caught.exception)
+        self.assertIn("expected POST /charges with query amount=100 once, it was requested 0 time(s)", message)
+        self.assertIn("Closest requests that arrived:\n    POST /charges?amount=99 (2 bytes): "
+                      "query amount is ['99'], not ['100']", message)
+        self.assertIn("unexpected request: POST /refunds (2 bytes)", message)
+        self.http_content.reset()  # this test checked on purpose
+
+    def test_too_many_requests(self):
+        self.http_content.expect("/once")
+        call(self.layer, "/once")
+        call(self.layer, "/once")
+        with self.assertRaisesRegex(ExpectationError, "expected any method /once once, it was requested 2 time"):
+            self.http_content.check()
+        self.http_content.reset()
+
+    def test_at_least(self):
+        self.http_content.expect("/poll", at_least=2).respond("not yet")
+        call(self.layer, "/poll")
+        with self.assertRaisesRegex(ExpectationError, "at least 2 time"):
+            self.http_content.check()
+        call(self.layer, "/poll")
+        call(self.layer, "/poll")
+        self.http_content.check()
+
+    def test_order(self):
+        self.http_content.expect("/login", ordered=True)
+        self.http_content.expect("/data", ordered=True)
+        call(self.layer, "/data")
+        call(self.layer, "/login")
+        with self.assertRaisesRegex(ExpectationError, "out of order: GET /data arrived before any method /login"):
+            self.http_content.check()
+        self.http_content.reset()
+
+    def test_requests_a_route_answers_are_not_unexpected(self):
+        self.http_content.expect("/main")
+        self.http_content.route("/static.css").respond("css")
+        call(self.layer, "/static.css")
+        call(self.layer, "/main")
+        self.http_content.check()
+
+
+class UnderZopeTestrunnerTests(unittest.TestCase):
+
+    def test_failed_expectation_fails_its_test_and_the_run_goes_on(self):
+        completed = run_testrunner("expectations", "-vv")
+        output = completed.stdout + completed.stderr
+        self.assertEqual(completed.returncode, 1, output)
+        self.assertIn("Ran 3 tests with 1 failures, 0 errors", output)
+        self.assertIn("Failure in test test_1_expected_charge_never_made", output)
+        self.assertIn("ExpectationError: The requests of this test did not meet its expectations:", output)
+        self.assertIn("POST /charges?amount=99 (2 bytes): query amount is ['99'], not ['100']", output)
+        self.assertEqual(output.count("Failure in test"), 1)
+        self.assertEqual(completed.stderr, "")

@@ -1,0 +1,143 @@
+"""Every HTTP layer records the requests of the current test."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from serverlayer import RequestTimeoutError, content, custom, static, wsgi
+
+
+def echo_app(environ, start_response):
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Length", str(len(body) + 5))])
+    return [b"echo:" + body]
+
+
+class EchoHandler(custom.RequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + 5))
+        self.end_headers()
+        self.wfile.write(b"echo:" + body)
+
+    do_GET = do_POST
+
+
+WSGI_RECORDED = wsgi.Layer(echo_app, name="WSGI_RECORDED")
+CUSTOM_RECORDED = custom.Layer(EchoHandler, name="CUSTOM_RECORDED")
+
+
+class RecordingChecks:
+    """The same checks against each kind of server."""
+
+    def connection(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_1_records_method_path_query_headers_and_body(self):
+        connection = self.connection()
+        connection.request("POST", "/pay%20now?amount=100&currency=EUR", body=json.dumps({"card": "4242"}),
+                           headers={"Content-Type": "application/json", "X-Request-Id": "r-1"})
+        self.assertEqual(connection.getresponse().read(), b'echo:{"card": "4242"}')
+        [request] = self.layer["http_requests"]
+        self.assertEqual((request.method, request.path, request.query),
+                         ("POST", "/pay%20now", "amount=100&currency=EUR"))
+        self.assertEqual(request.query_params, {"amount": ["100"], "currency": ["EUR"]})
+        self.assertEqual(request.headers["content-type"], "application/json")
+        self.assertEqual(request.headers["X-REQUEST-ID"], "r-1")
+        self.assertEqual(request.json(), {"card": "4242"})
+        self.assertEqual(request.summary(), "POST /pay%20now?amount=100&currency=EUR (16 bytes)")
+
+    def test_2_requests_are_emptied_before_each_test(self):
+        self.assertEqual(len(self.layer["http_requests"]), 0)
+
+    def test_keep_alive_requests_are_recorded_apart_and_bodies_reach_the_app(self):
+        connection = self.connection()
+        for number in range(5):
+            body = f"body {number}".encode() * (number + 1)
+            connection.request("POST", f"/{number}", body=body)
+            self.assertEqual(connection.getresponse().read(), b"echo:" + body)
+        self.assertEqual([request.body for request in self.layer["http_requests"]],
+                         [f"body {number}".encode() * (number + 1) for number in range(5)])
+
+    def test_pipelined_requests(self):
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                         b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nde")
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        self.assertIn(b"echo:abc", received)
+        self.assertIn(b"echo:de", received)
+        self.assertEqual([(r.path, r.body) for r in self.layer["http_requests"]], [("/a", b"abc"), ("/b", b"de")])
+
+    def test_wait_for_a_request_made_in_the_background(self):
+        def request_later():
+            time.sleep(0.05)  # the application under test taking its time
+            urllib.request.urlopen(self.layer["http_url"] + "late", timeout=5).close()
+
+        client = threading.Thread(target=request_later)
+        client.start()
+        self.addCleanup(client.join, 5)
+        [late] = self.layer["http_requests"].wait_for(match=lambda request: request.path == "/late")
+        self.assertEqual(late.method, "GET")
+
+    def test_wait_for_fails_listing_what_arrived(self):
+        urllib.request.urlopen(self.layer["http_url"] + "only", timeout=5).close()
+        with self.assertRaises(RequestTimeoutError) as caught:
+            self.layer["http_requests"].wait_for(2, timeout=0.1)
+        self.assertIn("Waited 0.1 seconds for 2 request(s); 1 of them arrived, 1 request(s) in all:\n"
+                      "  1. GET /only", str(caught.exception))
+
+
+class WSGIRecordingTests(RecordingChecks, unittest.TestCase):
+    layer = WSGI_RECORDED
+
+    def test_chunked_upload_is_recorded_whole_and_reaches_the_app_whole(self):
+        connection = self.connection()
+        connection.request("POST", "/upload", body=iter([b"one ", b"two ", b"three"]), encode_chunked=True)
+        self.assertEqual(connection.getresponse().read(), b"echo:one two three")
+        self.assertEqual(self.layer["http_requests"][0].body, b"one two three")
+
+
+class CustomRecordingTests(RecordingChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+    def test_the_published_handler_is_the_users_class(self):
+        self.assertIs(self.layer["request_handler"], EchoHandler)
+
+
+class OtherLayerTests(unittest.TestCase):
+
+    def test_static_layer_records(self):
+        layer = static.Layer(name="static_recorded")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with open(os.path.join(layer["documentroot"], "f.txt"), "w") as file:
+            file.write("file")
+        urllib.request.urlopen(layer["http_url"] + "f.txt?v=2", timeout=5).close()
+        [request] = layer["http_requests"]
+        self.assertEqual((request.method, request.path, request.query), ("GET", "/f.txt", "v=2"))
+
+    def test_content_layer_records(self):
+        layer = content.Layer(name="content_recorded")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        request = urllib.request.Request(layer["http_url"] + "x", data=b"payload", method="PUT")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=5)
+        self.assertEqual(layer["http_requests"][0].summary(), "PUT /x (7 bytes)")
+
+
