@@ -298,6 +298,16 @@ class HTTPContent:
                     f"{request.summary()} arrived before {earlier.describe()} was met"
                 )
 
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """This server's requests of the current test.
+
+        The same as its ``http_requests`` resource, which an HTTP layer
+        stacked above (the application calling this service) shadows.
+        """
+        with self._lock:
+            return list(self._requests)
+
     # Checking.
 
     def problems(self) -> list[str]:

@@ -55,11 +55,30 @@ class ExampleModuleTests(unittest.TestCase):
         self.assertNotIn("left new threads behind", output)
 
 
+class RenderingTests(unittest.TestCase):
+    """README.rst and CHANGES.rst become the PyPI page: they must render cleanly."""
+
+    def test_renders_without_warnings(self):
+        import docutils.core
+        import docutils.utils
+
+        for path in (README, README.parent / "CHANGES.rst"):
+            with self.subTest(path=path.name):
+                try:
+                    docutils.core.publish_string(
+                        path.read_text(), writer="null",
+                        settings_overrides={"halt_level": 2, "report_level": 2, "warning_stream": False},
+                    )
+                except docutils.utils.SystemMessage as problem:
+                    self.fail(f"{path.name} does not render: {problem}")
+
+
 def test_suite() -> unittest.TestSuite:
     if not README.exists():
         raise FileNotFoundError(f"{README} is missing; run the tests from a checkout.")
     suite = unittest.TestSuite()
     suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(ExampleModuleTests))
+    suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(RenderingTests))
     suite.addTest(
         doctest.DocFileSuite(
             str(README),
