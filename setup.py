@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
-        "test": ["docutils >= 0.22", "pygments"],
+        "test": ["docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer"],
         "bench": ["gocept.httpserverlayer == 4.0"],
     },
     classifiers=[

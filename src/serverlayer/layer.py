@@ -24,7 +24,7 @@ import plone.testing
 
 from serverlayer.errors import ConfigurationError, LayerIdentityError, SetUpError
 from serverlayer.recording import RequestLog
-from serverlayer.reporting import ErrorLog, running_test
+from serverlayer.reporting import ErrorLog, pytest_test, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
 
 DEFAULT_HOST = "127.0.0.1"
@@ -230,7 +230,7 @@ class ServerLayer(plone.testing.Layer):
         self.server_errors.clear()
         self._check_in_test_tear_down = False
         if self.report_server_errors:
-            test = running_test()
+            test = running_test() or pytest_test(self)
             if test is None:
                 self._check_in_test_tear_down = True
             else:

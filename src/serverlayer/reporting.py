@@ -10,8 +10,10 @@ Where it checks matters. zope.testrunner aborts the whole run when a layer's
 ``unittest`` cleanup instead: a failing cleanup is reported as a failure of
 that test, traceback included, and the run goes on. zope.testrunner calls
 ``testSetUp`` from its result's ``startTest(test)`` without passing the test
-along, which is why ``running_test`` looks for it on the call stack. Where no
-test can be found (another runner, or a layer driven by hand), the layer
+along, which is why ``running_test`` looks for it on the call stack. Under
+pytest, zope.pytestlayer hands the layer its fixture request, whose
+``instance`` is the test (``pytest_test``). Where no test can be found (a
+plain pytest function, another runner, a layer driven by hand), the layer
 raises from ``testTearDown`` instead, which pytest reports as an error in
 the test's teardown.
 """
@@ -65,6 +67,19 @@ def running_test(frame: FrameType | None = None) -> unittest.TestCase | None:
             return local_names["test"]  # type: ignore[no-any-return]
         frame = frame.f_back
     return None
+
+
+def pytest_test(layer: object) -> unittest.TestCase | None:
+    """The ``unittest.TestCase`` zope.pytestlayer is setting ``layer`` up for.
+
+    zope.pytestlayer calls ``testSetUp`` from a pytest fixture and hands the
+    layer that fixture's ``request`` as ``pytest_request`` first; for a
+    ``unittest.TestCase`` its ``instance`` is the test. A plain test
+    function has none: the layer then checks in ``testTearDown``, which
+    pytest reports as an error in that test's teardown.
+    """
+    instance = getattr(getattr(layer, "pytest_request", None), "instance", None)
+    return instance if isinstance(instance, unittest.TestCase) else None
 
 
 class ErrorLog:

@@ -20,8 +20,9 @@ import mailbox
 import os
 import socket
 import ssl
+import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from typing import Any
 
@@ -29,7 +30,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals
-from serverlayer.errors import ConfigurationError, MailTimeoutError
+from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayerError
 from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
 from serverlayer.server import AsyncioServer, ServerThread
@@ -128,13 +129,24 @@ class Outbox(Arrivals[ReceivedMessage]):
         return self._items
 
 
+def _open_maildir(path: str) -> mailbox.Maildir:
+    """A Maildir at ``path``, which may be missing or an empty directory.
+
+    ``mailbox.Maildir(create=True)`` makes its folders only when ``path``
+    does not exist yet.
+    """
+    for folder in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, folder), exist_ok=True)
+    return mailbox.Maildir(path, create=False)
+
+
 class _Handler:
     """aiosmtpd hooks: store each message, refuse what the test asked to refuse."""
 
     def __init__(self, outbox: Outbox, errors: ErrorLog, maildir: str | None, auth_required: bool) -> None:
         self.outbox = outbox
         self.errors = errors
-        self.maildir = mailbox.Maildir(maildir, create=True) if maildir else None
+        self.maildir = _open_maildir(maildir) if maildir else None
         self.auth_required = auth_required
         self.refused_recipients: set[str] = set()
         self.data_reply: str | None = None
@@ -397,3 +409,57 @@ class Layer(ServerLayer):
 
 #: A ready layer with the default settings.
 SMTP_SERVER = Layer(name="SMTP_SERVER")
+
+
+def _print_message(message: ReceivedMessage, stream: Any) -> None:
+    print("---------- MESSAGE FOLLOWS ----------", file=stream)
+    print(f"X-Envelope-From: {message.mail_from}", file=stream)
+    print(f"X-Envelope-To: {', '.join(message.rcpt_tos)}", file=stream)
+    if message.authenticated_as:
+        print(f"X-Authenticated-As: {message.authenticated_as}", file=stream)
+    stream.write(message.raw.replace(b"\r\n", b"\n").decode("utf-8", "replace").rstrip("\n") + "\n")
+    print("------------ END MESSAGE ------------", file=stream, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serverlayer.smtp``: a mail sink that prints what it receives.
+
+    What ``python -m smtpd -n -c DebuggingServer`` did before Python 3.12
+    removed the smtpd module. Stop it with Ctrl-C.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m serverlayer.smtp",
+        description="Receive mail over SMTP and print every message; nothing is delivered.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=1025, help="port to listen on, 0 for any free one (default: 1025)")
+    parser.add_argument("--maildir", help="also store every message in this Maildir")
+    options = parser.parse_args(argv)
+    layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port, maildir=options.maildir,
+                  report_server_errors=False)
+    try:
+        layer.setUp()
+    except ServerLayerError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    print(f"Listening for mail on {layer['smtp_address']}; Ctrl-C stops.", flush=True)
+    outbox: Outbox = layer["outbox"]
+    shown = 0
+    try:
+        while True:
+            try:
+                arrived = outbox.wait_for(shown + 1, timeout=3600)
+            except MailTimeoutError:  # a quiet hour
+                continue
+            for message in arrived[shown:]:
+                _print_message(message, sys.stdout)
+                shown += 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        layer.tearDown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -373,6 +373,17 @@ class LifecycleTests(unittest.TestCase):
         stored = mailbox.Maildir(os.path.join(directory, "mail"), create=False)
         self.assertEqual(sorted(message["Subject"] for message in stored), ["first", "second"])
 
+    def test_maildir_may_be_an_existing_empty_directory(self):
+        directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
+        self.addCleanup(shutil.rmtree, directory)
+        layer = smtp.Layer(name="MAILDIR_EXISTING", maildir=directory)
+        layer.setUp()
+        try:
+            Client.connect(self, layer).send_message(make_message(subject="kept"))
+        finally:
+            layer.tearDown()
+        self.assertEqual([message["Subject"] for message in mailbox.Maildir(directory)], ["kept"])
+
     def test_busy_fixed_port_fails_at_once(self):
         with socket.socket() as occupier:
             occupier.bind(("127.0.0.1", 0))
