@@ -24,6 +24,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import urllib.request
 import weakref
 from collections.abc import Callable
 
@@ -189,8 +190,10 @@ class TrustLayer(plone.testing.Layer):
 
     While set up, ``SSL_CERT_FILE`` (read by OpenSSL, so by Python's ssl
     module and urllib), ``REQUESTS_CA_BUNDLE`` and ``CURL_CA_BUNDLE`` name a
-    bundle of the system's CAs plus the test CA; ``tearDown`` restores what
-    they were. Stack it with a TLS layer: ``bases=(HTTPS_LAYER, TRUST_TEST_CA)``.
+    bundle of the system's CAs plus the test CA, and urllib's default opener
+    is made anew; ``tearDown`` restores what the variables were. A client
+    that made its TLS context before (a long-lived session, a connection
+    pool) keeps the CAs it had. Stack it with a TLS layer: ``bases=(HTTPS_LAYER, TRUST_TEST_CA)``.
     """
 
     def setUp(self) -> None:
@@ -198,6 +201,7 @@ class TrustLayer(plone.testing.Layer):
         self._saved = {name: os.environ.get(name) for name in TRUST_ENVIRONMENT}
         for name in TRUST_ENVIRONMENT:
             os.environ[name] = bundle
+        _forget_urllib_opener()
         self["ca_bundle"] = certificate_authority().ca_bundle
 
     def tearDown(self) -> None:
@@ -206,7 +210,18 @@ class TrustLayer(plone.testing.Layer):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        _forget_urllib_opener()
         del self["ca_bundle"]
+
+
+def _forget_urllib_opener() -> None:
+    """Make ``urlopen()`` read the CA settings again.
+
+    Since Python 3.12 its default opener makes its TLS context once, when
+    the first ``urlopen()`` of the process builds it; ``install_opener(None)``
+    is the documented way to have the next call build a new one.
+    """
+    urllib.request.install_opener(None)  # type: ignore[arg-type]
 
 
 #: Trust the test CA for the duration of a layer.
