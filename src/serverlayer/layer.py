@@ -228,13 +228,10 @@ class ServerLayer(plone.testing.Layer):
 
     def testSetUp(self) -> None:
         self.server_errors.clear()
-        self._check_in_test_tear_down = False
-        if self.report_server_errors:
-            test = running_test() or pytest_test(self)
-            if test is None:
-                self._check_in_test_tear_down = True
-            else:
-                test.addCleanup(self.check_after_test)
+        test = running_test() or pytest_test(self)
+        self._check_in_test_tear_down = test is None
+        if test is not None:
+            test.addCleanup(self.check_after_test)
 
     def testTearDown(self) -> None:
         if self._check_in_test_tear_down:
@@ -251,8 +248,10 @@ class ServerLayer(plone.testing.Layer):
                 self._published.append(key)
 
     def check_after_test(self) -> None:
-        """What runs when a test ends: server errors, and whatever a layer adds."""
-        self.check_server_errors()
+        """What runs when a test ends: server errors (unless switched off),
+        and whatever a layer adds."""
+        if self.report_server_errors:
+            self.check_server_errors()
 
     def check_server_errors(self) -> None:
         """Fail now if the server raised since the test began.

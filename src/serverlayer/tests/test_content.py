@@ -238,6 +238,27 @@ class ExpectationTests(unittest.TestCase):
         self.http_content.check()
 
 
+class SwitchedOffServerErrorsTests(unittest.TestCase):
+
+    def test_expectations_are_checked_even_without_server_error_reports(self):
+        layer = content.Layer(name="no_error_reports", report_server_errors=False)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        outcome = []
+
+        class Inner(unittest.TestCase):
+            def test_it(inner):
+                layer.testSetUp()
+                layer["http_content"].expect("/never-called")
+                layer.testTearDown()
+
+        result = unittest.TestResult()
+        Inner("test_it").run(result)
+        outcome = [text for _, text in result.failures]
+        self.assertEqual(len(outcome), 1, result.errors)
+        self.assertIn("expected any method /never-called once", outcome[0])
+
+
 class UnderZopeTestrunnerTests(unittest.TestCase):
 
     def test_failed_expectation_fails_its_test_and_the_run_goes_on(self):
