@@ -28,6 +28,9 @@ setup(
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
         "test": ["docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer"],
         "bench": ["gocept.httpserverlayer == 4.0"],
+        # The real-browser tests (zope.testrunner level 2, tests/test_browser.py);
+        # they also need Chromium, chromedriver and certutil from the system.
+        "browser": ["selenium >= 4.11", "gocept.selenium >= 7.1"],
     },
     classifiers=[
         "Framework :: Zope",
