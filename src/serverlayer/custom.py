@@ -20,6 +20,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,23 @@ DISCONNECTS = (ConnectionError, TimeoutError)
 
 HandlerFactory = Callable[..., socketserver.BaseRequestHandler]
 
+#: How long an idle connection keeps its worker while another one waits.
+IDLE_GRACE = 0.25
+#: How often a worker waiting on an idle connection looks at the queue.
+IDLE_CHECK_INTERVAL = 0.05
+
+
+def _has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
+    """Whether ``rfile`` holds, or the socket has ready, bytes of a next request."""
+    timeout = connection.gettimeout()
+    connection.settimeout(0.0)
+    try:
+        return bool(rfile.peek(1))
+    except OSError:
+        return False
+    finally:
+        connection.settimeout(timeout)
+
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     """A request handler that logs nothing unless ``$SERVERLAYER_VERBOSE`` is set.
@@ -45,6 +63,31 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if verbose():
             super().log_message(format, *args)
+
+
+class _SharesItsThread:
+    """``BaseHTTPRequestHandler.handle``, asking the server before each request.
+
+    So that an idle keep-alive connection, or one that never says anything,
+    gives its worker back when another connection needs it.
+    """
+
+    server: HandlerServer
+    connection: socket.socket
+    rfile: Any
+    close_connection: bool
+
+    def handle(self) -> None:
+        self.close_connection = False
+        while not self.close_connection and self.server.await_next_request(self.connection, self.rfile):
+            self.handle_one_request()  # type: ignore[attr-defined]
+
+
+def sharing_threads(handler: type[http.server.BaseHTTPRequestHandler]) -> type[http.server.BaseHTTPRequestHandler]:
+    """``handler`` made to share the pool, unless it handles connections its own way."""
+    if handler.handle is not http.server.BaseHTTPRequestHandler.handle:
+        return handler
+    return type(handler.__name__, (_SharesItsThread, handler), {"__module__": handler.__module__})
 
 
 class HandlerServer(socketserver.BaseServer):
@@ -115,6 +158,27 @@ class HandlerServer(socketserver.BaseServer):
         with self._connections_lock:
             self._connections.add(connection)
         self._queue.put((connection, address))
+
+    def await_next_request(self, connection: socket.socket, rfile: Any) -> bool:
+        """Wait for the next request on ``connection``; False gives the thread back.
+
+        A worker waiting for an idle client lets another connection have
+        it once that one has waited and this one has been idle for
+        ``IDLE_GRACE`` seconds: a browser keeps more connections open than
+        the pool has threads, and one kept waiting for an idle neighbour
+        would stall until the browser gave up on the neighbour.
+        """
+        if _has_buffered_data(connection, rfile):  # pipelined, already read
+            return True
+        idle_since = time.monotonic()
+        with selectors.DefaultSelector() as selector:
+            selector.register(connection, selectors.EVENT_READ)
+            while not self._stopping:
+                if selector.select(timeout=IDLE_CHECK_INTERVAL):
+                    return True
+                if not self._queue.empty() and time.monotonic() - idle_since >= IDLE_GRACE:
+                    return False
+        return False
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -197,9 +261,10 @@ class Layer(HTTPLayer):
     """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
 
     Publishes ``request_handler`` besides the ``http_*`` resources.
-    ``threads`` is how many connections are served at once: eight covers a
-    browser's six parallel connections, and each thread costs ``setUp``
-    time, most of all on a busy machine.
+    ``threads`` is how many requests are served at once; an idle keep-alive
+    connection gives its thread to a connection that waits for one, so a
+    browser's dozen connections share eight threads. Each thread costs
+    ``setUp`` time, most of all on a busy machine.
     """
 
     request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
@@ -247,7 +312,7 @@ class Layer(HTTPLayer):
     def handler_factory(self) -> HandlerFactory:
         """What the server calls to handle a connection: the handler, recording requests."""
         assert self.request_handler is not None
-        handler: HandlerFactory = recording_handler(self.request_handler, self.requests)
+        handler: HandlerFactory = recording_handler(sharing_threads(self.request_handler), self.requests)
         arguments = self.handler_arguments()
         return functools.partial(handler, **arguments) if arguments else handler
 

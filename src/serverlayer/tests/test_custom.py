@@ -103,21 +103,33 @@ class PoolTests(unittest.TestCase):
             client.join(10)
         self.assertEqual(statuses, [204] * 4)
 
-    def test_connections_beyond_the_pool_wait_their_turn(self):
+    def test_an_idle_connection_gives_its_thread_to_a_waiting_one(self):
         layer = self.serve(Greeter, threads=1)
         idle = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(idle.close)
         idle.request("GET", "/first")
         self.assertEqual(idle.getresponse().read(), b"hello /first")
-        results = []
-        waiting = threading.Thread(
-            target=lambda: results.append(urllib.request.urlopen(layer["http_url"] + "second", timeout=5).read())
-        )
-        waiting.start()
-        waiting.join(0.2)
-        self.assertEqual(results, [])  # the only worker is busy with the idle connection
-        idle.close()
-        waiting.join(5)
-        self.assertEqual(results, [b"hello /second"])
+        # The only worker now waits on the idle keep-alive connection.
+        with urllib.request.urlopen(layer["http_url"] + "second", timeout=5) as response:
+            self.assertEqual(response.read(), b"hello /second")
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            idle.request("GET", "/third")  # the server closed the idle connection
+            idle.getresponse()
+
+    def test_a_silent_client_does_not_hold_the_thread(self):
+        layer = self.serve(Greeter, threads=1)
+        silent = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(silent.close)
+        with urllib.request.urlopen(layer["http_url"] + "after-silence", timeout=5) as response:
+            self.assertEqual(response.read(), b"hello /after-silence")
+
+    def test_a_busy_keep_alive_connection_keeps_its_thread(self):
+        layer = self.serve(Greeter, threads=1)
+        busy = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(busy.close)
+        for number in range(20):  # requests in quick succession: never idle for long
+            busy.request("GET", f"/{number}")
+            self.assertEqual(busy.getresponse().read(), f"hello /{number}".encode())
 
 
 class DisconnectTests(unittest.TestCase):
