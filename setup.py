@@ -28,6 +28,10 @@ setup(
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
         "test": ["docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer"],
         "bench": ["gocept.httpserverlayer == 4.0"],
+        # serverlayer.plonetestingzope: Zope 5 or 6, through plone.testing's Zope layers.
+        "zope": ["Zope >= 5", "plone.testing[zope]"],
+        # serverlayer.zopeappwsgi: zope.app.wsgi (Zope Toolkit, Grok) over a ZODBLayer's database.
+        "zopeappwsgi": ["zope.app.wsgi >= 4", "zope.app.appsetup >= 4", "ZODB"],
         # The real-browser tests (zope.testrunner level 2, tests/test_browser.py);
         # they also need Chromium, chromedriver and certutil from the system.
         "browser": ["selenium >= 4.11", "gocept.selenium >= 7.1"],

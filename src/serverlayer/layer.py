@@ -31,7 +31,7 @@ DEFAULT_HOST = "127.0.0.1"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
-def _instantiating_module(layer: plone.testing.Layer) -> str:
+def instantiating_module(layer: plone.testing.Layer) -> str:
     """The module whose code wrote ``Layer(...)``.
 
     zope.testrunner tells layers apart by ``__module__`` and ``__name__``.
@@ -52,16 +52,17 @@ def _instantiating_module(layer: plone.testing.Layer) -> str:
     return str(frame.f_globals.get("__name__", type(layer).__module__))
 
 
-_identities: dict[str, weakref.ReferenceType[ServerLayer]] = {}
+_identities: dict[str, weakref.ReferenceType[plone.testing.Layer]] = {}
 _identities_lock = threading.Lock()
 
 
-def _identity_taken(identity: str, layer: ServerLayer) -> bool:
+def _identity_taken(identity: str, layer: plone.testing.Layer) -> bool:
     reference = _identities.get(identity)
     return reference is not None and reference() not in (None, layer)
 
 
-def _claim_identity(layer: ServerLayer) -> None:
+def claim_identity(layer: plone.testing.Layer) -> None:
+    """Refuse ``layer`` if a live layer already has its module and name."""
     identity = f"{layer.__module__}.{layer.__name__}"
     with _identities_lock:
         if _identity_taken(identity, layer):
@@ -148,7 +149,7 @@ class ServerLayer(plone.testing.Layer):
         report_server_errors: bool | None = None,
     ) -> None:
         if module is None:
-            module = _instantiating_module(self)
+            module = instantiating_module(self)
         super().__init__(
             bases=None if bases is None else tuple(bases),
             name=name or type(self).__name__,
@@ -162,7 +163,7 @@ class ServerLayer(plone.testing.Layer):
             self.public_host = public_host
         if report_server_errors is not None:
             self.report_server_errors = report_server_errors
-        _claim_identity(self)
+        claim_identity(self)
         self.server_errors = ErrorLog(repr(self))
         self._running: ServerThread | None = None
         self._socket: socket.socket | None = None

@@ -1,0 +1,60 @@
+"""README.rst's Zope examples pass: the code blocks headed
+``# test_<name>.py -- needs serverlayer[...]`` (which the main suite, without
+Zope, leaves alone), with the ``<!-- <name>.zcml, next to ... -->`` files
+they load, run under zope.testrunner as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[4] / "README.rst"
+CODE_BLOCK = re.compile(r"^\.\. code-block:: (python|xml)\n\n((?:    .*\n|\n)+)", re.MULTILINE)
+TEST_MODULE = re.compile(r"# (test_\w+\.py) -- needs serverlayer\[\w+\].*")
+ZCML_FILE = re.compile(r"<!-- (\w+\.zcml), next to test_\w+\.py -->")
+#: What -W error would trip on in Zope's dependencies (see tox.ini).
+WARNING_FILTERS = ("-W", "ignore:'cgi' is deprecated:DeprecationWarning:webob.compat")
+
+
+def zope_examples(readme: str) -> dict[str, str]:
+    """File name to content, for every Zope example module and ZCML file."""
+    files = {}
+    for language, block in CODE_BLOCK.findall(readme):
+        text = "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
+        header = (TEST_MODULE if language == "python" else ZCML_FILE).fullmatch(text.splitlines()[0])
+        if header:
+            files[header.group(1)] = text
+    return files
+
+
+class ReadmeZopeExampleTests(unittest.TestCase):
+
+    def test_examples_pass_under_zope_testrunner(self):
+        files = zope_examples(README.read_text())
+        self.assertEqual(
+            sorted(name for name in files if name.endswith(".py")),
+            ["test_zope_site.py", "test_ztk_app.py"],
+        )
+        expected_tests = sum(text.count("\n    def test_") for text in files.values())
+        with tempfile.TemporaryDirectory() as directory:
+            package = Path(directory, "readme_zope_examples", "tests")
+            package.mkdir(parents=True)
+            (package.parent / "__init__.py").write_text("")
+            (package / "__init__.py").write_text("")
+            for name, text in files.items():
+                (package / name).write_text(text)
+            environment = {key: value for key, value in os.environ.items() if key != "SERVERLAYER_VERBOSE"}
+            environment["PYTHONPATH"] = os.pathsep.join(sys.path)
+            completed = subprocess.run(
+                [sys.executable, "-W", "error", *WARNING_FILTERS, "-m", "zope.testrunner", "--path", directory],
+                capture_output=True, text=True, timeout=120, env=environment,
+            )
+        output = completed.stdout + completed.stderr
+        self.assertEqual(completed.returncode, 0, output)
+        self.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)
+        self.assertNotIn("left new threads behind", output)
