@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.message
+import functools
 import io
 import json
 import urllib.parse
@@ -22,15 +23,30 @@ from serverlayer.errors import RequestTimeoutError
 
 @dataclasses.dataclass(frozen=True)
 class RecordedRequest:
-    """One request as the server received it."""
+    """One request as the server received it.
+
+    ``headers`` may be given as ``(name, value)`` pairs: they become an
+    ``email.message.Message`` (case-insensitive) when a test first reads
+    them, not while the server is answering.
+    """
 
     method: str
     #: The path as sent, percent-encoding and all, without the query.
     path: str
     #: The query string as sent, without the ``?``.
     query: str
-    headers: email.message.Message
+    raw_headers: email.message.Message | tuple[tuple[str, str], ...]
     body: bytes
+
+    @functools.cached_property
+    def headers(self) -> email.message.Message:
+        """The headers; ``request.headers['content-type']`` ignores case."""
+        if isinstance(self.raw_headers, email.message.Message):
+            return self.raw_headers
+        headers = email.message.Message()
+        for name, value in self.raw_headers:
+            headers[name] = value
+        return headers
 
     @property
     def query_params(self) -> dict[str, list[str]]:
@@ -77,13 +93,11 @@ class RecordingMiddleware:
         length = environ.get("CONTENT_LENGTH") or ""
         body = environ["wsgi.input"].read(int(length)) if length.isdigit() else b""
         environ["wsgi.input"] = io.BytesIO(body)
-        headers = email.message.Message()
-        for key, value in environ.items():
-            if key.startswith("HTTP_"):
-                headers[key[5:].replace("_", "-").title()] = value
-        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            if environ.get(key):
-                headers[key.replace("_", "-").title()] = environ[key]
+        headers = tuple(
+            (key[5:].replace("_", "-").title() if key.startswith("HTTP_") else key.replace("_", "-").title(), value)
+            for key, value in environ.items()
+            if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value)
+        )
         path, query = split_target(environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/"))
         self.log.append(RecordedRequest(environ["REQUEST_METHOD"], path, query, headers, body))
         return self.app(environ, start_response)

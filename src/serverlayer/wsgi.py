@@ -174,7 +174,14 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self._log_handler = ErrorLogHandler(errors)
         logger.addHandler(self._log_handler)
         dispatcher = _Dispatcher(thread_name, logger)
-        adjustments = Adjustments(sockets=[sock], threads=threads, url_scheme=url_scheme)
+        adjustments = Adjustments(
+            sockets=[sock],
+            threads=threads,
+            url_scheme=url_scheme,
+            # The application sees the request as the client sent it,
+            # X-Forwarded-* headers and all.
+            clear_untrusted_proxy_headers=False,
+        )
         try:
             super().__init__(
                 app,
