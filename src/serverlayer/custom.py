@@ -28,7 +28,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
 from serverlayer.recording import recording_handler
 from serverlayer.reporting import ErrorLog, verbose
-from serverlayer.server import Deadline
+from serverlayer.server import Activity, Deadline
 
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError)
@@ -80,7 +80,9 @@ class _SharesItsThread:
     def handle(self) -> None:
         self.close_connection = False
         while not self.close_connection and self.server.await_next_request(self.connection, self.rfile):
+            self.server.activity.start()
             self.handle_one_request()  # type: ignore[attr-defined]
+            self.server.activity.finish()  # an exception finishes in _work, once recorded
 
 
 def sharing_threads(handler: type[http.server.BaseHTTPRequestHandler]) -> type[http.server.BaseHTTPRequestHandler]:
@@ -116,6 +118,9 @@ class HandlerServer(socketserver.BaseServer):
         self.server_name = host
         self.server_port = port
         self._errors = errors
+        self.activity = Activity()
+        handler_class = getattr(handler, "func", handler)  # unwrap a partial
+        self._handler_shares_threads = isinstance(handler_class, type) and issubclass(handler_class, _SharesItsThread)
         self._stopping = False
         #: Set when the server stops: handlers that wait wait on it.
         self.stopped = threading.Event()
@@ -183,11 +188,14 @@ class HandlerServer(socketserver.BaseServer):
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             connection, address = item
+            if not self._handler_shares_threads:
+                self.activity.start()  # a handler with its own handle(): busy for the whole connection
             try:
                 self.finish_request(connection, address)
             except BaseException:
                 self.handle_error(connection, address)
             finally:
+                self.activity.finish()
                 with self._connections_lock:
                     self._connections.discard(connection)
                 self.shutdown_request(connection)
@@ -221,6 +229,9 @@ class HandlerServer(socketserver.BaseServer):
             except OSError:
                 pass
         request.close()
+
+    def wait_quiet(self, timeout: float) -> bool:
+        return self.activity.wait_quiet(timeout)
 
     def request_stop(self) -> None:
         self._stopping = True

@@ -136,6 +136,10 @@ class ServerLayer(plone.testing.Layer):
     #: them (their connections are closed first, so only code that never
     #: touches the connection can take that long).
     stop_timeout: float = 1.0
+    #: Seconds the end-of-test check waits for requests still being handled
+    #: (a response closing after the client read it), so that what they
+    #: raise is reported in the test that made them.
+    quiet_timeout: float = 1.0
 
     def __init__(
         self,
@@ -260,6 +264,8 @@ class ServerLayer(plone.testing.Layer):
         Runs by itself when a test ends; call it to check mid-way.
         """
         running = self._running
+        if running is not None:
+            running.server.wait_quiet(self.quiet_timeout)
         if running is not None and running.failure is not None:
             failure, running.failure = running.failure, None
             self.server_errors.record(

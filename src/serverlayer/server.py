@@ -41,6 +41,9 @@ class Server(Protocol):
     def request_stop(self) -> None:
         """Make ``serve`` return promptly. Called from another thread."""
 
+    def wait_quiet(self, timeout: float) -> bool:
+        """Wait until no request is being handled; False if ``timeout`` ran out."""
+
     def release(self, timeout: float) -> None:
         """Close every socket and join every thread, after ``serve`` returned.
 
@@ -93,6 +96,34 @@ def bind(host: str, port: int, *, owner: str, source: str) -> socket.socket:
             f"{owner}: cannot listen on {where} ({source}): {exc.strerror}."
         ) from exc
     return sock
+
+
+class Activity:
+    """Which threads are handling a request right now.
+
+    A request is not over when the client has its response: an application
+    may still be closing its response, or a handler cleaning up, and raise.
+    The layer waits for quiet before it checks a test's server errors, so
+    that such an error is reported in the test that made the request and
+    not in the next one.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._busy: set[int] = set()
+
+    def start(self) -> None:
+        with self._changed:
+            self._busy.add(threading.get_ident())
+
+    def finish(self) -> None:
+        with self._changed:
+            self._busy.discard(threading.get_ident())
+            self._changed.notify_all()
+
+    def wait_quiet(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._busy, timeout)
 
 
 class Deadline:
@@ -201,6 +232,9 @@ class AsyncioServer:
             self.loop.run_until_complete(server.wait_closed())
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+    def wait_quiet(self, timeout: float) -> bool:
+        return True  # handlers run on the loop and report before they answer
 
     def request_stop(self) -> None:
         try:

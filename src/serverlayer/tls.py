@@ -165,6 +165,9 @@ class TLSFront(AsyncioServer):
                 writer.close()
                 self.transports.discard(writer.transport)  # type: ignore[arg-type]
 
+    def wait_quiet(self, timeout: float) -> bool:
+        return self.backend.wait_quiet(timeout)
+
     def release(self, timeout: float) -> None:
         super().release(timeout)
         self._backend_thread.stop(timeout=timeout)

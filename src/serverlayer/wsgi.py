@@ -30,7 +30,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
 from serverlayer.recording import RecordingMiddleware
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
-from serverlayer.server import Deadline
+from serverlayer.server import Activity, Deadline
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
 WSGIApplication = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -123,6 +123,15 @@ class _Channel(HTTPChannel):
     task_class = _WSGITask
     error_task_class = _ErrorTask
 
+    def service(self) -> None:
+        # waitress logs what the application raised (so the layer records
+        # it) inside service(): the request is over when service() returns.
+        self.server.activity.start()
+        try:
+            super().service()
+        finally:
+            self.server.activity.finish()
+
     @property
     def logger(self) -> logging.Logger:  # type: ignore[override]
         return self.server.logger  # type: ignore[no-any-return]
@@ -165,6 +174,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         thread_name: str,
         url_scheme: str = "http",
     ) -> None:
+        self.activity = Activity()
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
@@ -210,6 +220,9 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         with self._trigger_lock:
             if not self._trigger_closed:
                 self.trigger.pull_trigger()
+
+    def wait_quiet(self, timeout: float) -> bool:
+        return self.activity.wait_quiet(timeout)
 
     def request_stop(self) -> None:
         self._stop_requested = True
