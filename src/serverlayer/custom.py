@@ -37,6 +37,9 @@ HandlerFactory = Callable[..., socketserver.BaseRequestHandler]
 
 #: How long an idle connection keeps its worker while another one waits.
 IDLE_GRACE = 0.25
+#: How long a worker waits for more of a request a client has begun to
+#: send: a client that stalls half-way must not keep a worker for ever.
+READ_TIMEOUT = 1.0
 #: How often a worker waiting on an idle connection looks at the queue.
 IDLE_CHECK_INTERVAL = 0.05
 
@@ -160,6 +163,7 @@ class HandlerServer(socketserver.BaseServer):
         # Nagle's algorithm each keep-alive response would wait for the
         # client's delayed ACK (40 ms on Linux).
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.settimeout(READ_TIMEOUT)  # handlers that set ``timeout`` override it
         with self._connections_lock:
             self._connections.add(connection)
         self._queue.put((connection, address))

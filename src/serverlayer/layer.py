@@ -203,6 +203,7 @@ class ServerLayer(plone.testing.Layer):
     def setUp(self) -> None:
         if self._running is not None:
             raise SetUpError(f"{self!r} is already set up; tear it down first.")
+        self.server_errors.clear()  # what a server of an earlier set-up raised is no news
         try:
             host, port, source = self.listen_address()
             sock = self._socket = bind(host, port, owner=repr(self), source=source)

@@ -203,8 +203,8 @@ class AsyncioServer:
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")
-        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
-            return  # a client that hung up or failed its handshake
+        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError, asyncio.CancelledError)):
+            return  # a client that hung up or failed its handshake, or the server stopping
         exc_info = None if error is None else (type(error), error, error.__traceback__)
         self.errors.record(str(context.get("message", "asyncio error")), exc_info)
 

@@ -25,7 +25,8 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     """``SimpleHTTPRequestHandler`` that never serves anything outside its directory.
 
     The standard library drops ``..`` from the path but follows symbolic
-    links wherever they point and fails on NUL bytes; both end in a 404 here.
+    links wherever they point and fails on NUL bytes and on names the file
+    system cannot encode; all of these end in a 404 here.
     """
 
     protocol_version = "HTTP/1.1"
@@ -40,7 +41,10 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         if "\0" in path:
             return False
         root = os.path.realpath(self.directory)
-        real = os.path.realpath(path)
+        try:
+            real = os.path.realpath(path)
+        except ValueError:  # a name the file system cannot encode, such as a lone surrogate
+            return False
         return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 

@@ -140,6 +140,9 @@ class TLSFront(AsyncioServer):
         self._backend_address = backend_socket.getsockname()[:2]
         self._backend_thread = ServerThread(backend, name=f"{thread_name} behind TLS")
         self._thread_name = thread_name
+        # asyncio keeps only weak references to running tasks; a connection's
+        # tasks must live until it is over.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> asyncio.base_events.Server:
         return await asyncio.start_server(self._forward, sock=self.socket, ssl=self.context)
@@ -148,7 +151,15 @@ class TLSFront(AsyncioServer):
         self._backend_thread.start(owner=self._thread_name)
         super().serve(ready)
 
+    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _forward(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        current = asyncio.current_task()
+        if current is not None:
+            self._keep(current)  # type: ignore[arg-type]
         client_transport = client_writer.transport
         self.transports.add(client_transport)  # type: ignore[arg-type]
         try:
@@ -159,7 +170,10 @@ class TLSFront(AsyncioServer):
             return
         self.transports.add(backend_writer.transport)  # type: ignore[arg-type]
         try:
-            await asyncio.gather(_pump(client_reader, backend_writer), _pump(backend_reader, client_writer))
+            await asyncio.gather(
+                self._keep(asyncio.create_task(_pump(client_reader, backend_writer))),
+                self._keep(asyncio.create_task(_pump(backend_reader, client_writer))),
+            )
         finally:
             for writer in (client_writer, backend_writer):
                 writer.close()
