@@ -27,7 +27,13 @@ setup(
     extras_require={
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
         "test": ["docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer"],
-        "bench": ["gocept.httpserverlayer == 4.0"],
+        # The peers benchmarks/ measures serverlayer against; users never need them.
+        "bench": [
+            "gocept.httpserverlayer == 4.0",
+            "pytest-localserver >= 0.10",
+            "pytest-httpserver >= 1.2",
+            "WebTest >= 3.0",
+        ],
         # serverlayer.plonetestingzope: Zope 5 or 6, through plone.testing's Zope layers.
         "zope": ["Zope >= 5", "plone.testing[zope]"],
         # serverlayer.zopeappwsgi: zope.app.wsgi (Zope Toolkit, Grok) over a ZODBLayer's database.

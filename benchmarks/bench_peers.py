@@ -1,0 +1,1238 @@
+"""serverlayer against all its peers on the same work, in one run, side by side.
+
+Run from the checkout, after ``pip install -e '.[bench]'``::
+
+    python benchmarks/bench_peers.py            # full run, about two minutes
+    python benchmarks/bench_peers.py --quick    # smoke run, about half a minute
+
+The peers, each used as its documentation shows, with its defaults:
+
+- ``gocept``: gocept.httpserverlayer 4.0's wsgi, static and custom layers;
+- ``localserver``: pytest-localserver's ``http.WSGIServer``,
+  ``http.ContentServer`` and ``smtp.Server``, started and stopped without
+  pytest (``start()``, ``stop()``);
+- ``httpserver``: pytest-httpserver's ``HTTPServer`` (``start()``,
+  ``stop()``, ``expect_request().respond_with_data()``);
+- ``aiosmtpd``: a bare ``aiosmtpd.controller.Controller`` whose handler only
+  stores each envelope, as in ``bench_smtp.py``;
+- ``webtest``: WebTest's ``StopableWSGIServer.create(app)`` and
+  ``shutdown()``, which plone.testing.zope's ``WSGIServer`` layer runs.
+
+It measures, for serverlayer and every peer that can do the work (``-``
+where one cannot), in one process, interleaved round by round in an order
+that rotates:
+
+1. ``setUp`` + ``tearDown`` of each kind of layer against the peers' start
+   and stop of their closest equivalent: wsgi (gocept wsgi, localserver
+   WSGIServer, webtest), static and custom (gocept), content (httpserver,
+   localserver ContentServer), smtp (aiosmtpd, localserver smtp) and https,
+   the wsgi layer with ``tls=True`` (localserver WSGIServer and httpserver
+   with an ``ssl_context`` from a trustme CA made beforehand; serverlayer's
+   CA and certificate also exist before timing starts). Median of
+   ``--rounds``; peers whose stop waits for a 0.5 s poll (gocept,
+   localserver's and httpserver's HTTP servers) take part in only
+   ``--slow-rounds`` of them, spread evenly, which keeps the run short.
+2. requests/s of ``--requests`` GETs to the wsgi layer and its peers (the
+   same WSGI application) and to the content layer and its peers (each
+   programmed to answer the same body): sequentially with a new
+   ``http.client`` connection and ``Connection: close`` for each request;
+   sequentially over one keep-alive ``http.client.HTTPConnection`` (a
+   server that closes makes http.client reconnect, which is part of what is
+   measured); and from 8 client threads at once, each over its own
+   keep-alive connection, sharing the same total. Median of ``--repeats``.
+3. MiB/s of ``--downloads`` GETs of a 1 MiB file over one keep-alive
+   connection: serverlayer's and gocept's static layers serve it from their
+   directory, localserver's ContentServer from memory (median of
+   ``--repeats``). A run of 200 takes about 0.15 s: shorter runs let one
+   stall of the client or server thread decide the median.
+4. messages/s of ``--messages`` small messages over one ``smtplib``
+   connection and from 4 senders at once sharing the same total; after
+   every run the script counts the mail that arrived.
+5. memory: for each contender a fresh ``python -c`` process starts one
+   server and stops it again (so that lazy imports and first-use caches are
+   paid), then sets up ``--servers`` at once and reports how much its
+   resident set size (``VmRSS``) grew, layer or server objects included,
+   and by how many threads; it tears them all down, in parallel, before it
+   exits. One process per contender, one after the other, after the timed
+   sections; one run each, since memory hardly varies with machine load.
+
+The table shows every contender's median; ``best peer`` and ``slowest peer``
+name the peer that does best and the one that does worst on the measure,
+each with how many times better serverlayer does (above 1 serverlayer is
+ahead). Targets: every set-up and tear-down at least 100 times faster than
+the slowest peer and no slower than the fastest; every throughput ahead of
+every peer; memory has none. Everything listens on 127.0.0.1; what the
+servers print and log (werkzeug logs every request) goes to a trap, not to
+the terminal. The script is a report, not a test: it exits 0 whether
+targets are met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import http.client
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import smtplib
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import _timing
+
+HOST = "127.0.0.1"
+#: What the wsgi and content servers answer (bench_http's application).
+BODY = b"Hello, benchmark!\n"
+#: The file of the transfer measure.
+FILE_SIZE = 1024 * 1024
+LIFECYCLE_SLOWEST_RATIO = 100.0
+LIFECYCLE_BEST_RATIO = 1.0
+HTTP_CLIENTS = 8
+SMTP_SENDERS = 4
+#: Seconds a thread a server left behind may take to end before it counts as left running.
+THREAD_GRACE = 0.05
+#: Seconds a memory process may take.
+CHILD_TIMEOUT = 120.0
+#: The table's columns of medians, serverlayer first; the module docstring says what each peer runs.
+PACKAGES = ("serverlayer", "gocept", "localserver", "httpserver", "aiosmtpd", "webtest")
+LOGGERS = ("mail.log", "asyncio", "werkzeug", "waitress")
+
+try:
+    import gocept.httpserverlayer.custom as gocept_custom
+    import gocept.httpserverlayer.static as gocept_static
+    import gocept.httpserverlayer.wsgi as gocept_wsgi
+    import pytest_httpserver  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    import pytest_localserver.http  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    import pytest_localserver.smtp  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    import trustme
+    import webtest.http  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    from aiosmtpd.controller import Controller
+
+    import serverlayer
+    import serverlayer.content
+    import serverlayer.custom
+    import serverlayer.smtp
+    import serverlayer.static
+    import serverlayer.wsgi
+    from bench_http import Handler, app
+    from bench_smtp import MESSAGE, RECIPIENTS, SENDER, Sent, StoringHandler, arrived, free_port
+    from bench_smtp import LogTrap as _StoringLogTrap
+except ImportError as exc:
+    sys.exit(
+        f"bench_peers: {exc}\n"
+        "Install serverlayer with its benchmark extras from the checkout:"
+        " pip install -e '.[bench]'"
+    )
+
+
+# What every contender offers: a server that starts and stops.
+
+
+def _nothing() -> None:
+    pass
+
+
+def _fixed_body(body: bytes) -> str:
+    """``provide`` of a server that answers ``BODY`` to any path."""
+    if body != BODY:
+        raise ValueError("this server only answers BODY")
+    return "/"
+
+
+@dataclass
+class Running:
+    """A started server: where it listens, how to stop it, how to use it."""
+
+    port: int
+    stop: Callable[[], None]
+    #: Makes the server answer ``body``; returns the path to GET it from.
+    provide: Callable[[bytes], str] = _fixed_body
+    #: Forgets the requests or mail the server recorded (between runs, untimed).
+    clear: Callable[[], None] = _nothing
+    #: How many messages arrived (SMTP servers).
+    received: Callable[[], int] | None = None
+    #: What a client verifies the certificate with (HTTPS servers).
+    context: ssl.SSLContext | None = None
+
+
+class Startable(Protocol):
+    def prepare(self) -> None:
+        """Untimed work before each start (finding a free port)."""
+
+    def start(self) -> Running:
+        """Start the server; return once it serves."""
+
+
+@dataclass
+class Contender:
+    package: str
+    #: Makes a fresh startable; the number tells apart layers' names.
+    make: Callable[[int], Startable]
+    #: Its stop waits for a 0.5 s poll, so it runs ``--slow-rounds`` only.
+    polls: bool = False
+
+
+class PeerTLS:
+    """The peers' certificate: a trustme CA made once, outside any timing."""
+
+    _made: PeerTLS | None = None
+
+    def __init__(self) -> None:
+        authority = trustme.CA()
+        certificate = authority.issue_cert(HOST, "localhost")
+        self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        certificate.configure_cert(self.server)
+        self.client = ssl.create_default_context()
+        authority.configure_trust(self.client)
+
+    @classmethod
+    def get(cls) -> PeerTLS:
+        if cls._made is None:
+            cls._made = cls()
+        return cls._made
+
+
+# serverlayer's and gocept's layers: one object, set up and torn down again.
+
+
+class LayerServer:
+    """A plone.testing layer whose ``setUp`` starts its server."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> Running:
+        self.layer.setUp()
+        return self.running()
+
+    def running(self) -> Running:
+        layer = self.layer
+        requests = getattr(layer, "requests", None)  # serverlayer's request log
+        return Running(
+            layer["http_port"],
+            layer.tearDown,
+            clear=_nothing if requests is None else requests.clear,
+            context=layer.get("ssl_context"),
+        )
+
+
+class StaticLayerServer(LayerServer):
+    def running(self) -> Running:
+        running = super().running()
+        root = self.layer["documentroot"]
+
+        def provide(body: bytes) -> str:
+            name = "index.txt" if body == BODY else "file.bin"
+            with open(os.path.join(root, name), "wb") as file:
+                file.write(body)
+            return f"/{name}"
+
+        running.provide = provide
+        return running
+
+
+class ContentLayerServer(LayerServer):
+    def running(self) -> Running:
+        running = super().running()
+        content = self.layer["http_content"]
+        served: list[bytes] = []
+
+        def provide(body: bytes) -> str:
+            served[:] = [body]
+            content.serve_content(body)
+            return "/"
+
+        def clear() -> None:
+            self.layer.requests.clear()
+            content.reset()  # also forgets the requests it matched
+            if served:
+                content.serve_content(served[0])
+
+        running.provide, running.clear = provide, clear
+        return running
+
+
+class SMTPLayerServer(LayerServer):
+    def running(self) -> Running:
+        layer = self.layer
+        outbox = layer["outbox"]
+        return Running(layer["smtp_port"], layer.tearDown, clear=outbox.clear, received=lambda: len(outbox))
+
+
+def serverlayer_layer(kind: str, number: int) -> Startable:
+    name = f"BENCH_PEERS_{kind.upper()}_{number}"
+    if kind == "wsgi":
+        return LayerServer(serverlayer.wsgi.Layer(app, name=name, host=HOST))
+    if kind == "https":
+        return LayerServer(serverlayer.wsgi.Layer(app, name=name, host=HOST, tls=True))
+    if kind == "static":
+        return StaticLayerServer(serverlayer.static.Layer(name=name, host=HOST))
+    if kind == "custom":
+        return LayerServer(serverlayer.custom.Layer(Handler, name=name, host=HOST))
+    if kind == "content":
+        return ContentLayerServer(serverlayer.content.Layer(name=name, host=HOST))
+    if kind == "smtp":
+        return SMTPLayerServer(serverlayer.smtp.Layer(name=name, host=HOST))
+    raise ValueError(kind)
+
+
+def gocept_layer(kind: str, number: int) -> Startable:
+    name = f"BENCH_PEERS_GOCEPT_{kind.upper()}_{number}"
+    if kind == "wsgi":
+        # The peer's wsgi layer takes its host from here only.
+        os.environ["GOCEPT_HTTP_APP_HOST"] = HOST
+        layer = gocept_wsgi.Layer(name=name)
+        layer.wsgi_app = app
+        return LayerServer(layer)
+    if kind == "static":
+        layer = gocept_static.Layer(name=name)
+        layer.host = HOST
+        return StaticLayerServer(layer)
+    if kind == "custom":
+        layer = gocept_custom.Layer(Handler, name=name)
+        layer.host = HOST
+        return LayerServer(layer)
+    raise ValueError(kind)
+
+
+# The other peers: a new server object for every start, as their users make one.
+
+
+class LocalserverWSGI:
+    def __init__(self, tls: bool = False) -> None:
+        self.tls = PeerTLS.get() if tls else None
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> Running:
+        if self.tls is None:
+            server = pytest_localserver.http.WSGIServer(host=HOST, application=app)
+        else:
+            server = pytest_localserver.http.WSGIServer(host=HOST, application=app, ssl_context=self.tls.server)
+        server.start()
+        return Running(server.server_address[1], server.stop, context=None if self.tls is None else self.tls.client)
+
+
+class LocalserverContent:
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> Running:
+        server = pytest_localserver.http.ContentServer(host=HOST)
+        server.start()
+
+        def provide(body: bytes) -> str:
+            server.serve_content(body)
+            return "/"
+
+        return Running(server.server_address[1], server.stop, provide=provide, clear=server.requests.clear)
+
+
+class LocalserverSMTP:
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> Running:
+        server = pytest_localserver.smtp.Server(host=HOST)
+        server.start()
+        outbox = server.outbox
+        return Running(server.port, server.stop, clear=outbox.clear, received=lambda: len(outbox))
+
+
+class Httpserver:
+    def __init__(self, tls: bool = False) -> None:
+        self.tls = PeerTLS.get() if tls else None
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> Running:
+        if self.tls is None:
+            server = pytest_httpserver.HTTPServer(host=HOST)
+        else:
+            server = pytest_httpserver.HTTPServer(host=HOST, ssl_context=self.tls.server)
+        server.start()
+
+        def provide(body: bytes) -> str:
+            server.expect_request("/").respond_with_data(body)
+            return "/"
+
+        return Running(
+            server.port,
+            server.stop,
+            provide=provide,
+            clear=server.clear_log,
+            context=None if self.tls is None else self.tls.client,
+        )
+
+
+class AiosmtpdController:
+    def __init__(self) -> None:
+        self.port = 0
+
+    def prepare(self) -> None:
+        # A Controller cannot listen on port 0; bench_smtp does the same.
+        self.port = free_port()
+
+    def start(self) -> Running:
+        handler = StoringHandler()
+        controller = Controller(handler, hostname=HOST, port=self.port)
+        controller.start()
+        envelopes = handler.envelopes
+        return Running(self.port, controller.stop, clear=envelopes.clear, received=lambda: len(envelopes))
+
+
+class WebtestServer:
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> Running:
+        # As plone.testing.zope's WSGIServer layer makes it.
+        server = webtest.http.StopableWSGIServer.create(app, host=HOST, clear_untrusted_proxy_headers=False)
+        return Running(int(server.effective_port), server.shutdown)
+
+
+def contenders(kind: str) -> list[Contender]:
+    """serverlayer first, then the peers that have an equivalent of ``kind``."""
+    ours = Contender("serverlayer", lambda number: serverlayer_layer(kind, number))
+    peers = {
+        "wsgi": [
+            Contender("gocept", lambda number: gocept_layer("wsgi", number), polls=True),
+            Contender("localserver", lambda number: LocalserverWSGI(), polls=True),
+            Contender("webtest", lambda number: WebtestServer()),
+        ],
+        "static": [Contender("gocept", lambda number: gocept_layer("static", number), polls=True)],
+        "custom": [Contender("gocept", lambda number: gocept_layer("custom", number), polls=True)],
+        "content": [
+            Contender("localserver", lambda number: LocalserverContent(), polls=True),
+            Contender("httpserver", lambda number: Httpserver(), polls=True),
+        ],
+        "smtp": [
+            Contender("localserver", lambda number: LocalserverSMTP()),
+            Contender("aiosmtpd", lambda number: AiosmtpdController()),
+        ],
+        "https": [
+            Contender("localserver", lambda number: LocalserverWSGI(tls=True), polls=True),
+            Contender("httpserver", lambda number: Httpserver(tls=True), polls=True),
+        ],
+    }[kind]
+    return [ours, *peers]
+
+
+KINDS = ("wsgi", "static", "custom", "content", "smtp", "https")
+#: The transfer measure's contenders: (package, kind).
+TRANSFER = (("serverlayer", "static"), ("gocept", "static"), ("localserver", "content"))
+
+
+# The table.
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """One measure: every contender's median, and what serverlayer aims for."""
+
+    measure: str
+    values: Mapping[str, float]
+    #: Formats a value for its cell.
+    unit: str
+    higher_is_better: bool
+    #: "lifecycle", "throughput" or None.
+    target: str | None
+    #: False when serverlayer lost mail: the target is then missed whatever the rate.
+    valid: bool = True
+
+    def ratio(self, package: str) -> float:
+        """How many times better serverlayer does than ``package`` (> 1 is better)."""
+        ours, theirs = self.values["serverlayer"], self.values[package]
+        if self.higher_is_better:
+            return ours / theirs if theirs else float("inf")
+        return theirs / ours if ours else float("inf")
+
+    def peers(self) -> list[str]:
+        return [package for package in PACKAGES[1:] if package in self.values]
+
+    def best_and_slowest(self) -> tuple[str, str] | None:
+        if "serverlayer" not in self.values or not self.peers():
+            return None
+        ranked = sorted(self.peers(), key=self.ratio)
+        return ranked[0], ranked[-1]
+
+    def met(self) -> bool | None:
+        if self.target is not None and "serverlayer" not in self.values:
+            return False  # serverlayer failed
+        extremes = self.best_and_slowest()
+        if self.target is None or extremes is None:
+            return None
+        best, slowest = extremes
+        if self.target == "lifecycle":
+            return self.ratio(slowest) >= LIFECYCLE_SLOWEST_RATIO and self.ratio(best) >= LIFECYCLE_BEST_RATIO
+        return self.valid and self.ratio(best) > 1
+
+    def target_text(self) -> str:
+        if self.target == "lifecycle":
+            return f">= {LIFECYCLE_SLOWEST_RATIO:g}x slowest, >= {LIFECYCLE_BEST_RATIO:g}x best"
+        if self.target == "throughput":
+            return "> 1x best"
+        return "-"
+
+
+def format_value(value: float, unit: str) -> str:
+    if unit in ("ms", "MiB"):
+        return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+    return f"{value:,.0f}"
+
+
+def print_peer_table(rows: Sequence[PeerRow]) -> None:
+    header = ("measure", *PACKAGES, "best peer", "slowest peer", "target", "met")
+    lines = [header]
+    for row in rows:
+        extremes = row.best_and_slowest()
+        met = row.met()
+        lines.append(
+            (
+                f"{row.measure} ({row.unit})",
+                *(format_value(row.values[p], row.unit) if p in row.values else "-" for p in PACKAGES),
+                *(("-", "-") if extremes is None else (f"{p} {row.ratio(p):.2f}x" for p in extremes)),
+                row.target_text(),
+                "-" if met is None else "yes" if met else "NO",
+            )
+        )
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    right_aligned = set(range(1, 1 + len(PACKAGES)))
+
+    def format_line(line: Sequence[str]) -> str:
+        cells = [
+            cell.rjust(width) if column in right_aligned else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    print(format_line(header))
+    print("  ".join("-" * width for width in widths))
+    for line in lines[1:]:
+        print(format_line(line))
+
+
+# Shared machinery.
+
+
+class LogTrap(_StoringLogTrap):
+    """bench_smtp's trap, keeping only the first record: werkzeug logs every request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if not self.records:
+            self.records.append(record)
+
+
+class MachineLoad(_timing.MachineLoad):
+    """Counts the memory processes' CPU time as ours, not as other processes'."""
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        sample = _timing.MachineLoad._sample()
+        if sample is None:
+            return None
+        times = os.times()
+        return sample[0], sample[1], sample[2] + times.children_user + times.children_system
+
+
+@dataclass
+class Notes:
+    """What goes below the table."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def failed(self, name: str, what: str, error: BaseException) -> None:
+        self.add(f"FAILED, {name}, {what}: {type(error).__name__}: {str(error)[:200]}")
+
+
+class Guard:
+    """Keeps one contender's failure from ending the run: its measurements
+    become NaN, the notes say why, and its column shows ``-``."""
+
+    def __init__(self, what: str, notes: Notes) -> None:
+        self.what = what
+        self.notes = notes
+        self.failed: set[str] = set()
+
+    def __call__(self, name: str, measure: _timing.Measurement) -> _timing.Measurement:
+        def guarded() -> float:
+            if name in self.failed:
+                return math.nan
+            try:
+                return measure()
+            except Exception as exc:
+                self.failed.add(name)
+                self.notes.failed(name, self.what, exc)
+                return math.nan
+
+        return guarded
+
+    def medians(self, results: Mapping[str, Sequence[float]]) -> dict[str, float]:
+        return {name: _timing.median(values) for name, values in results.items() if name not in self.failed}
+
+
+def spread(rounds: int, taken: int) -> set[int]:
+    """``taken`` of ``rounds`` round numbers, evenly spread, the first included."""
+    taken = min(taken, rounds)
+    return {number * rounds // taken for number in range(taken)}
+
+
+def interleaved_rounds(
+    contenders: Mapping[str, _timing.Measurement], rounds: Mapping[str, int], total: int
+) -> dict[str, list[float]]:
+    """``_timing.interleaved``, with some contenders in fewer of the rounds."""
+    names = list(contenders)
+    taking = {name: spread(total, rounds[name]) for name in names}
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for number in range(total):
+        present = [name for name in names if number in taking[name]]
+        shift = number % len(present)
+        for name in present[shift:] + present[:shift]:
+            results[name].append(contenders[name]())
+    return results
+
+
+class CountingConnection(http.client.HTTPConnection):
+    """Counts the TCP connections http.client opens."""
+
+    connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        super().connect()
+
+
+class CountingHTTPSConnection(http.client.HTTPSConnection):
+    """Counts the TCP connections (each with a handshake) http.client opens."""
+
+    connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        super().connect()
+
+
+def connection(running: Running) -> CountingConnection | CountingHTTPSConnection:
+    if running.context is not None:
+        return CountingHTTPSConnection(HOST, running.port, timeout=10, context=running.context)
+    return CountingConnection(HOST, running.port, timeout=10)
+
+
+def check(running: Running, response: http.client.HTTPResponse, body: bytes, expected: bytes) -> None:
+    if response.status != 200 or body != expected:
+        raise RuntimeError(f"the server on port {running.port} answered {response.status} {body[:60]!r}")
+
+
+def gets(running: Running, path: str, expected: bytes, requests: int) -> int:
+    """``requests`` sequential GETs over one keep-alive connection; returns its connects."""
+    client = connection(running)
+    try:
+        for _ in range(requests):
+            client.request("GET", path)
+            response = client.getresponse()
+            check(running, response, response.read(), expected)
+    finally:
+        client.close()
+    return client.connects
+
+
+def gets_new_connection(running: Running, path: str, expected: bytes, requests: int) -> int:
+    """``requests`` sequential GETs, each on a connection of its own."""
+    for _ in range(requests):
+        client = connection(running)
+        try:
+            client.request("GET", path, headers={"Connection": "close"})
+            response = client.getresponse()
+            check(running, response, response.read(), expected)
+        finally:
+            client.close()
+    return requests
+
+
+def gets_concurrently(running: Running, path: str, expected: bytes, requests: int) -> float:
+    """``requests`` GETs from ``HTTP_CLIENTS`` threads, each over its own
+    keep-alive connection; returns the seconds from their start to the last one's end."""
+    shares = [requests // HTTP_CLIENTS + (number < requests % HTTP_CLIENTS) for number in range(HTTP_CLIENTS)]
+    return in_threads([functools.partial(gets, running, path, expected, share) for share in shares])
+
+
+def in_threads(work: Sequence[Callable[[], object]]) -> float:
+    """Run every callable on a thread of its own, all released at once;
+    the seconds until the last ended. Raises what the first one that failed raised."""
+    barrier = threading.Barrier(len(work) + 1)
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], object]) -> None:
+        try:
+            barrier.wait(10)
+            job()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,), daemon=True) for job in work]
+    for thread in threads:
+        thread.start()
+    barrier.wait(10)
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join(60)
+    seconds = time.perf_counter() - start
+    if any(thread.is_alive() for thread in threads):
+        raise RuntimeError("a client thread did not finish within 60 s")
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+@contextlib.contextmanager
+def started(
+    servers: Mapping[str, Startable], quiet: _timing.OutputTrap, notes: Notes, what: str
+) -> Iterator[dict[str, Running]]:
+    """Start every server; stop them all again at the end. One that fails
+    to start or stop is named in the notes and left out."""
+    running: dict[str, Running] = {}
+    try:
+        for name, server in servers.items():
+            try:
+                with quiet():
+                    server.prepare()
+                    running[name] = server.start()
+            except Exception as exc:
+                notes.failed(name, f"{what}, starting", exc)
+        yield running
+    finally:
+        for name, item in reversed(list(running.items())):
+            try:
+                with quiet():
+                    item.stop()
+            except Exception as exc:
+                notes.failed(name, f"{what}, stopping", exc)
+
+
+def check_serves(
+    kind: str, servers: Mapping[str, Startable], quiet: _timing.OutputTrap, notes: Notes
+) -> dict[str, Startable]:
+    """Start, answer once, stop: a warm-up that proves each contender does
+    the work. Returns those that did."""
+    working = {}
+    for name, server in servers.items():
+        with started({name: server}, quiet, notes, f"{kind} warm-up") as running:
+            if name not in running:
+                continue
+            item = running[name]
+            try:
+                with quiet():
+                    if item.received is not None:
+                        sent = send(item.port, 1)
+                        count = arrived(item.received, 1)
+                        if sent.error is not None or count != 1:
+                            raise RuntimeError(f"does not receive mail: {sent.error or f'{count} arrived'}")
+                    else:
+                        gets(item, item.provide(BODY), BODY, 1)
+            except Exception as exc:
+                notes.failed(name, f"{kind} warm-up", exc)
+                continue
+        working[name] = server
+    return working
+
+
+def warm_up(
+    running: Mapping[str, Running], body: bytes, requests: int, quiet: _timing.OutputTrap, notes: Notes, what: str
+) -> dict[str, str]:
+    """Make each server answer ``body`` and GET it a few times; returns the
+    path for each server that did."""
+    paths = {}
+    for name, item in running.items():
+        try:
+            with quiet():
+                path = item.provide(body)
+                gets(item, path, body, requests)
+        except Exception as exc:
+            notes.failed(name, f"{what}, warm-up", exc)
+            continue
+        paths[name] = path
+    return paths
+
+
+# 1. setUp + tearDown.
+
+
+def bench_lifecycle(
+    kind: str,
+    servers: Mapping[str, Startable],
+    polling: set[str],
+    arguments: argparse.Namespace,
+    quiet: _timing.OutputTrap,
+    notes: Notes,
+) -> PeerRow:
+    left: dict[str, int] = {}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}
+
+    def cycle(name: str, server: Startable) -> _timing.Measurement:
+        def measure() -> float:
+            with quiet():
+                server.prepare()
+                before = set(threading.enumerate())
+                start_cpu = time.process_time()
+                milliseconds = _timing.elapsed(lambda: server.start().stop()) * 1000
+                cpu[name].append((time.process_time() - start_cpu) * 1000)
+                new = [thread for thread in threading.enumerate() if thread not in before]
+                for thread in new:
+                    thread.join(THREAD_GRACE)
+            if any(thread.is_alive() for thread in new):
+                left[name] = left.get(name, 0) + 1
+            return milliseconds
+
+        return measure
+
+    servers = check_serves(kind, servers, quiet, notes)
+    guard = Guard(f"{kind} setUp+tearDown", notes)
+    rounds = {name: arguments.slow_rounds if name in polling else arguments.rounds for name in servers}
+    results = interleaved_rounds(
+        {name: guard(name, cycle(name, server)) for name, server in servers.items()}, rounds, arguments.rounds
+    )
+    for name, count in left.items():
+        notes.add(
+            f"{name} {kind}: stop returned with a thread still running {THREAD_GRACE * 1000:g} ms later"
+            f" in {count} of {len(results[name])} rounds"
+        )
+    notes.add(
+        f"{kind} setUp+tearDown, median CPU time of this process, all threads (ms; other processes"
+        " hardly change it): "
+        + ", ".join(f"{name} {_timing.median(cpu[name]):.2f}" for name in guard.medians(results))
+    )
+    return PeerRow(
+        f"{kind} setUp+tearDown",
+        guard.medians(results),
+        "ms",
+        higher_is_better=False,
+        target="lifecycle",
+    )
+
+
+# 2. HTTP requests per second.
+
+#: Label in the table, run: (running, path, requests) -> (seconds, connects or None).
+HTTPMode = tuple[str, Callable[[Running, str, int], tuple[float, int | None]]]
+
+
+def _new_connections(running: Running, path: str, requests: int) -> tuple[float, int | None]:
+    return _timing.elapsed(lambda: gets_new_connection(running, path, BODY, requests)), None
+
+
+def _keep_alive(running: Running, path: str, requests: int) -> tuple[float, int | None]:
+    connects, seconds = _timing.timed(lambda: gets(running, path, BODY, requests))
+    return seconds, connects
+
+
+def _concurrent(running: Running, path: str, requests: int) -> tuple[float, int | None]:
+    return gets_concurrently(running, path, BODY, requests), None
+
+
+HTTP_MODES: tuple[HTTPMode, ...] = (
+    ("new connection each", _new_connections),
+    ("one keep-alive conn.", _keep_alive),
+    (f"{HTTP_CLIENTS} client threads", _concurrent),
+)
+
+
+def bench_http_throughput(
+    kind: str,
+    servers: Mapping[str, Startable],
+    arguments: argparse.Namespace,
+    quiet: _timing.OutputTrap,
+    notes: Notes,
+) -> list[PeerRow]:
+    requests, rows = arguments.requests, []
+    connects: dict[str, int] = {}
+    with started(servers, quiet, notes, f"{kind} GETs") as running:
+        paths = warm_up(running, BODY, min(100, requests), quiet, notes, f"{kind} GETs")
+        for label, run in HTTP_MODES:
+
+            def throughput(name: str, run: Callable[..., tuple[float, int | None]] = run) -> _timing.Measurement:
+                def measure() -> float:
+                    item = running[name]
+                    item.clear()
+                    with quiet():
+                        seconds, count = run(item, paths[name], requests)
+                    if count is not None:
+                        connects[name] = count
+                    return requests / seconds
+
+                return measure
+
+            guard = Guard(f"{kind} GETs, {label}", notes)
+            results = _timing.interleaved({name: guard(name, throughput(name)) for name in paths}, arguments.repeats)
+            rows.append(
+                PeerRow(
+                    f"{kind} GETs, {label}",
+                    guard.medians(results),
+                    "req/s",
+                    higher_is_better=True,
+                    target="throughput",
+                )
+            )
+    notes.add(
+        f"{kind}: TCP connections per {requests} GETs over one keep-alive connection: "
+        + ", ".join(f"{name} {count}" for name, count in connects.items())
+    )
+    return rows
+
+
+# 3. Transfer of a 1 MiB file.
+
+
+def bench_transfer(
+    servers: Mapping[str, Startable], arguments: argparse.Namespace, quiet: _timing.OutputTrap, notes: Notes
+) -> PeerRow:
+    data = os.urandom(FILE_SIZE)
+    downloads = arguments.downloads
+    with started(servers, quiet, notes, "1 MiB file") as running:
+        paths = warm_up(running, data, 2, quiet, notes, "1 MiB file")
+        connects: dict[str, int] = {}
+
+        def transfer(name: str) -> _timing.Measurement:
+            def measure() -> float:
+                item = running[name]
+                item.clear()
+                with quiet():
+                    count, seconds = _timing.timed(lambda: gets(item, paths[name], data, downloads))
+                connects[name] = count
+                return downloads * FILE_SIZE / (1024 * 1024) / seconds
+
+            return measure
+
+        guard = Guard("1 MiB file", notes)
+        results = _timing.interleaved({name: guard(name, transfer(name)) for name in paths}, arguments.repeats)
+    notes.add(
+        f"1 MiB file: TCP connections per {downloads} downloads: "
+        + ", ".join(f"{name} {count}" for name, count in connects.items())
+    )
+    return PeerRow(
+        f"1 MiB file, {downloads} GETs, keep-alive",
+        guard.medians(results),
+        "MiB/s",
+        higher_is_better=True,
+        target="throughput",
+    )
+
+
+# 4. SMTP messages per second.
+
+
+def send(port: int, messages: int) -> Sent:
+    """bench_smtp's ``send``, with the sender's timeout raised for slow peers."""
+    sent = Sent()
+    try:
+        connection = smtplib.SMTP(HOST, port, timeout=30)
+        try:
+            for _ in range(messages):
+                connection.sendmail(SENDER, RECIPIENTS, MESSAGE)
+                sent.accepted += 1
+        finally:
+            connection.quit()
+    except (smtplib.SMTPException, OSError) as exc:
+        sent.error = f"{type(exc).__name__}: {exc}"
+    return sent
+
+
+def send_concurrently(port: int, messages: int) -> tuple[float, Sent]:
+    """``messages`` from ``SMTP_SENDERS`` connections at once; seconds and the total sent."""
+    shares = [messages // SMTP_SENDERS + (number < messages % SMTP_SENDERS) for number in range(SMTP_SENDERS)]
+    sents: list[Sent] = []
+    def sender(share: int) -> None:
+        sents.append(send(port, share))
+
+    seconds = in_threads([functools.partial(sender, share) for share in shares])
+    errors = [sent.error for sent in sents if sent.error is not None]
+    return seconds, Sent(sum(sent.accepted for sent in sents), errors[0] if errors else None)
+
+
+def bench_smtp_throughput(
+    servers: Mapping[str, Startable], arguments: argparse.Namespace, quiet: _timing.OutputTrap, notes: Notes
+) -> list[PeerRow]:
+    messages, rows = arguments.messages, []
+    modes: tuple[tuple[str, Callable[[int, int], tuple[float, Sent]]], ...] = (
+        ("one connection", lambda port, count: _timing.timed(lambda: send(port, count))[::-1]),
+        (f"{SMTP_SENDERS} senders", send_concurrently),
+    )
+    with started(servers, quiet, notes, "mail") as running:
+        with quiet():
+            for item in running.values():
+                send(item.port, min(100, messages))  # warm up; a failure shows in the runs
+        for label, run in modes:
+            lost: dict[str, list[str]] = {name: [] for name in running}
+
+            def throughput(
+                name: str,
+                run: Callable[[int, int], tuple[float, Sent]] = run,
+                lost: dict[str, list[str]] = lost,
+            ) -> _timing.Measurement:
+                def measure() -> float:
+                    item = running[name]
+                    assert item.received is not None
+                    item.clear()
+                    with quiet():
+                        seconds, sent = run(item.port, messages)
+                        received = arrived(item.received, messages)
+                    if sent.error is not None or not sent.accepted == received == messages:
+                        problem = f"{received} of {messages} arrived"
+                        if sent.error is not None:
+                            problem += f", sending stopped after {sent.accepted} ({sent.error})"
+                        lost[name].append(problem)
+                    return sent.accepted / seconds
+
+                return measure
+
+            guard = Guard(f"mail, {label}", notes)
+            results = _timing.interleaved({name: guard(name, throughput(name)) for name in running}, arguments.repeats)
+            rows.append(
+                PeerRow(
+                    f"mail, {label}",
+                    guard.medians(results),
+                    "msg/s",
+                    higher_is_better=True,
+                    target="throughput",
+                    valid=not lost.get("serverlayer"),
+                )
+            )
+            for name, problems in lost.items():
+                if problems:
+                    notes.add(f"LOST MAIL, {name}, {label}: " + "; ".join(problems))
+            if not any(lost.values()):
+                notes.add(
+                    f"mail, {label}: all {messages} messages arrived in each of {arguments.repeats} runs"
+                    f" of each of {', '.join(running)}"
+                )
+    return rows
+
+
+# 5. Memory of a process holding many servers.
+
+
+def rss_kib() -> int | None:
+    """This process's resident set size in KiB, from /proc (Linux only)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def stop_all(running: Sequence[Running]) -> None:
+    """Stop the servers in parallel: peers polling every 0.5 s would take minutes one by one."""
+    threads = [threading.Thread(target=item.stop, daemon=True) for item in running]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def memory_child(kind: str, package: str, count: int) -> int:
+    """What the memory measure's processes run: set up ``count`` servers, report, tear down."""
+    contender = next(item for item in contenders(kind) if item.package == package)
+    quiet, logged = _timing.OutputTrap(), LogTrap()
+    running: list[Running] = []
+    with logged.installed(LOGGERS), quiet():
+        warm = contender.make(0)
+        warm.prepare()
+        warm.start().stop()
+        deadline = time.monotonic() + 2  # let threads a stop left running end (webtest's runner)
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        gc.collect()
+        before, threads_before = rss_kib(), threading.active_count()
+        try:
+            for number in range(1, count + 1):
+                server = contender.make(number)
+                server.prepare()
+                running.append(server.start())
+            gc.collect()
+            after, threads_after = rss_kib(), threading.active_count()
+        finally:
+            stop_all(running)
+    if before is None or after is None:
+        return 1
+    print("RESULT " + json.dumps({"rss_kib": after - before, "threads": threads_after - threads_before}))
+    return 0
+
+
+def bench_memory(count: int, notes: Notes) -> list[PeerRow]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for kind in KINDS:
+        values: dict[str, float] = {}
+        threads: dict[str, int] = {}
+        for contender in contenders(kind):
+            code = (
+                f"import sys; sys.path.insert(0, {here!r}); import bench_peers;"
+                f" sys.exit(bench_peers.memory_child({kind!r}, {contender.package!r}, {count}))"
+            )
+            try:
+                child = subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, timeout=CHILD_TIMEOUT
+                )
+            except subprocess.TimeoutExpired:
+                notes.add(f"memory, {contender.package} {kind}: the process did not end within {CHILD_TIMEOUT:g} s")
+                continue
+            result = next((line for line in child.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if child.returncode != 0 or result is None:
+                why = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+                notes.add(f"memory, {contender.package} {kind}: no result ({why[:200]})")
+                continue
+            measured = json.loads(result.removeprefix("RESULT "))
+            values[contender.package] = measured["rss_kib"] / 1024
+            threads[contender.package] = measured["threads"]
+        if values:
+            rows.append(PeerRow(f"RSS, {count} {kind} servers", values, "MiB", higher_is_better=False, target=None))
+            notes.add(
+                f"threads held by {count} {kind} servers: " + ", ".join(f"{n} {c}" for n, c in threads.items())
+            )
+    return rows
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="setUp+tearDown rounds per layer kind (default 20)"
+    )
+    parser.add_argument(
+        "--slow-rounds",
+        type=int,
+        default=5,
+        help="of those, the rounds peers whose stop polls every 0.5 s take part in (default 5)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="GETs per HTTP throughput run (default 2000)"
+    )
+    parser.add_argument(
+        "--downloads", type=int, default=200, help="1 MiB downloads per transfer run (default 200)"
+    )
+    parser.add_argument(
+        "--messages", type=int, default=500, help="messages per SMTP throughput run (default 500)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="throughput runs per contender (default 3)"
+    )
+    parser.add_argument(
+        "--servers", type=int, default=50, help="servers set up at once per memory process (default 50)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 rounds (1 slow), 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers",
+    )
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.rounds, arguments.slow_rounds, arguments.requests, arguments.repeats = 3, 1, 200, 2
+        arguments.downloads, arguments.messages, arguments.servers = 20, 100, 5
+    for option in ("rounds", "slow_rounds", "requests", "downloads", "messages", "repeats", "servers"):
+        if getattr(arguments, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    arguments.slow_rounds = min(arguments.slow_rounds, arguments.rounds)
+    return arguments
+
+
+def versions() -> str:
+    names = (
+        "waitress",
+        "gocept.httpserverlayer",
+        "pytest-localserver",
+        "pytest-httpserver",
+        "werkzeug",
+        "aiosmtpd",
+        "WebTest",
+    )
+    found = [f"{name} {importlib.metadata.version(name)}" for name in names]
+    return ", ".join([f"serverlayer {serverlayer.__version__}", *found])
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    _timing.print_environment(
+        "serverlayer vs its peers on the same work (medians, interleaved)",
+        {
+            "packages": versions(),
+            "counts": (
+                f"{arguments.rounds} setUp+tearDown rounds per kind ({arguments.slow_rounds} for peers"
+                f" polling every 0.5 s); {arguments.repeats} x {arguments.requests} GETs,"
+                f" {arguments.downloads} downloads, {arguments.messages} messages;"
+                f" {arguments.servers} servers per memory process"
+            ),
+        },
+    )
+    quiet = _timing.OutputTrap()
+    logged = LogTrap()
+    notes = Notes()
+    load = MachineLoad()
+    servers = {kind: {c.package: c.make(0) for c in contenders(kind)} for kind in KINDS}
+    polling = {kind: {c.package for c in contenders(kind) if c.polls} for kind in KINDS}
+    rows = []
+    with logged.installed(LOGGERS):
+        with quiet():
+            PeerTLS.get()
+        for kind in KINDS:
+            rows.append(bench_lifecycle(kind, servers[kind], polling[kind], arguments, quiet, notes))
+        for kind in ("wsgi", "content"):
+            rows += bench_http_throughput(kind, servers[kind], arguments, quiet, notes)
+        transfer = {package: servers[kind][package] for package, kind in TRANSFER}
+        rows.append(bench_transfer(transfer, arguments, quiet, notes))
+        rows += bench_smtp_throughput(servers["smtp"], arguments, quiet, notes)
+    rows += bench_memory(arguments.servers, notes)
+    print_peer_table(rows)
+    print()
+    print("best peer / slowest peer: the peer that does best / worst, and how many times better")
+    print("  serverlayer does than it (shorter time, more per second, less memory); above 1")
+    print("  serverlayer is ahead; '-': no peer can do the work, or no target")
+    print(
+        "columns: gocept = gocept.httpserverlayer layers; localserver = pytest-localserver WSGIServer,"
+        " ContentServer, smtp.Server; httpserver = pytest-httpserver HTTPServer; aiosmtpd = a bare"
+        " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server)"
+    )
+    print(
+        f"rounds: peers whose stop waits for a 0.5 s poll (gocept; localserver's and httpserver's HTTP"
+        f" servers) took part in {arguments.slow_rounds} of the {arguments.rounds} rounds, spread evenly"
+    )
+    for line in notes.lines:
+        print(line)
+    _timing.print_machine_load(load)
+    if quiet.text:
+        print(f"suppressed {len(quiet.text)} characters the servers printed; first line:")
+        print(f"  {quiet.text.splitlines()[0][:200]}")
+    if logged.count:
+        print(f"suppressed {logged.count} log records of {', '.join(LOGGERS)}; first:")
+        print(f"  {logged.first_line()[:200]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
