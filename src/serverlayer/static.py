@@ -37,6 +37,13 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
             return None
         return super().send_head()
 
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        """Send the file with ``sendfile``: the kernel copies it to the socket."""
+        if outputfile is self.wfile:
+            self.connection.sendfile(source)
+        else:
+            super().copyfile(source, outputfile)
+
     def _inside_directory(self, path: str) -> bool:
         if "\0" in path:
             return False
