@@ -73,27 +73,22 @@ import argparse
 import contextlib
 import functools
 import gc
-import http.client
-import importlib.metadata
 import json
-import logging
 import math
 import os
-import smtplib
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
+import _http
 import _timing
+from _http import BODY, HOST, Handler, app
 
-HOST = "127.0.0.1"
-#: What the wsgi and content servers answer (bench_http's application).
-BODY = b"Hello, benchmark!\n"
 #: The file of the transfer measure.
 FILE_SIZE = 1024 * 1024
 LIFECYCLE_SLOWEST_RATIO = 100.0
@@ -107,6 +102,16 @@ CHILD_TIMEOUT = 120.0
 #: The table's columns of medians, serverlayer first; the module docstring says what each peer runs.
 PACKAGES = ("serverlayer", "gocept", "localserver", "httpserver", "aiosmtpd", "webtest")
 LOGGERS = ("mail.log", "asyncio", "werkzeug", "waitress")
+T = TypeVar("T")
+COUNTS = (
+    _timing.Count("rounds", 20, 3, "setUp+tearDown rounds per layer kind"),
+    _timing.Count("slow-rounds", 5, 1, "of those, the rounds peers whose stop polls every 0.5 s take part in"),
+    _timing.Count("requests", 2000, 200, "GETs per HTTP throughput run"),
+    _timing.Count("downloads", 200, 20, "1 MiB downloads per transfer run"),
+    _timing.Count("messages", 500, 100, "messages per SMTP throughput run"),
+    _timing.Count("repeats", 3, 2, "throughput runs per contender"),
+    _timing.Count("servers", 50, 5, "servers set up at once per memory process"),
+)
 
 try:
     import gocept.httpserverlayer.custom as gocept_custom
@@ -117,23 +122,16 @@ try:
     import pytest_localserver.smtp  # type: ignore[import-not-found, import-untyped, unused-ignore]
     import trustme
     import webtest.http  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    from aiosmtpd.controller import Controller
 
-    import serverlayer
+    import bench_smtp
     import serverlayer.content
     import serverlayer.custom
     import serverlayer.smtp
     import serverlayer.static
     import serverlayer.wsgi
-    from bench_http import Handler, app
-    from bench_smtp import MESSAGE, RECIPIENTS, SENDER, Sent, StoringHandler, arrived, free_port
-    from bench_smtp import LogTrap as _StoringLogTrap
+    from bench_smtp import Sent, arrived
 except ImportError as exc:
-    sys.exit(
-        f"bench_peers: {exc}\n"
-        "Install serverlayer with its benchmark extras from the checkout:"
-        " pip install -e '.[bench]'"
-    )
+    _timing.missing_extras("bench_peers", exc)
 
 
 # What every contender offers: a server that starts and stops.
@@ -165,13 +163,20 @@ class Running:
     #: What a client verifies the certificate with (HTTPS servers).
     context: ssl.SSLContext | None = None
 
+    def gets(self, path: str, expected: bytes, requests: int) -> int:
+        """``_http.gets`` from this server; returns the connects it took."""
+        return _http.gets(self.port, self.context, path, expected, requests)
 
-class Startable(Protocol):
+
+class Startable:
+    """A server a contender starts and stops again, as its users do."""
+
     def prepare(self) -> None:
-        """Untimed work before each start (finding a free port)."""
+        """Untimed work before each start (finding a free port); most need none."""
 
     def start(self) -> Running:
         """Start the server; return once it serves."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -206,14 +211,11 @@ class PeerTLS:
 # serverlayer's and gocept's layers: one object, set up and torn down again.
 
 
-class LayerServer:
+class LayerServer(Startable):
     """A plone.testing layer whose ``setUp`` starts its server."""
 
     def __init__(self, layer: Any) -> None:
         self.layer = layer
-
-    def prepare(self) -> None:
-        pass
 
     def start(self) -> Running:
         self.layer.setUp()
@@ -236,10 +238,7 @@ class StaticLayerServer(LayerServer):
         root = self.layer["documentroot"]
 
         def provide(body: bytes) -> str:
-            name = "index.txt" if body == BODY else "file.bin"
-            with open(os.path.join(root, name), "wb") as file:
-                file.write(body)
-            return f"/{name}"
+            return _http.provide_file(root, body, "index.txt" if body == BODY else "file.bin")
 
         running.provide = provide
         return running
@@ -312,26 +311,30 @@ def gocept_layer(kind: str, number: int) -> Startable:
 # The other peers: a new server object for every start, as their users make one.
 
 
-class LocalserverWSGI:
+class TLSPeer(Startable):
+    """A peer that serves HTTPS with the peers' certificate when made with ``tls``."""
+
     def __init__(self, tls: bool = False) -> None:
         self.tls = PeerTLS.get() if tls else None
 
-    def prepare(self) -> None:
-        pass
+    @property
+    def server_context(self) -> ssl.SSLContext | None:
+        """What the server presents; None, the servers' default, for plain HTTP."""
+        return None if self.tls is None else self.tls.server
 
+    @property
+    def client_context(self) -> ssl.SSLContext | None:
+        return None if self.tls is None else self.tls.client
+
+
+class LocalserverWSGI(TLSPeer):
     def start(self) -> Running:
-        if self.tls is None:
-            server = pytest_localserver.http.WSGIServer(host=HOST, application=app)
-        else:
-            server = pytest_localserver.http.WSGIServer(host=HOST, application=app, ssl_context=self.tls.server)
+        server = pytest_localserver.http.WSGIServer(host=HOST, application=app, ssl_context=self.server_context)
         server.start()
-        return Running(server.server_address[1], server.stop, context=None if self.tls is None else self.tls.client)
+        return Running(server.server_address[1], server.stop, context=self.client_context)
 
 
-class LocalserverContent:
-    def prepare(self) -> None:
-        pass
-
+class LocalserverContent(Startable):
     def start(self) -> Running:
         server = pytest_localserver.http.ContentServer(host=HOST)
         server.start()
@@ -343,10 +346,7 @@ class LocalserverContent:
         return Running(server.server_address[1], server.stop, provide=provide, clear=server.requests.clear)
 
 
-class LocalserverSMTP:
-    def prepare(self) -> None:
-        pass
-
+class LocalserverSMTP(Startable):
     def start(self) -> Running:
         server = pytest_localserver.smtp.Server(host=HOST)
         server.start()
@@ -354,53 +354,35 @@ class LocalserverSMTP:
         return Running(server.port, server.stop, clear=outbox.clear, received=lambda: len(outbox))
 
 
-class Httpserver:
-    def __init__(self, tls: bool = False) -> None:
-        self.tls = PeerTLS.get() if tls else None
-
-    def prepare(self) -> None:
-        pass
-
+class Httpserver(TLSPeer):
     def start(self) -> Running:
-        if self.tls is None:
-            server = pytest_httpserver.HTTPServer(host=HOST)
-        else:
-            server = pytest_httpserver.HTTPServer(host=HOST, ssl_context=self.tls.server)
+        server = pytest_httpserver.HTTPServer(host=HOST, ssl_context=self.server_context)
         server.start()
 
         def provide(body: bytes) -> str:
             server.expect_request("/").respond_with_data(body)
             return "/"
 
-        return Running(
-            server.port,
-            server.stop,
-            provide=provide,
-            clear=server.clear_log,
-            context=None if self.tls is None else self.tls.client,
-        )
+        return Running(server.port, server.stop, provide=provide, clear=server.clear_log, context=self.client_context)
 
 
-class AiosmtpdController:
+class AiosmtpdController(Startable):
+    """bench_smtp's peer: a Controller, on a port found free beforehand, whose handler stores each envelope."""
+
     def __init__(self) -> None:
-        self.port = 0
+        self.peer = bench_smtp.Peer()
 
     def prepare(self) -> None:
-        # A Controller cannot listen on port 0; bench_smtp does the same.
-        self.port = free_port()
+        self.peer.prepare()
 
     def start(self) -> Running:
-        handler = StoringHandler()
-        controller = Controller(handler, hostname=HOST, port=self.port)
-        controller.start()
-        envelopes = handler.envelopes
-        return Running(self.port, controller.stop, clear=envelopes.clear, received=lambda: len(envelopes))
+        peer = self.peer
+        peer.start()
+        envelopes = peer["outbox"]
+        return Running(peer.port, peer.controller.stop, clear=envelopes.clear, received=lambda: len(envelopes))
 
 
-class WebtestServer:
-    def prepare(self) -> None:
-        pass
-
+class WebtestServer(Startable):
     def start(self) -> Running:
         # As plone.testing.zope's WSGIServer layer makes it.
         server = webtest.http.StopableWSGIServer.create(app, host=HOST, clear_untrusted_proxy_headers=False)
@@ -490,6 +472,11 @@ class PeerRow:
             return "> 1x best"
         return "-"
 
+    @classmethod
+    def rate(cls, measure: str, values: Mapping[str, float], unit: str, valid: bool = True) -> PeerRow:
+        """A throughput measure: more per second is better, and serverlayer aims to lead."""
+        return cls(measure, values, unit, higher_is_better=True, target="throughput", valid=valid)
+
 
 def format_value(value: float, unit: str) -> str:
     if unit in ("ms", "MiB"):
@@ -497,7 +484,7 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:,.0f}"
 
 
-def print_peer_table(rows: Sequence[PeerRow]) -> None:
+def peer_table(rows: Sequence[PeerRow]) -> list[str]:
     header = ("measure", *PACKAGES, "best peer", "slowest peer", "target", "met")
     lines = [header]
     for row in rows:
@@ -512,48 +499,10 @@ def print_peer_table(rows: Sequence[PeerRow]) -> None:
                 "-" if met is None else "yes" if met else "NO",
             )
         )
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    right_aligned = set(range(1, 1 + len(PACKAGES)))
-
-    def format_line(line: Sequence[str]) -> str:
-        cells = [
-            cell.rjust(width) if column in right_aligned else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        return "  ".join(cells).rstrip()
-
-    print(format_line(header))
-    print("  ".join("-" * width for width in widths))
-    for line in lines[1:]:
-        print(format_line(line))
+    return _timing.columns(lines, right_aligned=set(range(1, 1 + len(PACKAGES))))
 
 
 # Shared machinery.
-
-
-class LogTrap(_StoringLogTrap):
-    """bench_smtp's trap, keeping only the first record: werkzeug logs every request."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        if not self.records:
-            self.records.append(record)
-
-
-class MachineLoad(_timing.MachineLoad):
-    """Counts the memory processes' CPU time as ours, not as other processes'."""
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        sample = _timing.MachineLoad._sample()
-        if sample is None:
-            return None
-        times = os.times()
-        return sample[0], sample[1], sample[2] + times.children_user + times.children_system
 
 
 @dataclass
@@ -595,79 +544,40 @@ class Guard:
         return {name: _timing.median(values) for name, values in results.items() if name not in self.failed}
 
 
-def spread(rounds: int, taken: int) -> set[int]:
-    """``taken`` of ``rounds`` round numbers, evenly spread, the first included."""
-    taken = min(taken, rounds)
-    return {number * rounds // taken for number in range(taken)}
+def rates(
+    what: str,
+    running: Mapping[str, Running],
+    names: Iterable[str],
+    run: Callable[[str, Running], float],
+    repeats: int,
+    quiet: _timing.OutputTrap,
+    notes: Notes,
+) -> dict[str, float]:
+    """The median of ``repeats`` interleaved ``run(name, server)`` for each
+    of ``names``, each run after the server forgot what it recorded (untimed).
+    A server whose run fails is named in the notes and left out."""
 
+    def measure(name: str) -> _timing.Measurement:
+        def once() -> float:
+            item = running[name]
+            item.clear()
+            with quiet():
+                return run(name, item)
 
-def interleaved_rounds(
-    contenders: Mapping[str, _timing.Measurement], rounds: Mapping[str, int], total: int
-) -> dict[str, list[float]]:
-    """``_timing.interleaved``, with some contenders in fewer of the rounds."""
-    names = list(contenders)
-    taking = {name: spread(total, rounds[name]) for name in names}
-    results: dict[str, list[float]] = {name: [] for name in names}
-    for number in range(total):
-        present = [name for name in names if number in taking[name]]
-        shift = number % len(present)
-        for name in present[shift:] + present[:shift]:
-            results[name].append(contenders[name]())
-    return results
+        return once
 
-
-class CountingConnection(http.client.HTTPConnection):
-    """Counts the TCP connections http.client opens."""
-
-    connects = 0
-
-    def connect(self) -> None:
-        self.connects += 1
-        super().connect()
-
-
-class CountingHTTPSConnection(http.client.HTTPSConnection):
-    """Counts the TCP connections (each with a handshake) http.client opens."""
-
-    connects = 0
-
-    def connect(self) -> None:
-        self.connects += 1
-        super().connect()
-
-
-def connection(running: Running) -> CountingConnection | CountingHTTPSConnection:
-    if running.context is not None:
-        return CountingHTTPSConnection(HOST, running.port, timeout=10, context=running.context)
-    return CountingConnection(HOST, running.port, timeout=10)
-
-
-def check(running: Running, response: http.client.HTTPResponse, body: bytes, expected: bytes) -> None:
-    if response.status != 200 or body != expected:
-        raise RuntimeError(f"the server on port {running.port} answered {response.status} {body[:60]!r}")
-
-
-def gets(running: Running, path: str, expected: bytes, requests: int) -> int:
-    """``requests`` sequential GETs over one keep-alive connection; returns its connects."""
-    client = connection(running)
-    try:
-        for _ in range(requests):
-            client.request("GET", path)
-            response = client.getresponse()
-            check(running, response, response.read(), expected)
-    finally:
-        client.close()
-    return client.connects
+    guard = Guard(what, notes)
+    return guard.medians(_timing.interleaved({name: guard(name, measure(name)) for name in names}, repeats))
 
 
 def gets_new_connection(running: Running, path: str, expected: bytes, requests: int) -> int:
     """``requests`` sequential GETs, each on a connection of its own."""
     for _ in range(requests):
-        client = connection(running)
+        client = _http.connection(running.port, running.context)
         try:
             client.request("GET", path, headers={"Connection": "close"})
             response = client.getresponse()
-            check(running, response, response.read(), expected)
+            _http.check(running.port, response, response.read(), expected)
         finally:
             client.close()
     return requests
@@ -677,7 +587,7 @@ def gets_concurrently(running: Running, path: str, expected: bytes, requests: in
     """``requests`` GETs from ``HTTP_CLIENTS`` threads, each over its own
     keep-alive connection; returns the seconds from their start to the last one's end."""
     shares = [requests // HTTP_CLIENTS + (number < requests % HTTP_CLIENTS) for number in range(HTTP_CLIENTS)]
-    return in_threads([functools.partial(gets, running, path, expected, share) for share in shares])
+    return in_threads([functools.partial(running.gets, path, expected, share) for share in shares])
 
 
 def in_threads(work: Sequence[Callable[[], object]]) -> float:
@@ -733,6 +643,34 @@ def started(
                 notes.failed(name, f"{what}, stopping", exc)
 
 
+def on_each(
+    running: Mapping[str, Running],
+    action: Callable[[Running], T],
+    quiet: _timing.OutputTrap,
+    notes: Notes,
+    what: str,
+) -> dict[str, T]:
+    """``action`` on every server, output trapped; one whose action fails is
+    named in the notes (as ``what``) and left out. Returns what the action
+    returned for each of the others."""
+    done = {}
+    for name, item in running.items():
+        try:
+            with quiet():
+                done[name] = action(item)
+        except Exception as exc:
+            notes.failed(name, what, exc)
+    return done
+
+
+def serve_once(item: Running) -> None:
+    """Receive one message, or answer one GET; raise if the server does not."""
+    if item.received is not None:
+        bench_smtp.check_receives(item.port, item.received, timeout=SMTP_TIMEOUT)
+    else:
+        item.gets(item.provide(BODY), BODY, 1)
+
+
 def check_serves(
     kind: str, servers: Mapping[str, Startable], quiet: _timing.OutputTrap, notes: Notes
 ) -> dict[str, Startable]:
@@ -741,22 +679,8 @@ def check_serves(
     working = {}
     for name, server in servers.items():
         with started({name: server}, quiet, notes, f"{kind} warm-up") as running:
-            if name not in running:
-                continue
-            item = running[name]
-            try:
-                with quiet():
-                    if item.received is not None:
-                        sent = send(item.port, 1)
-                        count = arrived(item.received, 1)
-                        if sent.error is not None or count != 1:
-                            raise RuntimeError(f"does not receive mail: {sent.error or f'{count} arrived'}")
-                    else:
-                        gets(item, item.provide(BODY), BODY, 1)
-            except Exception as exc:
-                notes.failed(name, f"{kind} warm-up", exc)
-                continue
-        working[name] = server
+            if on_each(running, serve_once, quiet, notes, f"{kind} warm-up"):
+                working[name] = server
     return working
 
 
@@ -765,17 +689,13 @@ def warm_up(
 ) -> dict[str, str]:
     """Make each server answer ``body`` and GET it a few times; returns the
     path for each server that did."""
-    paths = {}
-    for name, item in running.items():
-        try:
-            with quiet():
-                path = item.provide(body)
-                gets(item, path, body, requests)
-        except Exception as exc:
-            notes.failed(name, f"{what}, warm-up", exc)
-            continue
-        paths[name] = path
-    return paths
+
+    def provide_and_get(item: Running) -> str:
+        path = item.provide(body)
+        item.gets(path, body, requests)
+        return path
+
+    return on_each(running, provide_and_get, quiet, notes, f"{what}, warm-up")
 
 
 # 1. setUp + tearDown.
@@ -811,9 +731,10 @@ def bench_lifecycle(
 
     servers = check_serves(kind, servers, quiet, notes)
     guard = Guard(f"{kind} setUp+tearDown", notes)
-    rounds = {name: arguments.slow_rounds if name in polling else arguments.rounds for name in servers}
-    results = interleaved_rounds(
-        {name: guard(name, cycle(name, server)) for name, server in servers.items()}, rounds, arguments.rounds
+    results = _timing.interleaved(
+        {name: guard(name, cycle(name, server)) for name, server in servers.items()},
+        arguments.rounds,
+        fewer={name: arguments.slow_rounds for name in servers if name in polling},
     )
     for name, count in left.items():
         notes.add(
@@ -845,7 +766,7 @@ def _new_connections(running: Running, path: str, requests: int) -> tuple[float,
 
 
 def _keep_alive(running: Running, path: str, requests: int) -> tuple[float, int | None]:
-    connects, seconds = _timing.timed(lambda: gets(running, path, BODY, requests))
+    connects, seconds = _timing.timed(lambda: running.gets(path, BODY, requests))
     return seconds, connects
 
 
@@ -860,6 +781,10 @@ HTTP_MODES: tuple[HTTPMode, ...] = (
 )
 
 
+def connects_note(what: str, connects: Mapping[str, int]) -> str:
+    return f"{what}: " + ", ".join(f"{name} {count}" for name, count in connects.items())
+
+
 def bench_http_throughput(
     kind: str,
     servers: Mapping[str, Startable],
@@ -871,35 +796,17 @@ def bench_http_throughput(
     connects: dict[str, int] = {}
     with started(servers, quiet, notes, f"{kind} GETs") as running:
         paths = warm_up(running, BODY, min(100, requests), quiet, notes, f"{kind} GETs")
-        for label, run in HTTP_MODES:
+        for label, mode in HTTP_MODES:
 
-            def throughput(name: str, run: Callable[..., tuple[float, int | None]] = run) -> _timing.Measurement:
-                def measure() -> float:
-                    item = running[name]
-                    item.clear()
-                    with quiet():
-                        seconds, count = run(item, paths[name], requests)
-                    if count is not None:
-                        connects[name] = count
-                    return requests / seconds
+            def run(name: str, item: Running, mode: Callable[..., tuple[float, int | None]] = mode) -> float:
+                seconds, count = mode(item, paths[name], requests)
+                if count is not None:
+                    connects[name] = count
+                return requests / seconds
 
-                return measure
-
-            guard = Guard(f"{kind} GETs, {label}", notes)
-            results = _timing.interleaved({name: guard(name, throughput(name)) for name in paths}, arguments.repeats)
-            rows.append(
-                PeerRow(
-                    f"{kind} GETs, {label}",
-                    guard.medians(results),
-                    "req/s",
-                    higher_is_better=True,
-                    target="throughput",
-                )
-            )
-    notes.add(
-        f"{kind}: TCP connections per {requests} GETs over one keep-alive connection: "
-        + ", ".join(f"{name} {count}" for name, count in connects.items())
-    )
+            what = f"{kind} GETs, {label}"
+            rows.append(PeerRow.rate(what, rates(what, running, paths, run, arguments.repeats, quiet, notes), "req/s"))
+    notes.add(connects_note(f"{kind}: TCP connections per {requests} GETs over one keep-alive connection", connects))
     return rows
 
 
@@ -911,61 +818,38 @@ def bench_transfer(
 ) -> PeerRow:
     data = os.urandom(FILE_SIZE)
     downloads = arguments.downloads
+    connects: dict[str, int] = {}
     with started(servers, quiet, notes, "1 MiB file") as running:
         paths = warm_up(running, data, 2, quiet, notes, "1 MiB file")
-        connects: dict[str, int] = {}
 
-        def transfer(name: str) -> _timing.Measurement:
-            def measure() -> float:
-                item = running[name]
-                item.clear()
-                with quiet():
-                    count, seconds = _timing.timed(lambda: gets(item, paths[name], data, downloads))
-                connects[name] = count
-                return downloads * FILE_SIZE / (1024 * 1024) / seconds
+        def run(name: str, item: Running) -> float:
+            connects[name], seconds = _timing.timed(lambda: item.gets(paths[name], data, downloads))
+            return downloads * FILE_SIZE / (1024 * 1024) / seconds
 
-            return measure
-
-        guard = Guard("1 MiB file", notes)
-        results = _timing.interleaved({name: guard(name, transfer(name)) for name in paths}, arguments.repeats)
-    notes.add(
-        f"1 MiB file: TCP connections per {downloads} downloads: "
-        + ", ".join(f"{name} {count}" for name, count in connects.items())
-    )
-    return PeerRow(
-        f"1 MiB file, {downloads} GETs, keep-alive",
-        guard.medians(results),
-        "MiB/s",
-        higher_is_better=True,
-        target="throughput",
-    )
+        values = rates("1 MiB file", running, paths, run, arguments.repeats, quiet, notes)
+    notes.add(connects_note(f"1 MiB file: TCP connections per {downloads} downloads", connects))
+    return PeerRow.rate(f"1 MiB file, {downloads} GETs, keep-alive", values, "MiB/s")
 
 
 # 4. SMTP messages per second.
 
+#: Seconds the sender waits for an answer: raised from bench_smtp's for slow peers.
+SMTP_TIMEOUT = 30.0
 
-def send(port: int, messages: int) -> Sent:
-    """bench_smtp's ``send``, with the sender's timeout raised for slow peers."""
-    sent = Sent()
-    try:
-        connection = smtplib.SMTP(HOST, port, timeout=30)
-        try:
-            for _ in range(messages):
-                connection.sendmail(SENDER, RECIPIENTS, MESSAGE)
-                sent.accepted += 1
-        finally:
-            connection.quit()
-    except (smtplib.SMTPException, OSError) as exc:
-        sent.error = f"{type(exc).__name__}: {exc}"
-    return sent
+
+def send(port: int, messages: int) -> tuple[float, Sent]:
+    """``messages`` over one connection; the seconds that took and what was sent."""
+    sent, seconds = _timing.timed(lambda: bench_smtp.send(port, messages, timeout=SMTP_TIMEOUT))
+    return seconds, sent
 
 
 def send_concurrently(port: int, messages: int) -> tuple[float, Sent]:
     """``messages`` from ``SMTP_SENDERS`` connections at once; seconds and the total sent."""
     shares = [messages // SMTP_SENDERS + (number < messages % SMTP_SENDERS) for number in range(SMTP_SENDERS)]
     sents: list[Sent] = []
+
     def sender(share: int) -> None:
-        sents.append(send(port, share))
+        sents.append(bench_smtp.send(port, share, timeout=SMTP_TIMEOUT))
 
     seconds = in_threads([functools.partial(sender, share) for share in shares])
     errors = [sent.error for sent in sents if sent.error is not None]
@@ -977,49 +861,31 @@ def bench_smtp_throughput(
 ) -> list[PeerRow]:
     messages, rows = arguments.messages, []
     modes: tuple[tuple[str, Callable[[int, int], tuple[float, Sent]]], ...] = (
-        ("one connection", lambda port, count: _timing.timed(lambda: send(port, count))[::-1]),
+        ("one connection", send),
         (f"{SMTP_SENDERS} senders", send_concurrently),
     )
     with started(servers, quiet, notes, "mail") as running:
         with quiet():
             for item in running.values():
                 send(item.port, min(100, messages))  # warm up; a failure shows in the runs
-        for label, run in modes:
+        for label, mode in modes:
             lost: dict[str, list[str]] = {name: [] for name in running}
 
-            def throughput(
+            def run(
                 name: str,
-                run: Callable[[int, int], tuple[float, Sent]] = run,
+                item: Running,
+                mode: Callable[[int, int], tuple[float, Sent]] = mode,
                 lost: dict[str, list[str]] = lost,
-            ) -> _timing.Measurement:
-                def measure() -> float:
-                    item = running[name]
-                    assert item.received is not None
-                    item.clear()
-                    with quiet():
-                        seconds, sent = run(item.port, messages)
-                        received = arrived(item.received, messages)
-                    if sent.error is not None or not sent.accepted == received == messages:
-                        problem = f"{received} of {messages} arrived"
-                        if sent.error is not None:
-                            problem += f", sending stopped after {sent.accepted} ({sent.error})"
-                        lost[name].append(problem)
-                    return sent.accepted / seconds
+            ) -> float:
+                assert item.received is not None
+                seconds, sent = mode(item.port, messages)
+                problem = sent.problem(messages, arrived(item.received, messages))
+                if problem is not None:
+                    lost[name].append(problem)
+                return sent.accepted / seconds
 
-                return measure
-
-            guard = Guard(f"mail, {label}", notes)
-            results = _timing.interleaved({name: guard(name, throughput(name)) for name in running}, arguments.repeats)
-            rows.append(
-                PeerRow(
-                    f"mail, {label}",
-                    guard.medians(results),
-                    "msg/s",
-                    higher_is_better=True,
-                    target="throughput",
-                    valid=not lost.get("serverlayer"),
-                )
-            )
+            values = rates(f"mail, {label}", running, running, run, arguments.repeats, quiet, notes)
+            rows.append(PeerRow.rate(f"mail, {label}", values, "msg/s", valid=not lost.get("serverlayer")))
             for name, problems in lost.items():
                 if problems:
                     notes.add(f"LOST MAIL, {name}, {label}: " + "; ".join(problems))
@@ -1059,7 +925,7 @@ def stop_all(running: Sequence[Running]) -> None:
 def memory_child(kind: str, package: str, count: int) -> int:
     """What the memory measure's processes run: set up ``count`` servers, report, tear down."""
     contender = next(item for item in contenders(kind) if item.package == package)
-    quiet, logged = _timing.OutputTrap(), LogTrap()
+    quiet, logged = _timing.OutputTrap(), _timing.LogTrap()
     running: list[Running] = []
     with logged.installed(LOGGERS), quiet():
         warm = contender.make(0)
@@ -1121,67 +987,43 @@ def bench_memory(count: int, notes: Notes) -> list[PeerRow]:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--rounds", type=int, default=20, help="setUp+tearDown rounds per layer kind (default 20)"
+    arguments = _timing.options(
+        __doc__, COUNTS, "3 rounds (1 slow), 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers", argv
     )
-    parser.add_argument(
-        "--slow-rounds",
-        type=int,
-        default=5,
-        help="of those, the rounds peers whose stop polls every 0.5 s take part in (default 5)",
-    )
-    parser.add_argument(
-        "--requests", type=int, default=2000, help="GETs per HTTP throughput run (default 2000)"
-    )
-    parser.add_argument(
-        "--downloads", type=int, default=200, help="1 MiB downloads per transfer run (default 200)"
-    )
-    parser.add_argument(
-        "--messages", type=int, default=500, help="messages per SMTP throughput run (default 500)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="throughput runs per contender (default 3)"
-    )
-    parser.add_argument(
-        "--servers", type=int, default=50, help="servers set up at once per memory process (default 50)"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 3 rounds (1 slow), 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers",
-    )
-    arguments = parser.parse_args(argv)
-    if arguments.quick:
-        arguments.rounds, arguments.slow_rounds, arguments.requests, arguments.repeats = 3, 1, 200, 2
-        arguments.downloads, arguments.messages, arguments.servers = 20, 100, 5
-    for option in ("rounds", "slow_rounds", "requests", "downloads", "messages", "repeats", "servers"):
-        if getattr(arguments, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be at least 1")
     arguments.slow_rounds = min(arguments.slow_rounds, arguments.rounds)
     return arguments
 
 
-def versions() -> str:
-    names = (
-        "waitress",
-        "gocept.httpserverlayer",
-        "pytest-localserver",
-        "pytest-httpserver",
-        "werkzeug",
-        "aiosmtpd",
-        "WebTest",
-    )
-    found = [f"{name} {importlib.metadata.version(name)}" for name in names]
-    return ", ".join([f"serverlayer {serverlayer.__version__}", *found])
-
-
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    _timing.print_environment(
+
+    def measure(quiet: _timing.OutputTrap) -> _timing.Findings:
+        notes = Notes()
+        servers = {kind: {c.package: c.make(0) for c in contenders(kind)} for kind in KINDS}
+        polling = {kind: {c.package for c in contenders(kind) if c.polls} for kind in KINDS}
+        with quiet():
+            PeerTLS.get()
+        rows = [bench_lifecycle(kind, servers[kind], polling[kind], arguments, quiet, notes) for kind in KINDS]
+        for kind in ("wsgi", "content"):
+            rows += bench_http_throughput(kind, servers[kind], arguments, quiet, notes)
+        transfer = {package: servers[kind][package] for package, kind in TRANSFER}
+        rows.append(bench_transfer(transfer, arguments, quiet, notes))
+        rows += bench_smtp_throughput(servers["smtp"], arguments, quiet, notes)
+        rows += bench_memory(arguments.servers, notes)
+        return _timing.Findings(peer_table(rows), notes.lines)
+
+    return _timing.report(
         "serverlayer vs its peers on the same work (medians, interleaved)",
         {
-            "packages": versions(),
+            "packages": _timing.versions(
+                "waitress",
+                "gocept.httpserverlayer",
+                "pytest-localserver",
+                "pytest-httpserver",
+                "werkzeug",
+                "aiosmtpd",
+                "WebTest",
+            ),
             "counts": (
                 f"{arguments.rounds} setUp+tearDown rounds per kind ({arguments.slow_rounds} for peers"
                 f" polling every 0.5 s); {arguments.repeats} x {arguments.requests} GETs,"
@@ -1189,49 +1031,20 @@ def main(argv: list[str] | None = None) -> int:
                 f" {arguments.servers} servers per memory process"
             ),
         },
+        measure,
+        [
+            "best peer / slowest peer: the peer that does best / worst, and how many times better",
+            "  serverlayer does than it (shorter time, more per second, less memory); above 1",
+            "  serverlayer is ahead; '-': no peer can do the work, or no target",
+            "columns: gocept = gocept.httpserverlayer layers; localserver = pytest-localserver WSGIServer,"
+            " ContentServer, smtp.Server; httpserver = pytest-httpserver HTTPServer; aiosmtpd = a bare"
+            " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server)",
+            f"rounds: peers whose stop waits for a 0.5 s poll (gocept; localserver's and httpserver's HTTP"
+            f" servers) took part in {arguments.slow_rounds} of the {arguments.rounds} rounds, spread evenly",
+        ],
+        printed_by="servers",
+        loggers=LOGGERS,
     )
-    quiet = _timing.OutputTrap()
-    logged = LogTrap()
-    notes = Notes()
-    load = MachineLoad()
-    servers = {kind: {c.package: c.make(0) for c in contenders(kind)} for kind in KINDS}
-    polling = {kind: {c.package for c in contenders(kind) if c.polls} for kind in KINDS}
-    rows = []
-    with logged.installed(LOGGERS):
-        with quiet():
-            PeerTLS.get()
-        for kind in KINDS:
-            rows.append(bench_lifecycle(kind, servers[kind], polling[kind], arguments, quiet, notes))
-        for kind in ("wsgi", "content"):
-            rows += bench_http_throughput(kind, servers[kind], arguments, quiet, notes)
-        transfer = {package: servers[kind][package] for package, kind in TRANSFER}
-        rows.append(bench_transfer(transfer, arguments, quiet, notes))
-        rows += bench_smtp_throughput(servers["smtp"], arguments, quiet, notes)
-    rows += bench_memory(arguments.servers, notes)
-    print_peer_table(rows)
-    print()
-    print("best peer / slowest peer: the peer that does best / worst, and how many times better")
-    print("  serverlayer does than it (shorter time, more per second, less memory); above 1")
-    print("  serverlayer is ahead; '-': no peer can do the work, or no target")
-    print(
-        "columns: gocept = gocept.httpserverlayer layers; localserver = pytest-localserver WSGIServer,"
-        " ContentServer, smtp.Server; httpserver = pytest-httpserver HTTPServer; aiosmtpd = a bare"
-        " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server)"
-    )
-    print(
-        f"rounds: peers whose stop waits for a 0.5 s poll (gocept; localserver's and httpserver's HTTP"
-        f" servers) took part in {arguments.slow_rounds} of the {arguments.rounds} rounds, spread evenly"
-    )
-    for line in notes.lines:
-        print(line)
-    _timing.print_machine_load(load)
-    if quiet.text:
-        print(f"suppressed {len(quiet.text)} characters the servers printed; first line:")
-        print(f"  {quiet.text.splitlines()[0][:200]}")
-    if logged.count:
-        print(f"suppressed {logged.count} log records of {', '.join(LOGGERS)}; first:")
-        print(f"  {logged.first_line()[:200]}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,15 +31,12 @@ whether targets are met or not.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib.metadata
-import logging
+import functools
 import smtplib
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,18 +60,18 @@ PEER = "aiosmtpd Controller"
 ARRIVAL_TIMEOUT = 2.0
 #: What aiosmtpd and its event loops log to.
 LOGGERS = ("mail.log", "asyncio")
+COUNTS = (
+    _timing.Count("rounds", 50, 3, "setUp+tearDown rounds per package"),
+    _timing.Count("messages", 500, 100, "messages per throughput run"),
+    _timing.Count("repeats", 5, 2, "throughput runs per package"),
+)
 
 try:
     from aiosmtpd.controller import Controller
 
-    import serverlayer
     import serverlayer.smtp
 except ImportError as exc:
-    sys.exit(
-        f"bench_smtp: {exc}\n"
-        "Install serverlayer with its benchmark extras from the checkout:"
-        " pip install -e '.[bench]'"
-    )
+    _timing.missing_extras("bench_smtp", exc)
 
 
 class StoringHandler:
@@ -88,48 +85,44 @@ class StoringHandler:
         return "250 OK"
 
 
-class LogTrap(logging.Handler):
-    """Keeps what the servers log off the terminal, and counts it.
-
-    Without a handler of their own, warnings logged to ``mail.log`` from a
-    server thread would reach logging's last resort, which prints to
-    stderr at that moment, whether or not an ``OutputTrap`` is set. The
-    loggers keep their levels, so the servers do no more logging work than
-    they would in a test run.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @contextlib.contextmanager
-    def installed(self, names: tuple[str, ...]) -> Iterator[None]:
-        loggers = [logging.getLogger(name) for name in names]
-        propagate = [logger.propagate for logger in loggers]
-        for logger in loggers:
-            logger.addHandler(self)
-            logger.propagate = False
-        try:
-            yield
-        finally:
-            for logger, was_propagating in zip(loggers, propagate, strict=True):
-                logger.removeHandler(self)
-                logger.propagate = was_propagating
-
-    def first_line(self) -> str:
-        record = self.records[0]
-        return f"{record.name} {record.levelname}: {record.getMessage()}".splitlines()[0]
-
-
 def free_port() -> int:
     """A port nothing listens on now: bind port 0, note the port, close."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class Peer:
+    """The peer dressed as the layer, so that both take the same measures:
+    ``setUp`` starts a new Controller (one can neither listen on port 0 nor
+    start twice) and its ``smtp_port`` and ``outbox`` (the handler's
+    envelopes) are items, as the layer's are."""
+
+    def __init__(self) -> None:
+        self.handler = StoringHandler()
+        self.port = 0
+        self.controller: Any = None
+
+    def prepare(self) -> None:
+        """A new handler and a free port: what ``setUp`` does before starting
+        the Controller, and what the set-up measure leaves untimed."""
+        self.handler = StoringHandler()
+        self.port = free_port()
+
+    def start(self) -> None:
+        self.controller = Controller(self.handler, hostname=HOST, port=self.port)
+        self.controller.start()
+
+    def setUp(self) -> None:
+        self.prepare()
+        self.start()
+
+    def tearDown(self) -> None:
+        self.controller.stop()
+
+    def __getitem__(self, name: str) -> Any:
+        return {"smtp_port": self.port, "outbox": self.handler.envelopes}[name]
 
 
 @dataclass
@@ -139,8 +132,17 @@ class Sent:
     accepted: int = 0
     error: str | None = None
 
+    def problem(self, messages: int, received: int) -> str | None:
+        """What went wrong when ``messages`` were sent and ``received`` arrived, if anything."""
+        if self.accepted == messages == received and self.error is None:
+            return None
+        problem = f"{received} of {messages} arrived"
+        if self.error is not None:
+            problem += f", sending stopped after {self.accepted} ({self.error})"
+        return problem
 
-def send(port: int, messages: int) -> Sent:
+
+def send(port: int, messages: int, timeout: float = 10) -> Sent:
     """Send ``messages`` messages over one SMTP connection, then QUIT.
 
     A refusal or a broken connection ends the run; it is recorded, not
@@ -148,7 +150,7 @@ def send(port: int, messages: int) -> Sent:
     """
     sent = Sent()
     try:
-        connection = smtplib.SMTP(HOST, port, timeout=10)
+        connection = smtplib.SMTP(HOST, port, timeout=timeout)
         try:
             for _ in range(messages):
                 connection.sendmail(SENDER, RECIPIENTS, MESSAGE)
@@ -168,75 +170,41 @@ def arrived(count: Callable[[], int], expected: int) -> int:
     return count()
 
 
-class Peer:
-    """A started Controller with its handler; stopped again by ``close``."""
-
-    def __init__(self) -> None:
-        self.handler = StoringHandler()
-        self.port = free_port()
-        self.controller = Controller(self.handler, hostname=HOST, port=self.port)
-        self.controller.start()
-
-    def close(self) -> None:
-        self.controller.stop()
+def check_receives(port: int, count: Callable[[], int], timeout: float = 10) -> None:
+    """Send one message and see it arrive; raise if it does not."""
+    sent = send(port, 1, timeout)
+    received = arrived(count, 1)
+    if sent.error is not None or received != 1:
+        raise RuntimeError(f"does not receive mail: {sent.error or f'{received} arrived'}")
 
 
-def check_serves(layer: Any, quiet: _timing.OutputTrap) -> None:
-    """Set up, send one message, tear down: a warm-up that proves both receive mail."""
-    with quiet():
-        layer.setUp()
+def check_serves(servers: dict[str, Any], quiet: _timing.OutputTrap) -> None:
+    """Set up, send one message, tear down: a warm-up that proves each receives mail."""
+    for name, server in servers.items():
         try:
-            sent = send(layer["smtp_port"], 1)
-            received = arrived(lambda: len(layer["outbox"]), 1)
-        finally:
-            layer.tearDown()
-        peer = Peer()
-        try:
-            peer_sent = send(peer.port, 1)
-            peer_received = arrived(lambda: len(peer.handler.envelopes), 1)
-        finally:
-            peer.close()
-    for name, attempt, count in (
-        ("serverlayer", sent, received),
-        (PEER, peer_sent, peer_received),
-    ):
-        if attempt.error is not None or count != 1:
-            raise RuntimeError(f"{name} does not receive mail: {attempt.error or f'{count} arrived'}")
+            with quiet(), _timing.all_set_up(quiet, [server]):
+                check_receives(server["smtp_port"], functools.partial(len, server["outbox"]))
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name} {exc}") from exc
 
 
-def bench_setup_teardown(
-    layer: Any, rounds: int, quiet: _timing.OutputTrap
-) -> _timing.Row:
-    def ours() -> float:
-        def set_up_and_tear_down() -> None:
-            layer.setUp()
-            layer.tearDown()
+def bench_setup_teardown(layer: Any, rounds: int, quiet: _timing.OutputTrap) -> _timing.Row:
+    peer = Peer()
 
-        with quiet():
-            return _timing.elapsed(set_up_and_tear_down) * 1000
-
-    def peer() -> float:
-        handler = StoringHandler()
-        port = free_port()
-
+    def start_and_stop_peer() -> float:
         def start_and_stop() -> None:
-            controller = Controller(handler, hostname=HOST, port=port)
-            controller.start()
-            controller.stop()
+            peer.start()
+            peer.tearDown()
 
+        peer.prepare()  # finding a free port is not timed
         with quiet():
             return _timing.elapsed(start_and_stop) * 1000
 
-    check_serves(layer, quiet)
-    results = _timing.interleaved({"ours": ours, "peer": peer}, rounds)
-    ours_ms, peer_ms = _timing.median(results["ours"]), _timing.median(results["peer"])
-    return _timing.Row(
-        measure="setUp+tearDown",
-        ours=f"{ours_ms:.2f} ms",
-        peer=f"{peer_ms:.2f} ms",
-        ratio=peer_ms / ours_ms,
-        target=f"<= {SETUP_TEARDOWN_TARGET_MS:g} ms",
-        met=ours_ms <= SETUP_TEARDOWN_TARGET_MS,
+    check_serves({"serverlayer": layer, PEER: peer}, quiet)
+    results = _timing.interleaved({"ours": _timing.lifecycle(layer, quiet), "peer": start_and_stop_peer}, rounds)
+    ms = _timing.medians(results)
+    return _timing.lifecycle_row(
+        "setUp+tearDown", ms["ours"], ms["peer"], ratio=ms["peer"] / ms["ours"], target_ms=SETUP_TEARDOWN_TARGET_MS
     )
 
 
@@ -245,14 +213,6 @@ class Losses:
     """Throughput runs in which mail went missing, per contender."""
 
     runs: dict[str, list[str]] = field(default_factory=lambda: {"ours": [], "peer": []})
-
-    def record(self, name: str, run: int, messages: int, sent: Sent, received: int) -> None:
-        if sent.accepted == messages == received and sent.error is None:
-            return
-        problem = f"run {run}: {received} of {messages} arrived"
-        if sent.error is not None:
-            problem += f", sending stopped after {sent.accepted} ({sent.error})"
-        self.runs[name].append(problem)
 
     def lines(self, messages: int, repeats: int) -> list[str]:
         lines = []
@@ -270,47 +230,32 @@ def bench_throughput(
     losses = Losses()
     runs = {"ours": 0, "peer": 0}
 
-    def throughput(name: str, port: int, count: Callable[[], int], clear: Callable[[], None]) -> _timing.Measurement:
-        def measure() -> float:
-            runs[name] += 1
-            clear()
-            with quiet():
-                sent, seconds = _timing.timed(lambda: send(port, messages))
-                received = arrived(count, messages)
-            losses.record(name, runs[name], messages, sent, received)
-            return sent.accepted / seconds
-
-        return measure
-
-    with quiet():
-        layer.setUp()
-        try:
-            peer = Peer()
-        except BaseException:
-            layer.tearDown()
-            raise
-    try:
-        outbox, envelopes = layer["outbox"], peer.handler.envelopes
+    def run(name: str, server: Any) -> float:
+        runs[name] += 1
+        outbox = server["outbox"]
+        outbox.clear()
         with quiet():
-            for port in (layer["smtp_port"], peer.port):
-                send(port, min(100, messages))  # warm up
-        results = _timing.interleaved(
-            {
-                "ours": throughput("ours", layer["smtp_port"], lambda: len(outbox), outbox.clear),
-                "peer": throughput("peer", peer.port, lambda: len(envelopes), envelopes.clear),
-            },
-            repeats,
-        )
-    finally:
-        with quiet():
-            peer.close()
-            layer.tearDown()
-    ours, peer_rate = _timing.median(results["ours"]), _timing.median(results["peer"])
-    ratio = ours / peer_rate if peer_rate else float("inf")
-    row = _timing.Row(
-        measure=f"{messages} messages, one SMTP connection",
-        ours=f"{ours:,.0f} msg/s",
-        peer=f"{peer_rate:,.0f} msg/s",
+            sent, seconds = _timing.timed(lambda: send(server["smtp_port"], messages))
+            received = arrived(lambda: len(outbox), messages)
+        problem = sent.problem(messages, received)
+        if problem is not None:
+            losses.runs[name].append(f"run {runs[name]}: {problem}")
+        return sent.accepted / seconds
+
+    rates = _timing.rate_medians(
+        {"ours": layer, "peer": Peer()},
+        run,
+        repeats,
+        quiet,
+        warm_up=lambda server: send(server["smtp_port"], min(100, messages)),
+    )
+    ours, peer = rates["ours"], rates["peer"]
+    ratio = ours / peer if peer else float("inf")
+    row = _timing.rate_row(
+        f"{messages} messages, one SMTP connection",
+        ours,
+        peer,
+        "msg/s",
         ratio=ratio,
         target=f">= {THROUGHPUT_TARGET_RATIO:g}x {PEER}",
         met=ratio >= THROUGHPUT_TARGET_RATIO and not losses.runs["ours"],
@@ -318,65 +263,29 @@ def bench_throughput(
     return row, losses.lines(messages, repeats)
 
 
-def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--rounds", type=int, default=50, help="setUp+tearDown rounds per package (default 50)"
-    )
-    parser.add_argument(
-        "--messages", type=int, default=500, help="messages per throughput run (default 500)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="throughput runs per package (default 5)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 3 rounds, 2 runs of 100 messages"
-    )
-    arguments = parser.parse_args(argv)
-    if arguments.quick:
-        arguments.rounds, arguments.messages, arguments.repeats = 3, 100, 2
-    for option in ("rounds", "messages", "repeats"):
-        if getattr(arguments, option) < 1:
-            parser.error(f"--{option} must be at least 1")
-    return arguments
-
-
 def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    _timing.print_environment(
+    arguments = _timing.options(__doc__, COUNTS, "3 rounds, 2 runs of 100 messages", argv)
+
+    def measure(quiet: _timing.OutputTrap) -> _timing.Findings:
+        layer = serverlayer.smtp.Layer(name="BENCH_SMTP", host=HOST)
+        setup_row = bench_setup_teardown(layer, arguments.rounds, quiet)
+        throughput_row, notes = bench_throughput(layer, arguments.messages, arguments.repeats, quiet)
+        return _timing.Findings(_timing.table([setup_row, throughput_row], peer=PEER), notes)
+
+    return _timing.report(
         "SMTP layer: serverlayer vs a bare aiosmtpd Controller (medians, interleaved)",
         {
-            "packages": (
-                f"serverlayer {serverlayer.__version__},"
-                f" aiosmtpd {importlib.metadata.version('aiosmtpd')}"
-            ),
+            "packages": _timing.versions("aiosmtpd"),
             "counts": (
                 f"{arguments.rounds} setUp+tearDown rounds per package;"
                 f" {arguments.repeats} x {arguments.messages} messages"
             ),
         },
+        measure,
+        ["ratio: how many times better serverlayer does (shorter time, more messages/s)"],
+        printed_by="servers",
+        loggers=LOGGERS,
     )
-    quiet = _timing.OutputTrap()
-    logged = LogTrap()
-    load = _timing.MachineLoad()
-    layer = serverlayer.smtp.Layer(name="BENCH_SMTP", host=HOST)
-    with logged.installed(LOGGERS):
-        rows = [bench_setup_teardown(layer, arguments.rounds, quiet)]
-        throughput_row, notes = bench_throughput(layer, arguments.messages, arguments.repeats, quiet)
-    rows.append(throughput_row)
-    _timing.print_table(rows, peer=PEER)
-    print()
-    print("ratio: how many times better serverlayer does (shorter time, more messages/s)")
-    for note in notes:
-        print(note)
-    _timing.print_machine_load(load)
-    if quiet.text:
-        print(f"suppressed {len(quiet.text)} characters the servers printed; first line:")
-        print(f"  {quiet.text.splitlines()[0][:200]}")
-    if logged.records:
-        print(f"suppressed {len(logged.records)} log records of {', '.join(LOGGERS)}; first:")
-        print(f"  {logged.first_line()[:200]}")
-    return 0
 
 
 if __name__ == "__main__":
