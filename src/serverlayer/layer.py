@@ -207,8 +207,8 @@ class ServerLayer(plone.testing.Layer):
         try:
             host, port, source = self.listen_address()
             sock = self._socket = bind(host, port, owner=repr(self), source=source)
-            server = self.build_server(sock, host)
             bound_port = sock.getsockname()[1]
+            server = self.build_server(sock, host)
             running = ServerThread(
                 server, name=f"serverlayer {self.__module__}.{self.__name__}"
             )

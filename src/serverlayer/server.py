@@ -182,6 +182,30 @@ class ServerThread:
         self.server.release(timeout)
 
 
+class _RememberingSocket(socket.socket):
+    """A listening socket that remembers the connections it accepted.
+
+    asyncio hands a TLS connection to its protocol only once the handshake
+    is done; one still shaking hands when the server stops would otherwise
+    be left for the garbage collector to close.
+    """
+
+    accepted: set[socket.socket]
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        connection, address = super().accept()
+        self.accepted = {known for known in self.accepted if known.fileno() != -1}
+        self.accepted.add(connection)
+        return connection, address
+
+
+def remembering(sock: socket.socket) -> _RememberingSocket:
+    """``sock``, as a socket that remembers what it accepts (it takes the descriptor over)."""
+    listening = _RememberingSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    listening.accepted = set()
+    return listening
+
+
 class AsyncioServer:
     """A ``Server`` whose connections are served by an asyncio event loop of its own.
 
@@ -191,7 +215,7 @@ class AsyncioServer:
     """
 
     def __init__(self, sock: socket.socket, *, errors: ErrorLog) -> None:
-        self.socket = sock
+        self.socket = remembering(sock)
         self.errors = errors
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_exception)
@@ -232,6 +256,8 @@ class AsyncioServer:
             self.loop.run_until_complete(server.wait_closed())
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+        for connection in self.socket.accepted:
+            connection.close()
 
     def wait_quiet(self, timeout: float) -> bool:
         return True  # handlers run on the loop and report before they answer

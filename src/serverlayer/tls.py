@@ -177,6 +177,8 @@ class TLSFront(AsyncioServer):
         finally:
             for writer in (client_writer, backend_writer):
                 writer.close()
+            for writer in (client_writer, backend_writer):
+                await _closed(writer)
                 self.transports.discard(writer.transport)  # type: ignore[arg-type]
 
     def wait_quiet(self, timeout: float) -> bool:
@@ -186,6 +188,19 @@ class TLSFront(AsyncioServer):
         super().release(timeout)
         self._backend_thread.stop(timeout=timeout)
         self._backend_socket.close()
+
+
+#: How long a connection may take to finish its TLS shutdown before it is cut.
+CLOSE_TIMEOUT = 1.0
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Wait until ``writer``'s connection is closed, cutting it if its peer
+    never finishes the TLS shutdown; its socket must not outlive it."""
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+        writer.transport.abort()
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
