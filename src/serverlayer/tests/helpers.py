@@ -31,6 +31,29 @@ def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> b
     return b"".join(chunks)
 
 
+def run_example_modules(
+    files: dict[str, str], *python_options: str
+) -> subprocess.CompletedProcess[str]:
+    """Write ``files`` into a fresh ``tests`` package and run zope.testrunner on
+    it in a new process, as a user would run a project of theirs."""
+    import tempfile
+    from pathlib import Path
+
+    environment = {key: value for key, value in os.environ.items() if key != "SERVERLAYER_VERBOSE"}
+    environment["PYTHONPATH"] = os.pathsep.join(sys.path)
+    with tempfile.TemporaryDirectory() as directory:
+        package = Path(directory, "examples_under_test", "tests")
+        package.mkdir(parents=True)
+        (package.parent / "__init__.py").write_text("")
+        (package / "__init__.py").write_text("")
+        for name, text in files.items():
+            (package / name).write_text(text)
+        return subprocess.run(
+            [sys.executable, "-W", "error", *python_options, "-m", "zope.testrunner", "--path", directory],
+            capture_output=True, text=True, timeout=120, env=environment,
+        )
+
+
 def run_testrunner(sample: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run zope.testrunner in a fresh process on ``samples/<sample>``."""
     # The child must import what this process imports, however it was set up

@@ -4,13 +4,11 @@ when zope.testrunner runs them the way a user would."""
 from __future__ import annotations
 
 import doctest
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import unittest
 from pathlib import Path
+
+from serverlayer.tests.helpers import run_example_modules
 
 README = Path(__file__).resolve().parents[3] / "README.rst"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.MULTILINE)
@@ -35,19 +33,7 @@ class ExampleModuleTests(unittest.TestCase):
     def test_example_modules_pass_under_zope_testrunner(self):
         modules = example_modules()
         expected_tests = sum(code.count("\n    def test_") for code in modules.values())
-        with tempfile.TemporaryDirectory() as directory:
-            package = Path(directory, "readme_examples", "tests")
-            package.mkdir(parents=True)
-            (package.parent / "__init__.py").write_text("")
-            (package / "__init__.py").write_text("")
-            for name, code in modules.items():
-                (package / name).write_text(code)
-            environment = {key: value for key, value in os.environ.items() if key != "SERVERLAYER_VERBOSE"}
-            environment["PYTHONPATH"] = os.pathsep.join(sys.path)
-            completed = subprocess.run(
-                [sys.executable, "-W", "error", "-m", "zope.testrunner", "--path", directory],
-                capture_output=True, text=True, timeout=120, env=environment,
-            )
+        completed = run_example_modules(modules)
         output = completed.stdout + completed.stderr
         self.assertEqual(completed.returncode, 0, output)
         self.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)

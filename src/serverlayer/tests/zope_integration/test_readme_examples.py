@@ -5,13 +5,11 @@ they load, run under zope.testrunner as a user would run them."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import unittest
 from pathlib import Path
+
+from serverlayer.tests.helpers import run_example_modules
 
 README = Path(__file__).resolve().parents[4] / "README.rst"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: (python|xml)\n\n((?:    .*\n|\n)+)", re.MULTILINE)
@@ -41,19 +39,7 @@ class ReadmeZopeExampleTests(unittest.TestCase):
             ["test_zope_site.py", "test_ztk_app.py"],
         )
         expected_tests = sum(text.count("\n    def test_") for text in files.values())
-        with tempfile.TemporaryDirectory() as directory:
-            package = Path(directory, "readme_zope_examples", "tests")
-            package.mkdir(parents=True)
-            (package.parent / "__init__.py").write_text("")
-            (package / "__init__.py").write_text("")
-            for name, text in files.items():
-                (package / name).write_text(text)
-            environment = {key: value for key, value in os.environ.items() if key != "SERVERLAYER_VERBOSE"}
-            environment["PYTHONPATH"] = os.pathsep.join(sys.path)
-            completed = subprocess.run(
-                [sys.executable, "-W", "error", *WARNING_FILTERS, "-m", "zope.testrunner", "--path", directory],
-                capture_output=True, text=True, timeout=120, env=environment,
-            )
+        completed = run_example_modules(files, *WARNING_FILTERS)
         output = completed.stdout + completed.stderr
         self.assertEqual(completed.returncode, 0, output)
         self.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)
