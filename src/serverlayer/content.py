@@ -336,11 +336,12 @@ class HTTPContent:
 
 
 def _closest(expectation: Expectation, requests: Iterable[RecordedRequest], shown: int = 3) -> str:
-    ranked = sorted(requests, key=lambda request: len(expectation.differences(request)))
-    near = [request for request in ranked if expectation.differences(request)][:shown]
-    if not near:
-        return "" if expectation.count else "; no requests arrived at all" if not ranked else ""
-    lines = [f"    {request.summary()}: {'; '.join(expectation.differences(request))}" for request in near]
+    """The requests that came nearest to ``expectation``, fewest differences first."""
+    differing = [(request, found) for request in requests if (found := expectation.differences(request))]
+    if not differing:
+        return "" if expectation.count else "; no requests arrived at all"
+    near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
+    lines = [f"    {request.summary()}: {'; '.join(found)}" for request, found in near]
     return ".\n  Closest requests that arrived:\n" + "\n".join(lines)
 
 

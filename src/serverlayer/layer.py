@@ -347,6 +347,8 @@ class HTTPLayer(ServerLayer):
     def build_server(self, sock: socket.socket, host: str) -> Server:
         if not self.tls:
             return self.make_server(sock)
+        # Imported here, as below: trustme, and with it cryptography, only
+        # for layers that use TLS.
         from serverlayer import tls
 
         backend_socket = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")

@@ -94,7 +94,7 @@ class RecordingMiddleware:
         body = environ["wsgi.input"].read(int(length)) if length.isdigit() else b""
         environ["wsgi.input"] = io.BytesIO(body)
         headers = tuple(
-            (key[5:].replace("_", "-").title() if key.startswith("HTTP_") else key.replace("_", "-").title(), value)
+            (key.removeprefix("HTTP_").replace("_", "-").title(), value)
             for key, value in environ.items()
             if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value)
         )

@@ -244,8 +244,6 @@ class SwitchedOffServerErrorsTests(unittest.TestCase):
         layer = content.Layer(name="no_error_reports", report_server_errors=False)
         layer.setUp()
         self.addCleanup(layer.tearDown)
-        outcome = []
-
         class Inner(unittest.TestCase):
             def test_it(inner):
                 layer.testSetUp()

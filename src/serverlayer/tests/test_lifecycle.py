@@ -55,10 +55,10 @@ class Running:
 class WhereItListensTests(unittest.TestCase):
 
     def setUp(self):
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
         for name in ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST", "SERVERLAYER_HTTP_PUBLIC_HOST"):
-            patcher = mock.patch.dict(os.environ)
-            patcher.start()
-            self.addCleanup(patcher.stop)
             os.environ.pop(name, None)
 
     def test_binds_loopback_and_a_free_port_by_default(self):
@@ -94,7 +94,7 @@ class WhereItListensTests(unittest.TestCase):
         layer = wsgi.Layer(hello_app, name="host_from_environment")
         with Running(layer):
             self.assertEqual(layer["http_host"], "localhost")
-            self.assertIn(fetch(layer["http_url"]), [f"hello from {layer['http_port']}".encode()])
+            self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
 
     def test_gocept_host_variable_is_honoured(self):
         os.environ["GOCEPT_HTTP_APP_HOST"] = "localhost"
