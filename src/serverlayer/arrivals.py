@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import ClassVar, Generic, TypeVar, overload
 
 from serverlayer.errors import WaitTimeoutError
 
 T = TypeVar("T")
+
+
+class Unread(Generic[T]):
+    """An arrival as the server stored it, made into what tests see only
+    when a test first reads it: the server answers its client sooner when
+    it does no more than store what arrived."""
+
+    __slots__ = ()
+
+    def parse(self) -> T:
+        raise NotImplementedError
 
 
 class Arrivals(Sequence[T], Generic[T]):
@@ -25,10 +36,12 @@ class Arrivals(Sequence[T], Generic[T]):
     timeout_error: ClassVar[type[WaitTimeoutError]] = WaitTimeoutError
 
     def __init__(self) -> None:
-        self._items: list[Any] = []
+        self._items: list[T | Unread[T]] = []
+        #: How many items from the start are parsed already.
+        self._parsed = 0
         self._changed = threading.Condition()
 
-    def append(self, item: Any) -> None:
+    def append(self, item: T | Unread[T]) -> None:
         with self._changed:
             self._items.append(item)
             self._changed.notify_all()
@@ -36,10 +49,17 @@ class Arrivals(Sequence[T], Generic[T]):
     def clear(self) -> None:
         with self._changed:
             self._items.clear()
+            self._parsed = 0
 
     def _ready(self) -> list[T]:
         """The items as tests see them; called with the lock held."""
-        return self._items
+        items = self._items
+        for index in range(self._parsed, len(items)):
+            item = items[index]
+            if isinstance(item, Unread):
+                items[index] = item.parse()
+        self._parsed = len(items)
+        return items  # type: ignore[return-value]  # every item is parsed now
 
     def __len__(self) -> int:
         return len(self._items)

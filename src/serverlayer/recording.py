@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from serverlayer.arrivals import Arrivals
+from serverlayer.arrivals import Arrivals, Unread
 from serverlayer.errors import RequestTimeoutError
 
 
@@ -75,11 +75,37 @@ class RequestLog(Arrivals[RecordedRequest]):
 
 def split_target(target: str) -> tuple[str, str]:
     """Path and query of a request target (origin or absolute form)."""
-    parts = urllib.parse.urlsplit(target)
-    if parts.scheme:  # absolute form: http://host/path?query
-        return parts.path or "/", parts.query
+    if not target.startswith("/"):  # absolute form: http://host/path?query
+        parts = urllib.parse.urlsplit(target)
+        if parts.scheme:
+            return parts.path or "/", parts.query
     path, _, query = target.partition("?")
     return path, query
+
+
+#: WSGI variables that hold the connection's objects, which the request
+#: log must not keep alive.
+CONNECTION_VARIABLES = ("wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "waitress.client_disconnected")
+
+
+class _UnreadEnviron(Unread[RecordedRequest]):
+    """A WSGI request as its CGI variables, until a test reads it."""
+
+    __slots__ = ("variables", "body")
+
+    def __init__(self, variables: dict[str, Any], body: bytes) -> None:
+        self.variables = variables
+        self.body = body
+
+    def parse(self) -> RecordedRequest:
+        variables = self.variables
+        headers = tuple(
+            (key.removeprefix("HTTP_").replace("_", "-").title(), value)
+            for key, value in variables.items()
+            if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value)
+        )
+        path, query = split_target(variables.get("REQUEST_URI") or variables.get("PATH_INFO", "/"))
+        return RecordedRequest(variables["REQUEST_METHOD"], path, query, headers, self.body)
 
 
 class RecordingMiddleware:
@@ -91,15 +117,14 @@ class RecordingMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         length = environ.get("CONTENT_LENGTH") or ""
-        body = environ["wsgi.input"].read(int(length)) if length.isdigit() else b""
-        environ["wsgi.input"] = io.BytesIO(body)
-        headers = tuple(
-            (key.removeprefix("HTTP_").replace("_", "-").title(), value)
-            for key, value in environ.items()
-            if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value)
-        )
-        path, query = split_target(environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/"))
-        self.log.append(RecordedRequest(environ["REQUEST_METHOD"], path, query, headers, body))
+        body = b""
+        if length.isdigit():
+            body = environ["wsgi.input"].read(int(length))
+            environ["wsgi.input"] = io.BytesIO(body)
+        variables = dict(environ)
+        for key in CONNECTION_VARIABLES:
+            variables.pop(key, None)
+        self.log.append(_UnreadEnviron(variables, body))
         return self.app(environ, start_response)
 
 

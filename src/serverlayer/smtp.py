@@ -29,7 +29,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from serverlayer import tls
-from serverlayer.arrivals import Arrivals
+from serverlayer.arrivals import Arrivals, Unread
 from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayerError
 from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
@@ -69,7 +69,7 @@ class ReceivedMessage(EmailMessage):
 
 
 @dataclasses.dataclass(frozen=True)
-class Arrival:
+class Arrival(Unread[ReceivedMessage]):
     """What the server keeps of a message while it answers the client.
 
     Parsing waits until a test reads the message: it would otherwise cost
@@ -120,13 +120,6 @@ class Outbox(Arrivals[ReceivedMessage]):
 
     noun = "message"
     timeout_error = MailTimeoutError
-
-    def _ready(self) -> list[ReceivedMessage]:
-        # Parse each message once, when a test first reads it.
-        for index, item in enumerate(self._items):
-            if isinstance(item, Arrival):
-                self._items[index] = item.parse()
-        return self._items
 
 
 def _open_maildir(path: str) -> mailbox.Maildir:

@@ -144,7 +144,11 @@ class _Dispatcher(ThreadedTaskDispatcher):
         super().__init__()
         self.thread_name = thread_name
         self.logger = logger
-        self.queue_logger = logger
+        # waitress warns "Task queue depth is N" whenever every worker is
+        # busy, which under load is every request, on the loop thread that
+        # all requests wait for. Only a verbose run wants to read it.
+        self.queue_logger = logger.getChild("queue")
+        self.queue_logger.setLevel(logging.DEBUG if verbose() else logging.ERROR)
         self.started: list[threading.Thread] = []
 
     def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
@@ -215,8 +219,14 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             poll(self.adj.asyncore_loop_timeout, self._map)
 
     def pull_trigger(self) -> None:
-        # Workers pull the trigger after writing a response; one still
-        # running after close must not write to a closed (or reused) pipe.
+        # Workers pull the trigger after each response. While the server
+        # serves, nothing closes the trigger, and a lock here would make
+        # the workers queue for it under load. Once it stops, a worker still
+        # running must not write to a closed (or reused) pipe: release
+        # closes it only after joining the workers, and under this lock.
+        if not self._stop_requested:
+            self.trigger.pull_trigger()
+            return
         with self._trigger_lock:
             if not self._trigger_closed:
                 self.trigger.pull_trigger()
@@ -230,6 +240,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
 
     def release(self, timeout: float) -> None:
         deadline = Deadline(timeout)
+        self._stop_requested = True  # also when the loop died before it was asked to stop
         # Closing the channels wakes workers blocked writing to them.
         for channel in list(self._map.values()):
             if isinstance(channel, HTTPChannel):

@@ -121,6 +121,42 @@ class CustomRecordingTests(RecordingChecks, unittest.TestCase):
 
 class OtherLayerTests(unittest.TestCase):
 
+    def test_wsgi_records_the_request_as_sent_though_the_app_rewrites_it(self):
+        """The record is made into a RecordedRequest only when the test
+        reads it, after the application changed its environ."""
+
+        def rewriting_app(environ, start_response):
+            environ["PATH_INFO"] = "/rewritten"
+            environ["REQUEST_URI"] = "/rewritten"
+            environ["HTTP_X_TOKEN"] = "changed"
+            environ["REQUEST_METHOD"] = "PUT"
+            start_response("200 OK", [("Content-Length", "2")])
+            return [b"ok"]
+
+        layer = wsgi.Layer(rewriting_app, name="wsgi_rewriting")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        request = urllib.request.Request(layer["http_url"] + "original?a=1", headers={"X-Token": "sent"})
+        self.assertEqual(urllib.request.urlopen(request, timeout=5).read(), b"ok")
+        [recorded] = layer["http_requests"]
+        self.assertEqual((recorded.method, recorded.path, recorded.query), ("GET", "/original", "a=1"))
+        self.assertEqual(recorded.headers["x-token"], "sent")
+        self.assertIs(layer["http_requests"][0], recorded)  # made once, then kept
+
+    def test_wsgi_record_keeps_no_stream_of_the_connection(self):
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Length", "2")])
+            return [b"ok"]
+
+        layer = wsgi.Layer(app, name="wsgi_no_streams")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        urllib.request.urlopen(layer["http_url"], data=b"body", timeout=5).close()
+        unread = layer.requests._items[0]
+        self.assertNotIsInstance(unread, type(layer["http_requests"][0]))
+        for kept in unread.variables.values():
+            self.assertIsInstance(kept, (str, bool, tuple, type), f"the log keeps {kept!r}")
+
     def test_static_layer_records(self):
         layer = static.Layer(name="static_recorded")
         layer.setUp()
