@@ -1,7 +1,8 @@
 """Reliability: what the servers do when used hard, used wrongly, or abused.
 
 - every layer kind survives 1000 set-up/tear-down cycles without leaking a
-  thread or a file descriptor;
+  thread or a file descriptor, and HTTP layers stop cleanly while clients
+  keep sending requests;
 - many concurrent clients each get their own answers;
 - malformed, oversized, stalled and silent clients get an error or are
   closed, never stop the server from answering others, and never slow
@@ -307,6 +308,69 @@ class CycleTests(unittest.TestCase):
             self.assertEqual([message["Subject"] for message in layer["outbox"]], [f"cycle {number}"])
 
         self.cycle(smtp.Layer(name="cycled_smtp_starttls", starttls=True), request)
+
+
+class StopUnderLoadTests(unittest.TestCase):
+    """Stopping while clients keep sending requests: every answer a client
+    gets is right, the others see a closed connection, and the stop leaves
+    no thread, descriptor or server error behind."""
+
+    LOAD_CYCLES = 30
+    CLIENTS = 6
+
+    def setUp(self):
+        self.answered, self.wrong = [], []
+
+    def client(self, port, name, first_answer, stopping):
+        """GETs over one keep-alive connection until the server goes away."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
+        try:
+            while not stopping.is_set():
+                connection.request("GET", f"/{name}")
+                body = connection.getresponse().read()
+                (self.answered if body.startswith(f"/{name} for port".encode()) else self.wrong).append(body)
+                first_answer.set()
+        except (OSError, http.client.HTTPException):
+            pass  # the server stopped under it
+        finally:
+            connection.close()
+
+    def stop_under_load(self, layer, number):
+        layer.setUp()
+        stopping = threading.Event()
+        first_answers = [threading.Event() for _ in range(self.CLIENTS)]
+        clients = [
+            threading.Thread(target=self.client, args=(layer["http_port"], f"c{number}-{index}", answer, stopping))
+            for index, answer in enumerate(first_answers)
+        ]
+        for thread in clients:
+            thread.start()
+        try:
+            # Every client is answered once and sends on while the server stops.
+            self.assertTrue(all(answer.wait(CLIENT_TIMEOUT) for answer in first_answers))
+        finally:
+            started = time.monotonic()
+            layer.tearDown()
+            stop_took = time.monotonic() - started
+            stopping.set()
+            for thread in clients:
+                thread.join(CLIENT_TIMEOUT)
+        self.assertLess(stop_took, 1.0)
+        self.assertEqual(layer.server_errors.take(), [])
+
+    def hammer(self, layer):
+        leaks = Leaks(self)
+        for number in range(self.LOAD_CYCLES):
+            self.stop_under_load(layer, number)
+        self.assertEqual(self.wrong, [])
+        self.assertGreaterEqual(len(self.answered), self.LOAD_CYCLES * self.CLIENTS)
+        leaks.check()
+
+    def test_wsgi(self):
+        self.hammer(wsgi.Layer(echo_app, name="hammered_wsgi"))
+
+    def test_custom(self):
+        self.hammer(custom.Layer(EchoHandler, name="hammered_custom"))
 
 
 # 2. Concurrent clients.
