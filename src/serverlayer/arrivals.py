@@ -37,8 +37,6 @@ class Arrivals(Sequence[T], Generic[T]):
 
     def __init__(self) -> None:
         self._items: list[T | Unread[T]] = []
-        #: How many items from the start are parsed already.
-        self._parsed = 0
         self._changed = threading.Condition()
 
     def append(self, item: T | Unread[T]) -> None:
@@ -49,16 +47,13 @@ class Arrivals(Sequence[T], Generic[T]):
     def clear(self) -> None:
         with self._changed:
             self._items.clear()
-            self._parsed = 0
 
     def _ready(self) -> list[T]:
         """The items as tests see them; called with the lock held."""
         items = self._items
-        for index in range(self._parsed, len(items)):
-            item = items[index]
+        for index, item in enumerate(items):
             if isinstance(item, Unread):
                 items[index] = item.parse()
-        self._parsed = len(items)
         return items  # type: ignore[return-value]  # every item is parsed now
 
     def __len__(self) -> int:
