@@ -20,7 +20,6 @@ import socketserver
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,13 +34,9 @@ DISCONNECTS = (ConnectionError, TimeoutError)
 
 HandlerFactory = Callable[..., socketserver.BaseRequestHandler]
 
-#: How long an idle connection keeps its worker while another one waits.
-IDLE_GRACE = 0.25
-#: How long a worker waits for more of a request a client has begun to
-#: send: a client that stalls half-way must not keep a worker for ever.
-READ_TIMEOUT = 1.0
-#: How often a worker waiting on an idle connection looks at the queue.
-IDLE_CHECK_INTERVAL = 0.05
+#: For a worker's wait for the next request: poll has no kernel object to
+#: create and close for each wait, as epoll has.
+_OneWaitSelector: type[selectors.BaseSelector] = getattr(selectors, "PollSelector", selectors.SelectSelector)
 
 
 def _has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
@@ -69,23 +64,54 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 class _SharesItsThread:
-    """``BaseHTTPRequestHandler.handle``, asking the server before each request.
+    """``BaseHTTPRequestHandler.handle``, with a connection that can change threads.
 
-    So that an idle keep-alive connection, or one that never says anything,
-    gives its worker back when another connection needs it.
+    ``BaseHTTPRequestHandler`` keeps its thread for as long as the client
+    keeps the connection open. Here the worker waits for the next request
+    only until the test ends; then ``handle`` returns with the connection
+    still open (``parked``), the server's loop watches it, and whichever
+    worker is free when the next request arrives calls ``resume``. So no
+    thread outlives the test that started it, and no timeout has to guess
+    when a client is gone.
     """
 
     server: HandlerServer
     connection: socket.socket
     rfile: Any
+    wfile: Any
     close_connection: bool
+    parked = False
 
     def handle(self) -> None:
+        self.parked = False
         self.close_connection = False
-        while not self.close_connection and self.server.await_next_request(self.connection, self.rfile):
+        while True:
             self.server.activity.start()
             self.handle_one_request()  # type: ignore[attr-defined]
-            self.server.activity.finish()  # an exception finishes in _work, once recorded
+            self.server.activity.finish()  # an exception finishes in the worker, once recorded
+            if self.close_connection:
+                return
+            if not (_has_buffered_data(self.connection, self.rfile) or self.server.await_request(self.connection)):
+                self.parked = True
+                return
+
+    def finish(self) -> None:
+        if self.parked:  # the connection lives on: only send what is buffered
+            self.wfile.flush()
+        else:
+            super().finish()  # type: ignore[misc]
+
+    def close_files(self) -> None:
+        """Close what ``finish`` leaves open on a parked connection."""
+        self.parked = False
+        self.finish()
+
+    def resume(self) -> None:
+        """Serve the requests that have arrived on the parked connection."""
+        try:
+            self.handle()
+        finally:
+            self.finish()
 
 
 def sharing_threads(handler: type[http.server.BaseHTTPRequestHandler]) -> type[http.server.BaseHTTPRequestHandler]:
@@ -95,14 +121,40 @@ def sharing_threads(handler: type[http.server.BaseHTTPRequestHandler]) -> type[h
     return type(handler.__name__, (_SharesItsThread, handler), {"__module__": handler.__module__})
 
 
-class HandlerServer(socketserver.BaseServer):
-    """Serves connections with a request handler on a fixed pool of threads.
+class _Worker:
+    """A thread that runs what the server hands it, one item at a time."""
 
-    A pool started in ``setUp`` rather than ``ThreadingMixIn``'s thread per
-    connection: a thread started during a test and still alive when it ends
-    (a keep-alive connection, or a handler finishing after the client read
-    its response) makes zope.testrunner report that the test "left new
-    threads behind". Connections beyond the pool's size wait their turn.
+    def __init__(self, server: HandlerServer, name: str) -> None:
+        self.server = server
+        self.inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: Set when the worker is to end once its current item is done.
+        self.retiring = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.inbox.get()) is not None:
+            try:
+                item()
+            finally:
+                self.server.activity.finish()
+            if not self.server.worker_idle(self):
+                return
+
+
+class HandlerServer(socketserver.BaseServer):
+    """Serves connections with a request handler on worker threads.
+
+    The serving loop watches the listening socket and every connection
+    between requests; a connection whose client sends something goes to a
+    worker, which answers what arrived and gives the connection back. So
+    any number of keep-alive connections share the workers fairly, and an
+    idle, silent or slow client only ever holds up itself.
+
+    ``threads`` workers start with the server and stay; when every one of
+    them is busy, another starts. The test runner warns about threads a
+    test leaves behind, so those extra workers end, and are joined, when
+    the test ends (``test_ended``).
     """
 
     def __init__(
@@ -129,20 +181,28 @@ class HandlerServer(socketserver.BaseServer):
         self.stopped = threading.Event()
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
+        #: Readable while workers waiting on connections are to park them.
+        self._recall_reader, self._recall_writer = socket.socketpair()
+        self._recalling = False
+        self._waiting = 0
         self._connections_lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._queue: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
-        self._workers = [
-            threading.Thread(
-                target=self._work, name=f"{thread_name} worker {number}", daemon=True
-            )
-            for number in range(threads)
-        ]
-        for worker in self._workers:
-            worker.start()
+        #: Every open connection, with its handler once it has one.
+        self._connections: dict[socket.socket, Any] = {}
+        #: Connections a worker gives back, for the loop to watch again.
+        self._returned: queue.SimpleQueue[_SharesItsThread] = queue.SimpleQueue()
+        self._thread_name = thread_name
+        self._steady_workers = threads
+        self._workers_lock = threading.Condition()
+        self._workers: list[_Worker] = []
+        self._idle: list[_Worker] = []
+        self._started_workers = 0
+        with self._workers_lock:
+            self._idle = [self._start_worker() for _ in range(threads)]
 
     def fileno(self) -> int:
         return self.socket.fileno()
+
+    # The serving loop.
 
     def serve(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
@@ -151,10 +211,17 @@ class HandlerServer(socketserver.BaseServer):
             ready()
             while not self._stopping:
                 for key, _ in selector.select():
-                    if key.fileobj is self.socket and not self._stopping:
-                        self._accept()
+                    if self._stopping:
+                        break
+                    if key.fileobj is self.socket:
+                        self._accept(selector)
+                    elif key.fileobj is self._wake_reader:
+                        self._watch_returned(selector)
+                    else:
+                        selector.unregister(key.fileobj)
+                        self._dispatch(key.data)
 
-    def _accept(self) -> None:
+    def _accept(self, selector: selectors.BaseSelector) -> None:
         try:
             connection, address = self.socket.accept()
         except OSError:  # the client gave up before we got to it
@@ -163,46 +230,135 @@ class HandlerServer(socketserver.BaseServer):
         # Nagle's algorithm each keep-alive response would wait for the
         # client's delayed ACK (40 ms on Linux).
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.settimeout(READ_TIMEOUT)  # handlers that set ``timeout`` override it
         with self._connections_lock:
-            self._connections.add(connection)
-        self._queue.put((connection, address))
+            self._connections[connection] = None
+        serve_new = functools.partial(self._serve_connection, connection, address)
+        if self._handler_shares_threads:
+            selector.register(connection, selectors.EVENT_READ, serve_new)  # HTTP clients speak first
+        else:
+            self._dispatch(serve_new)  # a handler of its own may speak first
 
-    def await_next_request(self, connection: socket.socket, rfile: Any) -> bool:
-        """Wait for the next request on ``connection``; False gives the thread back.
-
-        A worker waiting for an idle client lets another connection have
-        it once that one has waited and this one has been idle for
-        ``IDLE_GRACE`` seconds: a browser keeps more connections open than
-        the pool has threads, and one kept waiting for an idle neighbour
-        would stall until the browser gave up on the neighbour.
-        """
-        if _has_buffered_data(connection, rfile):  # pipelined, already read
-            return True
-        idle_since = time.monotonic()
-        with selectors.DefaultSelector() as selector:
-            selector.register(connection, selectors.EVENT_READ)
-            while not self._stopping:
-                if selector.select(timeout=IDLE_CHECK_INTERVAL):
-                    return True
-                if not self._queue.empty() and time.monotonic() - idle_since >= IDLE_GRACE:
-                    return False
-        return False
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            connection, address = item
-            if not self._handler_shares_threads:
-                self.activity.start()  # a handler with its own handle(): busy for the whole connection
+    def _watch_returned(self, selector: selectors.BaseSelector) -> None:
+        try:
+            self._wake_reader.recv(4096)
+        except OSError:
+            pass
+        while True:
             try:
-                self.finish_request(connection, address)
-            except BaseException:
-                self.handle_error(connection, address)
-            finally:
-                self.activity.finish()
-                with self._connections_lock:
-                    self._connections.discard(connection)
-                self.shutdown_request(connection)
+                handler = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            if handler.connection.fileno() != -1:
+                selector.register(handler.connection, selectors.EVENT_READ, functools.partial(self._resume, handler))
+
+    def _give_back(self, handler: _SharesItsThread) -> None:
+        """Have the loop watch ``handler``'s connection for its next request."""
+        self._returned.put(handler)
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:  # stopping: release closes the connection
+            pass
+
+    # Workers.
+
+    def _start_worker(self) -> _Worker:
+        # Called with _workers_lock held.
+        self._started_workers += 1
+        worker = _Worker(self, f"{self._thread_name} worker {self._started_workers}")
+        self._workers.append(worker)
+        return worker
+
+    def _dispatch(self, item: Callable[[], None]) -> None:
+        """Hand ``item`` to an idle worker, starting one if none is idle."""
+        with self._workers_lock:
+            worker = self._idle.pop() if self._idle else self._start_worker()
+        worker.inbox.put(item)
+
+    def worker_idle(self, worker: _Worker) -> bool:
+        """Take ``worker`` back into the pool; False if it is to end instead."""
+        with self._workers_lock:
+            if worker.retiring:
+                return False
+            self._idle.append(worker)
+            return True
+
+    def await_request(self, connection: socket.socket) -> bool:
+        """Wait for the next request on ``connection``; False to park it instead."""
+        with self._workers_lock:
+            if self._recalling or self._stopping:
+                return False
+            self._waiting += 1
+        try:
+            with _OneWaitSelector() as selector:
+                selector.register(connection, selectors.EVENT_READ)
+                selector.register(self._recall_reader, selectors.EVENT_READ)
+                return any(key.fileobj is connection for key, _ in selector.select())
+        finally:
+            with self._workers_lock:
+                self._waiting -= 1
+                self._workers_lock.notify_all()
+
+    def test_ended(self, timeout: float) -> None:
+        """Park the connections workers wait on, then end the workers
+        started beyond the steady ones, and join them.
+
+        A worker still serving a request ends when its request does;
+        joining it waits at most ``timeout``, then the test runner names it.
+        """
+        deadline = Deadline(timeout)
+        with self._workers_lock:
+            self._recalling = True
+            self._recall_writer.send(b"\0")
+            self._workers_lock.wait_for(lambda: not self._waiting, deadline.remaining())
+            self._recall_reader.recv(1)
+            self._recalling = False
+            extra = self._workers[self._steady_workers:]
+            del self._workers[self._steady_workers:]
+            for worker in extra:
+                worker.retiring = True
+                if worker in self._idle:
+                    self._idle.remove(worker)
+                    worker.inbox.put(None)
+        for worker in extra:
+            worker.thread.join(deadline.remaining())
+
+    def _serve_connection(self, connection: socket.socket, address: Any) -> None:
+        if not self._handler_shares_threads:
+            self.activity.start()  # a handler with its own handle(): busy for the whole connection
+        try:
+            handler = self.RequestHandlerClass(connection, address, self)  # type: ignore[call-arg]
+        except BaseException:
+            self.handle_error(connection, address)
+            self._close(connection)
+            return
+        if getattr(handler, "parked", False):
+            with self._connections_lock:
+                self._connections[connection] = handler
+        self._after_requests(handler)
+
+    def _resume(self, handler: _SharesItsThread) -> None:
+        try:
+            handler.resume()
+        except BaseException:
+            self.handle_error(handler.connection, getattr(handler, "client_address", ("?",)))
+            self._close(handler.connection)
+            return
+        self._after_requests(handler)
+
+    def _after_requests(self, handler: Any) -> None:
+        if getattr(handler, "parked", False) and not self._stopping:
+            self._give_back(handler)
+        else:
+            self._close(handler.request)
+
+    def _close(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            handler = self._connections.pop(connection, None)
+        if handler is not None:
+            handler.close_files()
+        self.shutdown_request(connection)
+
+    # Errors and connections.
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Record what a handler raised; a client hanging up is no error."""
@@ -234,6 +390,8 @@ class HandlerServer(socketserver.BaseServer):
                 pass
         request.close()
 
+    # Stopping.
+
     def wait_quiet(self, timeout: float) -> bool:
         return self.activity.wait_quiet(timeout)
 
@@ -244,46 +402,43 @@ class HandlerServer(socketserver.BaseServer):
 
     def release(self, timeout: float) -> None:
         self.socket.close()
-        # Unblock workers waiting for the next request on a keep-alive
-        # connection or writing to a client that stopped reading.
+        # Unblock workers reading a request or writing to a client that
+        # stopped reading.
         with self._connections_lock:
             for connection in self._connections:
                 try:
                     connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        for _ in self._workers:
-            self._queue.put(None)
+        with self._workers_lock:
+            workers, self._workers, self._idle = self._workers, [], []
+            for worker in workers:
+                worker.retiring = True
+                worker.inbox.put(None)
         deadline = Deadline(timeout)
-        for worker in self._workers:
-            worker.join(deadline.remaining())
+        for worker in workers:
+            worker.thread.join(deadline.remaining())
         with self._connections_lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].close()
-        self._wake_reader.close()
-        self._wake_writer.close()
+            connections, self._connections = self._connections, {}
+        for connection, handler in connections.items():
+            if handler is not None:
+                handler.close_files()
+            connection.close()
+        for sock in (self._wake_reader, self._wake_writer, self._recall_reader, self._recall_writer):
+            sock.close()
 
 
 class Layer(HTTPLayer):
     """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
 
     Publishes ``request_handler`` besides the ``http_*`` resources.
-    ``threads`` is how many requests are served at once; an idle keep-alive
-    connection gives its thread to a connection that waits for one, so a
-    browser's dozen connections share eight threads. Each thread costs
-    ``setUp`` time, most of all on a busy machine.
+    ``threads`` is how many worker threads wait for requests between
+    tests. Any number of connections are served at once: when every
+    worker is busy another starts, and ends with the test.
     """
 
     request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
-    threads: int = 8
+    threads: int = 1
 
     def __init__(
         self,

@@ -240,9 +240,15 @@ class ServerLayer(plone.testing.Layer):
             test.addCleanup(self.check_after_test)
 
     def testTearDown(self) -> None:
-        if self._check_in_test_tear_down:
-            self._check_in_test_tear_down = False
-            self.check_after_test()
+        try:
+            if self._check_in_test_tear_down:
+                self._check_in_test_tear_down = False
+                self.check_after_test()
+        finally:
+            # zope.testrunner looks for threads a test left behind after
+            # the layers' testTearDown.
+            if self._running is not None:
+                self._running.server.test_ended(self.quiet_timeout)
 
     # Helpers for subclasses and tests.
 

@@ -44,6 +44,10 @@ class Server(Protocol):
     def wait_quiet(self, timeout: float) -> bool:
         """Wait until no request is being handled; False if ``timeout`` ran out."""
 
+    def test_ended(self, timeout: float) -> None:
+        """Give back what the test needed beyond an idle server (threads it
+        started), waiting at most ``timeout`` for work still running."""
+
     def release(self, timeout: float) -> None:
         """Close every socket and join every thread, after ``serve`` returned.
 
@@ -261,6 +265,9 @@ class AsyncioServer:
 
     def wait_quiet(self, timeout: float) -> bool:
         return True  # handlers run on the loop and report before they answer
+
+    def test_ended(self, timeout: float) -> None:
+        pass  # the loop's one thread is all it ever has
 
     def request_stop(self) -> None:
         try:

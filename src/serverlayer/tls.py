@@ -184,6 +184,9 @@ class TLSFront(AsyncioServer):
     def wait_quiet(self, timeout: float) -> bool:
         return self.backend.wait_quiet(timeout)
 
+    def test_ended(self, timeout: float) -> None:
+        self.backend.test_ended(timeout)
+
     def release(self, timeout: float) -> None:
         super().release(timeout)
         self._backend_thread.stop(timeout=timeout)

@@ -234,6 +234,9 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def wait_quiet(self, timeout: float) -> bool:
         return self.activity.wait_quiet(timeout)
 
+    def test_ended(self, timeout: float) -> None:
+        pass  # waitress's workers start with the server and stay
+
     def request_stop(self) -> None:
         self._stop_requested = True
         self.pull_trigger()

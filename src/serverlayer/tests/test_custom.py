@@ -103,18 +103,21 @@ class PoolTests(unittest.TestCase):
             client.join(10)
         self.assertEqual(statuses, [204] * 4)
 
-    def test_an_idle_connection_gives_its_thread_to_a_waiting_one(self):
+    def test_an_idle_connection_holds_no_thread_and_stays_open(self):
         layer = self.serve(Greeter, threads=1)
         idle = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
         self.addCleanup(idle.close)
         idle.request("GET", "/first")
         self.assertEqual(idle.getresponse().read(), b"hello /first")
-        # The only worker now waits on the idle keep-alive connection.
+        first_connection = idle.sock.getsockname()
+        # The only worker is free for other connections while this one idles ...
         with urllib.request.urlopen(layer["http_url"] + "second", timeout=5) as response:
             self.assertEqual(response.read(), b"hello /second")
-        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
-            idle.request("GET", "/third")  # the server closed the idle connection
-            idle.getresponse()
+        # ... and the idle connection is still there for its next request.
+        idle.request("GET", "/third")
+        self.assertEqual(idle.getresponse().read(), b"hello /third")
+        self.assertEqual(idle.sock.getsockname(), first_connection)  # not a new connection
+        self.assertEqual(len(layer.requests), 3)
 
     def test_a_silent_client_does_not_hold_the_thread(self):
         layer = self.serve(Greeter, threads=1)
