@@ -1,0 +1,455 @@
+"""Serving that real clients can rely on (the thread-pool server behind the
+custom, static and content layers, and every HTTP layer over TLS).
+
+- an idle server holds two threads, and the workers a test's load started
+  end with the test, with the connections they served still open;
+- any number of keep-alive connections are served, from threads and from
+  another process, while idle, silent and half-sent ones wait;
+- transfers that pause mid-way complete on every HTTP layer, over TLS too;
+- ``tearDown`` stays fast and complete with all of these connected.
+
+``PAUSE`` seconds is longer than any timeout the servers used to have;
+``LongPauseTests`` (zope.testrunner level 3) pauses 30 s.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import unittest
+
+from serverlayer import content, custom, static, wsgi
+from serverlayer.tests.helpers import run_example_modules
+from serverlayer.tests.test_hardening import (
+    CLIENT_TIMEOUT,
+    TEAR_DOWN_BOUND,
+    EchoHandler,
+    Leaks,
+    connect,
+    read_response,
+    read_until_closed,
+    run_threads,
+)
+
+#: Seconds a client pauses mid-transfer: past the 1 s the thread-pool
+#: server used to allow.
+PAUSE = 2.5
+#: The size of the file downloads fetch.
+FILE_SIZE = 4 * 1024 * 1024
+FILE_BODY = bytes(range(256)) * (FILE_SIZE // 256)
+
+
+def file_app(environ, start_response):
+    """The wsgi layer's counterpart of the static file and POST echo."""
+    if environ["REQUEST_METHOD"] == "POST":
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    else:
+        body = FILE_BODY
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+class EchoAndFile(EchoHandler):
+    """EchoHandler, with ``/file`` answering FILE_BODY."""
+
+    def do_GET(self):
+        if self.path != "/file":
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Length", str(FILE_SIZE))
+        self.end_headers()
+        self.wfile.write(FILE_BODY)
+
+
+class StaticAndEcho(static.StaticFileHandler):
+    """Serves ``/file`` from the directory and echoes everything else, as EchoHandler."""
+
+    do_POST = EchoHandler.do_POST
+
+    def do_GET(self):
+        if self.path == "/file":
+            return super().do_GET()
+        return EchoHandler.do_GET(self)
+
+
+class FileLayer(static.Layer):
+    """A static layer whose directory holds ``file``, echoing POSTs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.request_handler = StaticAndEcho
+
+    def setUp(self):
+        super().setUp()
+        with open(os.path.join(self["documentroot"], "file"), "wb") as file:
+            file.write(FILE_BODY)
+
+
+class EchoContent(content.Layer):
+    """A content layer that echoes POST bodies and answers GETs with FILE_BODY."""
+
+    def setUp(self):
+        super().setUp()
+        self.content.handler = lambda request: content.Response(
+            200, request.body if request.method == "POST" else FILE_BODY
+        )
+
+
+def every_http_layer(name: str, *, tls: bool = False) -> list:
+    return [
+        custom.Layer(EchoAndFile, name=f"{name}_custom", tls=tls),
+        FileLayer(name=f"{name}_static", tls=tls),
+        EchoContent(name=f"{name}_content", tls=tls),
+        wsgi.Layer(file_app, name=f"{name}_wsgi", tls=tls),
+    ]
+
+
+def server_threads(layer) -> list[str]:
+    prefix = f"serverlayer {layer.__module__}.{layer.__name__}"
+    return sorted(thread.name for thread in threading.enumerate() if thread.name.startswith(prefix))
+
+
+def upload_with_a_pause(layer, pause: float) -> bytes:
+    """POST half a body, say nothing for ``pause`` seconds, send the rest; the answer's body."""
+    body = b"u" * 300_000
+    with connect(layer) as sock:
+        sock.settimeout(pause + CLIENT_TIMEOUT)
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(body[:100_000])
+        time.sleep(pause)
+        sock.sendall(body[100_000:])
+        with sock.makefile("rb") as replies:
+            status, _, answer = read_response(replies)
+    assert status == 200, status
+    return answer
+
+
+def request_head_with_a_pause(layer, pause: float) -> int:
+    """Half a request head, a pause, the rest; the status."""
+    with connect(layer) as sock:
+        sock.settimeout(pause + CLIENT_TIMEOUT)
+        sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(pause)
+        sock.sendall(b"X-After: the pause\r\n\r\n")
+        with sock.makefile("rb") as replies:
+            status, _, body = read_response(replies)
+    assert body == FILE_BODY, len(body)
+    return status
+
+
+def download_with_a_pause(layer, pause: float) -> int:
+    """GET the file over a small receive window, stop reading for ``pause``
+    seconds a megabyte in, then read the rest; the bytes received."""
+    with connect(layer, rcvbuf=65536) as sock:
+        sock.settimeout(pause + CLIENT_TIMEOUT)
+        sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = bytearray()
+        while len(received) < 1024 * 1024:
+            received += sock.recv(65536)
+        time.sleep(pause)
+        received += read_until_closed(sock)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert body == FILE_BODY, (head, len(body))
+    return len(body)
+
+
+def download_at(layer, bytes_per_second: int) -> int:
+    """GET the file reading at most ``bytes_per_second``; the bytes received."""
+    with connect(layer, rcvbuf=65536) as sock:
+        sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = bytearray()
+        started = time.monotonic()
+        while chunk := sock.recv(16384):
+            received += chunk
+            ahead = len(received) / bytes_per_second - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    body = bytes(received).partition(b"\r\n\r\n")[2]
+    assert body == FILE_BODY, len(body)
+    return len(body)
+
+
+class ThreadTests(unittest.TestCase):
+    """The threads a thread-pool server holds."""
+
+    def serve(self, layer):
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        return layer
+
+    def test_an_idle_server_holds_two_threads(self):
+        for layer in every_http_layer("idle")[:3]:
+            with self.subTest(layer=layer):
+                self.serve(layer)
+                self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+
+    def test_workers_a_burst_started_end_with_the_test_and_the_connections_stay(self):
+        arrived = threading.Barrier(17, timeout=CLIENT_TIMEOUT)
+
+        class Meeting(EchoHandler):
+            def do_GET(self):
+                if self.path.startswith("/meet"):
+                    arrived.wait()  # 16 requests in handlers at once: 16 workers
+                super().do_GET()
+
+        layer = self.serve(custom.Layer(Meeting, name="burst"))
+        connections = [http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=CLIENT_TIMEOUT)
+                       for _ in range(16)]
+        for connection in connections:
+            self.addCleanup(connection.close)
+
+        def meet(connection, number):
+            connection.request("GET", f"/meet-{number}")
+            assert connection.getresponse().read().startswith(f"/meet-{number} for port".encode())
+
+        clients = [threading.Thread(target=meet, args=(connection, number))
+                   for number, connection in enumerate(connections)]
+        for client in clients:
+            client.start()
+        arrived.wait()
+        for client in clients:
+            client.join(CLIENT_TIMEOUT)
+        self.assertGreaterEqual(len(server_threads(layer)), 17)  # the loop and 16 workers
+        layer.testTearDown()  # what the test runner calls when a test ends
+        self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+        for number, connection in enumerate(connections):  # the same connections, served anew
+            port = connection.sock.getsockname()[1]
+            connection.request("GET", f"/again-{number}")
+            self.assertEqual(connection.getresponse().read(), f"/again-{number} for port {port}".encode())
+        layer.testTearDown()
+        self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+
+    def test_a_suite_whose_connections_outlive_its_tests_runs_clean(self):
+        """Keep-alive connections kept at module level across tests, and a
+        burst of parallel requests in one test: no thread left behind, no
+        ResourceWarning, under -W error."""
+        result = run_example_modules({"test_keep_alive.py": textwrap.dedent('''
+            import http.client
+            import threading
+            import unittest
+
+            from serverlayer import content
+
+            SERVICE = content.Layer(name="SERVICE")
+            KEPT = []  # connections that outlive the tests, like a module-level requests.Session
+
+
+            def get(connection, path):
+                connection.request("GET", path)
+                return connection.getresponse().read()
+
+
+            class Tests(unittest.TestCase):
+                layer = SERVICE
+
+                def setUp(self):
+                    self.layer["http_content"].serve_content("ok")
+
+                def test_1_opens_connections(self):
+                    for _ in range(8):
+                        KEPT.append(http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"]))
+                    self.assertEqual([get(connection, "/") for connection in KEPT], [b"ok"] * 8)
+
+                def test_2_uses_them_in_parallel(self):
+                    answers = []
+                    threads = [threading.Thread(target=lambda c=c: answers.append(get(c, "/")))
+                               for c in KEPT]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join(10)
+                    self.assertEqual(answers, [b"ok"] * 8)
+
+                def test_3_uses_them_again(self):
+                    self.assertEqual([get(connection, "/") for connection in KEPT], [b"ok"] * 8)
+                    for connection in KEPT:
+                        connection.close()
+            ''')})
+        output = result.stdout + result.stderr
+        self.assertIn("Ran 3 tests with 0 failures, 0 errors", output)
+        self.assertNotIn("left new threads behind", output)
+        self.assertNotIn("Warning", output)
+        self.assertEqual(result.returncode, 0, output)
+
+
+#: A client process: ``clients`` threads, each on its own keep-alive
+#: connection, each making ``requests`` GETs; prints what each received.
+CLIENT_PROCESS = """
+import http.client, json, sys, threading
+host, port, clients, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+answered = [0] * clients
+errors = []
+start = threading.Barrier(clients, timeout=30)
+def client(number):
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        connection.connect()
+        start.wait()
+        for request in range(requests):
+            path = f"/p{number}-{request}"
+            connection.request("GET", path)
+            if connection.getresponse().read().startswith(path.encode()):
+                answered[number] += 1
+    except Exception as error:
+        errors.append(repr(error))
+    finally:
+        connection.close()
+threads = [threading.Thread(target=client, args=(number,)) for number in range(clients)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(60)
+print(json.dumps({"answered": answered, "errors": errors}))
+"""
+
+
+class PathContent(content.Layer):
+    """A content layer answering each request with its path."""
+
+    def setUp(self):
+        super().setUp()
+        self.content.handler = lambda request: content.Response(200, request.path + " for port")
+
+
+class ManyConnectionsTests(unittest.TestCase):
+    """More keep-alive connections than any pool, with idle, silent and
+    half-sent ones among them, on the thread-pool server's layers."""
+
+    def hold_up(self, layer, connections: list) -> tuple[list[socket.socket], list[tuple[socket.socket, bytes]]]:
+        """64 idle keep-alive connections (one request each), 16 silent ones,
+        16 with half a request head and 16 with half a body. The idle ones,
+        and the half-sent ones with what completes their requests."""
+        idle = []
+        for number in range(64):
+            sock = connect(layer)
+            connections.append(sock)
+            sock.sendall(f"GET /idle-{number} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            idle.append(sock)
+        for sock in idle:
+            with sock.makefile("rb") as replies:
+                self.assertEqual(read_response(replies)[0], 200)
+        for _ in range(16):
+            connections.append(connect(layer))
+        half_sent = []
+        for data, rest in ((b"GET /half-a-head HTTP/1.1\r\nHost: x\r\n", b"\r\n"),
+                           (b"POST /half-a-body HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf", b"-body!")):
+            for _ in range(16):
+                sock = connect(layer)
+                connections.append(sock)
+                sock.sendall(data)
+                half_sent.append((sock, rest))
+        return idle, half_sent
+
+    def clients_from_another_process(self, layer, clients: int, requests: int) -> dict:
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        run = subprocess.run(
+            [sys.executable, "-c", CLIENT_PROCESS, layer["http_host"], str(layer["http_port"]),
+             str(clients), str(requests)],
+            capture_output=True, text=True, timeout=90, env=environment,
+        )
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return json.loads(run.stdout)
+
+    def check(self, layer):
+        leaks = Leaks(self)
+        layer.setUp()
+        connections: list[socket.socket] = []
+        try:
+            idle, half_sent = self.hold_up(layer, connections)
+            result = self.clients_from_another_process(layer, clients=64, requests=10)
+            self.assertEqual(result, {"answered": [10] * 64, "errors": []})
+            answers = []
+
+            def in_thread(number):
+                with connect(layer) as sock, sock.makefile("rb") as replies:
+                    for request in range(5):
+                        sock.sendall(f"GET /t{number}-{request} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                        answers.append(read_response(replies)[2].startswith(f"/t{number}-{request}".encode()))
+
+            run_threads(self, [functools.partial(in_thread, number) for number in range(64)], bound=30)
+            self.assertEqual(answers, [True] * 320)
+            for number, sock in enumerate(idle):  # the idle ones were kept, and are served
+                sock.sendall(f"GET /later-{number} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                with sock.makefile("rb") as replies:
+                    self.assertTrue(read_response(replies)[2].startswith(f"/later-{number} for port".encode()))
+            for sock, rest in half_sent:  # the half-sent requests, completed, are answered
+                sock.sendall(rest)
+                with sock.makefile("rb") as replies:
+                    self.assertEqual(read_response(replies)[0], 200)
+            layer.check_server_errors()
+            layer.testTearDown()
+            self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+            started = time.monotonic()
+            layer.tearDown()
+            took = time.monotonic() - started
+            self.assertLess(took, TEAR_DOWN_BOUND, f"tearDown took {took:.3f}s with 160 clients connected")
+        finally:
+            layer.tearDown()
+            for sock in connections:
+                sock.close()
+        leaks.check()
+
+    def test_custom(self):
+        self.check(custom.Layer(EchoAndFile, name="many_custom"))
+
+    def test_static(self):
+        self.check(FileLayer(name="many_static"))
+
+    def test_content(self):
+        self.check(PathContent(name="many_content"))
+
+
+class PauseTests(unittest.TestCase):
+    """Uploads, request heads and downloads that pause mid-way, and a slow
+    reader, complete on every HTTP layer, with and without TLS. All of them
+    run at once, so the test takes about one pause."""
+
+    pause = PAUSE
+    #: Bytes per second of the slow reader: the file takes about 2 s.
+    reading_rate = 2 * 1024 * 1024
+
+    def test_transfers_that_pause_complete(self):
+        layers = every_http_layer("pausing") + every_http_layer("pausing_tls", tls=True)
+        for layer in layers:
+            layer.setUp()
+            self.addCleanup(layer.tearDown)
+        outcomes: dict[tuple[str, str], object] = {}
+
+        def attempt(layer, what, function):
+            try:
+                outcomes[layer.__name__, what] = function(layer)
+            except Exception as error:
+                outcomes[layer.__name__, what] = repr(error)
+
+        work = []
+        for layer in layers:
+            work += [
+                functools.partial(attempt, layer, "upload", lambda l: len(upload_with_a_pause(l, self.pause))),
+                functools.partial(attempt, layer, "head", lambda l: request_head_with_a_pause(l, self.pause)),
+                functools.partial(attempt, layer, "download", lambda l: download_with_a_pause(l, self.pause)),
+                functools.partial(attempt, layer, "slow reader", lambda l: download_at(l, self.reading_rate)),
+            ]
+        started = time.monotonic()
+        run_threads(self, work, bound=self.pause + 60)
+        expected = {"upload": 300_000, "head": 200, "download": FILE_SIZE, "slow reader": FILE_SIZE}
+        self.assertEqual(outcomes, {(layer.__name__, what): value
+                                    for layer in layers for what, value in expected.items()})
+        self.assertLess(time.monotonic() - started, self.pause + 30)
+        for layer in layers:
+            layer.check_server_errors()
+
+
+class LongPauseTests(PauseTests):
+    """The same with 30 s pauses and a reader at 1 MB/s."""
+
+    level = 3
+    pause = 30.0
+    reading_rate = 1024 * 1024
