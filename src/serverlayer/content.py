@@ -26,7 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import selectors
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,15 +39,19 @@ from serverlayer.recording import RecordedRequest
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
+#: How often a delayed answer looks whether the server is stopping.
+STOP_CHECK_INTERVAL = 0.1
+
 
 @dataclasses.dataclass(frozen=True)
 class Response:
     """An answer, including the ways a real service fails.
 
-    ``delay`` waits that many seconds before answering (``tearDown`` cuts
-    it short); ``reset`` drops the connection with a TCP reset instead of
-    answering; ``truncate`` sends the headers for the whole body but only
-    that many bytes of it, then closes the connection.
+    ``delay`` waits that many seconds before answering (the client closing
+    its connection or ``tearDown`` cuts it short); ``reset`` drops the
+    connection with a TCP reset instead of answering; ``truncate`` sends
+    the headers for the whole body but only that many bytes of it, then
+    closes the connection. A 1xx, 204 or 304 response has no body.
     """
 
     status: int = 200
@@ -54,6 +61,9 @@ class Response:
     delay: float = 0.0
     reset: bool = False
     truncate: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_no_body(self.status, self.body)
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
@@ -65,6 +75,22 @@ class Response:
 
 
 Answer = Response | Callable[[RecordedRequest], Response]
+
+
+def _has_no_body(status: int) -> bool:
+    """Whether HTTP ends a response of ``status`` after its headers (RFC 9110 section 6.4.1)."""
+    return status < 200 or status in (204, 304)
+
+
+def _check_no_body(status: int, body: bytes | str) -> None:
+    """Refuse a body the wire would drop: the test expecting it has a bug."""
+    if body and _has_no_body(status):
+        raise ConfigurationError(
+            f"A {status} response has no body, yet this one was given {body[:30]!r}:"
+            " HTTP ends it after the headers, so a client would never see the body"
+            " (RFC 9110 section 6.4.1). Either leave out the body, or answer with a"
+            " status that has one, such as 200."
+        )
 
 
 def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
@@ -231,6 +257,7 @@ class HTTPContent:
     def serve_content(self, content: bytes | str, code: int = 200, headers: Mapping[str, str] | None = None,
                       chunked: bool = False) -> None:
         """Answer every request that nothing else answers with this."""
+        _check_no_body(code, content)
         self.content, self.code, self.headers, self.chunked = content, code, dict(headers or {}), chunked
 
     def route(self, path: str | re.Pattern[str], method: str | None = None, *,
@@ -362,27 +389,36 @@ class ContentHandler(custom.RequestHandler):
     def _answer(self) -> None:
         request: RecordedRequest = self.recorded_request  # type: ignore[attr-defined]
         response = self.content.answer(request)
-        if response.delay and self.server.stopped.wait(response.delay):  # type: ignore[attr-defined]
+        if response.delay and self._abandoned_within(response.delay):
             self.close_connection = True
             return
         if response.reset:
             self.server.abort_connection(self.connection)  # type: ignore[attr-defined]
             self.close_connection = True
             return
-        body = b"" if self.command == "HEAD" else response.body_bytes()
+        bodiless = _has_no_body(response.status)
+        body = b"" if bodiless else response.body_bytes()
+        chunked = response.chunked and not bodiless
+        # HTTP/1.0 knows no chunks: closing the connection ends the body.
+        until_close = chunked and self.request_version < "HTTP/1.1"
+        headers = _header_items(response.headers)
         self.send_response(response.status)
-        names = {name.lower() for name, _ in _header_items(response.headers)}
-        for name, value in _header_items(response.headers):
+        for name, value in headers:
             self.send_header(name, value)
-        if response.chunked:
+        if until_close:
+            self.send_header("Connection", "close")
+        elif chunked:
             self.send_header("Transfer-Encoding", "chunked")
-        elif "content-length" not in names:
-            self.send_header("Content-Length", str(len(response.body_bytes())))
+        elif not bodiless and "content-length" not in {name.lower() for name, _ in headers}:
+            self.send_header("Content-Length", str(len(body)))  # for HEAD too: what GET would get
         self.end_headers()
         if response.truncate is not None:
-            self.wfile.write(body[: response.truncate])
             self.close_connection = True
-        elif response.chunked:
+        if self.command == "HEAD" or bodiless:
+            return
+        if response.truncate is not None:
+            self.wfile.write(body[: response.truncate])
+        elif chunked and not until_close:
             half = len(body) // 2
             for chunk in (body[:half], body[half:]):
                 if chunk:
@@ -390,6 +426,44 @@ class ContentHandler(custom.RequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         else:
             self.wfile.write(body)
+
+    def _abandoned_within(self, seconds: float) -> bool:
+        """Wait ``seconds``; True if the client closed its connection or the
+        server stopped first, so that a client that gave up does not keep
+        a thread for the rest of the delay.
+
+        The connection turns readable when the client closes it (a client
+        that only shuts down its sending side counts as gone too) or sends
+        its next request; that one waits its turn, and from then on only
+        the server stopping cuts the delay short.
+        """
+        stopped: threading.Event = getattr(self.server, "stopped", None) or threading.Event()
+        deadline = time.monotonic() + seconds
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ)
+            while not stopped.is_set() and (remaining := deadline - time.monotonic()) > 0:
+                if not selector.select(min(remaining, STOP_CHECK_INTERVAL)):
+                    continue
+                peeked = self._peek()
+                if peeked == b"":
+                    return True
+                if peeked:  # a pipelined request: readable until answered
+                    return stopped.wait(max(0.0, deadline - time.monotonic()))
+        return stopped.is_set()
+
+    def _peek(self) -> bytes | None:
+        """The connection's next byte, left unread: b"" once the client has
+        closed it, None when readable was a false alarm."""
+        timeout = self.connection.gettimeout()
+        self.connection.settimeout(0.0)  # never block
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        except OSError:  # reset
+            return b""
+        finally:
+            self.connection.settimeout(timeout)
 
 
 class Layer(custom.Layer):

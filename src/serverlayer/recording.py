@@ -3,7 +3,8 @@
 The ``http_requests`` resource lists them in arrival order: method, path
 and query as the client sent them, headers and body bytes. Recording reads
 the body before the application does and hands it on unchanged, so the
-application sees exactly what it would have seen.
+application sees exactly what it would have seen. A chunked body is
+recorded decoded.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import email.message
 import functools
 import io
 import json
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from serverlayer.arrivals import Arrivals, Unread
-from serverlayer.errors import RequestTimeoutError
+from serverlayer.errors import RequestTimeoutError, ServerLayerError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,25 +162,129 @@ class _BodyFirst:
         return getattr(self.rest, name)
 
 
+class _MalformedBody(ServerLayerError, ValueError):
+    """A request body whose framing is broken; the client gets a 400 saying how."""
+
+
+#: The longest chunk-size or trailer line, as ``http.server`` limits the request line.
+_MAX_LINE = 65536
+#: The most trailer fields, as ``http.client`` limits header fields.
+_MAX_TRAILERS = 100
+#: 16 hex digits already make 2**64 bytes: a longer size is no real chunk.
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: A huge chunk is read in pieces, so that its size claims no memory up front.
+_PIECE = 65536
+
+
+def _read_line(rfile: Any, raw: bytearray) -> bytes:
+    """The next line without its CRLF (or bare LF), appended to ``raw``."""
+    line = rfile.readline(_MAX_LINE + 1)
+    raw += line
+    if not line.endswith(b"\n"):
+        if len(line) > _MAX_LINE:
+            raise _MalformedBody(f"a line longer than {_MAX_LINE} bytes")
+        raise _MalformedBody("the connection closed before the body ended")
+    return line.removesuffix(b"\n").removesuffix(b"\r")
+
+
+def _read_chunked(rfile: Any) -> tuple[bytes, bytes]:
+    """A chunked body (RFC 9112 section 7.1): decoded, and as sent.
+
+    Chunk extensions and trailer fields are read and left out of the
+    decoded body.
+    """
+    raw = bytearray()
+    body = bytearray()
+    while True:
+        line = _read_line(rfile, raw)
+        size_field = line.split(b";", 1)[0].strip(b" \t")
+        if not _CHUNK_SIZE.fullmatch(size_field):
+            raise _MalformedBody(f"bad chunk size {line[:20]!r}, expected 1 to 16 hex digits")
+        size = int(size_field, 16)
+        if not size:
+            break
+        remaining = size
+        while remaining:
+            piece = rfile.read(min(remaining, _PIECE))
+            if not piece:
+                raise _MalformedBody("the connection closed before the body ended")
+            raw += piece
+            body += piece
+            remaining -= len(piece)
+        if _read_line(rfile, raw):
+            raise _MalformedBody(f"chunk of {size} bytes not followed by CRLF")
+    for _ in range(_MAX_TRAILERS + 1):
+        if not _read_line(rfile, raw):
+            return bytes(body), bytes(raw)
+    raise _MalformedBody(f"more than {_MAX_TRAILERS} trailer fields")
+
+
+def _transfer_codings(headers: email.message.Message) -> list[str]:
+    return [
+        coding.strip().lower()
+        for value in headers.get_all("Transfer-Encoding") or ()
+        for coding in value.split(",")
+        if coding.strip()
+    ]
+
+
+def _owes_continue(request: Any) -> bool:
+    """Whether the client waits for a ``100 Continue`` that http.server did not send.
+
+    http.server sends it only for HTTP/1.1 handlers. Recording reads the
+    body before the handler runs, so the client of an HTTP/1.0 handler
+    would wait for it (curl: one second) before sending the body anyway.
+    """
+    return (
+        request.headers.get("Expect", "").lower() == "100-continue"
+        and request.request_version >= "HTTP/1.1"
+        and request.protocol_version < "HTTP/1.1"
+    )
+
+
 def recording_handler(handler: type[Any], log: RequestLog) -> type[Any]:
     """A subclass of a ``BaseHTTPRequestHandler`` class that records requests.
 
-    The handler still reads the body it expects from ``rfile``: the
-    recorded bytes come first, then the rest of the connection.
+    The handler still reads the body it expects from ``rfile``: the bytes
+    as sent come first (a chunked body still chunked), then the rest of
+    the connection.
     """
 
     def parse_request(self: Any) -> bool:
-        if isinstance(self.rfile, _BodyFirst):  # the previous request's
-            self.rfile = self.rfile.rest
         if not handler.parse_request(self):
             return False
+        codings = _transfer_codings(self.headers)
         length = self.headers.get("Content-Length", "")
-        body = self.rfile.read(int(length)) if length.isdigit() else b""
+        if codings and codings[-1] != "chunked":
+            self.send_error(400, f"Transfer-Encoding {', '.join(codings)}: chunked must be the last transfer coding,"
+                                 " else the body has no known end")
+            return False
+        has_body = bool(codings) or (length.isdigit() and int(length) > 0)
+        if has_body and _owes_continue(self) and not self.handle_expect_100():
+            return False
+        if codings:
+            if length:  # RFC 9112 section 6.3: chunked wins, and the framing is in doubt
+                self.close_connection = True
+            try:
+                body, raw = _read_chunked(self.rfile)
+            except _MalformedBody as problem:
+                self.send_error(400, f"Malformed chunked body: {problem}")
+                return False
+        else:
+            body = raw = self.rfile.read(int(length)) if has_body else b""
         path, query = split_target(self.path)
         self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body)
         log.append(self.recorded_request)
-        if body:
-            self.rfile = _BodyFirst(body, self.rfile)
+        if raw:
+            self.rfile = _BodyFirst(raw, self.rfile)
         return True
 
-    return type(handler.__name__, (handler,), {"parse_request": parse_request, "__module__": handler.__module__})
+    def handle_one_request(self: Any) -> None:
+        try:
+            handler.handle_one_request(self)
+        finally:
+            if isinstance(self.rfile, _BodyFirst):  # what the handler left unread is no next request
+                self.rfile = self.rfile.rest
+
+    methods = {"parse_request": parse_request, "handle_one_request": handle_one_request}
+    return type(handler.__name__, (handler,), {**methods, "__module__": handler.__module__})

@@ -1,0 +1,193 @@
+"""The content layer speaks HTTP/1.1 correctly: responses without a body,
+HTTP/1.0 clients, and clients that give up on a delayed answer."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import time
+import unittest
+from collections.abc import Sequence
+
+from serverlayer import ConfigurationError, content
+from serverlayer.content import Response
+
+try:
+    import requests
+except ImportError:  # not a dependency of serverlayer's tests
+    requests = None  # type: ignore[assignment]
+
+PROTOCOL_CONTENT = content.Layer(name="PROTOCOL_CONTENT")
+
+
+class _NeverClosed(io.BytesIO):
+    """A stream several ``HTTPResponse`` objects read one after another."""
+
+    def close(self) -> None:
+        pass
+
+
+class _Replay:
+    def __init__(self, data: bytes) -> None:
+        self.file = _NeverClosed(data)
+
+    def makefile(self, *args, **kwargs) -> _NeverClosed:
+        return self.file
+
+
+Parsed = tuple[int, http.client.HTTPMessage, bytes]
+
+
+def parse_responses(data: bytes, methods: Sequence[str]) -> tuple[list[Parsed], bytes]:
+    """The responses in ``data``, one per request method, read as
+    http.client reads them, and whatever bytes follow the last one."""
+    replay = _Replay(data)
+    responses = []
+    for method in methods:
+        response = http.client.HTTPResponse(replay, method=method)  # type: ignore[arg-type]
+        response.begin()
+        responses.append((response.status, response.headers, response.read()))
+    return responses, replay.file.read()
+
+
+def exchange(layer, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on one connection and read until the server closes it."""
+    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+class BodilessStatusTests(unittest.TestCase):
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def connection(self):
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_a_body_for_204_or_304_is_refused_when_programmed(self):
+        route = self.http_content.route("/x")
+        for programme in (
+            lambda: route.respond("oops", status=204),
+            lambda: route.respond(b"x", status=304),
+            lambda: route.respond_json({"a": 1}, status=204),
+            lambda: route.respond_sequence(Response(304, "stale")),
+            lambda: self.http_content.serve_content("oops", code=204),
+        ):
+            with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                programme()
+            message = str(caught.exception)
+            self.assertRegex(message, r"A (204|304) response has no body")
+            self.assertIn("leave out the body", message)
+
+    def test_204_and_304_have_no_length_and_the_connection_goes_on(self):
+        self.http_content.route("/deleted", "DELETE").respond(status=204, headers={"X-Done": "yes"})
+        self.http_content.route("/cached").respond(status=304, headers={"ETag": '"v1"'})
+        self.http_content.route("/next").respond("next")
+        connection = self.connection()
+        connection.connect()
+        port = connection.sock.getsockname()[1]
+        for method, path, status in (("DELETE", "/deleted", 204), ("GET", "/cached", 304)):
+            connection.request(method, path)
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.read()), (status, b""))
+            self.assertIsNone(response.getheader("Content-Length"))
+            self.assertIsNone(response.getheader("Transfer-Encoding"))
+            connection.request("GET", "/next")
+            self.assertEqual(connection.getresponse().read(), b"next")
+        self.assertEqual(connection.sock.getsockname()[1], port)  # one connection throughout
+
+    def test_204_chunked_sends_no_chunks(self):
+        self.http_content.route("/nothing").respond(status=204, chunked=True)
+        self.http_content.route("/next").respond("next")
+        data = exchange(self.layer, b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [(status, headers, body), second], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((status, body, headers["Transfer-Encoding"], headers["Content-Length"]),
+                         (204, b"", None, None))
+        self.assertEqual((second[0], second[2], rest), (200, b"next", b""))
+
+    @unittest.skipIf(requests is None, "requests is not installed")
+    def test_requests_session_after_204_and_304(self):
+        self.http_content.route("/deleted").respond(status=204)
+        self.http_content.route("/cached").respond(status=304)
+        self.http_content.route("/next").respond("next")
+        with requests.Session() as session:
+            for path, status in (("/deleted", 204), ("/cached", 304)):
+                self.assertEqual(session.get(self.layer["http_url"] + path.lstrip("/"), timeout=5).status_code,
+                                 status)
+                self.assertEqual(session.get(self.layer["http_url"] + "next", timeout=5).content, b"next")
+
+    def test_head_has_the_get_length_and_no_body(self):
+        self.http_content.route("/page").respond("twelve bytes")
+        self.http_content.route("/stream").respond("streamed", chunked=True)
+        data = exchange(self.layer, b"HEAD /page HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [page, stream, get], rest = parse_responses(data, ["HEAD", "HEAD", "GET"])
+        self.assertEqual((page[0], page[1]["Content-Length"], page[2]), (200, "12", b""))
+        self.assertEqual((stream[0], stream[1]["Transfer-Encoding"], stream[2]), (200, "chunked", b""))
+        self.assertEqual((get[0], get[2], rest), (200, b"twelve bytes", b""))
+
+
+class HTTP10Tests(unittest.TestCase):
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_chunked_answer_to_http_10_is_sent_whole_and_the_connection_closed(self):
+        self.http_content.route("/stream").respond("sent in chunks to HTTP/1.1", chunked=True)
+        for request in (b"GET /stream HTTP/1.0\r\n\r\n",
+                        b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"):
+            with self.subTest(request=request):
+                data = exchange(self.layer, request, timeout=2)  # closed by the server, or a timeout
+                head, _, body = data.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+                self.assertNotIn(b"transfer-encoding", head.lower())
+                self.assertIn(b"\r\nConnection: close", head)
+                self.assertEqual(body, b"sent in chunks to HTTP/1.1")
+
+
+class GivingUpTests(unittest.TestCase):
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_client_that_gives_up_on_a_delay_frees_its_thread(self):
+        self.http_content.route("/slow").respond("late", delay=30)
+        client = socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5)
+        client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.layer["http_requests"].wait_for(1)
+        client.close()
+        started = time.monotonic()
+        self.assertTrue(self.layer["httpd"].wait_quiet(2), "the handler still waits for its delay")
+        self.assertLess(time.monotonic() - started, 1)
+
+    def test_a_client_that_gives_up_with_a_request_body(self):
+        self.http_content.route("/slow").respond("late", delay=30)
+        client = socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5)
+        client.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
+        self.layer["http_requests"].wait_for(1)
+        client.close()
+        started = time.monotonic()
+        self.assertTrue(self.layer["httpd"].wait_quiet(2), "the handler still waits for its delay")
+        self.assertLess(time.monotonic() - started, 1)
+
+    def test_a_pipelined_request_does_not_cut_the_delay_short(self):
+        self.http_content.route("/slowish").respond("late", delay=0.3)
+        self.http_content.route("/next").respond("next")
+        started = time.monotonic()
+        data = exchange(self.layer, b"GET /slowish HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        [first, second], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((first[2], second[2], rest), (b"late", b"next", b""))
