@@ -447,7 +447,7 @@ class ConcurrentClientTests(unittest.TestCase):
         self.hammer(wsgi.Layer(echo_app, name="concurrent_wsgi_tls", tls=True))
 
     def test_custom(self):
-        # Eight workers for 64 keep-alive connections: they wait their turn.
+        # 64 keep-alive connections at once: a worker starts for each.
         self.hammer(custom.Layer(EchoHandler, name="concurrent_custom"))
 
 
@@ -567,9 +567,8 @@ class MisbehavingHTTPClientTests(unittest.TestCase):
         self.misbehave(EchoFiles(name="misbehaving_static"), big_header_status=431)
 
     def test_silent_connections_as_many_as_the_pool_do_not_starve_it(self):
-        """The thread-pool server (custom, static, content layers) takes a
-        thread back from a connection that says nothing once another one
-        waits (and closes the silent one)."""
+        """A connection that says nothing holds no worker of the thread-pool
+        server (custom, static, content layers): the loop watches it."""
         layer = custom.Layer(EchoHandler, name="silent_custom", threads=2)
         layer.setUp()
         self.addCleanup(layer.tearDown)
@@ -579,13 +578,11 @@ class MisbehavingHTTPClientTests(unittest.TestCase):
         self.assertTrue(fetch(layer, "answered").startswith(b"/answered for port"))
 
     def test_stalled_requests_as_many_as_the_pool_starve_it(self):
-        """Regression test, fixed since: a connection that sent part of a request (a slowloris) keeps
-        its worker for as long as it stays connected: the handler blocks in
-        rfile.readline() or rfile.read() with no timeout, and only a
-        connection waiting *between* requests gives its thread back
-        (HandlerServer.await_next_request). ``threads`` such clients stop a
-        custom, static or content layer from answering anybody else until
-        they go away or the layer is torn down."""
+        """Regression test, fixed since: a connection that sent part of a
+        request (a slowloris) keeps its worker for as long as it stays
+        connected, and ``threads`` such clients used to stop a custom,
+        static or content layer from answering anybody else. Now another
+        worker starts for the next request."""
         for number, data in enumerate((
             b"GET /half-a-request-li",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: of a head",
