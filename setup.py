@@ -26,7 +26,11 @@ setup(
     ],
     extras_require={
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
-        "test": ["docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer"],
+        # requests, httpx and aiohttp: the tests try the layers with the clients users have.
+        "test": [
+            "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
+            "requests", "httpx", "aiohttp",
+        ],
         # The peers benchmarks/ measures serverlayer against; users never need them.
         "bench": [
             "gocept.httpserverlayer == 4.0",

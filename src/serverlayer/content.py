@@ -39,10 +39,6 @@ from serverlayer.recording import RecordedRequest
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
-#: How often a delayed answer looks whether the server is stopping.
-STOP_CHECK_INTERVAL = 0.1
-
-
 @dataclasses.dataclass(frozen=True)
 class Response:
     """An answer, including the ways a real service fails.
@@ -433,16 +429,17 @@ class ContentHandler(custom.RequestHandler):
         a thread for the rest of the delay.
 
         The connection turns readable when the client closes it (a client
-        that only shuts down its sending side counts as gone too) or sends
-        its next request; that one waits its turn, and from then on only
-        the server stopping cuts the delay short.
+        that only shuts down its sending side counts as gone too), when the
+        stopping server shuts it down, or when the client sends its next
+        request; that one waits its turn, and from then on only the server
+        stopping cuts the delay short.
         """
         stopped: threading.Event = getattr(self.server, "stopped", None) or threading.Event()
         deadline = time.monotonic() + seconds
         with selectors.DefaultSelector() as selector:
             selector.register(self.connection, selectors.EVENT_READ)
             while not stopped.is_set() and (remaining := deadline - time.monotonic()) > 0:
-                if not selector.select(min(remaining, STOP_CHECK_INTERVAL)):
+                if not selector.select(remaining):
                     continue
                 peeked = self._peek()
                 if peeked == b"":

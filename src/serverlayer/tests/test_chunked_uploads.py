@@ -16,18 +16,9 @@ from serverlayer import content, custom, static
 from serverlayer.content import Response
 from serverlayer.tests.test_content_protocol import exchange, parse_responses
 
-try:
-    import requests
-except ImportError:  # requests, httpx and aiohttp are no dependencies of the tests
-    requests = None  # type: ignore[assignment]
-try:
-    import httpx
-except ImportError:
-    httpx = None  # type: ignore[assignment]
-try:
-    import aiohttp
-except ImportError:
-    aiohttp = None  # type: ignore[assignment]
+import aiohttp
+import httpx
+import requests
 
 PIECES = [b'{"item": ', b'"tea", ', b'"count": 2}']
 DECODED = b'{"item": "tea", "count": 2}'
@@ -118,7 +109,6 @@ class ChunkedUploadChecks:
                          [("POST", self.upload[0], DECODED), ("GET", self.follow[0], b"")])
         self.assertEqual(recorded[0].headers["transfer-encoding"].lower(), "chunked")
 
-    @unittest.skipIf(requests is None, "requests is not installed")
     def test_requests_with_a_generator_body(self):
         with requests.Session() as session:
             first = session.post(self.url(self.upload[0]), data=iter(PIECES), timeout=5)
@@ -126,7 +116,6 @@ class ChunkedUploadChecks:
         self.check((first.status_code, first.content), (second.status_code, second.content),
                    [first.headers.get("X-Client-Port"), second.headers.get("X-Client-Port")])
 
-    @unittest.skipIf(httpx is None, "httpx is not installed")
     def test_httpx_with_an_iterator(self):
         with httpx.Client(timeout=5) as client:
             first = client.post(self.url(self.upload[0]), content=iter(PIECES))
@@ -134,7 +123,6 @@ class ChunkedUploadChecks:
         self.check((first.status_code, first.content), (second.status_code, second.content),
                    [first.headers.get("X-Client-Port"), second.headers.get("X-Client-Port")])
 
-    @unittest.skipIf(aiohttp is None, "aiohttp is not installed")
     def test_aiohttp_with_an_async_generator(self):
         async def pieces():
             for piece in PIECES:

@@ -13,10 +13,7 @@ from collections.abc import Sequence
 from serverlayer import ConfigurationError, content
 from serverlayer.content import Response
 
-try:
-    import requests
-except ImportError:  # not a dependency of serverlayer's tests
-    requests = None  # type: ignore[assignment]
+import requests
 
 PROTOCOL_CONTENT = content.Layer(name="PROTOCOL_CONTENT")
 
@@ -114,7 +111,6 @@ class BodilessStatusTests(unittest.TestCase):
                          (204, b"", None, None))
         self.assertEqual((second[0], second[2], rest), (200, b"next", b""))
 
-    @unittest.skipIf(requests is None, "requests is not installed")
     def test_requests_session_after_204_and_304(self):
         self.http_content.route("/deleted").respond(status=204)
         self.http_content.route("/cached").respond(status=304)
