@@ -25,14 +25,12 @@ from typing import Any
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
-from serverlayer.recording import recording_handler
+from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Activity, Deadline
 
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError)
-
-HandlerFactory = Callable[..., socketserver.BaseRequestHandler]
 
 #: For a worker's wait for the next request: poll has no kernel object to
 #: create and close for each wait, as epoll has.
@@ -63,62 +61,83 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-class _SharesItsThread:
-    """``BaseHTTPRequestHandler.handle``, with a connection that can change threads.
+class _Conversation:
+    """A client's connection, and the user's handler object serving it.
 
     ``BaseHTTPRequestHandler`` keeps its thread for as long as the client
     keeps the connection open. Here the worker waits for the next request
     only until the test ends; then ``handle`` returns with the connection
     still open (``parked``), the server's loop watches it, and whichever
-    worker is free when the next request arrives calls ``resume``. So no
-    thread outlives the test that started it, and no timeout has to guess
-    when a client is gone.
+    worker is free when the next request arrives resumes the conversation.
+    So no thread outlives the test that started it, and no timeout has to
+    guess when a client is gone. A handler class with a ``handle`` of its
+    own keeps its thread for the whole connection.
+
+    The handler is an instance of the user's own class, so that
+    ``type(self)`` in its methods is the layer's ``request_handler``: what
+    serverlayer changes it sets on the instance, and takes off again when
+    the connection closes.
     """
 
-    server: HandlerServer
-    connection: socket.socket
-    rfile: Any
-    wfile: Any
-    close_connection: bool
-    parked = False
-
-    def handle(self) -> None:
+    def __init__(self, server: HandlerServer, connection: socket.socket, address: Any) -> None:
+        self.server = server
+        self.connection = connection
+        self.address = address
+        self.handler: Any = None
         self.parked = False
-        self.close_connection = False
-        while True:
-            self.server.activity.start()
-            self.handle_one_request()  # type: ignore[attr-defined]
-            self.server.activity.finish()  # an exception finishes in the worker, once recorded
-            if self.close_connection:
-                return
-            if not (_has_buffered_data(self.connection, self.rfile) or self.server.await_request(self.connection)):
-                self.parked = True
-                return
+        #: Whether ``finish`` left the handler's files open for the next request.
+        self._files_open = False
 
-    def finish(self) -> None:
-        if self.parked:  # the connection lives on: only send what is buffered
-            self.wfile.flush()
-        else:
-            super().finish()  # type: ignore[misc]
-
-    def close_files(self) -> None:
-        """Close what ``finish`` leaves open on a parked connection."""
-        self.parked = False
-        self.finish()
+    def start(self) -> None:
+        """Make the handler, which serves the requests that have arrived."""
+        server = self.server
+        handler_class = server.handler_class
+        handler = self.handler = handler_class.__new__(handler_class)
+        record_requests(handler, server.requests)
+        if server.handler_shares_threads:
+            handler.handle = self._handle  # type: ignore[method-assign]
+            handler.finish = self._finish  # type: ignore[method-assign]
+        handler_class.__init__(handler, self.connection, self.address, server, **server.handler_arguments)  # type: ignore[misc]
 
     def resume(self) -> None:
         """Serve the requests that have arrived on the parked connection."""
         try:
-            self.handle()
+            self._handle()
         finally:
-            self.finish()
+            self._finish()
 
+    def _handle(self) -> None:
+        handler, server = self.handler, self.server
+        self.parked = False
+        while True:
+            handler.close_connection = True  # unless the request says otherwise
+            server.activity.start()
+            handler.handle_one_request()
+            server.activity.finish()  # an exception finishes in the worker, once recorded
+            if handler.close_connection:
+                return
+            if not (_has_buffered_data(self.connection, handler.rfile) or server.await_request(self.connection)):
+                self.parked = True
+                return
 
-def sharing_threads(handler: type[http.server.BaseHTTPRequestHandler]) -> type[http.server.BaseHTTPRequestHandler]:
-    """``handler`` made to share the pool, unless it handles connections its own way."""
-    if handler.handle is not http.server.BaseHTTPRequestHandler.handle:
-        return handler
-    return type(handler.__name__, (_SharesItsThread, handler), {"__module__": handler.__module__})
+    def _finish(self) -> None:
+        if self.parked:  # the connection lives on: only send what is buffered
+            self.handler.wfile.flush()
+            self._files_open = True
+        else:
+            self._files_open = False
+            type(self.handler).finish(self.handler)
+
+    def close(self) -> None:
+        """Close what the handler left open and take serverlayer's methods off it."""
+        handler, self.handler = self.handler, None
+        if handler is None:
+            return
+        if self._files_open:
+            self._files_open = self.parked = False
+            type(handler).finish(handler)
+        for name in ("handle", "finish", "parse_request", "handle_one_request"):
+            handler.__dict__.pop(name, None)
 
 
 class _Worker:
@@ -160,22 +179,27 @@ class HandlerServer(socketserver.BaseServer):
     def __init__(
         self,
         sock: socket.socket,
-        handler: HandlerFactory,
+        handler_class: type[http.server.BaseHTTPRequestHandler],
         *,
+        handler_arguments: dict[str, Any],
+        requests: RequestLog,
         errors: ErrorLog,
         threads: int,
         thread_name: str,
     ) -> None:
         host, port = sock.getsockname()[:2]
-        super().__init__((host, port), handler)  # type: ignore[arg-type]
+        super().__init__((host, port), handler_class)
+        self.handler_class = handler_class
+        #: Keyword arguments the handler class is called with, besides the connection.
+        self.handler_arguments = handler_arguments
+        self.requests = requests
+        self.handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
         self.socket = sock
         # http.server handlers and wsgiref read these.
         self.server_name = host
         self.server_port = port
         self._errors = errors
         self.activity = Activity()
-        handler_class = getattr(handler, "func", handler)  # unwrap a partial
-        self._handler_shares_threads = isinstance(handler_class, type) and issubclass(handler_class, _SharesItsThread)
         self._stopping = False
         #: Set when the server stops: handlers that wait wait on it.
         self.stopped = threading.Event()
@@ -186,10 +210,10 @@ class HandlerServer(socketserver.BaseServer):
         self._recalling = False
         self._waiting = 0
         self._connections_lock = threading.Lock()
-        #: Every open connection, with its handler once it has one.
-        self._connections: dict[socket.socket, Any] = {}
+        #: Every open connection.
+        self._connections: dict[socket.socket, _Conversation] = {}
         #: Connections a worker gives back, for the loop to watch again.
-        self._returned: queue.SimpleQueue[_SharesItsThread] = queue.SimpleQueue()
+        self._returned: queue.SimpleQueue[_Conversation] = queue.SimpleQueue()
         self._thread_name = thread_name
         self._steady_workers = threads
         self._workers_lock = threading.Condition()
@@ -230,13 +254,14 @@ class HandlerServer(socketserver.BaseServer):
         # Nagle's algorithm each keep-alive response would wait for the
         # client's delayed ACK (40 ms on Linux).
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conversation = _Conversation(self, connection, address)
         with self._connections_lock:
-            self._connections[connection] = None
-        serve_new = functools.partial(self._serve_connection, connection, address)
-        if self._handler_shares_threads:
-            selector.register(connection, selectors.EVENT_READ, serve_new)  # HTTP clients speak first
+            self._connections[connection] = conversation
+        serve = functools.partial(self._serve, conversation, conversation.start)
+        if self.handler_shares_threads:
+            selector.register(connection, selectors.EVENT_READ, serve)  # HTTP clients speak first
         else:
-            self._dispatch(serve_new)  # a handler of its own may speak first
+            self._dispatch(serve)  # a handler of its own may speak first
 
     def _watch_returned(self, selector: selectors.BaseSelector) -> None:
         try:
@@ -245,15 +270,16 @@ class HandlerServer(socketserver.BaseServer):
             pass
         while True:
             try:
-                handler = self._returned.get_nowait()
+                conversation = self._returned.get_nowait()
             except queue.Empty:
                 return
-            if handler.connection.fileno() != -1:
-                selector.register(handler.connection, selectors.EVENT_READ, functools.partial(self._resume, handler))
+            if conversation.connection.fileno() != -1:
+                serve = functools.partial(self._serve, conversation, conversation.resume)
+                selector.register(conversation.connection, selectors.EVENT_READ, serve)
 
-    def _give_back(self, handler: _SharesItsThread) -> None:
-        """Have the loop watch ``handler``'s connection for its next request."""
-        self._returned.put(handler)
+    def _give_back(self, conversation: _Conversation) -> None:
+        """Have the loop watch ``conversation``'s connection for its next request."""
+        self._returned.put(conversation)
         try:
             self._wake_writer.send(b"\0")
         except OSError:  # stopping: release closes the connection
@@ -322,40 +348,25 @@ class HandlerServer(socketserver.BaseServer):
         for worker in extra:
             worker.thread.join(deadline.remaining())
 
-    def _serve_connection(self, connection: socket.socket, address: Any) -> None:
-        if not self._handler_shares_threads:
+    def _serve(self, conversation: _Conversation, serve: Callable[[], None]) -> None:
+        """Run ``serve`` (start or resume ``conversation``); then park or close it."""
+        if not self.handler_shares_threads:
             self.activity.start()  # a handler with its own handle(): busy for the whole connection
         try:
-            handler = self.RequestHandlerClass(connection, address, self)  # type: ignore[call-arg]
+            serve()
         except BaseException:
-            self.handle_error(connection, address)
-            self._close(connection)
-            return
-        if getattr(handler, "parked", False):
-            with self._connections_lock:
-                self._connections[connection] = handler
-        self._after_requests(handler)
-
-    def _resume(self, handler: _SharesItsThread) -> None:
-        try:
-            handler.resume()
-        except BaseException:
-            self.handle_error(handler.connection, getattr(handler, "client_address", ("?",)))
-            self._close(handler.connection)
-            return
-        self._after_requests(handler)
-
-    def _after_requests(self, handler: Any) -> None:
-        if getattr(handler, "parked", False) and not self._stopping:
-            self._give_back(handler)
+            self.handle_error(conversation.connection, conversation.address)
+            conversation.parked = False
+        if conversation.parked and not self._stopping:
+            self._give_back(conversation)
         else:
-            self._close(handler.request)
+            self._close(conversation.connection)
 
     def _close(self, connection: socket.socket) -> None:
         with self._connections_lock:
-            handler = self._connections.pop(connection, None)
-        if handler is not None:
-            handler.close_files()
+            conversation = self._connections.pop(connection, None)
+        if conversation is not None:
+            conversation.close()
         self.shutdown_request(connection)
 
     # Errors and connections.
@@ -365,8 +376,7 @@ class HandlerServer(socketserver.BaseServer):
         exc_type, exc, tb = sys.exc_info()
         if exc_type is None or exc is None or self._stopping or isinstance(exc, DISCONNECTS):
             return
-        handler = getattr(self.RequestHandlerClass, "func", self.RequestHandlerClass)  # unwrap a partial
-        handler_name = getattr(handler, "__name__", repr(handler))
+        handler_name = self.handler_class.__name__
         self._errors.record(
             f"{handler_name} raised while serving a request from {client_address[0]}",
             (exc_type, exc, tb),
@@ -420,9 +430,8 @@ class HandlerServer(socketserver.BaseServer):
             worker.thread.join(deadline.remaining())
         with self._connections_lock:
             connections, self._connections = self._connections, {}
-        for connection, handler in connections.items():
-            if handler is not None:
-                handler.close_files()
+        for connection, conversation in connections.items():
+            conversation.close()
             connection.close()
         for sock in (self._wake_reader, self._wake_writer, self._recall_reader, self._recall_writer):
             sock.close()
@@ -479,17 +488,13 @@ class Layer(HTTPLayer):
         """Keyword arguments the handler class is called with, besides the connection."""
         return {}
 
-    def handler_factory(self) -> HandlerFactory:
-        """What the server calls to handle a connection: the handler, recording requests."""
-        assert self.request_handler is not None
-        handler: HandlerFactory = recording_handler(sharing_threads(self.request_handler), self.requests)
-        arguments = self.handler_arguments()
-        return functools.partial(handler, **arguments) if arguments else handler
-
     def make_server(self, sock: socket.socket) -> HandlerServer:
+        assert self.request_handler is not None
         return HandlerServer(
             sock,
-            self.handler_factory(),
+            self.request_handler,
+            handler_arguments=self.handler_arguments(),
+            requests=self.requests,
             errors=self.server_errors,
             threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",

@@ -242,16 +242,21 @@ def _owes_continue(request: Any) -> bool:
     )
 
 
-def recording_handler(handler: type[Any], log: RequestLog) -> type[Any]:
-    """A subclass of a ``BaseHTTPRequestHandler`` class that records requests.
+def record_requests(handler: Any, log: RequestLog) -> None:
+    """Make ``handler`` record each request it reads into ``log``.
 
+    Called on a ``BaseHTTPRequestHandler`` instance before its ``__init__``
+    serves the connection. It sets methods on the instance rather than
+    making a subclass, so that the handler's class stays the user's own.
     The handler still reads the body it expects from ``rfile``: the bytes
     as sent come first (a chunked body still chunked), then the rest of
     the connection.
     """
+    handler_class = type(handler)
 
-    def parse_request(self: Any) -> bool:
-        if not handler.parse_request(self):
+    def parse_request() -> bool:
+        self = handler
+        if not handler_class.parse_request(self):
             return False
         codings = _transfer_codings(self.headers)
         length = self.headers.get("Content-Length", "")
@@ -279,12 +284,12 @@ def recording_handler(handler: type[Any], log: RequestLog) -> type[Any]:
             self.rfile = _BodyFirst(raw, self.rfile)
         return True
 
-    def handle_one_request(self: Any) -> None:
+    def handle_one_request() -> None:
         try:
-            handler.handle_one_request(self)
+            handler_class.handle_one_request(handler)
         finally:
-            if isinstance(self.rfile, _BodyFirst):  # what the handler left unread is no next request
-                self.rfile = self.rfile.rest
+            if isinstance(handler.rfile, _BodyFirst):  # what the handler left unread is no next request
+                handler.rfile = handler.rfile.rest
 
-    methods = {"parse_request": parse_request, "handle_one_request": handle_one_request}
-    return type(handler.__name__, (handler,), {**methods, "__module__": handler.__module__})
+    handler.parse_request = parse_request
+    handler.handle_one_request = handle_one_request

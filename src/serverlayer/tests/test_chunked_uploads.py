@@ -12,13 +12,13 @@ import tempfile
 import time
 import unittest
 
-from serverlayer import content, custom, static
-from serverlayer.content import Response
-from serverlayer.tests.test_content_protocol import exchange, parse_responses
-
 import aiohttp
 import httpx
 import requests
+
+from serverlayer import content, custom, static
+from serverlayer.content import Response
+from serverlayer.tests.test_content_protocol import exchange, parse_responses
 
 PIECES = [b'{"item": ', b'"tea", ', b'"count": 2}']
 DECODED = b'{"item": "tea", "count": 2}'

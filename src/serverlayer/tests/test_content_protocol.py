@@ -10,10 +10,10 @@ import time
 import unittest
 from collections.abc import Sequence
 
+import requests
+
 from serverlayer import ConfigurationError, content
 from serverlayer.content import Response
-
-import requests
 
 PROTOCOL_CONTENT = content.Layer(name="PROTOCOL_CONTENT")
 

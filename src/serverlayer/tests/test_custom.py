@@ -53,6 +53,39 @@ class ServingTests(unittest.TestCase):
         self.assertEqual(connection.sock.getsockname()[1], local_port)
 
 
+class Counting(custom.RequestHandler):
+    """Counts its requests in a class attribute, as gocept.httpserverlayer
+    users' handlers do, for the test to read through the layer."""
+
+    protocol_version = "HTTP/1.1"
+    seen = 0
+
+    def do_GET(self):
+        type(self).seen += 1
+        type(self).last_class = type(self)
+        self.send_response(204)
+        self.end_headers()
+
+
+class HandlerClassTests(unittest.TestCase):
+
+    def test_the_handler_is_an_instance_of_the_users_own_class(self):
+        layer = custom.Layer(Counting, name="counting")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.addCleanup(setattr, Counting, "seen", 0)
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for _ in range(3):  # over one connection, and on another
+            connection.request("GET", "/")
+            connection.getresponse().read()
+        with urllib.request.urlopen(layer["http_url"], timeout=5):
+            pass
+        self.assertIs(layer["request_handler"], Counting)
+        self.assertEqual(layer["request_handler"].seen, 4)
+        self.assertIs(layer["request_handler"].last_class, Counting)
+
+
 class HandlerValidationTests(unittest.TestCase):
 
     def test_handler_must_be_a_request_handler_class(self):

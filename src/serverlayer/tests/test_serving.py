@@ -430,12 +430,15 @@ class PauseTests(unittest.TestCase):
                 outcomes[layer.__name__, what] = repr(error)
 
         work = []
+        def upload(served):
+            return len(upload_with_a_pause(served, self.pause))
+
         for layer in layers:
             work += [
-                functools.partial(attempt, layer, "upload", lambda l: len(upload_with_a_pause(l, self.pause))),
-                functools.partial(attempt, layer, "head", lambda l: request_head_with_a_pause(l, self.pause)),
-                functools.partial(attempt, layer, "download", lambda l: download_with_a_pause(l, self.pause)),
-                functools.partial(attempt, layer, "slow reader", lambda l: download_at(l, self.reading_rate)),
+                functools.partial(attempt, layer, "upload", upload),
+                functools.partial(attempt, layer, "head", lambda served: request_head_with_a_pause(served, self.pause)),
+                functools.partial(attempt, layer, "download", lambda served: download_with_a_pause(served, self.pause)),
+                functools.partial(attempt, layer, "slow reader", lambda served: download_at(served, self.reading_rate)),
             ]
         started = time.monotonic()
         run_threads(self, work, bound=self.pause + 60)
