@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serverlayer.errors import ConfigurationError
-from serverlayer.layer import HTTPLayer, positive_number
+from serverlayer.layer import HTTPLayer, whole_number
 from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Activity, Deadline
@@ -170,8 +170,8 @@ class HandlerServer(socketserver.BaseServer):
     any number of keep-alive connections share the workers fairly, and an
     idle, silent or slow client only ever holds up itself.
 
-    ``threads`` workers start with the server and stay; when every one of
-    them is busy, another starts. The test runner warns about threads a
+    ``threads`` workers start with the server and stay; when a request
+    finds none free, another starts. The test runner warns about threads a
     test leaves behind, so those extra workers end, and are joined, when
     the test ends (``test_ended``).
     """
@@ -441,13 +441,14 @@ class Layer(HTTPLayer):
     """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
 
     Publishes ``request_handler`` besides the ``http_*`` resources.
-    ``threads`` is how many worker threads wait for requests between
-    tests. Any number of connections are served at once: when every
-    worker is busy another starts, and ends with the test.
+    Any number of connections are served at once: a worker thread starts
+    when a request finds none free, and ends with the test. ``threads`` is
+    how many workers stay between tests; none by default, which keeps an
+    idle server to the one thread of its loop.
     """
 
     request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
-    threads: int = 1
+    threads: int = 0
 
     def __init__(
         self,
@@ -463,7 +464,7 @@ class Layer(HTTPLayer):
             self.threads = threads
         if self.request_handler is not None:
             self._check_handler(self.request_handler)
-        positive_number(self.threads, owner=repr(self), setting="threads")
+        whole_number(self.threads, owner=repr(self), setting="threads", minimum=0)
 
     def _check_handler(self, handler: object) -> None:
         if not (isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)):

@@ -79,11 +79,16 @@ def claim_identity(layer: plone.testing.Layer) -> None:
         _identities[identity] = weakref.ref(layer)
 
 
+def whole_number(value: object, *, owner: str, setting: str, minimum: int) -> int:
+    """``value`` if it is a whole number of at least ``minimum``, else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{owner}: {setting}={value!r} must be a whole number of at least {minimum}.")
+    return value
+
+
 def positive_number(value: object, *, owner: str, setting: str) -> int:
     """``value`` if it is a whole number of at least 1, else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{owner}: {setting}={value!r} must be a whole number of at least 1.")
-    return value
+    return whole_number(value, owner=owner, setting=setting, minimum=1)
 
 
 def _port_number(value: object, *, owner: str, source: str) -> int:

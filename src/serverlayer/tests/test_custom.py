@@ -100,9 +100,12 @@ class HandlerValidationTests(unittest.TestCase):
             layer.setUp()
         self.assertIn("no request handler", str(caught.exception))
 
-    def test_threads_must_be_positive(self):
-        with self.assertRaises(ConfigurationError):
-            custom.Layer(Greeter, name="no_threads", threads=0)
+    def test_threads_must_be_a_whole_number(self):
+        for wrong in (-1, 1.5, "2", True):
+            with self.subTest(threads=wrong), self.assertRaises(ConfigurationError) as caught:
+                custom.Layer(Greeter, name="wrong_threads", threads=wrong)
+            self.assertIn("threads=", str(caught.exception))
+            self.assertIn("whole number of at least 0", str(caught.exception))
 
 
 class PoolTests(unittest.TestCase):

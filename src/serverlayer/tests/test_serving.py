@@ -1,7 +1,7 @@
 """Serving that real clients can rely on (the thread-pool server behind the
 custom, static and content layers, and every HTTP layer over TLS).
 
-- an idle server holds two threads, and the workers a test's load started
+- an idle server holds one thread, and the workers a test's load started
   end with the test, with the connections they served still open;
 - any number of keep-alive connections are served, from threads and from
   another process, while idle, silent and half-sent ones wait;
@@ -185,11 +185,17 @@ class ThreadTests(unittest.TestCase):
         self.addCleanup(layer.tearDown)
         return layer
 
-    def test_an_idle_server_holds_two_threads(self):
+    def test_an_idle_server_holds_one_thread(self):
         for layer in every_http_layer("idle")[:3]:
             with self.subTest(layer=layer):
                 self.serve(layer)
-                self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+                self.assertEqual(server_threads(layer), [f"serverlayer {layer.__module__}.{layer.__name__}"])
+
+    def test_threads_workers_stay_between_tests(self):
+        layer = self.serve(custom.Layer(EchoHandler, name="steady", threads=3))
+        self.assertEqual(len(server_threads(layer)), 4)
+        layer.testTearDown()
+        self.assertEqual(len(server_threads(layer)), 4)
 
     def test_workers_a_burst_started_end_with_the_test_and_the_connections_stay(self):
         arrived = threading.Barrier(17, timeout=CLIENT_TIMEOUT)
@@ -219,13 +225,13 @@ class ThreadTests(unittest.TestCase):
             client.join(CLIENT_TIMEOUT)
         self.assertGreaterEqual(len(server_threads(layer)), 17)  # the loop and 16 workers
         layer.testTearDown()  # what the test runner calls when a test ends
-        self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+        self.assertEqual(len(server_threads(layer)), 1, server_threads(layer))
         for number, connection in enumerate(connections):  # the same connections, served anew
             port = connection.sock.getsockname()[1]
             connection.request("GET", f"/again-{number}")
             self.assertEqual(connection.getresponse().read(), f"/again-{number} for port {port}".encode())
         layer.testTearDown()
-        self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+        self.assertEqual(len(server_threads(layer)), 1, server_threads(layer))
 
     def test_a_suite_whose_connections_outlive_its_tests_runs_clean(self):
         """Keep-alive connections kept at module level across tests, and a
@@ -386,7 +392,7 @@ class ManyConnectionsTests(unittest.TestCase):
                     self.assertEqual(read_response(replies)[0], 200)
             layer.check_server_errors()
             layer.testTearDown()
-            self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+            self.assertEqual(len(server_threads(layer)), 1, server_threads(layer))
             started = time.monotonic()
             layer.tearDown()
             took = time.monotonic() - started
