@@ -130,6 +130,40 @@ class Activity:
             return self._changed.wait_for(lambda: not self._busy, timeout)
 
 
+class ForwardedClients:
+    """Who is really at the other end of each connection a TLS front forwards.
+
+    The front connects to the server behind it from a loopback address of
+    its own. Before it forwards a byte, it registers that address with its
+    client's, so that the server can tell its application the client's
+    address, as it would over plain HTTP; it forgets the address when the
+    connection ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def register(self, front_side: tuple[Any, ...], client: tuple[Any, ...]) -> None:
+        """``client`` is behind the connection the front made from ``front_side``."""
+        with self._lock:
+            self._clients[front_side[:2]] = client
+
+    def forget(self, front_side: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._clients.pop(front_side[:2], None)
+
+    def client_of(self, peer: tuple[Any, ...], default: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The client behind a connection whose peer is ``peer`` (as
+        ``accept`` gave it), else ``default``."""
+        with self._lock:
+            return self._clients.get(peer[:2], default)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+
 class Deadline:
     """A point in time that several joins share."""
 

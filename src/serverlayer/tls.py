@@ -27,12 +27,13 @@ import threading
 import urllib.request
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import plone.testing
 import trustme
 
 from serverlayer.reporting import ErrorLog
-from serverlayer.server import AsyncioServer, Server, ServerThread
+from serverlayer.server import AsyncioServer, ForwardedClients, Server, ServerThread
 
 #: Names every server certificate carries, whatever the layer's host.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -76,6 +77,11 @@ class CertificateAuthority:
             if context is None:
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 self._ca.issue_cert(*names).configure_cert(context)
+                # The HTTP layers speak HTTP/1.1 only: a client that offers
+                # HTTP/2 as well (curl, httpx) settles on HTTP/1.1 at once.
+                # SMTP layers share the context; their clients offer no
+                # ALPN, and one offering other protocols gets none.
+                context.set_alpn_protocols(["http/1.1"])
                 self._server_contexts[names] = context
             return context
 
@@ -121,6 +127,11 @@ class TLSFront(AsyncioServer):
     behaviour the same with and without it. A client that fails the
     handshake, or speaks plain HTTP, loses its connection; the server goes
     on serving everybody else.
+
+    The server behind sees the front's connections, from a loopback port of
+    the front's; it finds the real client in its ``forwarded_clients`` and
+    the port clients connect to in its ``published_port``, so that it can
+    tell the application what it would tell it over plain HTTP.
     """
 
     def __init__(
@@ -138,6 +149,9 @@ class TLSFront(AsyncioServer):
         self.context = context
         self._backend_socket = backend_socket
         self._backend_address = backend_socket.getsockname()[:2]
+        self.clients = ForwardedClients()
+        backend.forwarded_clients = self.clients  # type: ignore[attr-defined]
+        backend.published_port = self.socket.getsockname()[1]  # type: ignore[attr-defined]
         self._backend_thread = ServerThread(backend, name=f"{thread_name} behind TLS")
         self._thread_name = thread_name
         # asyncio keeps only weak references to running tasks; a connection's
@@ -156,6 +170,22 @@ class TLSFront(AsyncioServer):
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _open_backend(self, client: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the backend from an address registered as
+        ``client``'s before it connects, so that the backend finds the
+        client however early it looks: when it accepts, or at a request."""
+        sock = socket.socket(self._backend_socket.family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self._backend_address[0], 0))
+            self.clients.register(sock.getsockname(), client)
+            await asyncio.get_running_loop().sock_connect(sock, self._backend_address)
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            self.clients.forget(sock.getsockname())
+            sock.close()
+            raise
+
     async def _forward(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         current = asyncio.current_task()
         if current is not None:
@@ -163,18 +193,20 @@ class TLSFront(AsyncioServer):
         client_transport = client_writer.transport
         self.transports.add(client_transport)  # type: ignore[arg-type]
         try:
-            backend_reader, backend_writer = await asyncio.open_connection(*self._backend_address)
+            backend_reader, backend_writer = await self._open_backend(client_writer.get_extra_info("peername"))
         except OSError:
             client_writer.close()
             self.transports.discard(client_transport)  # type: ignore[arg-type]
             return
         self.transports.add(backend_writer.transport)  # type: ignore[arg-type]
+        front_side = backend_writer.get_extra_info("sockname")
         try:
             await asyncio.gather(
                 self._keep(asyncio.create_task(_pump(client_reader, backend_writer))),
                 self._keep(asyncio.create_task(_pump(backend_reader, client_writer))),
             )
         finally:
+            self.clients.forget(front_side)  # first: what follows may be cancelled
             for writer in (client_writer, backend_writer):
                 writer.close()
             for writer in (client_writer, backend_writer):

@@ -30,7 +30,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
 from serverlayer.recording import RecordingMiddleware
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
-from serverlayer.server import Activity, Deadline
+from serverlayer.server import Activity, Deadline, ForwardedClients
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
 WSGIApplication = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -112,6 +112,21 @@ class _WSGITask(WSGITask):
     def logger(self) -> logging.Logger:  # type: ignore[override]
         return self.channel.server.logger  # type: ignore[no-any-return]
 
+    def get_environment(self) -> dict[str, Any]:
+        """waitress's environ, telling behind a TLS front what it tells over
+        plain HTTP: the client's address and port, and the published port
+        (not the front's connection and the hidden port behind it)."""
+        if self.environ is not None:
+            return self.environ
+        environ: dict[str, Any] = super().get_environment()
+        server = self.channel.server
+        if server.forwarded_clients is not None:
+            client = server.forwarded_clients.client_of(self.channel.addr, self.channel.addr)
+            environ["REMOTE_ADDR"] = environ["REMOTE_HOST"] = client[0]
+            environ["REMOTE_PORT"] = str(client[1])
+            environ["SERVER_PORT"] = str(server.published_port)
+        return environ
+
 
 class _ErrorTask(ErrorTask):
     @property
@@ -119,9 +134,92 @@ class _ErrorTask(ErrorTask):
         return self.channel.server.logger  # type: ignore[no-any-return]
 
 
+class _OutbufLock(threading.Condition):
+    """waitress's ``outbuf_lock`` (a Condition over an RLock) that knows how
+    deep it is held, so that the loop can leave a channel alone meanwhile.
+
+    ``wait`` lets go of the lock entirely; it wakes the loop first, since
+    the waiter waits for the loop to send (or close) what is buffered.
+    """
+
+    def __init__(self, channel: _Channel) -> None:
+        self._rlock = threading.RLock()
+        super().__init__(self._rlock)
+        # Condition.__init__ bound the RLock's acquire and release to the
+        # instance, which would bypass the methods below.
+        del self.acquire, self.release
+        self.channel = channel
+        #: How many times the owner holds the lock (an RLock is re-entered),
+        #: 0 while it is free or its owner waits.
+        self.depth = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._rlock.acquire(blocking, timeout):
+            return False
+        self.depth += 1
+        return True
+
+    def release(self) -> None:
+        self.depth -= 1
+        free = self.depth == 0
+        self._rlock.release()
+        if free:
+            self.channel.lock_freed()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        depth, self.depth = self.depth, 0
+        self.channel.server.pull_trigger()
+        try:
+            return super().wait(timeout)
+        finally:
+            self.depth = depth
+
+
 class _Channel(HTTPChannel):
+    """waitress's channel, logging through its own server's logger, with a
+    loop that does not spin while a worker writes.
+
+    Upstream (waitress 3.0.2, ``send_bytes=1``) a worker sends its response
+    itself, inside ``write_soon``, holding ``outbuf_lock``. Meanwhile the
+    loop finds the channel writable (bytes are buffered), and its
+    ``handle_write`` cannot take the lock, so it sends nothing and select()
+    returns at once, again and again: with two busy keep-alive clients,
+    some twenty to forty loop turns per request instead of one or two, and
+    far fewer requests per second. Here the channel is not writable while
+    anyone holds the lock, and a thread that lets go of it with something
+    left to send (or close) wakes the loop, so that it looks again. A
+    worker never waits for a loop that is not watching: ``wait`` frees the
+    lock (``writable`` becomes true) and wakes the loop before it waits.
+    """
+
     task_class = _WSGITask
     error_task_class = _ErrorTask
+
+    def __init__(
+        self, server: WaitressServer, sock: socket.socket, addr: Any, adj: Adjustments, map: Any = None
+    ) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        self.outbuf_lock = _OutbufLock(self)
+
+    def writable(self) -> bool:
+        if self.outbuf_lock.depth:
+            return False  # the holder wakes the loop when it lets go
+        return bool(super().writable())
+
+    def lock_freed(self) -> None:
+        """Wake the loop if ``writable`` may have turned it away while the
+        lock was held and there is now something to send (or close).
+
+        The loop itself looks again anyway before it next waits.
+        """
+        if threading.get_ident() != self.server.loop_thread and super().writable():
+            self.server.pull_trigger()
 
     def service(self) -> None:
         # waitress logs what the application raised (so the layer records
@@ -167,6 +265,12 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     """
 
     channel_class = _Channel
+    #: The thread running the loop, once it runs.
+    loop_thread: int | None = None
+    #: Behind a TLS front (which sets them): who the clients really are,
+    #: and the port they connect to.
+    forwarded_clients: ForwardedClients | None = None
+    published_port: int | None = None
 
     def __init__(
         self,
@@ -213,10 +317,16 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         dispatcher.set_thread_count(threads)
 
     def serve(self, ready: Callable[[], None]) -> None:
-        poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
+        self.loop_thread = threading.get_ident()
         ready()
         while not self._stop_requested:
-            poll(self.adj.asyncore_loop_timeout, self._map)
+            self.poll_once()
+
+    def poll_once(self) -> None:
+        """One turn of the loop: wait until a socket is ready (or the
+        trigger is pulled), then serve the ready ones."""
+        poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
+        poll(self.adj.asyncore_loop_timeout, self._map)
 
     def pull_trigger(self) -> None:
         # Workers pull the trigger after each response. While the server

@@ -1,0 +1,184 @@
+"""Behind the TLS front the application sees what it sees over plain HTTP:
+the client's own address and port and the published port; and the front
+settles HTTP/2-capable clients on HTTP/1.1 by ALPN."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import unittest
+
+from serverlayer import wsgi
+
+
+def environ_app(environ, start_response):
+    """Answers with what the server told the application about the connection."""
+    body = json.dumps(
+        {key: environ[key] for key in ("REMOTE_ADDR", "REMOTE_HOST", "REMOTE_PORT", "SERVER_PORT")}
+    ).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+HTTP_ENVIRON_LAYER = wsgi.Layer(environ_app, name="HTTP_ENVIRON_LAYER")
+HTTPS_ENVIRON_LAYER = wsgi.Layer(environ_app, name="HTTPS_ENVIRON_LAYER", tls=True)
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on ``::1``."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def ask(layer, connect_to: str, *, requests: int = 1) -> tuple[tuple[str, int], list[dict[str, str]]]:
+    """The client socket's own address, and what the application saw for
+    each of ``requests`` requests on that one connection."""
+    with socket.create_connection((connect_to, layer["http_port"]), timeout=5) as raw:
+        sock = raw
+        if layer.tls:
+            sock = layer["ssl_context"].wrap_socket(raw, server_hostname=connect_to)
+        with sock:
+            own = sock.getsockname()[:2]
+            seen = []
+            reader = sock.makefile("rb")
+            for _ in range(requests):
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                length = None
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                assert length is not None, "no response"
+                seen.append(json.loads(reader.read(length)))
+            reader.close()
+    return own, seen
+
+
+class ClientAddressTests(unittest.TestCase):
+
+    def check(self, layer, connect_to: str) -> None:
+        own, seen = ask(layer, connect_to, requests=2)
+        for environ in seen:
+            self.assertEqual(environ["REMOTE_ADDR"], own[0])
+            self.assertEqual(environ["REMOTE_HOST"], own[0])
+            self.assertEqual(environ["REMOTE_PORT"], str(own[1]))
+            self.assertEqual(environ["SERVER_PORT"], str(layer["http_port"]))
+
+
+class HTTPSClientAddressTests(ClientAddressTests):
+    layer = HTTPS_ENVIRON_LAYER
+
+    def test_application_sees_the_client_and_the_published_port(self):
+        self.check(self.layer, "127.0.0.1")
+
+    def test_each_connection_is_its_own_client(self):
+        first, [seen_first] = ask(self.layer, "127.0.0.1")
+        second, [seen_second] = ask(self.layer, "127.0.0.1")
+        self.assertNotEqual(first[1], second[1])
+        self.assertEqual((seen_first["REMOTE_PORT"], seen_second["REMOTE_PORT"]), (str(first[1]), str(second[1])))
+
+    def test_ipv6_client(self):
+        if not ipv6_loopback():
+            self.skipTest("this machine has no IPv6 loopback")
+        layer = wsgi.Layer(environ_app, name="HTTPS_ENVIRON_LAYER_IPV6", host="::1", tls=True)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.check(layer, "::1")
+
+    def test_forgets_connections_that_ended(self):
+        for _ in range(3):
+            ask(self.layer, "127.0.0.1")
+        clients = self.layer["httpd"].forwarded_clients
+        deadline = time.monotonic() + 5
+        while len(clients) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(clients), 0)
+
+
+class AcceptRecordingChannel(wsgi._Channel):
+    """Records whom the front registered for a connection when waitress accepts it."""
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        server.clients_at_accept.append(server.forwarded_clients.client_of(addr, addr)[:2])
+
+
+class AcceptRecordingServer(wsgi.WaitressServer):
+    channel_class = AcceptRecordingChannel
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clients_at_accept = []
+
+
+class AcceptRecordingLayer(wsgi.Layer):
+    def make_server(self, sock):
+        return AcceptRecordingServer(
+            self.application(), sock, errors=self.server_errors, threads=self.threads,
+            thread_name=f"serverlayer {self.__module__}.{self.__name__}", url_scheme=self.scheme,
+        )
+
+
+ACCEPT_RECORDING_LAYER = AcceptRecordingLayer(environ_app, name="ACCEPT_RECORDING_LAYER", tls=True)
+
+
+class RegisteredBeforeAcceptTests(unittest.TestCase):
+    """A server may look the client up as soon as it accepts (the custom
+    layers' server may): the front registers it before it connects."""
+
+    layer = ACCEPT_RECORDING_LAYER
+
+    def test_the_client_is_known_when_the_server_accepts(self):
+        server = self.layer["httpd"]
+        own = [ask(self.layer, "127.0.0.1")[0] for _ in range(20)]
+        self.assertEqual(server.clients_at_accept, own)
+
+
+class HTTPClientAddressTests(ClientAddressTests):
+    """The same checks over plain HTTP, which the HTTPS ones must match."""
+
+    layer = HTTP_ENVIRON_LAYER
+
+    def test_application_sees_the_client_and_the_published_port(self):
+        self.check(self.layer, "127.0.0.1")
+
+    def test_not_behind_a_front(self):
+        self.assertIsNone(self.layer["httpd"].forwarded_clients)
+
+
+class ALPNTests(unittest.TestCase):
+    layer = HTTPS_ENVIRON_LAYER
+
+    def test_http2_capable_client_settles_on_http_1_1(self):
+        context = ssl.create_default_context(cafile=self.layer["ca_bundle"])
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname=self.layer["http_host"]) as sock:
+            self.assertEqual(sock.selected_alpn_protocol(), "http/1.1")
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 OK"))
+
+    def test_curl_asking_for_http2(self):
+        if shutil.which("curl") is None:
+            self.skipTest("no curl")
+        version = subprocess.run(["curl", "--version"], capture_output=True, text=True, timeout=30).stdout
+        if "HTTP2" not in version:
+            self.skipTest("this curl speaks no HTTP/2")
+        completed = subprocess.run(
+            ["curl", "--silent", "--show-error", "--http2", "--cacert", self.layer["ca_bundle"],
+             "--write-out", "\n%{http_version}", self.layer["http_url"]],
+            capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stderr)
+        body, http_version = completed.stdout.rsplit("\n", 1)
+        self.assertEqual(http_version, "1.1")
+        self.assertEqual(json.loads(body)["SERVER_PORT"], str(self.layer["http_port"]))

@@ -1,0 +1,286 @@
+"""The wsgi layer's loop waits while workers write, and every response still
+arrives whole: large ones, streamed ones, files, to slow readers.
+
+waitress's own channel lets the loop spin while a worker sends (see
+``serverlayer.wsgi._Channel``); these tests count the loop's turns against
+real sockets, and check that a worker waiting for the loop to send what it
+buffered is never left waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import socket
+import tempfile
+import threading
+import time
+import unittest
+from collections.abc import Iterator
+
+from serverlayer import wsgi
+
+MEGABYTE = 1024 * 1024
+
+
+def chunks(count: int, size: int) -> Iterator[bytes]:
+    """``count`` chunks of ``size`` bytes, each different from the one before."""
+    for number in range(count):
+        yield bytes([number % 251]) * size
+
+
+def digest(parts: Iterator[bytes]) -> str:
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+#: What /large answers: 50 MB, above waitress's 16 MB outbuf_high_watermark.
+LARGE = (50, MEGABYTE)
+#: What /streamed answers: many small chunks, without a length (chunked).
+STREAMED = (20000, 1000)
+#: What /slow answers, to a client reading at about 1 MB/s.
+SLOW = (24, 64 * 1024)
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/large":
+        count, size = LARGE
+        start_response("200 OK", [("Content-Length", str(count * size))])
+        return chunks(count, size)
+    if path == "/streamed":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return chunks(*STREAMED)
+    if path == "/slow":
+        count, size = SLOW
+        start_response("200 OK", [("Content-Length", str(count * size))])
+        return chunks(count, size)
+    if path == "/file":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](open(environ["HTTP_X_FILE"], "rb"), 256 * 1024)
+    if path == "/held":
+        return held(environ, start_response)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    return [b"hello"]
+
+
+#: Set by the client of /held once it has the first half.
+first_half_read = threading.Event()
+
+
+def held(environ, start_response):
+    """Leaves half of the response buffered while holding the channel's
+    out-buffer lock, then waits for the client to read that half."""
+    channel = environ["waitress.client_disconnected"].__self__
+    write = start_response("200 OK", [("Content-Length", str(2 * MEGABYTE))])
+    write(bytes(MEGABYTE))  # more than the kernel takes: the rest stays buffered
+    with channel.outbuf_lock:
+        time.sleep(0.2)  # meanwhile the loop finds the channel busy and leaves it
+    first_half_read.wait(10)
+    return [bytes(MEGABYTE)]
+
+
+class CountingServer(wsgi.WaitressServer):
+    """Counts the turns of its loop: a loop that spins turns without serving."""
+
+    turns = 0
+
+    def poll_once(self) -> None:
+        self.turns += 1
+        super().poll_once()
+
+
+class CountingLayer(wsgi.Layer):
+    """A wsgi layer with a ``CountingServer``. With ``small_buffers`` a
+    worker waits for the loop once it buffered 256 KB (waitress's
+    outbuf_high_watermark, 16 MB by default), and the kernel holds only
+    some 64 KB of what the server sends, so a slow reader makes workers
+    wait over and over."""
+
+    def __init__(self, *args, small_buffers: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.small_buffers = small_buffers
+
+    def make_server(self, sock: socket.socket) -> CountingServer:
+        if self.small_buffers:  # accepted sockets inherit it (Linux, BSDs)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        server = CountingServer(
+            self.application(), sock, errors=self.server_errors, threads=self.threads,
+            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+        )
+        if self.small_buffers:
+            server.adj.outbuf_high_watermark = 256 * 1024
+        # The loop's select() would wake up once a second by itself, and so
+        # hide a loop that nobody woke up; here it waits longer than any
+        # client of these tests.
+        server.adj.asyncore_loop_timeout = 60
+        return server
+
+
+SPIN_LAYER = CountingLayer(app, name="SPIN_LAYER", threads=8)
+SMALL_BUFFERS_LAYER = CountingLayer(app, name="SMALL_BUFFERS_LAYER", small_buffers=True)
+
+
+class LoopTurnTests(unittest.TestCase):
+    layer = SPIN_LAYER
+
+    #: Turns a request may cost: one to read it, one when its worker is done,
+    #: one to spare. A loop spinning while workers send took 4 to 45 with
+    #: two or four clients (and 1 to 3 with eight, the turns there serving
+    #: several channels at once).
+    TURNS_PER_REQUEST = 3
+    REQUESTS_PER_CLIENT = 200
+
+    def run_clients(self, clients: int) -> float:
+        """Loop turns per request while ``clients`` keep-alive clients ask at once."""
+        host, port = self.layer["http_host"], self.layer["http_port"]
+        connections = [http.client.HTTPConnection(host, port, timeout=10) for _ in range(clients)]
+        for connection in connections:
+            self.addCleanup(connection.close)
+            connection.request("GET", "/")  # connected before counting
+            connection.getresponse().read()
+        start = threading.Barrier(clients + 1, timeout=10)
+        failures: list[BaseException] = []
+
+        def ask(connection: http.client.HTTPConnection) -> None:
+            try:
+                start.wait()
+                for _ in range(self.REQUESTS_PER_CLIENT):
+                    connection.request("GET", "/")
+                    assert connection.getresponse().read() == b"hello"
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(connection,)) for connection in connections]
+        for thread in threads:
+            thread.start()
+        server = self.layer["httpd"]
+        before = server.turns
+        start.wait()
+        for thread in threads:
+            thread.join(30)
+        turns = server.turns - before
+        self.assertEqual(failures, [])
+        return turns / (clients * self.REQUESTS_PER_CLIENT)
+
+    def test_few_loop_turns_per_request_with_concurrent_keep_alive_clients(self):
+        for clients in (2, 4, 8):
+            with self.subTest(clients=clients):
+                self.assertLessEqual(self.run_clients(clients), self.TURNS_PER_REQUEST)
+
+
+def read_response(sock: socket.socket, *, pause_after: int | None = None, pause: float = 0.0,
+                  piece: int = 65536, interval: float = 0.0) -> tuple[bytes, bytes]:
+    """Headers and body of the response to a request sent with ``Connection: close``,
+    read ``piece`` bytes every ``interval`` seconds, pausing ``pause`` seconds
+    once ``pause_after`` bytes arrived."""
+    received = bytearray()
+    while data := sock.recv(piece):
+        received += data
+        if pause_after is not None and len(received) >= pause_after:
+            time.sleep(pause)
+            pause_after = None
+        if interval:
+            time.sleep(interval)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    return head, body
+
+
+class CompleteResponseTests(unittest.TestCase):
+    layer = SPIN_LAYER
+
+    def fetch(self, path: str, headers: dict[str, str] | None = None, *,
+              pause_after: int | None = None, pause: float = 0.0) -> tuple[http.client.HTTPResponse, str, int]:
+        """The response to ``path``, its body's digest and length, on a
+        keep-alive connection that then still works; the client pauses
+        ``pause`` seconds once it read ``pause_after`` bytes."""
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        hashed, length = hashlib.sha256(), 0
+        while data := response.read(MEGABYTE):
+            hashed.update(data)
+            length += len(data)
+            if pause_after is not None and length >= pause_after:
+                time.sleep(pause)
+                pause_after = None
+        connection.request("GET", "/")
+        self.assertEqual(connection.getresponse().read(), b"hello")
+        return response, hashed.hexdigest(), length
+
+    def test_large_response_above_the_high_watermark(self):
+        response, hashed, length = self.fetch("/large")
+        self.assertEqual(length, LARGE[0] * LARGE[1])
+        self.assertEqual(hashed, digest(chunks(*LARGE)))
+
+    def test_large_response_to_a_client_pausing_mid_download(self):
+        # The worker buffers up to the high watermark, then waits for the loop.
+        started = time.monotonic()
+        response, hashed, length = self.fetch("/large", pause_after=2 * MEGABYTE, pause=2)
+        self.assertGreaterEqual(time.monotonic() - started, 2)
+        self.assertEqual(length, LARGE[0] * LARGE[1])
+        self.assertEqual(hashed, digest(chunks(*LARGE)))
+
+    def test_streamed_response_of_many_chunks(self):
+        response, hashed, length = self.fetch("/streamed")
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(length, STREAMED[0] * STREAMED[1])
+        self.assertEqual(hashed, digest(chunks(*STREAMED)))
+
+    def test_file_wrapper_response(self):
+        with tempfile.NamedTemporaryFile(delete=False) as file:
+            self.addCleanup(os.unlink, file.name)
+            for part in chunks(20, MEGABYTE):
+                file.write(part)
+        response, hashed, length = self.fetch("/file", {"X-File": file.name})
+        self.assertEqual(length, 20 * MEGABYTE)
+        self.assertEqual(hashed, digest(chunks(20, MEGABYTE)))
+
+
+class SlowReaderTests(unittest.TestCase):
+    layer = SMALL_BUFFERS_LAYER
+
+    def request(self, path: str) -> socket.socket:
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        # A small receive buffer, so that the client's pace reaches the server.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.settimeout(10)
+        sock.connect((self.layer["http_host"], self.layer["http_port"]))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        return sock
+
+    def test_client_reading_at_one_megabyte_a_second(self):
+        head, body = read_response(self.request("/slow"), piece=16 * 1024, interval=1 / 64)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
+        self.assertEqual(len(body), SLOW[0] * SLOW[1])
+        self.assertEqual(hashlib.sha256(body).hexdigest(), digest(chunks(*SLOW)))
+
+    def test_client_pausing_mid_download(self):
+        started = time.monotonic()
+        head, body = read_response(self.request("/slow"), pause_after=512 * 1024, pause=2)
+        self.assertGreaterEqual(time.monotonic() - started, 2)
+        self.assertEqual(len(body), SLOW[0] * SLOW[1])
+        self.assertEqual(hashlib.sha256(body).hexdigest(), digest(chunks(*SLOW)))
+
+
+class WakeUpTests(unittest.TestCase):
+    layer = SMALL_BUFFERS_LAYER
+
+    def test_the_loop_sends_what_is_buffered_once_the_lock_is_let_go(self):
+        # Nothing else wakes the loop here: the worker waits for the client,
+        # the client for the loop.
+        first_half_read.clear()
+        self.addCleanup(first_half_read.set)
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10) as sock:
+            sock.sendall(b"GET /held HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            received = bytearray()
+            while not received.endswith(b"\r\n\r\n" + bytes(MEGABYTE)):
+                data = sock.recv(65536)
+                self.assertTrue(data, "the server closed the connection early")
+                received += data
+            first_half_read.set()
+            while data := sock.recv(65536):
+                received += data
+        self.assertTrue(received.endswith(b"\r\n\r\n" + bytes(2 * MEGABYTE)))
