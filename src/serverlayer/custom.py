@@ -27,7 +27,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, whole_number
 from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
-from serverlayer.server import Activity, Deadline
+from serverlayer.server import Activity, Deadline, ForwardedClients
 
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError)
@@ -176,6 +176,11 @@ class HandlerServer(socketserver.BaseServer):
     the test ends (``test_ended``).
     """
 
+    #: Set by a TLS front that forwards its connections here: who is really
+    #: at the other end of each, and the port its clients connect to.
+    forwarded_clients: ForwardedClients | None = None
+    published_port: int | None = None
+
     def __init__(
         self,
         sock: socket.socket,
@@ -197,7 +202,7 @@ class HandlerServer(socketserver.BaseServer):
         self.socket = sock
         # http.server handlers and wsgiref read these.
         self.server_name = host
-        self.server_port = port
+        self._bound_port = port
         self._errors = errors
         self.activity = Activity()
         self._stopping = False
@@ -226,6 +231,11 @@ class HandlerServer(socketserver.BaseServer):
     def fileno(self) -> int:
         return self.socket.fileno()
 
+    @property
+    def server_port(self) -> int:
+        """The port clients connect to: the TLS front's, behind one."""
+        return self.published_port or self._bound_port
+
     # The serving loop.
 
     def serve(self, ready: Callable[[], None]) -> None:
@@ -250,6 +260,8 @@ class HandlerServer(socketserver.BaseServer):
             connection, address = self.socket.accept()
         except OSError:  # the client gave up before we got to it
             return
+        if self.forwarded_clients is not None:
+            address = self.forwarded_clients.client_of(address, address)
         # Handlers write the status line, headers and body separately; with
         # Nagle's algorithm each keep-alive response would wait for the
         # client's delayed ACK (40 ms on Linux).

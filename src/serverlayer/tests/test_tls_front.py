@@ -12,7 +12,7 @@ import subprocess
 import time
 import unittest
 
-from serverlayer import wsgi
+from serverlayer import custom, wsgi
 
 
 def environ_app(environ, start_response):
@@ -22,6 +22,21 @@ def environ_app(environ, start_response):
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+class EnvironHandler(custom.RequestHandler):
+    """environ_app's answer from a custom handler: its client_address and its server's port."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        host, port = self.client_address[:2]
+        body = json.dumps({"REMOTE_ADDR": host, "REMOTE_HOST": host, "REMOTE_PORT": str(port),
+                           "SERVER_PORT": str(self.server.server_port)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 HTTP_ENVIRON_LAYER = wsgi.Layer(environ_app, name="HTTP_ENVIRON_LAYER")
@@ -141,6 +156,27 @@ class RegisteredBeforeAcceptTests(unittest.TestCase):
         server = self.layer["httpd"]
         own = [ask(self.layer, "127.0.0.1")[0] for _ in range(20)]
         self.assertEqual(server.clients_at_accept, own)
+
+
+class CustomClientAddressTests(ClientAddressTests):
+    """The thread-pool server behind the front (custom, static, content layers)."""
+
+    def serve(self, **kwargs):
+        layer = custom.Layer(EnvironHandler, name=f"custom_environ_{self._testMethodName}", **kwargs)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        return layer
+
+    def test_over_tls(self):
+        self.check(self.serve(tls=True), "127.0.0.1")
+
+    def test_over_tls_from_ipv6(self):
+        if not ipv6_loopback():
+            self.skipTest("this machine has no IPv6 loopback")
+        self.check(self.serve(tls=True, host="::1"), "::1")
+
+    def test_over_plain_http(self):
+        self.check(self.serve(), "127.0.0.1")
 
 
 class HTTPClientAddressTests(ClientAddressTests):
