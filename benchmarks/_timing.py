@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,34 @@ def timed(action: Callable[[], T]) -> tuple[T, float]:
 def elapsed(action: Callable[[], object]) -> float:
     """Seconds ``action`` takes."""
     return timed(action)[1]
+
+
+def in_threads(work: Sequence[Callable[[], object]]) -> float:
+    """Run every callable on a thread of its own, all released at once;
+    the seconds until the last ended. Raises what the first one that failed raised."""
+    barrier = threading.Barrier(len(work) + 1)
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], object]) -> None:
+        try:
+            barrier.wait(10)
+            job()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,), daemon=True) for job in work]
+    for thread in threads:
+        thread.start()
+    barrier.wait(10)
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join(60)
+    seconds = time.perf_counter() - start
+    if any(thread.is_alive() for thread in threads):
+        raise RuntimeError("a client thread did not finish within 60 s")
+    if errors:
+        raise errors[0]
+    return seconds
 
 
 def spread(rounds: int, taken: int) -> set[int]:
@@ -259,16 +288,24 @@ class Count:
     help: str
 
 
-def options(doc: str, counts: Sequence[Count], quick: str, argv: list[str] | None) -> argparse.Namespace:
+def options(
+    doc: str,
+    counts: Sequence[Count],
+    quick: str,
+    argv: list[str] | None,
+    more: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> argparse.Namespace:
     """Parse the ``counts`` options and ``--quick`` (described by ``quick``),
-    each count at least 1. The script's docstring's first paragraph is the
-    description."""
+    each count at least 1, and whatever options ``more`` adds to the parser.
+    The script's docstring's first paragraph is the description."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     for count in counts:
         parser.add_argument(
             f"--{count.name}", type=int, default=count.default, help=f"{count.help} (default {count.default})"
         )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
+    if more is not None:
+        more(parser)
     arguments = parser.parse_args(argv)
     for count in counts:
         dest = count.name.replace("-", "_")

@@ -2,8 +2,12 @@
 
 Run from the checkout, after ``pip install -e '.[bench]'``::
 
-    python benchmarks/bench_peers.py            # full run, about two minutes
-    python benchmarks/bench_peers.py --quick    # smoke run, about half a minute
+    python benchmarks/bench_peers.py               # full run, three to four minutes
+    python benchmarks/bench_peers.py --quick       # smoke run, about a minute
+    python benchmarks/bench_peers.py --only sweep  # the concurrency sweep alone, about 45 s
+
+``--only`` takes a comma-separated list of the sections below (lifecycle,
+http, transfer, smtp, sweep, memory) and runs those alone.
 
 The peers, each used as its documentation shows, with its defaults:
 
@@ -48,7 +52,32 @@ that rotates:
 4. messages/s of ``--messages`` small messages over one ``smtplib``
    connection and from 4 senders at once sharing the same total; after
    every run the script counts the mail that arrived.
-5. memory: for each contender a fresh ``python -c`` process starts one
+5. the concurrency sweep (``sweep``): 1, 2, 8 and 32 clients at once, each
+   a thread with its own keep-alive ``http.client.HTTPConnection``, sending
+   GETs for ``--sweep-ms`` (a GET sent in time is waited for, however late
+   its answer, up to 10 s beyond the run; a bounded number at most) to the
+   wsgi, custom and content
+   layers; once with the client threads in this process (``threads``) and
+   once in a separate ``python -c`` process (``process``) that starts, waits
+   for the word to go and reports every client's count as JSON on stdout.
+   The peers that fit take part at 8 clients only, or at every count with
+   ``--sweep-peers``: localserver WSGIServer, webtest and gocept wsgi;
+   gocept custom; localserver ContentServer and httpserver. ``--sweep-runs``
+   rounds (default 1) of a run each, the contenders' order rotating from
+   count to count, each contender's servers started once per layer kind;
+   the table shows, per contender, mode and count, the run with the median
+   requests/s. For each: requests/s and how it
+   compares with the same contender's 1-client rate in the same mode; CPU
+   time per request, ``time.process_time`` of this process over the run (so
+   for ``threads`` the clients' share is included, for ``process`` it is the
+   server's alone); the fewest answers any client got and the mean per
+   client; and the clients that failed: a timeout or a reset ends that
+   client and is counted and noted, never raised. Targets, reported and not
+   asserted: with 2, 8 and 32 clients every layer keeps at least 0.8x its
+   own 1-client rate, and no client gets fewer than half the mean. The
+   custom layers' handler answers over HTTP/1.1 in one write, so that their
+   connections stay open too.
+6. memory: for each contender a fresh ``python -c`` process starts one
    server and stops it again (so that lazy imports and first-use caches are
    paid), then sets up ``--servers`` at once and reports how much its
    resident set size (``VmRSS``) grew, layer or server objects included,
@@ -56,7 +85,8 @@ that rotates:
    exits. One process per contender, one after the other, after the timed
    sections; one run each, since memory hardly varies with machine load.
 
-The table shows every contender's median; ``best peer`` and ``slowest peer``
+The table shows every contender's median (the sweep has a table of its
+own, a line per run, below it); ``best peer`` and ``slowest peer``
 name the peer that does best and the one that does worst on the measure,
 each with how many times better serverlayer does (above 1 serverlayer is
 ahead). Targets: every set-up and tear-down at least 100 times faster than
@@ -73,6 +103,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import itertools
 import json
 import math
 import os
@@ -111,7 +142,11 @@ COUNTS = (
     _timing.Count("messages", 500, 100, "messages per SMTP throughput run"),
     _timing.Count("repeats", 3, 2, "throughput runs per contender"),
     _timing.Count("servers", 50, 5, "servers set up at once per memory process"),
+    _timing.Count("sweep-ms", 1000, 100, "milliseconds each client of a concurrency sweep run sends GETs"),
+    _timing.Count("sweep-runs", 1, 1, "sweep runs per contender, mode and client count; the table shows the median"),
 )
+#: The measures, in the order they run; ``--only`` picks some.
+SECTIONS = ("lifecycle", "http", "transfer", "smtp", "sweep", "memory")
 
 try:
     import gocept.httpserverlayer.custom as gocept_custom
@@ -594,35 +629,7 @@ def gets_concurrently(running: Running, path: str, expected: bytes, requests: in
     """``requests`` GETs from ``HTTP_CLIENTS`` threads, each over its own
     keep-alive connection; returns the seconds from their start to the last one's end."""
     shares = [requests // HTTP_CLIENTS + (number < requests % HTTP_CLIENTS) for number in range(HTTP_CLIENTS)]
-    return in_threads([functools.partial(running.gets, path, expected, share) for share in shares])
-
-
-def in_threads(work: Sequence[Callable[[], object]]) -> float:
-    """Run every callable on a thread of its own, all released at once;
-    the seconds until the last ended. Raises what the first one that failed raised."""
-    barrier = threading.Barrier(len(work) + 1)
-    errors: list[BaseException] = []
-
-    def run(job: Callable[[], object]) -> None:
-        try:
-            barrier.wait(10)
-            job()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(job,), daemon=True) for job in work]
-    for thread in threads:
-        thread.start()
-    barrier.wait(10)
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join(60)
-    seconds = time.perf_counter() - start
-    if any(thread.is_alive() for thread in threads):
-        raise RuntimeError("a client thread did not finish within 60 s")
-    if errors:
-        raise errors[0]
-    return seconds
+    return _timing.in_threads([functools.partial(running.gets, path, expected, share) for share in shares])
 
 
 @contextlib.contextmanager
@@ -858,7 +865,7 @@ def send_concurrently(port: int, messages: int) -> tuple[float, Sent]:
     def sender(share: int) -> None:
         sents.append(bench_smtp.send(port, share, timeout=SMTP_TIMEOUT))
 
-    seconds = in_threads([functools.partial(sender, share) for share in shares])
+    seconds = _timing.in_threads([functools.partial(sender, share) for share in shares])
     errors = [sent.error for sent in sents if sent.error is not None]
     return seconds, Sent(sum(sent.accepted for sent in sents), errors[0] if errors else None)
 
@@ -904,7 +911,206 @@ def bench_smtp_throughput(
     return rows
 
 
-# 5. Memory of a process holding many servers.
+# 5. The concurrency sweep.
+
+SWEEP_KINDS = ("wsgi", "custom", "content")
+SWEEP_CLIENTS = (1, 2, 8, 32)
+#: The one client count the peers are swept at, unless ``--sweep-peers``.
+SWEEP_PEER_CLIENTS = HTTP_CLIENTS
+#: Where the clients run: threads of this process, or of a separate one.
+SWEEP_MODES: dict[str, Callable[[int, str, bytes, int, float], _http.ClientsRun]] = {
+    "threads": _http.clients_in_threads,
+    "process": _http.clients_in_child,
+}
+#: The share of its own 1-client rate a layer aims to keep with more clients.
+SCALING_TARGET = 0.8
+#: The share of the mean the client that got the fewest answers aims to get.
+FAIRNESS_TARGET = 0.5
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One sweep run: a contender's ``kind`` of server, ``clients`` clients in ``mode``."""
+
+    kind: str
+    package: str
+    clients: int
+    mode: str
+    run: _http.ClientsRun
+
+    @property
+    def counts(self) -> list[int]:
+        return [client.requests for client in self.run.clients]
+
+    @property
+    def requests(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.run.seconds if self.run.seconds > 0 else 0.0
+
+    @property
+    def mean(self) -> float:
+        return self.requests / self.clients
+
+    @property
+    def errors(self) -> list[str]:
+        return [client.error for client in self.run.clients if client.error is not None]
+
+    @property
+    def connects(self) -> int:
+        return sum(client.connects for client in self.run.clients)
+
+    def fair(self) -> bool | None:
+        """Whether no client got fewer than ``FAIRNESS_TARGET`` of the mean; None for one client."""
+        return None if self.clients == 1 else min(self.counts) >= FAIRNESS_TARGET * self.mean
+
+    def scaling(self, cells: Sequence[SweepCell]) -> float | None:
+        """This rate over the same contender's 1-client rate in the same mode,
+        if ``cells`` hold that; None for one client."""
+        if self.clients == 1:
+            return None
+        single = [c.rate for c in cells if (c.kind, c.package, c.mode, c.clients) == (*self.key, 1)]
+        return self.rate / single[0] if single and single[0] > 0 else None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.kind, self.package, self.mode
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the run goes among its contender's: by mode, then client count."""
+        return list(SWEEP_MODES).index(self.mode), self.clients
+
+
+def sweep_counts(package: str, arguments: argparse.Namespace) -> tuple[int, ...]:
+    """The client counts ``package`` is swept at."""
+    return SWEEP_CLIENTS if package == "serverlayer" or arguments.sweep_peers else (SWEEP_PEER_CLIENTS,)
+
+
+def bench_sweep(
+    servers: Mapping[str, Mapping[str, Startable]],
+    arguments: argparse.Namespace,
+    quiet: _timing.OutputTrap,
+    notes: Notes,
+) -> list[SweepCell]:
+    """For each of ``SWEEP_KINDS``, with its contenders all started:
+    ``--sweep-runs`` rounds of a run of every client count in every mode for
+    each contender, the contenders' order rotating from count to count; each
+    run after the server forgot what it recorded (untimed). Returns every
+    run."""
+    seconds, cells = arguments.sweep_ms / 1000, []
+    for kind in SWEEP_KINDS:
+        with started(servers[kind], quiet, notes, f"{kind} sweep") as running:
+            paths = warm_up(running, BODY, 100, quiet, notes, f"{kind} sweep")
+            for number, clients in enumerate(SWEEP_CLIENTS * arguments.sweep_runs):
+                names = [name for name in paths if clients in sweep_counts(name, arguments)]
+                shift = number % max(1, len(names))
+                for mode, name in itertools.product(SWEEP_MODES, names[shift:] + names[:shift]):
+                    try:
+                        with quiet():
+                            running[name].clear()
+                            done = SWEEP_MODES[mode](running[name].port, paths[name], BODY, clients, seconds)
+                    except Exception as exc:
+                        notes.failed(name, f"{kind} sweep, {clients} clients in {mode}", exc)
+                    else:
+                        cells.append(SweepCell(kind, name, clients, mode, done))
+    return cells
+
+
+@dataclass(frozen=True)
+class SweepLine:
+    """A line of the sweep's table: the run with the median req/s of those
+    of one contender, mode and client count (the lower middle one of an
+    even number), and the clients that failed in any of them."""
+
+    cell: SweepCell
+    errors: int
+
+
+def sweep_lines(cells: Sequence[SweepCell]) -> list[SweepLine]:
+    """The table's lines, in the order of layer, contender, mode, client count."""
+    runs: dict[tuple[str, str, str, int], list[SweepCell]] = {}
+    for cell in cells:
+        runs.setdefault((*cell.key, cell.clients), []).append(cell)
+    lines = [
+        SweepLine(sorted(same, key=lambda c: c.rate)[(len(same) - 1) // 2], sum(len(c.errors) for c in same))
+        for same in runs.values()
+    ]
+    return sorted(
+        lines, key=lambda line: (SWEEP_KINDS.index(line.cell.kind), PACKAGES.index(line.cell.package), *line.cell.order)
+    )
+
+
+def sweep_table(lines: Sequence[SweepLine]) -> list[str]:
+    medians = [line.cell for line in lines]
+    header = (
+        "layer",
+        "contender",
+        "clients in",
+        "clients",
+        "req/s",
+        "x 1 client",
+        "CPU/req",
+        "fewest",
+        "mean",
+        "errors",
+        f">= {SCALING_TARGET:g}x 1 client",
+        f"fewest >= {FAIRNESS_TARGET:g} mean",
+    )
+    table = [header]
+    for line in lines:
+        cell = line.cell
+        scaling = cell.scaling(medians)
+        fair = cell.fair()
+        table.append(
+            (
+                cell.kind,
+                cell.package,
+                cell.mode,
+                str(cell.clients),
+                f"{cell.rate:,.0f}",
+                "-" if scaling is None else f"{scaling:.2f}x",
+                f"{cell.run.cpu / cell.requests * 1e6:,.0f} us" if cell.requests else "-",
+                f"{min(cell.counts):,}",
+                f"{cell.mean:,.0f}",
+                str(line.errors),
+                "-" if scaling is None else "yes" if scaling >= SCALING_TARGET else "NO",
+                "-" if fair is None else "yes" if fair else "NO",
+            )
+        )
+    return _timing.columns(table, right_aligned={3, 4, 5, 6, 7, 8, 9})
+
+
+def sweep_notes(cells: Sequence[SweepCell], lines: Sequence[SweepLine], notes: Notes) -> None:
+    """Every run's client errors; the lines whose server closed connections;
+    how many of serverlayer's lines meet the targets."""
+    for cell in cells:
+        if cell.errors:
+            notes.add(
+                f"ERRORS, sweep, {cell.package} {cell.kind}, {cell.clients} clients in {cell.mode}:"
+                f" {len(cell.errors)} clients failed; first: {cell.errors[0]}"
+            )
+    medians = [line.cell for line in lines]
+    reconnected = [cell for cell in medians if cell.connects > cell.clients]
+    if reconnected:
+        notes.add(
+            "sweep, TCP connections where the server closed keep-alive connections (one per client otherwise): "
+            + ", ".join(f"{c.package} {c.kind} {c.clients} in {c.mode} {c.connects:,}" for c in reconnected)
+        )
+    ours = [line for line in lines if line.cell.package == "serverlayer" and line.cell.clients > 1]
+    if ours:
+        kept = sum(1 for line in ours if (line.cell.scaling(medians) or 0.0) >= SCALING_TARGET)
+        fair = sum(1 for line in ours if line.cell.fair())
+        notes.add(
+            f"sweep targets, serverlayer's lines with 2 or more clients: {kept} of {len(ours)} keep"
+            f" >= {SCALING_TARGET:g}x their 1-client rate; in {fair} of {len(ours)} no client got fewer"
+            f" than {FAIRNESS_TARGET:g} of the mean; {sum(1 for line in ours if line.errors)} had client errors"
+        )
+
+
+# 6. Memory of a process holding many servers.
 
 
 def rss_kib() -> int | None:
@@ -993,31 +1199,131 @@ def bench_memory(count: int, notes: Notes) -> list[PeerRow]:
     return rows
 
 
+def sections(text: str) -> tuple[str, ...]:
+    """``--only``'s value: section names, separated by commas."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SECTIONS)}, not {text!r}")
+    return names
+
+
+def more_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--only",
+        type=sections,
+        default=SECTIONS,
+        metavar="SECTION[,SECTION...]",
+        help=f"run only these measures, of: {', '.join(SECTIONS)} (default all)",
+    )
+    parser.add_argument(
+        "--sweep-peers",
+        action="store_true",
+        help=f"sweep the peers at every client count too (default only at {SWEEP_PEER_CLIENTS})",
+    )
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     arguments = _timing.options(
-        __doc__, COUNTS, "3 rounds (1 slow), 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers", argv
+        __doc__,
+        COUNTS,
+        "3 rounds (1 slow), 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers; 100 ms sweep runs",
+        argv,
+        more_options,
     )
     arguments.slow_rounds = min(arguments.slow_rounds, arguments.rounds)
     return arguments
 
 
+def counts_detail(arguments: argparse.Namespace) -> str:
+    """The header's line of counts, for the sections that run."""
+    only = arguments.only
+    parts = []
+    if "lifecycle" in only:
+        parts.append(
+            f"{arguments.rounds} setUp+tearDown rounds per kind ({arguments.slow_rounds} for peers polling every 0.5 s)"
+        )
+    throughput = [
+        f"{arguments.repeats} x {arguments.requests} GETs" if "http" in only else "",
+        f"{arguments.downloads} downloads" if "transfer" in only else "",
+        f"{arguments.messages} messages" if "smtp" in only else "",
+    ]
+    if any(throughput):
+        parts.append(", ".join(part for part in throughput if part))
+    if "sweep" in only:
+        peers = "every count" if arguments.sweep_peers else str(SWEEP_PEER_CLIENTS)
+        parts.append(
+            f"sweep: {'/'.join(map(str, SWEEP_CLIENTS))} clients x {arguments.sweep_ms} ms,"
+            f" {arguments.sweep_runs} run(s) each (peers at {peers})"
+        )
+    if "memory" in only:
+        parts.append(f"{arguments.servers} servers per memory process")
+    return "; ".join(parts)
+
+
+PEER_LEGEND = (
+    "best peer / slowest peer: the peer that does best / worst, and how many times better",
+    "  serverlayer does than it (shorter time, more per second, less memory); above 1",
+    "  serverlayer is ahead; '-': no peer can do the work, or no target",
+    "columns: gocept = gocept.httpserverlayer layers; localserver = pytest-localserver WSGIServer,"
+    " ContentServer, smtp.Server; httpserver = pytest-httpserver HTTPServer; aiosmtpd = a bare"
+    " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server)",
+)
+SWEEP_LEGEND = (
+    "sweep: each client GETs over its own keep-alive http.client connection for the run's time;",
+    "  'clients in' threads: client threads in this process, CPU/req = this process's CPU per request,",
+    "  clients included; process: client threads in a separate python process, CPU/req = the server's",
+    "  alone (this process's CPU); x 1 client: req/s over the same contender's 1-client req/s in the",
+    "  same mode; fewest / mean: answers the least served client got / the mean per client; errors:",
+    "  clients that failed (timeout, reset), each ending at its failure. Targets (reported, not",
+    f"  asserted): with 2+ clients >= {SCALING_TARGET:g}x the 1-client rate, and no client below"
+    f" {FAIRNESS_TARGET:g} of the mean",
+)
+
+
+def legend(arguments: argparse.Namespace) -> list[str]:
+    only = arguments.only
+    lines = list(PEER_LEGEND) if set(only) - {"sweep"} else []
+    if "lifecycle" in only:
+        lines.append(
+            f"rounds: peers whose stop waits for a 0.5 s poll (gocept; localserver's and httpserver's HTTP"
+            f" servers) took part in {arguments.slow_rounds} of the {arguments.rounds} rounds, spread evenly"
+        )
+    if "sweep" in only:
+        lines += SWEEP_LEGEND
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    only = arguments.only
 
     def measure(quiet: _timing.OutputTrap) -> _timing.Findings:
         notes = Notes()
         servers = {kind: {c.package: c.make(0) for c in contenders(kind)} for kind in KINDS}
         polling = {kind: {c.package for c in contenders(kind) if c.polls} for kind in KINDS}
-        with quiet():
-            PeerTLS.get()
-        rows = [bench_lifecycle(kind, servers[kind], polling[kind], arguments, quiet, notes) for kind in KINDS]
-        for kind in ("wsgi", "content"):
-            rows += bench_http_throughput(kind, servers[kind], arguments, quiet, notes)
-        transfer = {package: servers[kind][package] for package, kind in TRANSFER}
-        rows.append(bench_transfer(transfer, arguments, quiet, notes))
-        rows += bench_smtp_throughput(servers["smtp"], arguments, quiet, notes)
-        rows += bench_memory(arguments.servers, notes)
-        return _timing.Findings(peer_table(rows), notes.lines)
+        rows: list[PeerRow] = []
+        if "lifecycle" in only:
+            with quiet():
+                PeerTLS.get()
+            rows += [bench_lifecycle(kind, servers[kind], polling[kind], arguments, quiet, notes) for kind in KINDS]
+        if "http" in only:
+            for kind in ("wsgi", "content"):
+                rows += bench_http_throughput(kind, servers[kind], arguments, quiet, notes)
+        if "transfer" in only:
+            transfer = {package: servers[kind][package] for package, kind in TRANSFER}
+            rows.append(bench_transfer(transfer, arguments, quiet, notes))
+        if "smtp" in only:
+            rows += bench_smtp_throughput(servers["smtp"], arguments, quiet, notes)
+        cells = bench_sweep(servers, arguments, quiet, notes) if "sweep" in only else []
+        if "memory" in only:
+            rows += bench_memory(arguments.servers, notes)
+        table = peer_table(rows) if rows else []
+        if cells:
+            lines = sweep_lines(cells)
+            sweep_notes(cells, lines, notes)
+            table += [""] * bool(table) + sweep_table(lines)
+        return _timing.Findings(table, notes.lines)
 
     return _timing.report(
         "serverlayer vs its peers on the same work (medians, interleaved)",
@@ -1031,24 +1337,11 @@ def main(argv: list[str] | None = None) -> int:
                 "aiosmtpd",
                 "WebTest",
             ),
-            "counts": (
-                f"{arguments.rounds} setUp+tearDown rounds per kind ({arguments.slow_rounds} for peers"
-                f" polling every 0.5 s); {arguments.repeats} x {arguments.requests} GETs,"
-                f" {arguments.downloads} downloads, {arguments.messages} messages;"
-                f" {arguments.servers} servers per memory process"
-            ),
+            "imported": os.path.dirname(serverlayer.__file__),
+            "counts": counts_detail(arguments),
         },
         measure,
-        [
-            "best peer / slowest peer: the peer that does best / worst, and how many times better",
-            "  serverlayer does than it (shorter time, more per second, less memory); above 1",
-            "  serverlayer is ahead; '-': no peer can do the work, or no target",
-            "columns: gocept = gocept.httpserverlayer layers; localserver = pytest-localserver WSGIServer,"
-            " ContentServer, smtp.Server; httpserver = pytest-httpserver HTTPServer; aiosmtpd = a bare"
-            " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server)",
-            f"rounds: peers whose stop waits for a 0.5 s poll (gocept; localserver's and httpserver's HTTP"
-            f" servers) took part in {arguments.slow_rounds} of the {arguments.rounds} rounds, spread evenly",
-        ],
+        legend(arguments),
         printed_by="servers",
         loggers=LOGGERS,
     )
