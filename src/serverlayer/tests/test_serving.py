@@ -242,10 +242,13 @@ class ThreadTests(unittest.TestCase):
             import threading
             import unittest
 
+            import requests
+
             from serverlayer import content
 
             SERVICE = content.Layer(name="SERVICE")
-            KEPT = []  # connections that outlive the tests, like a module-level requests.Session
+            KEPT = []  # connections that outlive the tests
+            SESSION = requests.Session()  # its pool keeps connections across tests too
 
 
             def get(connection, path):
@@ -259,7 +262,11 @@ class ThreadTests(unittest.TestCase):
                 def setUp(self):
                     self.layer["http_content"].serve_content("ok")
 
+                def test_0_session(self):
+                    self.assertEqual(SESSION.get(self.layer["http_url"]).text, "ok")
+
                 def test_1_opens_connections(self):
+                    self.assertEqual(SESSION.get(self.layer["http_url"]).text, "ok")
                     for _ in range(8):
                         KEPT.append(http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"]))
                     self.assertEqual([get(connection, "/") for connection in KEPT], [b"ok"] * 8)
@@ -275,12 +282,14 @@ class ThreadTests(unittest.TestCase):
                     self.assertEqual(answers, [b"ok"] * 8)
 
                 def test_3_uses_them_again(self):
+                    self.assertEqual(SESSION.get(self.layer["http_url"]).text, "ok")
                     self.assertEqual([get(connection, "/") for connection in KEPT], [b"ok"] * 8)
                     for connection in KEPT:
                         connection.close()
+                    SESSION.close()
             ''')})
         output = result.stdout + result.stderr
-        self.assertIn("Ran 3 tests with 0 failures, 0 errors", output)
+        self.assertIn("Ran 4 tests with 0 failures, 0 errors", output)
         self.assertNotIn("left new threads behind", output)
         self.assertNotIn("Warning", output)
         self.assertEqual(result.returncode, 0, output)
