@@ -173,9 +173,10 @@ def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket
     configured; both go into the error messages.
     """
     addresses = resolve(host, port, owner=owner, source=source)
-    listed = ", ".join(address[3][0] for address in addresses)
-    several = len(addresses) > 1
-    attempts = BIND_ATTEMPTS if port == 0 and several else 1
+    ips = [address[3][0] for address in addresses]
+    if ips != [host]:  # a name: say what it stands for
+        source = f"{host!r} is {' and '.join(ips)}; {source}"
+    attempts = BIND_ATTEMPTS if port == 0 and len(addresses) > 1 else 1
     for _ in range(attempts):
         try:
             return _listen_everywhere(addresses, port)
@@ -183,8 +184,6 @@ def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket
             if port == 0 and failure.error.errno == errno.EADDRINUSE:
                 continue  # taken at a later address: let the system pick again
             where = format_address(failure.address, failure.port)
-            if failure.address != host:
-                where += f", an address of {host!r} ({listed})" if several else f" ({host!r})"
             if failure.error.errno == errno.EADDRINUSE:
                 raise AddressInUseError(
                     f"{owner}: cannot listen on {where} ({source}): the port is"
@@ -196,9 +195,9 @@ def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket
             ) from failure.error
     raise AddressInUseError(
         f"{owner}: cannot listen on one port at every address of {host!r}"
-        f" ({listed}) ({source}): {attempts} times, the port the system picked"
-        " at the first was in use at another. Set the host to one of these"
-        " addresses, or choose a port that is free at all of them."
+        f" ({source}): {attempts} times, the port the system picked at the"
+        " first was in use at another. Set the host to one of these addresses,"
+        " or choose a port that is free at all of them."
     )
 
 
