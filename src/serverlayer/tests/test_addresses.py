@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
+import plone.testing
+
 from serverlayer import AddressInUseError, SetUpError, content, custom, smtp, static, wsgi
 from serverlayer import server as server_module
 from serverlayer.layer import ServerLayer
@@ -44,6 +46,16 @@ class Hello(custom.RequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class PresetHost(plone.testing.Layer):
+    """Presets ``http_host`` as gocept.selenium's integration layers do."""
+
+    def setUp(self):
+        self["http_host"] = "localhost"
+
+    def tearDown(self):
+        del self["http_host"]
 
 
 _real_getaddrinfo = socket.getaddrinfo
@@ -205,6 +217,16 @@ class EveryAddressTests(MadeUpNames):
         self.assertEqual(layer["http_address"], f"localhost:{port}")
         self.assertEqual(get("127.0.0.1", port), b"hello")
         self.assertEqual(get("::1", port), b"hello")
+
+    def test_localhost_preset_by_a_base_layer_as_gocept_selenium_does(self):
+        base = PresetHost(name="preset_localhost")
+        layer = custom.Layer(Hello, name="on_preset_localhost", bases=[base])
+        base.setUp()
+        self.addCleanup(base.tearDown)
+        self.set_up(layer, {"localhost": DUAL})
+        self.assertEqual(layer["http_host"], "localhost")
+        for address in DUAL:
+            self.assertEqual(get(address, layer["http_port"]), b"hello")
 
     def test_ipv4_first_order_works_too(self):
         layer = custom.Layer(Hello, name="ipv4_first", host="dual.test")
