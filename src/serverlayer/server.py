@@ -1,8 +1,8 @@
 """The lifecycle every serverlayer server shares.
 
-A layer binds its listening socket here, so that a busy or unresolvable
-address fails in ``setUp`` with a message saying where the address came
-from. The server then runs on a named daemon thread, and ``start`` returns
+A layer binds its listening sockets here, one at every address of its
+host, so that a busy or unresolvable address fails in ``setUp`` with a
+message saying where the address came from. The server then runs on a named daemon thread, and ``start`` returns
 only once the serving loop runs, or raises what the loop raised. Stopping
 wakes the loop at once instead of waiting for a poll interval, then lets the
 server close its sockets and join its threads within a bounded time.
