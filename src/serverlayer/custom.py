@@ -20,7 +20,7 @@ import socketserver
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from serverlayer.errors import ConfigurationError
@@ -183,7 +183,7 @@ class HandlerServer(socketserver.BaseServer):
 
     def __init__(
         self,
-        sock: socket.socket,
+        sockets: Sequence[socket.socket],
         handler_class: type[http.server.BaseHTTPRequestHandler],
         *,
         handler_arguments: dict[str, Any],
@@ -192,14 +192,16 @@ class HandlerServer(socketserver.BaseServer):
         threads: int,
         thread_name: str,
     ) -> None:
-        host, port = sock.getsockname()[:2]
+        host, port = sockets[0].getsockname()[:2]
         super().__init__((host, port), handler_class)
         self.handler_class = handler_class
         #: Keyword arguments the handler class is called with, besides the connection.
         self.handler_arguments = handler_arguments
         self.requests = requests
         self.handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
-        self.socket = sock
+        #: One listening socket per address of the layer's host, all on one port.
+        self.sockets = list(sockets)
+        self.socket = self.sockets[0]
         # http.server handlers and wsgiref read these.
         self.server_name = host
         self._bound_port = port
@@ -240,24 +242,25 @@ class HandlerServer(socketserver.BaseServer):
 
     def serve(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self.socket, selectors.EVENT_READ)
+            for listening in self.sockets:
+                selector.register(listening, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
             ready()
             while not self._stopping:
                 for key, _ in selector.select():
                     if self._stopping:
                         break
-                    if key.fileobj is self.socket:
-                        self._accept(selector)
+                    if key.fileobj in self.sockets:
+                        self._accept(selector, key.fileobj)
                     elif key.fileobj is self._wake_reader:
                         self._watch_returned(selector)
                     else:
                         selector.unregister(key.fileobj)
                         self._dispatch(key.data)
 
-    def _accept(self, selector: selectors.BaseSelector) -> None:
+    def _accept(self, selector: selectors.BaseSelector, listening: socket.socket) -> None:
         try:
-            connection, address = self.socket.accept()
+            connection, address = listening.accept()
         except OSError:  # the client gave up before we got to it
             return
         if self.forwarded_clients is not None:
@@ -423,7 +426,8 @@ class HandlerServer(socketserver.BaseServer):
         self._wake_writer.send(b"\0")
 
     def release(self, timeout: float) -> None:
-        self.socket.close()
+        for listening in self.sockets:
+            listening.close()
         # Unblock workers reading a request or writing to a client that
         # stopped reading.
         with self._connections_lock:
@@ -501,10 +505,10 @@ class Layer(HTTPLayer):
         """Keyword arguments the handler class is called with, besides the connection."""
         return {}
 
-    def make_server(self, sock: socket.socket) -> HandlerServer:
+    def make_server(self, sockets: Sequence[socket.socket]) -> HandlerServer:
         assert self.request_handler is not None
         return HandlerServer(
-            sock,
+            sockets,
             self.request_handler,
             handler_arguments=self.handler_arguments(),
             requests=self.requests,

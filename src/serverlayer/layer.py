@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import FrameType
 from typing import Any, ClassVar
 
@@ -175,7 +175,7 @@ class ServerLayer(plone.testing.Layer):
         claim_identity(self)
         self.server_errors = ErrorLog(repr(self))
         self._running: ServerThread | None = None
-        self._socket: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
         self._published: list[str] = []
         self._check_in_test_tear_down = False
 
@@ -184,14 +184,15 @@ class ServerLayer(plone.testing.Layer):
 
     # What a concrete layer provides.
 
-    def make_server(self, sock: socket.socket) -> Server:
-        """Return the server that will serve on the listening ``sock``."""
+    def make_server(self, sockets: Sequence[socket.socket]) -> Server:
+        """Return the server that will serve on every one of the listening
+        ``sockets``: one per address of the host, all on the same port."""
         raise NotImplementedError
 
-    def build_server(self, sock: socket.socket, host: str) -> Server:
+    def build_server(self, sockets: Sequence[socket.socket], host: str) -> Server:
         """The server ``setUp`` runs; layers that wrap ``make_server``'s
         (in TLS, for one) override this."""
-        return self.make_server(sock)
+        return self.make_server(sockets)
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         """The resources to publish once the server runs."""
@@ -211,9 +212,9 @@ class ServerLayer(plone.testing.Layer):
         self.server_errors.clear()  # what a server of an earlier set-up raised is no news
         try:
             host, port, source = self.listen_address()
-            sock = self._socket = bind(host, port, owner=repr(self), source=source)
-            bound_port = sock.getsockname()[1]
-            server = self.build_server(sock, host)
+            sockets = self._sockets = bind(host, port, owner=repr(self), source=source)
+            bound_port = sockets[0].getsockname()[1]
+            server = self.build_server(sockets, host)
             running = ServerThread(
                 server, name=f"serverlayer {self.__module__}.{self.__name__}"
             )
@@ -226,13 +227,13 @@ class ServerLayer(plone.testing.Layer):
 
     def tearDown(self) -> None:
         running, self._running = self._running, None
-        sock, self._socket = self._socket, None
+        sockets, self._sockets = self._sockets, []
         try:
             if running is not None:
                 running.stop(timeout=self.stop_timeout)
         finally:
-            if sock is not None:
-                sock.close()  # the server closes it too; this covers one that failed to start
+            for sock in sockets:
+                sock.close()  # the server closes them too; this covers one that failed to start
             for key in reversed(self._published):
                 del self[key]
             self._published.clear()
@@ -355,22 +356,24 @@ class HTTPLayer(ServerLayer):
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
-    def build_server(self, sock: socket.socket, host: str) -> Server:
+    def build_server(self, sockets: Sequence[socket.socket], host: str) -> Server:
         if not self.tls:
-            return self.make_server(sock)
+            return self.make_server(sockets)
         # Imported here, as below: trustme, and with it cryptography, only
         # for layers that use TLS.
         from serverlayer import tls
 
-        backend_socket = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")
+        # One internal address is enough for the front's own connections.
+        [backend_socket] = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")
         try:
-            backend = self.make_server(backend_socket)
+            backend = self.make_server([backend_socket])
         except BaseException:
             backend_socket.close()
             raise
-        names = tls.certificate_names(host, self.published_host(host))
+        addresses = [sock.getsockname()[0] for sock in sockets]
+        names = tls.certificate_names(host, self.published_host(host), *addresses)
         return tls.TLSFront(
-            sock,
+            sockets,
             backend,
             backend_socket,
             context=tls.certificate_authority().server_context(names),

@@ -1,8 +1,8 @@
 """The lifecycle every serverlayer server shares.
 
-A layer binds its listening socket here, so that a busy or unresolvable
-address fails in ``setUp`` with a message saying where the address came
-from. The server then runs on a named daemon thread, and ``start`` returns
+A layer binds its listening sockets here, one at every address of its
+host, so that a busy or unresolvable address fails in ``setUp`` with a
+message saying where the address came from. The server then runs on a named daemon thread, and ``start`` returns
 only once the serving loop runs, or raises what the loop raised. Stopping
 wakes the loop at once instead of waiting for a poll interval, then lets the
 server close its sockets and join its threads within a bounded time.
@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from serverlayer.errors import AddressInUseError, ConfigurationError, SetUpError
@@ -56,6 +56,17 @@ class Server(Protocol):
         """
 
 
+#: How often ``bind`` lets the system pick a port again when a name resolves
+#: to several addresses and the picked port is taken at one of the others.
+#: An attempt fails only if another program holds that very port there, so
+#: a handful is plenty.
+BIND_ATTEMPTS = 10
+
+#: Why an address cannot be listened on at all, whatever the port: the
+#: machine has no such address (IPv6 switched off, a stale hosts entry).
+_UNAVAILABLE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
 def format_address(host: str, port: int) -> str:
     """``host:port`` as it goes into a URL: IPv6 literals get brackets."""
     if ":" in host:
@@ -63,43 +74,131 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def bind(host: str, port: int, *, owner: str, source: str) -> socket.socket:
-    """Return a socket listening on ``host`` and ``port``.
+#: One address to listen on: family, socket type, protocol and the address
+#: as ``getaddrinfo`` gives it.
+Address = tuple[int, int, int, tuple[Any, ...]]
 
-    ``owner`` names the layer and ``source`` says where host and port were
-    configured; both go into the error messages.
+
+def resolve(host: str, port: int, *, owner: str, source: str) -> list[Address]:
+    """The addresses to listen on for ``host``, in the resolver's order, each once.
+
+    A name may stand for several addresses: ``localhost`` is ``::1`` and
+    ``127.0.0.1`` on Debian and Ubuntu. Clients try them in an order of
+    their own, so a server must listen on all of them.
     """
     try:
-        infos = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigurationError(
             f"{owner}: cannot listen on host {host!r} ({source}): {exc.strerror}."
             " Use an IP address such as 127.0.0.1 or ::1, or a name that"
             " this machine resolves."
         ) from exc
-    family, socktype, proto, _, sockaddr = infos[0]
+    addresses: list[Address] = []
+    for family, socktype, proto, _, sockaddr in infos:
+        address = (int(family), int(socktype), proto, tuple(sockaddr))
+        if address not in addresses:  # /etc/hosts may name an address twice
+            addresses.append(address)
+    return addresses
+
+
+class _BindFailure(Exception):
+    """Listening on ``address`` at ``port`` failed with ``error``."""
+
+    def __init__(self, address: str, port: int, error: OSError) -> None:
+        super().__init__(address, port, error)
+        self.address = address
+        self.port = port
+        self.error = error
+
+
+def _listen(address: Address, port: int) -> socket.socket:
+    """A socket listening on ``address`` at ``port``; raises OSError."""
+    family, socktype, proto, sockaddr = address
     sock = socket.socket(family, socktype, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
+            # Without it, [::] would take the port at 0.0.0.0 too, which a
+            # wildcard name also resolves to.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
+        sock.bind((sockaddr[0], port, *sockaddr[2:]))
         sock.listen(128)
-    except OSError as exc:
+    except BaseException:
         sock.close()
-        where = format_address(host, port)
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUseError(
-                f"{owner}: cannot listen on {where} ({source}): the port is"
-                " already in use. Stop whatever listens there, choose another"
-                " port, or use port 0 to let the system pick a free one."
-            ) from exc
-        raise SetUpError(
-            f"{owner}: cannot listen on {where} ({source}): {exc.strerror}."
-        ) from exc
+        raise
     return sock
+
+
+def _listen_everywhere(addresses: list[Address], port: int) -> list[socket.socket]:
+    """One socket per address, all on ``port``, or on the one the system
+    picks at the first address for port 0; raises ``_BindFailure``.
+
+    An address the machine does not have is left out while another listens.
+    """
+    sockets: list[socket.socket] = []
+    unavailable: _BindFailure | None = None
+    try:
+        for address in addresses:
+            try:
+                sock = _listen(address, port)
+            except OSError as exc:
+                failure = _BindFailure(address[3][0], port, exc)
+                if exc.errno in _UNAVAILABLE and len(addresses) > 1:
+                    unavailable = unavailable or failure
+                    continue
+                raise failure from exc
+            sockets.append(sock)
+            port = sock.getsockname()[1]
+        if unavailable is not None and not sockets:
+            raise unavailable from unavailable.error
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket]:
+    """Sockets listening on ``port`` at every address ``host`` resolves to.
+
+    All of them listen on the same port, so that the one published host and
+    port reach the server whichever address a client tries first. With
+    port 0, when the port the system picked at the first address is taken
+    at another, every socket is closed and the system picks again, up to
+    ``BIND_ATTEMPTS`` times. An address this machine does not have (``::1``
+    with IPv6 switched off) is left out, as long as another one listens.
+
+    ``owner`` names the layer and ``source`` says where host and port were
+    configured; both go into the error messages.
+    """
+    addresses = resolve(host, port, owner=owner, source=source)
+    ips = [address[3][0] for address in addresses]
+    if ips != [host]:  # a name: say what it stands for
+        source = f"{host!r} is {' and '.join(ips)}; {source}"
+    attempts = BIND_ATTEMPTS if port == 0 and len(addresses) > 1 else 1
+    for _ in range(attempts):
+        try:
+            return _listen_everywhere(addresses, port)
+        except _BindFailure as failure:
+            if port == 0 and failure.error.errno == errno.EADDRINUSE:
+                continue  # taken at a later address: let the system pick again
+            where = format_address(failure.address, failure.port)
+            if failure.error.errno == errno.EADDRINUSE:
+                raise AddressInUseError(
+                    f"{owner}: cannot listen on {where} ({source}): the port is"
+                    " already in use. Stop whatever listens there, choose another"
+                    " port, or use port 0 to let the system pick a free one."
+                ) from failure.error
+            raise SetUpError(
+                f"{owner}: cannot listen on {where} ({source}): {failure.error.strerror}."
+            ) from failure.error
+    raise AddressInUseError(
+        f"{owner}: cannot listen on one port at every address of {host!r}"
+        f" ({source}): {attempts} times, the port the system picked at the"
+        " first was in use at another. Set the host to one of these addresses,"
+        " or choose a port that is free at all of them."
+    )
 
 
 class Activity:
@@ -247,20 +346,23 @@ def remembering(sock: socket.socket) -> _RememberingSocket:
 class AsyncioServer:
     """A ``Server`` whose connections are served by an asyncio event loop of its own.
 
-    Subclasses start serving in ``start``; connections register their
-    transports in ``transports`` so that stopping can abort every one,
-    whatever state its conversation is in.
+    Subclasses start serving on each listening socket in ``start``;
+    connections register their transports in ``transports`` so that
+    stopping can abort every one, whatever state its conversation is in.
     """
 
-    def __init__(self, sock: socket.socket, *, errors: ErrorLog) -> None:
-        self.socket = remembering(sock)
+    def __init__(self, sockets: Sequence[socket.socket], *, errors: ErrorLog) -> None:
+        #: One listening socket per address of the layer's host.
+        self.sockets = [remembering(sock) for sock in sockets]
+        #: The first of them, which the system picked the port at.
+        self.socket = self.sockets[0]
         self.errors = errors
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_exception)
         self.transports: set[asyncio.Transport] = set()
 
-    async def start(self) -> asyncio.base_events.Server:
-        """Start serving on ``self.socket``."""
+    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
+        """Start serving on ``sock``, one of ``self.sockets``."""
         raise NotImplementedError
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -272,17 +374,19 @@ class AsyncioServer:
 
     def serve(self, ready: Callable[[], None]) -> None:
         asyncio.set_event_loop(self.loop)
-        server = None
+        # asyncio serves one socket per server: one server per socket.
+        servers: list[asyncio.base_events.Server] = []
         try:
-            server = self.loop.run_until_complete(self.start())
+            for sock in self.sockets:
+                servers.append(self.loop.run_until_complete(self.start(sock)))
             self.loop.call_soon(ready)
             self.loop.run_forever()
         finally:
-            self._shut_down(server)
+            self._shut_down(servers)
             asyncio.set_event_loop(None)
 
-    def _shut_down(self, server: asyncio.base_events.Server | None) -> None:
-        if server is not None:
+    def _shut_down(self, servers: list[asyncio.base_events.Server]) -> None:
+        for server in servers:
             server.close()
         for transport in list(self.transports):
             transport.abort()
@@ -290,12 +394,13 @@ class AsyncioServer:
         for task in tasks:
             task.cancel()
         self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        if server is not None:
+        for server in servers:
             self.loop.run_until_complete(server.wait_closed())
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
-        for connection in self.socket.accepted:
-            connection.close()
+        for sock in self.sockets:
+            for connection in sock.accepted:
+                connection.close()
 
     def wait_quiet(self, timeout: float) -> bool:
         return True  # handlers run on the loop and report before they answer
@@ -310,4 +415,5 @@ class AsyncioServer:
             pass
 
     def release(self, timeout: float) -> None:
-        self.socket.close()
+        for sock in self.sockets:
+            sock.close()

@@ -197,11 +197,11 @@ class _Connection(SMTP):  # type: ignore[misc]
 
 
 class SMTPServer(AsyncioServer):
-    """An aiosmtpd server on its own event loop, on the layer's socket."""
+    """An aiosmtpd server on its own event loop, on the layer's sockets."""
 
     def __init__(
         self,
-        sock: socket.socket,
+        sockets: Sequence[socket.socket],
         *,
         outbox: Outbox,
         errors: ErrorLog,
@@ -214,7 +214,7 @@ class SMTPServer(AsyncioServer):
         require_starttls: bool = False,
         implicit_tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(sock, errors=errors)
+        super().__init__(sockets, errors=errors)
         self.starttls_context = starttls_context
         self.require_starttls = require_starttls
         self.implicit_tls_context = implicit_tls_context
@@ -278,8 +278,8 @@ class SMTPServer(AsyncioServer):
             **options,
         )
 
-    async def start(self) -> asyncio.base_events.Server:
-        return await self.loop.create_server(self._protocol, sock=self.socket, ssl=self.implicit_tls_context)
+    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
+        return await self.loop.create_server(self._protocol, sock=sock, ssl=self.implicit_tls_context)
 
     def serve(self, ready: Callable[[], None]) -> None:
         # aiosmtpd logs every server's errors through one module-wide logger;
@@ -364,17 +364,18 @@ class Layer(ServerLayer):
     def tls(self) -> bool:
         return self.starttls or self.implicit_tls
 
-    def make_server(self, sock: socket.socket) -> SMTPServer:
+    def make_server(self, sockets: Sequence[socket.socket]) -> SMTPServer:
+        addresses = [sock.getsockname()[0] for sock in sockets]
+        hostname = self.published_host(addresses[0])
         context = None
         if self.tls:
-            host = sock.getsockname()[0]
-            names = tls.certificate_names(host, self.published_host(host))
+            names = tls.certificate_names(*addresses, hostname)
             context = tls.certificate_authority().server_context(names)
         return SMTPServer(
-            sock,
+            sockets,
             outbox=Outbox(),
             errors=self.server_errors,
-            hostname=self.published_host(sock.getsockname()[0]),
+            hostname=hostname,
             data_size_limit=self.data_size_limit,
             maildir=self.maildir,
             credentials=self.auth,

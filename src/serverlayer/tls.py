@@ -26,7 +26,7 @@ import tempfile
 import threading
 import urllib.request
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import plone.testing
@@ -120,7 +120,7 @@ def certificate_authority() -> CertificateAuthority:
 
 
 class TLSFront(AsyncioServer):
-    """Terminates TLS on the layer's socket and forwards each connection in
+    """Terminates TLS on the layer's sockets and forwards each connection in
     plain text to the server behind it, on an internal loopback socket.
 
     waitress speaks no TLS; one front for every HTTP layer keeps their HTTP
@@ -136,7 +136,7 @@ class TLSFront(AsyncioServer):
 
     def __init__(
         self,
-        sock: socket.socket,
+        sockets: Sequence[socket.socket],
         backend: Server,
         backend_socket: socket.socket,
         *,
@@ -144,7 +144,7 @@ class TLSFront(AsyncioServer):
         errors: ErrorLog,
         thread_name: str,
     ) -> None:
-        super().__init__(sock, errors=errors)
+        super().__init__(sockets, errors=errors)
         self.backend = backend
         self.context = context
         self._backend_socket = backend_socket
@@ -158,8 +158,8 @@ class TLSFront(AsyncioServer):
         # tasks must live until it is over.
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> asyncio.base_events.Server:
-        return await asyncio.start_server(self._forward, sock=self.socket, ssl=self.context)
+    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
+        return await asyncio.start_server(self._forward, sock=sock, ssl=self.context)
 
     def serve(self, ready: Callable[[], None]) -> None:
         self._backend_thread.start(owner=self._thread_name)

@@ -17,7 +17,7 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from waitress import wasyncore
@@ -257,11 +257,48 @@ class _Dispatcher(ThreadedTaskDispatcher):
         self.started.append(thread)
 
 
+class _Listener(wasyncore.dispatcher):  # type: ignore[misc]
+    """Accepts connections at one more address of the layer's host, for
+    ``server`` to serve as if its own socket had accepted them.
+
+    waitress's ``create_server`` makes a whole server per socket, each with
+    a trigger and channels of its own; what our WaitressServer adds (the
+    stoppable loop, the trigger lock, request activity, the TLS front's
+    clients) would then be split between them. So one WaitressServer
+    serves every connection, and its other sockets only accept.
+    """
+
+    def __init__(self, server: WaitressServer, sock: socket.socket) -> None:
+        super().__init__(sock, map=server._map)
+        self.server = server
+        self.accepting = True  # the layer's bind already made it listen
+
+    @property
+    def logger(self) -> logging.Logger:  # type: ignore[override]
+        return self.server.logger  # type: ignore[no-any-return]
+
+    def readable(self) -> bool:
+        # The server's connection limit counts the connections of every socket.
+        return bool(self.server.readable())
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_accept(self) -> None:
+        try:
+            accepted = self.accept()
+        except OSError:  # the client left before we got to it
+            return
+        if accepted is not None:
+            self.server.adopt(*accepted)
+
+
 class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
-    """waitress's server, on a socket the layer bound, with a loop that stops at once.
+    """waitress's server, on the sockets the layer bound, with a loop that stops at once.
 
     waitress's own ``run`` polls with a timeout and offers no way to stop;
-    here the loop checks a flag each time the trigger wakes it.
+    here the loop checks a flag each time the trigger wakes it. The first
+    socket is the server's own, each other one has a ``_Listener``.
     """
 
     channel_class = _Channel
@@ -275,7 +312,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def __init__(
         self,
         app: WSGIApplication,
-        sock: socket.socket,
+        sockets: Sequence[socket.socket],
         *,
         errors: ErrorLog,
         threads: int,
@@ -293,7 +330,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         logger.addHandler(self._log_handler)
         dispatcher = _Dispatcher(thread_name, logger)
         adjustments = Adjustments(
-            sockets=[sock],
+            sockets=list(sockets),
             threads=threads,
             url_scheme=url_scheme,
             # The application sees the request as the client sent it,
@@ -304,17 +341,29 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             super().__init__(
                 app,
                 map={},
-                _sock=sock,
+                _sock=sockets[0],
                 dispatcher=dispatcher,
                 adj=adjustments,
                 bind_socket=False,
-                sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+                sockinfo=(sockets[0].family, sockets[0].type, sockets[0].proto, sockets[0].getsockname()),
             )
         except BaseException:
             logger.removeHandler(self._log_handler)
             raise
         self.logger = logger
+        #: One listening socket per address of the layer's host, all on one port.
+        self.sockets = list(sockets)
+        self.listeners = [_Listener(self, sock) for sock in sockets[1:]]
         dispatcher.set_thread_count(threads)
+
+    def adopt(self, connection: socket.socket, address: Any) -> None:
+        """Serve ``connection``, which another of the layer's sockets accepted."""
+        try:
+            self.set_socket_options(connection)
+        except OSError:  # the client left already
+            connection.close()
+            return
+        self.channel_class(self, connection, address, self.adj, map=self._map)
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.loop_thread = threading.get_ident()
@@ -412,13 +461,13 @@ class Layer(HTTPLayer):
         self.application()  # fail before binding anything
         super().setUp()
 
-    def make_server(self, sock: socket.socket) -> WaitressServer:
+    def make_server(self, sockets: Sequence[socket.socket]) -> WaitressServer:
         app: WSGIApplication = RecordingMiddleware(self.application(), self.requests)
         if verbose():
             app = _AccessLog(app)
         return WaitressServer(
             app,
-            sock,
+            sockets,
             errors=self.server_errors,
             threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",

@@ -340,8 +340,8 @@ class ServerThreadTests(unittest.TestCase):
             resource_prefix = "http"
             server_resource = "httpd"
 
-            def make_server(self, sock):
-                self.sock = sock
+            def make_server(self, sockets):
+                self.sockets = sockets
                 return BrokenServer()
 
         descriptors, threads = open_descriptors(), thread_names()
@@ -349,6 +349,6 @@ class ServerThreadTests(unittest.TestCase):
         with self.assertRaises(SetUpError):
             layer.setUp()
         self.assertEqual(layer._resources, {})
-        self.assertEqual(layer.sock.fileno(), -1)
+        self.assertEqual([sock.fileno() for sock in layer.sockets], [-1])
         self.assertEqual(open_descriptors(), descriptors)
         self.assertEqual(thread_names(), threads)

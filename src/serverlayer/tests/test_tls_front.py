@@ -136,9 +136,9 @@ class AcceptRecordingServer(wsgi.WaitressServer):
 
 
 class AcceptRecordingLayer(wsgi.Layer):
-    def make_server(self, sock):
+    def make_server(self, sockets):
         return AcceptRecordingServer(
-            self.application(), sock, errors=self.server_errors, threads=self.threads,
+            self.application(), sockets, errors=self.server_errors, threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}", url_scheme=self.scheme,
         )
 

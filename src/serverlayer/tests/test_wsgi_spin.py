@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import unittest
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from serverlayer import wsgi
 
@@ -101,11 +101,12 @@ class CountingLayer(wsgi.Layer):
         super().__init__(*args, **kwargs)
         self.small_buffers = small_buffers
 
-    def make_server(self, sock: socket.socket) -> CountingServer:
+    def make_server(self, sockets: Sequence[socket.socket]) -> CountingServer:
         if self.small_buffers:  # accepted sockets inherit it (Linux, BSDs)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            for sock in sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         server = CountingServer(
-            self.application(), sock, errors=self.server_errors, threads=self.threads,
+            self.application(), sockets, errors=self.server_errors, threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
         )
         if self.small_buffers:
