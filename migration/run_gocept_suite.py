@@ -87,6 +87,9 @@ FIXED_ELSEWHERE: dict[str, str] = {
     "api: gocept.httpserverlayer.static.Layer(documentroot, bases, name, module)": (
         f"{_GOCOMPAT}: gocept's positional static.Layer(dir, (BASE,), 'NAME')"
     ),
+    "api: gocept.httpserverlayer.wsgi.Layer(bases, name, module)": (
+        f"{_GOCOMPAT}: gocept's positional wsgi.Layer((BASE,), 'NAME')"
+    ),
     "api: gocept.httpserverlayer.static.StaticFileRequestHandler": f"{_GOCOMPAT}: static.StaticFileRequestHandler",
     "api: gocept.httpserverlayer.static.StaticFileRequestHandler.documentroot": (
         f"{_GOCOMPAT}: static.StaticFileRequestHandler (its documentroot class attribute)"
@@ -109,10 +112,6 @@ DOCUMENTED: dict[str, str] = {
     "gocept.httpserverlayer.static.tests.test_static.TestStaticFiles"
     ".test_documentroot_empty_except_for_favicon_after_testsetup": (
         "documented difference: serverlayer writes no empty favicon.ico into the temporary documentroot"
-    ),
-    "api: gocept.httpserverlayer.wsgi.Layer(bases, name, module)": (
-        "documented difference: wsgi.Layer's first positional argument is the WSGI application;"
-        " bases and name are keywords"
     ),
     "api: gocept.httpserverlayer.wsgi.Layer.serve": (
         "documented difference: serverlayer runs the server thread itself; wsgi.Layer has no serve()"
