@@ -53,12 +53,14 @@ class Layer(plone.testing.Layer):
 
     def __init__(
         self,
-        *,
         bases: Iterable[Any] | None = None,
         name: str | None = None,
         module: str | None = None,
+        *,
         handle_errors: bool | None = None,
     ) -> None:
+        # bases, name and module may come positionally, as plone.testing's
+        # (and so gocept.httpserverlayer's) Layer takes them.
         # Named after the module that created it, like serverlayer's server
         # layers, so that two layers named alike in two modules stay apart.
         if module is None:

@@ -193,5 +193,11 @@ class DatabaseTests(unittest.TestCase):
         self.assertIn("zope.app.appsetup.testlayer.ZODBLayer", message)
         self.assertNotIn("wsgi_app", layer)
 
+    def test_takes_bases_name_and_module_positionally_as_plone_testing_does(self):
+        layer = zopeappwsgi.Layer((ZODB_LAYER,), "POSITIONAL", "some.module")
+        self.assertEqual(
+            (layer.__bases__, layer.__name__, layer.__module__), ((ZODB_LAYER,), "POSITIONAL", "some.module")
+        )
+
     def test_named_after_the_module_that_created_it(self):
         self.assertEqual(APP_LAYER.__module__, __name__)
