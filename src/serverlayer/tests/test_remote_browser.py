@@ -13,7 +13,8 @@ veth pair, as it would drive a grid, and the layers bind the veth address
 
 Creating namespaces needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and
 iproute2's ``ip``; without them every test here is skipped and says why.
-CI runs as root and installs iproute2, so there they run.
+CI runs as root, installs iproute2 and sets ``SERVERLAYER_REQUIRE_GRID_NODE``,
+which turns such a skip into an error: there they must run.
 
 Run them with the other browser tests::
 
@@ -37,7 +38,7 @@ import unittest
 import unittest.mock
 import urllib.parse
 from email.message import EmailMessage
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import plone.testing
 
@@ -63,6 +64,8 @@ NODE_PORT = 4444
 #: The name the grid node knows this machine by, in the tests that publish
 #: a name instead of the address; only the node's browser resolves it.
 PUBLIC_NAME = "ci-runner.test"
+#: Set (CI as root does) to fail instead of skipping where no node can be made.
+REQUIRE_VARIABLE = "SERVERLAYER_REQUIRE_GRID_NODE"
 
 _node_numbers = itertools.count(1)
 LayerT = TypeVar("LayerT", bound=plone.testing.Layer)
@@ -93,6 +96,14 @@ def free_subnet() -> ipaddress.IPv4Network:
         if not any(subnet.overlaps(network) for network in taken):
             return subnet
     raise RuntimeError(f"Every /30 of {NODE_NETWORKS} is in use on this machine.")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test, for lack of what a grid node needs; an error instead
+    where ``$SERVERLAYER_REQUIRE_GRID_NODE`` is set (CI, as root)."""
+    if os.environ.get(REQUIRE_VARIABLE):
+        raise RuntimeError(f"{reason}, and ${REQUIRE_VARIABLE} is set")
+    raise unittest.SkipTest(reason)
 
 
 class GridNode:
@@ -133,15 +144,15 @@ class GridNode:
 
     def __enter__(self) -> GridNode:
         if os.geteuid() != 0:
-            raise unittest.SkipTest("creating a network namespace for the grid node needs root")
+            unavailable("creating a network namespace for the grid node needs root")
         if shutil.which("ip") is None:
-            raise unittest.SkipTest("no `ip` command (Debian package iproute2) to create the grid node's namespace")
+            unavailable("no `ip` command (Debian package iproute2) to create the grid node's namespace")
         chromedriver = _find(CHROMEDRIVER_CANDIDATES, "chromedriver")
         with contextlib.ExitStack() as stack:
             try:
                 _ip("netns", "add", self.name)
             except RuntimeError as error:
-                raise unittest.SkipTest(f"cannot create a network namespace for the grid node: {error}") from None
+                unavailable(f"cannot create a network namespace for the grid node: {error}")
             stack.callback(_ip, "netns", "delete", self.name)
             subnet = free_subnet()
             host, node = list(subnet.hosts())
