@@ -139,17 +139,23 @@ class ChromiumLayer(plone.testing.Layer):
 
     def _trust(self, ca_bundle: str) -> None:
         assert self._home is not None
-        certutil = _find(("certutil",), "certutil (Debian package libnss3-tools)")
-        database = os.path.join(self._home, ".pki", "nssdb")
-        os.makedirs(database)
-        for arguments in (
-            ["-N", "--empty-password"],
-            ["-A", "-t", "C,,", "-n", "serverlayer test CA", "-i", ca_bundle],
-        ):
-            subprocess.run(
-                [certutil, "-d", f"sql:{database}", *arguments],
-                check=True, capture_output=True, timeout=30,
-            )
+        trust_in_nss(self._home, ca_bundle)
+
+
+def trust_in_nss(home: str, ca_bundle: str) -> None:
+    """Make a Chromium whose ``$HOME`` is ``home`` trust ``ca_bundle``: on
+    Linux it reads locally trusted roots from ``~/.pki/nssdb``."""
+    certutil = _find(("certutil",), "certutil (Debian package libnss3-tools)")
+    database = os.path.join(home, ".pki", "nssdb")
+    os.makedirs(database)
+    for arguments in (
+        ["-N", "--empty-password"],
+        ["-A", "-t", "C,,", "-n", "serverlayer test CA", "-i", ca_bundle],
+    ):
+        subprocess.run(
+            [certutil, "-d", f"sql:{database}", *arguments],
+            check=True, capture_output=True, timeout=30,
+        )
 
 
 def chromium_options(home: str) -> Any:
