@@ -451,7 +451,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             return
         handler = handler_class.__new__(handler_class)
         handler.server = self  # type: ignore[assignment]
-        handler.client_address = (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"]))
+        port = environ.get("REMOTE_PORT") or ""
+        handler.client_address = (environ["REMOTE_ADDR"], int(port) if port.isdigit() else 0)
         handler.command = environ["REQUEST_METHOD"]
         handler.path = environ["REQUEST_URI"]
         handler.request_version = environ["SERVER_PROTOCOL"]

@@ -166,8 +166,16 @@ class NoAppTests(unittest.TestCase):
         caught.exception.close()
         self.assertEqual(caught.exception.code, 503)
 
-    def test_wsgi_app_attribute_set_before_setup(self):
+    def test_wsgi_app_attribute_set_after_a_setup_without_app(self):
         layer = wsgi.Layer(name="app_attribute_later")
+        layer.setUp()
+        try:
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                get(layer_url(layer))
+            caught.exception.close()
+            self.assertEqual(caught.exception.code, 503)
+        finally:
+            layer.tearDown()
         layer.wsgi_app = FIRST
         layer.setUp()
         self.addCleanup(layer.tearDown)
@@ -215,6 +223,8 @@ class PositionalArgumentTests(unittest.TestCase):
     def test_wsgi_layer_bases_name(self):
         layer = wsgi.Layer((BASE,), "WSGI_POSITIONAL")
         self.assertEqual((layer.__bases__, layer.__name__), ((BASE,), "WSGI_POSITIONAL"))
+        with self.assertRaises(TypeError):
+            wsgi.Layer((BASE,), "ONE", name="TWO")
         self.assertIsNone(layer.wsgi_app)
         self.serve(layer)
         layer["httpd"].set_app(FIRST)
@@ -230,9 +240,6 @@ class PositionalArgumentTests(unittest.TestCase):
         self.serve(layer)
         self.assertEqual(get(layer_url(layer)), b"first /")
 
-    def test_wsgi_layer_refuses_a_name_given_twice(self):
-        with self.assertRaises(TypeError):
-            wsgi.Layer((BASE,), "ONE", name="TWO")
 
 
 class StaticFileRequestHandlerTests(unittest.TestCase):
@@ -303,19 +310,14 @@ class RequestHandlerClassTests(unittest.TestCase):
                 layer.tearDown()
         return stderr.getvalue()
 
-    def test_gocept_selenium_handler_logs_under_its_variable(self):
+    def test_gocept_selenium_handler_logs_under_its_variable_only(self):
         class SeleniumLayer(wsgi.Layer):
             request_handler_class = GoceptSeleniumHandler
 
-        output = self.exercise(SeleniumLayer(FIRST, name="selenium_logging"),
-                               {"GOCEPT_SELENIUM_VERBOSE_LOGGING": "1"})
+        layer = SeleniumLayer(FIRST, name="selenium_logging")
+        self.assertEqual(self.exercise(layer, {}), "")
+        output = self.exercise(layer, {"GOCEPT_SELENIUM_VERBOSE_LOGGING": "1"})
         self.assertRegex(output, r'^127\.0\.0\.1 - - \[.+\] "GET /logged\?q=1 HTTP/1\.1" 200 13\n$')
-
-    def test_gocept_selenium_handler_is_quiet_without_its_variable(self):
-        class SeleniumLayer(wsgi.Layer):
-            request_handler_class = GoceptSeleniumHandler
-
-        self.assertEqual(self.exercise(SeleniumLayer(FIRST, name="selenium_quiet"), {}), "")
 
     def test_default_handler_logs_under_gocept_variable(self):
         self.assertIs(wsgi.Layer.request_handler_class, wsgi.LogWSGIRequestHandler)
