@@ -576,6 +576,12 @@ class Layer(HTTPLayer):
         super().setUp()
 
     def make_server(self, sock: socket.socket) -> WaitressServer:
+        handler_class: type[wsgiref.simple_server.WSGIRequestHandler] | None = self.request_handler_class
+        if handler_class is LogWSGIRequestHandler and not verbose():
+            # It would log nothing, and asking for each request whether to
+            # costs a noticeable part of a small request's time. Like the
+            # rest of serverlayer's logging, this is decided at setUp.
+            handler_class = None
         return WaitressServer(
             self.application(),
             sock,
@@ -584,7 +590,7 @@ class Layer(HTTPLayer):
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
             url_scheme=self.scheme,
             requests=self.requests,
-            request_handler_class=self.request_handler_class,
+            request_handler_class=handler_class,
             owner=repr(self),
         )
 
