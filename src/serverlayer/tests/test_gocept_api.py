@@ -287,7 +287,8 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
 
 
 class GoceptSeleniumHandler(WSGIRequestHandler):
-    """gocept.selenium 7.1's ``wsgi.LogWSGIRequestHandler``, as it is."""
+    """What gocept.selenium 7.1's ``wsgi.LogWSGIRequestHandler`` does (it is
+    only installed with the browser extra, so it is restated here)."""
 
     def log_request(self, *args):
         if "GOCEPT_SELENIUM_VERBOSE_LOGGING" in os.environ:
@@ -322,6 +323,14 @@ class RequestHandlerClassTests(unittest.TestCase):
     def test_default_handler_logs_under_gocept_variable(self):
         self.assertIs(wsgi.Layer.request_handler_class, wsgi.LogWSGIRequestHandler)
         output = self.exercise(wsgi.Layer(FIRST, name="gocept_logging"), {"GOCEPT_HTTP_VERBOSE_LOGGING": "1"})
+        self.assertIn('"GET /logged?q=1 HTTP/1.1" 200 13', output)
+
+    def test_gocept_httpserverlayers_own_handler_class_logs(self):
+        import gocept.httpserverlayer.wsgi
+
+        layer = wsgi.Layer(FIRST, name="gocept_handler_class")
+        layer.request_handler_class = gocept.httpserverlayer.wsgi.LogWSGIRequestHandler
+        output = self.exercise(layer, {"GOCEPT_HTTP_VERBOSE_LOGGING": "1"})
         self.assertIn('"GET /logged?q=1 HTTP/1.1" 200 13', output)
 
     def test_subclass_with_logging_turned_on(self):
