@@ -205,8 +205,9 @@ class _WSGITask(WSGITask):
             environ["SERVER_PORT"] = str(server.published_port)
         return environ
 
-
     def service(self) -> None:
+        """Serve the request, then have the server log it (wsgiref logged
+        each request through its handler class; waitress does not)."""
         failed = True
         try:
             super().service()
