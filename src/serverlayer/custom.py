@@ -20,8 +20,10 @@ import socketserver
 import struct
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import plone.testing
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, whole_number
@@ -461,6 +463,9 @@ class Layer(HTTPLayer):
     when a request finds none free, and ends with the test. ``threads`` is
     how many workers stay between tests; none by default, which keeps an
     idle server to the one thread of its loop.
+
+    As with gocept.httpserverlayer, positional arguments after the handler
+    are plone.testing's ``bases``, ``name`` and ``module``.
     """
 
     request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
@@ -469,11 +474,14 @@ class Layer(HTTPLayer):
     def __init__(
         self,
         request_handler: type[http.server.BaseHTTPRequestHandler] | None = None,
+        bases: Iterable[plone.testing.Layer] | None = None,
+        name: str | None = None,
+        module: str | None = None,
         *,
         threads: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(bases=bases, name=name, module=module, **kwargs)
         if request_handler is not None:
             self.request_handler = request_handler
         if threads is not None:

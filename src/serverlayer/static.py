@@ -14,8 +14,11 @@ import http.server
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
+
+import plone.testing
 
 from serverlayer import custom
 from serverlayer.errors import ConfigurationError
@@ -30,6 +33,25 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     """
 
     protocol_version = "HTTP/1.1"
+    #: The directory served when the layer passes none: gocept.httpserverlayer's
+    #: users subclass ``StaticFileRequestHandler`` and set it on the class
+    #: to serve a directory from ``custom.Layer``. A handler object also has
+    #: it set to the directory it serves.
+    documentroot: str | None = None
+
+    def __init__(self, *args: Any, directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        if directory is None:
+            directory = self.documentroot
+        if directory is None:
+            server = args[2] if len(args) > 2 else None
+            raise ConfigurationError(
+                f"{type(self).__qualname__}, serving"
+                f" {getattr(server, 'server_name', '?')}:{getattr(server, 'server_port', '?')},"
+                " has no directory to serve. Set documentroot on the class,"
+                " or serve the directory with static.Layer(directory)."
+            )
+        self.documentroot = os.fspath(directory)
+        super().__init__(*args, directory=self.documentroot, **kwargs)
 
     def send_head(self) -> Any:
         if not self._inside_directory(self.translate_path(self.path)):
@@ -55,11 +77,30 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-class Layer(custom.Layer):
-    """Serves ``documentroot``, or a temporary directory when none is given."""
+#: gocept.httpserverlayer's name.
+StaticFileRequestHandler = StaticFileHandler
 
-    def __init__(self, documentroot: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(StaticFileHandler, **kwargs)
+#: No directory: serve a fresh temporary one (what ``Layer()`` does);
+#: gocept.httpserverlayer's name for it.
+TEMPORARY: Final = None
+
+
+class Layer(custom.Layer):
+    """Serves ``documentroot``, or a temporary directory when none is given.
+
+    As with gocept.httpserverlayer, positional arguments after the
+    directory are plone.testing's ``bases``, ``name`` and ``module``.
+    """
+
+    def __init__(
+        self,
+        documentroot: str | os.PathLike[str] | None = TEMPORARY,
+        bases: Iterable[plone.testing.Layer] | None = None,
+        name: str | None = None,
+        module: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(StaticFileHandler, bases, name, module, **kwargs)
         self.documentroot = None if documentroot is None else os.fspath(documentroot)
         self._temporary: str | None = None
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 import threading
+import wsgiref.simple_server
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import plone.testing
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -28,9 +29,9 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
-from serverlayer.recording import RecordingMiddleware
+from serverlayer.recording import RecordingMiddleware, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
-from serverlayer.server import Activity, Deadline, ForwardedClients
+from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
 WSGIApplication = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -76,30 +77,107 @@ class FixupMiddleware:
         return self.app(environ, clean_start_response)
 
 
-class _AccessLog:
-    """Logs each request to stderr, for ``$SERVERLAYER_VERBOSE``."""
+class LogWSGIRequestHandler(wsgiref.simple_server.WSGIRequestHandler):
+    """gocept.httpserverlayer's request handler class, kept for its name and
+    its one job here: logging each request.
 
-    def __init__(self, app: WSGIApplication) -> None:
+    waitress serves here, not wsgiref, so no handler object reads requests.
+    After each response the server makes an object of the layer's
+    ``request_handler_class`` for that alone and calls its
+    ``log_request(code, size)``, as wsgiref's server did. So a subclass that
+    decides whether (gocept.selenium's, under
+    ``$GOCEPT_SELENIUM_VERBOSE_LOGGING``) or how to log still logs. This one
+    logs to stderr under ``$SERVERLAYER_VERBOSE`` or
+    ``$GOCEPT_HTTP_VERBOSE_LOGGING``.
+    """
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if verbose():
+            super().log_request(code, size)
+
+
+#: What a ``request_handler_class`` may override: it is only ever asked to log.
+_LOGGING_METHODS = frozenset(
+    {"log_request", "log_message", "log_error", "address_string", "log_date_time_string"}
+)
+
+
+def _check_request_handler_class(layer: plone.testing.Layer, handler_class: object) -> None:
+    """Refuse a handler class whose behaviour waitress would silently skip."""
+    base = wsgiref.simple_server.WSGIRequestHandler
+    if not (isinstance(handler_class, type) and issubclass(handler_class, base)):
+        raise ConfigurationError(
+            f"{layer!r}: request_handler_class must be a subclass of"
+            f" wsgiref.simple_server.WSGIRequestHandler, not {handler_class!r}."
+            " Subclass serverlayer.wsgi.LogWSGIRequestHandler; only its"
+            " log_request and log_message are used."
+        )
+    ignored = sorted(
+        name
+        for klass in handler_class.__mro__
+        if klass not in base.__mro__ and klass is not LogWSGIRequestHandler
+        for name in vars(klass)
+        if hasattr(base, name) and name not in _LOGGING_METHODS
+        and not (name.startswith("__") and name != "__init__")
+    )
+    if ignored:
+        raise ConfigurationError(
+            f"{layer!r}: request_handler_class {handler_class.__qualname__}"
+            f" overrides {', '.join(ignored)}, which nothing would call: this"
+            " layer serves with waitress, not wsgiref, and uses the class only"
+            " to log requests (log_request, log_message). Do the rest in WSGI"
+            " middleware around your application instead."
+        )
+
+
+class _AppSlot:
+    """The application a server serves, which can be swapped while it serves.
+
+    gocept.httpserverlayer's wsgiref server had ``set_app``, and projects
+    keep one server for a whole run and give each test its own application.
+    An application set during a test (``test_started`` .. ``test_ended``)
+    is served until that test ends; one set outside a test, by a layer's
+    ``setUp`` say, is the one every test starts with.
+
+    Without an application every request gets a 503 that says how to give
+    the layer one: gocept's layer set up without one, too.
+    """
+
+    def __init__(self, app: WSGIApplication | None, owner: str) -> None:
+        self.app = self.between_tests = app
+        self.owner = owner
+        self.in_test = False
+
+    def set(self, app: WSGIApplication | None) -> None:
+        if app is not None and not callable(app):
+            raise ConfigurationError(f"{self.owner}: the WSGI application {app!r} is not callable.")
         self.app = app
+        if not self.in_test:
+            self.between_tests = app
+
+    def test_started(self) -> None:
+        self.in_test = True
+
+    def test_ended(self) -> None:
+        self.in_test = False
+        self.app = self.between_tests
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        statuses: list[str] = []
-
-        def logging_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            statuses.append(status)
-            return start_response(status, headers, exc_info)
-
-        try:
-            return self.app(environ, logging_start_response)
-        except BaseException as exc:
-            statuses.append(f"500, the application raised {type(exc).__name__}")
-            raise
-        finally:
-            sys.stderr.write(
-                f"{environ.get('REMOTE_ADDR', '-')} \"{environ['REQUEST_METHOD']}"
-                f" {environ.get('PATH_INFO', '')} {environ.get('SERVER_PROTOCOL', '')}\""
-                f" {statuses[-1] if statuses else '-'}\n"
-            )
+        app = self.app
+        if app is not None:
+            return app(environ, start_response)
+        body = (
+            f"{self.owner} has no WSGI application to answer"
+            f" {environ['REQUEST_METHOD']} {environ.get('REQUEST_URI', '')}"
+            f" (Host: {environ.get('HTTP_HOST', '-')}). Give it one: wsgi.Layer(app), the"
+            " wsgi_app attribute or a wsgi_app resource of a base layer, or"
+            " layer['httpd'].set_app(app) from a test.\n"
+        ).encode()
+        start_response(
+            "503 Service Unavailable",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
 
 
 # waitress's channels and tasks log through a class attribute shared by all
@@ -126,6 +204,16 @@ class _WSGITask(WSGITask):
             environ["REMOTE_PORT"] = str(client[1])
             environ["SERVER_PORT"] = str(server.published_port)
         return environ
+
+    def service(self) -> None:
+        """Serve the request, then have the server log it (wsgiref logged
+        each request through its handler class; waitress does not)."""
+        failed = True
+        try:
+            super().service()
+            failed = False
+        finally:
+            self.channel.server.request_served(self, failed)
 
 
 class _ErrorTask(ErrorTask):
@@ -299,6 +387,11 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     waitress's own ``run`` polls with a timeout and offers no way to stop;
     here the loop checks a flag each time the trigger wakes it. The first
     socket is the server's own, each other one has a ``_Listener``.
+
+    It also answers to what tests used on gocept.httpserverlayer's wsgiref
+    server: ``set_app``, ``get_app``, ``server_address`` and
+    ``server_port``. Requests pass through the recording of ``requests``
+    (when given) before they reach whatever application is set.
     """
 
     channel_class = _Channel
@@ -308,17 +401,28 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     #: and the port they connect to.
     forwarded_clients: ForwardedClients | None = None
     published_port: int | None = None
+    #: The host clients are told to use, once the layer published it.
+    published_host: str | None = None
 
     def __init__(
         self,
-        app: WSGIApplication,
+        app: WSGIApplication | None,
         sockets: Sequence[socket.socket],
         *,
         errors: ErrorLog,
         threads: int,
         thread_name: str,
         url_scheme: str = "http",
+        requests: RequestLog | None = None,
+        request_handler_class: type[wsgiref.simple_server.WSGIRequestHandler] | None = None,
+        owner: str | None = None,
     ) -> None:
+        self.app_slot = _AppSlot(app, owner or thread_name)
+        served: WSGIApplication = self.app_slot
+        if requests is not None:
+            served = RecordingMiddleware(served, requests)
+        #: Each request is logged through this class's ``log_request``.
+        self.request_handler_class = request_handler_class
         self.activity = Activity()
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
@@ -339,7 +443,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         )
         try:
             super().__init__(
-                app,
+                served,
                 map={},
                 _sock=sockets[0],
                 dispatcher=dispatcher,
@@ -364,6 +468,49 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             connection.close()
             return
         self.channel_class(self, connection, address, self.adj, map=self._map)
+
+    # What gocept.httpserverlayer's server (wsgiref's WSGIServer) offered.
+
+    def set_app(self, app: WSGIApplication | None) -> None:
+        """Serve ``app`` from the next request on; during a test, until it ends."""
+        self.app_slot.set(app)
+
+    def get_app(self) -> WSGIApplication | None:
+        """The application served (without serverlayer's recording in front)."""
+        return self.app_slot.app
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        """The host and port clients connect to."""
+        return (self.published_host or str(self.effective_host), self.server_port)
+
+    @property
+    def server_port(self) -> int:
+        """The port clients connect to: the TLS front's, behind one."""
+        return self.published_port or int(self.effective_port)
+
+    def request_served(self, task: WSGITask, failed: bool) -> None:
+        """Log a request through ``request_handler_class``, as wsgiref did.
+
+        The handler object exists for this call alone: it has the
+        attributes its logging methods read, and no connection.
+        """
+        handler_class = self.request_handler_class
+        environ = task.environ
+        if handler_class is None or environ is None:
+            return
+        handler = handler_class.__new__(handler_class)
+        handler.server = self  # type: ignore[assignment]
+        port = environ.get("REMOTE_PORT") or ""
+        handler.client_address = (environ["REMOTE_ADDR"], int(port) if port.isdigit() else 0)
+        handler.command = environ["REQUEST_METHOD"]
+        handler.path = environ["REQUEST_URI"]
+        handler.request_version = environ["SERVER_PROTOCOL"]
+        handler.requestline = f"{handler.command} {handler.path} {handler.request_version}"
+        # waitress answers 500 when the application fails before it started
+        # its response.
+        code = "500" if failed and not task.wrote_header else task.status.split(" ", 1)[0]
+        handler.log_request(code, task.content_bytes_written)
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.loop_thread = threading.get_ident()
@@ -420,38 +567,54 @@ class Layer(HTTPLayer):
     """Serves a WSGI application with waitress.
 
     The application is the ``wsgi_app`` resource of a base layer if there is
-    one, else the ``wsgi_app`` argument or class attribute. ``threads`` is
-    how many requests run in the application at once (waitress's default,
-    four); idle keep-alive connections hold no thread.
+    one, else the ``wsgi_app`` argument or class attribute. Without any, the
+    layer still sets up, and answers 503 until a test gives it one with
+    ``layer['httpd'].set_app(app)``, as gocept.httpserverlayer's did.
+    ``threads`` is how many requests run in the application at once
+    (waitress's default, four); idle keep-alive connections hold no thread.
+
+    Positional arguments after the application are plone.testing's
+    ``bases``, ``name`` and ``module``; a tuple or list first is taken as
+    the bases (it cannot be an application), so gocept's
+    ``Layer((BASE,), 'NAME')`` works too.
     """
 
     wsgi_app: WSGIApplication | None = None
     threads: int = 4
+    #: Each request is logged through its ``log_request``; see
+    #: ``LogWSGIRequestHandler``.
+    request_handler_class: type[wsgiref.simple_server.WSGIRequestHandler] = LogWSGIRequestHandler
 
     def __init__(
         self,
-        wsgi_app: WSGIApplication | None = None,
-        *,
+        wsgi_app: WSGIApplication | Sequence[plone.testing.Layer] | None = None,
+        *layer_arguments: Any,
         threads: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if isinstance(wsgi_app, (tuple, list)):
+            layer_arguments = (wsgi_app, *layer_arguments)
+            wsgi_app = None
+        if len(layer_arguments) > 3:
+            raise TypeError(
+                f"wsgi.Layer takes an application and then at most bases, name"
+                f" and module, but got {len(layer_arguments)} more arguments."
+            )
+        for key, value in zip(("bases", "name", "module"), layer_arguments, strict=False):
+            if key in kwargs:
+                raise TypeError(f"wsgi.Layer got two values for {key!r}.")
+            kwargs[key] = value
         super().__init__(**kwargs)
         if wsgi_app is not None:
-            self.wsgi_app = wsgi_app
+            self.wsgi_app = wsgi_app  # type: ignore[assignment]
         if threads is not None:
             self.threads = threads
         positive_number(self.threads, owner=repr(self), setting="threads")
 
-    def application(self) -> WSGIApplication:
+    def application(self) -> WSGIApplication | None:
         """The application to serve; the ``wsgi_app`` resource wins."""
         app = self.get("wsgi_app") or self.wsgi_app
-        if app is None:
-            raise ConfigurationError(
-                f"{self!r} has no WSGI application to serve. Pass one,"
-                " wsgi.Layer(my_app), set the wsgi_app attribute, or stack the"
-                " layer on a base layer that publishes a wsgi_app resource."
-            )
-        if not callable(app):
+        if app is not None and not callable(app):
             raise ConfigurationError(
                 f"{self!r}: the WSGI application {app!r} is not callable."
             )
@@ -459,17 +622,46 @@ class Layer(HTTPLayer):
 
     def setUp(self) -> None:
         self.application()  # fail before binding anything
+        _check_request_handler_class(self, self.request_handler_class)
         super().setUp()
 
     def make_server(self, sockets: Sequence[socket.socket]) -> WaitressServer:
-        app: WSGIApplication = RecordingMiddleware(self.application(), self.requests)
-        if verbose():
-            app = _AccessLog(app)
+        handler_class: type[wsgiref.simple_server.WSGIRequestHandler] | None = self.request_handler_class
+        if handler_class is LogWSGIRequestHandler and not verbose():
+            # It would log nothing, and asking for each request whether to
+            # costs a noticeable part of a small request's time. Like the
+            # rest of serverlayer's logging, this is decided at setUp.
+            handler_class = None
         return WaitressServer(
-            app,
+            self.application(),
             sockets,
             errors=self.server_errors,
             threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
             url_scheme=self.scheme,
+            requests=self.requests,
+            request_handler_class=handler_class,
+            owner=repr(self),
         )
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        resources = super().resources(host, port, running)
+        httpd = resources["httpd"]
+        if isinstance(httpd, WaitressServer):
+            httpd.published_host = host
+        return resources
+
+    def testSetUp(self) -> None:
+        super().testSetUp()
+        httpd = self.get("httpd")
+        if isinstance(httpd, WaitressServer):
+            httpd.app_slot.test_started()
+
+    def testTearDown(self) -> None:
+        try:
+            super().testTearDown()
+        finally:
+            # What a test set with set_app ends with it.
+            httpd = self.get("httpd")
+            if isinstance(httpd, WaitressServer):
+                httpd.app_slot.test_ended()

@@ -115,14 +115,6 @@ class ConcurrencyTests(unittest.TestCase):
 
 class AppSourceTests(unittest.TestCase):
 
-    def test_no_app_fails_setup_with_a_clear_error(self):
-        layer = wsgi.Layer(name="no_app")
-        with self.assertRaises(ConfigurationError) as caught:
-            layer.setUp()
-        self.assertIn("no WSGI application", str(caught.exception))
-        self.assertIn("wsgi_app", str(caught.exception))
-        self.assertEqual(layer._resources, {})
-
     def test_uncallable_app(self):
         layer = wsgi.Layer("not an app", name="uncallable_app")
         with self.assertRaises(ConfigurationError):

@@ -1,0 +1,416 @@
+"""gocept.httpserverlayer's documented API, used as its users' tests use it.
+
+A project moving from gocept.httpserverlayer changes its imports and
+nothing else: these tests are written against gocept's names, call
+signatures and server attributes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import unittest
+import urllib.error
+import urllib.request
+from contextlib import redirect_stderr
+from pathlib import Path
+from unittest import mock
+from wsgiref.simple_server import WSGIRequestHandler
+
+import plone.testing
+
+from serverlayer import ConfigurationError, custom, static, wsgi
+from serverlayer.tests.helpers import run_example_modules
+
+
+def text_app(text: str):
+    def app(environ, start_response):
+        body = f"{text} {environ['PATH_INFO']}".encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    app.__name__ = f"app_{text}"
+    return app
+
+
+FIRST = text_app("first")
+SECOND = text_app("second")
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read()  # type: ignore[no-any-return]
+
+
+def layer_url(layer: plone.testing.Layer, path: str = "") -> str:
+    return f"http://{layer['http_address']}/{path}"
+
+
+class BaseLayer(plone.testing.Layer):
+    """A base layer with a resource of its own, as projects stack them."""
+
+    def setUp(self):
+        self["from_base"] = "base resource"
+
+    def tearDown(self):
+        del self["from_base"]
+
+
+BASE = BaseLayer(name="BASE")
+
+WSGI_LAYER = wsgi.Layer(FIRST, name="WSGI_LAYER")
+
+
+class SetAppTests(unittest.TestCase):
+    """``layer['httpd'].set_app(app)``: one server, a new application per test."""
+
+    layer = WSGI_LAYER
+
+    def test_set_app_serves_the_new_app_from_the_next_request_on(self):
+        httpd = self.layer["httpd"]
+        self.assertIs(httpd.get_app(), FIRST)
+        self.assertEqual(get(layer_url(self.layer, "a")), b"first /a")
+        httpd.set_app(SECOND)
+        self.assertIs(httpd.get_app(), SECOND)
+        self.assertEqual(get(layer_url(self.layer, "b")), b"second /b")
+
+    def test_requests_to_a_set_app_are_still_recorded(self):
+        self.layer["httpd"].set_app(SECOND)
+        get(layer_url(self.layer, "recorded?x=1"))
+        [request] = self.layer["http_requests"]
+        self.assertEqual(request.path, "/recorded")
+
+    def test_server_address_and_port_are_where_clients_connect(self):
+        httpd = self.layer["httpd"]
+        self.assertEqual(httpd.server_address, (self.layer["http_host"], self.layer["http_port"]))
+        self.assertEqual(httpd.server_port, self.layer["http_port"])
+        host, port = httpd.server_address
+        self.assertEqual(get(f"http://{host}:{port}/x"), b"first /x")
+
+    def test_set_app_refuses_what_is_not_callable(self):
+        with self.assertRaises(ConfigurationError) as caught:
+            self.layer["httpd"].set_app("not an app")
+        self.assertIn("WSGI_LAYER", str(caught.exception))
+
+
+class SetAppLifetimeTests(unittest.TestCase):
+    """What a test sets ends with the test; what a layer sets stays."""
+
+    def test_app_set_in_a_test_is_replaced_by_the_setup_app_at_testTearDown(self):
+        layer = wsgi.Layer(FIRST, name="restored_after_test")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        layer.testSetUp()
+        layer["httpd"].set_app(SECOND)
+        self.assertEqual(get(layer_url(layer)), b"second /")
+        layer.testTearDown()
+        self.assertIs(layer["httpd"].get_app(), FIRST)
+        self.assertEqual(get(layer_url(layer)), b"first /")
+
+    def test_app_set_by_a_layer_above_stays_for_every_test(self):
+        http = wsgi.Layer(name="app_from_layer_above")
+
+        class AppLayer(plone.testing.Layer):
+            defaultBases = (http,)
+
+            def setUp(self):
+                self["httpd"].set_app(SECOND)
+
+        above = AppLayer(name="sets_app")
+        http.setUp()
+        self.addCleanup(http.tearDown)
+        above.setUp()
+        for _ in range(2):
+            http.testSetUp()
+            above.testSetUp()
+            self.assertEqual(get(layer_url(above)), b"second /")
+            above.testTearDown()
+            http.testTearDown()
+
+    def test_tls_server_address_is_the_published_https_address(self):
+        layer = wsgi.Layer(FIRST, name="tls_address", tls=True)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.assertEqual(layer["httpd"].server_address, (layer["http_host"], layer["http_port"]))
+        self.assertEqual(layer["httpd"].server_port, layer["http_port"])
+
+
+class NoAppTests(unittest.TestCase):
+    """gocept's ``wsgi.Layer()`` set up without an application."""
+
+    def test_layer_without_app_sets_up_and_answers_503_saying_how_to_give_one(self):
+        layer = wsgi.Layer(name="without_app")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            get(layer_url(layer, "page"))
+        self.addCleanup(caught.exception.close)
+        self.assertEqual(caught.exception.code, 503)
+        body = caught.exception.read().decode()
+        self.assertIn("without_app", body)
+        self.assertIn(f"Host: {layer['http_address']}", body)
+        self.assertIn("set_app", body)
+        self.assertIn("wsgi_app", body)
+        layer["httpd"].set_app(FIRST)
+        self.assertEqual(get(layer_url(layer, "page")), b"first /page")
+
+    def test_set_app_none_goes_back_to_503(self):
+        layer = wsgi.Layer(FIRST, name="set_app_none")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        layer["httpd"].set_app(None)
+        self.assertIsNone(layer["httpd"].get_app())
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            get(layer_url(layer))
+        caught.exception.close()
+        self.assertEqual(caught.exception.code, 503)
+
+    def test_wsgi_app_attribute_set_after_a_setup_without_app(self):
+        layer = wsgi.Layer(name="app_attribute_later")
+        layer.setUp()
+        try:
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                get(layer_url(layer))
+            caught.exception.close()
+            self.assertEqual(caught.exception.code, 503)
+        finally:
+            layer.tearDown()
+        layer.wsgi_app = FIRST
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.assertEqual(get(layer_url(layer)), b"first /")
+
+
+class PositionalArgumentTests(unittest.TestCase):
+    """gocept's layers pass positional arguments on to plone.testing.Layer."""
+
+    def serve(self, layer):
+        BASE.setUp()
+        self.addCleanup(BASE.tearDown)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.assertEqual(layer["from_base"], "base resource")
+
+    def test_custom_layer_handler_bases_name(self):
+        class Handler(custom.RequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"hello")
+
+        layer = custom.Layer(Handler, (BASE,), "CUSTOM_POSITIONAL")
+        self.assertEqual((layer.__bases__, layer.__name__), ((BASE,), "CUSTOM_POSITIONAL"))
+        self.assertEqual(layer.__module__, __name__)
+        self.serve(layer)
+        self.assertEqual(get(layer_url(layer)), b"hello")
+
+    def test_static_layer_directory_bases(self):
+        with tempfile.TemporaryDirectory() as directory:
+            Path(directory, "page.txt").write_text("a page")
+            layer = static.Layer(directory, (BASE,), "STATIC_POSITIONAL")
+            self.assertEqual(layer.__bases__, (BASE,))
+            self.serve(layer)
+            self.assertEqual(get(layer_url(layer, "page.txt")), b"a page")
+
+    def test_static_layer_temporary(self):
+        layer = static.Layer(static.TEMPORARY, (BASE,), "STATIC_TEMPORARY")
+        self.serve(layer)
+        Path(layer["documentroot"], "new.txt").write_text("new")
+        self.assertEqual(get(layer_url(layer, "new.txt")), b"new")
+
+    def test_wsgi_layer_bases_name(self):
+        layer = wsgi.Layer((BASE,), "WSGI_POSITIONAL")
+        self.assertEqual((layer.__bases__, layer.__name__), ((BASE,), "WSGI_POSITIONAL"))
+        with self.assertRaises(TypeError):
+            wsgi.Layer((BASE,), "ONE", name="TWO")
+        self.assertIsNone(layer.wsgi_app)
+        self.serve(layer)
+        layer["httpd"].set_app(FIRST)
+        self.assertEqual(get(layer_url(layer)), b"first /")
+
+    def test_wsgi_layer_list_of_bases(self):
+        layer = wsgi.Layer([BASE], name="WSGI_LIST")
+        self.assertEqual(layer.__bases__, (BASE,))
+
+    def test_wsgi_layer_app_bases_name(self):
+        layer = wsgi.Layer(FIRST, (BASE,), "WSGI_APP_POSITIONAL")
+        self.assertEqual((layer.__bases__, layer.__name__), ((BASE,), "WSGI_APP_POSITIONAL"))
+        self.serve(layer)
+        self.assertEqual(get(layer_url(layer)), b"first /")
+
+
+
+class StaticFileRequestHandlerTests(unittest.TestCase):
+    """gocept's users subclass it and set ``documentroot`` on the class."""
+
+    def test_subclass_with_documentroot_serves_it_from_a_custom_layer(self):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        Path(directory.name, "index.txt").write_text("from the class")
+
+        class Handler(static.StaticFileRequestHandler):
+            documentroot = directory.name
+
+        layer = custom.Layer(Handler, name="documentroot_on_class")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.assertEqual(get(layer_url(layer, "index.txt")), b"from the class")
+
+    def test_handler_of_static_layer_knows_its_documentroot(self):
+        seen = []
+
+        class Handler(static.StaticFileRequestHandler):
+            def do_GET(self):
+                seen.append(self.documentroot)
+                super().do_GET()
+
+        layer = static.Layer(name="documentroot_on_handler")
+        layer.request_handler = Handler
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            get(layer_url(layer, "missing"))
+        caught.exception.close()
+        self.assertEqual(seen, [layer["documentroot"]])
+
+    def test_without_documentroot_the_request_fails_the_test_with_the_fix(self):
+        layer = custom.Layer(static.StaticFileRequestHandler, name="no_documentroot")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with self.assertRaises((urllib.error.URLError, ConnectionError)):
+            get(layer_url(layer, "x"))
+        [error] = layer.server_errors.take()
+        self.assertIn("has no directory to serve", error)
+        self.assertIn("documentroot", error)
+
+
+class GoceptSeleniumHandler(WSGIRequestHandler):
+    """What gocept.selenium 7.1's ``wsgi.LogWSGIRequestHandler`` does (it is
+    only installed with the browser extra, so it is restated here)."""
+
+    def log_request(self, *args):
+        if "GOCEPT_SELENIUM_VERBOSE_LOGGING" in os.environ:
+            WSGIRequestHandler.log_request(self, *args)
+
+
+class RequestHandlerClassTests(unittest.TestCase):
+    """``request_handler_class`` decides about request logging, as it did."""
+
+    def exercise(self, layer, environment):
+        stderr = io.StringIO()
+        with mock.patch.dict(os.environ, environment), redirect_stderr(stderr):
+            for name in ("SERVERLAYER_VERBOSE", "GOCEPT_HTTP_VERBOSE_LOGGING", "GOCEPT_SELENIUM_VERBOSE_LOGGING"):
+                if name not in environment:
+                    os.environ.pop(name, None)
+            layer.setUp()
+            try:
+                get(layer_url(layer, "logged?q=1"))
+            finally:
+                layer.tearDown()
+        return stderr.getvalue()
+
+    def test_gocept_selenium_handler_logs_under_its_variable_only(self):
+        class SeleniumLayer(wsgi.Layer):
+            request_handler_class = GoceptSeleniumHandler
+
+        layer = SeleniumLayer(FIRST, name="selenium_logging")
+        self.assertEqual(self.exercise(layer, {}), "")
+        output = self.exercise(layer, {"GOCEPT_SELENIUM_VERBOSE_LOGGING": "1"})
+        self.assertRegex(output, r'^127\.0\.0\.1 - - \[.+\] "GET /logged\?q=1 HTTP/1\.1" 200 13\n$')
+
+    def test_default_handler_logs_under_gocept_variable(self):
+        self.assertIs(wsgi.Layer.request_handler_class, wsgi.LogWSGIRequestHandler)
+        output = self.exercise(wsgi.Layer(FIRST, name="gocept_logging"), {"GOCEPT_HTTP_VERBOSE_LOGGING": "1"})
+        self.assertIn('"GET /logged?q=1 HTTP/1.1" 200 13', output)
+
+    def test_gocept_httpserverlayers_own_handler_class_logs(self):
+        import gocept.httpserverlayer.wsgi
+
+        layer = wsgi.Layer(FIRST, name="gocept_handler_class")
+        layer.request_handler_class = gocept.httpserverlayer.wsgi.LogWSGIRequestHandler
+        output = self.exercise(layer, {"GOCEPT_HTTP_VERBOSE_LOGGING": "1"})
+        self.assertIn('"GET /logged?q=1 HTTP/1.1" 200 13', output)
+
+    def test_subclass_with_logging_turned_on(self):
+        class AlwaysLog(wsgi.LogWSGIRequestHandler):
+            def log_request(self, code="-", size="-"):
+                WSGIRequestHandler.log_request(self, code, size)
+
+        layer = wsgi.Layer(FIRST, name="always_log")
+        layer.request_handler_class = AlwaysLog
+        output = self.exercise(layer, {})
+        self.assertIn('"GET /logged?q=1 HTTP/1.1" 200 13', output)
+
+    def test_handler_overriding_more_than_logging_is_refused_at_setup(self):
+        class Environ(wsgi.LogWSGIRequestHandler):
+            def get_environ(self):
+                return {}
+
+        layer = wsgi.Layer(FIRST, name="overrides_get_environ")
+        layer.request_handler_class = Environ
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("overrides_get_environ", message)
+        self.assertIn("get_environ", message)
+        self.assertIn("middleware", message)
+        self.assertNotIn("httpd", layer._resources)
+
+    def test_handler_class_must_be_a_wsgi_request_handler(self):
+        layer = wsgi.Layer(FIRST, name="not_a_wsgi_handler")
+        layer.request_handler_class = custom.RequestHandler
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("LogWSGIRequestHandler", str(caught.exception))
+
+
+class AsAUserRunsItTests(unittest.TestCase):
+    """A gocept-style test module, run by zope.testrunner in its own process."""
+
+    def test_one_server_for_the_run_and_an_app_per_test(self):
+        result = run_example_modules({"test_swap.py": SWAP_MODULE})
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("Ran 3 tests with 0 failures, 0 errors and 0 skipped", result.stdout)
+
+
+SWAP_MODULE = '''
+import unittest
+import urllib.error
+import urllib.request
+
+from serverlayer import wsgi
+
+HTTP_LAYER = wsgi.Layer()
+
+
+def app(text):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [text.encode()]
+    return app
+
+
+def get(layer):
+    with urllib.request.urlopen("http://%s/" % layer["http_address"], timeout=5) as response:
+        return response.read()
+
+
+class Tests(unittest.TestCase):
+    layer = HTTP_LAYER
+
+    def test_1_sets_an_app(self):
+        self.layer["httpd"].set_app(app("one"))
+        self.assertEqual(get(self.layer), b"one")
+
+    def test_2_has_none_again(self):
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            get(self.layer)
+        caught.exception.close()
+        self.assertEqual(caught.exception.code, 503)
+
+    def test_3_sets_another(self):
+        self.layer["httpd"].set_app(app("three"))
+        self.assertEqual(get(self.layer), b"three")
+'''
