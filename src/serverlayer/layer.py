@@ -386,7 +386,7 @@ class HTTPLayer(ServerLayer):
 
     resource_prefix = "http"
     server_resource = "httpd"
-    host_environment = ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST")
+    host_environment: ClassVar[tuple[str, ...]] = ("SERVERLAYER_HTTP_HOST",)
     public_host_environment = ("SERVERLAYER_HTTP_PUBLIC_HOST",)
     tls: bool = False
 

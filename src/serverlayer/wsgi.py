@@ -378,6 +378,9 @@ class Layer(HTTPLayer):
 
     wsgi_app: WSGIApplication | None = None
     threads: int = 4
+    #: gocept.httpserverlayer's wsgi layer listened on $GOCEPT_HTTP_APP_HOST,
+    #: its custom and static layers did not; so only the wsgi layers read it.
+    host_environment = ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST")
 
     def __init__(
         self,
