@@ -1,7 +1,8 @@
 """The plone.testing side of every serverlayer layer.
 
 ``ServerLayer`` does what all our layers share: it gives the layer the name
-of the module that created it, works out where to listen, starts the server
+of the module that created it (and an unnamed one the name of the variable
+it is assigned to), works out where to listen, starts the server
 in ``setUp``, publishes where it listens, checks for server-side errors
 after every test, and in ``tearDown`` stops the server and deletes exactly
 the resources it set. A concrete layer says how to make its server
@@ -10,6 +11,7 @@ the resources it set. A concrete layer says how to make its server
 
 from __future__ import annotations
 
+import dis
 import gc
 import os
 import socket
@@ -31,6 +33,18 @@ DEFAULT_HOST = "127.0.0.1"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
+def _creating_frame(layer: plone.testing.Layer, frame: FrameType | None) -> FrameType | None:
+    """The frame of the code that wrote ``Layer(...)``: ``frame`` and its
+    callers, past every ``__init__`` running for ``layer``."""
+    while (
+        frame is not None
+        and frame.f_code.co_name == "__init__"
+        and frame.f_locals.get("self") is layer
+    ):
+        frame = frame.f_back
+    return frame
+
+
 def instantiating_module(layer: plone.testing.Layer) -> str:
     """The module whose code wrote ``Layer(...)``.
 
@@ -40,16 +54,39 @@ def instantiating_module(layer: plone.testing.Layer) -> str:
     unnamed layer would then be ``serverlayer.wsgi.Layer`` and only one of
     them would be set up. Skip every ``__init__`` running for this layer.
     """
-    frame: FrameType | None = sys._getframe(1)
-    while (
-        frame is not None
-        and frame.f_code.co_name == "__init__"
-        and frame.f_locals.get("self") is layer
-    ):
-        frame = frame.f_back
+    frame = _creating_frame(layer, sys._getframe(1))
     if frame is None:
         return type(layer).__module__
     return str(frame.f_globals.get("__name__", type(layer).__module__))
+
+
+def assigned_name(layer: plone.testing.Layer) -> str | None:
+    """The module variable that ``NAME = Layer(...)`` binds ``layer`` to, if that
+    is how it was created; ``None`` for layers made any other way.
+
+    An unnamed layer is named after it, so that two unnamed layers of one
+    module are two layers, under the names a reader sees in the code, which
+    are the same in every process that imports the module (zope.testrunner's
+    ``-j`` subprocesses find their layer by name) and which zope.testrunner's
+    ``layer_from_name`` can import. The name is the target of the store
+    instruction right after the call: the compiler puts it there for
+    ``NAME = Layer(...)`` and ``NAME: T = Layer(...)``, and for nothing else
+    (a chained assignment or a list of layers has other instructions there).
+    """
+    frame = _creating_frame(layer, sys._getframe(1))
+    if frame is None:
+        return None
+    # STORE_NAME binds a module variable only in the module's own code, not
+    # in a class body; STORE_GLOBAL (``global NAME``) does so anywhere.
+    stores = ("STORE_NAME", "STORE_GLOBAL") if frame.f_code.co_name == "<module>" else ("STORE_GLOBAL",)
+    instructions = dis.get_instructions(frame.f_code)
+    for instruction in instructions:
+        if instruction.offset == frame.f_lasti:  # the call that is creating the layer
+            following = next(instructions, None)
+            if following is not None and following.opname in stores:
+                return str(following.argval)
+            return None
+    return None
 
 
 _identities: dict[str, weakref.ReferenceType[plone.testing.Layer]] = {}
@@ -61,14 +98,27 @@ def _identity_taken(identity: str, layer: plone.testing.Layer) -> bool:
     return reference is not None and reference() not in (None, layer)
 
 
-def claim_identity(layer: plone.testing.Layer) -> None:
-    """Refuse ``layer`` if a live layer already has its module and name."""
-    identity = f"{layer.__module__}.{layer.__name__}"
+def claim_identity(layer: plone.testing.Layer, *, derived: bool = False) -> None:
+    """Refuse ``layer`` if a live layer already has its module and name.
+
+    A ``derived`` name is one the user did not choose (the variable name or
+    the class name of an unnamed layer); when it is taken, the layer gets
+    the first free of ``NAME_2``, ``NAME_3`` ... instead. Which one depends
+    only on the layers of the module that exist before it, so on the order
+    in which the module's code creates them, as in every process.
+    """
+    module, name = layer.__module__, layer.__name__
     with _identities_lock:
-        if _identity_taken(identity, layer):
+        if _identity_taken(f"{module}.{name}", layer):
             # A layer of an earlier run of the same code (a repeated doctest,
             # a reloaded module) may only be waiting for the cycle collector.
             gc.collect()
+        if derived:
+            # One more candidate than there are identities: one of them is free.
+            candidates = [name, *(f"{name}_{number}" for number in range(2, len(_identities) + 3))]
+            name = next(each for each in candidates if not _identity_taken(f"{module}.{each}", layer))
+            layer.__name__ = name
+        identity = f"{module}.{name}"
         if _identity_taken(identity, layer):
             raise LayerIdentityError(
                 f"Two layers would both be called {identity!r}, so the test"
@@ -161,7 +211,7 @@ class ServerLayer(plone.testing.Layer):
             module = instantiating_module(self)
         super().__init__(
             bases=None if bases is None else tuple(bases),
-            name=name or type(self).__name__,
+            name=name or assigned_name(self) or type(self).__name__,
             module=module,
         )
         if host is not None:
@@ -172,7 +222,7 @@ class ServerLayer(plone.testing.Layer):
             self.public_host = public_host
         if report_server_errors is not None:
             self.report_server_errors = report_server_errors
-        claim_identity(self)
+        claim_identity(self, derived=not name)
         self.server_errors = ErrorLog(repr(self))
         self._running: ServerThread | None = None
         self._sockets: list[socket.socket] = []
@@ -337,7 +387,7 @@ class HTTPLayer(ServerLayer):
 
     resource_prefix = "http"
     server_resource = "httpd"
-    host_environment = ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST")
+    host_environment: ClassVar[tuple[str, ...]] = ("SERVERLAYER_HTTP_HOST",)
     public_host_environment = ("SERVERLAYER_HTTP_PUBLIC_HOST",)
     tls: bool = False
 

@@ -25,11 +25,15 @@ from serverlayer.errors import ConfigurationError
 
 
 class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHandler):
-    """``SimpleHTTPRequestHandler`` that never serves anything outside its directory.
+    """``SimpleHTTPRequestHandler`` that never lets a URL leave its directory.
 
-    The standard library drops ``..`` from the path but follows symbolic
-    links wherever they point and fails on NUL bytes and on names the file
-    system cannot encode; all of these end in a 404 here.
+    The standard library drops ``..`` from the path, but fails on NUL bytes
+    and on names the file system cannot encode; those end in a 404 here, and
+    so does any path outside the directory a subclass's ``translate_path``
+    might make. Symbolic links in the directory are followed wherever they
+    point, as the standard library, gocept.httpserverlayer, nginx and Apache
+    do: tests link fixtures into the served directory. With
+    ``follow_symlinks=False`` a link is served only if it resolves inside.
     """
 
     protocol_version = "HTTP/1.1"
@@ -39,7 +43,14 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     #: it set to the directory it serves.
     documentroot: str | None = None
 
-    def __init__(self, *args: Any, directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        directory: str | os.PathLike[str] | None = None,
+        follow_symlinks: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.follow_symlinks = follow_symlinks  # before the base class serves the request
         if directory is None:
             directory = self.documentroot
         if directory is None:
@@ -69,12 +80,14 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     def _inside_directory(self, path: str) -> bool:
         if "\0" in path:
             return False
-        root = os.path.realpath(self.directory)
         try:
-            real = os.path.realpath(path)
-        except ValueError:  # a name the file system cannot encode, such as a lone surrogate
+            os.fsencode(path)
+        except UnicodeEncodeError:  # a name the file system cannot encode, such as a lone surrogate
             return False
-        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        # abspath only normalises the path as written; realpath also resolves links.
+        resolve = os.path.abspath if self.follow_symlinks else os.path.realpath
+        root, candidate = resolve(self.directory), resolve(path)
+        return candidate == root or candidate.startswith(root.rstrip(os.sep) + os.sep)
 
 
 #: gocept.httpserverlayer's name.
@@ -90,7 +103,12 @@ class Layer(custom.Layer):
 
     As with gocept.httpserverlayer, positional arguments after the
     directory are plone.testing's ``bases``, ``name`` and ``module``.
+    Symbolic links in it are served wherever they point;
+    ``follow_symlinks=False`` answers 404 for those that lead outside.
     """
+
+    #: Serve symbolic links in the directory wherever they point.
+    follow_symlinks: bool = True
 
     def __init__(
         self,
@@ -98,10 +116,14 @@ class Layer(custom.Layer):
         bases: Iterable[plone.testing.Layer] | None = None,
         name: str | None = None,
         module: str | None = None,
+        *,
+        follow_symlinks: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(StaticFileHandler, bases, name, module, **kwargs)
         self.documentroot = None if documentroot is None else os.fspath(documentroot)
+        if follow_symlinks is not None:
+            self.follow_symlinks = follow_symlinks
         self._temporary: str | None = None
 
     def setUp(self) -> None:
@@ -136,7 +158,7 @@ class Layer(custom.Layer):
                     os.unlink(entry.path)
 
     def handler_arguments(self) -> dict[str, Any]:
-        return {"directory": self["documentroot"]}
+        return {"directory": self["documentroot"], "follow_symlinks": self.follow_symlinks}
 
 
 #: A ready layer serving a temporary directory.

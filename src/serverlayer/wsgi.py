@@ -584,6 +584,9 @@ class Layer(HTTPLayer):
     #: Each request is logged through its ``log_request``; see
     #: ``LogWSGIRequestHandler``.
     request_handler_class: type[wsgiref.simple_server.WSGIRequestHandler] = LogWSGIRequestHandler
+    #: gocept.httpserverlayer's wsgi layer listened on $GOCEPT_HTTP_APP_HOST,
+    #: its custom and static layers did not; so only the wsgi layers read it.
+    host_environment = ("SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST")
 
     def __init__(
         self,

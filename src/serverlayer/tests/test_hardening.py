@@ -666,7 +666,13 @@ OUTSIDE_MARKER = "outside-only-marker.txt"
 
 class TraversalTests(unittest.TestCase):
     """Attempts to read ``outside/secret.txt`` (or anything else outside
-    ``outside/root``) that test_static does not already make."""
+    ``outside/root``) that test_static does not already make.
+
+    The links in the root that lead outside are followed by default; only
+    ``follow_symlinks=False`` refuses them (``StrictTraversalTests``).
+    """
+
+    follow_symlinks = True
 
     def setUp(self):
         self.outside = tempfile.mkdtemp(prefix="serverlayer-hardening-")
@@ -690,13 +696,16 @@ class TraversalTests(unittest.TestCase):
         }
         for name, target in links.items():
             os.symlink(target, os.path.join(root, name))
-        self.layer = static.Layer(root, name=f"hardening_{self._testMethodName}")
+        self.layer = static.Layer(
+            root, name=f"hardening_{type(self).__name__}_{self._testMethodName}",
+            follow_symlinks=self.follow_symlinks,
+        )
         self.layer.setUp()
         self.addCleanup(self.layer.tearDown)
 
     def attempts(self) -> list[str]:
         absolute = os.path.join(self.outside, "secret.txt")
-        return [
+        attempts = [
             # mixed-case and partial encodings of ".."
             "/%2E%2e/secret.txt",
             "/%2e./secret.txt",
@@ -754,19 +763,24 @@ class TraversalTests(unittest.TestCase):
             "http://evil.example/../../secret.txt",
             "//" + absolute.lstrip("/"),
             "/%2f" + absolute.lstrip("/").replace("/", "%2f"),
-            # symbolic links
-            "/chain-1",
-            "/link-to-slash" + absolute,
-            "/link-to-slash/etc/passwd",
-            "/sub/up-up/secret.txt",
-            "/sub/up/sub/up-up/secret.txt",
+            # symbolic links that lead nowhere
             "/loop",
             "/loop/secret.txt",
             "/dangling",
-            # directory listings of the outside
-            "/sub/up-up/",
-            "/link-to-slash" + self.outside + "/",
         ]
+        if not self.follow_symlinks:
+            attempts += [
+                # symbolic links that lead outside
+                "/chain-1",
+                "/link-to-slash" + absolute,
+                "/link-to-slash/etc/passwd",
+                "/sub/up-up/secret.txt",
+                "/sub/up/sub/up-up/secret.txt",
+                # directory listings of the outside
+                "/sub/up-up/",
+                "/link-to-slash" + self.outside + "/",
+            ]
+        return attempts
 
     def assert_nothing_leaked(self, response: bytes) -> None:
         self.assertNotIn(SECRET, response)
@@ -825,6 +839,12 @@ class TraversalTests(unittest.TestCase):
                 self.assert_nothing_leaked(response)
                 self.assertEqual(error_code(response), 404, response[:300])
         self.assertEqual(fetch(self.layer, "public.txt"), b"public")
+
+
+class StrictTraversalTests(TraversalTests):
+    """The same with ``follow_symlinks=False``, which refuses links that lead outside."""
+
+    follow_symlinks = False
 
 
 # 5. SMTP under concurrency and broken conversations.

@@ -98,10 +98,10 @@ class WhereItListensTests(unittest.TestCase):
 
     def test_gocept_host_variable_is_honoured(self):
         os.environ["GOCEPT_HTTP_APP_HOST"] = "localhost"
-        layer = custom.Layer(Hello, name="gocept_host")
+        layer = wsgi.Layer(hello_app, name="gocept_host")  # gocept read it in its wsgi layer only
         with Running(layer):
             self.assertEqual(layer["http_host"], "localhost")
-            self.assertEqual(fetch(layer["http_url"]), b"hello")
+            self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
 
     def test_keyword_beats_environment(self):
         os.environ["SERVERLAYER_HTTP_HOST"] = "localhost"

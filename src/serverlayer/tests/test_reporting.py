@@ -174,6 +174,6 @@ class IdentityTests(unittest.TestCase):
         run = run_testrunner("identity", "-vv")
         output = run.stdout + run.stderr
         self.assertEqual(run.returncode, 0, output)
-        self.assertIn("Set up identity_pkg.sample_one.Layer", output)
-        self.assertIn("Set up identity_pkg.sample_two.Layer", output)
+        self.assertIn("Set up identity_pkg.sample_one.LAYER", output)
+        self.assertIn("Set up identity_pkg.sample_two.LAYER", output)
         self.assertIn("Total: 2 tests, 0 failures, 0 errors", output)

@@ -87,7 +87,13 @@ class TemporaryDirectoryTests(unittest.TestCase):
 
 
 class TraversalTests(unittest.TestCase):
-    """Every attempt to read ``outside/secret.txt`` from ``outside/root``."""
+    """Every attempt to read ``outside/secret.txt`` from ``outside/root``.
+
+    The links in the root that lead outside are followed by default; only
+    ``follow_symlinks=False`` refuses them (``StrictTraversalTests``).
+    """
+
+    follow_symlinks = True
 
     @classmethod
     def make_tree(cls) -> str:
@@ -106,7 +112,11 @@ class TraversalTests(unittest.TestCase):
     def setUp(self):
         self.outside = self.make_tree()
         self.addCleanup(shutil.rmtree, self.outside)
-        self.layer = static.Layer(os.path.join(self.outside, "root"), name=f"traversal_{self._testMethodName}")
+        self.layer = static.Layer(
+            os.path.join(self.outside, "root"),
+            name=f"traversal_{type(self).__name__}_{self._testMethodName}",
+            follow_symlinks=self.follow_symlinks,
+        )
         self.layer.setUp()
         self.addCleanup(self.layer.tearDown)
 
@@ -127,17 +137,22 @@ class TraversalTests(unittest.TestCase):
         "/%c0%ae%c0%ae/secret.txt",
         "/secret.txt%00.html",
         "/%00../secret.txt",
-        "/link-to-secret.txt",
-        "/link-to-outside/secret.txt",
-        "/sub/relative-link.txt",
         "/./../secret.txt",
         "//../secret.txt",
         "/sub/./../.././secret.txt",
+    ]
+    #: The links in the root that lead outside: refused only when not followed.
+    LINK_ATTEMPTS = [
+        "/link-to-secret.txt",
+        "/link-to-outside/secret.txt",
+        "/sub/relative-link.txt",
     ]
 
     def test_no_attempt_reads_outside_the_root(self):
         absolute = os.path.join(self.outside, "secret.txt")
         attempts = [*self.ATTEMPTS, absolute, "/" + absolute, "/" + absolute.replace("/", "%2f")]
+        if not self.follow_symlinks:
+            attempts += self.LINK_ATTEMPTS
         for target in attempts:
             with self.subTest(target=target):
                 response = raw_request(
@@ -155,6 +170,12 @@ class TraversalTests(unittest.TestCase):
             f"GET http://{self.layer['http_address']}/../secret.txt HTTP/1.0\r\n\r\n".encode(),
         )
         self.assertNotIn(SECRET, response)
+
+
+class StrictTraversalTests(TraversalTests):
+    """The same with ``follow_symlinks=False``, which refuses links that lead outside."""
+
+    follow_symlinks = False
 
     def test_directory_listing_names_no_outside_files(self):
         status, _, body = get(self.layer["http_url"] + "link-to-outside/")

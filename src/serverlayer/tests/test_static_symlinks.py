@@ -1,0 +1,112 @@
+"""Symbolic links in the document root, as tests use them: fixtures linked in.
+
+gocept.httpserverlayer (like ``SimpleHTTPRequestHandler``, nginx and
+Apache) serves a link in the document root wherever it points, and tests
+rely on it to serve fixture files and folders without copying them. Our
+static layer follows them too; ``follow_symlinks=False`` refuses those
+that lead outside. A URL itself leaves the root in neither mode.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import tempfile
+import unittest
+
+from serverlayer import static
+from serverlayer.tests.helpers import raw_request
+
+FIXTURE = b"fixture kept outside the document root"
+SECRET = b"beside the fixtures, reachable by no URL"
+
+#: Written as a gocept.httpserverlayer user writes them: unnamed.
+FILES = static.Layer()
+STRICT_FILES = static.Layer(follow_symlinks=False)
+
+#: URLs that try to leave the document root (or the linked folder) by themselves.
+TRAVERSALS = [
+    "/../secret.txt",
+    "/%2e%2e/secret.txt",
+    "/%2E%2E%2fsecret.txt",
+    "/..%2fsecret.txt",
+    "/%252e%252e/secret.txt",
+    "/..\\secret.txt",
+    "/%5c..%5csecret.txt",
+    "/secret.txt%00.html",
+    "/linked-folder/../../secret.txt",
+    "/linked-folder/..%2f..%2fsecret.txt",
+    "/linked-folder/%2e%2e/secret.txt",
+]
+
+
+def get(layer, path: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class LinkedFixtures:
+    """Links ``fixture.txt`` and the folder ``fixtures`` of a directory
+    outside into the layer's document root."""
+
+    def setUp(self):
+        outside = tempfile.mkdtemp(prefix="serverlayer-symlinks-")
+        self.addCleanup(shutil.rmtree, outside)
+        fixtures = os.path.join(outside, "fixtures")
+        os.mkdir(fixtures)
+        for path, data in ((os.path.join(outside, "fixture.txt"), FIXTURE),
+                           (os.path.join(fixtures, "data.txt"), FIXTURE),
+                           (os.path.join(outside, "secret.txt"), SECRET)):
+            with open(path, "wb") as file:
+                file.write(data)
+        root = self.layer["documentroot"]
+        os.symlink(os.path.join(outside, "fixture.txt"), os.path.join(root, "linked-file.txt"))
+        os.symlink(fixtures, os.path.join(root, "linked-folder"))
+        self.absolute_secret = os.path.join(outside, "secret.txt")
+
+    def test_no_url_leaves_the_root_by_itself(self):
+        attempts = [*TRAVERSALS, self.absolute_secret, "/" + self.absolute_secret.replace("/", "%2f")]
+        for target in attempts:
+            with self.subTest(target=target):
+                response = raw_request(
+                    self.layer["http_host"], self.layer["http_port"], f"GET {target} HTTP/1.0\r\n\r\n".encode()
+                )
+                self.assertNotIn(SECRET, response)
+                self.assertIn(response.split(b" ", 2)[1], (b"400", b"404"), response[:200])
+
+
+class FollowedLinksTests(LinkedFixtures, unittest.TestCase):
+    layer = FILES
+
+    def test_a_linked_file_is_served(self):
+        self.assertEqual(get(self.layer, "/linked-file.txt"), (200, FIXTURE))
+
+    def test_a_linked_folder_is_served(self):
+        self.assertEqual(get(self.layer, "/linked-folder/data.txt"), (200, FIXTURE))
+        status, listing = get(self.layer, "/linked-folder/")
+        self.assertEqual(status, 200)
+        self.assertIn(b"data.txt", listing)
+
+
+class StrictLinksTests(LinkedFixtures, unittest.TestCase):
+    layer = STRICT_FILES
+
+    def test_a_linked_file_is_refused(self):
+        self.assertEqual(get(self.layer, "/linked-file.txt")[0], 404)
+
+    def test_a_linked_folder_is_refused(self):
+        self.assertEqual(get(self.layer, "/linked-folder/data.txt")[0], 404)
+        status, listing = get(self.layer, "/linked-folder/")
+        self.assertEqual(status, 404)
+        self.assertNotIn(b"data.txt", listing)
+
+    def test_files_inside_are_still_served(self):
+        with open(os.path.join(self.layer["documentroot"], "inside.txt"), "wb") as file:
+            file.write(b"inside")
+        self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))

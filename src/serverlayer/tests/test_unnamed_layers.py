@@ -1,0 +1,65 @@
+"""Unnamed layers, several in one module, as gocept.httpserverlayer users write them.
+
+zope.testrunner tells layers apart by module and name, also in its ``-j``
+subprocesses, which import the test modules again and pick their layer by
+that name; so each unnamed layer needs a name of its own that every process
+derives alike.
+"""
+
+from __future__ import annotations
+
+import re
+import unittest
+
+from serverlayer import LayerIdentityError, custom, wsgi
+from serverlayer.tests.helpers import run_testrunner
+
+SAMPLE = "unnamed_pkg.sample_unnamed"
+SAMPLE_LAYERS = ("HTTP_LAYER", "OTHER_HTTP_LAYER", "HANDLER_LAYER", "Layer", "Layer_2")
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b""]
+
+
+class TestRunnerTests(unittest.TestCase):
+
+    def assert_each_layer_set_up_once(self, output: str) -> None:
+        set_up = re.findall(rf"Set up ({re.escape(SAMPLE)}\.\S+) in", output)  # not -j's EmptyLayer
+        self.assertEqual(sorted(set_up), sorted(f"{SAMPLE}.{name}" for name in SAMPLE_LAYERS), output)
+        self.assertIn("Total: 5 tests, 0 failures, 0 errors", output)
+
+    def test_unnamed_layers_of_one_module_are_set_up_separately(self):
+        run = run_testrunner("unnamed", "-vv")
+        output = run.stdout + run.stderr
+        self.assertEqual(run.returncode, 0, output)
+        self.assert_each_layer_set_up_once(output)
+
+    def test_subprocesses_find_each_unnamed_layer(self):
+        run = run_testrunner("unnamed", "-vv", "-j", "2")
+        output = run.stdout + run.stderr
+        self.assertEqual(run.returncode, 0, output)
+        self.assertEqual(output.count("Running in a subprocess."), len(SAMPLE_LAYERS), output)
+        self.assert_each_layer_set_up_once(output)
+
+
+class NamingTests(unittest.TestCase):
+
+    def test_a_layer_is_named_after_the_module_variable_it_is_assigned_to(self):
+        global MODULE_LAYER
+        MODULE_LAYER = wsgi.Layer(app)
+        self.addCleanup(globals().pop, "MODULE_LAYER")
+        self.assertEqual((MODULE_LAYER.__module__, MODULE_LAYER.__name__), (__name__, "MODULE_LAYER"))
+
+    def test_layers_without_a_variable_are_numbered_in_creation_order(self):
+        layers = [custom.Layer(custom.RequestHandler), wsgi.Layer(app), custom.Layer(custom.RequestHandler)]
+        self.assertEqual([layer.__name__ for layer in layers], ["Layer", "Layer_2", "Layer_3"])
+        self.assertEqual({layer.__module__ for layer in layers}, {__name__})
+
+    def test_a_name_given_twice_is_still_refused(self):
+        keep = wsgi.Layer(app, name="TWICE")
+        with self.assertRaises(LayerIdentityError) as caught:
+            custom.Layer(custom.RequestHandler, name="TWICE")
+        self.assertIn(f"{__name__}.TWICE", str(caught.exception))
+        del keep
