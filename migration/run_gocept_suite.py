@@ -81,38 +81,6 @@ POSITIONAL = {
     "zopeappwsgi.Layer": ["bases", "name", "module"],
 }
 
-# Temporary: differences that other branches fix. Remove each entry once its
-# branch is merged (the check fails for an allowed test that passes).
-_GOCOMPAT = "fixed on branch gocompat"
-FIXED_ELSEWHERE: dict[str, str] = {
-    "api: gocept.httpserverlayer.custom.Layer(request_handler, bases, name, module)": (
-        f"{_GOCOMPAT}: gocept's positional custom.Layer(Handler, (BASE,), 'NAME')"
-    ),
-    "api: gocept.httpserverlayer.static.Layer(documentroot, bases, name, module)": (
-        f"{_GOCOMPAT}: gocept's positional static.Layer(dir, (BASE,), 'NAME')"
-    ),
-    "api: gocept.httpserverlayer.wsgi.Layer(bases, name, module)": (
-        f"{_GOCOMPAT}: gocept's positional wsgi.Layer((BASE,), 'NAME')"
-    ),
-    "api: gocept.httpserverlayer.plonetestingzope.Layer(bases, name, module)": (
-        f"{_GOCOMPAT}: gocept's positional wsgi.Layer((BASE,), 'NAME'), which plonetestingzope.Layer inherits"
-    ),
-    "api: gocept.httpserverlayer.static.StaticFileRequestHandler": f"{_GOCOMPAT}: static.StaticFileRequestHandler",
-    "api: gocept.httpserverlayer.static.StaticFileRequestHandler.documentroot": (
-        f"{_GOCOMPAT}: static.StaticFileRequestHandler (its documentroot class attribute)"
-    ),
-    "api: gocept.httpserverlayer.static.StaticFileRequestHandler.log_request": (
-        f"{_GOCOMPAT}: static.StaticFileRequestHandler"
-    ),
-    "api: gocept.httpserverlayer.static.StaticFileRequestHandler.translate_path": (
-        f"{_GOCOMPAT}: static.StaticFileRequestHandler"
-    ),
-    "api: gocept.httpserverlayer.static.TEMPORARY": f"{_GOCOMPAT}: static.TEMPORARY",
-    "api: gocept.httpserverlayer.wsgi.Layer.request_handler_class": f"{_GOCOMPAT}: wsgi.Layer.request_handler_class",
-    "api: gocept.httpserverlayer.wsgi.LogWSGIRequestHandler": f"{_GOCOMPAT}: wsgi.LogWSGIRequestHandler",
-    "api: gocept.httpserverlayer.wsgi.LogWSGIRequestHandler.log_request": f"{_GOCOMPAT}: wsgi.LogWSGIRequestHandler",
-}
-
 #: Tests that test a documented difference between gocept.httpserverlayer
 #: and serverlayer (README.rst, "Migrating from gocept.httpserverlayer").
 DOCUMENTED: dict[str, str] = {
@@ -128,7 +96,7 @@ DOCUMENTED: dict[str, str] = {
     ),
 }
 
-ALLOWED_FAILURES: dict[str, str] = {**DOCUMENTED, **FIXED_ELSEWHERE}
+ALLOWED_FAILURES: dict[str, str] = DOCUMENTED
 
 
 def shim_source(module: str) -> str:
