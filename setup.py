@@ -26,10 +26,11 @@ setup(
     ],
     extras_require={
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
-        # requests, httpx and aiohttp: the tests try the layers with the clients users have.
+        # requests, httpx and aiohttp: the tests try the layers with the clients users have;
+        # gocept.httpserverlayer: they use its classes as its users pass them to ours.
         "test": [
             "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
-            "requests", "httpx", "aiohttp",
+            "requests", "httpx", "aiohttp", "gocept.httpserverlayer == 4.0",
         ],
         # The peers benchmarks/ measures serverlayer against; users never need them.
         "bench": [
