@@ -28,6 +28,7 @@ from serverlayer import server as server_module
 from serverlayer.layer import ServerLayer
 from serverlayer.tests.helpers import open_descriptors, thread_names
 from serverlayer.tests.test_hardening import HOST_VARIABLES, listening_addresses
+from serverlayer.tests.test_lifecycle import Hello
 
 CLIENT_TIMEOUT = 5.0
 #: How ``localhost`` resolves on a stock Debian or Ubuntu host: ``::1`` first.
@@ -39,13 +40,6 @@ def hello_app(environ, start_response):
     return [b"hello"]
 
 
-class Hello(custom.RequestHandler):
-    def do_GET(self):
-        body = b"hello"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 class PresetHost(plone.testing.Layer):

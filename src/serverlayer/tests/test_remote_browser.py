@@ -53,6 +53,7 @@ from serverlayer.tests.test_browser import (
     chromium_options,
     html,
     png,
+    secure_app,
     trust_in_nss,
 )
 
@@ -308,25 +309,6 @@ ASSETS = {
     "script.js": b"document.body.dataset.script = 'ran';",
     "logo.png": png(3),
 }
-
-SECURE_PAGE = """
-<p id="scheme">{scheme}</p>
-<p id="ping">pinging</p>
-<script>
-fetch("/ping").then(response => response.text()).then(text => {{
-  document.getElementById("ping").textContent = text + " over " + location.protocol;
-  document.body.dataset.state = "rendered";
-}}, error => {{ document.body.dataset.state = "failed: " + error.message; }});
-</script>
-"""
-
-
-def secure_app(environ, start_response):
-    if environ["PATH_INFO"] == "/ping":
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"pong"]
-    return html(start_response, "Secure", SECURE_PAGE.format(scheme=environ["wsgi.url_scheme"]))
-
 
 def hello_app(environ, start_response):
     return html(start_response, "Hello", f"<h1>Hello from {environ['HTTP_HOST']} to {environ['REMOTE_ADDR']}</h1>")
