@@ -142,6 +142,10 @@ class _Conversation:
             handler.__dict__.pop(name, None)
 
 
+#: The ``_Worker`` whose thread this is, in a worker's thread.
+_this_thread = threading.local()
+
+
 class _Worker:
     """A thread that runs what the server hands it, one item at a time."""
 
@@ -154,6 +158,7 @@ class _Worker:
         self.thread.start()
 
     def _run(self) -> None:
+        _this_thread.worker = self
         while (item := self.inbox.get()) is not None:
             try:
                 item()
@@ -327,8 +332,9 @@ class HandlerServer(socketserver.BaseServer):
 
     def await_request(self, connection: socket.socket) -> bool:
         """Wait for the next request on ``connection``; False to park it instead."""
+        worker: _Worker | None = getattr(_this_thread, "worker", None)
         with self._workers_lock:
-            if self._recalling or self._stopping:
+            if self._recalling or self._stopping or (worker is not None and worker.retiring):
                 return False
             self._waiting += 1
         try:
@@ -350,11 +356,8 @@ class HandlerServer(socketserver.BaseServer):
         """
         deadline = Deadline(timeout)
         with self._workers_lock:
-            self._recalling = True
-            self._recall_writer.send(b"\0")
-            self._workers_lock.wait_for(lambda: not self._waiting, deadline.remaining())
-            self._recall_reader.recv(1)
-            self._recalling = False
+            # Retiring first: a worker between a request and its wait for
+            # the next one then parks its connection instead of waiting.
             extra = self._workers[self._steady_workers:]
             del self._workers[self._steady_workers:]
             for worker in extra:
@@ -362,6 +365,11 @@ class HandlerServer(socketserver.BaseServer):
                 if worker in self._idle:
                     self._idle.remove(worker)
                     worker.inbox.put(None)
+            self._recalling = True
+            self._recall_writer.send(b"\0")
+            self._workers_lock.wait_for(lambda: not self._waiting, deadline.remaining())
+            self._recall_reader.recv(1)
+            self._recalling = False
         for worker in extra:
             worker.thread.join(deadline.remaining())
 

@@ -233,6 +233,41 @@ class ThreadTests(unittest.TestCase):
         layer.testTearDown()
         self.assertEqual(len(server_threads(layer)), 1, server_threads(layer))
 
+    def test_a_worker_between_its_answer_and_its_next_wait_ends_with_the_test(self):
+        """The test can end after a worker answered and before it waits for
+        the connection's next request: it must park the connection and end
+        instead of waiting (a zope.testrunner run found it left behind)."""
+        answered, go_on = threading.Event(), threading.Event()
+
+        class HeldBeforeWaiting(custom.HandlerServer):
+            def await_request(self, connection):
+                answered.set()
+                go_on.wait(CLIENT_TIMEOUT)
+                return super().await_request(connection)
+
+        class Layer(custom.Layer):
+            quiet_timeout = 0.1  # the worker is held on purpose; the test waits for it below
+
+            def make_server(self, sockets):
+                return HeldBeforeWaiting(
+                    sockets, self.request_handler, handler_arguments={}, requests=self.requests,
+                    errors=self.server_errors, threads=self.threads, thread_name=f"serverlayer {self.__name__}",
+                )
+
+        layer = self.serve(Layer(EchoHandler, name="held_worker"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=CLIENT_TIMEOUT)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/first")
+        self.assertTrue(connection.getresponse().read().startswith(b"/first"))
+        self.assertTrue(answered.wait(CLIENT_TIMEOUT))
+        [worker] = [thread for thread in threading.enumerate() if thread.name.endswith("held_worker worker 1")]
+        layer.testTearDown()  # the test ends while the worker is held
+        go_on.set()
+        worker.join(CLIENT_TIMEOUT)
+        self.assertFalse(worker.is_alive(), "the worker waits for the next request after its test ended")
+        connection.request("GET", "/second")  # the parked connection is served by a new worker
+        self.assertTrue(connection.getresponse().read().startswith(b"/second"))
+
     def test_a_suite_whose_connections_outlive_its_tests_runs_clean(self):
         """Keep-alive connections kept at module level across tests, and a
         burst of parallel requests in one test: no thread left behind, no
