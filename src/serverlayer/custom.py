@@ -39,6 +39,22 @@ DISCONNECTS = (ConnectionError, TimeoutError)
 _OneWaitSelector: type[selectors.BaseSelector] = getattr(selectors, "PollSelector", selectors.SelectSelector)
 
 
+def _client_left(connection: socket.socket) -> bool:
+    """Whether a connection the serving loop found readable was closed by
+    its client rather than sent a request.
+
+    The loop closes such a connection itself: clients close theirs as
+    tests end, and a worker started for that after the test's end would
+    count as a thread the test left behind.
+    """
+    try:
+        return connection.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except BlockingIOError:  # readable was a false alarm
+        return False
+    except OSError:  # reset by the client
+        return True
+
+
 def _has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
     """Whether ``rfile`` holds, or the socket has ready, bytes of a next request."""
     timeout = connection.gettimeout()
@@ -263,7 +279,11 @@ class HandlerServer(socketserver.BaseServer):
                         self._watch_returned(selector)
                     else:
                         selector.unregister(key.fileobj)
-                        self._dispatch(key.data)
+                        conversation, serve = key.data
+                        if _client_left(conversation.connection):
+                            self._close(conversation.connection)
+                        else:
+                            self._dispatch(serve)
 
     def _accept(self, selector: selectors.BaseSelector, listening: socket.socket) -> None:
         try:
@@ -281,7 +301,7 @@ class HandlerServer(socketserver.BaseServer):
             self._connections[connection] = conversation
         serve = functools.partial(self._serve, conversation, conversation.start)
         if self.handler_shares_threads:
-            selector.register(connection, selectors.EVENT_READ, serve)  # HTTP clients speak first
+            selector.register(connection, selectors.EVENT_READ, (conversation, serve))  # HTTP clients speak first
         else:
             self._dispatch(serve)  # a handler of its own may speak first
 
@@ -297,7 +317,7 @@ class HandlerServer(socketserver.BaseServer):
                 return
             if conversation.connection.fileno() != -1:
                 serve = functools.partial(self._serve, conversation, conversation.resume)
-                selector.register(conversation.connection, selectors.EVENT_READ, serve)
+                selector.register(conversation.connection, selectors.EVENT_READ, (conversation, serve))
 
     def _give_back(self, conversation: _Conversation) -> None:
         """Have the loop watch ``conversation``'s connection for its next request."""

@@ -27,7 +27,7 @@ import time
 import unittest
 
 from serverlayer import content, custom, static, wsgi
-from serverlayer.tests.helpers import run_example_modules
+from serverlayer.tests.helpers import open_descriptors, run_example_modules
 from serverlayer.tests.test_hardening import (
     CLIENT_TIMEOUT,
     TEAR_DOWN_BOUND,
@@ -267,6 +267,27 @@ class ThreadTests(unittest.TestCase):
         self.assertFalse(worker.is_alive(), "the worker waits for the next request after its test ended")
         connection.request("GET", "/second")  # the parked connection is served by a new worker
         self.assertTrue(connection.getresponse().read().startswith(b"/second"))
+
+    def test_a_client_closing_a_parked_connection_starts_no_worker(self):
+        """Clients close their connections as tests end; the loop closes the
+        server's side itself, so no worker starts after the test ended."""
+        layer = self.serve(custom.Layer(EchoHandler, name="closed_by_client"))
+        connections = []
+        for number in range(4):
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=CLIENT_TIMEOUT)
+            connection.request("GET", f"/{number}")
+            connection.getresponse().read()
+            connections.append(connection)
+        layer.testTearDown()  # the workers end, the connections wait in the loop
+        self.assertEqual(len(server_threads(layer)), 1)
+        descriptors = open_descriptors()
+        for connection in connections:
+            connection.close()
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while open_descriptors() > descriptors - 2 * len(connections) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the server closed its side of each
+        self.assertEqual(open_descriptors(), descriptors - 2 * len(connections))
+        self.assertEqual(server_threads(layer), [f"serverlayer {layer.__module__}.{layer.__name__}"])
 
     def test_a_suite_whose_connections_outlive_its_tests_runs_clean(self):
         """Keep-alive connections kept at module level across tests, and a
