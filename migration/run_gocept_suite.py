@@ -370,10 +370,17 @@ def main() -> int:
         print(f"== gocept.httpserverlayer {VERSION}'s tests from {origin}, against serverlayer in {args.serverlayer}")
         sys.stdout.flush()
         try:
-            completed = subprocess.run(command, env=env, cwd=workdir, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
+            completed = subprocess.run(
+                command, env=env, cwd=workdir, timeout=args.timeout,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+        except subprocess.TimeoutExpired as timeout:
+            print(_quoted(timeout.output))
             print(f"FAILED: the test run took longer than {args.timeout} seconds")
             return 1
+        # Quoted, so that gocept's allowed failures do not read as this
+        # project's in a summary of zope.testrunner's "Total:" lines.
+        print(_quoted(completed.stdout))
         if not os.path.exists(results_file):
             print(f"FAILED: the test run ended (status {completed.returncode}) without reporting its results")
             return 1
@@ -385,6 +392,13 @@ def main() -> int:
             print(f"(kept {workdir})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _quoted(output: str | bytes | None) -> str:
+    """The test run's output, each line behind ``| ``."""
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", "replace")
+    return "\n".join(f"  | {line}" for line in (output or "").splitlines())
 
 
 def report(results: dict[str, Any], expected: dict[str, list[str]], not_run: dict[str, str]) -> int:
@@ -429,10 +443,12 @@ def report(results: dict[str, Any], expected: dict[str, list[str]], not_run: dic
             print(f"FAILED {problem['what']}\n" + indent(problem["detail"]))
     bad_problems = [problem for problem in results["problems"] if "layer" not in problem]
 
+    # Not in the "N passed, N failed" form of a test run's closing line:
+    # CI's closing line is the summary of serverlayer's own tests.
     print(
-        f"\n{len(passed)} passed, {len(allowed)} failed as allowed, {len(failed)} failed,"
-        f" {len(skipped)} skipped, {len(not_run)} not run, {len(stale)} allowed to fail but passed,"
-        f" {len(bad_problems)} other problems"
+        f"\ngocept.httpserverlayer's tests and API checks against serverlayer: {len(passed)} passed;"
+        f" {len(allowed)} failed as allowed; {len(failed)} failed; {len(skipped)} skipped;"
+        f" {len(not_run)} not run; {len(stale)} allowed to fail but passed; {len(bad_problems)} other problems"
     )
     return 1 if failed or stale or bad_problems or skipped else 0
 
