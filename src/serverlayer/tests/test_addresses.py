@@ -292,15 +292,33 @@ class EveryAddressTests(MadeUpNames):
 
 class BusyPortTests(MadeUpNames):
 
-    def occupy(self, address: str, port: int = 0) -> int:
-        """Listen at ``address`` for the rest of the test; the port."""
-        occupier = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
-        self.addCleanup(occupier.close)
-        if ":" in address:
-            occupier.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        occupier.bind((address, port))
-        occupier.listen()
-        return int(occupier.getsockname()[1])
+    def occupy(self, address: str) -> int:
+        """Listen at ``address`` for the rest of the test; the port, which
+        is free at the other loopback address (not some client's port)."""
+        other = "127.0.0.1" if ":" in address else "::1"
+        for _ in range(20):  # bounded: another program may take a port in between
+            with self.listener(other, 0) as reserved:  # free there while held
+                port = int(reserved.getsockname()[1])
+                try:
+                    occupier = self.listener(address, port)
+                except OSError:
+                    continue
+            self.addCleanup(occupier.close)
+            return port
+        self.fail(f"found no port free at both {address} and {other}")
+
+    @staticmethod
+    def listener(address: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+        try:
+            if ":" in address:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def picking(self, port: int, times: int) -> list[int]:
         """Patch ``bind`` so that the system's first ``times`` picks are
