@@ -8,9 +8,27 @@ import socket
 import subprocess
 import sys
 import threading
+import unittest
 from pathlib import Path
+from unittest import mock
 
 SAMPLES = Path(__file__).parent / "samples"
+
+#: The environment variables that move a layer's host or published host.
+HOST_VARIABLES = (
+    "SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST", "SERVERLAYER_HTTP_PUBLIC_HOST",
+    "SERVERLAYER_SMTP_HOST", "SERVERLAYER_SMTP_PUBLIC_HOST",
+)
+
+
+def without_host_variables(test: unittest.TestCase) -> None:
+    """Unset ``HOST_VARIABLES`` for the rest of ``test``: the machine's own
+    settings must not move the layers a test sets up."""
+    patcher = mock.patch.dict(os.environ)
+    patcher.start()
+    test.addCleanup(patcher.stop)
+    for name in HOST_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def open_descriptors() -> int:

@@ -26,8 +26,8 @@ import plone.testing
 from serverlayer import AddressInUseError, SetUpError, content, custom, smtp, static, wsgi
 from serverlayer import server as server_module
 from serverlayer.layer import ServerLayer
-from serverlayer.tests.helpers import open_descriptors, thread_names
-from serverlayer.tests.test_hardening import HOST_VARIABLES, listening_addresses
+from serverlayer.tests.helpers import open_descriptors, thread_names, without_host_variables
+from serverlayer.tests.test_hardening import listening_addresses
 from serverlayer.tests.test_lifecycle import Hello
 
 CLIENT_TIMEOUT = 5.0
@@ -132,11 +132,7 @@ class MadeUpNames(unittest.TestCase):
     """No host variable of the environment interferes."""
 
     def setUp(self):
-        patcher = mock.patch.dict(os.environ)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in HOST_VARIABLES:
-            os.environ.pop(name, None)
+        without_host_variables(self)
 
     def set_up(self, layer: ServerLayer, names: dict[str, list[str]]) -> None:
         """Set ``layer`` up while ``names`` resolve as given; tear it down after the test."""

@@ -12,16 +12,12 @@ import os
 import smtplib
 import unittest
 import urllib.request
-from unittest import mock
 
 from serverlayer import content, custom, smtp, static, wsgi
+from serverlayer.tests.helpers import without_host_variables
 
 ALIAS = "127.0.0.2"
 DEFAULT = "127.0.0.1"
-VARIABLES = (
-    "SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST", "SERVERLAYER_HTTP_PUBLIC_HOST",
-    "SERVERLAYER_SMTP_HOST", "SERVERLAYER_SMTP_PUBLIC_HOST",
-)
 
 
 def app(environ, start_response):
@@ -44,11 +40,7 @@ class MyWSGILayer(wsgi.Layer):
 class HostVariableTests(unittest.TestCase):
 
     def setUp(self):
-        patcher = mock.patch.dict(os.environ)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in VARIABLES:
-            os.environ.pop(name, None)
+        without_host_variables(self)
 
     def http_layers(self):
         return {

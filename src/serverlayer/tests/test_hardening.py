@@ -40,11 +40,10 @@ import unittest
 import urllib.error
 import urllib.request
 import warnings
-from unittest import mock
 
 from serverlayer import content, custom, smtp, static, wsgi
 from serverlayer.layer import HTTPLayer
-from serverlayer.tests.helpers import open_descriptors, thread_names
+from serverlayer.tests.helpers import open_descriptors, thread_names, without_host_variables
 
 #: Set-up/tear-down cycles per layer kind, and how often a cycle makes a request.
 CYCLES = 1000
@@ -1301,21 +1300,13 @@ def listening_addresses() -> set[tuple[str, int]]:
     return found
 
 
-HOST_VARIABLES = (
-    "SERVERLAYER_HTTP_HOST", "GOCEPT_HTTP_APP_HOST", "SERVERLAYER_HTTP_PUBLIC_HOST",
-    "SERVERLAYER_SMTP_HOST", "SERVERLAYER_SMTP_PUBLIC_HOST",
-)
 
 
 class BindAddressTests(unittest.TestCase):
     """Every layer kind listens on 127.0.0.1 only, unless told otherwise."""
 
     def setUp(self):
-        patcher = mock.patch.dict(os.environ)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in HOST_VARIABLES:
-            os.environ.pop(name, None)
+        without_host_variables(self)
 
     def layers(self):
         return {
