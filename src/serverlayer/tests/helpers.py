@@ -10,7 +10,12 @@ import sys
 import threading
 import unittest
 from pathlib import Path
+from typing import TypeVar
 from unittest import mock
+
+import plone.testing
+
+AnyLayer = TypeVar("AnyLayer", bound=plone.testing.Layer)
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -29,6 +34,22 @@ def without_host_variables(test: unittest.TestCase) -> None:
     test.addCleanup(patcher.stop)
     for name in HOST_VARIABLES:
         os.environ.pop(name, None)
+
+
+def set_up_by_hand(test: unittest.TestCase, layer: AnyLayer) -> AnyLayer:
+    """Run ``layer`` for the rest of ``test`` as zope.testrunner would:
+    ``setUp`` and ``testSetUp`` now; ``testTearDown`` and ``tearDown`` when
+    the test ends.
+
+    A layer set up without ``testSetUp`` drops what its server raised;
+    here such an error fails ``test``, as it would fail a test of the
+    layer. Set up the bases first, as the runner does.
+    """
+    layer.setUp()
+    test.addCleanup(layer.tearDown)
+    layer.testSetUp()  # also makes the test check the server's errors at its end
+    test.addCleanup(layer.testTearDown)
+    return layer
 
 
 def open_descriptors() -> int:
