@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import io
+import logging
+import os
 import sys
 import threading
 import unittest
 import urllib.error
 import urllib.request
+from unittest import mock
 
 from serverlayer import LayerIdentityError, ServerSideError, wsgi
-from serverlayer.reporting import ErrorLog, running_test
+from serverlayer.reporting import _SEARCH_DEPTH, ErrorLog, ErrorLogHandler, pytest_test, running_test
 from serverlayer.tests.helpers import run_testrunner
 
 
@@ -83,6 +87,13 @@ class ErrorLogTests(unittest.TestCase):
         self.assertIsInstance(caught.exception, AssertionError)
         log.check()  # nothing left
 
+    def test_one_error_is_an_exception(self):
+        log = ErrorLog("<layer X>")
+        log.record("serving /a")
+        with self.assertRaises(ServerSideError) as caught:
+            log.check()
+        self.assertIn("<layer X>: the server raised an exception while", str(caught.exception))
+
     def test_running_test_is_the_innermost_one(self):
         self.assertIs(running_test(), self)
         found = []
@@ -101,6 +112,130 @@ class ErrorLogTests(unittest.TestCase):
         thread.start()
         thread.join()
         self.assertEqual(found, [None])
+
+    def test_a_test_case_that_is_not_running_is_not_the_running_test(self):
+        # A test may use another TestCase's methods as helpers; the test
+        # that runs is still the one whose run() is on the stack.
+        class Helpers(unittest.TestCase):
+            def check(self):  # "check" < "run"
+                return running_test()
+
+            def use_layer(self):  # "use_layer" > "run"
+                return running_test()
+
+        helpers = Helpers("check")
+        self.assertEqual([helpers.check(), helpers.use_layer()], [self, self])
+
+
+class ErrorLogHandlerTests(unittest.TestCase):
+    """What a server library logs becomes a server-side error, or not."""
+
+    def log_to(self, handler):
+        logger = logging.getLogger(f"serverlayer.tests.{self._testMethodName}")
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        return logger
+
+    def test_errors_and_worse_are_recorded_warnings_are_not(self):
+        errors = ErrorLog("handler")
+        logger = self.log_to(ErrorLogHandler(errors))
+        logger.warning("a warning")
+        logger.error("an error")
+        logger.critical("a critical error")
+        self.assertEqual(errors.take(), ["an error", "a critical error"])
+
+    def test_given_a_thread_it_records_only_that_threads_errors(self):
+        # Three threads alive at once have three different idents; the
+        # handler takes the middle one's, so a comparison other than
+        # "equal" lets one of the others through.
+        errors = ErrorLog("handler")
+        handler = ErrorLogHandler(errors)
+        logger = self.log_to(handler)
+        idents: dict[int, str] = {}
+        all_known = threading.Barrier(4, timeout=10)
+        handler_set = threading.Barrier(4, timeout=10)
+
+        def log(name):
+            idents[threading.get_ident()] = name
+            all_known.wait()
+            handler_set.wait()
+            logger.error(f"from {name}")
+
+        threads = [threading.Thread(target=log, args=(name,)) for name in ("a", "b", "c")]
+        for thread in threads:
+            thread.start()
+        all_known.wait()
+        middle = sorted(idents)[1]
+        handler.thread_id = middle
+        handler_set.wait()
+        for thread in threads:
+            thread.join()
+        logger.error("from the test's thread")
+        self.assertEqual(errors.take(), [f"from {idents[middle]}"])
+
+    def test_an_exception_given_but_never_raised_is_recorded_too(self):
+        errors = ErrorLog("handler")
+        logger = self.log_to(ErrorLogHandler(errors))
+        logger.error("serving failed", exc_info=ValueError("never raised"))
+        [error] = errors.take()
+        lines = error.splitlines()
+        self.assertEqual((lines[0], lines[-1]), ("serving failed", "ValueError: never raised"))
+
+    def test_verbose_echoes_every_record_to_stderr(self):
+        errors = ErrorLog("handler")
+        logger = self.log_to(ErrorLogHandler(errors))
+        with mock.patch.dict(os.environ, {"SERVERLAYER_VERBOSE": "1"}), \
+                mock.patch("sys.stderr", new_callable=io.StringIO) as stderr:
+            logger.info("a request")
+            logger.error("an error")
+        self.assertEqual(stderr.getvalue(), "a request\nan error\n")
+        self.assertEqual(errors.take(), ["an error"])
+
+    def test_without_an_exception_only_the_message_is_recorded(self):
+        errors = ErrorLog("handler")
+        logger = self.log_to(ErrorLogHandler(errors))
+        logger.exception("outside any except block")
+        self.assertEqual(errors.take(), ["outside any except block"])
+
+
+class RunningTestSearchTests(unittest.TestCase):
+    """How far up the stack running_test and pytest_test look."""
+
+    def test_a_test_twelve_frames_up_is_found_one_more_is_not(self):
+        def frames_to_run(frame):
+            count = 0
+            while not (frame.f_code.co_name == "run" and frame.f_locals.get("self") is self):
+                frame, count = frame.f_back, count + 1
+            return count
+
+        def nested(depth):
+            if depth:
+                return nested(depth - 1)
+            return frames_to_run(sys._getframe(0)), running_test()
+
+        seen = {}
+        for depth in range(_SEARCH_DEPTH + 1):
+            distance, found = nested(depth)
+            seen[distance] = found
+        self.assertEqual(seen[_SEARCH_DEPTH - 1], self)
+        self.assertIsNone(seen[_SEARCH_DEPTH])
+
+    def test_pytest_test_is_the_instance_of_a_unittest_test_case(self):
+        class Request:
+            def __init__(self, instance):
+                self.instance = instance
+
+        class Layer:
+            pytest_request = None
+
+        layer = Layer()
+        self.assertIsNone(pytest_test(layer))
+        layer.pytest_request = Request(self)
+        self.assertIs(pytest_test(layer), self)
+        layer.pytest_request = Request(object())  # a plain test function's: no TestCase
+        self.assertIsNone(pytest_test(layer))
 
 
 def raising_app(environ, start_response):

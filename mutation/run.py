@@ -1,0 +1,257 @@
+"""Mutation testing of serverlayer's core modules, with cosmic-ray.
+
+A suite that passes proves little unless it fails when the code is wrong.
+This plants one small bug at a time (a mutant: ``<`` for ``<=``, ``not``
+added, a number changed) in a module, runs the tests that exercise it, and
+counts the mutants the tests catch ("killed") and those they miss
+("survived")::
+
+    tox -e mutation                      # every core module: hours
+    tox -e mutation -- reporting tls     # some of them
+
+or, in a virtualenv with serverlayer's test extra and cosmic-ray, ``python
+mutation/run.py reporting``. Each module is mutated in a copy of the
+checkout (cosmic-ray edits files in place), so the checkout stays as it is
+even when a run is interrupted.
+
+Mutants that cannot change what the program does are not counted: those
+inside annotations (every module has ``from __future__ import
+annotations``, so they are never evaluated), those listed with a reason in
+``equivalent.txt``, and all but the nearest replacement of an arithmetic or
+bitwise operator (``+`` becomes ``-`` but not also ``%``, ``**``, ``<<`` and
+eight more: they test the same line again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"
+
+#: The test modules that exercise each core module: the tests run for
+#: each of its mutants.
+MODULES: dict[str, tuple[str, ...]] = {
+    "reporting": ("test_reporting",),
+    "tls": ("test_tls", "test_tls_front"),
+    "recording": ("test_recording", "test_chunked_uploads"),
+    "static": ("test_static", "test_static_symlinks"),
+    "server": ("test_lifecycle", "test_addresses", "test_serving"),
+    "layer": ("test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api"),
+    "smtp": ("test_smtp",),
+    "content": ("test_content", "test_content_protocol"),
+}
+
+#: For ``ReplaceBinaryOperator_<from>_<to>``: the one replacement kept per operator.
+NEAREST = {
+    "Add": "Sub", "Sub": "Add", "Mul": "Div", "Div": "Mul", "FloorDiv": "Div", "Mod": "FloorDiv",
+    "Pow": "Mul", "LShift": "RShift", "RShift": "LShift", "BitOr": "BitAnd", "BitAnd": "BitOr",
+    "BitXor": "BitOr",
+}
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    """A mutant that cannot change behaviour, as ``equivalent.txt`` lists it."""
+
+    module: str
+    line: int
+    operator: str
+    #: Which of the operator's mutants in the module (cosmic-ray's
+    #: ``occurrence``), for a line where only some of them are equivalent.
+    occurrence: int | None
+    reason: str
+
+
+def read_equivalents(path: Path = EQUIVALENT) -> list[Equivalent]:
+    """``module:line operator[#occurrence]  reason`` lines; a line that
+    starts with ``#`` is a comment."""
+    equivalents = []
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        try:
+            where, operator, reason = text.split(None, 2)
+            module, line = where.split(":")
+            operator, _, occurrence = operator.partition("#")
+            equivalents.append(
+                Equivalent(module, int(line), operator, int(occurrence) if occurrence else None, reason)
+            )
+        except ValueError:
+            raise SystemExit(
+                f"{path}:{number}: expected 'module:line operator[#occurrence] reason', e.g."
+                f" 'reporting:42 core/AddNot the value is never read', got {text!r}"
+            ) from None
+    return equivalents
+
+
+def in_annotation(source: str, start: tuple[int, int], end: tuple[int, int]) -> bool:
+    """Whether the source between ``start`` and ``end`` lies inside an annotation."""
+    spans: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    for node in ast.walk(ast.parse(source)):
+        annotation = None
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotation = node.returns
+        elif isinstance(node, (ast.arg, ast.AnnAssign)):
+            annotation = node.annotation
+        if annotation is not None:
+            last_line = annotation.end_lineno or annotation.lineno
+            spans.append(((annotation.lineno, annotation.col_offset), (last_line, annotation.end_col_offset or 0)))
+    return any(low <= start and end <= high for low, high in spans)
+
+
+def why_not_counted(
+    module: str, source: str, operator: str, occurrence: int, start: tuple[int, int], end: tuple[int, int],
+    equivalents: Iterable[Equivalent],
+) -> str | None:
+    """Why a mutant is not counted, or None when it is."""
+    name = operator.split("/", 1)[-1]
+    if name.startswith("ReplaceBinaryOperator_"):
+        _, old, new = name.split("_")
+        if NEAREST.get(old) != new:
+            return f"not the nearest replacement of {old} ({NEAREST.get(old)})"
+    if in_annotation(source, start, end):
+        return "inside an annotation, which is never evaluated"
+    for equivalent in equivalents:
+        if (equivalent.module, equivalent.line, equivalent.operator) == (module, start[0], operator) and (
+            equivalent.occurrence in (None, occurrence)
+        ):
+            return equivalent.reason
+    return None
+
+
+def copy_checkout(target: Path) -> None:
+    shutil.copytree(
+        REPOSITORY, target,
+        ignore=shutil.ignore_patterns(".git", ".tox", ".venv*", "build", "dist", "*.egg-info", "__pycache__",
+                                      "parts", "eggs", "bin", "develop-eggs", "mutation-work"),
+    )
+
+
+def test_command(tests: Iterable[str]) -> list[str]:
+    modules = [argument for test in tests for argument in ("-m", f"^serverlayer\\.tests\\.{test}$")]
+    return [sys.executable, "-W", "error", "-m", "zope.testrunner", "--test-path=src", *modules]
+
+
+@dataclass
+class Score:
+    module: str
+    killed: int
+    survived: int
+    not_counted: int
+    survivors: list[str]
+
+    @property
+    def percent(self) -> float:
+        counted = self.killed + self.survived
+        return 100.0 * self.killed / counted if counted else 100.0
+
+
+def mutate(module: str, work: Path, equivalents: list[Equivalent]) -> Score:
+    """Run every counted mutant of ``module`` in a copy of the checkout under ``work``."""
+    copy = work / module
+    copy_checkout(copy)
+    command = test_command(MODULES[module])
+    environment = {**os.environ, "PYTHONPATH": str(copy / "src")}
+    environment.pop("SERVERLAYER_VERBOSE", None)
+    started = time.monotonic()
+    baseline = subprocess.run(command, cwd=copy, env=environment, capture_output=True, text=True)
+    seconds = time.monotonic() - started
+    if baseline.returncode:
+        raise SystemExit(f"{module}: the tests fail without any mutant:\n{baseline.stdout}{baseline.stderr}")
+    config = copy / "cosmic-ray.toml"
+    config.write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "src/serverlayer/{module}.py"\n'
+        # A mutant may make the tests hang (a loop that never ends): that
+        # counts as caught. Ten times the unmutated run's time is plenty.
+        f"timeout = {max(60.0, 10 * seconds):.0f}\n"
+        "excluded-modules = []\n"
+        f"test-command = {subprocess.list2cmdline(command)!r}\n"
+        "[cosmic-ray.distributor]\n"
+        'name = "local"\n'
+    )
+    session = copy / "session.sqlite"
+    cosmic_ray = [sys.executable, "-m", "cosmic_ray.cli"]
+    subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=copy, env=environment, check=True)
+    source = (copy / "src" / "serverlayer" / f"{module}.py").read_text()
+    not_counted = 0
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item in db.work_items:
+            [mutation] = item.mutations
+            reason = why_not_counted(
+                module, source, mutation.operator_name, mutation.occurrence, tuple(mutation.start_pos),
+                tuple(mutation.end_pos), equivalents,
+            )
+            if reason is not None:
+                not_counted += 1
+                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output=reason))
+        print(f"{module}: {db.num_work_items - not_counted} mutants to run ({not_counted} not counted),"
+              f" {seconds:.1f} s of tests each", flush=True)
+    subprocess.run([*cosmic_ray, "exec", str(config), str(session)], cwd=copy, env=environment, check=True)
+    return score(module, session, not_counted)
+
+
+def score(module: str, session: Path, not_counted: int) -> Score:
+    outcomes: Counter[str] = Counter()
+    survivors = []
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.worker_outcome == WorkerOutcome.SKIPPED:
+                continue
+            [mutation] = item.mutations
+            # A mutant that breaks the import or hangs the tests is caught too.
+            caught = result.test_outcome != TestOutcome.SURVIVED
+            outcomes["killed" if caught else "survived"] += 1
+            if not caught:
+                survivors.append(
+                    f"{module}.py:{mutation.start_pos[0]} {mutation.operator_name}"
+                    f" #{mutation.occurrence}\n{result.diff}"
+                )
+    return Score(module, outcomes["killed"], outcomes["survived"], not_counted, survivors)
+
+
+def report(scores: Iterable[Score]) -> Iterator[str]:
+    yield f"{'module':<12} {'killed':>6} {'survived':>8} {'score':>6} {'not counted':>11}"
+    for item in scores:
+        yield f"{item.module:<12} {item.killed:>6} {item.survived:>8} {item.percent:>5.1f}% {item.not_counted:>11}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"the modules to mutate, of: {', '.join(MODULES)} (default all)")
+    arguments = parser.parse_args(argv)
+    unknown = sorted(set(arguments.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"no such core module: {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+    equivalents = read_equivalents()
+    scores = []
+    with tempfile.TemporaryDirectory(prefix="serverlayer-mutation-") as work:
+        for module in arguments.modules or MODULES:
+            scores.append(mutate(module, Path(work), equivalents))
+    for item in scores:
+        for survivor in item.survivors:
+            print(f"\nSURVIVED {survivor}")
+    print()
+    for line in report(scores):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
