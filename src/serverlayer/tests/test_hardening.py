@@ -174,7 +174,7 @@ def exchange(layer, data: bytes) -> bytes:
     with connect(layer) as sock:
         try:
             sock.sendall(data)
-        except OSError:  # reset or broken pipe, over TLS too
+        except (ConnectionError, ssl.SSLError):  # reset or broken pipe, over TLS too
             pass
         return read_until_closed(sock)
 
