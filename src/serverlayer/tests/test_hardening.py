@@ -43,7 +43,7 @@ import warnings
 
 from serverlayer import content, custom, smtp, static, wsgi
 from serverlayer.layer import HTTPLayer
-from serverlayer.tests.helpers import open_descriptors, thread_names, without_host_variables
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names, without_host_variables
 
 #: Set-up/tear-down cycles per layer kind, and how often a cycle makes a request.
 CYCLES = 1000
@@ -174,7 +174,7 @@ def exchange(layer, data: bytes) -> bytes:
     with connect(layer) as sock:
         try:
             sock.sendall(data)
-        except OSError:  # reset or broken pipe, over TLS too
+        except (ConnectionError, ssl.SSLError):  # reset or broken pipe, over TLS too
             pass
         return read_until_closed(sock)
 
@@ -242,16 +242,14 @@ class CycleTests(unittest.TestCase):
         layer.setUp()
         layer.tearDown()
         leaks = Leaks(self)
-        requests = 0
         for number in range(CYCLES):
             layer.setUp()
             try:
                 if number % REQUEST_EVERY == 0:
                     make_request(layer, number)
-                    requests += 1
+                    layer.check_server_errors()
             finally:
                 layer.tearDown()
-        self.assertEqual(requests, CYCLES // REQUEST_EVERY)
         leaks.check()
         self.assertEqual(layer._resources, {})
 
@@ -318,10 +316,16 @@ class StopUnderLoadTests(unittest.TestCase):
     CLIENTS = 6
 
     def setUp(self):
-        self.answered, self.wrong = [], []
+        self.answered: list[bytes] = []
+        self.wrong: list[object] = []
 
-    def client(self, port, name, first_answer, stopping):
-        """GETs over one keep-alive connection until the server goes away."""
+    def client(self, port, name, first_answer, tearing_down, stopping):
+        """GETs over one keep-alive connection until the server goes away.
+
+        A connection closed, refused or cut mid-answer once the stop began
+        ends it; any other error (a garbled answer, a timeout), or one before
+        the stop, is wrong.
+        """
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
         try:
             while not stopping.is_set():
@@ -329,17 +333,23 @@ class StopUnderLoadTests(unittest.TestCase):
                 body = connection.getresponse().read()
                 (self.answered if body.startswith(f"/{name} for port".encode()) else self.wrong).append(body)
                 first_answer.set()
-        except (OSError, http.client.HTTPException):
-            pass  # the server stopped under it
+        except (ConnectionError, http.client.IncompleteRead) as error:
+            if not tearing_down.is_set():
+                self.wrong.append(f"before the stop: {error!r}")
+        except (OSError, http.client.HTTPException) as error:  # a garbled or cut answer, a timeout
+            self.wrong.append(error)
         finally:
             connection.close()
 
     def stop_under_load(self, layer, number):
         layer.setUp()
-        stopping = threading.Event()
+        tearing_down, stopping = threading.Event(), threading.Event()
         first_answers = [threading.Event() for _ in range(self.CLIENTS)]
         clients = [
-            threading.Thread(target=self.client, args=(layer["http_port"], f"c{number}-{index}", answer, stopping))
+            threading.Thread(
+                target=self.client,
+                args=(layer["http_port"], f"c{number}-{index}", answer, tearing_down, stopping),
+            )
             for index, answer in enumerate(first_answers)
         ]
         for thread in clients:
@@ -347,7 +357,9 @@ class StopUnderLoadTests(unittest.TestCase):
         try:
             # Every client is answered once and sends on while the server stops.
             self.assertTrue(all(answer.wait(CLIENT_TIMEOUT) for answer in first_answers))
+            layer.check_server_errors()
         finally:
+            tearing_down.set()
             started = time.monotonic()
             layer.tearDown()
             stop_took = time.monotonic() - started
@@ -506,6 +518,10 @@ class MisbehavingHTTPClientTests(unittest.TestCase):
         self._misbehave(layer, big_header_status=big_header_status)
 
     def _misbehave(self, layer, *, big_header_status):
+        # Over TLS, waitress's 431 sometimes never reaches the client: it
+        # resets the front's connection, which then closes the client's
+        # without passing the answer on (seen in 3 of 150 tries under load).
+        huge_header_may_go_unanswered = isinstance(layer, HTTPLayer) and layer.tls
         leaks = Leaks(self)
         BIG_PRODUCED.clear()
         layer.setUp()
@@ -517,12 +533,13 @@ class MisbehavingHTTPClientTests(unittest.TestCase):
                     response = exchange(layer, data)
                     self.assertEqual(error_code(response), 400, response[:300])
             # The server stops reading and answers 431 while the client is
-            # still sending; closing a socket with unread data sends a reset,
-            # which may reach the client before the answer does (over TLS
-            # it mostly does). Either is a fine refusal.
+            # still sending, then closes the connection (with a reset: it
+            # leaves data unread); the client reads the answer before the reset.
             response = exchange(layer, HUGE_HEADER)
-            if response:
-                self.assertEqual(error_code(response), 431, response[:300])
+            self.assertTrue(
+                error_code(response) == 431 or (huge_header_may_go_unanswered and response == b""),
+                response[:300],
+            )
             response = exchange(layer, BIG_HEADER)
             self.assertEqual(error_code(response), big_header_status, response[:300])
             # Others are answered while the stalled clients hold on.
@@ -568,9 +585,7 @@ class MisbehavingHTTPClientTests(unittest.TestCase):
     def test_silent_connections_as_many_as_the_pool_do_not_starve_it(self):
         """A connection that says nothing holds no worker of the thread-pool
         server (custom, static, content layers): the loop watches it."""
-        layer = custom.Layer(EchoHandler, name="silent_custom", threads=2)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, custom.Layer(EchoHandler, name="silent_custom", threads=2))
         silent = [connect(layer) for _ in range(2)]
         for sock in silent:
             self.addCleanup(sock.close)
@@ -588,24 +603,17 @@ class MisbehavingHTTPClientTests(unittest.TestCase):
             b"POST /half-a-body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b",
         )):
             with self.subTest(stalled_after=data):
-                layer = custom.Layer(EchoHandler, name=f"stalled_custom_{number}", threads=2)
-                layer.setUp()
-                stalled = []
+                layer = set_up_by_hand(self, custom.Layer(EchoHandler, name=f"stalled_custom_{number}", threads=2))
+                for _ in range(2):
+                    sock = connect(layer)
+                    self.addCleanup(sock.close)  # before the layer's testTearDown and tearDown
+                    sock.sendall(data)
                 try:
-                    for _ in range(2):
-                        sock = connect(layer)
-                        stalled.append(sock)
-                        sock.sendall(data)
-                    try:
-                        with urllib.request.urlopen(layer["http_url"] + "starved", timeout=1.5) as response:
-                            body = response.read()
-                    except OSError as error:
-                        self.fail(f"2 stalled requests stopped a 2-thread custom layer from answering: {error!r}")
-                    self.assertTrue(body.startswith(b"/starved for port"))
-                finally:
-                    layer.tearDown()
-                    for sock in stalled:
-                        sock.close()
+                    with urllib.request.urlopen(layer["http_url"] + "starved", timeout=1.5) as response:
+                        body = response.read()
+                except OSError as error:
+                    self.fail(f"2 stalled requests stopped a 2-thread custom layer from answering: {error!r}")
+                self.assertTrue(body.startswith(b"/starved for port"), body)
 
 
 class MisbehavingSMTPClientTests(unittest.TestCase):
@@ -695,12 +703,10 @@ class TraversalTests(unittest.TestCase):
         }
         for name, target in links.items():
             os.symlink(target, os.path.join(root, name))
-        self.layer = static.Layer(
+        self.layer = set_up_by_hand(self, static.Layer(
             root, name=f"hardening_{type(self).__name__}_{self._testMethodName}",
             follow_symlinks=self.follow_symlinks,
-        )
-        self.layer.setUp()
-        self.addCleanup(self.layer.tearDown)
+        ))
 
     def attempts(self) -> list[str]:
         absolute = os.path.join(self.outside, "secret.txt")
@@ -789,9 +795,7 @@ class TraversalTests(unittest.TestCase):
     def test_refused_over_keep_alive_connections(self):
         """Each attempt pipelined behind a good request on an HTTP/1.1
         connection, so it is parsed by a handler that has served before."""
-        attempts = self.attempts()
-        self.assertGreaterEqual(len(set(attempts)), 20)
-        for target in attempts:
+        for target in self.attempts():
             for method in ("GET", "HEAD"):
                 with self.subTest(method=method, target=target), connect(self.layer) as sock, \
                         sock.makefile("rb") as replies:
@@ -803,8 +807,9 @@ class TraversalTests(unittest.TestCase):
                     self.assertEqual((status, body), (200, b"public"))
                     status, headers, body = read_response(replies, head=method == "HEAD")
                     self.assert_nothing_leaked(body)
-                    self.assertIn(status, (400, 404), body[:300])
+                    self.assertEqual(status, 404, body[:300])
                     self.assertEqual(replies.read(), b"")  # and it closes the connection
+                # The next attempt's first request, and the one below, show it still serves.
         self.assertEqual(fetch(self.layer, "public.txt"), b"public")
         self.layer.check_server_errors()
 
@@ -856,9 +861,7 @@ def checksum(text: str) -> str:
 class SMTPHardeningTests(unittest.TestCase):
 
     def setUp(self):
-        self.layer = smtp.Layer(name=f"hardening_{self._testMethodName}")
-        self.layer.setUp()
-        self.addCleanup(self.layer.tearDown)
+        self.layer = set_up_by_hand(self, smtp.Layer(name=f"hardening_{self._testMethodName}"))
 
     def test_concurrent_senders_each_on_new_connections_lose_nothing(self):
         """8 threads x 50 messages, every message on a connection of its own
@@ -1216,9 +1219,7 @@ class TLSFrontTests(unittest.TestCase):
             start_response("200 OK", [("Content-Length", "4")])
             return [b"late"]
 
-        layer = wsgi.Layer(slow_app, name="tls_front_collected", tls=True)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(slow_app, name="tls_front_collected", tls=True))
         self.addCleanup(release.set)
         with connect(layer) as client:
             client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1351,10 +1352,7 @@ class BindAddressTests(unittest.TestCase):
     def test_only_an_explicit_host_binds_elsewhere(self):
         layer = wsgi.Layer(echo_app, name="bind_everywhere", host="0.0.0.0", public_host="localhost")
         before = listening_addresses()
-        layer.setUp()
-        try:
-            new = listening_addresses() - before
-            self.assertEqual(new, {("0.0.0.0", layer["http_port"])})
-            self.assertTrue(fetch(layer).startswith(b"/ for port"))
-        finally:
-            layer.tearDown()
+        set_up_by_hand(self, layer)
+        new = listening_addresses() - before
+        self.assertEqual(new, {("0.0.0.0", layer["http_port"])})
+        self.assertTrue(fetch(layer).startswith(b"/ for port"))

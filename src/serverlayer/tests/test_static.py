@@ -13,9 +13,11 @@ import urllib.error
 import urllib.request
 
 from serverlayer import ConfigurationError, static
-from serverlayer.tests.helpers import raw_request
+from serverlayer.tests.helpers import raw_request, set_up_by_hand
 
 SECRET = b"TOP-SECRET: must never be served"
+#: The status line of every refusal: the static layer answers 404, as for a missing file.
+REFUSED = b"HTTP/1.1 404 File not found"
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, email.message.Message, bytes]:
@@ -36,7 +38,7 @@ class TemporaryDirectoryTests(unittest.TestCase):
         with open(path, "wb") as file:
             file.write(data)
 
-    def test_1_serves_files_with_their_content_type(self):
+    def test_serves_files_with_their_content_type(self):
         cases = {
             "page.html": "text/html",
             "style.css": "text/css",
@@ -55,9 +57,16 @@ class TemporaryDirectoryTests(unittest.TestCase):
         status, headers, _ = get(self.layer["http_url"] + "script.js")
         self.assertEqual(status, 404)
 
-    def test_2_directory_is_emptied_before_each_test(self):
+    def test_directory_is_emptied_between_tests(self):
+        self.write("page.html", b"left by a test")
+        self.write("sub/dir/deep.txt", b"deep")
+        self.assertEqual(get(self.layer["http_url"] + "page.html")[::2], (200, b"left by a test"))
+        # What the runner does between two tests of the layer.
+        self.layer.testTearDown()
+        self.layer.testSetUp()
         self.assertEqual(os.listdir(self.layer["documentroot"]), [])
         self.assertEqual(get(self.layer["http_url"] + "page.html")[0], 404)
+        self.assertEqual(get(self.layer["http_url"] + "sub/dir/deep.txt")[0], 404)
 
     def test_head_sends_headers_only(self):
         self.write("file.txt", b"0123456789")
@@ -112,13 +121,21 @@ class TraversalTests(unittest.TestCase):
     def setUp(self):
         self.outside = self.make_tree()
         self.addCleanup(shutil.rmtree, self.outside)
-        self.layer = static.Layer(
+        self.layer = set_up_by_hand(self, static.Layer(
             os.path.join(self.outside, "root"),
             name=f"traversal_{type(self).__name__}_{self._testMethodName}",
             follow_symlinks=self.follow_symlinks,
+        ))
+
+    def assert_refused_and_still_serving(self, target: str) -> None:
+        """``GET target`` is answered with a 404 that holds no secret, and
+        the next request is served as before."""
+        response = raw_request(
+            self.layer["http_host"], self.layer["http_port"], f"GET {target} HTTP/1.0\r\n\r\n".encode(),
         )
-        self.layer.setUp()
-        self.addCleanup(self.layer.tearDown)
+        self.assertNotIn(SECRET, response)
+        self.assertEqual(response.partition(b"\r\n")[0], REFUSED, response[:200])
+        self.assertEqual(get(self.layer["http_url"] + "public.txt")[::2], (200, b"public"))
 
     ATTEMPTS = [
         "/../secret.txt",
@@ -155,21 +172,11 @@ class TraversalTests(unittest.TestCase):
             attempts += self.LINK_ATTEMPTS
         for target in attempts:
             with self.subTest(target=target):
-                response = raw_request(
-                    self.layer["http_host"], self.layer["http_port"],
-                    f"GET {target} HTTP/1.0\r\n\r\n".encode(),
-                )
-                self.assertNotIn(SECRET, response)
-                self.assertIn(response.split(b" ", 2)[1], (b"400", b"404"), response[:200])
-        self.assertEqual(get(self.layer["http_url"] + "public.txt")[2], b"public")
+                self.assert_refused_and_still_serving(target)
         self.layer.check_server_errors()
 
     def test_absolute_form_request_target(self):
-        response = raw_request(
-            self.layer["http_host"], self.layer["http_port"],
-            f"GET http://{self.layer['http_address']}/../secret.txt HTTP/1.0\r\n\r\n".encode(),
-        )
-        self.assertNotIn(SECRET, response)
+        self.assert_refused_and_still_serving(f"http://{self.layer['http_address']}/../secret.txt")
 
 
 class StrictTraversalTests(TraversalTests):
@@ -181,6 +188,7 @@ class StrictTraversalTests(TraversalTests):
         status, _, body = get(self.layer["http_url"] + "link-to-outside/")
         self.assertEqual(status, 404)
         self.assertNotIn(b"secret.txt", body)
+        self.assertEqual(get(self.layer["http_url"] + "public.txt")[::2], (200, b"public"))
 
 
 class GivenDirectoryTests(unittest.TestCase):
@@ -195,8 +203,11 @@ class GivenDirectoryTests(unittest.TestCase):
         try:
             self.assertEqual(layer["documentroot"], root)
             layer.testSetUp()
-            layer.testTearDown()
-            self.assertEqual(get(layer["http_url"] + "keep.txt")[2], b"keep me")
+            try:
+                self.assertEqual(get(layer["http_url"] + "keep.txt")[::2], (200, b"keep me"))
+            finally:
+                layer.testTearDown()
+            self.assertEqual(os.listdir(root), ["keep.txt"])  # testTearDown left it alone
         finally:
             layer.tearDown()
         self.assertEqual(os.listdir(root), ["keep.txt"])
@@ -213,13 +224,12 @@ class GivenDirectoryTests(unittest.TestCase):
     def test_two_layers_serve_their_own_directories(self):
         first, second = static.Layer(name="first_root"), static.Layer(name="second_root")
         for layer, text in ((first, b"first"), (second, b"second")):
-            layer.setUp()
-            self.addCleanup(layer.tearDown)
+            set_up_by_hand(self, layer)
             with open(os.path.join(layer["documentroot"], "which.txt"), "wb") as file:
                 file.write(text)
         self.assertNotEqual(first["documentroot"], second["documentroot"])
-        self.assertEqual(get(first["http_url"] + "which.txt")[2], b"first")
-        self.assertEqual(get(second["http_url"] + "which.txt")[2], b"second")
+        self.assertEqual(get(first["http_url"] + "which.txt")[::2], (200, b"first"))
+        self.assertEqual(get(second["http_url"] + "which.txt")[::2], (200, b"second"))
 
     def test_missing_directory_is_a_clear_error(self):
         layer = static.Layer("/no/such/directory", name="missing_directory")

@@ -68,6 +68,8 @@ class LinkedFixtures:
         root = self.layer["documentroot"]
         os.symlink(os.path.join(outside, "fixture.txt"), os.path.join(root, "linked-file.txt"))
         os.symlink(fixtures, os.path.join(root, "linked-folder"))
+        with open(os.path.join(root, "inside.txt"), "wb") as file:
+            file.write(b"inside")
         self.absolute_secret = os.path.join(outside, "secret.txt")
 
     def test_no_url_leaves_the_root_by_itself(self):
@@ -78,7 +80,8 @@ class LinkedFixtures:
                     self.layer["http_host"], self.layer["http_port"], f"GET {target} HTTP/1.0\r\n\r\n".encode()
                 )
                 self.assertNotIn(SECRET, response)
-                self.assertIn(response.split(b" ", 2)[1], (b"400", b"404"), response[:200])
+                self.assertEqual(response.partition(b"\r\n")[0], b"HTTP/1.1 404 File not found", response[:200])
+                self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))  # still serving
 
 
 class FollowedLinksTests(LinkedFixtures, unittest.TestCase):
@@ -98,15 +101,19 @@ class StrictLinksTests(LinkedFixtures, unittest.TestCase):
     layer = STRICT_FILES
 
     def test_a_linked_file_is_refused(self):
-        self.assertEqual(get(self.layer, "/linked-file.txt")[0], 404)
+        status, body = get(self.layer, "/linked-file.txt")
+        self.assertEqual(status, 404)
+        self.assertNotIn(FIXTURE, body)
+        self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))  # still serving
 
     def test_a_linked_folder_is_refused(self):
-        self.assertEqual(get(self.layer, "/linked-folder/data.txt")[0], 404)
+        status, body = get(self.layer, "/linked-folder/data.txt")
+        self.assertEqual(status, 404)
+        self.assertNotIn(FIXTURE, body)
         status, listing = get(self.layer, "/linked-folder/")
         self.assertEqual(status, 404)
         self.assertNotIn(b"data.txt", listing)
+        self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))  # still serving
 
     def test_files_inside_are_still_served(self):
-        with open(os.path.join(self.layer["documentroot"], "inside.txt"), "wb") as file:
-            file.write(b"inside")
         self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))
