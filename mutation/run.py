@@ -190,6 +190,7 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent]) -> Score:
     subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=copy, env=environment, check=True)
     source = (copy / "src" / "serverlayer" / f"{module}.py").read_text()
     not_counted = 0
+    used: set[str] = set()
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item in db.work_items:
             [mutation] = item.mutations
@@ -198,8 +199,13 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent]) -> Score:
                 tuple(mutation.end_pos), equivalents,
             )
             if reason is not None:
+                used.add(reason)
                 not_counted += 1
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output=reason))
+        for equivalent in equivalents:
+            if equivalent.module == module and equivalent.reason not in used:
+                print(f"{EQUIVALENT.name}: no mutant of {module}:{equivalent.line} {equivalent.operator}"
+                      " any more; remove the line or correct it", flush=True)
         print(f"{module}: {db.num_work_items - not_counted} mutants to run ({not_counted} not counted),"
               f" {seconds:.1f} s of tests each", flush=True)
     subprocess.run([*cosmic_ray, "exec", str(config), str(session)], cwd=copy, env=environment, check=True)
