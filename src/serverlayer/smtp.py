@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals, Unread
@@ -172,6 +172,12 @@ class _Handler:
         return "250 OK: message accepted"
 
     async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd hands a client's failed STARTTLS handshake (a client
+        # without the test CA, say) here as TLSSetupException and then
+        # closes the connection. That is the client's failure, as a failed
+        # handshake over implicit TLS or HTTPS is, not a server error.
+        if isinstance(error, TLSSetupException):
+            return "454 4.7.0 TLS handshake failed"
         self.errors.record("The SMTP server raised", (type(error), error, error.__traceback__))
         return f"500 Error: ({type(error).__name__}) {error}"
 
