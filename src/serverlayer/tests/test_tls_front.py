@@ -161,7 +161,8 @@ class CustomClientAddressTests(ClientAddressTests):
     """The thread-pool server behind the front (custom, static, content layers)."""
 
     def serve(self, **kwargs):
-        return set_up_by_hand(self, custom.Layer(EnvironHandler, name=f"custom_environ_{self._testMethodName}", **kwargs))
+        layer = custom.Layer(EnvironHandler, name=f"custom_environ_{self._testMethodName}", **kwargs)
+        return set_up_by_hand(self, layer)
 
     def test_over_tls(self):
         self.check(self.serve(tls=True), "127.0.0.1")
