@@ -26,7 +26,7 @@ import plone.testing
 from serverlayer import AddressInUseError, SetUpError, content, custom, smtp, static, wsgi
 from serverlayer import server as server_module
 from serverlayer.layer import ServerLayer
-from serverlayer.tests.helpers import open_descriptors, thread_names, without_host_variables
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names, without_host_variables
 from serverlayer.tests.test_hardening import listening_addresses
 from serverlayer.tests.test_lifecycle import Hello
 
@@ -135,20 +135,10 @@ class MadeUpNames(unittest.TestCase):
         without_host_variables(self)
 
     def set_up(self, layer: ServerLayer, names: dict[str, list[str]]) -> None:
-        """Set ``layer`` up while ``names`` resolve as given; tear it down after the test."""
+        """Set ``layer`` up while ``names`` resolve as given, for the rest
+        of the test, which what its server raises fails."""
         with resolving(names):
-            layer.setUp()
-        self.addCleanup(layer.tearDown)
-
-    @contextlib.contextmanager
-    def running(self, layer: ServerLayer, names: dict[str, list[str]]) -> Iterator[ServerLayer]:
-        """``layer``, set up while ``names`` resolve as given, for a ``with`` block."""
-        with resolving(names):
-            layer.setUp()
-        try:
-            yield layer
-        finally:
-            layer.tearDown()
+            set_up_by_hand(self, layer)
 
 
 class EveryAddressTests(MadeUpNames):
@@ -166,7 +156,8 @@ class EveryAddressTests(MadeUpNames):
 
     def test_every_http_layer_kind_serves_at_every_address_on_one_port(self):
         for kind, layer in self.http_layers().items():
-            with self.subTest(kind=kind), self.running(layer, {"dual.test": DUAL}):
+            with self.subTest(kind=kind):
+                self.set_up(layer, {"dual.test": DUAL})
                 port = layer["http_port"]
                 self.assertEqual(layer["http_host"], "dual.test")
                 self.assertEqual(layer["http_url"], f"{layer.scheme}://dual.test:{port}/")
@@ -188,7 +179,8 @@ class EveryAddressTests(MadeUpNames):
             "implicit_tls": smtp.Layer(name="dual_smtp_implicit_tls", host="dual.test", implicit_tls=True),
         }
         for kind, layer in layers.items():
-            with self.subTest(kind=kind), self.running(layer, {"dual.test": DUAL}):
+            with self.subTest(kind=kind):
+                self.set_up(layer, {"dual.test": DUAL})
                 self.assertEqual(layer["smtp_host"], "dual.test")
                 for address in DUAL:
                     send_mail(layer, address, f"to {address}")
@@ -211,8 +203,7 @@ class EveryAddressTests(MadeUpNames):
     def test_localhost_preset_by_a_base_layer_as_gocept_selenium_does(self):
         base = PresetHost(name="preset_localhost")
         layer = custom.Layer(Hello, name="on_preset_localhost", bases=[base])
-        base.setUp()
-        self.addCleanup(base.tearDown)
+        set_up_by_hand(self, base)
         self.set_up(layer, {"localhost": DUAL})
         self.assertEqual(layer["http_host"], "localhost")
         for address in DUAL:
@@ -260,9 +251,7 @@ class EveryAddressTests(MadeUpNames):
 
     def test_the_real_localhost_of_this_machine(self):
         expected = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
-        layer = wsgi.Layer(hello_app, name="real_localhost", host="localhost")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="real_localhost", host="localhost"))
         port = layer["http_port"]
         self.assertEqual(listening_at(port), expected)
         for address in expected:

@@ -14,6 +14,7 @@ from contextlib import redirect_stderr
 from unittest import mock
 
 from serverlayer import ConfigurationError, custom
+from serverlayer.tests.helpers import set_up_by_hand
 
 
 class Greeter(custom.RequestHandler):
@@ -70,9 +71,7 @@ class Counting(custom.RequestHandler):
 class HandlerClassTests(unittest.TestCase):
 
     def test_the_handler_is_an_instance_of_the_users_own_class(self):
-        layer = custom.Layer(Counting, name="counting")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, custom.Layer(Counting, name="counting"))
         self.addCleanup(setattr, Counting, "seen", 0)
         connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
         self.addCleanup(connection.close)
@@ -111,10 +110,7 @@ class HandlerValidationTests(unittest.TestCase):
 class PoolTests(unittest.TestCase):
 
     def serve(self, handler, **kwargs):
-        layer = custom.Layer(handler, name=f"pool_{self._testMethodName}", **kwargs)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
-        return layer
+        return set_up_by_hand(self, custom.Layer(handler, name=f"pool_{self._testMethodName}", **kwargs))
 
     def test_connections_are_served_at_the_same_time(self):
         arrived = threading.Barrier(4, timeout=5)
@@ -189,18 +185,16 @@ class DisconnectTests(unittest.TestCase):
         layer = custom.Layer(BigAnswer, name="hangs_up")
         stderr = io.StringIO()
         with redirect_stderr(stderr):
-            layer.setUp()
-            try:
-                client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
-                client.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                self.assertTrue(client.recv(10))
-                # Close with a reset, the rudest way a client can leave.
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                client.close()
-                self.assertTrue(finished.wait(5))
-                layer.check_server_errors()
-            finally:
-                layer.tearDown()
+            set_up_by_hand(self, layer)
+            client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            self.assertTrue(client.recv(10))
+            # Close with a reset, the rudest way a client can leave.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            self.assertTrue(finished.wait(5))
+            layer.check_server_errors()
+            layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
 
 
@@ -210,11 +204,10 @@ class QuietnessTests(unittest.TestCase):
         layer = custom.Layer(Greeter, name=f"quiet_{self._testMethodName}")
         stderr = io.StringIO()
         with redirect_stderr(stderr):
-            layer.setUp()
-            try:
-                urllib.request.urlopen(layer["http_url"] + "logged", timeout=5).close()
-            finally:
-                layer.tearDown()
+            set_up_by_hand(self, layer)
+            urllib.request.urlopen(layer["http_url"] + "logged", timeout=5).close()
+            layer.check_server_errors()
+            layer.tearDown()  # and what stopping prints, if anything
         return stderr.getvalue()
 
     def test_requests_are_not_logged_by_default(self):

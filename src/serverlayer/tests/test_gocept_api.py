@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler
 import plone.testing
 
 from serverlayer import ConfigurationError, custom, static, wsgi
-from serverlayer.tests.helpers import run_example_modules
+from serverlayer.tests.helpers import run_example_modules, set_up_by_hand
 
 
 def text_app(text: str):
@@ -129,9 +129,7 @@ class SetAppLifetimeTests(unittest.TestCase):
             http.testTearDown()
 
     def test_tls_server_address_is_the_published_https_address(self):
-        layer = wsgi.Layer(FIRST, name="tls_address", tls=True)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(FIRST, name="tls_address", tls=True))
         self.assertEqual(layer["httpd"].server_address, (layer["http_host"], layer["http_port"]))
         self.assertEqual(layer["httpd"].server_port, layer["http_port"])
 
@@ -140,9 +138,7 @@ class NoAppTests(unittest.TestCase):
     """gocept's ``wsgi.Layer()`` set up without an application."""
 
     def test_layer_without_app_sets_up_and_answers_503_saying_how_to_give_one(self):
-        layer = wsgi.Layer(name="without_app")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(name="without_app"))
         with self.assertRaises(urllib.error.HTTPError) as caught:
             get(layer_url(layer, "page"))
         self.addCleanup(caught.exception.close)
@@ -156,9 +152,7 @@ class NoAppTests(unittest.TestCase):
         self.assertEqual(get(layer_url(layer, "page")), b"first /page")
 
     def test_set_app_none_goes_back_to_503(self):
-        layer = wsgi.Layer(FIRST, name="set_app_none")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(FIRST, name="set_app_none"))
         layer["httpd"].set_app(None)
         self.assertIsNone(layer["httpd"].get_app())
         with self.assertRaises(urllib.error.HTTPError) as caught:
@@ -167,18 +161,15 @@ class NoAppTests(unittest.TestCase):
         self.assertEqual(caught.exception.code, 503)
 
     def test_wsgi_app_attribute_set_after_a_setup_without_app(self):
-        layer = wsgi.Layer(name="app_attribute_later")
-        layer.setUp()
-        try:
-            with self.assertRaises(urllib.error.HTTPError) as caught:
-                get(layer_url(layer))
-            caught.exception.close()
-            self.assertEqual(caught.exception.code, 503)
-        finally:
-            layer.tearDown()
+        layer = set_up_by_hand(self, wsgi.Layer(name="app_attribute_later"))
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            get(layer_url(layer))
+        caught.exception.close()
+        self.assertEqual(caught.exception.code, 503)
+        layer.check_server_errors()  # the next setUp forgets what this server raised
+        layer.tearDown()
         layer.wsgi_app = FIRST
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        set_up_by_hand(self, layer)
         self.assertEqual(get(layer_url(layer)), b"first /")
 
 
@@ -186,10 +177,8 @@ class PositionalArgumentTests(unittest.TestCase):
     """gocept's layers pass positional arguments on to plone.testing.Layer."""
 
     def serve(self, layer):
-        BASE.setUp()
-        self.addCleanup(BASE.tearDown)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        set_up_by_hand(self, BASE)
+        set_up_by_hand(self, layer)
         self.assertEqual(layer["from_base"], "base resource")
 
     def test_custom_layer_handler_bases_name(self):
@@ -253,9 +242,7 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
         class Handler(static.StaticFileRequestHandler):
             documentroot = directory.name
 
-        layer = custom.Layer(Handler, name="documentroot_on_class")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="documentroot_on_class"))
         self.assertEqual(get(layer_url(layer, "index.txt")), b"from the class")
 
     def test_handler_of_static_layer_knows_its_documentroot(self):
@@ -268,17 +255,14 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
 
         layer = static.Layer(name="documentroot_on_handler")
         layer.request_handler = Handler
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        set_up_by_hand(self, layer)
         with self.assertRaises(urllib.error.HTTPError) as caught:
             get(layer_url(layer, "missing"))
         caught.exception.close()
         self.assertEqual(seen, [layer["documentroot"]])
 
     def test_without_documentroot_the_request_fails_the_test_with_the_fix(self):
-        layer = custom.Layer(static.StaticFileRequestHandler, name="no_documentroot")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, custom.Layer(static.StaticFileRequestHandler, name="no_documentroot"))
         with self.assertRaises((urllib.error.URLError, ConnectionError)):
             get(layer_url(layer, "x"))
         [error] = layer.server_errors.take()
@@ -304,11 +288,10 @@ class RequestHandlerClassTests(unittest.TestCase):
             for name in ("SERVERLAYER_VERBOSE", "GOCEPT_HTTP_VERBOSE_LOGGING", "GOCEPT_SELENIUM_VERBOSE_LOGGING"):
                 if name not in environment:
                     os.environ.pop(name, None)
-            layer.setUp()
-            try:
-                get(layer_url(layer, "logged?q=1"))
-            finally:
-                layer.tearDown()
+            set_up_by_hand(self, layer)
+            get(layer_url(layer, "logged?q=1"))
+            layer.check_server_errors()  # a test may set the layer up again, which forgets them
+            layer.tearDown()  # and what stopping prints, if anything
         return stderr.getvalue()
 
     def test_gocept_selenium_handler_logs_under_its_variable_only(self):

@@ -16,7 +16,7 @@ import plone.testing
 from serverlayer import AddressInUseError, ConfigurationError, SetUpError, custom, wsgi
 from serverlayer.layer import ServerLayer
 from serverlayer.server import ServerThread
-from serverlayer.tests.helpers import open_descriptors, thread_names
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
 
 
 def hello_app(environ, start_response):
@@ -39,17 +39,29 @@ def fetch(url: str) -> bytes:
 
 
 class Running:
-    """Sets a layer up for the duration of a ``with`` block."""
+    """Sets a layer up for the duration of a ``with`` block, for tests of
+    what ``tearDown`` leaves; the block is a test of the layer, which what
+    the server raised fails."""
 
-    def __init__(self, layer: plone.testing.Layer) -> None:
+    def __init__(self, layer: ServerLayer) -> None:
         self.layer = layer
 
-    def __enter__(self) -> plone.testing.Layer:
+    def __enter__(self) -> ServerLayer:
         self.layer.setUp()
+        try:
+            self.layer.testSetUp()
+        except BaseException:
+            self.layer.tearDown()
+            raise
         return self.layer
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.layer.tearDown()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        try:
+            self.layer.testTearDown()
+            if exc_type is None:
+                self.layer.check_server_errors()  # now: setting up again would forget them
+        finally:
+            self.layer.tearDown()
 
 
 class WhereItListensTests(unittest.TestCase):
@@ -63,60 +75,60 @@ class WhereItListensTests(unittest.TestCase):
 
     def test_binds_loopback_and_a_free_port_by_default(self):
         layer = wsgi.Layer(hello_app, name="default_address")
-        with Running(layer):
-            self.assertEqual(layer["http_host"], "127.0.0.1")
-            self.assertEqual(layer["httpd"].socket.getsockname()[0], "127.0.0.1")
-            port = layer["http_port"]
-            self.assertIsInstance(port, int)
-            self.assertNotEqual(port, 0)
-            self.assertEqual(layer["http_address"], f"127.0.0.1:{port}")
-            self.assertEqual(layer["http_url"], f"http://127.0.0.1:{port}/")
-            self.assertEqual(fetch(layer["http_url"]), f"hello from {port}".encode())
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["http_host"], "127.0.0.1")
+        self.assertEqual(layer["httpd"].socket.getsockname()[0], "127.0.0.1")
+        port = layer["http_port"]
+        self.assertIsInstance(port, int)
+        self.assertNotEqual(port, 0)
+        self.assertEqual(layer["http_address"], f"127.0.0.1:{port}")
+        self.assertEqual(layer["http_url"], f"http://127.0.0.1:{port}/")
+        self.assertEqual(fetch(layer["http_url"]), f"hello from {port}".encode())
 
     def test_publishes_the_server_and_its_named_thread(self):
         layer = custom.Layer(Hello, name="server_and_thread")
-        with Running(layer):
-            self.assertIs(layer["httpd_thread"].daemon, True)
-            self.assertTrue(layer["httpd_thread"].is_alive())
-            self.assertIn("server_and_thread", layer["httpd_thread"].name)
-            self.assertEqual(layer["httpd"].socket.getsockname()[1], layer["http_port"])
+        set_up_by_hand(self, layer)
+        self.assertIs(layer["httpd_thread"].daemon, True)
+        self.assertTrue(layer["httpd_thread"].is_alive())
+        self.assertIn("server_and_thread", layer["httpd_thread"].name)
+        self.assertEqual(layer["httpd"].socket.getsockname()[1], layer["http_port"])
 
     def test_ipv6_address_is_bracketed(self):
         layer = wsgi.Layer(hello_app, name="ipv6", host="::1")
-        with Running(layer):
-            port = layer["http_port"]
-            self.assertEqual(layer["http_host"], "::1")
-            self.assertEqual(layer["http_address"], f"[::1]:{port}")
-            self.assertEqual(fetch(layer["http_url"]), f"hello from {port}".encode())
+        set_up_by_hand(self, layer)
+        port = layer["http_port"]
+        self.assertEqual(layer["http_host"], "::1")
+        self.assertEqual(layer["http_address"], f"[::1]:{port}")
+        self.assertEqual(fetch(layer["http_url"]), f"hello from {port}".encode())
 
     def test_host_from_environment(self):
         os.environ["SERVERLAYER_HTTP_HOST"] = "localhost"
         layer = wsgi.Layer(hello_app, name="host_from_environment")
-        with Running(layer):
-            self.assertEqual(layer["http_host"], "localhost")
-            self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["http_host"], "localhost")
+        self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
 
     def test_gocept_host_variable_is_honoured(self):
         os.environ["GOCEPT_HTTP_APP_HOST"] = "localhost"
         layer = wsgi.Layer(hello_app, name="gocept_host")  # gocept read it in its wsgi layer only
-        with Running(layer):
-            self.assertEqual(layer["http_host"], "localhost")
-            self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["http_host"], "localhost")
+        self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
 
     def test_keyword_beats_environment(self):
         os.environ["SERVERLAYER_HTTP_HOST"] = "localhost"
         layer = wsgi.Layer(hello_app, name="keyword_beats_environment", host="127.0.0.1")
-        with Running(layer):
-            self.assertEqual(layer["http_host"], "127.0.0.1")
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["http_host"], "127.0.0.1")
 
     def test_fixed_port(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             free_port = probe.getsockname()[1]
         layer = wsgi.Layer(hello_app, name="fixed_port", port=free_port)
-        with Running(layer):
-            self.assertEqual(layer["http_port"], free_port)
-            self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["http_port"], free_port)
+        self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
 
     def test_host_and_port_preset_by_a_base_layer(self):
         with socket.socket() as probe:
@@ -134,17 +146,14 @@ class WhereItListensTests(unittest.TestCase):
 
         preset = Preset(name="preset")
         layer = wsgi.Layer(hello_app, name="uses_preset", bases=(preset,))
-        preset.setUp()
-        try:
-            with Running(layer):
-                self.assertEqual(layer["http_host"], "localhost")
-                self.assertEqual(layer["http_port"], free_port)
-                self.assertEqual(layer["http_address"], f"localhost:{free_port}")
-                self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
-            # The preset shows through again once our layer is gone.
+        set_up_by_hand(self, preset)
+        with Running(layer):
             self.assertEqual(layer["http_host"], "localhost")
-        finally:
-            preset.tearDown()
+            self.assertEqual(layer["http_port"], free_port)
+            self.assertEqual(layer["http_address"], f"localhost:{free_port}")
+            self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
+        # The preset shows through again once our layer is gone.
+        self.assertEqual(layer["http_host"], "localhost")
 
     def test_a_server_layer_below_is_no_preset(self):
         below = custom.Layer(Hello, name="server_below")
@@ -161,19 +170,19 @@ class WhereItListensTests(unittest.TestCase):
 
     def test_remote_browser_setup_binds_one_address_and_publishes_another(self):
         layer = wsgi.Layer(hello_app, name="public_host", host="0.0.0.0", public_host="app.example.test")
-        with Running(layer):
-            self.assertEqual(layer["httpd"].socket.getsockname()[0], "0.0.0.0")
-            self.assertEqual(layer["http_host"], "app.example.test")
-            port = layer["http_port"]
-            self.assertEqual(layer["http_url"], f"http://app.example.test:{port}/")
-            self.assertEqual(fetch(f"http://127.0.0.1:{port}/"), f"hello from {port}".encode())
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["httpd"].socket.getsockname()[0], "0.0.0.0")
+        self.assertEqual(layer["http_host"], "app.example.test")
+        port = layer["http_port"]
+        self.assertEqual(layer["http_url"], f"http://app.example.test:{port}/")
+        self.assertEqual(fetch(f"http://127.0.0.1:{port}/"), f"hello from {port}".encode())
 
     def test_public_host_from_environment(self):
         os.environ["SERVERLAYER_HTTP_PUBLIC_HOST"] = "grid-client.example.test"
         layer = custom.Layer(Hello, name="public_host_environment")
-        with Running(layer):
-            self.assertEqual(layer["http_host"], "grid-client.example.test")
-            self.assertEqual(layer["httpd"].socket.getsockname()[0], "127.0.0.1")
+        set_up_by_hand(self, layer)
+        self.assertEqual(layer["http_host"], "grid-client.example.test")
+        self.assertEqual(layer["httpd"].socket.getsockname()[0], "127.0.0.1")
 
 
 class BadAddressTests(unittest.TestCase):
@@ -259,9 +268,11 @@ class TearDownTests(unittest.TestCase):
         for layer in (wsgi.Layer(hello_app, name="idle_wsgi"), custom.Layer(KeepAliveHello, name="idle_custom")):
             with self.subTest(layer=layer):
                 layer.setUp()
+                layer.testSetUp()
                 connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
                 connection.request("GET", "/")
                 connection.getresponse().read()
+                layer.check_server_errors()
                 started = time.monotonic()
                 layer.tearDown()
                 self.assertLess(time.monotonic() - started, 0.5)
@@ -280,7 +291,16 @@ class TearDownTests(unittest.TestCase):
         layer = wsgi.Layer(slow_app, name="slow_wsgi")
         layer.stop_timeout = 0.2
         layer.setUp()
-        client = threading.Thread(target=lambda: _swallow(lambda: fetch(layer["http_url"])))
+        layer.testSetUp()
+        outcome: list[object] = []
+
+        def client_fetch() -> None:
+            try:
+                outcome.append(fetch(layer["http_url"]))
+            except OSError as error:
+                outcome.append(error)
+
+        client = threading.Thread(target=client_fetch)
         client.start()
         self.assertTrue(entered.wait(5))
         workers = layer["httpd"].task_dispatcher.started
@@ -292,6 +312,10 @@ class TearDownTests(unittest.TestCase):
         client.join(5)
         for worker in workers:
             worker.join(5)
+        # The abandoned request's connection was closed: its client got no answer.
+        [error] = outcome
+        self.assertIsInstance(error, OSError)
+        layer.check_server_errors()
 
     def test_no_thread_or_descriptor_is_left_after_stop(self):
         threads, descriptors = thread_names(), open_descriptors()
@@ -304,13 +328,6 @@ class TearDownTests(unittest.TestCase):
 
 class KeepAliveHello(Hello):
     protocol_version = "HTTP/1.1"
-
-
-def _swallow(call):
-    try:
-        call()
-    except OSError:
-        pass
 
 
 class BrokenServer:

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from serverlayer import RequestTimeoutError, content, custom, static, wsgi
+from serverlayer.tests.helpers import set_up_by_hand
 
 
 def echo_app(environ, start_response):
@@ -46,7 +47,7 @@ class RecordingChecks:
         self.addCleanup(connection.close)
         return connection
 
-    def test_1_records_method_path_query_headers_and_body(self):
+    def test_records_method_path_query_headers_and_body(self):
         connection = self.connection()
         connection.request("POST", "/pay%20now?amount=100&currency=EUR", body=json.dumps({"card": "4242"}),
                            headers={"Content-Type": "application/json", "X-Request-Id": "r-1"})
@@ -60,8 +61,13 @@ class RecordingChecks:
         self.assertEqual(request.json(), {"card": "4242"})
         self.assertEqual(request.summary(), "POST /pay%20now?amount=100&currency=EUR (16 bytes)")
 
-    def test_2_requests_are_emptied_before_each_test(self):
-        self.assertEqual(len(self.layer["http_requests"]), 0)
+    def test_requests_are_emptied_before_each_test(self):
+        urllib.request.urlopen(self.layer["http_url"] + "earlier", timeout=5).close()
+        self.assertEqual([request.path for request in self.layer["http_requests"]], ["/earlier"])
+        # What the test runner calls between this test and the next:
+        self.layer.testTearDown()
+        self.layer.testSetUp()
+        self.assertEqual(list(self.layer["http_requests"]), [])
 
     def test_keep_alive_requests_are_recorded_apart_and_bodies_reach_the_app(self):
         connection = self.connection()
@@ -133,9 +139,7 @@ class OtherLayerTests(unittest.TestCase):
             start_response("200 OK", [("Content-Length", "2")])
             return [b"ok"]
 
-        layer = wsgi.Layer(rewriting_app, name="wsgi_rewriting")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(rewriting_app, name="wsgi_rewriting"))
         request = urllib.request.Request(layer["http_url"] + "original?a=1", headers={"X-Token": "sent"})
         self.assertEqual(urllib.request.urlopen(request, timeout=5).read(), b"ok")
         [recorded] = layer["http_requests"]
@@ -148,9 +152,7 @@ class OtherLayerTests(unittest.TestCase):
             start_response("200 OK", [("Content-Length", "2")])
             return [b"ok"]
 
-        layer = wsgi.Layer(app, name="wsgi_no_streams")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="wsgi_no_streams"))
         urllib.request.urlopen(layer["http_url"], data=b"body", timeout=5).close()
         unread = layer.requests._items[0]
         self.assertNotIsInstance(unread, type(layer["http_requests"][0]))
@@ -158,9 +160,7 @@ class OtherLayerTests(unittest.TestCase):
             self.assertIsInstance(kept, (str, bool, tuple, type), f"the log keeps {kept!r}")
 
     def test_static_layer_records(self):
-        layer = static.Layer(name="static_recorded")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, static.Layer(name="static_recorded"))
         with open(os.path.join(layer["documentroot"], "f.txt"), "w") as file:
             file.write("file")
         urllib.request.urlopen(layer["http_url"] + "f.txt?v=2", timeout=5).close()
@@ -168,9 +168,7 @@ class OtherLayerTests(unittest.TestCase):
         self.assertEqual((request.method, request.path, request.query), ("GET", "/f.txt", "v=2"))
 
     def test_content_layer_records(self):
-        layer = content.Layer(name="content_recorded")
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, content.Layer(name="content_recorded"))
         request = urllib.request.Request(layer["http_url"] + "x", data=b"payload", method="PUT")
         with self.assertRaises(urllib.error.HTTPError):
             urllib.request.urlopen(request, timeout=5)

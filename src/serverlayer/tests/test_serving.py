@@ -27,7 +27,7 @@ import time
 import unittest
 
 from serverlayer import content, custom, static, wsgi
-from serverlayer.tests.helpers import open_descriptors, run_example_modules
+from serverlayer.tests.helpers import open_descriptors, run_example_modules, set_up_by_hand
 from serverlayer.tests.test_hardening import (
     CLIENT_TIMEOUT,
     TEAR_DOWN_BOUND,
@@ -87,8 +87,8 @@ class FileLayer(static.Layer):
         super().__init__(**kwargs)
         self.request_handler = StaticAndEcho
 
-    def setUp(self):
-        super().setUp()
+    def testSetUp(self):
+        super().testSetUp()  # which empties the directory
         with open(os.path.join(self["documentroot"], "file"), "wb") as file:
             file.write(FILE_BODY)
 
@@ -96,8 +96,8 @@ class FileLayer(static.Layer):
 class EchoContent(content.Layer):
     """A content layer that echoes POST bodies and answers GETs with FILE_BODY."""
 
-    def setUp(self):
-        super().setUp()
+    def testSetUp(self):
+        super().testSetUp()  # which resets the content
         self.content.handler = lambda request: content.Response(
             200, request.body if request.method == "POST" else FILE_BODY
         )
@@ -181,9 +181,7 @@ class ThreadTests(unittest.TestCase):
     """The threads a thread-pool server holds."""
 
     def serve(self, layer):
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
-        return layer
+        return set_up_by_hand(self, layer)
 
     def test_an_idle_server_holds_one_thread(self):
         for layer in every_http_layer("idle")[:3]:
@@ -385,8 +383,8 @@ print(json.dumps({"answered": answered, "errors": errors}))
 class PathContent(content.Layer):
     """A content layer answering each request with its path."""
 
-    def setUp(self):
-        super().setUp()
+    def testSetUp(self):
+        super().testSetUp()  # which resets the content
         self.content.handler = lambda request: content.Response(200, request.path + " for port")
 
 
@@ -434,6 +432,7 @@ class ManyConnectionsTests(unittest.TestCase):
         layer.setUp()
         connections: list[socket.socket] = []
         try:
+            layer.testSetUp()
             idle, half_sent = self.hold_up(layer, connections)
             result = self.clients_from_another_process(layer, clients=64, requests=10)
             self.assertEqual(result, {"answered": [10] * 64, "errors": []})
@@ -490,8 +489,7 @@ class PauseTests(unittest.TestCase):
     def test_transfers_that_pause_complete(self):
         layers = every_http_layer("pausing") + every_http_layer("pausing_tls", tls=True)
         for layer in layers:
-            layer.setUp()
-            self.addCleanup(layer.tearDown)
+            set_up_by_hand(self, layer)
         outcomes: dict[tuple[str, str], object] = {}
 
         def attempt(layer, what, function):

@@ -18,6 +18,7 @@ from email.message import EmailMessage
 from unittest import mock
 
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
+from serverlayer.tests.helpers import set_up_by_hand
 
 MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
 
@@ -39,6 +40,12 @@ class Client:
         client = smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5, **kwargs)
         test.addCleanup(_quit, client)
         return client
+
+
+def next_test(layer):
+    """What the test runner calls between one test of ``layer`` and the next."""
+    layer.testTearDown()
+    layer.testSetUp()
 
 
 def _quit(client):
@@ -72,7 +79,7 @@ class ResourceTests(unittest.TestCase):
 class OutboxTests(unittest.TestCase):
     layer = MAIL_LAYER
 
-    def test_1_message_carries_content_and_envelope(self):
+    def test_message_carries_content_and_envelope(self):
         message = make_message(subject="Grüße", body="Hallo Bob ✓")
         message["Cc"] = "carol@example.com"
         message["Bcc"] = "hidden@example.com"
@@ -93,7 +100,10 @@ class OutboxTests(unittest.TestCase):
         self.assertIn(b"Subject: =?utf-8?", received.raw)
         self.assertIsNone(received.authenticated_as)
 
-    def test_2_outbox_is_empty_at_the_start_of_each_test(self):
+    def test_outbox_is_empty_at_the_start_of_each_test(self):
+        Client.connect(self, self.layer).send_message(make_message(subject="earlier"))
+        self.assertEqual([message["Subject"] for message in self.layer["outbox"]], ["earlier"])
+        next_test(self.layer)
         self.assertEqual(len(self.layer["outbox"]), 0)
         self.assertEqual(list(self.layer["outbox"]), [])
 
@@ -189,7 +199,7 @@ class ProtocolTests(unittest.TestCase):
 class RefusalTests(unittest.TestCase):
     layer = MAIL_LAYER
 
-    def test_1_refused_recipient_gets_550_and_others_still_get_mail(self):
+    def test_refused_recipient_gets_550_and_others_still_get_mail(self):
         self.layer["smtpd"].refuse_recipients("Nobody@Example.com")
         refused = Client.connect(self, self.layer).sendmail(
             "a@example.com", ["nobody@example.com", "bob@example.com"], make_message().as_bytes()
@@ -198,30 +208,34 @@ class RefusalTests(unittest.TestCase):
         [received] = self.layer["outbox"]
         self.assertEqual(received.rcpt_tos, ["bob@example.com"])
 
-    def test_1_refusing_every_recipient_refuses_the_message(self):
+    def test_refusing_every_recipient_refuses_the_message(self):
         self.layer["smtpd"].refuse_recipients("bob@example.com")
         with self.assertRaises(smtplib.SMTPRecipientsRefused):
             Client.connect(self, self.layer).send_message(make_message())
         self.assertEqual(len(self.layer["outbox"]), 0)
 
-    def test_2_refusals_end_with_the_test(self):
+    def test_refusals_end_with_the_test(self):
+        self.layer["smtpd"].refuse_recipients("bob@example.com")
+        next_test(self.layer)
         Client.connect(self, self.layer).send_message(make_message())
         self.assertEqual(len(self.layer["outbox"]), 1)
 
-    def test_3_temporary_failure_of_data(self):
+    def test_temporary_failure_of_data(self):
         self.layer["smtpd"].fail_data(451)
         with self.assertRaises(smtplib.SMTPDataError) as caught:
             Client.connect(self, self.layer).send_message(make_message())
         self.assertEqual(caught.exception.smtp_code, 451)
         self.assertEqual(len(self.layer["outbox"]), 0)
 
-    def test_3_permanent_failure_of_data(self):
+    def test_permanent_failure_of_data(self):
         self.layer["smtpd"].fail_data(554, "5.7.1 Spam detected")
         with self.assertRaises(smtplib.SMTPDataError) as caught:
             Client.connect(self, self.layer).send_message(make_message())
         self.assertEqual((caught.exception.smtp_code, caught.exception.smtp_error), (554, b"5.7.1 Spam detected"))
 
-    def test_4_failures_end_with_the_test(self):
+    def test_failures_end_with_the_test(self):
+        self.layer["smtpd"].fail_data(554)
+        next_test(self.layer)
         Client.connect(self, self.layer).send_message(make_message())
         self.assertEqual(len(self.layer["outbox"]), 1)
 
@@ -233,9 +247,7 @@ class RefusalTests(unittest.TestCase):
 class SizeLimitTests(unittest.TestCase):
 
     def setUp(self):
-        self.layer = smtp.Layer(name="SIZE_LIMIT", data_size_limit=1000)
-        self.layer.setUp()
-        self.addCleanup(self.layer.tearDown)
+        self.layer = set_up_by_hand(self, smtp.Layer(name="SIZE_LIMIT", data_size_limit=1000))
 
     def test_declared_size_over_the_limit_is_refused_at_mail(self):
         with self.assertRaises(smtplib.SMTPSenderRefused) as caught:
@@ -262,10 +274,7 @@ class SizeLimitTests(unittest.TestCase):
 class AuthTests(unittest.TestCase):
 
     def serve(self, **kwargs):
-        layer = smtp.Layer(name=f"auth_{self._testMethodName}", **kwargs)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
-        return layer
+        return set_up_by_hand(self, smtp.Layer(name=f"auth_{self._testMethodName}", **kwargs))
 
     def test_plain_and_login_with_a_mapping(self):
         layer = self.serve(auth={"alice": "s3cret"})
@@ -362,26 +371,20 @@ class LifecycleTests(unittest.TestCase):
     def test_maildir_gets_a_copy_of_every_message(self):
         directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
         self.addCleanup(shutil.rmtree, directory)
-        layer = smtp.Layer(name="MAILDIR", maildir=os.path.join(directory, "mail"))
-        layer.setUp()
-        try:
-            client = Client.connect(self, layer)
-            client.send_message(make_message(subject="first"))
-            client.send_message(make_message(subject="second"))
-        finally:
-            layer.tearDown()
+        layer = set_up_by_hand(self, smtp.Layer(name="MAILDIR", maildir=os.path.join(directory, "mail")))
+        client = Client.connect(self, layer)
+        client.send_message(make_message(subject="first"))
+        client.send_message(make_message(subject="second"))
+        layer.tearDown()  # the copies outlast the layer
         stored = mailbox.Maildir(os.path.join(directory, "mail"), create=False)
         self.assertEqual(sorted(message["Subject"] for message in stored), ["first", "second"])
 
     def test_maildir_may_be_an_existing_empty_directory(self):
         directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
         self.addCleanup(shutil.rmtree, directory)
-        layer = smtp.Layer(name="MAILDIR_EXISTING", maildir=directory)
-        layer.setUp()
-        try:
-            Client.connect(self, layer).send_message(make_message(subject="kept"))
-        finally:
-            layer.tearDown()
+        layer = set_up_by_hand(self, smtp.Layer(name="MAILDIR_EXISTING", maildir=directory))
+        Client.connect(self, layer).send_message(make_message(subject="kept"))
+        layer.tearDown()
         self.assertEqual([message["Subject"] for message in mailbox.Maildir(directory)], ["kept"])
 
     def test_busy_fixed_port_fails_at_once(self):
@@ -399,19 +402,14 @@ class LifecycleTests(unittest.TestCase):
 
     def test_host_from_environment(self):
         with mock.patch.dict(os.environ, {"SERVERLAYER_SMTP_HOST": "::1"}):
-            layer = smtp.Layer(name="SMTP_IPV6")
-            layer.setUp()
-        try:
-            self.assertEqual(layer["smtp_address"], f"[::1]:{layer['smtp_port']}")
-            with smtplib.SMTP("::1", layer["smtp_port"], timeout=5) as client:
-                client.send_message(make_message())
-            self.assertEqual(len(layer["outbox"]), 1)
-        finally:
-            layer.tearDown()
+            layer = set_up_by_hand(self, smtp.Layer(name="SMTP_IPV6"))
+        self.assertEqual(layer["smtp_address"], f"[::1]:{layer['smtp_port']}")
+        with smtplib.SMTP("::1", layer["smtp_port"], timeout=5) as client:
+            client.send_message(make_message())
+        self.assertEqual(len(layer["outbox"]), 1)
 
     def test_stop_is_fast_with_clients_connected_and_removes_resources(self):
-        layer = smtp.Layer(name="STOP_WITH_CLIENTS")
-        layer.setUp()
+        layer = set_up_by_hand(self, smtp.Layer(name="STOP_WITH_CLIENTS"))
         idle = Client.connect(self, layer)
         idle.ehlo()
         mid_data = socket.create_connection((layer["smtp_host"], layer["smtp_port"]), timeout=5)
@@ -426,16 +424,16 @@ class LifecycleTests(unittest.TestCase):
         stderr = io.StringIO()
         with redirect_stderr(stderr), mock.patch.dict(os.environ):
             os.environ.pop("SERVERLAYER_VERBOSE", None)
-            layer = smtp.Layer(name="QUIET_SMTP")
-            layer.setUp()
-            try:
-                with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
-                    client.send_message(make_message())
-                    client.docmd("BOGUS")
-            finally:
-                layer.tearDown()
+            layer = set_up_by_hand(self, smtp.Layer(name="QUIET_SMTP"))
+            with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+                client.send_message(make_message())
+                self.assertEqual(client.docmd("BOGUS")[0], 500)
+            layer.check_server_errors()
+            layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
 
     def test_smtp_server_is_a_ready_layer(self):
-        self.assertIsInstance(smtp.SMTP_SERVER, smtp.Layer)
-        self.assertEqual(smtp.SMTP_SERVER.__module__, "serverlayer.smtp")
+        layer = set_up_by_hand(self, smtp.SMTP_SERVER)
+        Client.connect(self, layer).send_message(make_message(subject="to the ready layer"))
+        self.assertEqual([message["Subject"] for message in layer["outbox"]], ["to the ready layer"])
+        self.assertEqual((layer.__module__, layer.__name__), ("serverlayer.smtp", "SMTP_SERVER"))

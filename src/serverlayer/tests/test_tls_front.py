@@ -13,6 +13,7 @@ import time
 import unittest
 
 from serverlayer import custom, wsgi
+from serverlayer.tests.helpers import set_up_by_hand
 
 
 def environ_app(environ, start_response):
@@ -104,9 +105,7 @@ class HTTPSClientAddressTests(ClientAddressTests):
     def test_ipv6_client(self):
         if not ipv6_loopback():
             self.skipTest("this machine has no IPv6 loopback")
-        layer = wsgi.Layer(environ_app, name="HTTPS_ENVIRON_LAYER_IPV6", host="::1", tls=True)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(environ_app, name="HTTPS_ENVIRON_LAYER_IPV6", host="::1", tls=True))
         self.check(layer, "::1")
 
     def test_forgets_connections_that_ended(self):
@@ -163,9 +162,7 @@ class CustomClientAddressTests(ClientAddressTests):
 
     def serve(self, **kwargs):
         layer = custom.Layer(EnvironHandler, name=f"custom_environ_{self._testMethodName}", **kwargs)
-        layer.setUp()
-        self.addCleanup(layer.tearDown)
-        return layer
+        return set_up_by_hand(self, layer)
 
     def test_over_tls(self):
         self.check(self.serve(tls=True), "127.0.0.1")
