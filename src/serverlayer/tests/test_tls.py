@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
+import time
 import unittest
 import urllib.error
 import urllib.request
 from email.message import EmailMessage
+from unittest import mock
 
 import trustme
 
@@ -189,6 +193,12 @@ class CertificateNameTests(unittest.TestCase):
         self.assertEqual(fetch(layer["http_url"], context=layer["ssl_context"]), b"https /")
         self.assertTrue(layer["http_url"].startswith("https://[::1]:"))
 
+    def test_certificate_names_are_the_loopback_names_and_each_real_host_once(self):
+        self.assertEqual(
+            tls.certificate_names("", "localhost", "0.0.0.0", "::", "app.example.test", "app.example.test"),
+            (*tls.LOOPBACK_NAMES, "app.example.test"),
+        )
+
     def test_public_host_is_in_the_certificate(self):
         layer = wsgi.Layer(scheme_app, name="names_public", tls=True, public_host="app.example.test")
         self.check_names(layer, ["app.example.test", "127.0.0.1"])
@@ -233,7 +243,47 @@ class OtherHTTPLayerTests(unittest.TestCase):
         self.assertEqual(layer._resources, {})
 
 
+class FrontConnectionTests(unittest.TestCase):
+
+    def test_a_finished_connection_leaves_nothing_behind_in_the_front(self):
+        layer = set_up_by_hand(self, wsgi.Layer(scheme_app, name="front_connections", tls=True))
+        front = layer._running.server
+        descriptors = open_descriptors()
+        for number in range(10):
+            answer = fetch(layer["http_url"] + str(number), context=layer["ssl_context"])
+            self.assertEqual(answer, b"https /%d" % number)
+        # The front closes its side of both connections as soon as the
+        # client's is over (a few milliseconds), not after waiting
+        # CLOSE_TIMEOUT for a close that would never come.
+        deadline = time.monotonic() + tls.CLOSE_TIMEOUT / 2
+        while (front.transports or open_descriptors() > descriptors) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual((front.transports, open_descriptors()), (set(), descriptors))
+
+
 class TrustTests(unittest.TestCase):
+
+    def test_the_system_bundle_starts_with_the_first_system_file_that_exists(self):
+        directory = tempfile.mkdtemp(prefix="serverlayer-test-bundles-")
+        self.addCleanup(shutil.rmtree, directory)
+        first, second = os.path.join(directory, "first.pem"), os.path.join(directory, "second.pem")
+        for path in (first, second):
+            with open(path, "w") as file:
+                file.write(f"contents of {os.path.basename(path)}\n")
+        paths = ssl.get_default_verify_paths()
+        for cafile, openssl_cafile, expected in (
+            (first, second, "contents of first.pem"),
+            (os.path.join(directory, "missing.pem"), second, "contents of second.pem"),
+        ):
+            with self.subTest(cafile=cafile), mock.patch(
+                "ssl.get_default_verify_paths",
+                return_value=paths._replace(cafile=cafile, openssl_cafile=openssl_cafile),
+            ):
+                authority = tls.CertificateAuthority()  # its directory goes with it
+                with open(authority.system_bundle()) as bundle:
+                    lines = bundle.read().splitlines()
+                self.assertEqual(lines[0], expected)
+                self.assertEqual(lines[1], "-----BEGIN CERTIFICATE-----")  # the test CA's, next
 
     def test_trust_layer_lets_default_contexts_verify_and_restores_the_environment(self):
         layer = set_up_by_hand(self, wsgi.Layer(scheme_app, name="trusted", tls=True))
