@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import os
 import shutil
@@ -254,14 +255,60 @@ class FrontConnectionTests(unittest.TestCase):
             self.assertEqual(answer, b"https /%d" % number)
         # The front closes its side of both connections as soon as the
         # client's is over (a few milliseconds), not after waiting
-        # CLOSE_TIMEOUT for a close that would never come.
-        deadline = time.monotonic() + tls.CLOSE_TIMEOUT / 2
+        # CLOSE_TIMEOUT (1 s) for a close that would never come.
+        deadline = time.monotonic() + 0.5
         while (front.transports or open_descriptors() > descriptors) and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertEqual((front.transports, open_descriptors()), (set(), descriptors))
 
 
+    def test_a_large_answer_before_the_server_closes_arrives_whole(self):
+        body = os.urandom(8 << 20)
+
+        def large(environ, start_response):
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+
+        layer = set_up_by_hand(self, wsgi.Layer(large, name="front_large_close", tls=True))
+        for _ in range(3):
+            client = http.client.HTTPSConnection(
+                layer["http_host"], layer["http_port"], context=layer["ssl_context"], timeout=10)
+            self.addCleanup(client.close)
+            client.request("GET", "/", headers={"Connection": "close"})  # waitress closes after the answer
+            self.assertEqual(client.getresponse().read(), body)
+
+    def test_without_its_backend_the_front_closes_each_client_at_once(self):
+        layer = set_up_by_hand(self, wsgi.Layer(scheme_app, name="front_no_backend", tls=True))
+        front = layer._running.server
+        with socket.create_server(("127.0.0.1", 0)) as closed_soon:
+            nobody = closed_soon.getsockname()
+        front._backend_address = nobody  # connections to the backend are refused from now on
+        descriptors = open_descriptors()
+        for _ in range(5):
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as raw, \
+                    layer["ssl_context"].wrap_socket(raw, server_hostname="localhost") as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = client.recv(100)
+                except ConnectionResetError:
+                    answer = b""
+                self.assertEqual(answer, b"")  # closed, not left waiting for the timeout
+        deadline = time.monotonic() + 0.5  # the front's side closes in a few ms
+        while (front.transports or open_descriptors() > descriptors) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual((front.transports, open_descriptors(), front.clients._clients), (set(), descriptors, {}))
+
+
 class TrustTests(unittest.TestCase):
+
+    def test_a_ca_whose_directory_is_gone_already_goes_quietly(self):
+        unraisable = []
+        with mock.patch("sys.unraisablehook", unraisable.append):
+            authority = tls.CertificateAuthority()
+            shutil.rmtree(authority._directory)  # say, by a clean-up of /tmp
+            del authority
+            gc.collect()
+        self.assertEqual(unraisable, [])
 
     def test_the_system_bundle_starts_with_the_first_system_file_that_exists(self):
         directory = tempfile.mkdtemp(prefix="serverlayer-test-bundles-")
@@ -273,6 +320,7 @@ class TrustTests(unittest.TestCase):
         paths = ssl.get_default_verify_paths()
         for cafile, openssl_cafile, expected in (
             (first, second, "contents of first.pem"),
+            (None, second, "contents of second.pem"),
             (os.path.join(directory, "missing.pem"), second, "contents of second.pem"),
         ):
             with self.subTest(cafile=cafile), mock.patch(
