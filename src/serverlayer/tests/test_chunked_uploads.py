@@ -177,6 +177,13 @@ class CustomLayerTests(ChunkedUploadChecks, unittest.TestCase):
         [first, second], rest = parse_responses(data, ["POST", "GET"])
         self.assertEqual((first[2], second[2], rest), (b"seen /upload", b"seen /next", b""))
 
+    def test_a_one_byte_body_is_recorded_and_not_read_as_the_next_request(self):
+        data = exchange(self.layer, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nX"
+                                    b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [first, second], rest = parse_responses(data, ["POST", "GET"])
+        self.assertEqual((first[2], second[2], rest), (b"seen /upload", b"seen /next", b""))
+        self.assertEqual([request.body for request in self.layer["http_requests"]], [b"X", b""])
+
     def test_transfer_encoding_overrides_content_length(self):
         data = exchange(self.layer, b"POST /decode HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n" + RAW_CHUNKED)
@@ -245,6 +252,25 @@ class MalformedChunkedBodyTests(unittest.TestCase):
         for body in (b"5\r\nab", b"5\r\nabcde", b"5\r\nabcde\r\n", b"5\r\nabcde\r\n0\r\nX-Trailer: 1\r\n", b"5"):
             with self.subTest(body=body):
                 self.assertRefused(self.answer(body, half_close=True), "connection closed")
+
+    def test_a_hundred_trailer_fields_are_read_one_more_is_refused(self):
+        for count, refused in ((100, False), (101, True)):
+            trailers = b"".join(b"X-Trailer-%d: %d\r\n" % (number, number) for number in range(count))
+            with self.subTest(count=count):
+                answer = self.answer(b"3\r\nabc\r\n0\r\n" + trailers + b"\r\n", half_close=True)
+                if refused:
+                    self.assertRefused(answer, "more than 100 trailer fields")
+                else:
+                    [(status, headers, page)], rest = parse_responses(answer, ["POST"])
+                    self.assertEqual((status, page, rest), (200, b"seen /upload", b""))
+                    self.assertEqual([request.body for request in self.layer["http_requests"]], [b"abc"])
+                    self.layer["http_requests"].clear()
+
+    def test_chunked_after_another_coding_is_decoded_to_that_coding(self):
+        answer = self.answer(b"3\r\nabc\r\n0\r\n\r\n", transfer_encoding=b"gzip, chunked", half_close=True)
+        [(status, headers, page)], rest = parse_responses(answer, ["POST"])
+        self.assertEqual((status, rest), (200, b""))
+        self.assertEqual([request.body for request in self.layer["http_requests"]], [b"abc"])
 
     def test_a_transfer_coding_without_chunked_last(self):
         self.assertRefused(self.answer(b"abc", transfer_encoding=b"gzip", half_close=True),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
+import io
 import json
 import os
 import socket
@@ -13,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from serverlayer import RequestTimeoutError, content, custom, static, wsgi
+from serverlayer.recording import RecordedRequest, _BodyFirst
 from serverlayer.tests.helpers import set_up_by_hand
 
 
@@ -175,3 +178,50 @@ class OtherLayerTests(unittest.TestCase):
         self.assertEqual(layer["http_requests"][0].summary(), "PUT /x (7 bytes)")
 
 
+
+
+class BodyFirstTests(unittest.TestCase):
+    """A handler reads a recorded body, then the connection, as one file."""
+
+    def body_first(self, body=b"line 1\nline", rest=b" 2\nnext request"):
+        return _BodyFirst(body, io.BufferedReader(io.BytesIO(rest)))
+
+    def test_read(self):
+        self.assertEqual(self.body_first().read(), b"line 1\nline 2\nnext request")
+        self.assertEqual(self.body_first().read(None), b"line 1\nline 2\nnext request")
+        self.assertEqual(self.body_first().read(0), b"")
+        self.assertEqual(self.body_first().read(5), b"line ")
+        self.assertEqual(self.body_first().read(11), b"line 1\nline")
+        self.assertEqual(self.body_first().read(14), b"line 1\nline 2\n")
+
+    def test_read1(self):
+        stream = self.body_first()
+        self.assertEqual(stream.read1(), b"line 1\nline")
+        self.assertEqual(stream.read1(), b" 2\nnext request")
+        self.assertEqual(self.body_first().read1(4), b"line")
+
+    def test_readline(self):
+        stream = self.body_first()
+        self.assertEqual([stream.readline(), stream.readline(), stream.readline()],
+                         [b"line 1\n", b"line 2\n", b"next request"])
+        stream = self.body_first()
+        self.assertEqual([stream.readline(None), stream.readline(None)], [b"line 1\n", b"line 2\n"])
+        self.assertEqual(self.body_first().readline(0), b"")
+        self.assertEqual(self.body_first().readline(4), b"line")
+        stream = self.body_first()
+        self.assertEqual([stream.readline(7), stream.readline(4), stream.readline(3)], [b"line 1\n", b"line", b" 2\n"])
+        stream = self.body_first()
+        stream.readline()
+        self.assertEqual(stream.readline(6), b"line 2")  # 4 bytes of the body, 2 of the connection
+
+    def test_anything_else_is_the_connections(self):
+        stream = self.body_first()
+        self.assertIs(stream.raw, stream.rest.raw)
+
+
+class RecordedRequestTests(unittest.TestCase):
+
+    def test_a_recorded_request_cannot_be_changed(self):
+        request = RecordedRequest("GET", "/", "", (("Host", "x"),), b"")
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            request.path = "/changed"  # type: ignore[misc]
