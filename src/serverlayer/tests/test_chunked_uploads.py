@@ -266,6 +266,20 @@ class MalformedChunkedBodyTests(unittest.TestCase):
                     self.assertEqual([request.body for request in self.layer["http_requests"]], [b"abc"])
                     self.layer["http_requests"].clear()
 
+    def test_a_line_is_as_long_as_http_server_allows_a_request_line(self):
+        # http.server reads 65537 bytes of a request line and refuses more
+        # than 65536: 65535 characters and CRLF pass, one more does not.
+        for characters, refused in ((65535, False), (65536, True)):
+            size_line = b"3;" + b"x" * (characters - 2) + b"\r\n"
+            with self.subTest(characters=characters):
+                answer = self.answer(size_line + b"abc\r\n0\r\n\r\n", half_close=True)
+                if refused:
+                    self.assertRefused(answer, "a line longer than 65536 bytes")
+                else:
+                    self.assertEqual(parse_responses(answer, ["POST"])[0][0][0], 200)
+                    self.assertEqual([request.body for request in self.layer["http_requests"]], [b"abc"])
+                    self.layer["http_requests"].clear()
+
     def test_chunked_after_another_coding_is_decoded_to_that_coding(self):
         answer = self.answer(b"3\r\nabc\r\n0\r\n\r\n", transfer_encoding=b"gzip, chunked", half_close=True)
         [(status, headers, page)], rest = parse_responses(answer, ["POST"])
