@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from serverlayer import RequestTimeoutError, content, custom, static, wsgi
-from serverlayer.recording import RecordedRequest, _BodyFirst
+from serverlayer.recording import RecordedRequest, _BodyFirst, split_target
 from serverlayer.tests.helpers import set_up_by_hand
 
 
@@ -225,3 +225,14 @@ class RecordedRequestTests(unittest.TestCase):
         request = RecordedRequest("GET", "/", "", (("Host", "x"),), b"")
         with self.assertRaises(dataclasses.FrozenInstanceError):
             request.path = "/changed"  # type: ignore[misc]
+
+
+class SplitTargetTests(unittest.TestCase):
+
+    def test_origin_and_absolute_forms(self):
+        self.assertEqual(
+            [split_target(target) for target in (
+                "/a/b?c=d", "/", "/a?", "http://host/a/b?c=d", "http://host", "http://host?c=d", "*",
+            )],
+            [("/a/b", "c=d"), ("/", ""), ("/a", ""), ("/a/b", "c=d"), ("/", ""), ("/", "c=d"), ("*", "")],
+        )
