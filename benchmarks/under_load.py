@@ -29,6 +29,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,7 +67,6 @@ class Run:
     tests: int | None
     failing: list[str] = field(default_factory=list)
     left_threads: list[str] = field(default_factory=list)
-    output: str = field(default="", repr=False)
 
     @property
     def passed(self) -> bool:
@@ -78,7 +78,9 @@ class Run:
             f"run {number}: {'passed' if self.passed else 'FAILED'}, "
             f"{tests} tests, {self.seconds:.1f} s"
         )
-        if self.returncode and not self.failing:
+        if self.returncode == -1:
+            text += ", killed: took too long"
+        elif self.returncode and not self.failing:
             text += f", exit status {self.returncode}"
         if self.failing:
             text += ", failing: " + ", ".join(self.failing)
@@ -89,7 +91,7 @@ class Run:
 
 def parse(output: str, returncode: int, seconds: float) -> Run:
     """Read the test count and the failing tests from the runner's output."""
-    run = Run(returncode, seconds, None, output=output)
+    run = Run(returncode, seconds, None)
     failing: dict[str, None] = {}
     ran = 0
     in_section = False
@@ -144,29 +146,35 @@ def busy(count: int, seconds: float) -> Iterator[list[subprocess.Popen[bytes]]]:
             stop(process)
 
 
-def run_suite(extra: Sequence[str], timeout: float) -> Run:
-    """Run the whole suite once, as the project's full run does."""
+def run_suite(extra: Sequence[str], timeout: float, log: Path | None) -> Run:
+    """Run the whole suite once, as the project's full run does.
+
+    The runner writes to a file rather than a pipe, so that a run killed
+    for taking too long still tells which tests failed before, and so that
+    ``log`` can be followed while the run goes on.
+    """
     command = [
         sys.executable, "-W", "error", "-m", "zope.testrunner",
         f"--test-path={REPO / 'src'}", "-j2", *extra,
     ]
     started = time.monotonic()
-    # Its own session, so that a timeout or Ctrl-C can kill the runner's
-    # worker subprocesses too.
-    process = subprocess.Popen(
-        command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        returncode = process.returncode
-    except subprocess.TimeoutExpired:
-        stop(process)
-        output, returncode = b"", -1
-        print(f"  (killed after {timeout:.0f} s)", flush=True)
-    finally:
-        stop(process)
-    return parse(output.decode(errors="replace"), returncode, time.monotonic() - started)
+    with (open(log, "w+b") if log else tempfile.TemporaryFile()) as output:
+        # Its own session, so that a timeout or Ctrl-C can kill the
+        # runner's worker subprocesses too.
+        process = subprocess.Popen(
+            command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = -1
+            output.write(f"\n(under_load.py: killed after {timeout:.0f} s)\n".encode())
+        finally:
+            stop(process)
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    return parse(text, returncode, time.monotonic() - started)
 
 
 def arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -180,10 +188,10 @@ def arguments(argv: Sequence[str]) -> argparse.Namespace:
                         help="runs of the suite (default: %(default)s)")
     parser.add_argument("--stop-on-failure", action="store_true",
                         help="stop after the first failing run")
-    parser.add_argument("--run-timeout", type=float, default=900.0, metavar="S",
+    parser.add_argument("--run-timeout", type=float, default=2400.0, metavar="S",
                         help="kill a run after S seconds (default: %(default)s)")
     parser.add_argument("--save-output", type=Path, metavar="DIR",
-                        help="write each failing run's output to DIR/run-N.txt")
+                        help="write each run's output to DIR/run-N.txt as it goes")
     own, extra = list(argv), []
     if "--" in own:
         at = own.index("--")
@@ -213,12 +221,13 @@ def main(argv: Sequence[str]) -> int:
     started = time.monotonic()
     with busy(options.busy, busy_seconds):
         for number in range(1, options.runs + 1):
-            run = run_suite(options.extra, options.run_timeout)
+            log = None
+            if options.save_output:
+                options.save_output.mkdir(parents=True, exist_ok=True)
+                log = options.save_output / f"run-{number}.txt"
+            run = run_suite(options.extra, options.run_timeout, log)
             runs.append(run)
             print(run.line(number), flush=True)
-            if options.save_output and not run.passed:
-                options.save_output.mkdir(parents=True, exist_ok=True)
-                (options.save_output / f"run-{number}.txt").write_text(run.output)
             if not run.passed and options.stop_on_failure:
                 break
     failed = [n for n, run in enumerate(runs, 1) if not run.passed]
