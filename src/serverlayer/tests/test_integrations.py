@@ -68,7 +68,7 @@ class MailSinkTests(unittest.TestCase):
 
     def start_sink(self, *args: str) -> subprocess.Popen[str]:
         sink = subprocess.Popen(
-            [sys.executable, "-W", "error", "-m", "serverlayer.smtp", *args],
+            [sys.executable, "-X", "faulthandler", "-W", "error", "-m", "serverlayer.smtp", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
@@ -99,7 +99,7 @@ class MailSinkTests(unittest.TestCase):
         try:  # reading both pipes: a sink blocked writing to one would never stop
             rest, errors = sink.communicate(timeout=10)  # 0.12 s idle, 2.5 s with 24 busy processes
         except subprocess.TimeoutExpired:
-            sink.kill()
+            sink.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
             rest, errors = sink.communicate()
             self.fail(f"the sink did not stop on SIGINT; it printed {rest[-2000:]!r}, and {errors[-5000:]!r}")
         self.assertEqual((sink.returncode, errors), (0, ""), rest)
