@@ -64,11 +64,21 @@ class ParallelZopeTestrunnerTests(unittest.TestCase):
         self.assertEqual(len(ports), len(set(ports)), f"two servers shared a port: {notes}")
 
 
+#: Runs the Python command line of its arguments with SIGINT's default action.
+SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+    " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 class MailSinkTests(unittest.TestCase):
 
     def start_sink(self, *args: str) -> subprocess.Popen[str]:
+        # With SIGINT's default action: a suite started in the background
+        # by a shell (``&``) inherits SIGINT ignored, and so would the sink.
         sink = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-W", "error", "-m", "serverlayer.smtp", *args],
+            [sys.executable, "-c", SIGINT_DEFAULT, "-X", "faulthandler", "-W", "error", "-m", "serverlayer.smtp",
+             *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
