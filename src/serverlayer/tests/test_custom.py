@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import unittest
 import urllib.request
 from contextlib import redirect_stderr
@@ -159,12 +160,33 @@ class PoolTests(unittest.TestCase):
             self.assertEqual(response.read(), b"hello /after-silence")
 
     def test_a_busy_keep_alive_connection_keeps_its_thread(self):
-        layer = self.serve(Greeter, threads=1)
+        class ThreadNaming(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                body = threading.current_thread().name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        layer = self.serve(ThreadNaming, threads=1)
         busy = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
         self.addCleanup(busy.close)
-        for number in range(20):  # requests in quick succession: never idle for long
-            busy.request("GET", f"/{number}")
-            self.assertEqual(busy.getresponse().read(), f"hello /{number}".encode())
+        busy_threads, other_threads, waits = set(), set(), []
+        for _ in range(20):  # requests in quick succession: never idle for long ...
+            busy.request("GET", "/busy")
+            busy_threads.add(busy.getresponse().read())
+            # ... and between two of them another client is answered at once.
+            started = time.monotonic()
+            with urllib.request.urlopen(layer["http_url"] + "other", timeout=5) as response:
+                other_threads.add(response.read())
+            waits.append(time.monotonic() - started)
+        self.assertEqual(len(busy_threads), 1, busy_threads)
+        self.assertNotIn(busy_threads.pop(), other_threads)
+        # About 1 ms each on an idle machine; an idle grace period of the
+        # busy connection's worker (0.25 s once) would show here.
+        self.assertLess(max(waits), 0.2, waits)
 
 
 class DisconnectTests(unittest.TestCase):

@@ -380,6 +380,37 @@ print(json.dumps({"answered": answered, "errors": errors}))
 """
 
 
+class StalledHeadTearDownTests(unittest.TestCase):
+    """``tearDown`` right after a client sent half a request head: the
+    worker reading the rest waits without a timeout, so only the server
+    closing the connection frees it."""
+
+    def test_tear_down_with_a_client_stalled_mid_header(self):
+        for layer in every_http_layer("stalled_head"):
+            with self.subTest(layer=layer):
+                leaks = Leaks(self)
+                layer.setUp()
+                try:
+                    with connect(layer) as sock:
+                        sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\nX-Half: of a he")
+                        if not isinstance(layer, wsgi.Layer):  # waitress reads heads in its loop
+                            deadline = time.monotonic() + CLIENT_TIMEOUT
+                            while len(server_threads(layer)) < 2 and time.monotonic() < deadline:
+                                time.sleep(0.001)  # until a worker reads the head
+                            self.assertEqual(len(server_threads(layer)), 2, server_threads(layer))
+                        started = time.monotonic()
+                        layer.tearDown()
+                        took = time.monotonic() - started
+                        self.assertEqual(server_threads(layer), [])
+                        read_until_closed(sock)  # closed: no TimeoutError
+                finally:
+                    layer.tearDown()
+                # A few ms on an idle machine; without the connection's
+                # shutdown, the worker would hold tearDown for stop_timeout.
+                self.assertLess(took, 0.5)
+                leaks.check()
+
+
 class PathContent(content.Layer):
     """A content layer answering each request with its path."""
 
