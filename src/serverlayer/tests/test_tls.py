@@ -244,6 +244,20 @@ class OtherHTTPLayerTests(unittest.TestCase):
         self.assertEqual(layer._resources, {})
 
 
+def front_settled(front, descriptors: int) -> tuple[set, int]:
+    """The TLS front's transports and the process's descriptor count, once
+    every finished connection is closed or 0.5 s have passed.
+
+    The front closes its side of both connections as soon as the client's
+    is over (a few milliseconds), not after waiting CLOSE_TIMEOUT (1 s) for
+    a close that would never come.
+    """
+    deadline = time.monotonic() + 0.5
+    while (front.transports or open_descriptors() > descriptors) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return front.transports, open_descriptors()
+
+
 class FrontConnectionTests(unittest.TestCase):
 
     def test_a_finished_connection_leaves_nothing_behind_in_the_front(self):
@@ -253,13 +267,7 @@ class FrontConnectionTests(unittest.TestCase):
         for number in range(10):
             answer = fetch(layer["http_url"] + str(number), context=layer["ssl_context"])
             self.assertEqual(answer, b"https /%d" % number)
-        # The front closes its side of both connections as soon as the
-        # client's is over (a few milliseconds), not after waiting
-        # CLOSE_TIMEOUT (1 s) for a close that would never come.
-        deadline = time.monotonic() + 0.5
-        while (front.transports or open_descriptors() > descriptors) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertEqual((front.transports, open_descriptors()), (set(), descriptors))
+        self.assertEqual(front_settled(front, descriptors), (set(), descriptors))
 
 
     def test_a_large_answer_before_the_server_closes_arrives_whole(self):
@@ -293,10 +301,8 @@ class FrontConnectionTests(unittest.TestCase):
                 except ConnectionResetError:
                     answer = b""
                 self.assertEqual(answer, b"")  # closed, not left waiting for the timeout
-        deadline = time.monotonic() + 0.5  # the front's side closes in a few ms
-        while (front.transports or open_descriptors() > descriptors) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertEqual((front.transports, open_descriptors(), front.clients._clients), (set(), descriptors, {}))
+        self.assertEqual(front_settled(front, descriptors), (set(), descriptors))
+        self.assertEqual(front.clients._clients, {})
 
 
 class TrustTests(unittest.TestCase):
