@@ -6,7 +6,7 @@ Run from the checkout, after ``pip install -e '.[bench]'``::
     python benchmarks/bench_peers.py --quick       # smoke run, about a minute
     python benchmarks/bench_peers.py --only sweep  # the concurrency sweep alone, about 45 s
 
-``--only`` takes a comma-separated list of the sections below (lifecycle,
+``--only`` takes a comma-separated list of the sections below (lifecycle, stalled,
 http, transfer, smtp, sweep, memory) and runs those alone.
 
 The peers, each used as its documentation shows, with its defaults:
@@ -36,6 +36,17 @@ that rotates:
    ``--rounds``; peers whose stop waits for a 0.5 s poll (gocept,
    localserver's and httpserver's HTTP servers) take part in only
    ``--slow-rounds`` of them, spread evenly, which keeps the run short.
+   Then (``stalled``) the same stop, timed while four clients stall on
+   the server: one inside its request line (for SMTP: its first command),
+   one inside a header (an AUTH exchange), one inside a body (the message
+   after DATA), one silent; over HTTPS the silent one stalls before its
+   handshake, the others after it. Median of ``--stalled-rounds`` (polling
+   peers: at most ``--slow-rounds``). A stop that has not returned after
+   5 s has its clients hang up, which frees a stop that waits for them,
+   and counts 5 s, a lower bound. The notes say which stops returned with
+   a server thread still running or a stalled client still connected half
+   a second later. Target: serverlayer under 100 ms for every kind, with
+   every client let go and every thread ended.
 2. requests/s of ``--requests`` GETs to the wsgi layer and its peers (the
    same WSGI application) and to the content layer and its peers (each
    programmed to answer the same body): sequentially with a new
@@ -107,11 +118,13 @@ import itertools
 import json
 import math
 import os
+import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -137,6 +150,7 @@ T = TypeVar("T")
 COUNTS = (
     _timing.Count("rounds", 20, 3, "setUp+tearDown rounds per layer kind"),
     _timing.Count("slow-rounds", 5, 1, "of those, the rounds peers whose stop polls every 0.5 s take part in"),
+    _timing.Count("stalled-rounds", 5, 1, "tearDown rounds with stalled clients per layer kind"),
     _timing.Count("requests", 2000, 200, "GETs per HTTP throughput run"),
     _timing.Count("downloads", 200, 20, "1 MiB downloads per transfer run"),
     _timing.Count("messages", 500, 100, "messages per SMTP throughput run"),
@@ -146,7 +160,7 @@ COUNTS = (
     _timing.Count("sweep-runs", 1, 1, "sweep runs per contender, mode and client count; the table shows the median"),
 )
 #: The measures, in the order they run; ``--only`` picks some.
-SECTIONS = ("lifecycle", "http", "transfer", "smtp", "sweep", "memory")
+SECTIONS = ("lifecycle", "stalled", "http", "transfer", "smtp", "sweep", "memory")
 
 try:
     import gocept.httpserverlayer.custom as gocept_custom
@@ -468,9 +482,10 @@ class PeerRow:
     #: Formats a value for its cell.
     unit: str
     higher_is_better: bool
-    #: "lifecycle", "throughput" or None.
+    #: "lifecycle", "stalled", "throughput" or None.
     target: str | None
-    #: False when serverlayer lost mail: the target is then missed whatever the rate.
+    #: False when serverlayer lost mail, or kept a stalled client or a
+    #: thread: the target is then missed whatever the figure.
     valid: bool = True
 
     def ratio(self, package: str) -> float:
@@ -496,6 +511,8 @@ class PeerRow:
         if self.target is None or extremes is None:
             return None
         best, slowest = extremes
+        if self.target == "stalled":
+            return self.valid and self.values["serverlayer"] < STALLED_TARGET_MS
         if self.target == "lifecycle":
             return self.ratio(slowest) >= LIFECYCLE_SLOWEST_RATIO and self.ratio(best) >= LIFECYCLE_BEST_RATIO
         return self.valid and self.ratio(best) > 1
@@ -505,6 +522,8 @@ class PeerRow:
             return f">= {LIFECYCLE_SLOWEST_RATIO:g}x slowest, >= {LIFECYCLE_BEST_RATIO:g}x best"
         if self.target == "throughput":
             return "> 1x best"
+        if self.target == "stalled":
+            return f"< {STALLED_TARGET_MS:g} ms, all let go"
         return "-"
 
     @classmethod
@@ -766,6 +785,188 @@ def bench_lifecycle(
         "ms",
         higher_is_better=False,
         target="lifecycle",
+    )
+
+
+# 1b. tearDown with stalled clients connected.
+
+#: What each stalled client sends before it goes silent, per protocol: one
+#: stalled inside the request line (for SMTP: its first command), one inside
+#: a header (an AUTH exchange), one inside a body (the message after DATA),
+#: and one that says nothing more. Each first proves that the server took
+#: it up: an HTTP client gets an answer to a whole request, an SMTP client
+#: the greeting (on a server that closes each connection after its answer,
+#: the HTTP client then stalls on a new connection).
+STALLS = {
+    "http": (
+        b"GET /stalled HT",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf of it",
+        b"",
+    ),
+    "smtp": (
+        b"HELO half-a-comm",
+        b"EHLO x\r\nAUTH PLAIN\r\n",
+        b"HELO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: stalled\r\n\r\nha",
+        b"",
+    ),
+}
+#: Seconds a stop may take with stalled clients before they are made to
+#: hang up (which frees a stop that waits for them) and it counts as hung.
+STALLED_STOP_BOUND = 5.0
+#: Seconds a stalled client waits, after the stop returned, to see its connection closed.
+LET_GO_WAIT = 0.5
+#: serverlayer's target for a tearDown with stalled clients connected.
+STALLED_TARGET_MS = 100.0
+
+
+def stall(running: Running, kind: str) -> list[socket.socket]:
+    """Connect a client per ``STALLS`` entry, once the server took it up
+    leave it stalled."""
+    clients: list[socket.socket] = []
+
+    def connect(handshake: bool) -> socket.socket:
+        clients.append(socket.create_connection((HOST, running.port), timeout=STALLED_STOP_BOUND))
+        if handshake and running.context is not None:
+            clients[-1] = running.context.wrap_socket(clients[-1], server_hostname=HOST)
+        return clients[-1]
+
+    try:
+        for data in STALLS["smtp" if kind == "smtp" else "http"]:
+            try:
+                sock = connect(handshake=True)
+                if kind != "smtp":
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = sock.recv(65536)
+                if answer.startswith(b"HTTP/1.0"):
+                    # The server closes every connection after its answer
+                    # (no keep-alive): this client stalls on a new one.
+                    clients.pop().close()
+                    sock = connect(handshake=bool(data))
+            except TimeoutError:
+                raise RuntimeError(
+                    f"client {len(clients)} got no answer in {STALLED_STOP_BOUND:g} s while"
+                    f" {len(clients) - 1} other(s) stalled: the server serves one connection at a time"
+                ) from None
+            if not answer.startswith(b"220" if kind == "smtp" else b"HTTP/"):
+                raise RuntimeError(f"client {len(clients)} got {answer[:50]!r} instead of an answer")
+            sock.sendall(data)
+    except BaseException:
+        for sock in clients:
+            sock.close()
+        raise
+    return clients
+
+
+def let_go(clients: Sequence[socket.socket]) -> int:
+    """How many of ``clients`` see their connection closed within ``LET_GO_WAIT``
+    (whatever the server said before closing it)."""
+    deadline = time.monotonic() + LET_GO_WAIT
+    closed = 0
+    for sock in clients:
+        try:
+            while True:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                if not sock.recv(65536):
+                    break
+        except TimeoutError:
+            continue
+        except OSError:
+            pass  # reset: closed too
+        closed += 1
+    return closed
+
+
+@dataclass
+class StalledStops:
+    """What the stops with stalled clients did, per contender, besides their time."""
+
+    rounds: Counter[str] = field(default_factory=Counter)
+    hung: Counter[str] = field(default_factory=Counter)
+    #: Rounds in which a thread the server started was still running when stop returned.
+    threads_left: Counter[str] = field(default_factory=Counter)
+    #: Stalled clients whose connection was still open after stop returned.
+    clients_held: Counter[str] = field(default_factory=Counter)
+
+    def clean(self, name: str) -> bool:
+        return not (self.hung[name] or self.threads_left[name] or self.clients_held[name])
+
+
+def bench_stalled(
+    kind: str,
+    servers: Mapping[str, Startable],
+    polling: set[str],
+    arguments: argparse.Namespace,
+    quiet: _timing.OutputTrap,
+    notes: Notes,
+) -> PeerRow:
+    stops = StalledStops()
+
+    def cycle(name: str, server: Startable) -> _timing.Measurement:
+        def measure() -> float:
+            with quiet():
+                server.prepare()
+                before = set(threading.enumerate())
+                running = server.start()
+                try:
+                    clients = stall(running, kind)
+                except BaseException:
+                    running.stop()  # stall() let its clients go: this stop has nothing to wait for
+                    raise
+                stopper = threading.Thread(target=running.stop, name=f"bench_peers stop of {name}", daemon=True)
+                try:
+                    started = time.perf_counter()
+                    stopper.start()
+                    stopper.join(STALLED_STOP_BOUND)
+                    milliseconds = (time.perf_counter() - started) * 1000
+                    stops.rounds[name] += 1
+                    if stopper.is_alive():
+                        stops.hung[name] += 1
+                    else:
+                        new = [t for t in threading.enumerate() if t not in before and t is not stopper]
+                        for thread in new:
+                            thread.join(THREAD_GRACE)
+                        stops.threads_left[name] += any(thread.is_alive() for thread in new)
+                        stops.clients_held[name] += len(clients) - let_go(clients)
+                finally:
+                    for sock in clients:
+                        sock.close()
+                stopper.join(30)
+            return milliseconds
+
+        return measure
+
+    servers = check_serves(kind, servers, quiet, notes)
+    guard = Guard(f"{kind} tearDown, stalled clients", notes)
+    results = _timing.interleaved(
+        {name: guard(name, cycle(name, server)) for name, server in servers.items()},
+        arguments.stalled_rounds,
+        fewer={name: min(arguments.slow_rounds, arguments.stalled_rounds) for name in servers if name in polling},
+    )
+    for name, rounds in stops.rounds.items():
+        if stops.clean(name):
+            continue
+        found = []
+        if stops.hung[name]:
+            found.append(
+                f"stop had not returned after {STALLED_STOP_BOUND:g} s in {stops.hung[name]} (it returned"
+                " once the clients hung up; the cell is a lower bound)"
+            )
+        if stops.threads_left[name]:
+            found.append(f"stop returned with a thread still running in {stops.threads_left[name]}")
+        if stops.clients_held[name]:
+            found.append(
+                f"{stops.clients_held[name]} stalled clients still connected {LET_GO_WAIT:g} s after stop returned"
+            )
+        notes.add(f"{name} {kind}, stalled clients, in {rounds} rounds: " + "; ".join(found))
+    medians = guard.medians(results)
+    return PeerRow(
+        f"{kind} tearDown, {len(STALLS['smtp' if kind == 'smtp' else 'http'])} stalled clients",
+        medians,
+        "ms",
+        higher_is_better=False,
+        target="stalled",
+        valid=stops.clean("serverlayer"),
     )
 
 
@@ -1227,7 +1428,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     arguments = _timing.options(
         __doc__,
         COUNTS,
-        "3 rounds (1 slow), 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers; 100 ms sweep runs",
+        "3 rounds (1 slow), 1 stalled round, 2 runs of 200 GETs, 20 downloads, 100 messages; 5 servers;"
+        " 100 ms sweep runs",
         argv,
         more_options,
     )
@@ -1243,6 +1445,8 @@ def counts_detail(arguments: argparse.Namespace) -> str:
         parts.append(
             f"{arguments.rounds} setUp+tearDown rounds per kind ({arguments.slow_rounds} for peers polling every 0.5 s)"
         )
+    if "stalled" in only:
+        parts.append(f"{arguments.stalled_rounds} tearDown rounds with stalled clients per kind")
     throughput = [
         f"{arguments.repeats} x {arguments.requests} GETs" if "http" in only else "",
         f"{arguments.downloads} downloads" if "transfer" in only else "",
@@ -1307,6 +1511,10 @@ def main(argv: list[str] | None = None) -> int:
             with quiet():
                 PeerTLS.get()
             rows += [bench_lifecycle(kind, servers[kind], polling[kind], arguments, quiet, notes) for kind in KINDS]
+        if "stalled" in only:
+            with quiet():
+                PeerTLS.get()
+            rows += [bench_stalled(kind, servers[kind], polling[kind], arguments, quiet, notes) for kind in KINDS]
         if "http" in only:
             for kind in ("wsgi", "content"):
                 rows += bench_http_throughput(kind, servers[kind], arguments, quiet, notes)

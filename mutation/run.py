@@ -144,7 +144,9 @@ def copy_checkout(target: Path) -> None:
 
 def test_command(tests: Iterable[str]) -> list[str]:
     modules = [argument for test in tests for argument in ("-m", f"^serverlayer\\.tests\\.{test}$")]
-    return [sys.executable, "-W", "error", "-m", "zope.testrunner", "--test-path=src", *modules]
+    # --stop-on-error: the first failure kills the mutant; the rest of the
+    # tests would only take time.
+    return [sys.executable, "-W", "error", "-m", "zope.testrunner", "--test-path=src", "--stop-on-error", *modules]
 
 
 @dataclass
