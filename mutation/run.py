@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -43,15 +45,18 @@ from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 REPOSITORY = Path(__file__).resolve().parent.parent
 EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"
 
-#: The test modules that exercise each core module: the tests run for
-#: each of its mutants.
+#: The tests that exercise each core module, run for each of its mutants:
+#: test modules, or one class of a module (``test_module.Class``).
 MODULES: dict[str, tuple[str, ...]] = {
     "reporting": ("test_reporting",),
     "tls": ("test_tls", "test_tls_front"),
     "recording": ("test_recording", "test_chunked_uploads"),
     "static": ("test_static", "test_static_symlinks"),
-    "server": ("test_lifecycle", "test_addresses", "test_serving"),
-    "layer": ("test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api"),
+    "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front"),
+    "layer": (
+        "test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api",
+        "test_hardening.LateServerErrorTests", "test_custom.HandlerValidationTests",
+    ),
     "smtp": ("test_smtp",),
     "content": ("test_content", "test_content_protocol"),
 }
@@ -114,12 +119,22 @@ def in_annotation(source: str, start: tuple[int, int], end: tuple[int, int]) -> 
     return any(low <= start and end <= high for low, high in spans)
 
 
+def is_keyword_only_marker(source: str, start: tuple[int, int]) -> bool:
+    """Whether the ``*`` at ``start`` is a parameter list's bare ``*``, which
+    cosmic-ray mutates as if it were a multiplication."""
+    line = source.splitlines()[start[0] - 1]
+    rest = line[start[1] + 1 :].strip()
+    return line[start[1] : start[1] + 1] == "*" and (not rest or rest[0] in ",)")
+
+
 def why_not_counted(
     module: str, source: str, operator: str, occurrence: int, start: tuple[int, int], end: tuple[int, int],
     equivalents: Iterable[Equivalent],
 ) -> str | None:
     """Why a mutant is not counted, or None when it is."""
     name = operator.split("/", 1)[-1]
+    if name.startswith("ReplaceBinaryOperator_Mul_") and is_keyword_only_marker(source, start):
+        return "the * that makes the parameters after it keyword-only, not an operator"
     if name.startswith("ReplaceBinaryOperator_"):
         _, old, new = name.split("_")
         if NEAREST.get(old) != new:
@@ -143,10 +158,17 @@ def copy_checkout(target: Path) -> None:
 
 
 def test_command(tests: Iterable[str]) -> list[str]:
-    modules = [argument for test in tests for argument in ("-m", f"^serverlayer\\.tests\\.{test}$")]
+    modules, selected = [], []
+    for test in tests:
+        module, _, test_class = test.partition(".")
+        modules += ["-m", f"^serverlayer\\.tests\\.{module}$"]
+        # zope.testrunner matches -t against "test_x (module.Class.test_x)"
+        # (Python 3.10: "test_x (module.Class)").
+        selected += ["-t", f"\\(serverlayer\\.tests\\.{module}\\.{test_class + '[.)]' if test_class else ''}"]
     # --stop-on-error: the first failure kills the mutant; the rest of the
     # tests would only take time.
-    return [sys.executable, "-W", "error", "-m", "zope.testrunner", "--test-path=src", "--stop-on-error", *modules]
+    runner = [sys.executable, "-W", "error", "-m", "zope.testrunner", "--test-path=src", "--stop-on-error"]
+    return [*runner, *modules, *selected]
 
 
 @dataclass
@@ -163,9 +185,20 @@ class Score:
         return 100.0 * self.killed / counted if counted else 100.0
 
 
-def mutate(module: str, work: Path, equivalents: list[Equivalent]) -> Score:
-    """Run every counted mutant of ``module`` in a copy of the checkout under ``work``."""
+def mutate(module: str, work: Path, equivalents: list[Equivalent], *, again: bool = False) -> Score:
+    """Run every counted mutant of ``module`` in a copy of the checkout under ``work``.
+
+    With ``again``, reuse the session a run kept there: only the mutants
+    that survived it run again, against the checkout's tests as they are now.
+    """
     copy = work / module
+    session = copy / "session.sqlite"
+    kept = copy.parent / f"{module}.session.sqlite"
+    if again:
+        if not session.exists():
+            raise SystemExit(f"{module}: no session in {copy} to run again; run it first with --keep {work}")
+        shutil.move(session, kept)
+    shutil.rmtree(copy, ignore_errors=True)
     copy_checkout(copy)
     command = test_command(MODULES[module])
     environment = {**os.environ, "PYTHONPATH": str(copy / "src")}
@@ -179,17 +212,21 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent]) -> Score:
     config.write_text(
         "[cosmic-ray]\n"
         f'module-path = "src/serverlayer/{module}.py"\n'
-        # A mutant may make the tests hang (a loop that never ends): that
-        # counts as caught. Ten times the unmutated run's time is plenty.
-        f"timeout = {max(60.0, 10 * seconds):.0f}\n"
+        # A mutant may make the tests hang (a loop that never ends, a stop
+        # that waits for ever): that counts as caught. Four times the
+        # unmutated run's time is plenty; every hanging mutant costs it.
+        f"timeout = {max(30.0, 4 * seconds):.0f}\n"
         "excluded-modules = []\n"
         f"test-command = {subprocess.list2cmdline(command)!r}\n"
         "[cosmic-ray.distributor]\n"
         'name = "local"\n'
     )
-    session = copy / "session.sqlite"
     cosmic_ray = [sys.executable, "-m", "cosmic_ray.cli"]
-    subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=copy, env=environment, check=True)
+    if again:
+        shutil.move(kept, session)
+        forget_survivors(session)
+    else:
+        subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=copy, env=environment, check=True)
     source = (copy / "src" / "serverlayer" / f"{module}.py").read_text()
     not_counted = 0
     used: set[str] = set()
@@ -208,10 +245,21 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent]) -> Score:
             if equivalent.module == module and equivalent.reason not in used:
                 print(f"{EQUIVALENT.name}: no mutant of {module}:{equivalent.line} {equivalent.operator}"
                       " any more; remove the line or correct it", flush=True)
-        print(f"{module}: {db.num_work_items - not_counted} mutants to run ({not_counted} not counted),"
-              f" {seconds:.1f} s of tests each", flush=True)
+        pending = sum(1 for _ in db.pending_work_items)
+        print(f"{module}: {pending} mutants to run ({not_counted} not counted,"
+              f" {db.num_work_items - not_counted - pending} run before), {seconds:.1f} s of tests each", flush=True)
     subprocess.run([*cosmic_ray, "exec", str(config), str(session)], cwd=copy, env=environment, check=True)
     return score(module, session, not_counted)
+
+
+def forget_survivors(session: Path) -> None:
+    """Make the mutants that survived in ``session`` pending again (cosmic-ray
+    runs the pending ones), and those that were not counted: they may count now."""
+    with contextlib.closing(sqlite3.connect(session)) as database, database:
+        database.execute(
+            "DELETE FROM work_results WHERE test_outcome = ? OR worker_outcome = ?",
+            (TestOutcome.SURVIVED.name, WorkerOutcome.SKIPPED.name),  # stored by name
+        )
 
 
 def score(module: str, session: Path, not_counted: int) -> Score:
@@ -243,15 +291,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE",
                         help=f"the modules to mutate, of: {', '.join(MODULES)} (default all)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="work in DIR and keep it (default: a temporary directory)")
+    parser.add_argument("--survivors-again", action="store_true",
+                        help="with --keep: run only the mutants that survived the run kept in DIR again,"
+                             " against the tests as they are now")
     arguments = parser.parse_args(argv)
+    if arguments.survivors_again and not arguments.keep:
+        parser.error("--survivors-again needs --keep DIR, the directory of the run to take the survivors from")
     unknown = sorted(set(arguments.modules) - set(MODULES))
     if unknown:
         parser.error(f"no such core module: {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     equivalents = read_equivalents()
     scores = []
-    with tempfile.TemporaryDirectory(prefix="serverlayer-mutation-") as work:
+    with contextlib.ExitStack() as stack:
+        if arguments.keep:
+            arguments.keep.mkdir(parents=True, exist_ok=True)
+            work = arguments.keep.resolve()
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serverlayer-mutation-")))
         for module in arguments.modules or MODULES:
-            scores.append(mutate(module, Path(work), equivalents))
+            scores.append(mutate(module, work, equivalents, again=arguments.survivors_again))
     for item in scores:
         for survivor in item.survivors:
             print(f"\nSURVIVED {survivor}")

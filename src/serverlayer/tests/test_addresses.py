@@ -353,6 +353,34 @@ class BusyPortTests(MadeUpNames):
         self.assertEqual(open_descriptors(), descriptors)
         layer.tearDown()
 
+    def test_another_bind_error_at_a_later_address_fails_at_once(self):
+        """Only "in use" makes the system pick a port again; any other
+        error at a later address ends setUp with that error."""
+        real_listen = server_module._listen
+        asked: list[tuple[str, int]] = []
+
+        def listen(address: Any, wanted: int) -> socket.socket:
+            asked.append((address[3][0], wanted))
+            if address[3][0] == "::1":
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_listen(address, wanted)
+
+        descriptors = open_descriptors()
+        layer = wsgi.Layer(hello_app, name="denied_at_one", host="dual.test")
+        with mock.patch.object(server_module, "_listen", listen), resolving({"dual.test": ["127.0.0.1", "::1"]}):
+            with self.assertRaises(SetUpError) as caught:
+                layer.setUp()
+        self.assertNotIsInstance(caught.exception, AddressInUseError)
+        [(first, zero), (second, picked)] = asked
+        self.assertEqual((first, zero, second), ("127.0.0.1", 0, "::1"))
+        self.assertEqual(
+            str(caught.exception),
+            f"{layer!r}: cannot listen on [::1]:{picked} ('dual.test' is 127.0.0.1 and ::1;"
+            " host from host=, port from port 0): Permission denied.",
+        )
+        self.assertEqual(open_descriptors(), descriptors)
+        layer.tearDown()
+
     def test_fixed_port_busy_at_one_address_fails_at_once(self):
         port = self.occupy("::1")
         descriptors = open_descriptors()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 import time
 import unittest
 import urllib.request
@@ -13,7 +14,7 @@ from unittest import mock
 
 import plone.testing
 
-from serverlayer import AddressInUseError, ConfigurationError, SetUpError, custom, wsgi
+from serverlayer import AddressInUseError, ConfigurationError, ServerSideError, SetUpError, custom, wsgi
 from serverlayer.layer import ServerLayer
 from serverlayer.server import ServerThread
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
@@ -230,6 +231,42 @@ class BadAddressTests(unittest.TestCase):
                     wsgi.Layer(hello_app, name=f"bad_port_{bad!r}", port=bad)
                 self.assertIn("not a port number", str(caught.exception))
                 self.assertIn(repr(bad), str(caught.exception))
+
+
+class RaisesAfterAnswering(Hello):
+    def do_GET(self):
+        super().do_GET()
+        raise RuntimeError("raised on purpose after answering")
+
+
+class OutsideARunningTestTests(unittest.TestCase):
+
+    def test_test_tear_down_reports_what_the_server_raised(self):
+        """Driven where no test is running (a script, a thread of its own),
+        the layer has no test to hand its end-of-test check to, so
+        ``testTearDown`` checks itself."""
+        layer = custom.Layer(RaisesAfterAnswering, name="outside_a_test")
+        outcome: list[object] = []
+
+        def drive() -> None:
+            layer.setUp()
+            try:
+                layer.testSetUp()
+                outcome.append(fetch(layer["http_url"]))
+                try:
+                    layer.testTearDown()
+                except ServerSideError as error:
+                    outcome.append(error)
+            finally:
+                layer.tearDown()
+
+        thread = threading.Thread(target=drive, name="outside_a_test driver")
+        thread.start()
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(len(outcome), 2, outcome)
+        self.assertEqual(outcome[0], b"hello")
+        self.assertIn("RuntimeError: raised on purpose after answering", str(outcome[1]))
 
 
 class TearDownTests(unittest.TestCase):

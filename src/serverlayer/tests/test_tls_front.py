@@ -117,6 +117,15 @@ class HTTPSClientAddressTests(ClientAddressTests):
             time.sleep(0.01)
         self.assertEqual(len(clients), 0)
 
+    def test_lets_go_of_accepted_connections_once_closed(self):
+        """The front keeps the connections it accepts, to close any still
+        shaking hands when it stops; those that ended are dropped at the
+        next accept, so a long run does not pile them up."""
+        for _ in range(20):
+            ask(self.layer, "127.0.0.1")
+        remembered = sum(len(sock.accepted) for sock in self.layer._running.server.sockets)
+        self.assertLess(remembered, 10)
+
 
 class AcceptRecordingChannel(wsgi._Channel):
     """Records whom the front registered for a connection when waitress accepts it."""
