@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front"),
     "layer": (
         "test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api",
-        "test_hardening.LateServerErrorTests", "test_custom.HandlerValidationTests",
+        "test_hardening.LateServerErrorTests", "test_custom.HandlerValidationTests", "test_reporting",
     ),
     "smtp": ("test_smtp",),
     "content": ("test_content", "test_content_protocol"),

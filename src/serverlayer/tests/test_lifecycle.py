@@ -224,6 +224,13 @@ class BadAddressTests(unittest.TestCase):
         self.assertIn("no-such-host.invalid", str(caught.exception))
         self.assertIn("host=", str(caught.exception))
 
+    def test_port_numbers_at_the_bounds(self):
+        self.assertEqual(wsgi.Layer(hello_app, name="highest_port", port=65535).port, 65535)
+        self.assertEqual(wsgi.Layer(hello_app, name="highest_port_text", port="65535").port, 65535)
+        layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="port_zero", port=0))
+        self.assertNotEqual(layer["http_port"], 0)  # the system picked one
+        self.assertEqual(fetch(layer["http_url"]), f"hello from {layer['http_port']}".encode())
+
     def test_bad_port_number(self):
         for bad in (-1, 65536, "http", 1.5, True):
             with self.subTest(port=bad):

@@ -8,6 +8,7 @@ derives alike.
 
 from __future__ import annotations
 
+import gc
 import re
 import unittest
 
@@ -63,3 +64,25 @@ class NamingTests(unittest.TestCase):
             custom.Layer(custom.RequestHandler, name="TWICE")
         self.assertIn(f"{__name__}.TWICE", str(caught.exception))
         del keep
+
+    def test_a_layer_made_in_another_objects_init_is_not_named_after_that_objects_variable(self):
+        class Holder:
+            def __init__(self) -> None:
+                self.layer = wsgi.Layer(app)
+
+        global HOLDER
+        HOLDER = Holder()
+        self.addCleanup(globals().pop, "HOLDER")
+        self.assertEqual(HOLDER.layer.__module__, __name__)
+        self.assertRegex(HOLDER.layer.__name__, r"^Layer(_\d+)?$")
+
+    def test_a_layer_waiting_for_the_cycle_collector_does_not_keep_its_name(self):
+        """A layer of an earlier run of the same code (a repeated doctest)
+        that only a reference cycle keeps alive gives its name up."""
+        gc.disable()
+        self.addCleanup(gc.enable)
+        earlier = custom.Layer(custom.RequestHandler, name="COLLECTABLE")
+        earlier.cycle = earlier
+        del earlier
+        again = custom.Layer(custom.RequestHandler, name="COLLECTABLE")
+        self.assertEqual((again.__module__, again.__name__), (__name__, "COLLECTABLE"))
