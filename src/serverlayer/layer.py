@@ -69,9 +69,9 @@ def assigned_name(layer: plone.testing.Layer) -> str | None:
     are the same in every process that imports the module (zope.testrunner's
     ``-j`` subprocesses find their layer by name) and which zope.testrunner's
     ``layer_from_name`` can import. The name is the target of the store
-    instruction right after the call: the compiler puts it there for
-    ``NAME = Layer(...)`` and ``NAME: T = Layer(...)``, and for nothing else
-    (a chained assignment or a list of layers has other instructions there).
+    instruction right after the call (past an EXTENDED_ARG, as in modules of
+    over 256 names): the compiler puts it there for ``NAME = Layer(...)`` and
+    ``NAME: T = Layer(...)`` only (a chained assignment has other instructions).
     """
     frame = _creating_frame(layer, sys._getframe(1))
     if frame is None:
@@ -82,7 +82,7 @@ def assigned_name(layer: plone.testing.Layer) -> str | None:
     instructions = dis.get_instructions(frame.f_code)
     for instruction in instructions:
         if instruction.offset == frame.f_lasti:  # the call that is creating the layer
-            following = next(instructions, None)
+            following = next((each for each in instructions if each.opname != "EXTENDED_ARG"), None)
             if following is not None and following.opname in stores:
                 return str(following.argval)
             return None

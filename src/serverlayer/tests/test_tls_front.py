@@ -4,6 +4,7 @@ settles HTTP/2-capable clients on HTTP/1.1 by ALPN."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import socket
@@ -11,9 +12,11 @@ import ssl
 import subprocess
 import time
 import unittest
+import warnings
 
 from serverlayer import custom, wsgi
-from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.reporting import ErrorLog
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
 
 
 def environ_app(environ, start_response):
@@ -224,3 +227,67 @@ class ALPNTests(unittest.TestCase):
         body, http_version = completed.stdout.rsplit("\n", 1)
         self.assertEqual(http_version, "1.1")
         self.assertEqual(json.loads(body)["SERVER_PORT"], str(self.layer["http_port"]))
+
+
+class TearDownTests(unittest.TestCase):
+
+    def test_tear_down_lets_go_of_clients_before_and_during_their_handshake(self):
+        """A client that connected and never started its handshake, and one
+        inside a request, are cut off; every socket is closed."""
+        threads, descriptors = thread_names(), open_descriptors()
+        layer = wsgi.Layer(environ_app, name="tls_front_tear_down", tls=True)
+        layer.setUp()
+        try:
+            address = (layer["http_host"], layer["http_port"])
+            silent = socket.create_connection(address, timeout=5)
+            inside = layer["ssl_context"].wrap_socket(
+                socket.create_connection(address, timeout=5), server_hostname=layer["http_host"]
+            )
+            inside.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ")
+            self.assertEqual(json.loads(ask(layer, "127.0.0.1")[1][0]["SERVER_PORT"]), layer["http_port"])
+        finally:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                layer.tearDown()
+                gc.collect()  # a socket left for the collector would warn now
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        with silent, inside:
+            self.assertEqual(silent.recv(1), b"")  # closed, not left to time out
+            try:
+                self.assertEqual(inside.recv(1), b"")
+            except (ssl.SSLError, ConnectionResetError):
+                pass  # cut off without a TLS goodbye: closed as well
+        self.assertEqual(thread_names(), threads)
+        self.assertEqual(open_descriptors(), descriptors)
+
+
+class LoopExceptionTests(unittest.TestCase):
+    """What asyncio reports to the front's loop goes into the layer's error log."""
+
+    def front(self) -> tuple[ErrorLog, object]:
+        from serverlayer.tls import TLSFront
+
+        errors = ErrorLog("the test's layer")
+        front = TLSFront.__new__(TLSFront)  # no sockets: only its exception handler is used
+        front.errors = errors
+        return errors, front
+
+    def test_an_exception_is_reported_with_its_traceback(self):
+        errors, front = self.front()
+        try:
+            raise ValueError("raised in a callback")
+        except ValueError as error:
+            front._loop_exception(None, {"message": "Exception in callback", "exception": error})
+        [report] = errors.take()
+        self.assertTrue(report.startswith("Exception in callback\nTraceback (most recent call last):"), report)
+        self.assertIn("ValueError: raised in a callback", report)
+
+    def test_a_message_without_an_exception_is_reported_as_it_is(self):
+        errors, front = self.front()
+        front._loop_exception(None, {"message": "Task was destroyed but it is pending!"})
+        self.assertEqual(errors.take(), ["Task was destroyed but it is pending!"])
+
+    def test_a_client_hanging_up_is_no_error(self):
+        errors, front = self.front()
+        front._loop_exception(None, {"message": "reset", "exception": ConnectionResetError()})
+        self.assertEqual(errors.take(), [])

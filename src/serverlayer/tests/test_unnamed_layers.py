@@ -65,6 +65,14 @@ class NamingTests(unittest.TestCase):
         self.assertIn(f"{__name__}.TWICE", str(caught.exception))
         del keep
 
+    def test_a_layer_deep_in_a_long_module_is_named_after_its_variable(self):
+        """Where the call is (its bytecode offset) is compared by value: far
+        into a module it is a number Python does not cache."""
+        code = "\n".join(f"filler_{number} = {number}" for number in range(300)) + "\nDEEP_LAYER = Layer(app)\n"
+        namespace = {"__name__": __name__, "Layer": wsgi.Layer, "app": app}
+        exec(compile(code, "<a long module>", "exec"), namespace)
+        self.assertEqual(namespace["DEEP_LAYER"].__name__, "DEEP_LAYER")
+
     def test_a_layer_made_in_another_objects_init_is_not_named_after_that_objects_variable(self):
         class Holder:
             def __init__(self) -> None:
