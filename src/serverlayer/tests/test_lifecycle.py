@@ -239,6 +239,12 @@ class BadAddressTests(unittest.TestCase):
         self.assertTrue(plain["http_url"].startswith("http://"), plain["http_url"])
         self.assertEqual(fetch(plain["http_url"]), f"hello from {plain['http_port']}".encode())
 
+    def test_wsgi_threads_at_least_one(self):
+        self.assertEqual(wsgi.Layer(hello_app, name="one_thread", threads=1).threads, 1)
+        with self.assertRaises(ConfigurationError) as caught:
+            wsgi.Layer(hello_app, name="no_threads", threads=0)
+        self.assertIn("threads=0 must be a whole number of at least 1", str(caught.exception))
+
     def test_port_numbers_at_the_bounds(self):
         self.assertEqual(wsgi.Layer(hello_app, name="highest_port", port=65535).port, 65535)
         self.assertEqual(wsgi.Layer(hello_app, name="highest_port_text", port="65535").port, 65535)
@@ -410,6 +416,22 @@ class ServerThreadTests(unittest.TestCase):
         self.assertIn("<the broken layer>", str(caught.exception))
         self.assertIsInstance(caught.exception.__cause__, RuntimeError)
         self.assertFalse(running.thread.is_alive())
+
+    def test_tls_layer_setup_failure_closes_both_sockets(self):
+        class BrokenBehindTLS(wsgi.Layer):
+            def make_server(self, sockets):
+                self.made_with = sockets
+                raise RuntimeError("cannot make the server behind TLS")
+
+        set_up_by_hand(self, wsgi.Layer(hello_app, name="tls_made_once", tls=True))  # the CA exists from here
+        descriptors, threads = open_descriptors(), thread_names()
+        layer = BrokenBehindTLS(hello_app, name="broken_behind_tls", tls=True)
+        with self.assertRaises(RuntimeError):
+            layer.setUp()
+        self.assertEqual([sock.fileno() for sock in layer.made_with], [-1])
+        self.assertEqual(open_descriptors(), descriptors)
+        self.assertEqual(thread_names(), threads)
+        layer.tearDown()
 
     def test_layer_setup_failure_closes_the_socket(self):
         class BrokenLayer(ServerLayer):

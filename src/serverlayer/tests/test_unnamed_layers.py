@@ -12,7 +12,10 @@ import gc
 import re
 import unittest
 
+import plone.testing
+
 from serverlayer import LayerIdentityError, custom, wsgi
+from serverlayer.layer import claim_identity
 from serverlayer.tests.helpers import run_testrunner
 
 SAMPLE = "unnamed_pkg.sample_unnamed"
@@ -83,6 +86,23 @@ class NamingTests(unittest.TestCase):
         self.addCleanup(globals().pop, "HOLDER")
         self.assertEqual(HOLDER.layer.__module__, __name__)
         self.assertRegex(HOLDER.layer.__name__, r"^Layer(_\d+)?$")
+
+    def test_a_layer_made_in_a_class_body_is_not_named_after_the_class_attribute(self):
+        class Holder:
+            LAYER_IN_A_CLASS = wsgi.Layer(app)
+
+        self.assertEqual(Holder.LAYER_IN_A_CLASS.__module__, __name__)
+        self.assertRegex(Holder.LAYER_IN_A_CLASS.__name__, r"^Layer(_\d+)?$")
+
+    def test_a_taken_identity_claimed_by_name_is_refused(self):
+        """A name the user chose (zopeappwsgi's layers claim theirs so) is
+        refused, not changed, when a live layer has it."""
+        keep = wsgi.Layer(app, name="CLAIMED")
+        other = plone.testing.Layer(name="CLAIMED", module=__name__)
+        with self.assertRaises(LayerIdentityError):
+            claim_identity(other)
+        self.assertEqual(other.__name__, "CLAIMED")
+        del keep
 
     def test_a_layer_waiting_for_the_cycle_collector_does_not_keep_its_name(self):
         """A layer of an earlier run of the same code (a repeated doctest)
