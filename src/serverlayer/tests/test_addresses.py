@@ -398,6 +398,14 @@ class BusyPortTests(MadeUpNames):
         self.assertEqual(open_descriptors(), descriptors)
         layer.tearDown()
 
+    def test_a_name_sorting_before_its_addresses_is_still_explained(self):
+        port = self.occupy("::1")
+        layer = wsgi.Layer(hello_app, name="digit_name_busy", host="0.dual.test", port=port)
+        with resolving({"0.dual.test": ["127.0.0.1", "::1"]}), self.assertRaises(AddressInUseError) as caught:
+            layer.setUp()
+        self.assertIn(f"[::1]:{port} ('0.dual.test' is 127.0.0.1 and ::1; host from host=", str(caught.exception))
+        layer.tearDown()
+
     def test_fixed_port_free_at_every_address_is_used_at_every_address(self):
         with socket.socket() as probe:  # a port that is free now
             probe.bind(("127.0.0.1", 0))
