@@ -222,8 +222,10 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent], *, again: boo
         'name = "local"\n'
     )
     cosmic_ray = [sys.executable, "-m", "cosmic_ray.cli"]
+    killed: set[str] = set()
     if again:
         shutil.move(kept, session)
+        killed = killed_before(session)
         forget_survivors(session)
     else:
         subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=copy, env=environment, check=True)
@@ -237,6 +239,12 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent], *, again: boo
                 module, source, mutation.operator_name, mutation.occurrence, tuple(mutation.start_pos),
                 tuple(mutation.end_pos), equivalents,
             )
+            if reason is not None and item.job_id in killed:
+                used.add(reason)
+                print(f"{EQUIVALENT.name}: {module}:{mutation.start_pos[0]} {mutation.operator_name}"
+                      f"#{mutation.occurrence} is listed as equivalent, but the tests killed it: give the"
+                      " line the occurrence it means, or remove it", flush=True)
+                continue
             if reason is not None:
                 used.add(reason)
                 not_counted += 1
@@ -250,6 +258,13 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent], *, again: boo
               f" {db.num_work_items - not_counted - pending} run before), {seconds:.1f} s of tests each", flush=True)
     subprocess.run([*cosmic_ray, "exec", str(config), str(session)], cwd=copy, env=environment, check=True)
     return score(module, session, not_counted)
+
+
+def killed_before(session: Path) -> set[str]:
+    """The job ids of the mutants the tests killed in ``session``."""
+    with contextlib.closing(sqlite3.connect(session)) as database:
+        query = "SELECT job_id FROM work_results WHERE test_outcome = ?"
+        return {job_id for (job_id,) in database.execute(query, (TestOutcome.KILLED.name,))}
 
 
 def forget_survivors(session: Path) -> None:
