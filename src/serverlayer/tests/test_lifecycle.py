@@ -131,6 +131,23 @@ class WhereItListensTests(unittest.TestCase):
         self.assertEqual(layer["http_port"], free_port)
         self.assertEqual(fetch(layer["http_url"]), f"hello from {free_port}".encode())
 
+    def test_fixed_port_is_set_up_again_right_after_tear_down(self):
+        """The server closed a connection first, so the port has a
+        connection in TIME_WAIT: setting up on it again at once works."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free_port = probe.getsockname()[1]
+        layer = custom.Layer(Hello, name="fixed_port_again", port=free_port)
+        for _ in range(2):
+            with Running(layer):
+                with socket.create_connection(("127.0.0.1", free_port), timeout=5) as client:
+                    client.sendall(b"GET / HTTP/1.0\r\n\r\n")  # HTTP/1.0: the server closes first
+                    answer = b""
+                    while chunk := client.recv(4096):
+                        answer += chunk
+                self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer)
+                self.assertTrue(answer.endswith(b"hello"), answer)
+
     def test_host_and_port_preset_by_a_base_layer(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
