@@ -28,6 +28,7 @@ import argparse
 import ast
 import contextlib
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -157,7 +158,16 @@ def copy_checkout(target: Path) -> None:
     )
 
 
-def test_command(tests: Iterable[str]) -> list[str]:
+def test_command(tests: Iterable[str], copy: Path) -> list[str]:
+    """A script that runs the tests in a scratch directory made afresh each
+    time (a mutant of the static layer can delete the directory it runs in)."""
+    scratch = shlex.quote(str(copy.parent / f"{copy.name}-scratch"))
+    script = copy.parent / f"{copy.name}-tests.sh"
+    script.write_text(f"mkdir -p {scratch} && cd {scratch} && exec {shlex.join(runner_command(tests, copy / 'src'))}\n")
+    return ["sh", str(script)]
+
+
+def runner_command(tests: Iterable[str], source: Path) -> list[str]:
     modules, selected = [], []
     for test in tests:
         module, _, test_class = test.partition(".")
@@ -167,7 +177,7 @@ def test_command(tests: Iterable[str]) -> list[str]:
         selected += ["-t", f"\\(serverlayer\\.tests\\.{module}\\.{test_class + '[.)]' if test_class else ''}"]
     # --stop-on-error: the first failure kills the mutant; the rest of the
     # tests would only take time.
-    runner = [sys.executable, "-W", "error", "-m", "zope.testrunner", "--test-path=src", "--stop-on-error"]
+    runner = [sys.executable, "-W", "error", "-m", "zope.testrunner", f"--test-path={source}", "--stop-on-error"]
     return [*runner, *modules, *selected]
 
 
@@ -200,7 +210,7 @@ def mutate(module: str, work: Path, equivalents: list[Equivalent], *, again: boo
         shutil.move(session, kept)
     shutil.rmtree(copy, ignore_errors=True)
     copy_checkout(copy)
-    command = test_command(MODULES[module])
+    command = test_command(MODULES[module], copy)
     environment = {**os.environ, "PYTHONPATH": str(copy / "src")}
     environment.pop("SERVERLAYER_VERBOSE", None)
     started = time.monotonic()
