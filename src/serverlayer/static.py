@@ -151,11 +151,12 @@ class Layer(custom.Layer):
     def testSetUp(self) -> None:
         super().testSetUp()
         if self._temporary is not None:
-            for entry in os.scandir(self._temporary):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
+            with os.scandir(self._temporary) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
 
     def handler_arguments(self) -> dict[str, Any]:
         return {"directory": self["documentroot"], "follow_symlinks": self.follow_symlinks}

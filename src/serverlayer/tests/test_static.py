@@ -7,12 +7,14 @@ import email.utils
 import http.client
 import os
 import shutil
+import socket
 import tempfile
 import unittest
 import urllib.error
 import urllib.request
+from unittest import mock
 
-from serverlayer import ConfigurationError, static
+from serverlayer import ConfigurationError, custom, static
 from serverlayer.tests.helpers import raw_request, set_up_by_hand
 
 SECRET = b"TOP-SECRET: must never be served"
@@ -238,3 +240,84 @@ class GivenDirectoryTests(unittest.TestCase):
         self.assertIn("/no/such/directory", str(caught.exception))
         self.assertIn("not a directory", str(caught.exception))
         self.assertEqual(layer._resources, {})
+
+
+class HandlerTests(unittest.TestCase):
+    """What the handler does beyond what SimpleHTTPRequestHandler does."""
+
+    def test_the_root_directory_is_listed(self):
+        layer = set_up_by_hand(self, static.Layer(name="static_root_listed"))
+        with open(os.path.join(layer["documentroot"], "listed.txt"), "wb") as file:
+            file.write(b"x")
+        status, _, body = get(layer["http_url"])
+        self.assertEqual(status, 200)
+        self.assertIn(b"listed.txt", body)
+
+    def test_files_go_out_with_sendfile(self):
+        layer = set_up_by_hand(self, static.Layer(name="static_sendfile"))
+        with open(os.path.join(layer["documentroot"], "big.bin"), "wb") as file:
+            file.write(b"0123456789" * 100_000)
+        with mock.patch.object(socket.socket, "sendfile", autospec=True, side_effect=socket.socket.sendfile) as sent:
+            status, _, body = get(layer["http_url"] + "big.bin")
+        self.assertEqual((status, len(body)), (200, 1_000_000))
+        self.assertEqual(sent.call_count, 1)
+
+    def test_a_name_the_file_system_cannot_encode_is_not_found(self):
+        layer = set_up_by_hand(self, static.Layer(name="static_surrogate"))
+        self.assertTrue(raw_request(layer["http_host"], layer["http_port"],
+                                    b"GET /%ED%A0%80 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(REFUSED))
+        self.assertEqual(get(layer["http_url"] + "missing")[0], 404)  # still serving; the test checks for errors
+
+    def test_a_handler_without_a_directory_names_its_server(self):
+        class Homeless(static.StaticFileRequestHandler):
+            pass
+
+        layer = set_up_by_hand(self, custom.Layer(Homeless, name="static_homeless"))
+        with self.assertRaises(http.client.HTTPException):
+            http_get_raw(layer)
+        [error] = layer.server_errors.take()
+        self.assertIn(
+            f"Homeless, serving {layer['http_host']}:{layer['http_port']}, has no directory to serve.", error
+        )
+
+    def test_a_gocept_style_handler_follows_symbolic_links(self):
+        outside = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, outside)
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        with open(os.path.join(outside, "elsewhere.txt"), "wb") as file:
+            file.write(b"linked")
+        os.symlink(os.path.join(outside, "elsewhere.txt"), os.path.join(root, "link.txt"))
+
+        class Handler(static.StaticFileRequestHandler):
+            documentroot = root
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="static_gocept_links"))
+        self.assertEqual(get(layer["http_url"] + "link.txt")[::2], (200, b"linked"))
+
+    def test_a_temporary_directory_the_test_removed_is_no_error_in_tear_down(self):
+        layer = static.Layer(name="static_removed_root")
+        layer.setUp()
+        shutil.rmtree(layer["documentroot"])
+        layer.tearDown()  # no FileNotFoundError
+
+    def test_a_link_to_a_directory_is_removed_between_tests_not_its_target(self):
+        outside = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, outside)
+        with open(os.path.join(outside, "kept.txt"), "wb") as file:
+            file.write(b"kept")
+        layer = set_up_by_hand(self, static.Layer(name="static_dir_link"))
+        os.symlink(outside, os.path.join(layer["documentroot"], "linked-dir"))
+        layer.testTearDown()
+        layer.testSetUp()
+        self.assertEqual(os.listdir(layer["documentroot"]), [])
+        self.assertEqual(os.listdir(outside), ["kept.txt"])
+
+
+def http_get_raw(layer) -> bytes:
+    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+    try:
+        connection.request("GET", "/")
+        return connection.getresponse().read()
+    finally:
+        connection.close()
