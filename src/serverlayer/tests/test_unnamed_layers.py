@@ -76,6 +76,11 @@ class NamingTests(unittest.TestCase):
         exec(compile(code, "<a long module>", "exec"), namespace)
         self.assertEqual(namespace["DEEP_LAYER"].__name__, "DEEP_LAYER")
 
+    def test_a_layer_assigned_to_two_names_at_once_is_named_after_neither(self):
+        namespace = {"__name__": __name__, "Layer": wsgi.Layer, "app": app}
+        exec(compile("CHAINED_A = CHAINED_B = Layer(app)\n", "<a chained assignment>", "exec"), namespace)
+        self.assertRegex(namespace["CHAINED_A"].__name__, r"^Layer(_\d+)?$")
+
     def test_a_layer_made_in_another_objects_init_is_not_named_after_that_objects_variable(self):
         class Holder:
             def __init__(self) -> None:
