@@ -318,6 +318,13 @@ def page_state(driver) -> str | None:
     return driver.execute_script("return document.body && document.body.dataset.state")
 
 
+def shown(driver: Any) -> str:
+    """What the browser shows, for a failure message: Chromium's error
+    pages name the error (``ERR_CONNECTION_RESET``) in their text."""
+    text = driver.execute_script("return document.body ? document.body.innerText : ''") or ""
+    return f"{driver.current_url} shows {' '.join(text.split())[:300]!r}"
+
+
 def wait_until(driver: Any, condition: Any, message: str) -> Any:
     """Poll ``condition(driver)`` until it returns something true."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -384,7 +391,7 @@ class RemoteBrowserTests(unittest.TestCase):
 
         driver.get(http["http_url"] + "contact")  # returns after the load event
 
-        self.assertEqual(driver.title, "Contact")
+        self.assertEqual(driver.title, "Contact", shown(driver))
         self.assertEqual(driver.find_element("id", "client").text, node.node_address)  # from the node indeed
         greeting = driver.find_element("id", "greeting")
         self.assertEqual(greeting.value_of_css_property("color"), "rgba(0, 128, 0, 1)")
@@ -414,7 +421,7 @@ class RemoteBrowserTests(unittest.TestCase):
 
         driver.get(secure["http_url"])
 
-        self.assertEqual(driver.title, "Secure")  # not "Privacy error"
+        self.assertEqual(driver.title, "Secure", shown(driver))  # not "Privacy error"
         self.assertEqual(driver.find_element("id", "scheme").text, "https")
         self.assertEqual(wait_until(driver, page_state, "the page rendered nothing"), "rendered")
         self.assertEqual(driver.find_element("id", "ping").text, "pong over https:")
@@ -430,7 +437,7 @@ class RemoteBrowserTests(unittest.TestCase):
 
         driver.get(secure["http_url"])
 
-        self.assertEqual(driver.title, "Secure")  # the certificate names the public host
+        self.assertEqual(driver.title, "Secure", shown(driver))  # the certificate names the public host
         self.assertEqual(wait_until(driver, page_state, "the page rendered nothing"), "rendered")
         self.assertEqual(driver.find_element("id", "ping").text, "pong over https:")
         [page, _ping] = secure["http_requests"]
