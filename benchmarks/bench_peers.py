@@ -731,6 +731,15 @@ def warm_up(
     return on_each(running, provide_and_get, quiet, notes, f"{what}, warm-up")
 
 
+def threads_left_running(before: set[threading.Thread]) -> bool:
+    """Whether a thread started since ``before`` is still running
+    ``THREAD_GRACE`` seconds from now."""
+    new = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in new:
+        thread.join(THREAD_GRACE)
+    return any(thread.is_alive() for thread in new)
+
+
 # 1. setUp + tearDown.
 
 
@@ -753,10 +762,8 @@ def bench_lifecycle(
                 start_cpu = time.process_time()
                 milliseconds = _timing.elapsed(lambda: server.start().stop()) * 1000
                 cpu[name].append((time.process_time() - start_cpu) * 1000)
-                new = [thread for thread in threading.enumerate() if thread not in before]
-                for thread in new:
-                    thread.join(THREAD_GRACE)
-            if any(thread.is_alive() for thread in new):
+                still_running = threads_left_running(before)
+            if still_running:
                 left[name] = left.get(name, 0) + 1
             return milliseconds
 
@@ -923,10 +930,7 @@ def bench_stalled(
                     if stopper.is_alive():
                         stops.hung[name] += 1
                     else:
-                        new = [t for t in threading.enumerate() if t not in before and t is not stopper]
-                        for thread in new:
-                            thread.join(THREAD_GRACE)
-                        stops.threads_left[name] += any(thread.is_alive() for thread in new)
+                        stops.threads_left[name] += threads_left_running(before | {stopper})
                         stops.clients_held[name] += len(clients) - let_go(clients)
                 finally:
                     for sock in clients:
