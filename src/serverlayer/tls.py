@@ -162,7 +162,11 @@ class TLSFront(AsyncioServer):
         return await asyncio.start_server(self._forward, sock=sock, ssl=self.context)
 
     def serve(self, ready: Callable[[], None]) -> None:
-        self._backend_thread.start(owner=self._thread_name)
+        try:
+            self._backend_thread.start(owner=self._thread_name)
+        except BaseException:
+            self.loop.close()  # it will never run; its descriptors go now
+            raise
         super().serve(ready)
 
     def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:

@@ -4,12 +4,14 @@ publishes, and how it starts and stops."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 import threading
 import time
 import unittest
 import urllib.request
+import warnings
 from unittest import mock
 
 import plone.testing
@@ -445,6 +447,29 @@ class ServerThreadTests(unittest.TestCase):
         layer = BrokenBehindTLS(hello_app, name="broken_behind_tls", tls=True)
         with self.assertRaises(RuntimeError):
             layer.setUp()
+        self.assertEqual([sock.fileno() for sock in layer.made_with], [-1])
+        self.assertEqual(open_descriptors(), descriptors)
+        self.assertEqual(thread_names(), threads)
+        layer.tearDown()
+
+    def test_tls_layer_whose_server_behind_fails_closes_every_socket(self):
+        """The front's own loop never ran: its listening sockets are closed
+        by the front, not left to asyncio."""
+        class FailsBehindTLS(wsgi.Layer):
+            def make_server(self, sockets):
+                self.made_with = sockets
+                return BrokenServer()
+
+        set_up_by_hand(self, wsgi.Layer(hello_app, name="tls_made_first", tls=True))  # the CA exists from here
+        descriptors, threads = open_descriptors(), thread_names()
+        layer = FailsBehindTLS(hello_app, name="fails_behind_tls", tls=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with self.assertRaises(SetUpError) as raised:
+                layer.setUp()
+            gc.collect()  # a socket left for the collector would warn now
+        self.assertIn("cannot serve today", str(raised.exception))
+        self.assertEqual([str(warning.message) for warning in caught], [])
         self.assertEqual([sock.fileno() for sock in layer.made_with], [-1])
         self.assertEqual(open_descriptors(), descriptors)
         self.assertEqual(thread_names(), threads)

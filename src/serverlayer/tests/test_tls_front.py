@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import unittest
 import warnings
@@ -17,6 +18,7 @@ import warnings
 from serverlayer import custom, wsgi
 from serverlayer.reporting import ErrorLog
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
+from serverlayer.tests.test_hardening import TEAR_DOWN_BOUND
 
 
 def environ_app(environ, start_response):
@@ -248,9 +250,15 @@ class TearDownTests(unittest.TestCase):
         finally:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ResourceWarning)
+                started = time.monotonic()
                 layer.tearDown()
+                took = time.monotonic() - started
                 gc.collect()  # a socket left for the collector would warn now
         self.assertEqual([str(warning.message) for warning in caught], [])
+        # Cut off, not closed politely: a TLS close waits up to a second
+        # (tls.CLOSE_TIMEOUT) for the client's goodbye, which a stalled
+        # client never sends.
+        self.assertLess(took, TEAR_DOWN_BOUND, f"tearDown took {took:.3f}s")
         with silent, inside:
             self.assertEqual(silent.recv(1), b"")  # closed, not left to time out
             try:
@@ -259,6 +267,50 @@ class TearDownTests(unittest.TestCase):
                 pass  # cut off without a TLS goodbye: closed as well
         self.assertEqual(thread_names(), threads)
         self.assertEqual(open_descriptors(), descriptors)
+
+
+    def test_connections_accepted_in_the_loops_last_round_are_closed(self):
+        """asyncio accepts a connection and hands it to a task that has not
+        run yet when the loop stops in the same round; the front closes it
+        rather than leave it to the garbage collector, and the client
+        learns at once that it is gone."""
+        layer = wsgi.Layer(environ_app, name="tls_front_last_round", tls=True)
+        layer.setUp()
+        front = layer._running.server
+        paused, resume = threading.Event(), threading.Event()
+        clients: list[socket.socket] = []
+        try:
+            def pause() -> None:
+                paused.set()
+                resume.wait(5)
+
+            front.loop.call_soon_threadsafe(pause)
+            self.assertTrue(paused.wait(5))
+            # The system completes these connections while the loop is held,
+            # so the loop accepts all three in the round that also stops it.
+            for _ in range(3):
+                clients.append(socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5))
+            front.request_stop()
+        finally:
+            resume.set()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                layer.tearDown()
+                gc.collect()
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        for client in clients:
+            with client:
+                self.assertEqual(client.recv(1), b"")
+
+    def test_asking_a_finished_loop_to_stop_is_harmless(self):
+        """The loop may end on its own between the check that its thread
+        lives and the request to stop it."""
+        layer = wsgi.Layer(environ_app, name="tls_front_finished", tls=True)
+        layer.setUp()
+        front = layer._running.server
+        layer.tearDown()
+        self.assertTrue(front.loop.is_closed())
+        front.request_stop()
 
 
 class LoopExceptionTests(unittest.TestCase):
