@@ -245,11 +245,24 @@ class MalformedChunkedBodyTests(unittest.TestCase):
             with self.subTest(size=size):
                 self.assertRefused(self.answer(size + b"\r\nabc\r\n0\r\n\r\n"), "bad chunk size")
 
+    def test_a_bad_chunk_size_is_shown_in_its_first_20_bytes(self):
+        self.assertRefused(self.answer(b"z" * 30 + b"\r\nabc\r\n0\r\n\r\n"),
+                           "bad chunk size b'zzzzzzzzzzzzzzzzzzzz', expected 1 to 16 hex digits")
+
+    def test_sizes_of_several_hex_digits(self):
+        first, second = os.urandom(0x1A), os.urandom(0x100)
+        answer = self.answer(b"1a\r\n" + first + b"\r\n100\r\n" + second + b"\r\n0\r\n\r\n", half_close=True)
+        [(status, _, page)], rest = parse_responses(answer, ["POST"])
+        self.assertEqual((status, page, rest), (200, b"seen /upload", b""))
+        self.assertEqual([request.body for request in self.layer["http_requests"]], [first + second])
+
     def test_chunk_data_without_crlf(self):
         self.assertRefused(self.answer(b"3\r\nabcX\r\n0\r\n\r\n"), "chunk of 3 bytes not followed by CRLF")
 
     def test_connection_closed_in_the_middle(self):
-        for body in (b"5\r\nab", b"5\r\nabcde", b"5\r\nabcde\r\n", b"5\r\nabcde\r\n0\r\nX-Trailer: 1\r\n", b"5"):
+        # The last: a line as long as allowed (65536 bytes), cut before its end.
+        for body in (b"5\r\nab", b"5\r\nabcde", b"5\r\nabcde\r\n", b"5\r\nabcde\r\n0\r\nX-Trailer: 1\r\n", b"5",
+                     b"3;" + b"x" * 65534):
             with self.subTest(body=body):
                 self.assertRefused(self.answer(body, half_close=True), "connection closed")
 
@@ -287,19 +300,28 @@ class MalformedChunkedBodyTests(unittest.TestCase):
         self.assertEqual([request.body for request in self.layer["http_requests"]], [b"abc"])
 
     def test_a_transfer_coding_without_chunked_last(self):
-        self.assertRefused(self.answer(b"abc", transfer_encoding=b"gzip", half_close=True),
-                           "chunked must be the last transfer coding")
+        for codings in (b"gzip", b"chunked, br"):
+            with self.subTest(codings=codings):
+                self.assertRefused(self.answer(b"abc", transfer_encoding=codings, half_close=True),
+                                   "chunked must be the last transfer coding")
+
+    def test_a_request_http_server_refuses_is_neither_recorded_nor_handled(self):
+        headers = b"".join(b"X-Header-%d: %d\r\n" % (number, number) for number in range(101))
+        answer = exchange(self.layer, b"POST /upload HTTP/1.1\r\n" + headers + b"Content-Length: 3\r\n\r\nabc")
+        [(status, _, _)], rest = parse_responses(answer, ["POST"])
+        self.assertEqual((status, rest), (431, b""))  # http.server: too many headers
+        self.assertEqual(list(self.layer["http_requests"]), [])
 
 
 class ExpectContinueChecks:
     """Recording reads the body before the handler runs, so the interim
     ``100 Continue`` must come before that, and only once."""
 
-    def expect_continue(self, framing, body, *, then=b""):
+    def expect_continue(self, framing, body, *, then=b"", version=b"HTTP/1.1"):
         """Send headers with ``Expect: 100-continue``, wait for the 100,
         then send ``body`` and ``then``; what follows the 100."""
         with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=0.5) as sock:
-            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + framing + b"\r\n")
+            sock.sendall(b"POST /upload " + version + b"\r\nHost: x\r\nExpect: 100-continue\r\n" + framing + b"\r\n")
             interim = b""
             while not interim.endswith(b"\r\n\r\n"):
                 interim += sock.recv(1)  # a timeout here: no 100 Continue
@@ -329,6 +351,27 @@ class ExpectContinueTests(ExpectContinueChecks, unittest.TestCase):
         self.assertEqual(self.layer["http_requests"][0].body, DECODED)
 
 
+class RefusesExpectations(HTTP10Uploads):
+    """Refuses every expectation, as a handler may that checks a request's
+    headers before it wants the body."""
+
+    def handle_expect_100(self):
+        self.send_error(417)
+        return False
+
+
+class RefusedExpectationTests(unittest.TestCase):
+    layer = custom.Layer(RefusesExpectations, name="CHUNKED_REFUSED_EXPECTATIONS")
+
+    def test_a_refused_expectation_is_the_answer(self):
+        """The client gets the refusal, without sending its body."""
+        received = exchange(self.layer, b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                        b"Content-Length: 4\r\n\r\n")
+        [(status, _, _)], rest = parse_responses(received, ["POST"])
+        self.assertEqual((status, rest), (417, b""))
+        self.assertEqual(list(self.layer["http_requests"]), [])
+
+
 class HTTP10HandlerExpectContinueTests(ExpectContinueChecks, unittest.TestCase):
     """``BaseHTTPRequestHandler`` answers ``Expect`` only for HTTP/1.1 handlers."""
 
@@ -339,6 +382,22 @@ class HTTP10HandlerExpectContinueTests(ExpectContinueChecks, unittest.TestCase):
         self.assertTrue(received.startswith(b"HTTP/1.0 200 "), received)
         self.assertTrue(received.endswith(b"\r\n\r\n4"), received)
         self.assertEqual(self.layer["http_requests"][0].body, b"body")
+
+    def test_a_later_minor_version_of_http_1_gets_its_continue(self):
+        received = self.expect_continue(b"Content-Length: 4\r\n", b"body", version=b"HTTP/1.2")
+        self.assertTrue(received.startswith(b"HTTP/1.0 200 "), received)
+        self.assertEqual(self.layer["http_requests"][0].body, b"body")
+
+    def test_no_continue_unless_an_http_1_1_client_expects_it(self):
+        """RFC 9110 section 10.1.1: a 100 only for a 100-continue
+        expectation, never to an HTTP/1.0 client."""
+        for head in (b"POST /upload HTTP/1.1\r\nHost: x\r\n",
+                     b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: x-other\r\n",
+                     b"POST /upload HTTP/1.0\r\nExpect: 100-continue\r\n"):
+            with self.subTest(head=head):
+                received = exchange(self.layer, head + b"Content-Length: 4\r\n\r\nbody")
+                self.assertTrue(received.startswith(b"HTTP/1.0 200 "), received)
+                self.assertTrue(received.endswith(b"\r\n\r\n4"), received)
 
     def test_no_body_no_continue(self):
         received = exchange(self.layer, b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
