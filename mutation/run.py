@@ -58,7 +58,10 @@ MODULES: dict[str, tuple[str, ...]] = {
         "test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api",
         "test_hardening.LateServerErrorTests", "test_custom.HandlerValidationTests", "test_reporting",
     ),
-    "smtp": ("test_smtp",),
+    "smtp": (
+        "test_smtp", "test_tls.SMTPTLSTests", "test_hardening.SMTPHardeningTests",
+        "test_hardening.MisbehavingSMTPClientTests", "test_integrations.MailSinkTests",
+    ),
     "content": ("test_content", "test_content_protocol"),
 }
 
