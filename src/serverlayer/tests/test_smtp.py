@@ -74,6 +74,7 @@ class ResourceTests(unittest.TestCase):
         for extension in ("smtputf8", "8bitmime", "size"):
             self.assertTrue(client.has_extn(extension), extension)
         self.assertFalse(client.has_extn("auth"))
+        self.assertEqual(client.esmtp_features["size"], str(32 * 1024 * 1024))  # aiosmtpd's default limit
 
 
 class OutboxTests(unittest.TestCase):
@@ -240,8 +241,27 @@ class RefusalTests(unittest.TestCase):
         self.assertEqual(len(self.layer["outbox"]), 1)
 
     def test_fail_data_needs_an_error_code(self):
-        with self.assertRaises(ConfigurationError):
-            self.layer["smtpd"].fail_data(250)
+        for code in (250, 399, 600):
+            with self.subTest(code=code), self.assertRaises(ConfigurationError) as caught:
+                self.layer["smtpd"].fail_data(code)
+            self.assertIn(f"fail_data({code}): use an SMTP error code from 400 to 599", str(caught.exception))
+
+    def test_fail_data_by_default_and_at_the_edges(self):
+        """With no code a temporary failure (451); the text says whether
+        to try again, from the code's first digit."""
+        for arguments, reply in (
+            ((), (451, b"4.3.0 Temporary failure, try again later")),
+            ((400,), (400, b"4.3.0 Temporary failure, try again later")),
+            ((499,), (499, b"4.3.0 Temporary failure, try again later")),
+            ((500,), (500, b"5.3.0 Message refused")),
+            ((599,), (599, b"5.3.0 Message refused")),
+        ):
+            with self.subTest(arguments=arguments):
+                self.layer["smtpd"].fail_data(*arguments)
+                with self.assertRaises(smtplib.SMTPDataError) as caught:
+                    Client.connect(self, self.layer).send_message(make_message())
+                self.assertEqual((caught.exception.smtp_code, caught.exception.smtp_error), reply)
+        self.assertEqual(len(self.layer["outbox"]), 0)
 
 
 class SizeLimitTests(unittest.TestCase):
@@ -270,6 +290,12 @@ class SizeLimitTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             smtp.Layer(name="BAD_LIMIT", data_size_limit=0)
 
+    def test_the_smallest_limit_is_one_byte(self):
+        layer = set_up_by_hand(self, smtp.Layer(name="ONE_BYTE_LIMIT", data_size_limit=1))
+        client = Client.connect(self, layer)
+        client.ehlo()
+        self.assertEqual(client.esmtp_features["size"], "1")
+
 
 class AuthTests(unittest.TestCase):
 
@@ -291,9 +317,12 @@ class AuthTests(unittest.TestCase):
 
     def test_wrong_password_is_refused(self):
         layer = self.serve(auth={"alice": "s3cret"})
-        with self.assertRaises(smtplib.SMTPAuthenticationError) as caught:
-            Client.connect(self, layer).login("alice", "guess")
-        self.assertEqual(caught.exception.smtp_code, 535)
+        # One before the right password in sort order, one after, and an unknown user.
+        for user, password in (("alice", "guess"), ("alice", "t0p"), ("mallory", "s3cret")):
+            with self.subTest(user=user, password=password):
+                with self.assertRaises(smtplib.SMTPAuthenticationError) as caught:
+                    Client.connect(self, layer).login(user, password)
+                self.assertEqual(caught.exception.smtp_code, 535)
 
     def test_check_function(self):
         seen = []
