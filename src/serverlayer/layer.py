@@ -240,8 +240,9 @@ class ServerLayer(plone.testing.Layer):
         raise NotImplementedError
 
     def build_server(self, sockets: Sequence[socket.socket], host: str) -> Server:
-        """The server ``setUp`` runs; layers that wrap ``make_server``'s
-        (in TLS, for one) override this."""
+        """The server ``setUp`` runs on ``sockets``, bound for ``host``;
+        layers that wrap ``make_server``'s (in TLS, for one) or need the
+        host (SMTP names it in its greeting) override this."""
         return self.make_server(sockets)
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:

@@ -370,12 +370,14 @@ class Layer(ServerLayer):
     def tls(self) -> bool:
         return self.starttls or self.implicit_tls
 
-    def make_server(self, sockets: Sequence[socket.socket]) -> SMTPServer:
-        addresses = [sock.getsockname()[0] for sock in sockets]
-        hostname = self.published_host(addresses[0])
+    def build_server(self, sockets: Sequence[socket.socket], host: str) -> SMTPServer:
+        # The greeting and the certificate name the host clients are told to
+        # use (``smtp_host``), as a mail server's greeting names its own.
+        hostname = self.published_host(host)
         context = None
         if self.tls:
-            names = tls.certificate_names(*addresses, hostname)
+            addresses = [sock.getsockname()[0] for sock in sockets]
+            names = tls.certificate_names(host, hostname, *addresses)
             context = tls.certificate_authority().server_context(names)
         return SMTPServer(
             sockets,

@@ -90,7 +90,8 @@ def get(address: str, port: int, *, context: ssl.SSLContext | None = None) -> by
         connection.close()
 
 
-def send_mail(layer: ServerLayer, address: str, subject: str) -> None:
+def send_mail(layer: ServerLayer, address: str, subject: str) -> bytes:
+    """Send a message to ``address`` (TLS verifies that name); the server's EHLO reply."""
     port = layer["smtp_port"]
     client: smtplib.SMTP
     if getattr(layer, "implicit_tls", False):
@@ -101,6 +102,7 @@ def send_mail(layer: ServerLayer, address: str, subject: str) -> None:
         if getattr(layer, "starttls", False):
             client.starttls(context=layer["ssl_context"])
         client.sendmail("a@example.com", ["b@example.com"], f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+        return client.ehlo_resp or b""
 
 
 #: Addresses reserved for documentation, which hardly any machine has.
@@ -187,6 +189,23 @@ class EveryAddressTests(MadeUpNames):
                 subjects = [message["Subject"] for message in layer["outbox"].wait_for(2, timeout=CLIENT_TIMEOUT)]
                 self.assertEqual(subjects, [f"to {address}" for address in DUAL])
                 self.assertEqual(listening_at(layer["smtp_port"]), set(DUAL))
+
+    def test_smtp_layer_greets_and_is_certified_as_its_host(self):
+        """A mail server's greeting names its host, and a client that
+        connects by the name ``smtp_host`` verifies the certificate against it."""
+        layers = {
+            "plain": smtp.Layer(name="named_smtp", host="mail.test"),
+            "starttls": smtp.Layer(name="named_smtp_starttls", host="mail.test", starttls=True),
+            "implicit_tls": smtp.Layer(name="named_smtp_implicit_tls", host="mail.test", implicit_tls=True),
+        }
+        for kind, layer in layers.items():
+            with self.subTest(kind=kind):
+                self.set_up(layer, {"mail.test": DUAL})
+                self.assertEqual(layer["smtp_host"], "mail.test")
+                with resolving({"mail.test": DUAL}):
+                    reply = send_mail(layer, "mail.test", kind)
+                self.assertEqual(reply.split(b"\n")[0], b"mail.test")
+                self.assertEqual([message["Subject"] for message in layer["outbox"]], [kind])
 
     def test_localhost_as_debian_resolves_it_reaches_clients_of_either_address(self):
         # The reported case: GOCEPT_HTTP_APP_HOST=localhost, and a client
