@@ -81,12 +81,13 @@ class Arrivals(Sequence[T], Generic[T]):
         count: int = 1,
         *,
         match: Callable[[T], bool] | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = 5.0,
     ) -> list[T]:
         """Wait until ``count`` items (matching ``match``, if given) arrived.
 
         Returns those items; raises ``timeout_error``, listing what did
         arrive, when they are not all there after ``timeout`` seconds.
+        ``timeout=None`` waits as long as it takes (Ctrl-C still stops it).
         """
 
         def matching() -> list[T]:

@@ -435,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m serverlayer.smtp",
         description="Receive mail over SMTP and print every message; nothing is delivered.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=1025, help="port to listen on, 0 for any free one (default: 1025)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=1025,
+                        help="port to listen on, 0 for any free one (default: %(default)s)")
     parser.add_argument("--maildir", help="also store every message in this Maildir")
     options = parser.parse_args(argv)
     layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port, maildir=options.maildir,
@@ -450,13 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = 0
     try:
         while True:
-            try:
-                arrived = outbox.wait_for(shown + 1, timeout=3600)
-            except MailTimeoutError:  # a quiet hour
-                continue
-            for message in arrived[shown:]:
-                _print_message(message, sys.stdout)
-                shown += 1
+            _print_message(outbox.wait_for(shown + 1, timeout=None)[shown], sys.stdout)
+            shown += 1
     except KeyboardInterrupt:
         return 0
     finally:

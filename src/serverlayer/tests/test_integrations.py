@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 from pathlib import Path
 
 from serverlayer.tests.helpers import SAMPLES, run_testrunner
+
+#: A bound on how long the tests wait for the mail sink to answer or print.
+CLIENT_TIMEOUT = 5.0
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 PYTEST_WARNINGS = [
@@ -73,63 +78,112 @@ SIGINT_DEFAULT = (
 
 class MailSinkTests(unittest.TestCase):
 
-    def start_sink(self, *args: str) -> subprocess.Popen[str]:
+    def start_sink(self, *args: str) -> tuple[subprocess.Popen[str], queue.Queue[str | None]]:
+        """The sink, and the lines it prints as they come (None at the end).
+
+        Its output goes to a pipe, as in ``python -m serverlayer.smtp | tee
+        mail.log``: without PYTHONUNBUFFERED (set here, perhaps), only what
+        the sink flushes arrives while it runs.
+        """
+        environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
         # With SIGINT's default action: a suite started in the background
         # by a shell (``&``) inherits SIGINT ignored, and so would the sink.
         sink = subprocess.Popen(
             [sys.executable, "-c", SIGINT_DEFAULT, "-X", "faulthandler", "-W", "error", "-m", "serverlayer.smtp",
              *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            env={**environment, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
-        self.addCleanup(_stop, sink)
-        return sink
+        lines: queue.Queue[str | None] = queue.Queue()
 
-    def test_prints_every_message_and_stops_on_ctrl_c(self):
+        def read() -> None:
+            assert sink.stdout is not None
+            for line in sink.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        reader = threading.Thread(target=read, name="mail sink output")
+        reader.start()
+        self.addCleanup(_stop, sink, reader)
+        return sink, lines
+
+    def next_line(self, lines: queue.Queue[str | None]) -> str:
+        try:
+            line = lines.get(timeout=CLIENT_TIMEOUT)
+        except queue.Empty:
+            self.fail(f"the sink printed no whole line in {CLIENT_TIMEOUT} s: does it flush its output?")
+        if line is None:
+            self.fail("the sink's output ended")
+        return line.rstrip("\n")
+
+    def printed_message(self, lines: queue.Queue[str | None]) -> list[str]:
+        message = []
+        while not (line := self.next_line(lines)).startswith("------------ END MESSAGE"):
+            message.append(line)
+        return message
+
+    def test_prints_every_message_as_it_arrives_and_stops_on_ctrl_c(self):
         maildir = tempfile.mkdtemp(prefix="serverlayer-sink-")
         self.addCleanup(_remove_tree, maildir)
-        sink = self.start_sink("--port", "0", "--maildir", maildir)
-        first_line = sink.stdout.readline()
+        sink, lines = self.start_sink("--port", "0", "--maildir", maildir)
+        first_line = self.next_line(lines)
         self.assertTrue(first_line.startswith("Listening for mail on 127.0.0.1:"), first_line)
         port = int(first_line.split(":")[1].split(";")[0])
-        with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+        with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
             client.sendmail("ann@example.com", ["bob@example.com", "cy@example.com"],
                             "Subject: Grüße\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHallo\r\n".encode())
-        lines = []
-        while (line := sink.stdout.readline()) and not line.startswith("------------ END MESSAGE"):
-            lines.append(line.rstrip("\n"))
-        self.assertEqual(lines[:4], [
+        message = self.printed_message(lines)
+        self.assertEqual(message[:4], [
             "---------- MESSAGE FOLLOWS ----------",
             "X-Envelope-From: ann@example.com",
             "X-Envelope-To: bob@example.com, cy@example.com",
             "Subject: Grüße",
         ])
-        self.assertIn("Hallo", lines)
+        self.assertIn("Hallo", message)
+        for subject in ("second", "third"):  # each printed before the next is sent
+            with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
+                client.sendmail("ann@example.com", ["bob@example.com"], f"Subject: {subject}\r\n\r\n{subject}\r\n")
+            self.assertIn(f"Subject: {subject}", self.printed_message(lines))
         sink.send_signal(signal.SIGINT)
-        try:  # reading both pipes: a sink blocked writing to one would never stop
-            rest, errors = sink.communicate(timeout=10)  # 0.12 s idle, 2.5 s with 24 busy processes
+        try:
+            sink.wait(10)  # 0.12 s idle, 2.5 s with 24 busy processes
         except subprocess.TimeoutExpired:
             sink.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
-            rest, errors = sink.communicate()
-            self.fail(f"the sink did not stop on SIGINT; it printed {rest[-2000:]!r}, and {errors[-5000:]!r}")
-        self.assertEqual((sink.returncode, errors), (0, ""), rest)
-        self.assertEqual(len(os.listdir(os.path.join(maildir, "new"))), 1)
+            sink.wait()
+            assert sink.stderr is not None
+            self.fail(f"the sink did not stop on SIGINT; it said {sink.stderr.read()[-5000:]!r}")
+        assert sink.stderr is not None
+        self.assertEqual((sink.returncode, sink.stderr.read()), (0, ""))
+        self.assertIsNone(lines.get(timeout=CLIENT_TIMEOUT))  # nothing more was printed
+        self.assertEqual(len(os.listdir(os.path.join(maildir, "new"))), 3)
 
     def test_busy_port_is_a_clear_error(self):
         with socket.socket() as occupier:
             occupier.bind(("127.0.0.1", 0))
             occupier.listen()
-            sink = self.start_sink("--port", str(occupier.getsockname()[1]))
+            sink, _ = self.start_sink("--port", str(occupier.getsockname()[1]))
             self.assertEqual(sink.wait(20), 2)
+        assert sink.stderr is not None
         error = sink.stderr.read()
         self.assertIn("python -m serverlayer.smtp: ", error)
         self.assertIn("already in use", error)
 
+    def test_help_names_the_defaults(self):
+        completed = subprocess.run(
+            [sys.executable, "-m", "serverlayer.smtp", "--help"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        self.assertEqual((completed.returncode, completed.stderr), (0, ""))
+        usage = " ".join(completed.stdout.split())  # however argparse wrapped it
+        self.assertIn("address to listen on (default: 127.0.0.1)", usage)
+        self.assertIn("port to listen on, 0 for any free one (default: 1025)", usage)
 
-def _stop(process: subprocess.Popen[str]) -> None:
+
+def _stop(process: subprocess.Popen[str], reader: threading.Thread) -> None:
     if process.poll() is None:
         process.kill()
         process.wait(10)
+    reader.join(10)  # its pipe ended with the process
     for stream in (process.stdout, process.stderr):
         if stream is not None:
             stream.close()
