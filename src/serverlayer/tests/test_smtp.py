@@ -397,6 +397,25 @@ class ConcurrencyTests(unittest.TestCase):
 
 class LifecycleTests(unittest.TestCase):
 
+    def test_forgets_connections_that_ended(self):
+        """The server keeps each connection to close it when it stops; a
+        long run must not pile up those of clients that left, over plain
+        SMTP or after STARTTLS."""
+        layers = {"plain": smtp.Layer(name="FORGETS"), "starttls": smtp.Layer(name="FORGETS_TLS", starttls=True)}
+        for kind, layer in layers.items():
+            with self.subTest(kind=kind):
+                set_up_by_hand(self, layer)
+                for _ in range(3):
+                    with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+                        if kind == "starttls":
+                            client.starttls(context=layer["ssl_context"])
+                        client.noop()
+                transports = layer["smtpd"].transports
+                deadline = time.monotonic() + 5
+                while transports and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the server learns of each close in its own time
+                self.assertEqual(len(transports), 0)
+
     def test_maildir_gets_a_copy_of_every_message(self):
         directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
         self.addCleanup(shutil.rmtree, directory)
