@@ -60,7 +60,7 @@ class ReceivedMessage(EmailMessage):
     authenticated_as: str | None = None
 
     def __init__(self, policy: email.policy.Policy | None = None) -> None:
-        super().__init__(policy=policy or email.policy.default)
+        super().__init__(policy=policy)  # EmailMessage's default for None: email.policy.default
         self.rcpt_tos, self.mail_options, self.rcpt_options = [], [], []
 
     def summary(self) -> str:
@@ -440,8 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="port to listen on, 0 for any free one (default: %(default)s)")
     parser.add_argument("--maildir", help="also store every message in this Maildir")
     options = parser.parse_args(argv)
-    layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port, maildir=options.maildir,
-                  report_server_errors=False)
+    layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port, maildir=options.maildir)
     try:
         layer.setUp()
     except ServerLayerError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.policy
+import gc
 import io
 import mailbox
 import os
@@ -13,6 +14,7 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 from contextlib import redirect_stderr
 from email.message import EmailMessage
 from unittest import mock
@@ -66,6 +68,8 @@ class ResourceTests(unittest.TestCase):
         self.assertEqual(self.layer["smtp_address"], f"127.0.0.1:{port}")
         self.assertIsInstance(self.layer["smtpd"], smtp.SMTPServer)
         self.assertIs(self.layer["outbox"], self.layer["smtpd"].outbox)
+        for resource in ("ca_bundle", "ssl_context"):  # those of the TLS layers
+            self.assertNotIn(resource, self.layer)
 
     def test_greets_as_an_esmtp_server_with_utf8_and_8bitmime(self):
         client = Client.connect(self, self.layer)
@@ -435,6 +439,16 @@ class LifecycleTests(unittest.TestCase):
         layer.tearDown()
         self.assertEqual([message["Subject"] for message in mailbox.Maildir(directory)], ["kept"])
 
+    def test_maildir_of_an_earlier_run_keeps_its_messages(self):
+        directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
+        self.addCleanup(shutil.rmtree, directory)
+        for number, subject in enumerate(("earlier run", "this run")):
+            layer = set_up_by_hand(self, smtp.Layer(name=f"MAILDIR_AGAIN_{number}", maildir=directory))
+            Client.connect(self, layer).send_message(make_message(subject=subject))
+            layer.tearDown()
+        stored = sorted(message["Subject"] for message in mailbox.Maildir(directory, create=False))
+        self.assertEqual(stored, ["earlier run", "this run"])
+
     def test_busy_fixed_port_fails_at_once(self):
         with socket.socket() as occupier:
             occupier.bind(("127.0.0.1", 0))
@@ -467,6 +481,32 @@ class LifecycleTests(unittest.TestCase):
         layer.tearDown()
         self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual(layer._resources, {})
+
+    def test_stop_closes_every_connection_itself(self):
+        """Each connection is closed by the server as it stops, not left
+        for the garbage collector (which would warn): idle, inside a
+        message, and after STARTTLS."""
+        layer = smtp.Layer(name="STOP_CLOSES", starttls=True)
+        layer.setUp()
+        try:
+            idle = Client.connect(self, layer)
+            idle.ehlo()
+            secured = Client.connect(self, layer)
+            secured.starttls(context=layer["ssl_context"])
+            secured.ehlo()
+            mid_data = socket.create_connection((layer["smtp_host"], layer["smtp_port"]), timeout=5)
+            self.addCleanup(mid_data.close)
+            mid_data.sendall(b"HELO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+            while not mid_data.recv(4096).rstrip().endswith(b"End data with <CR><LF>.<CR><LF>"):
+                pass  # until the server reads the message
+            mid_data.sendall(b"Subject: half")
+        finally:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                layer.tearDown()
+                gc.collect()  # a connection left for the collector would warn now
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(mid_data.recv(4096), b"")
 
     def test_quiet_by_default(self):
         stderr = io.StringIO()
