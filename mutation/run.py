@@ -61,6 +61,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "smtp": (
         "test_smtp", "test_tls.SMTPTLSTests", "test_hardening.SMTPHardeningTests",
         "test_hardening.MisbehavingSMTPClientTests", "test_integrations.MailSinkTests",
+        "test_addresses.EveryAddressTests",
     ),
     "content": ("test_content", "test_content_protocol"),
 }
