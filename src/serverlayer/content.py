@@ -30,7 +30,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from serverlayer import custom
@@ -358,11 +358,15 @@ class HTTPContent:
             )
 
 
-def _closest(expectation: Expectation, requests: Iterable[RecordedRequest], shown: int = 3) -> str:
+def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], shown: int = 3) -> str:
     """The requests that came nearest to ``expectation``, fewest differences first."""
     differing = [(request, found) for request in requests if (found := expectation.differences(request))]
     if not differing:
-        return "" if expectation.count else "; no requests arrived at all"
+        if not requests:
+            return "; no requests arrived at all"
+        # Every request matched it: too many, or none counted because they
+        # went to an earlier expectation or came before this one was declared.
+        return "" if expectation.count else "; the requests it matches came before it or met an earlier expectation"
     near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
     lines = [f"    {request.summary()}: {'; '.join(found)}" for request, found in near]
     return ".\n  Closest requests that arrived:\n" + "\n".join(lines)

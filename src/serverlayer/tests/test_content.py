@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import re
@@ -64,6 +65,12 @@ class DefaultAnswerTests(unittest.TestCase):
         http_content.code, http_content.content, http_content.headers = 418, b"teapot", {"X-Tea": "green"}
         status, headers, body = call(self.layer, "/")
         self.assertEqual((status, body, headers["X-Tea"]), (418, b"teapot", "green"))
+        self.assertEqual((headers["Content-Length"], headers["Transfer-Encoding"]), ("6", None))
+
+    def test_the_default_404_has_a_length_not_chunks(self):
+        status, headers, body = call(self.layer, "/anything")
+        self.assertEqual((status, headers["Content-Length"], headers["Transfer-Encoding"], body),
+                         (404, "0", None, b""))
 
     def test_chunked_default(self):
         self.layer["http_content"].serve_content("in two chunks", chunked=True)
@@ -90,6 +97,40 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(call(self.layer, "/orders", data=b"{}")[:3:2], (201, b"created"))
         self.assertEqual(call(self.layer, "/orders")[0], 404)  # GET does not match
         self.assertEqual(call(self.layer, "/orders/1", data=b"{}")[0], 404)
+
+    def test_a_method_route_refuses_every_other_method(self):
+        self.http_content.route("/orders", "post").respond("created", status=201)
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            with self.subTest(method=method):
+                self.assertEqual(call(self.layer, "/orders", data=b"{}", method=method)[0], 404)
+        self.assertEqual(call(self.layer, "/orders", data=b"{}", method="POST")[:3:2], (201, b"created"))
+
+    def test_a_route_with_no_answer_programmed_answers_200_and_no_body(self):
+        self.http_content.route("/ping")
+        status, headers, body = call(self.layer, "/ping")
+        self.assertEqual((status, headers["Content-Length"], body), (200, "0", b""))
+
+    def test_json_answers_keep_their_headers_and_are_200_by_default(self):
+        self.http_content.route("/a").respond_json({"a": 1}, headers={"X-Id": "7"})
+        self.http_content.route("/b").respond_sequence(Response.json([1, 2]))
+        status, headers, body = call(self.layer, "/a")
+        self.assertEqual((status, headers["Content-Type"], headers["X-Id"], json.loads(body)),
+                         (200, "application/json", "7", {"a": 1}))
+        status, headers, body = call(self.layer, "/b")
+        self.assertEqual((status, headers["Content-Type"], json.loads(body)), (200, "application/json", [1, 2]))
+
+    def test_a_response_cannot_be_changed_once_made(self):
+        # A Response kept in a module and answered by several tests stays the same.
+        answer = Response(200, "ok")
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            answer.status = 500
+
+    def test_the_requests_of_the_test_in_order(self):
+        self.http_content.route("/a").respond("a")
+        call(self.layer, "/a?x=1")
+        call(self.layer, "/b", data=b"body")
+        self.assertEqual([request.summary() for request in self.http_content.requests],
+                         ["GET /a?x=1", "POST /b (4 bytes)"])
 
     def test_regular_expression_path(self):
         self.http_content.route(re.compile(r"/orders/\d+")).respond("an order")
@@ -237,6 +278,50 @@ class ExpectationTests(unittest.TestCase):
         call(self.layer, "/poll")
         self.http_content.check()
 
+    def test_an_expectation_met_at_least_n_times_stops_reporting_missing(self):
+        self.http_content.expect("/poll", at_least=2)
+        call(self.layer, "/poll")
+        self.assertEqual(len(self.http_content.problems()), 1)
+        call(self.layer, "/poll")
+        self.assertEqual(self.http_content.problems(), [])
+
+    def test_an_expectation_of_many_requests_is_met_by_exactly_that_many(self):
+        self.http_content.expect("/page", times=300).respond("page")
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for _ in range(300):
+            connection.request("GET", "/page")
+            self.assertEqual(connection.getresponse().read(), b"page")
+        self.assertEqual(self.http_content.problems(), [])
+
+    def test_each_request_goes_to_the_first_matching_expectation_still_wanting_one(self):
+        self.http_content.expect("/x").respond("any")
+        self.http_content.expect("/x", "GET").respond("get")
+        answers = [call(self.layer, "/x", method=method)[2] for method in ("GET", "GET", "POST", "GET")]
+        # Once both are met, an extra request goes to the last that matches it.
+        self.assertEqual(answers, [b"any", b"get", b"any", b"get"])
+        self.assertEqual(self.http_content.problems(), [
+            "expected any method /x once, it was requested 2 time(s)",
+            "expected GET /x once, it was requested 2 time(s).\n"
+            "  Closest requests that arrived:\n    POST /x: method is POST, not GET",
+        ])
+        self.http_content.reset()
+
+    def test_ordered_expectations_met_in_order_pass(self):
+        self.http_content.expect("/login", ordered=True, at_least=1)
+        self.http_content.expect("/token", ordered=True)
+        self.http_content.expect("/data", ordered=True)
+        self.http_content.expect("/health")  # not ordered: any time
+        for path in ("/health", "/login", "/login", "/token", "/data"):
+            call(self.layer, path)
+        self.http_content.check()
+
+    def test_an_ordered_expectation_of_no_requests_does_not_hold_up_later_ones(self):
+        self.http_content.expect("/legacy", times=0, ordered=True)
+        self.http_content.expect("/data", ordered=True)
+        call(self.layer, "/data")
+        self.http_content.check()
+
     def test_order(self):
         self.http_content.expect("/login", ordered=True)
         self.http_content.expect("/data", ordered=True)
@@ -244,6 +329,60 @@ class ExpectationTests(unittest.TestCase):
         call(self.layer, "/login")
         with self.assertRaisesRegex(ExpectationError, "out of order: GET /data arrived before any method /login"):
             self.http_content.check()
+        self.http_content.reset()
+
+    def test_an_expectation_with_headers_is_described_with_them(self):
+        self.http_content.expect("/search", headers={"Accept": "application/json"})
+        call(self.layer, "/search", headers={"Accept": "text/html"})
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        self.assertIn("expected any method /search with headers Accept: application/json once,"
+                      " it was requested 0 time(s).\n  Closest requests that arrived:\n"
+                      "    GET /search: header Accept is 'text/html', not 'application/json'", str(caught.exception))
+        self.http_content.reset()
+
+    def test_how_often_an_expectation_wanted_its_requests(self):
+        self.http_content.expect("/never", times=0)
+        self.http_content.expect("/twice", times=2)
+        call(self.layer, "/never")
+        call(self.layer, "/twice")
+        self.assertEqual([problem.split(".\n")[0] for problem in self.http_content.problems()], [
+            "expected any method /never 0 times, it was requested 1 time(s)",
+            "expected any method /twice 2 times, it was requested 1 time(s)",
+        ])
+        self.http_content.reset()
+
+    def test_an_unmet_expectation_says_when_no_requests_arrived_at_all(self):
+        self.http_content.expect("/never")
+        self.assertEqual(self.http_content.problems(),
+                         ["expected any method /never once, it was requested 0 time(s); no requests arrived at all"])
+        self.http_content.reset()
+
+    def test_an_unmet_expectation_whose_requests_met_an_earlier_one(self):
+        self.http_content.expect("/x")
+        self.http_content.expect("/x")
+        call(self.layer, "/x")
+        self.assertEqual(self.http_content.problems(), [
+            "expected any method /x once, it was requested 0 time(s);"
+            " the requests it matches came before it or met an earlier expectation",
+        ])
+        self.http_content.reset()
+
+    def test_the_three_closest_requests_are_shown_fewest_differences_first(self):
+        self.http_content.expect("/charges", "POST", query={"amount": "100"})
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for method, target in (("GET", "/other"), ("POST", "/charges?amount=1"),
+                               ("GET", "/charges?amount=100"), ("POST", "/refunds?amount=100")):
+            connection.request(method, target)
+            connection.getresponse().read()
+        [problem, *unexpected] = self.http_content.problems()
+        self.assertEqual(problem, "expected POST /charges with query amount=100 once, it was requested 0 time(s).\n"
+                                  "  Closest requests that arrived:\n"
+                                  "    POST /charges?amount=1: query amount is ['1'], not ['100']\n"
+                                  "    GET /charges?amount=100: method is GET, not POST\n"
+                                  "    POST /refunds?amount=100: path is /refunds, not /charges")
+        self.assertEqual(len(unexpected), 4)
         self.http_content.reset()
 
     def test_requests_a_route_answers_are_not_unexpected(self):

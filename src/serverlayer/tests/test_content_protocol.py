@@ -84,6 +84,14 @@ class BodilessStatusTests(unittest.TestCase):
             self.assertRegex(message, r"A (204|304) response has no body")
             self.assertIn("leave out the body", message)
 
+    def test_a_body_for_any_1xx_status_is_refused_and_shown(self):
+        for status in (100, 199):
+            with self.subTest(status=status), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/x").respond("0123456789" * 4, status=status)
+            self.assertIn(f"A {status} response has no body, yet this one was given"
+                          " '012345678901234567890123456789':", str(caught.exception))
+        self.http_content.route("/x").respond("a body", status=200)  # 200 has one
+
     def test_204_and_304_have_no_length_and_the_connection_goes_on(self):
         self.http_content.route("/deleted", "DELETE").respond(status=204, headers={"X-Done": "yes"})
         self.http_content.route("/cached").respond(status=304, headers={"ETag": '"v1"'})
@@ -152,6 +160,28 @@ class HTTP10Tests(unittest.TestCase):
                 self.assertEqual(body, b"sent in chunks to HTTP/1.1")
 
 
+class ChunkedTests(unittest.TestCase):
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_chunked_body_goes_in_two_chunks(self):
+        self.http_content.route("/stream").respond("in two chunks", chunked=True)
+        data = exchange(self.layer, b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nTransfer-Encoding: chunked", head)
+        self.assertEqual(body, b"6\r\nin two\r\n7\r\n chunks\r\n0\r\n\r\n")
+
+    def test_a_later_http_1_minor_version_gets_chunks_as_http_11_does(self):
+        # RFC 9112 section 2.3: answer as the highest 1.x version the server speaks.
+        self.http_content.route("/stream").respond("chunked for 1.1 and later", chunked=True)
+        data = exchange(self.layer, b"GET /stream HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [(status, headers, body)], rest = parse_responses(data, ["GET"])
+        self.assertEqual((status, headers["Transfer-Encoding"], body, rest),
+                         (200, "chunked", b"chunked for 1.1 and later", b""))
+
+
 class GivingUpTests(unittest.TestCase):
     layer = PROTOCOL_CONTENT
 
@@ -187,3 +217,65 @@ class GivingUpTests(unittest.TestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
         [first, second], rest = parse_responses(data, ["GET", "GET"])
         self.assertEqual((first[2], second[2], rest), (b"late", b"next", b""))
+
+    def pipelined_during_delay(self, delay: float) -> tuple[bytes, float, float]:
+        """Ask for /slowish, answered after ``delay``, and for /next while
+        the server waits: what came back, the time it took, and the
+        process's CPU time meanwhile."""
+        self.http_content.route("/slowish").respond("late", delay=delay)
+        self.http_content.route("/next").respond("next")
+        started, cpu = time.monotonic(), time.process_time()
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as client:
+            client.sendall(b"GET /slowish HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.layer["http_requests"].wait_for(1)
+            # Read from the connection, not buffered with the first request.
+            client.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        return data, time.monotonic() - started, time.process_time() - cpu
+
+    def test_a_request_arriving_during_a_delay_is_answered_after_it(self):
+        data, took, _ = self.pipelined_during_delay(0.05)
+        self.assertGreaterEqual(took, 0.05)
+        self.assertLess(took, 0.5)
+        [first, second], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((first[2], second[2], rest), (b"late", b"next", b""))
+
+    def test_a_request_arriving_during_a_delay_does_not_keep_the_server_busy(self):
+        data, took, cpu = self.pipelined_during_delay(0.3)
+        self.assertGreaterEqual(took, 0.3)
+        self.assertLess(cpu, 0.15, "the server spins while it waits")
+        [first, second], _ = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((first[2], second[2]), (b"late", b"next"))
+
+    def test_a_client_that_stops_sending_gets_no_answers_at_all(self):
+        # Shutting down its sending side counts as gone: neither the delayed
+        # answer nor one to a request sent with it comes.
+        self.http_content.route("/slow").respond("late", delay=30)
+        self.http_content.route("/next").respond("next")
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as client:
+            client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.shutdown(socket.SHUT_WR)
+            self.assertEqual(client.recv(65536), b"")
+
+    def test_a_short_delay_is_not_much_longer(self):
+        self.http_content.route("/slowish").respond("late", delay=0.05)
+        started = time.monotonic()
+        self.assertEqual(requests.get(self.layer["http_url"] + "slowish", timeout=5).content, b"late")
+        self.assertLess(time.monotonic() - started, 0.8)
+
+    def test_teardown_is_not_held_up_by_a_delay_with_a_request_waiting(self):
+        layer = content.Layer(name="delay_pipelined_teardown")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)  # if the test fails before its own
+        layer.testSetUp()
+        layer["http_content"].route("/forever").respond(delay=60)
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer["http_requests"].wait_for(1)
+        client.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
