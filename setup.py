@@ -31,7 +31,10 @@ setup(
         "test": [
             "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
             "requests", "httpx", "aiohttp", "gocept.httpserverlayer == 4.0",
+            "uvicorn >= 0.30", "websockets >= 13.0",
         ],
+        # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn.
+        "asgi": ["uvicorn >= 0.30", "websockets >= 13.0"],
         # The peers benchmarks/ measures serverlayer against; users never need them.
         "bench": [
             "gocept.httpserverlayer == 4.0",
