@@ -8,6 +8,8 @@ import gc
 import http.client
 import io
 import json
+import logging
+import logging.handlers
 import os
 import socket
 import threading
@@ -138,12 +140,17 @@ class ServingTests(unittest.TestCase):
         self.assertNotIn("ca_bundle", self.layer)
 
     def test_serves_urllib(self):
-        with urllib.request.urlopen(self.layer["http_url"] + "hello?x=1", timeout=5) as response:
+        request = urllib.request.Request(
+            self.layer["http_url"] + "hello?x=1", headers={"X-Forwarded-For": "192.0.2.1", "X-Forwarded-Proto": "https"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
             client_port = response.fp.raw._sock.getsockname()[1]
             answer = json.loads(response.read())
         self.assertEqual(answer["scheme"], "http")
         self.assertEqual((answer["method"], answer["path"], answer["query"]), ("GET", "/hello", "x=1"))
-        self.assertEqual(answer["client"], ["127.0.0.1", client_port])  # the real client, no proxy headers
+        # The real client and scheme: forwarding headers are the application's business.
+        self.assertEqual(answer["client"], ["127.0.0.1", client_port])
+        self.assertEqual(self.layer["http_requests"][0].headers["X-Forwarded-For"], "192.0.2.1")
 
     def test_many_requests_on_one_keep_alive_connection(self):
         with httpx.Client(timeout=5) as client:
@@ -418,6 +425,12 @@ class ServerErrorTests(unittest.TestCase):
     def exercise(self):
         layer = asgi.Layer(app_without_lifespan, name=f"asgi_quiet_{self._testMethodName}")
         stderr = io.StringIO()
+        # A handler of the process's own (pytest's log capture, a project's
+        # logging set-up) hears nothing from the layer.
+        root_handler = logging.handlers.BufferingHandler(1000)
+        logging.getLogger().addHandler(root_handler)
+        self.addCleanup(logging.getLogger().removeHandler, root_handler)
+        self.addCleanup(lambda: self.assertEqual([record.getMessage() for record in root_handler.buffer], []))
         with redirect_stderr(stderr):
             set_up_by_hand(self, layer)
             with self.assertRaises(urllib.error.HTTPError) as caught:
@@ -468,6 +481,21 @@ class StopTests(unittest.TestCase):
         with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
             websocket.recv(timeout=5)
         self.assertEqual(caught.exception.rcvd.code, 1012)  # uvicorn's "service restart"
+
+    def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_quiet"))
+        server = layer["httpd"]
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            websocket.send("x")
+            websocket.recv(timeout=5)
+            self.assertEqual(len(server.transports), 1)
+            started = time.monotonic()
+            layer.check_server_errors()
+            self.assertLess(time.monotonic() - started, 0.5)  # less than quiet_timeout: it did not wait
+        deadline = time.monotonic() + 5
+        while server.transports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(server.transports, set())  # the server forgot the connection the client closed
 
     def test_request_that_never_ends_does_not_hang_tear_down(self):
         entered = threading.Event()
