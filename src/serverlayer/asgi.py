@@ -53,13 +53,18 @@ from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
 from serverlayer.layer import HTTPLayer
 from serverlayer.recording import RecordedRequest, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
-from serverlayer.server import AsyncioServer, ServerThread, format_address
+from serverlayer.server import AsyncioServer, Deadline, ServerThread, format_address
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApplication = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+#: The share of the layer's ``stop_timeout`` that requests still running and
+#: the application's lifespan shutdown get; the rest is for closing up.
+STOP_SHARE = 0.8
 
 
 class LifespanStartupError(SetUpError):
@@ -384,6 +389,7 @@ class UvicornServer(AsyncioServer):
         #: Why the application's lifespan shutdown failed, once stopped.
         self.shutdown_failure: str | None = None
         self._date_timer: asyncio.TimerHandle | None = None
+        self._stop_deadline: Deadline | None = None
 
     # What uvicorn's Server does, without its polling loop.
 
@@ -429,20 +435,31 @@ class UvicornServer(AsyncioServer):
                 pass
         for transport in list(self.transports):
             transport.abort()
+        # Within the time the layer waits for this thread, so that it finds
+        # how the shutdown went.
+        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
         running = [task for task in (*self.state.tasks, *self.websocket_tasks) if not task.done()]
         for task in running:
             task.cancel()
         if running:
-            self.loop.run_until_complete(asyncio.wait(running, timeout=self.stop_timeout))
+            self.loop.run_until_complete(asyncio.wait(running, timeout=deadline.remaining() / 2))
         lifespan = self.lifespan
         if lifespan is not None and lifespan.startup_event.is_set() and not lifespan.error_occurred:
+            budget = deadline.remaining()
             try:
-                self.loop.run_until_complete(asyncio.wait_for(lifespan.shutdown(), self.stop_timeout))
+                self.loop.run_until_complete(asyncio.wait_for(lifespan.shutdown(), budget))
             except asyncio.TimeoutError:
-                self.shutdown_failure = f"it did not finish within {self.stop_timeout} seconds"
+                self.shutdown_failure = (
+                    f"it did not finish within {budget:.2f} seconds; the layer's"
+                    f" stop_timeout ({self.stop_timeout} seconds) bounds it"
+                )
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
         super()._shut_down(servers)
+
+    def request_stop(self) -> None:
+        self._stop_deadline = Deadline(self.stop_timeout * STOP_SHARE)
+        super().request_stop()
 
     def wait_quiet(self, timeout: float) -> bool:
         return self.state.tasks.wait_empty(timeout)  # type: ignore[attr-defined]

@@ -312,6 +312,31 @@ class LifespanTests(unittest.TestCase):
             connection.close()
         self.assertEqual(seen_by_shutdown, [0])
 
+    def test_requests_still_running_end_before_the_shutdown(self):
+        events: list[str] = []
+        entered = threading.Event()
+
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                await lifespan_app(events)(scope, receive, send)
+                return
+            entered.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                events.append("request ended")
+
+        layer = asgi.Layer(app, name="asgi_requests_end_first")
+        layer.setUp()
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        try:
+            client.sendall(b"GET /forever HTTP/1.1\r\nHost: test\r\n\r\n")
+            self.assertTrue(entered.wait(5))
+        finally:
+            layer.tearDown()
+            client.close()
+        self.assertEqual(events, ["lifespan.startup", "request ended", "lifespan.shutdown"])
+
     def test_startup_that_raises_fails_set_up_with_its_traceback(self):
         async def startup(send):
             raise RuntimeError("the database is not there")
@@ -353,6 +378,36 @@ class LifespanTests(unittest.TestCase):
             layer.tearDown()
         self.assertEqual(stderr.getvalue(), "")
         self.assertEqual(layer.server_errors.take(), [])
+
+    def test_application_that_returns_from_its_lifespan_is_served(self):
+        async def ignores_lifespan(scope, receive, send):
+            if scope["type"] == "lifespan":
+                return  # the other common way of not supporting it
+            await http_echo(scope, receive, send)
+
+        layer = asgi.Layer(ignores_lifespan, name="asgi_returns_from_lifespan")
+        set_up_by_hand(self, layer)
+        self.assertEqual(get_json(layer["http_url"])["path"], "/")
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+
+    def test_shutdown_that_hangs_is_cut_off_within_the_stop_timeout(self):
+        async def shutdown(send):
+            await asyncio.sleep(3600)
+
+        layer = asgi.Layer(lifespan_app([], shutdown=shutdown), name="asgi_shutdown_hangs")
+        layer.stop_timeout = 0.5
+        threads = thread_names()
+        layer.setUp()
+        started = time.monotonic()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.6)
+        self.assertIn("lifespan shutdown failed", str(caught.exception))
+        self.assertIn("did not finish within 0.40 seconds", str(caught.exception))
+        self.assertIn("stop_timeout (0.5 seconds)", str(caught.exception))
+        self.assertEqual(thread_names(), threads)
 
     def test_shutdown_that_raises_fails_tear_down(self):
         async def shutdown(send):
