@@ -31,7 +31,11 @@ setup(
         "test": [
             "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
             "requests", "httpx", "aiohttp", "gocept.httpserverlayer == 4.0",
+            "uvicorn >= 0.52.1", "websockets >= 13.0",
         ],
+        # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn, with its
+        # websockets-sansio protocol as it is since 0.52.1 (closing handshake, write flow control).
+        "asgi": ["uvicorn >= 0.52.1", "websockets >= 13.0"],
         # The peers benchmarks/ measures serverlayer against; users never need them.
         "bench": [
             "gocept.httpserverlayer == 4.0",

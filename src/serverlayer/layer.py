@@ -440,7 +440,8 @@ class HTTPLayer(ServerLayer):
         if self.tls:
             from serverlayer import tls
 
-            resources["httpd"] = running.server.backend  # type: ignore[attr-defined]
+            if isinstance(running.server, tls.TLSFront):  # the server behind it is the one tests talk to
+                resources["httpd"] = running.server.backend
             resources.update(tls_resources(tls.certificate_authority()))
         return resources
 

@@ -361,6 +361,10 @@ class AsyncioServer:
         self.loop.set_exception_handler(self._loop_exception)
         self.transports: set[asyncio.Transport] = set()
 
+    async def prepare(self) -> None:
+        """Run on the loop before any socket serves; what it raises fails
+        ``setUp``. An application's startup (ASGI lifespan) goes here."""
+
     async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
         """Start serving on ``sock``, one of ``self.sockets``."""
         raise NotImplementedError
@@ -377,6 +381,7 @@ class AsyncioServer:
         # asyncio serves one socket per server: one server per socket.
         servers: list[asyncio.base_events.Server] = []
         try:
+            self.loop.run_until_complete(self.prepare())
             for sock in self.sockets:
                 servers.append(self.loop.run_until_complete(self.start(sock)))
             self.loop.call_soon(ready)

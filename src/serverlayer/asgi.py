@@ -1,0 +1,567 @@
+"""Serve an ASGI 3 application (HTTP and WebSocket) with uvicorn.
+
+    >>> from serverlayer import asgi
+    >>> async def app(scope, receive, send):
+    ...     if scope['type'] != 'http':
+    ...         return
+    ...     await send({'type': 'http.response.start', 'status': 200, 'headers': []})
+    ...     await send({'type': 'http.response.body', 'body': b'hello'})
+    >>> ASGI_LAYER = asgi.Layer(app, name='ASGI_LAYER')
+
+uvicorn's HTTP (h11) and WebSocket (websockets) protocols serve the layer's
+own sockets on an event loop of the layer's own, on its named server
+thread: not uvicorn's ``Server.serve()``, whose loop wakes every 0.1 s to
+look whether it should stop and then waits for connections to go away.
+Here stopping wakes the loop at once, closes every connection (idle
+keep-alive and WebSocket clients included) and runs the application's
+lifespan shutdown, in milliseconds.
+
+The application's lifespan ``startup`` runs in ``setUp`` (a failing one
+fails ``setUp``), its ``shutdown`` in ``tearDown``. Under TLS, asyncio
+speaks TLS itself, so the application sees the real client address and the
+``https`` and ``wss`` schemes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import ssl
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from email.utils import formatdate
+from typing import Any
+
+try:
+    from uvicorn.config import Config
+    from uvicorn.lifespan.on import LifespanOn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from uvicorn.server import ServerState
+except ImportError as missing:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"serverlayer.asgi needs uvicorn and websockets ({missing}). Install them with"
+        " pip install 'serverlayer[asgi]'."
+    ) from missing
+
+from serverlayer.arrivals import Unread
+from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
+from serverlayer.layer import HTTPLayer
+from serverlayer.recording import RecordedRequest, RequestLog
+from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
+from serverlayer.server import AsyncioServer, Deadline, ServerThread, format_address
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApplication = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+#: The share of the layer's ``stop_timeout`` that requests still running and
+#: the application's lifespan shutdown get; the rest is for closing up.
+STOP_SHARE = 0.8
+
+
+class LifespanStartupError(SetUpError):
+    """The application's lifespan startup failed, so the layer did not set up."""
+
+
+def is_asgi3(app: object) -> bool:
+    """Whether ``app`` is an ASGI 3 application as uvicorn tells them apart:
+    a coroutine function, or an object whose ``__call__`` is one."""
+    call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
+    return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call)
+
+
+# Recording.
+
+
+class _UnreadScope(Unread[RecordedRequest]):
+    """A request or WebSocket handshake as its scope gave it, until a test reads it."""
+
+    __slots__ = ("method", "raw_path", "query", "headers", "body")
+
+    def __init__(self, scope: Scope, body: bytes) -> None:
+        # A WebSocket handshake is a GET with Upgrade: websocket (RFC 6455).
+        self.method: str = scope.get("method", "GET")
+        self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        self.query: bytes = scope.get("query_string", b"")
+        self.headers = tuple(scope.get("headers", ()))
+        self.body = body
+
+    def parse(self) -> RecordedRequest:
+        headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers)
+        return RecordedRequest(
+            self.method, self.raw_path.decode("latin-1"), self.query.decode("latin-1"), headers, self.body
+        )
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
+    """The whole request body, and the messages to hand the application
+    instead: one ``http.request`` with that body, then a disconnect if the
+    client left meanwhile."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left before the body was complete
+            body = b"".join(chunks)
+            return body, [{"type": "http.request", "body": body, "more_body": False}, message]
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            body = b"".join(chunks)
+            return body, [{"type": "http.request", "body": body, "more_body": False}]
+
+
+class RecordingApp:
+    """Records each HTTP request (body included) and WebSocket handshake in
+    ``log``, then hands the application the same messages.
+
+    The body is read before the application runs, as the WSGI layer does,
+    so the request is recorded complete even when the application answers
+    without reading it.
+    """
+
+    def __init__(self, app: ASGIApplication, log: RequestLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            body, pending = await _read_body(receive)
+            self.log.append(_UnreadScope(scope, body))
+            original = receive
+
+            async def replay() -> Message:
+                if pending:
+                    return pending.pop(0)
+                return await original()
+
+            receive = replay
+        elif scope["type"] == "websocket":
+            self.log.append(_UnreadScope(scope, b""))
+        await self.app(scope, receive, send)
+
+
+# uvicorn's pieces, adapted to a server that lives inside a test process.
+
+
+class _BusyTasks(set[asyncio.Task[None]]):
+    """uvicorn's set of request tasks, which another thread can wait to empty.
+
+    A request is not over when the client has its response: the
+    application may still run, and raise. The layer waits for quiet before
+    it checks a test's server errors, so that such an error is reported in
+    the test that made the request.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def add(self, task: asyncio.Task[None]) -> None:
+        with self.changed:
+            super().add(task)
+
+    def discard(self, task: object) -> None:
+        with self.changed:
+            super().discard(task)
+            self.changed.notify_all()
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: not len(self), timeout)
+
+
+class _State(ServerState):
+    """uvicorn's state shared by a server's connections, plus the server
+    itself: uvicorn makes the WebSocket protocol with nothing else to find it by."""
+
+    def __init__(self, owner: UvicornServer) -> None:
+        super().__init__()
+        self.owner = owner
+        self.tasks = _BusyTasks()
+
+
+def _owner(server_state: ServerState) -> UvicornServer:
+    assert isinstance(server_state, _State)
+    return server_state.owner
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Send small writes at once (Nagle's algorithm off)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # the client left already
+        pass
+
+
+class _HTTPProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11), registered with its server and logging through it.
+
+    - Upstream logs through the process-wide ``uvicorn.error`` and
+      ``uvicorn.access`` loggers; here each server has loggers of its own,
+      so a layer records its own application's errors only, and nothing
+      reaches the terminal unless ``$SERVERLAYER_VERBOSE`` is set.
+    - Its transport is registered so that stopping can abort it, whatever
+      the connection is doing (upstream waits for connections to end).
+    - TCP_NODELAY is set on every connection. asyncio sets it only on
+      sockets whose ``proto`` is ``IPPROTO_TCP``; uvicorn's own
+      ``bind_socket`` makes them with ``proto`` 0, and so may other code
+      handing us sockets. With Nagle on, each response on a keep-alive
+      connection waits for the client's delayed ACK: ~40 ms a request.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        owner = self.owner = _owner(server_state)
+        self.logger = owner.logger
+        self.access_logger = owner.access_logger
+        self.access_log = owner.access_log
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        _no_delay(transport)
+        self.owner.transports.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.transports.discard(self.transport)
+        super().connection_lost(exc)
+
+
+class _WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (websockets' sans-I/O one), logging
+    through its server, whose task does not count as a request in progress.
+
+    A WebSocket's task lasts as long as its connection; the end-of-test
+    check must not wait for it. The HTTP protocol registered the transport
+    it takes over; this one forgets it when the connection ends.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        owner = self.owner = _owner(server_state)
+        self.logger = owner.logger
+        self.tasks = owner.websocket_tasks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.owner.transports.add(transport)  # type: ignore[arg-type]
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.transports.discard(self.transport)
+        super().connection_lost(exc)
+
+
+class _Lifespan(LifespanOn):
+    """uvicorn's lifespan driver, telling a failing startup from an
+    application without lifespan support.
+
+    Upstream, in its default ``lifespan="auto"``, an application that
+    raises in its lifespan is taken for one without lifespan support: it
+    logs that at INFO level, drops the traceback and serves on. A test
+    layer must not serve an application whose startup failed, and must say
+    why. Here an application that raised after it received
+    ``lifespan.startup`` failed its startup (after ``lifespan.shutdown``:
+    its shutdown), and its traceback is kept; one that raised before it
+    received anything (``assert scope['type'] == 'http'``, say) has no
+    lifespan support, as upstream, and that is fine.
+    """
+
+    def __init__(self, config: Config, logger: logging.Logger) -> None:
+        super().__init__(config)
+        self.logger = logger
+        self.received: list[str] = []
+        #: Why startup or shutdown failed: the application's message or traceback.
+        self.failure: str | None = None
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        self.received.append(message["type"])
+        return message
+
+    async def send(self, message: Any) -> None:
+        if message["type"] in ("lifespan.startup.failed", "lifespan.shutdown.failed"):
+            self.failure = message.get("message") or f"the application sent {message['type']} without a message"
+        await super().send(message)
+
+    async def main(self) -> None:
+        try:
+            scope = {
+                "type": "lifespan",
+                "asgi": {"version": self.config.asgi_version, "spec_version": "2.0"},
+                "state": self.state,
+            }
+            await self.config.loaded_app(scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            self.error_occurred = True
+            raise
+        except BaseException as exc:
+            self.error_occurred = True
+            if self.received and self.failure is None:
+                self.failure = "".join(traceback.format_exception(exc)).rstrip()
+                if self.startup_event.is_set():
+                    self.shutdown_failed = True
+                else:
+                    self.startup_failed = True
+        finally:
+            self.startup_event.set()
+            self.shutdown_event.set()
+
+
+class _NotCancelled(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a request the
+    server cancelled itself, stopping: that is no error of the application."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+class UvicornServer(AsyncioServer):
+    """uvicorn's protocols serving an ASGI application on the layer's sockets.
+
+    ``app`` is the application as the layer was given it; uvicorn serves it
+    through the recording of ``requests``.
+    """
+
+    #: How often the ``Date`` header is brought up to date, as uvicorn does.
+    DATE_INTERVAL = 1.0
+
+    def __init__(
+        self,
+        app: ASGIApplication,
+        sockets: Sequence[socket.socket],
+        *,
+        errors: ErrorLog,
+        requests: RequestLog,
+        thread_name: str,
+        stop_timeout: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(sockets, errors=errors)
+        self.app = app
+        self.ssl_context = ssl_context
+        self.stop_timeout = stop_timeout
+        logger = logging.getLogger(f"serverlayer.uvicorn.{thread_name}")
+        logger.propagate = False  # never reach a root handler printing to the terminal
+        logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
+        if not any(isinstance(each, _NotCancelled) for each in logger.filters):
+            logger.addFilter(_NotCancelled())
+        self.logger = logger
+        self.access_logger = logger.getChild("access")
+        self.access_log = verbose()
+        self._log_handler = ErrorLogHandler(errors)
+        # uvicorn calls the application it is given with no arguments to
+        # find out whether it is a factory. It is given the recording
+        # wrapper, never the user's application.
+        self.config = Config(
+            RecordingApp(app, requests),
+            http=_HTTPProtocol,
+            ws=_WebSocketProtocol,
+            lifespan="auto",
+            interface="asgi3",
+            log_config=None,  # leave the process's logging alone
+            proxy_headers=False,  # the application sees the request as the client sent it
+        )
+        self.config.load()
+        self.state = _State(self)
+        self.websocket_tasks: set[asyncio.Task[None]] = set()
+        self.lifespan: _Lifespan | None = None
+        #: Why the application's lifespan shutdown failed, once stopped.
+        self.shutdown_failure: str | None = None
+        self._date_timer: asyncio.TimerHandle | None = None
+        self._stop_deadline: Deadline | None = None
+
+    # What uvicorn's Server does, without its polling loop.
+
+    def _refresh_headers(self) -> None:
+        date = [(b"date", formatdate(time.time(), usegmt=True).encode())]
+        self.state.default_headers = date + self.config.encoded_headers
+        self._date_timer = self.loop.call_later(self.DATE_INTERVAL, self._refresh_headers)
+
+    def _protocol(self) -> asyncio.Protocol:
+        assert self.lifespan is not None
+        return _HTTPProtocol(self.config, self.state, self.lifespan.state, _loop=self.loop)
+
+    async def prepare(self) -> None:
+        self._refresh_headers()
+        self.lifespan = _Lifespan(self.config, self.logger)
+        await self.lifespan.startup()
+        if self.lifespan.startup_failed:
+            raise LifespanStartupError(self.lifespan.failure or "the application's startup failed")
+
+    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
+        return await self.loop.create_server(self._protocol, sock=sock, ssl=self.ssl_context)
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        self.logger.addHandler(self._log_handler)
+        try:
+            super().serve(ready)
+        finally:
+            self.logger.removeHandler(self._log_handler)
+
+    def _shut_down(self, servers: list[asyncio.base_events.Server]) -> None:
+        """Close every connection, end the requests, then let the
+        application shut down: uvicorn's order, without its waiting."""
+        if self._date_timer is not None:
+            self._date_timer.cancel()
+        for server in servers:
+            server.close()
+        # uvicorn's own goodbye first: an idle connection is closed, a
+        # WebSocket client gets close code 1012 (service restart).
+        for connection in list(self.state.connections):
+            try:
+                connection.shutdown()
+            except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye
+                pass
+        for transport in list(self.transports):
+            transport.abort()
+        # Within the time the layer waits for this thread, so that it finds
+        # how the shutdown went.
+        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
+        running = [task for task in (*self.state.tasks, *self.websocket_tasks) if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            self.loop.run_until_complete(asyncio.wait(running, timeout=deadline.remaining() / 2))
+        lifespan = self.lifespan
+        if lifespan is not None and lifespan.startup_event.is_set() and not lifespan.error_occurred:
+            budget = deadline.remaining()
+            try:
+                self.loop.run_until_complete(asyncio.wait_for(lifespan.shutdown(), budget))
+            except asyncio.TimeoutError:
+                self.shutdown_failure = (
+                    f"it did not finish within {budget:.2f} seconds; the layer's"
+                    f" stop_timeout ({self.stop_timeout} seconds) bounds it"
+                )
+        if lifespan is not None and lifespan.shutdown_failed:
+            self.shutdown_failure = lifespan.failure
+        super()._shut_down(servers)
+
+    def request_stop(self) -> None:
+        self._stop_deadline = Deadline(self.stop_timeout * STOP_SHARE)
+        super().request_stop()
+
+    def wait_quiet(self, timeout: float) -> bool:
+        return self.state.tasks.wait_empty(timeout)  # type: ignore[attr-defined]
+
+
+class Layer(HTTPLayer):
+    """Serves an ASGI 3 application with uvicorn: HTTP/1.1 and WebSocket.
+
+    The application is the ``asgi_app`` resource of a base layer if there
+    is one, else the ``asgi_app`` argument or class attribute (wrap a
+    function in ``staticmethod`` there). Besides the resources of every
+    HTTP layer it publishes ``ws_url``: ``ws://host:port/``, ``wss://``
+    with ``tls=True``.
+
+    The application's lifespan startup runs in ``setUp``, its shutdown in
+    ``tearDown``; an application without lifespan support is served all
+    the same.
+    """
+
+    asgi_app: ASGIApplication | None = None
+
+    def __init__(self, asgi_app: ASGIApplication | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if asgi_app is not None:
+            self.asgi_app = asgi_app
+
+    def application(self) -> ASGIApplication:
+        """The application to serve; the ``asgi_app`` resource wins."""
+        app = self.get("asgi_app") or self.asgi_app
+        if app is None:
+            raise ConfigurationError(
+                f"{self!r} has no ASGI application to serve. Give it one:"
+                " asgi.Layer(app), an asgi_app class attribute (a function"
+                " wrapped in staticmethod) or an asgi_app resource of a base layer."
+            )
+        if not callable(app):
+            raise ConfigurationError(f"{self!r}: the ASGI application {app!r} is not callable.")
+        if not is_asgi3(app):
+            raise ConfigurationError(
+                f"{self!r}: {app!r} is no ASGI 3 application: that is a coroutine"
+                " function app(scope, receive, send), or an object whose __call__"
+                " is one. Serve a WSGI application with serverlayer.wsgi.Layer."
+            )
+        return app  # type: ignore[no-any-return]
+
+    def setUp(self) -> None:
+        self.application()  # fail before binding anything
+        try:
+            super().setUp()
+        except SetUpError as error:
+            cause = error.__cause__
+            if isinstance(cause, LifespanStartupError):
+                raise LifespanStartupError(
+                    f"{self!r}: the application's lifespan startup failed, so the layer"
+                    f" did not set up:\n\n{cause}"
+                ) from cause
+            raise
+
+    def tearDown(self) -> None:
+        running = self._running
+        super().tearDown()
+        server = None if running is None else running.server
+        if isinstance(server, UvicornServer) and server.shutdown_failure:
+            failure, server.shutdown_failure = server.shutdown_failure, None
+            raise ServerSideError(
+                f"{self!r}: the application's lifespan shutdown failed (the server"
+                f" is stopped all the same):\n\n{failure}"
+            )
+
+    def _server(self, sockets: Sequence[socket.socket], ssl_context: ssl.SSLContext | None) -> UvicornServer:
+        return UvicornServer(
+            self.application(),
+            sockets,
+            errors=self.server_errors,
+            requests=self.requests,
+            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+            stop_timeout=self.stop_timeout,
+            ssl_context=ssl_context,
+        )
+
+    def make_server(self, sockets: Sequence[socket.socket]) -> UvicornServer:
+        return self._server(sockets, None)
+
+    def build_server(self, sockets: Sequence[socket.socket], host: str) -> UvicornServer:
+        """With ``tls=True``, asyncio speaks TLS on the layer's sockets itself.
+
+        The other HTTP layers put a TLS front before a plain server; behind
+        one, uvicorn would tell the application the front's address as the
+        client's and ``http``/``ws`` as the scheme.
+        """
+        if not self.tls:
+            return self.make_server(sockets)
+        from serverlayer import tls
+
+        addresses = [sock.getsockname()[0] for sock in sockets]
+        names = tls.certificate_names(host, self.published_host(host), *addresses)
+        return self._server(sockets, tls.certificate_authority().server_context(names))
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        resources = super().resources(host, port, running)
+        resources["ws_url"] = f"{'wss' if self.tls else 'ws'}://{format_address(host, port)}/"
+        return resources
+
+
+__all__ = ["Layer", "LifespanStartupError", "RecordingApp", "UvicornServer", "is_asgi3"]

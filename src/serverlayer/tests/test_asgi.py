@@ -1,0 +1,758 @@
+"""The asgi layer: uvicorn serving HTTP and WebSocket, used as a test would,
+with httpx, urllib and the websockets client."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import http.client
+import io
+import json
+import logging
+import logging.handlers
+import os
+import socket
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+import warnings
+from contextlib import redirect_stderr
+from unittest import mock
+
+import httpx
+import plone.testing
+import websockets.exceptions
+from websockets.sync.client import connect as ws_connect
+
+from serverlayer import ConfigurationError, ServerSideError, SetUpError, asgi
+from serverlayer.recording import RequestLog
+from serverlayer.reporting import ErrorLog
+from serverlayer.server import ServerThread
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names, without_host_variables
+
+
+async def read_body(receive):
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def respond(send, body: bytes, status: int = 200, content_type: bytes = b"text/plain"):
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+async def websocket_echo(receive, send):
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") == "raise":
+            raise RuntimeError("raised on purpose in a WebSocket")
+        await send({"type": "websocket.send", "text": f"echo: {message.get('text')}"})
+
+
+async def http_echo(scope, receive, send):
+    """Answers with what the server told the application about the request."""
+    if scope["path"] == "/raise":
+        raise RuntimeError("raised on purpose by the application")
+    body = await read_body(receive)
+    answer = {
+        "scheme": scope["scheme"], "method": scope["method"], "path": scope["path"],
+        "query": scope["query_string"].decode(), "client": list(scope["client"]),
+        "body": body.decode(), "state": sorted(scope.get("state", {})),
+    }
+    await respond(send, json.dumps(answer).encode(), content_type=b"application/json")
+
+
+def lifespan_app(events: list[str], *, startup=None, shutdown=None):
+    """An application with lifespan support that notes its lifespan in ``events``."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                events.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    if startup is not None:
+                        await startup(send)
+                    scope["state"]["started"] = True
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    if shutdown is not None:
+                        await shutdown(send)
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif scope["type"] == "websocket":
+            await websocket_echo(receive, send)
+        else:
+            events.append(f"request {scope['path']}")
+            await http_echo(scope, receive, send)
+
+    return app
+
+
+async def app_without_lifespan(scope, receive, send):
+    assert scope["type"] in ("http", "websocket"), f"no {scope['type']} here"
+    if scope["type"] == "websocket":
+        await websocket_echo(receive, send)
+    else:
+        await http_echo(scope, receive, send)
+
+
+LIFESPAN_EVENTS: list[str] = []
+ASGI_LAYER = asgi.Layer(lifespan_app(LIFESPAN_EVENTS), name="ASGI_LAYER")
+
+
+def get_json(url: str, **kwargs) -> dict:
+    with urllib.request.urlopen(url, timeout=5, **kwargs) as response:
+        return json.loads(response.read())
+
+
+class ServingTests(unittest.TestCase):
+    layer = ASGI_LAYER
+
+    def test_publishes_where_it_serves(self):
+        port = self.layer["http_port"]
+        self.assertIsInstance(port, int)
+        self.assertNotEqual(port, 0)
+        self.assertEqual(self.layer["http_host"], "127.0.0.1")
+        self.assertEqual(self.layer["http_address"], f"127.0.0.1:{port}")
+        self.assertEqual(self.layer["http_url"], f"http://127.0.0.1:{port}/")
+        self.assertEqual(self.layer["ws_url"], f"ws://127.0.0.1:{port}/")
+        self.assertIsInstance(self.layer["httpd"], asgi.UvicornServer)
+        self.assertEqual(self.layer["httpd"].socket.getsockname()[1], port)
+        self.assertIsInstance(self.layer["http_requests"], RequestLog)
+        thread = self.layer["httpd_thread"]
+        self.assertTrue(thread.is_alive())
+        self.assertTrue(thread.daemon)
+        self.assertEqual(thread.name, "serverlayer serverlayer.tests.test_asgi.ASGI_LAYER")
+        self.assertNotIn("ca_bundle", self.layer)
+
+    def test_serves_urllib(self):
+        request = urllib.request.Request(
+            self.layer["http_url"] + "hello?x=1", headers={"X-Forwarded-For": "192.0.2.1", "X-Forwarded-Proto": "https"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            client_port = response.fp.raw._sock.getsockname()[1]
+            answer = json.loads(response.read())
+        self.assertEqual(answer["scheme"], "http")
+        self.assertEqual((answer["method"], answer["path"], answer["query"]), ("GET", "/hello", "x=1"))
+        # The real client and scheme: forwarding headers are the application's business.
+        self.assertEqual(answer["client"], ["127.0.0.1", client_port])
+        self.assertEqual(self.layer["http_requests"][0].headers["X-Forwarded-For"], "192.0.2.1")
+
+    def test_many_requests_on_one_keep_alive_connection(self):
+        with httpx.Client(timeout=5) as client:
+            answers = [client.get(f"{self.layer['http_url']}{number}").json() for number in range(20)]
+        self.assertEqual([answer["path"] for answer in answers], [f"/{number}" for number in range(20)])
+        self.assertEqual(len({tuple(answer["client"]) for answer in answers}), 1, "one connection for all")
+
+    def test_post_body_reaches_the_application_and_the_record(self):
+        with httpx.Client(timeout=5) as client:
+            response = client.post(self.layer["http_url"] + "form", content=b"a=1&b=2")
+        self.assertEqual(response.json()["body"], "a=1&b=2")
+        [request] = self.layer["http_requests"]
+        self.assertEqual((request.method, request.path, request.body), ("POST", "/form", b"a=1&b=2"))
+        self.assertEqual(request.headers["Content-Length"], "7")
+
+    def test_streamed_request_body(self):
+        def parts():
+            yield b"first "
+            yield b"second"
+
+        with httpx.Client(timeout=5) as client:
+            response = client.post(self.layer["http_url"] + "stream", content=parts())
+        self.assertEqual(response.json()["body"], "first second")
+        self.assertEqual(self.layer["http_requests"][0].body, b"first second")
+
+    def test_websocket_echo(self):
+        with ws_connect(self.layer["ws_url"] + "chat", open_timeout=5) as websocket:
+            websocket.send("hello")
+            self.assertEqual(websocket.recv(timeout=5), "echo: hello")
+            websocket.send("again")
+            self.assertEqual(websocket.recv(timeout=5), "echo: again")
+
+    def test_records_requests_and_websocket_handshakes(self):
+        with httpx.Client(timeout=5) as client:
+            client.get(self.layer["http_url"] + "p%20ath?q=tea&x=")
+        with ws_connect(self.layer["ws_url"] + "socket?room=1", open_timeout=5) as websocket:
+            websocket.send("hi")
+            websocket.recv(timeout=5)
+        get, handshake = self.layer["http_requests"]
+        self.assertEqual((get.method, get.path, get.query, get.body), ("GET", "/p%20ath", "q=tea&x=", b""))
+        self.assertEqual(get.query_params, {"q": ["tea"], "x": [""]})
+        self.assertEqual(get.headers["host"], self.layer["http_address"])
+        self.assertEqual((handshake.method, handshake.path, handshake.query), ("GET", "/socket", "room=1"))
+        self.assertEqual(handshake.headers["Upgrade"].lower(), "websocket")
+        self.assertIn("Sec-WebSocket-Key", handshake.headers)
+        self.assertEqual(handshake.body, b"")
+
+    def test_lifespan_ran_before_the_tests_and_its_state_reaches_requests(self):
+        self.assertEqual(LIFESPAN_EVENTS[0], "lifespan.startup")
+        self.assertNotIn("lifespan.shutdown", LIFESPAN_EVENTS)
+        self.assertEqual(get_json(self.layer["http_url"])["state"], ["started"])
+
+    def test_answers_with_date_and_server_headers(self):
+        with httpx.Client(timeout=5) as client:
+            response = client.get(self.layer["http_url"])
+        self.assertEqual(response.headers["server"], "uvicorn")
+        self.assertTrue(response.headers["date"].endswith(" GMT"), response.headers.get("date"))
+
+
+class AppSourceTests(unittest.TestCase):
+
+    def test_app_from_class_attribute(self):
+        class AppLayer(asgi.Layer):
+            asgi_app = staticmethod(app_without_lifespan)
+
+        layer = set_up_by_hand(self, AppLayer(name="asgi_app_attribute"))
+        self.assertEqual(get_json(layer["http_url"] + "attr")["path"], "/attr")
+
+    def test_asgi_app_resource_of_a_base_layer_wins(self):
+        async def resource_app(scope, receive, send):
+            if scope["type"] == "http":
+                await respond(send, b"from the resource")
+
+        class AppProvider(plone.testing.Layer):
+            def setUp(self):
+                self["asgi_app"] = resource_app
+
+            def tearDown(self):
+                del self["asgi_app"]
+
+        provider = AppProvider(name="asgi_app_provider")
+        layer = asgi.Layer(app_without_lifespan, bases=(provider,), name="asgi_resource_wins")
+        set_up_by_hand(self, provider)
+        set_up_by_hand(self, layer)
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"from the resource")
+
+    def test_no_application_says_how_to_give_one(self):
+        layer = asgi.Layer(name="asgi_without_app")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn(repr(layer), message)
+        self.assertIn("asgi.Layer(app)", message)
+        self.assertIn("asgi_app resource of a base layer", message)
+        self.assertNotIn("http_port", layer)
+
+    def test_uncallable_application(self):
+        layer = asgi.Layer("not an app", name="asgi_uncallable")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("is not callable", str(caught.exception))
+
+    def test_wsgi_application_is_refused_with_a_pointer_to_the_wsgi_layer(self):
+        def wsgi_app(environ, start_response):
+            return [b""]
+
+        layer = asgi.Layer(wsgi_app, name="asgi_given_wsgi")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("no ASGI 3 application", str(caught.exception))
+        self.assertIn("serverlayer.wsgi.Layer", str(caught.exception))
+
+    def test_application_object_with_async_call(self):
+        class App:
+            async def __call__(self, scope, receive, send):
+                if scope["type"] == "http":
+                    await respond(send, b"object")
+
+        layer = set_up_by_hand(self, asgi.Layer(App(), name="asgi_app_object"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"object")
+
+
+class LifespanTests(unittest.TestCase):
+
+    def test_startup_in_set_up_and_shutdown_in_tear_down(self):
+        events: list[str] = []
+        layer = asgi.Layer(lifespan_app(events), name="asgi_lifespan_order")
+        layer.setUp()
+        try:
+            self.assertEqual(events, ["lifespan.startup"])
+            layer.testSetUp()
+            get_json(layer["http_url"] + "during")
+            layer.testTearDown()
+            self.assertEqual(events, ["lifespan.startup", "request /during"])
+        finally:
+            layer.tearDown()
+        self.assertEqual(events, ["lifespan.startup", "request /during", "lifespan.shutdown"])
+
+    def test_shutdown_runs_after_the_connections_are_closed(self):
+        events: list[str] = []
+        seen_by_shutdown: list[int] = []
+        layer = asgi.Layer(name="asgi_shutdown_last")
+
+        async def shutdown(send):
+            seen_by_shutdown.append(len(layer_server.transports))
+
+        layer.asgi_app = lifespan_app(events, shutdown=shutdown)
+        layer.setUp()
+        layer_server = layer["httpd"]
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        try:
+            connection.request("GET", "/")
+            connection.getresponse().read()
+            self.assertEqual(len(layer_server.transports), 1)
+        finally:
+            layer.tearDown()
+            connection.close()
+        self.assertEqual(seen_by_shutdown, [0])
+
+    def test_requests_still_running_end_before_the_shutdown(self):
+        events: list[str] = []
+        entered = threading.Event()
+
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                await lifespan_app(events)(scope, receive, send)
+                return
+            entered.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                events.append("request ended")
+
+        layer = asgi.Layer(app, name="asgi_requests_end_first")
+        layer.setUp()
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        try:
+            client.sendall(b"GET /forever HTTP/1.1\r\nHost: test\r\n\r\n")
+            self.assertTrue(entered.wait(5))
+        finally:
+            layer.tearDown()
+            client.close()
+        self.assertEqual(events, ["lifespan.startup", "request ended", "lifespan.shutdown"])
+
+    def test_startup_that_raises_fails_set_up_with_its_traceback(self):
+        async def startup(send):
+            raise RuntimeError("the database is not there")
+
+        threads, descriptors = thread_names(), open_descriptors()
+        layer = asgi.Layer(lifespan_app([], startup=startup), name="asgi_startup_raises")
+        started = time.monotonic()
+        with self.assertRaises(SetUpError) as caught:
+            layer.setUp()
+        self.assertLess(time.monotonic() - started, 1.0)
+        message = str(caught.exception)
+        self.assertIn(repr(layer), message)
+        self.assertIn("lifespan startup failed", message)
+        self.assertIn("Traceback (most recent call last)", message)
+        self.assertIn("RuntimeError: the database is not there", message)
+        self.assertEqual(layer._resources, {})
+        self.assertEqual(thread_names(), threads)
+        self.assertEqual(open_descriptors(), descriptors)
+        layer.tearDown()  # harmless after a failed setUp
+
+    def test_startup_failed_message_fails_set_up(self):
+        async def startup(send):
+            await send({"type": "lifespan.startup.failed", "message": "no configuration found"})
+
+        layer = asgi.Layer(lifespan_app([], startup=startup), name="asgi_startup_failed")
+        with self.assertRaises(asgi.LifespanStartupError) as caught:
+            layer.setUp()
+        self.assertIn("no configuration found", str(caught.exception))
+        self.assertNotIn("http_port", layer)
+
+    def test_application_without_lifespan_is_served_quietly(self):
+        stderr = io.StringIO()
+        with redirect_stderr(stderr), mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            os.environ.pop("GOCEPT_HTTP_VERBOSE_LOGGING", None)
+            layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_no_lifespan"))
+            self.assertEqual(get_json(layer["http_url"] + "plain")["path"], "/plain")
+            layer.check_server_errors()
+            layer.tearDown()
+        self.assertEqual(stderr.getvalue(), "")
+        self.assertEqual(layer.server_errors.take(), [])
+
+    def test_application_that_returns_from_its_lifespan_is_served(self):
+        async def ignores_lifespan(scope, receive, send):
+            if scope["type"] == "lifespan":
+                return  # the other common way of not supporting it
+            await http_echo(scope, receive, send)
+
+        layer = asgi.Layer(ignores_lifespan, name="asgi_returns_from_lifespan")
+        set_up_by_hand(self, layer)
+        self.assertEqual(get_json(layer["http_url"])["path"], "/")
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+
+    def test_shutdown_that_hangs_is_cut_off_within_the_stop_timeout(self):
+        async def shutdown(send):
+            await asyncio.sleep(3600)
+
+        layer = asgi.Layer(lifespan_app([], shutdown=shutdown), name="asgi_shutdown_hangs")
+        layer.stop_timeout = 0.5
+        threads = thread_names()
+        layer.setUp()
+        started = time.monotonic()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.6)
+        self.assertIn("lifespan shutdown failed", str(caught.exception))
+        self.assertIn("did not finish within 0.40 seconds", str(caught.exception))
+        self.assertIn("stop_timeout (0.5 seconds)", str(caught.exception))
+        self.assertEqual(thread_names(), threads)
+
+    def test_shutdown_that_raises_fails_tear_down(self):
+        async def shutdown(send):
+            raise RuntimeError("could not flush the cache")
+
+        layer = asgi.Layer(lifespan_app([], shutdown=shutdown), name="asgi_shutdown_raises")
+        layer.setUp()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertIn("lifespan shutdown failed", str(caught.exception))
+        self.assertIn("RuntimeError: could not flush the cache", str(caught.exception))
+        self.assertEqual(layer._resources, {})
+        layer.tearDown()  # the failure was reported once
+
+
+class ServerErrorTests(unittest.TestCase):
+
+    def test_application_error_fails_the_test_that_caused_it(self):
+        layer = asgi.Layer(app_without_lifespan, name="asgi_raises")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        statuses = []
+
+        class Inner(unittest.TestCase):
+            def test_provokes(self):
+                layer.testSetUp()  # hands the end-of-test check to this test
+                try:
+                    with urllib.request.urlopen(layer["http_url"] + "raise", timeout=5):
+                        pass
+                except urllib.error.HTTPError as error:
+                    statuses.append(error.code)
+                    error.close()
+                layer.testTearDown()
+
+        result = unittest.TestResult()
+        Inner("test_provokes").run(result)
+        self.assertEqual(statuses, [500])
+        self.assertEqual(result.errors, [])
+        [(_, report)] = result.failures
+        self.assertIn("ServerSideError", report)
+        self.assertIn("Exception in ASGI application", report)
+        self.assertIn("RuntimeError: raised on purpose by the application", report)
+        self.assertIn('in http_echo\n    raise RuntimeError("raised on purpose by the application")', report)
+
+    def test_websocket_application_error_is_reported(self):
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_raises"))
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            websocket.send("raise")
+            with self.assertRaises(websockets.exceptions.ConnectionClosed):
+                websocket.recv(timeout=5)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn("RuntimeError: raised on purpose in a WebSocket", str(caught.exception))
+
+    def test_error_after_the_response_is_reported_in_the_same_test(self):
+        """The client has its whole answer before the application raises."""
+        async def raises_after_answering(scope, receive, send):
+            if scope["type"] == "http":
+                await respond(send, b"done")
+                await asyncio.sleep(0.05)
+                raise RuntimeError("raised after answering")
+
+        layer = set_up_by_hand(self, asgi.Layer(raises_after_answering, name="asgi_raises_late"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"done")
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn("RuntimeError: raised after answering", str(caught.exception))
+
+    def exercise(self):
+        layer = asgi.Layer(app_without_lifespan, name=f"asgi_quiet_{self._testMethodName}")
+        stderr = io.StringIO()
+        # A handler of the process's own (pytest's log capture, a project's
+        # logging set-up) hears nothing from the layer.
+        root_handler = logging.handlers.BufferingHandler(1000)
+        logging.getLogger().addHandler(root_handler)
+        self.addCleanup(logging.getLogger().removeHandler, root_handler)
+        self.addCleanup(lambda: self.assertEqual([record.getMessage() for record in root_handler.buffer], []))
+        with redirect_stderr(stderr):
+            set_up_by_hand(self, layer)
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(layer["http_url"] + "raise", timeout=5)
+            caught.exception.close()
+            [error] = layer.server_errors.take()  # provoked: reported, not printed
+            self.assertIn("RuntimeError: raised on purpose", error)
+            layer.tearDown()
+        return stderr.getvalue()
+
+    def test_nothing_reaches_the_terminal_by_default(self):
+        with mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            os.environ.pop("GOCEPT_HTTP_VERBOSE_LOGGING", None)
+            self.assertEqual(self.exercise(), "")
+
+    def test_verbose_variable_logs_requests_and_errors(self):
+        with mock.patch.dict(os.environ, {"SERVERLAYER_VERBOSE": "1"}):
+            output = self.exercise()
+        self.assertIn('"GET /raise HTTP/1.1" 500', output)
+        self.assertIn("RuntimeError: raised on purpose", output)
+
+
+class StopTests(unittest.TestCase):
+
+    def test_tear_down_is_fast_with_idle_keep_alive_and_websocket_clients(self):
+        layer = asgi.Layer(lifespan_app([]), name="asgi_fast_stop")
+        layer.setUp()
+        try:
+            layer.testSetUp()
+            keep_alive = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+            self.addCleanup(keep_alive.close)
+            keep_alive.request("GET", "/")
+            response = keep_alive.getresponse()
+            self.assertEqual(json.loads(response.read())["path"], "/")
+            self.assertFalse(response.will_close)
+            websocket = ws_connect(layer["ws_url"], open_timeout=5).__enter__()
+            self.addCleanup(websocket.close)
+            websocket.send("still here")
+            self.assertEqual(websocket.recv(timeout=5), "echo: still here")
+            layer.testTearDown()
+        finally:
+            started = time.monotonic()
+            layer.tearDown()
+            elapsed = time.monotonic() - started
+        self.assertLess(elapsed, 0.5)
+        self.assertEqual(keep_alive.sock.recv(1), b"")  # the server closed the idle connection
+        with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
+            websocket.recv(timeout=5)
+        self.assertEqual(caught.exception.rcvd.code, 1012)  # uvicorn's "service restart"
+
+    def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_quiet"))
+        server = layer["httpd"]
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            websocket.send("x")
+            websocket.recv(timeout=5)
+            self.assertEqual(len(server.transports), 1)
+            started = time.monotonic()
+            layer.check_server_errors()
+            self.assertLess(time.monotonic() - started, 0.5)  # less than quiet_timeout: it did not wait
+        deadline = time.monotonic() + 5
+        while server.transports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(server.transports, set())  # the server forgot the connection the client closed
+
+    def test_request_that_never_ends_does_not_hang_tear_down(self):
+        entered = threading.Event()
+
+        async def never_answers(scope, receive, send):
+            if scope["type"] == "http":
+                entered.set()
+                await asyncio.sleep(3600)
+
+        layer = asgi.Layer(never_answers, name="asgi_never_answers")
+        layer.setUp()
+        outcome = []
+
+        def fetch():
+            try:
+                with httpx.Client(timeout=10) as client:
+                    outcome.append(client.get(layer["http_url"]))
+            except httpx.HTTPError as error:
+                outcome.append(error)
+
+        client = threading.Thread(target=fetch)
+        client.start()
+        self.assertTrue(entered.wait(5))
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+        client.join(5)
+        [error] = outcome
+        self.assertIsInstance(error, httpx.RemoteProtocolError)  # the connection was closed unanswered
+        self.assertEqual(layer.server_errors.take(), [])  # a request the server cancelled is no error
+
+    def test_no_thread_descriptor_or_unclosed_resource_is_left(self):
+        set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ca_first", tls=True))  # the CA exists
+        threads, descriptors = thread_names(), open_descriptors()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for tls in (False, True):
+                layer = asgi.Layer(lifespan_app([]), name=f"asgi_leaks_{tls}", tls=tls)
+                layer.setUp()
+                context = layer.get("ssl_context")
+                with httpx.Client(timeout=5, verify=context or True) as client:
+                    client.get(layer["http_url"])
+                    websocket = ws_connect(layer["ws_url"], open_timeout=5, ssl=context).__enter__()
+                    websocket.send("x")
+                    websocket.recv(timeout=5)
+                    layer.tearDown()  # with both clients still connected
+                    websocket.close()
+                # A client that is still shaking hands when the server stops.
+                layer.setUp()
+                half_open = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+                time.sleep(0.05)
+                layer.tearDown()
+                half_open.close()
+            gc.collect()
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(thread_names(), threads)
+        self.assertEqual(open_descriptors(), descriptors)
+
+    def test_one_layer_survives_many_cycles(self):
+        events: list[str] = []
+        layer = asgi.Layer(lifespan_app(events), name="asgi_cycles")
+        for _ in range(3):
+            layer.setUp()
+            try:
+                self.assertEqual(get_json(layer["http_url"])["path"], "/")
+            finally:
+                layer.tearDown()
+        self.assertEqual(events.count("lifespan.startup"), 3)
+        self.assertEqual(events.count("lifespan.shutdown"), 3)
+
+
+ASGI_TLS_LAYER = asgi.Layer(lifespan_app([]), name="ASGI_TLS_LAYER", tls=True)
+
+
+class TLSTests(unittest.TestCase):
+    layer = ASGI_TLS_LAYER
+
+    def test_publishes_https_and_wss_urls_and_the_ca(self):
+        port = self.layer["http_port"]
+        self.assertEqual(self.layer["http_url"], f"https://127.0.0.1:{port}/")
+        self.assertEqual(self.layer["ws_url"], f"wss://127.0.0.1:{port}/")
+        self.assertTrue(os.path.exists(self.layer["ca_bundle"]))
+        self.assertIsInstance(self.layer["httpd"], asgi.UvicornServer)
+
+    def test_https_with_the_real_client_and_scheme(self):
+        with httpx.Client(verify=self.layer["ssl_context"], timeout=5) as client:
+            response = client.get(self.layer["http_url"] + "secure")
+            answer = response.json()
+            # the connection's local port, as httpx's pool holds it
+            [connection] = client._transport._pool.connections
+            client_port = connection._connection._network_stream.get_extra_info("socket").getsockname()[1]
+        self.assertEqual(answer["scheme"], "https")
+        self.assertEqual(answer["client"], ["127.0.0.1", client_port])
+        self.assertEqual(answer["path"], "/secure")
+
+    def test_urllib_with_ssl_context(self):
+        self.assertEqual(get_json(self.layer["http_url"], context=self.layer["ssl_context"])["scheme"], "https")
+
+    def test_verification_fails_without_the_ca(self):
+        import ssl
+
+        with self.assertRaises(urllib.error.URLError) as caught:
+            get_json(self.layer["http_url"], context=ssl.create_default_context())
+        self.assertIsInstance(caught.exception.reason, ssl.SSLCertVerificationError)
+
+    def test_wss_echo_with_wss_scheme(self):
+        seen = []
+
+        async def scheme_of_websocket(scope, receive, send):
+            if scope["type"] == "websocket":
+                seen.append((scope["scheme"], scope["client"]))
+                await websocket_echo(receive, send)
+
+        layer = set_up_by_hand(self, asgi.Layer(scheme_of_websocket, name="asgi_wss", tls=True))
+        with ws_connect(layer["ws_url"], ssl=layer["ssl_context"], open_timeout=5) as websocket:
+            websocket.send("secret")
+            self.assertEqual(websocket.recv(timeout=5), "echo: secret")
+            local = websocket.socket.getsockname()
+        self.assertEqual(seen, [("wss", ("127.0.0.1", local[1]))])
+
+    def test_plain_http_to_the_tls_port_does_not_hurt_the_server(self):
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                plain.recv(100)
+            except ConnectionResetError:
+                pass
+        self.assertEqual(get_json(self.layer["http_url"], context=self.layer["ssl_context"])["path"], "/")
+
+
+class AddressTests(unittest.TestCase):
+
+    def setUp(self):
+        without_host_variables(self)
+
+    def test_ipv6_loopback(self):
+        try:
+            socket.socket(socket.AF_INET6).close()
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("this machine has no ::1")
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ipv6", host="::1"))
+        port = layer["http_port"]
+        self.assertEqual(layer["http_url"], f"http://[::1]:{port}/")
+        self.assertEqual(layer["ws_url"], f"ws://[::1]:{port}/")
+        self.assertEqual(get_json(layer["http_url"])["client"][0], "::1")
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            websocket.send("six")
+            self.assertEqual(websocket.recv(timeout=5), "echo: six")
+
+    def test_every_address_of_a_name(self):
+        addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_localhost", host="localhost"))
+        self.assertEqual({sock.getsockname()[0] for sock in layer["httpd"].sockets}, addresses)
+        for address in addresses:
+            host = f"[{address}]" if ":" in address else address
+            self.assertEqual(get_json(f"http://{host}:{layer['http_port']}/")["client"][0], address)
+
+
+class NoDelayTests(unittest.TestCase):
+    """Every accepted connection sends small writes at once."""
+
+    def serve_on(self, sock: socket.socket) -> asgi.UvicornServer:
+        server = asgi.UvicornServer(
+            app_without_lifespan, [sock], errors=ErrorLog("nodelay"), requests=RequestLog(),
+            thread_name="serverlayer nodelay test",
+        )
+        running = ServerThread(server, name="serverlayer nodelay test")
+        running.start(owner="nodelay test")
+        self.addCleanup(running.stop, timeout=1.0)
+        self.addCleanup(server.errors.check)
+        return server
+
+    def protocol_zero_socket(self) -> socket.socket:
+        """A listening socket as uvicorn's own ``bind_socket`` makes it, with
+        ``proto`` 0: asyncio leaves Nagle on for what it accepts."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.assertEqual(sock.proto, 0)
+        return sock
+
+    def test_set_on_the_server_side_of_each_connection(self):
+        for sock in (self.protocol_zero_socket(), socket.create_server(("127.0.0.1", 0))):
+            with self.subTest(proto=sock.proto):
+                server = self.serve_on(sock)
+                with httpx.Client(timeout=5) as client:
+                    client.get(f"http://127.0.0.1:{server.socket.getsockname()[1]}/")
+                    [transport] = server.transports
+                    accepted = transport.get_extra_info("socket")
+                    self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
+    def test_many_requests_on_one_connection_take_far_less_than_the_delayed_ack(self):
+        server = self.serve_on(self.protocol_zero_socket())
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}/"
+        count = 50
+        with httpx.Client(timeout=5) as client:
+            client.get(url)
+            started = time.monotonic()
+            for _ in range(count):
+                client.get(url)
+            each = (time.monotonic() - started) / count
+        # With Nagle on, each answer waits for the client's delayed ACK: 40 ms on Linux.
+        self.assertLess(each, 0.015)
