@@ -64,6 +64,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "test_addresses.EveryAddressTests",
     ),
     "content": ("test_content", "test_content_protocol"),
+    "asgi": ("test_asgi",),
 }
 
 #: For ``ReplaceBinaryOperator_<from>_<to>``: the one replacement kept per operator.
