@@ -403,7 +403,9 @@ class LifespanTests(unittest.TestCase):
         started = time.monotonic()
         with self.assertRaises(ServerSideError) as caught:
             layer.tearDown()
-        self.assertLess(time.monotonic() - started, 0.6)
+        # Cut off, not waited for (an hour): the budget is 0.4 s, and the
+        # bound leaves room for a busy machine.
+        self.assertLess(time.monotonic() - started, 5.0)
         self.assertIn("lifespan shutdown failed", str(caught.exception))
         self.assertIn("did not finish within 0.40 seconds", str(caught.exception))
         self.assertIn("stop_timeout (0.5 seconds)", str(caught.exception))
