@@ -60,6 +60,11 @@ class Response:
 
     def __post_init__(self) -> None:
         _check_no_body(self.status, self.body)
+        if not self.delay >= 0:  # NaN too
+            raise ConfigurationError(
+                f"delay={self.delay!r}: a response waits a number of seconds, 0 or more,"
+                " before it is sent; leave delay out to answer at once."
+            )
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:

@@ -125,6 +125,13 @@ class RouteTests(unittest.TestCase):
         with self.assertRaises(dataclasses.FrozenInstanceError):
             answer.status = 500
 
+    def test_a_negative_delay_is_refused_when_the_answer_is_made(self):
+        for delay in (-1, -0.5, float("nan")):
+            with self.subTest(delay=delay), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/late").respond("late", delay=delay)
+            self.assertIn(f"delay={delay!r}: a response waits a number of seconds, 0 or more", str(caught.exception))
+        self.assertEqual(Response(200, "now", delay=0).delay, 0)
+
     def test_the_requests_of_the_test_in_order(self):
         self.http_content.route("/a").respond("a")
         call(self.layer, "/a?x=1")
