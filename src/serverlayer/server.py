@@ -112,9 +112,9 @@ class _BindFailure(Exception):
         self.error = error
 
 
-def _listen(address: Address, port: int) -> socket.socket:
-    """A socket listening on ``address`` at ``port``; raises OSError."""
-    family, socktype, proto, sockaddr = address
+def _socket_for(address: Address) -> socket.socket:
+    """A socket set up to listen on ``address``, not bound yet; raises OSError."""
+    family, socktype, proto, _ = address
     sock = socket.socket(family, socktype, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,7 +122,24 @@ def _listen(address: Address, port: int) -> socket.socket:
             # Without it, [::] would take the port at 0.0.0.0 too, which a
             # wildcard name also resolves to.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((sockaddr[0], port, *sockaddr[2:]))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
+    """What to bind for ``address`` at ``port``: an IPv6 address keeps its
+    flow info and scope id, which a link-local one needs (its interface)."""
+    sockaddr = address[3]
+    return (sockaddr[0], port, *sockaddr[2:])
+
+
+def _listen(address: Address, port: int) -> socket.socket:
+    """A socket listening on ``address`` at ``port``; raises OSError."""
+    sock = _socket_for(address)
+    try:
+        sock.bind(_bind_address(address, port))
         sock.listen(128)
     except BaseException:
         sock.close()

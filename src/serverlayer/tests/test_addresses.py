@@ -207,6 +207,24 @@ class EveryAddressTests(MadeUpNames):
                 self.assertEqual(reply.split(b"\n")[0], b"mail.test")
                 self.assertEqual([message["Subject"] for message in layer["outbox"]], [kind])
 
+    def test_an_ipv6_socket_leaves_ipv4_to_a_socket_of_its_own(self):
+        """Without IPV6_V6ONLY a socket at ``::`` would take the port at
+        0.0.0.0 as well, and a wildcard host, which names both, would fail
+        with "address in use" at its second address. Tests listen on
+        loopback only, where Linux sets the option by itself as it binds:
+        this checks the socket before that."""
+        [(family, socktype, proto, _, sockaddr)] = socket.getaddrinfo("::1", 0, socket.AF_INET6, socket.SOCK_STREAM)
+        with server_module._socket_for((family, socktype, proto, sockaddr)) as sock:
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
+
+    def test_a_link_local_address_keeps_its_interface(self):
+        """Tests listen on loopback only, and ``fe80::`` addresses are not;
+        this checks what would be bound."""
+        link_local = (socket.AF_INET6, socket.SOCK_STREAM, 6, ("fe80::1", 0, 0, 3))
+        self.assertEqual(server_module._bind_address(link_local, 8080), ("fe80::1", 8080, 0, 3))
+        ipv4 = (socket.AF_INET, socket.SOCK_STREAM, 6, ("127.0.0.1", 0))
+        self.assertEqual(server_module._bind_address(ipv4, 8080), ("127.0.0.1", 8080))
+
     def test_localhost_as_debian_resolves_it_reaches_clients_of_either_address(self):
         # The reported case: GOCEPT_HTTP_APP_HOST=localhost, and a client
         # that connects to 127.0.0.1 while localhost is ::1 first.
