@@ -112,20 +112,13 @@ class _BindFailure(Exception):
         self.error = error
 
 
-def _socket_for(address: Address) -> socket.socket:
-    """A socket set up to listen on ``address``, not bound yet; raises OSError."""
-    family, socktype, proto, _ = address
-    sock = socket.socket(family, socktype, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # Without it, [::] would take the port at 0.0.0.0 too, which a
-            # wildcard name also resolves to.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def _set_listening_options(sock: socket.socket) -> None:
+    """Set what a listening socket needs before it is bound."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sock.family == socket.AF_INET6:
+        # Without it, [::] would take the port at 0.0.0.0 too, which a
+        # wildcard name also resolves to.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
@@ -137,8 +130,10 @@ def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
 
 def _listen(address: Address, port: int) -> socket.socket:
     """A socket listening on ``address`` at ``port``; raises OSError."""
-    sock = _socket_for(address)
+    family, socktype, proto, _ = address
+    sock = socket.socket(family, socktype, proto)
     try:
+        _set_listening_options(sock)
         sock.bind(_bind_address(address, port))
         sock.listen(128)
     except BaseException:

@@ -213,8 +213,8 @@ class EveryAddressTests(MadeUpNames):
         with "address in use" at its second address. Tests listen on
         loopback only, where Linux sets the option by itself as it binds:
         this checks the socket before that."""
-        [(family, socktype, proto, _, sockaddr)] = socket.getaddrinfo("::1", 0, socket.AF_INET6, socket.SOCK_STREAM)
-        with server_module._socket_for((family, socktype, proto, sockaddr)) as sock:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            server_module._set_listening_options(sock)
             self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
 
     def test_a_link_local_address_keeps_its_interface(self):
