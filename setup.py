@@ -28,10 +28,11 @@ setup(
         # README.rst and CHANGES.rst must render on PyPI: the suite checks them.
         # requests, httpx and aiohttp: the tests try the layers with the clients users have;
         # gocept.httpserverlayer: they use its classes as its users pass them to ours.
+        # starlette: the example application in examples/board (lifespan state: >= 0.26).
         "test": [
             "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
             "requests", "httpx", "aiohttp", "gocept.httpserverlayer == 4.0",
-            "uvicorn >= 0.52.1", "websockets >= 13.0",
+            "uvicorn >= 0.52.1", "websockets >= 13.0", "starlette >= 0.26",
         ],
         # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn, with its
         # websockets-sansio protocol as it is since 0.52.1 (closing handshake, write flow control).

@@ -11,8 +11,9 @@ Selected without what they need, they fail in the browser layer's
 ``setUp`` and say what to install; they are never skipped.
 
 One Chromium serves every test that only needs a browser (``CHROMIUM``);
-the HTTPS test that trusts the test CA has its own (``TRUSTING_CHROMIUM``),
-and so has gocept.selenium's layer. Each Chromium gets a fresh temporary
+the HTTPS and WSS tests that trust the test CA have their own
+(``TRUSTING_CHROMIUM``, ``TRUSTING_LIVE_CHROMIUM``), and so has
+gocept.selenium's layer. Each Chromium gets a fresh temporary
 ``$HOME`` and profile, and never asks Selenium Manager for a driver.
 """
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import plone.testing
 
-from serverlayer import content, smtp, static, wsgi
+from serverlayer import asgi, content, smtp, static, wsgi
 
 #: zope.testrunner level of every test here: select with --only-level 2.
 BROWSER_LEVEL = 2
@@ -554,6 +555,81 @@ class TrustedHTTPSTests(BrowserTestCase):
         self.assertEqual(self.wait_until(page_state, "the page rendered nothing"), "rendered")
         self.assertEqual(self.text("#ping"), "pong over https:")
         self.assertEqual([str(request) for request in self.layer["http_requests"]], ["GET /", "GET /ping"])
+
+
+# (e) A page that opens a WebSocket to the ASGI layer that served it, over
+# ws:// and, with the test CA trusted, over wss://.
+
+LIVE_PAGE = """
+<p id="url">connecting</p>
+<p id="received">nothing yet</p>
+<script>
+const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/echo");
+document.getElementById("url").textContent = socket.url;
+socket.onopen = () => socket.send("hello from the page");
+socket.onmessage = event => { document.getElementById("received").textContent = event.data; };
+socket.onerror = () => { document.body.dataset.state = "failed: WebSocket error"; };
+socket.onclose = event => {
+  if (!document.body.dataset.state) document.body.dataset.state = "closed " + event.code;
+};
+</script>
+"""
+
+
+async def live_app(scope, receive, send):
+    """The page at ``/``; at ``/echo`` a WebSocket that answers the first
+    text it receives, naming its scheme, then closes normally."""
+    assert scope["type"] in ("http", "websocket"), f"no {scope['type']} here"
+    if scope["type"] == "http":
+        await receive()
+        body = PAGE.format(title="Live", body=LIVE_PAGE).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/html; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    if scope["path"] != "/echo":
+        await send({"type": "websocket.close", "code": 4404})
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    message = await receive()
+    if message["type"] == "websocket.receive":
+        text = f"the server got {message['text']!r} over {scope['scheme']}"
+        await send({"type": "websocket.send", "text": text})
+        await send({"type": "websocket.close", "code": 1000})
+
+
+LIVE = asgi.Layer(live_app, name="BROWSER_LIVE")
+LIVE_BROWSER = plone.testing.Layer(bases=(LIVE, CHROMIUM), name="LIVE_BROWSER")
+SECURE_LIVE = asgi.Layer(live_app, name="BROWSER_SECURE_LIVE", tls=True)
+TRUSTING_LIVE_CHROMIUM = ChromiumLayer(bases=(SECURE_LIVE,), trust_test_ca=True, name="TRUSTING_LIVE_CHROMIUM")
+
+
+class WebSocketTests(BrowserTestCase):
+    layer = LIVE_BROWSER
+    scheme = "ws"
+
+    def test_page_talks_to_its_layer_over_a_websocket(self):
+        self.assertTrue(self.layer["ws_url"].startswith(f"{self.scheme}://"))
+        self.driver.get(self.layer["http_url"])
+        self.assertEqual(self.wait_until(page_state, "the WebSocket never closed"), "closed 1000")
+        self.assertEqual(self.text("#url"), self.layer["ws_url"] + "echo")
+        self.assertEqual(self.text("#received"), f"the server got 'hello from the page' over {self.scheme}")
+
+        page, handshake = self.layer["http_requests"]
+        self.assertEqual(str(page), "GET /")
+        self.assertEqual(str(handshake), "GET /echo")
+        self.assertEqual(handshake.headers["Upgrade"], "websocket")
+        self.assertEqual(handshake.headers["Connection"], "Upgrade")
+        self.assertEqual(handshake.headers["Origin"], self.layer["http_url"].rstrip("/"))
+        self.assertEqual(handshake.headers["Sec-WebSocket-Version"], "13")
+
+
+class SecureWebSocketTests(WebSocketTests):
+    """The same page over HTTPS and WSS, in a Chromium that trusts the test CA."""
+
+    layer = TRUSTING_LIVE_CHROMIUM
+    scheme = "wss"
 
 
 # gocept.selenium's webdriver layer, stacked on a serverlayer wsgi layer.

@@ -1,0 +1,1 @@
+"""Tests of the message board; zope.testrunner finds them here."""
