@@ -50,7 +50,7 @@ EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"
 #: test modules, or one class of a module (``test_module.Class``).
 MODULES: dict[str, tuple[str, ...]] = {
     "reporting": ("test_reporting",),
-    "tls": ("test_tls", "test_tls_front"),
+    "tls": ("test_tls", "test_tls_front", "test_lifecycle.ServerThreadTests"),
     "recording": ("test_recording", "test_chunked_uploads"),
     "static": ("test_static", "test_static_symlinks"),
     "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front"),
