@@ -293,6 +293,8 @@ class _Lifespan(LifespanOn):
         self.received: list[str] = []
         #: Why startup or shutdown failed: the application's message or traceback.
         self.failure: str | None = None
+        #: The task that runs the application's lifespan, once it runs.
+        self.task: asyncio.Task[Any] | None = None
 
     async def receive(self) -> Any:
         message = await super().receive()
@@ -305,6 +307,7 @@ class _Lifespan(LifespanOn):
         await super().send(message)
 
     async def main(self) -> None:
+        self.task = asyncio.current_task()
         try:
             scope = {
                 "type": "lifespan",
@@ -424,6 +427,15 @@ class UvicornServer(AsyncioServer):
         application shut down: uvicorn's order, without its waiting."""
         if self._date_timer is not None:
             self._date_timer.cancel()
+        # A connection accepted in the loop's last round waits in a task that
+        # has not started. Started once its server is closed, asyncio fails
+        # to make its transport and leaves it for the garbage collector; the
+        # lifespan shutdown below runs the loop, so every task but the
+        # lifespan's is cancelled first (the base class closes the sockets).
+        lifespan_task = None if self.lifespan is None else self.lifespan.task
+        for task in asyncio.all_tasks(self.loop):
+            if task is not lifespan_task:
+                task.cancel()
         for server in servers:
             server.close()
         # uvicorn's own goodbye first: an idle connection is closed, a
