@@ -67,7 +67,7 @@ class BoardTests(unittest.TestCase):
 
     def test_live_feed_sends_the_history_then_each_new_message(self) -> None:
         first = self.post("Ann", "first")
-        with connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT) as websocket:
+        with connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT, ping_interval=None) as websocket:
             self.assertEqual(self.receive(websocket), {"history": [first]})
             second = self.post("Bob", "second")
             self.assertEqual(self.receive(websocket), second)
@@ -79,8 +79,8 @@ class BoardTests(unittest.TestCase):
         self.assertEqual(handshake.headers["Upgrade"], "websocket")
 
     def test_message_sent_over_a_websocket_reaches_every_client_and_the_list(self) -> None:
-        with connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT) as ann, \
-                connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT) as bob:
+        with connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT, ping_interval=None) as ann, \
+                connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT, ping_interval=None) as bob:
             self.assertEqual(self.receive(ann), {"history": []})
             self.assertEqual(self.receive(bob), {"history": []})
             ann.send(json.dumps({"author": "Ann", "text": "hi Bob"}))
@@ -90,7 +90,7 @@ class BoardTests(unittest.TestCase):
         self.assertEqual(self.http.get("/messages").json(), [expected])
 
     def test_a_websocket_client_is_told_what_was_wrong_and_stays_connected(self) -> None:
-        with connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT) as websocket:
+        with connect(self.layer["ws_url"] + "live", open_timeout=TIMEOUT, ping_interval=None) as websocket:
             self.receive(websocket)  # the history
             websocket.send(json.dumps({"text": "who am I?"}))
             self.assertEqual(self.receive(websocket), {"error": "a message needs an author and a text"})

@@ -19,18 +19,26 @@ import urllib.error
 import urllib.request
 import warnings
 from contextlib import redirect_stderr
+from typing import Any
 from unittest import mock
 
 import httpx
 import plone.testing
 import websockets.exceptions
-from websockets.sync.client import connect as ws_connect
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as _connect
 
 from serverlayer import ConfigurationError, ServerSideError, SetUpError, asgi
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog
 from serverlayer.server import ServerThread
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names, without_host_variables
+
+
+def ws_connect(url: str, **kwargs: Any) -> ClientConnection:
+    """A WebSocket client without keepalive pings: their thread ends a moment
+    after the connection, and zope.testrunner may see it still there."""
+    return _connect(url, ping_interval=None, **kwargs)
 
 
 async def read_body(receive):
