@@ -2,10 +2,10 @@
 
 Run from the checkout, after ``pip install -e '.[bench]'``::
 
-    python benchmarks/bench_peers.py               # full run, three to four minutes
+    python benchmarks/bench_peers.py               # full run, three to four minutes, asgi 40 s more
     python benchmarks/bench_peers.py --quick       # smoke run, about a minute
     python benchmarks/bench_peers.py --only sweep  # the concurrency sweep alone, about 45 s
-    python benchmarks/bench_peers.py --only asgi   # serverlayer.asgi against uvicorn alone
+    python benchmarks/bench_peers.py --only asgi   # serverlayer.asgi against uvicorn alone, about 40 s
 
 ``--only`` takes a comma-separated list of the sections below (lifecycle, stalled,
 http, transfer, smtp, asgi, sweep, memory) and runs those alone.
