@@ -37,12 +37,16 @@ setup(
         # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn, with its
         # websockets-sansio protocol as it is since 0.52.1 (closing handshake, write flow control).
         "asgi": ["uvicorn >= 0.52.1", "websockets >= 13.0"],
-        # The peers benchmarks/ measures serverlayer against; users never need them.
+        # The peers benchmarks/ measures serverlayer against; users never need them. uvicorn and
+        # websockets: bench_peers.py serves with serverlayer.asgi and uvicorn's own server, and
+        # its WebSocket client is websockets' sync client.
         "bench": [
             "gocept.httpserverlayer == 4.0",
             "pytest-localserver >= 0.10",
             "pytest-httpserver >= 1.2",
             "WebTest >= 3.0",
+            "uvicorn >= 0.52.1",
+            "websockets >= 13.0",
         ],
         # serverlayer.plonetestingzope: Zope 5 or 6, through plone.testing's Zope layers.
         "zope": ["Zope >= 5", "plone.testing[zope]"],

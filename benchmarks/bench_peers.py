@@ -2,12 +2,13 @@
 
 Run from the checkout, after ``pip install -e '.[bench]'``::
 
-    python benchmarks/bench_peers.py               # full run, three to four minutes
+    python benchmarks/bench_peers.py               # full run, three to four minutes, asgi 40 s more
     python benchmarks/bench_peers.py --quick       # smoke run, about a minute
     python benchmarks/bench_peers.py --only sweep  # the concurrency sweep alone, about 45 s
+    python benchmarks/bench_peers.py --only asgi   # serverlayer.asgi against uvicorn alone, about 40 s
 
 ``--only`` takes a comma-separated list of the sections below (lifecycle, stalled,
-http, transfer, smtp, sweep, memory) and runs those alone.
+http, transfer, smtp, asgi, sweep, memory) and runs those alone.
 
 The peers, each used as its documentation shows, with its defaults:
 
@@ -20,7 +21,14 @@ The peers, each used as its documentation shows, with its defaults:
 - ``aiosmtpd``: a bare ``aiosmtpd.controller.Controller`` whose handler only
   stores each envelope, as in ``bench_smtp.py``;
 - ``webtest``: WebTest's ``StopableWSGIServer.create(app)`` and
-  ``shutdown()``, which plone.testing.zope's ``WSGIServer`` layer runs.
+  ``shutdown()``, which plone.testing.zope's ``WSGIServer`` layer runs;
+- ``uvicorn``: the uvicorn fixture users write by hand, for the asgi layer:
+  ``uvicorn.Server(uvicorn.Config(app, host=..., port=0,
+  log_level="warning", lifespan="on", http="h11", ws="websockets-sansio"))``,
+  its ``run`` on a thread, waited for until ``server.started`` (polled
+  every millisecond), stopped with ``server.should_exit = True`` and a
+  join; the same h11 and websockets-sansio protocols the asgi layer serves
+  with, on a socket uvicorn binds itself.
 
 It measures, for serverlayer and every peer that can do the work (``-``
 where one cannot), in one process, interleaved round by round in an order
@@ -63,7 +71,20 @@ that rotates:
 4. messages/s of ``--messages`` small messages over one ``smtplib``
    connection and from 4 senders at once sharing the same total; after
    every run the script counts the mail that arrived.
-5. the concurrency sweep (``sweep``): 1, 2, 8 and 32 clients at once, each
+5. ``asgi``: serverlayer.asgi's layer against the ``uvicorn`` fixture, both
+   serving one raw ASGI application (``asgi_app``: ``BODY`` to any GET, a
+   WebSocket echo, a lifespan that accepts startup and shutdown):
+   ``setUp`` + ``tearDown`` (``--rounds``), with serverlayer's wsgi layer
+   serving ``app`` in the same rounds as a yardstick; ``--requests`` GETs
+   in the same three ways as the wsgi layer's; and round trips per second of
+   ``--echoes`` small binary messages over one WebSocket connection of
+   websockets' sync client (``websockets.sync.client.connect`` as a
+   context manager, its defaults: permessage-deflate is negotiated with
+   both), each echo checked, the handshake and closing untimed. Median of
+   ``--repeats``. Targets: ``setUp`` + ``tearDown`` at least 50 times
+   faster than uvicorn's and at most twice the wsgi layer's; GETs and
+   echoes at least as many per second as uvicorn's (``>= 1x``).
+6. the concurrency sweep (``sweep``): 1, 2, 8 and 32 clients at once, each
    a thread with its own keep-alive ``http.client.HTTPConnection``, sending
    GETs for ``--sweep-ms`` (a GET sent in time is waited for, however late
    its answer, up to 10 s beyond the run; a bounded number at most) to the
@@ -88,7 +109,7 @@ that rotates:
    own 1-client rate, and no client gets fewer than half the mean. The
    custom layers' handler answers over HTTP/1.1 in one write, so that their
    connections stay open too.
-6. memory: for each contender a fresh ``python -c`` process starts one
+7. memory: for each contender a fresh ``python -c`` process starts one
    server and stops it again (so that lazy imports and first-use caches are
    paid), then sets up ``--servers`` at once and reports how much its
    resident set size (``VmRSS``) grew, layer or server objects included,
@@ -102,9 +123,9 @@ name the peer that does best and the one that does worst on the measure,
 each with how many times better serverlayer does (above 1 serverlayer is
 ahead). Targets: every set-up and tear-down at least 100 times faster than
 the slowest peer and no slower than the fastest; every throughput ahead of
-every peer; memory has none. Everything listens on 127.0.0.1; what the
-servers print and log (werkzeug logs every request) goes to a trap, not to
-the terminal. The script is a report, not a test: it exits 0 whether
+every peer; memory has none; the asgi section's are those of 5.
+Everything listens on 127.0.0.1; what the servers print and log (werkzeug
+logs every request) goes to a trap, not to the terminal. The script is a report, not a test: it exits 0 whether
 targets are met or not.
 """
 
@@ -112,6 +133,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -131,7 +153,7 @@ from typing import Any, TypeVar
 
 import _http
 import _timing
-from _http import BODY, HOST, Handler, app
+from _http import BODY, HOST, TIMEOUT, Handler, app
 
 #: The file of the transfer measure.
 FILE_SIZE = 1024 * 1024
@@ -144,7 +166,7 @@ THREAD_GRACE = 0.05
 #: Seconds a memory process may take.
 CHILD_TIMEOUT = 120.0
 #: The table's columns of medians, serverlayer first; the module docstring says what each peer runs.
-PACKAGES = ("serverlayer", "gocept", "localserver", "httpserver", "aiosmtpd", "webtest")
+PACKAGES = ("serverlayer", "gocept", "localserver", "httpserver", "aiosmtpd", "webtest", "uvicorn")
 LOGGERS = ("mail.log", "asyncio", "werkzeug", "waitress")
 T = TypeVar("T")
 COUNTS = (
@@ -154,13 +176,14 @@ COUNTS = (
     _timing.Count("requests", 2000, 200, "GETs per HTTP throughput run"),
     _timing.Count("downloads", 200, 20, "1 MiB downloads per transfer run"),
     _timing.Count("messages", 500, 100, "messages per SMTP throughput run"),
+    _timing.Count("echoes", 2000, 200, "WebSocket echo round trips per asgi throughput run"),
     _timing.Count("repeats", 3, 2, "throughput runs per contender"),
     _timing.Count("servers", 50, 5, "servers set up at once per memory process"),
     _timing.Count("sweep-ms", 1000, 100, "milliseconds each client of a concurrency sweep run sends GETs"),
     _timing.Count("sweep-runs", 1, 1, "sweep runs per contender, mode and client count; the table shows the median"),
 )
 #: The measures, in the order they run; ``--only`` picks some.
-SECTIONS = ("lifecycle", "stalled", "http", "transfer", "smtp", "sweep", "memory")
+SECTIONS = ("lifecycle", "stalled", "http", "transfer", "smtp", "asgi", "sweep", "memory")
 
 try:
     import gocept.httpserverlayer.custom as gocept_custom
@@ -170,9 +193,12 @@ try:
     import pytest_localserver.http  # type: ignore[import-not-found, import-untyped, unused-ignore]
     import pytest_localserver.smtp  # type: ignore[import-not-found, import-untyped, unused-ignore]
     import trustme
+    import uvicorn
+    import websockets.sync.client
     import webtest.http  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     import bench_smtp
+    import serverlayer.asgi
     import serverlayer.content
     import serverlayer.custom
     import serverlayer.smtp
@@ -335,6 +361,8 @@ def serverlayer_layer(kind: str, number: int) -> Startable:
         return ContentLayerServer(serverlayer.content.Layer(name=name, host=HOST))
     if kind == "smtp":
         return SMTPLayerServer(serverlayer.smtp.Layer(name=name, host=HOST))
+    if kind == "asgi":
+        return LayerServer(serverlayer.asgi.Layer(asgi_app, name=name, host=HOST))
     raise ValueError(kind)
 
 
@@ -438,6 +466,90 @@ class WebtestServer(Startable):
         return Running(int(server.effective_port), server.shutdown)
 
 
+# The asgi section's application and peer.
+
+
+async def asgi_app(
+    scope: serverlayer.asgi.Scope, receive: serverlayer.asgi.Receive, send: serverlayer.asgi.Send
+) -> None:
+    """The ASGI 3 application of the asgi section, raw: answers ``BODY`` to
+    any GET, as ``app`` does; echoes every WebSocket message; accepts its
+    lifespan's startup and shutdown."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    elif scope["type"] == "http":
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(BODY)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": BODY})
+    elif scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                await send({"type": "websocket.send", "bytes": message["bytes"]})
+            else:
+                await send({"type": "websocket.send", "text": message["text"]})
+
+
+#: Seconds the uvicorn peer may take to start, and its thread to end once told to stop.
+UVICORN_TIMEOUT = 10.0
+#: How often the uvicorn peer looks whether its server started, as users' fixtures do.
+UVICORN_POLL = 0.001
+
+
+class UvicornThread(Startable):
+    """The uvicorn fixture users write by hand: ``uvicorn.Server(config).run``
+    on a thread, waited for until ``server.started``, stopped with
+    ``server.should_exit = True`` and a join. uvicorn's h11 and
+    websockets-sansio protocols, the ones serverlayer.asgi serves with; a
+    port of its own choosing (0), lifespan on. The thread is a daemon only
+    so that a stop that never ends cannot keep the benchmark from exiting;
+    a stop still waits for it to end (``UVICORN_TIMEOUT``, then it fails)."""
+
+    def start(self) -> Running:
+        config = uvicorn.Config(
+            asgi_app,
+            host=HOST,
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            http="h11",
+            ws="websockets-sansio",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="bench_peers uvicorn", daemon=True)
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(UVICORN_TIMEOUT)
+            if thread.is_alive():
+                raise RuntimeError(f"uvicorn's thread was still running {UVICORN_TIMEOUT:g} s after should_exit")
+
+        thread.start()
+        try:
+            deadline = time.monotonic() + UVICORN_TIMEOUT
+            while not server.started:
+                if not thread.is_alive():
+                    raise RuntimeError("uvicorn's thread ended before its server started")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"uvicorn did not start within {UVICORN_TIMEOUT:g} s")
+                time.sleep(UVICORN_POLL)
+            port = server.servers[0].sockets[0].getsockname()[1]
+        except BaseException:
+            stop()
+            raise
+        return Running(port, stop)
+
+
 def contenders(kind: str) -> list[Contender]:
     """serverlayer first, then the peers that have an equivalent of ``kind``."""
     ours = Contender("serverlayer", lambda number: serverlayer_layer(kind, number))
@@ -461,6 +573,7 @@ def contenders(kind: str) -> list[Contender]:
             Contender("localserver", lambda number: LocalserverWSGI(tls=True), polls=True),
             Contender("httpserver", lambda number: Httpserver(tls=True), polls=True),
         ],
+        "asgi": [Contender("uvicorn", lambda number: UvicornThread())],
     }[kind]
     return [ours, *peers]
 
@@ -482,11 +595,14 @@ class PeerRow:
     #: Formats a value for its cell.
     unit: str
     higher_is_better: bool
-    #: "lifecycle", "stalled", "throughput" or None.
+    #: "lifecycle", "stalled", "throughput", "asgi lifecycle", "level" or None.
     target: str | None
     #: False when serverlayer lost mail, or kept a stalled client or a
     #: thread: the target is then missed whatever the figure.
     valid: bool = True
+    #: For "asgi lifecycle": the median of serverlayer's wsgi layer in the
+    #: same rounds, which the asgi layer aims to stay close to.
+    reference: float | None = None
 
     def ratio(self, package: str) -> float:
         """How many times better serverlayer does than ``package`` (> 1 is better)."""
@@ -515,6 +631,14 @@ class PeerRow:
             return self.valid and self.values["serverlayer"] < STALLED_TARGET_MS
         if self.target == "lifecycle":
             return self.ratio(slowest) >= LIFECYCLE_SLOWEST_RATIO and self.ratio(best) >= LIFECYCLE_BEST_RATIO
+        if self.target == "asgi lifecycle":
+            return (
+                self.ratio(slowest) >= ASGI_SLOWEST_RATIO
+                and self.reference is not None
+                and self.values["serverlayer"] <= ASGI_WSGI_FACTOR * self.reference
+            )
+        if self.target == "level":
+            return self.valid and self.ratio(best) >= 1
         return self.valid and self.ratio(best) > 1
 
     def target_text(self) -> str:
@@ -522,14 +646,21 @@ class PeerRow:
             return f">= {LIFECYCLE_SLOWEST_RATIO:g}x slowest, >= {LIFECYCLE_BEST_RATIO:g}x best"
         if self.target == "throughput":
             return "> 1x best"
+        if self.target == "asgi lifecycle":
+            return f">= {ASGI_SLOWEST_RATIO:g}x slowest, <= {ASGI_WSGI_FACTOR:g}x wsgi"
+        if self.target == "level":
+            return ">= 1x best"
         if self.target == "stalled":
             return f"< {STALLED_TARGET_MS:g} ms, all let go"
         return "-"
 
     @classmethod
-    def rate(cls, measure: str, values: Mapping[str, float], unit: str, valid: bool = True) -> PeerRow:
-        """A throughput measure: more per second is better, and serverlayer aims to lead."""
-        return cls(measure, values, unit, higher_is_better=True, target="throughput", valid=valid)
+    def rate(
+        cls, measure: str, values: Mapping[str, float], unit: str, valid: bool = True, target: str = "throughput"
+    ) -> PeerRow:
+        """A throughput measure: more per second is better, and serverlayer
+        aims to lead (``target`` "level": to keep up)."""
+        return cls(measure, values, unit, higher_is_better=True, target=target, valid=valid)
 
 
 def format_value(value: float, unit: str) -> str:
@@ -1010,6 +1141,7 @@ def bench_http_throughput(
     arguments: argparse.Namespace,
     quiet: _timing.OutputTrap,
     notes: Notes,
+    target: str = "throughput",
 ) -> list[PeerRow]:
     requests, rows = arguments.requests, []
     connects: dict[str, int] = {}
@@ -1024,7 +1156,8 @@ def bench_http_throughput(
                 return requests / seconds
 
             what = f"{kind} GETs, {label}"
-            rows.append(PeerRow.rate(what, rates(what, running, paths, run, arguments.repeats, quiet, notes), "req/s"))
+            values = rates(what, running, paths, run, arguments.repeats, quiet, notes)
+            rows.append(PeerRow.rate(what, values, "req/s", target=target))
     notes.add(connects_note(f"{kind}: TCP connections per {requests} GETs over one keep-alive connection", connects))
     return rows
 
@@ -1116,7 +1249,92 @@ def bench_smtp_throughput(
     return rows
 
 
-# 5. The concurrency sweep.
+# 5. serverlayer.asgi against uvicorn's own server.
+
+#: The asgi layer's targets: its setUp+tearDown this many times faster than
+#: uvicorn's fixture, and at most this many times the wsgi layer's.
+ASGI_SLOWEST_RATIO = 50.0
+ASGI_WSGI_FACTOR = 2.0
+#: The asgi section's yardstick, serverlayer's wsgi layer, in the set-up rounds and their notes.
+ASGI_REFERENCE = "wsgi layer"
+
+
+def open_descriptors() -> int | None:
+    """How many file descriptors this process has open (Linux only)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+def ws_url(running: Running) -> str:
+    return f"ws://{HOST}:{running.port}/"
+
+
+def echoes(running: Running, message: bytes, count: int) -> float:
+    """``count`` round trips of ``message`` over one WebSocket connection of
+    websockets' sync client, each echo checked; the seconds they took (the
+    handshake and the closing not included)."""
+    with websockets.sync.client.connect(ws_url(running), open_timeout=TIMEOUT, close_timeout=TIMEOUT) as client:
+        start = time.perf_counter()
+        for _ in range(count):
+            client.send(message)
+            echo = client.recv(TIMEOUT)
+            if echo != message:
+                raise RuntimeError(f"the server on port {running.port} echoed {echo[:60]!r}")
+        return time.perf_counter() - start
+
+
+def bench_websocket(
+    servers: Mapping[str, Startable], arguments: argparse.Namespace, quiet: _timing.OutputTrap, notes: Notes
+) -> PeerRow:
+    count = arguments.echoes
+    what = "asgi WebSocket echo, one connection"
+    with started(servers, quiet, notes, what) as running:
+        working = on_each(running, lambda item: echoes(item, BODY, min(100, count)), quiet, notes, f"{what}, warm-up")
+
+        def run(name: str, item: Running) -> float:
+            return count / echoes(item, BODY, count)
+
+        values = rates(what, running, working, run, arguments.repeats, quiet, notes)
+    return PeerRow.rate(what, values, "echoes/s", target="level")
+
+
+def bench_asgi(arguments: argparse.Namespace, quiet: _timing.OutputTrap, notes: Notes) -> list[PeerRow]:
+    """The asgi layer against uvicorn's fixture: setUp+tearDown (and the
+    wsgi layer's in the same rounds), GETs, WebSocket echoes. Notes any
+    thread or descriptor of the section's left behind."""
+    threads, descriptors = set(threading.enumerate()), open_descriptors()
+    servers = {contender.package: contender.make(0) for contender in contenders("asgi")}
+    wsgi = LayerServer(serverlayer.wsgi.Layer(app, name="BENCH_PEERS_ASGI_WSGI", host=HOST))
+    lifecycle = bench_lifecycle("asgi", {**servers, ASGI_REFERENCE: wsgi}, set(), arguments, quiet, notes)
+    values = dict(lifecycle.values)
+    reference = values.pop(ASGI_REFERENCE, None)
+    rows = [dataclasses.replace(lifecycle, values=values, target="asgi lifecycle", reference=reference)]
+    if reference is not None:
+        rows.append(
+            PeerRow("wsgi setUp+tearDown, same rounds", {"serverlayer": reference}, "ms", False, target=None)
+        )
+        if "serverlayer" in values:
+            ratio = values["serverlayer"] / reference
+            notes.add(
+                f"asgi setUp+tearDown over the wsgi layer's in the same rounds: {ratio:.2f}x"
+                f" (target <= {ASGI_WSGI_FACTOR:g}x: {'yes' if ratio <= ASGI_WSGI_FACTOR else 'NO'})"
+            )
+    rows += bench_http_throughput("asgi", servers, arguments, quiet, notes, target="level")
+    rows.append(bench_websocket(servers, arguments, quiet, notes))
+    if threads_left_running(threads) or open_descriptors() != descriptors:
+        left = [thread.name for thread in threading.enumerate() if thread not in threads]
+        notes.add(
+            f"LEFT BEHIND by the asgi section: threads {left}, descriptors {descriptors} at its start,"
+            f" {open_descriptors()} at its end"
+        )
+    else:
+        notes.add(f"asgi: every server stopped, no thread left running, {descriptors} descriptors before and after")
+    return rows
+
+
+# 6. The concurrency sweep.
 
 SWEEP_KINDS = ("wsgi", "custom", "content")
 SWEEP_CLIENTS = (1, 2, 8, 32)
@@ -1315,7 +1533,7 @@ def sweep_notes(cells: Sequence[SweepCell], lines: Sequence[SweepLine], notes: N
         )
 
 
-# 6. Memory of a process holding many servers.
+# 7. Memory of a process holding many servers.
 
 
 def rss_kib() -> int | None:
@@ -1458,6 +1676,11 @@ def counts_detail(arguments: argparse.Namespace) -> str:
     ]
     if any(throughput):
         parts.append(", ".join(part for part in throughput if part))
+    if "asgi" in only:
+        parts.append(
+            f"asgi: {arguments.rounds} setUp+tearDown rounds, {arguments.repeats} x {arguments.requests} GETs,"
+            f" {arguments.repeats} x {arguments.echoes} WebSocket echoes"
+        )
     if "sweep" in only:
         peers = "every count" if arguments.sweep_peers else str(SWEEP_PEER_CLIENTS)
         parts.append(
@@ -1475,7 +1698,14 @@ PEER_LEGEND = (
     "  serverlayer is ahead; '-': no peer can do the work, or no target",
     "columns: gocept = gocept.httpserverlayer layers; localserver = pytest-localserver WSGIServer,"
     " ContentServer, smtp.Server; httpserver = pytest-httpserver HTTPServer; aiosmtpd = a bare"
-    " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server)",
+    " Controller; webtest = StopableWSGIServer (plone.testing.zope's WSGI server); uvicorn ="
+    " uvicorn.Server(Config(...)).run on a thread, stopped with should_exit",
+)
+ASGI_LEGEND = (
+    "asgi: serverlayer.asgi.Layer against uvicorn's own server on a thread (both h11 and"
+    " websockets-sansio, the same raw ASGI application); targets: setUp+tearDown",
+    f"  >= {ASGI_SLOWEST_RATIO:g}x faster than uvicorn's and <= {ASGI_WSGI_FACTOR:g}x the wsgi layer's in the same"
+    " rounds (the row below it), GETs and WebSocket echoes >= 1x uvicorn's",
 )
 SWEEP_LEGEND = (
     "sweep: each client GETs over its own keep-alive http.client connection for the run's time;",
@@ -1497,6 +1727,8 @@ def legend(arguments: argparse.Namespace) -> list[str]:
             f"rounds: peers whose stop waits for a 0.5 s poll (gocept; localserver's and httpserver's HTTP"
             f" servers) took part in {arguments.slow_rounds} of the {arguments.rounds} rounds, spread evenly"
         )
+    if "asgi" in only:
+        lines += ASGI_LEGEND
     if "sweep" in only:
         lines += SWEEP_LEGEND
     return lines
@@ -1527,6 +1759,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_transfer(transfer, arguments, quiet, notes))
         if "smtp" in only:
             rows += bench_smtp_throughput(servers["smtp"], arguments, quiet, notes)
+        if "asgi" in only:
+            rows += bench_asgi(arguments, quiet, notes)
         cells = bench_sweep(servers, arguments, quiet, notes) if "sweep" in only else []
         if "memory" in only:
             rows += bench_memory(arguments.servers, notes)
@@ -1548,6 +1782,9 @@ def main(argv: list[str] | None = None) -> int:
                 "werkzeug",
                 "aiosmtpd",
                 "WebTest",
+                "uvicorn",
+                "h11",
+                "websockets",
             ),
             "imported": os.path.dirname(serverlayer.__file__),
             "counts": counts_detail(arguments),
