@@ -3,14 +3,16 @@ raw HTTP over a socket, and running zope.testrunner on a sample suite."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
 import sys
 import threading
 import unittest
+import warnings
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from unittest import mock
 
 import plone.testing
@@ -107,3 +109,39 @@ def run_testrunner(sample: str, *args: str, env: dict[str, str] | None = None) -
         ],
         capture_output=True, text=True, timeout=120, env=environment,
     )
+
+
+def stop_in_the_round_that_accepts(test: unittest.TestCase, layer: Any, address: tuple[str, int]) -> None:
+    """Tear ``layer`` down so that its asyncio loop stops in the round in
+    which it accepts three clients, and fail ``test`` unless each client is
+    cut off at once and nothing is left for the garbage collector.
+
+    asyncio hands an accepted connection to a task (and a protocol's
+    ``connection_made`` to a callback) that runs in a later round: one the
+    stopping loop has no more of. The loop is held while the clients
+    connect, so the system completes their connections in the meantime.
+    """
+    server = layer._running.server
+    paused, resume = threading.Event(), threading.Event()
+    clients: list[socket.socket] = []
+
+    def pause() -> None:
+        paused.set()
+        resume.wait(5)
+
+    try:
+        server.loop.call_soon_threadsafe(pause)
+        test.assertTrue(paused.wait(5))
+        for _ in range(3):
+            clients.append(socket.create_connection(address, timeout=5))
+        server.request_stop()
+    finally:
+        resume.set()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            layer.tearDown()
+            gc.collect()  # what was left for the collector warns now
+    test.assertEqual([str(warning.message) for warning in caught], [])
+    for client in clients:
+        with client:
+            test.assertEqual(client.recv(1), b"")

@@ -32,7 +32,13 @@ from serverlayer import ConfigurationError, ServerSideError, SetUpError, asgi
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog
 from serverlayer.server import ServerThread
-from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names, without_host_variables
+from serverlayer.tests.helpers import (
+    open_descriptors,
+    set_up_by_hand,
+    stop_in_the_round_that_accepts,
+    thread_names,
+    without_host_variables,
+)
 
 
 def ws_connect(url: str, **kwargs: Any) -> ClientConnection:
@@ -523,38 +529,11 @@ class ServerErrorTests(unittest.TestCase):
 class StopTests(unittest.TestCase):
 
     def test_connections_accepted_in_the_loops_last_round_are_closed(self):
-        """asyncio accepts a connection and schedules its protocol's
-        connection_made for the next round; when the loop stops in the
-        round of the accept, the connection is registered only while the
-        server shuts down, and must still be closed, not left to the
-        garbage collector (which warns), with the client told at once."""
+        """Their tasks must not start once the servers are closed: asyncio
+        would fail to make their transports, and leave them open."""
         layer = asgi.Layer(lifespan_app([]), name="asgi_last_round")
         layer.setUp()
-        server = layer["httpd"]
-        paused, resume = threading.Event(), threading.Event()
-        clients: list[socket.socket] = []
-        try:
-            def pause() -> None:
-                paused.set()
-                resume.wait(5)
-
-            server.loop.call_soon_threadsafe(pause)
-            self.assertTrue(paused.wait(5))
-            # The system completes these connections while the loop is held,
-            # so the loop accepts all three in the round that also stops it.
-            for _ in range(3):
-                clients.append(socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5))
-            server.request_stop()
-        finally:
-            resume.set()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ResourceWarning)
-                layer.tearDown()
-                gc.collect()
-        self.assertEqual([str(warning.message) for warning in caught], [])
-        for client in clients:
-            with client:
-                self.assertEqual(client.recv(1), b"")
+        stop_in_the_round_that_accepts(self, layer, (layer["http_host"], layer["http_port"]))
 
     def test_tear_down_is_fast_with_idle_keep_alive_and_websocket_clients(self):
         layer = asgi.Layer(lifespan_app([]), name="asgi_fast_stop")

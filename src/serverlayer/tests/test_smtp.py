@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from unittest import mock
 
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
-from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.helpers import set_up_by_hand, stop_in_the_round_that_accepts
 
 MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
 
@@ -481,6 +481,11 @@ class LifecycleTests(unittest.TestCase):
         layer.tearDown()
         self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual(layer._resources, {})
+
+    def test_connections_accepted_in_the_loops_last_round_are_closed(self):
+        layer = smtp.Layer(name="STOP_LAST_ROUND")
+        layer.setUp()
+        stop_in_the_round_that_accepts(self, layer, (layer["smtp_host"], layer["smtp_port"]))
 
     def test_stop_closes_every_connection_itself(self):
         """Each connection is closed by the server as it stops, not left

@@ -10,14 +10,13 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import unittest
 import warnings
 
 from serverlayer import custom, wsgi
 from serverlayer.reporting import ErrorLog
-from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, stop_in_the_round_that_accepts, thread_names
 from serverlayer.tests.test_hardening import TEAR_DOWN_BOUND
 
 
@@ -270,37 +269,10 @@ class TearDownTests(unittest.TestCase):
 
 
     def test_connections_accepted_in_the_loops_last_round_are_closed(self):
-        """asyncio accepts a connection and hands it to a task that has not
-        run yet when the loop stops in the same round; the front closes it
-        rather than leave it to the garbage collector, and the client
-        learns at once that it is gone."""
+        """One still waiting for its handshake task is closed by the front."""
         layer = wsgi.Layer(environ_app, name="tls_front_last_round", tls=True)
         layer.setUp()
-        front = layer._running.server
-        paused, resume = threading.Event(), threading.Event()
-        clients: list[socket.socket] = []
-        try:
-            def pause() -> None:
-                paused.set()
-                resume.wait(5)
-
-            front.loop.call_soon_threadsafe(pause)
-            self.assertTrue(paused.wait(5))
-            # The system completes these connections while the loop is held,
-            # so the loop accepts all three in the round that also stops it.
-            for _ in range(3):
-                clients.append(socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5))
-            front.request_stop()
-        finally:
-            resume.set()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ResourceWarning)
-                layer.tearDown()
-                gc.collect()
-        self.assertEqual([str(warning.message) for warning in caught], [])
-        for client in clients:
-            with client:
-                self.assertEqual(client.recv(1), b"")
+        stop_in_the_round_that_accepts(self, layer, (layer["http_host"], layer["http_port"]))
 
     def test_asking_a_finished_loop_to_stop_is_harmless(self):
         """The loop may end on its own between the check that its thread
