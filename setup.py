@@ -37,6 +37,8 @@ setup(
         # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn, with its
         # websockets-sansio protocol as it is since 0.52.1 (closing handshake, write flow control).
         "asgi": ["uvicorn >= 0.52.1", "websockets >= 13.0"],
+        # http_content.websocket(): websockets' sans-I/O protocol speaks the frames.
+        "websocket": ["websockets >= 13.0"],
         # The peers benchmarks/ measures serverlayer against; users never need them. uvicorn and
         # websockets: bench_peers.py serves with serverlayer.asgi and uvicorn's own server, and
         # its WebSocket client is websockets' sync client.

@@ -11,12 +11,15 @@ object a test programs:
   ``code``, ``content`` and ``headers``: what every request gets that
   nothing else answers (404 until set), as in pytest-localserver;
 - ``route(path, method=None, query=None, headers=None)`` then
-  ``.respond(...)``, ``.respond_json(...)``, ``.respond_sequence(...)`` or
+  ``.respond(...)``, ``.respond_json(...)``, ``.respond_stream(...)``,
+  ``.respond_sse(...)``, ``.respond_sequence(...)`` or
   ``.respond_with(function)``: answers for matching requests;
 - ``handler``: a function that answers anything else;
 - ``expect(...)``: like ``route``, and the test fails when it ends unless
   the expected requests arrived; once a test expects anything, a request
-  that only the default answer (``serve_content``, or 404) met fails it too.
+  that only the default answer (``serve_content``, or 404) met fails it too;
+- ``websocket(path)``: a scripted WebSocket endpoint (see
+  ``serverlayer.websocket_script``), served at the layer's ``ws_url``.
 
 Everything is back to the defaults before each test.
 """
@@ -26,16 +29,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from serverlayer import custom
 from serverlayer.errors import ConfigurationError, ExpectationError
 from serverlayer.recording import RecordedRequest
+from serverlayer.server import ServerThread, format_address
+from serverlayer.websocket_script import WebSocketScript
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
@@ -48,6 +52,10 @@ class Response:
     connection with a TCP reset instead of answering; ``truncate`` sends
     the headers for the whole body but only that many bytes of it, then
     closes the connection. A 1xx, 204 or 304 response has no body.
+
+    ``chunks`` is a body sent piece by piece, ``interval`` seconds apart,
+    as streaming APIs send theirs: see ``Response.stream`` and
+    ``Response.sse``.
     """
 
     status: int = 200
@@ -57,6 +65,8 @@ class Response:
     delay: float = 0.0
     reset: bool = False
     truncate: int | None = None
+    chunks: tuple[bytes, ...] | None = None
+    interval: float = 0.0
 
     def __post_init__(self) -> None:
         _check_no_body(self.status, self.body)
@@ -65,14 +75,99 @@ class Response:
                 f"delay={self.delay!r}: a response waits a number of seconds, 0 or more,"
                 " before it is sent; leave delay out to answer at once."
             )
+        if not self.interval >= 0:
+            raise ConfigurationError(
+                f"interval={self.interval!r}: a stream sends its pieces that many seconds apart, 0 or more."
+            )
+        if self.chunks is not None:
+            if self.body or self.truncate is not None or _has_no_body(self.status):
+                raise ConfigurationError(
+                    "A streamed response sends its chunks as its body, chunked: it takes no"
+                    f" body= and no truncate=, and a status with a body (not {self.status})."
+                )
+            object.__setattr__(self, "chunks", tuple(_as_bytes(chunk) for chunk in self.chunks))
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
         """A JSON body with its Content-Type."""
         return cls(status, json.dumps(data), [("Content-Type", "application/json"), *_header_items(headers)])
 
+    @classmethod
+    def stream(cls, chunks: Iterable[bytes | str], interval: float = 0.0, status: int = 200,
+               headers: Headers = ()) -> Response:
+        """A body sent chunked, one chunk every ``interval`` seconds.
+
+        A client that closes the connection mid-stream ends it, and is no
+        error; so does the end of the test.
+        """
+        return cls(status, headers=headers, chunks=tuple(_as_bytes(chunk) for chunk in chunks), interval=interval)
+
+    @classmethod
+    def sse(cls, events: Iterable[Event | object], interval: float = 0.0, status: int = 200,
+            headers: Headers = ()) -> Response:
+        """Server-Sent Events (``text/event-stream``), one every ``interval`` seconds.
+
+        An event is an ``Event``, a ``str`` (its data), or any other value,
+        sent as JSON data: ``[{"delta": "Hel"}, {"delta": "lo"}, "[DONE]"]``
+        is how LLM-style APIs stream.
+        """
+        items = _header_items(headers)
+        given = {name.lower() for name, _ in items}
+        defaults = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
+        items += [(name, value) for name, value in defaults if name.lower() not in given]
+        encoded = [(event if isinstance(event, Event) else Event(event)).encode() for event in events]
+        return cls.stream(encoded, interval, status, items)
+
     def body_bytes(self) -> bytes:
-        return self.body.encode("utf-8") if isinstance(self.body, str) else self.body
+        return _as_bytes(self.body)
+
+
+def _as_bytes(data: bytes | str) -> bytes:
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ConfigurationError(f"A body or chunk is bytes or str, not {data!r}.")
+    return bytes(data)
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A Server-Sent Event (WHATWG HTML, "Server-sent events").
+
+    ``data`` that is a ``str`` goes as one ``data:`` line per line of it;
+    any other value (but None, for an event without data) as JSON. ``event``
+    names its type, ``id`` sets the client's last event id, ``retry`` its
+    reconnection time in milliseconds, ``comment`` adds a ``:`` line that
+    clients ignore.
+    """
+
+    data: Any = ""
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    comment: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("event", "id", "comment"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or _LINE_BREAK.search(value)):
+                raise ConfigurationError(f"Event {name}={value!r}: a single line of text.")
+        if self.id is not None and "\0" in self.id:
+            raise ConfigurationError(f"Event id={self.id!r}: clients ignore an id with a NUL in it.")
+        if self.retry is not None and not (isinstance(self.retry, int) and self.retry >= 0):
+            raise ConfigurationError(f"Event retry={self.retry!r}: milliseconds, a whole number 0 or more.")
+
+    def encode(self) -> bytes:
+        lines = [] if self.comment is None else [f": {self.comment}"]
+        lines += [f"{name}: {value}" for name, value in
+                  (("event", self.event), ("id", self.id), ("retry", self.retry)) if value is not None]
+        if self.data is not None:
+            text = self.data if isinstance(self.data, str) else json.dumps(self.data)
+            lines += [f"data: {line}" for line in _LINE_BREAK.split(text)]
+        return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
 Answer = Response | Callable[[RecordedRequest], Response]
@@ -143,6 +238,16 @@ class Route:
     def respond_json(self, data: Any, status: int = 200, headers: Headers | None = None) -> Route:
         """Answer with ``data`` as JSON."""
         return self.respond_sequence(Response.json(data, status, headers or ()))
+
+    def respond_stream(self, chunks: Iterable[bytes | str], interval: float = 0.0, status: int = 200,
+                       headers: Headers | None = None) -> Route:
+        """Answer with a body sent chunk by chunk, ``interval`` seconds apart."""
+        return self.respond_sequence(Response.stream(chunks, interval, status, headers or ()))
+
+    def respond_sse(self, events: Iterable[Event | object], interval: float = 0.0, status: int = 200,
+                    headers: Headers | None = None) -> Route:
+        """Answer with Server-Sent Events, ``interval`` seconds apart (see ``Response.sse``)."""
+        return self.respond_sequence(Response.sse(events, interval, status, headers or ()))
 
     def respond_sequence(self, *answers: Answer) -> Route:
         """Answer each request with the next answer; the last one repeats.
@@ -252,6 +357,7 @@ class HTTPContent:
             self._unexpected: list[RecordedRequest] = []
             self._order_problems: list[str] = []
             self._requests: list[RecordedRequest] = []
+            self.websockets: list[WebSocketScript] = []
 
     # Programming the answers.
 
@@ -283,7 +389,31 @@ class HTTPContent:
             self.expectations.append(expectation)
         return expectation
 
+    def websocket(self, path: str | re.Pattern[str], *, subprotocols: Sequence[str] = ()) -> WebSocketScript:
+        """Serve WebSocket handshakes for ``path`` with a script; the first
+        declared wins. ``subprotocols`` are those the server agrees to, in
+        its order of preference."""
+        try:
+            import websockets  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                "http_content.websocket() needs the websockets package. Install it with"
+                " pip install 'serverlayer[websocket]'."
+            ) from None
+        script = WebSocketScript(path, subprotocols)
+        with self._lock:
+            self.websockets.append(script)
+        return script
+
     # Serving.
+
+    def websocket_for(self, request: RecordedRequest) -> WebSocketScript | None:
+        """The script that serves the WebSocket handshake ``request``, if any."""
+        with self._lock:
+            script = next((script for script in self.websockets if script.serves(request.path)), None)
+            if script is not None:
+                self._requests.append(request)
+            return script
 
     def answer(self, request: RecordedRequest) -> Response:
         """The response to ``request``, noting which expectation it met."""
@@ -348,7 +478,10 @@ class HTTPContent:
                     found.append(problem + _closest(expectation, self._requests))
             found.extend(f"out of order: {problem}" for problem in self._order_problems)
             found.extend(f"unexpected request: {request.summary()}" for request in self._unexpected)
-            return found
+            scripts = list(self.websockets)
+        for script in scripts:
+            found.extend(script.problems())
+        return found
 
     def check(self) -> None:
         """Fail now, with what went wrong, if anything did.
@@ -393,8 +526,16 @@ class ContentHandler(custom.RequestHandler):
 
     def _answer(self) -> None:
         request: RecordedRequest = self.recorded_request  # type: ignore[attr-defined]
+        if "websocket" in self.headers.get("Upgrade", "").lower():
+            script = self.content.websocket_for(request)
+            if script is not None:
+                from serverlayer.websocket_script import converse
+
+                self.close_connection = True
+                converse(self, script)
+                return
         response = self.content.answer(request)
-        if response.delay and self._abandoned_within(response.delay):
+        if response.delay and not self._client_waits(response.delay):
             self.close_connection = True
             return
         if response.reset:
@@ -403,7 +544,7 @@ class ContentHandler(custom.RequestHandler):
             return
         bodiless = _has_no_body(response.status)
         body = b"" if bodiless else response.body_bytes()
-        chunked = response.chunked and not bodiless
+        chunked = (response.chunked or response.chunks is not None) and not bodiless
         # HTTP/1.0 knows no chunks: closing the connection ends the body.
         until_close = chunked and self.request_version < "HTTP/1.1"
         headers = _header_items(response.headers)
@@ -423,39 +564,45 @@ class ContentHandler(custom.RequestHandler):
             return
         if response.truncate is not None:
             self.wfile.write(body[: response.truncate])
-        elif chunked and not until_close:
-            half = len(body) // 2
-            for chunk in (body[:half], body[half:]):
-                if chunk:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
-        else:
+        elif not chunked:
             self.wfile.write(body)
+        else:
+            half = len(body) // 2
+            pieces = response.chunks if response.chunks is not None else (body[:half], body[half:])
+            for index, piece in enumerate(pieces):
+                if index and response.interval and not self._client_waits(response.interval):
+                    self.close_connection = True  # the body is cut: the connection must end
+                    return
+                if piece:  # an empty chunk would end the body
+                    self.wfile.write(piece if until_close else b"%x\r\n%s\r\n" % (len(piece), piece))
+            if not until_close:
+                self.wfile.write(b"0\r\n\r\n")
 
-    def _abandoned_within(self, seconds: float) -> bool:
-        """Wait ``seconds``; True if the client closed its connection or the
-        server stopped first, so that a client that gave up does not keep
-        a thread for the rest of the delay.
+    def _client_waits(self, seconds: float) -> bool:
+        """Wait ``seconds``; False if the client closed its connection, the
+        test ended or the server stopped first, so that a client that gave
+        up (or a test that is over) does not keep a thread for the rest of
+        a delay or a stream.
 
         The connection turns readable when the client closes it (a client
         that only shuts down its sending side counts as gone too), when the
         stopping server shuts it down, or when the client sends its next
         request; that one waits its turn, and from then on only the server
-        stopping cuts the delay short.
+        stopping cuts the wait short.
         """
-        stopped: threading.Event = getattr(self.server, "stopped", None) or threading.Event()
+        server: custom.HandlerServer = self.server  # type: ignore[assignment]
         deadline = time.monotonic() + seconds
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.connection, selectors.EVENT_READ)
-            while not stopped.is_set() and (remaining := deadline - time.monotonic()) > 0:
-                if not selector.select(remaining):
-                    continue
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready = server.wait_readable(self.connection, remaining)
+            if ready is None:
+                return False
+            if ready:
                 peeked = self._peek()
                 if peeked == b"":
-                    return True
+                    return False
                 if peeked:  # a pipelined request: readable until answered
-                    return stopped.wait(max(0.0, deadline - time.monotonic()))
-        return stopped.is_set()
+                    return not server.stopped.wait(max(0.0, deadline - time.monotonic()))
+        return True
 
     def _peek(self) -> bytes | None:
         """The connection's next byte, left unread: b"" once the client has
@@ -495,6 +642,11 @@ class Layer(custom.Layer):
     def check_after_test(self) -> None:
         super().check_after_test()
         self.content.check()
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        resources = super().resources(host, port, running)
+        resources["ws_url"] = f"{'wss' if self.tls else 'ws'}://{format_address(host, port)}/"
+        return resources
 
 
 #: A ready content layer.

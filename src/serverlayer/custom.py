@@ -352,20 +352,33 @@ class HandlerServer(socketserver.BaseServer):
 
     def await_request(self, connection: socket.socket) -> bool:
         """Wait for the next request on ``connection``; False to park it instead."""
+        return self.wait_readable(connection) is True
+
+    def wait_readable(self, connection: socket.socket, timeout: float | None = None) -> bool | None:
+        """Wait until ``connection`` is readable: True; False if ``timeout``
+        passes first; None as soon as the test ends or the server stops.
+
+        A handler that holds its connection between messages (a WebSocket,
+        a paced stream) waits here, so that the end of the test frees its
+        worker rather than leaving the thread behind.
+        """
         worker: _Worker | None = getattr(_this_thread, "worker", None)
         with self._workers_lock:
             if self._recalling or self._stopping or (worker is not None and worker.retiring):
-                return False
+                return None
             self._waiting += 1
         try:
             with _OneWaitSelector() as selector:
                 selector.register(connection, selectors.EVENT_READ)
                 selector.register(self._recall_reader, selectors.EVENT_READ)
-                return any(key.fileobj is connection for key, _ in selector.select())
+                ready = [key.fileobj for key, _ in selector.select(timeout)]
         finally:
             with self._workers_lock:
                 self._waiting -= 1
                 self._workers_lock.notify_all()
+        if connection in ready:
+            return True
+        return None if ready else False
 
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers

@@ -1,0 +1,386 @@
+"""The content layer stands in for a WebSocket service: a scripted endpoint,
+tried with websockets' own client (and a raw socket where a client must
+misbehave)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import re
+import sys
+import time
+import unittest
+from unittest import mock
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.sync.client import ClientConnection, connect
+
+from serverlayer import ConfigurationError, ExpectationError, ServerSideError, content
+from serverlayer.tests.helpers import set_up_by_hand, thread_names
+from serverlayer.websocket_script import json_differences, message_differences
+
+WS_CONTENT = content.Layer(name="WS_CONTENT")
+WSS_CONTENT = content.Layer(name="WSS_CONTENT", tls=True)
+
+
+def ws_connect(layer, path: str, **kwargs) -> ClientConnection:
+    """websockets' client, without keepalive pings: a ping answered late
+    on a busy machine must not close the connection mid-test."""
+    kwargs.setdefault("open_timeout", 10)
+    kwargs.setdefault("close_timeout", 10)
+    if layer["ws_url"].startswith("wss:"):
+        kwargs.setdefault("ssl", layer["ssl_context"])
+    client = connect(layer["ws_url"] + path.lstrip("/"), ping_interval=None, **kwargs)
+    return client.__enter__()  # what "with" does: websockets 17.1 warns about a client used without
+
+
+def close_details(client: ClientConnection) -> tuple[int | None, str | None]:
+    """Read until the server closes; the code and reason it closed with."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            client.recv(timeout=10)
+    received = client.protocol.close_rcvd
+    return (received.code, received.reason) if received else (None, None)
+
+
+class ScriptTests(unittest.TestCase):
+    layer = WS_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def connect(self, path: str = "/feed", **kwargs) -> ClientConnection:
+        client = ws_connect(self.layer, path, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    def test_messages_on_connect_keep_their_order_and_kind(self):
+        self.http_content.websocket("/feed").on_connect("text", b"\x00binary", {"json": [1, 2]})
+        client = self.connect()
+        self.assertEqual(client.recv(timeout=10), "text")
+        self.assertEqual(client.recv(timeout=10), b"\x00binary")
+        self.assertEqual(json.loads(client.recv(timeout=10)), {"json": [1, 2]})
+
+    def test_a_message_gets_the_reply_of_the_first_rule_it_matches(self):
+        feed = self.http_content.websocket("/feed")
+        feed.on_message("ping", "pong")
+        feed.on_message(re.compile(r"p.*"), "p-word")
+        feed.on_message({"op": "add", "a": 1, "b": 2}, {"result": 3})
+        feed.on_message(lambda message: isinstance(message, bytes), b"got bytes")
+        client = self.connect()
+        client.send("ping")
+        self.assertEqual(client.recv(timeout=10), "pong")
+        client.send("pong")
+        self.assertEqual(client.recv(timeout=10), "p-word")
+        client.send('{"b": 2, "op": "add", "a": 1}')  # JSON: key order does not matter
+        self.assertEqual(json.loads(client.recv(timeout=10)), {"result": 3})
+        client.send(b"\x01\x02")
+        self.assertEqual(client.recv(timeout=10), b"got bytes")
+        self.assertEqual(self.http_content.websockets[0].received,
+                         ["ping", "pong", '{"b": 2, "op": "add", "a": 1}', b"\x01\x02"])
+
+    def test_reply_with_answers_what_no_rule_matches(self):
+        feed = self.http_content.websocket("/feed")
+        feed.on_message("known", "rule")
+        feed.reply_with(lambda message: None if message == "quiet" else [message.upper(), {"n": len(message)}])
+        client = self.connect()
+        client.send("known")
+        self.assertEqual(client.recv(timeout=10), "rule")
+        client.send("quiet")
+        client.send("echo")
+        self.assertEqual(client.recv(timeout=10), "ECHO")  # nothing came for "quiet"
+        self.assertEqual(json.loads(client.recv(timeout=10)), {"n": 4})
+
+    def test_a_fragmented_message_arrives_whole(self):
+        feed = self.http_content.websocket("/feed").on_message("one two three", "whole")
+        client = self.connect()
+        client.send(["one ", "two ", "three"])  # websockets sends an iterable as fragments
+        self.assertEqual(client.recv(timeout=10), "whole")
+        self.assertEqual(feed.received, ["one two three"])
+
+    def test_a_ping_is_answered(self):
+        self.http_content.websocket("/feed")
+        client = self.connect()
+        self.assertTrue(client.ping(b"hello").wait(10))
+
+    def test_messages_go_out_an_interval_apart(self):
+        self.http_content.websocket("/feed").on_connect("a", "b", "c", interval=0.1)
+        client = self.connect()
+        arrivals = []
+        for expected in "abc":
+            self.assertEqual(client.recv(timeout=10), expected)
+            arrivals.append(time.monotonic())
+        # Only a lower bound: a busy machine may stretch the gaps, never shrink them.
+        self.assertGreaterEqual(arrivals[2] - arrivals[0], 0.19)
+
+    def test_a_client_message_is_answered_while_a_paced_feed_runs(self):
+        self.http_content.websocket("/feed").on_connect("first", "last", interval=30).on_message("now?", "now")
+        client = self.connect()
+        self.assertEqual(client.recv(timeout=10), "first")
+        client.send("now?")
+        self.assertEqual(client.recv(timeout=10), "now")  # not held up behind "last"
+
+    def test_the_script_closes_with_its_code_and_reason(self):
+        self.http_content.websocket("/feed").on_connect("maintenance", close=(4000, "come back later"))
+        client = self.connect()
+        self.assertEqual(client.recv(timeout=10), "maintenance")
+        self.assertEqual(close_details(client), (4000, "come back later"))
+
+    def test_a_reply_can_close(self):
+        self.http_content.websocket("/feed").on_message("bye", "see you", close=1000)
+        client = self.connect()
+        client.send("bye")
+        self.assertEqual(client.recv(timeout=10), "see you")
+        self.assertEqual(close_details(client), (1000, ""))
+
+    def test_the_client_closing_ends_the_connection_and_frees_the_worker(self):
+        feed = self.http_content.websocket("/feed")
+        client = self.connect()
+        client.send("hello")
+        client.close(code=1000)
+        self.assertEqual(client.protocol.close_rcvd.code, 1000)  # the server answered the close
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        self.assertEqual(feed.received, ["hello"])
+        self.assertEqual(feed.connections, 1)
+
+    def test_the_first_script_for_a_path_serves_it(self):
+        self.http_content.websocket(re.compile(r"/rooms/\d+")).on_connect("room")
+        self.http_content.websocket("/rooms/1").on_connect("never")
+        self.assertEqual(self.connect("/rooms/1").recv(timeout=10), "room")
+        self.assertEqual(self.connect("/rooms/22").recv(timeout=10), "room")
+
+    def test_a_path_without_a_script_answers_as_http_would(self):
+        self.http_content.websocket("/feed")
+        with self.assertRaises(InvalidStatus) as caught:
+            self.connect("/elsewhere")
+        self.assertEqual(caught.exception.response.status_code, 404)
+        self.assertEqual(self.connect("/feed").protocol.state.name, "OPEN")  # and it keeps serving
+
+    def test_a_subprotocol_is_agreed(self):
+        self.http_content.websocket("/graphql", subprotocols=["graphql-transport-ws"])
+        client = self.connect("/graphql", subprotocols=["other", "graphql-transport-ws"])
+        self.assertEqual(client.subprotocol, "graphql-transport-ws")
+
+    def test_the_handshake_is_recorded(self):
+        self.http_content.websocket("/feed")
+        self.connect("/feed?token=abc").close()
+        [request] = self.layer["http_requests"]
+        self.assertEqual((request.method, request.path, request.query_params), ("GET", "/feed", {"token": ["abc"]}))
+        self.assertEqual(request.headers["Upgrade"].lower(), "websocket")
+        self.assertEqual(self.http_content.requests, [request])
+
+    def test_a_request_that_is_no_handshake_is_refused_and_the_server_keeps_serving(self):
+        self.http_content.websocket("/feed").on_connect("hi")
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/feed", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 400)
+        self.assertIn(b"Sec-WebSocket-Key", response.read())
+        self.assertEqual(self.connect().recv(timeout=10), "hi")
+
+    def test_invalid_utf8_in_a_text_message_closes_with_1007(self):
+        feed = self.http_content.websocket("/feed")
+        client = self.connect()
+        client.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe"))
+        client.socket.sendall(b"".join(client.protocol.data_to_send()))
+        self.assertEqual(close_details(client)[0], 1007)
+        self.assertEqual(feed.received, [])
+
+
+class ScriptCheckTests(unittest.TestCase):
+    """What a script expects is checked when the test ends."""
+
+    layer = WS_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def tearDown(self):
+        self.http_content.reset()  # what these tests leave unmet must not fail them
+
+    def talk(self, *messages, path="/feed"):
+        with ws_connect(self.layer, path) as client:
+            for message in messages:
+                client.send(message)
+            client.close()
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+
+    def test_a_met_expectation_is_no_problem_and_gets_its_reply(self):
+        self.http_content.websocket("/feed").expect({"op": "subscribe"}, {"price": 1})
+        with ws_connect(self.layer, "/feed") as client:
+            client.send('{"op": "subscribe"}')
+            self.assertEqual(json.loads(client.recv(timeout=10)), {"price": 1})
+        self.http_content.check()
+
+    def test_an_unmet_expectation_fails_with_the_closest_messages(self):
+        self.http_content.websocket("/feed").expect({"op": "subscribe", "channel": "prices"})
+        self.talk('{"op": "subscibe", "channel": "prices"}', "hello", b"\x00")
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        text = str(caught.exception)
+        self.assertIn(
+            """expected a message JSON '{"op": "subscribe", "channel": "prices"}' on WebSocket /feed once,"""
+            " it arrived 0 time(s).\n  Closest messages that arrived:\n"
+            """    '{"op": "subscibe", "channel": "prices"}': $.op is "subscibe", not "subscribe"\n""",
+            text,
+        )
+        self.assertIn("    'hello': not JSON", text)
+        self.assertIn("    b'\\x00': a binary message, not JSON text", text)
+
+    def test_without_a_connection_the_failure_says_so(self):
+        self.http_content.websocket("/feed").expect("hello")
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        self.assertIn("expected a message 'hello' on WebSocket /feed once, it arrived 0 time(s); no client connected",
+                      str(caught.exception))
+
+    def test_too_many_and_unexpected_messages_fail(self):
+        self.http_content.websocket("/feed").expect("hello", times=2)
+        self.talk("hello", "hello", "hello", "what?")
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        text = str(caught.exception)
+        self.assertIn("expected a message 'hello' on WebSocket /feed 2 times, it arrived 3 time(s)", text)
+        self.assertIn("unexpected message on WebSocket /feed: 'what?'", text)
+
+    def test_at_least_is_met_by_more(self):
+        self.http_content.websocket("/feed").expect(re.compile("tick .*"), at_least=2)
+        self.talk("tick 1", "tick 2", "tick 3")
+        self.http_content.check()
+
+    def test_a_message_a_rule_answers_is_not_unexpected(self):
+        self.http_content.websocket("/feed").expect("hello").on_message("ping", "pong")
+        self.talk("ping", "hello")
+        self.http_content.check()
+
+    def test_the_layer_checks_when_a_test_ends(self):
+        layer = set_up_by_hand(self, content.Layer(name="ws_checked_at_test_end"))
+        layer["http_content"].websocket("/feed").expect("hello")
+        with self.assertRaises(ExpectationError):
+            layer.check_after_test()
+        layer["http_content"].reset()
+
+
+class LifecycleTests(unittest.TestCase):
+    """An open WebSocket ends with its test, and leaves nothing behind."""
+
+    def test_a_client_still_connected_when_the_test_ends_gets_1001(self):
+        layer = set_up_by_hand(self, content.Layer(name="ws_open_at_test_end"))
+        layer["http_content"].websocket("/feed").on_connect("hi")
+        before = thread_names()
+        client = ws_connect(layer, "/feed")
+        self.addCleanup(client.close)
+        self.assertEqual(client.recv(timeout=10), "hi")
+        self.assertNotEqual(thread_names(), before)  # a worker serves the connection
+        started = time.monotonic()
+        layer.testTearDown()
+        self.assertLess(time.monotonic() - started, 0.9)  # not the test end's 1 s wait for quiet
+        self.assertEqual(close_details(client), (1001, "the test is over"))
+        client.close()
+        self.assertEqual(sorted(set(thread_names()) - set(before) - {client.recv_events_thread.name}), [])
+        layer.testSetUp()  # for the cleanup's testTearDown
+
+    def test_a_script_that_raises_fails_the_test_and_closes_with_1011(self):
+        layer = set_up_by_hand(self, content.Layer(name="ws_script_raises"))
+
+        def broken(message):
+            raise KeyError(message)
+
+        layer["http_content"].websocket("/feed").reply_with(broken)
+        client = ws_connect(layer, "/feed")
+        self.addCleanup(client.close)
+        client.send("boom")
+        self.assertEqual(close_details(client)[0], 1011)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn("KeyError: 'boom'", str(caught.exception))
+
+    def test_teardown_with_a_client_connected_is_quick(self):
+        layer = content.Layer(name="ws_teardown")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        layer["http_content"].websocket("/feed")
+        client = ws_connect(layer, "/feed")
+        self.addCleanup(client.close)
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.9)
+        with self.assertRaises(ConnectionClosed):
+            client.recv(timeout=10)
+
+    def test_without_websockets_installed_the_error_says_what_to_install(self):
+        http_content = content.HTTPContent()
+        with mock.patch.dict(sys.modules, {"websockets": None}), self.assertRaises(ConfigurationError) as caught:
+            http_content.websocket("/feed")
+        self.assertIn("pip install 'serverlayer[websocket]'", str(caught.exception))
+
+
+class TLSTests(unittest.TestCase):
+    layer = WSS_CONTENT
+
+    def test_wss_with_the_layers_ssl_context(self):
+        self.assertTrue(self.layer["ws_url"].startswith("wss://"))
+        self.layer["http_content"].websocket("/secure").on_message("hi", "hello over TLS")
+        with ws_connect(self.layer, "/secure") as client:
+            client.send("hi")
+            self.assertEqual(client.recv(timeout=10), "hello over TLS")
+
+
+class ConfigurationTests(unittest.TestCase):
+
+    def setUp(self):
+        self.script = content.HTTPContent().websocket("/feed")
+
+    def test_close_codes_a_server_may_not_send_are_refused(self):
+        for close in (999, 1005, 1006, 1015, 2000, 5000, "1000", (4000, "x" * 124)):
+            with self.subTest(close=close), self.assertRaises(ConfigurationError) as caught:
+                self.script.on_connect(close=close)
+            self.assertIn(f"close={close!r}" if not isinstance(close, tuple) else "at most 123 bytes",
+                          str(caught.exception))
+        self.script.on_connect(close=(4999, "x" * 123))  # the bounds themselves are fine
+        self.script.on_connect(close=1000)
+
+    def test_a_message_json_cannot_encode_is_refused(self):
+        with self.assertRaises(ConfigurationError) as caught:
+            self.script.on_message("x", object())
+        self.assertIn("must be str (a text frame), bytes (a binary frame) or a value JSON can encode",
+                      str(caught.exception))
+
+    def test_a_negative_interval_is_refused(self):
+        for interval in (-1, float("nan")):
+            with self.subTest(interval=interval), self.assertRaises(ConfigurationError):
+                self.script.on_connect("a", interval=interval)
+
+    def test_expect_needs_a_count(self):
+        with self.assertRaises(ConfigurationError):
+            self.script.expect("x", times=None)
+
+    def test_path_must_be_a_string_or_pattern(self):
+        with self.assertRaises(ConfigurationError):
+            content.HTTPContent().websocket(b"/feed")  # type: ignore[arg-type]
+
+
+class MatchingTests(unittest.TestCase):
+
+    def test_json_differences_name_the_paths(self):
+        self.assertEqual(
+            json_differences({"a": 1, "b": {"c": [1, 2]}, "d": True}, {"a": 2, "b": {"c": [1, 3]}, "d": 1, "e": 0}),
+            ["$.a is 2, not 1", "$.b.c[1] is 3, not 2", "$.d is 1, not true", "$.e is not expected"],
+        )
+        self.assertEqual(json_differences({"a": [1]}, {}), ["$.a is missing"])
+        self.assertEqual(json_differences([1, 2], [1]), ["$ has 1 items, not 2"])
+        self.assertEqual(json_differences({"x": 1.0}, {"x": 1}), [])
+
+    def test_message_kinds_must_agree(self):
+        self.assertEqual(message_differences("a", b"a"), ["a binary message, not text"])
+        self.assertEqual(message_differences(b"a", "a"), ["a text message, not binary"])
+        self.assertEqual(message_differences(re.compile(b"a"), "a"), ["a text message, the pattern is for binary"])
+        self.assertEqual(message_differences(re.compile("a+"), "aab"), ["does not match /'a+'/"])
+        self.assertEqual(message_differences(re.compile("a+"), "aa"), [])
+
+
+if __name__ == "__main__":
+    unittest.main()

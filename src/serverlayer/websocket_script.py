@@ -1,0 +1,464 @@
+"""A scripted WebSocket endpoint for the content layer: what it sends, what
+it answers, and what the test expects the client to send.
+
+``http_content.websocket(path)`` makes one; the content layer's handler
+serves a handshake for its path with it (websockets' sans-I/O protocol
+speaks the frames). Each connection runs on a worker thread of the content
+server and ends when the client or the script closes it, or the test ends:
+then the server closes it with 1001 (going away), so that no connection,
+and no thread, outlives the test that opened it.
+
+Messages are ``str`` (text frames) and ``bytes`` (binary frames); anything
+else a script sends goes as JSON text. A message the script waits for is
+matched by a ``str`` or ``bytes`` (equal), a compiled regular expression
+(the whole message), a function (true for a match), or any other value,
+which a text message parsed as JSON must equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from serverlayer.custom import HandlerServer, _has_buffered_data
+from serverlayer.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from serverlayer.content import ContentHandler
+
+Message = str | bytes
+
+#: Close codes an endpoint may send (RFC 6455 section 7.4): 1004-1006 and
+#: 1015 only ever describe a connection, and below 1000 nothing is defined.
+_SENDABLE_CLOSE_CODES = (range(1000, 1004), range(1007, 1015), range(3000, 5000))
+
+
+def as_message(value: object) -> Message:
+    """``value`` as the frame it goes out as: text, binary or JSON text."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"A WebSocket message must be str (a text frame), bytes (a binary frame)"
+            f" or a value JSON can encode; {value!r} is none of them ({error})."
+        ) from None
+
+
+def _close_frame(close: int | tuple[int, str] | None) -> tuple[int, str] | None:
+    if close is None:
+        return None
+    frame = (close, "") if isinstance(close, int) else close
+    code, reason = frame if isinstance(frame, tuple) and len(frame) == 2 else (None, None)
+    sendable = isinstance(code, int) and any(code in codes for codes in _SENDABLE_CLOSE_CODES)
+    if not (sendable and isinstance(reason, str)):
+        raise ConfigurationError(
+            f"close={close!r}: a WebSocket closes with a code from 1000 to 1003, 1007 to 1014"
+            " or 3000 to 4999 (RFC 6455 section 7.4), optionally with a reason: close=1000"
+            " or close=(4000, 'why')."
+        )
+    if len(reason.encode("utf-8")) > 123:
+        raise ConfigurationError(f"close reason {reason[:30]!r}...: at most 123 bytes fit in a close frame.")
+    return code, reason
+
+
+def _interval(interval: float) -> float:
+    if not interval >= 0:  # NaN too
+        raise ConfigurationError(
+            f"interval={interval!r}: messages go out that many seconds apart, 0 or more."
+        )
+    return float(interval)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """Messages to send, ``interval`` seconds apart, then maybe a close frame."""
+
+    messages: tuple[Message, ...] = ()
+    interval: float = 0.0
+    close: tuple[int, str] | None = None
+
+    @classmethod
+    def of(cls, messages: Iterable[object], interval: float = 0.0,
+           close: int | tuple[int, str] | None = None) -> Reply:
+        return cls(tuple(as_message(message) for message in messages), _interval(interval), _close_frame(close))
+
+
+def _show(message: Message, limit: int = 60) -> str:
+    text = repr(message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(match: object) -> str:
+    if isinstance(match, re.Pattern):
+        return f"matching /{match.pattern!r}/"
+    if callable(match) and not isinstance(match, type):
+        return f"accepted by {getattr(match, '__qualname__', repr(match))}"
+    if isinstance(match, (str, bytes)):
+        return _show(match)
+    return f"JSON {_show(json.dumps(match))}"
+
+
+def json_differences(expected: object, actual: object, path: str = "$") -> list[str]:
+    """Where ``actual`` differs from ``expected``, one ``$.path`` each.
+
+    ``True`` is not ``1`` here, as it is not in JSON.
+    """
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        found = []
+        for key, value in expected.items():
+            if key not in actual:
+                found.append(f"{path}.{key} is missing")
+            else:
+                found.extend(json_differences(value, actual[key], f"{path}.{key}"))
+        found.extend(f"{path}.{key} is not expected" for key in actual if key not in expected)
+        return found
+    if isinstance(expected, list) and isinstance(actual, list):
+        if len(expected) != len(actual):
+            return [f"{path} has {len(actual)} items, not {len(expected)}"]
+        return [line for index, (want, got) in enumerate(zip(expected, actual, strict=True))
+                for line in json_differences(want, got, f"{path}[{index}]")]
+    if expected == actual and isinstance(expected, bool) == isinstance(actual, bool):
+        return []
+    return [f"{path} is {json.dumps(actual)}, not {json.dumps(expected)}"]
+
+
+def message_differences(match: object, message: Message) -> list[str]:
+    """How ``message`` differs from what ``match`` accepts; empty if it matches."""
+    kind = "text" if isinstance(message, str) else "binary"
+    if isinstance(match, re.Pattern):
+        if isinstance(match.pattern, str) != isinstance(message, str):
+            return [f"a {kind} message, the pattern is for {'text' if kind == 'binary' else 'binary'}"]
+        return [] if match.fullmatch(message) else [f"does not match /{match.pattern!r}/"]
+    if callable(match) and not isinstance(match, type):
+        return [] if match(message) else [f"{getattr(match, '__qualname__', repr(match))} returned false"]
+    if isinstance(match, (str, bytes)):
+        if type(match) is not type(message):
+            return [f"a {kind} message, not {'text' if isinstance(match, str) else 'binary'}"]
+        return [] if match == message else [f"not {_show(match)}"]
+    if not isinstance(message, str):
+        return ["a binary message, not JSON text"]
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return ["not JSON"]
+    return json_differences(match, parsed)
+
+
+@dataclasses.dataclass
+class _MessageRule:
+    """Messages that ``match`` accepts, and the reply they get."""
+
+    match: object
+    reply: Reply
+    #: For expectations: how many times, exactly or at least.
+    times: int | None = None
+    at_least: int | None = None
+    count: int = 0
+
+    def wanted(self) -> str:
+        if self.at_least is not None:
+            return f"at least {self.at_least} time(s)"
+        return "once" if self.times == 1 else f"{self.times} times"
+
+    def met(self) -> bool:
+        if self.at_least is not None:
+            return self.count >= self.at_least
+        return self.count == self.times
+
+    def wants_more(self) -> bool:
+        return self.times is None or self.count < self.times
+
+
+class WebSocketScript:
+    """What a scripted WebSocket endpoint does; made by ``http_content.websocket(path)``.
+
+    Every method returns the script, so that a whole conversation reads as
+    one expression::
+
+        feed = http_content.websocket("/feed")
+        feed.on_connect({"type": "welcome"})
+        feed.expect({"op": "subscribe"}, {"price": 1}, {"price": 2}, interval=0.1)
+        feed.on_message("bye", close=1000)
+    """
+
+    def __init__(self, path: str | re.Pattern[str], subprotocols: Sequence[str] = ()) -> None:
+        if not isinstance(path, (str, re.Pattern)):
+            raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
+        self.path = path
+        self.subprotocols = tuple(subprotocols)
+        self._lock = threading.Lock()
+        self._on_connect = Reply()
+        self._rules: list[_MessageRule] = []
+        self._expectations: list[_MessageRule] = []
+        self._function: Callable[[Message], Any] | None = None
+        self._received: list[Message] = []
+        self._unexpected: list[Message] = []
+        self._connections = 0
+
+    def describe(self) -> str:
+        return f"/{self.path.pattern}/" if isinstance(self.path, re.Pattern) else self.path
+
+    def serves(self, path: str) -> bool:
+        if isinstance(self.path, re.Pattern):
+            return self.path.fullmatch(path) is not None
+        return path == self.path
+
+    # Scripting.
+
+    def on_connect(self, *messages: object, interval: float = 0.0,
+                   close: int | tuple[int, str] | None = None) -> WebSocketScript:
+        """Send these to each client as it connects, ``interval`` seconds
+        apart; then close with ``close`` (a code, or a code and reason) if given."""
+        self._on_connect = Reply.of(messages, interval, close)
+        return self
+
+    def on_message(self, match: object, *replies: object, interval: float = 0.0,
+                   close: int | tuple[int, str] | None = None) -> WebSocketScript:
+        """Answer each received message that ``match`` accepts with
+        ``replies`` (then ``close``); the first rule declared wins."""
+        rule = _MessageRule(match, Reply.of(replies, interval, close))
+        with self._lock:
+            self._rules.append(rule)
+        return self
+
+    def reply_with(self, function: Callable[[Message], Any]) -> WebSocketScript:
+        """Answer a message no rule or expectation matches with what
+        ``function(message)`` returns: a message, a list of messages, or
+        None for no answer."""
+        self._function = function
+        return self
+
+    def expect(self, match: object, *replies: object, times: int | None = 1, at_least: int | None = None,
+               interval: float = 0.0, close: int | tuple[int, str] | None = None) -> WebSocketScript:
+        """Expect the client to send a message ``match`` accepts, ``times``
+        exactly (once unless said otherwise) or ``at_least``; the test fails
+        when it ends if it did not. Answer such messages like ``on_message``.
+
+        Once a script expects anything, a message that nothing in it
+        matches fails the test too.
+        """
+        if at_least is not None:
+            times = None
+        if times is None and at_least is None:
+            raise ConfigurationError("expect() needs times= or at_least=.")
+        rule = _MessageRule(match, Reply.of(replies, interval, close), times=times, at_least=at_least)
+        with self._lock:
+            self._expectations.append(rule)
+        return self
+
+    # What happened.
+
+    @property
+    def received(self) -> list[Message]:
+        """The messages clients sent, over all connections, in order."""
+        with self._lock:
+            return list(self._received)
+
+    @property
+    def connections(self) -> int:
+        """How many clients completed the handshake."""
+        with self._lock:
+            return self._connections
+
+    def problems(self) -> list[str]:
+        """What the clients did that the script did not expect, one line each."""
+        with self._lock:
+            found = []
+            for rule in self._expectations:
+                if not rule.met():
+                    found.append(
+                        f"expected a message {_describe(rule.match)} on WebSocket {self.describe()}"
+                        f" {rule.wanted()}, it arrived {rule.count} time(s)" + self._closest(rule)
+                    )
+            found.extend(f"unexpected message on WebSocket {self.describe()}: {_show(message)}"
+                         for message in self._unexpected)
+            return found
+
+    def _closest(self, rule: _MessageRule, shown: int = 3) -> str:
+        differing = [(message, found) for message in self._received
+                     if (found := message_differences(rule.match, message))]
+        if not differing:
+            if not self._received:
+                return "; no messages arrived" if self._connections else "; no client connected"
+            return "" if rule.count else "; the messages it matches met an earlier expectation"
+        near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
+        lines = [f"    {_show(message)}: {'; '.join(found)}" for message, found in near]
+        return ".\n  Closest messages that arrived:\n" + "\n".join(lines)
+
+    # Serving (on the content server's worker threads).
+
+    def connected(self) -> Reply:
+        with self._lock:
+            self._connections += 1
+        return self._on_connect
+
+    def reply_to(self, message: Message) -> Reply | None:
+        """Record ``message``; what to answer it with, if anything."""
+        with self._lock:
+            self._received.append(message)
+            matching = [rule for rule in self._expectations if not message_differences(rule.match, message)]
+            if matching:
+                rule = next((rule for rule in matching if rule.wants_more()), matching[-1])
+                rule.count += 1
+                return rule.reply
+            handled = next((rule for rule in self._rules if not message_differences(rule.match, message)), None)
+            if handled is not None:
+                return handled.reply
+            function = self._function
+            if function is None and self._expectations:
+                self._unexpected.append(message)
+        if function is None:
+            return None
+        answer = function(message)
+        if answer is None:
+            return None
+        return Reply.of(answer if isinstance(answer, (list, tuple)) else [answer])
+
+
+class _Conversation:
+    """One client's WebSocket connection to a script, on its worker thread."""
+
+    def __init__(self, handler: ContentHandler, script: WebSocketScript) -> None:
+        from websockets.server import ServerProtocol
+
+        self.handler = handler
+        self.script = script
+        self.protocol = ServerProtocol(subprotocols=list(script.subprotocols) or None, max_size=None)
+        #: (when, order, message or close frame) to send, soonest first.
+        self._outbox: list[tuple[float, int, Message | tuple[int, str]]] = []
+        self._queued = 0
+        self._parts: list[bytes] = []
+        self._text = False
+        self._over = False
+
+    def run(self) -> None:
+        """Shake hands, then send and answer as scripted until the connection ends."""
+        handler, protocol = self.handler, self.protocol
+        # http.server has read the handshake request; websockets parses it
+        # again, as its protocol only moves on to frames after a request.
+        lines = [f"{handler.command} {handler.path} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in handler.headers.items()]
+        protocol.receive_data(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        [request] = protocol.events_received()
+        response = protocol.accept(request)  # type: ignore[arg-type]
+        protocol.send_response(response)
+        self._flush()
+        if response.status_code != 101:  # not a handshake websockets accepts: it said why
+            return
+        self._queue(self.script.connected())
+        try:
+            self._converse()
+        except BaseException:
+            if not self._over:  # the script failed: tell the client, then report it
+                protocol.fail(1011, "the test's WebSocket script raised")
+                self._flush()
+            raise
+
+    def _converse(self) -> None:
+        server: HandlerServer = self.handler.server  # type: ignore[assignment]
+        while not self._over:
+            self._send_due()
+            if self._over:
+                return
+            timeout = max(0.0, self._outbox[0][0] - time.monotonic()) if self._outbox else None
+            if _has_buffered_data(self.handler.connection, self.handler.rfile):
+                ready: bool | None = True
+            else:
+                server.activity.finish()  # an open WebSocket is no request in progress
+                try:
+                    ready = server.wait_readable(self.handler.connection, timeout)
+                finally:
+                    server.activity.start()
+            if ready is None:  # the test ended, or the server stops
+                self.protocol.send_close(1001, "the test is over")
+                self._flush()
+                return
+            if ready:
+                self._receive()
+
+    def _receive(self) -> None:
+        from websockets.frames import Opcode
+        from websockets.protocol import State
+
+        data = self.handler.rfile.read1(65536)
+        if data:
+            self.protocol.receive_data(data)
+        else:  # the client is gone, with or without a closing handshake
+            self.protocol.receive_eof()
+            self._over = True
+
+        for frame in self.protocol.events_received():
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                self._text, self._parts = frame.opcode is Opcode.TEXT, [frame.data]
+            elif frame.opcode is Opcode.CONT:
+                self._parts.append(frame.data)
+            else:
+                continue
+            if frame.fin:
+                self._received(b"".join(self._parts))
+        self._flush()
+        if self.protocol.state is State.CLOSED:
+            self._over = True
+
+    def _received(self, data: bytes) -> None:
+        if self._text:
+            try:
+                message: Message = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.protocol.fail(1007, "invalid UTF-8 in a text message")
+                return
+        else:
+            message = data
+        reply = self.script.reply_to(message)
+        if reply is not None:
+            self._queue(reply)
+
+    def _queue(self, reply: Reply) -> None:
+        when = time.monotonic()
+        for index, message in enumerate(reply.messages):
+            self._push(when + index * reply.interval, message)
+        if reply.close is not None:
+            self._push(when + max(0, len(reply.messages) - 1) * reply.interval, reply.close)
+
+    def _push(self, when: float, item: Message | tuple[int, str]) -> None:
+        self._queued += 1
+        heapq.heappush(self._outbox, (when, self._queued, item))
+
+    def _send_due(self) -> None:
+        from websockets.protocol import State
+
+        now = time.monotonic()
+        while self._outbox and self._outbox[0][0] <= now and self.protocol.state is State.OPEN:
+            _, _, item = heapq.heappop(self._outbox)
+            if isinstance(item, tuple):
+                self.protocol.send_close(*item)
+                self._outbox.clear()
+            elif isinstance(item, str):
+                self.protocol.send_text(item.encode("utf-8"))
+            else:
+                self.protocol.send_binary(item)
+        if self.protocol.state is not State.OPEN:
+            self._outbox.clear()
+        self._flush()
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if not data:  # websockets' "end of stream": the closing handshake is done
+                self._over = True
+                return
+            self.handler.wfile.write(data)
+
+
+def converse(handler: ContentHandler, script: WebSocketScript) -> None:
+    """Serve the WebSocket handshake ``handler`` has read with ``script``."""
+    _Conversation(handler, script).run()
