@@ -93,6 +93,10 @@ class Reply:
         return cls(tuple(as_message(message) for message in messages), _interval(interval), _close_frame(close))
 
 
+#: The answer to a message that a script with expectations does not expect.
+_UNEXPECTED = Reply(close=(1008, "the test expected no such message"))
+
+
 def _show(message: Message, limit: int = 60) -> str:
     text = repr(message)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -245,7 +249,9 @@ class WebSocketScript:
         when it ends if it did not. Answer such messages like ``on_message``.
 
         Once a script expects anything, a message that nothing in it
-        matches fails the test too.
+        matches fails the test too, and closes the connection with 1008
+        (policy violation) so that a client waiting for an answer fails
+        at once rather than hang.
         """
         if at_least is not None:
             times = None
@@ -316,7 +322,10 @@ class WebSocketScript:
                 return handled.reply
             function = self._function
             if function is None and self._expectations:
+                # The test fails for it when it ends; closing now spares a
+                # client waiting for an answer that never comes a hang.
                 self._unexpected.append(message)
+                return _UNEXPECTED
         if function is None:
             return None
         answer = function(message)

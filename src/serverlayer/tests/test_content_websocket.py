@@ -4,6 +4,7 @@ misbehave)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -13,6 +14,7 @@ import time
 import unittest
 from unittest import mock
 
+import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import ClientConnection, connect
@@ -190,6 +192,28 @@ class ScriptTests(unittest.TestCase):
         self.assertEqual(feed.received, [])
 
 
+class OtherClientTests(unittest.TestCase):
+    # Plain ws: aiohttp's WebSocket client over TLS leaves its socket to the
+    # garbage collector when asyncio.run closes the loop (against uvicorn too).
+    layer = WS_CONTENT
+
+    def test_aiohttp(self):
+        self.layer["http_content"].websocket("/chat").on_connect("welcome").on_message(
+            {"say": "hi"}, {"said": "hi"}, close=(4001, "bye"))
+
+        async def chat() -> list[object]:
+            async with aiohttp.ClientSession() as session, \
+                    session.ws_connect(self.layer["ws_url"] + "chat") as websocket:
+                seen: list[object] = [await websocket.receive_str()]
+                await websocket.send_json({"say": "hi"})
+                seen.append(await websocket.receive_json())
+                closing = await websocket.receive()
+                seen.append((closing.type.name, closing.data, closing.extra))
+                return seen
+
+        self.assertEqual(asyncio.run(chat()), ["welcome", {"said": "hi"}, ("CLOSE", 4001, "bye")])
+
+
 class ScriptCheckTests(unittest.TestCase):
     """What a script expects is checked when the test ends."""
 
@@ -246,6 +270,21 @@ class ScriptCheckTests(unittest.TestCase):
         self.assertIn("expected a message 'hello' on WebSocket /feed 2 times, it arrived 3 time(s)", text)
         self.assertIn("unexpected message on WebSocket /feed: 'what?'", text)
 
+    def test_an_unexpected_message_closes_the_connection_at_once(self):
+        self.http_content.websocket("/feed").expect("hello", "hi")
+        with ws_connect(self.layer, "/feed") as client:
+            client.send("what?")
+            self.assertEqual(close_details(client), (1008, "the test expected no such message"))
+        self.assertEqual(self.http_content.problems()[-1], "unexpected message on WebSocket /feed: 'what?'")
+
+    def test_without_expectations_an_unanswered_message_keeps_the_connection(self):
+        self.http_content.websocket("/feed").on_message("ping", "pong")
+        with ws_connect(self.layer, "/feed") as client:
+            client.send("fire and forget")
+            client.send("ping")
+            self.assertEqual(client.recv(timeout=10), "pong")
+        self.http_content.check()
+
     def test_at_least_is_met_by_more(self):
         self.http_content.websocket("/feed").expect(re.compile("tick .*"), at_least=2)
         self.talk("tick 1", "tick 2", "tick 3")
@@ -275,6 +314,9 @@ class LifecycleTests(unittest.TestCase):
         self.addCleanup(client.close)
         self.assertEqual(client.recv(timeout=10), "hi")
         self.assertNotEqual(thread_names(), before)  # a worker serves the connection
+        # An open WebSocket is no request in progress: the test's end does
+        # not wait for it to finish before checking the server's errors.
+        self.assertTrue(layer["httpd"].wait_quiet(5))
         started = time.monotonic()
         layer.testTearDown()
         self.assertLess(time.monotonic() - started, 0.9)  # not the test end's 1 s wait for quiet

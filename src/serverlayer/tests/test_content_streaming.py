@@ -1,0 +1,204 @@
+"""The content layer streams: bodies sent chunk by chunk at a pace, and
+Server-Sent Events, read as streaming clients read them (httpx, aiohttp,
+http.client)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import time
+import unittest
+
+import aiohttp
+import httpx
+
+from serverlayer import ConfigurationError, content
+from serverlayer.content import Event, Response
+from serverlayer.tests.helpers import raw_request, set_up_by_hand, thread_names
+
+STREAMING = content.Layer(name="STREAMING")
+STREAMING_TLS = content.Layer(name="STREAMING_TLS", tls=True)
+
+
+class StreamTests(unittest.TestCase):
+    layer = STREAMING
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+        self.client = httpx.Client(base_url=self.layer["http_url"], timeout=10)
+        self.addCleanup(self.client.close)
+
+    def test_chunks_arrive_one_by_one_at_the_interval(self):
+        self.http_content.route("/tokens").respond_stream(["Hel", b"lo", " world"], interval=0.1)
+        arrivals = []
+        with self.client.stream("GET", "/tokens") as response:
+            self.assertEqual(response.headers["Transfer-Encoding"], "chunked")
+            for chunk in response.iter_raw():
+                arrivals.append((chunk, time.monotonic()))
+        self.assertEqual([chunk for chunk, _ in arrivals], [b"Hel", b"lo", b" world"])
+        # A lower bound only: a busy machine stretches the gaps, never shrinks them.
+        self.assertGreaterEqual(arrivals[-1][1] - arrivals[0][1], 0.19)
+
+    def test_a_stream_without_interval_is_one_chunked_body(self):
+        self.http_content.route("/all").respond_stream([b"a", b"", b"b"])
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+        self.addCleanup(connection.close)
+        for _ in range(2):  # and the connection stays usable
+            connection.request("GET", "/all")
+            response = connection.getresponse()
+            self.assertTrue(response.chunked)
+            self.assertEqual(response.read(), b"ab")  # the empty chunk did not end the body early
+
+    def test_an_http_1_0_client_gets_the_stream_until_the_connection_closes(self):
+        self.http_content.route("/old").respond_stream([b"one ", b"two"], interval=0.01)
+        data = raw_request(self.layer["http_host"], self.layer["http_port"], b"GET /old HTTP/1.0\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"Connection: close", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertEqual(body, b"one two")
+
+    def test_head_gets_the_headers_only(self):
+        self.http_content.route("/tokens").respond_stream([b"never"], interval=30)
+        started = time.monotonic()
+        response = self.client.head("/tokens")
+        self.assertEqual((response.status_code, response.content), (200, b""))
+        self.assertLess(time.monotonic() - started, 15)  # not held up by the interval
+
+    def test_a_client_that_leaves_mid_stream_ends_it_without_an_error(self):
+        self.http_content.route("/long").respond_stream([b"x" * 100] * 1000, interval=0.5)
+        with self.client.stream("GET", "/long") as response:
+            self.assertEqual(next(response.iter_raw()), b"x" * 100)
+        # The stream would take 500 s; the server notices the close at its next pause.
+        self.assertTrue(self.layer["httpd"].wait_quiet(5), "the server still streams to a client that left")
+
+    def test_a_sequence_can_stream(self):
+        self.http_content.route("/retry").respond_sequence(Response(503), Response.stream([b"o", b"k"]))
+        self.assertEqual(self.client.get("/retry").status_code, 503)
+        self.assertEqual(self.client.get("/retry").content, b"ok")
+
+
+class SSETests(unittest.TestCase):
+    layer = STREAMING
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+        self.client = httpx.Client(base_url=self.layer["http_url"], timeout=10)
+        self.addCleanup(self.client.close)
+
+    def read_lines(self, path: str) -> tuple[httpx.Headers, list[str]]:
+        with self.client.stream("GET", path) as response:
+            return response.headers, list(response.iter_lines())
+
+    def test_llm_style_json_deltas(self):
+        self.http_content.route("/v1/chat").respond_sse([{"delta": "Hel"}, {"delta": "lo"}, "[DONE]"], interval=0.01)
+        headers, lines = self.read_lines("/v1/chat")
+        self.assertEqual(headers["Content-Type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(headers["Cache-Control"], "no-cache")
+        self.assertEqual(lines, ['data: {"delta": "Hel"}', "", 'data: {"delta": "lo"}', "", "data: [DONE]", ""])
+
+    def test_every_field_of_an_event(self):
+        self.http_content.route("/events").respond_sse([
+            Event("line one\nline two\r\nline three", event="update", id="7", retry=1500, comment="hi"),
+            Event(None, retry=0),
+        ])
+        _, lines = self.read_lines("/events")
+        self.assertEqual(lines, [
+            ": hi", "event: update", "id: 7", "retry: 1500",
+            "data: line one", "data: line two", "data: line three", "",
+            "retry: 0", "",
+        ])
+
+    def test_headers_given_win_over_the_defaults(self):
+        self.http_content.route("/events").respond_sse(["x"], headers={"content-type": "text/event-stream"})
+        headers, _ = self.read_lines("/events")
+        self.assertEqual(headers.get_list("Content-Type"), ["text/event-stream"])
+
+    def test_aiohttp_reads_the_events_as_they_come(self):
+        self.http_content.route("/events").respond_sse(["a", "b", "c"], interval=0.05)
+
+        async def read() -> list[bytes]:
+            async with aiohttp.ClientSession() as session, session.get(self.layer["http_url"] + "events") as response:
+                return [line async for line in response.content]
+
+        self.assertEqual(asyncio.run(read()), [b"data: a\n", b"\n", b"data: b\n", b"\n", b"data: c\n", b"\n"])
+
+    def test_bad_event_fields_are_refused(self):
+        for fields, message in [
+            ({"id": "a\nb"}, "Event id='a\\nb': a single line of text."),
+            ({"event": "x\r"}, "Event event='x\\r': a single line of text."),
+            ({"id": "a\0"}, "Event id='a\\x00': clients ignore an id with a NUL in it."),
+            ({"retry": -1}, "Event retry=-1: milliseconds, a whole number 0 or more."),
+            ({"retry": 1.5}, "Event retry=1.5: milliseconds, a whole number 0 or more."),
+        ]:
+            with self.subTest(fields=fields), self.assertRaises(ConfigurationError) as caught:
+                Event("data", **fields)
+            self.assertEqual(str(caught.exception), message)
+
+
+class StreamConfigurationTests(unittest.TestCase):
+
+    def test_a_stream_takes_no_body_truncate_or_bodiless_status(self):
+        for arguments in ({"body": b"x"}, {"truncate": 1}, {"status": 204}, {"status": 304}):
+            with self.subTest(arguments=arguments), self.assertRaises(ConfigurationError) as caught:
+                Response(chunks=(b"a",), **arguments)
+            self.assertIn("A streamed response sends its chunks as its body", str(caught.exception))
+
+    def test_interval_must_be_zero_or_more(self):
+        for interval in (-0.1, float("nan")):
+            with self.subTest(interval=interval), self.assertRaises(ConfigurationError):
+                Response.stream([b"a"], interval=interval)
+
+    def test_chunks_are_bytes_or_str(self):
+        with self.assertRaises(ConfigurationError) as caught:
+            Response.stream([b"a", 1])  # type: ignore[list-item]
+        self.assertIn("bytes or str, not 1", str(caught.exception))
+
+
+class EndOfTestTests(unittest.TestCase):
+    """A stream or delay in progress ends with its test, leaving no thread."""
+
+    def watch_stream(self, layer, path: str) -> socket.socket:
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+        self.addCleanup(client.close)
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        layer["http_requests"].wait_for(1)
+        return client
+
+    def test_a_stream_still_read_when_the_test_ends_is_cut(self):
+        layer = set_up_by_hand(self, content.Layer(name="stream_at_test_end"))
+        before = thread_names()
+        layer["http_content"].route("/long").respond_stream([b"x"] * 100, interval=60)
+        client = self.watch_stream(layer, "/long")
+        received = b""
+        while b"1\r\nx\r\n" not in received:  # the first chunk, after the headers
+            received += client.recv(4096) or self.fail(f"closed after {received!r}")
+        layer.testTearDown()
+        self.assertEqual(thread_names(), before)  # the worker did not wait out the interval
+        self.assertEqual(client.recv(4096), b"")  # the connection closed, the body never ended
+        layer.testSetUp()  # for the cleanup's testTearDown
+
+    def test_a_delay_still_awaited_when_the_test_ends_is_cut(self):
+        layer = set_up_by_hand(self, content.Layer(name="delay_at_test_end"))
+        before = thread_names()
+        layer["http_content"].route("/late").respond("late", delay=60)
+        client = self.watch_stream(layer, "/late")
+        layer.testTearDown()
+        self.assertEqual(thread_names(), before)
+        self.assertEqual(client.recv(4096), b"")
+        layer.testSetUp()
+
+
+class TLSStreamTests(unittest.TestCase):
+    layer = STREAMING_TLS
+
+    def test_sse_over_https(self):
+        self.layer["http_content"].route("/events").respond_sse([{"n": 1}, {"n": 2}], interval=0.01)
+        with httpx.Client(verify=self.layer["ssl_context"], timeout=10) as client, \
+                client.stream("GET", self.layer["http_url"] + "events") as response:
+            lines = [line for line in response.iter_lines() if line]
+        self.assertEqual(lines, ['data: {"n": 1}', 'data: {"n": 2}'])
+
+
+if __name__ == "__main__":
+    unittest.main()
