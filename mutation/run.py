@@ -52,7 +52,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "reporting": ("test_reporting",),
     "tls": ("test_tls", "test_tls_front", "test_lifecycle.ServerThreadTests"),
     "recording": ("test_recording", "test_chunked_uploads"),
-    "static": ("test_static", "test_static_symlinks"),
+    "static": ("test_static", "test_static_symlinks", "test_static_ranges"),
+    "ranges": ("test_static_ranges",),
     "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front"),
     "layer": (
         "test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api",
@@ -63,7 +64,8 @@ MODULES: dict[str, tuple[str, ...]] = {
         "test_hardening.MisbehavingSMTPClientTests", "test_integrations.MailSinkTests",
         "test_addresses.EveryAddressTests",
     ),
-    "content": ("test_content", "test_content_protocol"),
+    "content": ("test_content", "test_content_protocol", "test_content_streaming", "test_content_websocket"),
+    "websocket_script": ("test_content_websocket",),
     "asgi": ("test_asgi",),
 }
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import plone.testing
 
-from serverlayer import custom
+from serverlayer import custom, ranges
 from serverlayer.errors import ConfigurationError
 
 
@@ -64,15 +64,91 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         self.documentroot = os.fspath(directory)
         super().__init__(*args, directory=self.documentroot, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # http.server answers a method without a do_ method 501 (not
+        # implemented); a file server that knows the method but allows only
+        # GET and HEAD answers 405 and says so (RFC 9110 section 15.5.6).
+        if name.startswith("do_"):
+            return self._method_not_allowed
+        raise AttributeError(name)
+
+    def _method_not_allowed(self) -> None:
+        body = f"{self.command} is not allowed here: a static file server answers GET and HEAD.\n".encode()
+        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+        self.send_header("Allow", "GET, HEAD")
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def send_head(self) -> Any:
-        if not self._inside_directory(self.translate_path(self.path)):
+        path = self.translate_path(self.path)
+        if not self._inside_directory(path):
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
             return None
-        return super().send_head()
+        if path.endswith("/") or not os.path.isfile(path):  # directories, and what is missing
+            return super().send_head()
+        try:
+            file = open(path, "rb")  # noqa: SIM115 - do_GET closes it
+        except OSError:
+            return super().send_head()  # its 404, as for any file it cannot open
+        try:
+            return self._send_file_head(file, self.guess_type(path))
+        except BaseException:
+            file.close()
+            raise
+
+    def _send_file_head(self, file: Any, content_type: str) -> Any:
+        """Answer for a regular file: conditions, ranges, or the whole of it."""
+        stat = os.fstat(file.fileno())
+        representation = ranges.Representation(
+            size=stat.st_size,
+            etag=f'"{stat.st_ino:x}-{stat.st_size:x}-{stat.st_mtime_ns:x}"',
+            modified=int(stat.st_mtime),
+        )
+        status = ranges.precondition_status(representation, self.command, self.headers)
+        if status is not None:
+            file.close()
+            if status == HTTPStatus.NOT_MODIFIED:
+                self.send_response(status)
+                self.send_header("ETag", representation.etag)
+                self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
+                self.end_headers()
+            else:
+                self.send_error(status)
+            return None
+        wanted = ranges.requested(representation, self.command, self.headers)
+        if wanted == []:
+            file.close()
+            self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+            self.send_header("Content-Range", f"bytes */{representation.size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        body = ranges.Body(file, representation, content_type, wanted)
+        self.send_response(HTTPStatus.PARTIAL_CONTENT if wanted else HTTPStatus.OK)
+        for name, value in body.headers():
+            self.send_header(name, value)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", representation.etag)
+        self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
+        self.end_headers()
+        return body
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
         """Send the file with ``sendfile``: the kernel copies it to the socket."""
-        if outputfile is self.wfile:
+        if isinstance(source, ranges.Body):
+            for piece in source.pieces:
+                if isinstance(piece, bytes):
+                    outputfile.write(piece)
+                elif not piece[1]:  # an empty file: sendfile refuses to send nothing
+                    continue
+                elif outputfile is self.wfile:
+                    self.connection.sendfile(source.file, *piece)
+                else:
+                    source.file.seek(piece[0])
+                    outputfile.write(source.file.read(piece[1]))
+        elif outputfile is self.wfile:
             self.connection.sendfile(source)
         else:
             super().copyfile(source, outputfile)

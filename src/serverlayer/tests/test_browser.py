@@ -288,6 +288,44 @@ class ManyResourcesTests(BrowserTestCase):
         self.assertEqual([str(r) for r in self.layer["http_requests"]], ["GET /index.html", "GET /missing.js"])
 
 
+def wav(seconds: int, rate: int = 8000) -> bytes:
+    """A silent mono 16-bit PCM WAV file ``seconds`` long."""
+    data = b"\x00\x00" * rate * seconds
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16, 1, 1,
+                         rate, rate * 2, 2, 16, b"data", len(data))
+    return header + data
+
+
+class MediaRangeTests(BrowserTestCase):
+    """Chromium fetches media in byte ranges, and seeks with them."""
+
+    layer = STATIC_BROWSER
+
+    def test_an_audio_element_loads_and_seeks_in_ranges(self):
+        root = self.layer["documentroot"]
+        with open(os.path.join(root, "silence.wav"), "wb") as file:
+            file.write(wav(60))  # 960,000 bytes: more than Chromium reads ahead for metadata
+        with open(os.path.join(root, "player.html"), "w") as file:
+            file.write(
+                f"<!doctype html>{NO_FAVICON}<title>Player</title>"
+                '<audio id="player" src="silence.wav" preload="metadata"></audio><p id="state">loading</p>'
+                "<script>const player = document.getElementById('player'), state = document.getElementById('state');"
+                "player.onloadedmetadata = () => { state.textContent = 'duration ' + player.duration;"
+                " player.currentTime = 59; };"
+                "player.onseeked = () => { state.textContent += ', seeked to ' + player.currentTime; };"
+                "player.onerror = () => { state.textContent = 'error ' + player.error.code; };</script>"
+            )
+        self.driver.get(self.layer["http_url"] + "player.html")
+        self.wait_until(lambda driver: "seeked" in self.text("#state") or "error" in self.text("#state"),
+                        "the audio never loaded and seeked")
+        self.assertEqual(self.text("#state"), "duration 60, seeked to 59")
+        media = [request for request in self.layer["http_requests"] if request.path == "/silence.wav"]
+        ranges = [request.headers.get("Range") for request in media]
+        self.assertTrue(ranges and all(ranges), f"every media request asks for a range: {ranges}")
+        # The seek to second 59 asked for bytes near the end, not the file again.
+        self.assertTrue(any(int(value.split("=")[1].split("-")[0]) > 900_000 for value in ranges), ranges)
+
+
 # (b) A form posted in the browser sends a mail: smtp + wsgi layers.
 
 PAGE = (

@@ -1,0 +1,185 @@
+"""Conditional and range requests for a file (RFC 9110 sections 13 and 14),
+as browsers, media players and resuming download clients send them.
+
+The static layer's handler asks ``precondition_status`` whether the
+request's ``If-*`` fields stop it (304 or 412), then ``requested`` which
+byte ranges to send, and sends a ``Body``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.message
+import email.utils
+import re
+import secrets
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+#: An entity tag: optionally weak (``W/``), then an opaque quoted string.
+_ENTITY_TAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
+_RANGE = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+
+#: A request's header fields: http.server's message, or a mapping.
+Headers = email.message.Message | Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Representation:
+    """What the conditions are evaluated against: a file's size, strong
+    entity tag and modification time (whole seconds, as HTTP dates are)."""
+
+    size: int
+    etag: str
+    modified: int
+
+
+def _entity_tags(value: str) -> list[tuple[bool, str]] | None:
+    """The (weak, opaque tag) pairs of an ``If-Match``/``If-None-Match``
+    list; None for ``*``, or for a list that does not parse (which then
+    matches nothing)."""
+    if value.strip() == "*":
+        return None
+    tags, position = [], 0
+    while position < len(value):
+        found = _ENTITY_TAG.match(value, position)
+        if not found:
+            return []
+        tags.append((bool(found.group(1)), found.group(2)))
+        position = found.end()
+    return tags
+
+
+def _matches(value: str, etag: str, *, weak: bool) -> bool:
+    """Whether an ``If-Match``/``If-None-Match`` value matches ``etag``:
+    ``*`` matches any current representation; a weak comparison ignores
+    ``W/``, a strong one never matches a weak tag."""
+    tags = _entity_tags(value)
+    if tags is None:
+        return True
+    return any(tag == etag and (weak or not is_weak) for is_weak, tag in tags)
+
+
+def _date(value: str | None) -> int | None:
+    """An HTTP date in whole seconds since the epoch; None if it does not parse."""
+    if value is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return int(parsed.timestamp()) if parsed.tzinfo is not None else None
+
+
+def precondition_status(representation: Representation, method: str, headers: Headers) -> int | None:
+    """304 or 412 if the request's conditions say so, else None (RFC 9110
+    section 13.2.2: If-Match, then If-Unmodified-Since, then If-None-Match,
+    then If-Modified-Since)."""
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not _matches(if_match, representation.etag, weak=False):
+            return HTTPStatus.PRECONDITION_FAILED
+    else:
+        since = _date(headers.get("If-Unmodified-Since"))
+        if since is not None and representation.modified > since:
+            return HTTPStatus.PRECONDITION_FAILED
+    safe = method in ("GET", "HEAD")
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        if _matches(if_none_match, representation.etag, weak=True):
+            return HTTPStatus.NOT_MODIFIED if safe else HTTPStatus.PRECONDITION_FAILED
+    elif safe:
+        since = _date(headers.get("If-Modified-Since"))
+        if since is not None and representation.modified <= since:
+            return HTTPStatus.NOT_MODIFIED
+    return None
+
+
+def requested(representation: Representation, method: str, headers: Headers) -> list[tuple[int, int]] | None:
+    """The byte ranges to send, as (first, last) inclusive; None for the
+    whole representation; [] when none of them is satisfiable (416).
+
+    A ``Range`` on a method other than GET, in a unit other than bytes, or
+    that does not parse is ignored, as is one whose ``If-Range`` no longer
+    matches: the client then gets the whole, current file.
+    """
+    value = headers.get("Range")
+    if method != "GET" or value is None:
+        return None
+    unit, _, specs = value.partition("=")
+    if unit.strip().lower() != "bytes" or not specs.strip():
+        return None
+    if_range = headers.get("If-Range")
+    if if_range is not None and not _if_range_holds(if_range.strip(), representation):
+        return None
+    size = representation.size
+    found = []
+    for spec in specs.split(","):
+        parsed = _RANGE.fullmatch(spec)
+        if not parsed or not (parsed.group(1) or parsed.group(2)):
+            return None
+        first, last = parsed.group(1), parsed.group(2)
+        if not first:  # the last N bytes
+            suffix = int(last)
+            if suffix and size:
+                found.append((max(0, size - suffix), size - 1))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            return None  # invalid: the whole field is ignored
+        if start < size:
+            found.append((start, min(int(last), size - 1) if last else size - 1))
+    return found
+
+
+def _if_range_holds(value: str, representation: Representation) -> bool:
+    """An entity tag must match strongly; a date exactly (RFC 9110 section 13.1.5)."""
+    if value.startswith(('"', "W/")):
+        return value == representation.etag
+    return _date(value) == representation.modified
+
+
+class Body:
+    """What to send of a file: whole, one range, or several as
+    ``multipart/byteranges``; ``pieces`` are bytes to write and
+    (offset, count) spans of the file to send."""
+
+    def __init__(self, file: Any, representation: Representation, content_type: str,
+                 ranges: list[tuple[int, int]] | None) -> None:
+        self.file = file
+        self.size = representation.size
+        self.content_type = content_type
+        self.pieces: list[bytes | tuple[int, int]] = []
+        self.boundary = ""
+        if ranges is None:
+            self.pieces.append((0, self.size))
+        elif len(ranges) == 1:
+            [(first, last)] = ranges
+            self.pieces.append((first, last - first + 1))
+        else:
+            self.boundary = secrets.token_hex(16)
+            for first, last in ranges:
+                self.pieces.append(
+                    f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Range: bytes {first}-{last}/{self.size}\r\n\r\n".encode("latin-1")
+                )
+                self.pieces.append((first, last - first + 1))
+                self.pieces.append(b"\r\n")
+            self.pieces.append(f"--{self.boundary}--\r\n".encode("latin-1"))
+        self.ranges = ranges
+
+    def headers(self) -> list[tuple[str, str]]:
+        length = sum(len(piece) if isinstance(piece, bytes) else piece[1] for piece in self.pieces)
+        if self.boundary:
+            content_type = f"multipart/byteranges; boundary={self.boundary}"
+        else:
+            content_type = self.content_type
+        found = [("Content-Type", content_type), ("Content-Length", str(length))]
+        if self.ranges is not None and not self.boundary:
+            first, last = self.ranges[0]
+            found.append(("Content-Range", f"bytes {first}-{last}/{self.size}"))
+        return found
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,236 @@
+"""The static layer answers what browsers and download clients rely on:
+byte ranges, entity tags and conditional requests, and 405 for methods it
+does not serve. Tried with requests, httpx, http.client and curl."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import unittest
+from unittest import mock
+
+import httpx
+import requests
+
+from serverlayer import static
+from serverlayer.ranges import Representation, precondition_status, requested
+
+DATA = bytes(range(256)) * 40  # 10240 bytes, every offset's byte known
+
+RANGES = static.Layer(name="RANGES")
+
+
+class RangeTests(unittest.TestCase):
+    layer = RANGES
+
+    def setUp(self):
+        with open(os.path.join(self.layer["documentroot"], "data.bin"), "wb") as file:
+            file.write(DATA)
+        self.url = self.layer["http_url"] + "data.bin"
+        self.session = requests.Session()
+        self.addCleanup(self.session.close)
+
+    def get(self, **headers: str) -> requests.Response:
+        return self.session.get(self.url, headers=headers, timeout=10)
+
+    def test_a_whole_file_says_ranges_are_accepted_and_has_an_etag(self):
+        response = self.get()
+        self.assertEqual((response.status_code, response.content), (200, DATA))
+        self.assertEqual(response.headers["Accept-Ranges"], "bytes")
+        self.assertRegex(response.headers["ETag"], r'^"[0-9a-f]+-2800-[0-9a-f]+"$')  # strong: no W/
+
+    def test_single_ranges(self):
+        for spec, first, last in [("0-9", 0, 9), ("100-", 100, 10239), ("-16", 10224, 10239),
+                                  ("10000-99999", 10000, 10239), ("-99999", 0, 10239), ("5-5", 5, 5)]:
+            with self.subTest(spec=spec):
+                response = self.get(Range=f"bytes={spec}")
+                self.assertEqual(response.status_code, 206)
+                self.assertEqual(response.headers["Content-Range"], f"bytes {first}-{last}/10240")
+                self.assertEqual(response.content, DATA[first:last + 1])
+                self.assertEqual(response.headers["Content-Length"], str(last - first + 1))
+
+    def test_several_ranges_come_as_multipart_byteranges(self):
+        response = self.get(Range="bytes=0-3, 20-23,-2")
+        self.assertEqual(response.status_code, 206)
+        self.assertTrue(response.headers["Content-Type"].startswith("multipart/byteranges; boundary="))
+        self.assertEqual(int(response.headers["Content-Length"]), len(response.content))
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + response.headers["Content-Type"].encode() + b"\r\n\r\n" + response.content
+        )
+        parts = [(part["Content-Range"], part["Content-Type"], part.get_payload(decode=True))
+                 for part in message.iter_parts()]
+        self.assertEqual(parts, [
+            ("bytes 0-3/10240", "application/octet-stream", DATA[0:4]),
+            ("bytes 20-23/10240", "application/octet-stream", DATA[20:24]),
+            ("bytes 10238-10239/10240", "application/octet-stream", DATA[10238:]),
+        ])
+
+    def test_an_unsatisfiable_range_is_416_and_the_connection_goes_on(self):
+        for spec in ("10240-", "20000-30000", "-0"):
+            with self.subTest(spec=spec):
+                response = self.get(Range=f"bytes={spec}")
+                self.assertEqual(response.status_code, 416)
+                self.assertEqual(response.headers["Content-Range"], "bytes */10240")
+        self.assertEqual(self.get().content, DATA)  # same session, same connection
+
+    def test_a_range_that_does_not_parse_is_ignored(self):
+        for value in ("bytes=9-1", "bytes=a-b", "bytes=", "items=0-1", "bytes=-", "bytes=1-2,x"):
+            with self.subTest(value=value):
+                response = self.get(Range=value)
+                self.assertEqual((response.status_code, len(response.content)), (200, 10240))
+
+    def test_if_range_with_the_current_etag_or_date_honours_the_range(self):
+        whole = self.get()
+        for validator in (whole.headers["ETag"], whole.headers["Last-Modified"]):
+            with self.subTest(validator=validator):
+                response = self.get(Range="bytes=0-1", **{"If-Range": validator})
+                self.assertEqual((response.status_code, response.content), (206, DATA[:2]))
+
+    def test_if_range_with_an_old_validator_sends_the_whole_file(self):
+        older = email.utils.formatdate(0, usegmt=True)
+        for validator in ('"old"', older, "W/" + self.get().headers["ETag"]):
+            with self.subTest(validator=validator):
+                response = self.get(Range="bytes=0-1", **{"If-Range": validator})
+                self.assertEqual((response.status_code, len(response.content)), (200, 10240))
+
+    def test_head_ignores_the_range(self):
+        response = self.session.head(self.url, headers={"Range": "bytes=0-1"}, timeout=10)
+        self.assertEqual((response.status_code, response.headers["Content-Length"]), (200, "10240"))
+
+    def test_a_range_goes_out_with_sendfile(self):
+        with mock.patch.object(socket.socket, "sendfile", autospec=True, side_effect=socket.socket.sendfile) as sent:
+            self.assertEqual(self.get(Range="bytes=100-199").content, DATA[100:200])
+        [call] = sent.call_args_list
+        self.assertEqual(call.args[2:], (100, 100))
+
+    def test_an_empty_file(self):
+        open(os.path.join(self.layer["documentroot"], "empty"), "wb").close()
+        url = self.layer["http_url"] + "empty"
+        self.assertEqual(self.session.get(url, timeout=10).content, b"")
+        self.assertEqual(self.session.get(url, headers={"Range": "bytes=0-"}, timeout=10).status_code, 416)
+
+    def test_httpx_reads_a_range(self):
+        with httpx.Client(timeout=10) as client:
+            response = client.get(self.url, headers={"Range": "bytes=256-511"})
+        self.assertEqual((response.status_code, response.content), (206, DATA[256:512]))
+
+
+class ConditionalTests(unittest.TestCase):
+    layer = RANGES
+
+    def setUp(self):
+        with open(os.path.join(self.layer["documentroot"], "page.html"), "wb") as file:
+            file.write(b"<p>hello</p>")
+        self.url = self.layer["http_url"] + "page.html"
+        self.etag = requests.head(self.url, timeout=10).headers["ETag"]
+
+    def status(self, method: str = "GET", **headers: str) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+        try:
+            connection.request(method, "/page.html", headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def test_if_none_match(self):
+        for value in (self.etag, f'"other", {self.etag}', "*", "W/" + self.etag):  # a weak comparison
+            with self.subTest(value=value):
+                self.assertEqual(self.status(**{"If-None-Match": value}), (304, b""))
+        self.assertEqual(self.status(**{"If-None-Match": '"other"'})[0], 200)
+
+    def test_a_304_carries_the_etag(self):
+        response = requests.get(self.url, headers={"If-None-Match": self.etag}, timeout=10)
+        self.assertEqual((response.status_code, response.headers["ETag"]), (304, self.etag))
+
+    def test_if_none_match_wins_over_if_modified_since(self):
+        older = email.utils.formatdate(0, usegmt=True)
+        self.assertEqual(self.status(**{"If-None-Match": self.etag, "If-Modified-Since": older})[0], 304)
+        later = "Fri, 01 Jan 2100 00:00:00 GMT"
+        self.assertEqual(self.status(**{"If-None-Match": '"x"', "If-Modified-Since": later})[0], 200)
+
+    def test_if_match(self):
+        self.assertEqual(self.status(**{"If-Match": self.etag}), (200, b"<p>hello</p>"))
+        self.assertEqual(self.status(**{"If-Match": "*"})[0], 200)
+        for value in ('"other"', "W/" + self.etag, "garbage"):  # a strong comparison: no weak tag matches
+            with self.subTest(value=value):
+                self.assertEqual(self.status(**{"If-Match": value})[0], 412)
+
+    def test_if_unmodified_since(self):
+        self.assertEqual(self.status(**{"If-Unmodified-Since": email.utils.formatdate(0, usegmt=True)})[0], 412)
+        self.assertEqual(self.status(**{"If-Unmodified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"})[0], 200)
+        self.assertEqual(self.status(**{"If-Unmodified-Since": "not a date"})[0], 200)
+
+    def test_a_changed_file_gets_a_new_etag(self):
+        with open(os.path.join(self.layer["documentroot"], "page.html"), "wb") as file:
+            file.write(b"<p>changed, and longer</p>")
+        self.assertEqual(self.status(**{"If-None-Match": self.etag})[0], 200)
+
+    def test_other_methods_are_405_with_allow(self):
+        for method in ("POST", "PUT", "DELETE", "PATCH", "PROPFIND"):
+            with self.subTest(method=method):
+                response = requests.request(method, self.url, data=b"x" * 10, timeout=10)
+                self.assertEqual(response.status_code, 405)
+                self.assertEqual(response.headers["Allow"], "GET, HEAD")
+                self.assertIn(f"{method} is not allowed here", response.text)
+
+    def test_a_handler_subclass_keeps_its_own_methods(self):
+        class Uploads(static.StaticFileHandler):
+            def do_POST(self):
+                self.send_response(201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        with mock.patch.object(self.layer["httpd"], "handler_class", Uploads):
+            self.assertEqual(requests.post(self.url, data=b"x", timeout=10).status_code, 201)
+
+
+@unittest.skipUnless(shutil.which("curl"), "curl is not installed")
+class CurlTests(unittest.TestCase):
+    layer = RANGES
+
+    def test_curl_resumes_a_download(self):
+        with open(os.path.join(self.layer["documentroot"], "big.bin"), "wb") as file:
+            file.write(DATA * 10)
+        with tempfile.TemporaryDirectory() as directory:
+            target = os.path.join(directory, "big.bin")
+            with open(target, "wb") as partial:
+                partial.write((DATA * 10)[:30000])  # what an interrupted download left
+            completed = subprocess.run(
+                ["curl", "--silent", "--show-error", "--fail", "-C", "-", "-o", target,
+                 "--write-out", "%{http_code}", self.layer["http_url"] + "big.bin"],
+                capture_output=True, text=True, timeout=60,
+            )
+            self.assertEqual((completed.returncode, completed.stdout, completed.stderr), (0, "206", ""))
+            with open(target, "rb") as result:
+                self.assertEqual(result.read(), DATA * 10)
+        [request] = self.layer["http_requests"]
+        self.assertEqual(request.headers["Range"], "bytes=30000-")
+
+
+class RuleTests(unittest.TestCase):
+    """The RFC 9110 rules, without a server."""
+
+    file = Representation(size=100, etag='"abc"', modified=1_000_000)
+
+    def test_a_put_with_a_matching_if_none_match_fails_the_precondition(self):
+        self.assertEqual(precondition_status(self.file, "PUT", {"If-None-Match": "*"}), 412)
+        self.assertIsNone(precondition_status(self.file, "PUT", {"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}))
+
+    def test_range_only_for_get(self):
+        self.assertIsNone(requested(self.file, "HEAD", {"Range": "bytes=0-1"}))
+        self.assertEqual(requested(self.file, "GET", {"Range": "BYTES=0-1"}), [(0, 1)])
+
+    def test_a_date_without_a_zone_is_no_date(self):
+        self.assertIsNone(precondition_status(self.file, "GET", {"If-Unmodified-Since": "Mon, 12 Jan 1970 13:46:40"}))
+
+
+if __name__ == "__main__":
+    unittest.main()
