@@ -14,6 +14,7 @@ import http.server
 import os
 import shutil
 import tempfile
+import urllib.parse
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any, Final
@@ -86,7 +87,14 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         if not self._inside_directory(path):
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
             return None
-        if path.endswith("/") or not os.path.isfile(path):  # directories, and what is missing
+        if os.path.isdir(path) and urllib.parse.urlsplit(self.path).path.endswith("/"):
+            index = next((candidate for name in ("index.html", "index.htm")
+                          if os.path.isfile(candidate := os.path.join(path, name))), None)
+            if index is not None and not self._inside_directory(index):
+                self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+                return None
+            path = index or path
+        if path.endswith("/") or not os.path.isfile(path):  # listings, redirects, what is missing
             return super().send_head()
         try:
             file = open(path, "rb")  # noqa: SIM115 - do_GET closes it

@@ -116,6 +116,17 @@ class RangeTests(unittest.TestCase):
         self.assertEqual(self.session.get(url, timeout=10).content, b"")
         self.assertEqual(self.session.get(url, headers={"Range": "bytes=0-"}, timeout=10).status_code, 416)
 
+    def test_a_directory_index_is_a_file_like_any_other(self):
+        os.mkdir(os.path.join(self.layer["documentroot"], "docs"))
+        with open(os.path.join(self.layer["documentroot"], "docs", "index.html"), "wb") as file:
+            file.write(b"<h1>Docs</h1>")
+        response = self.session.get(self.layer["http_url"] + "docs/", headers={"Range": "bytes=1-2"}, timeout=10)
+        self.assertEqual((response.status_code, response.content), (206, b"h1"))
+        self.assertEqual(response.headers["Content-Type"], "text/html")
+        self.assertIn("ETag", response.headers)
+        redirect = self.session.get(self.layer["http_url"] + "docs", allow_redirects=False, timeout=10)
+        self.assertEqual((redirect.status_code, redirect.headers["Location"]), (301, "/docs/"))
+
     def test_httpx_reads_a_range(self):
         with httpx.Client(timeout=10) as client:
             response = client.get(self.url, headers={"Range": "bytes=256-511"})

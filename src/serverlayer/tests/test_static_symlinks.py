@@ -115,5 +115,14 @@ class StrictLinksTests(LinkedFixtures, unittest.TestCase):
         self.assertNotIn(b"data.txt", listing)
         self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))  # still serving
 
+    def test_a_linked_index_page_is_refused(self):
+        os.mkdir(os.path.join(self.layer["documentroot"], "site"))
+        os.symlink(os.path.join(os.path.dirname(self.absolute_secret), "fixture.txt"),
+                   os.path.join(self.layer["documentroot"], "site", "index.html"))
+        status, body = get(self.layer, "/site/")
+        self.assertEqual(status, 404)
+        self.assertNotIn(FIXTURE, body)
+        self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))  # still serving
+
     def test_files_inside_are_still_served(self):
         self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))
