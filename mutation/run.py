@@ -64,7 +64,11 @@ MODULES: dict[str, tuple[str, ...]] = {
         "test_hardening.MisbehavingSMTPClientTests", "test_integrations.MailSinkTests",
         "test_addresses.EveryAddressTests",
     ),
-    "content": ("test_content", "test_content_protocol", "test_content_streaming", "test_content_websocket"),
+    "content": (
+        "test_content", "test_content_protocol", "test_content_streaming", "test_content_websocket",
+        "test_content_matching",
+    ),
+    "matching": ("test_content_matching", "test_content_websocket"),
     "websocket_script": ("test_content_websocket",),
     "asgi": ("test_asgi",),
 }

@@ -32,10 +32,11 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from serverlayer import custom
+from serverlayer import custom, matching
 from serverlayer.errors import ConfigurationError, ExpectationError
 from serverlayer.recording import RecordedRequest
 from serverlayer.server import ServerThread, format_address
@@ -202,8 +203,23 @@ def _as_response(answer: Answer, request: RecordedRequest) -> Response:
     return response
 
 
+#: For ``json=``, whose every value (None too) is something to match.
+_NOT_GIVEN: Any = object()
+
+
 class Route:
-    """Requests a route matches, and what they get."""
+    """Requests a route matches, and what they get.
+
+    A request matches when everything given matches: ``path`` (exact, or a
+    compiled regular expression for the whole path; compared with the
+    decoded path, so ``/café`` matches what clients send as
+    ``/caf%C3%A9``, unless ``raw_path=True`` compares the path as sent),
+    ``method``, ``query`` (these values for these keys), ``headers``, and
+    the body: ``data`` (exact bytes or text), ``json`` (equal once parsed),
+    ``json_subset`` (holds at least these keys and values, at any depth),
+    ``form`` (these fields of an urlencoded or multipart form) or ``match``
+    (a function of the recorded request that returns true).
+    """
 
     def __init__(
         self,
@@ -212,13 +228,27 @@ class Route:
         *,
         query: Mapping[str, str | Sequence[str]] | None = None,
         headers: Mapping[str, str] | None = None,
+        raw_path: bool = False,
+        data: bytes | str | None = None,
+        json: Any = _NOT_GIVEN,
+        json_subset: Mapping[str, Any] | None = None,
+        form: Mapping[str, str | Sequence[str]] | None = None,
+        match: Callable[[RecordedRequest], bool] | None = None,
     ) -> None:
         if not isinstance(path, (str, re.Pattern)):
             raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
+        if match is not None and not callable(match):
+            raise ConfigurationError(f"match={match!r} must be a function that takes the recorded request.")
         self.path = path
         self.method = method.upper() if method else None
         self.query = {key: [value] if isinstance(value, str) else list(value) for key, value in (query or {}).items()}
         self.headers = dict(headers or {})
+        self.raw_path = raw_path
+        self.data = data.encode("utf-8") if isinstance(data, str) else data
+        self.json = json
+        self.json_subset = json_subset
+        self.form = form
+        self.match = match
         self._answers: list[Answer] = [Response()]
         self._lock = threading.Lock()
 
@@ -276,10 +306,12 @@ class Route:
         found = []
         if self.method and request.method != self.method:
             found.append(f"method is {request.method}, not {self.method}")
+        # Decoded unless told otherwise; a route written encoded still matches.
+        paths = [request.path] if self.raw_path else [urllib.parse.unquote(request.path), request.path]
         if isinstance(self.path, re.Pattern):
-            if not self.path.fullmatch(request.path):
+            if not any(self.path.fullmatch(path) for path in paths):
                 found.append(f"path {request.path} does not match {self.path.pattern!r}")
-        elif request.path != self.path:
+        elif self.path not in paths:
             found.append(f"path is {request.path}, not {self.path}")
         params = request.query_params
         for key, values in self.query.items():
@@ -289,7 +321,30 @@ class Route:
         for name, value in self.headers.items():
             if request.headers.get(name) != value:
                 found.append(f"header {name} is {request.headers.get(name)!r}, not {value!r}")
+        found.extend(self._body_differences(request))
+        if self.match is not None and not found and not self.match(request):
+            found.append(f"{getattr(self.match, '__qualname__', repr(self.match))}(request) returned false")
         return found
+
+    def _body_differences(self, request: RecordedRequest) -> list[str]:
+        body = request.body
+        if self.data is not None and body != self.data:
+            return [f"body is {matching.shown(body)}, not {matching.shown(self.data)}"]
+        if self.json is not _NOT_GIVEN or self.json_subset is not None:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                return [f"body is no JSON: {matching.shown(body)}"]
+            if self.json is not _NOT_GIVEN:
+                return matching.shortened(matching.json_differences(self.json, parsed), "body ")
+            return matching.shortened(matching.json_differences(self.json_subset, parsed, subset=True), "body ")
+        if self.form is not None:
+            content_type = request.headers.get("Content-Type", "")
+            fields = matching.form_fields(content_type, body)
+            if fields is None:
+                return [f"body is no form (Content-Type {content_type or 'missing'})"]
+            return matching.shortened(matching.form_differences(self.form, fields), "")
+        return []
 
     def matches(self, request: RecordedRequest) -> bool:
         return not self.differences(request)
@@ -302,6 +357,16 @@ class Route:
             text += " with query " + "&".join(pairs)
         if self.headers:
             text += " with headers " + ", ".join(f"{name}: {value}" for name, value in self.headers.items())
+        if self.data is not None:
+            text += f" with body {matching.shown(self.data)}"
+        if self.json is not _NOT_GIVEN:
+            text += f" with JSON {matching.shown(json.dumps(self.json))}"
+        if self.json_subset is not None:
+            text += f" with JSON holding {matching.shown(json.dumps(self.json_subset))}"
+        if self.form is not None:
+            text += f" with form fields {matching.shown(dict(self.form))}"
+        if self.match is not None:
+            text += f" accepted by {getattr(self.match, '__qualname__', repr(self.match))}"
         return text
 
 
@@ -369,9 +434,14 @@ class HTTPContent:
 
     def route(self, path: str | re.Pattern[str], method: str | None = None, *,
               query: Mapping[str, str | Sequence[str]] | None = None,
-              headers: Mapping[str, str] | None = None) -> Route:
-        """Answer requests that match; the first route declared wins."""
-        route = Route(path, method, query=query, headers=headers)
+              headers: Mapping[str, str] | None = None, **body_and_more: Any) -> Route:
+        """Answer requests that match; the first route declared wins.
+
+        Besides path, method, query and headers, a route matches on
+        ``raw_path``, ``data``, ``json``, ``json_subset``, ``form`` and
+        ``match`` (see ``Route``).
+        """
+        route = Route(path, method, query=query, headers=headers, **body_and_more)
         with self._lock:
             self.routes.append(route)
         return route
@@ -379,12 +449,13 @@ class HTTPContent:
     def expect(self, path: str | re.Pattern[str], method: str | None = None, *,
                query: Mapping[str, str | Sequence[str]] | None = None,
                headers: Mapping[str, str] | None = None,
-               times: int | None = 1, at_least: int | None = None, ordered: bool = False) -> Expectation:
+               times: int | None = 1, at_least: int | None = None, ordered: bool = False,
+               **body_and_more: Any) -> Expectation:
         """Expect matching requests: ``times`` exactly (once unless said
         otherwise) or ``at_least``; ``ordered`` ones must first be met in
-        the order they were declared. Answer them like a route."""
+        the order they were declared. Match and answer them like a route."""
         expectation = Expectation(path, method, query=query, headers=headers,
-                                  times=times, at_least=at_least, ordered=ordered)
+                                  times=times, at_least=at_least, ordered=ordered, **body_and_more)
         with self._lock:
             self.expectations.append(expectation)
         return expectation

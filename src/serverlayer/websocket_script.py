@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from serverlayer.custom import HandlerServer, _has_buffered_data
 from serverlayer.errors import ConfigurationError
+from serverlayer.matching import json_differences
 
 if TYPE_CHECKING:
     from serverlayer.content import ContentHandler
@@ -110,30 +111,6 @@ def _describe(match: object) -> str:
     if isinstance(match, (str, bytes)):
         return _show(match)
     return f"JSON {_show(json.dumps(match))}"
-
-
-def json_differences(expected: object, actual: object, path: str = "$") -> list[str]:
-    """Where ``actual`` differs from ``expected``, one ``$.path`` each.
-
-    ``True`` is not ``1`` here, as it is not in JSON.
-    """
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        found = []
-        for key, value in expected.items():
-            if key not in actual:
-                found.append(f"{path}.{key} is missing")
-            else:
-                found.extend(json_differences(value, actual[key], f"{path}.{key}"))
-        found.extend(f"{path}.{key} is not expected" for key in actual if key not in expected)
-        return found
-    if isinstance(expected, list) and isinstance(actual, list):
-        if len(expected) != len(actual):
-            return [f"{path} has {len(actual)} items, not {len(expected)}"]
-        return [line for index, (want, got) in enumerate(zip(expected, actual, strict=True))
-                for line in json_differences(want, got, f"{path}[{index}]")]
-    if expected == actual and isinstance(expected, bool) == isinstance(actual, bool):
-        return []
-    return [f"{path} is {json.dumps(actual)}, not {json.dumps(expected)}"]
 
 
 def message_differences(match: object, message: Message) -> list[str]:

@@ -20,8 +20,9 @@ from websockets.frames import Frame, Opcode
 from websockets.sync.client import ClientConnection, connect
 
 from serverlayer import ConfigurationError, ExpectationError, ServerSideError, content
+from serverlayer.matching import json_differences
 from serverlayer.tests.helpers import set_up_by_hand, thread_names
-from serverlayer.websocket_script import json_differences, message_differences
+from serverlayer.websocket_script import message_differences
 
 WS_CONTENT = content.Layer(name="WS_CONTENT")
 WSS_CONTENT = content.Layer(name="WSS_CONTENT", tls=True)

@@ -1,0 +1,90 @@
+"""How a request body or message differs from what a test expects, said
+the way a reader fixes it: ``$.amount is 42.0, not 4200``."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: At most this many differences of one body are listed; then "and N more".
+SHOWN_DIFFERENCES = 5
+
+
+def json_differences(expected: object, actual: object, path: str = "$", *, subset: bool = False) -> list[str]:
+    """Where ``actual`` differs from ``expected``, one ``$.path`` each.
+
+    With ``subset``, ``actual`` may hold more keys than ``expected``, at any
+    depth. ``True`` is not ``1`` here, as it is not in JSON.
+    """
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        found = []
+        for key, value in expected.items():
+            if key not in actual:
+                found.append(f"{path}.{key} is missing")
+            else:
+                found.extend(json_differences(value, actual[key], f"{path}.{key}", subset=subset))
+        if not subset:
+            found.extend(f"{path}.{key} is not expected" for key in actual if key not in expected)
+        return found
+    if isinstance(expected, list) and isinstance(actual, list):
+        if len(expected) != len(actual):
+            return [f"{path} has {len(actual)} items, not {len(expected)}"]
+        return [line for index, (want, got) in enumerate(zip(expected, actual, strict=True))
+                for line in json_differences(want, got, f"{path}[{index}]", subset=subset)]
+    if expected == actual and isinstance(expected, bool) == isinstance(actual, bool):
+        return []
+    return [f"{path} is {json.dumps(actual)}, not {json.dumps(expected)}"]
+
+
+def shortened(found: list[str], prefix: str) -> list[str]:
+    """``found``, each line with ``prefix``, cut to ``SHOWN_DIFFERENCES`` lines."""
+    lines = [f"{prefix}{line}" for line in found[:SHOWN_DIFFERENCES]]
+    if len(found) > SHOWN_DIFFERENCES:
+        lines.append(f"and {len(found) - SHOWN_DIFFERENCES} more differences")
+    return lines
+
+
+def form_fields(content_type: str, body: bytes) -> dict[str, list[str]] | None:
+    """The fields of an urlencoded or multipart form body; None for any
+    other body. A file field's value is its content, decoded as UTF-8."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded":
+        return urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    if kind != "multipart/form-data":
+        return None
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        return None
+    fields: dict[str, list[str]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True)
+            data = payload if isinstance(payload, bytes) else b""
+            fields.setdefault(name, []).append(data.decode("utf-8", "replace"))
+    return fields
+
+
+def form_differences(expected: Mapping[str, str | Sequence[str]], fields: Mapping[str, list[str]]) -> list[str]:
+    """The fields that differ; fields the form has beyond ``expected`` are fine."""
+    found = []
+    for name, value in expected.items():
+        wanted = [value] if isinstance(value, str) else list(value)
+        if name not in fields:
+            found.append(f"field {name} is missing")
+        elif fields[name] != wanted:
+            got = fields[name][0] if len(fields[name]) == 1 else fields[name]
+            found.append(f"field {name} is {got!r}, not {value!r}")
+    return found
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value``'s repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,156 @@
+"""The content layer matches requests on their body (JSON, forms, bytes, a
+function) and on the decoded path, and says how a near miss differs.
+Requests come from requests, httpx and urllib, as applications send them."""
+
+from __future__ import annotations
+
+import unittest
+import urllib.request
+
+import httpx
+import requests
+
+from serverlayer import ConfigurationError, ExpectationError, content
+from serverlayer.matching import form_differences, form_fields, json_differences, shortened
+
+MATCHING = content.Layer(name="MATCHING")
+
+
+class BodyMatchingTests(unittest.TestCase):
+    layer = MATCHING
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+        self.url = self.layer["http_url"]
+
+    def test_json_equal_after_parsing(self):
+        self.http_content.route("/charges", "POST", json={"amount": 4200, "currency": "EUR"}).respond("charged")
+        self.http_content.route("/charges", "POST").respond("other", status=400)
+        self.assertEqual(requests.post(self.url + "charges", json={"currency": "EUR", "amount": 4200}, timeout=10).text,
+                         "charged")
+        for other in ({"amount": 42.0, "currency": "EUR"}, {"amount": 4200, "currency": "EUR", "extra": 1}, [4200]):
+            with self.subTest(other=other):
+                self.assertEqual(requests.post(self.url + "charges", json=other, timeout=10).text, "other")
+
+    def test_json_null_is_matched_too(self):
+        self.http_content.route("/null", json=None).respond("null")
+        self.assertEqual(requests.post(self.url + "null", data=b"null", timeout=10).text, "null")
+        self.assertEqual(requests.post(self.url + "null", data=b"0", timeout=10).status_code, 404)
+
+    def test_json_subset_at_any_depth(self):
+        self.http_content.route("/events", json_subset={"type": "order", "order": {"total": 10}}).respond("seen")
+        body = {"type": "order", "id": 7, "order": {"total": 10, "items": [1, 2]}}
+        self.assertEqual(httpx.post(self.url + "events", json=body, timeout=10).text, "seen")
+        body["order"]["total"] = 11
+        self.assertEqual(httpx.post(self.url + "events", json=body, timeout=10).status_code, 404)
+
+    def test_urlencoded_and_multipart_forms(self):
+        self.http_content.route("/login", form={"user": "ann", "role": ["a", "b"]}).respond("welcome")
+        fields = {"user": "ann", "role": ["a", "b"], "remember": "1"}
+        self.assertEqual(requests.post(self.url + "login", data=fields, timeout=10).text, "welcome")
+        multipart = {"user": (None, "ann"), "role": (None, "a")}  # role has one value, not two
+        self.assertEqual(requests.post(self.url + "login", files=multipart, timeout=10).status_code, 404)
+        self.http_content.route("/upload", form={"note": "hi", "file": "contents"}).respond("stored")
+        response = httpx.post(self.url + "upload", data={"note": "hi"}, files={"file": ("a.txt", b"contents")},
+                              timeout=10)
+        self.assertEqual(response.text, "stored")
+
+    def test_exact_data(self):
+        self.http_content.route("/raw", data=b"\x00\x01").respond("bytes")
+        self.http_content.route("/text", data="café").respond("text")
+        self.assertEqual(urllib.request.urlopen(self.url + "raw", data=b"\x00\x01", timeout=10).read(), b"bytes")
+        self.assertEqual(urllib.request.urlopen(self.url + "text", data="café".encode(), timeout=10).read(), b"text")
+        self.assertEqual(requests.post(self.url + "raw", data=b"\x00\x02", timeout=10).status_code, 404)
+
+    def test_a_match_function_sees_the_recorded_request(self):
+        self.http_content.route("/any", match=lambda request: request.headers["X-Tenant"] == "blue").respond("blue")
+        self.assertEqual(requests.get(self.url + "any", headers={"X-Tenant": "blue"}, timeout=10).text, "blue")
+        self.assertEqual(requests.get(self.url + "any", headers={"X-Tenant": "red"}, timeout=10).status_code, 404)
+
+    def test_the_decoded_path_matches_and_raw_path_matches_as_sent(self):
+        self.http_content.route("/café").respond("decoded")
+        self.http_content.route("/a%2Fb", raw_path=True).respond("as sent")
+        self.assertEqual(requests.get(self.url + "café", timeout=10).text, "decoded")  # sent as /caf%C3%A9
+        self.assertEqual(requests.get(self.url + "a%2Fb", timeout=10).text, "as sent")
+        self.assertEqual(requests.get(self.url + "a/b", timeout=10).status_code, 404)  # not the same path
+
+    def test_a_route_written_encoded_still_matches(self):
+        self.http_content.route("/caf%C3%A9").respond("encoded")
+        self.assertEqual(requests.get(self.url + "café", timeout=10).text, "encoded")
+
+    def test_a_match_that_is_no_function_is_refused(self):
+        with self.assertRaises(ConfigurationError):
+            self.http_content.route("/x", match="yes")  # type: ignore[arg-type]
+
+
+class NearMissTests(unittest.TestCase):
+    """The closest requests say how their bodies differ."""
+
+    layer = MATCHING
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+        self.url = self.layer["http_url"]
+
+    def tearDown(self):
+        self.http_content.reset()  # these tests leave expectations unmet on purpose
+
+    def failure(self) -> str:
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        return str(caught.exception)
+
+    def test_json_paths_that_differ(self):
+        self.http_content.expect("/charges", "POST", json={"amount": 4200, "currency": "EUR"})
+        requests.post(self.url + "charges", json={"amount": 42.0, "currency": "EUR", "note": "x"}, timeout=10)
+        self.assertIn(
+            """- expected POST /charges with JSON '{"amount": 4200, "currency": "EUR"}' once,"""
+            " it was requested 0 time(s).\n"
+            "  Closest requests that arrived:\n"
+            "    POST /charges (48 bytes): body $.amount is 42.0, not 4200; body $.note is not expected",
+            self.failure(),
+        )
+
+    def test_form_fields_that_differ(self):
+        self.http_content.expect("/login", form={"user": "ann", "pin": "1234"})
+        requests.post(self.url + "login", data={"user": "bob"}, timeout=10)
+        self.assertIn("field user is 'bob', not 'ann'; field pin is missing", self.failure())
+
+    def test_a_body_that_is_no_form_or_json(self):
+        self.http_content.expect("/login", form={"user": "ann"})
+        self.http_content.expect("/api", json={"a": 1})
+        requests.post(self.url + "login", json={"user": "ann"}, timeout=10)
+        requests.post(self.url + "api", data=b"a=1", timeout=10)
+        text = self.failure()
+        self.assertIn("body is no form (Content-Type application/json)", text)
+        self.assertIn("body is no JSON: b'a=1'", text)
+
+    def test_many_differences_are_cut_short(self):
+        self.http_content.expect("/bulk", json={f"k{n}": n for n in range(8)})
+        requests.post(self.url + "bulk", json={f"k{n}": -n - 1 for n in range(8)}, timeout=10)
+        text = self.failure()
+        self.assertIn("body $.k4 is -5, not 4; and 3 more differences", text)
+        self.assertNotIn("$.k5", text)
+
+
+class DifferenceTests(unittest.TestCase):
+
+    def test_json_subset_allows_more_keys_only(self):
+        self.assertEqual(json_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}, "d": 3}, subset=True), [])
+        self.assertEqual(json_differences({"a": [{"b": 1}]}, {"a": [{"b": 2, "c": 3}]}, subset=True),
+                         ["$.a[0].b is 2, not 1"])
+
+    def test_form_fields(self):
+        self.assertEqual(form_fields("application/x-www-form-urlencoded; charset=utf-8", b"a=1&a=2&b="),
+                         {"a": ["1", "2"], "b": [""]})
+        self.assertIsNone(form_fields("text/plain", b"a=1"))
+        self.assertIsNone(form_fields("multipart/form-data; boundary=x", b"not multipart"))
+        self.assertEqual(form_differences({"a": ["1", "2"]}, {"a": ["1"]}), ["field a is '1', not ['1', '2']"])
+
+    def test_shortened(self):
+        self.assertEqual(shortened(["a", "b"], "> "), ["> a", "> b"])
+        self.assertEqual(shortened([str(n) for n in range(7)], ""), ["0", "1", "2", "3", "4", "and 2 more differences"])
+
+
+if __name__ == "__main__":
+    unittest.main()
