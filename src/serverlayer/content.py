@@ -407,7 +407,17 @@ class HTTPContent:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: The server's URL while its layer is set up: ``url_for`` builds on it.
+        self.url: str | None = None
         self.reset()
+
+    def url_for(self, path: str) -> str:
+        """The URL of ``path`` on this server: ``url_for("/charges")``."""
+        if self.url is None:
+            raise ConfigurationError(
+                "url_for() needs the content layer's server: call it while the layer is set up."
+            )
+        return self.url + path.lstrip("/")
 
     def reset(self) -> None:
         """Back to the defaults: 404 for everything, no routes, no expectations."""
@@ -704,7 +714,12 @@ class Layer(custom.Layer):
     def setUp(self) -> None:
         self.content.reset()
         super().setUp()
+        self.content.url = self["http_url"]
         self.publish({"http_content": self.content})
+
+    def tearDown(self) -> None:
+        self.content.url = None
+        super().tearDown()
 
     def testSetUp(self) -> None:
         super().testSetUp()

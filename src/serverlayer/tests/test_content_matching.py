@@ -83,6 +83,23 @@ class BodyMatchingTests(unittest.TestCase):
             self.http_content.route("/x", match="yes")  # type: ignore[arg-type]
 
 
+class URLTests(unittest.TestCase):
+
+    def test_url_for_while_set_up(self):
+        layer = content.Layer(name="url_for")
+        http_content = layer.content
+        with self.assertRaises(ConfigurationError) as caught:
+            http_content.url_for("/x")
+        self.assertIn("while the layer is set up", str(caught.exception))
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.assertEqual(http_content.url_for("/charges"), layer["http_url"] + "charges")
+        self.assertEqual(http_content.url_for("charges?x=1"), layer["http_url"] + "charges?x=1")
+        layer.tearDown()
+        with self.assertRaises(ConfigurationError):
+            http_content.url_for("/x")
+
+
 class NearMissTests(unittest.TestCase):
     """The closest requests say how their bodies differ."""
 
