@@ -95,7 +95,8 @@ class RangeTests(unittest.TestCase):
 
     def test_if_range_with_an_old_validator_sends_the_whole_file(self):
         older = email.utils.formatdate(0, usegmt=True)
-        for validator in ('"old"', older, "W/" + self.get().headers["ETag"]):
+        later = "Fri, 01 Jan 2100 00:00:00 GMT"  # only the exact date counts
+        for validator in ('"old"', older, later, "W/" + self.get().headers["ETag"]):
             with self.subTest(validator=validator):
                 response = self.get(Range="bytes=0-1", **{"If-Range": validator})
                 self.assertEqual((response.status_code, len(response.content)), (200, 10240))
@@ -166,6 +167,13 @@ class ConditionalTests(unittest.TestCase):
         self.assertEqual(self.status(**{"If-None-Match": self.etag, "If-Modified-Since": older})[0], 304)
         later = "Fri, 01 Jan 2100 00:00:00 GMT"
         self.assertEqual(self.status(**{"If-None-Match": '"x"', "If-Modified-Since": later})[0], 200)
+
+    def test_if_modified_since(self):
+        last_modified = requests.head(self.url, timeout=10).headers["Last-Modified"]
+        self.assertEqual(self.status(**{"If-Modified-Since": last_modified}), (304, b""))
+        self.assertEqual(self.status(**{"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"})[0], 304)
+        self.assertEqual(self.status(**{"If-Modified-Since": email.utils.formatdate(0, usegmt=True)})[0], 200)
+        self.assertEqual(self.status("POST", **{"If-Modified-Since": last_modified})[0], 405)  # GET and HEAD only
 
     def test_if_match(self):
         self.assertEqual(self.status(**{"If-Match": self.etag}), (200, b"<p>hello</p>"))
