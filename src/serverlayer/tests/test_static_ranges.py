@@ -72,6 +72,11 @@ class RangeTests(unittest.TestCase):
             ("bytes 10238-10239/10240", "application/octet-stream", DATA[10238:]),
         ])
 
+    def test_a_suffix_range_first_is_one_of_several(self):
+        response = self.get(Range="bytes=-2,0-1")
+        self.assertTrue(response.headers["Content-Type"].startswith("multipart/byteranges; boundary="))
+        self.assertEqual(response.content.count(b"Content-Range: "), 2)
+
     def test_an_unsatisfiable_range_is_416_and_the_connection_goes_on(self):
         for spec in ("10240-", "20000-30000", "-0"):
             with self.subTest(spec=spec):
@@ -81,7 +86,7 @@ class RangeTests(unittest.TestCase):
         self.assertEqual(self.get().content, DATA)  # same session, same connection
 
     def test_a_range_that_does_not_parse_is_ignored(self):
-        for value in ("bytes=9-1", "bytes=a-b", "bytes=", "items=0-1", "bytes=-", "bytes=1-2,x"):
+        for value in ("bytes=9-1", "bytes=a-b", "bytes=", "items=0-1", "bits=0-1", "bytes=-", "bytes=1-2,x"):
             with self.subTest(value=value):
                 response = self.get(Range=value)
                 self.assertEqual((response.status_code, len(response.content)), (200, 10240))
@@ -96,7 +101,8 @@ class RangeTests(unittest.TestCase):
     def test_if_range_with_an_old_validator_sends_the_whole_file(self):
         older = email.utils.formatdate(0, usegmt=True)
         later = "Fri, 01 Jan 2100 00:00:00 GMT"  # only the exact date counts
-        for validator in ('"old"', older, later, "W/" + self.get().headers["ETag"]):
+        # '"!"' sorts before every tag we make: only equality may match.
+        for validator in ('"old"', '"!"', older, later, "W/" + self.get().headers["ETag"]):
             with self.subTest(validator=validator):
                 response = self.get(Range="bytes=0-1", **{"If-Range": validator})
                 self.assertEqual((response.status_code, len(response.content)), (200, 10240))
@@ -157,6 +163,9 @@ class ConditionalTests(unittest.TestCase):
             with self.subTest(value=value):
                 self.assertEqual(self.status(**{"If-None-Match": value}), (304, b""))
         self.assertEqual(self.status(**{"If-None-Match": '"other"'})[0], 200)
+        self.assertEqual(self.status(**{"If-None-Match": '"!"'})[0], 200)  # sorts before: only equality matches
+        many = ", ".join(f'"tag-{n}"' for n in range(30)) + ", " + self.etag  # longer than 256 characters
+        self.assertEqual(self.status(**{"If-None-Match": many})[0], 304)
 
     def test_a_304_carries_the_etag(self):
         response = requests.get(self.url, headers={"If-None-Match": self.etag}, timeout=10)
@@ -178,7 +187,7 @@ class ConditionalTests(unittest.TestCase):
     def test_if_match(self):
         self.assertEqual(self.status(**{"If-Match": self.etag}), (200, b"<p>hello</p>"))
         self.assertEqual(self.status(**{"If-Match": "*"})[0], 200)
-        for value in ('"other"', "W/" + self.etag, "garbage"):  # a strong comparison: no weak tag matches
+        for value in ('"other"', '"!"', "W/" + self.etag, "garbage"):  # a strong comparison: no weak tag matches
             with self.subTest(value=value):
                 self.assertEqual(self.status(**{"If-Match": value})[0], 412)
 
@@ -186,6 +195,8 @@ class ConditionalTests(unittest.TestCase):
         self.assertEqual(self.status(**{"If-Unmodified-Since": email.utils.formatdate(0, usegmt=True)})[0], 412)
         self.assertEqual(self.status(**{"If-Unmodified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"})[0], 200)
         self.assertEqual(self.status(**{"If-Unmodified-Since": "not a date"})[0], 200)
+        last_modified = requests.head(self.url, timeout=10).headers["Last-Modified"]
+        self.assertEqual(self.status(**{"If-Unmodified-Since": last_modified})[0], 200)  # not modified since
 
     def test_a_changed_file_gets_a_new_etag(self):
         with open(os.path.join(self.layer["documentroot"], "page.html"), "wb") as file:
@@ -244,7 +255,8 @@ class RuleTests(unittest.TestCase):
         self.assertIsNone(precondition_status(self.file, "PUT", {"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}))
 
     def test_range_only_for_get(self):
-        self.assertIsNone(requested(self.file, "HEAD", {"Range": "bytes=0-1"}))
+        for method in ("HEAD", "DELETE", "CONNECT", "POST"):
+            self.assertIsNone(requested(self.file, method, {"Range": "bytes=0-1"}))
         self.assertEqual(requested(self.file, "GET", {"Range": "BYTES=0-1"}), [(0, 1)])
 
     def test_a_date_without_a_zone_is_no_date(self):
