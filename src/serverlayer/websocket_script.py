@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import json
 import re
 import threading
@@ -59,7 +60,7 @@ def _close_frame(close: int | tuple[int, str] | None) -> tuple[int, str] | None:
     if close is None:
         return None
     frame = (close, "") if isinstance(close, int) else close
-    code, reason = frame if isinstance(frame, tuple) and len(frame) == 2 else (None, None)
+    code, reason = frame if isinstance(frame, (tuple, list)) and len(frame) == 2 else (None, None)
     sendable = isinstance(code, int) and any(code in codes for codes in _SENDABLE_CLOSE_CODES)
     if not (sendable and isinstance(reason, str)):
         raise ConfigurationError(
@@ -84,9 +85,9 @@ def _interval(interval: float) -> float:
 class Reply:
     """Messages to send, ``interval`` seconds apart, then maybe a close frame."""
 
-    messages: tuple[Message, ...] = ()
-    interval: float = 0.0
-    close: tuple[int, str] | None = None
+    messages: tuple[Message, ...]
+    interval: float
+    close: tuple[int, str] | None
 
     @classmethod
     def of(cls, messages: Iterable[object], interval: float = 0.0,
@@ -95,7 +96,7 @@ class Reply:
 
 
 #: The answer to a message that a script with expectations does not expect.
-_UNEXPECTED = Reply(close=(1008, "the test expected no such message"))
+_UNEXPECTED = Reply((), 0.0, (1008, "the test expected no such message"))
 
 
 def _show(message: Message, limit: int = 60) -> str:
@@ -106,7 +107,9 @@ def _show(message: Message, limit: int = 60) -> str:
 def _describe(match: object) -> str:
     if isinstance(match, re.Pattern):
         return f"matching /{match.pattern!r}/"
-    if callable(match) and not isinstance(match, type):
+    if isinstance(match, type):
+        return f"of type {match.__name__}"
+    if callable(match):
         return f"accepted by {getattr(match, '__qualname__', repr(match))}"
     if isinstance(match, (str, bytes)):
         return _show(match)
@@ -115,16 +118,18 @@ def _describe(match: object) -> str:
 
 def message_differences(match: object, message: Message) -> list[str]:
     """How ``message`` differs from what ``match`` accepts; empty if it matches."""
-    kind = "text" if isinstance(message, str) else "binary"
+    kind, other = ("text", "binary") if isinstance(message, str) else ("binary", "text")
     if isinstance(match, re.Pattern):
-        if isinstance(match.pattern, str) != isinstance(message, str):
-            return [f"a {kind} message, the pattern is for {'text' if kind == 'binary' else 'binary'}"]
+        if type(match.pattern) is not type(message):
+            return [f"a {kind} message, the pattern is for {other}"]
         return [] if match.fullmatch(message) else [f"does not match /{match.pattern!r}/"]
-    if callable(match) and not isinstance(match, type):
+    if isinstance(match, type):  # str or bytes: any message of that kind
+        return [] if isinstance(message, match) else [f"a {kind} message, not {match.__name__}"]
+    if callable(match):
         return [] if match(message) else [f"{getattr(match, '__qualname__', repr(match))} returned false"]
     if isinstance(match, (str, bytes)):
         if type(match) is not type(message):
-            return [f"a {kind} message, not {'text' if isinstance(match, str) else 'binary'}"]
+            return [f"a {kind} message, not {other}"]
         return [] if match == message else [f"not {_show(match)}"]
     if not isinstance(message, str):
         return ["a binary message, not JSON text"]
@@ -178,7 +183,7 @@ class WebSocketScript:
         self.path = path
         self.subprotocols = tuple(subprotocols)
         self._lock = threading.Lock()
-        self._on_connect = Reply()
+        self._on_connect = Reply((), 0.0, None)
         self._rules: list[_MessageRule] = []
         self._expectations: list[_MessageRule] = []
         self._function: Callable[[Message], Any] | None = None
@@ -322,9 +327,10 @@ class _Conversation:
         self.protocol = ServerProtocol(subprotocols=list(script.subprotocols) or None, max_size=None)
         #: (when, order, message or close frame) to send, soonest first.
         self._outbox: list[tuple[float, int, Message | tuple[int, str]]] = []
-        self._queued = 0
+        self._order = itertools.count()
+        #: The frames of the message being received, and whether it is text.
         self._parts: list[bytes] = []
-        self._text = False
+        self._text: bool
         self._over = False
 
     def run(self) -> None:
@@ -339,7 +345,7 @@ class _Conversation:
         response = protocol.accept(request)  # type: ignore[arg-type]
         protocol.send_response(response)
         self._flush()
-        if response.status_code != 101:  # not a handshake websockets accepts: it said why
+        if protocol.handshake_exc is not None:  # websockets refused it, and said why
             return
         self._queue(self.script.connected())
         try:
@@ -374,14 +380,12 @@ class _Conversation:
 
     def _receive(self) -> None:
         from websockets.frames import Opcode
-        from websockets.protocol import State
 
         data = self.handler.rfile.read1(65536)
         if data:
             self.protocol.receive_data(data)
-        else:  # the client is gone, with or without a closing handshake
+        else:  # the client is gone: websockets answers with the end of the stream, b""
             self.protocol.receive_eof()
-            self._over = True
 
         for frame in self.protocol.events_received():
             if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
@@ -393,8 +397,6 @@ class _Conversation:
             if frame.fin:
                 self._received(b"".join(self._parts))
         self._flush()
-        if self.protocol.state is State.CLOSED:
-            self._over = True
 
     def _received(self, data: bytes) -> None:
         if self._text:
@@ -417,24 +419,21 @@ class _Conversation:
             self._push(when + max(0, len(reply.messages) - 1) * reply.interval, reply.close)
 
     def _push(self, when: float, item: Message | tuple[int, str]) -> None:
-        self._queued += 1
-        heapq.heappush(self._outbox, (when, self._queued, item))
+        heapq.heappush(self._outbox, (when, next(self._order), item))
 
     def _send_due(self) -> None:
-        from websockets.protocol import State
-
+        """Send what is due. The connection is open: whatever else ends it
+        (the client's close, a failure) ends the conversation first."""
         now = time.monotonic()
-        while self._outbox and self._outbox[0][0] <= now and self.protocol.state is State.OPEN:
+        while self._outbox and self._outbox[0][0] <= now:
             _, _, item = heapq.heappop(self._outbox)
             if isinstance(item, tuple):
                 self.protocol.send_close(*item)
-                self._outbox.clear()
+                self._outbox.clear()  # nothing goes after a close frame
             elif isinstance(item, str):
                 self.protocol.send_text(item.encode("utf-8"))
             else:
                 self.protocol.send_binary(item)
-        if self.protocol.state is not State.OPEN:
-            self._outbox.clear()
         self._flush()
 
     def _flush(self) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import json
 import re
+import socket
 import sys
 import time
 import unittest
@@ -71,7 +72,7 @@ class ScriptTests(unittest.TestCase):
         feed.on_message("ping", "pong")
         feed.on_message(re.compile(r"p.*"), "p-word")
         feed.on_message({"op": "add", "a": 1, "b": 2}, {"result": 3})
-        feed.on_message(lambda message: isinstance(message, bytes), b"got bytes")
+        feed.on_message(bytes, b"got bytes")
         client = self.connect()
         client.send("ping")
         self.assertEqual(client.recv(timeout=10), "pong")
@@ -93,8 +94,10 @@ class ScriptTests(unittest.TestCase):
         self.assertEqual(client.recv(timeout=10), "rule")
         client.send("quiet")
         client.send("echo")
+        started = time.monotonic()
         self.assertEqual(client.recv(timeout=10), "ECHO")  # nothing came for "quiet"
         self.assertEqual(json.loads(client.recv(timeout=10)), {"n": 4})
+        self.assertLess(time.monotonic() - started, 0.5)  # ~5 ms here: no pause between them
 
     def test_a_fragmented_message_arrives_whole(self):
         feed = self.http_content.websocket("/feed").on_message("one two three", "whole")
@@ -168,6 +171,33 @@ class ScriptTests(unittest.TestCase):
         self.assertTrue(self.layer["httpd"].wait_quiet(5))
         self.assertEqual(feed.received, ["hello"])
         self.assertEqual(feed.connections, 1)
+
+    def cpu_seconds_during(self, action) -> float:
+        """The process's CPU time while ``action`` runs: a serving loop that
+        spins instead of waiting shows here."""
+        started = time.process_time()
+        action()
+        return time.process_time() - started
+
+    def test_waiting_for_the_next_message_does_not_spin(self):
+        self.http_content.websocket("/feed").on_connect("a", "b", interval=0.5)
+        client = self.connect()
+        self.assertEqual(client.recv(timeout=10), "a")
+        cpu = self.cpu_seconds_during(lambda: self.assertEqual(client.recv(timeout=10), "b"))
+        self.assertLess(cpu, 0.25)  # a few milliseconds here; spinning, about 0.5 s
+
+    def test_a_client_that_vanishes_without_closing_frees_its_worker(self):
+        self.http_content.websocket("/feed").on_connect("a")
+        raw = socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10)
+        raw.sendall(b"GET /feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += raw.recv(4096) or self.fail(f"closed after {received!r}")
+        self.assertTrue(received.startswith(b"HTTP/1.1 101 "), received)
+        raw.close()  # no close frame: gone
+        cpu = self.cpu_seconds_during(lambda: self.layer["httpd"].stopped.wait(0.3))
+        self.assertLess(cpu, 0.15)  # a worker reading the end of the stream for ever would spin
 
     def test_the_first_script_for_a_path_serves_it(self):
         self.http_content.websocket(re.compile(r"/rooms/\d+")).on_connect("room")
@@ -314,6 +344,47 @@ class ScriptCheckTests(unittest.TestCase):
         self.talk("tick 1", "tick 2", "tick 3")
         self.http_content.check()
 
+    def test_at_least_is_met_exactly(self):
+        self.http_content.websocket("/feed").expect(re.compile("tick .*"), at_least=2)
+        self.talk("tick 1", "tick 2")
+        self.http_content.check()
+
+    def test_many_times(self):
+        self.http_content.websocket("/feed").expect("tick", times=300)
+        self.talk(*["tick"] * 300)
+        self.http_content.check()
+
+    def test_a_message_goes_to_the_first_expectation_still_wanting_it(self):
+        feed = self.http_content.websocket("/feed")
+        feed.expect(re.compile("a.*"), "first").expect("ab", "second")
+        with ws_connect(self.layer, "/feed") as client:
+            client.send("ab")
+            self.assertEqual(client.recv(timeout=10), "first")
+            client.send("ab")
+            self.assertEqual(client.recv(timeout=10), "second")
+            client.send("ab")  # both met: the last matching one takes it, once too often
+            self.assertEqual(client.recv(timeout=10), "second")
+        self.assertEqual(self.http_content.problems(),
+                         ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s)"])
+
+    def test_an_expectation_whose_messages_met_an_earlier_one(self):
+        self.http_content.websocket("/feed").expect("ab").expect(re.compile("a."))
+        self.talk("ab")
+        self.assertEqual(self.http_content.problems(), [
+            "expected a message matching /'a.'/ on WebSocket /feed once, it arrived 0 time(s);"
+            " the messages it matches met an earlier expectation",
+        ])
+
+    def test_a_function_or_type_is_named_in_the_report(self):
+        def is_greeting(message):
+            return message.startswith("hi")
+
+        self.http_content.websocket("/feed").expect(is_greeting).expect(bytes)
+        text = self.failure_text()
+        self.assertIn("expected a message accepted by ScriptCheckTests.test_a_function_or_type_is_named_in_the_report."
+                      "<locals>.is_greeting on WebSocket /feed once", text)
+        self.assertIn("expected a message of type bytes on WebSocket /feed once", text)
+
     def test_a_message_a_rule_answers_is_not_unexpected(self):
         self.http_content.websocket("/feed").expect("hello").on_message("ping", "pong")
         self.talk("ping", "hello")
@@ -401,17 +472,17 @@ class ConfigurationTests(unittest.TestCase):
         self.script = content.HTTPContent().websocket("/feed")
 
     def test_close_codes_a_server_may_not_send_are_refused(self):
-        for close in (999, 1005, 1006, 1015, 2000, 5000, "1000", (4000, "x" * 124)):
+        for close in (999, 1004, 1005, 1006, 1015, 2000, 2999, 5000, "1000", (4000, "x" * 124), (4000, "x", 1)):
             with self.subTest(close=close), self.assertRaises(ConfigurationError) as caught:
                 self.script.on_connect(close=close)
-            self.assertIn(f"close={close!r}" if not isinstance(close, tuple) else "at most 123 bytes",
-                          str(caught.exception))
+            too_long = isinstance(close, tuple) and len(close) == 2
+            self.assertIn("at most 123 bytes" if too_long else f"close={close!r}", str(caught.exception))
         with self.assertRaises(ConfigurationError) as caught:
             self.script.on_connect(close=(4000, "é" * 62))  # 124 bytes in UTF-8
         self.assertEqual(str(caught.exception),
                          f"close reason {'é' * 30!r}...: at most 123 bytes fit in a close frame.")
-        self.script.on_connect(close=(4999, "x" * 123))  # the bounds themselves are fine
-        self.script.on_connect(close=1000)
+        for close in (1000, 1003, 1007, 1014, 3000, (4999, "x" * 123), [4000, "a list will do"]):
+            self.script.on_connect(close=close)  # the bounds themselves are fine
 
     def test_a_message_json_cannot_encode_is_refused(self):
         with self.assertRaises(ConfigurationError) as caught:
@@ -443,6 +514,15 @@ class MatchingTests(unittest.TestCase):
         self.assertEqual(json_differences({"a": [1]}, {}), ["$.a is missing"])
         self.assertEqual(json_differences([1, 2], [1]), ["$ has 1 items, not 2"])
         self.assertEqual(json_differences({"x": 1.0}, {"x": 1}), [])
+
+    def test_a_type_matches_any_message_of_its_kind(self):
+        self.assertEqual(message_differences(str, "anything"), [])
+        self.assertEqual(message_differences(bytes, "text"), ["a text message, not bytes"])
+        self.assertEqual(message_differences(str, b"\x00"), ["a binary message, not str"])
+
+    def test_a_long_match_is_cut_in_the_report(self):
+        self.assertEqual(message_differences("y" * 58, "z"), ["not '" + "y" * 58 + "'"])  # 60 characters: whole
+        self.assertEqual(message_differences("y" * 59, "z"), ["not '" + "y" * 56 + "..."])
 
     def test_message_kinds_must_agree(self):
         self.assertEqual(message_differences("a", b"a"), ["a binary message, not text"])
