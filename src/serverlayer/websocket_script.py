@@ -10,9 +10,10 @@ and no thread, outlives the test that opened it.
 
 Messages are ``str`` (text frames) and ``bytes`` (binary frames); anything
 else a script sends goes as JSON text. A message the script waits for is
-matched by a ``str`` or ``bytes`` (equal), a compiled regular expression
-(the whole message), a function (true for a match), or any other value,
-which a text message parsed as JSON must equal.
+matched by a ``str`` or ``bytes`` (equal), the type ``str`` or ``bytes``
+(any message of that kind), a compiled regular expression (the whole
+message), a function (true for a match), or any other value, which a text
+message parsed as JSON must equal.
 """
 
 from __future__ import annotations
