@@ -153,7 +153,8 @@ class Body:
         self.pieces: list[bytes | tuple[int, int]] = []
         self.boundary = ""
         if ranges is None:
-            self.pieces.append((0, self.size))
+            if self.size:  # sendfile refuses to send nothing
+                self.pieces.append((0, self.size))
         elif len(ranges) == 1:
             [(first, last)] = ranges
             self.pieces.append((first, last - first + 1))

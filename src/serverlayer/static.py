@@ -98,8 +98,9 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
             return super().send_head()
         try:
             file = open(path, "rb")  # noqa: SIM115 - do_GET closes it
-        except OSError:
-            return super().send_head()  # its 404, as for any file it cannot open
+        except OSError:  # gone since, or unreadable: as http.server answers
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
         try:
             return self._send_file_head(file, self.guess_type(path))
         except BaseException:
@@ -144,22 +145,22 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         return body
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
-        """Send the file with ``sendfile``: the kernel copies it to the socket."""
-        if isinstance(source, ranges.Body):
-            for piece in source.pieces:
-                if isinstance(piece, bytes):
-                    outputfile.write(piece)
-                elif not piece[1]:  # an empty file: sendfile refuses to send nothing
-                    continue
-                elif outputfile is self.wfile:
-                    self.connection.sendfile(source.file, *piece)
-                else:
-                    source.file.seek(piece[0])
-                    outputfile.write(source.file.read(piece[1]))
-        elif outputfile is self.wfile:
-            self.connection.sendfile(source)
-        else:
+        """Send a file's bytes with ``sendfile``: the kernel copies them to the socket.
+
+        Anything else (a directory listing) and any other output (a
+        subclass that buffers what it sends) goes as ``http.server`` sends it.
+        """
+        if not isinstance(source, ranges.Body):
             super().copyfile(source, outputfile)
+            return
+        for piece in source.pieces:
+            if isinstance(piece, bytes):
+                outputfile.write(piece)
+            elif outputfile is self.wfile:
+                self.connection.sendfile(source.file, *piece)
+            else:
+                source.file.seek(piece[0])
+                outputfile.write(source.file.read(piece[1]))
 
     def _inside_directory(self, path: str) -> bool:
         if "\0" in path:

@@ -8,6 +8,7 @@ import email.parser
 import email.policy
 import email.utils
 import http.client
+import io
 import os
 import shutil
 import socket
@@ -220,6 +221,60 @@ class ConditionalTests(unittest.TestCase):
 
         with mock.patch.object(self.layer["httpd"], "handler_class", Uploads):
             self.assertEqual(requests.post(self.url, data=b"x", timeout=10).status_code, 201)
+
+
+class FileHandlingTests(unittest.TestCase):
+    """What happens to the file being served when something goes wrong."""
+
+    layer = RANGES
+
+    def setUp(self):
+        with open(os.path.join(self.layer["documentroot"], "data.bin"), "wb") as file:
+            file.write(DATA)
+        self.url = self.layer["http_url"] + "data.bin"
+
+    def test_a_file_that_cannot_be_opened_is_not_found(self):
+        # As root, as tests often run, no permission keeps a file from
+        # being read: make the open fail instead.
+        with mock.patch("serverlayer.static.open", create=True, side_effect=PermissionError(13, "denied")):
+            response = requests.get(self.url, timeout=10)
+        self.assertEqual(response.status_code, 404)
+        self.assertEqual(requests.get(self.url, timeout=10).content, DATA)  # and it keeps serving
+
+    def test_the_file_is_closed_when_answering_fails(self):
+        opened = []
+
+        def tracking_open(*args, **kwargs):
+            opened.append(open(*args, **kwargs))  # noqa: SIM115 - the handler closes it
+            return opened[-1]
+
+        with mock.patch("serverlayer.static.open", create=True, side_effect=tracking_open), \
+                mock.patch("serverlayer.ranges.precondition_status", side_effect=RuntimeError("boom")):
+            with self.assertRaises(requests.ConnectionError):
+                requests.get(self.url, timeout=10)
+            self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        [error] = self.layer.server_errors.take()
+        self.assertIn("RuntimeError: boom", error)
+        [file] = opened
+        self.assertTrue(file.closed)
+
+    def test_a_handler_that_buffers_its_output_gets_the_range(self):
+        class Buffering(static.StaticFileHandler):
+            def do_GET(self):
+                body = self.send_head()
+                if body is not None:
+                    buffer = io.BytesIO()
+                    try:
+                        self.copyfile(body, buffer)
+                    finally:
+                        body.close()
+                    self.wfile.write(buffer.getvalue())
+
+        with mock.patch.object(self.layer["httpd"], "handler_class", Buffering):
+            for headers, expected in [({"Range": "bytes=2-4"}, DATA[2:5]), ({}, DATA)]:
+                with self.subTest(headers=headers):
+                    self.assertEqual(requests.get(self.url, headers=headers, timeout=10).content, expected)
+            self.assertEqual(requests.get(self.layer["http_url"], timeout=10).status_code, 200)  # a listing
 
 
 @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
