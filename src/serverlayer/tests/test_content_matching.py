@@ -60,7 +60,8 @@ class BodyMatchingTests(unittest.TestCase):
         self.http_content.route("/text", data="café").respond("text")
         self.assertEqual(urllib.request.urlopen(self.url + "raw", data=b"\x00\x01", timeout=10).read(), b"bytes")
         self.assertEqual(urllib.request.urlopen(self.url + "text", data="café".encode(), timeout=10).read(), b"text")
-        self.assertEqual(requests.post(self.url + "raw", data=b"\x00\x02", timeout=10).status_code, 404)
+        for other in (b"\x00\x02", b"\x00", b""):  # after, before and empty: only equal bytes match
+            self.assertEqual(requests.post(self.url + "raw", data=other, timeout=10).status_code, 404)
 
     def test_a_match_function_sees_the_recorded_request(self):
         self.http_content.route("/any", match=lambda request: request.headers["X-Tenant"] == "blue").respond("blue")
