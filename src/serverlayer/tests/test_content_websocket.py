@@ -62,10 +62,12 @@ class ScriptTests(unittest.TestCase):
 
     def test_messages_on_connect_keep_their_order_and_kind(self):
         self.http_content.websocket("/feed").on_connect("text", b"\x00binary", {"json": [1, 2]})
+        started = time.monotonic()
         client = self.connect()
         self.assertEqual(client.recv(timeout=10), "text")
         self.assertEqual(client.recv(timeout=10), b"\x00binary")
         self.assertEqual(json.loads(client.recv(timeout=10)), {"json": [1, 2]})
+        self.assertLess(time.monotonic() - started, 1.0)  # ~10 ms here: no pause between them
 
     def test_a_message_gets_the_reply_of_the_first_rule_it_matches(self):
         feed = self.http_content.websocket("/feed")
@@ -148,6 +150,22 @@ class ScriptTests(unittest.TestCase):
         self.assertEqual(client.recv(timeout=10), "first")
         client.send("now?")
         self.assertEqual(client.recv(timeout=10), "now")  # not held up behind "last"
+
+    def test_the_close_follows_the_last_message_at_once(self):
+        self.http_content.websocket("/feed").on_connect("a", "b", interval=0.5, close=1000)
+        client = self.connect()
+        self.assertEqual([client.recv(timeout=10), client.recv(timeout=10)], ["a", "b"])
+        started = time.monotonic()
+        self.assertEqual(close_details(client), (1000, ""))
+        self.assertLess(time.monotonic() - started, 0.25)  # sent with "b", not an interval later
+
+    def test_a_message_behind_a_ping_in_one_read_is_answered(self):
+        self.http_content.websocket("/feed").on_message("hello", "hi")
+        client = self.connect()
+        client.protocol.send_ping(b"are you there")
+        client.protocol.send_text(b"hello")
+        client.socket.sendall(b"".join(client.protocol.data_to_send()))  # both frames at once
+        self.assertEqual(client.recv(timeout=10), "hi")
 
     def test_the_script_closes_with_its_code_and_reason(self):
         self.http_content.websocket("/feed").on_connect("maintenance", close=(4000, "come back later"))
@@ -339,6 +357,21 @@ class ScriptCheckTests(unittest.TestCase):
             self.http_content.check()
         return str(caught.exception)
 
+    def test_an_unexpected_message_closes_the_connection_at_once(self):
+        self.http_content.websocket("/feed").expect("hello", "hi")
+        with ws_connect(self.layer, "/feed") as client:
+            client.send("what?")
+            self.assertEqual(close_details(client), (1008, "the test expected no such message"))
+        self.assertEqual(self.http_content.problems()[-1], "unexpected message on WebSocket /feed: 'what?'")
+
+    def test_without_expectations_an_unanswered_message_keeps_the_connection(self):
+        self.http_content.websocket("/feed").on_message("ping", "pong")
+        with ws_connect(self.layer, "/feed") as client:
+            client.send("fire and forget")
+            client.send("ping")
+            self.assertEqual(client.recv(timeout=10), "pong")
+        self.http_content.check()
+
     def test_at_least_is_met_by_more(self):
         self.http_content.websocket("/feed").expect(re.compile("tick .*"), at_least=2)
         self.talk("tick 1", "tick 2", "tick 3")
@@ -366,6 +399,19 @@ class ScriptCheckTests(unittest.TestCase):
             self.assertEqual(client.recv(timeout=10), "second")
         self.assertEqual(self.http_content.problems(),
                          ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s)"])
+
+    def test_an_earlier_expectation_met_too_often_does_not_take_what_a_later_one_wants(self):
+        self.http_content.websocket("/feed").expect(re.compile("a."), "first").expect("ab", "second")
+        with ws_connect(self.layer, "/feed") as client:
+            for message, reply in [("ax", "first"), ("ax", "first"), ("ab", "second")]:
+                client.send(message)
+                self.assertEqual(client.recv(timeout=10), reply)
+
+    def test_expecting_a_message_never(self):
+        self.http_content.websocket("/feed").expect("no", times=0).on_message(str)
+        self.talk("no")
+        self.assertEqual(self.http_content.problems(),
+                         ["expected a message 'no' on WebSocket /feed 0 times, it arrived 1 time(s)"])
 
     def test_an_expectation_whose_messages_met_an_earlier_one(self):
         self.http_content.websocket("/feed").expect("ab").expect(re.compile("a."))
