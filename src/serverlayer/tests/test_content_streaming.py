@@ -74,6 +74,17 @@ class StreamTests(unittest.TestCase):
         # The stream would take 500 s; the server notices the close at its next pause.
         self.assertTrue(self.layer["httpd"].wait_quiet(5), "the server still streams to a client that left")
 
+    def test_a_stream_keeps_its_headers(self):
+        self.http_content.route("/tokens").respond_stream([b"a"], headers={"X-Model": "tiny"})
+        self.assertEqual(self.client.get("/tokens").headers["X-Model"], "tiny")
+
+    def test_sse_in_a_sequence(self):
+        self.http_content.route("/events").respond_sequence(Response(503), Response.sse(["a", "b", "c"]))
+        self.assertEqual(self.client.get("/events").status_code, 503)
+        started = time.monotonic()
+        self.assertEqual(self.client.get("/events").text, "data: a\n\ndata: b\n\ndata: c\n\n")
+        self.assertLess(time.monotonic() - started, 1.0)  # ~10 ms here: no pause between the events
+
     def test_a_sequence_can_stream(self):
         self.http_content.route("/retry").respond_sequence(Response(503), Response.stream([b"o", b"k"]))
         self.assertEqual(self.client.get("/retry").status_code, 503)
@@ -105,7 +116,9 @@ class SSETests(unittest.TestCase):
             Event("line one\nline two\r\nline three", event="update", id="7", retry=1500, comment="hi"),
             Event(None, retry=0),
         ])
+        started = time.monotonic()
         _, lines = self.read_lines("/events")
+        self.assertLess(time.monotonic() - started, 1.0)  # ~10 ms here: no pause between the events
         self.assertEqual(lines, [
             ": hi", "event: update", "id: 7", "retry: 1500",
             "data: line one", "data: line two", "data: line three", "",
