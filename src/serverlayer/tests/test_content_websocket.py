@@ -75,6 +75,7 @@ class ScriptTests(unittest.TestCase):
         feed.on_message(re.compile(r"p.*"), "p-word")
         feed.on_message({"op": "add", "a": 1, "b": 2}, {"result": 3})
         feed.on_message(bytes, b"got bytes")
+        feed.on_message(lambda message: message.endswith("!"), "excited")
         client = self.connect()
         client.send("ping")
         self.assertEqual(client.recv(timeout=10), "pong")
@@ -84,8 +85,10 @@ class ScriptTests(unittest.TestCase):
         self.assertEqual(json.loads(client.recv(timeout=10)), {"result": 3})
         client.send(b"\x01\x02")
         self.assertEqual(client.recv(timeout=10), b"got bytes")
+        client.send("wow!")
+        self.assertEqual(client.recv(timeout=10), "excited")
         self.assertEqual(self.http_content.websockets[0].received,
-                         ["ping", "pong", '{"b": 2, "op": "add", "a": 1}', b"\x01\x02"])
+                         ["ping", "pong", '{"b": 2, "op": "add", "a": 1}', b"\x01\x02", "wow!"])
 
     def test_reply_with_answers_what_no_rule_matches(self):
         feed = self.http_content.websocket("/feed")
