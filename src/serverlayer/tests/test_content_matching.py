@@ -11,7 +11,7 @@ import httpx
 import requests
 
 from serverlayer import ConfigurationError, ExpectationError, content
-from serverlayer.matching import form_differences, form_fields, json_differences, shortened
+from serverlayer.matching import form_differences, form_fields, json_differences, shortened, shown
 
 MATCHING = content.Layer(name="MATCHING")
 
@@ -165,7 +165,23 @@ class DifferenceTests(unittest.TestCase):
         self.assertIsNone(form_fields("multipart/form-data; boundary=x", b"not multipart"))
         self.assertEqual(form_differences({"a": ["1", "2"]}, {"a": ["1"]}), ["field a is '1', not ['1', '2']"])
 
+    def test_json_kinds_that_differ(self):
+        self.assertEqual(json_differences({"a": 1}, [1]), ['$ is [1], not {"a": 1}'])
+        self.assertEqual(json_differences([1], {"a": 1}), ['$ is {"a": 1}, not [1]'])
+        self.assertEqual(json_differences([1], [1, 2]), ["$ has 2 items, not 1"])
+        self.assertEqual(json_differences([0] * 300, [0] * 300), [])  # long lists: lengths compared by value
+
+    def test_a_field_with_several_values_shows_them_all(self):
+        self.assertEqual(form_differences({"a": "1"}, {"a": ["1", "2"]}), ["field a is ['1', '2'], not '1'"])
+        self.assertEqual(form_differences({"a": "1"}, {"a": ["2"]}), ["field a is '2', not '1'"])
+
+    def test_shown_cuts_long_values(self):
+        self.assertEqual(shown("y" * 58), "'" + "y" * 58 + "'")  # 60 characters: whole
+        self.assertEqual(shown("y" * 59), "'" + "y" * 56 + "...")
+        self.assertEqual(shown(b"ab", limit=5), "b'ab'")
+
     def test_shortened(self):
+        self.assertEqual(shortened([str(n) for n in range(5)], ""), ["0", "1", "2", "3", "4"])  # all five, no "more"
         self.assertEqual(shortened(["a", "b"], "> "), ["> a", "> b"])
         self.assertEqual(shortened([str(n) for n in range(7)], ""), ["0", "1", "2", "3", "4", "and 2 more differences"])
 
