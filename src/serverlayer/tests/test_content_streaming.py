@@ -86,10 +86,15 @@ class StreamTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 1.0)  # ~10 ms here: no pause between the events
 
     def test_a_sequence_can_stream(self):
-        self.http_content.route("/retry").respond_sequence(Response(503), Response.stream([b"o", b"k"]))
+        self.http_content.route("/retry").respond_sequence(
+            Response(503), Response.stream([b"o", b"k"]), Response(chunks=(b"o", b"k", b"!"))
+        )
         self.assertEqual(self.client.get("/retry").status_code, 503)
-        response = self.client.get("/retry")
-        self.assertEqual((response.status_code, response.content), (200, b"ok"))
+        started = time.monotonic()
+        for body in (b"ok", b"ok!"):
+            response = self.client.get("/retry")
+            self.assertEqual((response.status_code, response.content), (200, body))
+        self.assertLess(time.monotonic() - started, 1.0)  # ~10 ms here: no pause between the chunks
 
 
 class SSETests(unittest.TestCase):
