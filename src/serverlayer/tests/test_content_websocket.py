@@ -228,9 +228,10 @@ class ScriptTests(unittest.TestCase):
 
     def test_a_path_without_a_script_answers_as_http_would(self):
         self.http_content.websocket("/feed")
-        with self.assertRaises(InvalidStatus) as caught:
-            self.connect("/elsewhere")
-        self.assertEqual(caught.exception.response.status_code, 404)
+        for path in ("/elsewhere", "/feed2", "/fee"):  # before, after, and a prefix
+            with self.subTest(path=path), self.assertRaises(InvalidStatus) as caught:
+                self.connect(path)
+            self.assertEqual(caught.exception.response.status_code, 404)
         self.assertEqual(self.connect("/feed").protocol.state.name, "OPEN")  # and it keeps serving
 
     def test_a_subprotocol_is_agreed(self):
