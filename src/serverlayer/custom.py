@@ -55,7 +55,7 @@ def _client_left(connection: socket.socket) -> bool:
         return True
 
 
-def _has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
+def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
     """Whether ``rfile`` holds, or the socket has ready, bytes of a next request."""
     timeout = connection.gettimeout()
     connection.settimeout(0.0)
@@ -134,7 +134,7 @@ class _Conversation:
             server.activity.finish()  # an exception finishes in the worker, once recorded
             if handler.close_connection:
                 return
-            if not (_has_buffered_data(self.connection, handler.rfile) or server.await_request(self.connection)):
+            if not (has_buffered_data(self.connection, handler.rfile) or server.await_request(self.connection)):
                 self.parked = True
                 return
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from serverlayer.custom import HandlerServer, _has_buffered_data
+from serverlayer.custom import HandlerServer, has_buffered_data
 from serverlayer.errors import ConfigurationError
 from serverlayer.matching import json_differences
 
@@ -364,7 +364,7 @@ class _Conversation:
             if self._over:
                 return
             timeout = max(0.0, self._outbox[0][0] - time.monotonic()) if self._outbox else None
-            if _has_buffered_data(self.handler.connection, self.handler.rfile):
+            if has_buffered_data(self.handler.connection, self.handler.rfile):
                 ready: bool | None = True
             else:
                 server.activity.finish()  # an open WebSocket is no request in progress
