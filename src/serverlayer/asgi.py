@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -84,20 +84,26 @@ def is_asgi3(app: object) -> bool:
 class _UnreadScope(Unread[RecordedRequest]):
     """A request or WebSocket handshake as its scope gave it, until a test reads it."""
 
-    __slots__ = ("method", "raw_path", "query", "headers", "body")
+    __slots__ = ("method", "raw_path", "query", "headers", "body", "client_cert")
 
-    def __init__(self, scope: Scope, body: bytes) -> None:
+    def __init__(self, scope: Scope, body: bytes, client_cert: Any = None) -> None:
         # A WebSocket handshake is a GET with Upgrade: websocket (RFC 6455).
         self.method: str = scope.get("method", "GET")
         self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         self.query: bytes = scope.get("query_string", b"")
         self.headers = tuple(scope.get("headers", ()))
         self.body = body
+        self.client_cert = client_cert
 
     def parse(self) -> RecordedRequest:
         headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers)
         return RecordedRequest(
-            self.method, self.raw_path.decode("latin-1"), self.query.decode("latin-1"), headers, self.body
+            self.method,
+            self.raw_path.decode("latin-1"),
+            self.query.decode("latin-1"),
+            headers,
+            self.body,
+            self.client_cert,
         )
 
 
@@ -126,14 +132,22 @@ class RecordingApp:
     without reading it.
     """
 
-    def __init__(self, app: ASGIApplication, log: RequestLog) -> None:
+    def __init__(
+        self, app: ASGIApplication, log: RequestLog, client_certs: Mapping[tuple[str, int], Any] | None = None
+    ) -> None:
         self.app = app
         self.log = log
+        #: The certificate each client (by address and port) presented.
+        self.client_certs = {} if client_certs is None else client_certs
+
+    def _client_cert(self, scope: Scope) -> Any:
+        client = scope.get("client")
+        return self.client_certs.get(tuple(client)) if client and self.client_certs else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             body, pending = await _read_body(receive)
-            self.log.append(_UnreadScope(scope, body))
+            self.log.append(_UnreadScope(scope, body, self._client_cert(scope)))
             original = receive
 
             async def replay() -> Message:
@@ -143,7 +157,7 @@ class RecordingApp:
 
             receive = replay
         elif scope["type"] == "websocket":
-            self.log.append(_UnreadScope(scope, b""))
+            self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
         await self.app(scope, receive, send)
 
 
@@ -235,10 +249,12 @@ class _HTTPProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         _no_delay(transport)
         self.owner.transports.add(transport)
+        self.owner.note_client_cert(transport)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.transports.discard(self.transport)
+        self.owner.forget_client_cert(self.transport)
         super().connection_lost(exc)
 
 
@@ -269,6 +285,7 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.transports.discard(self.transport)
+        self.owner.forget_client_cert(self.transport)
         super().connection_lost(exc)
 
 
@@ -376,8 +393,11 @@ class UvicornServer(AsyncioServer):
         # uvicorn calls the application it is given with no arguments to
         # find out whether it is a factory. It is given the recording
         # wrapper, never the user's application.
+        #: The certificates clients presented, by client address, while connected.
+        self.client_certs: dict[tuple[str, int], Any] = {}
+        self._certified_peers: dict[asyncio.BaseTransport, tuple[str, int]] = {}
         self.config = Config(
-            RecordingApp(app, requests),
+            RecordingApp(app, requests, self.client_certs),
             http=_HTTPProtocol,
             ws=_WebSocketProtocol,
             lifespan="auto",
@@ -393,6 +413,24 @@ class UvicornServer(AsyncioServer):
         self.shutdown_failure: str | None = None
         self._date_timer: asyncio.TimerHandle | None = None
         self._stop_deadline: Deadline | None = None
+
+    def note_client_cert(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the certificate the client of ``transport`` presented, if it did."""
+        if self.ssl_context is None or self.ssl_context.verify_mode == ssl.CERT_NONE:
+            return
+        from serverlayer.tls import presented_certificate
+
+        certificate = presented_certificate(transport)
+        peer = transport.get_extra_info("peername")
+        if certificate is not None and peer:
+            self.client_certs[peer[0], peer[1]] = certificate
+            # A closed TLS transport no longer knows its peer.
+            self._certified_peers[transport] = (peer[0], peer[1])
+
+    def forget_client_cert(self, transport: asyncio.BaseTransport) -> None:
+        peer = self._certified_peers.pop(transport, None)
+        if peer is not None:
+            self.client_certs.pop(peer, None)
 
     # What uvicorn's Server does, without its polling loop.
 
@@ -568,7 +606,7 @@ class Layer(HTTPLayer):
 
         addresses = [sock.getsockname()[0] for sock in sockets]
         names = tls.certificate_names(host, self.published_host(host), *addresses)
-        return self._server(sockets, tls.certificate_authority().server_context(names))
+        return self._server(sockets, tls.certificate_authority().server_context(names, self.client_certs))
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)

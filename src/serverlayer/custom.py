@@ -97,10 +97,13 @@ class _Conversation:
     the connection closes.
     """
 
-    def __init__(self, server: HandlerServer, connection: socket.socket, address: Any) -> None:
+    def __init__(
+        self, server: HandlerServer, connection: socket.socket, address: Any, client_cert: Any = None
+    ) -> None:
         self.server = server
         self.connection = connection
         self.address = address
+        self.client_cert = client_cert
         self.handler: Any = None
         self.parked = False
         #: Whether ``finish`` left the handler's files open for the next request.
@@ -111,7 +114,7 @@ class _Conversation:
         server = self.server
         handler_class = server.handler_class
         handler = self.handler = handler_class.__new__(handler_class)
-        record_requests(handler, server.requests)
+        record_requests(handler, server.requests, self.client_cert)
         if server.handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
@@ -290,13 +293,15 @@ class HandlerServer(socketserver.BaseServer):
             connection, address = listening.accept()
         except OSError:  # the client gave up before we got to it
             return
+        client_cert = None
         if self.forwarded_clients is not None:
+            client_cert = self.forwarded_clients.certificate_of(address)
             address = self.forwarded_clients.client_of(address, address)
         # Handlers write the status line, headers and body separately; with
         # Nagle's algorithm each keep-alive response would wait for the
         # client's delayed ACK (40 ms on Linux).
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conversation = _Conversation(self, connection, address)
+        conversation = _Conversation(self, connection, address, client_cert)
         with self._connections_lock:
             self._connections[connection] = conversation
         serve = functools.partial(self._serve, conversation, conversation.start)

@@ -384,6 +384,14 @@ class HTTPLayer(ServerLayer):
     With ``tls=True`` it speaks HTTPS with a certificate from the test
     process's certificate authority, and also publishes that authority as
     ``ca_bundle`` and ``ssl_context``.
+
+    ``client_certs="optional"`` or ``"required"`` (with ``tls=True``) asks
+    each client for a certificate from the same authority: mutual TLS. A
+    client without one (when required) or with an untrusted one fails its
+    handshake; the server goes on serving the others. Such a layer also
+    publishes ``client_cert`` (a PEM file with a key and a certificate for
+    ``test-client``), ``issue_client_cert(name)`` (the same for another
+    identity), and its ``ssl_context`` presents ``client_cert``.
     """
 
     resource_prefix = "http"
@@ -391,11 +399,26 @@ class HTTPLayer(ServerLayer):
     host_environment: ClassVar[tuple[str, ...]] = ("SERVERLAYER_HTTP_HOST",)
     public_host_environment = ("SERVERLAYER_HTTP_PUBLIC_HOST",)
     tls: bool = False
+    client_certs: str | None = None
 
-    def __init__(self, *, tls: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, tls: bool | None = None, client_certs: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if tls is not None:
             self.tls = tls
+        if client_certs is not None:
+            self.client_certs = client_certs
+        if self.client_certs not in (None, "optional", "required"):
+            raise ConfigurationError(
+                f"{self!r}: client_certs={self.client_certs!r} is not a choice:"
+                " use 'optional' (ask for a certificate) or 'required' (refuse"
+                " clients without one), or leave it out."
+            )
+        if self.client_certs is not None and not self.tls:
+            raise ConfigurationError(
+                f"{self!r}: client_certs={self.client_certs!r} asks clients for"
+                " certificates in the TLS handshake, and this layer has no TLS:"
+                " add tls=True."
+            )
         #: The requests of the current test, published as ``http_requests``.
         self.requests = RequestLog()
 
@@ -427,7 +450,7 @@ class HTTPLayer(ServerLayer):
             sockets,
             backend,
             backend_socket,
-            context=tls.certificate_authority().server_context(names),
+            context=tls.certificate_authority().server_context(names, self.client_certs),
             errors=self.server_errors,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
         )
@@ -442,10 +465,19 @@ class HTTPLayer(ServerLayer):
 
             if isinstance(running.server, tls.TLSFront):  # the server behind it is the one tests talk to
                 resources["httpd"] = running.server.backend
-            resources.update(tls_resources(tls.certificate_authority()))
+            resources.update(tls_resources(tls.certificate_authority(), client_certs=self.client_certs is not None))
         return resources
 
 
-def tls_resources(authority: Any) -> dict[str, Any]:
-    """What a layer with TLS publishes about the certificate authority."""
-    return {"ca_bundle": authority.ca_bundle, "ssl_context": authority.client_context()}
+def tls_resources(authority: Any, *, client_certs: bool = False) -> dict[str, Any]:
+    """What a layer with TLS publishes about the certificate authority; with
+    ``client_certs``, also what its clients need to present a certificate."""
+    if not client_certs:
+        return {"ca_bundle": authority.ca_bundle, "ssl_context": authority.client_context()}
+    client_cert = authority.client_cert()
+    return {
+        "ca_bundle": authority.ca_bundle,
+        "ssl_context": authority.client_context(client_cert),
+        "client_cert": client_cert,
+        "issue_client_cert": authority.client_cert,
+    }

@@ -17,10 +17,13 @@ import json
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serverlayer.arrivals import Arrivals, Unread
 from serverlayer.errors import RequestTimeoutError, ServerLayerError
+
+if TYPE_CHECKING:
+    from serverlayer.tls import ClientCertificate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,9 @@ class RecordedRequest:
     query: str
     raw_headers: email.message.Message | tuple[tuple[str, str], ...]
     body: bytes
+    #: The certificate the client presented on a layer with
+    #: ``client_certs=``, else ``None``.
+    client_cert: ClientCertificate | None = None
 
     @functools.cached_property
     def headers(self) -> email.message.Message:
@@ -107,7 +113,12 @@ class _UnreadEnviron(Unread[RecordedRequest]):
             if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value)
         )
         path, query = split_target(variables.get("REQUEST_URI") or variables.get("PATH_INFO", "/"))
-        return RecordedRequest(variables["REQUEST_METHOD"], path, query, headers, self.body)
+        client_cert = None
+        if variables.get("SSL_CLIENT_CERT"):
+            from serverlayer.tls import ClientCertificate
+
+            client_cert = ClientCertificate.from_pem(variables["SSL_CLIENT_CERT"])
+        return RecordedRequest(variables["REQUEST_METHOD"], path, query, headers, self.body, client_cert)
 
 
 class RecordingMiddleware:
@@ -242,8 +253,9 @@ def _owes_continue(request: Any) -> bool:
     )
 
 
-def record_requests(handler: Any, log: RequestLog) -> None:
-    """Make ``handler`` record each request it reads into ``log``.
+def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificate | None = None) -> None:
+    """Make ``handler`` record each request it reads into ``log``, with the
+    certificate its client presented.
 
     Called on a ``BaseHTTPRequestHandler`` instance before its ``__init__``
     serves the connection. It sets methods on the instance rather than
@@ -278,7 +290,7 @@ def record_requests(handler: Any, log: RequestLog) -> None:
         else:
             body = raw = self.rfile.read(int(length)) if has_body else b""
         path, query = split_target(self.path)
-        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body)
+        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert)
         log.append(self.recorded_request)
         if raw:
             self.rfile = _BodyFirst(raw, self.rfile)

@@ -246,19 +246,19 @@ class ForwardedClients:
 
     The front connects to the server behind it from a loopback address of
     its own. Before it forwards a byte, it registers that address with its
-    client's, so that the server can tell its application the client's
-    address, as it would over plain HTTP; it forgets the address when the
-    connection ends.
+    client's (and the certificate the client presented, if any), so that
+    the server can tell its application what it would tell it without the
+    front; it forgets the address when the connection ends.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._clients: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._clients: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
 
-    def register(self, front_side: tuple[Any, ...], client: tuple[Any, ...]) -> None:
+    def register(self, front_side: tuple[Any, ...], client: tuple[Any, ...], certificate: Any = None) -> None:
         """``client`` is behind the connection the front made from ``front_side``."""
         with self._lock:
-            self._clients[front_side[:2]] = client
+            self._clients[front_side[:2]] = (client, certificate)
 
     def forget(self, front_side: tuple[Any, ...]) -> None:
         with self._lock:
@@ -268,7 +268,14 @@ class ForwardedClients:
         """The client behind a connection whose peer is ``peer`` (as
         ``accept`` gave it), else ``default``."""
         with self._lock:
-            return self._clients.get(peer[:2], default)
+            forwarded = self._clients.get(peer[:2])
+        return default if forwarded is None else forwarded[0]
+
+    def certificate_of(self, peer: tuple[Any, ...]) -> Any:
+        """The ``tls.ClientCertificate`` the client behind ``peer`` presented, or ``None``."""
+        with self._lock:
+            forwarded = self._clients.get(peer[:2])
+        return None if forwarded is None else forwarded[1]
 
     def __len__(self) -> int:
         with self._lock:

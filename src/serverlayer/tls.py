@@ -12,13 +12,19 @@ Code that cannot be handed a CA (a library deep inside the application)
 trusts it while ``TRUST_TEST_CA`` is set up: that layer points the
 environment variables OpenSSL, requests and curl read at a bundle of the
 system's CAs plus the test CA, and restores them in ``tearDown``.
+
+The same CA issues client certificates for layers that ask for them
+(``client_certs="optional"`` or ``"required"``), so that mutual TLS works
+without a second authority to configure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -32,6 +38,7 @@ from typing import Any
 import plone.testing
 import trustme
 
+from serverlayer.errors import ConfigurationError
 from serverlayer.reporting import ErrorLog
 from serverlayer.server import AsyncioServer, ForwardedClients, Server, ServerThread
 
@@ -40,6 +47,56 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 #: What TRUST_TEST_CA sets: OpenSSL's default CA file (Python's ssl module,
 #: urllib), requests' and curl's.
 TRUST_ENVIRONMENT = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+#: What ``client_certs=`` asks of clients, as the server's verify mode.
+CLIENT_CERT_MODES = {"optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+#: The identity of the ``client_cert`` resource.
+DEFAULT_CLIENT = "test-client"
+#: What ``issue_client_cert`` accepts: an e-mail address or a host-like name.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientCertificate:
+    """The certificate a client presented in its TLS handshake, as an
+    application's certificate-based login would look at it."""
+
+    #: The subject as an RFC 4514 string, most specific part first
+    #: (``CN=alice,OU=test clients,O=serverlayer``), as mod_ssl's
+    #: ``SSL_CLIENT_S_DN`` has it.
+    subject: str
+    issuer: str
+    #: The subject's common name, if it has one.
+    common_name: str | None
+    #: The subject alternative names' values: host names, e-mail addresses, IP addresses.
+    sans: tuple[str, ...]
+    serial: int
+    #: The certificate in PEM form, as ``SSL_CLIENT_CERT`` has it.
+    pem: str
+
+    @classmethod
+    def from_der(cls, der: bytes) -> ClientCertificate:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        certificate = x509.load_der_x509_certificate(der)
+        try:
+            alternatives = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            sans = tuple(str(name.value) for name in alternatives)
+        except x509.ExtensionNotFound:
+            sans = ()
+        common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return cls(
+            subject=certificate.subject.rfc4514_string(),
+            issuer=certificate.issuer.rfc4514_string(),
+            common_name=str(common_names[0].value) if common_names else None,
+            sans=sans,
+            serial=certificate.serial_number,
+            pem=ssl.DER_cert_to_PEM_cert(der),
+        )
+
+    @classmethod
+    def from_pem(cls, pem: str) -> ClientCertificate:
+        return cls.from_der(ssl.PEM_cert_to_DER_cert(pem))
 
 
 def certificate_names(*hosts: str) -> tuple[str, ...]:
@@ -67,27 +124,63 @@ class CertificateAuthority:
         weakref.finalize(self, shutil.rmtree, self._directory, ignore_errors=True)
         self.ca_bundle = os.path.join(self._directory, "ca.pem")
         self._ca.cert_pem.write_to_path(self.ca_bundle)
-        self._server_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._server_contexts: dict[tuple[tuple[str, ...], str | None], ssl.SSLContext] = {}
+        self._client_certs: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def server_context(self, names: tuple[str, ...]) -> ssl.SSLContext:
-        """A server context with a certificate for ``names``, made once per set of names."""
+    def server_context(self, names: tuple[str, ...], client_certs: str | None = None) -> ssl.SSLContext:
+        """A server context with a certificate for ``names``, made once per
+        set of names; with ``client_certs`` (a key of ``CLIENT_CERT_MODES``)
+        it asks clients for a certificate from this CA."""
         with self._lock:
-            context = self._server_contexts.get(names)
+            context = self._server_contexts.get((names, client_certs))
             if context is None:
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 self._ca.issue_cert(*names).configure_cert(context)
+                if client_certs is not None:
+                    context.verify_mode = CLIENT_CERT_MODES[client_certs]
+                    context.load_verify_locations(cafile=self.ca_bundle)
                 # The HTTP layers speak HTTP/1.1 only: a client that offers
                 # HTTP/2 as well (curl, httpx) settles on HTTP/1.1 at once.
                 # SMTP layers share the context; their clients offer no
                 # ALPN, and one offering other protocols gets none.
                 context.set_alpn_protocols(["http/1.1"])
-                self._server_contexts[names] = context
+                self._server_contexts[names, client_certs] = context
             return context
 
-    def client_context(self) -> ssl.SSLContext:
-        """A client context that trusts this CA (and only this CA)."""
-        return ssl.create_default_context(cafile=self.ca_bundle)
+    def client_context(self, client_cert: str | None = None) -> ssl.SSLContext:
+        """A client context that trusts this CA (and only this CA), and
+        presents ``client_cert`` (a file ``client_cert()`` wrote) if given."""
+        context = ssl.create_default_context(cafile=self.ca_bundle)
+        if client_cert is not None:
+            context.load_cert_chain(client_cert)
+        return context
+
+    def client_cert(self, name: str = DEFAULT_CLIENT) -> str:
+        """A PEM file with a private key and a client certificate for
+        ``name`` (its common name, and its subject alternative name), issued
+        once per name: what requests' ``cert=``, httpx's ``cert=`` and
+        ``curl --cert`` take, and ``SSLContext.load_cert_chain``.
+
+        ``name`` is an e-mail address or a host-like name (letters, digits,
+        dots and hyphens), as certificates carry them.
+        """
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+            raise ConfigurationError(
+                f"A client certificate cannot be issued for {name!r}: name an"
+                " e-mail address ('alice@example.org') or use letters, digits,"
+                " dots and hyphens ('alice', 'billing-service')."
+            )
+        with self._lock:
+            path = self._client_certs.get(name)
+            if path is None:
+                certificate = self._ca.issue_cert(
+                    name, common_name=name, organization_name="serverlayer", organization_unit_name="test clients"
+                )
+                path = os.path.join(self._directory, f"client-{len(self._client_certs) + 1}.pem")
+                certificate.private_key_and_cert_chain_pem.write_to_path(path)
+                self._client_certs[name] = path
+            return path
 
     def system_bundle(self) -> str:
         """A PEM file with the system's CAs and this one, written once."""
@@ -174,7 +267,9 @@ class TLSFront(AsyncioServer):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _open_backend(self, client: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open_backend(
+        self, client: Any, certificate: ClientCertificate | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the backend from an address registered as
         ``client``'s before it connects, so that the backend finds the
         client however early it looks: when it accepts, or at a request."""
@@ -182,7 +277,7 @@ class TLSFront(AsyncioServer):
         try:
             sock.setblocking(False)
             sock.bind((self._backend_address[0], 0))
-            self.clients.register(sock.getsockname(), client)
+            self.clients.register(sock.getsockname(), client, certificate)
             await asyncio.get_running_loop().sock_connect(sock, self._backend_address)
             return await asyncio.open_connection(sock=sock)
         except BaseException:
@@ -197,7 +292,9 @@ class TLSFront(AsyncioServer):
         client_transport = client_writer.transport
         self.transports.add(client_transport)  # type: ignore[arg-type]
         try:
-            backend_reader, backend_writer = await self._open_backend(client_writer.get_extra_info("peername"))
+            backend_reader, backend_writer = await self._open_backend(
+                client_writer.get_extra_info("peername"), presented_certificate(client_transport)
+            )
         except OSError:
             client_writer.close()
             self.transports.discard(client_transport)  # type: ignore[arg-type]
@@ -227,6 +324,14 @@ class TLSFront(AsyncioServer):
         super().release(timeout)
         self._backend_thread.stop(timeout=timeout)
         self._backend_socket.close()
+
+
+def presented_certificate(transport: asyncio.BaseTransport) -> ClientCertificate | None:
+    """The certificate the client of a TLS ``transport`` presented (and the
+    server verified), or ``None``."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return ClientCertificate.from_der(der) if der else None
 
 
 #: How long a connection may take to finish its TLS shutdown before it is cut.

@@ -193,16 +193,31 @@ class _WSGITask(WSGITask):
     def get_environment(self) -> dict[str, Any]:
         """waitress's environ, telling behind a TLS front what it tells over
         plain HTTP: the client's address and port, and the published port
-        (not the front's connection and the hidden port behind it)."""
+        (not the front's connection and the hidden port behind it).
+
+        Over TLS it also has what mod_ssl and nginx tell applications about
+        the client's certificate: ``SSL_CLIENT_VERIFY`` (``SUCCESS`` or
+        ``NONE``) and, with a certificate, ``SSL_CLIENT_S_DN``,
+        ``SSL_CLIENT_I_DN``, ``SSL_CLIENT_M_SERIAL`` and ``SSL_CLIENT_CERT``.
+        """
         if self.environ is not None:
             return self.environ
         environ: dict[str, Any] = super().get_environment()
         server = self.channel.server
         if server.forwarded_clients is not None:
-            client = server.forwarded_clients.client_of(self.channel.addr, self.channel.addr)
+            peer = self.channel.addr
+            client = server.forwarded_clients.client_of(peer, peer)
             environ["REMOTE_ADDR"] = environ["REMOTE_HOST"] = client[0]
             environ["REMOTE_PORT"] = str(client[1])
             environ["SERVER_PORT"] = str(server.published_port)
+            environ["HTTPS"] = "on"
+            certificate = server.forwarded_clients.certificate_of(peer)
+            environ["SSL_CLIENT_VERIFY"] = "NONE" if certificate is None else "SUCCESS"
+            if certificate is not None:
+                environ["SSL_CLIENT_S_DN"] = certificate.subject
+                environ["SSL_CLIENT_I_DN"] = certificate.issuer
+                environ["SSL_CLIENT_M_SERIAL"] = f"{certificate.serial:X}"
+                environ["SSL_CLIENT_CERT"] = certificate.pem
         return environ
 
     def service(self) -> None:
