@@ -26,6 +26,8 @@ Everything is back to the defaults before each test.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import re
@@ -33,11 +35,11 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from serverlayer import custom, matching
-from serverlayer.errors import ConfigurationError, ExpectationError
+from serverlayer.errors import ConfigurationError, ExpectationError, RequestTimeoutError
 from serverlayer.recording import RecordedRequest
 from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
@@ -174,6 +176,71 @@ class Event:
 Answer = Response | Callable[[RecordedRequest], Response]
 
 
+class _Hold:
+    """The answer of a route that holds its requests for the test to answer."""
+
+
+_HOLD = _Hold()
+
+
+class HeldRequest:
+    """A request the server holds, its client waiting, until the test
+    answers it; ``next_request()`` hands it to the test.
+
+    It reads like the recorded request (``path``, ``body``, ``json()`` ...).
+    """
+
+    def __init__(self, request: RecordedRequest) -> None:
+        #: The request as recorded.
+        self.request = request
+        self._response: Response | None = None
+        self._answered = threading.Event()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.request, name)
+
+    def __repr__(self) -> str:
+        return f"<held request {self.request.summary()}>"
+
+    @property
+    def answered(self) -> bool:
+        return self._answered.is_set()
+
+    def respond(self, body: bytes | str = b"", status: int = 200, headers: Headers | None = None,
+                **faults: Any) -> None:
+        """Answer with this body and status (and ``chunked``, ``delay``,
+        ``reset`` or ``truncate``, see ``Response``); the client gets it at once."""
+        self.respond_with_response(Response(status, body, _header_items(headers), **faults))
+
+    def respond_json(self, data: Any, status: int = 200, headers: Headers | None = None) -> None:
+        """Answer with ``data`` as JSON."""
+        self.respond_with_response(Response.json(data, status, headers or ()))
+
+    def respond_with_response(self, response: Response) -> None:
+        if not isinstance(response, Response):
+            raise TypeError(f"a held request is answered with content.Response, not {response!r}")
+        with self._lock:
+            if self._response is not None:
+                raise ConfigurationError(
+                    f"{self.request.summary()} was answered already, with status {self._response.status};"
+                    " a request gets one answer."
+                )
+            self._response = response
+        self._answered.set()
+
+    def release(self, status: int, reason: str) -> None:
+        """Answer with ``status`` unless the test answered already."""
+        with contextlib.suppress(ConfigurationError):
+            self.respond(reason, status, [("Content-Type", "text/plain; charset=utf-8")])
+
+    def wait(self) -> Response:
+        """The answer, once given (the serving thread waits here)."""
+        self._answered.wait()
+        assert self._response is not None
+        return self._response
+
+
 def _has_no_body(status: int) -> bool:
     """Whether HTTP ends a response of ``status`` after its headers (RFC 9110 section 6.4.1)."""
     return status < 200 or status in (204, 304)
@@ -249,7 +316,7 @@ class Route:
         self.json_subset = json_subset
         self.form = form
         self.match = match
-        self._answers: list[Answer] = [Response()]
+        self._answers: list[Answer | _Hold] = [Response()]
         self._lock = threading.Lock()
 
     # What the route answers.
@@ -295,7 +362,19 @@ class Route:
         """Answer with what ``function(request)`` returns."""
         return self.respond_sequence(function)
 
-    def next_answer(self) -> Answer:
+    def hold(self) -> Route:
+        """Hold each matching request, its client waiting, until the test
+        takes it with ``http_content.next_request()`` and answers it."""
+        with self._lock:
+            self._answers = [_HOLD]
+        return self
+
+    @property
+    def holds(self) -> bool:
+        with self._lock:
+            return _HOLD in self._answers
+
+    def next_answer(self) -> Answer | _Hold:
         with self._lock:
             return self._answers.pop(0) if len(self._answers) > 1 else self._answers[0]
 
@@ -407,6 +486,7 @@ class HTTPContent:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._held_arrived = threading.Condition(self._lock)
         #: The server's URL while its layer is set up: ``url_for`` builds on it.
         self.url: str | None = None
         self.reset()
@@ -433,6 +513,10 @@ class HTTPContent:
             self._order_problems: list[str] = []
             self._requests: list[RecordedRequest] = []
             self.websockets: list[WebSocketScript] = []
+            #: Held requests that no ``next_request()`` took yet, oldest first.
+            self._held: collections.deque[HeldRequest] = collections.deque()
+            #: Held requests the test never took, answered 503 when it ended.
+            self._never_taken: list[HeldRequest] = []
 
     # Programming the answers.
 
@@ -505,7 +589,10 @@ class HTTPContent:
             )
             handler = self.handler
         if chosen is not None:
-            return _as_response(chosen.next_answer(), request)
+            answer = chosen.next_answer()
+            if isinstance(answer, _Hold):
+                return self._hold(request)
+            return _as_response(answer, request)
         if handler is not None:
             response = handler(request)
             if response is not None:
@@ -514,6 +601,63 @@ class HTTPContent:
             if self.expectations:
                 self._unexpected.append(request)
         return Response(self.code, self.content, list(self.headers.items()), chunked=self.chunked)
+
+    def _hold(self, request: RecordedRequest) -> Response:
+        held = HeldRequest(request)
+        with self._lock:
+            self._held.append(held)
+            self._held_arrived.notify_all()
+        return held.wait()
+
+    @contextlib.contextmanager
+    def next_request(self, timeout: float | None = 5.0) -> Iterator[HeldRequest]:
+        """Take the oldest request a ``hold()`` route holds, waiting up to
+        ``timeout`` seconds for one, and answer it before the block ends::
+
+            http_content.route("/charges", "POST").hold()
+            ...  # the application sends its request in a thread of its own
+            with http_content.next_request() as request:
+                ...  # the client is waiting: check what it does meanwhile
+                request.respond_json({"id": "ch_1"})
+
+        A block left without an answer (an assertion failed in it, say)
+        answers 500, so no client is left waiting.
+        """
+        with self._lock:
+            if not any(route.holds for route in [*self.expectations, *self.routes]):
+                raise ConfigurationError(
+                    "next_request() waits for a held request, and no route holds any:"
+                    ' declare one first, for example http_content.route("/charges").hold().'
+                )
+            arrived = self._held_arrived.wait_for(lambda: bool(self._held), timeout)
+            if not arrived:
+                requests = [request.summary() for request in self._requests]
+            held = self._held.popleft() if arrived else None
+        if held is None:
+            listing = "; ".join(requests) if requests else "none"
+            raise RequestTimeoutError(
+                f"No held request arrived within {timeout} s. The requests that did arrive: {listing}."
+            )
+        try:
+            yield held
+        except BaseException:
+            held.release(500, "The test failed before it answered this held request.")
+            raise
+        if not held.answered:
+            held.release(500, "The test did not answer this held request.")
+            raise ConfigurationError(
+                f"The block of next_request() ended without answering {held.request.summary()}, so it got a 500."
+                " Answer it inside the block: request.respond(...), respond_json(...) or respond_with_response(...)."
+            )
+
+    def release_held(self) -> None:
+        """Answer 503 to every request still held: the test that would
+        answer them is over."""
+        with self._lock:
+            held, self._held = list(self._held), collections.deque()
+            self._never_taken.extend(held)
+        for each in held:
+            each.release(503, "The test ended before it answered this held request.")
 
     def _expectation_for(self, request: RecordedRequest) -> Expectation | None:
         """The first matching expectation still wanting requests, else the
@@ -559,6 +703,10 @@ class HTTPContent:
                     found.append(problem + _closest(expectation, self._requests))
             found.extend(f"out of order: {problem}" for problem in self._order_problems)
             found.extend(f"unexpected request: {request.summary()}" for request in self._unexpected)
+            found.extend(
+                f"held, and never taken with next_request(): {held.request.summary()}"
+                for held in [*self._never_taken, *self._held]
+            )
             scripts = list(self.websockets)
         for script in scripts:
             found.extend(script.problems())
@@ -719,6 +867,7 @@ class Layer(custom.Layer):
 
     def tearDown(self) -> None:
         self.content.url = None
+        self.content.release_held()
         super().tearDown()
 
     def testSetUp(self) -> None:
@@ -726,6 +875,9 @@ class Layer(custom.Layer):
         self.content.reset()
 
     def check_after_test(self) -> None:
+        # Held requests keep the server busy; the server errors' check
+        # would wait for them.
+        self.content.release_held()
         super().check_after_test()
         self.content.check()
 

@@ -19,8 +19,8 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from types import FrameType
-from typing import Any, ClassVar
+from types import FrameType, TracebackType
+from typing import Any, ClassVar, TypeVar
 
 import plone.testing
 
@@ -30,6 +30,7 @@ from serverlayer.reporting import ErrorLog, pytest_test, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
 
 DEFAULT_HOST = "127.0.0.1"
+_Layer = TypeVar("_Layer", bound="ServerLayer")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
@@ -288,6 +289,25 @@ class ServerLayer(plone.testing.Layer):
             for key in reversed(self._published):
                 del self[key]
             self._published.clear()
+
+    def __enter__(self: _Layer) -> _Layer:
+        """Run the server for a ``with`` block, outside any test runner's
+        layers: ``with content.Layer() as server: server["http_url"] ...``.
+
+        This sets up the layer itself, not its bases.
+        """
+        self.setUp()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """Check what the end of a test checks, unless the block failed, then stop."""
+        try:
+            if exc_type is None:
+                self.check_after_test()
+        finally:
+            self.tearDown()
 
     def testSetUp(self) -> None:
         self.server_errors.clear()
