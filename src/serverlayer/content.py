@@ -34,7 +34,6 @@ import re
 import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -382,37 +381,48 @@ class Route:
 
     def differences(self, request: RecordedRequest) -> list[str]:
         """How ``request`` differs from what the route matches; empty if it matches."""
-        found = []
+        return list(self._differences(request))
+
+    def _differences(self, request: RecordedRequest) -> Iterator[str]:
+        """The differences, cheapest to find first, found only as far as
+        they are asked for: ``matches`` stops at the first, so that a
+        request another route serves costs a body matcher nothing."""
+        found = False
         if self.method and request.method != self.method:
-            found.append(f"method is {request.method}, not {self.method}")
+            found = True
+            yield f"method is {request.method}, not {self.method}"
         # Decoded unless told otherwise; a route written encoded still matches.
-        paths = [request.path] if self.raw_path else [urllib.parse.unquote(request.path), request.path]
+        paths = [request.path] if self.raw_path else [request.decoded_path, request.path]
         if isinstance(self.path, re.Pattern):
             if not any(self.path.fullmatch(path) for path in paths):
-                found.append(f"path {request.path} does not match {self.path.pattern!r}")
+                found = True
+                yield f"path {request.path} does not match {self.path.pattern!r}"
         elif self.path not in paths:
-            found.append(f"path is {request.path}, not {self.path}")
-        params = request.query_params
+            found = True
+            yield f"path is {request.path}, not {self.path}"
+        params = request.query_params if self.query else {}
         for key, values in self.query.items():
             if params.get(key) != values:
                 got = "missing" if key not in params else f"{params[key]}"
-                found.append(f"query {key} is {got}, not {values}")
+                found = True
+                yield f"query {key} is {got}, not {values}"
         for name, value in self.headers.items():
             if request.headers.get(name) != value:
-                found.append(f"header {name} is {request.headers.get(name)!r}, not {value!r}")
-        found.extend(self._body_differences(request))
+                found = True
+                yield f"header {name} is {request.headers.get(name)!r}, not {value!r}"
+        for difference in self._body_differences(request):
+            found = True
+            yield difference
         if self.match is not None and not found and not self.match(request):
-            found.append(f"{getattr(self.match, '__qualname__', repr(self.match))}(request) returned false")
-        return found
+            yield f"{getattr(self.match, '__qualname__', repr(self.match))}(request) returned false"
 
     def _body_differences(self, request: RecordedRequest) -> list[str]:
         body = request.body
         if self.data is not None and body != self.data:
             return [f"body is {matching.shown(body)}, not {matching.shown(self.data)}"]
         if self.json is not _NOT_GIVEN or self.json_subset is not None:
-            try:
-                parsed = json.loads(body)
-            except ValueError:
+            is_json, parsed = request.parsed_json
+            if not is_json:
                 return [f"body is no JSON: {matching.shown(body)}"]
             if self.json is not _NOT_GIVEN:
                 return matching.shortened(matching.json_differences(self.json, parsed), "body ")
@@ -426,7 +436,7 @@ class Route:
         return []
 
     def matches(self, request: RecordedRequest) -> bool:
-        return not self.differences(request)
+        return next(self._differences(request), None) is None
 
     def describe(self) -> str:
         path = f"/{self.path.pattern}/" if isinstance(self.path, re.Pattern) else self.path

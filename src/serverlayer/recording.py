@@ -65,6 +65,20 @@ class RecordedRequest:
         """The body, decoded as JSON."""
         return json.loads(self.body)
 
+    @functools.cached_property
+    def decoded_path(self) -> str:
+        """The path with its percent-encoding undone: ``/café`` for ``/caf%C3%A9``."""
+        return urllib.parse.unquote(self.path)
+
+    @functools.cached_property
+    def parsed_json(self) -> tuple[bool, Any]:
+        """``(True, value)`` if the body is JSON, else ``(False, None)``:
+        parsed once for all the routes that match on it."""
+        try:
+            return True, json.loads(self.body)
+        except ValueError:
+            return False, None
+
     def summary(self) -> str:
         target = self.path + (f"?{self.query}" if self.query else "")
         size = f" ({len(self.body)} bytes)" if self.body else ""

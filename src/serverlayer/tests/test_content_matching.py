@@ -4,8 +4,10 @@ Requests come from requests, httpx and urllib, as applications send them."""
 
 from __future__ import annotations
 
+import json
 import unittest
 import urllib.request
+from unittest import mock
 
 import httpx
 import requests
@@ -82,6 +84,32 @@ class BodyMatchingTests(unittest.TestCase):
     def test_a_match_that_is_no_function_is_refused(self):
         with self.assertRaises(ConfigurationError):
             self.http_content.route("/x", match="yes")  # type: ignore[arg-type]
+
+
+class MatchingCostTests(unittest.TestCase):
+    """Body matchers cost a request only what it must: bench_matching.py
+    measures the rate; these count the work."""
+
+    layer = MATCHING
+
+    def test_the_body_is_parsed_once_for_all_routes(self):
+        stand_in = self.layer["http_content"]
+        for amount in range(5):
+            stand_in.route("/charges", json={"amount": amount}).respond(f"route {amount}")
+        with mock.patch("serverlayer.recording.json.loads", wraps=json.loads) as loads:
+            answer = requests.post(stand_in.url_for("/charges"), json={"amount": 4}, timeout=10).text
+        self.assertEqual(answer, "route 4")
+        self.assertEqual(loads.call_count, 1)
+
+    def test_a_route_on_another_path_leaves_the_body_alone(self):
+        stand_in = self.layer["http_content"]
+        seen = []
+        stand_in.route("/elsewhere", json={"amount": 1}, match=seen.append).respond("no")
+        stand_in.route("/charges").respond("yes")
+        self.assertEqual(requests.post(stand_in.url_for("/charges"), json={"amount": 1}, timeout=10).text, "yes")
+        [request] = self.layer["http_requests"]
+        self.assertNotIn("parsed_json", vars(request))
+        self.assertEqual(seen, [])
 
 
 class URLTests(unittest.TestCase):
