@@ -50,14 +50,15 @@ EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"
 #: test modules, or one class of a module (``test_module.Class``).
 MODULES: dict[str, tuple[str, ...]] = {
     "reporting": ("test_reporting",),
-    "tls": ("test_tls", "test_tls_front", "test_lifecycle.ServerThreadTests"),
-    "recording": ("test_recording", "test_chunked_uploads"),
+    "tls": ("test_tls", "test_tls_front", "test_lifecycle.ServerThreadTests", "test_mutual_tls"),
+    "recording": ("test_recording", "test_chunked_uploads", "test_mutual_tls", "test_content_matching"),
     "static": ("test_static", "test_static_symlinks", "test_static_ranges"),
     "ranges": ("test_static_ranges",),
     "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front"),
     "layer": (
         "test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api",
         "test_hardening.LateServerErrorTests", "test_custom.HandlerValidationTests", "test_reporting",
+        "test_mutual_tls", "test_content_holding.ContextManagerTests",
     ),
     "smtp": (
         "test_smtp", "test_tls.SMTPTLSTests", "test_hardening.SMTPHardeningTests",
@@ -66,7 +67,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "content": (
         "test_content", "test_content_protocol", "test_content_streaming", "test_content_websocket",
-        "test_content_matching",
+        "test_content_matching", "test_content_holding",
     ),
     "matching": ("test_content_matching", "test_content_websocket"),
     "websocket_script": ("test_content_websocket",),
