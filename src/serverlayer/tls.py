@@ -177,7 +177,7 @@ class CertificateAuthority:
                 certificate = self._ca.issue_cert(
                     name, common_name=name, organization_name="serverlayer", organization_unit_name="test clients"
                 )
-                path = os.path.join(self._directory, f"client-{len(self._client_certs) + 1}.pem")
+                path = os.path.join(self._directory, f"client-{len(self._client_certs)}.pem")
                 certificate.private_key_and_cert_chain_pem.write_to_path(path)
                 self._client_certs[name] = path
             return path

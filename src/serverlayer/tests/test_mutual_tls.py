@@ -4,6 +4,7 @@ from the test CA. Tried with requests (``cert=``), httpx, http.client, curl
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -52,11 +53,14 @@ def untrusted_client_cert(test: unittest.TestCase) -> str:
     return path
 
 
-def serial_of(pem_file: str) -> int:
+def certificate_in(pem_file: str) -> tls.ClientCertificate:
     with open(pem_file) as file:
         pem = file.read()
-    start = pem.index("-----BEGIN CERTIFICATE-----")
-    return tls.ClientCertificate.from_pem(pem[start:]).serial
+    return tls.ClientCertificate.from_pem(pem[pem.index("-----BEGIN CERTIFICATE-----"):])
+
+
+def serial_of(pem_file: str) -> int:
+    return certificate_in(pem_file).serial
 
 
 class RequiredClientCertificateTests(unittest.TestCase):
@@ -290,6 +294,63 @@ class OtherLayerTests(unittest.TestCase):
             requests.get(layer["http_url"], verify=layer["ca_bundle"], timeout=5)
         self.assertEqual(requests.get(layer["http_url"], verify=layer["ca_bundle"], cert=layer["client_cert"],
                                       timeout=5).json()["SSL_CLIENT_VERIFY"], "SUCCESS")
+
+
+class ClientCertificateTests(unittest.TestCase):
+    """What ``client_cert`` tells of a certificate, including ones no trustme CA made."""
+
+    def make_certificate(self, subject, extensions=()):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "Elsewhere")]))
+            .public_key(key.public_key())
+            .serial_number(4711)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+    def test_a_certificate_without_alternative_names_and_with_two_common_names(self):
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        subject = x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, "first"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "second"),
+        ])
+        certificate = tls.ClientCertificate.from_der(self.make_certificate(subject))
+        self.assertEqual(certificate.sans, ())
+        self.assertEqual(certificate.common_name, "first")
+        self.assertEqual(certificate.serial, 4711)
+        self.assertEqual(certificate.issuer, "O=Elsewhere")
+
+    def test_a_certificate_without_a_common_name(self):
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Nameless")])
+        extension = x509.SubjectAlternativeName([x509.RFC822Name("nobody@example.org"), x509.DNSName("host.test")])
+        certificate = tls.ClientCertificate.from_der(self.make_certificate(subject, [extension]))
+        self.assertIsNone(certificate.common_name)
+        self.assertEqual(certificate.sans, ("nobody@example.org", "host.test"))
+        self.assertEqual(certificate.subject, "O=Nameless")
+
+    def test_it_cannot_be_changed(self):
+        certificate = certificate_in(tls.certificate_authority().client_cert())
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            certificate.subject = "CN=someone else"
 
 
 class ConfigurationTests(unittest.TestCase):
