@@ -31,7 +31,7 @@ setup(
         # starlette: the example application in examples/board (lifespan state: >= 0.26).
         "test": [
             "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
-            "requests", "httpx", "aiohttp", "gocept.httpserverlayer == 4.0",
+            "requests", "httpx", "aiohttp", "aiosmtplib", "gocept.httpserverlayer == 4.0",
             "uvicorn >= 0.52.1", "websockets >= 13.0", "starlette >= 0.26",
         ],
         # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn, with its

@@ -15,9 +15,11 @@ import asyncio
 import dataclasses
 import email
 import email.policy
+import functools
 import logging
 import mailbox
 import os
+import re
 import socket
 import ssl
 import sys
@@ -34,6 +36,15 @@ from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayer
 from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
 from serverlayer.server import AsyncioServer, ServerThread
+from serverlayer.smtp_failures import (
+    COMMAND_STAGES,
+    Arrangement,
+    Arrangements,
+    Match,
+    Transcript,
+    command_subject,
+    failing_reply,
+)
 
 #: aiosmtpd's default; a message above it is refused with 552.
 DEFAULT_DATA_SIZE_LIMIT = 32 * 1024 * 1024
@@ -48,8 +59,9 @@ class ReceivedMessage(EmailMessage):
     (``msg['Subject']``, ``msg.get_content()``, ``msg.iter_attachments()``)
     that also carries what only the SMTP conversation knows: the envelope
     sender and recipients (Bcc recipients appear only here), the MAIL and
-    RCPT options (aiosmtpd accepts no RCPT options, so that list stays
-    empty), the authenticated user and the raw bytes as received.
+    RCPT options (RCPT's are the delivery status notification parameters,
+    NOTIFY= and ORCPT=, of all recipients in turn), the authenticated user
+    and the raw bytes as received.
     """
 
     mail_from: str = ""
@@ -136,13 +148,23 @@ def _open_maildir(path: str) -> mailbox.Maildir:
 class _Handler:
     """aiosmtpd hooks: store each message, refuse what the test asked to refuse."""
 
-    def __init__(self, outbox: Outbox, errors: ErrorLog, maildir: str | None, auth_required: bool) -> None:
+    def __init__(self, outbox: Outbox, errors: ErrorLog, maildir: str | None, auth_required: bool,
+                 arrangements: Arrangements) -> None:
         self.outbox = outbox
         self.errors = errors
         self.maildir = _open_maildir(maildir) if maildir else None
         self.auth_required = auth_required
+        self.arrangements = arrangements
         self.refused_recipients: set[str] = set()
         self.data_reply: str | None = None
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # Commands may be pipelined (RFC 2920): aiosmtpd reads them one by
+        # one from its buffer either way, but does not say so.
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", "250-DSN", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -163,6 +185,10 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        server.transcript.client(f"<message, {len(envelope.original_content or b'')} bytes>")
+        arranged = await server.act_on(self.arrangements.take("message", envelope.mail_from or "", cuts=False))
+        if arranged is not None:
+            return arranged
         if self.data_reply is not None:
             return self.data_reply
         arrival = Arrival.from_envelope(envelope, session)
@@ -183,23 +209,183 @@ class _Handler:
 
 
 class _Connection(SMTP):  # type: ignore[misc]
-    """aiosmtpd's protocol, registering its connection so that stopping can close it."""
+    """aiosmtpd's protocol, registering its connection so that stopping can
+    close it, failing as the test arranged and recording what its client saw."""
 
-    def __init__(self, *args: Any, transports: set[asyncio.Transport], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        transports: set[asyncio.Transport],
+        arrangements: Arrangements,
+        transcripts: list[Transcript],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._transports = transports
         self._first_transport: asyncio.Transport | None = None
+        self.arrangements = arrangements
+        self._transcripts = transcripts
+        self.transcript = Transcript(peer=None)
+        self._greeted = False
+        #: Between 354 and the end of the message: its bytes are coming.
+        self._receiving_message = False
+        self._crlf_lines = CRLFLines()
+        #: Bytes of the body still to take before an arranged cut.
+        self._cut_after: int | None = None
+        # aiosmtpd dispatches every command through this table (HELP reads
+        # it too). Wrapping its entries lets an arranged failure replace a
+        # command's reply, and records each command, without re-writing any.
+        methods: dict[str, Any] = getattr(self, "_smtp_methods")  # noqa: B009 -- untyped upstream
+        self._smtp_methods = {name: self._staged(name, method) for name, method in methods.items()}
+
+    def _staged(self, command: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
+        stage = COMMAND_STAGES.get(command)
+
+        @functools.wraps(method)
+        async def staged(argument: str | None) -> None:
+            # AUTH's argument may be the credentials: the mechanism is enough.
+            shown = (argument or "").split(" ", 1)[0] + " ..." if command == "AUTH" else argument
+            self.transcript.client(command if not shown else f"{command} {shown}")
+            dsn: list[str] = []
+            if command in ("MAIL", "RCPT") and argument:
+                argument, dsn = _without_dsn(argument, DSN_PARAMETERS[command])
+            if stage is not None:
+                arranged = self.arrangements.take(stage, command_subject(command, argument))
+                reply = await self.act_on(arranged)
+                if reply is not None:
+                    assert arranged is not None
+                    await self.push(reply, split=arranged.split, pause=arranged.delay)
+                    return
+                if arranged is not None and arranged.drop:
+                    return
+            envelope = self.envelope
+            before = (envelope.mail_from, len(envelope.rcpt_tos)) if envelope is not None else None
+            await method(argument)
+            if dsn and envelope is not None and (envelope.mail_from, len(envelope.rcpt_tos)) != before:
+                (envelope.mail_options if command == "MAIL" else envelope.rcpt_options).extend(dsn)
+
+        return staged
+
+    async def act_on(self, arrangement: Arrangement | None) -> str | None:
+        """Wait and drop the connection as ``arrangement`` says; the reply
+        it makes instead of the normal one, if any."""
+        if arrangement is None:
+            return None
+        if arrangement.delay and not arrangement.split:
+            await asyncio.sleep(arrangement.delay)
+        if arrangement.drop:
+            self.transcript.server("<connection closed>")
+            if self.transport is not None:
+                self.transport.close()
+            # Closing makes aiosmtpd cancel this conversation's task (in
+            # connection_lost), which ends this wait: nothing follows.
+            await asyncio.get_running_loop().create_future()
+        return arrangement.reply
+
+    async def push(self, status: str | bytes, *, split: bool = False, pause: float = 0.0) -> None:
+        """Send a reply, recording it; ``split`` sends it in two writes,
+        ``pause`` seconds apart. The greeting is replaced or withheld as the
+        test arranged for the ``connect`` stage."""
+        if not self._greeted:  # aiosmtpd's first push is the greeting
+            self._greeted = True
+            arranged = self.arrangements.take("connect")
+            reply = await self.act_on(arranged)
+            if arranged is not None and reply is not None:
+                # Recorded before the client can see it, closing included.
+                self.transcript.server(reply)
+                self.transcript.server("<connection closed>")
+                await self._send(reply, split=arranged.split, pause=arranged.delay)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        self.transcript.server(line)
+        if line.startswith("354"):
+            self._start_message()
+        await self._send(line, split=split, pause=pause)
+
+    async def _send(self, line: str, *, split: bool, pause: float) -> None:
+        if split and len(line) > 1:
+            middle = len(line) // 2
+            self._writer.write(line[:middle].encode("utf-8"))
+            await self._writer.drain()
+            await asyncio.sleep(pause)
+            line = line[middle:]
+        await super().push(line)
+
+    def _start_message(self) -> None:
+        self._receiving_message = True
+        self._crlf_lines = CRLFLines()
+        sender = self.envelope.mail_from if self.envelope is not None else ""
+        cut = self.arrangements.take("message", sender or "", cuts=True)
+        self._cut_after = None if cut is None else cut.after_bytes
+
+    def _set_post_data_state(self) -> None:
+        # aiosmtpd calls this when a message's DATA ends, however it ends.
+        self._receiving_message = False
+        self._cut_after = None
+        super()._set_post_data_state()
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiving_message:
+            if self._cut_after is not None:
+                if len(data) >= self._cut_after:
+                    data, self._cut_after = data[: self._cut_after], 0
+                else:
+                    self._cut_after -= len(data)
+            data = self._crlf_lines(data)
+        super().data_received(data)
+        if self._cut_after == 0 and self.transport is not None:
+            self.transcript.server("<connection closed>")
+            self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self._first_transport is None:  # STARTTLS calls this again with the TLS transport
             self._first_transport = transport
             self._transports.add(transport)
+            self.transcript.peer = transport.get_extra_info("peername")
+            self._transcripts.append(self.transcript)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._first_transport is not None:
             self._transports.discard(self._first_transport)
         super().connection_lost(error)
+
+
+class CRLFLines:
+    """Makes a message's bare LF line ends CRLF, packet by packet, as
+    mainstream MTAs read them. aiosmtpd reads a message's lines up to CRLF
+    only, so a message sent with bare LFs (``sendmail(..., msg.as_bytes())``)
+    is a single line to it, refused as too long above 1000 bytes."""
+
+    def __init__(self) -> None:
+        self._ended_in_cr = False
+
+    def __call__(self, data: bytes) -> bytes:
+        fixed = _BARE_LF.sub(b"\r\n", data)
+        if data.startswith(b"\n") and self._ended_in_cr:
+            fixed = fixed[1:]  # that LF ends the CR that ended the previous packet
+        if data:
+            self._ended_in_cr = data.endswith(b"\r")
+        return fixed
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+#: Delivery status notification parameters (RFC 3461) of MAIL and RCPT.
+DSN_PARAMETERS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
+
+
+def _without_dsn(argument: str, keywords: tuple[str, ...]) -> tuple[str, list[str]]:
+    """``argument`` without its DSN parameters, and those parameters (their
+    keywords in upper case, their values as sent). aiosmtpd knows none of
+    them: it refuses RCPT with any parameter, and MAIL with these (555)."""
+    words = argument.split(" ")
+    dsn = [word for word in words[1:] if word.partition("=")[0].upper() in keywords]
+    if not dsn:
+        return argument, []
+    rest = [words[0], *(word for word in words[1:] if word not in dsn)]
+    return " ".join(rest), [f"{name.upper()}={value}" for name, _, value in (word.partition("=") for word in dsn)]
 
 
 class SMTPServer(AsyncioServer):
@@ -225,7 +411,11 @@ class SMTPServer(AsyncioServer):
         self.require_starttls = require_starttls
         self.implicit_tls_context = implicit_tls_context
         self.outbox = outbox
-        self.handler = _Handler(outbox, errors, maildir, auth_required)
+        #: The failures the current test arranged.
+        self.arrangements = Arrangements()
+        #: Each connection of the current test as its client saw it, in the order they came.
+        self.transcripts: list[Transcript] = []
+        self.handler = _Handler(outbox, errors, maildir, auth_required, self.arrangements)
         self.hostname = hostname
         self.data_size_limit = data_size_limit
         self.credentials = credentials
@@ -246,10 +436,56 @@ class SMTPServer(AsyncioServer):
         default_text = "4.3.0 Temporary failure, try again later" if code < 500 else "5.3.0 Message refused"
         self.handler.data_reply = f"{code} {text or default_text}"
 
+    def fail(
+        self,
+        stage: str,
+        code: int,
+        text: str | None = None,
+        *,
+        match: Match = None,
+        times: int | None = None,
+        delay: float = 0.0,
+        split: bool = False,
+    ) -> Arrangement:
+        """Reply ``code`` (and ``text``, else a standard one) at ``stage``
+        instead of going on: ``fail("rcpt", 451, times=2)`` has the next two
+        recipients tried again later. ``delay`` waits before the reply;
+        ``split`` sends it in two writes, ``delay`` seconds apart. See
+        ``serverlayer.smtp_failures`` for the stages."""
+        return self.arrangements.add(Arrangement(
+            stage, reply=failing_reply(code, text, stage), match=match, times=times, delay=delay, split=split
+        ))
+
+    def drop(
+        self,
+        stage: str,
+        *,
+        match: Match = None,
+        times: int | None = None,
+        delay: float = 0.0,
+        after_bytes: int | None = None,
+    ) -> Arrangement:
+        """Close the connection at ``stage`` instead of replying, after
+        ``delay`` seconds; at the ``message`` stage with ``after_bytes``,
+        once that many bytes of the body arrived."""
+        if after_bytes is not None and (isinstance(after_bytes, bool) or not isinstance(after_bytes, int)
+                                        or after_bytes < 0):
+            raise ConfigurationError(f"after_bytes={after_bytes!r} must be a number of bytes, 0 or more.")
+        return self.arrangements.add(Arrangement(
+            stage, drop=True, match=match, times=times, delay=delay, after_bytes=after_bytes
+        ))
+
+    def delay(self, stage: str, seconds: float, *, match: Match = None, times: int | None = None) -> Arrangement:
+        """Reply as usual at ``stage``, ``seconds`` late: for clients' timeouts."""
+        return self.arrangements.add(Arrangement(stage, delay=seconds, match=match, times=times))
+
     def reset(self) -> None:
-        """Accept every recipient and message again."""
+        """Accept every recipient and message again, with no failures
+        arranged, and start new transcripts."""
         self.handler.refused_recipients.clear()
         self.handler.data_reply = None
+        self.arrangements.clear()
+        self.transcripts.clear()
 
     # The lifecycle (serverlayer.server.Server).
 
@@ -276,6 +512,8 @@ class SMTPServer(AsyncioServer):
         return _Connection(
             self.handler,
             transports=self.transports,
+            arrangements=self.arrangements,
+            transcripts=self.transcripts,
             loop=self.loop,
             hostname=self.hostname,
             ident="serverlayer SMTP",

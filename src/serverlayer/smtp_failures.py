@@ -1,0 +1,203 @@
+"""Mail failures on demand: what the SMTP layer's server does instead of
+its normal reply at each stage of a conversation, and what each
+connection's client saw.
+
+A test arranges failures on the ``smtpd`` resource::
+
+    smtpd.fail("rcpt", 451, times=2)          # try again later, twice; then accept
+    smtpd.fail("mail", 553, match="spam@example.org")
+    smtpd.drop("message", after_bytes=1000)   # the connection ends mid-DATA
+    smtpd.delay("data", 5.0)                  # 354 comes late: the client times out
+
+Stages, in the order of a conversation:
+
+=============  ==============================================================
+``connect``    the greeting: a failure replaces ``220`` and ends the
+               connection; ``drop`` closes it before any greeting
+``helo``       EHLO and HELO (``match``: the client's host name)
+``auth``       AUTH (``match``: the mechanism)
+``mail``       MAIL FROM (``match``: the sender)
+``rcpt``       RCPT TO, per recipient (``match``: the recipient)
+``data``       the DATA command: a failure means ``354`` never comes
+``message``    the reply after the message's body (``match``: the sender);
+               ``drop(after_bytes=N)`` ends the connection after N bytes
+               of the body
+``quit``       QUIT
+=============  ==============================================================
+
+Each arrangement holds for the rest of the test, or for its next ``times``
+matching commands; the first one that still applies wins. ``match`` is an
+address (any case), a compiled regular expression, or a function. Every
+arrangement ends with the test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from serverlayer.errors import ConfigurationError
+
+STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "message", "quit")
+#: The commands of each stage.
+COMMAND_STAGES = {"EHLO": "helo", "HELO": "helo", "AUTH": "auth", "MAIL": "mail", "RCPT": "rcpt",
+                  "DATA": "data", "QUIT": "quit"}
+#: What a failing reply says when the test gives only its code.
+DEFAULT_TEXTS = {
+    421: "4.3.2 Service not available, closing transmission channel",
+    450: "4.2.1 Mailbox unavailable, try again later",
+    451: "4.3.0 Local error in processing, try again later",
+    452: "4.3.1 Insufficient system storage",
+    454: "4.7.0 Temporary authentication failure",
+    535: "5.7.8 Authentication credentials invalid",
+    550: "5.1.1 Mailbox unavailable",
+    551: "5.1.6 User not local",
+    552: "5.3.4 Message size exceeds fixed maximum message size",
+    553: "5.1.3 Mailbox name not allowed",
+    554: "5.3.0 Transaction failed",
+}
+
+Match = str | re.Pattern[str] | Callable[[str], bool] | None
+
+_ADDRESS = re.compile(r"<([^>]*)>")
+
+
+def command_subject(command: str, argument: str | None) -> str:
+    """What ``match`` looks at for a command: the address of MAIL and RCPT,
+    the host name of EHLO and HELO, the mechanism of AUTH."""
+    argument = (argument or "").strip()
+    if command in ("MAIL", "RCPT"):
+        found = _ADDRESS.search(argument)
+        return found.group(1) if found else argument.partition(":")[2].strip()
+    return argument.split(" ", 1)[0]
+
+
+@dataclasses.dataclass(eq=False)
+class Arrangement:
+    """What the server does at ``stage`` instead of its normal reply."""
+
+    stage: str
+    #: The reply instead of the normal one ("451 4.3.0 ..."), or None.
+    reply: str | None = None
+    #: Close the connection instead of replying.
+    drop: bool = False
+    #: For the ``message`` stage: close after this many bytes of the body.
+    after_bytes: int | None = None
+    #: Seconds to wait before replying (or dropping).
+    delay: float = 0.0
+    #: Send the reply in two packets.
+    split: bool = False
+    match: Match = None
+    times: int | None = None
+    #: How many commands it applied to so far.
+    used: int = 0
+
+    def applies(self, subject: str) -> bool:
+        if self.times is not None and self.used >= self.times:
+            return False
+        match = self.match
+        if match is None:
+            return True
+        if isinstance(match, str):
+            return subject.lower() == match.lower()
+        if isinstance(match, re.Pattern):
+            return match.fullmatch(subject) is not None
+        return bool(match(subject))
+
+    def describe(self) -> str:
+        what = f"reply {self.reply!r}" if self.reply else "drop the connection" if self.drop else "reply late"
+        return f"{self.stage}: {what}"
+
+
+class Arrangements:
+    """The failures arranged for the current test; safe to change from the
+    test's thread while the server's thread consults them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._arranged: list[Arrangement] = []
+
+    def add(self, arrangement: Arrangement) -> Arrangement:
+        if arrangement.stage not in STAGES:
+            raise ConfigurationError(
+                f"{arrangement.stage!r} is no stage of an SMTP conversation; use one of {', '.join(STAGES)}."
+            )
+        if arrangement.times is not None and (
+            isinstance(arrangement.times, bool) or not isinstance(arrangement.times, int) or arrangement.times < 1
+        ):
+            raise ConfigurationError(
+                f"times={arrangement.times!r} must be a whole number of at least 1, or None for the rest of the test."
+            )
+        if not arrangement.delay >= 0:
+            raise ConfigurationError(f"delay={arrangement.delay!r} must be a number of seconds, 0 or more.")
+        if arrangement.after_bytes is not None and arrangement.stage != "message":
+            raise ConfigurationError(
+                f"after_bytes= cuts a message's body, so it belongs to the 'message' stage, not {arrangement.stage!r}."
+            )
+        if arrangement.match is not None and not isinstance(arrangement.match, (str, re.Pattern)) \
+                and not callable(arrangement.match):
+            raise ConfigurationError(
+                f"match={arrangement.match!r} must be an address, a compiled regular expression or a function."
+            )
+        with self._lock:
+            self._arranged.append(arrangement)
+        return arrangement
+
+    def take(self, stage: str, subject: str = "", *, cuts: bool | None = None) -> Arrangement | None:
+        """The first arrangement for ``stage`` that applies to ``subject``,
+        counted as used; with ``cuts``, only those that do (or do not) cut
+        a message's body (``after_bytes``)."""
+        with self._lock:
+            for arrangement in self._arranged:
+                if cuts is not None and (arrangement.after_bytes is not None) != cuts:
+                    continue
+                if arrangement.stage == stage and arrangement.applies(subject):
+                    arrangement.used += 1
+                    return arrangement
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._arranged.clear()
+
+
+def failing_reply(code: int, text: str | None, stage: str) -> str:
+    """``code`` and ``text`` as a reply line, refusing what is no failure."""
+    if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+        raise ConfigurationError(
+            f"fail({stage!r}, {code!r}): a failure is an SMTP reply code from 400 to 599, such as 451 or 550."
+        )
+    return f"{code} {text or DEFAULT_TEXTS.get(code, 'Failed as the test arranged')}"
+
+
+@dataclasses.dataclass
+class Transcript:
+    """One connection as its client saw it: ``C:`` lines it sent (a
+    message's body as its size; no AUTH secrets), ``S:`` lines the server
+    replied, and how it ended."""
+
+    peer: Any
+    lines: list[str] = dataclasses.field(default_factory=list)
+
+    def client(self, line: str) -> None:
+        self.lines.append(f"C: {line}")
+
+    def server(self, line: str) -> None:
+        self.lines.append(f"S: {line}")
+
+    @property
+    def replies(self) -> list[str]:
+        return [line[3:] for line in self.lines if line.startswith("S: ")]
+
+    @property
+    def commands(self) -> list[str]:
+        return [line[3:] for line in self.lines if line.startswith("C: ")]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+__all__ = ["STAGES", "Arrangement", "Arrangements", "Transcript"]

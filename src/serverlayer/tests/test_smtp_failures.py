@@ -1,0 +1,369 @@
+"""Mail failures on demand, at every stage of an SMTP conversation, tried
+with smtplib and aiosmtplib as applications send mail; and the protocol
+gaps real clients found (bare LF lines, PIPELINING, DSN)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import smtplib
+import socket
+import time
+import unittest
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from serverlayer import ConfigurationError, smtp
+
+FAILURES = smtp.Layer(name="FAILURES", auth={"alice": "secret"})
+
+
+def message(body: str = "Hello\n", sender: str = "shop@example.org", to: str = "bob@example.org") -> EmailMessage:
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = sender, to, "Your order"
+    mail.set_content(body)
+    return mail
+
+
+class FailureTestCase(unittest.TestCase):
+    layer = FAILURES
+
+    def setUp(self):
+        self.smtpd = self.layer["smtpd"]
+        self.outbox = self.layer["outbox"]
+
+    def client(self, **kwargs) -> smtplib.SMTP:
+        client = smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    def send(self, mail: EmailMessage | None = None, **kwargs):
+        with self.client() as client:
+            return client.send_message(mail or message(), **kwargs)
+
+
+class StageTests(FailureTestCase):
+    def test_connect_refused_with_554(self):
+        self.smtpd.fail("connect", 554)
+        with self.assertRaises(smtplib.SMTPConnectError) as raised:
+            self.client()
+        self.assertEqual(raised.exception.smtp_code, 554)
+        self.assertEqual(str(self.smtpd.transcripts[0]), "S: 554 5.3.0 Transaction failed\nS: <connection closed>")
+
+    def test_connect_dropped_before_the_greeting(self):
+        self.smtpd.drop("connect")
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.client()
+        self.assertEqual(self.smtpd.transcripts[0].lines, ["S: <connection closed>"])
+
+    def test_helo_refused(self):
+        self.smtpd.fail("helo", 550, "5.7.1 Go away")
+        with self.assertRaises(smtplib.SMTPHeloError) as raised:
+            self.send()
+        self.assertEqual((raised.exception.smtp_code, raised.exception.smtp_error), (550, b"5.7.1 Go away"))
+
+    def test_auth_failing_temporarily(self):
+        self.smtpd.fail("auth", 454)
+        with self.client() as client, self.assertRaises(smtplib.SMTPAuthenticationError) as raised:
+            client.login("alice", "secret")
+        self.assertEqual(raised.exception.smtp_code, 454)
+        # smtplib tries each mechanism; the transcript names them, never the credentials.
+        auth = [line for line in self.smtpd.transcripts[0].commands if line.startswith("AUTH")]
+        self.assertEqual(auth, ["AUTH PLAIN ...", "AUTH LOGIN ..."])
+        self.assertNotIn("secret", str(self.smtpd.transcripts[0]))
+        self.assertNotIn("c2VjcmV0", str(self.smtpd.transcripts[0]))  # nor in base64
+
+    def test_mail_from_refused_for_one_sender(self):
+        self.smtpd.fail("mail", 553, match="SPAM@example.org")
+        with self.assertRaises(smtplib.SMTPSenderRefused) as raised:
+            self.send(message(sender="spam@example.org"))
+        self.assertEqual(raised.exception.smtp_code, 553)
+        self.assertEqual(self.send(message(sender="shop@example.org")), {})
+        self.assertEqual([mail.mail_from for mail in self.outbox], ["shop@example.org"])
+
+    def test_rcpt_refused_per_recipient(self):
+        self.smtpd.fail("rcpt", 550, match=re.compile(r".*@gone\.example"))
+        refused = self.send(message(to="bob@example.org, carol@gone.example"))
+        self.assertEqual(refused, {"carol@gone.example": (550, b"5.1.1 Mailbox unavailable")})
+        [mail] = self.outbox
+        self.assertEqual(mail.rcpt_tos, ["bob@example.org"])
+
+    def test_every_recipient_refused(self):
+        self.smtpd.fail("rcpt", 452)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            self.send(message(to="bob@example.org, carol@example.org"))
+        self.assertEqual(len(self.outbox), 0)
+
+    def test_data_refused_so_354_never_comes(self):
+        self.smtpd.fail("data", 451)
+        with self.assertRaises(smtplib.SMTPDataError) as raised:
+            self.send()
+        self.assertEqual(raised.exception.smtp_code, 451)
+        replies = self.smtpd.transcripts[0].replies
+        self.assertFalse(any(reply.startswith("354") for reply in replies), replies)
+
+    def test_message_refused_after_its_body(self):
+        self.smtpd.fail("message", 552)
+        with self.assertRaises(smtplib.SMTPDataError) as raised:
+            self.send()
+        self.assertEqual(raised.exception.smtp_code, 552)
+        self.assertEqual(len(self.outbox), 0)
+        self.assertIn("S: 354 End data with <CR><LF>.<CR><LF>", self.smtpd.transcripts[0].lines)
+
+    def test_quit_answered_with_421(self):
+        self.smtpd.fail("quit", 421)
+        client = self.client()
+        self.assertEqual(client.send_message(message()), {})
+        self.assertEqual(client.quit()[0], 421)
+        self.assertEqual(len(self.outbox), 1)
+
+    def test_the_fail_data_of_before_still_works(self):
+        self.smtpd.fail_data(554)
+        with self.assertRaises(smtplib.SMTPDataError):
+            self.send()
+
+
+class DropAndDelayTests(FailureTestCase):
+    def test_dropped_at_mail_from(self):
+        self.smtpd.drop("mail")
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.send()
+        self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
+
+    def test_dropped_in_the_middle_of_the_body(self):
+        self.smtpd.drop("message", after_bytes=1000)
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.send(message(("x" * 70 + "\n") * 200))
+        self.assertEqual(len(self.outbox), 0)
+        self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
+        self.assertEqual(self.send(), {})  # the next connection is served
+
+    def test_dropped_after_the_body_without_a_reply(self):
+        self.smtpd.drop("message", match="shop@example.org")
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.send()
+        self.assertEqual(len(self.outbox), 0)
+
+    def test_a_late_reply(self):
+        self.smtpd.delay("rcpt", 0.3)
+        started = time.monotonic()
+        self.assertEqual(self.send(), {})
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+
+    def test_a_reply_late_enough_for_the_client_to_give_up(self):
+        self.smtpd.delay("data", 30)
+        client = smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=0.2)
+        self.addCleanup(client.close)
+        with self.assertRaises((TimeoutError, smtplib.SMTPServerDisconnected)):
+            client.send_message(message())
+
+    def test_a_reply_split_in_two_writes(self):
+        self.smtpd.fail("helo", 421, "4.3.2 Closing for maintenance", split=True, delay=0.3)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            self.assertTrue(reader.readline().startswith(b"220 "))
+            raw.sendall(b"EHLO client.example\r\n")
+            first = raw.recv(1000)
+            rest = b""
+            while not rest.endswith(b"\r\n"):
+                rest += raw.recv(1000)
+        self.assertEqual(first + rest, b"421 4.3.2 Closing for maintenance\r\n")
+        self.assertEqual(first, b"421 4.3.2 Closin")  # the second half came 0.3 s later
+        with smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10) as client:
+            self.assertEqual(client.ehlo()[0], 421)  # smtplib joins the halves
+
+
+class ScopeTests(FailureTestCase):
+    def send_with_retries(self, attempts: int) -> int:
+        """A sender that retries temporary failures; the attempts it took."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.send()
+                return attempt
+            except smtplib.SMTPRecipientsRefused as error:
+                [(code, _)] = error.recipients.values()
+                if code >= 500:
+                    raise
+        raise RuntimeError(f"gave up after {attempts} attempts")
+
+    def test_a_retrying_sender_succeeds_the_third_time(self):
+        failing = self.smtpd.fail("rcpt", 451, times=2)
+        self.assertEqual(self.send_with_retries(5), 3)
+        self.assertEqual(failing.used, 2)
+        self.assertEqual(len(self.outbox), 1)
+
+    def test_a_retrying_sender_gives_up(self):
+        failing = self.smtpd.fail("rcpt", 451)
+        with self.assertRaisesRegex(RuntimeError, "gave up after 3 attempts"):
+            self.send_with_retries(3)
+        self.assertEqual(failing.used, 3)
+        self.assertEqual(len(self.smtpd.transcripts), 3)
+
+    def test_a_permanent_failure_is_not_retried(self):
+        self.smtpd.fail("rcpt", 550)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            self.send_with_retries(3)
+        self.assertEqual(len(self.smtpd.transcripts), 1)
+
+    def test_the_first_arrangement_that_applies_wins(self):
+        self.smtpd.fail("mail", 451, times=1)
+        self.smtpd.fail("mail", 553, match=lambda sender: sender.endswith("@example.org"))
+        codes = []
+        for _ in range(3):
+            try:
+                self.send()
+            except smtplib.SMTPSenderRefused as error:
+                codes.append(error.smtp_code)
+        self.assertEqual(codes, [451, 553, 553])
+
+    def test_everything_resets_before_the_next_test(self):
+        self.smtpd.fail("connect", 554)
+        self.smtpd.drop("message", after_bytes=10)
+        with self.assertRaises(smtplib.SMTPConnectError):
+            self.client()
+        self.layer.testSetUp()  # what the test runner calls before the next test
+        self.assertEqual(self.smtpd.transcripts, [])
+        self.assertEqual(self.send(), {})
+        self.assertEqual(len(self.outbox), 1)
+
+    def test_aiosmtplib_retries_too(self):
+        self.smtpd.fail("mail", 451, times=1)
+
+        async def send_twice() -> list[str]:
+            outcomes = []
+            for _ in range(2):
+                try:
+                    await aiosmtplib.send(message(), hostname=self.layer["smtp_host"], port=self.layer["smtp_port"],
+                                          timeout=10, start_tls=False)
+                    outcomes.append("sent")
+                except aiosmtplib.SMTPSenderRefused as error:
+                    outcomes.append(f"refused {error.code}")
+            return outcomes
+
+        self.assertEqual(asyncio.run(send_twice()), ["refused 451", "sent"])
+        self.assertEqual(len(self.outbox), 1)
+
+
+class TranscriptTests(FailureTestCase):
+    def test_a_conversation_as_the_client_saw_it(self):
+        self.send()
+        [transcript] = self.smtpd.transcripts
+        size = len(self.outbox[0].raw)
+        self.assertEqual(transcript.peer[0], "127.0.0.1")
+        lines = transcript.lines
+        self.assertEqual(lines[0], "S: 220 127.0.0.1 serverlayer SMTP")
+        self.assertEqual(lines[1].split(" ")[0:1], ["C:"])
+        self.assertTrue(lines[1].startswith("C: EHLO "))
+        expected_end = [
+            f"C: MAIL FROM:<shop@example.org> size={size}",
+            "S: 250 OK",
+            "C: RCPT TO:<bob@example.org>",
+            "S: 250 OK",
+            "C: DATA",
+            "S: 354 End data with <CR><LF>.<CR><LF>",
+            f"C: <message, {size} bytes>",
+            "S: 250 OK: message accepted",
+            "C: QUIT",
+            "S: 221 Bye",
+        ]
+        self.assertEqual(lines[-10:], expected_end)
+        self.assertEqual(transcript.commands[-1], "QUIT")
+        self.assertEqual(transcript.replies[-1], "221 Bye")
+
+    def test_commands_the_server_does_not_know(self):
+        with self.client() as client:
+            self.assertEqual(client.docmd("XYZZY")[0], 500)
+        self.assertIn('S: 500 Error: command "XYZZY" not recognized', self.smtpd.transcripts[0].lines)
+
+
+class ProtocolGapTests(FailureTestCase):
+    def test_a_large_message_with_bare_lf_lines_is_accepted(self):
+        mail = message(("a line of text, " * 4 + "\n") * 100)
+        raw = mail.as_bytes()  # as applications pass it: LF line ends, no CR
+        self.assertGreater(len(raw), 5000)
+        self.assertNotIn(b"\r", raw)
+        with self.client() as client:
+            self.assertEqual(client.sendmail("shop@example.org", ["bob@example.org"], raw), {})
+        [received] = self.outbox
+        # smtplib ends bytes that do not end in CRLF with one more: an empty
+        # last line, as any MTA that reads bare LFs would see it.
+        self.assertEqual(received.get_content(), mail.get_content() + "\n")
+        self.assertNotIn(b"\n", received.raw.replace(b"\r\n", b""))  # every line end CRLF
+
+    def test_a_message_sent_in_pieces_over_a_raw_socket(self):
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+
+            def say(data: bytes) -> bytes:
+                raw.sendall(data)
+                return reader.readline()
+
+            reader.readline()
+            say(b"HELO client.example\r\n")
+            say(b"MAIL FROM:<shop@example.org>\r\n")
+            say(b"RCPT TO:<bob@example.org>\r\n")
+            self.assertTrue(say(b"DATA\r\n").startswith(b"354"))
+            raw.sendall(b"Subject: pieces\r")
+            self.assertTrue(say(b"\nX-Mixed: yes\n\nbody\r\nmore\n.\n").startswith(b"250"))
+        [received] = self.outbox
+        self.assertEqual(received.raw, b"Subject: pieces\r\nX-Mixed: yes\r\n\r\nbody\r\nmore\r\n")
+
+    def test_line_ends_across_packet_boundaries(self):
+        for packets, expected in [
+            ([b"a\r", b"\nb\n"], b"a\r\nb\r\n"),  # CR and LF in two packets: one line end
+            ([b"a\n", b"\nb"], b"a\r\n\r\nb"),
+            ([b"a\r\n", b"b\r\n"], b"a\r\nb\r\n"),  # CRLF as it should be: untouched
+            ([b"a\r", b"", b"\n"], b"a\r\n"),  # an empty read changes nothing
+            ([b"a", b"\n"], b"a\r\n"),
+        ]:
+            with self.subTest(packets=packets):
+                fix = smtp.CRLFLines()
+                self.assertEqual(b"".join(fix(packet) for packet in packets), expected)
+
+    def test_pipelining_and_dsn_are_advertised(self):
+        with self.client() as client:
+            client.ehlo()
+            self.assertTrue(client.has_extn("pipelining"))
+            self.assertTrue(client.has_extn("dsn"))
+
+    def test_dsn_parameters_are_recorded(self):
+        with self.client() as client:
+            client.sendmail(
+                "shop@example.org", ["bob@example.org"], b"Subject: x\r\n\r\nhi\r\n",
+                mail_options=["RET=HDRS", "ENVID=order-42"],
+                rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@example.org"],
+            )
+        [received] = self.outbox
+        self.assertEqual(received.mail_options, ["SIZE=18", "RET=HDRS", "ENVID=order-42"])
+        self.assertEqual(received.rcpt_options, ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@example.org"])
+
+    def test_aiosmtplib_pipelines_its_commands(self):
+        async def send() -> None:
+            async with aiosmtplib.SMTP(hostname=self.layer["smtp_host"], port=self.layer["smtp_port"],
+                                       timeout=10, start_tls=False) as client:
+                await client.ehlo()
+                self.assertTrue(client.supports_extension("pipelining"))
+                await client.send_message(message(to="bob@example.org, carol@example.org"))
+
+        asyncio.run(send())
+        [received] = self.outbox
+        self.assertEqual(received.rcpt_tos, ["bob@example.org", "carol@example.org"])
+
+
+class ConfigurationTests(FailureTestCase):
+    def assertRefused(self, call, *fragments):
+        with self.assertRaises(ConfigurationError) as raised:
+            call()
+        for fragment in fragments:
+            self.assertIn(fragment, str(raised.exception))
+
+    def test_bad_arrangements_are_refused_with_the_fix(self):
+        self.assertRefused(lambda: self.smtpd.fail("rcpt_to", 550), "'rcpt_to' is no stage", "connect, helo")
+        self.assertRefused(lambda: self.smtpd.fail("rcpt", 250), "from 400 to 599")
+        self.assertRefused(lambda: self.smtpd.fail("rcpt", 451, times=0), "times=0")
+        self.assertRefused(lambda: self.smtpd.delay("rcpt", -1), "delay=-1")
+        self.assertRefused(lambda: self.smtpd.drop("rcpt", after_bytes=10), "'message' stage, not 'rcpt'")
+        self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=-1), "after_bytes=-1")
+        self.assertRefused(lambda: self.smtpd.fail("mail", 550, match=42), "match=42")
+        self.assertEqual(self.send(), {})  # nothing refused was arranged
