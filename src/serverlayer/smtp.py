@@ -294,7 +294,10 @@ class _Connection(SMTP):  # type: ignore[misc]
                 # Recorded before the client can see it, closing included.
                 self.transcript.server(reply)
                 self.transcript.server("<connection closed>")
-                await self._send(reply, split=arranged.split, pause=arranged.delay)
+                if arranged.split:
+                    await self._send_split(reply, arranged.delay)
+                else:
+                    await super().push(reply)
                 if self.transport is not None:
                     self.transport.close()
                 return
@@ -302,16 +305,17 @@ class _Connection(SMTP):  # type: ignore[misc]
         self.transcript.server(line)
         if line.startswith("354"):
             self._start_message()
-        await self._send(line, split=split, pause=pause)
+        if split:
+            await self._send_split(line, pause)
+        else:
+            await super().push(status)
 
-    async def _send(self, line: str, *, split: bool, pause: float) -> None:
-        if split and len(line) > 1:
-            middle = len(line) // 2
-            self._writer.write(line[:middle].encode("utf-8"))
-            await self._writer.drain()
-            await asyncio.sleep(pause)
-            line = line[middle:]
-        await super().push(line)
+    async def _send_split(self, line: str, pause: float) -> None:
+        middle = len(line) // 2
+        self._writer.write(line[:middle].encode("utf-8"))
+        await self._writer.drain()
+        await asyncio.sleep(pause)
+        await super().push(line[middle:])
 
     def _start_message(self) -> None:
         self._receiving_message = True
@@ -363,6 +367,9 @@ class CRLFLines:
         self._ended_in_cr = False
 
     def __call__(self, data: bytes) -> bytes:
+        if data.count(b"\n") == data.count(b"\r\n"):
+            self._ended_in_cr = data.endswith(b"\r") or (self._ended_in_cr and not data)
+            return data  # CRLF throughout, as SMTP has it: nothing to do
         fixed = _BARE_LF.sub(b"\r\n", data)
         if data.startswith(b"\n") and self._ended_in_cr:
             fixed = fixed[1:]  # that LF ends the CR that ended the previous packet
@@ -380,6 +387,8 @@ def _without_dsn(argument: str, keywords: tuple[str, ...]) -> tuple[str, list[st
     """``argument`` without its DSN parameters, and those parameters (their
     keywords in upper case, their values as sent). aiosmtpd knows none of
     them: it refuses RCPT with any parameter, and MAIL with these (555)."""
+    if "=" not in argument:
+        return argument, []
     words = argument.split(" ")
     dsn = [word for word in words[1:] if word.partition("=")[0].upper() in keywords]
     if not dsn:

@@ -150,6 +150,8 @@ class Arrangements:
         """The first arrangement for ``stage`` that applies to ``subject``,
         counted as used; with ``cuts``, only those that do (or do not) cut
         a message's body (``after_bytes``)."""
+        if not self._arranged:  # what almost every command finds: no need to lock
+            return None
         with self._lock:
             for arrangement in self._arranged:
                 if cuts is not None and (arrangement.after_bytes is not None) != cuts:
