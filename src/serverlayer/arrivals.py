@@ -107,4 +107,9 @@ class Arrivals(Sequence[T], Generic[T]):
         raise self.timeout_error(
             f"Waited {timeout} seconds for {wanted}; {len(found)} of them arrived,"
             f" {len(everything)} {self.noun}(s) in all" + (f":\n{listing}" if everything else ".")
+            + self.why_missing()
         )
+
+    def why_missing(self) -> str:
+        """What a timeout's message adds: what the server knows of items that did not arrive."""
+        return ""

@@ -132,6 +132,14 @@ class Outbox(Arrivals[ReceivedMessage]):
 
     noun = "message"
     timeout_error = MailTimeoutError
+    #: The server's transcripts, whose refusals explain mail that never came.
+    transcripts: list[Transcript] = []
+
+    def why_missing(self) -> str:
+        refusals = [f"  {refusal}" for transcript in list(self.transcripts) for refusal in transcript.refusals]
+        if not refusals:
+            return ""
+        return "\nThe server refused, without the test arranging it:\n" + "\n".join(refusals)
 
 
 def _open_maildir(path: str) -> mailbox.Maildir:
@@ -170,7 +178,7 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         if self.auth_required and not session.authenticated:
-            return "530 5.7.0 Authentication required"
+            return "530 5.7.0 Authentication required"  # the application's failure: reported
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -179,7 +187,7 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if address.lower() in self.refused_recipients:
-            return f"550 5.1.1 <{address}>: Recipient address rejected"
+            return server.arranged(f"550 5.1.1 <{address}>: Recipient address rejected")
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -188,9 +196,9 @@ class _Handler:
         server.transcript.client(f"<message, {len(envelope.original_content or b'')} bytes>")
         arranged = await server.act_on(self.arrangements.take("message", envelope.mail_from or "", cuts=False))
         if arranged is not None:
-            return arranged
+            return server.arranged(arranged)
         if self.data_reply is not None:
-            return self.data_reply
+            return server.arranged(self.data_reply)
         arrival = Arrival.from_envelope(envelope, session)
         if self.maildir is not None:
             self.maildir.add(arrival.raw)
@@ -230,6 +238,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         #: Between 354 and the end of the message: its bytes are coming.
         self._receiving_message = False
         self._crlf_lines = CRLFLines()
+        self._arranged_reply: str | None = None
         #: Bytes of the body still to take before an arranged cut.
         self._cut_after: int | None = None
         # aiosmtpd dispatches every command through this table (HELP reads
@@ -254,7 +263,7 @@ class _Connection(SMTP):  # type: ignore[misc]
                 reply = await self.act_on(arranged)
                 if reply is not None:
                     assert arranged is not None
-                    await self.push(reply, split=arranged.split, pause=arranged.delay)
+                    await self.push(reply, split=arranged.split, pause=arranged.delay, arranged=True)
                     return
                 if arranged is not None and arranged.drop:
                     return
@@ -282,27 +291,37 @@ class _Connection(SMTP):  # type: ignore[misc]
             await asyncio.get_running_loop().create_future()
         return arrangement.reply
 
-    async def push(self, status: str | bytes, *, split: bool = False, pause: float = 0.0) -> None:
+    def arranged(self, reply: str) -> str:
+        """``reply``, which a handler hook returns for aiosmtpd to send, as
+        one the test arranged: no refusal to report."""
+        self._arranged_reply = reply
+        return reply
+
+    async def push(
+        self, status: str | bytes, *, split: bool = False, pause: float = 0.0, arranged: bool = False
+    ) -> None:
         """Send a reply, recording it; ``split`` sends it in two writes,
         ``pause`` seconds apart. The greeting is replaced or withheld as the
         test arranged for the ``connect`` stage."""
         if not self._greeted:  # aiosmtpd's first push is the greeting
             self._greeted = True
-            arranged = self.arrangements.take("connect")
-            reply = await self.act_on(arranged)
-            if arranged is not None and reply is not None:
+            greeting = self.arrangements.take("connect")
+            reply = await self.act_on(greeting)
+            if greeting is not None and reply is not None:
                 # Recorded before the client can see it, closing included.
-                self.transcript.server(reply)
+                self.transcript.server(reply, arranged=True)
                 self.transcript.server("<connection closed>")
-                if arranged.split:
-                    await self._send_split(reply, arranged.delay)
+                if greeting.split:
+                    await self._send_split(reply, greeting.delay)
                 else:
                     await super().push(reply)
                 if self.transport is not None:
                     self.transport.close()
                 return
         line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
-        self.transcript.server(line)
+        arranged = arranged or line == self._arranged_reply
+        self._arranged_reply = None
+        self.transcript.server(line, arranged=arranged)
         if line.startswith("354"):
             self._start_message()
         if split:
@@ -319,7 +338,6 @@ class _Connection(SMTP):  # type: ignore[misc]
 
     def _start_message(self) -> None:
         self._receiving_message = True
-        self._crlf_lines = CRLFLines()
         sender = self.envelope.mail_from if self.envelope is not None else ""
         cut = self.arrangements.take("message", sender or "", cuts=True)
         self._cut_after = None if cut is None else cut.after_bytes
@@ -424,6 +442,7 @@ class SMTPServer(AsyncioServer):
         self.arrangements = Arrangements()
         #: Each connection of the current test as its client saw it, in the order they came.
         self.transcripts: list[Transcript] = []
+        outbox.transcripts = self.transcripts
         self.handler = _Handler(outbox, errors, maildir, auth_required, self.arrangements)
         self.hostname = hostname
         self.data_size_limit = data_size_limit

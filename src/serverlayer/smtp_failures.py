@@ -183,11 +183,16 @@ class Transcript:
 
     peer: Any
     lines: list[str] = dataclasses.field(default_factory=list)
+    #: Error replies the test did not arrange, each after the command it answered.
+    refusals: list[str] = dataclasses.field(default_factory=list)
 
     def client(self, line: str) -> None:
         self.lines.append(f"C: {line}")
 
-    def server(self, line: str) -> None:
+    def server(self, line: str, *, arranged: bool = False) -> None:
+        if not arranged and line[:1] in ("4", "5"):
+            commands = self.commands
+            self.refusals.append(f"{commands[-1] if commands else '(connecting)'} -> {line}")
         self.lines.append(f"S: {line}")
 
     @property

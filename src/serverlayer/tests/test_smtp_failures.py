@@ -277,6 +277,59 @@ class TranscriptTests(FailureTestCase):
         self.assertIn('S: 500 Error: command "XYZZY" not recognized', self.smtpd.transcripts[0].lines)
 
 
+class UnarrangedRefusalTests(FailureTestCase):
+    """Mail that never came: the timeout names what the server refused
+    without the test arranging it."""
+
+    def test_a_refusal_nobody_arranged_explains_the_missing_mail(self):
+        with self.client() as client:
+            client.ehlo()
+            client.docmd("MAIL FROM:<shop@example.org>")
+            self.assertEqual(client.docmd("DATA")[0], 503)  # an application that forgot its recipients
+        with self.assertRaises(smtp.MailTimeoutError) as raised:
+            self.outbox.wait_for(1, timeout=0.05)
+        self.assertEqual(
+            str(raised.exception),
+            "Waited 0.05 seconds for 1 message(s); 0 of them arrived, 0 message(s) in all.\n"
+            "The server refused, without the test arranging it:\n"
+            "  DATA -> 503 Error: need RCPT command",
+        )
+
+    def test_arranged_refusals_are_no_news(self):
+        self.smtpd.fail("mail", 451, times=1)
+        self.smtpd.refuse_recipients("carol@example.org")
+        with self.assertRaises(smtplib.SMTPSenderRefused):
+            self.send()
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            self.send(message(to="carol@example.org"))
+        self.smtpd.fail_data(554)
+        with self.assertRaises(smtplib.SMTPDataError):
+            self.send()
+        self.smtpd.fail("message", 452, times=1)  # first in line, before fail_data
+        with self.assertRaises(smtplib.SMTPDataError):
+            self.send()
+        self.assertEqual([transcript.refusals for transcript in self.smtpd.transcripts], [[], [], [], []])
+        self.smtpd.reset()
+        self.smtpd.fail("connect", 421)
+        with self.assertRaises(smtplib.SMTPConnectError):
+            self.client()
+        with self.assertRaises(smtp.MailTimeoutError) as raised:
+            self.outbox.wait_for(1, timeout=0.05)
+        self.assertNotIn("refused", str(raised.exception))
+        self.assertEqual([transcript.refusals for transcript in self.smtpd.transcripts], [[]])
+
+
+    def test_an_arranged_reply_excuses_itself_only(self):
+        self.smtpd.fail("message", 503, "Error: need RCPT command", times=1)
+        with self.client() as client:
+            client.ehlo()
+            with self.assertRaises(smtplib.SMTPDataError):
+                client.sendmail("shop@example.org", ["bob@example.org"], b"Subject: x\r\n\r\nhi\r\n")
+            client.docmd("MAIL FROM:<shop@example.org>")
+            self.assertEqual(client.docmd("DATA"), (503, b"Error: need RCPT command"))  # the same words, unarranged
+        self.assertEqual(self.smtpd.transcripts[0].refusals, ["DATA -> 503 Error: need RCPT command"])
+
+
 class ProtocolGapTests(FailureTestCase):
     def test_a_large_message_with_bare_lf_lines_is_accepted(self):
         mail = message(("a line of text, " * 4 + "\n") * 100)
