@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from typing import Any
 
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from serverlayer import tls
@@ -194,16 +195,36 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         server.transcript.client(f"<message, {len(envelope.original_content or b'')} bytes>")
+        if isinstance(server, LMTP):
+            return await self._deliver_per_recipient(server, session, envelope)
         arranged = await server.act_on(self.arrangements.take("message", envelope.mail_from or "", cuts=False))
         if arranged is not None:
             return server.arranged(arranged)
         if self.data_reply is not None:
             return server.arranged(self.data_reply)
-        arrival = Arrival.from_envelope(envelope, session)
+        self._store(Arrival.from_envelope(envelope, session))
+        return "250 OK: message accepted"
+
+    async def _deliver_per_recipient(self, server: Any, session: Session, envelope: Envelope) -> str:
+        """LMTP's answer to a message: a reply for each recipient (RFC 2033),
+        failing those the test arranged (``match`` sees the recipient)."""
+        replies, delivered = [], []
+        for recipient in envelope.rcpt_tos:
+            arranged = await server.act_on(self.arrangements.take("message", recipient, cuts=False))
+            reply = arranged if arranged is not None else self.data_reply
+            if reply is not None:
+                replies.append(server.arranged(reply))
+            else:
+                delivered.append(recipient)
+                replies.append(f"250 2.1.5 <{recipient}> delivered")
+        if delivered:
+            self._store(dataclasses.replace(Arrival.from_envelope(envelope, session), rcpt_tos=tuple(delivered)))
+        return "\r\n".join(replies)
+
+    def _store(self, arrival: Arrival) -> None:
         if self.maildir is not None:
             self.maildir.add(arrival.raw)
         self.outbox.append(arrival)
-        return "250 OK: message accepted"
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd hands a client's failed STARTTLS handshake (a client
@@ -238,7 +259,8 @@ class _Connection(SMTP):  # type: ignore[misc]
         #: Between 354 and the end of the message: its bytes are coming.
         self._receiving_message = False
         self._crlf_lines = CRLFLines()
-        self._arranged_reply: str | None = None
+        #: Replies a handler hook made as the test arranged, still to be sent.
+        self._arranged_replies: list[str] = []
         #: Bytes of the body still to take before an arranged cut.
         self._cut_after: int | None = None
         # aiosmtpd dispatches every command through this table (HELP reads
@@ -294,7 +316,7 @@ class _Connection(SMTP):  # type: ignore[misc]
     def arranged(self, reply: str) -> str:
         """``reply``, which a handler hook returns for aiosmtpd to send, as
         one the test arranged: no refusal to report."""
-        self._arranged_reply = reply
+        self._arranged_replies.append(reply)
         return reply
 
     async def push(
@@ -319,9 +341,9 @@ class _Connection(SMTP):  # type: ignore[misc]
                     self.transport.close()
                 return
         line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
-        arranged = arranged or line == self._arranged_reply
-        self._arranged_reply = None
-        self.transcript.server(line, arranged=arranged)
+        for each in line.split("\r\n"):  # LMTP answers a message with a line per recipient
+            self.transcript.server(each, arranged=arranged or each in self._arranged_replies)
+        self._arranged_replies.clear()
         if line.startswith("354"):
             self._start_message()
         if split:
@@ -396,6 +418,11 @@ class CRLFLines:
         return fixed
 
 
+class _LMTPConnection(_Connection, LMTP):  # type: ignore[misc]
+    """The same, speaking LMTP: LHLO instead of EHLO and HELO, and a reply
+    per recipient to each message."""
+
+
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 #: Delivery status notification parameters (RFC 3461) of MAIL and RCPT.
 DSN_PARAMETERS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
@@ -432,8 +459,10 @@ class SMTPServer(AsyncioServer):
         starttls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         implicit_tls_context: ssl.SSLContext | None = None,
+        lmtp: bool = False,
     ) -> None:
         super().__init__(sockets, errors=errors)
+        self.lmtp = lmtp
         self.starttls_context = starttls_context
         self.require_starttls = require_starttls
         self.implicit_tls_context = implicit_tls_context
@@ -537,7 +566,8 @@ class SMTPServer(AsyncioServer):
             options.update(authenticator=self._authenticate, auth_require_tls=False)
         if self.starttls_context is not None:
             options.update(tls_context=self.starttls_context, require_starttls=self.require_starttls)
-        return _Connection(
+        connection_class = _LMTPConnection if self.lmtp else _Connection
+        return connection_class(
             self.handler,
             transports=self.transports,
             arrangements=self.arrangements,
@@ -581,6 +611,10 @@ class Layer(ServerLayer):
       started TLS, ``implicit_tls=True`` speaks TLS from the first byte
       (SMTPS). The certificate comes from the test process's certificate
       authority, published as ``ca_bundle`` and ``ssl_context``.
+    - ``lmtp=True`` speaks LMTP (RFC 2033), as a mail store behind an MTA
+      does: LHLO instead of EHLO and HELO, and a reply per recipient after
+      each message (``smtpd.fail("message", ..., match=recipient)`` fails
+      one of them).
     """
 
     resource_prefix = "smtp"
@@ -592,6 +626,7 @@ class Layer(ServerLayer):
     maildir: str | None = None
     auth: Credentials | None = None
     auth_required: bool = False
+    lmtp: bool = False
 
     def __init__(
         self,
@@ -603,9 +638,12 @@ class Layer(ServerLayer):
         starttls: bool = False,
         require_starttls: bool = False,
         implicit_tls: bool = False,
+        lmtp: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if lmtp is not None:
+            self.lmtp = lmtp
         if implicit_tls and (starttls or require_starttls):
             raise ConfigurationError(
                 f"{self!r}: implicit_tls=True speaks TLS from the start, so STARTTLS has no"
@@ -657,6 +695,7 @@ class Layer(ServerLayer):
             starttls_context=context if self.starttls else None,
             require_starttls=self.require_starttls,
             implicit_tls_context=context if self.implicit_tls else None,
+            lmtp=self.lmtp,
         )
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:

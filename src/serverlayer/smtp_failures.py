@@ -14,12 +14,14 @@ Stages, in the order of a conversation:
 =============  ==============================================================
 ``connect``    the greeting: a failure replaces ``220`` and ends the
                connection; ``drop`` closes it before any greeting
-``helo``       EHLO and HELO (``match``: the client's host name)
+``helo``       EHLO and HELO, or LMTP's LHLO (``match``: the client's
+               host name)
 ``auth``       AUTH (``match``: the mechanism)
 ``mail``       MAIL FROM (``match``: the sender)
 ``rcpt``       RCPT TO, per recipient (``match``: the recipient)
 ``data``       the DATA command: a failure means ``354`` never comes
-``message``    the reply after the message's body (``match``: the sender);
+``message``    the reply after the message's body (``match``: the sender;
+               over LMTP, each recipient, which gets a reply of its own);
                ``drop(after_bytes=N)`` ends the connection after N bytes
                of the body
 ``quit``       QUIT
@@ -43,7 +45,7 @@ from serverlayer.errors import ConfigurationError
 
 STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "message", "quit")
 #: The commands of each stage.
-COMMAND_STAGES = {"EHLO": "helo", "HELO": "helo", "AUTH": "auth", "MAIL": "mail", "RCPT": "rcpt",
+COMMAND_STAGES = {"EHLO": "helo", "HELO": "helo", "LHLO": "helo", "AUTH": "auth", "MAIL": "mail", "RCPT": "rcpt",
                   "DATA": "data", "QUIT": "quit"}
 #: What a failing reply says when the test gives only its code.
 DEFAULT_TEXTS = {

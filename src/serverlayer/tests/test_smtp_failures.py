@@ -420,3 +420,92 @@ class ConfigurationTests(FailureTestCase):
         self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=-1), "after_bytes=-1")
         self.assertRefused(lambda: self.smtpd.fail("mail", 550, match=42), "match=42")
         self.assertEqual(self.send(), {})  # nothing refused was arranged
+
+
+class AiosmtplibStageTests(FailureTestCase):
+    """The stages as aiosmtplib meets them: each failure raises what it should."""
+
+    def send(self, mail=None, **kwargs):
+        async def send():
+            return await aiosmtplib.send(mail or message(), hostname=self.layer["smtp_host"],
+                                         port=self.layer["smtp_port"], timeout=10, start_tls=False, **kwargs)
+
+        return asyncio.run(send())
+
+    def test_each_stage(self):
+        for stage, code, error, times in [
+            ("connect", 554, aiosmtplib.SMTPConnectResponseError, 1),
+            ("helo", 550, aiosmtplib.SMTPHeloError, 2),  # refused EHLO, aiosmtplib tries HELO
+            ("mail", 553, aiosmtplib.SMTPSenderRefused, 1),
+            ("rcpt", 550, aiosmtplib.SMTPRecipientsRefused, 1),
+            ("data", 451, aiosmtplib.SMTPDataError, 1),
+            ("message", 554, aiosmtplib.SMTPDataError, 1),
+        ]:
+            with self.subTest(stage=stage):
+                self.smtpd.fail(stage, code, times=times)
+                with self.assertRaises(error) as raised:
+                    self.send()
+                codes = [each.code for each in getattr(raised.exception, "recipients", [raised.exception])]
+                self.assertEqual(codes, [code])
+        self.assertEqual(len(self.outbox), 0)
+        self.send()  # every arrangement was used up
+        self.assertEqual(len(self.outbox), 1)
+
+    def test_a_dropped_connection(self):
+        self.smtpd.drop("rcpt")
+        with self.assertRaises(aiosmtplib.SMTPServerDisconnected):
+            self.send()
+
+
+LMTP_LAYER = smtp.Layer(name="LMTP_LAYER", lmtp=True)
+
+
+class LMTPTests(unittest.TestCase):
+    layer = LMTP_LAYER
+
+    def conversation(self, *recipients: str) -> list[tuple[int, bytes]]:
+        """One message to ``recipients`` over LMTP; the replies to it, one per recipient."""
+        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        client.ehlo_or_helo_if_needed()  # LHLO
+        client.mail("shop@example.org")
+        for recipient in recipients:
+            self.assertEqual(client.rcpt(recipient)[0], 250)
+        self.assertEqual(client.docmd("DATA")[0], 354)
+        client.send(b"Subject: stored\r\n\r\nhi\r\n.\r\n")
+        replies = [client.getreply() for _ in recipients]
+        self.assertEqual(client.quit()[0], 221)
+        return replies
+
+    def test_a_reply_per_recipient(self):
+        self.layer["smtpd"].fail("message", 452, match="carol@example.org")
+        replies = self.conversation("bob@example.org", "carol@example.org", "dave@example.org")
+        self.assertEqual(replies, [
+            (250, b"2.1.5 <bob@example.org> delivered"),
+            (452, b"4.3.1 Insufficient system storage"),
+            (250, b"2.1.5 <dave@example.org> delivered"),
+        ])
+        [stored] = self.layer["outbox"]
+        self.assertEqual(stored.rcpt_tos, ["bob@example.org", "dave@example.org"])
+        transcript = self.layer["smtpd"].transcripts[0]
+        self.assertEqual(transcript.lines[-6:-2], [
+            "C: <message, 23 bytes>",
+            "S: 250 2.1.5 <bob@example.org> delivered",
+            "S: 452 4.3.1 Insufficient system storage",
+            "S: 250 2.1.5 <dave@example.org> delivered",
+        ])
+        self.assertEqual(transcript.refusals, [])  # arranged
+
+    def test_every_recipient_failing_stores_nothing(self):
+        self.layer["smtpd"].fail_data(451)
+        replies = self.conversation("bob@example.org", "carol@example.org")
+        self.assertEqual([code for code, _ in replies], [451, 451])
+        self.assertEqual(len(self.layer["outbox"]), 0)
+
+    def test_lhlo_and_not_ehlo(self):
+        client = smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        self.assertEqual(client.ehlo()[0], 500)
+        self.assertEqual(client.docmd("LHLO", "client.example")[0], 250)
+        self.assertRegex(self.layer["smtpd"].transcripts[0].refusals[0],
+                         r'^EHLO \S+ -> 500 Error: command "EHLO" not recognized$')
