@@ -63,8 +63,9 @@ MODULES: dict[str, tuple[str, ...]] = {
     "smtp": (
         "test_smtp", "test_tls.SMTPTLSTests", "test_hardening.SMTPHardeningTests",
         "test_hardening.MisbehavingSMTPClientTests", "test_integrations.MailSinkTests",
-        "test_addresses.EveryAddressTests",
+        "test_addresses.EveryAddressTests", "test_smtp_failures",
     ),
+    "smtp_failures": ("test_smtp_failures",),
     "content": (
         "test_content", "test_content_protocol", "test_content_streaming", "test_content_websocket",
         "test_content_matching", "test_content_holding",
