@@ -61,6 +61,7 @@ setup(
     classifiers=[
         "Framework :: Zope",
         "Framework :: Plone",
+        "Framework :: Pytest",
         "Intended Audience :: Developers",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3.10",
