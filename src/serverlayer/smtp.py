@@ -287,8 +287,6 @@ class _Connection(SMTP):  # type: ignore[misc]
                     assert arranged is not None
                     await self.push(reply, split=arranged.split, pause=arranged.delay, arranged=True)
                     return
-                if arranged is not None and arranged.drop:
-                    return
             envelope = self.envelope
             before = (envelope.mail_from, len(envelope.rcpt_tos)) if envelope is not None else None
             await method(argument)
@@ -298,8 +296,8 @@ class _Connection(SMTP):  # type: ignore[misc]
         return staged
 
     async def act_on(self, arrangement: Arrangement | None) -> str | None:
-        """Wait and drop the connection as ``arrangement`` says; the reply
-        it makes instead of the normal one, if any."""
+        """Wait and drop the connection as ``arrangement`` says (a drop
+        never returns); the reply it makes instead of the normal one, if any."""
         if arrangement is None:
             return None
         if arrangement.delay and not arrangement.split:
