@@ -878,6 +878,8 @@ class Layer(custom.Layer):
     def tearDown(self) -> None:
         self.content.url = None
         self.content.release_held()
+        if self._running is not None:  # the released answers go out before stopping closes their connections
+            self._running.server.wait_quiet(self.quiet_timeout)
         super().tearDown()
 
     def testSetUp(self) -> None:
