@@ -660,14 +660,15 @@ class HTTPContent:
                 " Answer it inside the block: request.respond(...), respond_json(...) or respond_with_response(...)."
             )
 
-    def release_held(self) -> None:
+    def release_held(self) -> int:
         """Answer 503 to every request still held: the test that would
-        answer them is over."""
+        answer them is over. Returns how many there were."""
         with self._lock:
             held, self._held = list(self._held), collections.deque()
             self._never_taken.extend(held)
         for each in held:
             each.release(503, "The test ended before it answered this held request.")
+        return len(held)
 
     def _expectation_for(self, request: RecordedRequest) -> Expectation | None:
         """The first matching expectation still wanting requests, else the
@@ -877,8 +878,8 @@ class Layer(custom.Layer):
 
     def tearDown(self) -> None:
         self.content.url = None
-        self.content.release_held()
-        if self._running is not None:  # the released answers go out before stopping closes their connections
+        if self.content.release_held() and self._running is not None:
+            # The released answers go out before stopping closes their connections.
             self._running.server.wait_quiet(self.quiet_timeout)
         super().tearDown()
 
