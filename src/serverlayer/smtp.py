@@ -197,7 +197,7 @@ class _Handler:
         server.transcript.client(f"<message, {len(envelope.original_content or b'')} bytes>")
         if isinstance(server, LMTP):
             return await self._deliver_per_recipient(server, session, envelope)
-        arranged = await server.act_on(self.arrangements.take("message", envelope.mail_from or "", cuts=False))
+        arranged = await server.act_on(server.take("message", envelope.mail_from or "", cuts=False))
         if arranged is not None:
             return server.arranged(arranged)
         if self.data_reply is not None:
@@ -210,7 +210,7 @@ class _Handler:
         failing those the test arranged (``match`` sees the recipient)."""
         replies, delivered = [], []
         for recipient in envelope.rcpt_tos:
-            arranged = await server.act_on(self.arrangements.take("message", recipient, cuts=False))
+            arranged = await server.act_on(server.take("message", recipient, cuts=False))
             reply = arranged if arranged is not None else self.data_reply
             if reply is not None:
                 replies.append(server.arranged(reply))
@@ -281,7 +281,7 @@ class _Connection(SMTP):  # type: ignore[misc]
             if command in ("MAIL", "RCPT") and argument:
                 argument, dsn = _without_dsn(argument, DSN_PARAMETERS[command])
             if stage is not None:
-                arranged = self.arrangements.take(stage, command_subject(command, argument))
+                arranged = self.take(stage, command_subject(command, argument))
                 reply = await self.act_on(arranged)
                 if reply is not None:
                     assert arranged is not None
@@ -294,6 +294,10 @@ class _Connection(SMTP):  # type: ignore[misc]
                 (envelope.mail_options if command == "MAIL" else envelope.rcpt_options).extend(dsn)
 
         return staged
+
+    def take(self, stage: str, subject: str = "", *, cuts: bool | None = None) -> Arrangement | None:
+        """The arrangement for ``stage`` that applies on this connection, if any."""
+        return self.arrangements.take(stage, subject, connection=id(self.transcript), cuts=cuts)
 
     async def act_on(self, arrangement: Arrangement | None) -> str | None:
         """Wait and drop the connection as ``arrangement`` says (a drop
@@ -325,7 +329,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         test arranged for the ``connect`` stage."""
         if not self._greeted:  # aiosmtpd's first push is the greeting
             self._greeted = True
-            greeting = self.arrangements.take("connect")
+            greeting = self.take("connect")
             reply = await self.act_on(greeting)
             if greeting is not None and reply is not None:
                 # Recorded before the client can see it, closing included.
@@ -359,7 +363,7 @@ class _Connection(SMTP):  # type: ignore[misc]
     def _start_message(self) -> None:
         self._receiving_message = True
         sender = self.envelope.mail_from if self.envelope is not None else ""
-        cut = self.arrangements.take("message", sender or "", cuts=True)
+        cut = self.take("message", sender or "", cuts=True)
         self._cut_after = None if cut is None else cut.after_bytes
 
     def _set_post_data_state(self) -> None:
@@ -499,16 +503,19 @@ class SMTPServer(AsyncioServer):
         *,
         match: Match = None,
         times: int | None = None,
+        connections: int | None = None,
         delay: float = 0.0,
         split: bool = False,
     ) -> Arrangement:
         """Reply ``code`` (and ``text``, else a standard one) at ``stage``
         instead of going on: ``fail("rcpt", 451, times=2)`` has the next two
-        recipients tried again later. ``delay`` waits before the reply;
+        recipients tried again later, ``connections=2`` every recipient of
+        the next two connections. ``delay`` waits before the reply;
         ``split`` sends it in two writes, ``delay`` seconds apart. See
         ``serverlayer.smtp_failures`` for the stages."""
         return self.arrangements.add(Arrangement(
-            stage, reply=failing_reply(code, text, stage), match=match, times=times, delay=delay, split=split
+            stage, reply=failing_reply(code, text, stage), match=match, times=times, connections=connections,
+            delay=delay, split=split,
         ))
 
     def drop(
@@ -517,6 +524,7 @@ class SMTPServer(AsyncioServer):
         *,
         match: Match = None,
         times: int | None = None,
+        connections: int | None = None,
         delay: float = 0.0,
         after_bytes: int | None = None,
     ) -> Arrangement:
@@ -527,12 +535,18 @@ class SMTPServer(AsyncioServer):
                                         or after_bytes < 0):
             raise ConfigurationError(f"after_bytes={after_bytes!r} must be a number of bytes, 0 or more.")
         return self.arrangements.add(Arrangement(
-            stage, drop=True, match=match, times=times, delay=delay, after_bytes=after_bytes
+            stage, drop=True, match=match, times=times, connections=connections, delay=delay,
+            after_bytes=after_bytes,
         ))
 
-    def delay(self, stage: str, seconds: float, *, match: Match = None, times: int | None = None) -> Arrangement:
+    def delay(
+        self, stage: str, seconds: float, *, match: Match = None, times: int | None = None,
+        connections: int | None = None,
+    ) -> Arrangement:
         """Reply as usual at ``stage``, ``seconds`` late: for clients' timeouts."""
-        return self.arrangements.add(Arrangement(stage, delay=seconds, match=match, times=times))
+        return self.arrangements.add(
+            Arrangement(stage, delay=seconds, match=match, times=times, connections=connections)
+        )
 
     def reset(self) -> None:
         """Accept every recipient and message again, with no failures

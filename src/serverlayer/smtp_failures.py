@@ -27,8 +27,9 @@ Stages, in the order of a conversation:
 ``quit``       QUIT
 =============  ==============================================================
 
-Each arrangement holds for the rest of the test, or for its next ``times``
-matching commands; the first one that still applies wins. ``match`` is an
+Each arrangement holds for the rest of the test, for its next ``times``
+matching commands, or for the first ``connections`` connections that send
+one; the first one that still applies wins. ``match`` is an
 address (any case), a compiled regular expression, or a function. Every
 arrangement ends with the test.
 """
@@ -94,11 +95,16 @@ class Arrangement:
     split: bool = False
     match: Match = None
     times: int | None = None
+    connections: int | None = None
     #: How many commands it applied to so far.
     used: int = 0
+    #: The connections (their transcripts' ids) it applied to.
+    _met: set[int] = dataclasses.field(default_factory=set, repr=False)
 
-    def applies(self, subject: str) -> bool:
+    def applies(self, subject: str, connection: int) -> bool:
         if self.times is not None and self.used >= self.times:
+            return False
+        if self.connections is not None and connection not in self._met and len(self._met) >= self.connections:
             return False
         match = self.match
         if match is None:
@@ -127,12 +133,11 @@ class Arrangements:
             raise ConfigurationError(
                 f"{arrangement.stage!r} is no stage of an SMTP conversation; use one of {', '.join(STAGES)}."
             )
-        if arrangement.times is not None and (
-            isinstance(arrangement.times, bool) or not isinstance(arrangement.times, int) or arrangement.times < 1
-        ):
-            raise ConfigurationError(
-                f"times={arrangement.times!r} must be a whole number of at least 1, or None for the rest of the test."
-            )
+        for setting, value in (("times", arrangement.times), ("connections", arrangement.connections)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(
+                    f"{setting}={value!r} must be a whole number of at least 1, or None for the rest of the test."
+                )
         if not arrangement.delay >= 0:
             raise ConfigurationError(f"delay={arrangement.delay!r} must be a number of seconds, 0 or more.")
         if arrangement.after_bytes is not None and arrangement.stage != "message":
@@ -148,18 +153,21 @@ class Arrangements:
             self._arranged.append(arrangement)
         return arrangement
 
-    def take(self, stage: str, subject: str = "", *, cuts: bool | None = None) -> Arrangement | None:
-        """The first arrangement for ``stage`` that applies to ``subject``,
-        counted as used; with ``cuts``, only those that do (or do not) cut
-        a message's body (``after_bytes``)."""
+    def take(
+        self, stage: str, subject: str = "", *, connection: int = 0, cuts: bool | None = None
+    ) -> Arrangement | None:
+        """The first arrangement for ``stage`` that applies to ``subject``
+        on ``connection``, counted as used; with ``cuts``, only those that
+        do (or do not) cut a message's body (``after_bytes``)."""
         if not self._arranged:  # what almost every command finds: no need to lock
             return None
         with self._lock:
             for arrangement in self._arranged:
                 if cuts is not None and (arrangement.after_bytes is not None) != cuts:
                     continue
-                if arrangement.stage == stage and arrangement.applies(subject):
+                if arrangement.stage == stage and arrangement.applies(subject, connection):
                     arrangement.used += 1
+                    arrangement._met.add(connection)
                     return arrangement
         return None
 

@@ -206,6 +206,31 @@ class ScopeTests(FailureTestCase):
             self.send_with_retries(3)
         self.assertEqual(len(self.smtpd.transcripts), 1)
 
+    def test_for_the_next_connections(self):
+        refusing = self.smtpd.fail("rcpt", 451, connections=1)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused) as raised:
+            self.send(message(to="bob@example.org, carol@example.org"))
+        self.assertEqual(len(raised.exception.recipients), 2)  # every recipient of that connection
+        self.assertEqual(self.send(message(to="bob@example.org, carol@example.org")), {})
+        self.assertEqual(refusing.used, 2)
+
+    def test_dropped_for_two_connections_then_served(self):
+        self.smtpd.drop("mail", connections=2)
+        outcomes = []
+        for _ in range(3):
+            try:
+                self.send()
+                outcomes.append("sent")
+            except smtplib.SMTPServerDisconnected:
+                outcomes.append("dropped")
+        self.assertEqual(outcomes, ["dropped", "dropped", "sent"])
+
+    def test_times_and_connections_together(self):
+        self.smtpd.fail("rcpt", 452, times=1, connections=2)
+        self.assertEqual(self.send(message(to="bob@example.org, carol@example.org")),
+                         {"bob@example.org": (452, b"4.3.1 Insufficient system storage")})
+        self.assertEqual(self.send(message(to="bob@example.org, carol@example.org")), {})
+
     def test_the_first_arrangement_that_applies_wins(self):
         self.smtpd.fail("mail", 451, times=1)
         self.smtpd.fail("mail", 553, match=lambda sender: sender.endswith("@example.org"))
@@ -415,6 +440,7 @@ class ConfigurationTests(FailureTestCase):
         self.assertRefused(lambda: self.smtpd.fail("rcpt_to", 550), "'rcpt_to' is no stage", "connect, helo")
         self.assertRefused(lambda: self.smtpd.fail("rcpt", 250), "from 400 to 599")
         self.assertRefused(lambda: self.smtpd.fail("rcpt", 451, times=0), "times=0")
+        self.assertRefused(lambda: self.smtpd.drop("rcpt", connections=True), "connections=True", "at least 1")
         self.assertRefused(lambda: self.smtpd.delay("rcpt", -1), "delay=-1")
         self.assertRefused(lambda: self.smtpd.drop("rcpt", after_bytes=10), "'message' stage, not 'rcpt'")
         self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=-1), "after_bytes=-1")
