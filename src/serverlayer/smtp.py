@@ -307,7 +307,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         if arrangement.delay and not arrangement.split:
             await asyncio.sleep(arrangement.delay)
         if arrangement.drop:
-            self.transcript.server("<connection closed>")
+            self.transcript.closed()
             if self.transport is not None:
                 self.transport.close()
             # Closing makes aiosmtpd cancel this conversation's task (in
@@ -334,7 +334,7 @@ class _Connection(SMTP):  # type: ignore[misc]
             if greeting is not None and reply is not None:
                 # Recorded before the client can see it, closing included.
                 self.transcript.server(reply, arranged=True)
-                self.transcript.server("<connection closed>")
+                self.transcript.closed()
                 if greeting.split:
                     await self._send_split(reply, greeting.delay)
                 else:
@@ -382,7 +382,7 @@ class _Connection(SMTP):  # type: ignore[misc]
             data = self._crlf_lines(data)
         super().data_received(data)
         if self._cut_after == 0 and self.transport is not None:
-            self.transcript.server("<connection closed>")
+            self.transcript.closed()
             self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -75,10 +75,10 @@ def command_subject(command: str, argument: str | None) -> str:
     if command in ("MAIL", "RCPT"):
         found = _ADDRESS.search(argument)
         return found.group(1) if found else argument.partition(":")[2].strip()
-    return argument.split(" ", 1)[0]
+    return argument.partition(" ")[0]
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass
 class Arrangement:
     """What the server does at ``stage`` instead of its normal reply."""
 
@@ -114,10 +114,6 @@ class Arrangement:
         if isinstance(match, re.Pattern):
             return match.fullmatch(subject) is not None
         return bool(match(subject))
-
-    def describe(self) -> str:
-        what = f"reply {self.reply!r}" if self.reply else "drop the connection" if self.drop else "reply late"
-        return f"{self.stage}: {what}"
 
 
 class Arrangements:
@@ -199,11 +195,15 @@ class Transcript:
     def client(self, line: str) -> None:
         self.lines.append(f"C: {line}")
 
-    def server(self, line: str, *, arranged: bool = False) -> None:
+    def server(self, line: str, *, arranged: bool) -> None:
+        """A reply; one the test did not arrange that refuses is a refusal."""
         if not arranged and line[:1] in ("4", "5"):
             commands = self.commands
             self.refusals.append(f"{commands[-1] if commands else '(connecting)'} -> {line}")
         self.lines.append(f"S: {line}")
+
+    def closed(self) -> None:
+        self.lines.append("S: <connection closed>")
 
     @property
     def replies(self) -> list[str]:

@@ -429,6 +429,79 @@ class ProtocolGapTests(FailureTestCase):
         self.assertEqual(received.rcpt_tos, ["bob@example.org", "carol@example.org"])
 
 
+class ArrangementDetailTests(FailureTestCase):
+    def test_each_code_has_its_standard_text(self):
+        from serverlayer.smtp_failures import failing_reply
+
+        expected = {
+            421: "4.3.2 Service not available, closing transmission channel",
+            450: "4.2.1 Mailbox unavailable, try again later",
+            451: "4.3.0 Local error in processing, try again later",
+            452: "4.3.1 Insufficient system storage",
+            454: "4.7.0 Temporary authentication failure",
+            535: "5.7.8 Authentication credentials invalid",
+            550: "5.1.1 Mailbox unavailable",
+            551: "5.1.6 User not local",
+            552: "5.3.4 Message size exceeds fixed maximum message size",
+            553: "5.1.3 Mailbox name not allowed",
+            554: "5.3.0 Transaction failed",
+            499: "Failed as the test arranged",
+        }
+        for code, text in expected.items():
+            self.assertEqual(failing_reply(code, None, "mail"), f"{code} {text}")
+        self.assertEqual(failing_reply(451, "4.4.5 Busy", "mail"), "451 4.4.5 Busy")
+
+    def test_the_codes_a_failure_may_have(self):
+        for code in (400, 599):
+            self.smtpd.fail("mail", code, "edge", times=1)
+        for code in (399, 600, True, "451", 451.0):
+            with self.subTest(code=code), self.assertRaises(ConfigurationError):
+                self.smtpd.fail("mail", code)
+        codes = []
+        for _ in range(2):
+            with self.assertRaises(smtplib.SMTPSenderRefused) as raised:
+                self.send()
+            codes.append(raised.exception.smtp_code)
+        self.assertEqual(codes, [400, 599])
+
+    def test_times_must_be_a_whole_number(self):
+        for times in ("2", 1.5, -1):
+            with self.subTest(times=times), self.assertRaises(ConfigurationError):
+                self.smtpd.fail("rcpt", 451, times=times)
+
+    def test_after_bytes_only_at_the_message_stage(self):
+        for stage in ("connect", "data", "helo", "quit"):
+            with self.subTest(stage=stage), self.assertRaises(ConfigurationError):
+                self.smtpd.drop(stage, after_bytes=10)
+
+    def test_a_stage_named_by_an_equal_string(self):
+        stage = "".join(["r", "c", "p", "t"])  # equal to "rcpt", not the same object
+        self.smtpd.fail(stage, 550)
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            self.send()
+
+    def test_a_cut_that_does_not_apply_leaves_the_message_stage_to_the_others(self):
+        self.smtpd.drop("message", after_bytes=5, match="someone-else@example.org")
+        self.smtpd.fail("message", 552)
+        with self.assertRaises(smtplib.SMTPDataError) as raised:
+            self.send()
+        self.assertEqual(raised.exception.smtp_code, 552)
+
+    def test_a_sender_without_angle_brackets(self):
+        self.smtpd.fail("mail", 553, match="shop@example.org")
+        with self.client() as client:
+            client.ehlo()
+            self.assertEqual(client.docmd("MAIL FROM:shop@example.org")[0], 553)
+            self.assertEqual(client.docmd("MAIL FROM:other@example.org")[0], 250)
+
+    def test_auth_matches_the_mechanism_alone(self):
+        self.smtpd.fail("auth", 535, match="PLAIN")
+        with self.client() as client:
+            client.ehlo()
+            self.assertEqual(client.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA==")[0], 535)
+        self.assertIn("C: AUTH PLAIN ...", self.smtpd.transcripts[0].lines)
+
+
 class ConfigurationTests(FailureTestCase):
     def assertRefused(self, call, *fragments):
         with self.assertRaises(ConfigurationError) as raised:
