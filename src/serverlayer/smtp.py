@@ -514,7 +514,7 @@ class SMTPServer(AsyncioServer):
         ``split`` sends it in two writes, ``delay`` seconds apart. See
         ``serverlayer.smtp_failures`` for the stages."""
         return self.arrangements.add(Arrangement(
-            stage, reply=failing_reply(code, text, stage), match=match, times=times, connections=connections,
+            stage=stage, reply=failing_reply(code, text, stage), match=match, times=times, connections=connections,
             delay=delay, split=split,
         ))
 
@@ -535,7 +535,7 @@ class SMTPServer(AsyncioServer):
                                         or after_bytes < 0):
             raise ConfigurationError(f"after_bytes={after_bytes!r} must be a number of bytes, 0 or more.")
         return self.arrangements.add(Arrangement(
-            stage, drop=True, match=match, times=times, connections=connections, delay=delay,
+            stage=stage, drop=True, match=match, times=times, connections=connections, delay=delay,
             after_bytes=after_bytes,
         ))
 
@@ -545,7 +545,7 @@ class SMTPServer(AsyncioServer):
     ) -> Arrangement:
         """Reply as usual at ``stage``, ``seconds`` late: for clients' timeouts."""
         return self.arrangements.add(
-            Arrangement(stage, delay=seconds, match=match, times=times, connections=connections)
+            Arrangement(stage=stage, delay=seconds, match=match, times=times, connections=connections)
         )
 
     def reset(self) -> None:

@@ -78,7 +78,7 @@ def command_subject(command: str, argument: str | None) -> str:
     return argument.partition(" ")[0]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Arrangement:
     """What the server does at ``stage`` instead of its normal reply."""
 
@@ -90,7 +90,7 @@ class Arrangement:
     #: For the ``message`` stage: close after this many bytes of the body.
     after_bytes: int | None = None
     #: Seconds to wait before replying (or dropping).
-    delay: float = 0.0
+    delay: float
     #: Send the reply in two packets.
     split: bool = False
     match: Match = None
@@ -99,7 +99,7 @@ class Arrangement:
     #: How many commands it applied to so far.
     used: int = 0
     #: The connections (their transcripts' ids) it applied to.
-    _met: set[int] = dataclasses.field(default_factory=set, repr=False)
+    _met: set[int] = dataclasses.field(default_factory=set)
 
     def applies(self, subject: str, connection: int) -> bool:
         if self.times is not None and self.used >= self.times:
@@ -150,7 +150,7 @@ class Arrangements:
         return arrangement
 
     def take(
-        self, stage: str, subject: str = "", *, connection: int = 0, cuts: bool | None = None
+        self, stage: str, subject: str, *, connection: int, cuts: bool | None = None
     ) -> Arrangement | None:
         """The first arrangement for ``stage`` that applies to ``subject``
         on ``connection``, counted as used; with ``cuts``, only those that
