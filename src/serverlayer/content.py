@@ -386,35 +386,34 @@ class Route:
     def _differences(self, request: RecordedRequest) -> Iterator[str]:
         """The differences, cheapest to find first, found only as far as
         they are asked for: ``matches`` stops at the first, so that a
-        request another route serves costs a body matcher nothing."""
+        request another route serves costs a body matcher nothing. The
+        ``match`` function is asked only when nothing else differs."""
         found = False
-        if self.method and request.method != self.method:
+        for difference in self._declared_differences(request):
             found = True
+            yield difference
+        if self.match is not None and not found and not self.match(request):
+            yield f"{getattr(self.match, '__qualname__', repr(self.match))}(request) returned false"
+
+    def _declared_differences(self, request: RecordedRequest) -> Iterator[str]:
+        if self.method and request.method != self.method:
             yield f"method is {request.method}, not {self.method}"
         # Decoded unless told otherwise; a route written encoded still matches.
         paths = [request.path] if self.raw_path else [request.decoded_path, request.path]
         if isinstance(self.path, re.Pattern):
             if not any(self.path.fullmatch(path) for path in paths):
-                found = True
                 yield f"path {request.path} does not match {self.path.pattern!r}"
         elif self.path not in paths:
-            found = True
             yield f"path is {request.path}, not {self.path}"
         params = request.query_params if self.query else {}
         for key, values in self.query.items():
             if params.get(key) != values:
                 got = "missing" if key not in params else f"{params[key]}"
-                found = True
                 yield f"query {key} is {got}, not {values}"
         for name, value in self.headers.items():
             if request.headers.get(name) != value:
-                found = True
                 yield f"header {name} is {request.headers.get(name)!r}, not {value!r}"
-        for difference in self._body_differences(request):
-            found = True
-            yield difference
-        if self.match is not None and not found and not self.match(request):
-            yield f"{getattr(self.match, '__qualname__', repr(self.match))}(request) returned false"
+        yield from self._body_differences(request)
 
     def _body_differences(self, request: RecordedRequest) -> list[str]:
         body = request.body

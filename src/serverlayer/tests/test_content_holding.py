@@ -178,6 +178,16 @@ class NextRequestTests(unittest.TestCase):
                 request.respond_with_response("not a response")
         self.assertEqual(client.answer(self).text, "first")
 
+    def test_a_json_answer_with_headers(self):
+        self.content.route("/json").hold()
+        client = send(self, "GET", self.content.url_for("/json"))
+        with self.content.next_request() as request:
+            request.respond_json({"ok": True}, status=202, headers={"X-Answered": "by the test"})
+        response = client.answer(self)
+        self.assertEqual((response.status_code, response.json()), (202, {"ok": True}))
+        self.assertEqual(response.headers["X-Answered"], "by the test")
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+
     def test_a_held_request_reads_like_the_recorded_one(self):
         self.content.route("/same").hold()
         client = send(self, "PUT", self.content.url_for("/same?q=1"), data=b"payload")

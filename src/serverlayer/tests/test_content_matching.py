@@ -181,6 +181,30 @@ class NearMissTests(unittest.TestCase):
 
 class DifferenceTests(unittest.TestCase):
 
+    def test_the_match_function_is_asked_only_when_nothing_else_differs(self):
+        from serverlayer.recording import RecordedRequest
+
+        asked = []
+
+        def never(request):
+            asked.append(request)
+            return False
+
+        request = RecordedRequest("GET", "/other", "q=2", (("X-Key", "b"),), b"{}")
+        for route, difference in [
+            (content.Route("/other", "POST", match=never), "method is GET, not POST"),
+            (content.Route("/path", match=never), "path is /other, not /path"),
+            (content.Route("/other", query={"q": "1"}, match=never), "query q is ['2'], not ['1']"),
+            (content.Route("/other", headers={"X-Key": "a"}, match=never), "header X-Key is 'b', not 'a'"),
+            (content.Route("/other", json={"a": 1}, match=never), "body $.a is missing"),
+        ]:
+            with self.subTest(difference=difference):
+                self.assertEqual(route.differences(request), [difference])
+        self.assertEqual(asked, [])
+        self.assertEqual(content.Route("/other", match=never).differences(request),
+                         [f"{never.__qualname__}(request) returned false"])
+        self.assertEqual(asked, [request])
+
     def test_json_subset_allows_more_keys_only(self):
         self.assertEqual(json_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}, "d": 3}, subset=True), [])
         self.assertEqual(json_differences({"a": [{"b": 1}]}, {"a": [{"b": 2, "c": 3}]}, subset=True),

@@ -108,11 +108,13 @@ class SSETests(unittest.TestCase):
 
     def read_lines(self, path: str) -> tuple[httpx.Headers, list[str]]:
         with self.client.stream("GET", path) as response:
+            self.status = response.status_code
             return response.headers, list(response.iter_lines())
 
     def test_llm_style_json_deltas(self):
         self.http_content.route("/v1/chat").respond_sse([{"delta": "Hel"}, {"delta": "lo"}, "[DONE]"], interval=0.01)
         headers, lines = self.read_lines("/v1/chat")
+        self.assertEqual(self.status, 200)
         self.assertEqual(headers["Content-Type"], "text/event-stream; charset=utf-8")
         self.assertEqual(headers["Cache-Control"], "no-cache")
         self.assertEqual(lines, ['data: {"delta": "Hel"}', "", 'data: {"delta": "lo"}', "", "data: [DONE]", ""])
