@@ -285,7 +285,7 @@ class _Connection(SMTP):  # type: ignore[misc]
                 reply = await self.act_on(arranged)
                 if reply is not None:
                     assert arranged is not None
-                    await self.push(reply, split=arranged.split, pause=arranged.delay, arranged=True)
+                    await self.push(reply, split=arranged.split, arranged=True)
                     return
             envelope = self.envelope
             before = (envelope.mail_from, len(envelope.rcpt_tos)) if envelope is not None else None
@@ -304,7 +304,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         never returns); the reply it makes instead of the normal one, if any."""
         if arrangement is None:
             return None
-        if arrangement.delay and not arrangement.split:
+        if arrangement.delay:
             await asyncio.sleep(arrangement.delay)
         if arrangement.drop:
             self.transcript.closed()
@@ -321,11 +321,9 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._arranged_replies.append(reply)
         return reply
 
-    async def push(
-        self, status: str | bytes, *, split: bool = False, pause: float = 0.0, arranged: bool = False
-    ) -> None:
-        """Send a reply, recording it; ``split`` sends it in two writes,
-        ``pause`` seconds apart. The greeting is replaced or withheld as the
+    async def push(self, status: str | bytes, *, split: float | None = None, arranged: bool = False) -> None:
+        """Send a reply, recording it; ``split`` sends it in two writes, that
+        many seconds apart. The greeting is replaced or withheld as the
         test arranged for the ``connect`` stage."""
         if not self._greeted:  # aiosmtpd's first push is the greeting
             self._greeted = True
@@ -335,8 +333,8 @@ class _Connection(SMTP):  # type: ignore[misc]
                 # Recorded before the client can see it, closing included.
                 self.transcript.server(reply, arranged=True)
                 self.transcript.closed()
-                if greeting.split:
-                    await self._send_split(reply, greeting.delay)
+                if greeting.split is not None:
+                    await self._send_split(reply, greeting.split)
                 else:
                     await super().push(reply)
                 if self.transport is not None:
@@ -348,8 +346,8 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._arranged_replies.clear()
         if line.startswith("354"):
             self._start_message()
-        if split:
-            await self._send_split(line, pause)
+        if split is not None:
+            await self._send_split(line, split)
         else:
             await super().push(status)
 
@@ -415,8 +413,7 @@ class CRLFLines:
         fixed = _BARE_LF.sub(b"\r\n", data)
         if data.startswith(b"\n") and self._ended_in_cr:
             fixed = fixed[1:]  # that LF ends the CR that ended the previous packet
-        if data:
-            self._ended_in_cr = data.endswith(b"\r")
+        self._ended_in_cr = data.endswith(b"\r")  # data has a LF: it is not empty
         return fixed
 
 
@@ -505,13 +502,13 @@ class SMTPServer(AsyncioServer):
         times: int | None = None,
         connections: int | None = None,
         delay: float = 0.0,
-        split: bool = False,
+        split: float | None = None,
     ) -> Arrangement:
         """Reply ``code`` (and ``text``, else a standard one) at ``stage``
         instead of going on: ``fail("rcpt", 451, times=2)`` has the next two
         recipients tried again later, ``connections=2`` every recipient of
         the next two connections. ``delay`` waits before the reply;
-        ``split`` sends it in two writes, ``delay`` seconds apart. See
+        ``split=0.5`` sends it in two writes, half a second apart. See
         ``serverlayer.smtp_failures`` for the stages."""
         return self.arrangements.add(Arrangement(
             stage=stage, reply=failing_reply(code, text, stage), match=match, times=times, connections=connections,

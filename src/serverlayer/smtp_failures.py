@@ -91,8 +91,8 @@ class Arrangement:
     after_bytes: int | None = None
     #: Seconds to wait before replying (or dropping).
     delay: float
-    #: Send the reply in two packets.
-    split: bool = False
+    #: Send the reply in two writes, this many seconds apart.
+    split: float | None = None
     match: Match = None
     times: int | None = None
     connections: int | None = None
@@ -134,8 +134,9 @@ class Arrangements:
                 raise ConfigurationError(
                     f"{setting}={value!r} must be a whole number of at least 1, or None for the rest of the test."
                 )
-        if not arrangement.delay >= 0:
-            raise ConfigurationError(f"delay={arrangement.delay!r} must be a number of seconds, 0 or more.")
+        for setting, seconds in (("delay", arrangement.delay), ("split", arrangement.split)):
+            if seconds is not None and not seconds >= 0:
+                raise ConfigurationError(f"{setting}={seconds!r} must be a number of seconds, 0 or more.")
         if arrangement.after_bytes is not None and arrangement.stage != "message":
             raise ConfigurationError(
                 f"after_bytes= cuts a message's body, so it belongs to the 'message' stage, not {arrangement.stage!r}."

@@ -159,7 +159,7 @@ class DropAndDelayTests(FailureTestCase):
             client.send_message(message())
 
     def test_a_reply_split_in_two_writes(self):
-        self.smtpd.fail("helo", 421, "4.3.2 Closing for maintenance", split=True, delay=1.0)
+        self.smtpd.fail("helo", 421, "4.3.2 Closing for maintenance", split=1.0)
         with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
             reader = raw.makefile("rb")
             self.assertTrue(reader.readline().startswith(b"220 "))
@@ -172,6 +172,49 @@ class DropAndDelayTests(FailureTestCase):
         self.assertEqual(first, b"421 4.3.2 Closin")  # the second half comes 1 s later
         with smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10) as client:
             self.assertEqual(client.ehlo()[0], 421)  # smtplib joins the halves
+
+
+class MoreStageTests(FailureTestCase):
+    def test_a_refused_greeting_in_two_writes_then_the_server_hangs_up(self):
+        self.smtpd.fail("connect", 421, "4.3.2 Too busy", split=1.0)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            first = raw.recv(1000)
+            rest = b""
+            while not rest.endswith(b"\r\n"):
+                rest += raw.recv(1000)
+            self.assertEqual(raw.recv(1000), b"")  # closed by the server
+        self.assertEqual((first, first + rest), (b"421 4.3.2", b"421 4.3.2 Too busy\r\n"))
+
+    def test_a_late_greeting_delays_the_greeting_only(self):
+        late = self.smtpd.delay("connect", 0.2)
+        started = time.monotonic()
+        self.assertEqual(self.send(), {})
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        self.assertEqual(late.used, 1)  # one greeting, not every reply
+
+    def test_a_cut_for_one_sender(self):
+        self.smtpd.drop("message", after_bytes=20, match="shop@example.org")
+        self.assertEqual(self.send(message(sender="other@example.org")), {})
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.send(message(sender="shop@example.org"))
+        self.assertEqual([mail.mail_from for mail in self.outbox], ["other@example.org"])
+
+    def test_a_cut_before_the_first_byte(self):
+        self.smtpd.drop("message", after_bytes=0)
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.send()
+        self.assertEqual(len(self.outbox), 0)
+
+    def test_dsn_parameters_of_a_refused_recipient_are_not_kept(self):
+        self.smtpd.refuse_recipients("carol@example.org")
+        with self.client() as client:
+            refused = client.sendmail(
+                "shop@example.org", ["bob@example.org", "carol@example.org"], b"Subject: x\r\n\r\nhi\r\n",
+                rcpt_options=["NOTIFY=FAILURE"],
+            )
+        self.assertEqual(list(refused), ["carol@example.org"])
+        [received] = self.outbox
+        self.assertEqual(received.rcpt_options, ["NOTIFY=FAILURE"])  # bob's alone
 
 
 class ScopeTests(FailureTestCase):
@@ -394,6 +437,8 @@ class ProtocolGapTests(FailureTestCase):
             ([b"a\r\n", b"b\r\n"], b"a\r\nb\r\n"),  # CRLF as it should be: untouched
             ([b"a\r", b"", b"\n"], b"a\r\n"),  # an empty read changes nothing
             ([b"a", b"\n"], b"a\r\n"),
+            ([b"\nb"], b"\r\nb"),  # a first packet that starts a line end
+            ([b"a\r\n", b"\nb"], b"a\r\n\r\nb"),
         ]:
             with self.subTest(packets=packets):
                 fix = smtp.CRLFLines()
@@ -515,6 +560,7 @@ class ConfigurationTests(FailureTestCase):
         self.assertRefused(lambda: self.smtpd.fail("rcpt", 451, times=0), "times=0")
         self.assertRefused(lambda: self.smtpd.drop("rcpt", connections=True), "connections=True", "at least 1")
         self.assertRefused(lambda: self.smtpd.delay("rcpt", -1), "delay=-1")
+        self.assertRefused(lambda: self.smtpd.fail("rcpt", 451, split=-0.5), "split=-0.5")
         self.assertRefused(lambda: self.smtpd.drop("rcpt", after_bytes=10), "'message' stage, not 'rcpt'")
         self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=-1), "after_bytes=-1")
         self.assertRefused(lambda: self.smtpd.fail("mail", 550, match=42), "match=42")
