@@ -188,6 +188,14 @@ class NextRequestTests(unittest.TestCase):
         self.assertEqual(response.headers["X-Answered"], "by the test")
         self.assertEqual(response.headers["Content-Type"], "application/json")
 
+    def test_a_json_answer_is_200_unless_said_otherwise(self):
+        self.content.route("/plain-json").hold()
+        client = send(self, "GET", self.content.url_for("/plain-json"))
+        with self.content.next_request() as request:
+            request.respond_json([1, 2])
+        response = client.answer(self)
+        self.assertEqual((response.status_code, response.json()), (200, [1, 2]))
+
     def test_a_held_request_reads_like_the_recorded_one(self):
         self.content.route("/same").hold()
         client = send(self, "PUT", self.content.url_for("/same?q=1"), data=b"payload")
