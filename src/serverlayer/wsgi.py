@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import wsgiref.simple_server
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -220,6 +221,23 @@ class _WSGITask(WSGITask):
                 environ["SSL_CLIENT_CERT"] = certificate.pem
         return environ
 
+    def build_response_header(self) -> bytes:
+        # waitress writes a response's head (status line and headers) as
+        # soon as the application writes anything, and its body after it:
+        # two sends, so a small response reaches the client in two packets
+        # (TCP_NODELAY is on), and each send hands the interpreter lock to
+        # the waiting client and back. Here the channel keeps the head and
+        # sends it with the first body bytes (``_Channel.write_soon``).
+        self.channel.head = super().build_response_header()
+        return b""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        head = self.channel.head
+        if head:  # no body bytes came with it
+            self.channel.head = b""
+            self.channel.write_soon(head)
+
     def service(self) -> None:
         """Serve the request, then have the server log it (wsgiref logged
         each request through its handler class; waitress does not)."""
@@ -309,6 +327,35 @@ class _Channel(HTTPChannel):
     ) -> None:
         super().__init__(server, sock, addr, adj, map)
         self.outbuf_lock = _OutbufLock(self)
+        self.read_waiting()
+
+    def read_waiting(self) -> None:
+        """Take up a request the client sent with its connection.
+
+        A client sends its request as soon as it connects, so it is usually
+        there by the time the connection is accepted. waitress leaves it to
+        the loop's next turn; reading it here saves that turn.
+        """
+        try:
+            data = self.socket.recv(self.adj.recv_bytes)
+        except OSError:  # nothing yet (the socket does not block), or gone
+            return  # either way, the loop finds out
+        if data:
+            self.last_activity = time.time()
+            self.received(data)
+
+    #: A response's head, waiting for the first bytes of its body.
+    head = b""
+
+    def write_soon(self, data: Any) -> int:
+        head = self.head
+        if not (head and data):
+            return int(super().write_soon(data))
+        self.head = b""
+        if isinstance(data, bytes) and len(data) <= self.sendbuf_len:
+            return int(super().write_soon(head + data)) - len(head)
+        super().write_soon(head)  # a file wrapper, or a large body: no copy
+        return int(super().write_soon(data))
 
     def writable(self) -> bool:
         if self.outbuf_lock.depth:

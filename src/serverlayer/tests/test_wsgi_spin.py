@@ -80,14 +80,34 @@ def held(environ, start_response):
     return [bytes(MEGABYTE)]
 
 
-class CountingServer(wsgi.WaitressServer):
-    """Counts the turns of its loop: a loop that spins turns without serving."""
+class CountingChannel(wsgi._Channel):
+    """Counts the sends of its responses."""
 
+    sends = 0
+
+    def send(self, data: bytes, do_close: bool = True) -> int:
+        type(self).sends += 1
+        return int(super().send(data, do_close))
+
+
+class CountingServer(wsgi.WaitressServer):
+    """Counts the turns of its loop (a loop that spins turns without
+    serving), and notes the turn in which each request went to a worker."""
+
+    channel_class = CountingChannel
     turns = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dispatched_in: list[int] = []
 
     def poll_once(self) -> None:
         self.turns += 1
         super().poll_once()
+
+    def add_task(self, task) -> None:
+        self.dispatched_in.append(self.turns)
+        super().add_task(task)
 
 
 class CountingLayer(wsgi.Layer):
@@ -168,6 +188,47 @@ class LoopTurnTests(unittest.TestCase):
         for clients in (2, 4, 8):
             with self.subTest(clients=clients):
                 self.assertLessEqual(self.run_clients(clients), self.TURNS_PER_REQUEST)
+
+
+class NewConnectionTests(unittest.TestCase):
+    layer = SPIN_LAYER
+
+    def test_a_request_sent_with_the_connection_goes_to_a_worker_in_the_turn_that_accepts_it(self):
+        # Clients send their request as soon as they connect. Here the loop
+        # is held inside a turn until the request is there, so the
+        # accepting turn finds it: waitress alone reads it a turn later.
+        server = self.layer["httpd"]
+        holding, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hold() -> None:
+            holding.set()
+            release.wait(10)
+
+        server.trigger.pull_trigger(hold)
+        self.assertTrue(holding.wait(10), "the loop did not take up the trigger")
+        held_turn = server.turns
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            release.set()
+            head, body = read_response(sock)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
+        self.assertEqual(body, b"hello")
+        self.assertEqual(server.dispatched_in[-1], held_turn + 1)
+
+    def test_a_small_response_leaves_in_one_send(self):
+        # waitress sends a response's head and its body apart: two packets,
+        # and a second read for the client.
+        for method in ("GET", "HEAD"):
+            with self.subTest(method=method):
+                connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+                self.addCleanup(connection.close)
+                before = CountingChannel.sends
+                connection.request(method, "/")
+                response = connection.getresponse()
+                self.assertEqual(response.read(), b"hello" if method == "GET" else b"")
+                self.assertEqual(response.getheader("Content-Length"), "5")
+                self.assertEqual(CountingChannel.sends - before, 1)
 
 
 def read_response(sock: socket.socket, *, pause_after: int | None = None, pause: float = 0.0,
