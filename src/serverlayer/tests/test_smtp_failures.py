@@ -441,6 +441,7 @@ class ProtocolGapTests(FailureTestCase):
             ([b"a", b"\n"], b"a\r\n"),
             ([b"\nb"], b"\r\nb"),  # a first packet that starts a line end
             ([b"a\r\n", b"\nb"], b"a\r\n\r\nb"),
+            ([b"a\r", b"b", b"\nc"], b"a\rb\r\nc"),  # a CR, then more: the next LF is bare
         ]:
             with self.subTest(packets=packets):
                 fix = smtp.CRLFLines()
@@ -565,6 +566,8 @@ class ConfigurationTests(FailureTestCase):
         self.assertRefused(lambda: self.smtpd.fail("rcpt", 451, split=-0.5), "split=-0.5")
         self.assertRefused(lambda: self.smtpd.drop("rcpt", after_bytes=10), "'message' stage, not 'rcpt'")
         self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=-1), "after_bytes=-1")
+        self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=True), "after_bytes=True")
+        self.assertRefused(lambda: self.smtpd.drop("message", after_bytes="10"), "after_bytes='10'")
         self.assertRefused(lambda: self.smtpd.fail("mail", 550, match=42), "match=42")
         self.assertEqual(self.send(), {})  # nothing refused was arranged
 
