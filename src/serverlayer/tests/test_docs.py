@@ -89,6 +89,16 @@ class ExampleModuleTests(unittest.TestCase):
                         self.assertEqual(language, "xml")
                         self.assertRegex(first_line, r"<!-- \w+\.zcml, next to test_\w+\.py -->")
 
+    def test_directives_stand_apart(self):
+        """A directive right under a paragraph's last line would be read as
+        text: shown as prose, though this module would still run it."""
+        for page in [*pages(), DOCS.parent / "README.rst"]:
+            lines = page.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines[1:], 2):
+                if line.startswith(".. ") and "::" in line:
+                    with self.subTest(page=page.name, line=number):
+                        self.assertEqual(lines[number - 2].strip(), "")
+
     def test_included_examples_exist(self):
         for page in pages():
             for target in LITERAL_INCLUDE.findall(page.read_text(encoding="utf-8")):
