@@ -38,13 +38,12 @@ nitpicky = False
 
 # API reference: signatures with their type hints in the description.
 autodoc_typehints = "description"
-autodoc_typehints_description_target = "documented_params"
+autodoc_typehints_description_target = "all"
 autodoc_member_order = "bysource"
 autodoc_default_options = {
     "members": True,
     "show-inheritance": True,
 }
-autodoc_class_signature = "separated"
 autoclass_content = "class"
 autodoc_preserve_defaults = True
 # The Zope layers import Zope. Without the zope extras, their modules are
