@@ -10,6 +10,10 @@ setup(
     long_description=long_description,
     long_description_content_type="text/x-rst",
     license="ZPL-2.1",
+    project_urls={
+        "Documentation": "https://serverlayer.readthedocs.io/",
+        "Changelog": "https://serverlayer.readthedocs.io/en/latest/changes.html",
+    },
     python_requires=">=3.10",
     package_dir={"": "src"},
     packages=find_packages("src", exclude=["serverlayer.tests.samples*"]),
@@ -54,6 +58,9 @@ setup(
         "zope": ["Zope >= 5", "plone.testing[zope]"],
         # serverlayer.zopeappwsgi: zope.app.wsgi (Zope Toolkit, Grok) over a ZODBLayer's database.
         "zopeappwsgi": ["zope.app.wsgi >= 4", "zope.app.appsetup >= 4", "ZODB"],
+        # Building the documentation in docs/ (`tox -e docs`, Read the Docs):
+        # Sphinx with autodoc, and the furo theme.
+        "docs": ["sphinx >= 7.2", "furo >= 2024.1.29"],
         # The real-browser tests (zope.testrunner level 2, tests/test_browser.py);
         # they also need Chromium, chromedriver and certutil from the system.
         "browser": ["selenium >= 4.11", "gocept.selenium >= 7.1"],

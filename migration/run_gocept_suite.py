@@ -82,7 +82,7 @@ POSITIONAL = {
 }
 
 #: Tests that test a documented difference between gocept.httpserverlayer
-#: and serverlayer (README.rst, "Migrating from gocept.httpserverlayer").
+#: and serverlayer (docs/migration.rst, "Migrating from gocept.httpserverlayer").
 DOCUMENTED: dict[str, str] = {
     "gocept.httpserverlayer.static.tests.test_static.TestStaticFiles"
     ".test_documentroot_empty_except_for_favicon_after_testsetup": (

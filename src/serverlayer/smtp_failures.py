@@ -2,12 +2,17 @@
 its normal reply at each stage of a conversation, and what each
 connection's client saw.
 
-A test arranges failures on the ``smtpd`` resource::
+A test arranges failures on the ``smtpd`` resource:
 
-    smtpd.fail("rcpt", 451, times=2)          # try again later, twice; then accept
-    smtpd.fail("mail", 553, match="spam@example.org")
-    smtpd.drop("message", after_bytes=1000)   # the connection ends mid-DATA
-    smtpd.delay("data", 5.0)                  # 354 comes late: the client times out
+>>> from serverlayer import smtp
+>>> with smtp.Layer() as mail:
+...     smtpd = mail["smtpd"]
+...     retry = smtpd.fail("rcpt", 451, times=2)  # try again later, twice; then accept
+...     spam = smtpd.fail("mail", 553, match="spam@example.org")
+...     cut = smtpd.drop("message", after_bytes=1000)  # the connection ends mid-DATA
+...     late = smtpd.delay("data", 5.0)  # 354 comes late: the client times out
+>>> retry.times, retry.used  # each arrangement counts what it was used for
+(2, 0)
 
 Stages, in the order of a conversation:
 

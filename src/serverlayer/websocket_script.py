@@ -170,12 +170,18 @@ class WebSocketScript:
     """What a scripted WebSocket endpoint does; made by ``http_content.websocket(path)``.
 
     Every method returns the script, so that a whole conversation reads as
-    one expression::
+    one expression:
 
-        feed = http_content.websocket("/feed")
-        feed.on_connect({"type": "welcome"})
-        feed.expect({"op": "subscribe"}, {"price": 1}, {"price": 2}, interval=0.1)
-        feed.on_message("bye", close=1000)
+    >>> from serverlayer import content
+    >>> with content.Layer() as service:
+    ...     feed = (
+    ...         service["http_content"].websocket("/feed")
+    ...         .on_connect({"type": "welcome"})
+    ...         .on_message({"op": "subscribe"}, {"price": 1}, {"price": 2}, interval=0.1)
+    ...         .on_message("bye", close=1000)
+    ...     )
+    ...     service["ws_url"] + "feed"
+    'ws://127.0.0.1:.../feed'
     """
 
     def __init__(self, path: str | re.Pattern[str], subprotocols: Sequence[str] = ()) -> None:

@@ -1,15 +1,12 @@
 """A zope.app.wsgi application (Zope Toolkit, Grok) over each test's database.
 
 Needs ``pip install serverlayer[zopeappwsgi]``. The layer publishes the
-application as the ``wsgi_app`` resource; stack ``serverlayer.wsgi.Layer``
-on it to serve it over real HTTP::
-
-    import zope.app.appsetup.testlayer
-    from serverlayer import wsgi, zopeappwsgi
-
-    ZODB_LAYER = zope.app.appsetup.testlayer.ZODBLayer(mypackage, "ftesting.zcml")
-    APP_LAYER = zopeappwsgi.Layer(bases=(ZODB_LAYER,), name="APP_LAYER")
-    HTTP_LAYER = wsgi.Layer(bases=(APP_LAYER,), name="HTTP_LAYER")
+application as the ``wsgi_app`` resource; stack it on your application's
+``zope.app.appsetup.testlayer.ZODBLayer``, and ``serverlayer.wsgi.Layer``
+on it to serve it over real HTTP: ``zopeappwsgi.Layer(bases=(ZODB_LAYER,),
+name="APP_LAYER")``, then ``wsgi.Layer(bases=(APP_LAYER,),
+name="HTTP_LAYER")``. The documentation's "Zope and Plone" page has a
+complete test module.
 
 This is the split gocept.httpserverlayer's ``zopeappwsgi.Layer`` had, so
 moving from it means changing the imports; its ``get_current_zodb`` hook

@@ -1,4 +1,4 @@
-"""README.rst's Zope examples pass: the code blocks headed
+"""docs/zope.rst's examples pass: the code blocks headed
 ``# test_<name>.py -- needs serverlayer[...]`` (which the main suite, without
 Zope, leaves alone), with the ``<!-- <name>.zcml, next to ... -->`` files
 they load, run under zope.testrunner as a user would run them."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from serverlayer.tests.helpers import run_example_modules
 
-README = Path(__file__).resolve().parents[4] / "README.rst"
+ZOPE_PAGE = Path(__file__).resolve().parents[4] / "docs" / "zope.rst"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: (python|xml)\n\n((?:    .*\n|\n)+)", re.MULTILINE)
 TEST_MODULE = re.compile(r"# (test_\w+\.py) -- needs serverlayer\[\w+\].*")
 ZCML_FILE = re.compile(r"<!-- (\w+\.zcml), next to test_\w+\.py -->")
@@ -19,10 +19,10 @@ ZCML_FILE = re.compile(r"<!-- (\w+\.zcml), next to test_\w+\.py -->")
 WARNING_FILTERS = ("-W", "ignore:'cgi' is deprecated:DeprecationWarning:webob.compat")
 
 
-def zope_examples(readme: str) -> dict[str, str]:
+def zope_examples(page: str) -> dict[str, str]:
     """File name to content, for every Zope example module and ZCML file."""
     files = {}
-    for language, block in CODE_BLOCK.findall(readme):
+    for language, block in CODE_BLOCK.findall(page):
         text = "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
         header = (TEST_MODULE if language == "python" else ZCML_FILE).fullmatch(text.splitlines()[0])
         if header:
@@ -30,10 +30,10 @@ def zope_examples(readme: str) -> dict[str, str]:
     return files
 
 
-class ReadmeZopeExampleTests(unittest.TestCase):
+class ZopeDocsExampleTests(unittest.TestCase):
 
     def test_examples_pass_under_zope_testrunner(self):
-        files = zope_examples(README.read_text())
+        files = zope_examples(ZOPE_PAGE.read_text(encoding="utf-8"))
         self.assertEqual(
             sorted(name for name in files if name.endswith(".py")),
             ["test_zope_site.py", "test_ztk_app.py"],
@@ -44,3 +44,16 @@ class ReadmeZopeExampleTests(unittest.TestCase):
         self.assertEqual(completed.returncode, 0, output)
         self.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)
         self.assertNotIn("left new threads behind", output)
+
+
+def test_suite() -> unittest.TestSuite:
+    """The examples above, and those in the Zope modules' docstrings, which
+    the API reference shows."""
+    import doctest
+
+    from serverlayer import plonetestingzope, zopeappwsgi
+
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(ZopeDocsExampleTests)
+    for module in (plonetestingzope, zopeappwsgi):
+        suite.addTest(doctest.DocTestSuite(module, optionflags=doctest.ELLIPSIS))
+    return suite
