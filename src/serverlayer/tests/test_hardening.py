@@ -1253,7 +1253,7 @@ class TLSFrontTests(unittest.TestCase):
         "Exception in callback ... CancelledError" is recorded in
         layer.server_errors. Nothing clears it until the next testSetUp, so
         a layer driven by hand (setUp, request, check_server_errors, as in
-        the README) fails its next check after being set up again."""
+        docs/by-hand.rst) fails its next check after being set up again."""
         layer = wsgi.Layer(echo_app, name="tls_front_cancelled", tls=True)
         layer.setUp()
         try:
