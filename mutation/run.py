@@ -54,7 +54,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "recording": ("test_recording", "test_chunked_uploads", "test_mutual_tls", "test_content_matching"),
     "static": ("test_static", "test_static_symlinks", "test_static_ranges"),
     "ranges": ("test_static_ranges",),
-    "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front", "test_mutual_tls"),
+    "server": ("test_lifecycle", "test_addresses", "test_serving", "test_tls_front", "test_mutual_tls", "test_waiting"),
     "layer": (
         "test_lifecycle", "test_unnamed_layers", "test_addresses", "test_gocept_api",
         "test_hardening.LateServerErrorTests", "test_custom.HandlerValidationTests", "test_reporting",

@@ -37,15 +37,21 @@ class Arrivals(Sequence[T], Generic[T]):
 
     def __init__(self) -> None:
         self._items: list[T | Unread[T]] = []
-        self._changed = threading.Condition()
+        # Taken directly (not through the Condition, whose ``with`` is
+        # Python code): servers append on every request.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        #: Threads in ``wait_for``; only they need waking.
+        self._waiting = 0
 
     def append(self, item: T | Unread[T]) -> None:
-        with self._changed:
+        with self._lock:
             self._items.append(item)
-            self._changed.notify_all()
+            if self._waiting:
+                self._changed.notify_all()
 
     def clear(self) -> None:
-        with self._changed:
+        with self._lock:
             self._items.clear()
 
     def _ready(self) -> list[T]:
@@ -66,11 +72,11 @@ class Arrivals(Sequence[T], Generic[T]):
     def __getitem__(self, index: slice) -> list[T]: ...
 
     def __getitem__(self, index: int | slice) -> T | list[T]:
-        with self._changed:
+        with self._lock:
             return self._ready()[index]
 
     def __iter__(self) -> Iterator[T]:
-        with self._changed:
+        with self._lock:
             return iter(list(self._ready()))
 
     def __repr__(self) -> str:
@@ -93,8 +99,12 @@ class Arrivals(Sequence[T], Generic[T]):
         def matching() -> list[T]:
             return [item for item in self._ready() if match is None or match(item)]
 
-        with self._changed:
-            arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)
+        with self._lock:
+            self._waiting += 1
+            try:
+                arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)
+            finally:
+                self._waiting -= 1
             found, everything = matching(), list(self._ready())
         if arrived:
             return found[:count]

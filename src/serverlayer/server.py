@@ -224,21 +224,31 @@ class Activity:
     """
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
+        # Taken directly (not through the Condition, whose ``with`` is
+        # Python code): every request starts and finishes.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._busy: set[int] = set()
+        #: Threads in ``wait_quiet``; only they need waking.
+        self._waiting = 0
 
     def start(self) -> None:
-        with self._changed:
+        with self._lock:
             self._busy.add(threading.get_ident())
 
     def finish(self) -> None:
-        with self._changed:
+        with self._lock:
             self._busy.discard(threading.get_ident())
-            self._changed.notify_all()
+            if self._waiting and not self._busy:
+                self._changed.notify_all()
 
     def wait_quiet(self, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._busy, timeout)
+        with self._lock:
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(lambda: not self._busy, timeout)
+            finally:
+                self._waiting -= 1
 
 
 class ForwardedClients:

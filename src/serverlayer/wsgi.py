@@ -287,11 +287,20 @@ class _OutbufLock(threading.Condition):
         if free:
             self.channel.lock_freed()
 
+    # ``with`` is how waitress takes the lock, several times a request:
+    # what acquire and release do, without calling them.
+
     def __enter__(self) -> bool:
-        return self.acquire()
+        self._rlock.acquire()
+        self.depth += 1
+        return True
 
     def __exit__(self, *exc_info: object) -> None:
-        self.release()
+        self.depth -= 1
+        free = self.depth == 0
+        self._rlock.release()
+        if free:
+            self.channel.lock_freed()
 
     def wait(self, timeout: float | None = None) -> bool:
         depth, self.depth = self.depth, 0
