@@ -72,7 +72,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "matching": ("test_content_matching", "test_content_websocket"),
     "websocket_script": ("test_content_websocket",),
-    "asgi": ("test_asgi",),
+    "asgi": ("test_asgi", "test_waiting.BusyTasksWaitTests"),
 }
 
 #: For ``ReplaceBinaryOperator_<from>_<to>``: the one replacement kept per operator.

@@ -175,20 +175,30 @@ class _BusyTasks(set[asyncio.Task[None]]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.changed = threading.Condition()
+        # Taken directly (not through the Condition, whose ``with`` is
+        # Python code): every request adds and discards its task.
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        #: Threads in ``wait_empty``; only they need waking.
+        self.waiting = 0
 
     def add(self, task: asyncio.Task[None]) -> None:
-        with self.changed:
+        with self.lock:
             super().add(task)
 
     def discard(self, task: object) -> None:
-        with self.changed:
+        with self.lock:
             super().discard(task)
-            self.changed.notify_all()
+            if self.waiting and not len(self):
+                self.changed.notify_all()
 
     def wait_empty(self, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: not len(self), timeout)
+        with self.lock:
+            self.waiting += 1
+            try:
+                return self.changed.wait_for(lambda: not len(self), timeout)
+            finally:
+                self.waiting -= 1
 
 
 class _State(ServerState):

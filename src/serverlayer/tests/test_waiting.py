@@ -63,3 +63,27 @@ class ActivityWaitTests(unittest.TestCase):
         self.assertFalse(activity.wait_quiet(0.01))
         activity.finish()
         self.assertTrue(activity.wait_quiet(0.01))
+
+
+class BusyTasksWaitTests(unittest.TestCase):
+
+    def test_wait_empty_wakes_when_the_last_task_ends(self):
+        from serverlayer.asgi import _BusyTasks
+
+        tasks = _BusyTasks()
+        task = object()  # stands for a request's asyncio task
+        tasks.add(task)  # type: ignore[arg-type]
+
+        def end() -> None:
+            deadline = time.monotonic() + 10
+            while not tasks.waiting and time.monotonic() < deadline:  # until the test waits
+                time.sleep(0.001)
+            tasks.discard(task)
+
+        ender = threading.Thread(target=end)
+        ender.start()
+        self.addCleanup(ender.join, 10)
+        started = time.monotonic()
+        self.assertTrue(tasks.wait_empty(TIMEOUT))
+        self.assertLess(time.monotonic() - started, TIMEOUT / 2)
+        self.assertFalse(tasks)
