@@ -453,6 +453,18 @@ class ProtocolGapTests(FailureTestCase):
             self.assertTrue(client.has_extn("pipelining"))
             self.assertTrue(client.has_extn("dsn"))
 
+    def test_help_describes_the_commands_as_aiosmtpd_does(self):
+        # aiosmtpd reads each command's syntax off the method it dispatches
+        # to, which the failure stages wrap.
+        with self.client() as client:
+            client.ehlo()
+            self.assertIn(b"MAIL", client.help())
+            self.assertEqual(client.help("RCPT"), b"Syntax: RCPT TO: <address> [SP <mail-parameters>]")
+
+    def test_drop_defaults_to_at_once_for_the_rest_of_the_test(self):
+        arrangement = self.smtpd.drop("rcpt")
+        self.assertEqual((arrangement.delay, arrangement.times, arrangement.connections), (0.0, None, None))
+
     def test_dsn_parameters_are_recorded(self):
         with self.client() as client:
             client.sendmail(
