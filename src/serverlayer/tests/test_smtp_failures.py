@@ -198,6 +198,9 @@ class MoreStageTests(FailureTestCase):
         with self.assertRaises(smtplib.SMTPServerDisconnected):
             self.send(message(sender="shop@example.org"))
         self.assertEqual([mail.mail_from for mail in self.outbox], ["other@example.org"])
+        *_, started, cut = self.smtpd.transcripts[-1].lines
+        self.assertTrue(started.startswith("S: 354 "), started)  # cut inside the message, not before
+        self.assertEqual(cut, "S: <connection closed>")
 
     def test_a_cut_before_the_first_byte(self):
         self.smtpd.drop("message", after_bytes=0)
@@ -461,9 +464,9 @@ class ProtocolGapTests(FailureTestCase):
             self.assertIn(b"MAIL", client.help())
             self.assertEqual(client.help("RCPT"), b"Syntax: RCPT TO: <address> [SP <mail-parameters>]")
 
-    def test_drop_defaults_to_at_once_for_the_rest_of_the_test(self):
-        arrangement = self.smtpd.drop("rcpt")
-        self.assertEqual((arrangement.delay, arrangement.times, arrangement.connections), (0.0, None, None))
+    def test_failures_default_to_at_once_for_the_rest_of_the_test(self):
+        for arrangement in (self.smtpd.drop("rcpt"), self.smtpd.fail("rcpt", 451)):
+            self.assertEqual((arrangement.delay, arrangement.times, arrangement.connections), (0.0, None, None))
 
     def test_dsn_parameters_are_recorded(self):
         with self.client() as client:
