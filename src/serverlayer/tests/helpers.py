@@ -95,6 +95,18 @@ def run_example_modules(
         )
 
 
+def assert_example_modules_pass(test: unittest.TestCase, modules: dict[str, str]) -> None:
+    """Every test of the example ``modules`` passes under zope.testrunner,
+    quietly and without leaving a thread behind."""
+    expected_tests = sum(code.count("\n    def test_") for code in modules.values())
+    completed = run_example_modules(modules)
+    output = completed.stdout + completed.stderr
+    test.assertEqual(completed.returncode, 0, output)
+    test.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)
+    test.assertEqual(completed.stderr, "")
+    test.assertNotIn("left new threads behind", output)
+
+
 def run_testrunner(sample: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run zope.testrunner in a fresh process on ``samples/<sample>``."""
     # The child must import what this process imports, however it was set up

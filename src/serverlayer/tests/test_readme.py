@@ -9,7 +9,7 @@ import re
 import unittest
 from pathlib import Path
 
-from serverlayer.tests.helpers import run_example_modules
+from serverlayer.tests.helpers import assert_example_modules_pass
 
 README = Path(__file__).resolve().parents[3] / "README.rst"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.MULTILINE)
@@ -38,14 +38,7 @@ class ExampleModuleTests(unittest.TestCase):
         self.assertEqual(len(blocks), len(example_modules()))
 
     def test_example_modules_pass_under_zope_testrunner(self):
-        modules = example_modules()
-        expected_tests = sum(code.count("\n    def test_") for code in modules.values())
-        completed = run_example_modules(modules)
-        output = completed.stdout + completed.stderr
-        self.assertEqual(completed.returncode, 0, output)
-        self.assertIn(f"Total: {expected_tests} tests, 0 failures, 0 errors", output)
-        self.assertEqual(completed.stderr, "")
-        self.assertNotIn("left new threads behind", output)
+        assert_example_modules_pass(self, example_modules())
 
 
 class RenderingTests(unittest.TestCase):
