@@ -59,8 +59,9 @@ setup(
         # serverlayer.zopeappwsgi: zope.app.wsgi (Zope Toolkit, Grok) over a ZODBLayer's database.
         "zopeappwsgi": ["zope.app.wsgi >= 4", "zope.app.appsetup >= 4", "ZODB"],
         # Building the documentation in docs/ (`tox -e docs`, Read the Docs):
-        # Sphinx with autodoc, and the furo theme.
-        "docs": ["sphinx >= 7.2", "furo >= 2024.1.29"],
+        # Sphinx with autodoc, and the furo theme. autodoc imports every module
+        # the API reference shows, serverlayer.asgi too: uvicorn and websockets.
+        "docs": ["sphinx >= 7.2", "furo >= 2024.1.29", "uvicorn >= 0.52.1", "websockets >= 13.0"],
         # The real-browser tests (zope.testrunner level 2, tests/test_browser.py);
         # they also need Chromium, chromedriver and certutil from the system.
         "browser": ["selenium >= 4.11", "gocept.selenium >= 7.1"],
