@@ -23,7 +23,7 @@ import re
 import unittest
 from pathlib import Path
 
-from serverlayer.tests.helpers import assert_example_modules_pass
+from serverlayer.tests.helpers import assert_example_modules_pass, has_doctests
 
 DOCS = Path(__file__).resolve().parents[3] / "docs"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: (\w+)\n\n((?:   .*\n|\n)+)", re.MULTILINE)
@@ -119,6 +119,8 @@ def test_suite() -> unittest.TestSuite:
     suite = unittest.TestSuite()
     suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(ExampleModuleTests))
     for page in pages():
+        if not has_doctests(page):  # its examples, if any, are example modules (above)
+            continue
         # Layers made on a page belong to a module named after it: by_hand_rst.
         module_name = page.stem.replace("-", "_") + "_rst"
         suite.addTest(
