@@ -161,9 +161,15 @@ class GridNode:
             _ip("link", "add", self.host_interface, "type", "veth",
                 "peer", "name", self.node_interface, "netns", self.name)
             stack.callback(_ip, "link", "delete", self.host_interface)  # takes its peer along
+            # No IPv6 link-local addresses: each would finish its duplicate
+            # address detection a moment after its link comes up, which
+            # Chromium, loading a page by then, reads as a network change
+            # (ERR_NETWORK_CHANGED).
+            _ip("link", "set", self.host_interface, "addrgenmode", "none")
             _ip("address", "add", f"{host}/{subnet.prefixlen}", "dev", self.host_interface)
             _ip("link", "set", self.host_interface, "up")
             inside = ("netns", "exec", self.name, "ip")
+            _ip(*inside, "link", "set", self.node_interface, "addrgenmode", "none")
             _ip(*inside, "address", "add", f"{node}/{subnet.prefixlen}", "dev", self.node_interface)
             _ip(*inside, "link", "set", self.node_interface, "up")
             _ip(*inside, "link", "set", "lo", "up")  # chromedriver talks to Chromium over it
