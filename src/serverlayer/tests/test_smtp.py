@@ -201,6 +201,55 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual(len(self.layer["outbox"]), 1)
 
 
+#: MAIL and RCPT arguments: plain addresses the server reads itself, and
+#: near misses it must leave to aiosmtpd's parser.
+ADDRESS_ARGUMENTS = (
+    "<bob@example.com>", "<bob@example.com> SIZE=123", "<bob@example.com> SIZE=1 BODY=8BITMIME",
+    "<Bob.O'Neil+tag=1@Mail-1.Example.COM>", "<a@b>", "<a!#$%&'*/=?^_`{|}~-@x>",
+    "<bob@example.com>  SIZE=1", "<bob@example.com> SIZE=1\nX", "<bob@example.com>\tSIZE=1",
+    "<bob@example.com> (comment) SIZE=1", "<bob@example.com> ", "<bob@example.com>SIZE=1",
+    "<bob@example.com> \u00a0SIZE=1", "<bob@example.com>>",
+    "<bob.@example.com>", "<.bob@example.com>", "<b..ob@example.com>", "<.@x>", "<bob@example..com>",
+    "<bob@example.com.>", "<bob@.example.com>", "<bob@>", "<@example.com>", "<bob@under_score!.example>",
+    "<bob@[127.0.0.1]>", '<"bob smith"@example.com>', "<bob@exämple.com>", "<jörg@example.com>", "<>", "<bob>",
+    "<@relay.example:bob@example.com>", "bob@example.com", "<bob@example.com", "< bob@example.com>",
+    "<bob@example.com >", "<bob @example.com>",
+)
+
+
+class AddressTests(unittest.TestCase):
+    """Our connection reads the plain ``<local@domain>`` of MAIL and RCPT
+    itself, without aiosmtpd's costly header parser; to the same result."""
+
+    layer = MAIL_LAYER
+
+    def test_every_argument_reads_as_aiosmtpd_reads_it(self):
+        from aiosmtpd.smtp import SMTP
+
+        connection = smtp._Connection(
+            smtp._Handler(smtp.Outbox(), None, None, False, None),
+            transports=set(), arrangements=None, transcripts=[], loop=mock.Mock(),
+        )
+        for argument in ADDRESS_ARGUMENTS:
+            with self.subTest(argument=argument):
+                self.assertEqual(connection._getaddr(argument), SMTP._getaddr(connection, argument))
+
+    def test_plain_addresses_skip_the_header_parser(self):
+        import aiosmtpd.smtp
+
+        with mock.patch.object(aiosmtpd.smtp, "get_angle_addr", wraps=aiosmtpd.smtp.get_angle_addr) as parser:
+            client = Client.connect(self, self.layer)
+            client.sendmail("alice@example.com", ["bob@example.com", "Carol.Jones+x@Example.org"], b"Hi")
+            self.assertEqual(parser.call_count, 0)
+            client.sendmail('"alice smith"@example.com', ["bob@example.com"], b"Hi")
+            self.assertEqual(parser.call_count, 1)
+        first, second = self.layer["outbox"]
+        self.assertEqual(first.mail_from, "alice@example.com")
+        self.assertEqual(first.rcpt_tos, ["bob@example.com", "Carol.Jones+x@Example.org"])
+        self.assertEqual(first.mail_options, ["SIZE=2"])
+        self.assertEqual(second.mail_from, '"alice smith"@example.com')
+
+
 class RefusalTests(unittest.TestCase):
     layer = MAIL_LAYER
 

@@ -10,6 +10,7 @@ import smtplib
 import socket
 import time
 import unittest
+import unittest.mock
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -218,6 +219,29 @@ class MoreStageTests(FailureTestCase):
         self.assertEqual(list(refused), ["carol@example.org"])
         [received] = self.outbox
         self.assertEqual(received.rcpt_options, ["NOTIFY=FAILURE"])  # bob's alone
+
+
+class NothingArrangedTests(FailureTestCase):
+    """With nothing arranged, as in most tests, the server does not look
+    for arrangements at all: its fast path."""
+
+    def consulted(self, sender: str = "shop@example.org") -> list[str]:
+        """The stages the server looked up while it took a message."""
+        from serverlayer.smtp_failures import Arrangements
+
+        with unittest.mock.patch.object(Arrangements, "take", autospec=True, side_effect=Arrangements.take) as take:
+            self.send(message(sender=sender), mail_options=["RET=HDRS"])
+        return [call.args[1] for call in take.call_args_list]
+
+    def test_no_lookups_without_arrangements(self):
+        self.assertEqual(self.consulted(), [])
+        [arrived] = self.outbox
+        self.assertEqual(arrived.mail_options, ["SIZE=170", "RET=HDRS"])
+
+    def test_every_stage_is_looked_up_once_something_is_arranged(self):
+        self.smtpd.fail("quit", 421, match="nobody")
+        self.assertEqual(self.consulted(), ["connect", "helo", "mail", "rcpt", "data", "message", "message", "quit"])
+        self.assertEqual(len(self.outbox), 1)
 
 
 class ScopeTests(FailureTestCase):
