@@ -205,6 +205,7 @@ class ThreadTests(unittest.TestCase):
                 super().do_GET()
 
         layer = self.serve(custom.Layer(Meeting, name="burst"))
+        layer.quiet_timeout = 30.0  # how long the test's end may wait for the workers to let go
         connections = [http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=CLIENT_TIMEOUT)
                        for _ in range(16)]
         for connection in connections:
@@ -222,7 +223,11 @@ class ThreadTests(unittest.TestCase):
         for client in clients:
             client.join(CLIENT_TIMEOUT)
         self.assertGreaterEqual(len(server_threads(layer)), 17)  # the loop and 16 workers
+        ending = time.monotonic()
         layer.testTearDown()  # what the test runner calls when a test ends
+        # Each waiting worker, recalled, says so as it lets go: the end does
+        # not sit out its timeout.
+        self.assertLess(time.monotonic() - ending, 10.0)
         self.assertEqual(len(server_threads(layer)), 1, server_threads(layer))
         for number, connection in enumerate(connections):  # the same connections, served anew
             port = connection.sock.getsockname()[1]
