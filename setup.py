@@ -36,11 +36,12 @@ setup(
         "test": [
             "docutils >= 0.22", "pygments", "pytest", "pytest-xdist", "zope.pytestlayer",
             "requests", "httpx", "aiohttp", "aiosmtplib", "gocept.httpserverlayer == 4.0",
-            "uvicorn >= 0.52.1", "websockets >= 13.0", "starlette >= 0.26",
+            "uvicorn >= 0.52.1", "httptools >= 0.6", "websockets >= 13.0", "starlette >= 0.26",
         ],
         # serverlayer.asgi: ASGI 3 applications (HTTP and WebSocket) served by uvicorn, with its
-        # websockets-sansio protocol as it is since 0.52.1 (closing handshake, write flow control).
-        "asgi": ["uvicorn >= 0.52.1", "websockets >= 13.0"],
+        # websockets-sansio protocol as it is since 0.52.1 (closing handshake, write flow control);
+        # httptools: uvicorn's C parser, which it serves with by default where it is installed.
+        "asgi": ["uvicorn >= 0.52.1", "httptools >= 0.6", "websockets >= 13.0"],
         # http_content.websocket(): websockets' sans-I/O protocol speaks the frames.
         "websocket": ["websockets >= 13.0"],
         # The peers benchmarks/ measures serverlayer against; users never need them. uvicorn and
@@ -52,6 +53,7 @@ setup(
             "pytest-httpserver >= 1.2",
             "WebTest >= 3.0",
             "uvicorn >= 0.52.1",
+            "httptools >= 0.6",
             "websockets >= 13.0",
         ],
         # serverlayer.plonetestingzope: Zope 5 or 6, through plone.testing's Zope layers.

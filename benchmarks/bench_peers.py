@@ -24,11 +24,13 @@ The peers, each used as its documentation shows, with its defaults:
   ``shutdown()``, which plone.testing.zope's ``WSGIServer`` layer runs;
 - ``uvicorn``: the uvicorn fixture users write by hand, for the asgi layer:
   ``uvicorn.Server(uvicorn.Config(app, host=..., port=0,
-  log_level="warning", lifespan="on", http="h11", ws="websockets-sansio"))``,
+  log_level="warning", lifespan="on", ws="websockets-sansio"))``,
   its ``run`` on a thread, waited for until ``server.started`` (polled
   every millisecond), stopped with ``server.should_exit = True`` and a
-  join; the same h11 and websockets-sansio protocols the asgi layer serves
-  with, on a socket uvicorn binds itself.
+  join; uvicorn's default HTTP protocol (httptools where installed, as
+  with ``uvicorn[standard]`` and serverlayer's ``asgi`` extra, else h11)
+  and websockets-sansio, as the asgi layer serves with by default, on a
+  socket uvicorn binds itself.
 
 It measures, for serverlayer and every peer that can do the work (``-``
 where one cannot), in one process, interleaved round by round in an order
@@ -509,8 +511,9 @@ UVICORN_POLL = 0.001
 class UvicornThread(Startable):
     """The uvicorn fixture users write by hand: ``uvicorn.Server(config).run``
     on a thread, waited for until ``server.started``, stopped with
-    ``server.should_exit = True`` and a join. uvicorn's h11 and
-    websockets-sansio protocols, the ones serverlayer.asgi serves with; a
+    ``server.should_exit = True`` and a join. uvicorn's default HTTP
+    protocol (httptools where installed) and websockets-sansio, the ones
+    serverlayer.asgi serves with by default; a
     port of its own choosing (0), lifespan on. The thread is a daemon only
     so that a stop that never ends cannot keep the benchmark from exiting;
     a stop still waits for it to end (``UVICORN_TIMEOUT``, then it fails)."""
@@ -522,7 +525,6 @@ class UvicornThread(Startable):
             port=0,
             log_level="warning",
             lifespan="on",
-            http="h11",
             ws="websockets-sansio",
         )
         server = uvicorn.Server(config)
@@ -1702,8 +1704,9 @@ PEER_LEGEND = (
     " uvicorn.Server(Config(...)).run on a thread, stopped with should_exit",
 )
 ASGI_LEGEND = (
-    "asgi: serverlayer.asgi.Layer against uvicorn's own server on a thread (both h11 and"
-    " websockets-sansio, the same raw ASGI application); targets: setUp+tearDown",
+    "asgi: serverlayer.asgi.Layer against uvicorn's own server on a thread (both uvicorn's"
+    " default HTTP protocol, httptools where installed, and websockets-sansio; the same raw"
+    " ASGI application); targets: setUp+tearDown",
     f"  >= {ASGI_SLOWEST_RATIO:g}x faster than uvicorn's and <= {ASGI_WSGI_FACTOR:g}x the wsgi layer's in the same"
     " rounds (the row below it), GETs and WebSocket echoes >= 1x uvicorn's",
 )
@@ -1784,6 +1787,7 @@ def main(argv: list[str] | None = None) -> int:
                 "WebTest",
                 "uvicorn",
                 "h11",
+                "httptools",
                 "websockets",
             ),
             "imported": os.path.dirname(serverlayer.__file__),

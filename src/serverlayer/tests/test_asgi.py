@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import socket
+import subprocess
 import threading
 import time
 import unittest
@@ -135,6 +136,16 @@ def get_json(url: str, **kwargs) -> dict:
 
 class ServingTests(unittest.TestCase):
     layer = ASGI_LAYER
+    lifespan_events = LIFESPAN_EVENTS
+    #: The uvicorn protocol class the layer's connections are served with.
+    protocol = "_HttpToolsProtocol"
+
+    def test_serves_with_its_http_protocol(self):
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"GET /which HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n"))
+            [transport] = self.layer["httpd"].transports
+            self.assertEqual(type(transport.get_protocol()).__name__, self.protocol)
 
     def test_publishes_where_it_serves(self):
         port = self.layer["http_port"]
@@ -150,7 +161,7 @@ class ServingTests(unittest.TestCase):
         thread = self.layer["httpd_thread"]
         self.assertTrue(thread.is_alive())
         self.assertTrue(thread.daemon)
-        self.assertEqual(thread.name, "serverlayer serverlayer.tests.test_asgi.ASGI_LAYER")
+        self.assertEqual(thread.name, f"serverlayer serverlayer.tests.test_asgi.{self.layer.__name__}")
         self.assertNotIn("ca_bundle", self.layer)
 
     def test_serves_urllib(self):
@@ -213,8 +224,9 @@ class ServingTests(unittest.TestCase):
         self.assertEqual(handshake.body, b"")
 
     def test_lifespan_ran_before_the_tests_and_its_state_reaches_requests(self):
-        self.assertEqual(LIFESPAN_EVENTS[0], "lifespan.startup")
-        self.assertNotIn("lifespan.shutdown", LIFESPAN_EVENTS)
+        events = self.lifespan_events
+        self.assertEqual(events[0], "lifespan.startup")
+        self.assertNotIn("lifespan.shutdown", events)
         self.assertEqual(get_json(self.layer["http_url"])["state"], ["started"])
 
     def test_answers_with_date_and_server_headers(self):
@@ -222,6 +234,61 @@ class ServingTests(unittest.TestCase):
             response = client.get(self.layer["http_url"])
         self.assertEqual(response.headers["server"], "uvicorn")
         self.assertTrue(response.headers["date"].endswith(" GMT"), response.headers.get("date"))
+
+
+H11_LIFESPAN_EVENTS: list[str] = []
+ASGI_H11_LAYER = asgi.Layer(lifespan_app(H11_LIFESPAN_EVENTS), name="ASGI_H11_LAYER", http_protocol="h11")
+
+
+class H11ServingTests(ServingTests):
+    """All the same with uvicorn's pure-Python protocol, which serves where
+    httptools is not installed."""
+
+    layer = ASGI_H11_LAYER
+    lifespan_events = H11_LIFESPAN_EVENTS
+    protocol = "_H11Protocol"
+
+
+class HTTPProtocolTests(unittest.TestCase):
+    def test_auto_is_httptools_where_installed(self):
+        self.assertIs(asgi.Layer(app_without_lifespan, name="auto")._protocol_class(), asgi.HTTP_PROTOCOLS["httptools"])
+        with mock.patch.dict(asgi.HTTP_PROTOCOLS, clear=True, h11=asgi.HTTP_PROTOCOLS["h11"]):
+            self.assertIs(asgi.Layer(app_without_lifespan, name="auto")._protocol_class(), asgi.HTTP_PROTOCOLS["h11"])
+
+    def test_an_unknown_protocol_is_refused(self):
+        with self.assertRaises(ConfigurationError) as caught:
+            asgi.Layer(app_without_lifespan, name="ASGI_WRONG", http_protocol="h2")
+        self.assertIn("http_protocol='h2' is none of uvicorn's HTTP/1.1 implementations;"
+                      " use 'auto', 'httptools' or 'h11'.", str(caught.exception))
+        self.assertIn("ASGI_WRONG", str(caught.exception))
+
+    def test_httptools_without_httptools_is_refused(self):
+        with mock.patch.dict(asgi.HTTP_PROTOCOLS, clear=True, h11=asgi.HTTP_PROTOCOLS["h11"]), \
+                self.assertRaises(ConfigurationError) as caught:
+            asgi.Layer(app_without_lifespan, name="ASGI_NO_HTTPTOOLS", http_protocol="httptools")
+        self.assertIn("http_protocol='httptools' needs httptools, which is not installed.", str(caught.exception))
+
+    def test_curl_through_either_protocol(self):
+        """What curl does that the Python clients above do not: HEAD, a
+        chunked upload after ``Expect: 100-continue``, HTTP/1.0."""
+        for protocol in ("httptools", "h11"):
+            with self.subTest(protocol=protocol):
+                layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name=f"curl_{protocol}",
+                                                        http_protocol=protocol))
+                url = layer["http_url"] + "upload"
+                head = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, timeout=10, check=True)
+                self.assertTrue(head.stdout.startswith(b"HTTP/1.1 200 OK\r\n"), head.stdout)
+                upload = subprocess.run(
+                    ["curl", "-sS", "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue",
+                     "--data-binary", "@-", url],
+                    input=b"x" * 100_000, capture_output=True, timeout=10, check=True,
+                )
+                self.assertEqual(json.loads(upload.stdout)["body"], "x" * 100_000)
+                old = subprocess.run(["curl", "-sS", "-0", "-i", url], capture_output=True, timeout=10, check=True)
+                self.assertTrue(old.stdout.startswith(b"HTTP/1.1 200 OK\r\n"), old.stdout)
+                self.assertNotIn(b"transfer-encoding", old.stdout.lower())
+                self.assertEqual([request.method for request in layer["http_requests"]], ["HEAD", "POST", "GET"])
+                self.assertEqual(layer["http_requests"][1].body, b"x" * 100_000)
 
 
 class AppSourceTests(unittest.TestCase):
