@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import io
 import json
 import re
 import socket
@@ -133,6 +134,9 @@ def _as_bytes(data: bytes | str) -> bytes:
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: Bodies up to this size go out in one write with the head: copying them
+#: costs less than a second packet.
+_JOINED_BODY_LIMIT = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -796,16 +800,15 @@ class ContentHandler(custom.RequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         elif not bodiless and "content-length" not in {name.lower() for name, _ in headers}:
             self.send_header("Content-Length", str(len(body)))  # for HEAD too: what GET would get
-        self.end_headers()
         if response.truncate is not None:
             self.close_connection = True
+            body = body[: response.truncate]
         if self.command == "HEAD" or bodiless:
-            return
-        if response.truncate is not None:
-            self.wfile.write(body[: response.truncate])
-        elif not chunked:
-            self.wfile.write(body)
+            self._send_head_with(b"")
+        elif response.truncate is not None or not chunked:
+            self._send_head_with(body)
         else:
+            self.end_headers()
             half = len(body) // 2
             pieces = response.chunks if response.chunks is not None else (body[:half], body[half:])
             for index, piece in enumerate(pieces):
@@ -816,6 +819,26 @@ class ContentHandler(custom.RequestHandler):
                     self.wfile.write(piece if until_close else b"%x\r\n%s\r\n" % (len(piece), piece))
             if not until_close:
                 self.wfile.write(b"0\r\n\r\n")
+
+    def _send_head_with(self, body: bytes) -> None:
+        """End the head and send it together with ``body``, if that is small.
+
+        http.server sends the head as it ends it (``end_headers``), and the
+        body then goes out in a second write: two packets, each waking the
+        client, and with a client in the test's process two hand-overs of
+        the interpreter lock per response.
+        """
+        wfile = self.wfile
+        self.wfile = head = io.BytesIO()
+        try:
+            self.end_headers()
+        finally:
+            self.wfile = wfile
+        if len(body) <= _JOINED_BODY_LIMIT:
+            wfile.write(head.getvalue() + body)
+            return
+        wfile.write(head.getvalue())
+        wfile.write(body)
 
     def _client_waits(self, seconds: float) -> bool:
         """Wait ``seconds``; False if the client closed its connection, the

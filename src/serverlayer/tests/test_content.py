@@ -7,10 +7,12 @@ import http.client
 import json
 import re
 import socket
+import socketserver
 import time
 import unittest
 import urllib.error
 import urllib.request
+from unittest import mock
 
 from serverlayer import ConfigurationError, ExpectationError, content
 from serverlayer.content import Response
@@ -84,6 +86,46 @@ class DefaultAnswerTests(unittest.TestCase):
         connection.request("HEAD", "/")
         response = connection.getresponse()
         self.assertEqual((response.getheader("Content-Length"), response.read()), ("4", b""))
+
+
+class WritesTests(unittest.TestCase):
+    """A response's head goes out with its body, in one write, unless the
+    body is large or comes in chunks."""
+
+    layer = CONTENT
+
+    def writes_of(self, method, path):
+        """The writes the server made to answer one request, and what arrived."""
+        with mock.patch.object(socketserver._SocketWriter, "write", autospec=True,
+                               side_effect=socketserver._SocketWriter.write) as write:
+            connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+            self.addCleanup(connection.close)
+            connection.request(method, path)
+            response = connection.getresponse()
+            answer = (response.status, response.getheader("Content-Length"), response.read())
+        return write.call_count, answer
+
+    def test_a_small_answer_is_one_write(self):
+        route = self.layer["http_content"].route
+        route("/small").respond("hello")
+        route("/empty").respond(status=204)
+        route("/cut").respond("0123456789", truncate=4)
+        route("/limit").respond(b"y" * 64 * 1024)
+        self.assertEqual(self.writes_of("GET", "/small"), (1, (200, "5", b"hello")))
+        self.assertEqual(self.writes_of("GET", "/limit"), (1, (200, "65536", b"y" * 64 * 1024)))
+        self.assertEqual(self.writes_of("HEAD", "/small"), (1, (200, "5", b"")))
+        self.assertEqual(self.writes_of("GET", "/empty"), (1, (204, None, b"")))
+        with self.assertRaises(http.client.IncompleteRead) as cut:
+            self.writes_of("GET", "/cut")
+        self.assertEqual(cut.exception.partial, b"0123")
+
+    def test_large_and_chunked_answers_are_written_apart(self):
+        route = self.layer["http_content"].route
+        large = b"x" * (64 * 1024 + 1)
+        route("/large").respond(large)
+        route("/chunked").respond("abcd", chunked=True)
+        self.assertEqual(self.writes_of("GET", "/large"), (2, (200, str(len(large)), large)))
+        self.assertEqual(self.writes_of("GET", "/chunked"), (4, (200, None, b"abcd")))
 
 
 class RouteTests(unittest.TestCase):
