@@ -225,12 +225,12 @@ class NothingArrangedTests(FailureTestCase):
     """With nothing arranged, as in most tests, the server does not look
     for arrangements at all: its fast path."""
 
-    def consulted(self, sender: str = "shop@example.org") -> list[str]:
+    def consulted(self) -> list[str]:
         """The stages the server looked up while it took a message."""
         from serverlayer.smtp_failures import Arrangements
 
         with unittest.mock.patch.object(Arrangements, "take", autospec=True, side_effect=Arrangements.take) as take:
-            self.send(message(sender=sender), mail_options=["RET=HDRS"])
+            self.send(mail_options=["RET=HDRS"])
         return [call.args[1] for call in take.call_args_list]
 
     def test_no_lookups_without_arrangements(self):
