@@ -245,6 +245,7 @@ class _WSGITask(WSGITask):
         try:
             super().service()
             failed = False
+            self.channel.hang_up_after(self)
         finally:
             self.channel.server.request_served(self, failed)
 
@@ -253,6 +254,10 @@ class _ErrorTask(ErrorTask):
     @property
     def logger(self) -> logging.Logger:  # type: ignore[override]
         return self.channel.server.logger  # type: ignore[no-any-return]
+
+    def service(self) -> None:
+        super().service()
+        self.channel.hang_up_after(self)
 
 
 class _OutbufLock(threading.Condition):
@@ -365,6 +370,32 @@ class _Channel(HTTPChannel):
             return int(super().write_soon(head + data)) - len(head)
         super().write_soon(head)  # a file wrapper, or a large body: no copy
         return int(super().write_soon(data))
+
+    def hang_up_after(self, task: WSGITask | ErrorTask) -> None:
+        """End the connection at once after a task that ends it
+        (``Connection: close``, HTTP/1.0, an error), once all is sent.
+
+        Upstream the worker pulls the trigger when it is done and the loop
+        closes the connection in a turn of its own: with a connection per
+        request, a turn per request that competes with the client's next
+        connection for the interpreter lock. Here the worker shuts the
+        socket down itself (the client sees the end at once) and marks the
+        channel disconnected, so that waitress pulls no trigger; the loop
+        closes the socket in its next turn, whatever starts it (the next
+        connection, another request, the stop, or at the latest its
+        select() timeout, a second). Anything left to send stays with the
+        loop, which closes after it, as upstream.
+        """
+        if not task.close_on_finish:
+            return
+        with self.outbuf_lock:
+            if self.total_outbufs_len or not self.connected:
+                return
+            self.connected = False
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the client is gone already
 
     def writable(self) -> bool:
         if self.outbuf_lock.depth:

@@ -60,6 +60,8 @@ def app(environ, start_response):
         return environ["wsgi.file_wrapper"](open(environ["HTTP_X_FILE"], "rb"), 256 * 1024)
     if path == "/held":
         return held(environ, start_response)
+    if path == "/while-the-loop-is-held":
+        return while_the_loop_is_held(environ, start_response)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
     return [b"hello"]
 
@@ -78,6 +80,26 @@ def held(environ, start_response):
         time.sleep(0.2)  # meanwhile the loop finds the channel busy and leaves it
     first_half_read.wait(10)
     return [bytes(MEGABYTE)]
+
+
+#: Set while the loop is held inside a turn by ``while_the_loop_is_held``;
+#: the loop goes on once ``loop_released`` is set.
+loop_held, loop_released = threading.Event(), threading.Event()
+
+
+def while_the_loop_is_held(environ, start_response):
+    """Answers only once the loop is held inside a turn (until the client
+    sets ``loop_released``), so that nothing after the answer can rely on it."""
+    server = environ["waitress.client_disconnected"].__self__.server
+
+    def hold() -> None:
+        loop_held.set()
+        loop_released.wait(10)
+
+    server.trigger.pull_trigger(hold)
+    loop_held.wait(10)
+    start_response("200 OK", [("Content-Length", "5")])
+    return [b"hello"]
 
 
 class CountingChannel(wsgi._Channel):
@@ -215,6 +237,42 @@ class NewConnectionTests(unittest.TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
         self.assertEqual(body, b"hello")
         self.assertEqual(server.dispatched_in[-1], held_turn + 1)
+
+    def test_a_response_that_ends_its_connection_ends_it_without_a_loop_turn(self):
+        # waitress has the loop close the connection, in a turn the worker
+        # wakes it for: here the client would wait until the loop goes on.
+        loop_held.clear()
+        loop_released.clear()
+        self.addCleanup(loop_released.set)
+        for request in (
+            b"GET /while-the-loop-is-held HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+            b"GET /while-the-loop-is-held HTTP/1.0\r\n\r\n",
+        ):
+            with self.subTest(request=request), socket.create_connection(
+                (self.layer["http_host"], self.layer["http_port"]), timeout=5
+            ) as sock:
+                sock.sendall(request)
+                head, body = read_response(sock)  # to the end of the connection
+                self.assertFalse(loop_released.is_set())
+                self.assertTrue(loop_held.is_set())
+                loop_released.set()
+            self.assertIn(b" 200 OK", head)
+            self.assertEqual(body, b"hello")
+            loop_held.clear()
+            loop_released.clear()
+
+    def test_connections_ended_that_way_are_closed_by_the_loop(self):
+        server = self.layer["httpd"]
+        for _ in range(20):
+            with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                head, body = read_response(sock)
+            self.assertEqual(body, b"hello")
+        # The last one may wait for the loop's next turn; none waits longer.
+        open_channels = [channel for channel in server._map.values() if isinstance(channel, wsgi._Channel)]
+        self.assertLessEqual(len(open_channels), 1, open_channels)
+        for channel in open_channels:
+            self.assertFalse(channel.connected)
 
     def test_a_small_response_leaves_in_one_send(self):
         # waitress sends a response's head and its body apart: two packets,
