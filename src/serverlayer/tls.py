@@ -357,7 +357,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
         else:  # TLS cannot half-close
             writer.close()
-    except (ConnectionError, ssl.SSLError):
+    except OSError:  # reset, not connected any more (ENOTCONN from write_eof), TLS errors
         writer.close()
 
 

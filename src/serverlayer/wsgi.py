@@ -371,9 +371,55 @@ class _Channel(HTTPChannel):
         super().write_soon(head)  # a file wrapper, or a large body: no copy
         return int(super().write_soon(data))
 
+    # A keep-alive connection stays watched while its request runs.
+    #
+    # Upstream (channel_request_lookahead=0) the loop stops watching a
+    # connection while its request runs, so the worker wakes the loop once
+    # it is done, for it to watch again: two loop turns per request, the
+    # second one competing with the client's next request for the
+    # interpreter lock. Here the server reads one request ahead (waitress's
+    # channel_request_lookahead=1), and a worker done with a connection
+    # that the loop still watches and that needs nothing else from it does
+    # not wake it (``WaitressServer.pull_trigger``). Reading ahead, waitress
+    # would take the end of a client's side that arrives while its request
+    # runs (``shutdown(SHUT_WR)`` after sending, as ``nc -N`` does) for a
+    # client that is gone, and drop the answer; here that client still gets
+    # its answers, then the end (``handle_read``, ``hang_up_after``).
+
+    connected: bool  # wasyncore's; False once the connection is over
+
+    #: Whether the loop's latest turn watches the socket for reading.
+    watched = False
+    #: Whether the client ended its side while a request of its ran.
+    client_done = False
+
+    def readable(self) -> bool:
+        self.watched = not self.client_done and bool(super().readable())
+        return self.watched
+
+    def handle_read(self) -> None:
+        if not self.requests:
+            super().handle_read()
+            return
+        try:
+            data = self.socket.recv(self.adj.recv_bytes)
+        except OSError:
+            return  # gone: the worker's next send finds out
+        if data:
+            self.last_activity = time.time()
+            self.received(data)
+        else:
+            self.client_done = True
+
+    def loop_needs_nothing(self) -> bool:
+        """Whether the loop watches this connection already and has nothing
+        to send or close for it."""
+        return self.watched and not (self.total_outbufs_len or self.will_close or self.close_when_flushed)
+
     def hang_up_after(self, task: WSGITask | ErrorTask) -> None:
         """End the connection at once after a task that ends it
-        (``Connection: close``, HTTP/1.0, an error), once all is sent.
+        (``Connection: close``, HTTP/1.0, an error, the last request of a
+        client that ended its side), once all is sent.
 
         Upstream the worker pulls the trigger when it is done and the loop
         closes the connection in a turn of its own: with a connection per
@@ -386,12 +432,14 @@ class _Channel(HTTPChannel):
         select() timeout, a second). Anything left to send stays with the
         loop, which closes after it, as upstream.
         """
-        if not task.close_on_finish:
+        last = task.close_on_finish or (self.client_done and len(self.requests) <= 1)
+        if not last:
             return
         with self.outbuf_lock:
             if self.total_outbufs_len or not self.connected:
                 return
             self.connected = False
+            self.will_close = True  # for the loop: close it
             try:
                 self.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -415,9 +463,12 @@ class _Channel(HTTPChannel):
         # waitress logs what the application raised (so the layer records
         # it) inside service(): the request is over when service() returns.
         self.server.activity.start()
+        serving = self.server.serving
+        serving.channel = self  # for pull_trigger
         try:
             super().service()
         finally:
+            serving.channel = None
             self.server.activity.finish()
 
     @property
@@ -526,6 +577,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         #: Each request is logged through this class's ``log_request``.
         self.request_handler_class = request_handler_class
         self.activity = Activity()
+        #: ``channel``: the connection this worker thread serves, if any.
+        self.serving = threading.local()
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
@@ -542,6 +595,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             # The application sees the request as the client sent it,
             # X-Forwarded-* headers and all.
             clear_untrusted_proxy_headers=False,
+            # Keep-alive connections stay watched while a request runs (_Channel).
+            channel_request_lookahead=1,
         )
         try:
             super().__init__(
@@ -627,6 +682,12 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         poll(self.adj.asyncore_loop_timeout, self._map)
 
     def pull_trigger(self) -> None:
+        # A worker wakes the loop after each request, and whenever it leaves
+        # something for the loop to send; not for a connection the loop
+        # watches already and has nothing to do for (see _Channel).
+        channel = getattr(self.serving, "channel", None)
+        if channel is not None and channel.loop_needs_nothing():
+            return
         # Workers pull the trigger after each response. While the server
         # serves, nothing closes the trigger, and a lock here would make
         # the workers queue for it under load. Once it stops, a worker still

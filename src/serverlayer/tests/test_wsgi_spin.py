@@ -60,6 +60,8 @@ def app(environ, start_response):
         return environ["wsgi.file_wrapper"](open(environ["HTTP_X_FILE"], "rb"), 256 * 1024)
     if path == "/held":
         return held(environ, start_response)
+    if path.startswith("/after-the-client-ended-its-side"):
+        return after_the_client_ended_its_side(environ, start_response)
     if path == "/while-the-loop-is-held":
         return while_the_loop_is_held(environ, start_response)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
@@ -100,6 +102,18 @@ def while_the_loop_is_held(environ, start_response):
     loop_held.wait(10)
     start_response("200 OK", [("Content-Length", "5")])
     return [b"hello"]
+
+
+def after_the_client_ended_its_side(environ, start_response):
+    """Answers once the loop has read the end of the client's side of the
+    connection (or after 10 s), so that it arrives while a request runs."""
+    channel = environ["waitress.client_disconnected"].__self__
+    deadline = time.monotonic() + 10
+    while not channel.client_done and time.monotonic() < deadline:
+        time.sleep(0.001)
+    body = environ["PATH_INFO"].encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
 
 
 class CountingChannel(wsgi._Channel):
@@ -206,10 +220,57 @@ class LoopTurnTests(unittest.TestCase):
         self.assertEqual(failures, [])
         return turns / (clients * self.REQUESTS_PER_CLIENT)
 
+    def test_one_loop_turn_per_request_of_a_keep_alive_client(self):
+        # The loop watches the connection while its request runs, so the
+        # worker need not wake it to watch again afterwards: waitress's loop
+        # takes two turns per request, one to read it, one for that wake-up.
+        self.assertLessEqual(self.run_clients(1), 1.5)
+
     def test_few_loop_turns_per_request_with_concurrent_keep_alive_clients(self):
         for clients in (2, 4, 8):
             with self.subTest(clients=clients):
                 self.assertLessEqual(self.run_clients(clients), self.TURNS_PER_REQUEST)
+
+
+class HalfClosingClientTests(unittest.TestCase):
+    """Clients that end their side of the connection once they sent their
+    requests (``shutdown(SHUT_WR)``, as ``nc -N`` does) get every answer,
+    then the end: the loop, which reads the end while a request runs, must
+    not take it for a client that is gone."""
+
+    layer = SPIN_LAYER
+
+    def exchange(self, data: bytes) -> bytes:
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while chunk := sock.recv(65536):
+                received += chunk
+        return bytes(received)
+
+    def test_one_request(self):
+        answer = self.exchange(b"GET /after-the-client-ended-its-side HTTP/1.1\r\nHost: test\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n/after-the-client-ended-its-side"), answer)
+
+    def test_two_requests_at_once(self):
+        answer = self.exchange(
+            # The loop reads no further while two requests wait: the end
+            # arrives while the second one runs.
+            b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+            b"GET /after-the-client-ended-its-side HTTP/1.1\r\nHost: test\r\n\r\n"
+        )
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
+        self.assertIn(b"\r\n\r\nhelloHTTP/1.1 200 OK", answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n/after-the-client-ended-its-side"), answer)
+
+    def test_a_request_and_half_of_the_next(self):
+        answer = self.exchange(
+            b"GET /after-the-client-ended-its-side HTTP/1.1\r\nHost: test\r\n\r\nGET /never-fin"
+        )
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 1, answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n/after-the-client-ended-its-side"), answer)
 
 
 class NewConnectionTests(unittest.TestCase):
