@@ -316,6 +316,13 @@ class _OutbufLock(threading.Condition):
             self.depth = depth
 
 
+def _ends_connection(request: Any) -> bool:
+    """Whether a request's own headers end its connection after its answer
+    (the rule of waitress's ``Task.build_response_header``)."""
+    connection = request.headers.get("CONNECTION", "").lower()
+    return bool(connection == "close" if request.version == "1.1" else connection != "keep-alive")
+
+
 class _Channel(HTTPChannel):
     """waitress's channel, logging through its own server's logger, with a
     loop that does not spin while a worker writes.
@@ -394,8 +401,18 @@ class _Channel(HTTPChannel):
     client_done = False
 
     def readable(self) -> bool:
-        self.watched = not self.client_done and bool(super().readable())
+        self.watched = self.to_be_watched()
         return self.watched
+
+    def to_be_watched(self) -> bool:
+        """Whether the loop is to watch the socket for reading now."""
+        return (
+            not self.client_done
+            # Nothing follows a request that ends the connection; watching
+            # it, the loop would only wake up for its end.
+            and not any(map(_ends_connection, list(self.requests)))
+            and bool(super().readable())
+        )
 
     def handle_read(self) -> None:
         if not self.requests:
@@ -410,6 +427,7 @@ class _Channel(HTTPChannel):
             self.received(data)
         else:
             self.client_done = True
+            self.watched = False  # from now on, so that the worker wakes the loop when done
 
     def loop_needs_nothing(self) -> bool:
         """Whether the loop watches this connection already and has nothing
@@ -438,8 +456,8 @@ class _Channel(HTTPChannel):
         with self.outbuf_lock:
             if self.total_outbufs_len or not self.connected:
                 return
+            self.will_close = True  # for the loop: close it (lock_freed does not wake it)
             self.connected = False
-            self.will_close = True  # for the loop: close it
             try:
                 self.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -448,15 +466,21 @@ class _Channel(HTTPChannel):
     def writable(self) -> bool:
         if self.outbuf_lock.depth:
             return False  # the holder wakes the loop when it lets go
+        if self.client_done and not self.requests:
+            # The client's end came while its last request ran, too late
+            # for its worker to end the connection: close once all is sent.
+            self.close_when_flushed = True
         return bool(super().writable())
 
     def lock_freed(self) -> None:
         """Wake the loop if ``writable`` may have turned it away while the
         lock was held and there is now something to send (or close).
 
-        The loop itself looks again anyway before it next waits.
+        The loop itself looks again anyway before it next waits. A
+        connection that is over (``hang_up_after``, or its client gone)
+        waits for the loop's next turn, as upstream.
         """
-        if threading.get_ident() != self.server.loop_thread and super().writable():
+        if threading.get_ident() != self.server.loop_thread and self.connected and super().writable():
             self.server.pull_trigger()
 
     def service(self) -> None:
