@@ -30,6 +30,7 @@ import inspect
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 import traceback
@@ -290,7 +291,44 @@ if HttpToolsProtocol is not None:
     class _HttpToolsProtocol(_Registered, HttpToolsProtocol):
         """uvicorn's HTTP/1.1 protocol on httptools' C parser: what uvicorn
         serves with by default where httptools is installed (``uvicorn[standard]``,
-        serverlayer's ``asgi`` extra), and some 1.5 times as fast as h11."""
+        serverlayer's ``asgi`` extra), and some 1.5 times as fast as h11.
+
+        It answers an HTTP/1.0 client as h11 does: a body of no announced
+        length goes as it is, to the end of the connection. Upstream
+        (uvicorn 0.54) chunks it, and announces ``Transfer-Encoding:
+        chunked``, which an HTTP/1.0 client does not know (RFC 9112 section
+        6.1: a server must not send it to one).
+        """
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            if cycle.scope["http_version"] == "1.0":
+                cycle.send = _unchunked_send(cycle)
+            super()._start_asgi_task(cycle, app)
+
+    def _unchunked_send(cycle: Any) -> Callable[[Any], Awaitable[None]]:
+        """``cycle.send``, sending a body of no announced length unchunked.
+
+        uvicorn's cycle chunks a body when ``chunked_encoding`` is still
+        None at the response's start, and counts a body of known length
+        down to zero. Here such a body counts down from a length too large
+        to reach, until its last part, which is what is left of it.
+        """
+        send = cycle.send
+        unannounced = False
+
+        async def unchunked_send(message: Any) -> None:
+            nonlocal unannounced
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", ())}
+                if not names & {b"content-length", b"transfer-encoding"}:
+                    unannounced = True
+                    cycle.chunked_encoding = False
+                    cycle.expected_content_length = sys.maxsize
+            elif unannounced and message["type"] == "http.response.body" and not message.get("more_body"):
+                cycle.expected_content_length = len(message.get("body", b""))
+            await send(message)
+
+        return unchunked_send
 
     HTTP_PROTOCOLS["httptools"] = _HttpToolsProtocol
 

@@ -81,6 +81,11 @@ async def http_echo(scope, receive, send):
     """Answers with what the server told the application about the request."""
     if scope["path"] == "/raise":
         raise RuntimeError("raised on purpose by the application")
+    if scope["path"] == "/streamed":  # in two parts, of no announced length
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"first part, ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"second part"})
+        return
     body = await read_body(receive)
     answer = {
         "scheme": scope["scheme"], "method": scope["method"], "path": scope["path"],
@@ -286,8 +291,17 @@ class HTTPProtocolTests(unittest.TestCase):
                 self.assertEqual(json.loads(upload.stdout)["body"], "x" * 100_000)
                 old = subprocess.run(["curl", "-sS", "-0", "-i", url], capture_output=True, timeout=10, check=True)
                 self.assertTrue(old.stdout.startswith(b"HTTP/1.1 200 OK\r\n"), old.stdout)
-                self.assertNotIn(b"transfer-encoding", old.stdout.lower())
-                self.assertEqual([request.method for request in layer["http_requests"]], ["HEAD", "POST", "GET"])
+                # A body of no announced length goes chunked to an HTTP/1.1
+                # client, and to an HTTP/1.0 client as it is, to the end of
+                # the connection.
+                streamed = layer["http_url"] + "streamed"
+                for option, chunked in (("--http1.1", True), ("-0", False)):
+                    answer = subprocess.run(["curl", "-sS", option, "-i", streamed], capture_output=True,
+                                            timeout=10, check=True).stdout
+                    self.assertEqual(b"transfer-encoding: chunked" in answer.lower(), chunked, answer)
+                    self.assertTrue(answer.endswith(b"\r\n\r\nfirst part, second part"), answer)
+                self.assertEqual([request.method for request in layer["http_requests"]],
+                                 ["HEAD", "POST", "GET", "GET", "GET"])
                 self.assertEqual(layer["http_requests"][1].body, b"x" * 100_000)
 
 
