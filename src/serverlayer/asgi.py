@@ -113,6 +113,16 @@ class _UnreadScope(Unread[RecordedRequest]):
         )
 
 
+def _announces_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers (names in lower case, as uvicorn gives
+    them) announce a body: without Content-Length or Transfer-Encoding it
+    has none (RFC 9112 section 6.3)."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
     """The whole request body, and the messages to hand the application
     instead: one ``http.request`` with that body, then a disconnect if the
@@ -147,11 +157,17 @@ class RecordingApp:
         self.client_certs = {} if client_certs is None else client_certs
 
     def _client_cert(self, scope: Scope) -> Any:
+        if not self.client_certs:
+            return None
         client = scope.get("client")
-        return self.client_certs.get(tuple(client)) if client and self.client_certs else None
+        return self.client_certs.get(tuple(client)) if client else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if not _announces_body(scope["headers"]):  # most requests: nothing to read
+                self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
+                await self.app(scope, receive, send)
+                return
             body, pending = await _read_body(receive)
             self.log.append(_UnreadScope(scope, body, self._client_cert(scope)))
             original = receive
@@ -170,43 +186,6 @@ class RecordingApp:
 # uvicorn's pieces, adapted to a server that lives inside a test process.
 
 
-class _BusyTasks(set[asyncio.Task[None]]):
-    """uvicorn's set of request tasks, which another thread can wait to empty.
-
-    A request is not over when the client has its response: the
-    application may still run, and raise. The layer waits for quiet before
-    it checks a test's server errors, so that such an error is reported in
-    the test that made the request.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Taken directly (not through the Condition, whose ``with`` is
-        # Python code): every request adds and discards its task.
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
-        #: Threads in ``wait_empty``; only they need waking.
-        self.waiting = 0
-
-    def add(self, task: asyncio.Task[None]) -> None:
-        with self.lock:
-            super().add(task)
-
-    def discard(self, task: object) -> None:
-        with self.lock:
-            super().discard(task)
-            if self.waiting and not len(self):
-                self.changed.notify_all()
-
-    def wait_empty(self, timeout: float) -> bool:
-        with self.lock:
-            self.waiting += 1
-            try:
-                return self.changed.wait_for(lambda: not len(self), timeout)
-            finally:
-                self.waiting -= 1
-
-
 class _State(ServerState):
     """uvicorn's state shared by a server's connections, plus the server
     itself: uvicorn makes the WebSocket protocol with nothing else to find it by."""
@@ -214,7 +193,6 @@ class _State(ServerState):
     def __init__(self, owner: UvicornServer) -> None:
         super().__init__()
         self.owner = owner
-        self.tasks = _BusyTasks()
 
 
 def _owner(server_state: ServerState) -> UvicornServer:
@@ -589,7 +567,36 @@ class UvicornServer(AsyncioServer):
         super().request_stop()
 
     def wait_quiet(self, timeout: float) -> bool:
-        return self.state.tasks.wait_empty(timeout)  # type: ignore[attr-defined]
+        """Wait until no request runs: until uvicorn's set of request tasks
+        is empty.
+
+        A request is not over when its client has the response: the
+        application may still run, and raise, and its error belongs to the
+        test that made the request. uvicorn adds and discards each
+        request's task in its plain set, in the loop's thread, with no
+        Python code of ours on that path; the wait asks the loop to tell
+        when the set is empty.
+        """
+        tasks = self.state.tasks
+        if not tasks:
+            return True
+        quiet = threading.Event()
+
+        async def watch() -> None:
+            while tasks:
+                # uvicorn's discard runs before this wakes up: its done
+                # callback was added first.
+                await asyncio.wait(list(tasks))
+            quiet.set()
+
+        try:
+            watching = asyncio.run_coroutine_threadsafe(watch(), self.loop)
+        except RuntimeError:  # the loop is closed: nothing runs any more
+            return not tasks
+        if quiet.wait(timeout):
+            return True
+        watching.cancel()
+        return False
 
 
 class Layer(HTTPLayer):

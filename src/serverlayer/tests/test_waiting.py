@@ -3,9 +3,11 @@ when its timeout runs out (which would pass too, only late)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import unittest
+import urllib.request
 
 from serverlayer.arrivals import Arrivals
 from serverlayer.server import Activity
@@ -65,25 +67,54 @@ class ActivityWaitTests(unittest.TestCase):
         self.assertTrue(activity.wait_quiet(0.01))
 
 
-class BusyTasksWaitTests(unittest.TestCase):
+class AsgiWaitQuietTests(unittest.TestCase):
+    """The asgi layer waits for its requests' tasks, which uvicorn keeps."""
 
-    def test_wait_empty_wakes_when_the_last_task_ends(self):
-        from serverlayer.asgi import _BusyTasks
+    def setUp(self):
+        from serverlayer import asgi
+        from serverlayer.tests.helpers import set_up_by_hand
 
-        tasks = _BusyTasks()
-        task = object()  # stands for a request's asyncio task
-        tasks.add(task)  # type: ignore[arg-type]
+        gate = self.gate = asyncio.Event()
 
-        def end() -> None:
-            deadline = time.monotonic() + 10
-            while not tasks.waiting and time.monotonic() < deadline:  # until the test waits
-                time.sleep(0.001)
-            tasks.discard(task)
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                raise RuntimeError("no lifespan here")
+            await gate.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
 
-        ender = threading.Thread(target=end)
-        ender.start()
-        self.addCleanup(ender.join, 10)
+        self.layer = set_up_by_hand(self, asgi.Layer(app, name="asgi_wait_quiet"))
+        self.server = self.layer["httpd"]
+        self.answers: list[bytes] = []
+
+        def request() -> None:
+            with urllib.request.urlopen(self.layer["http_url"], timeout=TIMEOUT) as response:
+                self.answers.append(response.read())
+
+        self.client = threading.Thread(target=request)
+        self.client.start()
+        self.addCleanup(self.client.join, TIMEOUT)
+        self.addCleanup(self.open_gate)
+        deadline = time.monotonic() + 10
+        while not self.server.state.tasks and time.monotonic() < deadline:  # until the request runs
+            time.sleep(0.001)
+        self.assertTrue(self.server.state.tasks)
+
+    def open_gate(self) -> None:
+        self.server.loop.call_soon_threadsafe(self.gate.set)
+
+    def test_wait_quiet_waits_while_a_request_runs(self):
+        self.assertFalse(self.server.wait_quiet(0.05))
+        self.open_gate()
+        self.assertTrue(self.server.wait_quiet(TIMEOUT))
+        self.client.join(TIMEOUT)
+        self.assertEqual(self.answers, [b"ok"])
+
+    def test_wait_quiet_wakes_when_the_last_request_ends(self):
+        opener = threading.Timer(0.05, self.open_gate)  # once the test waits, most likely
+        opener.start()
+        self.addCleanup(opener.cancel)
         started = time.monotonic()
-        self.assertTrue(tasks.wait_empty(TIMEOUT))
+        self.assertTrue(self.server.wait_quiet(TIMEOUT))
         self.assertLess(time.monotonic() - started, TIMEOUT / 2)
-        self.assertFalse(tasks)
+        self.assertFalse(self.server.state.tasks)
