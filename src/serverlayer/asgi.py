@@ -59,7 +59,7 @@ from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
 from serverlayer.layer import HTTPLayer
 from serverlayer.recording import RecordedRequest, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
-from serverlayer.server import AsyncioServer, Deadline, ServerThread, format_address
+from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Deadline, ServerThread, format_address
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -506,7 +506,7 @@ class UvicornServer(AsyncioServer):
             raise LifespanStartupError(self.lifespan.failure or "the application's startup failed")
 
     async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
-        return await self.loop.create_server(self._protocol, sock=sock, ssl=self.ssl_context)
+        return await self.loop.create_server(self._protocol, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG)
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.logger.addHandler(self._log_handler)

@@ -128,6 +128,13 @@ def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
     return (sockaddr[0], port, *sockaddr[2:])
 
 
+#: Connections the kernel completes before the server accepts them. A burst
+#: of clients larger than this (a test gathering hundreds of requests at
+#: once) loses connection attempts, which clients repeat only a second
+#: later; the kernel caps it (net.core.somaxconn, 4096 on current Linux).
+LISTEN_BACKLOG = 1024
+
+
 def _listen(address: Address, port: int) -> socket.socket:
     """A socket listening on ``address`` at ``port``; raises OSError."""
     family, socktype, proto, _ = address
@@ -135,7 +142,7 @@ def _listen(address: Address, port: int) -> socket.socket:
     try:
         _set_listening_options(sock)
         sock.bind(_bind_address(address, port))
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise

@@ -36,7 +36,7 @@ from serverlayer.arrivals import Arrivals, Unread
 from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayerError
 from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
-from serverlayer.server import AsyncioServer, ServerThread
+from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, ServerThread
 from serverlayer.smtp_failures import (
     COMMAND_STAGES,
     Arrangement,
@@ -612,7 +612,9 @@ class SMTPServer(AsyncioServer):
         )
 
     async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
-        return await self.loop.create_server(self._protocol, sock=sock, ssl=self.implicit_tls_context)
+        return await self.loop.create_server(
+            self._protocol, sock=sock, ssl=self.implicit_tls_context, backlog=LISTEN_BACKLOG
+        )
 
     def serve(self, ready: Callable[[], None]) -> None:
         # aiosmtpd logs every server's errors through one module-wide logger;

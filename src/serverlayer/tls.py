@@ -40,7 +40,7 @@ import trustme
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.reporting import ErrorLog
-from serverlayer.server import AsyncioServer, ForwardedClients, Server, ServerThread
+from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, ForwardedClients, Server, ServerThread
 
 #: Names every server certificate carries, whatever the layer's host.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -252,7 +252,7 @@ class TLSFront(AsyncioServer):
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
-        return await asyncio.start_server(self._forward, sock=sock, ssl=self.context)
+        return await asyncio.start_server(self._forward, sock=sock, ssl=self.context, backlog=LISTEN_BACKLOG)
 
     def serve(self, ready: Callable[[], None]) -> None:
         try:

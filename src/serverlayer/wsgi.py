@@ -558,6 +558,10 @@ class _Listener(wasyncore.dispatcher):  # type: ignore[misc]
             self.server.adopt(*accepted)
 
 
+#: How many connections a wsgi layer serves at once; more wait to be accepted.
+CONNECTION_LIMIT = 1000
+
+
 class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     """waitress's server, on the sockets the layer bound, with a loop that stops at once.
 
@@ -621,6 +625,14 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             clear_untrusted_proxy_headers=False,
             # Keep-alive connections stay watched while a request runs (_Channel).
             channel_request_lookahead=1,
+            # waitress accepts no more than 100 connections at once (its
+            # sockets included) and leaves the rest waiting until one
+            # closes: 100 requests gathered at once by aiohttp or httpx (100
+            # connections each by default) waited 15 s for aiohttp to close
+            # idle ones. The limit keeps select() below its 1024 descriptors;
+            # poll() has no such bound.
+            asyncore_use_poll=True,
+            connection_limit=CONNECTION_LIMIT,
         )
         try:
             super().__init__(

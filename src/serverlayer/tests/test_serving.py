@@ -424,6 +424,80 @@ class PathContent(content.Layer):
         self.content.handler = lambda request: content.Response(200, request.path + " for port")
 
 
+async def path_asgi_app(scope, receive, send):
+    """The asgi layer's counterpart of ``file_app`` for many connections: answers its path."""
+    if scope["type"] != "http":
+        raise RuntimeError("no lifespan here")
+    body = scope["path"].encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def path_app(environ, start_response):
+    body = environ["PATH_INFO"].encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+def close_all(connections: list[socket.socket]) -> None:
+    for sock in connections:
+        sock.close()
+
+
+class ConnectionsAtOnceTests(unittest.TestCase):
+    """As many connections at once as a test may open: aiohttp and httpx
+    keep up to 100 each by default, and a burst of clients can open
+    more at once than a listen backlog of 128 holds."""
+
+    CONNECTIONS = 300
+
+    def layers(self):
+        from serverlayer import asgi
+
+        yield wsgi.Layer(path_app, name="wsgi_at_once")
+        yield asgi.Layer(path_asgi_app, name="asgi_at_once")
+        yield PathContent(name="content_at_once")
+
+    def test_every_connection_is_served_while_all_stay_open(self):
+        # waitress accepted at most 100 connections (its own sockets
+        # included) and left the others waiting until one closed.
+        for layer in self.layers():
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                connections: list[socket.socket] = []
+                self.addCleanup(close_all, connections)
+                for number in range(self.CONNECTIONS):
+                    sock = connect(layer)
+                    connections.append(sock)
+                    sock.sendall(f"GET /at-once-{number} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answered = []
+                for number, sock in enumerate(connections):
+                    with sock.makefile("rb") as replies:
+                        answered.append(read_response(replies)[2].startswith(f"/at-once-{number}".encode()))
+                self.assertEqual(answered, [True] * self.CONNECTIONS)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads the backlog with Linux's ss")
+    def test_the_listen_backlog_holds_a_burst_of_connections(self):
+        # With 128, connections beyond it that arrived while the server was
+        # busy waited a second for the kernel to try again.
+        with open("/proc/sys/net/core/somaxconn") as file:
+            expected = min(1024, int(file.read()))
+        from serverlayer import smtp
+
+        layers = [*self.layers(), wsgi.Layer(path_app, name="https_backlog", tls=True), smtp.Layer(name="smtp_backlog")]
+        for layer in layers:
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                port = layer.get("http_port") or layer["smtp_port"]
+                listing = subprocess.run(
+                    ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+                ).stdout
+                backlogs = [int(line.split()[2]) for line in listing.splitlines()]  # LISTEN, Recv-Q, Send-Q
+                self.assertTrue(backlogs, listing)
+                self.assertEqual(set(backlogs), {expected}, listing)
+
+
 class ManyConnectionsTests(unittest.TestCase):
     """More keep-alive connections than any pool, with idle, silent and
     half-sent ones among them, on the thread-pool server's layers."""
