@@ -232,11 +232,21 @@ class _WSGITask(WSGITask):
         return b""
 
     def write(self, data: bytes) -> None:
+        if data and self.request.command == "HEAD":
+            # waitress sends the application's body in answer to HEAD too,
+            # which the client takes for the start of the next response.
+            # The head still says what a GET gets (its Content-Length).
+            data = b""
         super().write(data)
         head = self.channel.head
         if head:  # no body bytes came with it
             self.channel.head = b""
             self.channel.write_soon(head)
+
+    def finish(self) -> None:
+        if self.request.command == "HEAD":
+            self.chunked_response = False  # no body: not even the last chunk
+        super().finish()
 
     def service(self) -> None:
         """Serve the request, then have the server log it (wsgiref logged

@@ -282,6 +282,26 @@ class FrontConnectionTests(unittest.TestCase):
         self.assertEqual(front_settled(front, descriptors, layer["httpd"]), (set(), descriptors))
 
 
+    def test_both_connections_of_the_front_send_at_once(self):
+        # Nagle's algorithm on the front's connection to the backend held a
+        # request's body back for the backend's delayed ACK, some 40 ms.
+        def echo(environ, start_response):
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+
+        layer = set_up_by_hand(self, wsgi.Layer(echo, name="front_no_delay", tls=True))
+        front = layer._running.server
+        client = http.client.HTTPSConnection(
+            layer["http_host"], layer["http_port"], context=layer["ssl_context"], timeout=10)
+        self.addCleanup(client.close)
+        client.request("POST", "/", body=b"x" * 100)
+        self.assertEqual(client.getresponse().read(), b"x" * 100)
+        sockets = [transport.get_extra_info("socket") for transport in list(front.transports)]
+        self.assertEqual(len(sockets), 2)  # the client's, and the one to the backend
+        for sock in sockets:
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1, sock)
+
     def test_a_large_answer_before_the_server_closes_arrives_whole(self):
         body = os.urandom(8 << 20)
 

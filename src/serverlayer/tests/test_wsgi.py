@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import socket
 import threading
 import unittest
 import urllib.error
@@ -58,6 +59,32 @@ class KeepAliveAndChunkingTests(unittest.TestCase):
         self.assertEqual(response.read(), b"first second third")
         connection.request("GET", "/after-chunked")  # the connection is still usable
         self.assertTrue(connection.getresponse().read().startswith(b"GET /after-chunked"))
+
+    def test_head_gets_no_body_and_the_connection_stays_in_step(self):
+        # waitress sends the application's body in answer to HEAD too, and
+        # the client takes it for the start of the next response.
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"GET /then-get HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = b""
+            while data := sock.recv(65536):
+                received += data
+        head, _, rest = received.partition(b"\r\n\r\n")
+        self.assertTrue(rest.startswith(b"HTTP/1.1 200 OK\r\n"), received)  # nothing between the two
+        body = rest.partition(b"\r\n\r\n")[2]
+        self.assertTrue(body.startswith(b"GET /then-get from port "), body)
+        # The head tells the length a GET of /head gets.
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % (len(body) - len(b"GET /then-get") + len(b"HEAD /head")), head)
+
+    def test_head_of_a_response_without_length_has_no_body(self):
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"HEAD /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = b""
+            while data := sock.recv(65536):
+                received += data
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", received)  # as a GET's
+        self.assertEqual(received.partition(b"\r\n\r\n")[1:], (b"\r\n\r\n", b""))  # nothing after the head
 
     def test_serves_http_1_1(self):
         connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
