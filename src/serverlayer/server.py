@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import ssl
 import threading
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from serverlayer.errors import AddressInUseError, ConfigurationError, SetUpError
-from serverlayer.reporting import ErrorLog
+from serverlayer.reporting import ErrorLog, verbose
 
 #: How long ``start`` waits for a serving loop to come up. The wait ends as
 #: soon as the loop runs or fails; the bound only matters for a loop that
@@ -379,6 +380,17 @@ def remembering(sock: socket.socket) -> _RememberingSocket:
     return listening
 
 
+class _NotFromThread(logging.Filter):
+    """Lets through the records of every thread but one."""
+
+    def __init__(self, thread_id: int) -> None:
+        super().__init__()
+        self.thread_id = thread_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread_id
+
+
 class AsyncioServer:
     """A ``Server`` whose connections are served by an asyncio event loop of its own.
 
@@ -414,6 +426,15 @@ class AsyncioServer:
 
     def serve(self, ready: Callable[[], None]) -> None:
         asyncio.set_event_loop(self.loop)
+        # asyncio's transports log what they meet with clients straight to
+        # the "asyncio" logger ("socket.send() raised exception." when an
+        # application goes on sending to a client that left), and with no
+        # handler set up that goes to stderr, into the test run's output.
+        # What is a server error reaches the loop's exception handler; the
+        # rest of this thread's records are dropped, unless verbose.
+        quiet = None if verbose() else _NotFromThread(threading.get_ident())
+        if quiet is not None:
+            logging.getLogger("asyncio").addFilter(quiet)
         # asyncio serves one socket per server: one server per socket.
         servers: list[asyncio.base_events.Server] = []
         try:
@@ -423,8 +444,12 @@ class AsyncioServer:
             self.loop.call_soon(ready)
             self.loop.run_forever()
         finally:
-            self._shut_down(servers)
-            asyncio.set_event_loop(None)
+            try:
+                self._shut_down(servers)
+            finally:
+                asyncio.set_event_loop(None)
+                if quiet is not None:
+                    logging.getLogger("asyncio").removeFilter(quiet)
 
     def _shut_down(self, servers: list[asyncio.base_events.Server]) -> None:
         for server in servers:

@@ -848,3 +848,31 @@ class NoDelayTests(unittest.TestCase):
                     [transport] = server.transports
                     accepted = transport.get_extra_info("socket")
                     self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
+
+class LeavingClientTests(unittest.TestCase):
+    """What asyncio's transports meet with clients stays out of the test
+    run's output: a client that leaves while the application still sends
+    made asyncio print "socket.send() raised exception." to stderr."""
+
+    def test_a_client_leaving_mid_stream_prints_nothing(self):
+        async def endless(scope, receive, send):
+            if scope["type"] != "http":
+                raise RuntimeError("no lifespan here")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for _ in range(200):
+                await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+        layer = set_up_by_hand(self, asgi.Layer(endless, name="asgi_leaving_clients"))
+        printed = io.StringIO()
+        # As under python -m unittest, with no handler at all: zope.testrunner
+        # gives the root logger one, which keeps Python's last resort quiet.
+        with redirect_stderr(printed), mock.patch.object(logging.getLogger(), "handlers", []):
+            for _ in range(5):
+                with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertTrue(sock.recv(1000).startswith(b"HTTP/1.1 200 OK"))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # reset
+            self.assertTrue(layer["httpd"].wait_quiet(10))
+        self.assertEqual(printed.getvalue(), "")
