@@ -410,7 +410,41 @@ class _Channel(HTTPChannel):
     #: Whether the client ended its side while a request of its ran.
     client_done = False
 
+    # The end of a connection that the server ends.
+    #
+    # Upstream closes the socket once the last answer is handed to the
+    # kernel, with whatever the client sent after its last request (more
+    # requests, the rest of a body) unread: the kernel then resets the
+    # connection and drops what it had not sent yet of that answer, and the
+    # client gets a reset, or over TLS a silently shortened answer. Here
+    # the server ends its own side, then reads and drops what still comes
+    # until the client ends its side too, which it does once it has the
+    # answer; the server's stop closes at once.
+
+    #: Whether the server ended its side and waits for the client's end.
+    lingering = False
+
+    def handle_close(self) -> None:
+        if not self._start_lingering():
+            super().handle_close()
+
+    def _start_lingering(self) -> bool:
+        """End the server's side of a connection it ends after an answer,
+        to wait for the client's end; False where it is to close now."""
+        if self.lingering or self.server.stop_requested or not self.will_close or self.total_outbufs_len:
+            return False
+        if self.socket is None or self._fileno is None:  # closed already
+            return False
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:  # gone already
+            return False
+        self.lingering = True
+        return True
+
     def readable(self) -> bool:
+        if self.lingering:
+            return True
         self.watched = self.to_be_watched()
         return self.watched
 
@@ -425,6 +459,14 @@ class _Channel(HTTPChannel):
         )
 
     def handle_read(self) -> None:
+        if self.lingering:
+            try:
+                data = self.socket.recv(self.adj.recv_bytes)
+            except OSError:
+                data = b""
+            if not data:  # the client's end
+                super().handle_close()
+            return
         if not self.requests:
             super().handle_read()
             return
@@ -469,11 +511,13 @@ class _Channel(HTTPChannel):
             self.will_close = True  # for the loop: close it (lock_freed does not wake it)
             self.connected = False
             try:
-                self.socket.shutdown(socket.SHUT_RDWR)
+                self.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the client is gone already
 
     def writable(self) -> bool:
+        if self.lingering:
+            return False
         if self.outbuf_lock.depth:
             return False  # the holder wakes the loop when it lets go
         if self.client_done and not self.requests:
@@ -745,6 +789,11 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         with self._trigger_lock:
             if not self._trigger_closed:
                 self.trigger.pull_trigger()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether the server is to stop (or stopped)."""
+        return self._stop_requested
 
     def wait_quiet(self, timeout: float) -> bool:
         return self.activity.wait_quiet(timeout)

@@ -480,6 +480,21 @@ class SlowReaderTests(unittest.TestCase):
         self.assertEqual(len(body), SLOW[0] * SLOW[1])
         self.assertEqual(hashlib.sha256(body).hexdigest(), digest(chunks(*SLOW)))
 
+    def test_a_client_that_sends_more_after_a_closing_request_gets_the_whole_answer(self):
+        # The server does not read what follows a request that ends the
+        # connection. Closed with that unread, the socket would be reset,
+        # and the kernel drop what it had not sent yet of the answer.
+        sock = self.request("/slow")
+        received = bytearray(sock.recv(16 * 1024))  # the answer has begun: what follows stays unread
+        sock.sendall(b"GET /after-the-end HTTP/1.1\r\nHost: test\r\n\r\n")
+        while data := sock.recv(16 * 1024):
+            received += data
+            time.sleep(1 / 256)
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
+        self.assertEqual(len(body), SLOW[0] * SLOW[1])
+        self.assertEqual(hashlib.sha256(body).hexdigest(), digest(chunks(*SLOW)))
+
     def test_client_pausing_mid_download(self):
         started = time.monotonic()
         head, body = read_response(self.request("/slow"), pause_after=512 * 1024, pause=2)
