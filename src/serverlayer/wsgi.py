@@ -494,13 +494,14 @@ class _Channel(HTTPChannel):
         Upstream the worker pulls the trigger when it is done and the loop
         closes the connection in a turn of its own: with a connection per
         request, a turn per request that competes with the client's next
-        connection for the interpreter lock. Here the worker shuts the
-        socket down itself (the client sees the end at once) and marks the
-        channel disconnected, so that waitress pulls no trigger; the loop
-        closes the socket in its next turn, whatever starts it (the next
-        connection, another request, the stop, or at the latest its
-        select() timeout, a second). Anything left to send stays with the
-        loop, which closes after it, as upstream.
+        connection for the interpreter lock. Here the worker ends the
+        server's side itself (the client sees the end at once) and marks
+        the channel disconnected, so that waitress pulls no trigger; the
+        loop takes the channel up in its next turn, whatever starts it (the
+        next connection, another request, the stop, or at the latest its
+        poll() timeout, a second), and closes it once the client's end
+        arrives (``handle_close``). Anything left to send stays with the
+        loop, which ends the connection after it, as upstream.
         """
         last = task.close_on_finish or (self.client_done and len(self.requests) <= 1)
         if not last:
