@@ -69,8 +69,38 @@ def _client_left(connection: socket.socket) -> bool:
         return True
 
 
+class _ReadingWithoutWaiting:
+    """A connection's socket whose reads never wait (``MSG_DONTWAIT``)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, buffer: Any) -> int:
+        return self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+
+
 def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
-    """Whether ``rfile`` holds, or the socket has ready, bytes of a next request."""
+    """Whether ``rfile`` holds, or the socket has ready, bytes of a next request.
+
+    ``rfile.peek`` reads from the socket when its buffer is empty, which
+    must not wait here. Where the file reads through a ``socket.SocketIO``
+    (``makefile``), its socket is swapped for one that reads with
+    ``MSG_DONTWAIT`` for the peek: one system call, where switching the
+    socket to non-blocking and back takes two more, each of which lets
+    other threads take the interpreter lock in between.
+    """
+    raw = getattr(rfile, "raw", None)
+    reads_connection = isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
+    if reads_connection and hasattr(socket, "MSG_DONTWAIT"):
+        raw._sock = _ReadingWithoutWaiting(connection)  # type: ignore[attr-defined]
+        try:
+            return bool(rfile.peek(1))
+        except OSError:
+            return False
+        finally:
+            raw._sock = connection  # type: ignore[attr-defined]
     timeout = connection.gettimeout()
     connection.settimeout(0.0)
     try:

@@ -241,3 +241,36 @@ class QuietnessTests(unittest.TestCase):
     def test_verbose_variable_logs_requests(self):
         with mock.patch.dict(os.environ, {"SERVERLAYER_VERBOSE": "1"}):
             self.assertIn('"GET /logged HTTP/1.1" 200', self.exercise())
+
+
+class HasBufferedDataTests(unittest.TestCase):
+    """Whether a next request is there, asked between requests of a
+    keep-alive connection: at once, and without switching the socket to
+    non-blocking and back (two more system calls per request, each letting
+    other threads take the interpreter lock)."""
+
+    def test_finds_what_the_file_holds_or_the_socket_has_without_waiting(self):
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(client_side.close)
+        self.addCleanup(server_side.close)
+        rfile = server_side.makefile("rb")
+        self.addCleanup(rfile.close)
+        switches = []
+        settimeout = socket.socket.settimeout
+
+        def counted(sock: socket.socket, value: float | None) -> None:
+            switches.append(value)
+            settimeout(sock, value)
+
+        with mock.patch.object(socket.socket, "settimeout", counted):
+            self.assertFalse(custom.has_buffered_data(server_side, rfile))  # nothing yet: no wait
+            client_side.sendall(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+            self.assertTrue(custom.has_buffered_data(server_side, rfile))  # in the socket
+            self.assertEqual(rfile.readline(), b"GET /1 HTTP/1.1\r\n")
+            self.assertEqual(rfile.readline(), b"\r\n")
+            self.assertTrue(custom.has_buffered_data(server_side, rfile))  # in the file's buffer only
+            self.assertEqual(rfile.read(19), b"GET /2 HTTP/1.1\r\n\r\n")
+            self.assertFalse(custom.has_buffered_data(server_side, rfile))
+        self.assertEqual(switches, [])
+        self.assertIsNone(server_side.gettimeout())  # still blocking, as the handler made it
+        self.assertIs(rfile.raw._sock, server_side)
