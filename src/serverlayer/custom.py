@@ -91,16 +91,16 @@ def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
     socket to non-blocking and back takes two more, each of which lets
     other threads take the interpreter lock in between.
     """
-    raw = getattr(rfile, "raw", None)
+    raw: Any = getattr(rfile, "raw", None)
     reads_connection = isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
     if reads_connection and hasattr(socket, "MSG_DONTWAIT"):
-        raw._sock = _ReadingWithoutWaiting(connection)  # type: ignore[attr-defined]
+        raw._sock = _ReadingWithoutWaiting(connection)
         try:
             return bool(rfile.peek(1))
         except OSError:
             return False
         finally:
-            raw._sock = connection  # type: ignore[attr-defined]
+            raw._sock = connection
     timeout = connection.gettimeout()
     connection.settimeout(0.0)
     try:
