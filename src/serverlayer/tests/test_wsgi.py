@@ -17,6 +17,7 @@ import plone.testing
 
 from serverlayer import ConfigurationError, wsgi
 from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.test_hardening import read_until_closed
 
 
 def echo_app(environ, start_response):
@@ -66,9 +67,7 @@ class KeepAliveAndChunkingTests(unittest.TestCase):
         with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
             sock.sendall(b"HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n"
                          b"GET /then-get HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            received = b""
-            while data := sock.recv(65536):
-                received += data
+            received = read_until_closed(sock)
         head, _, rest = received.partition(b"\r\n\r\n")
         self.assertTrue(rest.startswith(b"HTTP/1.1 200 OK\r\n"), received)  # nothing between the two
         body = rest.partition(b"\r\n\r\n")[2]
@@ -79,9 +78,7 @@ class KeepAliveAndChunkingTests(unittest.TestCase):
     def test_head_of_a_response_without_length_has_no_body(self):
         with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
             sock.sendall(b"HEAD /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            received = b""
-            while data := sock.recv(65536):
-                received += data
+            received = read_until_closed(sock)
         self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
         self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", received)  # as a GET's
         self.assertEqual(received.partition(b"\r\n\r\n")[1:], (b"\r\n\r\n", b""))  # nothing after the head
