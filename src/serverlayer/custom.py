@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
+import io
 import queue
 import select
 import selectors
@@ -81,6 +83,51 @@ class _ReadingWithoutWaiting:
         return self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
 
 
+class _NothingToRead:
+    """Stands in for a connection's socket while a file's buffer is looked
+    at: a read from it would block (``SocketIO`` then reads nothing), so
+    ``peek`` shows only what the file holds, without a system call."""
+
+    __slots__ = ()
+
+    def recv_into(self, buffer: Any, *args: Any) -> int:
+        raise BlockingIOError(errno.EAGAIN, "nothing is read while the buffer is looked at")
+
+
+_NOTHING_TO_READ = _NothingToRead()
+
+
+def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
+    """Whether ``rfile`` holds bytes of a next request it read from
+    ``connection`` along with the last one (a client that pipelines).
+
+    What the socket has is left to the wait for the next request, a poll()
+    that returns at once if it has anything: looking here too would take
+    one more system call per request, and each lets the other threads take
+    the interpreter lock. An unbuffered file (a handler's ``rbufsize =
+    0``) holds nothing; a file that reads otherwise than through a
+    ``socket.SocketIO`` of the connection is peeked at with the socket not
+    waiting (``has_buffered_data``).
+    """
+    raw: Any = getattr(rfile, "raw", None)
+    if isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection:
+        raw._sock = _NOTHING_TO_READ
+        try:
+            return bool(rfile.peek(1))
+        finally:
+            raw._sock = connection
+    if isinstance(rfile, io.RawIOBase) or not hasattr(rfile, "peek"):
+        return False
+    return has_buffered_data(connection, rfile)
+
+
+def _socket_has_data(connection: socket.socket) -> bool:
+    try:
+        return bool(connection.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)))
+    except OSError:  # nothing yet (BlockingIOError), or gone
+        return False
+
+
 def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
     """Whether ``rfile`` holds, or the socket has ready, bytes of a next request.
 
@@ -89,7 +136,9 @@ def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
     (``makefile``), its socket is swapped for one that reads with
     ``MSG_DONTWAIT`` for the peek: one system call, where switching the
     socket to non-blocking and back takes two more, each of which lets
-    other threads take the interpreter lock in between.
+    other threads take the interpreter lock in between. An unbuffered
+    file (a handler's ``rbufsize = 0``) has no ``peek``: only the socket
+    can have bytes.
     """
     raw: Any = getattr(rfile, "raw", None)
     reads_connection = isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
@@ -101,6 +150,8 @@ def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
             return False
         finally:
             raw._sock = connection
+    if not hasattr(rfile, "peek"):
+        return _socket_has_data(connection)
     timeout = connection.gettimeout()
     connection.settimeout(0.0)
     try:
@@ -181,7 +232,7 @@ class _Conversation:
             server.activity.finish()  # an exception finishes in the worker, once recorded
             if handler.close_connection:
                 return
-            if not (has_buffered_data(self.connection, handler.rfile) or server.await_request(self.connection)):
+            if not (file_holds_data(self.connection, handler.rfile) or server.await_request(self.connection)):
                 self.parked = True
                 return
 

@@ -16,6 +16,7 @@ from unittest import mock
 
 from serverlayer import ConfigurationError, custom
 from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.test_hardening import read_until_closed
 
 
 class Greeter(custom.RequestHandler):
@@ -135,6 +136,30 @@ class PoolTests(unittest.TestCase):
         for client in clients:
             client.join(10)
         self.assertEqual(statuses, [204] * 4)
+
+    def test_a_handler_that_reads_unbuffered_serves_keep_alive_and_pipelined_requests(self):
+        class Unbuffered(custom.RequestHandler):
+            rbufsize = 0  # StreamRequestHandler's: rfile is the socket's raw SocketIO
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                body = self.path.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        layer = self.serve(Unbuffered)
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for path in ("/1", "/2"):
+            connection.request("GET", path)
+            self.assertEqual(connection.getresponse().read(), path.encode())
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answers = read_until_closed(sock)
+        self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 2)
+        self.assertTrue(answers.endswith(b"/b"), answers)
 
     def test_an_idle_connection_holds_no_thread_and_stays_open(self):
         layer = self.serve(Greeter, threads=1)
@@ -274,3 +299,36 @@ class HasBufferedDataTests(unittest.TestCase):
         self.assertEqual(switches, [])
         self.assertIsNone(server_side.gettimeout())  # still blocking, as the handler made it
         self.assertIs(rfile.raw._sock, server_side)
+
+    def test_file_holds_data_looks_only_at_the_file(self):
+        # The wait for the next request polls the socket; looking there
+        # first would be one more system call per request.
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(client_side.close)
+        self.addCleanup(server_side.close)
+        rfile = server_side.makefile("rb")
+        self.addCleanup(rfile.close)
+        client_side.sendall(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+        self.assertFalse(custom.file_holds_data(server_side, rfile))  # only in the socket
+        self.assertEqual(rfile.readline(), b"GET /1 HTTP/1.1\r\n")
+        self.assertEqual(rfile.readline(), b"\r\n")
+        self.assertTrue(custom.file_holds_data(server_side, rfile))  # read along with /1
+        self.assertEqual(rfile.read(19), b"GET /2 HTTP/1.1\r\n\r\n")
+        self.assertFalse(custom.file_holds_data(server_side, rfile))
+        self.assertIs(rfile.raw._sock, server_side)
+        client_side.sendall(b"more")
+        self.assertEqual(rfile.read(4), b"more")  # the file reads the socket as before
+
+    def test_an_unbuffered_file_holds_nothing_and_the_socket_is_peeked_at(self):
+        # A handler's rbufsize = 0 makes its rfile the SocketIO itself, which has no peek.
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(client_side.close)
+        self.addCleanup(server_side.close)
+        rfile = server_side.makefile("rb", buffering=0)
+        self.addCleanup(rfile.close)
+        self.assertFalse(custom.file_holds_data(server_side, rfile))
+        self.assertFalse(custom.has_buffered_data(server_side, rfile))
+        client_side.sendall(b"GET")
+        self.assertFalse(custom.file_holds_data(server_side, rfile))  # the wait for the request sees it
+        self.assertTrue(custom.has_buffered_data(server_side, rfile))
+        self.assertEqual(rfile.read(3), b"GET")
