@@ -110,7 +110,8 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
     waiting (``has_buffered_data``).
     """
     raw: Any = getattr(rfile, "raw", None)
-    if isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection:
+    reads_connection = isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
+    if reads_connection:
         raw._sock = _NOTHING_TO_READ
         try:
             return bool(rfile.peek(1))
