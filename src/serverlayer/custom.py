@@ -334,6 +334,10 @@ class HandlerServer(socketserver.BaseServer):
         self.stopped = threading.Event()
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
+        # A byte already waiting wakes the loop as well as another would:
+        # a sender never waits for the loop to read (which, stopping, it
+        # no longer does).
+        self._wake_writer.setblocking(False)
         #: Readable while workers waiting on connections are to park them.
         self._recall_reader, self._recall_writer = socket.socketpair()
         self._recalling = False
@@ -423,9 +427,12 @@ class HandlerServer(socketserver.BaseServer):
     def _give_back(self, conversation: _Conversation) -> None:
         """Have the loop watch ``conversation``'s connection for its next request."""
         self._returned.put(conversation)
+        self._wake_loop()
+
+    def _wake_loop(self) -> None:
         try:
             self._wake_writer.send(b"\0")
-        except OSError:  # stopping: release closes the connection
+        except OSError:  # full: the loop wakes anyway; or closed: stopping, release closes all
             pass
 
     # Workers.
@@ -565,7 +572,7 @@ class HandlerServer(socketserver.BaseServer):
     def request_stop(self) -> None:
         self._stopping = True
         self.stopped.set()
-        self._wake_writer.send(b"\0")
+        self._wake_loop()
 
     def release(self, timeout: float) -> None:
         for listening in self.sockets:

@@ -87,7 +87,11 @@ class ErrorLog:
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
-        self._lock = threading.Lock()
+        # Re-entrant: a garbage collection that starts while the lock is
+        # held (any allocation may start one) can finalize a pending task
+        # of a layer's event loop, whose error is recorded then, in the
+        # same thread.
+        self._lock = threading.RLock()
         self._errors: list[str] = []
 
     def record(self, summary: str, exc_info: ExcInfo | None = None) -> None:

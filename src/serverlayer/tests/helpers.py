@@ -54,6 +54,24 @@ def set_up_by_hand(test: unittest.TestCase, layer: AnyLayer) -> AnyLayer:
     return layer
 
 
+#: The socket timeout doctests run with: their examples call clients the
+#: way a reader would, without a timeout, and an answer that never came
+#: would hang the run instead of failing the example.
+DOCTEST_SOCKET_TIMEOUT = 30.0
+
+
+def bounded_socket_waits(test: Any) -> None:
+    """A doctest suite's ``setUp``: every socket made during the doctest
+    (clients' and servers' alike) gives up after ``DOCTEST_SOCKET_TIMEOUT``."""
+    test.globs["_socket_timeout_before"] = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOCTEST_SOCKET_TIMEOUT)
+
+
+def unbounded_socket_waits(test: Any) -> None:
+    """The matching ``tearDown``: the default timeout as it was."""
+    socket.setdefaulttimeout(test.globs.pop("_socket_timeout_before", None))
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -214,6 +214,44 @@ class PoolTests(unittest.TestCase):
         self.assertLess(max(waits), 0.2, waits)
 
 
+class WakeUpTests(unittest.TestCase):
+
+    def test_stopping_does_not_wait_for_the_loop_to_read_its_wake_ups(self):
+        # Each connection a worker gives back wakes the loop with a byte;
+        # many given back at a test's end while the loop is busy can fill
+        # the socket pair, and a blocking send then waited for a loop that,
+        # once stopping, never reads again.
+        layer = set_up_by_hand(self, custom.Layer(Greeter, name="full_wake_ups"))
+        server = layer["httpd"]
+        held, released = threading.Event(), threading.Event()
+
+        def busy(selector):  # the loop, woken, is held up before it reads
+            held.set()
+            released.wait(10)
+
+        def drain():  # so that, should the test fail, tearDown is not held up too
+            while True:
+                try:
+                    server._wake_reader.recv(65536, socket.MSG_DONTWAIT)
+                except OSError:
+                    return
+
+        server._watch_returned = busy
+        self.addCleanup(drain)
+        self.addCleanup(released.set)
+        server._wake_loop()
+        self.assertTrue(held.wait(5))
+        while True:  # fill the socket pair
+            try:
+                server._wake_writer.send(b"\0" * 1024, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+        stopping = threading.Thread(target=server.request_stop, daemon=True)
+        stopping.start()
+        stopping.join(5)
+        self.assertFalse(stopping.is_alive(), "request_stop waited for the loop to read")
+
+
 class DisconnectTests(unittest.TestCase):
 
     def test_client_hanging_up_early_is_no_error_and_prints_nothing(self):

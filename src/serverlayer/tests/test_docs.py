@@ -23,7 +23,12 @@ import re
 import unittest
 from pathlib import Path
 
-from serverlayer.tests.helpers import assert_example_modules_pass, has_doctests
+from serverlayer.tests.helpers import (
+    assert_example_modules_pass,
+    bounded_socket_waits,
+    has_doctests,
+    unbounded_socket_waits,
+)
 
 DOCS = Path(__file__).resolve().parents[3] / "docs"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: (\w+)\n\n((?:   .*\n|\n)+)", re.MULTILINE)
@@ -127,8 +132,14 @@ def test_suite() -> unittest.TestSuite:
             doctest.DocFileSuite(
                 str(page), module_relative=False, globs={"__name__": module_name},
                 optionflags=OPTIONS, encoding="utf-8",
+                setUp=bounded_socket_waits, tearDown=unbounded_socket_waits,
             )
         )
     for name in DOCUMENTED_MODULES:
-        suite.addTest(doctest.DocTestSuite(importlib.import_module(name), optionflags=OPTIONS))
+        suite.addTest(
+            doctest.DocTestSuite(
+                importlib.import_module(name), optionflags=OPTIONS,
+                setUp=bounded_socket_waits, tearDown=unbounded_socket_waits,
+            )
+        )
     return suite

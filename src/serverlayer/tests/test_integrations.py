@@ -151,7 +151,11 @@ class MailSinkTests(unittest.TestCase):
             sink.wait(10)  # 0.12 s idle, 2.5 s with 24 busy processes
         except subprocess.TimeoutExpired:
             sink.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
-            sink.wait()
+            try:
+                sink.wait(10)  # its stacks are a few kB: far less than the pipe holds
+            except subprocess.TimeoutExpired:
+                sink.kill()
+                sink.wait(10)
             assert sink.stderr is not None
             self.fail(f"the sink did not stop on SIGINT; it said {sink.stderr.read()[-5000:]!r}")
         assert sink.stderr is not None

@@ -383,5 +383,5 @@ class ConfigurationTests(unittest.TestCase):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(10)
         self.assertEqual(len(set(paths)), 1)

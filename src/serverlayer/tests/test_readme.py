@@ -9,7 +9,12 @@ import re
 import unittest
 from pathlib import Path
 
-from serverlayer.tests.helpers import assert_example_modules_pass, has_doctests
+from serverlayer.tests.helpers import (
+    assert_example_modules_pass,
+    bounded_socket_waits,
+    has_doctests,
+    unbounded_socket_waits,
+)
 
 README = Path(__file__).resolve().parents[3] / "README.rst"
 CODE_BLOCK = re.compile(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", re.MULTILINE)
@@ -73,6 +78,8 @@ def test_suite() -> unittest.TestSuite:
                 globs={"__name__": "README_rst"},
                 optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
                 encoding="utf-8",
+                setUp=bounded_socket_waits,
+                tearDown=unbounded_socket_waits,
             )
         )
     return suite

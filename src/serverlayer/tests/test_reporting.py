@@ -87,6 +87,37 @@ class ErrorLogTests(unittest.TestCase):
         self.assertIsInstance(caught.exception, AssertionError)
         log.check()  # nothing left
 
+    def test_an_error_recorded_while_the_errors_are_taken_is_kept(self):
+        # take() makes a list, which can start a garbage collection in the
+        # taking thread; a collection that finalizes a pending task of a
+        # layer's event loop records the task's error then, inside take().
+        # With a plain lock, the thread waited for itself.
+        log = ErrorLog("<layer X>")
+        recorded = []
+
+        class CollectingWhileHeld:
+            """The log's lock, with such a collection as soon as it is taken."""
+
+            def __init__(self, lock):
+                self.lock = lock
+
+            def __enter__(self):
+                self.lock.acquire()
+                if not recorded:
+                    recorded.append(True)
+                    log.record("from a finalizer")
+
+            def __exit__(self, *exc_info):
+                self.lock.release()
+
+        log._lock = CollectingWhileHeld(log._lock)
+        taken = []
+        taker = threading.Thread(target=lambda: taken.extend(log.take()), daemon=True)
+        taker.start()
+        taker.join(10)
+        self.assertFalse(taker.is_alive(), "take() waited for the lock its own thread held")
+        self.assertEqual(taken + log.take(), ["from a finalizer"])
+
     def test_one_error_is_an_exception(self):
         log = ErrorLog("<layer X>")
         log.record("serving /a")
@@ -110,7 +141,7 @@ class ErrorLogTests(unittest.TestCase):
         found = []
         thread = threading.Thread(target=lambda: found.append(running_test()))
         thread.start()
-        thread.join()
+        thread.join(10)
         self.assertEqual(found, [None])
 
     def test_a_test_case_that_is_not_running_is_not_the_running_test(self):
@@ -171,7 +202,7 @@ class ErrorLogHandlerTests(unittest.TestCase):
         handler.thread_id = middle
         handler_set.wait()
         for thread in threads:
-            thread.join()
+            thread.join(10)
         logger.error("from the test's thread")
         self.assertEqual(errors.take(), [f"from {idents[middle]}"])
 
@@ -271,7 +302,7 @@ class CheckPlacementTests(unittest.TestCase):
     def test_without_a_test_the_check_runs_in_test_tear_down(self):
         thread = threading.Thread(target=self.layer.testSetUp)
         thread.start()
-        thread.join()
+        thread.join(10)
         self.provoke()
         with self.assertRaises(ServerSideError) as caught:
             self.layer.testTearDown()

@@ -153,7 +153,9 @@ def download_with_a_pause(layer, pause: float) -> int:
         sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         received = bytearray()
         while len(received) < 1024 * 1024:
-            received += sock.recv(65536)
+            piece = sock.recv(65536)
+            assert piece, f"the connection ended after {len(received)} bytes"
+            received += piece
         time.sleep(pause)
         received += read_until_closed(sock)
     head, _, body = bytes(received).partition(b"\r\n\r\n")
@@ -491,7 +493,7 @@ class ConnectionsAtOnceTests(unittest.TestCase):
                 set_up_by_hand(self, layer)
                 port = layer.get("http_port") or layer["smtp_port"]
                 listing = subprocess.run(
-                    ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+                    ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=30
                 ).stdout
                 backlogs = [int(line.split()[2]) for line in listing.splitlines()]  # LISTEN, Recv-Q, Send-Q
                 self.assertTrue(backlogs, listing)

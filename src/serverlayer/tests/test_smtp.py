@@ -551,8 +551,9 @@ class LifecycleTests(unittest.TestCase):
             mid_data = socket.create_connection((layer["smtp_host"], layer["smtp_port"]), timeout=5)
             self.addCleanup(mid_data.close)
             mid_data.sendall(b"HELO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
-            while not mid_data.recv(4096).rstrip().endswith(b"End data with <CR><LF>.<CR><LF>"):
-                pass  # until the server reads the message
+            replies = b""
+            while not replies.rstrip().endswith(b"End data with <CR><LF>.<CR><LF>"):  # until it reads the message
+                replies += mid_data.recv(4096) or self.fail(f"the server closed the connection after {replies!r}")
             mid_data.sendall(b"Subject: half")
         finally:
             with warnings.catch_warnings(record=True) as caught:
