@@ -107,7 +107,9 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
     the interpreter lock. An unbuffered file (a handler's ``rbufsize =
     0``) holds nothing; a file that reads otherwise than through a
     ``socket.SocketIO`` of the connection is peeked at with the socket not
-    waiting (``has_buffered_data``).
+    waiting (``has_buffered_data``), and one that cannot be peeked at may
+    hold anything: the next request is read from it, so that its worker
+    waits on the connection as long as it stays open.
     """
     raw: Any = getattr(rfile, "raw", None)
     reads_connection = isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
@@ -117,8 +119,13 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
             return bool(rfile.peek(1))
         finally:
             raw._sock = connection
-    if isinstance(rfile, io.RawIOBase) or not hasattr(rfile, "peek"):
+    if isinstance(rfile, io.RawIOBase):
         return False
+    if not hasattr(rfile, "peek"):
+        # A file of the handler's own (a wrapper around the one
+        # StreamRequestHandler made, say) may hold the next request where
+        # nothing can look: read it, as http.server would.
+        return True
     return has_buffered_data(connection, rfile)
 
 
@@ -352,6 +359,8 @@ class HandlerServer(socketserver.BaseServer):
         self._workers_lock = threading.Condition()
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
+        #: Workers a test's end retired while they still served a request.
+        self._retired: list[_Worker] = []
         self._started_workers = 0
         with self._workers_lock:
             self._idle = [self._start_worker() for _ in range(threads)]
@@ -511,6 +520,9 @@ class HandlerServer(socketserver.BaseServer):
             self._recalling = False
         for worker in extra:
             worker.thread.join(deadline.remaining())
+        with self._workers_lock:
+            # Those still serving a request end with it: the stop joins them.
+            self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]
 
     def _serve(self, conversation: _Conversation, serve: Callable[[], None]) -> None:
         """Run ``serve`` (start or resume ``conversation``); then park or close it."""
@@ -590,6 +602,8 @@ class HandlerServer(socketserver.BaseServer):
             for worker in workers:
                 worker.retiring = True
                 worker.inbox.put(None)
+            workers += self._retired
+            self._retired = []
         deadline = Deadline(timeout)
         for worker in workers:
             worker.thread.join(deadline.remaining())

@@ -267,6 +267,24 @@ def _owes_continue(request: Any) -> bool:
     )
 
 
+def _read_exactly(rfile: Any, length: int) -> bytes:
+    """``length`` bytes of ``rfile``, fewer only if the connection ends:
+    an unbuffered file (a handler's ``rbufsize = 0``) returns what one
+    read of the socket gives."""
+    data = rfile.read(length)
+    if len(data) == length or not data:
+        return bytes(data)
+    parts = [data]
+    remaining = length - len(data)
+    while remaining:
+        piece = rfile.read(remaining)
+        if not piece:
+            break
+        parts.append(piece)
+        remaining -= len(piece)
+    return b"".join(parts)
+
+
 def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificate | None = None) -> None:
     """Make ``handler`` record each request it reads into ``log``, with the
     certificate its client presented.
@@ -302,7 +320,7 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
                 self.send_error(400, f"Malformed chunked body: {problem}")
                 return False
         else:
-            body = raw = self.rfile.read(int(length)) if has_body else b""
+            body = raw = _read_exactly(self.rfile, int(length)) if has_body else b""
         path, query = split_target(self.path)
         self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert)
         log.append(self.recorded_request)

@@ -161,6 +161,96 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 2)
         self.assertTrue(answers.endswith(b"/b"), answers)
 
+    def test_an_unbuffered_handler_records_a_large_body_whole_and_answers_what_follows(self):
+        class Unbuffered(custom.RequestHandler):
+            rbufsize = 0  # one read of the socket gives what the kernel has
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                self.send_response(204)
+                self.end_headers()
+
+            do_POST = do_GET  # leaves the body unread
+
+        layer = self.serve(Unbuffered)
+        body = bytes(range(256)) * 1600  # 400 kB: more than one read gets
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body)
+            )
+            answers = read_until_closed(sock)
+        self.assertEqual(answers.count(b"HTTP/1.1 204 No Content"), 2, answers)
+        self.assertEqual([(r.method, r.path, len(r.body)) for r in layer["http_requests"]],
+                         [("POST", "/upload", len(body)), ("GET", "/after", 0)])
+        self.assertEqual(layer["http_requests"][0].body, body)
+
+    def test_a_handler_reading_through_a_file_of_its_own_answers_pipelined_requests(self):
+        class Reader:
+            """A handler's own file around the one http.server made: no peek."""
+
+            def __init__(self, wrapped):
+                self.wrapped = wrapped
+
+            def readline(self, *args):
+                return self.wrapped.readline(*args)
+
+            def read(self, *args):
+                return self.wrapped.read(*args)
+
+            def close(self):
+                self.wrapped.close()
+
+        class Wrapping(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                self.rfile = Reader(self.rfile)
+
+            def do_GET(self):
+                body = self.path.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        layer = self.serve(Wrapping)
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answers = read_until_closed(sock)
+        self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 3, answers)
+        self.assertTrue(answers.endswith(b"/3"), answers)
+
+    def test_the_stop_joins_a_worker_the_test_end_left_serving(self):
+        finish = threading.Event()
+
+        class Slow(Greeter):
+            def do_GET(self):
+                finish.wait(10)
+                time.sleep(0.2)  # still serving when the stop begins
+                super().do_GET()
+
+        layer = custom.Layer(Slow, name="pool_left_serving", report_server_errors=False)
+        layer.setUp()
+        self.addCleanup(finish.set)
+        layer.testSetUp()
+        layer.quiet_timeout = 0.2
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/slow")
+        deadline = time.monotonic() + 5
+        while not layer.requests and time.monotonic() < deadline:  # until the worker has it
+            time.sleep(0.005)
+        layer.testTearDown()  # gives up on the worker after quiet_timeout
+        workers = [thread for thread in threading.enumerate() if thread.name.endswith(" worker 1")
+                   and "pool_left_serving" in thread.name]
+        self.assertEqual(len(workers), 1)
+        finish.set()
+        layer.tearDown()
+        self.assertFalse(workers[0].is_alive(), "tearDown returned before the worker ended")
+
     def test_an_idle_connection_holds_no_thread_and_stays_open(self):
         layer = self.serve(Greeter, threads=1)
         idle = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
