@@ -97,6 +97,13 @@ class _NothingToRead:
 _NOTHING_TO_READ = _NothingToRead()
 
 
+def _reads_connection(rfile: Any, connection: socket.socket) -> bool:
+    """Whether ``rfile`` is a buffered file reading ``connection`` through a
+    ``socket.SocketIO`` (what ``StreamRequestHandler`` makes)."""
+    raw: Any = getattr(rfile, "raw", None)
+    return isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
+
+
 def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
     """Whether ``rfile`` holds bytes of a next request it read from
     ``connection`` along with the last one (a client that pipelines).
@@ -105,28 +112,27 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
     that returns at once if it has anything: looking here too would take
     one more system call per request, and each lets the other threads take
     the interpreter lock. An unbuffered file (a handler's ``rbufsize =
-    0``) holds nothing; a file that reads otherwise than through a
-    ``socket.SocketIO`` of the connection is peeked at with the socket not
-    waiting (``has_buffered_data``), and one that cannot be peeked at may
-    hold anything: the next request is read from it, so that its worker
-    waits on the connection as long as it stays open.
+    0``) holds nothing. A file of the handler's own that wraps the one
+    ``StreamRequestHandler`` made, keeping it as an attribute, is looked
+    through; one that can be peeked at is peeked at with the socket not
+    waiting (``has_buffered_data``); one that hides its buffer is taken to
+    hold nothing, as waiting on it would keep its worker until the client
+    closes the connection.
     """
-    raw: Any = getattr(rfile, "raw", None)
-    reads_connection = isinstance(raw, socket.SocketIO) and getattr(raw, "_sock", None) is connection
-    if reads_connection:
-        raw._sock = _NOTHING_TO_READ
-        try:
-            return bool(rfile.peek(1))
-        finally:
-            raw._sock = connection
-    if isinstance(rfile, io.RawIOBase):
-        return False
-    if not hasattr(rfile, "peek"):
-        # A file of the handler's own (a wrapper around the one
-        # StreamRequestHandler made, say) may hold the next request where
-        # nothing can look: read it, as http.server would.
-        return True
-    return has_buffered_data(connection, rfile)
+    if not _reads_connection(rfile, connection):
+        inner = [value for value in getattr(rfile, "__dict__", {}).values() if _reads_connection(value, connection)]
+        if inner:
+            rfile = inner[0]
+        elif isinstance(rfile, io.RawIOBase) or not hasattr(rfile, "peek"):
+            return False
+        else:
+            return has_buffered_data(connection, rfile)
+    raw: Any = rfile.raw
+    raw._sock = _NOTHING_TO_READ
+    try:
+        return bool(rfile.peek(1))
+    finally:
+        raw._sock = connection
 
 
 def _socket_has_data(connection: socket.socket) -> bool:

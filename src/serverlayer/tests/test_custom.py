@@ -222,6 +222,18 @@ class PoolTests(unittest.TestCase):
             answers = read_until_closed(sock)
         self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 3, answers)
         self.assertTrue(answers.endswith(b"/3"), answers)
+        # Between requests its worker waits on the connection, not in the
+        # file: the test's end parks an idle keep-alive connection at once.
+        idle = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(idle.close)
+        idle.request("GET", "/idle")
+        self.assertEqual(idle.getresponse().read(), b"/idle")
+        ending = time.monotonic()
+        layer.testTearDown()
+        self.assertLess(time.monotonic() - ending, 0.5)
+        layer.testSetUp()
+        idle.request("GET", "/next-test")
+        self.assertEqual(idle.getresponse().read(), b"/next-test")
 
     def test_the_stop_joins_a_worker_the_test_end_left_serving(self):
         finish = threading.Event()
