@@ -34,6 +34,19 @@ class Greeter(custom.RequestHandler):
 GREETER_LAYER = custom.Layer(Greeter, name="GREETER_LAYER")
 
 
+class PathEcho(custom.RequestHandler):
+    """Answers a GET with its path, on a keep-alive connection."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class ServingTests(unittest.TestCase):
     layer = GREETER_LAYER
 
@@ -138,16 +151,8 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(statuses, [204] * 4)
 
     def test_a_handler_that_reads_unbuffered_serves_keep_alive_and_pipelined_requests(self):
-        class Unbuffered(custom.RequestHandler):
+        class Unbuffered(PathEcho):
             rbufsize = 0  # StreamRequestHandler's: rfile is the socket's raw SocketIO
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                body = self.path.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
         layer = self.serve(Unbuffered)
         connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
@@ -201,19 +206,10 @@ class PoolTests(unittest.TestCase):
             def close(self):
                 self.wrapped.close()
 
-        class Wrapping(custom.RequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Wrapping(PathEcho):
             def setup(self):
                 super().setup()
                 self.rfile = Reader(self.rfile)
-
-            def do_GET(self):
-                body = self.path.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
         layer = self.serve(Wrapping)
         with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
