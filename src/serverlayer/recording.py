@@ -271,17 +271,13 @@ def _read_exactly(rfile: Any, length: int) -> bytes:
     """``length`` bytes of ``rfile``, fewer only if the connection ends:
     an unbuffered file (a handler's ``rbufsize = 0``) returns what one
     read of the socket gives."""
-    data = rfile.read(length)
-    if len(data) == length or not data:
-        return bytes(data)
-    parts = [data]
-    remaining = length - len(data)
-    while remaining:
-        piece = rfile.read(remaining)
+    parts = []
+    while length:
+        piece = rfile.read(length)
         if not piece:
             break
         parts.append(piece)
-        remaining -= len(piece)
+        length -= len(piece)
     return b"".join(parts)
 
 

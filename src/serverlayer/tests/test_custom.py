@@ -12,6 +12,7 @@ import time
 import unittest
 import urllib.request
 from contextlib import redirect_stderr
+from typing import Any
 from unittest import mock
 
 from serverlayer import ConfigurationError, custom
@@ -410,12 +411,18 @@ class HasBufferedDataTests(unittest.TestCase):
     non-blocking and back (two more system calls per request, each letting
     other threads take the interpreter lock)."""
 
-    def test_finds_what_the_file_holds_or_the_socket_has_without_waiting(self):
+    def connection_and_file(self, buffering: int = -1) -> tuple[socket.socket, socket.socket, Any]:
+        """The server's side of a connection, the client's, and the file a
+        handler reads the server's side through (closed when the test ends)."""
         server_side, client_side = socket.socketpair()
         self.addCleanup(client_side.close)
         self.addCleanup(server_side.close)
-        rfile = server_side.makefile("rb")
+        rfile = server_side.makefile("rb", buffering=buffering)
         self.addCleanup(rfile.close)
+        return server_side, client_side, rfile
+
+    def test_finds_what_the_file_holds_or_the_socket_has_without_waiting(self):
+        server_side, client_side, rfile = self.connection_and_file()
         switches = []
         settimeout = socket.socket.settimeout
 
@@ -439,11 +446,7 @@ class HasBufferedDataTests(unittest.TestCase):
     def test_file_holds_data_looks_only_at_the_file(self):
         # The wait for the next request polls the socket; looking there
         # first would be one more system call per request.
-        server_side, client_side = socket.socketpair()
-        self.addCleanup(client_side.close)
-        self.addCleanup(server_side.close)
-        rfile = server_side.makefile("rb")
-        self.addCleanup(rfile.close)
+        server_side, client_side, rfile = self.connection_and_file()
         client_side.sendall(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
         self.assertFalse(custom.file_holds_data(server_side, rfile))  # only in the socket
         self.assertEqual(rfile.readline(), b"GET /1 HTTP/1.1\r\n")
@@ -457,11 +460,7 @@ class HasBufferedDataTests(unittest.TestCase):
 
     def test_an_unbuffered_file_holds_nothing_and_the_socket_is_peeked_at(self):
         # A handler's rbufsize = 0 makes its rfile the SocketIO itself, which has no peek.
-        server_side, client_side = socket.socketpair()
-        self.addCleanup(client_side.close)
-        self.addCleanup(server_side.close)
-        rfile = server_side.makefile("rb", buffering=0)
-        self.addCleanup(rfile.close)
+        server_side, client_side, rfile = self.connection_and_file(buffering=0)
         self.assertFalse(custom.file_holds_data(server_side, rfile))
         self.assertFalse(custom.has_buffered_data(server_side, rfile))
         client_side.sendall(b"GET")
