@@ -496,11 +496,12 @@ class _Channel(HTTPChannel):
         request, a turn per request that competes with the client's next
         connection for the interpreter lock. Here the worker ends the
         server's side itself (the client sees the end at once) and marks
-        the channel disconnected, so that waitress pulls no trigger; the
-        loop takes the channel up in its next turn, whatever starts it (the
-        next connection, another request, the stop, or at the latest its
-        poll() timeout, a second), and closes it once the client's end
-        arrives (``handle_close``). Anything left to send stays with the
+        the channel disconnected and lingering, so that waitress pulls no
+        trigger; the loop watches it from its next turn, whatever starts it
+        (the next connection, another request, the stop, or at the latest
+        its poll() timeout, a second), and closes it once the client's end
+        arrives (``handle_read``): usually in the turn that accepts the
+        client's next connection. Anything left to send stays with the
         loop, which ends the connection after it, as upstream.
         """
         last = task.close_on_finish or (self.client_done and len(self.requests) <= 1)
@@ -514,7 +515,8 @@ class _Channel(HTTPChannel):
             try:
                 self.socket.shutdown(socket.SHUT_WR)
             except OSError:
-                pass  # the client is gone already
+                return  # the client is gone already: the loop closes it
+            self.lingering = True  # the loop waits for the client's end, as after _start_lingering
 
     def writable(self) -> bool:
         if self.lingering:
