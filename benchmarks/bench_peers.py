@@ -97,7 +97,7 @@ that rotates:
    The peers that fit take part at 8 clients only, or at every count with
    ``--sweep-peers``: localserver WSGIServer, webtest and gocept wsgi;
    gocept custom; localserver ContentServer and httpserver. ``--sweep-runs``
-   rounds (default 1) of a run each, the contenders' order rotating from
+   rounds (default 3, as every throughput row is the median of 3 runs) of a run each, the contenders' order rotating from
    count to count, each contender's servers started once per layer kind;
    the table shows, per contender, mode and count, the run with the median
    requests/s. For each: requests/s and how it
@@ -182,7 +182,7 @@ COUNTS = (
     _timing.Count("repeats", 3, 2, "throughput runs per contender"),
     _timing.Count("servers", 50, 5, "servers set up at once per memory process"),
     _timing.Count("sweep-ms", 1000, 100, "milliseconds each client of a concurrency sweep run sends GETs"),
-    _timing.Count("sweep-runs", 1, 1, "sweep runs per contender, mode and client count; the table shows the median"),
+    _timing.Count("sweep-runs", 3, 1, "sweep runs per contender, mode and client count; the table shows the median"),
 )
 #: The measures, in the order they run; ``--only`` picks some.
 SECTIONS = ("lifecycle", "stalled", "http", "transfer", "smtp", "asgi", "sweep", "memory")
