@@ -341,6 +341,28 @@ class TearDownTests(unittest.TestCase):
             self.assertEqual(layer["http_port"], port)
             self.assertEqual(fetch(layer["http_url"]), b"hello")
 
+    def test_an_asyncio_server_runs_its_loop_once_to_start_and_once_to_close(self):
+        # Each run_until_complete costs a task and two turns of the loop:
+        # a noticeable part of a setUp that takes half a millisecond.
+        import asyncio
+
+        from serverlayer import smtp
+
+        runs = []
+        run_until_complete = asyncio.BaseEventLoop.run_until_complete
+
+        def counting(loop, future):
+            if "one_loop_run_each" in threading.current_thread().name:  # this layer's loop only
+                runs.append(future)
+            return run_until_complete(loop, future)
+
+        layer = smtp.Layer(name="one_loop_run_each", host="127.0.0.1")
+        with mock.patch.object(asyncio.BaseEventLoop, "run_until_complete", counting):
+            layer.setUp()
+            started = len(runs)
+            layer.tearDown()
+        self.assertEqual((started, len(runs) - started), (1, 1), runs)
+
     def test_one_layer_survives_many_cycles_on_new_ports(self):
         layer = wsgi.Layer(hello_app, name="many_cycles")
         for _ in range(3):
