@@ -97,10 +97,10 @@ that rotates:
    The peers that fit take part at 8 clients only, or at every count with
    ``--sweep-peers``: localserver WSGIServer, webtest and gocept wsgi;
    gocept custom; localserver ContentServer and httpserver. ``--sweep-runs``
-   rounds (default 3, as every throughput row is the median of 3 runs) of a run each, the contenders' order rotating from
-   count to count, each contender's servers started once per layer kind;
-   the table shows, per contender, mode and count, the run with the median
-   requests/s. For each: requests/s and how it
+   rounds (default 3, as every throughput row is the median of 3 runs) of
+   a run each, the contenders' order rotating from count to count, each
+   contender's servers started once per layer kind; the table shows, per
+   contender, mode and count, the run with the median requests/s. For each: requests/s and how it
    compares with the same contender's 1-client rate in the same mode; CPU
    time per request, ``time.process_time`` of this process over the run (so
    for ``threads`` the clients' share is included, for ``process`` it is the
