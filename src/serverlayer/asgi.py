@@ -201,9 +201,9 @@ def _owner(server_state: ServerState) -> UvicornServer:
 
 
 def _no_delay(transport: asyncio.BaseTransport) -> None:
-    """Send small writes at once (Nagle's algorithm off)."""
+    """Send small writes at once (Nagle's algorithm off), where asyncio did not."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    if sock is None or sock.proto == socket.IPPROTO_TCP:  # asyncio set it for these
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -356,6 +356,11 @@ class ServerThread:
         self.server.release(timeout)
 
 
+#: How many closed connections a listening socket may remember before it
+#: looks which of its connections are still open.
+PRUNE_AT_LEAST = 64
+
+
 class _RememberingSocket(socket.socket):
     """A listening socket that remembers the connections it accepted.
 
@@ -365,11 +370,18 @@ class _RememberingSocket(socket.socket):
     """
 
     accepted: set[socket.socket]
+    #: The size at which ``accepted`` is next rid of closed connections:
+    #: twice what remained the last time, so that each accept costs the same
+    #: however many connections are open.
+    prune_at: int
 
     def accept(self) -> tuple[socket.socket, Any]:
         connection, address = super().accept()
-        self.accepted = {known for known in self.accepted if known.fileno() != -1}
-        self.accepted.add(connection)
+        accepted = self.accepted
+        if len(accepted) >= self.prune_at:
+            accepted = self.accepted = {known for known in accepted if known.fileno() != -1}
+            self.prune_at = 2 * len(accepted) + PRUNE_AT_LEAST
+        accepted.add(connection)
         return connection, address
 
 
@@ -377,6 +389,7 @@ def remembering(sock: socket.socket) -> _RememberingSocket:
     """``sock``, as a socket that remembers what it accepts (it takes the descriptor over)."""
     listening = _RememberingSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     listening.accepted = set()
+    listening.prune_at = PRUNE_AT_LEAST
     return listening
 
 

@@ -16,9 +16,9 @@ from unittest import mock
 
 import plone.testing
 
-from serverlayer import AddressInUseError, ConfigurationError, ServerSideError, SetUpError, custom, wsgi
+from serverlayer import AddressInUseError, ConfigurationError, ServerSideError, SetUpError, custom, server, wsgi
 from serverlayer.layer import ServerLayer
-from serverlayer.server import ServerThread
+from serverlayer.server import ServerThread, remembering
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
 
 
@@ -445,6 +445,52 @@ class BrokenServer:
 
     def release(self, timeout):
         pass
+
+
+class RememberingSocketTests(unittest.TestCase):
+    """The listening sockets of asyncio servers remember what they accept,
+    to close connections still waiting to be served when the server stops."""
+
+    def setUp(self):
+        plain = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.listening = remembering(plain)
+        self.addCleanup(self.listening.close)
+        self.clients = []
+
+        def close_all():
+            for each in self.clients + list(self.listening.accepted):
+                each.close()
+
+        self.addCleanup(close_all)
+
+    def accept_one(self):
+        self.clients.append(socket.create_connection(self.listening.getsockname()[:2], timeout=5))
+        connection, _ = self.listening.accept()
+        return connection
+
+    def test_each_accept_costs_the_same_however_many_are_open(self):
+        # It used to look at every connection it remembered on each accept:
+        # 200 open connections, some 20,000 looks.
+        looks = []
+        fileno = socket.socket.fileno
+
+        def counting(sock):
+            looks.append(sock)
+            return fileno(sock)
+
+        with mock.patch.object(socket.socket, "fileno", counting):
+            for _ in range(200):
+                self.accept_one()
+        self.assertLess(len(looks), 4 * 200)
+        self.assertEqual(len(self.listening.accepted), 200)  # all open, all remembered
+
+    def test_forgets_closed_connections_and_keeps_open_ones(self):
+        kept = [self.accept_one() for _ in range(10)]
+        for _ in range(3 * server.PRUNE_AT_LEAST):
+            self.accept_one().close()
+        accepted = self.listening.accepted
+        self.assertTrue(set(kept) <= accepted)
+        self.assertLessEqual(len(accepted), 2 * len(kept) + server.PRUNE_AT_LEAST)
 
 
 class ServerThreadTests(unittest.TestCase):
