@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence, Sized
 from email.utils import formatdate
 from typing import Any
 
@@ -225,10 +225,22 @@ class _Registered(asyncio.Protocol):
       ``bind_socket`` makes them with ``proto`` 0, and so may other code
       handing us sockets. With Nagle on, each response on a keep-alive
       connection waits for the client's delayed ACK: ~40 ms a request.
+    - A client that ends its side once it sent its requests
+      (``shutdown(SHUT_WR)``, as ``nc -N`` does) gets its answers, then the
+      end. Upstream (uvicorn 0.54, its issue 1264) takes that end for a
+      client that is gone: the connection closes at once and the answers
+      are dropped, even that to a lone request. A client that ends its
+      side with a request unfinished is gone, as upstream.
     """
 
     transport: asyncio.Transport
     owner: UvicornServer
+    #: uvicorn's: the request last read (None before the first), and for
+    #: httptools those read while another was answered, waiting their turn.
+    cycle: Any
+    pipeline: Sized = ()
+    #: Whether the client ended its side with answers still to come.
+    client_done = False
     logger: logging.Logger
     access_logger: logging.Logger
     access_log: bool
@@ -256,6 +268,22 @@ class _Registered(asyncio.Protocol):
         self.owner.transports.discard(self.transport)
         self.owner.forget_client_cert(self.transport)
         super().connection_lost(exc)
+
+    def _answers_to_come(self) -> bool:
+        """Whether every request read is whole and some are not answered yet."""
+        cycle = self.cycle
+        return cycle is not None and not cycle.more_body and (not cycle.response_complete or bool(self.pipeline))
+
+    def eof_received(self) -> bool | None:
+        if self._answers_to_come():
+            self.client_done = True
+            return True  # asyncio keeps the transport for the answers
+        return None  # asyncio closes the transport
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.client_done and not self._answers_to_come() and not self.transport.is_closing():
+            self.transport.close()
 
 
 class _H11Protocol(_Registered, H11Protocol):

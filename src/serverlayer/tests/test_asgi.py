@@ -11,6 +11,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -86,6 +87,8 @@ async def http_echo(scope, receive, send):
         await send({"type": "http.response.body", "body": b"first part, ", "more_body": True})
         await send({"type": "http.response.body", "body": b"second part"})
         return
+    if scope["path"].startswith("/later"):  # as an application waiting for something else does
+        await asyncio.sleep(0.05)
     body = await read_body(receive)
     answer = {
         "scheme": scope["scheme"], "method": scope["method"], "path": scope["path"],
@@ -151,6 +154,30 @@ class ServingTests(unittest.TestCase):
             self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n"))
             [transport] = self.layer["httpd"].transports
             self.assertEqual(type(transport.get_protocol()).__name__, self.protocol)
+
+    def exchange_and_end(self, requests: bytes) -> bytes:
+        """Send ``requests``, end the client's side (as ``nc -N`` does), and
+        read until the server ends the connection."""
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(requests)
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        return received
+
+    def test_a_client_that_ends_its_side_gets_its_answer(self):
+        received = self.exchange_and_end(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(received.count(b"HTTP/1.1 200 OK"), 1, received)
+        self.assertIn(b'"path": "/later"', received)
+
+    def test_pipelined_requests_then_the_end_get_every_answer_in_order(self):
+        received = self.exchange_and_end(b"".join(b"GET /later/%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3)))
+        self.assertEqual(re.findall(rb'"path": "/later/(\d)"', received), [b"0", b"1", b"2"], received)
+
+    def test_a_client_that_ends_its_side_with_its_body_unfinished_is_gone(self):
+        received = self.exchange_and_end(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        self.assertEqual(received, b"")
 
     def test_publishes_where_it_serves(self):
         port = self.layer["http_port"]
