@@ -771,8 +771,34 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def poll_once(self) -> None:
         """One turn of the loop: wait until a socket is ready (or the
         trigger is pulled), then serve the ready ones."""
+        full = len(self._map) >= self.adj.connection_limit
+        if full or self._lingering_cutoff is not None:
+            self._end_lingering(None if full else self._lingering_cutoff)
+            self._lingering_cutoff = None
         poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
         poll(self.adj.asyncore_loop_timeout, self._map)
+
+    # A connection the server ended waits for its client's end
+    # (``_Channel.lingering``), which a client may never send: a socket a
+    # test leaked, say. Upstream closes such connections at once; here
+    # they are closed once idle for waitress's ``channel_timeout`` (as it
+    # closes idle keep-alive connections), and at once when they would
+    # keep new clients from being accepted.
+
+    #: Set by waitress's periodic maintenance: close what lingered since.
+    _lingering_cutoff: float | None = None
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # marks idle keep-alive connections to be closed
+        self._lingering_cutoff = now - self.adj.channel_timeout
+
+    def _end_lingering(self, idle_since: float | None) -> None:
+        """Close the connections waiting for their client's end: those idle
+        since before ``idle_since``, or every one (None)."""
+        for channel in list(self._map.values()):
+            if isinstance(channel, _Channel) and channel.lingering:
+                if idle_since is None or channel.last_activity < idle_since:
+                    channel.handle_close()
 
     def pull_trigger(self) -> None:
         # A worker wakes the loop after each request, and whenever it leaves

@@ -17,9 +17,11 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 from collections.abc import Iterator, Sequence
 
 from serverlayer import wsgi
+from serverlayer.tests.helpers import set_up_by_hand
 
 MEGABYTE = 1024 * 1024
 
@@ -501,6 +503,61 @@ class SlowReaderTests(unittest.TestCase):
         self.assertGreaterEqual(time.monotonic() - started, 2)
         self.assertEqual(len(body), SLOW[0] * SLOW[1])
         self.assertEqual(hashlib.sha256(body).hexdigest(), digest(chunks(*SLOW)))
+
+
+def hello_app(environ, start_response):
+    start_response("200 OK", [("Content-Length", "5")])
+    return [b"hello"]
+
+
+class ClientsThatNeverEndTests(unittest.TestCase):
+    """A connection the server ended waits for the client's end, which a
+    client that leaked its socket never sends."""
+
+    def held_after_answer(self, layer: wsgi.Layer) -> socket.socket:
+        """A connection whose request ends it, answered, its client never closing it."""
+        sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):  # the answer, then the server's end
+            received += chunk
+        self.assertTrue(received.endswith(b"\r\n\r\nhello"), received)
+        return sock
+
+    def lingering(self, layer: wsgi.Layer, count: int) -> list[wsgi._Channel]:
+        """The server's connections waiting for their client's end, once there are ``count``."""
+        deadline = time.monotonic() + 5
+        while True:
+            channels = [each for each in list(layer["httpd"]._map.values()) if getattr(each, "lingering", False)]
+            if len(channels) == count or time.monotonic() > deadline:
+                return channels
+            time.sleep(0.01)
+
+    def test_they_do_not_keep_new_clients_out(self):
+        limit = 16
+        with unittest.mock.patch.object(wsgi, "CONNECTION_LIMIT", limit):
+            layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_limit"))
+        for _ in range(2 * limit):
+            self.held_after_answer(layer)
+        client = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(client.close)
+        client.request("GET", "/")
+        self.assertEqual(client.getresponse().read(), b"hello")
+
+    def test_they_are_closed_once_idle_for_waitress_channel_timeout(self):
+        layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_idle"))
+        for _ in range(3):
+            self.held_after_answer(layer)
+        self.assertEqual(len(self.lingering(layer, 3)), 3)
+        server = layer["httpd"]
+        server.adj.channel_timeout = 0  # as if two minutes had passed
+        server.next_channel_cleanup = 0  # and with them waitress's next cleanup
+        client = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)  # the loop's turns
+        client.request("GET", "/", headers={"Connection": "close"})
+        self.assertEqual(client.getresponse().read(), b"hello")
+        client.close()
+        self.assertEqual(self.lingering(layer, 0), [])
 
 
 class WakeUpTests(unittest.TestCase):
