@@ -303,13 +303,32 @@ if HttpToolsProtocol is not None:
         length goes as it is, to the end of the connection. Upstream
         (uvicorn 0.54) chunks it, and announces ``Transfer-Encoding:
         chunked``, which an HTTP/1.0 client does not know (RFC 9112 section
-        6.1: a server must not send it to one).
+        6.1: a server must not send it to one). And a client that leaves
+        while pipelined requests wait is gone for the request being
+        answered too, as it is for h11's.
         """
+
+        #: The request being answered: with requests pipelined, not the
+        #: one read last (uvicorn's ``cycle``).
+        answering: Any = None
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             if cycle.scope["http_version"] == "1.0":
                 cycle.send = _unchunked_send(cycle)
+            self.answering = cycle
             super()._start_asgi_task(cycle, app)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            # Upstream tells only the request read last that its client is
+            # gone. With requests pipelined, the application answering an
+            # earlier one went on sending: over TLS asyncio's transport
+            # then raised AttributeError (``_write_appdata`` of None), which
+            # failed the test as an error of the application.
+            cycle = self.answering
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            super().connection_lost(exc)
 
     def _unchunked_send(cycle: Any) -> Callable[[Any], Awaitable[None]]:
         """``cycle.send``, sending a body of no announced length unchunked.

@@ -788,6 +788,17 @@ class TLSTests(unittest.TestCase):
             get_json(self.layer["http_url"], context=ssl.create_default_context())
         self.assertIsInstance(caught.exception.reason, ssl.SSLCertVerificationError)
 
+    def test_a_client_leaving_with_requests_pipelined_is_no_error(self):
+        for protocol in ("httptools", "h11"):
+            layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name=f"asgi_tls_leaving_{protocol}",
+                                                    http_protocol=protocol, tls=True))
+            for _ in range(3):
+                plain = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+                with layer["ssl_context"].wrap_socket(plain, server_hostname=layer["http_host"]) as sock:
+                    sock.sendall(3 * b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")  # the first answered after a while
+            self.assertTrue(layer["httpd"].wait_quiet(10))
+            self.assertEqual(layer.server_errors.take(), [], protocol)
+
     def test_wss_echo_with_wss_scheme(self):
         seen = []
 
