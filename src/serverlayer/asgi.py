@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence, Sized
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -236,9 +236,9 @@ class _Registered(asyncio.Protocol):
     transport: asyncio.Transport
     owner: UvicornServer
     #: uvicorn's: the request last read (None before the first), and for
-    #: httptools those read while another was answered, waiting their turn.
+    #: httptools those read while another is answered, waiting their turn.
     cycle: Any
-    pipeline: Sized = ()
+    pipeline: Any = ()
     #: Whether the client ended its side with answers still to come.
     client_done = False
     logger: logging.Logger
@@ -269,12 +269,24 @@ class _Registered(asyncio.Protocol):
         self.owner.forget_client_cert(self.transport)
         super().connection_lost(exc)
 
+    def answering(self) -> Any:
+        """The request being answered (or answered last): h11's are read one at a time."""
+        return self.cycle
+
     def _answers_to_come(self) -> bool:
-        """Whether every request read is whole and some are not answered yet."""
-        cycle = self.cycle
+        """Whether the request being answered is whole, and it or others wait for their answer."""
+        cycle = self.answering()
         return cycle is not None and not cycle.more_body and (not cycle.response_complete or bool(self.pipeline))
 
     def eof_received(self) -> bool | None:
+        last = self.cycle
+        if last is not None and last.more_body and last is not self.answering():
+            # Read while another is answered, and unfinished: it never will
+            # be, so it is never started, as uvicorn never starts those
+            # waiting when their client is gone.
+            for waiting in list(self.pipeline):
+                if waiting[0] is last:
+                    self.pipeline.remove(waiting)
         if self._answers_to_come():
             self.client_done = True
             return True  # asyncio keeps the transport for the answers
@@ -310,12 +322,15 @@ if HttpToolsProtocol is not None:
 
         #: The request being answered: with requests pipelined, not the
         #: one read last (uvicorn's ``cycle``).
-        answering: Any = None
+        _answering: Any = None
+
+        def answering(self) -> Any:
+            return self._answering
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             if cycle.scope["http_version"] == "1.0":
                 cycle.send = _unchunked_send(cycle)
-            self.answering = cycle
+            self._answering = cycle
             super()._start_asgi_task(cycle, app)
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -324,7 +339,7 @@ if HttpToolsProtocol is not None:
             # earlier one went on sending: over TLS asyncio's transport
             # then raised AttributeError (``_write_appdata`` of None), which
             # failed the test as an error of the application.
-            cycle = self.answering
+            cycle = self._answering
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()

@@ -175,6 +175,16 @@ class ServingTests(unittest.TestCase):
         received = self.exchange_and_end(b"".join(b"GET /later/%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3)))
         self.assertEqual(re.findall(rb'"path": "/later/(\d)"', received), [b"0", b"1", b"2"], received)
 
+    def test_whole_requests_then_an_unfinished_one_then_the_end(self):
+        # The whole ones are answered; the last never will be.
+        received = self.exchange_and_end(
+            b"GET /later/0 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /later/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+        )
+        self.assertEqual(re.findall(rb'"path": "/later/(\d)"', received), [b"0", b"1"], received)
+        self.assertNotIn(b"/half", received)
+
     def test_a_client_that_ends_its_side_with_its_body_unfinished_is_gone(self):
         received = self.exchange_and_end(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
         self.assertEqual(received, b"")
