@@ -225,7 +225,7 @@ class _Registered(asyncio.Protocol):
       ``bind_socket`` makes them with ``proto`` 0, and so may other code
       handing us sockets. With Nagle on, each response on a keep-alive
       connection waits for the client's delayed ACK: ~40 ms a request.
-    - A client that ends its side once it sent its requests
+    - A plain-HTTP client that ends its side once it sent its requests
       (``shutdown(SHUT_WR)``, as ``nc -N`` does) gets its answers, then the
       end. Upstream (uvicorn 0.54, its issue 1264) takes that end for a
       client that is gone: the connection closes at once and the answers
@@ -279,6 +279,10 @@ class _Registered(asyncio.Protocol):
         return cycle is not None and not cycle.more_body and (not cycle.response_complete or bool(self.pipeline))
 
     def eof_received(self) -> bool | None:
+        if self.transport.get_extra_info("sslcontext") is not None:
+            # asyncio's TLS ends the connection anyway (a TCP end without
+            # TLS's close_notify may be a cut), warning if told otherwise.
+            return None
         last = self.cycle
         if last is not None and last.more_body and last is not self.answering():
             # Read while another is answered, and unfinished: it never will

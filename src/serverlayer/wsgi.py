@@ -426,7 +426,12 @@ class _Channel(HTTPChannel):
 
     def handle_close(self) -> None:
         if not self._start_lingering():
-            super().handle_close()
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Close the connection, lingering or not."""
+        self.server.lingering_channels.discard(self)
+        super().handle_close()
 
     def _start_lingering(self) -> bool:
         """End the server's side of a connection it ends after an answer,
@@ -439,8 +444,20 @@ class _Channel(HTTPChannel):
             self.socket.shutdown(socket.SHUT_WR)
         except OSError:  # gone already
             return False
-        self.lingering = True
+        self.linger()
         return True
+
+    def linger(self) -> None:
+        """Wait for the client's end, the server's side ended."""
+        self.lingering = True
+        self.server.lingering_channels.add(self)
+
+    def handle_write(self) -> None:
+        # The loop may have found the channel writable just before its
+        # worker sent the rest and ended it (``hang_up_after``); waitress's
+        # handle_write would then close it at once.
+        if not self.lingering:
+            super().handle_write()
 
     def readable(self) -> bool:
         if self.lingering:
@@ -465,7 +482,9 @@ class _Channel(HTTPChannel):
             except OSError:
                 data = b""
             if not data:  # the client's end
-                super().handle_close()
+                self.close_now()
+            else:
+                self.last_activity = time.time()  # idle is what waitress's channel_timeout bounds
             return
         if not self.requests:
             super().handle_read()
@@ -516,7 +535,7 @@ class _Channel(HTTPChannel):
                 self.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 return  # the client is gone already: the loop closes it
-            self.lingering = True  # the loop waits for the client's end, as after _start_lingering
+            self.linger()  # the loop waits for the client's end, as after _start_lingering
 
     def writable(self) -> bool:
         if self.lingering:
@@ -664,6 +683,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self.activity = Activity()
         #: ``channel``: the connection this worker thread serves, if any.
         self.serving = threading.local()
+        #: The connections waiting for their client's end (``_Channel.lingering``).
+        self.lingering_channels: set[_Channel] = set()
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
@@ -771,10 +792,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def poll_once(self) -> None:
         """One turn of the loop: wait until a socket is ready (or the
         trigger is pulled), then serve the ready ones."""
-        full = len(self._map) >= self.adj.connection_limit
-        if full or self._lingering_cutoff is not None:
-            self._end_lingering(None if full else self._lingering_cutoff)
-            self._lingering_cutoff = None
+        if self.lingering_channels:
+            self._end_lingering()
         poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
         poll(self.adj.asyncore_loop_timeout, self._map)
 
@@ -782,8 +801,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     # (``_Channel.lingering``), which a client may never send: a socket a
     # test leaked, say. Upstream closes such connections at once; here
     # they are closed once idle for waitress's ``channel_timeout`` (as it
-    # closes idle keep-alive connections), and at once when they would
-    # keep new clients from being accepted.
+    # closes idle keep-alive connections), and the longest idle first when
+    # they would keep new clients from being accepted.
 
     #: Set by waitress's periodic maintenance: close what lingered since.
     _lingering_cutoff: float | None = None
@@ -792,13 +811,18 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         super().maintenance(now)  # marks idle keep-alive connections to be closed
         self._lingering_cutoff = now - self.adj.channel_timeout
 
-    def _end_lingering(self, idle_since: float | None) -> None:
-        """Close the connections waiting for their client's end: those idle
-        since before ``idle_since``, or every one (None)."""
-        for channel in list(self._map.values()):
-            if isinstance(channel, _Channel) and channel.lingering:
-                if idle_since is None or channel.last_activity < idle_since:
-                    channel.handle_close()
+    def _end_lingering(self) -> None:
+        """Close the connections waiting for their client's end that were
+        idle since waitress's last cleanup, or that take the last free
+        connections."""
+        cutoff, self._lingering_cutoff = self._lingering_cutoff, None
+        excess = len(self._map) - self.adj.connection_limit + 1
+        if cutoff is None and excess <= 0:
+            return
+        # Workers add to the set: list() takes it at once, under the GIL.
+        for number, channel in enumerate(sorted(list(self.lingering_channels), key=lambda each: each.last_activity)):
+            if number < excess or (cutoff is not None and channel.last_activity < cutoff):
+                channel.close_now()
 
     def pull_trigger(self) -> None:
         # A worker wakes the loop after each request, and whenever it leaves

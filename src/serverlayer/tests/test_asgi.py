@@ -809,6 +809,26 @@ class TLSTests(unittest.TestCase):
             self.assertTrue(layer["httpd"].wait_quiet(10))
             self.assertEqual(layer.server_errors.take(), [], protocol)
 
+    def test_over_tls_the_end_of_the_client_side_ends_the_connection(self):
+        # asyncio's TLS ends it anyway, and warns if the protocol asks to keep it.
+        layer = self.layer
+        plain = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        with layer["ssl_context"].wrap_socket(plain, server_hostname=layer["http_host"]) as sock:
+            sock.sendall(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")  # answered after a while
+            server = layer["httpd"]
+            deadline = time.monotonic() + 5
+            while not [each for each in list(server.transports) if getattr(each.get_protocol(), "cycle", None)]:
+                self.assertLess(time.monotonic(), deadline, "the request was never read")
+                time.sleep(0.01)
+            [transport] = [each for each in list(server.transports) if each.get_protocol().cycle]
+
+            async def end_of_client_side():
+                return transport.get_protocol().eof_received()
+
+            answer = asyncio.run_coroutine_threadsafe(end_of_client_side(), server.loop).result(5)
+        self.assertIsNone(answer)
+        self.assertTrue(server.wait_quiet(5))
+
     def test_wss_echo_with_wss_scheme(self):
         seen = []
 

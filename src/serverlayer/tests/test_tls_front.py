@@ -126,10 +126,11 @@ class HTTPSClientAddressTests(ClientAddressTests):
         """The front keeps the connections it accepts, to close any still
         shaking hands when it stops; those that ended are dropped as more
         come, so a long run does not pile them up."""
-        for _ in range(2 * PRUNE_AT_LEAST):
+        for _ in range(3 * PRUNE_AT_LEAST):
             ask(self.layer, "127.0.0.1")
         remembered = sum(len(sock.accepted) for sock in self.layer._running.server.sockets)
-        self.assertLess(remembered, PRUNE_AT_LEAST)
+        # At most PRUNE_AT_LEAST since the last look, and twice the few still open then.
+        self.assertLess(remembered, 2 * PRUNE_AT_LEAST)
 
 
 class AcceptRecordingChannel(wsgi._Channel):

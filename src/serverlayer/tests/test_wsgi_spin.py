@@ -549,6 +549,17 @@ class ClientsThatNeverEndTests(unittest.TestCase):
         client.request("GET", "/")
         self.assertEqual(client.getresponse().read(), b"hello")
 
+    def test_a_write_the_loop_decided_on_before_the_worker_ended_it_keeps_it(self):
+        # The loop found the connection writable (bytes buffered), then its
+        # worker sent them and ended it: the loop's handle_write must not
+        # close it, or a client's late bytes make the kernel reset it.
+        layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_write"))
+        self.held_after_answer(layer)
+        [channel] = self.lingering(layer, 1)
+        channel.handle_write()  # as the loop would, in its thread, on that earlier decision
+        self.assertIn(channel, list(layer["httpd"]._map.values()))
+        self.assertTrue(channel.lingering)
+
     def test_they_are_closed_once_idle_for_waitress_channel_timeout(self):
         layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_idle"))
         for _ in range(3):
