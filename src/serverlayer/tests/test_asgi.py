@@ -41,6 +41,7 @@ from serverlayer.tests.helpers import (
     thread_names,
     without_host_variables,
 )
+from serverlayer.tests.test_hardening import read_until_closed
 
 
 def ws_connect(url: str, **kwargs: Any) -> ClientConnection:
@@ -161,10 +162,7 @@ class ServingTests(unittest.TestCase):
         with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
             sock.sendall(requests)
             sock.shutdown(socket.SHUT_WR)
-            received = b""
-            while chunk := sock.recv(65536):
-                received += chunk
-        return received
+            return read_until_closed(sock)
 
     def test_a_client_that_ends_its_side_gets_its_answer(self):
         received = self.exchange_and_end(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 
 from serverlayer import wsgi
 from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.test_hardening import read_until_closed
 
 MEGABYTE = 1024 * 1024
 
@@ -505,11 +506,6 @@ class SlowReaderTests(unittest.TestCase):
         self.assertEqual(hashlib.sha256(body).hexdigest(), digest(chunks(*SLOW)))
 
 
-def hello_app(environ, start_response):
-    start_response("200 OK", [("Content-Length", "5")])
-    return [b"hello"]
-
-
 class ClientsThatNeverEndTests(unittest.TestCase):
     """A connection the server ended waits for the client's end, which a
     client that leaked its socket never sends."""
@@ -519,9 +515,7 @@ class ClientsThatNeverEndTests(unittest.TestCase):
         sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
         self.addCleanup(sock.close)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        received = b""
-        while chunk := sock.recv(65536):  # the answer, then the server's end
-            received += chunk
+        received = read_until_closed(sock)  # the answer, then the server's end
         self.assertTrue(received.endswith(b"\r\n\r\nhello"), received)
         return sock
 
@@ -541,7 +535,7 @@ class ClientsThatNeverEndTests(unittest.TestCase):
     def test_they_do_not_keep_new_clients_out(self):
         limit = 16
         with unittest.mock.patch.object(wsgi, "CONNECTION_LIMIT", limit):
-            layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_limit"))
+            layer = set_up_by_hand(self, wsgi.Layer(app, name="never_ending_clients_limit"))
         for _ in range(2 * limit):
             self.held_after_answer(layer)
         client = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
@@ -553,7 +547,7 @@ class ClientsThatNeverEndTests(unittest.TestCase):
         # The loop found the connection writable (bytes buffered), then its
         # worker sent them and ended it: the loop's handle_write must not
         # close it, or a client's late bytes make the kernel reset it.
-        layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_write"))
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="never_ending_clients_write"))
         self.held_after_answer(layer)
         [channel] = self.lingering(layer, 1)
         channel.handle_write()  # as the loop would, in its thread, on that earlier decision
@@ -561,7 +555,7 @@ class ClientsThatNeverEndTests(unittest.TestCase):
         self.assertTrue(channel.lingering)
 
     def test_they_are_closed_once_idle_for_waitress_channel_timeout(self):
-        layer = set_up_by_hand(self, wsgi.Layer(hello_app, name="never_ending_clients_idle"))
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="never_ending_clients_idle"))
         for _ in range(3):
             self.held_after_answer(layer)
         self.assertEqual(len(self.lingering(layer, 3)), 3)
