@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import heapq
 import http.server
 import io
+import itertools
 import queue
 import select
 import selectors
@@ -23,6 +25,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -215,6 +218,10 @@ class _Conversation:
         self.client_cert = client_cert
         self.handler: Any = None
         self.parked = False
+        #: Since when (``time.monotonic()``) the connection waits for a request.
+        self.idle_since = time.monotonic()
+        #: The deadline the serving loop closes it at, while it watches it.
+        self.watched_until: float | None = None
         #: Whether ``finish`` left the handler's files open for the next request.
         self._files_open = False
 
@@ -246,9 +253,26 @@ class _Conversation:
             server.activity.finish()  # an exception finishes in the worker, once recorded
             if handler.close_connection:
                 return
-            if not (file_holds_data(self.connection, handler.rfile) or server.await_request(self.connection)):
+            if file_holds_data(self.connection, handler.rfile):
+                continue
+            self.idle_since = time.monotonic()
+            arrived = server.await_request(self.connection, self.idle_deadline())
+            if arrived is None:
                 self.parked = True
                 return
+            if not arrived:  # idle for the handler's timeout: closes
+                return
+
+    def idle_deadline(self) -> float | None:
+        """When the connection, waiting for a request, is to close: after the
+        handler's ``timeout`` (``StreamRequestHandler``'s, None by default).
+
+        Under ``http.server`` that is the socket's timeout, and reading the
+        next request times out; here the wait for it ends then, whether a
+        worker or the serving loop waits.
+        """
+        limit = getattr(self.handler or self.server.handler_class, "timeout", None)
+        return None if limit is None else self.idle_since + limit
 
     def _finish(self) -> None:
         if self.parked:  # the connection lives on: only send what is buffered
@@ -360,6 +384,9 @@ class HandlerServer(socketserver.BaseServer):
         self._connections: dict[socket.socket, _Conversation] = {}
         #: Connections a worker gives back, for the loop to watch again.
         self._returned: queue.SimpleQueue[_Conversation] = queue.SimpleQueue()
+        #: When the connections the loop watches are to close (``_close_idle``), soonest first.
+        self._deadlines: list[tuple[float, int, _Conversation]] = []
+        self._deadline_order = itertools.count()
         self._thread_name = thread_name
         self._steady_workers = threads
         self._workers_lock = threading.Condition()
@@ -388,7 +415,7 @@ class HandlerServer(socketserver.BaseServer):
             selector.register(self._wake_reader, selectors.EVENT_READ)
             ready()
             while not self._stopping:
-                for key, _ in selector.select():
+                for key, _ in selector.select(self._until_next_deadline()):
                     if self._stopping:
                         break
                     if key.fileobj in self.sockets:
@@ -398,10 +425,33 @@ class HandlerServer(socketserver.BaseServer):
                     else:
                         selector.unregister(key.fileobj)
                         conversation, serve = key.data
+                        conversation.watched_until = None
                         if _client_left(conversation.connection):
                             self._close(conversation.connection)
                         else:
                             self._dispatch(serve)
+                if self._deadlines:
+                    self._close_idle(selector)
+
+    def _watch(self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None]) -> None:
+        """Watch ``conversation``'s connection for its next request, until its deadline."""
+        selector.register(conversation.connection, selectors.EVENT_READ, (conversation, serve))
+        deadline = conversation.watched_until = conversation.idle_deadline()
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._deadline_order), conversation))
+
+    def _until_next_deadline(self) -> float | None:
+        return max(0.0, self._deadlines[0][0] - time.monotonic()) if self._deadlines else None
+
+    def _close_idle(self, selector: selectors.BaseSelector) -> None:
+        """Close the watched connections idle past their handler's timeout."""
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, conversation = heapq.heappop(self._deadlines)
+            if conversation.watched_until == deadline:  # not served (or closed) since
+                conversation.watched_until = None
+                selector.unregister(conversation.connection)
+                self._close(conversation.connection)
 
     def _accept(self, selector: selectors.BaseSelector, listening: socket.socket) -> None:
         try:
@@ -421,7 +471,7 @@ class HandlerServer(socketserver.BaseServer):
             self._connections[connection] = conversation
         serve = functools.partial(self._serve, conversation, conversation.start)
         if self.handler_shares_threads:
-            selector.register(connection, selectors.EVENT_READ, (conversation, serve))  # HTTP clients speak first
+            self._watch(selector, conversation, serve)  # HTTP clients speak first
         else:
             self._dispatch(serve)  # a handler of its own may speak first
 
@@ -436,8 +486,7 @@ class HandlerServer(socketserver.BaseServer):
             except queue.Empty:
                 return
             if conversation.connection.fileno() != -1:
-                serve = functools.partial(self._serve, conversation, conversation.resume)
-                selector.register(conversation.connection, selectors.EVENT_READ, (conversation, serve))
+                self._watch(selector, conversation, functools.partial(self._serve, conversation, conversation.resume))
 
     def _give_back(self, conversation: _Conversation) -> None:
         """Have the loop watch ``conversation``'s connection for its next request."""
@@ -473,9 +522,10 @@ class HandlerServer(socketserver.BaseServer):
             self._idle.append(worker)
             return True
 
-    def await_request(self, connection: socket.socket) -> bool:
-        """Wait for the next request on ``connection``; False to park it instead."""
-        return self.wait_readable(connection) is True
+    def await_request(self, connection: socket.socket, deadline: float | None = None) -> bool | None:
+        """Wait for the next request on ``connection``: True once it comes,
+        False if ``deadline`` (``time.monotonic()``) passes first, None to park it instead."""
+        return self.wait_readable(connection, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def wait_readable(self, connection: socket.socket, timeout: float | None = None) -> bool | None:
         """Wait until ``connection`` is readable: True; False if ``timeout``

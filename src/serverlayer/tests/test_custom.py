@@ -313,6 +313,70 @@ class PoolTests(unittest.TestCase):
         self.assertLess(max(waits), 0.2, waits)
 
 
+class ShortTimeout(Greeter):
+    protocol_version = "HTTP/1.1"
+    timeout = 0.2  # StreamRequestHandler's: the socket's timeout
+
+
+class HandlerTimeoutTests(unittest.TestCase):
+    """A handler's ``timeout`` ends a connection idle that long, as it does
+    under ``http.server``: there the read of the next request times out."""
+
+    def serve(self, handler, **kwargs):
+        return set_up_by_hand(self, custom.Layer(handler, name=f"timeout_{self._testMethodName}", **kwargs))
+
+    def keep_alive_request(self, layer):
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        return client
+
+    def test_a_keep_alive_connection_idle_for_the_handlers_timeout_is_closed(self):
+        layer = self.serve(ShortTimeout, threads=1)
+        client = self.keep_alive_request(layer)
+        started = time.monotonic()
+        answer = read_until_closed(client)
+        self.assertTrue(answer.endswith(b"hello /first"), answer)
+        self.assertGreaterEqual(time.monotonic() - started, ShortTimeout.timeout)
+
+    def test_a_connection_idle_across_the_end_of_a_test_is_closed_after_the_timeout(self):
+        layer = self.serve(ShortTimeout, threads=1)
+        client = self.keep_alive_request(layer)
+        answer = b""
+        while not answer.endswith(b"hello /first"):
+            answer += client.recv(4096)
+        layer.testTearDown()  # parks the connection with the loop
+        layer.testSetUp()
+        self.assertEqual(read_until_closed(client), b"")
+
+    def test_a_client_that_never_sends_a_request_is_closed_after_the_timeout(self):
+        layer = self.serve(ShortTimeout, threads=1)
+        silent = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(silent.close)
+        self.assertEqual(read_until_closed(silent), b"")
+
+    def test_requests_within_the_timeout_keep_the_connection(self):
+        layer = self.serve(ShortTimeout, threads=1)
+        client = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(client.close)
+        addresses = set()
+        for number in range(3):
+            client.request("GET", f"/{number}")
+            self.assertEqual(client.getresponse().read(), f"hello /{number}".encode())
+            addresses.add(client.sock.getsockname())
+        self.assertEqual(len(addresses), 1)  # one connection
+
+    def test_without_a_timeout_an_idle_connection_stays_open(self):
+        layer = self.serve(Greeter, threads=1)
+        client = self.keep_alive_request(layer)
+        answer = b""
+        while not answer.endswith(b"hello /first"):
+            answer += client.recv(4096)
+        client.settimeout(0.5)
+        with self.assertRaises(TimeoutError):  # nothing more: still open
+            client.recv(4096)
+
+
 class WakeUpTests(unittest.TestCase):
 
     def test_stopping_does_not_wait_for_the_loop_to_read_its_wake_ups(self):

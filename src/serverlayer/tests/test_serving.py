@@ -245,10 +245,10 @@ class ThreadTests(unittest.TestCase):
         answered, go_on = threading.Event(), threading.Event()
 
         class HeldBeforeWaiting(custom.HandlerServer):
-            def await_request(self, connection):
+            def await_request(self, connection, deadline=None):
                 answered.set()
                 go_on.wait(CLIENT_TIMEOUT)
-                return super().await_request(connection)
+                return super().await_request(connection, deadline)
 
         class Layer(custom.Layer):
             quiet_timeout = 0.1  # the worker is held on purpose; the test waits for it below
