@@ -123,29 +123,63 @@ def _announces_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
-    """The whole request body, and the messages to hand the application
-    instead: one ``http.request`` with that body, then a disconnect if the
-    client left meanwhile."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the client left before the body was complete
-            body = b"".join(chunks)
-            return body, [{"type": "http.request", "body": body, "more_body": False}, message]
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            body = b"".join(chunks)
-            return body, [{"type": "http.request", "body": body, "more_body": False}]
+class _BodyRecorder:
+    """Records a request with its body once the body is whole, or once
+    the client left; the application reads the body as it arrives.
+
+    An application that answers without reading the body (or all of it)
+    gets the rest read for it before its answer ends, so that the
+    request is recorded whole, as the WSGI layer records it; unless its
+    client waits for ``100 Continue`` that the application never asked
+    for (by reading): then nothing more comes, and the request is recorded
+    with the body it had.
+    """
+
+    def __init__(self, log: RequestLog, scope: Scope, client_cert: Any, receive: Receive, send: Send) -> None:
+        self.log = log
+        self.scope = scope
+        self.client_cert = client_cert
+        self.original_receive = receive
+        self.original_send = send
+        self.chunks: list[bytes] = []
+        self.recorded = False
+        self.read_any = False
+
+    def record(self) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.log.append(_UnreadScope(self.scope, b"".join(self.chunks), self.client_cert))
+
+    async def receive(self) -> Message:
+        self.read_any = True
+        message = await self.original_receive()
+        if message["type"] == "http.request":
+            self.chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.record()
+        else:  # the client left, the body unfinished
+            self.record()
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False) and not self.recorded:
+            if self.read_any or not _expects_continue(self.scope["headers"]):
+                while not self.recorded:
+                    await self.receive()
+            self.record()
+        await self.original_send(message)
+
+
+def _expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
 
 class RecordingApp:
     """Records each HTTP request (body included) and WebSocket handshake in
     ``log``, then hands the application the same messages.
 
-    The body is read before the application runs, as the WSGI layer does,
-    so the request is recorded complete even when the application answers
-    without reading it.
+    A request without a body is recorded before the application runs; one
+    with a body once the body is whole (``_BodyRecorder``).
     """
 
     def __init__(
@@ -168,17 +202,13 @@ class RecordingApp:
                 self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
                 await self.app(scope, receive, send)
                 return
-            body, pending = await _read_body(receive)
-            self.log.append(_UnreadScope(scope, body, self._client_cert(scope)))
-            original = receive
-
-            async def replay() -> Message:
-                if pending:
-                    return pending.pop(0)
-                return await original()
-
-            receive = replay
-        elif scope["type"] == "websocket":
+            body = _BodyRecorder(self.log, scope, self._client_cert(scope), receive, send)
+            try:
+                await self.app(scope, body.receive, body.send)
+            finally:
+                body.record()
+            return
+        if scope["type"] == "websocket":
             self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
         await self.app(scope, receive, send)
 
@@ -407,6 +437,32 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         self.owner.forget_client_cert(self.transport)
         super().connection_lost(exc)
 
+    async def run_asgi(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.owner.websocket_protocols[task] = self
+        await super().run_asgi()
+
+    def on_task_complete(self, task: asyncio.Task[None]) -> None:
+        self.owner.websocket_protocols.pop(task, None)
+        super().on_task_complete(task)
+
+    def over(self) -> bool:
+        """Whether the connection is over or closing: its application
+        then has no client left to wait for, and is soon done."""
+        return bool(self.disconnected or self.transport.is_closing())
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        # A WebSocket refused with a response of the application's own
+        # (the ``websocket.http.response`` extension) ended its handshake
+        # with that response. Upstream (websockets-sansio, uvicorn 0.54)
+        # takes it for no handshake at all and logs "ASGI callable
+        # returned without completing handshake.", an error that would
+        # fail the test; its other WebSocket protocol logs nothing.
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
+
 
 class _Lifespan(LifespanOn):
     """uvicorn's lifespan driver, telling a failing startup from an
@@ -529,6 +585,8 @@ class UvicornServer(AsyncioServer):
         self.config.load()
         self.state = _State(self)
         self.websocket_tasks: set[asyncio.Task[None]] = set()
+        #: The connection each running WebSocket task serves.
+        self.websocket_protocols: dict[asyncio.Task[None], _WebSocketProtocol] = {}
         self.lifespan: _Lifespan | None = None
         #: Why the application's lifespan shutdown failed, once stopped.
         self.shutdown_failure: str | None = None
@@ -632,33 +690,42 @@ class UvicornServer(AsyncioServer):
         self._stop_deadline = Deadline(self.stop_timeout * STOP_SHARE)
         super().request_stop()
 
-    def wait_quiet(self, timeout: float) -> bool:
-        """Wait until no request runs: until uvicorn's set of request tasks
-        is empty.
+    def _finishing(self) -> list[asyncio.Task[None]]:
+        """The tasks the end of a test waits for: every request's, and
+        those of WebSockets whose connection is over (an open WebSocket's
+        task lasts as long as its connection)."""
+        return [
+            *self.state.tasks,
+            *(task for task, protocol in list(self.websocket_protocols.items()) if protocol.over()),
+        ]
 
-        A request is not over when its client has the response: the
-        application may still run, and raise, and its error belongs to the
-        test that made the request. uvicorn adds and discards each
+    def wait_quiet(self, timeout: float) -> bool:
+        """Wait until no request runs, nor the application of a WebSocket
+        whose client left.
+
+        A request is not over when its client has the response, nor a
+        WebSocket when its connection closes: the application may still
+        run, and raise, and its error belongs to the test that made the
+        request or opened the WebSocket. uvicorn adds and discards each
         request's task in its plain set, in the loop's thread, with no
         Python code of ours on that path; the wait asks the loop to tell
-        when the set is empty.
+        when those are done.
         """
-        tasks = self.state.tasks
-        if not tasks:
+        if not (self.state.tasks or self.websocket_protocols):
             return True
         quiet = threading.Event()
 
         async def watch() -> None:
-            while tasks:
+            while finishing := self._finishing():
                 # uvicorn's discard runs before this wakes up: its done
                 # callback was added first.
-                await asyncio.wait(list(tasks))
+                await asyncio.wait(finishing)
             quiet.set()
 
         try:
             watching = asyncio.run_coroutine_threadsafe(watch(), self.loop)
         except RuntimeError:  # the loop is closed: nothing runs any more
-            return not tasks
+            return not self._finishing()
         if quiet.wait(timeout):
             return True
         watching.cancel()

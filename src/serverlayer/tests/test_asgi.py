@@ -289,6 +289,112 @@ class H11ServingTests(ServingTests):
     protocol = "_H11Protocol"
 
 
+class RequestBodyTests(unittest.TestCase):
+    """The application reads a request's body as it arrives, as under
+    uvicorn alone, and the request is recorded with its whole body."""
+
+    http_protocol = "httptools"
+
+    def serve(self, app):
+        layer = asgi.Layer(app, name=f"asgi_body_{self._testMethodName}", http_protocol=self.http_protocol)
+        return set_up_by_hand(self, layer)
+
+    def connect(self, layer, timeout=5):
+        sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=timeout)
+        self.addCleanup(sock.close)
+        return sock
+
+    def read_until(self, sock, end: bytes) -> bytes:
+        received = b""
+        while end not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+    def test_each_piece_of_the_body_reaches_the_application_as_it_arrives(self):
+        async def echoes_each_piece(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            more = True
+            while more:
+                message = await receive()
+                more = message.get("more_body", False)
+                await send({"type": "http.response.body", "body": message.get("body", b""), "more_body": more})
+
+        layer = self.serve(echoes_each_piece)
+        sock = self.connect(layer, timeout=2)
+        sock.sendall(b"POST /duplex HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        # The client sends the rest only once the first piece came back.
+        self.assertIn(b"hello", self.read_until(sock, b"hello"))
+        sock.sendall(b"5\r\nworld\r\n0\r\n\r\n")
+        self.assertIn(b"world", self.read_until(sock, b"0\r\n\r\n"))
+        [request] = layer["http_requests"]
+        self.assertEqual(request.body, b"helloworld")
+
+    def test_an_application_that_refuses_before_reading_is_not_sent_the_body(self):
+        async def refuses(scope, receive, send):
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
+
+        layer = self.serve(refuses)
+        sock = self.connect(layer)
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
+        status_line = self.read_until(sock, b"\r\n").split(b"\r\n")[0]
+        self.assertEqual(status_line, b"HTTP/1.1 413 Request Entity Too Large")  # no 100 Continue first
+        [request] = layer["http_requests"]
+        self.assertEqual(request.body, b"")
+
+    def test_a_client_that_leaves_mid_body_is_gone_for_the_application(self):
+        received, done = [], threading.Event()
+
+        async def reads_the_body(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            try:
+                while True:
+                    message = await receive()
+                    received.append(message)
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        return
+            finally:
+                done.set()
+
+        layer = self.serve(reads_the_body)
+        sock = self.connect(layer)
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+        deadline = time.monotonic() + 5
+        while sum(len(message.get("body", b"")) for message in received) < 500 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sock.close()
+        self.assertTrue(done.wait(5))
+        self.assertEqual(received[-1]["type"], "http.disconnect")
+        self.assertTrue(all(message.get("more_body") for message in received[:-1]), received)  # never a whole body
+        self.assertEqual(b"".join(message.get("body", b"") for message in received), b"x" * 500)
+        layer.check_server_errors()
+        [request] = layer["http_requests"]
+        self.assertEqual(request.body, b"x" * 500)  # what arrived
+
+    def test_a_body_the_application_does_not_read_is_recorded_whole(self):
+        async def answers_without_reading(scope, receive, send):
+            if scope["type"] == "http":
+                await respond(send, b"thanks")
+
+        layer = self.serve(answers_without_reading)
+        body = os.urandom(3 * 1024 * 1024)
+        response = httpx.post(layer["http_url"], content=body, timeout=5)
+        self.assertEqual(response.content, b"thanks")
+        [request] = layer["http_requests"]
+        self.assertEqual(request.body, body)
+
+
+class H11RequestBodyTests(RequestBodyTests):
+    http_protocol = "h11"
+
+
 class HTTPProtocolTests(unittest.TestCase):
     def test_auto_is_httptools_where_installed(self):
         self.assertIs(asgi.Layer(app_without_lifespan, name="auto")._protocol_class(), asgi.HTTP_PROTOCOLS["httptools"])
@@ -594,6 +700,38 @@ class ServerErrorTests(unittest.TestCase):
         with self.assertRaises(ServerSideError) as caught:
             layer.check_server_errors()
         self.assertIn("RuntimeError: raised on purpose in a WebSocket", str(caught.exception))
+
+    def test_websocket_error_after_its_client_left_is_reported_in_the_same_test(self):
+        """The client closed its WebSocket before the application raised."""
+        async def raises_after_close(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                await receive()  # the client's message
+                await asyncio.sleep(0.05)
+                raise RuntimeError("raised after the client left")
+
+        layer = set_up_by_hand(self, asgi.Layer(raises_after_close, name="asgi_ws_raises_late"))
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            websocket.send("go")
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn("RuntimeError: raised after the client left", str(caught.exception))
+
+    def test_websocket_refused_with_a_response_of_the_applications_own_is_no_error(self):
+        async def refuses(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "websocket.http.response.body", "body": b"no token"})
+
+        layer = set_up_by_hand(self, asgi.Layer(refuses, name="asgi_ws_denied"))
+        with self.assertRaises(websockets.exceptions.InvalidStatus) as caught:
+            ws_connect(layer["ws_url"], open_timeout=5)
+        self.assertEqual(caught.exception.response.status_code, 401)
+        self.assertEqual(caught.exception.response.body, b"no token")
+        layer.check_server_errors()  # no "returned without completing handshake"
 
     def test_error_after_the_response_is_reported_in_the_same_test(self):
         """The client has its whole answer before the application raises."""
