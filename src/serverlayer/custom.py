@@ -222,6 +222,8 @@ class _Conversation:
         self.idle_since = time.monotonic()
         #: The deadline the serving loop closes it at, while it watches it.
         self.watched_until: float | None = None
+        #: Whether the server ended its side and waits for the client's end.
+        self.lingering = False
         #: Whether ``finish`` left the handler's files open for the next request.
         self._files_open = False
 
@@ -273,6 +275,22 @@ class _Conversation:
         """
         limit = getattr(self.handler or self.server.handler_class, "timeout", None)
         return None if limit is None else self.idle_since + limit
+
+    def client_sent_its_last(self) -> bool:
+        """Whether the client said its request was its last and sent it
+        whole: no body announced, nothing after it. Then nothing more comes
+        that could make the kernel reset the connection on its close."""
+        handler = self.handler
+        headers = getattr(handler, "headers", None)
+        if headers is None:
+            return False
+        options = headers.get("Connection", "").lower()
+        http_10 = getattr(handler, "request_version", "") == "HTTP/1.0"
+        if "close" not in options and not (http_10 and "keep-alive" not in options):
+            return False
+        if headers.get("Transfer-Encoding") or headers.get("Content-Length", "0").strip() not in ("", "0"):
+            return False
+        return not _socket_has_data(self.connection)
 
     def _finish(self) -> None:
         if self.parked:  # the connection lives on: only send what is buffered
@@ -423,8 +441,11 @@ class HandlerServer(socketserver.BaseServer):
                     elif key.fileobj is self._wake_reader:
                         self._watch_returned(selector)
                     else:
-                        selector.unregister(key.fileobj)
                         conversation, serve = key.data
+                        if conversation.lingering:
+                            self._drain(selector, conversation.connection)
+                            continue
+                        selector.unregister(key.fileobj)
                         conversation.watched_until = None
                         if _client_left(conversation.connection):
                             self._close(conversation.connection)
@@ -485,7 +506,11 @@ class HandlerServer(socketserver.BaseServer):
                 conversation = self._returned.get_nowait()
             except queue.Empty:
                 return
-            if conversation.connection.fileno() != -1:
+            if conversation.connection.fileno() == -1:
+                continue
+            if conversation.lingering:
+                selector.register(conversation.connection, selectors.EVENT_READ, (conversation, None))
+            else:
                 self._watch(selector, conversation, functools.partial(self._serve, conversation, conversation.resume))
 
     def _give_back(self, conversation: _Conversation) -> None:
@@ -591,8 +616,10 @@ class HandlerServer(socketserver.BaseServer):
             conversation.parked = False
         if conversation.parked and not self._stopping:
             self._give_back(conversation)
-        else:
+        elif conversation.client_sent_its_last():
             self._close(conversation.connection)
+        else:
+            self._linger(conversation)
 
     def _close(self, connection: socket.socket) -> None:
         with self._connections_lock:
@@ -600,6 +627,45 @@ class HandlerServer(socketserver.BaseServer):
         if conversation is not None:
             conversation.close()
         self.shutdown_request(connection)
+
+    # The end of a connection that the server ends.
+    #
+    # socketserver ends the server's side, then closes the socket, with
+    # whatever the client sent after the request its handler answered
+    # (more requests, a body the handler did not read) unread: the kernel
+    # then resets the connection and drops what it had not sent yet of the
+    # answer. Here the server ends its side, and the loop reads and drops
+    # what still comes until the client ends its side too, which it does
+    # once it has the answer; the server's stop closes at once.
+
+    def _linger(self, conversation: _Conversation) -> None:
+        """End the server's side of ``conversation``; close it at the client's end."""
+        connection = conversation.connection
+        if connection in self._aborted or self._stopping:
+            self._close(connection)
+            return
+        conversation.close()
+        try:
+            connection.shutdown(socket.SHUT_WR)
+        except OSError:  # gone already
+            self._close(connection)
+            return
+        conversation.lingering = True
+        self._give_back(conversation)
+
+    def _drain(self, selector: selectors.BaseSelector, connection: socket.socket) -> None:
+        """Drop what the client of a lingering connection sent; close it at its end."""
+        try:
+            data = connection.recv(65536, getattr(socket, "MSG_DONTWAIT", 0))
+        except BlockingIOError:
+            return
+        except OSError:  # reset
+            data = b""
+        if not data:
+            selector.unregister(connection)
+            with self._connections_lock:
+                self._connections.pop(connection, None)
+            connection.close()
 
     # Errors and connections.
 

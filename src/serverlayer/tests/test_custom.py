@@ -377,6 +377,50 @@ class HandlerTimeoutTests(unittest.TestCase):
             client.recv(4096)
 
 
+class EndingTests(unittest.TestCase):
+    """A connection the server ends after an answer."""
+
+    def test_the_answer_reaches_a_client_that_sent_more_than_was_read(self):
+        answering, more_sent = threading.Event(), threading.Event()
+        body = os.urandom(8 * 1024 * 1024)
+
+        class Large(custom.RequestHandler):  # HTTP/1.0: ends the connection after its answer
+            def do_GET(self):
+                answering.set()
+                more_sent.wait(5)  # so that what the client sent next is there, unread
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        layer = set_up_by_hand(self, custom.Layer(Large, name="ending_client_sent_more"))
+        client = socket.socket()
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # much of the answer waits on the server
+        client.settimeout(5)
+        client.connect((layer["http_host"], layer["http_port"]))
+        client.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answering.wait(5))
+        client.sendall(b"GET /more HTTP/1.1\r\nHost: x\r\n\r\n")  # never read by the handler
+        more_sent.set()
+        received = read_until_closed(client)
+        self.assertEqual(received[-len(body):], body)  # socketserver's close reset the connection some MB short
+        client.close()
+        server = layer["httpd"]
+        deadline = time.monotonic() + 5
+        while server._connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(server._connections, {})  # closed at the client's end
+
+    def test_a_client_that_said_its_request_was_its_last_is_closed_at_once(self):
+        layer = set_up_by_hand(self, custom.Layer(Greeter, name="ending_last_request"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(read_until_closed(client).endswith(b"hello /last"))
+        self.assertEqual(layer["httpd"]._connections, {})  # not waiting for the client's end
+
+
 class WakeUpTests(unittest.TestCase):
 
     def test_stopping_does_not_wait_for_the_loop_to_read_its_wake_ups(self):
