@@ -35,7 +35,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, whole_number
 from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
-from serverlayer.server import Activity, Deadline, ForwardedClients
+from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
 
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError)
@@ -357,6 +357,8 @@ class HandlerServer(socketserver.BaseServer):
     #: at the other end of each, and the port its clients connect to.
     forwarded_clients: ForwardedClients | None = None
     published_port: int | None = None
+    #: Set by the layer: the host clients connect to (``http_host``).
+    published_host: str | None = None
 
     def __init__(
         self,
@@ -381,7 +383,6 @@ class HandlerServer(socketserver.BaseServer):
         self.socket = self.sockets[0]
         # http.server handlers and wsgiref read these.
         self.server_name = host
-        self._bound_port = port
         self._errors = errors
         self.activity = Activity()
         self._stopping = False
@@ -423,6 +424,15 @@ class HandlerServer(socketserver.BaseServer):
     def server_port(self) -> int:
         """The port clients connect to: the TLS front's, behind one."""
         return self.published_port or self._bound_port
+
+    @property
+    def server_address(self) -> tuple[str, int]:  # type: ignore[override]
+        """The host and port clients connect to, as ``server_port``."""
+        return (self.published_host or self._bound_host, self.server_port)
+
+    @server_address.setter
+    def server_address(self, address: tuple[str, int]) -> None:  # socketserver's __init__ sets it
+        self._bound_host, self._bound_port = address[0], address[1]
 
     # The serving loop.
 
@@ -795,6 +805,13 @@ class Layer(HTTPLayer):
     def handler_arguments(self) -> dict[str, Any]:
         """Keyword arguments the handler class is called with, besides the connection."""
         return {}
+
+    def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
+        resources = super().resources(host, port, running)
+        httpd = resources["httpd"]
+        if isinstance(httpd, HandlerServer):
+            httpd.published_host = host
+        return resources
 
     def make_server(self, sockets: Sequence[socket.socket]) -> HandlerServer:
         assert self.request_handler is not None

@@ -38,7 +38,8 @@ class EnvironHandler(custom.RequestHandler):
     def do_GET(self):
         host, port = self.client_address[:2]
         body = json.dumps({"REMOTE_ADDR": host, "REMOTE_HOST": host, "REMOTE_PORT": str(port),
-                           "SERVER_PORT": str(self.server.server_port)}).encode()
+                           "SERVER_PORT": str(self.server.server_port),
+                           "SERVER_ADDRESS_PORT": str(self.server.server_address[1])}).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -178,6 +179,13 @@ class CustomClientAddressTests(ClientAddressTests):
     def serve(self, **kwargs):
         layer = custom.Layer(EnvironHandler, name=f"custom_environ_{self._testMethodName}", **kwargs)
         return set_up_by_hand(self, layer)
+
+    def check(self, layer, connect_to: str) -> None:
+        super().check(layer, connect_to)
+        # socketserver's server_address too: handlers build URLs from it.
+        [environ] = ask(layer, connect_to, requests=1)[1]
+        self.assertEqual(environ["SERVER_ADDRESS_PORT"], str(layer["http_port"]))
+        self.assertEqual(layer["httpd"].server_address, (layer["http_host"], layer["http_port"]))
 
     def test_over_tls(self):
         self.check(self.serve(tls=True), "127.0.0.1")
