@@ -963,6 +963,11 @@ class Layer(HTTPLayer):
         httpd = resources["httpd"]
         if isinstance(httpd, WaitressServer):
             httpd.published_host = host
+            # SERVER_NAME, which applications fall back on without a Host
+            # header (wsgiref.util.application_uri): waitress says
+            # "waitress.invalid"; gocept's wsgiref server named its host.
+            # An IPv6 address in brackets, as in a URL.
+            httpd.server_name = f"[{host}]" if ":" in host else host
         return resources
 
     def testSetUp(self) -> None:

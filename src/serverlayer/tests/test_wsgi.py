@@ -10,6 +10,7 @@ import threading
 import unittest
 import urllib.error
 import urllib.request
+import wsgiref.util
 from contextlib import redirect_stderr
 from unittest import mock
 
@@ -18,6 +19,7 @@ import plone.testing
 from serverlayer import ConfigurationError, wsgi
 from serverlayer.tests.helpers import set_up_by_hand
 from serverlayer.tests.test_hardening import read_until_closed
+from serverlayer.tests.test_tls_front import ipv6_loopback
 
 
 def echo_app(environ, start_response):
@@ -32,6 +34,23 @@ def echo_app(environ, start_response):
 
 
 HTTP_LAYER = wsgi.Layer(echo_app, name="HTTP_LAYER")
+
+
+class ServerNameTests(unittest.TestCase):
+    def test_an_application_without_a_host_header_sees_the_layers_host(self):
+        """As under gocept's wsgiref server; waitress says waitress.invalid."""
+        def application_uri(environ, start_response):
+            body = wsgiref.util.application_uri(environ).encode()
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+
+        hosts = ["127.0.0.1", "::1"] if ipv6_loopback() else ["127.0.0.1"]
+        for host in hosts:
+            layer = set_up_by_hand(self, wsgi.Layer(application_uri, name=f"wsgi_server_name_{len(host)}", host=host))
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # no Host header
+                answer = read_until_closed(sock)
+            self.assertTrue(answer.endswith(layer["http_url"].encode()), answer)
 
 
 class KeepAliveAndChunkingTests(unittest.TestCase):
