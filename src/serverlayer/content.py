@@ -476,6 +476,8 @@ class Expectation(Route):
         self.at_least = at_least
         self.ordered = ordered
         self.count = 0
+        #: The requests it counted, in the order they came.
+        self.counted: list[RecordedRequest] = []
 
     @property
     def minimum(self) -> int:
@@ -682,6 +684,7 @@ class HTTPContent:
         expectation = next((e for e in matching if e.times is None or e.count < e.times), matching[-1])
         self._check_order(expectation, request)
         expectation.count += 1
+        expectation.counted.append(request)
         return expectation
 
     def _check_order(self, expectation: Expectation, request: RecordedRequest) -> None:
@@ -740,7 +743,11 @@ class HTTPContent:
 
 
 def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], shown: int = 3) -> str:
-    """The requests that came nearest to ``expectation``, fewest differences first."""
+    """The requests that came nearest to ``expectation``, fewest differences
+    first; of one met too often, the requests it counted."""
+    if expectation.times is not None and expectation.count > expectation.times:
+        lines = [f"    {request.summary()}" for request in expectation.counted]
+        return ".\n  The requests it counted:\n" + "\n".join(lines)
     differing = [(request, found) for request in requests if (found := expectation.differences(request))]
     if not differing:
         if not requests:

@@ -350,9 +350,10 @@ class ExpectationTests(unittest.TestCase):
         # Once both are met, an extra request goes to the last that matches it.
         self.assertEqual(answers, [b"any", b"get", b"any", b"get"])
         self.assertEqual(self.http_content.problems(), [
-            "expected any method /x once, it was requested 2 time(s)",
+            "expected any method /x once, it was requested 2 time(s).\n"
+            "  The requests it counted:\n    GET /x\n    POST /x",
             "expected GET /x once, it was requested 2 time(s).\n"
-            "  Closest requests that arrived:\n    POST /x: method is POST, not GET",
+            "  The requests it counted:\n    GET /x\n    GET /x",
         ])
         self.http_content.reset()
 
@@ -388,6 +389,15 @@ class ExpectationTests(unittest.TestCase):
         self.assertIn("expected any method /search with headers Accept: application/json once,"
                       " it was requested 0 time(s).\n  Closest requests that arrived:\n"
                       "    GET /search: header Accept is 'text/html', not 'application/json'", str(caught.exception))
+        self.http_content.reset()
+
+    def test_an_expectation_met_too_often_shows_the_requests_it_counted(self):
+        self.http_content.expect("/charges", "POST").respond("charged")
+        for path, method in (("/health", "GET"), ("/charges", "POST"), ("/charges", "POST"), ("/status", "GET")):
+            call(self.layer, path, method=method)
+        problems = self.http_content.problems()
+        self.assertEqual(problems[0], "expected POST /charges once, it was requested 2 time(s).\n"
+                                      "  The requests it counted:\n    POST /charges\n    POST /charges")
         self.http_content.reset()
 
     def test_how_often_an_expectation_wanted_its_requests(self):
