@@ -917,9 +917,12 @@ class Layer(custom.Layer):
         self.content.reset()
 
     def check_after_test(self) -> None:
-        # Held requests keep the server busy; the server errors' check
-        # would wait for them.
+        # Held requests, and delays and streams, keep the server busy; the
+        # server errors' check would wait for them.
         self.content.release_held()
+        httpd = self.get("httpd")
+        if isinstance(httpd, custom.HandlerServer):
+            httpd.end_waits(self.quiet_timeout)
         super().check_after_test()
         self.content.check()
 

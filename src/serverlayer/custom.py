@@ -397,6 +397,8 @@ class HandlerServer(socketserver.BaseServer):
         #: Readable while workers waiting on connections are to park them.
         self._recall_reader, self._recall_writer = socket.socketpair()
         self._recalling = False
+        #: Set from ``end_waits`` until ``test_ended``: no worker waits.
+        self._test_ending = False
         self._waiting = 0
         self._connections_lock = threading.Lock()
         #: Every open connection.
@@ -572,7 +574,7 @@ class HandlerServer(socketserver.BaseServer):
         """
         worker: _Worker | None = getattr(_this_thread, "worker", None)
         with self._workers_lock:
-            if self._recalling or self._stopping or (worker is not None and worker.retiring):
+            if self._recalling or self._test_ending or self._stopping or (worker is not None and worker.retiring):
                 return None
             self._waiting += 1
         try:
@@ -604,16 +606,31 @@ class HandlerServer(socketserver.BaseServer):
                 if worker in self._idle:
                     self._idle.remove(worker)
                     worker.inbox.put(None)
-            self._recalling = True
-            self._recall_writer.send(b"\0")
-            self._workers_lock.wait_for(lambda: not self._waiting, deadline.remaining())
-            self._recall_reader.recv(1)
-            self._recalling = False
+            self._recall(deadline)
         for worker in extra:
             worker.thread.join(deadline.remaining())
         with self._workers_lock:
             # Those still serving a request end with it: the stop joins them.
             self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]
+            self._test_ending = False
+
+    def end_waits(self, timeout: float) -> None:
+        """End every worker's wait on its connection (``wait_readable``)
+        now, and any it would start before the test has ended: the test is
+        over. A content layer's delays and streams then end before the
+        end-of-test check waits for the requests still running."""
+        with self._workers_lock:
+            self._test_ending = True
+            self._recall(Deadline(timeout))
+
+    def _recall(self, deadline: Deadline) -> None:
+        """Have the workers waiting on connections stop waiting. Called
+        with ``_workers_lock`` held."""
+        self._recalling = True
+        self._recall_writer.send(b"\0")
+        self._workers_lock.wait_for(lambda: not self._waiting, deadline.remaining())
+        self._recall_reader.recv(1)
+        self._recalling = False
 
     def _serve(self, conversation: _Conversation, serve: Callable[[], None]) -> None:
         """Run ``serve`` (start or resume ``conversation``); then park or close it."""

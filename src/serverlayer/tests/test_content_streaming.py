@@ -9,6 +9,7 @@ import http.client
 import socket
 import time
 import unittest
+from unittest import mock
 
 import aiohttp
 import httpx
@@ -197,17 +198,29 @@ class EndOfTestTests(unittest.TestCase):
         received = b""
         while b"1\r\nx\r\n" not in received:  # the first chunk, after the headers
             received += client.recv(4096) or self.fail(f"closed after {received!r}")
-        layer.testTearDown()
+        quiet = self.end_of_test_found_quiet(layer)
+        self.assertEqual(quiet, [True])  # the stream ended before the check waited for it
         self.assertEqual(thread_names(), before)  # the worker did not wait out the interval
         self.assertEqual(client.recv(4096), b"")  # the connection closed, the body never ended
         layer.testSetUp()  # for the cleanup's testTearDown
+
+    def end_of_test_found_quiet(self, layer) -> list[bool]:
+        """End the test; whether the end-of-test check found the server
+        quiet in time (it waits ``quiet_timeout`` for requests still running)."""
+        layer.quiet_timeout = 0.5
+        server, found = layer["httpd"], []
+        wait_quiet = server.wait_quiet
+        with mock.patch.object(server, "wait_quiet", lambda timeout: found.append(wait_quiet(timeout)) or found[-1]):
+            layer.check_after_test()  # what the end of a test runs first
+            layer.testTearDown()
+        return found
 
     def test_a_delay_still_awaited_when_the_test_ends_is_cut(self):
         layer = set_up_by_hand(self, content.Layer(name="delay_at_test_end"))
         before = thread_names()
         layer["http_content"].route("/late").respond("late", delay=60)
         client = self.watch_stream(layer, "/late")
-        layer.testTearDown()
+        self.assertEqual(self.end_of_test_found_quiet(layer), [True])
         self.assertEqual(thread_names(), before)
         self.assertEqual(client.recv(4096), b"")
         layer.testSetUp()
