@@ -590,7 +590,7 @@ class HTTPContent:
     def websocket_for(self, request: RecordedRequest) -> WebSocketScript | None:
         """The script that serves the WebSocket handshake ``request``, if any."""
         with self._lock:
-            script = next((script for script in self.websockets if script.serves(request.path)), None)
+            script = next((script for script in self.websockets if script.serves(request)), None)
             if script is not None:
                 self._requests.append(request)
             return script

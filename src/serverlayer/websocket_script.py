@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from serverlayer.custom import HandlerServer, has_buffered_data
 from serverlayer.errors import ConfigurationError
 from serverlayer.matching import json_differences
+from serverlayer.recording import RecordedRequest
 
 if TYPE_CHECKING:
     from serverlayer.content import ContentHandler
@@ -201,10 +202,13 @@ class WebSocketScript:
     def describe(self) -> str:
         return f"/{self.path.pattern}/" if isinstance(self.path, re.Pattern) else self.path
 
-    def serves(self, path: str) -> bool:
+    def serves(self, request: RecordedRequest) -> bool:
+        """Whether it serves the handshake ``request``: the path decoded
+        (``/café`` for ``/caf%C3%A9``) or as sent matches, as for routes."""
+        paths = (request.decoded_path, request.path)
         if isinstance(self.path, re.Pattern):
-            return self.path.fullmatch(path) is not None
-        return path == self.path
+            return any(self.path.fullmatch(path) for path in paths)
+        return self.path in paths
 
     # Scripting.
 

@@ -210,7 +210,12 @@ class EndOfTestTests(unittest.TestCase):
         layer.quiet_timeout = 0.5
         server, found = layer["httpd"], []
         wait_quiet = server.wait_quiet
-        with mock.patch.object(server, "wait_quiet", lambda timeout: found.append(wait_quiet(timeout)) or found[-1]):
+
+        def noting(timeout: float) -> bool:
+            found.append(wait_quiet(timeout))
+            return found[-1]
+
+        with mock.patch.object(server, "wait_quiet", noting):
             layer.check_after_test()  # what the end of a test runs first
             layer.testTearDown()
         return found

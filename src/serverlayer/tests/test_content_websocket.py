@@ -226,6 +226,13 @@ class ScriptTests(unittest.TestCase):
         self.assertEqual(self.connect("/rooms/1").recv(timeout=10), "room")
         self.assertEqual(self.connect("/rooms/22").recv(timeout=10), "room")
 
+    def test_paths_match_decoded_as_routes_do(self):
+        self.http_content.route("/café").respond("a page")  # a route for the same path does not take it
+        self.http_content.websocket("/café").on_connect("café")
+        self.http_content.websocket(re.compile(r"/rooms/[a-z ]+")).on_connect("room")
+        self.assertEqual(self.connect("/caf%C3%A9").recv(timeout=10), "café")
+        self.assertEqual(self.connect("/rooms/tea%20room").recv(timeout=10), "room")
+
     def test_a_path_without_a_script_answers_as_http_would(self):
         self.http_content.websocket("/feed")
         for path in ("/elsewhere", "/feed2", "/fee"):  # before, after, and a prefix
