@@ -53,8 +53,9 @@ class Response:
     ``delay`` waits that many seconds before answering (the client closing
     its connection or ``tearDown`` cuts it short); ``reset`` drops the
     connection with a TCP reset instead of answering; ``truncate`` sends
-    the headers for the whole body but only that many bytes of it, then
-    closes the connection. A 1xx, 204 or 304 response has no body.
+    the headers for the whole body but only that many bytes of it (a
+    chunked body: one chunk announced for the whole body), then closes the
+    connection. A 1xx, 204 or 304 response has no body.
 
     ``chunks`` is a body sent piece by piece, ``interval`` seconds apart,
     as streaming APIs send theirs: see ``Response.stream`` and
@@ -89,6 +90,15 @@ class Response:
                     f" body= and no truncate=, and a status with a body (not {self.status})."
                 )
             object.__setattr__(self, "chunks", tuple(_as_bytes(chunk) for chunk in self.chunks))
+        if self.chunked or self.chunks is not None:
+            framing = [name for name, _ in _header_items(self.headers)
+                       if name.lower() in ("transfer-encoding", "content-length")]
+            if framing:
+                raise ConfigurationError(
+                    f"A chunked or streamed response frames its body itself: leave out the {framing[0]}"
+                    " header (the layer sends Transfer-Encoding: chunked, or to an HTTP/1.0 client the"
+                    " body until the connection closes)."
+                )
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
@@ -809,7 +819,9 @@ class ContentHandler(custom.RequestHandler):
             self.send_header("Content-Length", str(len(body)))  # for HEAD too: what GET would get
         if response.truncate is not None:
             self.close_connection = True
-            body = body[: response.truncate]
+            whole, body = len(body), body[: response.truncate]
+            if chunked and not until_close:  # announced as one chunk of the whole body
+                body = b"%x\r\n%s" % (whole, body)
         if self.command == "HEAD" or bodiless:
             self._send_head_with(b"")
         elif response.truncate is not None or not chunked:

@@ -17,8 +17,13 @@ from unittest import mock
 from serverlayer import ConfigurationError, ExpectationError, content
 from serverlayer.content import Response
 from serverlayer.tests.helpers import run_testrunner
+from serverlayer.tests.test_hardening import read_until_closed
 
 CONTENT = content.HTTP_CONTENT
+
+
+def raw_request_socket(layer) -> socket.socket:
+    return socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
 
 
 def call(layer, path, data=None, method=None, headers=None, timeout=5):
@@ -266,6 +271,17 @@ class FaultTests(unittest.TestCase):
         with self.assertRaises(http.client.IncompleteRead) as caught:
             call(self.layer, "/truncated")
         self.assertEqual(caught.exception.partial, b"0123")
+
+    def test_truncated_chunked_body_is_cut_inside_its_chunk(self):
+        self.http_content.route("/truncated").respond("0123456789", chunked=True, truncate=4)
+        with raw_request_socket(self.layer) as sock:
+            sock.sendall(b"GET /truncated HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = read_until_closed(sock)
+        head, _, body = received.partition(b"\r\n\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(body, b"a\r\n0123")  # a chunk of the whole ten bytes, four of them sent
+        with self.assertRaises(http.client.IncompleteRead):  # the chunk never ends
+            call(self.layer, "/truncated")
 
     def test_chosen_status(self):
         self.http_content.route("/gateway").respond(status=504)

@@ -169,6 +169,14 @@ class StreamConfigurationTests(unittest.TestCase):
                 Response(chunks=(b"a",), **arguments)
             self.assertIn("A streamed response sends its chunks as its body", str(caught.exception))
 
+    def test_a_chunked_or_streamed_response_takes_no_framing_headers(self):
+        for headers in ({"Transfer-Encoding": "chunked"}, [("content-length", "3")]):
+            with self.subTest(headers=headers), self.assertRaises(ConfigurationError) as caught:
+                Response.stream([b"a"], headers=headers)
+            self.assertIn("frames its body itself: leave out the", str(caught.exception))
+            with self.subTest(headers=headers, chunked=True), self.assertRaises(ConfigurationError):
+                Response(body=b"abc", chunked=True, headers=headers)
+
     def test_interval_must_be_zero_or_more(self):
         for interval in (-0.1, float("nan")):
             with self.subTest(interval=interval), self.assertRaises(ConfigurationError):
