@@ -629,6 +629,16 @@ class UvicornServer(AsyncioServer):
         if self.lifespan.startup_failed:
             raise LifespanStartupError(self.lifespan.failure or "the application's startup failed")
 
+    def still_starting(self) -> str | None:
+        """What a start that takes too long waits for, to say so."""
+        lifespan = self.lifespan
+        if lifespan is not None and not lifespan.startup_event.is_set():
+            return (
+                "the application's lifespan startup has not finished: it received"
+                f" {', '.join(lifespan.received) or 'nothing'} and sent no lifespan.startup.complete"
+            )
+        return None
+
     async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
         return await self.loop.create_server(self._protocol, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG)
 

@@ -343,9 +343,11 @@ class ServerThread:
                     f"{owner}: the server failed while starting:"
                     f" {self.failure!r}"
                 ) from self.failure
+            still_starting: Callable[[], str | None] | None = getattr(self.server, "still_starting", None)
+            waiting = still_starting() if still_starting is not None else None
             raise SetUpError(
                 f"{owner}: the server did not start serving within"
-                f" {READY_TIMEOUT} seconds."
+                f" {READY_TIMEOUT} seconds" + (f": {waiting}." if waiting else ".")
             )
 
     def stop(self, *, timeout: float) -> None:

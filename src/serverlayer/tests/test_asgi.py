@@ -593,6 +593,20 @@ class LifespanTests(unittest.TestCase):
         self.assertEqual(open_descriptors(), descriptors)
         layer.tearDown()  # harmless after a failed setUp
 
+    def test_startup_that_never_finishes_fails_set_up_saying_so(self):
+        async def startup(send):
+            await asyncio.Event().wait()  # something that never comes
+
+        threads = thread_names()
+        layer = asgi.Layer(lifespan_app([], startup=startup), name="asgi_startup_hangs")
+        with mock.patch("serverlayer.server.READY_TIMEOUT", 0.2), self.assertRaises(SetUpError) as caught:
+            layer.setUp()
+        self.assertIn(
+            "did not start serving within 0.2 seconds: the application's lifespan startup has not finished:"
+            " it received lifespan.startup and sent no lifespan.startup.complete", str(caught.exception))
+        self.assertEqual(thread_names(), threads)
+        layer.tearDown()
+
     def test_startup_failed_message_fails_set_up(self):
         async def startup(send):
             await send({"type": "lifespan.startup.failed", "message": "no configuration found"})
