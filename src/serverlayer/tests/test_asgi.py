@@ -344,8 +344,8 @@ class RequestBodyTests(unittest.TestCase):
         sock = self.connect(layer)
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
         status_line = self.read_until(sock, b"\r\n").split(b"\r\n")[0]
-        self.assertEqual(status_line, b"HTTP/1.1 413 Request Entity Too Large")  # no 100 Continue first
-        [request] = layer["http_requests"]
+        self.assertTrue(status_line.startswith(b"HTTP/1.1 413 "), status_line)  # no 100 Continue first
+        [request] = layer["http_requests"].wait_for(1)  # recorded as the answer ends, after its head
         self.assertEqual(request.body, b"")
 
     def test_a_client_that_leaves_mid_body_is_gone_for_the_application(self):
