@@ -623,6 +623,11 @@ class HandlerServer(socketserver.BaseServer):
             self._test_ending = True
             self._recall(Deadline(timeout))
 
+    def allow_waits(self) -> None:
+        """Let workers wait on their connections again (``end_waits``)."""
+        with self._workers_lock:
+            self._test_ending = False
+
     def _recall(self, deadline: Deadline) -> None:
         """Have the workers waiting on connections stop waiting. Called
         with ``_workers_lock`` held."""

@@ -228,6 +228,16 @@ class EndOfTestTests(unittest.TestCase):
             layer.testTearDown()
         return found
 
+    def test_the_next_test_streams_whatever_order_the_last_one_ended_in(self):
+        layer = set_up_by_hand(self, content.Layer(name="stream_after_late_check"))
+        layer.testTearDown()
+        layer.check_after_test()  # after test_ended, as when a test's cleanup runs it
+        layer.testSetUp()
+        layer["http_content"].route("/paced").respond_stream([b"a", b"b"], interval=0.01)
+        answer = raw_request(layer["http_host"], layer["http_port"],
+                             b"GET /paced HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.endswith(b"\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n"), answer)  # not cut
+
     def test_a_delay_still_awaited_when_the_test_ends_is_cut(self):
         layer = set_up_by_hand(self, content.Layer(name="delay_at_test_end"))
         before = thread_names()
