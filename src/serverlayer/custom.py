@@ -83,7 +83,19 @@ class _ReadingWithoutWaiting:
         self.sock = sock
 
     def recv_into(self, buffer: Any) -> int:
+        if not _readable_now(self.sock):
+            raise BlockingIOError(errno.EAGAIN, "nothing to read yet")  # SocketIO reads nothing
         return self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+
+
+def _readable_now(connection: socket.socket) -> bool:
+    """Whether a read of ``connection`` would not wait, where it might.
+
+    CPython waits for a socket with a timeout (a handler's ``timeout``) to
+    turn readable before it reads, up to that timeout, ``MSG_DONTWAIT`` or
+    not; a socket without one is read at once.
+    """
+    return not connection.gettimeout() or bool(_ready_to_read((connection.fileno(),), 0))
 
 
 class _NothingToRead:
@@ -139,6 +151,8 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
 
 
 def _socket_has_data(connection: socket.socket) -> bool:
+    if not _readable_now(connection):
+        return False
     try:
         return bool(connection.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)))
     except OSError:  # nothing yet (BlockingIOError), or gone
@@ -455,7 +469,7 @@ class HandlerServer(socketserver.BaseServer):
                     else:
                         conversation, serve = key.data
                         if conversation.lingering:
-                            self._drain(selector, conversation.connection)
+                            self._drain(selector, conversation)
                             continue
                         selector.unregister(key.fileobj)
                         conversation.watched_until = None
@@ -466,8 +480,11 @@ class HandlerServer(socketserver.BaseServer):
                 if self._deadlines:
                     self._close_idle(selector)
 
-    def _watch(self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None]) -> None:
-        """Watch ``conversation``'s connection for its next request, until its deadline."""
+    def _watch(
+        self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None] | None
+    ) -> None:
+        """Watch ``conversation``'s connection for its next request (or,
+        lingering, for its client's end), until its deadline."""
         selector.register(conversation.connection, selectors.EVENT_READ, (conversation, serve))
         deadline = conversation.watched_until = conversation.idle_deadline()
         if deadline is not None:
@@ -521,7 +538,8 @@ class HandlerServer(socketserver.BaseServer):
             if conversation.connection.fileno() == -1:
                 continue
             if conversation.lingering:
-                selector.register(conversation.connection, selectors.EVENT_READ, (conversation, None))
+                conversation.idle_since = time.monotonic()
+                self._watch(selector, conversation, None)
             else:
                 self._watch(selector, conversation, functools.partial(self._serve, conversation, conversation.resume))
 
@@ -685,8 +703,9 @@ class HandlerServer(socketserver.BaseServer):
         conversation.lingering = True
         self._give_back(conversation)
 
-    def _drain(self, selector: selectors.BaseSelector, connection: socket.socket) -> None:
+    def _drain(self, selector: selectors.BaseSelector, conversation: _Conversation) -> None:
         """Drop what the client of a lingering connection sent; close it at its end."""
+        connection = conversation.connection
         try:
             data = connection.recv(65536, getattr(socket, "MSG_DONTWAIT", 0))
         except BlockingIOError:
@@ -695,6 +714,7 @@ class HandlerServer(socketserver.BaseServer):
             data = b""
         if not data:
             selector.unregister(connection)
+            conversation.watched_until = None
             with self._connections_lock:
                 self._connections.pop(connection, None)
             connection.close()
@@ -832,7 +852,7 @@ class Layer(HTTPLayer):
         resources = super().resources(host, port, running)
         httpd = resources["httpd"]
         if isinstance(httpd, HandlerServer):
-            httpd.published_host = host
+            httpd.published_host = httpd.server_name = host
         return resources
 
     def make_server(self, sockets: Sequence[socket.socket]) -> HandlerServer:

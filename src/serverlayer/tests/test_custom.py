@@ -366,6 +366,48 @@ class HandlerTimeoutTests(unittest.TestCase):
             addresses.add(client.sock.getsockname())
         self.assertEqual(len(addresses), 1)  # one connection
 
+    def test_an_answer_that_ends_with_the_connection_is_not_held_by_the_timeout(self):
+        class UntilClosed(custom.RequestHandler):
+            timeout = 30  # the socket's: reads of it may wait that long
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()  # no Content-Length: the end of the connection ends the body
+                self.wfile.write(b"whole")
+
+        layer = self.serve(UntilClosed, threads=1)
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(read_until_closed(client).endswith(b"\r\n\r\nwhole"))  # at once, not after 30 s
+
+    def test_a_connection_the_server_ended_closes_after_the_timeout_if_its_client_never_does(self):
+        class Ending(ShortTimeout):
+            protocol_version = "HTTP/1.0"  # ends the connection after its answer
+
+        layer = self.serve(Ending, threads=1)
+        client = self.keep_alive_request(layer)  # a request that does not say it is the last
+        self.assertTrue(read_until_closed(client).endswith(b"hello /first"))
+        server = layer["httpd"]
+        deadline = time.monotonic() + 5
+        while server._connections and time.monotonic() < deadline:  # the client keeps its socket
+            time.sleep(0.01)
+        self.assertEqual(server._connections, {})
+
+    def test_connections_their_clients_closed_before_the_timeout_leave_the_server_serving(self):
+        class Ending(ShortTimeout):
+            protocol_version = "HTTP/1.0"
+
+        layer = self.serve(Ending, threads=1)
+        for _ in range(3):  # each lingers, with the timeout as its deadline, until its client closes
+            client = self.keep_alive_request(layer)
+            self.assertTrue(read_until_closed(client).endswith(b"hello /first"))
+            client.close()
+        deadline = time.monotonic() + Ending.timeout * 3
+        while time.monotonic() < deadline:  # past their deadlines, which find them closed
+            time.sleep(0.05)
+        with urllib.request.urlopen(layer["http_url"] + "after", timeout=5) as response:
+            self.assertEqual(response.read(), b"hello /after")
+
     def test_without_a_timeout_an_idle_connection_stays_open(self):
         layer = self.serve(Greeter, threads=1)
         client = self.keep_alive_request(layer)
