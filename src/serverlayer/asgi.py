@@ -162,12 +162,26 @@ class _BodyRecorder:
         return message
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False) and not self.recorded:
+        if not self.recorded and self._completes_answer(message):
             if self.read_any or not _expects_continue(self.scope["headers"]):
                 while not self.recorded:
                     await self.receive()
             self.record()
         await self.original_send(message)
+
+    def _completes_answer(self, message: Message) -> bool:
+        """Whether the client has the whole answer once ``message`` is
+        sent: the last part of its body, or a head that nothing follows."""
+        if message["type"] == "http.response.body":
+            return not message.get("more_body", False)
+        if message["type"] != "http.response.start":
+            return False
+        status = message["status"]
+        if status in (204, 304) or 100 <= status < 200 or self.scope["method"] == "HEAD":
+            return True
+        return any(
+            name.lower() == b"content-length" and value.strip() == b"0" for name, value in message.get("headers", ())
+        )
 
 
 def _expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -445,6 +459,7 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def on_task_complete(self, task: asyncio.Task[None]) -> None:
         self.owner.websocket_protocols.pop(task, None)
+        self.owner.given_up.discard(task)
         super().on_task_complete(task)
 
     def over(self) -> bool:
@@ -587,6 +602,8 @@ class UvicornServer(AsyncioServer):
         self.websocket_tasks: set[asyncio.Task[None]] = set()
         #: The connection each running WebSocket task serves.
         self.websocket_protocols: dict[asyncio.Task[None], _WebSocketProtocol] = {}
+        #: Those whose client left and that the end of a test waited for in vain.
+        self.given_up: set[asyncio.Task[None]] = set()
         self.lifespan: _Lifespan | None = None
         #: Why the application's lifespan shutdown failed, once stopped.
         self.shutdown_failure: str | None = None
@@ -703,10 +720,16 @@ class UvicornServer(AsyncioServer):
     def _finishing(self) -> list[asyncio.Task[None]]:
         """The tasks the end of a test waits for: every request's, and
         those of WebSockets whose connection is over (an open WebSocket's
-        task lasts as long as its connection)."""
+        task lasts as long as its connection), unless the end of an
+        earlier test waited for them in vain."""
+        given_up = self.given_up
         return [
             *self.state.tasks,
-            *(task for task, protocol in list(self.websocket_protocols.items()) if protocol.over()),
+            *(
+                task
+                for task, protocol in list(self.websocket_protocols.items())
+                if protocol.over() and task not in given_up
+            ),
         ]
 
     def wait_quiet(self, timeout: float) -> bool:
@@ -739,6 +762,9 @@ class UvicornServer(AsyncioServer):
         if quiet.wait(timeout):
             return True
         watching.cancel()
+        # A WebSocket application that goes on without its client (one
+        # that never reads, say) would hold up the end of every later test.
+        self.given_up.update(task for task in self._finishing() if task in self.websocket_protocols)
         return False
 
 

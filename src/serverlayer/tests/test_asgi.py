@@ -345,8 +345,28 @@ class RequestBodyTests(unittest.TestCase):
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
         status_line = self.read_until(sock, b"\r\n").split(b"\r\n")[0]
         self.assertTrue(status_line.startswith(b"HTTP/1.1 413 "), status_line)  # no 100 Continue first
-        [request] = layer["http_requests"].wait_for(1)  # recorded as the answer ends, after its head
+        [request] = layer["http_requests"]  # recorded before the head, which is all of the answer
         self.assertEqual(request.body, b"")
+
+    def test_a_request_is_recorded_before_a_head_that_is_all_of_its_answer(self):
+        finish = asyncio.Event()
+
+        async def answers_with_a_head(scope, receive, send):
+            if scope["type"] == "http":
+                status = 204 if scope["path"] == "/no-content" else 200
+                headers = [] if status == 204 else [(b"content-length", b"0")]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await finish.wait()  # the last message, which ends the answer, comes later
+                await send({"type": "http.response.body", "body": b""})
+
+        layer = self.serve(answers_with_a_head)
+        self.addCleanup(lambda: layer["httpd"].loop.call_soon_threadsafe(finish.set))
+        for path in ("/no-content", "/empty"):
+            sock = self.connect(layer)
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" % path.encode())
+            self.assertIn(b" 20", self.read_until(sock, b"\r\n\r\n"))  # the whole answer
+            self.assertEqual(layer["http_requests"][-1].path, path)
+            self.assertEqual(layer["http_requests"][-1].body, b"hello")
 
     def test_a_client_that_leaves_mid_body_is_gone_for_the_application(self):
         received, done = [], threading.Event()
@@ -732,7 +752,24 @@ class ServerErrorTests(unittest.TestCase):
             layer.check_server_errors()
         self.assertIn("RuntimeError: raised after the client left", str(caught.exception))
 
-    def test_websocket_refused_with_a_response_of_the_applications_own_is_no_error(self):
+    def test_a_websocket_application_going_on_without_its_client_holds_up_one_test_end_only(self):
+        async def never_reads_again(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                await asyncio.Event().wait()  # pushes nothing, reads nothing, ends never
+
+        layer = set_up_by_hand(self, asgi.Layer(never_reads_again, name="asgi_ws_goes_on"))
+        with ws_connect(layer["ws_url"], open_timeout=5):
+            pass
+        server = layer["httpd"]
+        deadline = time.monotonic() + 5
+        while not any(protocol.over() for protocol in server.websocket_protocols.values()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.assertEqual([server.wait_quiet(0.2), server.wait_quiet(0.2)], [False, True])
+
+
         async def refuses(scope, receive, send):
             if scope["type"] == "websocket":
                 await receive()
