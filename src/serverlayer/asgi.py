@@ -127,12 +127,19 @@ class _BodyRecorder:
     """Records a request with its body once the body is whole, or once
     the client left; the application reads the body as it arrives.
 
-    An application that answers without reading the body (or all of it)
-    gets the rest read for it before its answer ends, so that the
-    request is recorded whole, as the WSGI layer records it; unless its
-    client waits for ``100 Continue`` that the application never asked
-    for (by reading): then nothing more comes, and the request is recorded
-    with the body it had.
+    An application that answers without reading the body has the head of
+    its answer held back until the first part of the answer's body, and
+    the rest of the request body read first, so that the request is
+    recorded whole before the client sees any of the answer, as the WSGI
+    layer records it. Its client is still sending, having seen no answer,
+    unless it waits for the ``100 Continue`` that the application never
+    asked for (by reading): then nothing more comes, and the request is
+    recorded with the body it had. The head goes out as soon as the
+    application reads, so that one answering each piece of an upload as it
+    comes is served as under uvicorn alone. One that reads part of the
+    body and then answers is recorded, as its answer ends, with what
+    arrived: its client, seeing an answer, may stop sending (curl does),
+    and waiting for the rest would hang.
     """
 
     def __init__(self, log: RequestLog, scope: Scope, client_cert: Any, receive: Receive, send: Send) -> None:
@@ -144,14 +151,15 @@ class _BodyRecorder:
         self.chunks: list[bytes] = []
         self.recorded = False
         self.read_any = False
+        #: The answer's head, held back while the application has not read.
+        self.held: Message | None = None
 
     def record(self) -> None:
         if not self.recorded:
             self.recorded = True
             self.log.append(_UnreadScope(self.scope, b"".join(self.chunks), self.client_cert))
 
-    async def receive(self) -> Message:
-        self.read_any = True
+    async def _read(self) -> Message:
         message = await self.original_receive()
         if message["type"] == "http.request":
             self.chunks.append(message.get("body", b""))
@@ -161,12 +169,30 @@ class _BodyRecorder:
             self.record()
         return message
 
+    async def receive(self) -> Message:
+        self.read_any = True
+        await self.release()
+        return await self._read()
+
+    async def release(self) -> None:
+        """Send the head held back, if any."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            await self.original_send(held)
+
     async def send(self, message: Message) -> None:
-        if not self.recorded and self._completes_answer(message):
-            if self.read_any or not _expects_continue(self.scope["headers"]):
-                while not self.recorded:
-                    await self.receive()
-            self.record()
+        if not self.recorded:
+            if message["type"] == "http.response.start" and not self.read_any:
+                self.held = message
+                return
+            if self.held is not None:  # the answer's body, the request's unread
+                if not _expects_continue(self.scope["headers"]):
+                    while not self.recorded:
+                        await self._read()
+                self.record()
+                await self.release()
+            elif self._completes_answer(message):
+                self.record()
         await self.original_send(message)
 
     def _completes_answer(self, message: Message) -> bool:
@@ -219,6 +245,7 @@ class RecordingApp:
             body = _BodyRecorder(self.log, scope, self._client_cert(scope), receive, send)
             try:
                 await self.app(scope, body.receive, body.send)
+                await body.release()  # a head without a body: uvicorn says what is wrong with that
             finally:
                 body.record()
             return

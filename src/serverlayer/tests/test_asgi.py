@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -348,25 +349,48 @@ class RequestBodyTests(unittest.TestCase):
         [request] = layer["http_requests"]  # recorded before the head, which is all of the answer
         self.assertEqual(request.body, b"")
 
-    def test_a_request_is_recorded_before_a_head_that_is_all_of_its_answer(self):
-        finish = asyncio.Event()
-
-        async def answers_with_a_head(scope, receive, send):
+    def test_an_answer_without_reading_goes_out_once_the_request_is_recorded_whole(self):
+        async def answers_without_reading(scope, receive, send):
             if scope["type"] == "http":
-                status = 204 if scope["path"] == "/no-content" else 200
-                headers = [] if status == 204 else [(b"content-length", b"0")]
+                status = 204 if scope["path"] == "/no-content" else 401
+                headers = [] if status == 204 else [(b"content-length", b"12")]
                 await send({"type": "http.response.start", "status": status, "headers": headers})
-                await finish.wait()  # the last message, which ends the answer, comes later
-                await send({"type": "http.response.body", "body": b""})
+                await send({"type": "http.response.body", "body": b"" if status == 204 else b"unauthorized"})
 
-        layer = self.serve(answers_with_a_head)
-        self.addCleanup(lambda: layer["httpd"].loop.call_soon_threadsafe(finish.set))
-        for path in ("/no-content", "/empty"):
+        layer = self.serve(answers_without_reading)
+        body = os.urandom(4 * 1024 * 1024)
+        for path in ("/no-content", "/upload"):
             sock = self.connect(layer)
-            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" % path.encode())
-            self.assertIn(b" 20", self.read_until(sock, b"\r\n\r\n"))  # the whole answer
-            self.assertEqual(layer["http_requests"][-1].path, path)
-            self.assertEqual(layer["http_requests"][-1].body, b"hello")
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body)))
+            sock.sendall(body[:1024])
+            sock.settimeout(0.2)
+            with self.assertRaises(TimeoutError):  # nothing of the answer while the body comes
+                sock.recv(4096)
+            sock.settimeout(5)
+            sock.sendall(body[1024:])
+            self.assertIn(b" 204 " if path == "/no-content" else b"unauthorized", self.read_until(
+                sock, b"\r\n\r\n" if path == "/no-content" else b"unauthorized"))
+            self.assertEqual(layer["http_requests"][-1].path, path)  # recorded before the answer went out
+            self.assertEqual(layer["http_requests"][-1].body, body)
+
+    def test_curl_uploading_to_an_application_that_refuses_without_reading_gets_the_answer(self):
+        """curl stops sending once it sees an answer (401 here) mid-upload,
+        and waits for the rest of it."""
+        async def refuses(scope, receive, send):
+            if scope["type"] == "http":
+                headers = [(b"content-type", b"text/plain")]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": b"unauthorized"})
+
+        layer = self.serve(refuses)
+        with tempfile.NamedTemporaryFile() as upload:
+            upload.write(os.urandom(20 * 1024 * 1024))
+            upload.flush()
+            answer = subprocess.run(
+                ["curl", "-sS", "-m", "10", "-H", "Expect:", "--data-binary", f"@{upload.name}",
+                 "-w", " %{http_code}", layer["http_url"]], capture_output=True, text=True, check=False)
+        self.assertEqual(answer.stdout, "unauthorized 401", answer.stderr)
+        self.assertEqual(len(layer["http_requests"][-1].body), 20 * 1024 * 1024)
 
     def test_a_client_that_leaves_mid_body_is_gone_for_the_application(self):
         received, done = [], threading.Event()
