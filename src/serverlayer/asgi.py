@@ -26,6 +26,8 @@ speaks TLS itself, so the application sees the real client address and the
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import inspect
 import logging
 import socket
@@ -127,19 +129,19 @@ class _BodyRecorder:
     """Records a request with its body once the body is whole, or once
     the client left; the application reads the body as it arrives.
 
-    An application that answers without reading the body has the head of
-    its answer held back until the first part of the answer's body, and
-    the rest of the request body read first, so that the request is
-    recorded whole before the client sees any of the answer, as the WSGI
-    layer records it. Its client is still sending, having seen no answer,
-    unless it waits for the ``100 Continue`` that the application never
-    asked for (by reading): then nothing more comes, and the request is
-    recorded with the body it had. The head goes out as soon as the
-    application reads, so that one answering each piece of an upload as it
-    comes is served as under uvicorn alone. One that reads part of the
-    body and then answers is recorded, as its answer ends, with what
-    arrived: its client, seeing an answer, may stop sending (curl does),
-    and waiting for the rest would hang.
+    An application that sends the head of its answer before it reads has
+    the head held back while the rest of the request body is read for it
+    (and kept for its ``receive``), so that the request is recorded whole
+    before the client sees any of the answer, as the WSGI layer records
+    it: the client, having seen no answer, sends all of it. The head goes
+    out once the body is whole, or as soon as the application reads, so
+    that one answering each piece of an upload as it comes is served as
+    under uvicorn alone. The application's first body part waits for the
+    head. A client waiting for ``100 Continue`` is not sent one unless the
+    application reads; its request is recorded with what the application
+    read. One that reads part of the body and then answers is recorded,
+    as its answer ends, with what arrived: its client, seeing an answer,
+    may stop sending (curl does), and waiting for the rest would hang.
     """
 
     def __init__(self, log: RequestLog, scope: Scope, client_cert: Any, receive: Receive, send: Send) -> None:
@@ -151,8 +153,15 @@ class _BodyRecorder:
         self.chunks: list[bytes] = []
         self.recorded = False
         self.read_any = False
-        #: The answer's head, held back while the application has not read.
+        #: The answer's head, held back while the body is read for the application.
         self.held: Message | None = None
+        #: What reads the body for the application, while its head is held.
+        self.reader: asyncio.Task[None] | None = None
+        #: The messages read for the application, for its ``receive``.
+        self.read_ahead: collections.deque[Message] = collections.deque()
+        #: Set while no head is held back, or being sent.
+        self.head_out = asyncio.Event()
+        self.head_out.set()
 
     def record(self) -> None:
         if not self.recorded:
@@ -169,30 +178,53 @@ class _BodyRecorder:
             self.record()
         return message
 
+    async def _read_ahead(self) -> None:
+        try:
+            while not self.recorded:
+                self.read_ahead.append(await self._read())
+        finally:  # the body whole, the client gone, the application reading, failing or cancelled
+            await self.release()
+
+    async def stop_reading(self) -> None:
+        """End the reading ahead, keeping what it read."""
+        reader, self.reader = self.reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
     async def receive(self) -> Message:
         self.read_any = True
+        await self.stop_reading()
         await self.release()
+        if self.read_ahead:
+            return self.read_ahead.popleft()
         return await self._read()
 
     async def release(self) -> None:
         """Send the head held back, if any."""
         if self.held is not None:
             held, self.held = self.held, None
-            await self.original_send(held)
+            try:
+                await self.original_send(held)
+            finally:
+                self.head_out.set()
 
     async def send(self, message: Message) -> None:
         if not self.recorded:
-            if message["type"] == "http.response.start" and not self.read_any:
+            if (
+                message["type"] == "http.response.start"
+                and not self.read_any
+                and not _expects_continue(self.scope["headers"])
+            ):
                 self.held = message
+                self.head_out.clear()
+                self.reader = asyncio.get_running_loop().create_task(self._read_ahead())
                 return
-            if self.held is not None:  # the answer's body, the request's unread
-                if not _expects_continue(self.scope["headers"]):
-                    while not self.recorded:
-                        await self._read()
+            await self.head_out.wait()  # the answer's body waits for its head
+            if self._completes_answer(message):
                 self.record()
-                await self.release()
-            elif self._completes_answer(message):
-                self.record()
+        await self.head_out.wait()
         await self.original_send(message)
 
     def _completes_answer(self, message: Message) -> bool:
@@ -245,8 +277,11 @@ class RecordingApp:
             body = _BodyRecorder(self.log, scope, self._client_cert(scope), receive, send)
             try:
                 await self.app(scope, body.receive, body.send)
-                await body.release()  # a head without a body: uvicorn says what is wrong with that
             finally:
+                await body.stop_reading()
+                # A head without a body, or before the application failed:
+                # then uvicorn ends the answer as it would have.
+                await body.release()
                 body.record()
             return
         if scope["type"] == "websocket":

@@ -373,6 +373,40 @@ class RequestBodyTests(unittest.TestCase):
             self.assertEqual(layer["http_requests"][-1].path, path)  # recorded before the answer went out
             self.assertEqual(layer["http_requests"][-1].body, body)
 
+    def test_an_application_reading_after_part_of_its_answer_gets_the_body(self):
+        async def echoes_after_a_prefix(scope, receive, send):
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"echo: ", "more_body": True})
+                more = True
+                while more:  # what was read for it while its head waited
+                    message = await receive()
+                    more = message.get("more_body", False)
+                    await send({"type": "http.response.body", "body": message.get("body", b""), "more_body": more})
+
+        layer = self.serve(echoes_after_a_prefix)
+        response = httpx.post(layer["http_url"], content=b"hello world", timeout=5)
+        self.assertEqual(response.content, b"echo: hello world")
+        self.assertEqual(layer["http_requests"][-1].body, b"hello world")
+
+    def test_a_held_head_goes_out_once_the_body_is_whole(self):
+        event = asyncio.Event()
+
+        async def streams_on_an_event(scope, receive, send):
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+                await event.wait()  # an event source, say, that the test fires later
+                await send({"type": "http.response.body", "body": b"fired"})
+
+        layer = self.serve(streams_on_an_event)
+        self.addCleanup(lambda: layer["httpd"].loop.call_soon_threadsafe(event.set))
+        sock = self.connect(layer)
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{\"topic\": \"x\"}")
+        self.assertIn(b"200 OK", self.read_until(sock, b"\r\n\r\n"))  # before the event
+        self.assertEqual(layer["http_requests"][-1].body, b'{"topic": "x"}')
+        layer["httpd"].loop.call_soon_threadsafe(event.set)
+        self.assertIn(b"fired", self.read_until(sock, b"fired"))
+
     def test_curl_uploading_to_an_application_that_refuses_without_reading_gets_the_answer(self):
         """curl stops sending once it sees an answer (401 here) mid-upload,
         and waits for the rest of it."""
