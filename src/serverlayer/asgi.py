@@ -211,20 +211,19 @@ class _BodyRecorder:
                 self.head_out.set()
 
     async def send(self, message: Message) -> None:
-        if not self.recorded:
-            if (
-                message["type"] == "http.response.start"
-                and not self.read_any
-                and not _expects_continue(self.scope["headers"])
-            ):
-                self.held = message
-                self.head_out.clear()
-                self.reader = asyncio.get_running_loop().create_task(self._read_ahead())
-                return
-            await self.head_out.wait()  # the answer's body waits for its head
-            if self._completes_answer(message):
-                self.record()
-        await self.head_out.wait()
+        if (
+            not self.recorded
+            and message["type"] == "http.response.start"
+            and not self.read_any
+            and not _expects_continue(self.scope["headers"])
+        ):
+            self.held = message
+            self.head_out.clear()
+            self.reader = asyncio.get_running_loop().create_task(self._read_ahead())
+            return
+        await self.head_out.wait()  # the answer's body waits for its head
+        if not self.recorded and self._completes_answer(message):
+            self.record()
         await self.original_send(message)
 
     def _completes_answer(self, message: Message) -> bool:
