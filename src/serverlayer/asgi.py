@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import socket
@@ -61,7 +62,16 @@ from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
 from serverlayer.layer import HTTPLayer
 from serverlayer.recording import RecordedRequest, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
-from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Deadline, ServerThread, format_address
+from serverlayer.server import (
+    LISTEN_BACKLOG,
+    AsyncioServer,
+    Deadline,
+    Listening,
+    PlainAccepting,
+    ServerThread,
+    accepting_plain,
+    format_address,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -364,14 +374,19 @@ class _Registered(asyncio.Protocol):
         self.access_log = owner.access_log
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        _no_delay(transport)
-        self.owner.transports.add(transport)
-        self.owner.note_client_cert(transport)
+        owner = self.owner
+        if owner.sets_no_delay:
+            _no_delay(transport)
+        owner.transports.add(transport)
+        if owner.asks_client_certs:
+            owner.note_client_cert(transport)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.transports.discard(self.transport)
-        self.owner.forget_client_cert(self.transport)
+        owner = self.owner
+        owner.transports.discard(self.transport)
+        if owner.asks_client_certs:
+            owner.forget_client_cert(self.transport)
         super().connection_lost(exc)
 
     def answering(self) -> Any:
@@ -670,10 +685,16 @@ class UvicornServer(AsyncioServer):
         self.shutdown_failure: str | None = None
         self._date_timer: asyncio.TimerHandle | None = None
         self._stop_deadline: Deadline | None = None
+        #: Whether clients may present certificates, to be remembered.
+        self.asks_client_certs = ssl_context is not None and ssl_context.verify_mode != ssl.CERT_NONE
+        #: Whether connections need TCP_NODELAY set (``_no_delay``): asyncio sets it on the rest.
+        self.sets_no_delay = any(sock.proto != socket.IPPROTO_TCP for sock in self.sockets)
+        #: Makes the protocol of each connection, once the lifespan started.
+        self.protocol_factory: Callable[[], asyncio.Protocol] | None = None
 
     def note_client_cert(self, transport: asyncio.BaseTransport) -> None:
         """Remember the certificate the client of ``transport`` presented, if it did."""
-        if self.ssl_context is None or self.ssl_context.verify_mode == ssl.CERT_NONE:
+        if not self.asks_client_certs:
             return
         from serverlayer.tls import presented_certificate
 
@@ -696,16 +717,15 @@ class UvicornServer(AsyncioServer):
         self.state.default_headers = date + self.config.encoded_headers
         self._date_timer = self.loop.call_later(self.DATE_INTERVAL, self._refresh_headers)
 
-    def _protocol(self) -> asyncio.Protocol:
-        assert self.lifespan is not None
-        return self.http_protocol(self.config, self.state, self.lifespan.state, _loop=self.loop)
-
     async def prepare(self) -> None:
         self._refresh_headers()
         self.lifespan = _Lifespan(self.config, self.logger)
         await self.lifespan.startup()
         if self.lifespan.startup_failed:
             raise LifespanStartupError(self.lifespan.failure or "the application's startup failed")
+        self.protocol_factory = functools.partial(
+            self.http_protocol, self.config, self.state, self.lifespan.state, _loop=self.loop
+        )
 
     def still_starting(self) -> str | None:
         """What a start that takes too long waits for, to say so."""
@@ -717,8 +737,13 @@ class UvicornServer(AsyncioServer):
             )
         return None
 
-    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
-        return await self.loop.create_server(self._protocol, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG)
+    async def start(self, sock: socket.socket) -> Listening:
+        assert self.protocol_factory is not None  # made by ``prepare``, which ran first
+        if self.ssl_context is None and accepting_plain(self.loop):
+            return PlainAccepting(self.loop, sock, self.protocol_factory, self.transports)
+        return await self.loop.create_server(
+            self.protocol_factory, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG
+        )
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.logger.addHandler(self._log_handler)
@@ -727,7 +752,7 @@ class UvicornServer(AsyncioServer):
         finally:
             self.logger.removeHandler(self._log_handler)
 
-    def _shut_down(self, servers: list[asyncio.base_events.Server]) -> None:
+    def _shut_down(self, servers: list[Listening]) -> None:
         """Close every connection, end the requests, then let the
         application shut down: uvicorn's order, without its waiting."""
         if self._date_timer is not None:

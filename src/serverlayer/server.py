@@ -15,6 +15,8 @@ protocol below and nothing else of the lifecycle.
 from __future__ import annotations
 
 import asyncio
+import asyncio.constants
+import asyncio.selector_events
 import errno
 import logging
 import socket
@@ -395,6 +397,104 @@ def remembering(sock: socket.socket) -> _RememberingSocket:
     return listening
 
 
+class Listening(Protocol):
+    """A socket being served: what ``asyncio.Server`` offers for stopping."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+#: What the loop's exception handler is told when accepting fails for lack
+#: of descriptors or memory; accepting pauses as asyncio's does.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class PlainAccepting:
+    """Serves plain TCP connections on ``sock``, each one's transport made
+    in the loop turn that accepts it, and its first bytes read at once.
+
+    asyncio's ``create_server`` runs a task for each connection it accepts,
+    which waits a loop turn for the transport's ``connection_made``, and
+    reads what the client sent with its connection a turn later again. A
+    plain connection has no handshake to wait for, and an HTTP client sends
+    its request as soon as it connects; for a client that connects for
+    each request (``Connection: close``), those turns and the task were a
+    tenth of the server's work. It relies on two private methods of
+    asyncio's selector loop and transports, present in Python 3.10 to 3.13;
+    ``accepting_plain`` says whether the loop has them. TLS connections go
+    through ``create_server``, which does the handshake.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        transports: set[asyncio.Transport],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.protocol_factory = protocol_factory
+        #: Where each transport is registered as it is made, for stopping to abort it.
+        self.transports = transports
+        sock.setblocking(False)
+        self._resume: asyncio.TimerHandle | None = None
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        loop = self.loop
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                connection, address = self.sock.accept()
+                connection.setblocking(False)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # none left
+            except OSError as exc:
+                message = "accepting a connection failed"
+                if exc.errno in _OUT_OF_RESOURCES:
+                    message += (
+                        " (the process is out of file descriptors or memory: close the clients and files"
+                        " tests leave open, or raise the limit, ulimit -n); accepting again in"
+                        f" {asyncio.constants.ACCEPT_RETRY_DELAY:g} s"
+                    )
+                loop.call_exception_handler({"message": message, "exception": exc})
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # The socket stays readable: wait, as asyncio's accepting does.
+                    loop.remove_reader(self.sock.fileno())
+                    self._resume = loop.call_later(
+                        asyncio.constants.ACCEPT_RETRY_DELAY, loop.add_reader, self.sock.fileno(), self._accept
+                    )
+                return
+            try:
+                transport = loop._make_socket_transport(  # type: ignore[attr-defined]
+                    connection, self.protocol_factory(), extra={"peername": address}
+                )
+            except Exception as exc:  # noqa: BLE001 - the protocol could not be made: report, serve on
+                connection.close()
+                loop.call_exception_handler({"message": "serving a new connection failed", "exception": exc})
+                continue
+            self.transports.add(transport)
+            # Runs after the transport's connection_made and starting to
+            # read, which it scheduled: a pause the protocol asks for holds.
+            loop.call_soon(transport._read_ready)
+
+    def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+
+    async def wait_closed(self) -> None:
+        pass  # nothing runs on behalf of the socket once it is closed
+
+
+def accepting_plain(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``PlainAccepting`` works with ``loop`` (a selector loop)."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop) and hasattr(
+        asyncio.selector_events._SelectorSocketTransport, "_read_ready"  # type: ignore[attr-defined]
+    )
+
+
 class _NotFromThread(logging.Filter):
     """Lets through the records of every thread but one."""
 
@@ -428,7 +528,7 @@ class AsyncioServer:
         """Run on the loop before any socket serves; what it raises fails
         ``setUp``. An application's startup (ASGI lifespan) goes here."""
 
-    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
+    async def start(self, sock: socket.socket) -> Listening:
         """Start serving on ``sock``, one of ``self.sockets``."""
         raise NotImplementedError
 
@@ -451,7 +551,7 @@ class AsyncioServer:
         if quiet is not None:
             logging.getLogger("asyncio").addFilter(quiet)
         # asyncio serves one socket per server: one server per socket.
-        servers: list[asyncio.base_events.Server] = []
+        servers: list[Listening] = []
 
         async def starting() -> None:
             # One run of the loop for all of it: each run_until_complete
@@ -473,7 +573,7 @@ class AsyncioServer:
                 if quiet is not None:
                     logging.getLogger("asyncio").removeFilter(quiet)
 
-    def _shut_down(self, servers: list[asyncio.base_events.Server]) -> None:
+    def _shut_down(self, servers: list[Listening]) -> None:
         for server in servers:
             server.close()
         for transport in list(self.transports):

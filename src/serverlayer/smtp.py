@@ -36,7 +36,7 @@ from serverlayer.arrivals import Arrivals, Unread
 from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayerError
 from serverlayer.layer import ServerLayer, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
-from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, ServerThread
+from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread
 from serverlayer.smtp_failures import (
     COMMAND_STAGES,
     Arrangement,
@@ -611,7 +611,7 @@ class SMTPServer(AsyncioServer):
             **options,
         )
 
-    async def start(self, sock: socket.socket) -> asyncio.base_events.Server:
+    async def start(self, sock: socket.socket) -> Listening:
         return await self.loop.create_server(
             self._protocol, sock=sock, ssl=self.implicit_tls_context, backlog=LISTEN_BACKLOG
         )

@@ -4,6 +4,7 @@ with httpx, urllib and the websockets client."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import http.client
 import io
@@ -887,6 +888,82 @@ class ServerErrorTests(unittest.TestCase):
             output = self.exercise()
         self.assertIn('"GET /raise HTTP/1.1" 500', output)
         self.assertIn("RuntimeError: raised on purpose", output)
+
+
+class CountedTurns:
+    """Counts the turns of a server's asyncio loop: each waits in its selector once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.count = 0
+        self.selector = loop._selector  # type: ignore[attr-defined]
+        self.select = self.selector.select
+
+    def __enter__(self) -> CountedTurns:
+        def select(timeout=None):
+            self.count += 1
+            return self.select(timeout)
+
+        self.selector.select = select
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self.selector.select
+
+
+def get_closing(address: tuple[str, int], path: str = "/") -> bytes:
+    """A GET on a connection of its own, which the answer ends."""
+    client = http.client.HTTPConnection(*address, timeout=5)
+    try:
+        client.request("GET", path, headers={"Connection": "close"})
+        return client.getresponse().read()
+    finally:
+        client.close()
+
+
+class AcceptingTests(unittest.TestCase):
+    """Plain connections are accepted without asyncio's task per connection."""
+
+    def setUp(self):
+        self.layer = set_up_by_hand(self, asgi.Layer(lifespan_app([]), name="asgi_accepting"))
+        self.address = (self.layer["http_host"], self.layer["http_port"])
+        self.server = self.layer._running.server
+
+    def test_a_connection_per_request_takes_at_most_five_loop_turns(self):
+        """Accepting, the request read at once if it came with the
+        connection (else a turn later), the answer, the close. asyncio's
+        create_server took six: a task waits a turn for the transport,
+        another for its connection_made, and reading starts a turn later."""
+        get_closing(self.address)  # the application warmed up
+        with CountedTurns(self.server.loop) as turns:
+            for _ in range(20):
+                self.assertIn(b'"state": ["started"]', get_closing(self.address))
+            count = turns.count
+        # The Date header's timer may wake the loop once a second.
+        self.assertLessEqual(count, 20 * 5 + 2)
+
+    def test_running_out_of_descriptors_fails_the_test_and_pauses_accepting(self):
+        """As under asyncio's create_server: the error reaches the test, and
+        the loop does not spin on a socket it cannot accept from; it tries
+        again a moment later."""
+        [listening] = self.server.sockets
+        out_of_descriptors = OSError(errno.EMFILE, "Too many open files")
+        with mock.patch.object(asyncio.constants, "ACCEPT_RETRY_DELAY", 0.2):
+            with mock.patch.object(listening, "accept", side_effect=out_of_descriptors) as accept:
+                with CountedTurns(self.server.loop) as turns:
+                    client = socket.create_connection(self.address, timeout=5)
+                    deadline = time.monotonic() + 5
+                    while not accept.called and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    time.sleep(0.1)  # within the retry delay: the loop must be waiting, not spinning
+                    spun = turns.count
+            with client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                self.assertIn(b'"state": ["started"]', read_until_closed(client))
+        self.assertEqual(accept.call_count, 1)
+        self.assertLessEqual(spun, 3)
+        [error] = self.layer.server_errors.take()
+        self.assertIn("out of file descriptors", error)
+        self.assertIn("Too many open files", error)
 
 
 class StopTests(unittest.TestCase):
