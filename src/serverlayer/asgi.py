@@ -757,11 +757,12 @@ class UvicornServer(AsyncioServer):
         application shut down: uvicorn's order, without its waiting."""
         if self._date_timer is not None:
             self._date_timer.cancel()
-        # A connection accepted in the loop's last round waits in a task that
-        # has not started. Started once its server is closed, asyncio fails
-        # to make its transport and leaves it for the garbage collector; the
-        # lifespan shutdown below runs the loop, so every task but the
-        # lifespan's is cancelled first (the base class closes the sockets).
+        # A TLS connection accepted in the loop's last round waits in a task
+        # of asyncio's that has not started. Started once its server is
+        # closed, asyncio fails to make its transport and leaves it for the
+        # garbage collector; the lifespan shutdown below runs the loop, so
+        # every task but the lifespan's is cancelled first (the base class
+        # closes the sockets).
         lifespan_task = None if self.lifespan is None else self.lifespan.task
         for task in asyncio.all_tasks(self.loop):
             if task is not lifespan_task:

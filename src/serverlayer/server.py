@@ -405,14 +405,23 @@ class Listening(Protocol):
     async def wait_closed(self) -> None: ...
 
 
-#: What the loop's exception handler is told when accepting fails for lack
-#: of descriptors or memory; accepting pauses as asyncio's does.
+#: Why accepting fails for a while: the process is out of descriptors or
+#: memory. The listening socket stays readable meanwhile, so accepting
+#: pauses, as asyncio's does, instead of spinning.
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+def _first_read(transport: asyncio.Transport) -> None:
+    """Read what the client sent with its connection, unless its protocol
+    paused reading or closed the transport meanwhile."""
+    if transport.is_reading():
+        transport._read_ready()  # type: ignore[attr-defined]
+
+
 class PlainAccepting:
-    """Serves plain TCP connections on ``sock``, each one's transport made
-    in the loop turn that accepts it, and its first bytes read at once.
+    """Serves plain TCP connections on ``sock``: each one's transport is made
+    in the loop turn that accepts it, and what the client sent with its
+    connection is read in the next, with ``connection_made``.
 
     asyncio's ``create_server`` runs a task for each connection it accepts,
     which waits a loop turn for the transport's ``connection_made``, and
@@ -460,32 +469,39 @@ class PlainAccepting:
                     )
                 loop.call_exception_handler({"message": message, "exception": exc})
                 if exc.errno in _OUT_OF_RESOURCES:
-                    # The socket stays readable: wait, as asyncio's accepting does.
                     loop.remove_reader(self.sock.fileno())
                     self._resume = loop.call_later(
                         asyncio.constants.ACCEPT_RETRY_DELAY, loop.add_reader, self.sock.fileno(), self._accept
                     )
                 return
             try:
-                transport = loop._make_socket_transport(  # type: ignore[attr-defined]
-                    connection, self.protocol_factory(), extra={"peername": address}
-                )
-            except Exception as exc:  # noqa: BLE001 - the protocol could not be made: report, serve on
+                protocol = self.protocol_factory()
+            except Exception as exc:  # noqa: BLE001 - a bug on the server's side: report it, serve on
                 connection.close()
-                loop.call_exception_handler({"message": "serving a new connection failed", "exception": exc})
+                loop.call_exception_handler({"message": "making a connection's protocol failed", "exception": exc})
+                continue
+            try:
+                transport = loop._make_socket_transport(  # type: ignore[attr-defined]
+                    connection, protocol, extra={"peername": address}
+                )
+            except OSError:  # the client left already (asyncio drops these silently too)
+                connection.close()
                 continue
             self.transports.add(transport)
-            # Runs after the transport's connection_made and starting to
-            # read, which it scheduled: a pause the protocol asks for holds.
-            loop.call_soon(transport._read_ready)
+            # After the transport's connection_made and its start of
+            # reading, which it scheduled.
+            loop.call_soon(_first_read, transport)
 
     def close(self) -> None:
+        """Stop accepting and close the socket, so that new clients are refused at once."""
         if self._resume is not None:
             self._resume.cancel()
-        self.loop.remove_reader(self.sock.fileno())
+        if self.sock.fileno() != -1:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
     async def wait_closed(self) -> None:
-        pass  # nothing runs on behalf of the socket once it is closed
+        """Return at once: the connections accepted are the server's to close (``transports``)."""
 
 
 def accepting_plain(loop: asyncio.AbstractEventLoop) -> bool:
