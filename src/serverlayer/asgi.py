@@ -740,7 +740,7 @@ class UvicornServer(AsyncioServer):
     async def start(self, sock: socket.socket) -> Listening:
         assert self.protocol_factory is not None  # made by ``prepare``, which ran first
         if self.ssl_context is None and accepting_plain(self.loop):
-            return PlainAccepting(self.loop, sock, self.protocol_factory, self.transports)
+            return PlainAccepting(self.loop, sock, self.protocol_factory, self.transports, lambda: self.stopping)
         return await self.loop.create_server(
             self.protocol_factory, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG
         )
@@ -776,6 +776,7 @@ class UvicornServer(AsyncioServer):
                 connection.shutdown()
             except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye
                 pass
+        connections = len(self.transports)
         for transport in list(self.transports):
             transport.abort()
         # Within the time the layer waits for this thread, so that it finds
@@ -789,13 +790,21 @@ class UvicornServer(AsyncioServer):
         lifespan = self.lifespan
         if lifespan is not None and lifespan.startup_event.is_set() and not lifespan.error_occurred:
             budget = deadline.remaining()
-            try:
-                self.loop.run_until_complete(asyncio.wait_for(lifespan.shutdown(), budget))
-            except asyncio.TimeoutError:
+            if budget <= 0:
                 self.shutdown_failure = (
-                    f"it did not finish within {budget:.2f} seconds; the layer's"
-                    f" stop_timeout ({self.stop_timeout} seconds) bounds it"
+                    "it did not run: ending the server's connections and requests took"
+                    f" all the time the layer's stop_timeout ({self.stop_timeout} seconds)"
+                    f" gives the stop ({connections} connections and {len(running)} requests"
+                    " to end); raise stop_timeout"
                 )
+            else:
+                try:
+                    self.loop.run_until_complete(asyncio.wait_for(lifespan.shutdown(), budget))
+                except asyncio.TimeoutError:
+                    self.shutdown_failure = (
+                        f"it did not finish within {budget:.2f} seconds; the layer's"
+                        f" stop_timeout ({self.stop_timeout} seconds) bounds it"
+                    )
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
         super()._shut_down(servers)

@@ -411,6 +411,13 @@ class Listening(Protocol):
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+#: How many connections ``PlainAccepting`` accepts in one loop turn, at
+#: most: asyncio's default for ``create_server`` (its ``backlog``, which it
+#: also accepts per turn). A flood of clients then holds up neither the
+#: connections already served nor a stop for long.
+ACCEPTS_PER_TURN = 100
+
+
 def _first_read(transport: asyncio.Transport) -> None:
     """Read what the client sent with its connection, unless its protocol
     paused reading or closed the transport meanwhile."""
@@ -441,19 +448,25 @@ class PlainAccepting:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         transports: set[asyncio.Transport],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory
         #: Where each transport is registered as it is made, for stopping to abort it.
         self.transports = transports
+        #: Whether the server is stopping: then a flood of clients waiting
+        #: to be accepted no longer holds up the stop.
+        self.stopping = stopping
         sock.setblocking(False)
         self._resume: asyncio.TimerHandle | None = None
         loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         loop = self.loop
-        for _ in range(LISTEN_BACKLOG):
+        for _ in range(ACCEPTS_PER_TURN):
+            if self.stopping():
+                return
             try:
                 connection, address = self.sock.accept()
                 connection.setblocking(False)
@@ -539,6 +552,8 @@ class AsyncioServer:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_exception)
         self.transports: set[asyncio.Transport] = set()
+        #: Set from the stopping thread: connections still waiting are no longer accepted.
+        self.stopping = False
 
     async def prepare(self) -> None:
         """Run on the loop before any socket serves; what it raises fails
@@ -617,6 +632,7 @@ class AsyncioServer:
         pass  # the loop's one thread is all it ever has
 
     def request_stop(self) -> None:
+        self.stopping = True
         try:
             self.loop.call_soon_threadsafe(self.loop.stop)
         except RuntimeError:  # the loop already finished

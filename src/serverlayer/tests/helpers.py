@@ -182,4 +182,7 @@ def stop_in_the_round_that_accepts(test: unittest.TestCase, layer: Any, address:
     test.assertEqual([str(warning.message) for warning in caught], [])
     for client in clients:
         with client:
-            test.assertEqual(client.recv(1), b"")
+            try:
+                test.assertEqual(client.recv(1), b"")
+            except ConnectionResetError:
+                pass  # not accepted by a server that was stopping: reset as its socket closed

@@ -742,6 +742,27 @@ class LifespanTests(unittest.TestCase):
         self.assertIn("stop_timeout (0.5 seconds)", str(caught.exception))
         self.assertEqual(thread_names(), threads)
 
+    def test_shutdown_left_no_time_says_so(self):
+        """A stop that spent its whole time ending connections (a flood of
+        them, say) does not blame the application's shutdown."""
+        events: list[str] = []
+        layer = asgi.Layer(lifespan_app(events), name="asgi_shutdown_no_time")
+        layer.setUp()
+
+        class Spent:
+            def __init__(self, seconds: float) -> None:
+                pass
+
+            def remaining(self) -> float:
+                return 0.0
+
+        with mock.patch.object(asgi, "Deadline", Spent), self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertIn("lifespan shutdown failed", str(caught.exception))
+        self.assertIn("it did not run: ending the server's connections and requests took", str(caught.exception))
+        self.assertIn("raise stop_timeout", str(caught.exception))
+        self.assertNotIn("lifespan.shutdown", events)
+
     def test_shutdown_that_raises_fails_tear_down(self):
         async def shutdown(send):
             raise RuntimeError("could not flush the cache")
@@ -984,13 +1005,13 @@ class AcceptingTests(unittest.TestCase):
 class PlainAcceptingTests(unittest.TestCase):
     """serverlayer.server.PlainAccepting with protocols other than uvicorn's."""
 
-    def serve(self, protocol_factory):
+    def serve(self, protocol_factory, stopping=lambda: False):
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
         listening = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listening.close)
         transports: set[asyncio.Transport] = set()
-        accepting = PlainAccepting(loop, listening, protocol_factory, transports)
+        accepting = PlainAccepting(loop, listening, protocol_factory, transports, stopping)
 
         def stop() -> None:
             accepting.close()
@@ -1047,6 +1068,56 @@ class PlainAcceptingTests(unittest.TestCase):
             loop.run_until_complete(asyncio.wait_for(closed.wait(), 5))
             self.assertEqual(client.recv(10), b"bye")
         self.assertEqual(errors, [])
+
+    def test_a_flood_of_clients_is_accepted_a_hundred_a_turn(self):
+        """So that a stop, or the connections already served, wait for one
+        batch at most (the whole backlog, a thousand under -X dev, took a
+        quarter of a second)."""
+        made: list[asyncio.Protocol] = []
+
+        def protocol() -> asyncio.Protocol:
+            made.append(asyncio.Protocol())
+            return made[-1]
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        listening = socket.create_server(("127.0.0.1", 0), backlog=200)
+        self.addCleanup(listening.close)
+        transports: set[asyncio.Transport] = set()
+        accepting = PlainAccepting(loop, listening, protocol, transports)
+        self.addCleanup(accepting.close)
+        clients = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(150)]
+        try:
+            accepting._accept()  # what the loop calls when the socket is readable
+            self.assertEqual(len(made), 100)
+            accepting._accept()
+            self.assertEqual(len(made), 150)
+        finally:
+            for client in clients:
+                client.close()
+            for transport in transports:
+                transport.abort()
+            loop.run_until_complete(asyncio.sleep(0))
+
+    def test_nothing_is_accepted_once_the_server_is_stopping(self):
+        made: list[asyncio.Protocol] = []
+        stopping = True
+
+        def protocol() -> asyncio.Protocol:
+            made.append(asyncio.Protocol())
+            return made[-1]
+
+        loop, address, transports = self.serve(protocol, stopping=lambda: stopping)
+        with socket.create_connection(address, timeout=5):
+            for _ in range(3):
+                loop.run_until_complete(asyncio.sleep(0.01))
+            self.assertEqual((made, transports), ([], set()))
+            stopping = False
+            for _ in range(500):  # at most 5 s
+                if made:
+                    break
+                loop.run_until_complete(asyncio.sleep(0.01))
+            self.assertEqual(len(transports), 1)
 
     def test_new_clients_are_refused_once_the_server_stops(self):
         """Not left in the listening socket's backlog while the
