@@ -740,7 +740,7 @@ class UvicornServer(AsyncioServer):
     async def start(self, sock: socket.socket) -> Listening:
         assert self.protocol_factory is not None  # made by ``prepare``, which ran first
         if self.ssl_context is None and accepting_plain(self.loop):
-            return PlainAccepting(self.loop, sock, self.protocol_factory, self.transports, lambda: self.stopping)
+            return PlainAccepting(self.loop, sock, self.protocol_factory, self.transports)
         return await self.loop.create_server(
             self.protocol_factory, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG
         )

@@ -365,12 +365,30 @@ class ServerThread:
 PRUNE_AT_LEAST = 64
 
 
+#: How many connections a server accepts in one loop turn, at most:
+#: asyncio's default for ``create_server`` (its ``backlog``, which it also
+#: accepts per turn). A flood of clients then holds up neither the
+#: connections already served nor a stop for long.
+ACCEPTS_PER_TURN = 100
+
+
 class _RememberingSocket(socket.socket):
-    """A listening socket that remembers the connections it accepted.
+    """A listening socket that remembers the connections it accepted, and
+    takes a flood of clients a hundred at a time.
 
     asyncio hands a TLS connection to its protocol only once the handshake
     is done; one still shaking hands when the server stops would otherwise
     be left for the garbage collector to close.
+
+    asyncio's ``create_server`` accepts connections until none is left or
+    its backlog (``LISTEN_BACKLOG``) is reached, in one loop turn, and each
+    starts a task (and a TLS handshake). Under a flood of clients that made
+    turns of a second, which the connections already served and a stop
+    waited for: ``tearDown`` took up to a second. Here the socket says that
+    no connection is waiting after ``ACCEPTS_PER_TURN`` in a row (it is
+    still readable: the next turn takes the next ones), and once its server
+    is stopping (those still waiting are refused as it closes). A blocking
+    socket, which no loop serves, accepts on.
     """
 
     accepted: set[socket.socket]
@@ -378,9 +396,21 @@ class _RememberingSocket(socket.socket):
     #: twice what remained the last time, so that each accept costs the same
     #: however many connections are open.
     prune_at: int
+    #: Connections accepted since a caller was last told that none waits.
+    in_a_row: int
+    #: Set by the server's stop, from another thread.
+    stopping: bool
 
     def accept(self) -> tuple[socket.socket, Any]:
-        connection, address = super().accept()
+        if self.stopping or (self.in_a_row >= ACCEPTS_PER_TURN and not self.getblocking()):
+            self.in_a_row = 0
+            raise BlockingIOError(errno.EAGAIN, "no more connections this loop turn")
+        try:
+            connection, address = super().accept()
+        except BlockingIOError:
+            self.in_a_row = 0
+            raise
+        self.in_a_row += 1
         accepted = self.accepted
         if len(accepted) >= self.prune_at:
             accepted = self.accepted = {known for known in accepted if known.fileno() != -1}
@@ -394,6 +424,8 @@ def remembering(sock: socket.socket) -> _RememberingSocket:
     listening = _RememberingSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     listening.accepted = set()
     listening.prune_at = PRUNE_AT_LEAST
+    listening.in_a_row = 0
+    listening.stopping = False
     return listening
 
 
@@ -409,13 +441,6 @@ class Listening(Protocol):
 #: memory. The listening socket stays readable meanwhile, so accepting
 #: pauses, as asyncio's does, instead of spinning.
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-#: How many connections ``PlainAccepting`` accepts in one loop turn, at
-#: most: asyncio's default for ``create_server`` (its ``backlog``, which it
-#: also accepts per turn). A flood of clients then holds up neither the
-#: connections already served nor a stop for long.
-ACCEPTS_PER_TURN = 100
 
 
 def _first_read(transport: asyncio.Transport) -> None:
@@ -448,16 +473,12 @@ class PlainAccepting:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         transports: set[asyncio.Transport],
-        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory
         #: Where each transport is registered as it is made, for stopping to abort it.
         self.transports = transports
-        #: Whether the server is stopping: then a flood of clients waiting
-        #: to be accepted no longer holds up the stop.
-        self.stopping = stopping
         sock.setblocking(False)
         self._resume: asyncio.TimerHandle | None = None
         loop.add_reader(sock.fileno(), self._accept)
@@ -465,8 +486,6 @@ class PlainAccepting:
     def _accept(self) -> None:
         loop = self.loop
         for _ in range(ACCEPTS_PER_TURN):
-            if self.stopping():
-                return
             try:
                 connection, address = self.sock.accept()
                 connection.setblocking(False)
@@ -552,8 +571,6 @@ class AsyncioServer:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_exception)
         self.transports: set[asyncio.Transport] = set()
-        #: Set from the stopping thread: connections still waiting are no longer accepted.
-        self.stopping = False
 
     async def prepare(self) -> None:
         """Run on the loop before any socket serves; what it raises fails
@@ -632,7 +649,8 @@ class AsyncioServer:
         pass  # the loop's one thread is all it ever has
 
     def request_stop(self) -> None:
-        self.stopping = True
+        for sock in self.sockets:
+            sock.stopping = True
         try:
             self.loop.call_soon_threadsafe(self.loop.stop)
         except RuntimeError:  # the loop already finished

@@ -36,7 +36,7 @@ from websockets.sync.client import connect as _connect
 from serverlayer import ConfigurationError, ServerSideError, SetUpError, asgi
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog
-from serverlayer.server import PlainAccepting, ServerThread
+from serverlayer.server import PlainAccepting, ServerThread, remembering
 from serverlayer.tests.helpers import (
     open_descriptors,
     set_up_by_hand,
@@ -1005,13 +1005,13 @@ class AcceptingTests(unittest.TestCase):
 class PlainAcceptingTests(unittest.TestCase):
     """serverlayer.server.PlainAccepting with protocols other than uvicorn's."""
 
-    def serve(self, protocol_factory, stopping=lambda: False):
+    def serve(self, protocol_factory):
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
         listening = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listening.close)
         transports: set[asyncio.Transport] = set()
-        accepting = PlainAccepting(loop, listening, protocol_factory, transports, stopping)
+        accepting = PlainAccepting(loop, listening, protocol_factory, transports)
 
         def stop() -> None:
             accepting.close()
@@ -1099,25 +1099,34 @@ class PlainAcceptingTests(unittest.TestCase):
                 transport.abort()
             loop.run_until_complete(asyncio.sleep(0))
 
-    def test_nothing_is_accepted_once_the_server_is_stopping(self):
-        made: list[asyncio.Protocol] = []
-        stopping = True
+    def test_a_listening_socket_says_none_waits_after_a_hundred_in_a_row_or_once_stopping(self):
+        """What bounds asyncio's create_server (the smtp layer, the TLS
+        front), which accepts until told that none waits."""
+        listening = remembering(socket.create_server(("127.0.0.1", 0), backlog=300))
+        self.addCleanup(listening.close)
+        listening.setblocking(False)
+        clients = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(250)]
+        accepted: list[socket.socket] = []
 
-        def protocol() -> asyncio.Protocol:
-            made.append(asyncio.Protocol())
-            return made[-1]
+        def accept_until_none_waits() -> int:
+            count = 0
+            while True:
+                try:
+                    accepted.append(listening.accept()[0])
+                except BlockingIOError:
+                    return count
+                count += 1
 
-        loop, address, transports = self.serve(protocol, stopping=lambda: stopping)
-        with socket.create_connection(address, timeout=5):
-            for _ in range(3):
-                loop.run_until_complete(asyncio.sleep(0.01))
-            self.assertEqual((made, transports), ([], set()))
-            stopping = False
-            for _ in range(500):  # at most 5 s
-                if made:
-                    break
-                loop.run_until_complete(asyncio.sleep(0.01))
-            self.assertEqual(len(transports), 1)
+        try:
+            self.assertEqual(accept_until_none_waits(), 100)
+            self.assertEqual(accept_until_none_waits(), 100)
+            listening.stopping = True
+            self.assertEqual(accept_until_none_waits(), 0)
+            listening.stopping = False
+            self.assertEqual(accept_until_none_waits(), 50)
+        finally:
+            for sock in clients + accepted:
+                sock.close()
 
     def test_new_clients_are_refused_once_the_server_stops(self):
         """Not left in the listening socket's backlog while the
