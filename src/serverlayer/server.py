@@ -460,8 +460,8 @@ class PlainAccepting:
     reads what the client sent with its connection a turn later again. A
     plain connection has no handshake to wait for, and an HTTP client sends
     its request as soon as it connects; for a client that connects for
-    each request (``Connection: close``), those turns and the task were a
-    tenth of the server's work. It relies on two private methods of
+    each request (``Connection: close``), those turns and the task were 5
+    to 10 percent of the server's work. It relies on two private methods of
     asyncio's selector loop and transports, present in Python 3.10 to 3.13;
     ``accepting_plain`` says whether the loop has them. TLS connections go
     through ``create_server``, which does the handshake.
@@ -485,7 +485,9 @@ class PlainAccepting:
 
     def _accept(self) -> None:
         loop = self.loop
-        for _ in range(ACCEPTS_PER_TURN):
+        # A listening socket of ``remembering`` says none waits after
+        # ACCEPTS_PER_TURN in a row; asyncio's own bound, for any other.
+        for _ in range(LISTEN_BACKLOG):
             try:
                 connection, address = self.sock.accept()
                 connection.setblocking(False)

@@ -1081,7 +1081,7 @@ class PlainAcceptingTests(unittest.TestCase):
 
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
-        listening = socket.create_server(("127.0.0.1", 0), backlog=200)
+        listening = remembering(socket.create_server(("127.0.0.1", 0), backlog=200))
         self.addCleanup(listening.close)
         transports: set[asyncio.Transport] = set()
         accepting = PlainAccepting(loop, listening, protocol, transports)
@@ -1090,6 +1090,10 @@ class PlainAcceptingTests(unittest.TestCase):
         try:
             accepting._accept()  # what the loop calls when the socket is readable
             self.assertEqual(len(made), 100)
+            accepting._accept()
+            self.assertEqual(len(made), 150)
+            listening.stopping = True
+            clients.append(socket.create_connection(listening.getsockname(), timeout=5))
             accepting._accept()
             self.assertEqual(len(made), 150)
         finally:
