@@ -824,9 +824,12 @@ class ContentHandler(custom.RequestHandler):
                 body = b"%x\r\n%s" % (whole, body)
         if self.command == "HEAD" or bodiless:
             self._send_head_with(b"")
-        elif response.truncate is not None or not chunked:
-            self._send_head_with(body)
-        else:
+            return
+        server: custom.HandlerServer = self.server  # type: ignore[assignment]
+        with server.writing(self.connection):  # a client that stops reading does not hold the worker
+            if response.truncate is not None or not chunked:
+                self._send_head_with(body)
+                return
             self.end_headers()
             half = len(body) // 2
             pieces = response.chunks if response.chunks is not None else (body[:half], body[half:])

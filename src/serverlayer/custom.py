@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import heapq
@@ -26,7 +27,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import plone.testing
@@ -414,6 +415,8 @@ class HandlerServer(socketserver.BaseServer):
         #: Set from ``end_waits`` until ``test_ended``: no worker waits.
         self._test_ending = False
         self._waiting = 0
+        #: Connections a handler is writing a test's answer to (``writing``).
+        self._writing: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         #: Every open connection.
         self._connections: dict[socket.socket, _Conversation] = {}
@@ -606,6 +609,32 @@ class HandlerServer(socketserver.BaseServer):
             return True
         return None if ready else False
 
+    @contextlib.contextmanager
+    def writing(self, connection: socket.socket) -> Iterator[None]:
+        """Mark writes to ``connection`` as the test's, to be cut short when it ends.
+
+        A client that stops reading blocks a write, and no wait of the
+        server's can end that: the worker would outlive its test. When the
+        test ends (``end_waits``, and ``test_ended`` for writes begun since)
+        the server ends its side of such a connection, which ends the write
+        with ``BrokenPipeError``, as a client gone would.
+        """
+        with self._workers_lock:
+            self._writing.add(connection)
+        try:
+            yield
+        finally:
+            with self._workers_lock:
+                self._writing.discard(connection)
+
+    def _cut_writes(self) -> None:
+        """End the writes under way (``writing``). Called with ``_workers_lock`` held."""
+        for connection in self._writing:
+            try:
+                connection.shutdown(socket.SHUT_WR)
+            except OSError:  # gone already
+                pass
+
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers
         started beyond the steady ones, and join them.
@@ -615,6 +644,7 @@ class HandlerServer(socketserver.BaseServer):
         """
         deadline = Deadline(timeout)
         with self._workers_lock:
+            self._cut_writes()
             # Retiring first: a worker between a request and its wait for
             # the next one then parks its connection instead of waiting.
             extra = self._workers[self._steady_workers:]
@@ -639,6 +669,7 @@ class HandlerServer(socketserver.BaseServer):
         end-of-test check waits for the requests still running."""
         with self._workers_lock:
             self._test_ending = True
+            self._cut_writes()
             self._recall(Deadline(timeout))
 
     def allow_waits(self) -> None:

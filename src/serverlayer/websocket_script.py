@@ -383,8 +383,9 @@ class _Conversation:
                 finally:
                     server.activity.start()
             if ready is None:  # the test ended, or the server stops
-                self.protocol.send_close(1001, "the test is over")
-                self._flush()
+                if self._open():  # else a close of the script's or the client's is under way
+                    self.protocol.send_close(1001, "the test is over")
+                    self._flush()
                 return
             if ready:
                 self._receive()
@@ -432,9 +433,19 @@ class _Conversation:
     def _push(self, when: float, item: Message | tuple[int, str]) -> None:
         heapq.heappush(self._outbox, (when, next(self._order), item))
 
+    def _open(self) -> bool:
+        """Whether messages may still be sent: no close frame has gone either way."""
+        from websockets.protocol import State
+
+        return self.protocol.state is State.OPEN
+
     def _send_due(self) -> None:
-        """Send what is due. The connection is open: whatever else ends it
-        (the client's close, a failure) ends the conversation first."""
+        """Send what is due while the connection is open. Once a close frame
+        went either way, replies to what the client sent before it saw the
+        close are dropped, as the protocol asks."""
+        if not self._open():
+            self._outbox.clear()
+            return
         now = time.monotonic()
         while self._outbox and self._outbox[0][0] <= now:
             _, _, item = heapq.heappop(self._outbox)
@@ -448,11 +459,13 @@ class _Conversation:
         self._flush()
 
     def _flush(self) -> None:
+        server: HandlerServer = self.handler.server  # type: ignore[assignment]
         for data in self.protocol.data_to_send():
             if not data:  # websockets' "end of stream": the closing handshake is done
                 self._over = True
                 return
-            self.handler.wfile.write(data)
+            with server.writing(self.handler.connection):  # a client that stops reading does not hold the worker
+                self.handler.wfile.write(data)
 
 
 def converse(handler: ContentHandler, script: WebSocketScript) -> None:

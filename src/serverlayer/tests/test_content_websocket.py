@@ -517,6 +517,98 @@ class LifecycleTests(unittest.TestCase):
         self.assertIn("pip install 'serverlayer[websocket]'", str(caught.exception))
 
 
+def raw_websocket(layer, path: str) -> socket.socket:
+    """A WebSocket client that reads and answers nothing unless told to:
+    its handshake done, it has read only the 101 answer."""
+    raw = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+    raw.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n".encode()
+                + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = raw.recv(1)  # byte by byte: not a byte of the frames after it
+        if not chunk:
+            raise AssertionError(f"closed after {received!r}")
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 101 "), received
+    return raw
+
+
+def send_text(raw: socket.socket, text: str) -> None:
+    raw.sendall(Frame(Opcode.TEXT, text.encode()).serialize(mask=True))
+
+
+def read_until_close_frame(raw: socket.socket) -> bytes:
+    """What the server sends up to its close frame (text frames of a few bytes, then the close)."""
+    received = b""
+    while b"\x88" not in received:  # FIN and opcode 8: a close frame
+        chunk = raw.recv(4096)
+        if not chunk:
+            raise AssertionError(f"closed without a close frame after {received!r}")
+        received += chunk
+    return received
+
+
+class ClientsThatDoNotAnswerTests(unittest.TestCase):
+    """Clients that read late or never: the script and the test end cope."""
+
+    def setUp(self):
+        self.layer = set_up_by_hand(self, content.Layer(name=f"ws_unanswering_{self._testMethodName}"))
+        self.http_content = self.layer["http_content"]
+
+    def test_a_message_that_crossed_the_scripts_close_is_recorded_and_not_answered(self):
+        chat = self.http_content.websocket("/chat")
+        chat.on_message("bye", close=1000)
+        chat.on_message("x", "y")
+        raw = raw_websocket(self.layer, "/chat")
+        self.addCleanup(raw.close)
+        send_text(raw, "bye")
+        read_until_close_frame(raw)
+        send_text(raw, "x")  # sent before the client answered the close, as a client may
+        deadline = time.monotonic() + 10
+        while "x" not in chat.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(chat.received, ["bye", "x"])
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        self.layer.check_server_errors()  # no "connection is closing" from websockets
+
+    def test_a_close_the_client_never_answered_ends_with_the_test(self):
+        self.http_content.websocket("/feed").on_connect("hello", close=1000)
+        before = thread_names()
+        raw = raw_websocket(self.layer, "/feed")
+        self.addCleanup(raw.close)
+        self.assertIn(b"hello", read_until_close_frame(raw))
+        self.layer.testTearDown()
+        self.assertEqual(sorted(set(thread_names()) - set(before)), [])  # the worker is done
+        # No error for the 1001 that a closing connection cannot take (it
+        # came too late for this test's check, and failed the next test).
+        self.assertEqual(self.layer.server_errors.take(), [])
+        self.layer.testSetUp()  # for the cleanup's testTearDown
+
+    def assert_the_test_end_frees_the_worker(self) -> None:
+        before = thread_names()
+        deadline = time.monotonic() + 10
+        while thread_names() == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker starts writing, the client reads nothing
+        started = time.monotonic()
+        self.layer.testTearDown()
+        self.assertLess(time.monotonic() - started, 0.9)  # not the test end's 1 s wait for quiet
+        self.assertEqual(sorted(set(thread_names()) - set(before)), [])
+        self.layer.testSetUp()  # for the cleanup's testTearDown
+
+    def test_a_script_writing_to_a_client_that_reads_nothing_ends_with_the_test(self):
+        self.http_content.websocket("/feed").on_connect(*[b"x" * 100_000] * 200)
+        raw = raw_websocket(self.layer, "/feed")
+        self.addCleanup(raw.close)
+        self.assert_the_test_end_frees_the_worker()
+
+    def test_a_stream_to_a_client_that_reads_nothing_ends_with_the_test(self):
+        self.http_content.route("/big").respond_stream([b"x" * 1_000_000] * 20)
+        raw = socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10)
+        self.addCleanup(raw.close)
+        raw.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assert_the_test_end_frees_the_worker()
+
+
 class TLSTests(unittest.TestCase):
     layer = WSS_CONTENT
 
