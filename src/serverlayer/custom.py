@@ -400,6 +400,7 @@ class HandlerServer(socketserver.BaseServer):
         self.server_name = host
         self._errors = errors
         self.activity = Activity()
+        errors.left_running = self.activity.left_running
         self._stopping = False
         #: Set when the server stops: handlers that wait wait on it.
         self.stopped = threading.Event()

@@ -26,6 +26,7 @@ import sys
 import threading
 import traceback
 import unittest
+from collections.abc import Callable
 from types import FrameType, TracebackType
 
 from serverlayer.errors import ServerSideError
@@ -93,11 +94,19 @@ class ErrorLog:
         # same thread.
         self._lock = threading.RLock()
         self._errors: list[str] = []
+        #: Says whether the thread recording serves a request that an
+        #: earlier test left running (``Activity.left_running``).
+        self.left_running: Callable[[], bool] | None = None
 
     def record(self, summary: str, exc_info: ExcInfo | None = None) -> None:
         """Remember an exception; the traceback is formatted right away so
         that no frames of the server thread are kept alive."""
         text = summary
+        if self.left_running is not None and self.left_running():
+            text = (
+                "(raised by a request that an earlier test left running: the end of that"
+                " test waited for it in vain, the layer's quiet_timeout)\n" + text
+            )
         if exc_info is not None:
             text += "\n" + "".join(traceback.format_exception(*exc_info))
         with self._lock:

@@ -231,6 +231,11 @@ class Activity:
     The layer waits for quiet before it checks a test's server errors, so
     that such an error is reported in the test that made the request and
     not in the next one.
+
+    A request still running when a wait for quiet gave up (a client that
+    stopped reading a download, a handler waiting for ever) is not waited
+    for again: each later test's end would wait as long, in vain. An error
+    it raises later says so (``left_running``).
     """
 
     def __init__(self) -> None:
@@ -239,6 +244,8 @@ class Activity:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._busy: set[int] = set()
+        #: Threads whose request a wait for quiet gave up on.
+        self._given_up: set[int] = set()
         #: Threads in ``wait_quiet``; only they need waking.
         self._waiting = 0
 
@@ -248,17 +255,28 @@ class Activity:
 
     def finish(self) -> None:
         with self._lock:
-            self._busy.discard(threading.get_ident())
-            if self._waiting and not self._busy:
+            me = threading.get_ident()
+            self._busy.discard(me)
+            self._given_up.discard(me)
+            if self._waiting and self._busy <= self._given_up:
                 self._changed.notify_all()
 
     def wait_quiet(self, timeout: float) -> bool:
+        """Wait until no request runs but those given up on; False if
+        ``timeout`` ran out first, and those still running are given up on."""
         with self._lock:
             self._waiting += 1
             try:
-                return self._changed.wait_for(lambda: not self._busy, timeout)
+                if self._changed.wait_for(lambda: self._busy <= self._given_up, timeout):
+                    return True
+                self._given_up |= self._busy
+                return False
             finally:
                 self._waiting -= 1
+
+    def left_running(self) -> bool:
+        """Whether this thread serves a request a wait for quiet gave up on."""
+        return threading.get_ident() in self._given_up
 
 
 class ForwardedClients:

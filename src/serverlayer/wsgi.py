@@ -681,6 +681,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         #: Each request is logged through this class's ``log_request``.
         self.request_handler_class = request_handler_class
         self.activity = Activity()
+        errors.left_running = self.activity.left_running
         #: ``channel``: the connection this worker thread serves, if any.
         self.serving = threading.local()
         #: The connections waiting for their client's end (``_Channel.lingering``).

@@ -584,11 +584,12 @@ class ClientsThatDoNotAnswerTests(unittest.TestCase):
         self.assertEqual(self.layer.server_errors.take(), [])
         self.layer.testSetUp()  # for the cleanup's testTearDown
 
-    def assert_the_test_end_frees_the_worker(self) -> None:
-        before = thread_names()
+    def assert_the_test_end_frees_the_worker(self, before: list[str]) -> None:
+        """``before``: the threads before the client connected."""
         deadline = time.monotonic() + 10
         while thread_names() == before and time.monotonic() < deadline:
-            time.sleep(0.01)  # the worker starts writing, the client reads nothing
+            time.sleep(0.01)  # until a worker serves the client, which reads nothing
+        self.assertNotEqual(thread_names(), before)
         started = time.monotonic()
         self.layer.testTearDown()
         self.assertLess(time.monotonic() - started, 0.9)  # not the test end's 1 s wait for quiet
@@ -597,16 +598,18 @@ class ClientsThatDoNotAnswerTests(unittest.TestCase):
 
     def test_a_script_writing_to_a_client_that_reads_nothing_ends_with_the_test(self):
         self.http_content.websocket("/feed").on_connect(*[b"x" * 100_000] * 200)
+        before = thread_names()
         raw = raw_websocket(self.layer, "/feed")
         self.addCleanup(raw.close)
-        self.assert_the_test_end_frees_the_worker()
+        self.assert_the_test_end_frees_the_worker(before)
 
     def test_a_stream_to_a_client_that_reads_nothing_ends_with_the_test(self):
         self.http_content.route("/big").respond_stream([b"x" * 1_000_000] * 20)
+        before = thread_names()
         raw = socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10)
         self.addCleanup(raw.close)
         raw.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assert_the_test_end_frees_the_worker()
+        self.assert_the_test_end_frees_the_worker(before)
 
 
 class TLSTests(unittest.TestCase):

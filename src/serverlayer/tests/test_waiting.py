@@ -4,11 +4,13 @@ when its timeout runs out (which would pass too, only late)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import unittest
 import urllib.request
 
+from serverlayer import custom
 from serverlayer.arrivals import Arrivals
 from serverlayer.server import Activity
 
@@ -65,6 +67,70 @@ class ActivityWaitTests(unittest.TestCase):
         self.assertFalse(activity.wait_quiet(0.01))
         activity.finish()
         self.assertTrue(activity.wait_quiet(0.01))
+
+
+    def test_a_request_a_wait_gave_up_on_is_not_waited_for_again(self):
+        activity = Activity()
+        activity.start()  # this thread's request, left running
+        self.assertFalse(activity.wait_quiet(0.01))
+        self.assertTrue(activity.left_running())
+        started = time.monotonic()
+        self.assertTrue(activity.wait_quiet(TIMEOUT))  # at once
+        self.assertLess(time.monotonic() - started, TIMEOUT / 2)
+        activity.finish()
+        self.assertFalse(activity.left_running())
+        activity.start()  # the thread's next request is waited for
+        self.assertFalse(activity.wait_quiet(0.01))
+        activity.finish()
+
+
+class LeftRunningTests(unittest.TestCase):
+    """A request that a test left running (a client that stopped reading, a
+    handler waiting for ever) holds up its own test's end, not every later one's."""
+
+    def test_later_tests_do_not_wait_for_it_and_its_error_says_where_it_came_from(self):
+        release = threading.Event()
+
+        class Stuck(custom.RequestHandler):
+            def do_GET(self):
+                release.wait(TIMEOUT)
+                raise RuntimeError("raised after its test ended")
+
+        layer = custom.Layer(Stuck, name="left_running")
+        layer.quiet_timeout = 0.3
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        self.addCleanup(release.set)
+        layer.testSetUp()  # the first test
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        activity = layer["httpd"].activity
+        deadline = time.monotonic() + 10
+        while not activity._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+
+        def end_of_test() -> float:
+            # Under a test runner the check is the running test's cleanup:
+            # here each of these tests ends within one test.
+            started = time.monotonic()
+            layer.check_after_test()
+            layer.testTearDown()
+            return time.monotonic() - started
+
+        self.assertGreaterEqual(end_of_test(), 0.3)  # its own test's end waited for it
+        for _ in range(3):  # the next tests' ends do not
+            layer.testSetUp()
+            self.assertLess(end_of_test(), 0.25)
+        layer.testSetUp()
+        release.set()
+        while activity._busy and time.monotonic() < deadline + 10:
+            time.sleep(0.001)
+        [error] = layer.server_errors.take()
+        self.assertIn("raised by a request that an earlier test left running", error)
+        self.assertIn("RuntimeError: raised after its test ended", error)
+        end_of_test()
 
 
 class AsgiWaitQuietTests(unittest.TestCase):
