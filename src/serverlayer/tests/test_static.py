@@ -262,6 +262,22 @@ class HandlerTests(unittest.TestCase):
         self.assertEqual((status, len(body)), (200, 1_000_000))
         self.assertEqual(sent.call_count, 1)
 
+    def test_a_file_that_shrinks_while_it_is_sent_ends_the_connection(self):
+        """The client learns at once that the answer is cut, instead of
+        waiting for the rest of what Content-Length announced."""
+        layer = set_up_by_hand(self, static.Layer(name="static_shrinking"))
+        path = os.path.join(layer["documentroot"], "shrinking.bin")
+        with open(path, "wb") as file:
+            file.write(b"x" * 64_000_000)
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as client:
+            client.sendall(b"GET /shrinking.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = client.recv(100_000)
+            os.truncate(path, 1_000_000)
+            while chunk := client.recv(1_000_000):  # TimeoutError if the server kept the connection
+                received += chunk
+        self.assertIn(b"Content-Length: 64000000", received)
+        self.assertLess(len(received), 64_000_000)
+
     def test_a_name_the_file_system_cannot_encode_is_not_found(self):
         layer = set_up_by_hand(self, static.Layer(name="static_surrogate"))
         self.assertTrue(raw_request(layer["http_host"], layer["http_port"],
