@@ -128,7 +128,11 @@ class Response:
         given = {name.lower() for name, _ in items}
         defaults = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
         items += [(name, value) for name, value in defaults if name.lower() not in given]
-        encoded = [(event if isinstance(event, Event) else Event(event)).encode() for event in events]
+        # A bare None is JSON's null, as the other values are JSON; Event(None) has no data.
+        encoded = [
+            (event if isinstance(event, Event) else Event("null" if event is None else event)).encode()
+            for event in events
+        ]
         return cls.stream(encoded, interval, status, items)
 
     def body_bytes(self) -> bytes:
@@ -173,15 +177,26 @@ class Event:
                 raise ConfigurationError(f"Event {name}={value!r}: a single line of text.")
         if self.id is not None and "\0" in self.id:
             raise ConfigurationError(f"Event id={self.id!r}: clients ignore an id with a NUL in it.")
-        if self.retry is not None and not (isinstance(self.retry, int) and self.retry >= 0):
+        if self.retry is not None and (
+            isinstance(self.retry, bool) or not isinstance(self.retry, int) or self.retry < 0
+        ):
             raise ConfigurationError(f"Event retry={self.retry!r}: milliseconds, a whole number 0 or more.")
+        if isinstance(self.data, (bytes, bytearray, memoryview)):
+            raise ConfigurationError(
+                f"Event data={bytes(self.data)[:40]!r}: events carry text; decode the bytes, or give a str."
+            )
+        if self.data is not None and not isinstance(self.data, str):
+            try:
+                json.dumps(self.data, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"Event data={self.data!r} is no JSON value ({exc}): give a str.") from None
 
     def encode(self) -> bytes:
         lines = [] if self.comment is None else [f": {self.comment}"]
         lines += [f"{name}: {value}" for name, value in
                   (("event", self.event), ("id", self.id), ("retry", self.retry)) if value is not None]
         if self.data is not None:
-            text = self.data if isinstance(self.data, str) else json.dumps(self.data)
+            text = self.data if isinstance(self.data, str) else json.dumps(self.data, allow_nan=False)
             lines += [f"data: {line}" for line in _LINE_BREAK.split(text)]
         return ("\n".join(lines) + "\n\n").encode("utf-8")
 
@@ -480,8 +495,7 @@ class Expectation(Route):
         super().__init__(*args, **kwargs)
         if at_least is not None:
             times = None
-        if times is None and at_least is None:
-            raise ConfigurationError("expect() needs times= or at_least=.")
+        matching.check_counts(times, at_least)
         self.times = times
         self.at_least = at_least
         self.ordered = ordered

@@ -10,6 +10,8 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from serverlayer.errors import ConfigurationError
+
 #: At most this many differences of one body are listed; then "and N more".
 SHOWN_DIFFERENCES = 5
 
@@ -88,3 +90,13 @@ def shown(value: Any, limit: int = 60) -> str:
     """``value``'s repr, cut to ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_counts(times: int | None, at_least: int | None) -> None:
+    """Refuse an expectation's count that no number of requests or messages
+    could meet (``times=-1``, ``times=1.5``), or that any would (``at_least=0``)."""
+    if times is None and at_least is None:
+        raise ConfigurationError("expect() needs times= or at_least=.")
+    for name, value, least in (("times", times, 0), ("at_least", at_least, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigurationError(f"expect({name}={value!r}): a count is a whole number, {least} or more.")

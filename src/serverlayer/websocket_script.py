@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from serverlayer.custom import HandlerServer, has_buffered_data
 from serverlayer.errors import ConfigurationError
-from serverlayer.matching import json_differences
+from serverlayer.matching import check_counts, json_differences
 from serverlayer.recording import RecordedRequest
 
 if TYPE_CHECKING:
@@ -248,8 +248,7 @@ class WebSocketScript:
         """
         if at_least is not None:
             times = None
-        if times is None and at_least is None:
-            raise ConfigurationError("expect() needs times= or at_least=.")
+        check_counts(times, at_least)
         rule = _MessageRule(match, Reply.of(replies, interval, close), times=times, at_least=at_least)
         with self._lock:
             self._expectations.append(rule)

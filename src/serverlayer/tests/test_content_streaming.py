@@ -155,10 +155,26 @@ class SSETests(unittest.TestCase):
             ({"id": "a\0"}, "Event id='a\\x00': clients ignore an id with a NUL in it."),
             ({"retry": -1}, "Event retry=-1: milliseconds, a whole number 0 or more."),
             ({"retry": 1.5}, "Event retry=1.5: milliseconds, a whole number 0 or more."),
+            ({"retry": True}, "Event retry=True: milliseconds, a whole number 0 or more."),
         ]:
             with self.subTest(fields=fields), self.assertRaises(ConfigurationError) as caught:
                 Event("data", **fields)
             self.assertEqual(str(caught.exception), message)
+
+    def test_data_that_is_no_text_nor_json_is_refused(self):
+        for data, message in [
+            (b"raw", "Event data=b'raw': events carry text; decode the bytes, or give a str."),
+            (float("nan"), "Event data=nan is no JSON value (Out of range float values are not JSON compliant"),
+            ({1, 2}, "Event data={1, 2} is no JSON value (Object of type set is not JSON serializable): give a str."),
+        ]:
+            with self.subTest(data=data), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/events").respond_sse([data])
+            self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
+
+    def test_none_in_the_list_is_json_null_and_an_event_of_none_has_no_data(self):
+        self.http_content.route("/events").respond_sse([None, Event(None, event="ping")])
+        _, lines = self.read_lines("/events")
+        self.assertEqual(lines, ["data: null", "", "event: ping", ""])
 
 
 class StreamConfigurationTests(unittest.TestCase):

@@ -656,6 +656,19 @@ class ConfigurationTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             self.script.expect("x", times=None)
 
+    def test_a_count_no_number_of_messages_could_meet_is_refused(self):
+        for counts, message in [
+            ({"times": -1}, "expect(times=-1): a count is a whole number, 0 or more."),
+            ({"times": 1.5}, "expect(times=1.5): a count is a whole number, 0 or more."),
+            ({"times": True}, "expect(times=True): a count is a whole number, 0 or more."),
+            ({"at_least": 0}, "expect(at_least=0): a count is a whole number, 1 or more."),
+            ({"at_least": -2}, "expect(at_least=-2): a count is a whole number, 1 or more."),
+        ]:
+            for expect in (self.script.expect, content.HTTPContent().expect):
+                with self.subTest(counts=counts, expect=expect), self.assertRaises(ConfigurationError) as caught:
+                    expect("/x", **counts)
+                self.assertEqual(str(caught.exception), message)
+
     def test_path_must_be_a_string_or_pattern(self):
         with self.assertRaises(ConfigurationError):
             content.HTTPContent().websocket(b"/feed")  # type: ignore[arg-type]
