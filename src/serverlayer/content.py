@@ -839,9 +839,6 @@ class ContentHandler(custom.RequestHandler):
         if self.command == "HEAD" or bodiless:
             self._send_head_with(b"")
             return
-        if not chunked and len(body) <= _JOINED_BODY_LIMIT:
-            self._send_head_with(body)  # one small write, which the socket's buffer takes
-            return
         server: custom.HandlerServer = self.server  # type: ignore[assignment]
         with server.writing(self.connection):  # a client that stops reading does not hold the worker
             if response.truncate is not None or not chunked:

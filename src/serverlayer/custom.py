@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import heapq
@@ -27,7 +26,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import plone.testing
@@ -353,6 +352,40 @@ class _Worker:
                 return
 
 
+def _takes_more(connection: socket.socket) -> bool:
+    """Whether ``connection``'s socket has room for more to send now: its
+    client reads what it is sent (a write blocks only while it has none)."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([], [connection], [], 0)[1])
+    poller = select.poll()
+    poller.register(connection, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+class _TestsWrite:
+    """``HandlerServer.writing``: a plain class, as it runs for every large
+    answer of a content layer (a generator-based context manager costs more)."""
+
+    __slots__ = ("server", "connection")
+
+    def __init__(self, server: HandlerServer, connection: socket.socket) -> None:
+        self.server = server
+        self.connection = connection
+
+    def __enter__(self) -> None:
+        with self.server._workers_lock:
+            self.server._writing.add(self.connection)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        server, connection = self.server, self.connection
+        with server._workers_lock:
+            server._writing.discard(connection)
+            cut = connection in server._cut
+            server._cut.discard(connection)
+        if cut and exc_type is None:
+            raise BrokenPipeError(errno.EPIPE, "the test ended while its answer was sent to a client not reading it")
+
+
 class HandlerServer(socketserver.BaseServer):
     """Serves connections with a request handler on worker threads.
 
@@ -418,6 +451,8 @@ class HandlerServer(socketserver.BaseServer):
         self._waiting = 0
         #: Connections a handler is writing a test's answer to (``writing``).
         self._writing: set[socket.socket] = set()
+        #: Those of them the end of the test cut.
+        self._cut: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         #: Every open connection.
         self._connections: dict[socket.socket, _Conversation] = {}
@@ -610,31 +645,32 @@ class HandlerServer(socketserver.BaseServer):
             return True
         return None if ready else False
 
-    @contextlib.contextmanager
-    def writing(self, connection: socket.socket) -> Iterator[None]:
-        """Mark writes to ``connection`` as the test's, to be cut short when it ends.
+    def writing(self, connection: socket.socket) -> _TestsWrite:
+        """Mark writes to ``connection`` as the test's, to be cut short when
+        it ends if the client is not reading them (``with server.writing(connection): ...``).
 
         A client that stops reading blocks a write, and no wait of the
         server's can end that: the worker would outlive its test. When the
         test ends (``end_waits``, and ``test_ended`` for writes begun since)
-        the server ends its side of such a connection, which ends the write
-        with ``BrokenPipeError``, as a client gone would.
+        the server ends its side of such a connection if its client leaves
+        what was sent unread (the socket takes no more), which ends the
+        write with ``BrokenPipeError``, as a client gone would. A write that
+        ended meanwhile raises it as it leaves the block, so that the
+        handler does not keep the connection for the next test.
         """
-        with self._workers_lock:
-            self._writing.add(connection)
-        try:
-            yield
-        finally:
-            with self._workers_lock:
-                self._writing.discard(connection)
+        return _TestsWrite(self, connection)
 
     def _cut_writes(self) -> None:
-        """End the writes under way (``writing``). Called with ``_workers_lock`` held."""
+        """End the writes under way (``writing``) whose client is not
+        reading. Called with ``_workers_lock`` held."""
         for connection in self._writing:
             try:
+                if _takes_more(connection):
+                    continue  # the client reads: the write ends by itself
                 connection.shutdown(socket.SHUT_WR)
-            except OSError:  # gone already
-                pass
+            except (OSError, ValueError):  # gone already
+                continue
+            self._cut.add(connection)
 
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers

@@ -27,7 +27,7 @@ import plone.testing
 from serverlayer.errors import ConfigurationError, LayerIdentityError, SetUpError
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog, pytest_test, running_test
-from serverlayer.server import Server, ServerThread, bind, format_address
+from serverlayer.server import Activity, Server, ServerThread, bind, format_address
 
 DEFAULT_HOST = "127.0.0.1"
 _Layer = TypeVar("_Layer", bound="ServerLayer")
@@ -326,6 +326,10 @@ class ServerLayer(plone.testing.Layer):
             # the layers' testTearDown.
             if self._running is not None:
                 self._running.server.test_ended(self.quiet_timeout)
+                # What still runs is the ended test's: later tests' ends do not wait for it.
+                activity: Activity | None = getattr(self._running.server, "activity", None)
+                if activity is not None:
+                    activity.give_up()
 
     # Helpers for subclasses and tests.
 

@@ -232,10 +232,10 @@ class Activity:
     that such an error is reported in the test that made the request and
     not in the next one.
 
-    A request still running when a wait for quiet gave up (a client that
-    stopped reading a download, a handler waiting for ever) is not waited
-    for again: each later test's end would wait as long, in vain. An error
-    it raises later says so (``left_running``).
+    A request still running when its test has ended (a client that stopped
+    reading a download, a handler waiting for ever) is given up on
+    (``give_up``) and not waited for again: each later test's end would
+    wait as long, in vain. An error it raises later says so (``left_running``).
     """
 
     def __init__(self) -> None:
@@ -262,17 +262,19 @@ class Activity:
                 self._changed.notify_all()
 
     def wait_quiet(self, timeout: float) -> bool:
-        """Wait until no request runs but those given up on; False if
-        ``timeout`` ran out first, and those still running are given up on."""
+        """Wait until no request runs but those given up on; False if ``timeout`` ran out first."""
         with self._lock:
             self._waiting += 1
             try:
-                if self._changed.wait_for(lambda: self._busy <= self._given_up, timeout):
-                    return True
-                self._given_up |= self._busy
-                return False
+                return self._changed.wait_for(lambda: self._busy <= self._given_up, timeout)
             finally:
                 self._waiting -= 1
+
+    def give_up(self) -> None:
+        """Wait no more for the requests running now: their test has ended,
+        and its end waited for them."""
+        with self._lock:
+            self._given_up |= self._busy
 
     def left_running(self) -> bool:
         """Whether this thread serves a request a wait for quiet gave up on."""
@@ -425,7 +427,7 @@ class _RememberingSocket(socket.socket):
             raise BlockingIOError(errno.EAGAIN, "no more connections this loop turn")
         try:
             connection, address = super().accept()
-        except BlockingIOError:
+        except OSError:  # none waiting, or the caller pauses (out of descriptors)
             self.in_a_row = 0
             raise
         self.in_a_row += 1

@@ -162,7 +162,9 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
                 sent = self.connection.sendfile(source.file, offset, count)
             else:
                 source.file.seek(offset)
-                sent = outputfile.write(source.file.read(count)) or 0
+                data = source.file.read(count)
+                outputfile.write(data)
+                sent = len(data)
             if sent < count:
                 # The file shrank while it was sent (a test truncated or
                 # rewrote it): the answer is shorter than it said, and the

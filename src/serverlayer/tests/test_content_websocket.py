@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import ClientConnection, connect
 
-from serverlayer import ConfigurationError, ExpectationError, ServerSideError, content
+from serverlayer import ConfigurationError, ExpectationError, ServerSideError, content, custom
 from serverlayer.matching import json_differences
 from serverlayer.tests.helpers import set_up_by_hand, thread_names
 from serverlayer.websocket_script import message_differences
@@ -586,13 +586,18 @@ class ClientsThatDoNotAnswerTests(unittest.TestCase):
 
     def assert_the_test_end_frees_the_worker(self, before: list[str]) -> None:
         """``before``: the threads before the client connected."""
+        httpd = self.layer["httpd"]
         deadline = time.monotonic() + 10
-        while thread_names() == before and time.monotonic() < deadline:
-            time.sleep(0.01)  # until a worker serves the client, which reads nothing
+        while time.monotonic() < deadline:  # until a worker is stuck writing to the client, which reads nothing
+            with httpd._workers_lock:
+                if any(not custom._takes_more(connection) for connection in httpd._writing):
+                    break
+            time.sleep(0.01)
         self.assertNotEqual(thread_names(), before)
         started = time.monotonic()
-        self.layer.testTearDown()
+        self.layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
         self.assertLess(time.monotonic() - started, 0.9)  # not the test end's 1 s wait for quiet
+        self.layer.testTearDown()
         self.assertEqual(sorted(set(thread_names()) - set(before)), [])
         self.layer.testSetUp()  # for the cleanup's testTearDown
 
@@ -602,6 +607,27 @@ class ClientsThatDoNotAnswerTests(unittest.TestCase):
         raw = raw_websocket(self.layer, "/feed")
         self.addCleanup(raw.close)
         self.assert_the_test_end_frees_the_worker(before)
+
+    def test_a_write_the_test_end_cut_as_it_ended_raises_so_that_the_connection_is_not_kept(self):
+        """A write may end just after the end of the test cut its
+        connection: its handler must not keep the connection (half shut)
+        for the next test's requests, which it would read and not answer."""
+        httpd = self.layer["httpd"]
+        stalled, stalled_client = socket.socketpair()
+        reading, reading_client = socket.socketpair()
+        for sock in (stalled, stalled_client, reading, reading_client):
+            self.addCleanup(sock.close)
+        stalled.setblocking(False)
+        self.addCleanup(httpd.allow_waits)
+        with self.assertRaises(BrokenPipeError), httpd.writing(stalled):
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(10_000):  # its client reads nothing: until the socket takes no more
+                    stalled.send(b"x" * 65536)
+            httpd.end_waits(1)  # the test ends as the write ends
+        with httpd.writing(reading):
+            reading.sendall(b"x")
+            httpd.end_waits(1)  # its client reads: the write ends by itself, uncut
+        self.assertEqual(reading_client.recv(1), b"x")
 
     def test_a_stream_to_a_client_that_reads_nothing_ends_with_the_test(self):
         self.http_content.route("/big").respond_stream([b"x" * 1_000_000] * 20)

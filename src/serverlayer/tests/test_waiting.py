@@ -68,11 +68,13 @@ class ActivityWaitTests(unittest.TestCase):
         activity.finish()
         self.assertTrue(activity.wait_quiet(0.01))
 
-
-    def test_a_request_a_wait_gave_up_on_is_not_waited_for_again(self):
+    def test_a_request_given_up_on_is_not_waited_for_again(self):
         activity = Activity()
         activity.start()  # this thread's request, left running
         self.assertFalse(activity.wait_quiet(0.01))
+        self.assertFalse(activity.left_running())  # a wait alone gives up on nothing: a mid-test check
+        self.assertFalse(activity.wait_quiet(0.01))
+        activity.give_up()  # its test has ended
         self.assertTrue(activity.left_running())
         started = time.monotonic()
         self.assertTrue(activity.wait_quiet(TIMEOUT))  # at once
@@ -110,7 +112,6 @@ class LeftRunningTests(unittest.TestCase):
         while not activity._busy and time.monotonic() < deadline:
             time.sleep(0.001)
 
-
         def end_of_test() -> float:
             # Under a test runner the check is the running test's cleanup:
             # here each of these tests ends within one test.
@@ -119,7 +120,8 @@ class LeftRunningTests(unittest.TestCase):
             layer.testTearDown()
             return time.monotonic() - started
 
-        self.assertGreaterEqual(end_of_test(), 0.3)  # its own test's end waited for it
+        layer.check_server_errors()  # a check mid-test waits for it in vain ...
+        self.assertGreaterEqual(end_of_test(), 0.3)  # ... and its own test's end waits for it still
         for _ in range(3):  # the next tests' ends do not
             layer.testSetUp()
             self.assertLess(end_of_test(), 0.25)
