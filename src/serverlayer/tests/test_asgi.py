@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from websockets.sync.client import connect as _connect
 from serverlayer import ConfigurationError, ServerSideError, SetUpError, asgi
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog
-from serverlayer.server import PlainAccepting, ServerThread, remembering
+from serverlayer.server import PlainAccepting, ServerThread, _first_read, remembering
 from serverlayer.tests.helpers import (
     open_descriptors,
     set_up_by_hand,
@@ -1022,32 +1021,32 @@ class PlainAcceptingTests(unittest.TestCase):
         self.addCleanup(stop)
         return loop, listening.getsockname(), transports
 
-    @unittest.skipIf(sys.version_info < (3, 11), "asyncio 3.10 reads a transport paused in connection_made itself")
-
-    def test_a_protocol_that_pauses_reading_as_it_is_made_is_not_read(self):
+    def test_the_first_read_skips_a_transport_its_protocol_paused_as_it_was_made(self):
         received: list[bytes] = []
-        made = asyncio.Event()
 
         class Pausing(asyncio.Protocol):
             def connection_made(self, transport):
                 transport.pause_reading()
-                self.transport = transport
-                made.set()
 
             def data_received(self, data):
                 received.append(data)
 
-        loop, address, transports = self.serve(Pausing)
-        with socket.create_connection(address, timeout=5) as client:
-            client.sendall(b"sent with the connection")
-
-            async def until_made_and_a_turn_later():
-                await made.wait()
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
-
-            loop.run_until_complete(asyncio.wait_for(until_made_and_a_turn_later(), 5))
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        served, client = socket.socketpair()
+        self.addCleanup(client.close)
+        served.setblocking(False)
+        client.sendall(b"sent with the connection")
+        transport = loop._make_socket_transport(served, Pausing())  # as PlainAccepting makes it
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # one turn: connection_made, and asyncio's start of reading
+        try:
+            _first_read(transport)
             self.assertEqual(received, [])
+        finally:
+            transport.abort()
+            loop.call_soon(loop.stop)
+            loop.run_forever()  # connection_lost
 
     def test_a_protocol_that_closes_as_it_is_made_is_not_read(self):
         errors: list[dict] = []
