@@ -363,8 +363,8 @@ def _takes_more(connection: socket.socket) -> bool:
 
 
 class _TestsWrite:
-    """``HandlerServer.writing``: a plain class, as it runs for every large
-    answer of a content layer (a generator-based context manager costs more)."""
+    """``HandlerServer.writing``: a plain class, as it runs for every answer
+    of a content layer (a generator-based context manager costs more)."""
 
     __slots__ = ("server", "connection")
 
