@@ -373,15 +373,17 @@ class _TestsWrite:
         self.connection = connection
 
     def __enter__(self) -> None:
-        with self.server._workers_lock:
-            self.server._writing.add(self.connection)
+        server = self.server
+        with server._writing_lock:
+            server._writing.add(self.connection)
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         server, connection = self.server, self.connection
-        with server._workers_lock:
+        with server._writing_lock:
             server._writing.discard(connection)
             cut = connection in server._cut
-            server._cut.discard(connection)
+            if cut:
+                server._cut.discard(connection)
         if cut and exc_type is None:
             raise BrokenPipeError(errno.EPIPE, "the test ended while its answer was sent to a client not reading it")
 
@@ -449,9 +451,12 @@ class HandlerServer(socketserver.BaseServer):
         #: Set from ``end_waits`` until ``test_ended``: no worker waits.
         self._test_ending = False
         self._waiting = 0
-        #: Connections a handler is writing a test's answer to (``writing``).
+        #: Connections a handler is writing a test's answer to (``writing``),
+        #: and those of them the end of the test cut. A lock of their own,
+        #: taken twice for every answer of a content layer: a plain Lock is
+        #: entered without running Python code, the Condition above is not.
+        self._writing_lock = threading.Lock()
         self._writing: set[socket.socket] = set()
-        #: Those of them the end of the test cut.
         self._cut: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         #: Every open connection.
@@ -661,16 +666,16 @@ class HandlerServer(socketserver.BaseServer):
         return _TestsWrite(self, connection)
 
     def _cut_writes(self) -> None:
-        """End the writes under way (``writing``) whose client is not
-        reading. Called with ``_workers_lock`` held."""
-        for connection in self._writing:
-            try:
-                if _takes_more(connection):
-                    continue  # the client reads: the write ends by itself
-                connection.shutdown(socket.SHUT_WR)
-            except (OSError, ValueError):  # gone already
-                continue
-            self._cut.add(connection)
+        """End the writes under way (``writing``) whose client is not reading."""
+        with self._writing_lock:
+            for connection in self._writing:
+                try:
+                    if _takes_more(connection):
+                        continue  # the client reads: the write ends by itself
+                    connection.shutdown(socket.SHUT_WR)
+                except (OSError, ValueError):  # gone already
+                    continue
+                self._cut.add(connection)
 
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers

@@ -589,7 +589,7 @@ class ClientsThatDoNotAnswerTests(unittest.TestCase):
         httpd = self.layer["httpd"]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # until a worker is stuck writing to the client, which reads nothing
-            with httpd._workers_lock:
+            with httpd._writing_lock:
                 if any(not custom._takes_more(connection) for connection in httpd._writing):
                     break
             time.sleep(0.01)
