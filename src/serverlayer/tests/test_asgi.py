@@ -1004,10 +1004,11 @@ class AcceptingTests(unittest.TestCase):
 class PlainAcceptingTests(unittest.TestCase):
     """serverlayer.server.PlainAccepting with protocols other than uvicorn's."""
 
-    def serve(self, protocol_factory):
+    def serve(self, protocol_factory, backlog: int = 100):
+        """Accept on a listening socket as the layers make it (``remembering``)."""
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
-        listening = socket.create_server(("127.0.0.1", 0))
+        listening = remembering(socket.create_server(("127.0.0.1", 0), backlog=backlog))
         self.addCleanup(listening.close)
         transports: set[asyncio.Transport] = set()
         accepting = PlainAccepting(loop, listening, protocol_factory, transports)
@@ -1019,7 +1020,7 @@ class PlainAcceptingTests(unittest.TestCase):
             loop.run_until_complete(asyncio.sleep(0))  # their connection_lost
 
         self.addCleanup(stop)
-        return loop, listening.getsockname(), transports
+        return loop, accepting, transports
 
     def test_the_first_read_skips_a_transport_its_protocol_paused_as_it_was_made(self):
         received: list[bytes] = []
@@ -1060,7 +1061,8 @@ class PlainAcceptingTests(unittest.TestCase):
             def connection_lost(self, exc):
                 closed.set()
 
-        loop, address, transports = self.serve(Closing)
+        loop, accepting, transports = self.serve(Closing)
+        address = accepting.sock.getsockname()
         loop.set_exception_handler(lambda loop, context: errors.append(context))
         with socket.create_connection(address, timeout=5) as client:
             client.sendall(b"sent with the connection")
@@ -1078,13 +1080,8 @@ class PlainAcceptingTests(unittest.TestCase):
             made.append(asyncio.Protocol())
             return made[-1]
 
-        loop = asyncio.new_event_loop()
-        self.addCleanup(loop.close)
-        listening = remembering(socket.create_server(("127.0.0.1", 0), backlog=200))
-        self.addCleanup(listening.close)
-        transports: set[asyncio.Transport] = set()
-        accepting = PlainAccepting(loop, listening, protocol, transports)
-        self.addCleanup(accepting.close)
+        _, accepting, _ = self.serve(protocol, backlog=200)
+        listening = accepting.sock
         clients = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(150)]
         try:
             accepting._accept()  # what the loop calls when the socket is readable
@@ -1098,9 +1095,6 @@ class PlainAcceptingTests(unittest.TestCase):
         finally:
             for client in clients:
                 client.close()
-            for transport in transports:
-                transport.abort()
-            loop.run_until_complete(asyncio.sleep(0))
 
     def test_a_listening_socket_says_none_waits_after_a_hundred_in_a_row_or_once_stopping(self):
         """What bounds asyncio's create_server (the smtp layer, the TLS
