@@ -1422,6 +1422,99 @@ class NoDelayTests(unittest.TestCase):
                     self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
 
 
+#: Released by a test once its client has the head of ``/held``'s answer.
+HEAD_SEEN = threading.Event()
+LARGE_BODY = bytes(range(256)) * 4 * 4096  # 4 MiB
+
+
+async def answers_in_parts(scope, receive, send):
+    """A head, then the body: at once; on ``/held`` once the test saw the
+    head; on ``/large`` in 1 KiB parts that await nothing else."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/large":
+        length = str(len(LARGE_BODY)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]})
+        for start in range(0, len(LARGE_BODY), 1024):
+            await send({"type": "http.response.body", "body": LARGE_BODY[start:start + 1024], "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    if scope["path"] == "/held":
+        await asyncio.to_thread(HEAD_SEEN.wait, 5)
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+class OneSendAnswerTests(unittest.TestCase):
+    """What an answer writes in one loop turn goes to its connection in one
+    write: a small answer's head and body in one segment (and one TLS
+    record), where uvicorn writes each on its own."""
+
+    def serve(self, tls: bool) -> asgi.Layer:
+        return set_up_by_hand(self, asgi.Layer(answers_in_parts, name=f"asgi_one_send_{tls}", tls=tls))
+
+    def connect(self, layer: asgi.Layer, timeout: float = 5) -> http.client.HTTPConnection:
+        address = (layer["http_host"], layer["http_port"])
+        connection: http.client.HTTPConnection
+        if "ssl_context" in layer:
+            connection = http.client.HTTPSConnection(*address, timeout=timeout, context=layer["ssl_context"])
+        else:
+            connection = http.client.HTTPConnection(*address, timeout=timeout)
+        self.addCleanup(connection.close)
+        return connection
+
+    def get(self, connection: http.client.HTTPConnection, path: str) -> bytes:
+        connection.request("GET", path)
+        with connection.getresponse() as response:
+            self.assertEqual(response.status, 200)
+            return response.read()
+
+    def writes_of_the_connection(self, layer: asgi.Layer) -> list[bytes]:
+        """What the server writes to its one connection's transport from now on."""
+        [transport] = layer["httpd"].transports
+        writes: list[bytes] = []
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        transport.write = counted  # the instance's, for this connection only
+        return writes
+
+    def test_a_small_answer_is_one_write(self):
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                layer = self.serve(tls)
+                connection = self.connect(layer)
+                self.get(connection, "/first")  # the connection is open, and its transport known
+                writes = self.writes_of_the_connection(layer)
+                self.assertEqual(self.get(connection, "/second"), b"hello")
+                self.assertEqual(len(writes), 1, writes)
+                self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes)
+                self.assertTrue(writes[0].endswith(b"\r\n\r\nhello"), writes)
+
+    def test_a_head_whose_body_waits_goes_at_once(self):
+        HEAD_SEEN.clear()
+        self.addCleanup(HEAD_SEEN.set)
+        connection = self.connect(self.serve(False), timeout=2)  # the application waits for up to 5 s
+        connection.request("GET", "/held")
+        with connection.getresponse() as response:  # the head alone: the body waits for it
+            HEAD_SEEN.set()
+            self.assertEqual(response.read(), b"hello")
+
+    def test_a_large_answer_in_small_parts_is_written_as_it_is_made(self):
+        layer = self.serve(False)
+        connection = self.connect(layer)
+        self.get(connection, "/first")
+        writes = self.writes_of_the_connection(layer)
+        self.assertEqual(self.get(connection, "/large"), LARGE_BODY)
+        # Gathered up to GATHER_LIMIT, not held whole: the transport's flow
+        # control sees it as it is made.
+        self.assertGreater(len(writes), len(LARGE_BODY) // asgi.GATHER_LIMIT - 1)
+        self.assertLessEqual(max(len(write) for write in writes), asgi.GATHER_LIMIT + 1024)
+
+
 class LeavingClientTests(unittest.TestCase):
     """What asyncio's transports meet with clients stays out of the test
     run's output: a client that leaves while the application still sends
