@@ -376,6 +376,7 @@ class _Connection(SMTP):  # type: ignore[misc]
 
     def _start_message(self) -> None:
         self._receiving_message = True
+        self._crlf_lines = CRLFLines()
         if not self.arrangements.active:
             return
         sender = self.envelope.mail_from if self.envelope is not None else ""
@@ -419,20 +420,60 @@ class CRLFLines:
     """Makes a message's bare LF line ends CRLF, packet by packet, as
     mainstream MTAs read them. aiosmtpd reads a message's lines up to CRLF
     only, so a message sent with bare LFs (``sendmail(..., msg.as_bytes())``)
-    is a single line to it, refused as too long above 1000 bytes."""
+    is a single line to it, refused as too long above 1000 bytes.
+
+    Only CRLF.CRLF ends a message (RFC 5321 section 4.1.1.4). A line of a
+    lone dot with a bare LF on either side (curl dot-stuffs only lines that
+    follow CRLF) would end it once its LFs were made CRLF, cutting the
+    message there and running the rest as commands (SMTP smuggling): it
+    goes on dot-stuffed, and the message keeps it. A packet ending in what
+    may be such a line waits for the next.
+    """
 
     def __init__(self) -> None:
+        #: The last packet ended with CR, which an LF opening the next one ends.
         self._ended_in_cr = False
+        #: The last packet ended with a whole line (as the message starts).
+        self._at_line_start = True
+        #: The last whole line ended with a bare LF.
+        self._after_bare_lf = False
+        #: The start of a line that may be a lone dot, waiting for its end.
+        self._held = b""
 
     def __call__(self, data: bytes) -> bytes:
-        if data.count(b"\n") == data.count(b"\r\n"):
-            self._ended_in_cr = data.endswith(b"\r") or (self._ended_in_cr and not data)
+        if not data:
+            return data
+        if (
+            not self._held
+            and not self._after_bare_lf
+            and data.count(b"\n") == data.count(b"\r\n")
+            and not data.endswith((b".", b".\r"))
+        ):
+            self._ended_in_cr = data.endswith(b"\r")
+            self._at_line_start = data.endswith(b"\n")
             return data  # CRLF throughout, as SMTP has it: nothing to do
-        fixed = _BARE_LF.sub(b"\r\n", data)
-        if data.startswith(b"\n") and self._ended_in_cr:
-            fixed = fixed[1:]  # that LF ends the CR that ended the previous packet
-        self._ended_in_cr = data.endswith(b"\r")  # data has a LF: it is not empty
-        return fixed
+        at_line_start = self._at_line_start or bool(self._held)
+        lines = (self._held + data).split(b"\n")
+        self._held = b""
+        partial = lines.pop()
+        fixed = []
+        for line in lines:
+            if self._ended_in_cr and not line and not fixed:
+                fixed.append(b"\n")  # it ends the CR that ended the previous packet
+                self._ended_in_cr = self._after_bare_lf = False
+                continue
+            bare = not line.endswith(b"\r")
+            content = line if bare else line[:-1]
+            if content == b"." and (bare or self._after_bare_lf):
+                content = b".."
+            fixed.append(content + b"\r\n")
+            self._after_bare_lf = bare
+        if partial in (b".", b".\r") and (lines or at_line_start):
+            self._held, partial = partial, b""
+        fixed.append(partial)
+        self._ended_in_cr = partial.endswith(b"\r")
+        self._at_line_start = not partial
+        return b"".join(fixed)
 
 
 class _LMTPConnection(_Connection, LMTP):  # type: ignore[misc]

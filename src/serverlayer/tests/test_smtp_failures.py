@@ -5,9 +5,13 @@ gaps real clients found (bare LF lines, PIPELINING, DSN)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import smtplib
 import socket
+import subprocess
+import tempfile
 import time
 import unittest
 import unittest.mock
@@ -455,9 +459,55 @@ class ProtocolGapTests(FailureTestCase):
             say(b"RCPT TO:<bob@example.org>\r\n")
             self.assertTrue(say(b"DATA\r\n").startswith(b"354"))
             raw.sendall(b"Subject: pieces\r")
-            self.assertTrue(say(b"\nX-Mixed: yes\n\nbody\r\nmore\n.\n").startswith(b"250"))
+            raw.sendall(b"\nX-Mixed: yes\n\nbody\r\nmore\n.\nstill the body\n")
+            self.assertTrue(say(b"\r\n.\r\n").startswith(b"250"))  # only CRLF.CRLF ends it
         [received] = self.outbox
-        self.assertEqual(received.raw, b"Subject: pieces\r\nX-Mixed: yes\r\n\r\nbody\r\nmore\r\n")
+        self.assertEqual(
+            received.raw, b"Subject: pieces\r\nX-Mixed: yes\r\n\r\nbody\r\nmore\r\n.\r\nstill the body\r\n\r\n"
+        )
+
+    def test_a_lone_dot_next_to_a_bare_lf_does_not_end_the_message(self):
+        # curl dot-stuffs only lines that follow CRLF; such a dot line, its
+        # LFs made CRLF, would end the message there, and the rest would be
+        # read as commands (SMTP smuggling).
+        body = b"Subject: dots\n\nbefore\n.\nafter the dot line\nMAIL FROM:<smuggled@example.org>\n"
+        path = os.path.join(tempfile.mkdtemp(), "message.eml")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        with open(path, "wb") as file:
+            file.write(body)
+        completed = subprocess.run(
+            ["curl", "--silent", "--show-error", f"smtp://{self.layer['smtp_host']}:{self.layer['smtp_port']}",
+             "--mail-from", "shop@example.org", "--mail-rcpt", "bob@example.org", "--upload-file", path],
+            capture_output=True, timeout=30,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stderr)
+        [received] = self.outbox
+        self.assertEqual(  # curl ends a body that does not end in CRLF with one: an empty last line
+            received.raw,
+            b"Subject: dots\r\n\r\nbefore\r\n.\r\nafter the dot line\r\nMAIL FROM:<smuggled@example.org>\r\n\r\n",
+        )
+        [transcript] = self.smtpd.transcripts
+        self.assertEqual(transcript.refusals, [])
+        self.assertEqual(len([c for c in transcript.commands if c.startswith("MAIL")]), 1, transcript)
+
+    def test_lone_dot_lines_across_packet_boundaries(self):
+        # Whatever the packets, the same lines; a lone dot next to a bare LF
+        # goes on dot-stuffed (aiosmtpd takes the stuffing off again).
+        for stream, expected in [
+            (b"a\n.\nb\r\n.\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r\n.\nb\r\n.\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\n.\r\nb\r\n.\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b".\nfirst\r\n.\r\n", b"..\r\nfirst\r\n.\r\n"),
+            (b"a\r\nb\r\n.\r\n", b"a\r\nb\r\n.\r\n"),  # the end of a message, untouched
+            (b"a\nb\n\r\n.\r\n", b"a\r\nb\r\n\r\n.\r\n"),
+            (b"a.\r\n.b\n..\n", b"a.\r\n.b\r\n..\r\n"),  # no lone dots: only line ends change
+        ]:
+            for first in range(len(stream) + 1):
+                for second in range(first, len(stream) + 1):
+                    packets = [stream[:first], stream[first:second], stream[second:]]
+                    with self.subTest(packets=packets):
+                        fix = smtp.CRLFLines()
+                        self.assertEqual(b"".join(fix(packet) for packet in packets), expected)
 
     def test_line_ends_across_packet_boundaries(self):
         for packets, expected in [
