@@ -45,6 +45,8 @@ from serverlayer.smtp_failures import (
     Transcript,
     command_subject,
     failing_reply,
+    reply,
+    unbracketed,
 )
 
 #: aiosmtpd's default; a message above it is refused with 552.
@@ -166,6 +168,8 @@ class _Handler:
         self.arrangements = arrangements
         self.refused_recipients: set[str] = set()
         self.data_reply: str | None = None
+        #: Counts the tests: a message belongs to the one during which its DATA began.
+        self.test = 0
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -201,10 +205,11 @@ class _Handler:
             arrangement = server.take("message", envelope.mail_from or "", cuts=False)
             arranged = None if arrangement is None else await server.act_on(arrangement)
             if arranged is not None:
-                return server.arranged(arranged)
+                assert arrangement is not None
+                return server.arranged(arranged, split=arrangement.split)
         if self.data_reply is not None:
             return server.arranged(self.data_reply)
-        self._store(Arrival.from_envelope(envelope, session))
+        self._store(Arrival.from_envelope(envelope, session), server.message_test)
         return "250 OK: message accepted"
 
     async def _deliver_per_recipient(self, server: Any, session: Session, envelope: Envelope) -> str:
@@ -214,20 +219,26 @@ class _Handler:
         for recipient in envelope.rcpt_tos:
             arrangement = server.take("message", recipient, cuts=False)
             arranged = None if arrangement is None else await server.act_on(arrangement)
-            reply = arranged if arranged is not None else self.data_reply
-            if reply is not None:
-                replies.append(server.arranged(reply))
+            refusal = arranged if arranged is not None else self.data_reply
+            if refusal is not None:
+                replies.append(server.arranged(refusal, split=None if arrangement is None else arrangement.split))
             else:
                 delivered.append(recipient)
                 replies.append(f"250 2.1.5 <{recipient}> delivered")
         if delivered:
-            self._store(dataclasses.replace(Arrival.from_envelope(envelope, session), rcpt_tos=tuple(delivered)))
+            self._store(
+                dataclasses.replace(Arrival.from_envelope(envelope, session), rcpt_tos=tuple(delivered)),
+                server.message_test,
+            )
         return "\r\n".join(replies)
 
-    def _store(self, arrival: Arrival) -> None:
+    def _store(self, arrival: Arrival, test: int) -> None:
         if self.maildir is not None:
             self.maildir.add(arrival.raw)
-        self.outbox.append(arrival)
+        # A message whose reply an arranged delay held past the end of its
+        # test is no message of the next one, whose outbox starts empty.
+        if test == self.test:
+            self.outbox.append(arrival)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd hands a client's failed STARTTLS handshake (a client
@@ -264,8 +275,14 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._crlf_lines = CRLFLines()
         #: Replies a handler hook made as the test arranged, still to be sent.
         self._arranged_replies: list[str] = []
+        #: How the next of them is to be split (``fail(..., split=)``).
+        self._arranged_split: float | None = None
+        #: The test (``_Handler.test``) during which the message being received began.
+        self.message_test = 0
         #: Bytes of the body still to take before an arranged cut.
         self._cut_after: int | None = None
+        #: The arrangement that cuts the message being received, and whom it looks at.
+        self._cut: tuple[Arrangement, str] | None = None
         # aiosmtpd dispatches every command through this table (HELP reads
         # it too). Wrapping its entries lets an arranged failure replace a
         # command's reply, and records each command, without re-writing any.
@@ -323,19 +340,36 @@ class _Connection(SMTP):  # type: ignore[misc]
         if arrangement.delay:
             await asyncio.sleep(arrangement.delay)
         if arrangement.drop:
-            self.transcript.closed()
-            if self.transport is not None:
-                self.transport.close()
-            # Closing makes aiosmtpd cancel this conversation's task (in
-            # connection_lost), which ends this wait: nothing follows.
-            await asyncio.get_running_loop().create_future()
+            await self.drop_connection()
         return arrangement.reply
 
-    def arranged(self, reply: str) -> str:
+    def arranged(self, reply: str, *, split: float | None = None) -> str:
         """``reply``, which a handler hook returns for aiosmtpd to send, as
-        one the test arranged: no refusal to report."""
+        one the test arranged: no refusal to report; sent in two writes
+        ``split`` seconds apart, if given."""
         self._arranged_replies.append(reply)
+        if split is not None:
+            self._arranged_split = split
         return reply
+
+    async def drop_connection(self) -> None:
+        """Close the connection without a reply; never returns."""
+        self.transcript.closed()
+        if self.transport is not None:
+            self.transport.close()
+        # Closing makes aiosmtpd cancel this conversation's task (in
+        # connection_lost), which ends this wait: nothing follows.
+        await asyncio.get_running_loop().create_future()
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # Upstream (aiosmtpd 1.4) answers a second STARTTLS with 220 and
+        # starts TLS inside TLS, which fails in asyncio's internals (a
+        # TypeError or AttributeError that would fail the test as the
+        # server's). RFC 3207: no STARTTLS once TLS is active.
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def push(self, status: str | bytes, *, split: float | None = None, arranged: bool = False) -> None:
         """Send a reply, recording it; ``split`` sends it in two writes, that
@@ -360,12 +394,18 @@ class _Connection(SMTP):  # type: ignore[misc]
         for each in line.split("\r\n"):  # LMTP answers a message with a line per recipient
             self.transcript.server(each, arranged=arranged or each in self._arranged_replies)
         self._arranged_replies.clear()
+        if split is None:
+            split, self._arranged_split = self._arranged_split, None
         if line.startswith("354"):
             self._start_message()
         if split is not None:
             await self._send_split(line, split)
         else:
             await super().push(status)
+        if line.startswith("421") and self.transport is not None:
+            # 421: the server is closing the channel (RFC 5321 section 3.8).
+            self.transcript.closed()
+            self.transport.close()
 
     async def _send_split(self, line: str, pause: float) -> None:
         middle = len(line) // 2
@@ -377,25 +417,30 @@ class _Connection(SMTP):  # type: ignore[misc]
     def _start_message(self) -> None:
         self._receiving_message = True
         self._crlf_lines = CRLFLines()
+        self.message_test = self.event_handler.test
         if not self.arrangements.active:
             return
-        sender = self.envelope.mail_from if self.envelope is not None else ""
-        cut = self.take("message", sender or "", cuts=True)
+        sender = (self.envelope.mail_from if self.envelope is not None else "") or ""
+        # Counted as used once it cuts: a body shorter than its bytes is not cut.
+        cut = self.arrangements.take("message", sender, connection=id(self.transcript), cuts=True, count=False)
+        self._cut = None if cut is None else (cut, sender)
         self._cut_after = None if cut is None else cut.after_bytes
 
     def _set_post_data_state(self) -> None:
         # aiosmtpd calls this when a message's DATA ends, however it ends.
         self._receiving_message = False
-        self._cut_after = None
+        self._cut_after = self._cut = None
         super()._set_post_data_state()
 
     def data_received(self, data: bytes) -> None:
         if self._receiving_message:
-            if self._cut_after is not None:
-                if len(data) >= self._cut_after:
-                    data, self._cut_after = data[: self._cut_after], 0
-                else:
+            if self._cut_after is not None and self._cut is not None:
+                if len(data) < self._cut_after:
                     self._cut_after -= len(data)
+                elif self.arrangements.claim(*self._cut, connection=id(self.transcript)):
+                    data, self._cut_after = data[: self._cut_after], 0
+                else:  # it no longer applies: another connection used it up, or the test ended
+                    self._cut_after = self._cut = None
             data = self._crlf_lines(data)
         super().data_received(data)
         if self._cut_after == 0 and self.transport is not None:
@@ -456,7 +501,7 @@ class CRLFLines:
         lines = (self._held + data).split(b"\n")
         self._held = b""
         partial = lines.pop()
-        fixed = []
+        fixed: list[bytes] = []
         for line in lines:
             if self._ended_in_cr and not line and not fixed:
                 fixed.append(b"\n")  # it ends the CR that ended the previous packet
@@ -479,6 +524,15 @@ class CRLFLines:
 class _LMTPConnection(_Connection, LMTP):  # type: ignore[misc]
     """The same, speaking LMTP: LHLO instead of EHLO and HELO, and a reply
     per recipient to each message."""
+
+    async def push(self, status: str | bytes, *, split: float | None = None, arranged: bool = False) -> None:
+        # aiosmtpd refuses a message too large or with too long a line with
+        # one reply, whatever the recipients; an LMTP client waits for one
+        # per recipient (RFC 2033 section 4.2), and would wait for ever.
+        recipients = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
+        if self._receiving_message and recipients > 1 and isinstance(status, str) and "\r\n" not in status:
+            status = "\r\n".join([status] * recipients)
+        await super().push(status, split=split, arranged=arranged)
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -545,7 +599,7 @@ class SMTPServer(AsyncioServer):
     def refuse_recipients(self, *addresses: str) -> None:
         """Answer RCPT for these addresses with 550, as a server that does
         not know them would."""
-        self.handler.refused_recipients.update(address.lower() for address in addresses)
+        self.handler.refused_recipients.update(unbracketed(address).lower() for address in addresses)
 
     def fail_data(self, code: int = 451, text: str | None = None) -> None:
         """Answer every DATA with ``code`` (451: try later, 554: refused)
@@ -553,7 +607,7 @@ class SMTPServer(AsyncioServer):
         if not 400 <= code <= 599:
             raise ConfigurationError(f"fail_data({code}): use an SMTP error code from 400 to 599, such as 451 or 554.")
         default_text = "4.3.0 Temporary failure, try again later" if code < 500 else "5.3.0 Message refused"
-        self.handler.data_reply = f"{code} {text or default_text}"
+        self.handler.data_reply = reply(code, text or default_text)
 
     def fail(
         self,
@@ -613,6 +667,7 @@ class SMTPServer(AsyncioServer):
         arranged, and start new transcripts."""
         self.handler.refused_recipients.clear()
         self.handler.data_reply = None
+        self.handler.test += 1
         self.arrangements.clear()
         self.transcripts.clear()
 

@@ -50,6 +50,8 @@ from typing import Any
 from serverlayer.errors import ConfigurationError
 
 STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "message", "quit")
+#: The stages whose command has nothing for ``match`` to look at.
+UNMATCHED_STAGES = ("connect", "data", "quit")
 #: The commands of each stage.
 COMMAND_STAGES = {"EHLO": "helo", "HELO": "helo", "LHLO": "helo", "AUTH": "auth", "MAIL": "mail", "RCPT": "rcpt",
                   "DATA": "data", "QUIT": "quit"}
@@ -142,49 +144,91 @@ class Arrangements:
                     f"{setting}={value!r} must be a whole number of at least 1, or None for the rest of the test."
                 )
         for setting, seconds in (("delay", arrangement.delay), ("split", arrangement.split)):
-            if seconds is not None and not seconds >= 0:
-                raise ConfigurationError(f"{setting}={seconds!r} must be a number of seconds, 0 or more.")
+            if (seconds is None and setting == "split") or (
+                isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0
+            ):
+                continue
+            raise ConfigurationError(f"{setting}={seconds!r} must be a number of seconds, 0 or more.")
         if arrangement.after_bytes is not None and arrangement.stage != "message":
             raise ConfigurationError(
                 f"after_bytes= cuts a message's body, so it belongs to the 'message' stage, not {arrangement.stage!r}."
             )
-        if arrangement.match is not None and not isinstance(arrangement.match, (str, re.Pattern)) \
-                and not callable(arrangement.match):
+        match = arrangement.match
+        if match is not None and not isinstance(match, (str, re.Pattern)) and not callable(match):
             raise ConfigurationError(
-                f"match={arrangement.match!r} must be an address, a compiled regular expression or a function."
+                f"match={match!r} must be an address, a compiled regular expression or a function."
             )
+        if isinstance(match, re.Pattern) and not isinstance(match.pattern, str):
+            raise ConfigurationError(
+                f"match={match!r} is a bytes pattern; what it looks at is text: compile a str pattern."
+            )
+        if match is not None and arrangement.stage in UNMATCHED_STAGES:
+            raise ConfigurationError(
+                f"match= has nothing to look at in the {arrangement.stage!r} stage, whose command names no"
+                " address: leave it out, or arrange the failure at 'mail' (the sender) or 'rcpt' (each"
+                " recipient), which come before DATA."
+            )
+        if isinstance(match, str):
+            arrangement.match = unbracketed(match)
         with self._lock:
             self.active.append(arrangement)
         return arrangement
 
     def take(
-        self, stage: str, subject: str, *, connection: int, cuts: bool | None = None
+        self, stage: str, subject: str, *, connection: int, cuts: bool | None = None, count: bool = True
     ) -> Arrangement | None:
         """The first arrangement for ``stage`` that applies to ``subject``
-        on ``connection``, counted as used; with ``cuts``, only those that
-        do (or do not) cut a message's body (``after_bytes``)."""
+        on ``connection``, counted as used unless ``count`` is false; with
+        ``cuts``, only those that do (or do not) cut a message's body
+        (``after_bytes``)."""
         with self._lock:
             for arrangement in self.active:
                 if cuts is not None and (arrangement.after_bytes is not None) != cuts:
                     continue
                 if arrangement.stage == stage and arrangement.applies(subject, connection):
-                    arrangement.used += 1
-                    arrangement._met.add(connection)
+                    if count:
+                        arrangement.used += 1
+                        arrangement._met.add(connection)
                     return arrangement
         return None
+
+    def claim(self, arrangement: Arrangement, subject: str, *, connection: int) -> bool:
+        """Count ``arrangement`` as used now, if it still applies to
+        ``subject`` on ``connection`` (and the test has not ended)."""
+        with self._lock:
+            if all(each is not arrangement for each in self.active) or not arrangement.applies(subject, connection):
+                return False
+            arrangement.used += 1
+            arrangement._met.add(connection)
+            return True
 
     def clear(self) -> None:
         with self._lock:
             self.active.clear()
 
 
+def unbracketed(address: str) -> str:
+    """``address`` without the angle brackets SMTP puts around it."""
+    address = address.strip()
+    return address[1:-1].strip() if address.startswith("<") and address.endswith(">") else address
+
+
+def reply(code: int, text: str) -> str:
+    """``code`` and ``text`` as a reply: a line of text each, all but the
+    last marked as continued (RFC 5321 section 4.2.1)."""
+    lines = text.splitlines() or [""]
+    return "\r\n".join(f"{code}{'-' if number < len(lines) - 1 else ' '}{line}" for number, line in enumerate(lines))
+
+
 def failing_reply(code: int, text: str | None, stage: str) -> str:
-    """``code`` and ``text`` as a reply line, refusing what is no failure."""
+    """``code`` and ``text`` as a reply, refusing what is no failure."""
     if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
         raise ConfigurationError(
             f"fail({stage!r}, {code!r}): a failure is an SMTP reply code from 400 to 599, such as 451 or 550."
         )
-    return f"{code} {text or DEFAULT_TEXTS.get(code, 'Failed as the test arranged')}"
+    if text is not None and not isinstance(text, str):
+        raise ConfigurationError(f"fail({stage!r}, {code}, {text!r}): the text of a reply is a str.")
+    return reply(code, text or DEFAULT_TEXTS.get(code, "Failed as the test arranged"))
 
 
 @dataclasses.dataclass

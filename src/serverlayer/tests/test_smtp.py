@@ -448,6 +448,20 @@ class ConcurrencyTests(unittest.TestCase):
             self.assertEqual(own, [f"{sender_number}-{n}" for n in range(100)])
 
 
+class StartTLSTests(unittest.TestCase):
+
+    def test_a_second_starttls_is_refused(self):
+        # RFC 3207: none once TLS is active. aiosmtpd answered 220 and
+        # started TLS inside TLS, which failed in asyncio (a server error).
+        layer = set_up_by_hand(self, smtp.Layer(name="STARTTLS_TWICE", starttls=True))
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            client.starttls(context=layer["ssl_context"])
+            self.assertEqual(client.docmd("STARTTLS"), (503, b"5.5.1 Error: TLS already active"))
+            self.assertEqual(client.noop()[0], 250)  # the conversation goes on, encrypted
+            client.sendmail("shop@example.org", ["bob@example.org"], b"Subject: x\r\n\r\nhi\r\n")
+        self.assertEqual(len(layer["outbox"]), 1)
+
+
 class LifecycleTests(unittest.TestCase):
 
     def test_forgets_connections_that_ended(self):

@@ -20,6 +20,7 @@ from email.message import EmailMessage
 import aiosmtplib
 
 from serverlayer import ConfigurationError, smtp
+from serverlayer.tests.helpers import set_up_by_hand
 
 FAILURES = smtp.Layer(name="FAILURES", auth={"alice": "secret"})
 
@@ -243,7 +244,7 @@ class NothingArrangedTests(FailureTestCase):
         self.assertEqual(arrived.mail_options, ["SIZE=170", "RET=HDRS"])
 
     def test_every_stage_is_looked_up_once_something_is_arranged(self):
-        self.smtpd.fail("quit", 421, match="nobody")
+        self.smtpd.fail("mail", 421, match="nobody")
         self.assertEqual(self.consulted(), ["connect", "helo", "mail", "rcpt", "data", "message", "message", "quit"])
         self.assertEqual(len(self.outbox), 1)
 
@@ -658,7 +659,100 @@ class ConfigurationTests(FailureTestCase):
         self.assertRefused(lambda: self.smtpd.drop("message", after_bytes=True), "after_bytes=True")
         self.assertRefused(lambda: self.smtpd.drop("message", after_bytes="10"), "after_bytes='10'")
         self.assertRefused(lambda: self.smtpd.fail("mail", 550, match=42), "match=42")
+        self.assertRefused(lambda: self.smtpd.fail("mail", 550, match=re.compile(b"a@.*")), "bytes pattern")
+        for stage in ("connect", "data", "quit"):
+            self.assertRefused(
+                lambda stage=stage: self.smtpd.fail(stage, 451, match="a@example.com"), f"the {stage!r} stage"
+            )
+        self.assertRefused(lambda: self.smtpd.delay("mail", "1"), "delay='1'")
+        self.assertRefused(lambda: self.smtpd.delay("mail", None), "delay=None")
+        self.assertRefused(lambda: self.smtpd.fail("mail", 550, b"5.7.1 no"), "a str")
         self.assertEqual(self.send(), {})  # nothing refused was arranged
+
+
+class RealServerReplyTests(FailureTestCase):
+    """Replies as real servers send them, which a real client's probe found amiss."""
+
+    def test_a_text_of_several_lines_is_a_multi_line_reply(self):
+        self.smtpd.fail("mail", 550, "5.7.1 Rejected.\nSee https://example.com/policy", times=1)
+        self.smtpd.fail_data(554, "5.7.1 Spam.\r\nSee https://example.com/spam")
+        with self.client() as client:
+            client.ehlo()
+            self.assertEqual(
+                client.docmd("MAIL FROM:<shop@example.org>"),
+                (550, b"5.7.1 Rejected.\nSee https://example.com/policy"),  # smtplib joins the lines so
+            )
+            self.assertEqual(client.noop()[0], 250)  # the conversation is still in step
+            client.docmd("MAIL FROM:<shop@example.org>")
+            client.docmd("RCPT TO:<bob@example.org>")
+            self.assertEqual(client.docmd("DATA")[0], 354)
+            client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+            self.assertEqual(client.getreply()[0], 554)
+            self.assertEqual(client.noop()[0], 250)
+        lines = self.smtpd.transcripts[0].lines
+        self.assertIn("S: 550-5.7.1 Rejected.", lines)
+        self.assertIn("S: 550 See https://example.com/policy", lines)
+
+    def test_421_closes_the_connection(self):
+        self.smtpd.fail("mail", 421)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            reader.readline()
+            raw.sendall(b"HELO client.example\r\n")
+            reader.readline()
+            raw.sendall(b"MAIL FROM:<shop@example.org>\r\n")
+            self.assertTrue(reader.readline().startswith(b"421 "))
+            self.assertEqual(reader.readline(), b"")  # closed: "closing transmission channel"
+        self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
+
+    def test_a_reply_after_the_message_split_in_two_writes(self):
+        self.smtpd.fail("message", 451, "4.3.0 Try again later", split=0.5)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>",
+                         b"DATA"):
+                reader.readline()
+                raw.sendall(line + b"\r\n")
+            self.assertTrue(reader.readline().startswith(b"354"))
+            raw.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+            first = raw.recv(1000)
+            rest = b""
+            while not rest.endswith(b"\r\n"):
+                rest += raw.recv(1000)
+        self.assertEqual((first, first + rest), (b"451 4.3.0 Tr", b"451 4.3.0 Try again later\r\n"))
+
+    def test_a_cut_longer_than_the_message_cuts_nothing_and_waits_for_a_longer_one(self):
+        cut = self.smtpd.drop("message", after_bytes=2000, times=1)
+        self.assertEqual(self.send(), {})  # some 200 bytes: delivered, the cut unused
+        self.assertEqual((len(self.outbox), cut.used), (1, 0))
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            self.send(message(("x" * 70 + "\n") * 100))
+        self.assertEqual((len(self.outbox), cut.used), (1, 1))
+
+    def test_addresses_in_angle_brackets_match(self):
+        self.smtpd.fail("mail", 553, match="<shop@example.org>")
+        self.smtpd.refuse_recipients("<carol@example.org>")
+        with self.assertRaises(smtplib.SMTPSenderRefused):
+            self.send()
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            self.send(message(sender="other@example.org", to="carol@example.org"))
+
+    def test_a_message_whose_reply_outlasts_its_test_is_not_the_next_tests(self):
+        self.smtpd.delay("message", 0.3)
+        client = self.client()
+        client.ehlo()
+        client.mail("shop@example.org")
+        client.rcpt("bob@example.org")
+        client.putcmd("data")
+        self.assertEqual(client.getreply()[0], 354)
+        client.send(b"Subject: from the test before\r\n\r\nhi\r\n.\r\n")
+        self.layer.testTearDown()  # the reply still to come; the client waits
+        self.layer.testSetUp()
+        self.assertEqual(client.getreply()[0], 250)
+        self.assertEqual(list(self.outbox), [])  # the next test's outbox
+        self.send()
+        [mine] = self.outbox
+        self.assertEqual(mine["Subject"], "Your order")
 
 
 class AiosmtplibStageTests(FailureTestCase):
@@ -740,6 +834,19 @@ class LMTPTests(unittest.TestCase):
         replies = self.conversation("bob@example.org", "carol@example.org")
         self.assertEqual([code for code, _ in replies], [451, 451])
         self.assertEqual(len(self.layer["outbox"]), 0)
+
+    def test_a_message_too_large_gets_a_reply_per_recipient(self):
+        layer = set_up_by_hand(self, smtp.Layer(name="LMTP_SIZE_LIMIT", lmtp=True, data_size_limit=1000))
+        client = smtplib.LMTP(layer["smtp_host"], layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        client.ehlo_or_helo_if_needed()
+        client.mail("shop@example.org")
+        client.rcpt("bob@example.org")
+        client.rcpt("carol@example.org")
+        self.assertEqual(client.docmd("DATA")[0], 354)
+        client.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 30 + b".\r\n")
+        self.assertEqual([client.getreply()[0] for _ in range(2)], [552, 552])  # one each, as RFC 2033 has it
+        self.assertEqual(client.noop()[0], 250)
 
     def test_lhlo_and_not_ehlo(self):
         client = smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
