@@ -426,62 +426,6 @@ class _H11Protocol(_Registered, H11Protocol):
     """uvicorn's pure-Python HTTP/1.1 protocol (h11)."""
 
 
-#: The most an answer's writes of one loop turn gather before they go.
-GATHER_LIMIT = 65536
-
-
-class _WritesOfATurn:
-    """The transport as one answer writes to it: what the answer writes in
-    one loop turn goes in one send.
-
-    uvicorn's cycle writes an answer's head, then each part of its body,
-    each with a send of its own: two system calls, and two segments for
-    the client to read, for the usual small answer. Here the writes wait
-    for the end of the loop turn (or for a close, or for as much as
-    ``GATHER_LIMIT``, so that a large answer still meets the transport's
-    flow control), then go together.
-    """
-
-    __slots__ = ("transport", "loop", "held", "size")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self.transport = transport
-        self.loop = loop
-        self.held: list[bytes] = []
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        held = self.held
-        if not held:
-            if len(data) >= GATHER_LIMIT:
-                self.transport.write(data)
-                return
-            self.loop.call_soon(self.flush)
-        held.append(data)
-        self.size += len(data)
-        if self.size >= GATHER_LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        held = self.held
-        if held:
-            data = held[0] if len(held) == 1 else b"".join(held)
-            self.held = []
-            self.size = 0
-            if not self.transport.is_closing():
-                self.transport.write(data)
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.transport.get_extra_info(name, default)
-
-
 #: The HTTP/1.1 protocols a layer can serve with, by uvicorn's names for them.
 HTTP_PROTOCOLS: dict[str, type[_Registered]] = {"h11": _H11Protocol}
 if HttpToolsProtocol is not None:
@@ -490,9 +434,6 @@ if HttpToolsProtocol is not None:
         """uvicorn's HTTP/1.1 protocol on httptools' C parser: what uvicorn
         serves with by default where httptools is installed (``uvicorn[standard]``,
         serverlayer's ``asgi`` extra), and some 1.5 times as fast as h11.
-
-        Each answer writes through ``_WritesOfATurn``: its head goes with
-        its body, in one send.
 
         It answers an HTTP/1.0 client as h11 does: a body of no announced
         length goes as it is, to the end of the connection. Upstream
@@ -511,16 +452,10 @@ if HttpToolsProtocol is not None:
             return self._answering
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-            cycle.transport = _WritesOfATurn(self.transport, self.loop)
             if cycle.scope["http_version"] == "1.0":
                 cycle.send = _unchunked_send(cycle)
             self._answering = cycle
             super()._start_asgi_task(cycle, app)
-
-        def on_response_complete(self) -> None:
-            # The answer's last writes go before anything the next one writes.
-            self._answering.transport.flush()
-            super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             # Upstream tells only the request read last that its client is
