@@ -12,6 +12,7 @@ that also carry their SMTP envelope.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email
 import email.policy
@@ -270,6 +271,11 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._transcripts = transcripts
         self.transcript = Transcript(peer=None)
         self._greeted = False
+        self._client_lines = _ClientLines()
+        #: A command ran since the last whole reply: the reply is its.
+        self._dispatched = False
+        #: The last whole reply asked for AUTH data (334): the client's next line answers it.
+        self._asked_for_auth_data = False
         #: Between 354 and the end of the message: its bytes are coming.
         self._receiving_message = False
         self._crlf_lines = CRLFLines()
@@ -295,9 +301,9 @@ class _Connection(SMTP):  # type: ignore[misc]
 
         @functools.wraps(method)
         async def staged(argument: str | None) -> None:
-            # AUTH's argument may be the credentials: the mechanism is enough.
-            shown = (argument or "").split(" ", 1)[0] + " ..." if command == "AUTH" else argument
-            self.transcript.client(command if not shown else f"{command} {shown}")
+            self._client_lines.take()
+            self._dispatched = True
+            self.transcript.client(_shown(command, argument))
             dsn: list[str] = []
             if dsn_keywords is not None and argument and "=" in argument:
                 argument, dsn = _without_dsn(argument, dsn_keywords)
@@ -375,7 +381,8 @@ class _Connection(SMTP):  # type: ignore[misc]
         """Send a reply, recording it; ``split`` sends it in two writes, that
         many seconds apart. The greeting is replaced or withheld as the
         test arranged for the ``connect`` stage."""
-        if not self._greeted:  # aiosmtpd's first push is the greeting
+        is_greeting = not self._greeted
+        if is_greeting:  # aiosmtpd's first push is the greeting
             self._greeted = True
             greeting = self.take("connect") if self.arrangements.active else None
             reply = None if greeting is None else await self.act_on(greeting)
@@ -391,6 +398,19 @@ class _Connection(SMTP):  # type: ignore[misc]
                     self.transport.close()
                 return
         line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if self._asked_for_auth_data:
+            self._client_lines.take()  # the client's credentials: not for the transcript
+        elif not self._dispatched and not self._receiving_message and not is_greeting:
+            # aiosmtpd refused the line before any command of it ran
+            # (unknown, too long, before STARTTLS): it is the client's last.
+            refused = self._client_lines.take()
+            if refused is not None:
+                command, _, argument = refused.decode("utf-8", "replace").partition(" ")
+                self.transcript.client(_shown(command.upper(), argument) if refused else "(an empty line)")
+        last = line.rpartition("\r\n")[2]
+        if last[3:4] != "-":  # the reply is whole
+            self._dispatched = False
+            self._asked_for_auth_data = last.startswith("334")
         for each in line.split("\r\n"):  # LMTP answers a message with a line per recipient
             self.transcript.server(each, arranged=arranged or each in self._arranged_replies)
         self._arranged_replies.clear()
@@ -433,7 +453,9 @@ class _Connection(SMTP):  # type: ignore[misc]
         super()._set_post_data_state()
 
     def data_received(self, data: bytes) -> None:
-        if self._receiving_message:
+        if not self._receiving_message:
+            self._client_lines.received(data)
+        else:
             if self._cut_after is not None and self._cut is not None:
                 if len(data) < self._cut_after:
                     self._cut_after -= len(data)
@@ -453,12 +475,48 @@ class _Connection(SMTP):  # type: ignore[misc]
             self._transports.add(transport)
             self.transcript.peer = transport.get_extra_info("peername")
             self._transcripts.append(self.transcript)
+        else:  # what came before TLS is gone (aiosmtpd clears its buffer too)
+            self._client_lines = _ClientLines()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._first_transport is not None:
             self._transports.discard(self._first_transport)
         super().connection_lost(error)
+
+
+def _shown(command: str, argument: str | None) -> str:
+    """A command as the transcript shows it: AUTH's argument may be the
+    credentials, so the mechanism is enough."""
+    shown = (argument or "").split(" ", 1)[0] + " ..." if command == "AUTH" else argument
+    return command if not shown else f"{command} {shown}"
+
+
+class _ClientLines:
+    """The command lines a client sent that its server has not read yet:
+    what the transcript shows of one that aiosmtpd refuses before any
+    command of it runs. A DATA line ends them for its packet: the message
+    may follow."""
+
+    #: The most of a line kept.
+    KEPT = 200
+
+    def __init__(self) -> None:
+        self.waiting: collections.deque[bytes] = collections.deque()
+        self._partial = b""
+
+    def received(self, data: bytes) -> None:
+        *whole, rest = data.split(b"\n")
+        for piece in whole:
+            line = (self._partial + piece)[: self.KEPT].rstrip(b"\r")
+            self._partial = b""
+            self.waiting.append(line)
+            if line.upper() == b"DATA":
+                return
+        self._partial = (self._partial + rest)[: self.KEPT]
+
+    def take(self) -> bytes | None:
+        return self.waiting.popleft() if self.waiting else None
 
 
 class CRLFLines:

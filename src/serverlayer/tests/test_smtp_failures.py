@@ -374,9 +374,36 @@ class TranscriptTests(FailureTestCase):
         self.assertEqual(transcript.replies[-1], "221 Bye")
 
     def test_commands_the_server_does_not_know(self):
+        # aiosmtpd refuses these before any command runs: the transcript
+        # shows the line itself, and each refusal is the line's.
         with self.client() as client:
-            self.assertEqual(client.docmd("XYZZY")[0], 500)
-        self.assertIn('S: 500 Error: command "XYZZY" not recognized', self.smtpd.transcripts[0].lines)
+            client.ehlo()
+            self.assertEqual(client.docmd("XYZZY", "plugh")[0], 500)
+            self.assertEqual(client.docmd("MAIL", "FROM:<" + "x" * 600 + "@example.org>")[0], 500)
+            self.assertEqual(client.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA==")[0], 235)
+            self.assertEqual(client.noop()[0], 250)
+        transcript = self.smtpd.transcripts[0]
+        self.assertIn('S: 500 Error: command "XYZZY" not recognized', transcript.lines)
+        self.assertEqual(transcript.refusals[0], 'XYZZY plugh -> 500 Error: command "XYZZY" not recognized')
+        too_long = transcript.refusals[1]
+        self.assertTrue(too_long.startswith("MAIL FROM:<xxx"), too_long)
+        self.assertTrue(too_long.endswith("x -> 500 Command line too long"), too_long)  # kept short
+        self.assertLess(len(too_long), 300)
+        self.assertEqual(transcript.commands[-3:], ["AUTH PLAIN ...", "NOOP", "QUIT"])  # in step again
+
+    def test_commands_before_starttls_when_it_is_required(self):
+        layer = set_up_by_hand(self, smtp.Layer(name="REQUIRES_STARTTLS", starttls=True, require_starttls=True))
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=10) as client:
+            client.ehlo()
+            self.assertEqual(client.docmd("MAIL", "FROM:<shop@example.org>")[0], 530)
+            client.starttls(context=layer["ssl_context"])
+            client.ehlo()
+            self.assertEqual(client.noop()[0], 250)
+        transcript = layer["smtpd"].transcripts[0]
+        self.assertEqual(
+            transcript.refusals, ["MAIL FROM:<shop@example.org> -> 530 Must issue a STARTTLS command first"]
+        )
+        self.assertEqual(transcript.commands[-4:], ["STARTTLS", f"EHLO {client.local_hostname}", "NOOP", "QUIT"])
 
 
 class UnarrangedRefusalTests(FailureTestCase):
