@@ -30,7 +30,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException, syntax
 
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals, Unread
@@ -171,6 +171,8 @@ class _Handler:
         self.data_reply: str | None = None
         #: Counts the tests: a message belongs to the one during which its DATA began.
         self.test = 0
+        #: Held while a message is stored, and while a new test starts (the test's thread).
+        self.lock = threading.Lock()
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -238,8 +240,9 @@ class _Handler:
             self.maildir.add(arrival.raw)
         # A message whose reply an arranged delay held past the end of its
         # test is no message of the next one, whose outbox starts empty.
-        if test == self.test:
-            self.outbox.append(arrival)
+        with self.lock:
+            if test == self.test:
+                self.outbox.append(arrival)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd hands a client's failed STARTTLS handshake (a client
@@ -287,6 +290,8 @@ class _Connection(SMTP):  # type: ignore[misc]
         self.message_test = 0
         #: Bytes of the body still to take before an arranged cut.
         self._cut_after: int | None = None
+        #: The last bytes of the message's body so far, to find its end across packets.
+        self._body_tail = b"\r\n"
         #: The arrangement that cuts the message being received, and whom it looks at.
         self._cut: tuple[Arrangement, str] | None = None
         # aiosmtpd dispatches every command through this table (HELP reads
@@ -353,7 +358,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         """``reply``, which a handler hook returns for aiosmtpd to send, as
         one the test arranged: no refusal to report; sent in two writes
         ``split`` seconds apart, if given."""
-        self._arranged_replies.append(reply)
+        self._arranged_replies.extend(reply.split("\r\n"))  # a line each, as they are recorded
         if split is not None:
             self._arranged_split = split
         return reply
@@ -367,6 +372,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         # connection_lost), which ends this wait: nothing follows.
         await asyncio.get_running_loop().create_future()
 
+    @syntax("STARTTLS", when="tls_context")  # upstream's, for HELP
     async def smtp_STARTTLS(self, arg: str) -> None:
         # Upstream (aiosmtpd 1.4) answers a second STARTTLS with 220 and
         # starts TLS inside TLS, which fails in asyncio's internals (a
@@ -422,10 +428,14 @@ class _Connection(SMTP):  # type: ignore[misc]
             await self._send_split(line, split)
         else:
             await super().push(status)
-        if line.startswith("421") and self.transport is not None:
-            # 421: the server is closing the channel (RFC 5321 section 3.8).
-            self.transcript.closed()
-            self.transport.close()
+        if self._receiving_message and not line.startswith("354"):
+            # The reply to the message: aiosmtpd skips _set_post_data_state
+            # when its DATA hook raised, and then sends only this.
+            self._end_message()
+        if any(each.startswith("421") for each in line.split("\r\n")):
+            # 421: the server is closing the channel (RFC 5321 section 3.8);
+            # nothing the client sent after it is served.
+            await self.drop_connection()
 
     async def _send_split(self, line: str, pause: float) -> None:
         middle = len(line) // 2
@@ -433,6 +443,16 @@ class _Connection(SMTP):  # type: ignore[misc]
         await self._writer.drain()
         await asyncio.sleep(pause)
         await super().push(line[middle:])
+
+    def _body_in(self, data: bytes) -> int:
+        """How many of ``data``'s bytes belong to the message's body: up to
+        the CRLF.CRLF that ends it, if that is in them."""
+        tail = self._body_tail
+        end = (tail + data).find(b"\r\n.\r\n")
+        if end == -1:
+            self._body_tail = (tail + data)[-4:]
+            return len(data)
+        return max(0, end + 2 - len(tail))
 
     def _start_message(self) -> None:
         self._receiving_message = True
@@ -445,11 +465,15 @@ class _Connection(SMTP):  # type: ignore[misc]
         cut = self.arrangements.take("message", sender, connection=id(self.transcript), cuts=True, count=False)
         self._cut = None if cut is None else (cut, sender)
         self._cut_after = None if cut is None else cut.after_bytes
+        self._body_tail = b"\r\n"  # the DATA command's line end: a body may end at once
 
-    def _set_post_data_state(self) -> None:
-        # aiosmtpd calls this when a message's DATA ends, however it ends.
+    def _end_message(self) -> None:
         self._receiving_message = False
         self._cut_after = self._cut = None
+
+    def _set_post_data_state(self) -> None:
+        # aiosmtpd calls this when a message's DATA ends, unless its hook raised.
+        self._end_message()
         super()._set_post_data_state()
 
     def data_received(self, data: bytes) -> None:
@@ -457,8 +481,11 @@ class _Connection(SMTP):  # type: ignore[misc]
             self._client_lines.received(data)
         else:
             if self._cut_after is not None and self._cut is not None:
-                if len(data) < self._cut_after:
-                    self._cut_after -= len(data)
+                body = self._body_in(data)
+                if body < self._cut_after:
+                    self._cut_after -= body
+                    if body < len(data):  # the body ended short of the cut: none
+                        self._cut_after = self._cut = None
                 elif self.arrangements.claim(*self._cut, connection=id(self.transcript)):
                     data, self._cut_after = data[: self._cut_after], 0
                 else:  # it no longer applies: another connection used it up, or the test ended
@@ -560,14 +587,16 @@ class CRLFLines:
         self._held = b""
         partial = lines.pop()
         fixed: list[bytes] = []
-        for line in lines:
+        for number, line in enumerate(lines):
             if self._ended_in_cr and not line and not fixed:
                 fixed.append(b"\n")  # it ends the CR that ended the previous packet
                 self._ended_in_cr = self._after_bare_lf = False
                 continue
             bare = not line.endswith(b"\r")
             content = line if bare else line[:-1]
-            if content == b"." and (bare or self._after_bare_lf):
+            # The first may end a line that began in the previous packet.
+            whole = number > 0 or at_line_start
+            if whole and content == b"." and (bare or self._after_bare_lf):
                 content = b".."
             fixed.append(content + b"\r\n")
             self._after_bare_lf = bare
@@ -725,7 +754,6 @@ class SMTPServer(AsyncioServer):
         arranged, and start new transcripts."""
         self.handler.refused_recipients.clear()
         self.handler.data_reply = None
-        self.handler.test += 1
         self.arrangements.clear()
         self.transcripts.clear()
 
@@ -898,7 +926,9 @@ class Layer(ServerLayer):
             server = self._running.server
             assert isinstance(server, SMTPServer)
             server.reset()
-            server.outbox.clear()
+            with server.handler.lock:
+                server.handler.test += 1
+                server.outbox.clear()
 
 
 #: A ready layer with the default settings.

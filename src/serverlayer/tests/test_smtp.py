@@ -461,6 +461,13 @@ class StartTLSTests(unittest.TestCase):
             client.sendmail("shop@example.org", ["bob@example.org"], b"Subject: x\r\n\r\nhi\r\n")
         self.assertEqual(len(layer["outbox"]), 1)
 
+    def test_help_tells_of_starttls(self):
+        layer = set_up_by_hand(self, smtp.Layer(name="STARTTLS_HELP", starttls=True))
+        with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+            client.ehlo()
+            self.assertIn(b"STARTTLS", client.help())
+            self.assertEqual(client.help("STARTTLS"), b"Syntax: STARTTLS")
+
 
 class LifecycleTests(unittest.TestCase):
 

@@ -529,6 +529,8 @@ class ProtocolGapTests(FailureTestCase):
             (b"a\r\nb\r\n.\r\n", b"a\r\nb\r\n.\r\n"),  # the end of a message, untouched
             (b"a\nb\n\r\n.\r\n", b"a\r\nb\r\n\r\n.\r\n"),
             (b"a.\r\n.b\n..\n", b"a.\r\n.b\r\n..\r\n"),  # no lone dots: only line ends change
+            (b"Thanks.\n\r\n.\r\n", b"Thanks.\r\n\r\n.\r\n"),  # a dot ending a line is no lone dot
+            (b"a\nx.\r\n.\r\n", b"a\r\nx.\r\n.\r\n"),
         ]:
             for first in range(len(stream) + 1):
                 for second in range(first, len(stream) + 1):
@@ -719,6 +721,20 @@ class RealServerReplyTests(FailureTestCase):
         lines = self.smtpd.transcripts[0].lines
         self.assertIn("S: 550-5.7.1 Rejected.", lines)
         self.assertIn("S: 550 See https://example.com/policy", lines)
+        self.assertEqual(self.smtpd.transcripts[0].refusals, [])  # every line arranged
+
+    def test_nothing_the_client_sent_after_a_421_is_served(self):
+        self.smtpd.fail("rcpt", 421, times=1)
+        later = self.smtpd.fail("rcpt", 450, times=1)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            reader.readline()
+            raw.sendall(b"HELO client.example\r\n")
+            reader.readline()
+            raw.sendall(b"MAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<carol@example.org>\r\n")
+            self.assertEqual([reader.readline()[:4] for _ in range(3)], [b"250 ", b"421 ", b""])
+        self.assertEqual(later.used, 0)
+        self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
 
     def test_421_closes_the_connection(self):
         self.smtpd.fail("mail", 421)
@@ -747,6 +763,69 @@ class RealServerReplyTests(FailureTestCase):
             while not rest.endswith(b"\r\n"):
                 rest += raw.recv(1000)
         self.assertEqual((first, first + rest), (b"451 4.3.0 Tr", b"451 4.3.0 Try again later\r\n"))
+
+    def exchange_message(self, body: bytes, after: bytes = b"") -> bytes:
+        """Send a message of ``body`` (and ``after`` in the same packet) on a
+        raw socket; what the server sent after 354, to the end."""
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>",
+                         b"DATA"):
+                reader.readline()
+                raw.sendall(line + b"\r\n")
+            self.assertTrue(reader.readline().startswith(b"354"))
+            raw.sendall(body + b".\r\n" + after)
+            raw.shutdown(socket.SHUT_WR)
+            return reader.read()
+
+    def test_a_cut_counts_the_body_alone(self):
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        for after_bytes, after in ((len(body) + 1, b""), (len(body) + 3, b""), (len(body) + 1, b"QUIT\r\n")):
+            with self.subTest(after_bytes=after_bytes, after=after):
+                self.layer.testSetUp()
+                cut = self.smtpd.drop("message", after_bytes=after_bytes)
+                replies = self.exchange_message(body, after)
+                self.assertTrue(replies.startswith(b"250 OK: message accepted\r\n"), replies)
+                self.assertEqual((len(self.outbox), cut.used), (1, 0))
+        self.layer.testSetUp()
+        cut = self.smtpd.drop("message", after_bytes=len(body))
+        self.assertEqual(self.exchange_message(body), b"")  # cut at its last byte: no reply
+        self.assertEqual((len(self.outbox), cut.used), (0, 1))
+
+    def test_a_cut_used_up_by_one_connection_spares_the_other(self):
+        cut = self.smtpd.drop("message", after_bytes=100, times=1)
+        clients = []
+        for _ in range(2):  # both begin their messages before either reaches the cut
+            raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
+            self.addCleanup(raw.close)
+            reader = raw.makefile("rb")
+            for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>",
+                         b"DATA"):
+                reader.readline()
+                raw.sendall(line + b"\r\n")
+            self.assertTrue(reader.readline().startswith(b"354"))
+            raw.sendall(b"Subject: x\r\n\r\n")
+            clients.append((raw, reader))
+        for raw, _ in clients:
+            raw.sendall(b"x" * 200 + b"\r\n.\r\n")
+        # One of them, whichever the server reads first, is cut; the other is not.
+        self.assertEqual(sorted(reader.readline()[:4] for _, reader in clients), [b"", b"250 "])
+        self.assertEqual((len(self.outbox), cut.used), (1, 1))
+
+    def test_a_cut_arranged_by_a_test_that_ended_cuts_nothing(self):
+        self.smtpd.drop("message", after_bytes=100)
+        raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
+        self.addCleanup(raw.close)
+        reader = raw.makefile("rb")
+        for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>", b"DATA"):
+            reader.readline()
+            raw.sendall(line + b"\r\n")
+        self.assertTrue(reader.readline().startswith(b"354"))
+        raw.sendall(b"Subject: x\r\n\r\n")
+        self.layer.testTearDown()
+        self.layer.testSetUp()  # arrangements end with their test
+        raw.sendall(b"x" * 200 + b"\r\n.\r\n")
+        self.assertTrue(reader.readline().startswith(b"250 "))
 
     def test_a_cut_longer_than_the_message_cuts_nothing_and_waits_for_a_longer_one(self):
         cut = self.smtpd.drop("message", after_bytes=2000, times=1)
@@ -874,6 +953,39 @@ class LMTPTests(unittest.TestCase):
         client.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 30 + b".\r\n")
         self.assertEqual([client.getreply()[0] for _ in range(2)], [552, 552])  # one each, as RFC 2033 has it
         self.assertEqual(client.noop()[0], 250)
+
+    def test_a_421_for_any_recipient_closes_the_connection(self):
+        self.layer["smtpd"].fail("message", 421, match="carol@example.org")
+        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        client.ehlo_or_helo_if_needed()
+        client.mail("shop@example.org")
+        client.rcpt("bob@example.org")
+        client.rcpt("carol@example.org")
+        self.assertEqual(client.docmd("DATA")[0], 354)
+        client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual([client.getreply()[0] for _ in range(2)], [250, 421])
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            client.noop()
+
+    def test_after_a_message_whose_hook_raised_one_reply_per_command(self):
+        def raising(subject: str) -> bool:
+            raise ValueError("raised on purpose by a match function")
+
+        self.layer["smtpd"].fail("message", 451, match=raising)
+        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        client.ehlo_or_helo_if_needed()
+        client.mail("shop@example.org")
+        client.rcpt("bob@example.org")
+        client.rcpt("carol@example.org")
+        self.assertEqual(client.docmd("DATA")[0], 354)
+        client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual([client.getreply()[0] for _ in range(2)], [500, 500])
+        client.send(b"NOOP\r\nQUIT\r\n")
+        self.assertEqual([client.getreply()[0] for _ in range(2)], [250, 221])
+        [error] = self.layer.server_errors.take()
+        self.assertIn("raised on purpose by a match function", str(error))
 
     def test_lhlo_and_not_ehlo(self):
         client = smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
