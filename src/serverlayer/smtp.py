@@ -289,9 +289,15 @@ class _Connection(SMTP):  # type: ignore[misc]
         #: The test (``_Handler.test``) during which the message being received began.
         self.message_test = 0
         #: Bytes of the body still to take before an arranged cut.
-        self._cut_after: int | None = None
-        #: The last bytes of the message's body so far, to find its end across packets.
-        self._body_tail = b"\r\n"
+        #: Where (bytes into the message) the arranged cut falls, or None.
+        self._cut_at: int | None = None
+        #: Whether the cut was made: the connection is closing.
+        self._cut_made = False
+        #: The message's bytes so far, and the last of them, to find its end across packets.
+        self._message_seen = 0
+        self._message_tail = b"\r\n"
+        #: Its end (CRLF.CRLF) arrived: what follows it is commands.
+        self._message_ended = False
         #: The arrangement that cuts the message being received, and whom it looks at.
         self._cut: tuple[Arrangement, str] | None = None
         # aiosmtpd dispatches every command through this table (HELP reads
@@ -444,18 +450,32 @@ class _Connection(SMTP):  # type: ignore[misc]
         await asyncio.sleep(pause)
         await super().push(line[middle:])
 
-    def _body_in(self, data: bytes) -> int:
-        """How many of ``data``'s bytes belong to the message's body: up to
-        the CRLF.CRLF that ends it, if that is in them."""
-        tail = self._body_tail
-        end = (tail + data).find(b"\r\n.\r\n")
-        if end == -1:
-            self._body_tail = (tail + data)[-4:]
-            return len(data)
-        return max(0, end + 2 - len(tail))
+    def _message_end_in(self, data: bytes) -> int | None:
+        """Where (bytes into the message) its body ends, if its end
+        (CRLF.CRLF) is in ``data``, the message's next bytes."""
+        tail, before = self._message_tail, self._message_seen
+        self._message_seen += len(data)
+        end = (tail + data[:4]).find(b"\r\n.\r\n")  # an end that began in the packet before
+        if end != -1:
+            return before - len(tail) + end + 2
+        end = data.find(b"\r\n.\r\n")
+        if end != -1:
+            return before + end + 2
+        self._message_tail = (tail + data)[-4:] if len(data) < 4 else data[-4:]
+        return None
+
+    def _surely_body(self) -> int:
+        """How many of the message's bytes so far are surely its body: all
+        but a last ``.`` or ``.\r`` after CRLF, which may begin its end."""
+        tail = self._message_tail
+        return self._message_seen - (1 if tail.endswith(b"\r\n.") else 2 if tail.endswith(b"\r\n.\r") else 0)
 
     def _start_message(self) -> None:
         self._receiving_message = True
+        self._message_ended = False
+        self._message_seen = 0
+        self._message_tail = b"\r\n"  # the DATA command's line end: a body may end at once
+        self._client_lines = _ClientLines()  # lines sent before 354 are the message's
         self._crlf_lines = CRLFLines()
         self.message_test = self.event_handler.test
         if not self.arrangements.active:
@@ -464,12 +484,11 @@ class _Connection(SMTP):  # type: ignore[misc]
         # Counted as used once it cuts: a body shorter than its bytes is not cut.
         cut = self.arrangements.take("message", sender, connection=id(self.transcript), cuts=True, count=False)
         self._cut = None if cut is None else (cut, sender)
-        self._cut_after = None if cut is None else cut.after_bytes
-        self._body_tail = b"\r\n"  # the DATA command's line end: a body may end at once
+        self._cut_at = None if cut is None else cut.after_bytes
 
     def _end_message(self) -> None:
-        self._receiving_message = False
-        self._cut_after = self._cut = None
+        self._receiving_message = self._message_ended = False
+        self._cut_at = self._cut = None
 
     def _set_post_data_state(self) -> None:
         # aiosmtpd calls this when a message's DATA ends, unless its hook raised.
@@ -477,22 +496,27 @@ class _Connection(SMTP):  # type: ignore[misc]
         super()._set_post_data_state()
 
     def data_received(self, data: bytes) -> None:
-        if not self._receiving_message:
+        if not self._receiving_message or self._message_ended:
             self._client_lines.received(data)
-        else:
-            if self._cut_after is not None and self._cut is not None:
-                body = self._body_in(data)
-                if body < self._cut_after:
-                    self._cut_after -= body
-                    if body < len(data):  # the body ended short of the cut: none
-                        self._cut_after = self._cut = None
-                elif self.arrangements.claim(*self._cut, connection=id(self.transcript)):
-                    data, self._cut_after = data[: self._cut_after], 0
-                else:  # it no longer applies: another connection used it up, or the test ended
-                    self._cut_after = self._cut = None
-            data = self._crlf_lines(data)
-        super().data_received(data)
-        if self._cut_after == 0 and self.transport is not None:
+            super().data_received(data)
+            return
+        before = self._message_seen
+        end = self._message_end_in(data)
+        if end is not None:
+            self._message_ended = True
+            self._client_lines.received(data[end + 3 - before:])  # after its ".\r\n"
+        cut_at, cut = self._cut_at, self._cut
+        if cut_at is not None and cut is not None:
+            if end is not None and end < cut_at:  # the body ended short of the cut: none
+                self._cut_at = self._cut = None
+            elif (end if end is not None else self._surely_body()) >= cut_at:
+                self._cut_at = self._cut = None
+                if self.arrangements.claim(*cut, connection=id(self.transcript)):
+                    data = data[: max(0, cut_at - before)]
+                    self._cut_made = True
+                # else it no longer applies: another connection used it up, or the test ended
+        super().data_received(self._crlf_lines(data))
+        if self._cut_made and self.transport is not None:
             self.transcript.closed()
             self.transport.close()
 
@@ -522,8 +546,8 @@ def _shown(command: str, argument: str | None) -> str:
 class _ClientLines:
     """The command lines a client sent that its server has not read yet:
     what the transcript shows of one that aiosmtpd refuses before any
-    command of it runs. A DATA line ends them for its packet: the message
-    may follow."""
+    command of it runs. Those sent before a 354 are the message's: the
+    connection starts anew then."""
 
     #: The most of a line kept.
     KEPT = 200
@@ -535,11 +559,8 @@ class _ClientLines:
     def received(self, data: bytes) -> None:
         *whole, rest = data.split(b"\n")
         for piece in whole:
-            line = (self._partial + piece)[: self.KEPT].rstrip(b"\r")
+            self.waiting.append((self._partial + piece)[: self.KEPT].rstrip(b"\r"))
             self._partial = b""
-            self.waiting.append(line)
-            if line.upper() == b"DATA":
-                return
         self._partial = (self._partial + rest)[: self.KEPT]
 
     def take(self) -> bytes | None:

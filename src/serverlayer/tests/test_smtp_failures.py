@@ -391,6 +391,50 @@ class TranscriptTests(FailureTestCase):
         self.assertLess(len(too_long), 300)
         self.assertEqual(transcript.commands[-3:], ["AUTH PLAIN ...", "NOOP", "QUIT"])  # in step again
 
+    def test_refused_lines_pipelined_after_data_and_after_a_message(self):
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            reader.readline()
+            raw.sendall(b"HELO client.example\r\n")
+            reader.readline()
+            # DATA refused (no RCPT): what follows in its packet is commands.
+            raw.sendall(b"MAIL FROM:<shop@example.org>\r\nDATA\r\nRSET\r\nFOO\r\n")
+            self.assertEqual([reader.readline()[:3] for _ in range(4)], [b"250", b"503", b"250", b"500"])
+            raw.sendall(b"MAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            self.assertEqual([reader.readline()[:3] for _ in range(3)], [b"250", b"250", b"354"])
+            raw.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\nBAR\r\n")  # a command after the message's end
+            self.assertEqual([reader.readline()[:3] for _ in range(2)], [b"250", b"500"])
+        refusals = self.smtpd.transcripts[0].refusals
+        self.assertEqual(refusals[0], "DATA -> 503 Error: need RCPT command")
+        self.assertEqual(refusals[1:], ['FOO -> 500 Error: command "FOO" not recognized',
+                                        'BAR -> 500 Error: command "BAR" not recognized'])
+
+    def test_a_message_sent_before_its_354_is_no_commands(self):
+        self.smtpd.delay("data", 0.3)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            reader.readline()
+            raw.sendall(b"HELO client.example\r\nMAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\n")
+            self.assertEqual([reader.readline()[:3] for _ in range(3)], [b"250", b"250", b"250"])
+            raw.sendall(b"DATA\r\n")
+            raw.sendall(b"Subject: early\r\n\r\nhi\r\n.\r\n")  # before the (late) 354
+            self.assertEqual([reader.readline()[:3] for _ in range(2)], [b"354", b"250"])
+            raw.sendall(b"FOO\r\n")
+            self.assertEqual(reader.readline()[:3], b"500")
+        transcript = self.smtpd.transcripts[0]
+        self.assertNotIn("C: SUBJECT: early", transcript.lines)
+        self.assertEqual(transcript.refusals, ['FOO -> 500 Error: command "FOO" not recognized'])
+
+    def test_auth_data_stays_out_of_the_transcript(self):
+        with self.client() as client:
+            client.ehlo()
+            client.user, client.password = "alice", "secret"
+            self.assertEqual(client.auth("LOGIN", client.auth_login)[0], 235)
+            self.assertEqual(client.noop()[0], 250)
+        lines = self.smtpd.transcripts[0].lines
+        self.assertEqual([line for line in lines if line.startswith("C: ")][-3:],
+                         ["C: AUTH LOGIN ...", "C: NOOP", "C: QUIT"])
+
     def test_commands_before_starttls_when_it_is_required(self):
         layer = set_up_by_hand(self, smtp.Layer(name="REQUIRES_STARTTLS", starttls=True, require_starttls=True))
         with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=10) as client:
@@ -791,6 +835,25 @@ class RealServerReplyTests(FailureTestCase):
         cut = self.smtpd.drop("message", after_bytes=len(body))
         self.assertEqual(self.exchange_message(body), b"")  # cut at its last byte: no reply
         self.assertEqual((len(self.outbox), cut.used), (0, 1))
+
+    def test_a_cut_just_past_a_body_whose_end_comes_in_two_packets(self):
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        for split in (1, 2):  # ".", or ".\r", then the rest of the end
+            with self.subTest(split=split):
+                self.layer.testSetUp()
+                cut = self.smtpd.drop("message", after_bytes=len(body) + 1)
+                with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+                    reader = raw.makefile("rb")
+                    for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>",
+                                 b"RCPT TO:<bob@example.org>", b"DATA"):
+                        reader.readline()
+                        raw.sendall(line + b"\r\n")
+                    self.assertTrue(reader.readline().startswith(b"354"))
+                    raw.sendall(body + b".\r\n"[:split])
+                    time.sleep(0.05)  # two packets, as the network may split them
+                    raw.sendall(b".\r\n"[split:])
+                    self.assertTrue(reader.readline().startswith(b"250"))
+                self.assertEqual((len(self.outbox), cut.used), (1, 0))
 
     def test_a_cut_used_up_by_one_connection_spares_the_other(self):
         cut = self.smtpd.drop("message", after_bytes=100, times=1)
