@@ -16,6 +16,7 @@ import time
 import unittest
 import unittest.mock
 from email.message import EmailMessage
+from typing import Any
 
 import aiosmtplib
 
@@ -792,35 +793,35 @@ class RealServerReplyTests(FailureTestCase):
             self.assertEqual(reader.readline(), b"")  # closed: "closing transmission channel"
         self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
 
+    def at_354(self) -> tuple[socket.socket, Any]:
+        """A raw connection whose message the server is ready to take, and a file reading it."""
+        raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
+        self.addCleanup(raw.close)
+        reader = raw.makefile("rb")
+        self.addCleanup(reader.close)
+        for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>", b"DATA"):
+            reader.readline()
+            raw.sendall(line + b"\r\n")
+        self.assertTrue(reader.readline().startswith(b"354"))
+        return raw, reader
+
     def test_a_reply_after_the_message_split_in_two_writes(self):
         self.smtpd.fail("message", 451, "4.3.0 Try again later", split=0.5)
-        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
-            reader = raw.makefile("rb")
-            for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>",
-                         b"DATA"):
-                reader.readline()
-                raw.sendall(line + b"\r\n")
-            self.assertTrue(reader.readline().startswith(b"354"))
-            raw.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\n")
-            first = raw.recv(1000)
-            rest = b""
-            while not rest.endswith(b"\r\n"):
-                rest += raw.recv(1000)
+        raw, reader = self.at_354()
+        raw.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        first = raw.recv(1000)
+        rest = b""
+        while not rest.endswith(b"\r\n"):
+            rest += raw.recv(1000)
         self.assertEqual((first, first + rest), (b"451 4.3.0 Tr", b"451 4.3.0 Try again later\r\n"))
 
     def exchange_message(self, body: bytes, after: bytes = b"") -> bytes:
         """Send a message of ``body`` (and ``after`` in the same packet) on a
         raw socket; what the server sent after 354, to the end."""
-        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
-            reader = raw.makefile("rb")
-            for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>",
-                         b"DATA"):
-                reader.readline()
-                raw.sendall(line + b"\r\n")
-            self.assertTrue(reader.readline().startswith(b"354"))
-            raw.sendall(body + b".\r\n" + after)
-            raw.shutdown(socket.SHUT_WR)
-            return reader.read()
+        raw, reader = self.at_354()
+        raw.sendall(body + b".\r\n" + after)
+        raw.shutdown(socket.SHUT_WR)
+        return reader.read()
 
     def test_a_cut_counts_the_body_alone(self):
         body = b"Subject: x\r\n\r\nhi\r\n"
@@ -842,31 +843,18 @@ class RealServerReplyTests(FailureTestCase):
             with self.subTest(split=split):
                 self.layer.testSetUp()
                 cut = self.smtpd.drop("message", after_bytes=len(body) + 1)
-                with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
-                    reader = raw.makefile("rb")
-                    for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>",
-                                 b"RCPT TO:<bob@example.org>", b"DATA"):
-                        reader.readline()
-                        raw.sendall(line + b"\r\n")
-                    self.assertTrue(reader.readline().startswith(b"354"))
-                    raw.sendall(body + b".\r\n"[:split])
-                    time.sleep(0.05)  # two packets, as the network may split them
-                    raw.sendall(b".\r\n"[split:])
-                    self.assertTrue(reader.readline().startswith(b"250"))
+                raw, reader = self.at_354()
+                raw.sendall(body + b".\r\n"[:split])
+                time.sleep(0.05)  # two packets, as the network may split them
+                raw.sendall(b".\r\n"[split:])
+                self.assertTrue(reader.readline().startswith(b"250"))
                 self.assertEqual((len(self.outbox), cut.used), (1, 0))
 
     def test_a_cut_used_up_by_one_connection_spares_the_other(self):
         cut = self.smtpd.drop("message", after_bytes=100, times=1)
         clients = []
         for _ in range(2):  # both begin their messages before either reaches the cut
-            raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
-            self.addCleanup(raw.close)
-            reader = raw.makefile("rb")
-            for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>",
-                         b"DATA"):
-                reader.readline()
-                raw.sendall(line + b"\r\n")
-            self.assertTrue(reader.readline().startswith(b"354"))
+            raw, reader = self.at_354()
             raw.sendall(b"Subject: x\r\n\r\n")
             clients.append((raw, reader))
         for raw, _ in clients:
@@ -877,13 +865,7 @@ class RealServerReplyTests(FailureTestCase):
 
     def test_a_cut_arranged_by_a_test_that_ended_cuts_nothing(self):
         self.smtpd.drop("message", after_bytes=100)
-        raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
-        self.addCleanup(raw.close)
-        reader = raw.makefile("rb")
-        for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>", b"DATA"):
-            reader.readline()
-            raw.sendall(line + b"\r\n")
-        self.assertTrue(reader.readline().startswith(b"354"))
+        raw, reader = self.at_354()
         raw.sendall(b"Subject: x\r\n\r\n")
         self.layer.testTearDown()
         self.layer.testSetUp()  # arrangements end with their test
@@ -1004,8 +986,8 @@ class LMTPTests(unittest.TestCase):
         self.assertEqual([code for code, _ in replies], [451, 451])
         self.assertEqual(len(self.layer["outbox"]), 0)
 
-    def test_a_message_too_large_gets_a_reply_per_recipient(self):
-        layer = set_up_by_hand(self, smtp.Layer(name="LMTP_SIZE_LIMIT", lmtp=True, data_size_limit=1000))
+    def sending_to_two(self, layer) -> smtplib.LMTP:
+        """An LMTP client that announced a message to bob and carol (354)."""
         client = smtplib.LMTP(layer["smtp_host"], layer["smtp_port"], timeout=10)
         self.addCleanup(client.close)
         client.ehlo_or_helo_if_needed()
@@ -1013,19 +995,18 @@ class LMTPTests(unittest.TestCase):
         client.rcpt("bob@example.org")
         client.rcpt("carol@example.org")
         self.assertEqual(client.docmd("DATA")[0], 354)
+        return client
+
+    def test_a_message_too_large_gets_a_reply_per_recipient(self):
+        layer = set_up_by_hand(self, smtp.Layer(name="LMTP_SIZE_LIMIT", lmtp=True, data_size_limit=1000))
+        client = self.sending_to_two(layer)
         client.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 30 + b".\r\n")
         self.assertEqual([client.getreply()[0] for _ in range(2)], [552, 552])  # one each, as RFC 2033 has it
         self.assertEqual(client.noop()[0], 250)
 
     def test_a_421_for_any_recipient_closes_the_connection(self):
         self.layer["smtpd"].fail("message", 421, match="carol@example.org")
-        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
-        self.addCleanup(client.close)
-        client.ehlo_or_helo_if_needed()
-        client.mail("shop@example.org")
-        client.rcpt("bob@example.org")
-        client.rcpt("carol@example.org")
-        self.assertEqual(client.docmd("DATA")[0], 354)
+        client = self.sending_to_two(self.layer)
         client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
         self.assertEqual([client.getreply()[0] for _ in range(2)], [250, 421])
         with self.assertRaises(smtplib.SMTPServerDisconnected):
@@ -1036,13 +1017,7 @@ class LMTPTests(unittest.TestCase):
             raise ValueError("raised on purpose by a match function")
 
         self.layer["smtpd"].fail("message", 451, match=raising)
-        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
-        self.addCleanup(client.close)
-        client.ehlo_or_helo_if_needed()
-        client.mail("shop@example.org")
-        client.rcpt("bob@example.org")
-        client.rcpt("carol@example.org")
-        self.assertEqual(client.docmd("DATA")[0], 354)
+        client = self.sending_to_two(self.layer)
         client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
         self.assertEqual([client.getreply()[0] for _ in range(2)], [500, 500])
         client.send(b"NOOP\r\nQUIT\r\n")
