@@ -13,6 +13,7 @@ import email.message
 import email.utils
 import re
 import secrets
+import sys
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -116,21 +117,39 @@ def requested(representation: Representation, method: str, headers: Headers) -> 
     size = representation.size
     found = []
     for spec in specs.split(","):
+        if not spec.strip():
+            continue  # an empty list element, to be ignored (RFC 9110 section 5.6.1.2)
         parsed = _RANGE.fullmatch(spec)
         if not parsed or not (parsed.group(1) or parsed.group(2)):
             return None
         first, last = parsed.group(1), parsed.group(2)
         if not first:  # the last N bytes
-            suffix = int(last)
+            suffix = _position(last)
             if suffix and size:
                 found.append((max(0, size - suffix), size - 1))
             continue
-        start = int(first)
-        if last and int(last) < start:
+        start = _position(first)
+        if last and _position(last) < start:
             return None  # invalid: the whole field is ignored
         if start < size:
-            found.append((start, min(int(last), size - 1) if last else size - 1))
+            found.append((start, min(_position(last), size - 1) if last else size - 1))
+    if not any(spec.strip() for spec in specs.split(",")):
+        return None
+    if sum(last - first + 1 for first, last in found) > size:
+        # Overlapping ranges would send more than the whole file, as often
+        # as a client repeats them (RFC 9110 section 17.15): it gets the whole.
+        return None
     return found
+
+
+#: More digits than any file's size has: such a position is past every end.
+_MOST_DIGITS = 19
+
+
+def _position(digits: str) -> int:
+    """A byte position of ``Range``, however many digits it has (``int``
+    refuses more than 4,300)."""
+    return sys.maxsize if len(digits.lstrip("0")) > _MOST_DIGITS else int(digits)
 
 
 def _if_range_holds(value: str, representation: Representation) -> bool:

@@ -92,6 +92,28 @@ class RangeTests(unittest.TestCase):
                 response = self.get(Range=value)
                 self.assertEqual((response.status_code, len(response.content)), (200, 10240))
 
+    def test_empty_list_elements_are_ignored(self):
+        # RFC 9110 section 5.6.1.2: a recipient accepts and ignores them.
+        for value in ("bytes=0-1,", "bytes=0-1, ,3-4", "bytes=,0-1"):
+            with self.subTest(value=value):
+                self.assertEqual(self.get(Range=value).status_code, 206)
+        self.assertEqual(self.get(Range="bytes=, ,").status_code, 200)  # nothing but empty elements
+
+    def test_positions_of_thousands_of_digits(self):
+        # int() refuses more than 4,300 digits: the server raised, the client got nothing.
+        huge = "9" * 5000
+        response = self.get(Range=f"bytes=0-{huge}")
+        self.assertEqual((response.status_code, response.content), (206, DATA))
+        self.assertEqual(self.get(Range=f"bytes={huge}-").status_code, 416)
+        self.assertEqual(self.get(Range=f"bytes=-{huge}").content, DATA)
+
+    def test_overlapping_ranges_never_send_more_than_the_file(self):
+        response = self.get(Range="bytes=" + ",".join(["0-"] * 1000))
+        self.assertEqual((response.status_code, response.content), (200, DATA))  # the whole, once
+        response = self.get(Range="bytes=0-9,5-14")  # 20 bytes of 10240: still ranges
+        self.assertEqual(response.status_code, 206)
+        self.assertEqual(response.content.count(b"Content-Range: "), 2)
+
     def test_if_range_with_the_current_etag_or_date_honours_the_range(self):
         whole = self.get()
         for validator in (whole.headers["ETag"], whole.headers["Last-Modified"]):
