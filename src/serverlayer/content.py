@@ -334,6 +334,8 @@ class Route:
             raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
         if match is not None and not callable(match):
             raise ConfigurationError(f"match={match!r} must be a function that takes the recorded request.")
+        matching.checked_fields("query", query)
+        matching.checked_fields("form", form)
         self.path = path
         self.method = method.upper() if method else None
         self.query = {key: [value] if isinstance(value, str) else list(value) for key, value in (query or {}).items()}

@@ -73,6 +73,19 @@ def form_fields(content_type: str, body: bytes) -> dict[str, list[str]] | None:
     return fields
 
 
+def checked_fields(setting: str, fields: Mapping[str, str | Sequence[str]] | None) -> None:
+    """Refuse ``query=`` or ``form=`` fields that no request could have:
+    a name or value that is no text (``{"page": 1}``)."""
+    for name, value in (fields or {}).items():
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(name, str) or isinstance(value, (bytes, Mapping)) or not isinstance(values, Sequence) \
+                or not all(isinstance(each, str) for each in values):
+            raise ConfigurationError(
+                f"{setting}={{{name!r}: {value!r}, ...}}: a field's name is a str and its value a str or a list"
+                f" of str, as they arrive in the request (write {str(value)!r} for {value!r})."
+            )
+
+
 def form_differences(expected: Mapping[str, str | Sequence[str]], fields: Mapping[str, list[str]]) -> list[str]:
     """The fields that differ; fields the form has beyond ``expected`` are fine."""
     found = []

@@ -85,6 +85,22 @@ class BodyMatchingTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             self.http_content.route("/x", match="yes")  # type: ignore[arg-type]
 
+    def test_fields_that_are_no_text_are_refused_when_declared(self):
+        # form={"n": 1} failed inside the server at the first request (a
+        # TypeError that dropped the client's connection); query= with a
+        # bare TypeError.
+        for call in (
+            lambda: self.http_content.route("/f", "POST", form={"n": 1}),
+            lambda: self.http_content.expect("/f", "POST", form={"n": [1, 2]}, times=1),
+            lambda: self.http_content.route("/s", query={"page": 1}),
+            lambda: self.http_content.route("/s", query={"page": b"1"}),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call()
+            self.assertIn("a field's name is a str and its value a str or a list of str", str(caught.exception))
+        self.http_content.route("/f", "POST", form={"n": ["1", "2"]}).respond("listed")
+        self.assertEqual(requests.post(self.url + "f", data={"n": ["1", "2"]}, timeout=10).text, "listed")
+
 
 class MatchingCostTests(unittest.TestCase):
     """Body matchers cost a request only what it must: bench_matching.py
