@@ -109,7 +109,8 @@ class RangeTests(unittest.TestCase):
 
     def test_overlapping_ranges_never_send_more_than_the_file(self):
         response = self.get(Range="bytes=" + ",".join(["0-"] * 1000))
-        self.assertEqual((response.status_code, response.content), (200, DATA))  # the whole, once
+        self.assertEqual((response.status_code, len(response.content)), (200, len(DATA)))  # the whole, once
+        self.assertTrue(response.content == DATA)
         response = self.get(Range="bytes=0-9,5-14")  # 20 bytes of 10240: still ranges
         self.assertEqual(response.status_code, 206)
         self.assertEqual(response.content.count(b"Content-Range: "), 2)
