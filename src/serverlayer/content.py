@@ -334,17 +334,17 @@ class Route:
             raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
         if match is not None and not callable(match):
             raise ConfigurationError(f"match={match!r} must be a function that takes the recorded request.")
-        matching.checked_fields("query", query)
-        matching.checked_fields("form", form)
+        checked_query = matching.checked_fields("query", query or {})
+        checked_form = None if form is None else matching.checked_fields("form", form)
         self.path = path
         self.method = method.upper() if method else None
-        self.query = {key: [value] if isinstance(value, str) else list(value) for key, value in (query or {}).items()}
+        self.query = {key: [value] if isinstance(value, str) else value for key, value in checked_query.items()}
         self.headers = dict(headers or {})
         self.raw_path = raw_path
         self.data = data.encode("utf-8") if isinstance(data, str) else data
         self.json = json
         self.json_subset = json_subset
-        self.form = form
+        self.form = checked_form
         self.match = match
         self._answers: list[Answer | _Hold] = [Response()]
         self._lock = threading.Lock()

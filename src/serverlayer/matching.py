@@ -7,7 +7,7 @@ import email.parser
 import email.policy
 import json
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from serverlayer.errors import ConfigurationError
@@ -73,17 +73,34 @@ def form_fields(content_type: str, body: bytes) -> dict[str, list[str]] | None:
     return fields
 
 
-def checked_fields(setting: str, fields: Mapping[str, str | Sequence[str]] | None) -> None:
-    """Refuse ``query=`` or ``form=`` fields that no request could have:
-    a name or value that is no text (``{"page": 1}``)."""
-    for name, value in (fields or {}).items():
-        values = [value] if isinstance(value, str) else value
-        if not isinstance(name, str) or isinstance(value, (bytes, Mapping)) or not isinstance(values, Sequence) \
-                or not all(isinstance(each, str) for each in values):
+def checked_fields(setting: str, fields: object) -> dict[str, str | list[str]]:
+    """``query=`` or ``form=`` fields, each value a str or a list of str;
+    refuses what no request could have (``{"page": 1}``)."""
+    if not isinstance(fields, Mapping):
+        raise ConfigurationError(
+            f"{setting}={fields!r}: give a mapping of field names to values, such as {{'page': '1'}}."
+        )
+    checked: dict[str, str | list[str]] = {}
+    for name, value in fields.items():
+        if not isinstance(name, str):
+            raise ConfigurationError(f"{setting}=: a field's name is a str; {name!r} is not.")
+        if isinstance(value, str):
+            checked[name] = value
+            continue
+        values = list(value) if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)) else None
+        if values is None or not all(isinstance(each, str) for each in values):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                hint = f" (write {str(value)!r})"
+            elif values is not None and all(isinstance(each, (int, float, str)) for each in values):
+                hint = f" (write {[str(each) for each in values]!r})"
+            else:
+                hint = ""
             raise ConfigurationError(
-                f"{setting}={{{name!r}: {value!r}, ...}}: a field's name is a str and its value a str or a list"
-                f" of str, as they arrive in the request (write {str(value)!r} for {value!r})."
+                f"{setting}=: field {name!r} is {value!r}; a value is a str or a list of str, as fields"
+                f" arrive in a request{hint}."
             )
+        checked[name] = values
+    return checked
 
 
 def form_differences(expected: Mapping[str, str | Sequence[str]], fields: Mapping[str, list[str]]) -> list[str]:

@@ -128,9 +128,9 @@ def requested(representation: Representation, method: str, headers: Headers) -> 
             if suffix and size:
                 found.append((max(0, size - suffix), size - 1))
             continue
-        start = _position(first)
-        if last and _position(last) < start:
+        if last and _precedes(last, first):
             return None  # invalid: the whole field is ignored
+        start = _position(first)
         if start < size:
             found.append((start, min(_position(last), size - 1) if last else size - 1))
     if not any(spec.strip() for spec in specs.split(",")):
@@ -148,8 +148,15 @@ _MOST_DIGITS = 19
 
 def _position(digits: str) -> int:
     """A byte position of ``Range``, however many digits it has (``int``
-    refuses more than 4,300)."""
-    return sys.maxsize if len(digits.lstrip("0")) > _MOST_DIGITS else int(digits)
+    refuses more than 4,300, leading zeros counted)."""
+    significant = digits.lstrip("0") or "0"
+    return sys.maxsize if len(significant) > _MOST_DIGITS else int(significant)
+
+
+def _precedes(digits: str, other: str) -> bool:
+    """Whether position ``digits`` comes before ``other``, however many digits either has."""
+    one, two = digits.lstrip("0") or "0", other.lstrip("0") or "0"
+    return (len(one), one) < (len(two), two)
 
 
 def _if_range_holds(value: str, representation: Representation) -> bool:

@@ -89,17 +89,22 @@ class BodyMatchingTests(unittest.TestCase):
         # form={"n": 1} failed inside the server at the first request (a
         # TypeError that dropped the client's connection); query= with a
         # bare TypeError.
-        for call in (
-            lambda: self.http_content.route("/f", "POST", form={"n": 1}),
-            lambda: self.http_content.expect("/f", "POST", form={"n": [1, 2]}, times=1),
-            lambda: self.http_content.route("/s", query={"page": 1}),
-            lambda: self.http_content.route("/s", query={"page": b"1"}),
+        for call, message in (
+            (lambda: self.http_content.route("/f", "POST", form={"n": 1}), "field 'n' is 1; a value is a str or"
+             " a list of str, as fields arrive in a request (write '1')."),
+            (lambda: self.http_content.expect("/f", "POST", form={"n": [1, 2]}, times=1), "(write ['1', '2'])"),
+            (lambda: self.http_content.route("/s", query={"page": 1}), "query=: field 'page' is 1"),
+            (lambda: self.http_content.route("/s", query={"page": b"1"}), "field 'page' is b'1'; a value is a"),
+            (lambda: self.http_content.route("/s", query={1: "x"}), "a field's name is a str; 1 is not."),
+            (lambda: self.http_content.route("/s", query=[("page", "1")]), "give a mapping of field names"),
         ):
             with self.assertRaises(ConfigurationError) as caught:
                 call()
-            self.assertIn("a field's name is a str and its value a str or a list of str", str(caught.exception))
+            self.assertIn(message, str(caught.exception))
         self.http_content.route("/f", "POST", form={"n": ["1", "2"]}).respond("listed")
         self.assertEqual(requests.post(self.url + "f", data={"n": ["1", "2"]}, timeout=10).text, "listed")
+        self.http_content.route("/g", query={"tag": (each for each in ["a", "b"])}).respond("generated")
+        self.assertEqual(requests.get(self.url + "g?tag=a&tag=b", timeout=10).text, "generated")  # as before
 
 
 class MatchingCostTests(unittest.TestCase):
