@@ -49,6 +49,17 @@ class FailureTestCase(unittest.TestCase):
         with self.client() as client:
             return client.send_message(mail or message(), **kwargs)
 
+    def after_helo(self) -> tuple[socket.socket, Any]:
+        """A raw connection the server greeted and said HELO to, and a file reading it."""
+        raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
+        self.addCleanup(raw.close)
+        reader = raw.makefile("rb")
+        self.addCleanup(reader.close)
+        reader.readline()
+        raw.sendall(b"HELO client.example\r\n")
+        reader.readline()
+        return raw, reader
+
 
 class StageTests(FailureTestCase):
     def test_connect_refused_with_554(self):
@@ -393,18 +404,14 @@ class TranscriptTests(FailureTestCase):
         self.assertEqual(transcript.commands[-3:], ["AUTH PLAIN ...", "NOOP", "QUIT"])  # in step again
 
     def test_refused_lines_pipelined_after_data_and_after_a_message(self):
-        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
-            reader = raw.makefile("rb")
-            reader.readline()
-            raw.sendall(b"HELO client.example\r\n")
-            reader.readline()
-            # DATA refused (no RCPT): what follows in its packet is commands.
-            raw.sendall(b"MAIL FROM:<shop@example.org>\r\nDATA\r\nRSET\r\nFOO\r\n")
-            self.assertEqual([reader.readline()[:3] for _ in range(4)], [b"250", b"503", b"250", b"500"])
-            raw.sendall(b"MAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
-            self.assertEqual([reader.readline()[:3] for _ in range(3)], [b"250", b"250", b"354"])
-            raw.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\nBAR\r\n")  # a command after the message's end
-            self.assertEqual([reader.readline()[:3] for _ in range(2)], [b"250", b"500"])
+        raw, reader = self.after_helo()
+        # DATA refused (no RCPT): what follows in its packet is commands.
+        raw.sendall(b"MAIL FROM:<shop@example.org>\r\nDATA\r\nRSET\r\nFOO\r\n")
+        self.assertEqual([reader.readline()[:3] for _ in range(4)], [b"250", b"503", b"250", b"500"])
+        raw.sendall(b"MAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        self.assertEqual([reader.readline()[:3] for _ in range(3)], [b"250", b"250", b"354"])
+        raw.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\nBAR\r\n")  # a command after the message's end
+        self.assertEqual([reader.readline()[:3] for _ in range(2)], [b"250", b"500"])
         refusals = self.smtpd.transcripts[0].refusals
         self.assertEqual(refusals[0], "DATA -> 503 Error: need RCPT command")
         self.assertEqual(refusals[1:], ['FOO -> 500 Error: command "FOO" not recognized',
@@ -771,37 +778,27 @@ class RealServerReplyTests(FailureTestCase):
     def test_nothing_the_client_sent_after_a_421_is_served(self):
         self.smtpd.fail("rcpt", 421, times=1)
         later = self.smtpd.fail("rcpt", 450, times=1)
-        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
-            reader = raw.makefile("rb")
-            reader.readline()
-            raw.sendall(b"HELO client.example\r\n")
-            reader.readline()
-            raw.sendall(b"MAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<carol@example.org>\r\n")
-            self.assertEqual([reader.readline()[:4] for _ in range(3)], [b"250 ", b"421 ", b""])
+        raw, reader = self.after_helo()
+        raw.sendall(b"MAIL FROM:<shop@example.org>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<carol@example.org>\r\n")
+        self.assertEqual([reader.readline()[:4] for _ in range(3)], [b"250 ", b"421 ", b""])
         self.assertEqual(later.used, 0)
         self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
 
     def test_421_closes_the_connection(self):
         self.smtpd.fail("mail", 421)
-        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
-            reader = raw.makefile("rb")
-            reader.readline()
-            raw.sendall(b"HELO client.example\r\n")
-            reader.readline()
-            raw.sendall(b"MAIL FROM:<shop@example.org>\r\n")
-            self.assertTrue(reader.readline().startswith(b"421 "))
-            self.assertEqual(reader.readline(), b"")  # closed: "closing transmission channel"
+        raw, reader = self.after_helo()
+        raw.sendall(b"MAIL FROM:<shop@example.org>\r\n")
+        self.assertTrue(reader.readline().startswith(b"421 "))
+        self.assertEqual(reader.readline(), b"")  # closed: "closing transmission channel"
         self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
 
     def at_354(self) -> tuple[socket.socket, Any]:
         """A raw connection whose message the server is ready to take, and a file reading it."""
-        raw = socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10)
-        self.addCleanup(raw.close)
-        reader = raw.makefile("rb")
-        self.addCleanup(reader.close)
-        for line in (b"HELO client.example", b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>", b"DATA"):
-            reader.readline()
+        raw, reader = self.after_helo()
+        for line in (b"MAIL FROM:<shop@example.org>", b"RCPT TO:<bob@example.org>"):
             raw.sendall(line + b"\r\n")
+            reader.readline()
+        raw.sendall(b"DATA\r\n")
         self.assertTrue(reader.readline().startswith(b"354"))
         return raw, reader
 
