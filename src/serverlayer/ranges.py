@@ -139,7 +139,16 @@ def requested(representation: Representation, method: str, headers: Headers) -> 
         # Overlapping ranges would send more than the whole file, as often
         # as a client repeats them (RFC 9110 section 17.15): it gets the whole.
         return None
+    if len(found) > MOST_RANGES:
+        # Each part costs a part header of about a hundred bytes: thousands
+        # of one-byte ranges make a response many times the bytes asked for.
+        return None
     return found
+
+
+#: How many ranges one request may ask for; more get the whole file (200),
+#: as Apache's ``MaxRanges`` does. Clients ask for one, or a handful.
+MOST_RANGES = 200
 
 
 #: More digits than any file's size has: such a position is past every end.

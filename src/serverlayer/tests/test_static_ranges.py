@@ -20,7 +20,7 @@ from unittest import mock
 import httpx
 import requests
 
-from serverlayer import static
+from serverlayer import ranges, static
 from serverlayer.ranges import Representation, precondition_status, requested
 
 DATA = bytes(range(256)) * 40  # 10240 bytes, every offset's byte known
@@ -120,6 +120,13 @@ class RangeTests(unittest.TestCase):
         response = self.get(Range="bytes=0-9,5-14")  # 20 bytes of 10240: still ranges
         self.assertEqual(response.status_code, 206)
         self.assertEqual(response.content.count(b"Content-Range: "), 2)
+
+    def test_too_many_ranges_get_the_whole_file(self):
+        most = ranges.MOST_RANGES
+        response = self.get(Range="bytes=" + ",".join(f"{2 * n}-{2 * n}" for n in range(most)))
+        self.assertEqual((response.status_code, response.content.count(b"Content-Range: ")), (206, most))
+        response = self.get(Range="bytes=" + ",".join(f"{2 * n}-{2 * n}" for n in range(most + 1)))
+        self.assertEqual((response.status_code, len(response.content)), (200, len(DATA)))
 
     def test_if_range_with_the_current_etag_or_date_honours_the_range(self):
         whole = self.get()
