@@ -535,7 +535,6 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def on_task_complete(self, task: asyncio.Task[None]) -> None:
         self.owner.websocket_protocols.pop(task, None)
-        self.owner.given_up.discard(task)
         super().on_task_complete(task)
 
     def over(self) -> bool:
@@ -678,8 +677,10 @@ class UvicornServer(AsyncioServer):
         self.websocket_tasks: set[asyncio.Task[None]] = set()
         #: The connection each running WebSocket task serves.
         self.websocket_protocols: dict[asyncio.Task[None], _WebSocketProtocol] = {}
-        #: Those whose client left and that the end of a test waited for in vain.
+        #: The tasks of requests, and of WebSockets whose client left, that
+        #: the end of a test waited for in vain. Changed in the loop's thread.
         self.given_up: set[asyncio.Task[None]] = set()
+        errors.left_running = self._left_running
         self.lifespan: _Lifespan | None = None
         #: Why the application's lifespan shutdown failed, once stopped.
         self.shutdown_failure: str | None = None
@@ -820,7 +821,7 @@ class UvicornServer(AsyncioServer):
         earlier test waited for them in vain."""
         given_up = self.given_up
         return [
-            *self.state.tasks,
+            *(task for task in list(self.state.tasks) if task not in given_up),
             *(
                 task
                 for task, protocol in list(self.websocket_protocols.items())
@@ -860,8 +861,32 @@ class UvicornServer(AsyncioServer):
         watching.cancel()
         # A WebSocket application that goes on without its client (one
         # that never reads, say) would hold up the end of every later test.
-        self.given_up.update(task for task in self._finishing() if task in self.websocket_protocols)
+        self._call_soon(functools.partial(self._give_up, websockets_only=True))
         return False
+
+    def give_up(self) -> None:
+        self._call_soon(self._give_up)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` run in the loop's thread, before anything asked of it later."""
+        try:
+            self.loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: nothing runs any more
+            pass
+
+    def _give_up(self, *, websockets_only: bool = False) -> None:
+        for task in self._finishing():
+            if task not in self.given_up and (not websockets_only or task in self.websocket_protocols):
+                self.given_up.add(task)
+                task.add_done_callback(self.given_up.discard)
+
+    def _left_running(self) -> bool:
+        """Whether the error being recorded comes from a task given up on."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in the loop's thread
+            return False
+        return loop is self.loop and asyncio.current_task() in self.given_up
 
 
 class Layer(HTTPLayer):

@@ -946,7 +946,7 @@ class Layer(custom.Layer):
     def testSetUp(self) -> None:
         super().testSetUp()
         self.content.reset()
-        httpd = self.get("httpd")
+        httpd = self.own_server()
         if isinstance(httpd, custom.HandlerServer):
             httpd.allow_waits()  # should the last test's check have come after its test_ended
 
@@ -954,7 +954,7 @@ class Layer(custom.Layer):
         # Held requests, and delays and streams, keep the server busy; the
         # server errors' check would wait for them.
         self.content.release_held()
-        httpd = self.get("httpd")
+        httpd = self.own_server()
         if isinstance(httpd, custom.HandlerServer):
             httpd.end_waits(self.quiet_timeout)
         super().check_after_test()

@@ -828,6 +828,9 @@ class HandlerServer(socketserver.BaseServer):
     def wait_quiet(self, timeout: float) -> bool:
         return self.activity.wait_quiet(timeout)
 
+    def give_up(self) -> None:
+        self.activity.give_up()
+
     def request_stop(self) -> None:
         self._stopping = True
         self.stopped.set()

@@ -27,7 +27,7 @@ import plone.testing
 from serverlayer.errors import ConfigurationError, LayerIdentityError, SetUpError
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog, pytest_test, running_test
-from serverlayer.server import Activity, Server, ServerThread, bind, format_address
+from serverlayer.server import Server, ServerThread, bind, format_address
 
 DEFAULT_HOST = "127.0.0.1"
 _Layer = TypeVar("_Layer", bound="ServerLayer")
@@ -310,7 +310,8 @@ class ServerLayer(plone.testing.Layer):
             self.tearDown()
 
     def testSetUp(self) -> None:
-        self.server_errors.clear()
+        # Errors recorded since the last test's end are kept: they fail
+        # this test (a request that test left running, raising late).
         test = running_test() or pytest_test(self)
         self._check_in_test_tear_down = test is None
         if test is not None:
@@ -326,10 +327,6 @@ class ServerLayer(plone.testing.Layer):
             # the layers' testTearDown.
             if self._running is not None:
                 self._running.server.test_ended(self.quiet_timeout)
-                # What still runs is the ended test's: later tests' ends do not wait for it.
-                activity: Activity | None = getattr(self._running.server, "activity", None)
-                if activity is not None:
-                    activity.give_up()
 
     # Helpers for subclasses and tests.
 
@@ -343,8 +340,17 @@ class ServerLayer(plone.testing.Layer):
     def check_after_test(self) -> None:
         """What runs when a test ends: server errors (unless switched off),
         and whatever a layer adds."""
-        if self.report_server_errors:
-            self.check_server_errors()
+        try:
+            if self.report_server_errors:
+                self.check_server_errors()
+        finally:
+            # The errors the check did not report (it is switched off) are
+            # the ended test's; those recorded from now on fail the next test.
+            self.server_errors.clear()
+            if self._running is not None:
+                # What still runs is the ended test's: later tests' ends do
+                # not wait for it, and what it raises from now on says so.
+                self._running.server.give_up()
 
     def check_server_errors(self) -> None:
         """Fail now if the server raised since the test began.
@@ -449,6 +455,24 @@ class HTTPLayer(ServerLayer):
     def testSetUp(self) -> None:
         super().testSetUp()
         self.requests.clear()
+
+    def own_server(self) -> Server | None:
+        """The server this layer runs (with TLS, the one behind the front);
+        None while the layer is not set up.
+
+        Not ``self["httpd"]``: a layer based on this one that publishes an
+        ``httpd`` of its own shadows it, and plone.testing then hands this
+        layer that one.
+        """
+        if self._running is None:
+            return None
+        server = self._running.server
+        if self.tls:
+            from serverlayer import tls
+
+            if isinstance(server, tls.TLSFront):
+                return server.backend
+        return server
 
     @property
     def scheme(self) -> str:

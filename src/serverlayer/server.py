@@ -51,6 +51,10 @@ class Server(Protocol):
         """Give back what the test needed beyond an idle server (threads it
         started), waiting at most ``timeout`` for work still running."""
 
+    def give_up(self) -> None:
+        """Wait no more for the requests running now (``wait_quiet``): their
+        test has ended, and its end waited for them in vain."""
+
     def release(self, timeout: float) -> None:
         """Close every socket and join every thread, after ``serve`` returned.
 
@@ -669,6 +673,9 @@ class AsyncioServer:
 
     def test_ended(self, timeout: float) -> None:
         pass  # the loop's one thread is all it ever has
+
+    def give_up(self) -> None:
+        pass  # nothing to wait for (``wait_quiet``)
 
     def request_stop(self) -> None:
         for sock in self.sockets:

@@ -324,6 +324,9 @@ class TLSFront(AsyncioServer):
     def test_ended(self, timeout: float) -> None:
         self.backend.test_ended(timeout)
 
+    def give_up(self) -> None:
+        self.backend.give_up()
+
     def release(self, timeout: float) -> None:
         super().release(timeout)
         self._backend_thread.stop(timeout=timeout)

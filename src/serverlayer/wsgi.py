@@ -855,6 +855,9 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def test_ended(self, timeout: float) -> None:
         pass  # waitress's workers start with the server and stay
 
+    def give_up(self) -> None:
+        self.activity.give_up()
+
     def request_stop(self) -> None:
         self._stop_requested = True
         self.pull_trigger()
@@ -973,7 +976,7 @@ class Layer(HTTPLayer):
 
     def testSetUp(self) -> None:
         super().testSetUp()
-        httpd = self.get("httpd")
+        httpd = self.own_server()
         if isinstance(httpd, WaitressServer):
             httpd.app_slot.test_started()
 
@@ -982,6 +985,6 @@ class Layer(HTTPLayer):
             super().testTearDown()
         finally:
             # What a test set with set_app ends with it.
-            httpd = self.get("httpd")
+            httpd = self.own_server()
             if isinstance(httpd, WaitressServer):
                 httpd.app_slot.test_ended()

@@ -11,10 +11,11 @@ import socketserver
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 from unittest import mock
 
-from serverlayer import ConfigurationError, ExpectationError, content
+from serverlayer import ConfigurationError, ExpectationError, content, wsgi
 from serverlayer.content import Response
 from serverlayer.tests.helpers import run_testrunner
 from serverlayer.tests.test_hardening import read_until_closed
@@ -300,6 +301,31 @@ class FaultTests(unittest.TestCase):
         started = time.monotonic()
         layer.tearDown()
         self.assertLess(time.monotonic() - started, 0.5)
+
+
+    def test_a_layer_on_top_with_a_server_of_its_own_does_not_hide_the_content_server(self):
+        # plone.testing hands a base layer the resources of the same name
+        # that a layer on top publishes: here the wsgi layer's httpd.
+        service = content.Layer(name="service_under_an_app")
+        app = wsgi.Layer(lambda environ, start_response: [], name="app_over_a_service", bases=(service,))
+        service.setUp()
+        self.addCleanup(service.tearDown)
+        app.setUp()
+        self.addCleanup(app.tearDown)
+        self.assertIsNot(service["httpd"], service.own_server())
+        service.testSetUp()
+        service["http_content"].route("/forever").respond(delay=60)
+        self.assertNotEqual(service["http_port"], service.own_server().server_port)  # shadowed too
+        address = urllib.parse.urlsplit(service["http_content"].url)
+        client = socket.create_connection((address.hostname, address.port), timeout=10)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+        service.requests.wait_for(1)  # http_requests is shadowed too
+        started = time.monotonic()
+        service.check_after_test()  # ends the delay: its test is over
+        self.assertLess(time.monotonic() - started, 0.5)  # not the quiet_timeout waited in vain
+        self.assertEqual(read_until_closed(client), b"")  # the delayed answer is cut, at once
+        service.testTearDown()
 
 
 class ExpectationTests(unittest.TestCase):

@@ -9,9 +9,11 @@ import threading
 import time
 import unittest
 import urllib.request
+from typing import Any
 
 from serverlayer import custom
 from serverlayer.arrivals import Arrivals
+from serverlayer.errors import ServerSideError
 from serverlayer.server import Activity
 
 #: Longer than any wait below takes when the waiter is woken; a waiter that
@@ -88,17 +90,52 @@ class ActivityWaitTests(unittest.TestCase):
 
 class LeftRunningTests(unittest.TestCase):
     """A request that a test left running (a client that stopped reading, a
-    handler waiting for ever) holds up its own test's end, not every later one's."""
+    handler waiting for ever) holds up its own test's end, not every later
+    one's; what it raises later fails the test during which it comes, and
+    says where it came from. On every HTTP layer, plain and behind TLS."""
 
-    def test_later_tests_do_not_wait_for_it_and_its_error_says_where_it_came_from(self):
-        release = threading.Event()
+    def layers(self, started: threading.Event, release: threading.Event) -> dict[str, Any]:
+        from serverlayer import asgi, wsgi
 
         class Stuck(custom.RequestHandler):
             def do_GET(self):
+                started.set()
                 release.wait(TIMEOUT)
                 raise RuntimeError("raised after its test ended")
 
-        layer = custom.Layer(Stuck, name="left_running")
+        def wsgi_app(environ, start_response):
+            started.set()
+            release.wait(TIMEOUT)
+            raise RuntimeError("raised after its test ended")
+
+        async def asgi_app(scope, receive, send):
+            if scope["type"] != "http":
+                raise RuntimeError("no lifespan here")
+            started.set()
+            while not release.is_set():  # the loop's thread must not block
+                await asyncio.sleep(0.001)
+            raise RuntimeError("raised after its test ended")
+
+        return {
+            "custom": custom.Layer(Stuck, name="left_running_custom"),
+            "custom, TLS": custom.Layer(Stuck, name="left_running_custom_tls", tls=True),
+            "wsgi": wsgi.Layer(wsgi_app, name="left_running_wsgi"),
+            "wsgi, TLS": wsgi.Layer(wsgi_app, name="left_running_wsgi_tls", tls=True),
+            "asgi": asgi.Layer(asgi_app, name="left_running_asgi"),
+            "asgi, TLS": asgi.Layer(asgi_app, name="left_running_asgi_tls", tls=True),
+        }
+
+    def run_left_running(self, release_between_tests: bool) -> None:
+        started, release = threading.Event(), threading.Event()
+        for kind, layer in self.layers(started, release).items():
+            with self.subTest(kind):
+                started.clear()
+                release.clear()
+                self.leave_running(layer, started, release, release_between_tests)
+
+    def leave_running(
+        self, layer: Any, started: threading.Event, release: threading.Event, release_between_tests: bool
+    ) -> None:
         layer.quiet_timeout = 0.3
         layer.setUp()
         self.addCleanup(layer.tearDown)
@@ -106,11 +143,11 @@ class LeftRunningTests(unittest.TestCase):
         layer.testSetUp()  # the first test
         client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT)
         self.addCleanup(client.close)
+        if layer.tls:
+            client = layer["ssl_context"].wrap_socket(client, server_hostname=layer["http_host"])
+            self.addCleanup(client.close)
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        activity = layer["httpd"].activity
-        deadline = time.monotonic() + 10
-        while not activity._busy and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self.assertTrue(started.wait(TIMEOUT))
 
         def end_of_test() -> float:
             # Under a test runner the check is the running test's cleanup:
@@ -125,14 +162,26 @@ class LeftRunningTests(unittest.TestCase):
         for _ in range(3):  # the next tests' ends do not
             layer.testSetUp()
             self.assertLess(end_of_test(), 0.25)
-        layer.testSetUp()
-        release.set()
-        while activity._busy and time.monotonic() < deadline + 10:
+        if not release_between_tests:
+            layer.testSetUp()
+        release.set()  # it raises now
+        deadline = time.monotonic() + TIMEOUT
+        while not layer.server_errors._errors and time.monotonic() < deadline:
             time.sleep(0.001)
-        [error] = layer.server_errors.take()
+        if release_between_tests:
+            layer.testSetUp()  # the next test begins after the error came
+        with self.assertRaises(ServerSideError) as failed:
+            layer.check_after_test()
+        error = str(failed.exception)
         self.assertIn("raised by a request that an earlier test left running", error)
         self.assertIn("RuntimeError: raised after its test ended", error)
-        end_of_test()
+        layer.testTearDown()
+
+    def test_later_tests_do_not_wait_for_it_and_its_error_says_where_it_came_from(self):
+        self.run_left_running(release_between_tests=False)
+
+    def test_an_error_that_comes_between_two_tests_fails_the_next(self):
+        self.run_left_running(release_between_tests=True)
 
 
 class AsgiWaitQuietTests(unittest.TestCase):
