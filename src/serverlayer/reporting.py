@@ -45,22 +45,20 @@ def verbose() -> bool:
     return any(os.environ.get(name) for name in VERBOSE_ENVIRONMENT)
 
 
-#: How far up the stack ``running_test`` looks: zope.testrunner's
-#: ``startTest`` is two frames above a layer's ``testSetUp``; subclasses
-#: calling ``super().testSetUp()`` add one frame each.
-_SEARCH_DEPTH = 12
-
-
 def running_test(frame: FrameType | None = None) -> unittest.TestCase | None:
     """The innermost test running on the stack above ``frame``.
 
     That is the ``self`` of a ``TestCase.run`` frame, or the ``test`` that a
     result's ``startTest(test)`` was called with.
+
+    The whole stack is searched: zope.testrunner's ``startTest`` is two
+    frames above a layer's ``testSetUp``, and each ``super().testSetUp()``
+    of a layer class, mixin or decorator in between adds one. A test not
+    found makes the check raise in ``testTearDown``, which aborts a
+    zope.testrunner run.
     """
     frame = frame or sys._getframe(1)
-    for _ in range(_SEARCH_DEPTH):
-        if frame is None:
-            return None
+    while frame is not None:
         local_names = frame.f_locals
         if frame.f_code.co_name == "run" and isinstance(local_names.get("self"), unittest.TestCase):
             return local_names["self"]  # type: ignore[no-any-return]

@@ -14,7 +14,7 @@ import urllib.request
 from unittest import mock
 
 from serverlayer import LayerIdentityError, ServerSideError, wsgi
-from serverlayer.reporting import _SEARCH_DEPTH, ErrorLog, ErrorLogHandler, pytest_test, running_test
+from serverlayer.reporting import ErrorLog, ErrorLogHandler, pytest_test, running_test
 from serverlayer.tests.helpers import run_testrunner
 
 
@@ -37,7 +37,7 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
 
     def test_run_is_not_aborted_and_counts_right(self):
         self.assertEqual(self.completed.returncode, 1, self.output)
-        self.assertIn("Total: 6 tests, 3 failures, 0 errors and 0 skipped", self.output)
+        self.assertIn("Total: 8 tests, 4 failures, 0 errors and 0 skipped", self.output)
 
     def test_wsgi_failure_shows_the_server_traceback(self):
         failure = self.failure_of("test_1_app_raises")
@@ -52,14 +52,21 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
         self.assertIn("Handler raised while serving a request from 127.0.0.1", failure)
         self.assertIn("KeyError: 'boom from the handler'", failure)
 
+    def test_a_test_under_a_deep_layer_class_fails_as_any(self):
+        failure = self.failure_of("test_1_app_raises_under_a_deep_layer")
+        self.assertIn("DEEP_LAYER", failure)
+        self.assertIn("ZeroDivisionError: boom from the app", failure)
+
     def test_explicit_check_fails_mid_way(self):
         failure = self.failure_of("test_4_checked_mid_way")
         self.assertIn("in test_4_checked_mid_way\n    self.layer.check_server_errors()", failure)
 
     def test_nothing_leaks_into_later_tests(self):
-        for name in ("test_2_next_test_is_clean", "test_3_expected_error_is_taken", "test_switched_off"):
+        for name in (
+            "test_2_next_test_is_clean", "test_3_expected_error_is_taken", "test_switched_off", "test_2_the_run_goes_on"
+        ):
             self.assertNotIn(f"in test {name} ", self.output)
-        self.assertEqual(self.output.count("Failure in test"), 3)
+        self.assertEqual(self.output.count("Failure in test"), 4)
 
     def test_run_is_quiet(self):
         self.assertNotIn("Traceback", self.completed.stderr)
@@ -234,24 +241,20 @@ class ErrorLogHandlerTests(unittest.TestCase):
 class RunningTestSearchTests(unittest.TestCase):
     """How far up the stack running_test and pytest_test look."""
 
-    def test_a_test_twelve_frames_up_is_found_one_more_is_not(self):
-        def frames_to_run(frame):
-            count = 0
-            while not (frame.f_code.co_name == "run" and frame.f_locals.get("self") is self):
-                frame, count = frame.f_back, count + 1
-            return count
-
+    def test_a_test_any_number_of_frames_up_is_found(self):
         def nested(depth):
-            if depth:
-                return nested(depth - 1)
-            return frames_to_run(sys._getframe(0)), running_test()
+            return nested(depth - 1) if depth else running_test()
 
-        seen = {}
-        for depth in range(_SEARCH_DEPTH + 1):
-            distance, found = nested(depth)
-            seen[distance] = found
-        self.assertEqual(seen[_SEARCH_DEPTH - 1], self)
-        self.assertIsNone(seen[_SEARCH_DEPTH])
+        for depth in (0, 1, 12, 13, 200):
+            with self.subTest(depth=depth):
+                self.assertIs(nested(depth), self)
+
+    def test_no_test_on_the_stack_is_none(self):
+        found = []
+        thread = threading.Thread(target=lambda: found.append(running_test()))
+        thread.start()
+        thread.join(10)
+        self.assertEqual(found, [None])
 
     def test_pytest_test_is_the_instance_of_a_unittest_test_case(self):
         class Request:

@@ -66,3 +66,31 @@ class QuietTests(unittest.TestCase):
 
     def test_switched_off(self):
         self.assertEqual(get(self.layer["http_url"] + "boom"), 500)
+
+
+def deeper(base):
+    """A subclass of ``base`` whose testSetUp adds a frame, as a mixin would."""
+
+    class Deeper(base):
+        def testSetUp(self):
+            super().testSetUp()
+
+    return Deeper
+
+
+DeepLayer = wsgi.Layer
+for _ in range(20):
+    DeepLayer = deeper(DeepLayer)
+DEEP_LAYER = DeepLayer(app, name="DEEP_LAYER")
+
+
+class DeepTests(unittest.TestCase):
+    """The test is found however many frames the layer classes add."""
+
+    layer = DEEP_LAYER
+
+    def test_1_app_raises_under_a_deep_layer(self):
+        self.assertEqual(get(self.layer["http_url"] + "boom"), 500)
+
+    def test_2_the_run_goes_on(self):
+        self.assertEqual(get(self.layer["http_url"]), 200)
