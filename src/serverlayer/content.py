@@ -931,6 +931,7 @@ class Layer(custom.Layer):
         return {"content": self.content}
 
     def setUp(self) -> None:
+        self.refuse_second_set_up()  # before the running test's routes go
         self.content.reset()
         super().setUp()
         self.content.url = self["http_url"]

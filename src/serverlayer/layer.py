@@ -229,6 +229,8 @@ class ServerLayer(plone.testing.Layer):
         self._sockets: list[socket.socket] = []
         self._published: list[str] = []
         self._check_in_test_tear_down = False
+        #: Where the running server listens, for messages.
+        self._serving_at = ""
 
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__qualname__} {self.__module__}.{self.__name__}>"
@@ -258,9 +260,18 @@ class ServerLayer(plone.testing.Layer):
 
     # Lifecycle.
 
-    def setUp(self) -> None:
+    def refuse_second_set_up(self) -> None:
+        """Raise ``SetUpError`` if the layer is set up already: a layer
+        whose ``setUp`` does something before this class's calls this
+        first, so that a refused second set-up leaves the running one alone."""
         if self._running is not None:
-            raise SetUpError(f"{self!r} is already set up; tear it down first.")
+            raise SetUpError(
+                f"{self!r} is already set up (serving at {self._serving_at}); tear it down first,"
+                " or use another layer object for a second server."
+            )
+
+    def setUp(self) -> None:
+        self.refuse_second_set_up()
         self.server_errors.clear()  # what a server of an earlier set-up raised is no news
         try:
             host, port, source = self.listen_address()
@@ -272,7 +283,9 @@ class ServerLayer(plone.testing.Layer):
             )
             self._running = running
             running.start(owner=repr(self))
-            self.publish(self.resources(self.published_host(host), bound_port, running))
+            published_host = self.published_host(host)
+            self._serving_at = format_address(published_host, bound_port)
+            self.publish(self.resources(published_host, bound_port, running))
         except BaseException:
             self.tearDown()
             raise

@@ -216,13 +216,14 @@ class Layer(custom.Layer):
         follow_symlinks: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(StaticFileHandler, bases, name, module, **kwargs)
+        super().__init__(_handler_of_one_layer(), bases, name, module, **kwargs)
         self.documentroot = None if documentroot is None else os.fspath(documentroot)
         if follow_symlinks is not None:
             self.follow_symlinks = follow_symlinks
         self._temporary: str | None = None
 
     def setUp(self) -> None:
+        self.refuse_second_set_up()  # before a new directory replaces the one served
         if self.documentroot is None:
             root = self._temporary = tempfile.mkdtemp(prefix="serverlayer-static-")
         elif os.path.isdir(self.documentroot):
@@ -234,12 +235,16 @@ class Layer(custom.Layer):
                 " fresh temporary one."
             )
         self.publish({"documentroot": root})
+        assert self.request_handler is not None
+        self.request_handler.documentroot = root  # type: ignore[attr-defined]
         super().setUp()
 
     def tearDown(self) -> None:
         try:
             super().tearDown()
         finally:
+            if self.request_handler is not None:
+                self.request_handler.documentroot = None  # type: ignore[attr-defined]
             if self._temporary is not None:
                 shutil.rmtree(self._temporary, ignore_errors=True)
                 self._temporary = None
@@ -256,6 +261,19 @@ class Layer(custom.Layer):
 
     def handler_arguments(self) -> dict[str, Any]:
         return {"directory": self["documentroot"], "follow_symlinks": self.follow_symlinks}
+
+
+def _handler_of_one_layer() -> type[StaticFileHandler]:
+    """``StaticFileHandler`` for one layer, which sets its ``documentroot``
+    to the directory it serves while set up.
+
+    gocept.httpserverlayer's static layers set ``documentroot`` on the one
+    handler class they all shared: ``layer["request_handler"].documentroot``
+    named the directory of whichever layer was set up last. Each layer
+    here has a class of its own (a subclass: ``issubclass`` holds).
+    """
+    attributes = {"__module__": __name__, "__qualname__": StaticFileHandler.__qualname__}
+    return type(StaticFileHandler.__name__, (StaticFileHandler,), attributes)
 
 
 #: A ready layer serving a temporary directory.

@@ -560,3 +560,85 @@ class ServerThreadTests(unittest.TestCase):
         self.assertEqual([sock.fileno() for sock in layer.sockets], [-1])
         self.assertEqual(open_descriptors(), descriptors)
         self.assertEqual(thread_names(), threads)
+
+
+class SecondSetUpTests(unittest.TestCase):
+    """A layer set up twice without a tearDown in between refuses the second
+    and keeps serving as it did: what a subclass does before the core's
+    setUp (a static layer's new directory, a content layer's reset) must
+    not happen either."""
+
+    def refused(self, layer: ServerLayer) -> str:
+        with self.assertRaises(SetUpError) as refused:
+            layer.setUp()
+        message = str(refused.exception)
+        self.assertIn(repr(layer), message)
+        self.assertIn("is already set up", message)
+        self.assertIn("tear it down first", message)
+        return message
+
+    def test_every_kind_refuses_and_names_where_it_serves(self):
+        from serverlayer import asgi, smtp, static
+        from serverlayer import content as content_module
+
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                return
+
+        for layer in (
+            wsgi.Layer(hello_app, name="twice_wsgi"),
+            custom.Layer(Hello, name="twice_custom"),
+            static.Layer(name="twice_static"),
+            content_module.Layer(name="twice_content"),
+            asgi.Layer(app, name="twice_asgi"),
+            smtp.Layer(name="twice_smtp"),
+        ):
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                prefix = layer.resource_prefix
+                self.assertIn(f"serving at {layer[f'{prefix}_address']}", self.refused(layer))
+
+    def test_a_static_layer_keeps_serving_its_directory(self):
+        from serverlayer import static
+
+        layer = set_up_by_hand(self, static.Layer(name="twice_static_files"))
+        root = layer["documentroot"]
+        self.refused(layer)
+        self.assertEqual(layer["documentroot"], root)
+        with open(os.path.join(layer["documentroot"], "kept.txt"), "wb") as file:
+            file.write(b"kept")
+        self.assertEqual(fetch(layer["http_url"] + "kept.txt"), b"kept")
+        layer.testTearDown()
+        layer.tearDown()
+        self.assertFalse(os.path.exists(root))  # the directory served is the one removed
+        layer.testSetUp = layer.testTearDown = layer.tearDown = lambda: None  # done by hand here
+
+    def test_a_content_layer_keeps_the_running_tests_routes(self):
+        from serverlayer import content as content_module
+
+        layer = set_up_by_hand(self, content_module.Layer(name="twice_content_routes"))
+        layer["http_content"].route("/x").respond("programmed")
+        self.refused(layer)
+        self.assertEqual(fetch(layer["http_url"] + "x"), b"programmed")
+
+
+class StaticRequestHandlerTests(unittest.TestCase):
+    """``layer["request_handler"].documentroot`` names the directory served,
+    as gocept.httpserverlayer's did, for each of several layers at once."""
+
+    def test_each_layer_has_its_own(self):
+        from serverlayer import static
+
+        first = set_up_by_hand(self, static.Layer(name="handler_root_one"))
+        second = set_up_by_hand(self, static.Layer(name="handler_root_two"))
+        for layer in (first, second):
+            handler = layer["request_handler"]
+            self.assertEqual(handler.documentroot, layer["documentroot"])
+            self.assertTrue(issubclass(handler, static.StaticFileRequestHandler))
+            self.assertEqual(handler.__name__, "StaticFileHandler")
+        self.assertIsNone(static.StaticFileRequestHandler.documentroot)
+        handler = first["request_handler"]
+        first.testTearDown()
+        first.tearDown()
+        self.assertIsNone(handler.documentroot)
+        first.testTearDown = first.tearDown = lambda: None  # done by hand here
