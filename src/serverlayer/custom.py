@@ -450,6 +450,10 @@ class HandlerServer(socketserver.BaseServer):
         self._recalling = False
         #: Set from ``end_waits`` until ``test_ended``: no worker waits.
         self._test_ending = False
+        #: From ``end_waits`` on, how long the end of the test waits for the
+        #: workers: a WebSocket closing at the test's end reads what its
+        #: client sent before it saw the close, until then at most.
+        self.ending: Deadline | None = None
         self._waiting = 0
         #: Connections a handler is writing a test's answer to (``writing``),
         #: and those of them the end of the test cut. A lock of their own,
@@ -703,6 +707,7 @@ class HandlerServer(socketserver.BaseServer):
             # Those still serving a request end with it: the stop joins them.
             self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]
             self._test_ending = False
+            self.ending = None
 
     def end_waits(self, timeout: float) -> None:
         """End every worker's wait on its connection (``wait_readable``)
@@ -711,6 +716,7 @@ class HandlerServer(socketserver.BaseServer):
         end-of-test check waits for the requests still running."""
         with self._workers_lock:
             self._test_ending = True
+            self.ending = Deadline(timeout)
             self._cut_writes()
             self._recall(Deadline(timeout))
 
@@ -718,6 +724,7 @@ class HandlerServer(socketserver.BaseServer):
         """Let workers wait on their connections again (``end_waits``)."""
         with self._workers_lock:
             self._test_ending = False
+            self.ending = None
 
     def _recall(self, deadline: Deadline) -> None:
         """Have the workers waiting on connections stop waiting. Called

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from serverlayer.custom import HandlerServer, has_buffered_data
+from serverlayer.custom import HandlerServer, _ready_to_read, has_buffered_data
 from serverlayer.errors import ConfigurationError
 from serverlayer.matching import check_counts, json_differences
 from serverlayer.recording import RecordedRequest
@@ -385,8 +385,22 @@ class _Conversation:
                 if self._open():  # else a close of the script's or the client's is under way
                     self.protocol.send_close(1001, "the test is over")
                     self._flush()
+                self._read_until_closed(server)
                 return
             if ready:
+                self._receive()
+
+    def _read_until_closed(self, server: HandlerServer) -> None:
+        """Read, until the client's close frame, the messages it sent before
+        it saw the server's: they are the ended test's, and may still be on
+        their way (a TLS front forwards them a moment later). The client
+        answers a close at once; one that does not is waited for as long as
+        the end of the test waits for requests, and the server's stop cuts
+        the wait (it shuts the connection down)."""
+        ending = server.ending
+        connection = self.handler.connection
+        while not self._over and ending is not None and (remaining := ending.remaining()) > 0:
+            if has_buffered_data(connection, self.handler.rfile) or _ready_to_read((connection.fileno(),), remaining):
                 self._receive()
 
     def _receive(self) -> None:
