@@ -81,6 +81,13 @@ def pytest_test(layer: object) -> unittest.TestCase | None:
     return instance if isinstance(instance, unittest.TestCase) else None
 
 
+#: What an error a request of an earlier test raised begins with.
+_LEFT_RUNNING = (
+    "(raised by a request that an earlier test left running: the end of that"
+    " test waited for it in vain, the layer's quiet_timeout)\n"
+)
+
+
 class ErrorLog:
     """Server-side exceptions of the current test, safe to add to from any thread."""
 
@@ -101,10 +108,7 @@ class ErrorLog:
         that no frames of the server thread are kept alive."""
         text = summary
         if self.left_running is not None and self.left_running():
-            text = (
-                "(raised by a request that an earlier test left running: the end of that"
-                " test waited for it in vain, the layer's quiet_timeout)\n" + text
-            )
+            text = _LEFT_RUNNING + text
         if exc_info is not None:
             text += "\n" + "".join(traceback.format_exception(*exc_info))
         with self._lock:
@@ -131,9 +135,11 @@ class ErrorLog:
             return
         count = "an exception" if len(errors) == 1 else f"{len(errors)} exceptions"
         details = "\n\n".join(errors)
+        earlier = any(error.startswith(_LEFT_RUNNING) for error in errors)
+        made_by = "during this test" if earlier else "made by this test"
         raise ServerSideError(
             f"{self.owner}: the server raised {count} while handling requests"
-            f" made by this test:\n\n{details}\n\n"
+            f" {made_by}:\n\n{details}\n\n"
             "Fix the server-side error. If the test provokes it on purpose,"
             " take it with layer.server_errors.take() and check it, or create"
             " the layer with report_server_errors=False."

@@ -185,6 +185,18 @@ def _listen_everywhere(addresses: list[Address], port: int) -> list[socket.socke
     return sockets
 
 
+def _bind_hint(failure: _BindFailure) -> str:
+    """What to do about a failure to listen other than a port in use."""
+    code, address = failure.error.errno, failure.address
+    if code in _UNAVAILABLE:
+        return " This machine has no such address: use 127.0.0.1, ::1, or an address it has."
+    if code == errno.EINVAL and address.lower().startswith("::ffff:"):
+        return f" That is an IPv4 address written as IPv6: use {address[7:]}."
+    if code == errno.EINVAL and address.lower().startswith("fe80:"):
+        return f" A link-local address needs its interface, as in {address}%lo; 127.0.0.1 or ::1 need none."
+    return ""
+
+
 def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket]:
     """Sockets listening on ``port`` at every address ``host`` resolves to.
 
@@ -210,6 +222,8 @@ def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket
             if port == 0 and failure.error.errno == errno.EADDRINUSE:
                 continue  # taken at a later address: let the system pick again
             where = format_address(failure.address, failure.port)
+            if failure.port == 0:
+                where += " (any free port)"
             if failure.error.errno == errno.EADDRINUSE:
                 raise AddressInUseError(
                     f"{owner}: cannot listen on {where} ({source}): the port is"
@@ -218,6 +232,7 @@ def bind(host: str, port: int, *, owner: str, source: str) -> list[socket.socket
                 ) from failure.error
             raise SetUpError(
                 f"{owner}: cannot listen on {where} ({source}): {failure.error.strerror}."
+                + _bind_hint(failure)
             ) from failure.error
     raise AddressInUseError(
         f"{owner}: cannot listen on one port at every address of {host!r}"

@@ -877,7 +877,14 @@ class Layer(ServerLayer):
         lmtp: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        tls = kwargs.pop("tls", None)  # the HTTP layers' keyword
         super().__init__(**kwargs)
+        if tls is not None:
+            raise ConfigurationError(
+                f"{self!r}: tls={tls!r} is the HTTP layers' keyword. Mail goes over TLS"
+                " after STARTTLS (starttls=True, or require_starttls=True to refuse mail"
+                " without it) or from the first byte (implicit_tls=True, as on port 465)."
+            )
         if lmtp is not None:
             self.lmtp = lmtp
         if implicit_tls and (starttls or require_starttls):

@@ -236,6 +236,20 @@ class BadAddressTests(unittest.TestCase):
                 layer.setUp()
         self.assertIn("$SERVERLAYER_HTTP_HOST", str(caught.exception))
 
+    def test_addresses_that_cannot_be_listened_on_say_what_to_use(self):
+        for host, hint in (
+            ("192.0.2.1", "This machine has no such address: use 127.0.0.1, ::1, or an address it has."),
+            ("fe80::1", "A link-local address needs its interface, as in fe80::1%lo"),
+            ("::ffff:127.0.0.1", "That is an IPv4 address written as IPv6: use 127.0.0.1."),
+        ):
+            with self.subTest(host=host):
+                layer = wsgi.Layer(hello_app, name=f"unlistenable_{len(hint)}", host=host)
+                with self.assertRaises(SetUpError) as caught:
+                    layer.setUp()
+                message = str(caught.exception)
+                self.assertIn(f"{server.format_address(host, 0)} (any free port)", message)
+                self.assertIn(hint, message)
+
     def test_unresolvable_host(self):
         layer = wsgi.Layer(hello_app, name="unresolvable", host="no-such-host.invalid")
         with self.assertRaises(ConfigurationError) as caught:

@@ -455,6 +455,17 @@ class SMTPTLSTests(unittest.TestCase):
         with smtplib.SMTP_SSL(layer["smtp_host"], layer["smtp_port"], context=layer["ssl_context"], timeout=5) as c:
             self.assertEqual(c.noop()[0], 250)
 
+    def test_the_http_layers_tls_keyword_says_what_smtp_takes(self):
+        from serverlayer import ConfigurationError
+
+        with self.assertRaises(ConfigurationError) as refused:
+            smtp.Layer(name="smtp_with_tls", tls=True)
+        message = str(refused.exception)
+        self.assertIn("smtp_with_tls", message)
+        self.assertIn("tls=True is the HTTP layers' keyword", message)
+        self.assertIn("starttls=True", message)
+        self.assertIn("implicit_tls=True", message)
+
     def test_implicit_tls_and_starttls_exclude_each_other(self):
         from serverlayer import ConfigurationError
 

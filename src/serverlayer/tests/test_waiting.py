@@ -175,6 +175,7 @@ class LeftRunningTests(unittest.TestCase):
         error = str(failed.exception)
         self.assertIn("raised by a request that an earlier test left running", error)
         self.assertIn("RuntimeError: raised after its test ended", error)
+        self.assertIn("while handling requests during this test:", error)  # not "made by this test"
         layer.testTearDown()
 
     def test_later_tests_do_not_wait_for_it_and_its_error_says_where_it_came_from(self):
