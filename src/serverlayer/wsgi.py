@@ -221,6 +221,9 @@ class _WSGITask(WSGITask):
                 environ["SSL_CLIENT_CERT"] = certificate.pem
         return environ
 
+    #: Set while waitress builds the response's head.
+    _building_head = False
+
     def build_response_header(self) -> bytes:
         # waitress writes a response's head (status line and headers) as
         # soon as the application writes anything, and its body after it:
@@ -228,8 +231,28 @@ class _WSGITask(WSGITask):
         # (TCP_NODELAY is on), and each send hands the interpreter lock to
         # the waiting client and back. Here the channel keeps the head and
         # sends it with the first body bytes (``_Channel.write_soon``).
-        self.channel.head = super().build_response_header()
+        self._building_head = True
+        try:
+            self.channel.head = super().build_response_header()
+        finally:
+            self._building_head = False
         return b""
+
+    def set_close_on_finish(self) -> None:
+        # waitress ends an HTTP/1.1 connection after every response without
+        # a Content-Length: chunked ones, and 204 and 304, which have no
+        # body. Their clients know where they end (the last chunk, the end
+        # of the head), so the connection stays open for the next request,
+        # unless the client asked to close it; a browser revalidating its
+        # cache (304) need not connect again for each.
+        if (
+            self._building_head
+            and self.version == "1.1"
+            and self.request.headers.get("CONNECTION", "").lower() != "close"
+            and (self.chunked_response or not self.has_body)
+        ):
+            return
+        super().set_close_on_finish()
 
     def write(self, data: bytes) -> None:
         if data and self.request.command == "HEAD":

@@ -27,6 +27,9 @@ def echo_app(environ, start_response):
     if environ["PATH_INFO"] == "/chunked":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return (part for part in (b"first ", b"second ", b"third"))
+    if environ["PATH_INFO"] in ("/204", "/304"):
+        start_response(f"{environ['PATH_INFO'][1:]} Nothing", [])
+        return []
     body = f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} from port {environ['REMOTE_PORT']}"
     data = body.encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
@@ -79,6 +82,31 @@ class KeepAliveAndChunkingTests(unittest.TestCase):
         self.assertEqual(response.read(), b"first second third")
         connection.request("GET", "/after-chunked")  # the connection is still usable
         self.assertTrue(connection.getresponse().read().startswith(b"GET /after-chunked"))
+
+    def test_responses_whose_end_the_client_knows_keep_the_connection(self):
+        # waitress closed it after each response without a Content-Length.
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.connect()
+        connection.auto_open = 0  # a second connection would raise NotConnected
+
+        def port() -> str:
+            connection.request("GET", "/port")
+            return connection.getresponse().read().decode().rsplit(" ", 1)[1]
+
+        first = port()
+        for path, status, body in (("/chunked", 200, b"first second third"), ("/204", 204, b""), ("/304", 304, b"")):
+            with self.subTest(path=path):
+                connection.request("GET", path)
+                response = connection.getresponse()
+                self.assertEqual((response.status, response.read()), (status, body))
+                self.assertFalse(response.will_close)
+                self.assertIsNone(response.getheader("Connection"))
+                self.assertEqual(port(), first)
+        connection.request("GET", "/chunked", headers={"Connection": "close"})  # unless the client says so
+        response = connection.getresponse()
+        self.assertTrue(response.will_close)
+        self.assertEqual(response.read(), b"first second third")
 
     def test_head_gets_no_body_and_the_connection_stays_in_step(self):
         # waitress sends the application's body in answer to HEAD too, and
