@@ -281,6 +281,34 @@ def _read_exactly(rfile: Any, length: int) -> bytes:
     return b"".join(parts)
 
 
+#: RFC 9112 section 6.3: a Content-Length is one or more ASCII digits.
+#: ``str.isdigit`` also takes other digits (``"²"``, which ``int`` refuses),
+#: and ``int`` also takes a sign, underscores and other scripts' digits.
+_LENGTH = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _content_length(headers: email.message.Message) -> int:
+    """The body's length by the request's one Content-Length field, 0
+    without one.
+
+    The field's optional whitespace (RFC 9110 section 5.5) is no part of
+    the value, and the user's handlers read ``int(headers['Content-Length'])``,
+    which ignores it too. Anything else -- a sign, a list, a second field --
+    leaves the body's end in doubt, which RFC 9112 section 6.3 makes an
+    unrecoverable error: guessing, the server would take what follows for
+    another request (RFC 9110 section 8.6 allows refusing even a list of
+    equal values, and waitress does).
+    """
+    values = headers.get_all("Content-Length")
+    if not values:
+        return 0
+    value = values[0].strip(" \t")
+    if len(values) > 1 or not _LENGTH.fullmatch(value):
+        shown = ", ".join(repr(each) for each in values)
+        raise _MalformedBody(f"Content-Length {shown[:60]}: a body's length must be one field of digits")
+    return int(value)
+
+
 def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificate | None = None) -> None:
     """Make ``handler`` record each request it reads into ``log``, with the
     certificate its client presented.
@@ -299,16 +327,22 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
         if not handler_class.parse_request(self):
             return False
         codings = _transfer_codings(self.headers)
-        length = self.headers.get("Content-Length", "")
         if codings and codings[-1] != "chunked":
             self.send_error(400, f"Transfer-Encoding {', '.join(codings)}: chunked must be the last transfer coding,"
                                  " else the body has no known end")
             return False
-        has_body = bool(codings) or (length.isdigit() and int(length) > 0)
+        length = 0
+        if not codings:  # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length
+            try:
+                length = _content_length(self.headers)
+            except _MalformedBody as problem:
+                self.send_error(400, str(problem))
+                return False
+        has_body = bool(codings) or length > 0
         if has_body and _owes_continue(self) and not self.handle_expect_100():
             return False
         if codings:
-            if length:  # RFC 9112 section 6.3: chunked wins, and the framing is in doubt
+            if "Content-Length" in self.headers:  # chunked wins, and the framing is in doubt
                 self.close_connection = True
             try:
                 body, raw = _read_chunked(self.rfile)
@@ -316,7 +350,7 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
                 self.send_error(400, f"Malformed chunked body: {problem}")
                 return False
         else:
-            body = raw = _read_exactly(self.rfile, int(length)) if has_body else b""
+            body = raw = _read_exactly(self.rfile, length) if has_body else b""
         path, query = split_target(self.path)
         self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert)
         log.append(self.recorded_request)

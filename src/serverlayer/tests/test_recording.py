@@ -17,6 +17,7 @@ import urllib.request
 from serverlayer import RequestTimeoutError, content, custom, static, wsgi
 from serverlayer.recording import RecordedRequest, _BodyFirst, split_target
 from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.test_content_protocol import parse_responses
 
 
 def echo_app(environ, start_response):
@@ -40,6 +41,28 @@ class EchoHandler(custom.RequestHandler):
 
 WSGI_RECORDED = wsgi.Layer(echo_app, name="WSGI_RECORDED")
 CUSTOM_RECORDED = custom.Layer(EchoHandler, name="CUSTOM_RECORDED")
+CUSTOM_RECORDED_TLS = custom.Layer(EchoHandler, name="CUSTOM_RECORDED_TLS", tls=True)
+STATIC_RECORDED = static.Layer(name="STATIC_RECORDED")
+CONTENT_RECORDED = content.Layer(name="CONTENT_RECORDED")
+CONTENT_RECORDED_TLS = content.Layer(name="CONTENT_RECORDED_TLS", tls=True)
+
+
+def exchange(layer, data: bytes) -> bytes:
+    """Send ``data`` on one connection, over TLS on a TLS layer, and read
+    until the server closes it."""
+    sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+    if layer["http_url"].startswith("https:"):
+        sock = layer["ssl_context"].wrap_socket(sock, server_hostname=layer["http_host"])
+    with sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+#: A last request after one under test, for the server to answer and then close.
+LAST_GET = b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
 class RecordingChecks:
@@ -129,6 +152,72 @@ class CustomRecordingTests(RecordingChecks, unittest.TestCase):
 
     def test_the_published_handler_is_the_users_class(self):
         self.assertIs(self.layer["request_handler"], EchoHandler)
+
+
+class BodyLengthChecks:
+    """A Content-Length is digits, with optional whitespace around them
+    (RFC 9110 section 5.5, RFC 9112 section 6.3). The body recorded is the
+    one the application reads; a length that is no such number gets a 400
+    and the connection ends, before anything reads a body whose end is in
+    doubt."""
+
+    #: The status and body the layer answers ``POST /echo`` with ``hello``.
+    echoed: tuple[int, bytes | None] = (200, b"echo:hello")
+
+    def test_whitespace_around_the_length(self):
+        for field in (b"Content-Length: 5 ", b"Content-Length:\t5 \t", b"Content-Length:5"):
+            with self.subTest(field=field):
+                self.layer["http_requests"].clear()
+                data = exchange(self.layer, b"POST /echo HTTP/1.1\r\nHost: x\r\n" + field + b"\r\n\r\nhello" + LAST_GET)
+                [(status, _, body), _], rest = parse_responses(data, ["POST", "GET"])
+                self.assertEqual(status, self.echoed[0], data)
+                if self.echoed[1] is not None:
+                    self.assertEqual(body, self.echoed[1])
+                self.assertEqual(rest, b"")
+                self.assertEqual([(request.path, request.body) for request in self.layer["http_requests"]],
+                                 [("/echo", b"hello"), ("/last", b"")])
+
+    def test_a_length_that_is_no_number_is_refused_and_ends_the_connection(self):
+        for fields in (b"Content-Length: +3", b"Content-Length: -1", b"Content-Length: 3, 4",
+                       b"Content-Length: 3\r\nContent-Length: 4", b"Content-Length: 3, 3",
+                       b"Content-Length: 3\r\nContent-Length: 3", b"Content-Length: 0x3", b"Content-Length: 3_0",
+                       b"Content-Length: \xb2", b"Content-Length: \xd9\xa3", b"Content-Length: 3 3",
+                       b"Content-Length:"):
+            with self.subTest(fields=fields):
+                data = exchange(self.layer, b"POST /echo HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n\r\nabc" + LAST_GET)
+                [(status, headers, _)], rest = parse_responses(data, ["POST"])
+                self.assertEqual((status, headers["Connection"], rest), (400, "close", b""), data)
+                self.assertEqual(list(self.layer["http_requests"]), [])
+
+
+class WSGIBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    """waitress frames the body itself: the layers built on http.server agree with it."""
+
+    layer = WSGI_RECORDED
+
+
+class CustomBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+
+class CustomTLSBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED_TLS
+
+
+class StaticBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = STATIC_RECORDED
+    echoed = (405, None)  # and the connection goes on: the body was read
+
+
+class ContentBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = CONTENT_RECORDED
+
+    def setUp(self):
+        self.layer["http_content"].route("/echo", "POST", data=b"hello").respond("echo:hello")
+
+
+class ContentTLSBodyLengthTests(ContentBodyLengthTests):
+    layer = CONTENT_RECORDED_TLS
 
 
 class OtherLayerTests(unittest.TestCase):
