@@ -351,7 +351,11 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
                 return False
         else:
             body = raw = _read_exactly(self.rfile, length) if has_body else b""
-        path, query = split_target(self.path)
+        # The request line's target, not self.path: parse_request makes a
+        # leading "//" one "/" in that (against open redirects of
+        # SimpleHTTPRequestHandler, gh-87389), so "//api" would be recorded
+        # and matched as "/api". The handler still gets its self.path.
+        path, query = split_target(self.requestline.split()[1])
         self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert)
         log.append(self.recorded_request)
         if raw:

@@ -220,6 +220,76 @@ class ContentTLSBodyLengthTests(ContentBodyLengthTests):
     layer = CONTENT_RECORDED_TLS
 
 
+def http_connection(test, layer):
+    """An ``http.client`` connection to ``layer``, over TLS on a TLS layer."""
+    if layer["http_url"].startswith("https:"):
+        connection = http.client.HTTPSConnection(layer["http_host"], layer["http_port"], timeout=5,
+                                                 context=layer["ssl_context"])
+    else:
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+    test.addCleanup(connection.close)
+    return connection
+
+
+class PathAsSentChecks:
+    """http.server makes a leading ``//`` of ``self.path`` one ``/``; the
+    recorded path is the request line's, as the client sent it."""
+
+    def get(self, target):
+        connection = http_connection(self, self.layer)
+        connection.request("GET", target)
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def test_a_path_starting_with_slashes_is_recorded_as_sent(self):
+        for target in ("//api//v1?x=1", "///three", "/one//two/"):
+            self.get(target)
+        self.assertEqual([(request.path, request.query) for request in self.layer["http_requests"]],
+                         [("//api//v1", "x=1"), ("///three", ""), ("/one//two/", "")])
+        self.assertEqual(str(self.layer["http_requests"][0]), "GET //api//v1?x=1")
+
+
+class WSGIPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = WSGI_RECORDED
+
+
+class CustomPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+
+class CustomTLSPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED_TLS
+
+
+class StaticPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = STATIC_RECORDED
+
+    def test_the_file_is_still_served(self):
+        with open(os.path.join(self.layer["documentroot"], "f.txt"), "w") as file:
+            file.write("file")
+        self.assertEqual(self.get("//f.txt"), (200, b"file"))
+        self.assertEqual([request.path for request in self.layer["http_requests"]], ["//f.txt"])
+
+
+class ContentPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = CONTENT_RECORDED
+
+    def test_routes_match_the_path_as_sent(self):
+        http_content = self.layer["http_content"]
+        http_content.route("//api//v1").respond("as sent")
+        http_content.route("/api//v1").respond("one slash")
+        self.assertEqual(self.get("//api//v1"), (200, b"as sent"))
+        self.assertEqual(self.get("/api//v1"), (200, b"one slash"))
+        http_content.expect("//expected")
+        self.get("//expected")
+        self.assertEqual(http_content.problems(), [])
+        self.assertEqual(http_content.url_for("//api//v1"), self.layer["http_url"] + "/api//v1")
+
+
+class ContentTLSPathAsSentTests(ContentPathAsSentTests):
+    layer = CONTENT_RECORDED_TLS
+
+
 class OtherLayerTests(unittest.TestCase):
 
     def test_wsgi_records_the_request_as_sent_though_the_app_rewrites_it(self):
