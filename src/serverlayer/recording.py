@@ -109,9 +109,61 @@ def split_target(target: str) -> tuple[str, str]:
 #: log must not keep alive.
 CONNECTION_VARIABLES = ("wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "waitress.client_disconnected")
 
+#: The WSGI variable in which the wsgi layer's server hands the recording
+#: the request's head as the client sent it (bytes: the request line and
+#: the header fields, CRLF between them); the application never sees it.
+REQUEST_HEAD = "serverlayer.request_head"
+
+
+def _header_fields(lines: Iterable[bytes]) -> tuple[tuple[str, str], ...]:
+    """The ``(name, value)`` fields of a head's header lines, as sent: names
+    as written, each repeated field its own pair, optional whitespace
+    around values left out (RFC 9110 section 5.5). A line that starts
+    with whitespace continues the field before it (obs-fold, RFC 9112
+    section 5.2), joined with one space."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, (value + b" " + line.strip(b" \t")).lstrip(b" "))
+        elif line:
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(b" \t")))
+    return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in fields)
+
+
+class _UnreadHead(Unread[RecordedRequest]):
+    """A WSGI request as the head its client sent, until a test reads it.
+
+    A WSGI environ has the header fields rebuilt: repeated fields joined
+    with ", ", names upper-cased, and under waitress a chunked body's
+    Transfer-Encoding replaced by a Content-Length the client never sent.
+    """
+
+    __slots__ = ("head", "body", "certificate")
+
+    def __init__(self, head: bytes, body: bytes, certificate: str | None) -> None:
+        self.head = head
+        self.body = body
+        #: The client's certificate (PEM) behind the TLS front, if any.
+        self.certificate = certificate
+
+    def parse(self) -> RecordedRequest:
+        request_line, *lines = self.head.split(b"\r\n")
+        method, target = request_line.decode("latin-1").split(" ", 2)[:2]
+        path, query = split_target(target)
+        client_cert = None
+        if self.certificate:
+            from serverlayer.tls import ClientCertificate
+
+            client_cert = ClientCertificate.from_pem(self.certificate)
+        return RecordedRequest(method, path, query, _header_fields(lines), self.body, client_cert)
+
 
 class _UnreadEnviron(Unread[RecordedRequest]):
-    """A WSGI request as its CGI variables, until a test reads it."""
+    """A WSGI request as its CGI variables, until a test reads it: from a
+    server that gives no ``REQUEST_HEAD``, whose header fields are then
+    those the environ has."""
 
     __slots__ = ("variables", "body")
 
@@ -136,7 +188,12 @@ class _UnreadEnviron(Unread[RecordedRequest]):
 
 
 class RecordingMiddleware:
-    """Records each request, then calls the application with the same input."""
+    """Records each request, then calls the application with the same input.
+
+    The request's method, target and header fields are those of the
+    ``REQUEST_HEAD`` the server gives (the wsgi layer's does), else of the
+    environ.
+    """
 
     def __init__(self, app: Callable[..., Iterable[bytes]], log: RequestLog) -> None:
         self.app = app
@@ -148,6 +205,10 @@ class RecordingMiddleware:
         if length.isdigit():
             body = environ["wsgi.input"].read(int(length))
             environ["wsgi.input"] = io.BytesIO(body)
+        head = environ.pop(REQUEST_HEAD, None)
+        if head is not None:  # kept as it is: parsed when a test reads it
+            self.log.append(_UnreadHead(head, body, environ.get("SSL_CLIENT_CERT")))
+            return self.app(environ, start_response)
         variables = dict(environ)
         for key in CONNECTION_VARIABLES:
             variables.pop(key, None)
