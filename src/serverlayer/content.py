@@ -538,7 +538,7 @@ class HTTPContent:
             raise ConfigurationError(
                 "url_for() needs the content layer's server: call it while the layer is set up."
             )
-        return self.url + path.lstrip("/")
+        return self.url + path.removeprefix("/")  # "//api" is no "/api": routes match paths as sent
 
     def reset(self) -> None:
         """Back to the defaults: 404 for everything, no routes, no expectations."""

@@ -109,9 +109,61 @@ def split_target(target: str) -> tuple[str, str]:
 #: log must not keep alive.
 CONNECTION_VARIABLES = ("wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "waitress.client_disconnected")
 
+#: The WSGI variable in which the wsgi layer's server hands the recording
+#: the request's head as the client sent it (bytes: the request line and
+#: the header fields, CRLF between them); the application never sees it.
+REQUEST_HEAD = "serverlayer.request_head"
+
+
+def _header_fields(lines: Iterable[bytes]) -> tuple[tuple[str, str], ...]:
+    """The ``(name, value)`` fields of a head's header lines, as sent: names
+    as written, each repeated field its own pair, optional whitespace
+    around values left out (RFC 9110 section 5.5). A line that starts
+    with whitespace continues the field before it (obs-fold, RFC 9112
+    section 5.2), joined with one space."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, (value + b" " + line.strip(b" \t")).lstrip(b" "))
+        elif line:
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(b" \t")))
+    return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in fields)
+
+
+class _UnreadHead(Unread[RecordedRequest]):
+    """A WSGI request as the head its client sent, until a test reads it.
+
+    A WSGI environ has the header fields rebuilt: repeated fields joined
+    with ", ", names upper-cased, and under waitress a chunked body's
+    Transfer-Encoding replaced by a Content-Length the client never sent.
+    """
+
+    __slots__ = ("head", "body", "certificate")
+
+    def __init__(self, head: bytes, body: bytes, certificate: str | None) -> None:
+        self.head = head
+        self.body = body
+        #: The client's certificate (PEM) behind the TLS front, if any.
+        self.certificate = certificate
+
+    def parse(self) -> RecordedRequest:
+        request_line, *lines = self.head.split(b"\r\n")
+        method, target = request_line.decode("latin-1").split(" ", 2)[:2]
+        path, query = split_target(target)
+        client_cert = None
+        if self.certificate:
+            from serverlayer.tls import ClientCertificate
+
+            client_cert = ClientCertificate.from_pem(self.certificate)
+        return RecordedRequest(method, path, query, _header_fields(lines), self.body, client_cert)
+
 
 class _UnreadEnviron(Unread[RecordedRequest]):
-    """A WSGI request as its CGI variables, until a test reads it."""
+    """A WSGI request as its CGI variables, until a test reads it: from a
+    server that gives no ``REQUEST_HEAD``, whose header fields are then
+    those the environ has."""
 
     __slots__ = ("variables", "body")
 
@@ -136,7 +188,12 @@ class _UnreadEnviron(Unread[RecordedRequest]):
 
 
 class RecordingMiddleware:
-    """Records each request, then calls the application with the same input."""
+    """Records each request, then calls the application with the same input.
+
+    The request's method, target and header fields are those of the
+    ``REQUEST_HEAD`` the server gives (the wsgi layer's does), else of the
+    environ.
+    """
 
     def __init__(self, app: Callable[..., Iterable[bytes]], log: RequestLog) -> None:
         self.app = app
@@ -148,6 +205,10 @@ class RecordingMiddleware:
         if length.isdigit():
             body = environ["wsgi.input"].read(int(length))
             environ["wsgi.input"] = io.BytesIO(body)
+        head = environ.pop(REQUEST_HEAD, None)
+        if head is not None:  # kept as it is: parsed when a test reads it
+            self.log.append(_UnreadHead(head, body, environ.get("SSL_CLIENT_CERT")))
+            return self.app(environ, start_response)
         variables = dict(environ)
         for key in CONNECTION_VARIABLES:
             variables.pop(key, None)
@@ -281,6 +342,34 @@ def _read_exactly(rfile: Any, length: int) -> bytes:
     return b"".join(parts)
 
 
+#: RFC 9112 section 6.3: a Content-Length is one or more ASCII digits.
+#: ``str.isdigit`` also takes other digits (``"²"``, which ``int`` refuses),
+#: and ``int`` also takes a sign, underscores and other scripts' digits.
+_LENGTH = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _content_length(headers: email.message.Message) -> int:
+    """The body's length by the request's one Content-Length field, 0
+    without one.
+
+    The field's optional whitespace (RFC 9110 section 5.5) is no part of
+    the value, and the user's handlers read ``int(headers['Content-Length'])``,
+    which ignores it too. Anything else -- a sign, a list, a second field --
+    leaves the body's end in doubt, which RFC 9112 section 6.3 makes an
+    unrecoverable error: guessing, the server would take what follows for
+    another request (RFC 9110 section 8.6 allows refusing even a list of
+    equal values, and waitress does).
+    """
+    values = headers.get_all("Content-Length")
+    if not values:
+        return 0
+    value = values[0].strip(" \t")
+    if len(values) > 1 or not _LENGTH.fullmatch(value):
+        shown = ", ".join(repr(each) for each in values)
+        raise _MalformedBody(f"Content-Length {shown[:60]}: a body's length must be one field of digits")
+    return int(value)
+
+
 def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificate | None = None) -> None:
     """Make ``handler`` record each request it reads into ``log``, with the
     certificate its client presented.
@@ -299,16 +388,22 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
         if not handler_class.parse_request(self):
             return False
         codings = _transfer_codings(self.headers)
-        length = self.headers.get("Content-Length", "")
         if codings and codings[-1] != "chunked":
             self.send_error(400, f"Transfer-Encoding {', '.join(codings)}: chunked must be the last transfer coding,"
                                  " else the body has no known end")
             return False
-        has_body = bool(codings) or (length.isdigit() and int(length) > 0)
+        length = 0
+        if not codings:  # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length
+            try:
+                length = _content_length(self.headers)
+            except _MalformedBody as problem:
+                self.send_error(400, str(problem))
+                return False
+        has_body = bool(codings) or length > 0
         if has_body and _owes_continue(self) and not self.handle_expect_100():
             return False
         if codings:
-            if length:  # RFC 9112 section 6.3: chunked wins, and the framing is in doubt
+            if "Content-Length" in self.headers:  # chunked wins, and the framing is in doubt
                 self.close_connection = True
             try:
                 body, raw = _read_chunked(self.rfile)
@@ -316,8 +411,12 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
                 self.send_error(400, f"Malformed chunked body: {problem}")
                 return False
         else:
-            body = raw = _read_exactly(self.rfile, int(length)) if has_body else b""
-        path, query = split_target(self.path)
+            body = raw = _read_exactly(self.rfile, length) if has_body else b""
+        # The request line's target, not self.path: parse_request makes a
+        # leading "//" one "/" in that (against open redirects of
+        # SimpleHTTPRequestHandler, gh-87389), so "//api" would be recorded
+        # and matched as "/api". The handler still gets its self.path.
+        path, query = split_target(self.requestline.split()[1])
         self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert)
         log.append(self.recorded_request)
         if raw:

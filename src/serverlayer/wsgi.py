@@ -25,12 +25,13 @@ import plone.testing
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
-from serverlayer.recording import RecordingMiddleware, RequestLog
+from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
 
@@ -205,6 +206,8 @@ class _WSGITask(WSGITask):
             return self.environ
         environ: dict[str, Any] = super().get_environment()
         server = self.channel.server
+        if server.records:
+            environ[REQUEST_HEAD] = self.request.head  # for RecordingMiddleware alone
         if server.forwarded_clients is not None:
             peer = self.channel.addr
             client = server.forwarded_clients.client_of(peer, peer)
@@ -349,6 +352,26 @@ class _OutbufLock(threading.Condition):
             self.depth = depth
 
 
+class _RequestParser(HTTPRequestParser):
+    """waitress's request parser, keeping the head as the client sent it.
+
+    Upstream parses the head (request line and header fields, its
+    ``header_plus``) into CGI names for the environ: repeated fields
+    joined with ", ", names upper-cased, a chunked body's
+    Transfer-Encoding dropped and a Content-Length made up for it. A
+    recorded request has the fields as sent, so the parser also keeps the
+    head's bytes: a reference, which the recording parses only when a test
+    reads the request.
+    """
+
+    #: The request line and header fields, as waitress parsed them.
+    head = b""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        self.head = header_plus
+        super().parse_header(header_plus)
+
+
 def _ends_connection(request: Any) -> bool:
     """Whether a request's own headers end its connection after its answer
     (the rule of waitress's ``Task.build_response_header``)."""
@@ -375,6 +398,7 @@ class _Channel(HTTPChannel):
 
     task_class = _WSGITask
     error_task_class = _ErrorTask
+    parser_class = _RequestParser
 
     def __init__(
         self, server: WaitressServer, sock: socket.socket, addr: Any, adj: Adjustments, map: Any = None
@@ -699,6 +723,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     ) -> None:
         self.app_slot = _AppSlot(app, owner or thread_name)
         served: WSGIApplication = self.app_slot
+        #: Whether requests are recorded: each environ then has the head as sent.
+        self.records = requests is not None
         if requests is not None:
             served = RecordingMiddleware(served, requests)
         #: Each request is logged through this class's ``log_request``.

@@ -15,8 +15,9 @@ import urllib.error
 import urllib.request
 
 from serverlayer import RequestTimeoutError, content, custom, static, wsgi
-from serverlayer.recording import RecordedRequest, _BodyFirst, split_target
+from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.test_content_protocol import parse_responses
 
 
 def echo_app(environ, start_response):
@@ -39,7 +40,30 @@ class EchoHandler(custom.RequestHandler):
 
 
 WSGI_RECORDED = wsgi.Layer(echo_app, name="WSGI_RECORDED")
+WSGI_RECORDED_TLS = wsgi.Layer(echo_app, name="WSGI_RECORDED_TLS", tls=True)
 CUSTOM_RECORDED = custom.Layer(EchoHandler, name="CUSTOM_RECORDED")
+CUSTOM_RECORDED_TLS = custom.Layer(EchoHandler, name="CUSTOM_RECORDED_TLS", tls=True)
+STATIC_RECORDED = static.Layer(name="STATIC_RECORDED")
+CONTENT_RECORDED = content.Layer(name="CONTENT_RECORDED")
+CONTENT_RECORDED_TLS = content.Layer(name="CONTENT_RECORDED_TLS", tls=True)
+
+
+def exchange(layer, data: bytes) -> bytes:
+    """Send ``data`` on one connection, over TLS on a TLS layer, and read
+    until the server closes it."""
+    sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+    if layer["http_url"].startswith("https:"):
+        sock = layer["ssl_context"].wrap_socket(sock, server_hostname=layer["http_host"])
+    with sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+#: A last request after one under test, for the server to answer and then close.
+LAST_GET = b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
 class RecordingChecks:
@@ -131,6 +155,189 @@ class CustomRecordingTests(RecordingChecks, unittest.TestCase):
         self.assertIs(self.layer["request_handler"], EchoHandler)
 
 
+#: Header fields as a client may send them: names in any case, with an
+#: underscore, repeated; a chunked body.
+FIELDS_AS_SENT = [("Host", "x"), ("x-lower", "a"), ("Transfer-Encoding", "chunked"), ("Cookie", "a=1"),
+                  ("Cookie", "b=2"), ("X-Tag", "one"), ("X-TAG", "two"), ("X_Under", "u"), ("Connection", "close")]
+
+
+class HeaderFieldsChecks:
+    """The header fields are recorded as the client sent them."""
+
+    def test_header_fields_are_recorded_as_sent(self):
+        head = "".join(f"{name}: {value}\r\n" for name, value in FIELDS_AS_SENT).encode()
+        data = exchange(self.layer, b"POST /upload HTTP/1.1\r\n" + head + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+        [(status, _, _)], rest = parse_responses(data, ["POST"])
+        self.assertEqual((status, rest), (200, b""))
+        [request] = self.layer["http_requests"]
+        self.assertEqual(request.headers.items(), FIELDS_AS_SENT)
+        self.assertEqual(request.headers.get_all("cookie"), ["a=1", "b=2"])
+        self.assertIsNone(request.headers["Content-Length"])  # none was sent
+        self.assertEqual((request.method, request.path, request.body), ("POST", "/upload", b"hello"))
+
+
+class WSGIHeaderFieldsTests(HeaderFieldsChecks, unittest.TestCase):
+    layer = WSGI_RECORDED
+
+    def test_the_application_still_gets_the_environ_waitress_makes(self):
+        environs = []
+
+        def app(environ, start_response):
+            environs.append(dict(environ))
+            start_response("200 OK", [("Content-Length", "0")])
+            return []
+
+        self.layer["httpd"].set_app(app)
+        exchange(self.layer, b"GET / HTTP/1.1\r\nHost: x\r\nX-Tag: one\r\nx-tag: two\r\nConnection: close\r\n\r\n")
+        [environ] = environs
+        self.assertEqual(environ["HTTP_X_TAG"], "one, two")
+        self.assertNotIn(REQUEST_HEAD, environ)
+
+
+class WSGITLSHeaderFieldsTests(HeaderFieldsChecks, unittest.TestCase):
+    layer = WSGI_RECORDED_TLS
+
+
+class CustomHeaderFieldsTests(HeaderFieldsChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+
+class BodyLengthChecks:
+    """A Content-Length is digits, with optional whitespace around them
+    (RFC 9110 section 5.5, RFC 9112 section 6.3). The body recorded is the
+    one the application reads; a length that is no such number gets a 400
+    and the connection ends, before anything reads a body whose end is in
+    doubt."""
+
+    #: The status and body the layer answers ``POST /echo`` with ``hello``.
+    echoed: tuple[int, bytes | None] = (200, b"echo:hello")
+
+    def test_whitespace_around_the_length(self):
+        for field in (b"Content-Length: 5 ", b"Content-Length:\t5 \t", b"Content-Length:5"):
+            with self.subTest(field=field):
+                self.layer["http_requests"].clear()
+                data = exchange(self.layer, b"POST /echo HTTP/1.1\r\nHost: x\r\n" + field + b"\r\n\r\nhello" + LAST_GET)
+                [(status, _, body), _], rest = parse_responses(data, ["POST", "GET"])
+                self.assertEqual(status, self.echoed[0], data)
+                if self.echoed[1] is not None:
+                    self.assertEqual(body, self.echoed[1])
+                self.assertEqual(rest, b"")
+                self.assertEqual([(request.path, request.body) for request in self.layer["http_requests"]],
+                                 [("/echo", b"hello"), ("/last", b"")])
+
+    def test_a_length_that_is_no_number_is_refused_and_ends_the_connection(self):
+        for fields in (b"Content-Length: +3", b"Content-Length: -1", b"Content-Length: 3, 4",
+                       b"Content-Length: 3\r\nContent-Length: 4", b"Content-Length: 3, 3",
+                       b"Content-Length: 3\r\nContent-Length: 3", b"Content-Length: 0x3", b"Content-Length: 3_0",
+                       b"Content-Length: \xb2", b"Content-Length: \xd9\xa3", b"Content-Length: 3 3",
+                       b"Content-Length:"):
+            with self.subTest(fields=fields):
+                data = exchange(self.layer, b"POST /echo HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n\r\nabc" + LAST_GET)
+                [(status, headers, _)], rest = parse_responses(data, ["POST"])
+                self.assertEqual((status, headers["Connection"], rest), (400, "close", b""), data)
+                self.assertEqual(list(self.layer["http_requests"]), [])
+
+
+class WSGIBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    """waitress frames the body itself: the layers built on http.server agree with it."""
+
+    layer = WSGI_RECORDED
+
+
+class CustomBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+
+class CustomTLSBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED_TLS
+
+
+class StaticBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = STATIC_RECORDED
+    echoed = (405, None)  # and the connection goes on: the body was read
+
+
+class ContentBodyLengthTests(BodyLengthChecks, unittest.TestCase):
+    layer = CONTENT_RECORDED
+
+    def setUp(self):
+        self.layer["http_content"].route("/echo", "POST", data=b"hello").respond("echo:hello")
+
+
+class ContentTLSBodyLengthTests(ContentBodyLengthTests):
+    layer = CONTENT_RECORDED_TLS
+
+
+def http_connection(test, layer):
+    """An ``http.client`` connection to ``layer``, over TLS on a TLS layer."""
+    if layer["http_url"].startswith("https:"):
+        connection = http.client.HTTPSConnection(layer["http_host"], layer["http_port"], timeout=5,
+                                                 context=layer["ssl_context"])
+    else:
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+    test.addCleanup(connection.close)
+    return connection
+
+
+class PathAsSentChecks:
+    """http.server makes a leading ``//`` of ``self.path`` one ``/``; the
+    recorded path is the request line's, as the client sent it."""
+
+    def get(self, target):
+        connection = http_connection(self, self.layer)
+        connection.request("GET", target)
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def test_a_path_starting_with_slashes_is_recorded_as_sent(self):
+        for target in ("//api//v1?x=1", "///three", "/one//two/"):
+            self.get(target)
+        self.assertEqual([(request.path, request.query) for request in self.layer["http_requests"]],
+                         [("//api//v1", "x=1"), ("///three", ""), ("/one//two/", "")])
+        self.assertEqual(str(self.layer["http_requests"][0]), "GET //api//v1?x=1")
+
+
+class WSGIPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = WSGI_RECORDED
+
+
+class CustomPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+
+class CustomTLSPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED_TLS
+
+
+class StaticPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = STATIC_RECORDED
+
+    def test_the_file_is_still_served(self):
+        with open(os.path.join(self.layer["documentroot"], "f.txt"), "w") as file:
+            file.write("file")
+        self.assertEqual(self.get("//f.txt"), (200, b"file"))
+        self.assertEqual([request.path for request in self.layer["http_requests"]], ["//f.txt"])
+
+
+class ContentPathAsSentTests(PathAsSentChecks, unittest.TestCase):
+    layer = CONTENT_RECORDED
+
+    def test_routes_match_the_path_as_sent(self):
+        http_content = self.layer["http_content"]
+        http_content.route("//api//v1").respond("as sent")
+        http_content.route("/api//v1").respond("one slash")
+        self.assertEqual(self.get("//api//v1"), (200, b"as sent"))
+        self.assertEqual(self.get("/api//v1"), (200, b"one slash"))
+        http_content.expect("//expected")
+        self.get("//expected")
+        self.assertEqual(http_content.problems(), [])
+        self.assertEqual(http_content.url_for("//api//v1"), self.layer["http_url"] + "/api//v1")
+
+
+class ContentTLSPathAsSentTests(ContentPathAsSentTests):
+    layer = CONTENT_RECORDED_TLS
+
+
 class OtherLayerTests(unittest.TestCase):
 
     def test_wsgi_records_the_request_as_sent_though_the_app_rewrites_it(self):
@@ -161,9 +368,8 @@ class OtherLayerTests(unittest.TestCase):
         layer = set_up_by_hand(self, wsgi.Layer(app, name="wsgi_no_streams"))
         urllib.request.urlopen(layer["http_url"], data=b"body", timeout=5).close()
         unread = layer.requests._items[0]
-        self.assertNotIsInstance(unread, type(layer["http_requests"][0]))
-        for kept in unread.variables.values():
-            self.assertIsInstance(kept, (str, bool, tuple, type), f"the log keeps {kept!r}")
+        self.assertIsInstance(unread, _UnreadHead)
+        self.assertEqual((type(unread.head), unread.body, unread.certificate), (bytes, b"body", None))
 
     def test_static_layer_records(self):
         layer = set_up_by_hand(self, static.Layer(name="static_recorded"))
@@ -228,6 +434,20 @@ class RecordedRequestTests(unittest.TestCase):
         request = RecordedRequest("GET", "/", "", (("Host", "x"),), b"")
         with self.assertRaises(dataclasses.FrozenInstanceError):
             request.path = "/changed"  # type: ignore[misc]
+
+
+class UnreadHeadTests(unittest.TestCase):
+    """The wsgi layer's requests, parsed from the head waitress parsed."""
+
+    def test_folded_lines_continue_their_field(self):
+        request = _UnreadHead(b"GET /a?b=c HTTP/1.1\r\nX-Long: one \r\n  two\r\n\tthree\r\nX-Empty:\r\n"
+                              b" folded\r\nhost:x\r\n\r\n", b"", None).parse()
+        self.assertEqual((request.method, request.path, request.query), ("GET", "/a", "b=c"))
+        self.assertEqual(request.headers.items(), [("X-Long", "one two three"), ("X-Empty", "folded"), ("host", "x")])
+
+    def test_a_request_line_without_a_version(self):
+        request = _UnreadHead(b"GET /old", b"", None).parse()
+        self.assertEqual((request.method, request.path, request.headers.items()), ("GET", "/old", []))
 
 
 class SplitTargetTests(unittest.TestCase):
