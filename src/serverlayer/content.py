@@ -901,8 +901,18 @@ class ContentHandler(custom.RequestHandler):
                 if peeked == b"":
                     return False
                 if peeked:  # a pipelined request: readable until answered
-                    return not server.stopped.wait(max(0.0, deadline - time.monotonic()))
+                    return self._server_runs_until(deadline)
         return True
+
+    def _server_runs_until(self, deadline: float) -> bool:
+        """Whether the server still runs at ``deadline`` (``time.monotonic()``);
+        False as soon as it stops. Waits at most ``custom.LONGEST_WAIT`` at a
+        time: a lock's wait raises on a timeout of centuries."""
+        server: custom.HandlerServer = self.server  # type: ignore[assignment]
+        while (remaining := deadline - time.monotonic()) > 0:
+            if server.stopped.wait(min(remaining, custom.LONGEST_WAIT)):
+                return False
+        return not server.stopped.is_set()
 
     def _peek(self) -> bytes | None:
         """The connection's next byte, left unread: b"" once the client has

@@ -75,6 +75,27 @@ class StreamTests(unittest.TestCase):
         # The stream would take 500 s; the server notices the close at its next pause.
         self.assertTrue(self.layer["httpd"].wait_quiet(5), "the server still streams to a client that left")
 
+    def test_a_stream_stalled_for_years_waits_without_raising(self):
+        # poll() takes at most 24.8 days: the server raised OverflowError
+        # (and cut the stream) at the first pause longer than that.
+        for label, interval in (("1e8", 1e8),):
+            with self.subTest(interval=label):
+                self.http_content.route("/stalled").respond_stream([b"first", b"never"], interval=interval)
+                with self.client.stream("GET", "/stalled", timeout=0.3) as response:
+                    chunks = response.iter_raw()
+                    self.assertEqual(next(chunks), b"first")
+                    with self.assertRaises(httpx.ReadTimeout):
+                        next(chunks)
+                self.assertTrue(self.layer["httpd"].wait_quiet(5))  # the client left: the stream ended
+                self.layer.check_server_errors()
+
+    def test_a_delay_of_years_waits_without_raising(self):
+        self.http_content.route("/late").respond("never", delay=1e8)
+        with self.assertRaises(httpx.ReadTimeout):
+            self.client.get("/late", timeout=0.3)
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        self.layer.check_server_errors()
+
     def test_a_stream_keeps_its_headers(self):
         self.http_content.route("/tokens").respond_stream([b"a"], headers={"X-Model": "tiny"})
         self.assertEqual(self.client.get("/tokens").headers["X-Model"], "tiny")

@@ -207,6 +207,24 @@ class ScriptTests(unittest.TestCase):
         cpu = self.cpu_seconds_during(lambda: self.assertEqual(client.recv(timeout=10), "b"))
         self.assertLess(cpu, 0.25)  # a few milliseconds here; spinning, about 0.5 s
 
+    def test_a_feed_stalled_for_years_waits_without_raising_or_spinning(self):
+        # poll() takes at most 24.8 days: the server raised OverflowError past that.
+        self.http_content.websocket("/feed").on_connect("first", "second", interval=1e8)
+        client = self.connect()
+        self.assertEqual(client.recv(timeout=10), "first")
+        cpu = self.cpu_seconds_during(lambda: self.assertRaises(TimeoutError, client.recv, timeout=0.3))
+        self.assertLess(cpu, 0.15)
+        self.layer.check_server_errors()
+
+    def test_a_wait_longer_than_one_poll_goes_in_slices(self):
+        self.http_content.websocket("/feed").on_connect("a", "b", interval=0.3)
+        with mock.patch.object(custom, "LONGEST_WAIT", 0.05):
+            client = self.connect()
+            self.assertEqual(client.recv(timeout=10), "a")
+            started = time.monotonic()
+            self.assertEqual(client.recv(timeout=10), "b")
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)  # not before it was due
+
     def test_a_client_that_vanishes_without_closing_frees_its_worker(self):
         self.http_content.websocket("/feed").on_connect("a")
         raw_websocket(self.layer, "/feed").close()  # no close frame: gone
