@@ -6,6 +6,8 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import math
+import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -130,3 +132,29 @@ def check_counts(times: int | None, at_least: int | None) -> None:
     for name, value, least in (("times", times, 0), ("at_least", at_least, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ConfigurationError(f"expect({name}={value!r}): a count is a whole number, {least} or more.")
+
+
+def seconds(value: object, *, setting: str, meaning: str, otherwise: str) -> float:
+    """``value``, a pause or pace in seconds, as a float; refuses what no
+    clock reaches: NaN or infinity made a schedule of NaN (a server thread
+    spinning) or a wait the server raised on. A very long wait is a large
+    finite number; the server waits it out in slices."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return float(min(value, sys.float_info.max))  # an int too large for a float waits as long as one
+    if value == math.inf:
+        hint = ("infinity never comes: for a very long wait give a large number, such as 3600"
+                " (the end of the test cuts it short)")
+    elif isinstance(value, str) and _is_number(value):
+        hint = f"write the number {float(value)!r}, not the text {value!r}"
+    else:
+        hint = otherwise
+    raise ConfigurationError(f"{setting}={value!r}: {meaning}; {hint}.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+

@@ -180,6 +180,29 @@ class RouteTests(unittest.TestCase):
             self.assertIn(f"delay={delay!r}: a response waits a number of seconds, 0 or more", str(caught.exception))
         self.assertEqual(Response(200, "now", delay=0).delay, 0)
 
+    def test_json_that_no_parser_takes_is_refused(self):
+        # {"p": inf} went out as {"p": Infinity}; an object failed with a bare TypeError.
+        for data, reason in [({"p": float("inf")}, "Out of range float values are not JSON compliant"),
+                             ([float("nan")], "Out of range float values are not JSON compliant"),
+                             (object(), "is not JSON serializable")]:
+            with self.subTest(data=data), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/a").respond_json(data)
+            self.assertTrue(str(caught.exception).startswith(f"data={data!r} is no JSON value ("), caught.exception)
+            self.assertIn(reason, str(caught.exception))
+
+    def test_a_delay_no_clock_reaches_is_refused(self):
+        # inf raised OverflowError inside the server; "2" a bare TypeError.
+        for delay, hint in [
+            (float("inf"), "infinity never comes: for a very long wait give a large number, such as 3600"
+                           " (the end of the test cuts it short)."),
+            ("2", "write the number 2.0, not the text '2'."),
+            (None, "leave delay out to answer at once."),
+        ]:
+            with self.subTest(delay=delay), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/late").respond("late", delay=delay)
+            self.assertEqual(str(caught.exception), f"delay={delay!r}: a response waits a number of seconds,"
+                                                    f" 0 or more, before it is sent; {hint}")
+
     def test_the_requests_of_the_test_in_order(self):
         self.http_content.route("/a").respond("a")
         call(self.layer, "/a?x=1")

@@ -689,6 +689,66 @@ class ConfigurationTests(unittest.TestCase):
             with self.subTest(interval=interval), self.assertRaises(ConfigurationError):
                 self.script.on_connect("a", interval=interval)
 
+    def test_an_interval_no_clock_reaches_is_refused(self):
+        # inf made the schedule 0 * inf = NaN: the server thread spun.
+        for interval, hint in [
+            (float("inf"), "infinity never comes: for a very long wait give a large number, such as 3600"
+                           " (the end of the test cuts it short)."),
+            ("0.1", "write the number 0.1, not the text '0.1'."),
+            (None, "leave interval out to send them at once."),
+        ]:
+            for declare in (self.script.on_connect, lambda *a, **k: self.script.on_message("x", *a, **k),
+                            lambda *a, **k: self.script.expect("x", *a, **k)):
+                with self.subTest(interval=interval), self.assertRaises(ConfigurationError) as caught:
+                    declare("a", "b", interval=interval)
+                self.assertEqual(str(caught.exception),
+                                 f"interval={interval!r}: messages go out that many seconds apart, 0 or more; {hint}")
+
+    def test_nan_and_infinity_are_no_json_messages(self):
+        # They went out as NaN and {"p": Infinity}, which no JSON parser takes.
+        for message in (float("nan"), {"p": float("inf")}, [float("-inf")]):
+            with self.subTest(message=message), self.assertRaises(ConfigurationError) as caught:
+                self.script.on_connect(message)
+            self.assertIn("Out of range float values are not JSON compliant", str(caught.exception))
+
+    def test_reply_with_needs_a_function(self):
+        with self.assertRaises(ConfigurationError) as caught:
+            self.script.reply_with("pong")  # type: ignore[arg-type]
+        self.assertEqual(str(caught.exception),
+                         "reply_with('pong'): give a function that takes the message and returns the answer;"
+                         " for a fixed answer to every message, write on_message(str, answer) and"
+                         " on_message(bytes, answer).")
+
+    def test_subprotocols_are_a_list_of_names(self):
+        # "chat" was the subprotocols c, h, a and t.
+        for subprotocols, message in [
+            ("chat", "subprotocols='chat': give a list of subprotocol names, such as subprotocols=['chat']."),
+            (None, "subprotocols=None: give a list of subprotocol names, such as subprotocols=['chat']."),
+            ([1], "subprotocols=[1]: 1 is no subprotocol name; a name is text without spaces or separators"
+                  " (an HTTP token), such as 'graphql-transport-ws'."),
+            (["v1", "a b"], "subprotocols=['v1', 'a b']: 'a b' is no subprotocol name"),
+            ([""], "subprotocols=['']: '' is no subprotocol name"),
+        ]:
+            with self.subTest(subprotocols=subprotocols), self.assertRaises(ConfigurationError) as caught:
+                content.HTTPContent().websocket("/chat", subprotocols=subprotocols)  # type: ignore[arg-type]
+            self.assertIn(message, str(caught.exception))
+        script = content.HTTPContent().websocket("/chat", subprotocols=(name for name in ["v2", "v1"]))
+        self.assertEqual(script.subprotocols, ("v2", "v1"))
+
+    def test_a_match_no_message_can_meet_is_refused(self):
+        for match, message in [
+            (dict, "match=dict: a message is str (text) or bytes (binary), so only those types match a kind"
+                   " of message; for JSON of a kind, give a function, such as"
+                   " lambda message: message.startswith('{')."),
+            (object(), "is not JSON serializable"),
+            (float("nan"), "match=nan: a message is matched by"),
+        ]:
+            for declare in (self.script.on_message, self.script.expect):
+                with self.subTest(match=match, declare=declare), self.assertRaises(ConfigurationError) as caught:
+                    declare(match)
+                self.assertIn(message, str(caught.exception))
+        self.script.on_message(None).expect(str).expect(bytes).expect({"op": [1, 2.5]})  # null, kinds, JSON
+
     def test_expect_needs_a_count(self):
         with self.assertRaises(ConfigurationError):
             self.script.expect("x", times=None)
