@@ -400,8 +400,7 @@ class Route:
         form: Mapping[str, str | Sequence[str]] | None = None,
         match: Callable[[RecordedRequest], bool] | None = None,
     ) -> None:
-        if not isinstance(path, (str, re.Pattern)):
-            raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
+        matching.check_path(path, where="expect" if isinstance(self, Expectation) else "route", takes_query=True)
         if match is not None and not callable(match):
             raise ConfigurationError(f"match={match!r} must be a function that takes the recorded request.")
         checked_query = matching.checked_fields("query", query or {})

@@ -7,6 +7,7 @@ import email.parser
 import email.policy
 import json
 import math
+import re
 import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -158,3 +159,32 @@ def _is_number(text: str) -> bool:
         return False
     return True
 
+
+def check_path(path: object, *, where: str, takes_query: bool) -> None:
+    """Refuse a path no request can have: a request's path starts with
+    ``/`` and holds no query (that is matched apart), so ``"feed"`` or
+    ``"/feed?token=abc"`` would never match. ``"*"``, the target of
+    ``OPTIONS *``, is a path an HTTP request (not a handshake) can have.
+    ``takes_query``: whether ``where`` matches a query with ``query=``."""
+    if isinstance(path, re.Pattern) or (path == "*" and takes_query):
+        return
+    if not isinstance(path, str):
+        raise ConfigurationError(f"{where}({path!r}): a path is a str or a compiled regular expression.")
+    if not path.startswith("/"):
+        if path not in ("", "*") and "://" not in path:
+            fix = f"write {where}({'/' + path!r})"
+        else:
+            fix = f'give the path alone, such as {where}("/feed")'
+        raise ConfigurationError(f'{where}({path!r}): a request\'s path starts with "/", so this one would'
+                                 f" never match; {fix}.")
+    if "?" in path:
+        base, _, query = path.partition("?")
+        if takes_query:
+            pairs = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+            fix = f"write {where}({base!r}, query={pairs!r})"
+        else:
+            fix = f"write {where}({base!r}), which serves it whatever the query (http_requests records the query)"
+        raise ConfigurationError(
+            f"{where}({path!r}): a path is matched without its query, so this one would never match; {fix}."
+            " A question mark that is part of the path is sent encoded: write it %3F."
+        )

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from serverlayer.custom import HandlerServer, has_buffered_data
 from serverlayer.errors import ConfigurationError
-from serverlayer.matching import check_counts, json_differences, seconds
+from serverlayer.matching import check_counts, check_path, json_differences, seconds
 from serverlayer.recording import RecordedRequest
 
 if TYPE_CHECKING:
@@ -230,8 +230,7 @@ class WebSocketScript:
     """
 
     def __init__(self, path: str | re.Pattern[str], subprotocols: Sequence[str] = ()) -> None:
-        if not isinstance(path, (str, re.Pattern)):
-            raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
+        check_path(path, where="websocket", takes_query=False)
         self.path = path
         self.subprotocols = _subprotocols(subprotocols)
         self._lock = threading.Lock()

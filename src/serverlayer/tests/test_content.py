@@ -153,6 +153,40 @@ class RouteTests(unittest.TestCase):
                 self.assertEqual(call(self.layer, "/orders", data=b"{}", method=method)[0], 404)
         self.assertEqual(call(self.layer, "/orders", data=b"{}", method="POST")[:3:2], (201, b"created"))
 
+    def test_a_path_no_request_can_have_is_refused(self):
+        # Accepted before, and never matched: a request's path starts with
+        # "/", and its query is matched apart.
+        http_content = content.HTTPContent()
+        for declare, message in [
+            (lambda: http_content.route("feed"),
+             "route('feed'): a request's path starts with \"/\", so this one would never match;"
+             " write route('/feed')."),
+            (lambda: http_content.expect("orders/1", "POST"),
+             "expect('orders/1'): a request's path starts with \"/\", so this one would never match;"
+             " write expect('/orders/1')."),
+            (lambda: http_content.route("https://api.example/feed"),
+             "route('https://api.example/feed'): a request's path starts with \"/\", so this one would never"
+             ' match; give the path alone, such as route("/feed").'),
+            (lambda: http_content.route("/search?q=tea&page=1"),
+             "route('/search?q=tea&page=1'): a path is matched without its query, so this one would never"
+             " match; write route('/search', query={'q': 'tea', 'page': '1'}). A question mark that is part"
+             " of the path is sent encoded: write it %3F."),
+            (lambda: http_content.route(b"/feed"),  # type: ignore[arg-type]
+             "route(b'/feed'): a path is a str or a compiled regular expression."),
+        ]:
+            with self.subTest(message=message), self.assertRaises(ConfigurationError) as caught:
+                declare()
+            self.assertEqual(str(caught.exception), message)
+
+    def test_a_path_with_an_encoded_question_mark_or_asterisk_form(self):
+        self.http_content.route("/what%3F").respond("a question")
+        self.http_content.route("*", "OPTIONS").respond("the server")  # OPTIONS * asks about the server
+        self.assertEqual(call(self.layer, "/what%3F")[2], b"a question")
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("OPTIONS", "*")
+        self.assertEqual(connection.getresponse().read(), b"the server")
+
     def test_a_route_with_no_answer_programmed_answers_200_and_no_body(self):
         self.http_content.route("/ping")
         status, headers, body = call(self.layer, "/ping")

@@ -252,6 +252,12 @@ class ScriptTests(unittest.TestCase):
             self.assertEqual(caught.exception.response.status_code, 404)
         self.assertEqual(self.connect("/feed").protocol.state.name, "OPEN")  # and it keeps serving
 
+    def test_a_handshake_with_a_query_is_served_by_its_paths_script(self):
+        # What the refusal of websocket("/feed?token=abc") advises.
+        self.http_content.websocket("/feed").on_connect("hi")
+        self.assertEqual(self.connect("/feed?token=abc").recv(timeout=10), "hi")
+        self.assertEqual(self.layer["http_requests"][-1].query_params, {"token": ["abc"]})
+
     def test_a_subprotocol_is_agreed(self):
         self.http_content.websocket("/graphql", subprotocols=["graphql-transport-ws"])
         client = self.connect("/graphql", subprotocols=["other", "graphql-transport-ws"])
@@ -769,6 +775,22 @@ class ConfigurationTests(unittest.TestCase):
     def test_path_must_be_a_string_or_pattern(self):
         with self.assertRaises(ConfigurationError):
             content.HTTPContent().websocket(b"/feed")  # type: ignore[arg-type]
+
+    def test_a_path_no_handshake_can_have_is_refused(self):
+        # Accepted before, and never served: the client got a 404.
+        for path, message in [
+            ("feed", "websocket('feed'): a request's path starts with \"/\", so this one would never match;"
+                     " write websocket('/feed')."),
+            ("*", "websocket('*'): a request's path starts with \"/\", so this one would never match;"
+                  ' give the path alone, such as websocket("/feed").'),
+            ("/feed?token=abc", "websocket('/feed?token=abc'): a path is matched without its query, so this"
+                                " one would never match; write websocket('/feed'), which serves it whatever the"
+                                " query (http_requests records the query). A question mark that is part of the"
+                                " path is sent encoded: write it %3F."),
+        ]:
+            with self.subTest(path=path), self.assertRaises(ConfigurationError) as caught:
+                content.HTTPContent().websocket(path)
+            self.assertEqual(str(caught.exception), message)
 
 
 class MatchingTests(unittest.TestCase):
