@@ -196,6 +196,9 @@ class _MessageRule:
     times: int | None = None
     at_least: int | None = None
     count: int = 0
+    #: The messages it counted, in the order they came: the report of one
+    #: met too often lists them.
+    counted: list[Message] = dataclasses.field(default_factory=list)
 
     def wanted(self) -> str:
         if self.at_least is not None:
@@ -331,12 +334,19 @@ class WebSocketScript:
             return found
 
     def _closest(self, rule: _MessageRule, shown: int = 3) -> str:
+        """The messages that came nearest to ``rule``, fewest differences
+        first; of one met too often, the messages it counted (as for HTTP
+        expectations, ``content._closest``)."""
+        if rule.times is not None and rule.count > rule.times:
+            return ".\n  The messages it counted:\n" + "\n".join(f"    {_show(message)}" for message in rule.counted)
         differing = [(message, found) for message in self._received
                      if (found := message_differences(rule.match, message))]
         if not differing:
             if not self._received:
                 return "; no messages arrived" if self._connections else "; no client connected"
-            return "" if rule.count else "; the messages it matches met an earlier expectation"
+            # Every message matched it: none counted, as they went to an
+            # earlier expectation or came before this one was declared.
+            return "" if rule.count else "; the messages it matches came before it or met an earlier expectation"
         near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
         lines = [f"    {_show(message)}: {'; '.join(found)}" for message, found in near]
         return ".\n  Closest messages that arrived:\n" + "\n".join(lines)
@@ -356,6 +366,7 @@ class WebSocketScript:
             if matching:
                 rule = next((rule for rule in matching if rule.wants_more()), matching[-1])
                 rule.count += 1
+                rule.counted.append(message)
                 return rule.reply
             handled = next((rule for rule in self._rules if not message_differences(rule.match, message)), None)
             if handled is not None:

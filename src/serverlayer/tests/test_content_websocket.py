@@ -431,7 +431,8 @@ class ScriptCheckTests(unittest.TestCase):
             client.send("ab")  # both met: the last matching one takes it, once too often
             self.assertEqual(client.recv(timeout=10), "second")
         self.assertEqual(self.http_content.problems(),
-                         ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s)"])
+                         ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s).\n"
+                          "  The messages it counted:\n    'ab'\n    'ab'"])
 
     def test_an_earlier_expectation_met_too_often_does_not_take_what_a_later_one_wants(self):
         self.http_content.websocket("/feed").expect(re.compile("a."), "first").expect("ab", "second")
@@ -444,14 +445,35 @@ class ScriptCheckTests(unittest.TestCase):
         self.http_content.websocket("/feed").expect("no", times=0).on_message(str)
         self.talk("no")
         self.assertEqual(self.http_content.problems(),
-                         ["expected a message 'no' on WebSocket /feed 0 times, it arrived 1 time(s)"])
+                         ["expected a message 'no' on WebSocket /feed 0 times, it arrived 1 time(s).\n"
+                          "  The messages it counted:\n    'no'"])
 
     def test_an_expectation_whose_messages_met_an_earlier_one(self):
         self.http_content.websocket("/feed").expect("ab").expect(re.compile("a."))
         self.talk("ab")
         self.assertEqual(self.http_content.problems(), [
             "expected a message matching /'a.'/ on WebSocket /feed once, it arrived 0 time(s);"
-            " the messages it matches met an earlier expectation",
+            " the messages it matches came before it or met an earlier expectation",
+        ])
+
+    def test_an_expectation_met_too_often_shows_the_messages_it_counted(self):
+        # As the HTTP report does; it showed the closest of the messages it
+        # did not count ("'status': not 'ping'").
+        self.http_content.websocket("/feed").expect("ping", times=2).on_message("status")
+        self.talk("ping", "status", "ping", "ping")
+        self.assertEqual(self.http_content.problems(), [
+            "expected a message 'ping' on WebSocket /feed 2 times, it arrived 3 time(s).\n"
+            "  The messages it counted:\n    'ping'\n    'ping'\n    'ping'",
+        ])
+
+    def test_an_expectation_declared_after_its_message_came(self):
+        # The report blamed an earlier expectation where there was none.
+        feed = self.http_content.websocket("/feed")
+        self.talk("hello")
+        feed.expect("hello")
+        self.assertEqual(self.http_content.problems(), [
+            "expected a message 'hello' on WebSocket /feed once, it arrived 0 time(s);"
+            " the messages it matches came before it or met an earlier expectation",
         ])
 
     def test_a_function_or_type_is_named_in_the_report(self):
