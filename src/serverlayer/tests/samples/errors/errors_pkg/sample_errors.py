@@ -78,7 +78,7 @@ def deeper(base):
     return Deeper
 
 
-DeepLayer = wsgi.Layer
+DeepLayer: type[wsgi.Layer] = wsgi.Layer
 for _ in range(20):
     DeepLayer = deeper(DeepLayer)
 DEEP_LAYER = DeepLayer(app, name="DEEP_LAYER")
