@@ -73,15 +73,24 @@ class Response:
     interval: float = 0.0
 
     def __post_init__(self) -> None:
+        # Checked here, where the test declares it, rather than found out
+        # inside the server at the first request, where the client only
+        # sees its connection drop.
+        _check_status(self.status)
+        _as_bytes(self.body, "body")
         _check_no_body(self.status, self.body)
-        if not self.delay >= 0:  # NaN too
+        object.__setattr__(self, "headers", tuple(_header_items(self.headers)))
+        object.__setattr__(self, "delay", matching.seconds(
+            self.delay, setting="delay", meaning="a response waits a number of seconds, 0 or more, before it is sent",
+            otherwise="leave delay out to answer at once"))
+        object.__setattr__(self, "interval", matching.seconds(
+            self.interval, setting="interval", meaning="a stream sends its pieces that many seconds apart, 0 or more",
+            otherwise="leave interval out to send them at once"))
+        if self.truncate is not None and (
+            isinstance(self.truncate, bool) or not isinstance(self.truncate, int) or self.truncate < 0
+        ):
             raise ConfigurationError(
-                f"delay={self.delay!r}: a response waits a number of seconds, 0 or more,"
-                " before it is sent; leave delay out to answer at once."
-            )
-        if not self.interval >= 0:
-            raise ConfigurationError(
-                f"interval={self.interval!r}: a stream sends its pieces that many seconds apart, 0 or more."
+                f"truncate={self.truncate!r}: the body is cut after that many bytes, a whole number 0 or more."
             )
         if self.chunks is not None:
             if self.body or self.truncate is not None or _has_no_body(self.status):
@@ -89,7 +98,9 @@ class Response:
                     "A streamed response sends its chunks as its body, chunked: it takes no"
                     f" body= and no truncate=, and a status with a body (not {self.status})."
                 )
-            object.__setattr__(self, "chunks", tuple(_as_bytes(chunk) for chunk in self.chunks))
+            pieces = _pieces(self.chunks, setting="chunks", example=["Hel", "lo"])
+            object.__setattr__(self, "chunks", tuple(
+                _as_bytes(chunk, f"chunks[{index}]") for index, chunk in enumerate(pieces)))
         if self.chunked or self.chunks is not None:
             framing = [name for name, _ in _header_items(self.headers)
                        if name.lower() in ("transfer-encoding", "content-length")]
@@ -102,8 +113,13 @@ class Response:
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
-        """A JSON body with its Content-Type."""
-        return cls(status, json.dumps(data), [("Content-Type", "application/json"), *_header_items(headers)])
+        """A JSON body with its Content-Type; NaN and infinities are refused,
+        as json.dumps would write them as ``NaN``, which no JSON parser takes."""
+        try:
+            body = json.dumps(data, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(f"data={matching.shown(data)} is no JSON value ({error}).") from None
+        return cls(status, body, [("Content-Type", "application/json"), *_header_items(headers)])
 
     @classmethod
     def stream(cls, chunks: Iterable[bytes | str], interval: float = 0.0, status: int = 200,
@@ -111,9 +127,11 @@ class Response:
         """A body sent chunked, one chunk every ``interval`` seconds.
 
         A client that closes the connection mid-stream ends it, and is no
-        error; so does the end of the test.
+        error; so does the end of the test. A lone str or bytes is refused:
+        it would go out a character at a time; write ``["the text"]``.
         """
-        return cls(status, headers=headers, chunks=tuple(_as_bytes(chunk) for chunk in chunks), interval=interval)
+        return cls(status, headers=headers, chunks=tuple(_pieces(chunks, setting="chunks", example=["Hel", "lo"])),
+                   interval=interval)
 
     @classmethod
     def sse(cls, events: Iterable[Event | object], interval: float = 0.0, status: int = 200,
@@ -122,8 +140,11 @@ class Response:
 
         An event is an ``Event``, a ``str`` (its data), or any other value,
         sent as JSON data: ``[{"delta": "Hel"}, {"delta": "lo"}, "[DONE]"]``
-        is how LLM-style APIs stream.
+        is how LLM-style APIs stream. A lone event (a str, a mapping, an
+        ``Event``) is refused, as iterating it would make other events of its
+        characters or keys: write ``[event]``.
         """
+        events = _pieces(events, setting="events", example=[{"delta": "Hel"}, "[DONE]"])
         items = _header_items(headers)
         given = {name.lower() for name, _ in items}
         defaults = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
@@ -139,12 +160,39 @@ class Response:
         return _as_bytes(self.body)
 
 
-def _as_bytes(data: bytes | str) -> bytes:
+def _as_bytes(data: bytes | str, setting: str = "body") -> bytes:
     if isinstance(data, str):
         return data.encode("utf-8")
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ConfigurationError(f"A body or chunk is bytes or str, not {data!r}.")
+        raise ConfigurationError(f"{setting}: a body or chunk is bytes or str, not {data!r}.")
     return bytes(data)
+
+
+def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[Any]:
+    """The chunks or events of a stream, as a list.
+
+    A str or bytes is iterable, a character or a byte (an int) at a time,
+    and a mapping by its keys: given where a list of them is due, each
+    would go out as a piece of its own. Such a lone piece, or an
+    ``Event``, is refused rather than guessed at.
+    """
+    if isinstance(given, (str, bytes, bytearray, memoryview, Mapping, Event)):
+        raise ConfigurationError(
+            f"{setting}={matching.shown(given)}: give a list of {setting}, such as {example!r};"
+            f" this is one of them (a stream would send it a piece at a time). To send it alone, write"
+            f" [{matching.shown(given)}]."
+        )
+    if not isinstance(given, Iterable):
+        raise ConfigurationError(f"{setting}={given!r}: give a list of {setting}, such as {example!r}.")
+    return list(given)
+
+
+def _check_status(status: object, setting: str = "status") -> None:
+    """Refuse a status no response line can carry: three digits (RFC 9110
+    section 15), a number rather than its text."""
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 999:
+        hint = f": write {int(status)}" if isinstance(status, str) and status.strip().isdigit() else ", such as 200"
+        raise ConfigurationError(f"{setting}={status!r}: an HTTP status is a whole number from 100 to 999{hint}.")
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -286,9 +334,31 @@ def _check_no_body(status: int, body: bytes | str) -> None:
 
 
 def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
-    if not headers:
+    """``headers`` as (name, value) pairs; refuses what would fail inside the
+    server at the first request, or split into headers of its own."""
+    if headers is None:
         return []
-    return list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    if isinstance(headers, Mapping):
+        items: list[Any] = list(headers.items())
+    elif isinstance(headers, Iterable) and not isinstance(headers, (str, bytes)):
+        items = list(headers)
+    else:
+        items = [headers]
+    pairs = []
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+            name, value = item
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # http.server writes it as its digits
+            if isinstance(value, str) and not _LINE_BREAK.search(name + value):
+                pairs.append((name, value))
+                continue
+        raise ConfigurationError(
+            f"headers={matching.shown(headers)}: give a mapping of names to values, such as"
+            f" {{'Content-Type': 'text/plain'}}, or (name, value) pairs, each a single line of text;"
+            f" {matching.shown(item)} is none."
+        )
+    return pairs
 
 
 def _as_response(answer: Answer, request: RecordedRequest) -> Response:
@@ -330,8 +400,7 @@ class Route:
         form: Mapping[str, str | Sequence[str]] | None = None,
         match: Callable[[RecordedRequest], bool] | None = None,
     ) -> None:
-        if not isinstance(path, (str, re.Pattern)):
-            raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
+        matching.check_path(path, where="expect" if isinstance(self, Expectation) else "route", takes_query=True)
         if match is not None and not callable(match):
             raise ConfigurationError(f"match={match!r} must be a function that takes the recorded request.")
         checked_query = matching.checked_fields("query", query or {})
@@ -564,6 +633,8 @@ class HTTPContent:
     def serve_content(self, content: bytes | str, code: int = 200, headers: Mapping[str, str] | None = None,
                       chunked: bool = False) -> None:
         """Answer every request that nothing else answers with this."""
+        _check_status(code, "code")
+        _as_bytes(content, "content")
         _check_no_body(code, content)
         self.content, self.code, self.headers, self.chunked = content, code, dict(headers or {}), chunked
 
@@ -901,8 +972,18 @@ class ContentHandler(custom.RequestHandler):
                 if peeked == b"":
                     return False
                 if peeked:  # a pipelined request: readable until answered
-                    return not server.stopped.wait(max(0.0, deadline - time.monotonic()))
+                    return self._server_runs_until(deadline)
         return True
+
+    def _server_runs_until(self, deadline: float) -> bool:
+        """Whether the server still runs at ``deadline`` (``time.monotonic()``);
+        False as soon as it stops. Waits at most ``custom.LONGEST_WAIT`` at a
+        time: a lock's wait raises on a timeout of centuries."""
+        server: custom.HandlerServer = self.server  # type: ignore[assignment]
+        while (remaining := deadline - time.monotonic()) > 0:
+            if server.stopped.wait(min(remaining, custom.LONGEST_WAIT)):
+                return False
+        return not server.stopped.is_set()
 
     def _peek(self) -> bytes | None:
         """The connection's next byte, left unread: b"" once the client has

@@ -42,6 +42,13 @@ DISCONNECTS = (ConnectionError, TimeoutError)
 
 
 
+#: The longest wait in one poll() or select() call: poll() takes whole
+#: milliseconds that fit 32 bits (under 25 days), and raises beyond. A
+#: longer wait (a test stalling a stream for "a very long time") goes in
+#: waits this long, one after the other.
+LONGEST_WAIT = 86400.0
+
+
 def _ready_to_read(fds: tuple[int, ...], timeout: float | None) -> Collection[int]:
     """Which of ``fds`` are readable (or closed), once one is or ``timeout``
     seconds passed (None: no limit).
@@ -49,7 +56,20 @@ def _ready_to_read(fds: tuple[int, ...], timeout: float | None) -> Collection[in
     A worker waits like this for each next request on its connection, so
     the wait is a single poll() call: no epoll object to create and close,
     as a DefaultSelector would, and none of the selectors module's Python.
+    Only a wait longer than ``LONGEST_WAIT`` takes more than one.
     """
+    if timeout is None or timeout <= LONGEST_WAIT:
+        return _ready_within(fds, timeout)
+    deadline = time.monotonic() + timeout
+    while not (ready := _ready_within(fds, LONGEST_WAIT)):
+        left = deadline - time.monotonic()
+        if left <= LONGEST_WAIT:
+            return _ready_within(fds, max(0.0, left))
+    return ready
+
+
+def _ready_within(fds: tuple[int, ...], timeout: float | None) -> Collection[int]:
+    """``_ready_to_read`` in one call, ``timeout`` at most ``LONGEST_WAIT``."""
     if not hasattr(select, "poll"):
         return select.select(fds, [], [], timeout)[0]
     poller = select.poll()

@@ -6,6 +6,9 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import math
+import re
+import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -130,3 +133,58 @@ def check_counts(times: int | None, at_least: int | None) -> None:
     for name, value, least in (("times", times, 0), ("at_least", at_least, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ConfigurationError(f"expect({name}={value!r}): a count is a whole number, {least} or more.")
+
+
+def seconds(value: object, *, setting: str, meaning: str, otherwise: str) -> float:
+    """``value``, a pause or pace in seconds, as a float; refuses what no
+    clock reaches: NaN or infinity made a schedule of NaN (a server thread
+    spinning) or a wait the server raised on. A very long wait is a large
+    finite number; the server waits it out in slices."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return float(min(value, sys.float_info.max))  # an int too large for a float waits as long as one
+    if value == math.inf:
+        hint = ("infinity never comes: for a very long wait give a large number, such as 3600"
+                " (the end of the test cuts it short)")
+    elif isinstance(value, str) and _is_number(value):
+        hint = f"write the number {float(value)!r}, not the text {value!r}"
+    else:
+        hint = otherwise
+    raise ConfigurationError(f"{setting}={value!r}: {meaning}; {hint}.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_path(path: object, *, where: str, takes_query: bool) -> None:
+    """Refuse a path no request can have: a request's path starts with
+    ``/`` and holds no query (that is matched apart), so ``"feed"`` or
+    ``"/feed?token=abc"`` would never match. ``"*"``, the target of
+    ``OPTIONS *``, is a path an HTTP request (not a handshake) can have.
+    ``takes_query``: whether ``where`` matches a query with ``query=``."""
+    if isinstance(path, re.Pattern) or (path == "*" and takes_query):
+        return
+    if not isinstance(path, str):
+        raise ConfigurationError(f"{where}({path!r}): a path is a str or a compiled regular expression.")
+    if not path.startswith("/"):
+        if path not in ("", "*") and "://" not in path:
+            fix = f"write {where}({'/' + path!r})"
+        else:
+            fix = f'give the path alone, such as {where}("/feed")'
+        raise ConfigurationError(f'{where}({path!r}): a request\'s path starts with "/", so this one would'
+                                 f" never match; {fix}.")
+    if "?" in path:
+        base, _, query = path.partition("?")
+        if takes_query:
+            pairs = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+            fix = f"write {where}({base!r}, query={pairs!r})"
+        else:
+            fix = f"write {where}({base!r}), which serves it whatever the query (http_requests records the query)"
+        raise ConfigurationError(
+            f"{where}({path!r}): a path is matched without its query, so this one would never match; {fix}."
+            " A question mark that is part of the path is sent encoded: write it %3F."
+        )

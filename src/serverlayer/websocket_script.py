@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from serverlayer.custom import HandlerServer, _ready_to_read, has_buffered_data
 from serverlayer.errors import ConfigurationError
-from serverlayer.matching import check_counts, json_differences
+from serverlayer.matching import check_counts, check_path, json_differences, seconds
 from serverlayer.recording import RecordedRequest
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ def as_message(value: object) -> Message:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     try:
-        return json.dumps(value)
+        # NaN and infinities would go out as NaN and Infinity, which no JSON parser takes.
+        return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ConfigurationError(
             f"A WebSocket message must be str (a text frame), bytes (a binary frame)"
@@ -76,11 +77,31 @@ def _close_frame(close: int | tuple[int, str] | None) -> tuple[int, str] | None:
 
 
 def _interval(interval: float) -> float:
-    if not interval >= 0:  # NaN too
+    return seconds(interval, setting="interval", meaning="messages go out that many seconds apart, 0 or more",
+                   otherwise="leave interval out to send them at once")
+
+
+#: A subprotocol's name is a token (RFC 6455 section 4.1, RFC 9110 section 5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _subprotocols(subprotocols: Sequence[str]) -> tuple[str, ...]:
+    """The names of ``subprotocols``; refuses a bare str, whose characters
+    would each be a subprotocol (``"chat"`` was ``c``, ``h``, ``a``, ``t``),
+    and names no client can offer."""
+    if isinstance(subprotocols, (str, bytes)) or not isinstance(subprotocols, Iterable):
+        example = [subprotocols] if isinstance(subprotocols, str) else ["chat"]
         raise ConfigurationError(
-            f"interval={interval!r}: messages go out that many seconds apart, 0 or more."
+            f"subprotocols={subprotocols!r}: give a list of subprotocol names, such as subprotocols={example!r}."
         )
-    return float(interval)
+    names = tuple(subprotocols)
+    for name in names:
+        if not (isinstance(name, str) and _TOKEN.fullmatch(name)):
+            raise ConfigurationError(
+                f"subprotocols={list(names)!r}: {name!r} is no subprotocol name; a name is text without spaces"
+                " or separators (an HTTP token), such as 'graphql-transport-ws'."
+            )
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +139,29 @@ def _describe(match: object) -> str:
     return f"JSON {_show(json.dumps(match))}"
 
 
+def _checked_match(match: object) -> object:
+    """``match``, refused if no message could meet it: a type other than
+    ``str`` or ``bytes`` (a message is one of them), or a value JSON
+    cannot encode (no parsed message equals it, and the report that says
+    so could not show it)."""
+    if isinstance(match, type):
+        if match not in (str, bytes):
+            raise ConfigurationError(
+                f"match={match.__name__}: a message is str (text) or bytes (binary), so only those types match"
+                " a kind of message; for JSON of a kind, give a function, such as"
+                " lambda message: message.startswith('{')."
+            )
+    elif not isinstance(match, (str, bytes, re.Pattern)) and not callable(match):
+        try:
+            json.dumps(match, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(
+                f"match={match!r}: a message is matched by a str or bytes, str or bytes (the type), a compiled"
+                f" regular expression, a function, or a value JSON can encode, which this is not ({error})."
+            ) from None
+    return match
+
+
 def message_differences(match: object, message: Message) -> list[str]:
     """How ``message`` differs from what ``match`` accepts; empty if it matches."""
     kind, other = ("text", "binary") if isinstance(message, str) else ("binary", "text")
@@ -152,6 +196,9 @@ class _MessageRule:
     times: int | None = None
     at_least: int | None = None
     count: int = 0
+    #: The messages it counted, in the order they came: the report of one
+    #: met too often lists them.
+    counted: list[Message] = dataclasses.field(default_factory=list)
 
     def wanted(self) -> str:
         if self.at_least is not None:
@@ -186,10 +233,9 @@ class WebSocketScript:
     """
 
     def __init__(self, path: str | re.Pattern[str], subprotocols: Sequence[str] = ()) -> None:
-        if not isinstance(path, (str, re.Pattern)):
-            raise ConfigurationError(f"path {path!r} must be a string or a compiled regular expression.")
+        check_path(path, where="websocket", takes_query=False)
         self.path = path
-        self.subprotocols = tuple(subprotocols)
+        self.subprotocols = _subprotocols(subprotocols)
         self._lock = threading.Lock()
         self._on_connect = Reply((), 0.0, None)
         self._rules: list[_MessageRule] = []
@@ -223,7 +269,7 @@ class WebSocketScript:
                    close: int | tuple[int, str] | None = None) -> WebSocketScript:
         """Answer each received message that ``match`` accepts with
         ``replies`` (then ``close``); the first rule declared wins."""
-        rule = _MessageRule(match, Reply.of(replies, interval, close))
+        rule = _MessageRule(_checked_match(match), Reply.of(replies, interval, close))
         with self._lock:
             self._rules.append(rule)
         return self
@@ -232,6 +278,11 @@ class WebSocketScript:
         """Answer a message no rule or expectation matches with what
         ``function(message)`` returns: a message, a list of messages, or
         None for no answer."""
+        if not callable(function):
+            raise ConfigurationError(
+                f"reply_with({function!r}): give a function that takes the message and returns the answer;"
+                " for a fixed answer to every message, write on_message(str, answer) and on_message(bytes, answer)."
+            )
         self._function = function
         return self
 
@@ -249,7 +300,7 @@ class WebSocketScript:
         if at_least is not None:
             times = None
         check_counts(times, at_least)
-        rule = _MessageRule(match, Reply.of(replies, interval, close), times=times, at_least=at_least)
+        rule = _MessageRule(_checked_match(match), Reply.of(replies, interval, close), times=times, at_least=at_least)
         with self._lock:
             self._expectations.append(rule)
         return self
@@ -283,12 +334,19 @@ class WebSocketScript:
             return found
 
     def _closest(self, rule: _MessageRule, shown: int = 3) -> str:
+        """The messages that came nearest to ``rule``, fewest differences
+        first; of one met too often, the messages it counted (as for HTTP
+        expectations, ``content._closest``)."""
+        if rule.times is not None and rule.count > rule.times:
+            return ".\n  The messages it counted:\n" + "\n".join(f"    {_show(message)}" for message in rule.counted)
         differing = [(message, found) for message in self._received
                      if (found := message_differences(rule.match, message))]
         if not differing:
             if not self._received:
                 return "; no messages arrived" if self._connections else "; no client connected"
-            return "" if rule.count else "; the messages it matches met an earlier expectation"
+            # Every message matched it: none counted, as they went to an
+            # earlier expectation or came before this one was declared.
+            return "" if rule.count else "; the messages it matches came before it or met an earlier expectation"
         near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
         lines = [f"    {_show(message)}: {'; '.join(found)}" for message, found in near]
         return ".\n  Closest messages that arrived:\n" + "\n".join(lines)
@@ -308,6 +366,7 @@ class WebSocketScript:
             if matching:
                 rule = next((rule for rule in matching if rule.wants_more()), matching[-1])
                 rule.count += 1
+                rule.counted.append(message)
                 return rule.reply
             handled = next((rule for rule in self._rules if not message_differences(rule.match, message)), None)
             if handled is not None:

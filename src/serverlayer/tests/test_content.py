@@ -153,6 +153,40 @@ class RouteTests(unittest.TestCase):
                 self.assertEqual(call(self.layer, "/orders", data=b"{}", method=method)[0], 404)
         self.assertEqual(call(self.layer, "/orders", data=b"{}", method="POST")[:3:2], (201, b"created"))
 
+    def test_a_path_no_request_can_have_is_refused(self):
+        # Accepted before, and never matched: a request's path starts with
+        # "/", and its query is matched apart.
+        http_content = content.HTTPContent()
+        for declare, message in [
+            (lambda: http_content.route("feed"),
+             "route('feed'): a request's path starts with \"/\", so this one would never match;"
+             " write route('/feed')."),
+            (lambda: http_content.expect("orders/1", "POST"),
+             "expect('orders/1'): a request's path starts with \"/\", so this one would never match;"
+             " write expect('/orders/1')."),
+            (lambda: http_content.route("https://api.example/feed"),
+             "route('https://api.example/feed'): a request's path starts with \"/\", so this one would never"
+             ' match; give the path alone, such as route("/feed").'),
+            (lambda: http_content.route("/search?q=tea&page=1"),
+             "route('/search?q=tea&page=1'): a path is matched without its query, so this one would never"
+             " match; write route('/search', query={'q': 'tea', 'page': '1'}). A question mark that is part"
+             " of the path is sent encoded: write it %3F."),
+            (lambda: http_content.route(b"/feed"),  # type: ignore[arg-type]
+             "route(b'/feed'): a path is a str or a compiled regular expression."),
+        ]:
+            with self.subTest(message=message), self.assertRaises(ConfigurationError) as caught:
+                declare()
+            self.assertEqual(str(caught.exception), message)
+
+    def test_a_path_with_an_encoded_question_mark_or_asterisk_form(self):
+        self.http_content.route("/what%3F").respond("a question")
+        self.http_content.route("*", "OPTIONS").respond("the server")  # OPTIONS * asks about the server
+        self.assertEqual(call(self.layer, "/what%3F")[2], b"a question")
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("OPTIONS", "*")
+        self.assertEqual(connection.getresponse().read(), b"the server")
+
     def test_a_route_with_no_answer_programmed_answers_200_and_no_body(self):
         self.http_content.route("/ping")
         status, headers, body = call(self.layer, "/ping")
@@ -179,6 +213,29 @@ class RouteTests(unittest.TestCase):
                 self.http_content.route("/late").respond("late", delay=delay)
             self.assertIn(f"delay={delay!r}: a response waits a number of seconds, 0 or more", str(caught.exception))
         self.assertEqual(Response(200, "now", delay=0).delay, 0)
+
+    def test_json_that_no_parser_takes_is_refused(self):
+        # {"p": inf} went out as {"p": Infinity}; an object failed with a bare TypeError.
+        for data, reason in [({"p": float("inf")}, "Out of range float values are not JSON compliant"),
+                             ([float("nan")], "Out of range float values are not JSON compliant"),
+                             (object(), "is not JSON serializable")]:
+            with self.subTest(data=data), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/a").respond_json(data)
+            self.assertTrue(str(caught.exception).startswith(f"data={data!r} is no JSON value ("), caught.exception)
+            self.assertIn(reason, str(caught.exception))
+
+    def test_a_delay_no_clock_reaches_is_refused(self):
+        # inf raised OverflowError inside the server; "2" a bare TypeError.
+        for delay, hint in [
+            (float("inf"), "infinity never comes: for a very long wait give a large number, such as 3600"
+                           " (the end of the test cuts it short)."),
+            ("2", "write the number 2.0, not the text '2'."),
+            (None, "leave delay out to answer at once."),
+        ]:
+            with self.subTest(delay=delay), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.route("/late").respond("late", delay=delay)
+            self.assertEqual(str(caught.exception), f"delay={delay!r}: a response waits a number of seconds,"
+                                                    f" 0 or more, before it is sent; {hint}")
 
     def test_the_requests_of_the_test_in_order(self):
         self.http_content.route("/a").respond("a")

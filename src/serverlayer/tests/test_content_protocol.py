@@ -265,6 +265,26 @@ class GivingUpTests(unittest.TestCase):
         self.assertEqual(requests.get(self.layer["http_url"] + "slowish", timeout=5).content, b"late")
         self.assertLess(time.monotonic() - started, 0.8)
 
+    def test_a_request_arriving_during_a_delay_of_centuries_is_no_error(self):
+        # Waiting for the server to stop, a lock's wait raised OverflowError
+        # on a timeout past threading.TIMEOUT_MAX (292 years).
+        layer = content.Layer(name="delay_centuries_pipelined")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        layer.testSetUp()
+        layer["http_content"].route("/forever").respond(delay=1e10)
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer["http_requests"].wait_for(1)
+        client.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)  # the server sees the second request, and waits on
+        layer.check_server_errors()
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+        layer.check_server_errors()
+
     def test_teardown_is_not_held_up_by_a_delay_with_a_request_waiting(self):
         layer = content.Layer(name="delay_pipelined_teardown")
         layer.setUp()

@@ -75,6 +75,28 @@ class StreamTests(unittest.TestCase):
         # The stream would take 500 s; the server notices the close at its next pause.
         self.assertTrue(self.layer["httpd"].wait_quiet(5), "the server still streams to a client that left")
 
+    def test_a_stream_stalled_for_years_waits_without_raising(self):
+        # poll() takes at most 24.8 days: the server raised OverflowError
+        # (and cut the stream) at the first pause longer than that.
+        for label, interval in (("1e8", 1e8), ("10**400, past what a float holds", 10**400)):
+            with self.subTest(interval=label):
+                self.http_content.reset()
+                self.http_content.route("/stalled").respond_stream([b"first", b"never"], interval=interval)
+                with self.client.stream("GET", "/stalled", timeout=0.3) as response:
+                    chunks = response.iter_raw()
+                    self.assertEqual(next(chunks), b"first")
+                    with self.assertRaises(httpx.ReadTimeout):
+                        next(chunks)
+                self.assertTrue(self.layer["httpd"].wait_quiet(5))  # the client left: the stream ended
+                self.layer.check_server_errors()
+
+    def test_a_delay_of_years_waits_without_raising(self):
+        self.http_content.route("/late").respond("never", delay=1e8)
+        with self.assertRaises(httpx.ReadTimeout):
+            self.client.get("/late", timeout=0.3)
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        self.layer.check_server_errors()
+
     def test_a_stream_keeps_its_headers(self):
         self.http_content.route("/tokens").respond_stream([b"a"], headers={"X-Model": "tiny"})
         self.assertEqual(self.client.get("/tokens").headers["X-Model"], "tiny")
@@ -198,10 +220,77 @@ class StreamConfigurationTests(unittest.TestCase):
             with self.subTest(interval=interval), self.assertRaises(ConfigurationError):
                 Response.stream([b"a"], interval=interval)
 
+    def test_interval_must_be_a_finite_number(self):
+        # inf made a wait the server raised on; a str or None a bare TypeError.
+        route = content.HTTPContent().route("/s")
+        for interval, message in [
+            (float("inf"), "interval=inf: a stream sends its pieces that many seconds apart, 0 or more;"
+                           " infinity never comes: for a very long wait give a large number, such as 3600"
+                           " (the end of the test cuts it short)."),
+            ("0.1", "interval='0.1': a stream sends its pieces that many seconds apart, 0 or more;"
+                    " write the number 0.1, not the text '0.1'."),
+            (None, "interval=None: a stream sends its pieces that many seconds apart, 0 or more;"
+                   " leave interval out to send them at once."),
+            (True, "interval=True: a stream sends its pieces that many seconds apart, 0 or more;"
+                   " leave interval out to send them at once."),
+        ]:
+            for respond in (route.respond_stream, route.respond_sse):
+                with self.subTest(interval=interval, respond=respond), \
+                        self.assertRaises(ConfigurationError) as caught:
+                    respond(["a"], interval=interval)  # type: ignore[arg-type]
+                self.assertEqual(str(caught.exception), message)
+
     def test_chunks_are_bytes_or_str(self):
         with self.assertRaises(ConfigurationError) as caught:
             Response.stream([b"a", 1])  # type: ignore[list-item]
-        self.assertIn("bytes or str, not 1", str(caught.exception))
+        self.assertEqual(str(caught.exception), "chunks[1]: a body or chunk is bytes or str, not 1.")
+
+    def test_a_lone_chunk_or_event_is_refused_rather_than_split(self):
+        # "hello" went out as five chunks (or five events), {"delta": "x"} as
+        # the event "delta", b"hello" was refused for its byte 104.
+        route = content.HTTPContent().route("/s")
+        for respond, given, message in [
+            (route.respond_stream, "hello", "chunks='hello': give a list of chunks, such as ['Hel', 'lo'];"
+                                            " this is one of them (a stream would send it a piece at a time)."
+                                            " To send it alone, write ['hello']."),
+            (route.respond_stream, b"hello", "To send it alone, write [b'hello']."),
+            (route.respond_sse, "hello", "events='hello': give a list of events, such as"
+                                         " [{'delta': 'Hel'}, '[DONE]']; this is one of them"),
+            (route.respond_sse, {"delta": "x"}, "To send it alone, write [{'delta': 'x'}]."),
+            (route.respond_sse, Event("x"), "events=Event(data='x'"),
+            (route.respond_stream, 5, "chunks=5: give a list of chunks, such as ['Hel', 'lo']."),
+        ]:
+            with self.subTest(respond=respond, given=given), self.assertRaises(ConfigurationError) as caught:
+                respond(given)  # type: ignore[arg-type]
+            self.assertIn(message, str(caught.exception))
+        route.respond_stream(iter(["a", "b"]))  # any iterable of them will do
+        route.respond_sse(event for event in ["a", {"b": 1}])
+
+    def test_status_headers_body_and_truncate_are_checked_when_declared(self):
+        # Each failed inside the server at the first request, or with a bare TypeError or ValueError.
+        http_content = content.HTTPContent()
+        route = http_content.route("/s")
+        for declare, message in [
+            (lambda: route.respond_stream(["a"], status="200"),
+             "status='200': an HTTP status is a whole number from 100 to 999: write 200."),
+            (lambda: route.respond("a", status=99),
+             "status=99: an HTTP status is a whole number from 100 to 999, such as 200."),
+            (lambda: http_content.serve_content("a", code="404"),
+             "code='404': an HTTP status is a whole number from 100 to 999: write 404."),
+            (lambda: route.respond_stream(["a"], headers="X: y"),
+             "headers='X: y': give a mapping of names to values, such as {'Content-Type': 'text/plain'},"
+             " or (name, value) pairs, each a single line of text; 'X: y' is none."),
+            (lambda: route.respond_sse(["a"], headers=[("X-A", "1\r\nX-B: 2")]), "('X-A', '1\\r\\nX-B: 2') is none."),
+            (lambda: route.respond("a", headers={"X-A": None}), "('X-A', None) is none."),
+            (lambda: route.respond(5), "body: a body or chunk is bytes or str, not 5."),
+            (lambda: http_content.serve_content(5), "content: a body or chunk is bytes or str, not 5."),
+            (lambda: route.respond("abc", truncate="1"),
+             "truncate='1': the body is cut after that many bytes, a whole number 0 or more."),
+        ]:
+            with self.subTest(message=message), self.assertRaises(ConfigurationError) as caught:
+                declare()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(Response(headers={"X-Id": 7}).headers, (("X-Id", "7"),))  # as http.server writes it
 
 
 class EndOfTestTests(unittest.TestCase):

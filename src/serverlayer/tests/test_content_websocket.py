@@ -207,6 +207,24 @@ class ScriptTests(unittest.TestCase):
         cpu = self.cpu_seconds_during(lambda: self.assertEqual(client.recv(timeout=10), "b"))
         self.assertLess(cpu, 0.25)  # a few milliseconds here; spinning, about 0.5 s
 
+    def test_a_feed_stalled_for_years_waits_without_raising_or_spinning(self):
+        # poll() takes at most 24.8 days: the server raised OverflowError past that.
+        self.http_content.websocket("/feed").on_connect("first", "second", interval=1e8)
+        client = self.connect()
+        self.assertEqual(client.recv(timeout=10), "first")
+        cpu = self.cpu_seconds_during(lambda: self.assertRaises(TimeoutError, client.recv, timeout=0.3))
+        self.assertLess(cpu, 0.15)
+        self.layer.check_server_errors()
+
+    def test_a_wait_longer_than_one_poll_goes_in_slices(self):
+        self.http_content.websocket("/feed").on_connect("a", "b", interval=0.3)
+        with mock.patch.object(custom, "LONGEST_WAIT", 0.05):
+            client = self.connect()
+            self.assertEqual(client.recv(timeout=10), "a")
+            started = time.monotonic()
+            self.assertEqual(client.recv(timeout=10), "b")
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)  # not before it was due
+
     def test_a_client_that_vanishes_without_closing_frees_its_worker(self):
         self.http_content.websocket("/feed").on_connect("a")
         raw_websocket(self.layer, "/feed").close()  # no close frame: gone
@@ -233,6 +251,12 @@ class ScriptTests(unittest.TestCase):
                 self.connect(path)
             self.assertEqual(caught.exception.response.status_code, 404)
         self.assertEqual(self.connect("/feed").protocol.state.name, "OPEN")  # and it keeps serving
+
+    def test_a_handshake_with_a_query_is_served_by_its_paths_script(self):
+        # What the refusal of websocket("/feed?token=abc") advises.
+        self.http_content.websocket("/feed").on_connect("hi")
+        self.assertEqual(self.connect("/feed?token=abc").recv(timeout=10), "hi")
+        self.assertEqual(self.layer["http_requests"][-1].query_params, {"token": ["abc"]})
 
     def test_a_subprotocol_is_agreed(self):
         self.http_content.websocket("/graphql", subprotocols=["graphql-transport-ws"])
@@ -407,7 +431,8 @@ class ScriptCheckTests(unittest.TestCase):
             client.send("ab")  # both met: the last matching one takes it, once too often
             self.assertEqual(client.recv(timeout=10), "second")
         self.assertEqual(self.http_content.problems(),
-                         ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s)"])
+                         ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s).\n"
+                          "  The messages it counted:\n    'ab'\n    'ab'"])
 
     def test_an_earlier_expectation_met_too_often_does_not_take_what_a_later_one_wants(self):
         self.http_content.websocket("/feed").expect(re.compile("a."), "first").expect("ab", "second")
@@ -420,14 +445,35 @@ class ScriptCheckTests(unittest.TestCase):
         self.http_content.websocket("/feed").expect("no", times=0).on_message(str)
         self.talk("no")
         self.assertEqual(self.http_content.problems(),
-                         ["expected a message 'no' on WebSocket /feed 0 times, it arrived 1 time(s)"])
+                         ["expected a message 'no' on WebSocket /feed 0 times, it arrived 1 time(s).\n"
+                          "  The messages it counted:\n    'no'"])
 
     def test_an_expectation_whose_messages_met_an_earlier_one(self):
         self.http_content.websocket("/feed").expect("ab").expect(re.compile("a."))
         self.talk("ab")
         self.assertEqual(self.http_content.problems(), [
             "expected a message matching /'a.'/ on WebSocket /feed once, it arrived 0 time(s);"
-            " the messages it matches met an earlier expectation",
+            " the messages it matches came before it or met an earlier expectation",
+        ])
+
+    def test_an_expectation_met_too_often_shows_the_messages_it_counted(self):
+        # As the HTTP report does; it showed the closest of the messages it
+        # did not count ("'status': not 'ping'").
+        self.http_content.websocket("/feed").expect("ping", times=2).on_message("status")
+        self.talk("ping", "status", "ping", "ping")
+        self.assertEqual(self.http_content.problems(), [
+            "expected a message 'ping' on WebSocket /feed 2 times, it arrived 3 time(s).\n"
+            "  The messages it counted:\n    'ping'\n    'ping'\n    'ping'",
+        ])
+
+    def test_an_expectation_declared_after_its_message_came(self):
+        # The report blamed an earlier expectation where there was none.
+        feed = self.http_content.websocket("/feed")
+        self.talk("hello")
+        feed.expect("hello")
+        self.assertEqual(self.http_content.problems(), [
+            "expected a message 'hello' on WebSocket /feed once, it arrived 0 time(s);"
+            " the messages it matches came before it or met an earlier expectation",
         ])
 
     def test_a_function_or_type_is_named_in_the_report(self):
@@ -696,6 +742,66 @@ class ConfigurationTests(unittest.TestCase):
             with self.subTest(interval=interval), self.assertRaises(ConfigurationError):
                 self.script.on_connect("a", interval=interval)
 
+    def test_an_interval_no_clock_reaches_is_refused(self):
+        # inf made the schedule 0 * inf = NaN: the server thread spun.
+        for interval, hint in [
+            (float("inf"), "infinity never comes: for a very long wait give a large number, such as 3600"
+                           " (the end of the test cuts it short)."),
+            ("0.1", "write the number 0.1, not the text '0.1'."),
+            (None, "leave interval out to send them at once."),
+        ]:
+            for declare in (self.script.on_connect, lambda *a, **k: self.script.on_message("x", *a, **k),
+                            lambda *a, **k: self.script.expect("x", *a, **k)):
+                with self.subTest(interval=interval), self.assertRaises(ConfigurationError) as caught:
+                    declare("a", "b", interval=interval)
+                self.assertEqual(str(caught.exception),
+                                 f"interval={interval!r}: messages go out that many seconds apart, 0 or more; {hint}")
+
+    def test_nan_and_infinity_are_no_json_messages(self):
+        # They went out as NaN and {"p": Infinity}, which no JSON parser takes.
+        for message in (float("nan"), {"p": float("inf")}, [float("-inf")]):
+            with self.subTest(message=message), self.assertRaises(ConfigurationError) as caught:
+                self.script.on_connect(message)
+            self.assertIn("Out of range float values are not JSON compliant", str(caught.exception))
+
+    def test_reply_with_needs_a_function(self):
+        with self.assertRaises(ConfigurationError) as caught:
+            self.script.reply_with("pong")  # type: ignore[arg-type]
+        self.assertEqual(str(caught.exception),
+                         "reply_with('pong'): give a function that takes the message and returns the answer;"
+                         " for a fixed answer to every message, write on_message(str, answer) and"
+                         " on_message(bytes, answer).")
+
+    def test_subprotocols_are_a_list_of_names(self):
+        # "chat" was the subprotocols c, h, a and t.
+        for subprotocols, message in [
+            ("chat", "subprotocols='chat': give a list of subprotocol names, such as subprotocols=['chat']."),
+            (None, "subprotocols=None: give a list of subprotocol names, such as subprotocols=['chat']."),
+            ([1], "subprotocols=[1]: 1 is no subprotocol name; a name is text without spaces or separators"
+                  " (an HTTP token), such as 'graphql-transport-ws'."),
+            (["v1", "a b"], "subprotocols=['v1', 'a b']: 'a b' is no subprotocol name"),
+            ([""], "subprotocols=['']: '' is no subprotocol name"),
+        ]:
+            with self.subTest(subprotocols=subprotocols), self.assertRaises(ConfigurationError) as caught:
+                content.HTTPContent().websocket("/chat", subprotocols=subprotocols)  # type: ignore[arg-type]
+            self.assertIn(message, str(caught.exception))
+        script = content.HTTPContent().websocket("/chat", subprotocols=(name for name in ["v2", "v1"]))
+        self.assertEqual(script.subprotocols, ("v2", "v1"))
+
+    def test_a_match_no_message_can_meet_is_refused(self):
+        for match, message in [
+            (dict, "match=dict: a message is str (text) or bytes (binary), so only those types match a kind"
+                   " of message; for JSON of a kind, give a function, such as"
+                   " lambda message: message.startswith('{')."),
+            (object(), "is not JSON serializable"),
+            (float("nan"), "match=nan: a message is matched by"),
+        ]:
+            for declare in (self.script.on_message, self.script.expect):
+                with self.subTest(match=match, declare=declare), self.assertRaises(ConfigurationError) as caught:
+                    declare(match)
+                self.assertIn(message, str(caught.exception))
+        self.script.on_message(None).expect(str).expect(bytes).expect({"op": [1, 2.5]})  # null, kinds, JSON
+
     def test_expect_needs_a_count(self):
         with self.assertRaises(ConfigurationError):
             self.script.expect("x", times=None)
@@ -716,6 +822,22 @@ class ConfigurationTests(unittest.TestCase):
     def test_path_must_be_a_string_or_pattern(self):
         with self.assertRaises(ConfigurationError):
             content.HTTPContent().websocket(b"/feed")  # type: ignore[arg-type]
+
+    def test_a_path_no_handshake_can_have_is_refused(self):
+        # Accepted before, and never served: the client got a 404.
+        for path, message in [
+            ("feed", "websocket('feed'): a request's path starts with \"/\", so this one would never match;"
+                     " write websocket('/feed')."),
+            ("*", "websocket('*'): a request's path starts with \"/\", so this one would never match;"
+                  ' give the path alone, such as websocket("/feed").'),
+            ("/feed?token=abc", "websocket('/feed?token=abc'): a path is matched without its query, so this"
+                                " one would never match; write websocket('/feed'), which serves it whatever the"
+                                " query (http_requests records the query). A question mark that is part of the"
+                                " path is sent encoded: write it %3F."),
+        ]:
+            with self.subTest(path=path), self.assertRaises(ConfigurationError) as caught:
+                content.HTTPContent().websocket(path)
+            self.assertEqual(str(caught.exception), message)
 
 
 class MatchingTests(unittest.TestCase):

@@ -555,6 +555,35 @@ class QuietnessTests(unittest.TestCase):
             self.assertIn('"GET /logged HTTP/1.1" 200', self.exercise())
 
 
+class LongWaitTests(unittest.TestCase):
+    """A wait longer than one poll() takes (a test stalling a stream for
+    days) goes in slices: poll() raised OverflowError past 24.8 days."""
+
+    def socket_pair(self) -> tuple[socket.socket, socket.socket]:
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(client_side.close)
+        self.addCleanup(server_side.close)
+        return server_side, client_side
+
+    def test_a_wait_longer_than_poll_allows_returns_what_turns_readable(self):
+        server_side, client_side = self.socket_pair()
+        sender = threading.Timer(0.1, client_side.sendall, [b"x"])
+        sender.start()
+        self.addCleanup(sender.join)
+        started = time.monotonic()
+        self.assertEqual(list(custom._ready_to_read((server_side.fileno(),), 1e8)), [server_side.fileno()])
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_a_long_wait_lasts_its_whole_time_in_slices(self):
+        server_side, _ = self.socket_pair()
+        with mock.patch.object(custom, "LONGEST_WAIT", 0.02):
+            started = time.monotonic()
+            cpu = time.process_time()
+            self.assertFalse(custom._ready_to_read((server_side.fileno(),), 0.15))
+            self.assertGreaterEqual(time.monotonic() - started, 0.15)
+            self.assertLess(time.process_time() - cpu, 0.1)  # slices, not a spin
+
+
 class HasBufferedDataTests(unittest.TestCase):
     """Whether a next request is there, asked between requests of a
     keep-alive connection: at once, and without switching the socket to
