@@ -958,8 +958,8 @@ class ContentHandler(custom.RequestHandler):
         The connection turns readable when the client closes it (a client
         that only shuts down its sending side counts as gone too), when the
         stopping server shuts it down, or when the client sends its next
-        request; that one waits its turn, and from then on only the server
-        stopping cuts the wait short.
+        request; that one waits its turn, and from then on only the test's
+        end or the server's stop cuts the wait short.
         """
         server: custom.HandlerServer = self.server  # type: ignore[assignment]
         deadline = time.monotonic() + seconds
@@ -972,18 +972,8 @@ class ContentHandler(custom.RequestHandler):
                 if peeked == b"":
                     return False
                 if peeked:  # a pipelined request: readable until answered
-                    return self._server_runs_until(deadline)
+                    return server.wait_readable(None, max(0.0, deadline - time.monotonic())) is False
         return True
-
-    def _server_runs_until(self, deadline: float) -> bool:
-        """Whether the server still runs at ``deadline`` (``time.monotonic()``);
-        False as soon as it stops. Waits at most ``custom.LONGEST_WAIT`` at a
-        time: a lock's wait raises on a timeout of centuries."""
-        server: custom.HandlerServer = self.server  # type: ignore[assignment]
-        while (remaining := deadline - time.monotonic()) > 0:
-            if server.stopped.wait(min(remaining, custom.LONGEST_WAIT)):
-                return False
-        return not server.stopped.is_set()
 
     def _peek(self) -> bytes | None:
         """The connection's next byte, left unread: b"" once the client has

@@ -650,13 +650,16 @@ class HandlerServer(socketserver.BaseServer):
         False if ``deadline`` (``time.monotonic()``) passes first, None to park it instead."""
         return self.wait_readable(connection, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def wait_readable(self, connection: socket.socket, timeout: float | None = None) -> bool | None:
+    def wait_readable(self, connection: socket.socket | None, timeout: float | None = None) -> bool | None:
         """Wait until ``connection`` is readable: True; False if ``timeout``
         passes first; None as soon as the test ends or the server stops.
 
         A handler that holds its connection between messages (a WebSocket,
         a paced stream) waits here, so that the end of the test frees its
-        worker rather than leaving the thread behind.
+        worker rather than leaving the thread behind. Without a connection
+        (one that is readable already, with a request pipelined behind the
+        answer being paced) it waits for the timeout, the test's end or the
+        stop alone.
         """
         worker: _Worker | None = getattr(_this_thread, "worker", None)
         with self._workers_lock:
@@ -664,13 +667,14 @@ class HandlerServer(socketserver.BaseServer):
                 return None
             self._waiting += 1
         try:
-            ready = _ready_to_read((connection.fileno(), self._recall_reader.fileno()), timeout)
+            recall = self._recall_reader.fileno()
+            ready = _ready_to_read((recall,) if connection is None else (connection.fileno(), recall), timeout)
         finally:
             with self._workers_lock:
                 self._waiting -= 1
                 if self._recalling:  # test_ended waits for the last one
                     self._workers_lock.notify_all()
-        if connection.fileno() in ready:
+        if connection is not None and connection.fileno() in ready:
             return True
         return None if ready else False
 
@@ -862,6 +866,13 @@ class HandlerServer(socketserver.BaseServer):
         self._stopping = True
         self.stopped.set()
         self._wake_loop()
+        # Wakes the handlers waiting without a connection (``wait_readable``);
+        # those waiting on one wake as ``release`` shuts it down. Never read:
+        # every wait from now on ends at once.
+        try:
+            self._recall_writer.send(b"\0", socket.MSG_DONTWAIT)
+        except OSError:  # a byte waits already; or released
+            pass
 
     def release(self, timeout: float) -> None:
         for listening in self.sockets:

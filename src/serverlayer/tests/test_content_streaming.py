@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import socket
+import threading
 import time
 import unittest
 from unittest import mock
@@ -352,6 +353,55 @@ class EndOfTestTests(unittest.TestCase):
         self.assertEqual(thread_names(), before)
         self.assertEqual(client.recv(4096), b"")
         layer.testSetUp()
+
+    def pipeline_behind(self, layer, path: str) -> socket.socket:
+        """Ask for ``path``, then pipeline a second request while it is
+        answered; return once the server has seen that request coming."""
+        layer["http_content"].route("/next").respond("next")
+        seen = threading.Event()
+        peek = content.ContentHandler._peek
+
+        def peeking(handler):
+            peeked = peek(handler)
+            if peeked:
+                seen.set()
+            return peeked
+
+        patcher = mock.patch.object(content.ContentHandler, "_peek", peeking)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        client = self.watch_stream(layer, path)
+        client.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(seen.wait(10))
+        return client
+
+    def test_a_request_pipelined_behind_a_stream_or_delay_does_not_keep_it_past_the_test(self):
+        for path in ("/paced", "/late"):
+            with self.subTest(path=path):
+                layer = set_up_by_hand(self, content.Layer(name=f"pipelined_behind{path.replace('/', '_')}"))
+                before = thread_names()
+                layer["http_content"].route("/paced").respond_stream([b"a", b"b"], interval=60)
+                layer["http_content"].route("/late").respond("late", delay=60)
+                client = self.pipeline_behind(layer, path)
+                self.assertEqual(self.end_of_test_found_quiet(layer), [True])
+                self.assertEqual(thread_names(), before)  # no worker waits out the 60 s
+                client.settimeout(5)
+                received = b""
+                while chunk := client.recv(4096):
+                    received += chunk
+                self.assertNotIn(b"next", received)  # cut, then closed
+                layer.testSetUp()
+
+    def test_the_stop_cuts_a_stream_with_a_request_pipelined_behind_it(self):
+        layer = content.Layer(name="pipelined_at_stop")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        layer.testSetUp()
+        layer["http_content"].route("/paced").respond_stream([b"a", b"b"], interval=60)
+        self.pipeline_behind(layer, "/paced")
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)  # not its stop_timeout of 1 s
 
 
 class TLSStreamTests(unittest.TestCase):
