@@ -362,7 +362,7 @@ def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
 
 
 def _as_response(answer: Answer, request: RecordedRequest) -> Response:
-    response = answer(request) if callable(answer) else answer
+    response = matching.call_test_function(answer, request) if callable(answer) else answer
     if not isinstance(response, Response):
         raise TypeError(f"an answer function must return content.Response, not {response!r}")
     return response
@@ -492,7 +492,7 @@ class Route:
         for difference in self._declared_differences(request):
             found = True
             yield difference
-        if self.match is not None and not found and not self.match(request):
+        if self.match is not None and not found and not matching.call_test_function(self.match, request):
             yield f"{getattr(self.match, '__qualname__', repr(self.match))}(request) returned false"
 
     def _declared_differences(self, request: RecordedRequest) -> Iterator[str]:

@@ -50,3 +50,11 @@ class RequestTimeoutError(WaitTimeoutError):
 
 class ExpectationError(ServerLayerError, AssertionError):
     """A test's expected requests did not arrive, or unexpected ones did."""
+
+
+class ScriptError(ServerLayerError):
+    """A function the test gave a server (a content layer's answer or
+    ``match``, a WebSocket script's reply or match) raised a
+    ``ConnectionError`` or ``TimeoutError``: one from a service it called,
+    say. It is passed on under this type, its own as the cause, so that the
+    server takes it for the test's failure, never for a client gone."""

@@ -10,10 +10,27 @@ import math
 import re
 import sys
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from serverlayer.errors import ConfigurationError
+from serverlayer.errors import ConfigurationError, ScriptError
+
+_Result = TypeVar("_Result")
+
+def call_test_function(function: Callable[..., _Result], *arguments: Any) -> _Result:
+    """``function(*arguments)``, a function the test gave the server.
+
+    The server takes a ``ConnectionError`` or ``TimeoutError`` for its
+    client hanging up, which is no error; raised by the test's own function
+    (calling a service that is down), it is the test's failure, and is
+    raised again as a ``ScriptError``.
+    """
+    try:
+        return function(*arguments)
+    except (ConnectionError, TimeoutError) as error:
+        name = getattr(function, "__qualname__", repr(function))
+        raise ScriptError(f"{name}, given by the test, raised {error!r}") from error
+
 
 #: At most this many differences of one body are listed; then "and N more".
 SHOWN_DIFFERENCES = 5

@@ -81,6 +81,41 @@ def pytest_test(layer: object) -> unittest.TestCase | None:
     return instance if isinstance(instance, unittest.TestCase) else None
 
 
+def format_chain(error: BaseException, tb: TracebackType | None) -> str:
+    """``error``'s traceback, after those of the exceptions it came from
+    (``raise ... from``, or raised while handling another), as Python prints it.
+
+    zope.testrunner replaces ``traceback.format_exception`` with one that
+    shows zope.exceptions' ``__traceback_info__`` (which Zope applications
+    use), but leaves out the causes unless asked, and shows only the first
+    when asked. So each exception of the chain is formatted alone, by
+    whichever function is in place, and the chain is put together here.
+    """
+    chain: list[tuple[BaseException, TracebackType | None, str]] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    link = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, tb if current is error else current.__traceback__, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    parts = []
+    for each, each_tb, link in reversed(chain):
+        parts.append("".join(traceback.format_exception(type(each), each, each_tb, chain=False)))
+        if link:
+            parts.append(link)
+    return "".join(parts)
+
+
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
 #: What an error a request of an earlier test raised begins with.
 _LEFT_RUNNING = (
     "(raised by a request that an earlier test left running: the end of that"
@@ -110,7 +145,7 @@ class ErrorLog:
         if self.left_running is not None and self.left_running():
             text = _LEFT_RUNNING + text
         if exc_info is not None:
-            text += "\n" + "".join(traceback.format_exception(*exc_info))
+            text += "\n" + format_chain(exc_info[1], exc_info[2])
         with self._lock:
             self._errors.append(text.rstrip())
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from serverlayer.custom import HandlerServer, _ready_to_read, has_buffered_data
 from serverlayer.errors import ConfigurationError
-from serverlayer.matching import check_counts, check_path, json_differences, seconds
+from serverlayer.matching import call_test_function, check_counts, check_path, json_differences, seconds
 from serverlayer.recording import RecordedRequest
 
 if TYPE_CHECKING:
@@ -172,7 +172,9 @@ def message_differences(match: object, message: Message) -> list[str]:
     if isinstance(match, type):  # str or bytes: any message of that kind
         return [] if isinstance(message, match) else [f"a {kind} message, not {match.__name__}"]
     if callable(match):
-        return [] if match(message) else [f"{getattr(match, '__qualname__', repr(match))} returned false"]
+        if call_test_function(match, message):
+            return []
+        return [f"{getattr(match, '__qualname__', repr(match))} returned false"]
     if isinstance(match, (str, bytes)):
         if type(match) is not type(message):
             return [f"a {kind} message, not {other}"]
@@ -379,7 +381,7 @@ class WebSocketScript:
                 return _UNEXPECTED
         if function is None:
             return None
-        answer = function(message)
+        answer = call_test_function(function, message)
         if answer is None:
             return None
         return Reply.of(answer if isinstance(answer, (list, tuple)) else [answer])

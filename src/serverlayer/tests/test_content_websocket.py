@@ -871,3 +871,61 @@ class MatchingTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestFunctionsRaisingConnectionErrorsTests(unittest.TestCase):
+    """A function the test gave that raises ConnectionError or TimeoutError
+    (it calls a service that is down) fails the test: the server took it
+    for a client gone, and the test passed."""
+
+    def check_fails_the_test(self, layer, raised: str) -> None:
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        message = str(caught.exception)
+        self.assertIn("serverlayer.errors.ScriptError: ", message)
+        self.assertIn(raised, message)
+
+    def test_http_answers_and_matches(self):
+        def answer(request):
+            raise ConnectionRefusedError(111, "the backend is down")
+
+        def match(request):
+            raise TimeoutError("the backend took too long")
+
+        for path, configure, raised in (
+            ("/answer", lambda http_content: http_content.route("/answer").respond_with(answer),
+             "ConnectionRefusedError: [Errno 111] the backend is down"),
+            ("/match", lambda http_content: http_content.route("/match", match=match).respond("x"),
+             "TimeoutError: the backend took too long"),
+        ):
+            with self.subTest(path=path):
+                layer = set_up_by_hand(self, content.Layer(name=f"raising_test_function{path.replace('/', '_')}"))
+                configure(layer["http_content"])
+                connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+                self.addCleanup(connection.close)
+                connection.request("GET", path)
+                with contextlib.suppress(http.client.HTTPException, ConnectionError):
+                    connection.getresponse().read()
+                self.check_fails_the_test(layer, raised)
+
+    def test_websocket_replies_and_matches(self):
+        def reply(message):
+            raise ConnectionRefusedError(111, "the backend is down")
+
+        def match(message):
+            raise TimeoutError("the backend took too long")
+
+        for path, configure, raised in (
+            ("/reply", lambda script: script.reply_with(reply),
+             "ConnectionRefusedError: [Errno 111] the backend is down"),
+            ("/match", lambda script: script.on_message(match, "x"), "TimeoutError: the backend took too long"),
+        ):
+            with self.subTest(path=path):
+                layer = set_up_by_hand(self, content.Layer(name=f"raising_ws_function{path.replace('/', '_')}"))
+                configure(layer["http_content"].websocket(path))
+                client = ws_connect(layer, path)
+                self.addCleanup(client.close)
+                client.send("hi")
+                self.assertEqual(close_details(client)[0], 1011)
+                self.assertTrue(layer["httpd"].wait_quiet(5))
+                self.check_fails_the_test(layer, raised)

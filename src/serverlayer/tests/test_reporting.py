@@ -76,6 +76,38 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
 
 class ErrorLogTests(unittest.TestCase):
 
+    def test_a_recorded_error_shows_the_exceptions_it_came_from(self):
+        # zope.testrunner (which runs this) swaps traceback.format_exception
+        # for one that leaves causes out.
+        log = ErrorLog("<layer X>")
+
+        def lookup():
+            __traceback_info__ = "looking up order 8"  # noqa: F841 - zope.exceptions shows it
+            raise KeyError("order 8")
+
+        try:
+            try:
+                lookup()
+            except KeyError as error:
+                raise ConnectionRefusedError(111, "the backend is down") from error
+        except ConnectionRefusedError:
+            try:
+                raise ValueError("while reporting it")
+            except ValueError:
+                log.record("serving /orders/8", sys.exc_info())
+        [text] = log.take()
+        order = [
+            "KeyError: 'order 8'",
+            "The above exception was the direct cause of the following exception:",
+            "ConnectionRefusedError: [Errno 111] the backend is down",
+            "During handling of the above exception, another exception occurred:",
+            "ValueError: while reporting it",
+        ]
+        self.assertNotIn(-1, [text.find(line) for line in order], text)
+        self.assertEqual(sorted(order, key=text.find), order, text)
+        if "zope.testrunner" in sys.modules:
+            self.assertIn("looking up order 8", text)
+
     def test_check_raises_with_every_error_and_forgets_them(self):
         log = ErrorLog("<layer X>")
         try:
