@@ -710,7 +710,9 @@ class HTTPContent:
             if response is not None:
                 return _as_response(response, request)
         with self._lock:
-            if self.expectations:
+            # A WebSocket's expectations count too: a handshake to a path no
+            # script serves is why its client never connected.
+            if self.expectations or any(script.expects for script in self.websockets):
                 self._unexpected.append(request)
         return Response(self.code, self.content, list(self.headers.items()), chunked=self.chunked)
 

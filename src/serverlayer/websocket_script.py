@@ -321,6 +321,12 @@ class WebSocketScript:
         with self._lock:
             return self._connections
 
+    @property
+    def expects(self) -> bool:
+        """Whether the test expects messages of this script's clients."""
+        with self._lock:
+            return bool(self._expectations)
+
     def problems(self) -> list[str]:
         """What the clients did that the script did not expect, one line each."""
         with self._lock:

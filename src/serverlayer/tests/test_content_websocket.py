@@ -339,6 +339,17 @@ class ScriptCheckTests(unittest.TestCase):
             self.assertEqual(json.loads(client.recv(timeout=10)), {"price": 1})
         self.http_content.check()
 
+    def test_a_handshake_to_a_path_no_script_serves_is_unexpected(self):
+        self.http_content.websocket("/prices").expect("subscribe")
+        with self.assertRaises(InvalidStatus) as refused:
+            ws_connect(self.layer, "/price")
+        self.assertEqual(refused.exception.response.status_code, 404)
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        message = str(caught.exception)
+        self.assertIn("no client connected", message)
+        self.assertIn("unexpected request: GET /price", message)
+
     def test_an_unmet_expectation_fails_with_the_closest_messages(self):
         # The rules keep the near misses from being unexpected, which would
         # close the connection while talk() still sends.
