@@ -245,6 +245,8 @@ class WebSocketScript:
         self._function: Callable[[Message], Any] | None = None
         self._received: list[Message] = []
         self._unexpected: list[Message] = []
+        #: What clients sent that broke the protocol, one line each.
+        self._client_errors: list[str] = []
         self._connections = 0
 
     def describe(self) -> str:
@@ -339,7 +341,14 @@ class WebSocketScript:
                     )
             found.extend(f"unexpected message on WebSocket {self.describe()}: {_show(message)}"
                          for message in self._unexpected)
+            found.extend(f"on WebSocket {self.describe()}, {error}" for error in self._client_errors)
             return found
+
+    def client_erred(self, error: str) -> None:
+        """Note that a client broke the protocol: a client the test drives
+        is at fault, and the test fails when it ends."""
+        with self._lock:
+            self._client_errors.append(error)
 
     def _closest(self, rule: _MessageRule, shown: int = 3) -> str:
         """The messages that came nearest to ``rule``, fewest differences
@@ -475,7 +484,14 @@ class _Conversation:
 
         data = self.handler.rfile.read1(65536)
         if data:
+            broken = self.protocol.parser_exc is not None
             self.protocol.receive_data(data)
+            if not broken and self.protocol.parser_exc is not None:
+                close = self.protocol.close_sent
+                code = f" {close.code}" if close is not None else ""
+                self.script.client_erred(
+                    f"the client broke the protocol ({self.protocol.parser_exc}): the server closed with{code}"
+                )
         else:  # the client is gone: websockets answers with the end of the stream, b""
             self.protocol.receive_eof()
 
@@ -494,8 +510,11 @@ class _Conversation:
         if self._text:
             try:
                 message: Message = data.decode("utf-8")
-            except UnicodeDecodeError:
+            except UnicodeDecodeError as error:
                 self.protocol.fail(1007, "invalid UTF-8 in a text message")
+                self.script.client_erred(
+                    f"the client sent a text message that is no UTF-8 ({error}): the server closed with 1007"
+                )
                 return
         else:
             message = data

@@ -288,6 +288,10 @@ class ScriptTests(unittest.TestCase):
         client.socket.sendall(b"".join(client.protocol.data_to_send()))
         self.assertEqual(close_details(client)[0], 1007)
         self.assertEqual(feed.received, [])
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        [problem] = feed.problems()
+        self.assertIn("the client sent a text message that is no UTF-8", problem)
+        self.http_content.reset()  # the client erred on purpose
 
 
 class OtherClientTests(unittest.TestCase):
@@ -940,3 +944,31 @@ class TestFunctionsRaisingConnectionErrorsTests(unittest.TestCase):
                 self.assertEqual(close_details(client)[0], 1011)
                 self.assertTrue(layer["httpd"].wait_quiet(5))
                 self.check_fails_the_test(layer, raised)
+
+
+class ClientsThatBreakTheProtocolTests(unittest.TestCase):
+    """A client under test that sends what WebSocket forbids fails the test:
+    the server closes on it, and the test passed unless it expected more."""
+
+    def broken_by(self, frame: bytes) -> str:
+        layer = set_up_by_hand(self, content.Layer(name=f"ws_broken_{len(frame)}_{frame[0]}"))
+        layer["http_content"].websocket("/ws")
+        raw = raw_websocket(layer, "/ws")
+        self.addCleanup(raw.close)
+        raw.sendall(frame)
+        read_until_close_frame(raw)
+        self.assertTrue(layer["httpd"].wait_quiet(5))
+        with self.assertRaises(ExpectationError) as caught:
+            layer["http_content"].check()
+        layer["http_content"].reset()  # checked on purpose: not again at the test's end
+        return str(caught.exception)
+
+    def test_a_text_message_that_is_no_utf8(self):
+        message = self.broken_by(Frame(Opcode.TEXT, "café".encode("latin-1")).serialize(mask=True))
+        self.assertIn("on WebSocket /ws, the client sent a text message that is no UTF-8", message)
+        self.assertIn("the server closed with 1007", message)
+
+    def test_an_unmasked_frame(self):
+        message = self.broken_by(Frame(Opcode.TEXT, b"hi").serialize(mask=False))
+        self.assertIn("on WebSocket /ws, the client broke the protocol (incorrect masking)", message)
+        self.assertIn("the server closed with 1002", message)
