@@ -30,6 +30,7 @@ import collections
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import re
 import socket
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from serverlayer import custom, matching
-from serverlayer.errors import ConfigurationError, ExpectationError, RequestTimeoutError
+from serverlayer.errors import ConfigurationError, ExpectationError, RequestTimeoutError, ScriptError
 from serverlayer.recording import RecordedRequest
 from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
@@ -69,7 +70,7 @@ class Response:
     delay: float = 0.0
     reset: bool = False
     truncate: int | None = None
-    chunks: tuple[bytes, ...] | None = None
+    chunks: Iterable[bytes] | None = None
     interval: float = 0.0
 
     def __post_init__(self) -> None:
@@ -99,8 +100,11 @@ class Response:
                     f" body= and no truncate=, and a status with a body (not {self.status})."
                 )
             pieces = _pieces(self.chunks, setting="chunks", example=["Hel", "lo"])
-            object.__setattr__(self, "chunks", tuple(
-                _as_bytes(chunk, f"chunks[{index}]") for index, chunk in enumerate(pieces)))
+            if isinstance(pieces, Iterator):
+                object.__setattr__(self, "chunks", _read_as_sent(pieces))
+            else:
+                object.__setattr__(self, "chunks", tuple(
+                    _as_bytes(chunk, f"chunks[{index}]") for index, chunk in enumerate(pieces)))
         if self.chunked or self.chunks is not None:
             framing = [name for name, _ in _header_items(self.headers)
                        if name.lower() in ("transfer-encoding", "content-length")]
@@ -128,9 +132,11 @@ class Response:
 
         A client that closes the connection mid-stream ends it, and is no
         error; so does the end of the test. A lone str or bytes is refused:
-        it would go out a character at a time; write ``["the text"]``.
+        it would go out a character at a time; write ``["the text"]``. A
+        generator (any iterator) is read as its chunks are sent, so it may
+        go on for ever; it answers one request, a list any number.
         """
-        return cls(status, headers=headers, chunks=tuple(_pieces(chunks, setting="chunks", example=["Hel", "lo"])),
+        return cls(status, headers=headers, chunks=_pieces(chunks, setting="chunks", example=["Hel", "lo"]),
                    interval=interval)
 
     @classmethod
@@ -150,11 +156,11 @@ class Response:
         defaults = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
         items += [(name, value) for name, value in defaults if name.lower() not in given]
         # A bare None is JSON's null, as the other values are JSON; Event(None) has no data.
-        encoded = [
+        encoded = (
             (event if isinstance(event, Event) else Event("null" if event is None else event)).encode()
             for event in events
-        ]
-        return cls.stream(encoded, interval, status, items)
+        )
+        return cls.stream(encoded if isinstance(events, Iterator) else list(encoded), interval, status, items)
 
     def body_bytes(self) -> bytes:
         return _as_bytes(self.body)
@@ -168,8 +174,24 @@ def _as_bytes(data: bytes | str, setting: str = "body") -> bytes:
     return bytes(data)
 
 
-def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[Any]:
-    """The chunks or events of a stream, as a list.
+def _read_as_sent(chunks: Iterator[Any]) -> Iterator[bytes]:
+    """The chunks of a stream given as an iterator, each read as it is about
+    to be sent: a generator that never ends streams until the client
+    leaves or the test ends. What it raises fails the test; a
+    ``ConnectionError`` too, which the server would take for a client gone."""
+    for index in itertools.count():
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except (ConnectionError, TimeoutError) as error:
+            raise ScriptError(f"the stream's chunks, given by the test, raised {error!r}") from error
+        yield _as_bytes(chunk, f"chunks[{index}]")
+
+
+def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[Any] | Iterator[Any]:
+    """The chunks or events of a stream: a list, or an iterator (a
+    generator) as it is, to be read as the stream goes out.
 
     A str or bytes is iterable, a character or a byte (an int) at a time,
     and a mapping by its keys: given where a list of them is due, each
@@ -184,7 +206,7 @@ def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[A
         )
     if not isinstance(given, Iterable):
         raise ConfigurationError(f"{setting}={given!r}: give a list of {setting}, such as {example!r}.")
-    return list(given)
+    return given if isinstance(given, Iterator) else list(given)
 
 
 def _check_status(status: object, setting: str = "status") -> None:

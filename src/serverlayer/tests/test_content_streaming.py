@@ -5,7 +5,9 @@ http.client)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import itertools
 import socket
 import threading
 import time
@@ -41,6 +43,52 @@ class StreamTests(unittest.TestCase):
         # The last chunk leaves two intervals after the request arrived.
         # Only a lower bound: a busy machine stretches, never shrinks.
         self.assertGreaterEqual(time.monotonic() - started, 0.2)
+
+    def test_a_generator_is_read_as_the_stream_goes_out(self):
+        read = []
+
+        def ticks():  # never ends
+            for number in itertools.count():
+                read.append(number)
+                yield f"tick {number}\n"
+
+        self.http_content.route("/ticks").respond_stream(ticks(), interval=0.01)  # returns at once
+        self.assertEqual(read, [])
+        with self.client.stream("GET", "/ticks") as response:
+            lines = list(itertools.islice(response.iter_lines(), 5))
+        self.assertEqual(lines, [f"tick {number}" for number in range(5)])
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))  # the client left: the stream ended
+        self.assertLess(len(read), 100)
+        with self.client.stream("GET", "/ticks") as response:  # a generator answers once
+            self.assertEqual(list(response.iter_bytes()), [])
+
+    def test_server_sent_events_from_a_generator(self):
+        def events():
+            yield {"delta": "Hel"}
+            yield Event("lo", event="delta", id="2")
+
+        self.http_content.route("/events").respond_sse(events())
+        body = self.client.get("/events").text
+        self.assertEqual(body, 'data: {"delta": "Hel"}\n\nevent: delta\nid: 2\ndata: lo\n\n')
+
+    def test_a_generator_that_raises_or_yields_no_chunk_fails_the_test(self):
+        def broken():
+            yield "fine"
+            raise ConnectionRefusedError(111, "the backend is down")
+
+        def wrong():
+            yield "fine"
+            yield 42
+
+        for path, chunks, reported in (("/broken", broken(), "ScriptError: the stream's chunks"),
+                                       ("/wrong", wrong(), "chunks[1]: a body or chunk is bytes or str, not 42")):
+            with self.subTest(path=path):
+                self.http_content.route(path).respond_stream(chunks)
+                with contextlib.suppress(httpx.HTTPError):
+                    self.client.get(path)
+                self.assertTrue(self.layer["httpd"].wait_quiet(5))
+                [error] = self.layer.server_errors.take()
+                self.assertIn(reported, error)
 
     def test_a_stream_without_interval_is_one_chunked_body(self):
         self.http_content.route("/all").respond_stream([b"a", b"", b"b"])
