@@ -30,7 +30,6 @@ import collections
 import contextlib
 import dataclasses
 import io
-import itertools
 import json
 import re
 import socket
@@ -101,7 +100,7 @@ class Response:
                 )
             pieces = _pieces(self.chunks, setting="chunks", example=["Hel", "lo"])
             if isinstance(pieces, Iterator):
-                object.__setattr__(self, "chunks", _read_as_sent(pieces))
+                object.__setattr__(self, "chunks", _ReadAsSent(pieces))
             else:
                 object.__setattr__(self, "chunks", tuple(
                     _as_bytes(chunk, f"chunks[{index}]") for index, chunk in enumerate(pieces)))
@@ -134,7 +133,8 @@ class Response:
         error; so does the end of the test. A lone str or bytes is refused:
         it would go out a character at a time; write ``["the text"]``. A
         generator (any iterator) is read as its chunks are sent, so it may
-        go on for ever; it answers one request, a list any number.
+        go on for ever; the requests it answers share it, each going on
+        where the last left off.
         """
         return cls(status, headers=headers, chunks=_pieces(chunks, setting="chunks", example=["Hel", "lo"]),
                    interval=interval)
@@ -174,19 +174,31 @@ def _as_bytes(data: bytes | str, setting: str = "body") -> bytes:
     return bytes(data)
 
 
-def _read_as_sent(chunks: Iterator[Any]) -> Iterator[bytes]:
-    """The chunks of a stream given as an iterator, each read as it is about
-    to be sent: a generator that never ends streams until the client
-    leaves or the test ends. What it raises fails the test; a
-    ``ConnectionError`` too, which the server would take for a client gone."""
-    for index in itertools.count():
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        except (ConnectionError, TimeoutError) as error:
-            raise ScriptError(f"the stream's chunks, given by the test, raised {error!r}") from error
-        yield _as_bytes(chunk, f"chunks[{index}]")
+class _ReadAsSent:
+    """The chunks of a stream given as an iterator (a generator), each read
+    as it is about to be sent: one that never ends streams until the client
+    leaves or the test ends. The requests it answers share it, each going
+    on where the last one left off; a lock keeps two from reading at once,
+    which a generator refuses. What it raises fails the test, a
+    ``ConnectionError`` too, which the server would take for a client gone.
+    """
+
+    def __init__(self, chunks: Iterator[Any]) -> None:
+        self._chunks = chunks
+        self._lock = threading.Lock()
+        self._read = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with self._lock:
+            try:
+                chunk = next(self._chunks)  # its StopIteration ends the stream
+            except (ConnectionError, TimeoutError) as error:
+                raise ScriptError(f"the stream's chunks, given by the test, raised {error!r}") from error
+            index, self._read = self._read, self._read + 1
+        return _as_bytes(chunk, f"chunks[{index}]")
 
 
 def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[Any] | Iterator[Any]:
