@@ -251,6 +251,20 @@ class _BodyFirst:
 class _MalformedBody(ServerLayerError, ValueError):
     """A request body whose framing is broken; the client gets a 400 saying how."""
 
+    status = 400
+
+
+class _BodyTooLarge(_MalformedBody):
+    """A request body over ``MOST_BODY``; the client gets a 413."""
+
+    status = 413
+
+
+#: The largest request body the layers built on http.server take, as
+#: waitress's default ``max_request_body_size`` (1 GiB) does for the wsgi
+#: layer. A larger one gets a 413: it is held in memory to be recorded.
+MOST_BODY = 1 << 30
+
 
 #: The longest chunk-size or trailer line, as ``http.server`` limits the request line.
 _MAX_LINE = 65536
@@ -289,6 +303,8 @@ def _read_chunked(rfile: Any) -> tuple[bytes, bytes]:
         size = int(size_field, 16)
         if not size:
             break
+        if len(body) + size > MOST_BODY:
+            raise _BodyTooLarge(f"a body over {MOST_BODY} bytes")
         remaining = size
         while remaining:
             piece = rfile.read(min(remaining, _PIECE))
@@ -334,7 +350,9 @@ def _read_exactly(rfile: Any, length: int) -> bytes:
     read of the socket gives."""
     parts = []
     while length:
-        piece = rfile.read(length)
+        # A buffered file makes room for all it is asked for before it
+        # reads: a client's Content-Length alone would take the memory.
+        piece = rfile.read(min(length, _PIECE))
         if not piece:
             break
         parts.append(piece)
@@ -367,6 +385,8 @@ def _content_length(headers: email.message.Message) -> int:
     if len(values) > 1 or not _LENGTH.fullmatch(value):
         shown = ", ".join(repr(each) for each in values)
         raise _MalformedBody(f"Content-Length {shown[:60]}: a body's length must be one field of digits")
+    if len(value.lstrip("0")) > len(str(MOST_BODY)) or int(value) > MOST_BODY:
+        raise _BodyTooLarge(f"Content-Length {value[:60]}: a body over {MOST_BODY} bytes")
     return int(value)
 
 
@@ -397,7 +417,7 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
             try:
                 length = _content_length(self.headers)
             except _MalformedBody as problem:
-                self.send_error(400, str(problem))
+                self.send_error(problem.status, str(problem))
                 return False
         has_body = bool(codings) or length > 0
         if has_body and _owes_continue(self) and not self.handle_expect_100():
@@ -408,7 +428,8 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
             try:
                 body, raw = _read_chunked(self.rfile)
             except _MalformedBody as problem:
-                self.send_error(400, f"Malformed chunked body: {problem}")
+                malformed = problem.status == 400
+                self.send_error(problem.status, f"Malformed chunked body: {problem}" if malformed else str(problem))
                 return False
         else:
             body = raw = _read_exactly(self.rfile, length) if has_body else b""

@@ -14,7 +14,7 @@ import unittest
 import urllib.error
 import urllib.request
 
-from serverlayer import RequestTimeoutError, content, custom, static, wsgi
+from serverlayer import RequestTimeoutError, content, custom, recording, static, wsgi
 from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
 from serverlayer.tests.test_content_protocol import parse_responses
@@ -237,6 +237,23 @@ class BodyLengthChecks:
                 self.assertEqual((status, headers["Connection"], rest), (400, "close", b""), data)
                 self.assertEqual(list(self.layer["http_requests"]), [])
 
+    def test_a_body_over_a_gigabyte_is_refused_with_413(self):
+        # Held in memory to be recorded; and a buffered read of the length
+        # alone would have taken it, or raised inside the server.
+        for length in (b"1073741825", b"3000000000", b"99999999999999999999999"):
+            with self.subTest(length=length):
+                data = exchange(self.layer, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+                                + b"\r\n\r\nabc")
+                [(status, headers, _)], rest = parse_responses(data, ["POST"])
+                self.assertEqual((status, headers["Connection"], rest), (413, "close", b""), data)
+                self.assertEqual(list(self.layer["http_requests"]), [])
+        if self.layer is WSGI_RECORDED:
+            return  # waitress reads a chunk up to the limit before it refuses it
+        data = exchange(self.layer, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"40000001\r\nabc")  # a chunk of 1 GiB and a byte
+        [(status, headers, _)], rest = parse_responses(data, ["POST"])
+        self.assertEqual((status, headers["Connection"], rest), (413, "close", b""), data)
+
 
 class WSGIBodyLengthTests(BodyLengthChecks, unittest.TestCase):
     """waitress frames the body itself: the layers built on http.server agree with it."""
@@ -387,6 +404,21 @@ class OtherLayerTests(unittest.TestCase):
         self.assertEqual(layer["http_requests"][0].summary(), "PUT /x (7 bytes)")
 
 
+
+
+class ReadingInPiecesTests(unittest.TestCase):
+
+    def test_a_body_is_read_a_piece_at_a_time(self):
+        asked = []
+
+        class File(io.BytesIO):
+            def read(self, size=-1):
+                asked.append(size)
+                return super().read(size)
+
+        body = bytes(200_000)
+        self.assertEqual(recording._read_exactly(File(body), 10**9), body)  # the client sent less
+        self.assertLessEqual(max(asked), recording._PIECE)
 
 
 class BodyFirstTests(unittest.TestCase):
