@@ -29,8 +29,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import decimal
 import io
 import json
+import numbers
 import re
 import socket
 import threading
@@ -76,7 +78,7 @@ class Response:
         # Checked here, where the test declares it, rather than found out
         # inside the server at the first request, where the client only
         # sees its connection drop.
-        _check_status(self.status)
+        object.__setattr__(self, "status", _check_status(self.status))
         _as_bytes(self.body, "body")
         _check_no_body(self.status, self.body)
         object.__setattr__(self, "headers", tuple(_header_items(self.headers)))
@@ -86,12 +88,13 @@ class Response:
         object.__setattr__(self, "interval", matching.seconds(
             self.interval, setting="interval", meaning="a stream sends its pieces that many seconds apart, 0 or more",
             otherwise="leave interval out to send them at once"))
-        if self.truncate is not None and (
-            isinstance(self.truncate, bool) or not isinstance(self.truncate, int) or self.truncate < 0
-        ):
-            raise ConfigurationError(
-                f"truncate={self.truncate!r}: the body is cut after that many bytes, a whole number 0 or more."
-            )
+        if self.truncate is not None:
+            cut = matching.whole(self.truncate)
+            if cut is None or cut < 0:
+                raise ConfigurationError(
+                    f"truncate={self.truncate!r}: the body is cut after that many bytes, a whole number 0 or more."
+                )
+            object.__setattr__(self, "truncate", cut)
         if self.chunks is not None:
             if self.body or self.truncate is not None or _has_no_body(self.status):
                 raise ConfigurationError(
@@ -221,15 +224,27 @@ def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[A
     return given if isinstance(given, Iterator) else list(given)
 
 
-def _check_status(status: object, setting: str = "status") -> None:
-    """Refuse a status no response line can carry: three digits (RFC 9110
-    section 15), a number rather than its text."""
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 999:
+def _check_status(status: object, setting: str = "status") -> int:
+    """``status`` as an int; refuses a status no response line can carry:
+    three digits (RFC 9110 section 15), a number rather than its text."""
+    number = matching.whole(status)
+    if number is None or not 100 <= number <= 999:
         hint = f": write {int(status)}" if isinstance(status, str) and status.strip().isdigit() else ", such as 200"
         raise ConfigurationError(f"{setting}={status!r}: an HTTP status is a whole number from 100 to 999{hint}.")
+    return number
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: A header field's name (RFC 9110 section 5.1): a token, no spaces, no colon.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _latin_1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 #: Bodies up to this size go out in one write with the head: copying them
 #: costs less than a second packet.
 _JOINED_BODY_LIMIT = 64 * 1024
@@ -382,14 +397,21 @@ def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
     for item in items:
         if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
             name, value = item
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)  # http.server writes it as its digits
-            if isinstance(value, str) and not _LINE_BREAK.search(name + value):
+            if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
+                value = str(value)  # http.server writes it as str() does
+            if isinstance(value, str) and _TOKEN.fullmatch(name) and not _LINE_BREAK.search(value):
+                if not _latin_1(value):
+                    raise ConfigurationError(
+                        f"headers: {name}: {value!r} has characters a header cannot carry (it is"
+                        " sent as ISO-8859-1); encode them, as RFC 8187 does for file names"
+                        " (filename*=UTF-8''...) or percent-encoding does for URLs."
+                    )
                 pairs.append((name, value))
                 continue
         raise ConfigurationError(
             f"headers={matching.shown(headers)}: give a mapping of names to values, such as"
-            f" {{'Content-Type': 'text/plain'}}, or (name, value) pairs, each a single line of text;"
+            f" {{'Content-Type': 'text/plain'}}, or (name, value) pairs: each name a token (letters,"
+            f" digits and !#$%&'*+-.^_`|~, no spaces or colons), each value a single line of text;"
             f" {matching.shown(item)} is none."
         )
     return pairs
@@ -538,7 +560,10 @@ class Route:
             if not any(self.path.fullmatch(path) for path in paths):
                 yield f"path {request.path} does not match {self.path.pattern!r}"
         elif self.path not in paths:
-            yield f"path is {request.path}, not {self.path}"
+            doubled = request.path.startswith("//") and self.path in (request.path[1:], request.decoded_path[1:])
+            # http_url ends in "/": http_url + "/orders" asks for //orders.
+            hint = " (a doubled slash: the layer's http_url ends in /)" if doubled else ""
+            yield f"path is {request.path}, not {self.path}{hint}"
         params = request.query_params if self.query else {}
         for key, values in self.query.items():
             if params.get(key) != values:
@@ -670,6 +695,7 @@ class HTTPContent:
         _check_status(code, "code")
         _as_bytes(content, "content")
         _check_no_body(code, content)
+        Response(code, content, _header_items(headers), chunked=chunked)  # refuses what it would fail on
         self.content, self.code, self.headers, self.chunked = content, code, dict(headers or {}), chunked
 
     def route(self, path: str | re.Pattern[str], method: str | None = None, *,

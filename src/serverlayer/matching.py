@@ -7,6 +7,7 @@ import email.parser
 import email.policy
 import json
 import math
+import operator
 import re
 import sys
 import urllib.parse
@@ -157,9 +158,10 @@ def seconds(value: object, *, setting: str, meaning: str, otherwise: str) -> flo
     clock reaches: NaN or infinity made a schedule of NaN (a server thread
     spinning) or a wait the server raised on. A very long wait is a large
     finite number; the server waits it out in slices."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
-        return float(min(value, sys.float_info.max))  # an int too large for a float waits as long as one
-    if value == math.inf:
+    number = _as_float(value)
+    if number is not None and 0 <= number < math.inf:
+        return number
+    if number == math.inf:
         hint = ("infinity never comes: for a very long wait give a large number, such as 3600"
                 " (the end of the test cuts it short)")
     elif isinstance(value, str) and _is_number(value):
@@ -167,6 +169,30 @@ def seconds(value: object, *, setting: str, meaning: str, otherwise: str) -> flo
     else:
         hint = otherwise
     raise ConfigurationError(f"{setting}={value!r}: {meaning}; {hint}.")
+
+
+def _as_float(value: object) -> float | None:
+    """``value`` as a float if it is a number (an int, a float, a
+    ``Fraction``, a ``Decimal``, numpy's), not its text nor a bool."""
+    if isinstance(value, (str, bytes, bytearray, bool)):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int too large for a float waits as long as the largest
+        return sys.float_info.max if value > 0 else None  # type: ignore[operator]
+    except (TypeError, ValueError):
+        return None
+
+
+def whole(value: object) -> int | None:
+    """``value`` as an int if it is a whole number (an int, numpy's, an
+    ``IntEnum`` such as ``HTTPStatus``), not a bool nor a float."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _is_number(text: str) -> bool:
@@ -187,21 +213,31 @@ def check_path(path: object, *, where: str, takes_query: bool) -> None:
         return
     if not isinstance(path, str):
         raise ConfigurationError(f"{where}({path!r}): a path is a str or a compiled regular expression.")
+    base, question_mark, query = path.partition("?")
     if not path.startswith("/"):
-        if path not in ("", "*") and "://" not in path:
-            fix = f"write {where}({'/' + path!r})"
-        else:
+        if path in ("", "*") or "://" in path:
             fix = f'give the path alone, such as {where}("/feed")'
+        else:
+            fix = _fix("/" + base, query, where=where, takes_query=takes_query)
         raise ConfigurationError(f'{where}({path!r}): a request\'s path starts with "/", so this one would'
                                  f" never match; {fix}.")
-    if "?" in path:
-        base, _, query = path.partition("?")
-        if takes_query:
-            pairs = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
-            fix = f"write {where}({base!r}, query={pairs!r})"
-        else:
-            fix = f"write {where}({base!r}), which serves it whatever the query (http_requests records the query)"
+    if question_mark:
         raise ConfigurationError(
-            f"{where}({path!r}): a path is matched without its query, so this one would never match; {fix}."
+            f"{where}({path!r}): a path is matched without its query, so this one would never match;"
+            f" {_fix(base, query, where=where, takes_query=takes_query)}."
             " A question mark that is part of the path is sent encoded: write it %3F."
         )
+
+
+def _fix(base: str, query: str, *, where: str, takes_query: bool) -> str:
+    """What to write for ``base`` with ``query``: the query's fields as
+    ``query=``, decoded as a request's are matched, a repeated one as a list."""
+    if not takes_query:
+        if not query:
+            return f"write {where}({base!r})"
+        return f"write {where}({base!r}), which serves it whatever the query (http_requests records the query)"
+    fields = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if not fields:
+        return f"write {where}({base!r})"
+    pairs = {name: values[0] if len(values) == 1 else values for name, values in fields.items()}
+    return f"write {where}({base!r}, query={pairs!r})"

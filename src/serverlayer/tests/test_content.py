@@ -171,6 +171,16 @@ class RouteTests(unittest.TestCase):
              "route('/search?q=tea&page=1'): a path is matched without its query, so this one would never"
              " match; write route('/search', query={'q': 'tea', 'page': '1'}). A question mark that is part"
              " of the path is sent encoded: write it %3F."),
+            (lambda: http_content.route("/search?q=caf%C3%A9+latte&tag=a&tag=b&empty="),  # decoded, as matched
+             "route('/search?q=caf%C3%A9+latte&tag=a&tag=b&empty='): a path is matched without its query, so"
+             " this one would never match; write route('/search', query={'q': 'café latte', 'tag': ['a', 'b'],"
+             " 'empty': ''}). A question mark that is part of the path is sent encoded: write it %3F."),
+            (lambda: http_content.route("feed?x=1"),  # one fix for both
+             "route('feed?x=1'): a request's path starts with \"/\", so this one would never match;"
+             " write route('/feed', query={'x': '1'})."),
+            (lambda: http_content.route("/a?"),
+             "route('/a?'): a path is matched without its query, so this one would never match;"
+             " write route('/a'). A question mark that is part of the path is sent encoded: write it %3F."),
             (lambda: http_content.route(b"/feed"),  # type: ignore[arg-type]
              "route(b'/feed'): a path is a str or a compiled regular expression."),
         ]:
@@ -395,6 +405,16 @@ class ExpectationTests(unittest.TestCase):
         self.http_content.expect("/charges", "POST", query={"amount": "100"}).respond_json({"id": 1}, 201)
         self.assertEqual(call(self.layer, "/charges?amount=100", data=b"{}")[0], 201)
         self.http_content.check()
+
+    def test_a_doubled_slash_is_pointed_out(self):
+        self.http_content.expect("/orders")
+        with self.assertRaises(urllib.error.HTTPError):  # 404, the default answer
+            urllib.request.urlopen(self.layer["http_url"] + "/orders", timeout=5)
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        self.assertIn("path is //orders, not /orders (a doubled slash: the layer's http_url ends in /)",
+                      str(caught.exception))
+        self.http_content.reset()  # this test checked on purpose
 
     def test_unmet_expectation_shows_the_closest_requests(self):
         self.http_content.expect("/charges", "POST", query={"amount": "100"})

@@ -12,6 +12,9 @@ import socket
 import threading
 import time
 import unittest
+from decimal import Decimal
+from fractions import Fraction
+from http import HTTPStatus
 from unittest import mock
 
 import aiohttp
@@ -91,6 +94,12 @@ class StreamTests(unittest.TestCase):
                 self.assertTrue(self.layer["httpd"].wait_quiet(5))
                 [error] = self.layer.server_errors.take()
                 self.assertIn(reported, error)
+
+    def test_a_number_as_a_header_value_goes_out_as_python_writes_it(self):
+        self.http_content.route("/rate").respond("x", headers={"X-Rate": 1.5})
+        self.http_content.serve_content("y", headers={"X-Rate": 2.5})
+        self.assertEqual(self.client.get("/rate").headers["X-Rate"], "1.5")
+        self.assertEqual(self.client.get("/other").headers["X-Rate"], "2.5")
 
     def test_a_stream_without_interval_is_one_chunked_body(self):
         self.http_content.route("/all").respond_stream([b"a", b"", b"b"])
@@ -330,7 +339,18 @@ class StreamConfigurationTests(unittest.TestCase):
              "code='404': an HTTP status is a whole number from 100 to 999: write 404."),
             (lambda: route.respond_stream(["a"], headers="X: y"),
              "headers='X: y': give a mapping of names to values, such as {'Content-Type': 'text/plain'},"
-             " or (name, value) pairs, each a single line of text; 'X: y' is none."),
+             " or (name, value) pairs: each name a token (letters, digits and !#$%&'*+-.^_`|~, no spaces or"
+             " colons), each value a single line of text; 'X: y' is none."),
+            (lambda: route.respond("a", headers={"Bad Name": "v"}), "('Bad Name', 'v') is none."),
+            (lambda: route.respond("a", headers={"X:Y": "v"}), "('X:Y', 'v') is none."),
+            (lambda: route.respond("a", headers={"": "v"}), "('', 'v') is none."),
+            (lambda: route.respond("a", headers={"X-Name": "Zoë €"}),
+             "headers: X-Name: 'Zoë €' has characters a header cannot carry (it is sent as ISO-8859-1)"),
+            (lambda: http_content.serve_content("a", headers={"X-A": None}), "('X-A', None) is none."),
+            (lambda: http_content.serve_content("a", chunked=True, headers={"Content-Length": "1"}),
+             "A chunked or streamed response frames its body itself: leave out the Content-Length header"),
+            (lambda: route.respond("a", delay=Fraction(-1, 5)),
+             "delay=Fraction(-1, 5): a response waits a number of seconds, 0 or more"),
             (lambda: route.respond_sse(["a"], headers=[("X-A", "1\r\nX-B: 2")]), "('X-A', '1\\r\\nX-B: 2') is none."),
             (lambda: route.respond("a", headers={"X-A": None}), "('X-A', None) is none."),
             (lambda: route.respond(5), "body: a body or chunk is bytes or str, not 5."),
@@ -342,6 +362,18 @@ class StreamConfigurationTests(unittest.TestCase):
                 declare()
             self.assertIn(message, str(caught.exception))
         self.assertEqual(Response(headers={"X-Id": 7}).headers, (("X-Id", "7"),))  # as http.server writes it
+
+    def test_numbers_of_any_kind(self):
+        # As before the checks: http.server writes a header value with str(),
+        # and waits take any number of seconds.
+        self.assertEqual(Response(headers={"X-Rate": 1.5, "X-Cost": Decimal("0.10")}).headers,
+                         (("X-Rate", "1.5"), ("X-Cost", "0.10")))
+        for seconds in (Fraction(1, 5), Decimal("0.2"), 0.2):
+            with self.subTest(seconds=seconds):
+                self.assertEqual(Response(delay=seconds).delay, 0.2)
+                self.assertEqual(Response.stream(["a"], interval=seconds).interval, 0.2)
+        self.assertEqual(Response(HTTPStatus.CREATED).status, 201)
+        self.assertEqual(Response(truncate=HTTPStatus.OK, body="x").truncate, 200)  # any whole number
 
 
 class EndOfTestTests(unittest.TestCase):
