@@ -405,6 +405,14 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
 
     def parse_request() -> bool:
         self = handler
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            # RFC 9112 section 2.2: an empty line before a request line is
+            # to be ignored (a client may end a body with an extra CRLF);
+            # http.server closes the connection on it, unanswered, with
+            # the requests after it. Here it is read as no request at all,
+            # and the connection waits for the next, as after any answer.
+            self.close_connection = False
+            return False
         if not handler_class.parse_request(self):
             return False
         codings = _transfer_codings(self.headers)

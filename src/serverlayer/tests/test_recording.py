@@ -406,6 +406,22 @@ class OtherLayerTests(unittest.TestCase):
 
 
 
+class EmptyLinesBeforeARequestTests(unittest.TestCase):
+    """RFC 9112 section 2.2: empty lines before a request line are ignored,
+    on every layer, as waitress does (http.server closed the connection)."""
+
+    def test_the_requests_after_them_are_answered(self):
+        for layer in (custom.Layer(EchoHandler, name="empty_lines_custom"), static.Layer(name="empty_lines_static"),
+                      content.Layer(name="empty_lines_content"), wsgi.Layer(echo_app, name="empty_lines_wsgi")):
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                data = exchange(layer, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                                       b"\r\n\r\n" + LAST_GET)  # an extra CRLF after the body, and another
+                responses, rest = parse_responses(data, ["POST", "GET"])
+                self.assertEqual((len(responses), rest), (2, b""), data)
+                self.assertEqual([request.path for request in layer["http_requests"]], ["/echo", "/last"])
+
+
 class ReadingInPiecesTests(unittest.TestCase):
 
     def test_a_body_is_read_a_piece_at_a_time(self):
