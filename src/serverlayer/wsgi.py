@@ -234,6 +234,13 @@ class _WSGITask(WSGITask):
         # (TCP_NODELAY is on), and each send hands the interpreter lock to
         # the waiting client and back. Here the channel keeps the head and
         # sends it with the first body bytes (``_Channel.write_soon``).
+        request = self.request
+        if request.chunked and b"\ncontent-length:" in request.head.lower():
+            # RFC 9112 section 6.1: a request with both Transfer-Encoding and
+            # Content-Length may be an attempt at request smuggling, and
+            # the server must close the connection after answering it (as
+            # the layers on http.server do); waitress keeps it open.
+            self.set_close_on_finish()
         self._building_head = True
         try:
             self.channel.head = super().build_response_header()
