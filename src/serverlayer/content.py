@@ -654,7 +654,9 @@ class HTTPContent:
     """What the content layer's server answers, and what the test expects of it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a route's match function, which runs under it, may
+        # read what the test reads (http_content.requests).
+        self._lock = threading.RLock()
         self._held_arrived = threading.Condition(self._lock)
         #: The server's URL while its layer is set up: ``url_for`` builds on it.
         self.url: str | None = None
@@ -766,13 +768,17 @@ class HTTPContent:
                 return self._hold(request)
             return _as_response(answer, request)
         if handler is not None:
-            response = handler(request)
+            response = matching.call_test_function(handler, request)
             if response is not None:
                 return _as_response(response, request)
         with self._lock:
-            # A WebSocket's expectations count too: a handshake to a path no
-            # script serves is why its client never connected.
-            if self.expectations or any(script.expects for script in self.websockets):
+            expects, scripts = bool(self.expectations), list(self.websockets)
+        # A WebSocket's expectations count too: a handshake to a path no
+        # script serves is why its client never connected. Asked with the
+        # lock released: a script's lock is held while its match functions
+        # run, which may read http_content.
+        if expects or any(script.expects for script in scripts):
+            with self._lock:
                 self._unexpected.append(request)
         return Response(self.code, self.content, list(self.headers.items()), chunked=self.chunked)
 

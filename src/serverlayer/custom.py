@@ -650,7 +650,9 @@ class HandlerServer(socketserver.BaseServer):
         False if ``deadline`` (``time.monotonic()``) passes first, None to park it instead."""
         return self.wait_readable(connection, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def wait_readable(self, connection: socket.socket | None, timeout: float | None = None) -> bool | None:
+    def wait_readable(
+        self, connection: socket.socket | None, timeout: float | None = None, *, idle: bool = False
+    ) -> bool | None:
         """Wait until ``connection`` is readable: True; False if ``timeout``
         passes first; None as soon as the test ends or the server stops.
 
@@ -660,17 +662,27 @@ class HandlerServer(socketserver.BaseServer):
         (one that is readable already, with a request pipelined behind the
         answer being paced) it waits for the timeout, the test's end or the
         stop alone.
+
+        With ``idle``, the request being served counts as finished while it
+        waits (an open WebSocket between messages), and as running again
+        before the test's end can find the wait over: marked in the lock
+        that the end of the test takes, so that its wait for quiet never
+        sees the handler idle on its way out of a wait it was recalled from.
         """
         worker: _Worker | None = getattr(_this_thread, "worker", None)
         with self._workers_lock:
             if self._recalling or self._test_ending or self._stopping or (worker is not None and worker.retiring):
                 return None
             self._waiting += 1
+            if idle:
+                self.activity.finish()
         try:
             recall = self._recall_reader.fileno()
             ready = _ready_to_read((recall,) if connection is None else (connection.fileno(), recall), timeout)
         finally:
             with self._workers_lock:
+                if idle:
+                    self.activity.start()
                 self._waiting -= 1
                 if self._recalling:  # test_ended waits for the last one
                     self._workers_lock.notify_all()

@@ -353,17 +353,19 @@ class ServerLayer(plone.testing.Layer):
     def check_after_test(self) -> None:
         """What runs when a test ends: server errors (unless switched off),
         and whatever a layer adds."""
-        try:
-            if self.report_server_errors:
-                self.check_server_errors()
-        finally:
-            # The errors the check did not report (it is switched off) are
-            # the ended test's; those recorded from now on fail the next test.
-            self.server_errors.clear()
-            if self._running is not None:
-                # What still runs is the ended test's: later tests' ends do
-                # not wait for it, and what it raises from now on says so.
-                self._running.server.give_up()
+        running = self._running
+        if running is not None:
+            running.server.wait_quiet(self.quiet_timeout)
+            # What still runs is the ended test's: later tests' ends do not
+            # wait for it, and what it raises from now on says so, and
+            # fails the test during which it comes.
+            give_up = getattr(running.server, "give_up", None)  # a server of a layer's own may have none
+            if give_up is not None:
+                give_up()
+        if self.report_server_errors:
+            self._check_recorded()
+        else:
+            self.server_errors.clear()  # the ended test's, not the next one's
 
     def check_server_errors(self) -> None:
         """Fail now if the server raised since the test began.
@@ -373,6 +375,11 @@ class ServerLayer(plone.testing.Layer):
         running = self._running
         if running is not None:
             running.server.wait_quiet(self.quiet_timeout)
+        self._check_recorded()
+
+    def _check_recorded(self) -> None:
+        """Fail if the server raised, or its loop died: what was recorded is taken."""
+        running = self._running
         if running is not None and running.failure is not None:
             failure, running.failure = running.failure, None
             self.server_errors.record(

@@ -20,9 +20,11 @@ the test's teardown.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import sys
+import textwrap
 import threading
 import traceback
 import unittest
@@ -87,10 +89,13 @@ def format_chain(error: BaseException, tb: TracebackType | None) -> str:
 
     zope.testrunner replaces ``traceback.format_exception`` with one that
     shows zope.exceptions' ``__traceback_info__`` (which Zope applications
-    use), but leaves out the causes unless asked, and shows only the first
-    when asked. So each exception of the chain is formatted alone, by
-    whichever function is in place, and the chain is put together here.
+    use), but leaves out the causes unless asked, shows only the first
+    when asked, and leaves out the members of an exception group. Under
+    it, each exception of the chain, and each member of a group, is
+    formatted alone, and they are put together here.
     """
+    if traceback.format_exception.__module__ == "traceback":  # Python's own
+        return "".join(traceback.format_exception(type(error), error, tb))
     chain: list[tuple[BaseException, TracebackType | None, str]] = []
     seen: set[int] = set()
     current: BaseException | None = error
@@ -107,9 +112,18 @@ def format_chain(error: BaseException, tb: TracebackType | None) -> str:
     parts = []
     for each, each_tb, link in reversed(chain):
         parts.append("".join(traceback.format_exception(type(each), each, each_tb, chain=False)))
+        if _GROUP is not None and isinstance(each, _GROUP):
+            members: tuple[BaseException, ...] = each.exceptions  # type: ignore[attr-defined]
+            for number, member in enumerate(members, 1):
+                text = format_chain(member, member.__traceback__)
+                parts.append(f"+---------------- {number} ----------------\n" + textwrap.indent(text, "| "))
         if link:
             parts.append(link)
     return "".join(parts)
+
+
+#: Exception groups' base class, from Python 3.11 on.
+_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
 
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"

@@ -238,7 +238,9 @@ class WebSocketScript:
         check_path(path, where="websocket", takes_query=False)
         self.path = path
         self.subprotocols = _subprotocols(subprotocols)
-        self._lock = threading.Lock()
+        # Re-entrant: the match and reply functions run under it, and may
+        # read what the test reads (script.received).
+        self._lock = threading.RLock()
         self._on_connect = Reply((), 0.0, None)
         self._rules: list[_MessageRule] = []
         self._expectations: list[_MessageRule] = []
@@ -452,11 +454,8 @@ class _Conversation:
             if has_buffered_data(self.handler.connection, self.handler.rfile):
                 ready: bool | None = True
             else:
-                server.activity.finish()  # an open WebSocket is no request in progress
-                try:
-                    ready = server.wait_readable(self.handler.connection, timeout)
-                finally:
-                    server.activity.start()
+                # An open WebSocket is no request in progress while it waits.
+                ready = server.wait_readable(self.handler.connection, timeout, idle=True)
             if ready is None:  # the test ended, or the server stops
                 if self._open():  # else a close of the script's or the client's is under way
                     self.protocol.send_close(1001, "the test is over")

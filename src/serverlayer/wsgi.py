@@ -258,7 +258,7 @@ class _WSGITask(WSGITask):
         if (
             self._building_head
             and self.version == "1.1"
-            and self.request.headers.get("CONNECTION", "").lower() != "close"
+            and "close" not in _options(self.request.headers.get("CONNECTION", ""))
             and (self.chunked_response or not self.has_body)
         ):
             return
@@ -377,6 +377,11 @@ class _RequestParser(HTTPRequestParser):
     def parse_header(self, header_plus: bytes) -> None:
         self.head = header_plus
         super().parse_header(header_plus)
+
+
+def _options(connection: str) -> list[str]:
+    """The options of a ``Connection`` header field, in lower case."""
+    return [option.strip() for option in connection.lower().split(",")]
 
 
 def _ends_connection(request: Any) -> bool:

@@ -907,9 +907,13 @@ class TestFunctionsRaisingConnectionErrorsTests(unittest.TestCase):
         def match(request):
             raise TimeoutError("the backend took too long")
 
+        def set_handler(http_content):
+            http_content.handler = answer
+
         for path, configure, raised in (
             ("/answer", lambda http_content: http_content.route("/answer").respond_with(answer),
              "ConnectionRefusedError: [Errno 111] the backend is down"),
+            ("/handler", set_handler, "ConnectionRefusedError: [Errno 111] the backend is down"),
             ("/match", lambda http_content: http_content.route("/match", match=match).respond("x"),
              "TimeoutError: the backend took too long"),
         ):
@@ -972,3 +976,25 @@ class ClientsThatBreakTheProtocolTests(unittest.TestCase):
         message = self.broken_by(Frame(Opcode.TEXT, b"hi").serialize(mask=False))
         self.assertIn("on WebSocket /ws, the client broke the protocol (incorrect masking)", message)
         self.assertIn("the server closed with 1002", message)
+
+
+class FunctionsThatReadWhatTheTestReadsTests(unittest.TestCase):
+    """A match or reply function may read what the test reads (requests,
+    received messages): it runs under the lock those are kept under, which
+    it took again and waited for itself; and a WebSocket script's lock was
+    taken under the content's, while a match function ran under the
+    script's and took the content's."""
+
+    def test_they_answer(self):
+        layer = set_up_by_hand(self, content.Layer(name="functions_reading"))
+        http_content = layer["http_content"]
+        http_content.route("/seen", match=lambda request: len(http_content.requests) > 0).respond("seen")
+        script = http_content.websocket("/ws")
+        script.expect(lambda message: len(http_content.requests) + len(script.received) > 0, "matched")
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/seen")
+        self.assertEqual(connection.getresponse().read(), b"seen")
+        with ws_connect(layer, "/ws") as client:
+            client.send("hi")
+            self.assertEqual(client.recv(timeout=10), "matched")

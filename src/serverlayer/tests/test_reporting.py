@@ -76,6 +76,23 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
 
 class ErrorLogTests(unittest.TestCase):
 
+    @unittest.skipIf(sys.version_info < (3, 11), "exception groups came with Python 3.11")
+    def test_a_recorded_exception_group_shows_its_members_and_their_causes(self):
+        log = ErrorLog("<layer X>")
+        try:
+            try:
+                raise KeyError("inner cause")
+            except KeyError as error:
+                member = ValueError("a member")
+                member.__cause__ = error
+            raise ExceptionGroup("the group", [member, TypeError("another member")])  # noqa: F821
+        except Exception:
+            log.record("serving /", sys.exc_info())
+        [text] = log.take()
+        for line in ("the group (2 sub-exceptions)", "KeyError: 'inner cause'", "ValueError: a member",
+                     "TypeError: another member"):
+            self.assertIn(line, text)
+
     def test_a_recorded_error_shows_the_exceptions_it_came_from(self):
         # zope.testrunner (which runs this) swaps traceback.format_exception
         # for one that leaves causes out.

@@ -236,3 +236,42 @@ class AsgiWaitQuietTests(unittest.TestCase):
         self.assertTrue(self.server.wait_quiet(TIMEOUT))
         self.assertLess(time.monotonic() - started, TIMEOUT / 2)
         self.assertFalse(self.server.state.tasks)
+
+
+class IdleWaitTests(unittest.TestCase):
+    """A handler waiting idle (an open WebSocket between messages) is busy
+    again by the time the test's end has recalled it: else the end-of-test
+    check could run while it still reads what its client sent last."""
+
+    def test_a_recalled_idle_wait_is_busy_when_end_waits_returns(self):
+        from serverlayer import content
+        from serverlayer.tests.helpers import set_up_by_hand
+
+        layer = set_up_by_hand(self, content.Layer(name="idle_wait"))
+        server = layer["httpd"]
+        mine, theirs = socket.socketpair()
+        self.addCleanup(mine.close)
+        self.addCleanup(theirs.close)
+        waiting, checked, results = threading.Event(), threading.Event(), []
+
+        def handler() -> None:
+            server.activity.start()  # serving a request, as a worker does
+            waiting.set()
+            results.append(server.wait_readable(mine, TIMEOUT, idle=True))
+            checked.wait(TIMEOUT)  # reads what its client sent last, say
+            server.activity.finish()
+
+        thread = threading.Thread(target=handler)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.assertTrue(waiting.wait(TIMEOUT))
+        deadline = time.monotonic() + TIMEOUT
+        while not server.activity.wait_quiet(0) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until it waits, idle
+        server.end_waits(TIMEOUT)
+        self.assertFalse(server.activity.wait_quiet(0))  # busy again the moment the recall is over
+        checked.set()
+        thread.join(TIMEOUT)
+        self.assertEqual(results, [None])  # recalled
+        self.assertTrue(server.activity.wait_quiet(TIMEOUT))
+        server.allow_waits()

@@ -103,10 +103,24 @@ class KeepAliveAndChunkingTests(unittest.TestCase):
                 self.assertFalse(response.will_close)
                 self.assertIsNone(response.getheader("Connection"))
                 self.assertEqual(port(), first)
-        connection.request("GET", "/chunked", headers={"Connection": "close"})  # unless the client says so
-        response = connection.getresponse()
-        self.assertTrue(response.will_close)
-        self.assertEqual(response.read(), b"first second third")
+        for options in ("close", "keep-alive, close"):  # unless the client says so
+            with self.subTest(options=options):
+                connection.request("GET", "/chunked", headers={"Connection": options})
+                response = connection.getresponse()
+                self.assertTrue(response.will_close)
+                self.assertEqual(response.read(), b"first second third")
+                connection.close()
+                connection.connect()
+
+    def test_a_request_with_both_transfer_encoding_and_content_length_ends_its_connection(self):
+        # RFC 9112 section 6.1: it may be an attempt at request smuggling.
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"POST /both HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n"
+                         b"\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = read_until_closed(sock)
+        self.assertIn(b"\r\nConnection: close\r\n", received)
+        self.assertIn(b"POST /both", received)
+        self.assertNotIn(b"/smuggled", received)
 
     def test_head_gets_no_body_and_the_connection_stays_in_step(self):
         # waitress sends the application's body in answer to HEAD too, and
