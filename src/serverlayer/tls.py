@@ -145,6 +145,14 @@ class CertificateAuthority:
                 # SMTP layers share the context; their clients offer no
                 # ALPN, and one offering other protocols gets none.
                 context.set_alpn_protocols(["http/1.1"])
+                # No TLS 1.3 session tickets: the server sends them right
+                # after the handshake, and a client that reads on one thread
+                # while it sends its first request on another (websockets'
+                # sync client) then uses its SSL object from two threads at
+                # once, which OpenSSL does not allow: one connection in a few
+                # hundred lost its request and hung. A test server has no
+                # use for resuming sessions.
+                context.num_tickets = 0
                 self._server_contexts[names, client_certs] = context
             return context
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import http.client
 import os
+import select
 import shutil
 import smtplib
 import socket
@@ -137,6 +138,39 @@ def handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext, se
                 return client.version() or ""
         finally:
             server.join(10)
+
+
+class SessionTicketTests(unittest.TestCase):
+    """The server sends nothing after the handshake until the client speaks:
+    TLS 1.3 session tickets, read by a client's receiving thread while its
+    other thread sends the first request, made one connection in a few
+    hundred hang (websockets' sync client)."""
+
+    layer = HTTPS_LAYER
+
+    def test_nothing_arrives_before_the_client_speaks(self):
+        for layer in (self.layer, set_up_by_hand(self, _asgi_tls_layer())):
+            with self.subTest(layer=layer):
+                raw = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+                self.addCleanup(raw.close)
+                client = layer["ssl_context"].wrap_socket(raw, server_hostname=layer["http_host"])
+                self.addCleanup(client.close)
+                self.assertEqual(client.version(), "TLSv1.3")
+                self.assertEqual(select.select([client], [], [], 0.2)[0], [])
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                self.assertTrue(client.recv(100).startswith(b"HTTP/1.1 200"))
+
+
+def _asgi_tls_layer():
+    from serverlayer import asgi
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return asgi.Layer(app, name="asgi_tickets", tls=True)
 
 
 class SSLContextVerifiesTests(unittest.TestCase):
