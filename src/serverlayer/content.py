@@ -417,6 +417,25 @@ def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _matched_headers(headers: object) -> dict[str, str]:
+    """The header fields a route matches on, each value a str: a request's
+    header values are text, so ``{"X-Count": 1}`` would never match."""
+    if headers is None:
+        return {}
+    if isinstance(headers, Mapping) and all(
+        isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+    ):
+        return dict(headers)
+    example = {"Authorization": "Bearer sk_test"}
+    if isinstance(headers, Mapping):
+        fixed = {str(name): str(value) for name, value in headers.items()}
+        example = fixed if all(isinstance(value, (str, int, float)) for value in headers.values()) else example
+    raise ConfigurationError(
+        f"headers={matching.shown(headers)}: a route matches header fields by their text, as they arrive in a"
+        f" request: give a mapping of names to values, each a str, such as {example!r}."
+    )
+
+
 def _as_response(answer: Answer, request: RecordedRequest) -> Response:
     response = matching.call_test_function(answer, request) if callable(answer) else answer
     if not isinstance(response, Response):
@@ -464,7 +483,7 @@ class Route:
         self.path = path
         self.method = method.upper() if method else None
         self.query = {key: [value] if isinstance(value, str) else value for key, value in checked_query.items()}
-        self.headers = dict(headers or {})
+        self.headers = _matched_headers(headers)
         self.raw_path = raw_path
         self.data = data.encode("utf-8") if isinstance(data, str) else data
         self.json = json

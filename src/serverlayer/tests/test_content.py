@@ -153,6 +153,17 @@ class RouteTests(unittest.TestCase):
                 self.assertEqual(call(self.layer, "/orders", data=b"{}", method=method)[0], 404)
         self.assertEqual(call(self.layer, "/orders", data=b"{}", method="POST")[:3:2], (201, b"created"))
 
+    def test_header_fields_to_match_are_text(self):
+        http_content = content.HTTPContent()
+        for headers, example in (({"X-Count": 1}, "{'X-Count': '1'}"),
+                                 ("X: y", "{'Authorization': 'Bearer sk_test'}"),
+                                 ({"A": None}, "{'Authorization': 'Bearer sk_test'}")):
+            with self.subTest(headers=headers), self.assertRaises(ConfigurationError) as caught:
+                http_content.route("/x", headers=headers)
+            self.assertIn("a route matches header fields by their text", str(caught.exception))
+            self.assertIn(f"such as {example}.", str(caught.exception))
+        self.assertEqual(http_content.expect("/x", headers={"A": "b"}).headers, {"A": "b"})
+
     def test_a_path_no_request_can_have_is_refused(self):
         # Accepted before, and never matched: a request's path starts with
         # "/", and its query is matched apart.
