@@ -24,6 +24,7 @@ from typing import Any
 import plone.testing
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
+from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
@@ -265,6 +266,8 @@ class _WSGITask(WSGITask):
         super().set_close_on_finish()
 
     def write(self, data: bytes) -> None:
+        # What a file wrapper's body must not be sent for (below).
+        self.channel.bodiless = self.request.command == "HEAD" or not self.has_body
         if data and self.request.command == "HEAD":
             # waitress sends the application's body in answer to HEAD too,
             # which the client takes for the start of the next response.
@@ -437,7 +440,17 @@ class _Channel(HTTPChannel):
     #: A response's head, waiting for the first bytes of its body.
     head = b""
 
+    #: Whether the response being sent has no body (HEAD, 204, 304).
+    bodiless = False
+
     def write_soon(self, data: Any) -> int:
+        if isinstance(data, ReadOnlyFileBasedBuffer) and self.bodiless:
+            # waitress hands an application's wsgi.file_wrapper to the
+            # channel whole, past the task's write that leaves out the body
+            # of a HEAD, 204 or 304 answer: its bytes went out, and the
+            # client read them as the next answer on the connection.
+            data.close()
+            data = b""
         head = self.head
         if not (head and data):
             return int(super().write_soon(data))
