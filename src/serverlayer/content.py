@@ -1105,17 +1105,11 @@ class Layer(custom.Layer):
     def testSetUp(self) -> None:
         super().testSetUp()
         self.content.reset()
-        httpd = self.own_server()
-        if isinstance(httpd, custom.HandlerServer):
-            httpd.allow_waits()  # should the last test's check have come after its test_ended
 
     def check_after_test(self) -> None:
-        # Held requests, and delays and streams, keep the server busy; the
-        # server errors' check would wait for them.
+        # Held requests keep the server busy; the server errors' check
+        # would wait for them.
         self.content.release_held()
-        httpd = self.own_server()
-        if isinstance(httpd, custom.HandlerServer):
-            httpd.end_waits(self.quiet_timeout)
         super().check_after_test()
         self.content.check()
 

@@ -981,6 +981,22 @@ class Layer(HTTPLayer):
             httpd.published_host = httpd.server_name = host
         return resources
 
+    def testSetUp(self) -> None:
+        super().testSetUp()
+        httpd = self.own_server()
+        if isinstance(httpd, HandlerServer):
+            httpd.allow_waits()  # should the last test's check have come after its test_ended
+
+    def check_after_test(self) -> None:
+        # The test is over: handlers waiting for their clients (a delay, a
+        # stream, a WebSocket) stop, and writes to clients that stopped
+        # reading (a page left open with its media half loaded) are cut, so
+        # that the server errors' check does not wait for them in vain.
+        httpd = self.own_server()
+        if isinstance(httpd, HandlerServer):
+            httpd.end_waits(self.quiet_timeout)
+        super().check_after_test()
+
     def make_server(self, sockets: Sequence[socket.socket]) -> HandlerServer:
         assert self.request_handler is not None
         return HandlerServer(

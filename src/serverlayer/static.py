@@ -10,6 +10,7 @@ Given no directory, the layer creates a temporary one, publishes it as the
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -153,6 +154,17 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         if not isinstance(source, ranges.Body):
             super().copyfile(source, outputfile)
             return
+        writing = getattr(self.server, "writing", None)
+        try:
+            # A client that stops reading (a browser's <audio> or <video>
+            # with its buffer full) holds the write: marked as the test's,
+            # it is cut when the test ends, and its worker freed.
+            with writing(self.connection) if writing is not None else contextlib.nullcontext():
+                self._send_pieces(source, outputfile)
+        except ConnectionError:  # cut at the test's end, or the client left
+            self.close_connection = True
+
+    def _send_pieces(self, source: ranges.Body, outputfile: Any) -> None:
         for piece in source.pieces:
             if isinstance(piece, bytes):
                 outputfile.write(piece)

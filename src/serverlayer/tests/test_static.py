@@ -9,13 +9,14 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import unittest
 import urllib.error
 import urllib.request
 from unittest import mock
 
 from serverlayer import ConfigurationError, custom, static
-from serverlayer.tests.helpers import raw_request, set_up_by_hand
+from serverlayer.tests.helpers import raw_request, set_up_by_hand, thread_names
 
 SECRET = b"TOP-SECRET: must never be served"
 #: The status line of every refusal: the static layer answers 404, as for a missing file.
@@ -337,3 +338,36 @@ def http_get_raw(layer) -> bytes:
         return connection.getresponse().read()
     finally:
         connection.close()
+
+
+class ClientThatStopsReadingTests(unittest.TestCase):
+    """A client that stops reading a file (a browser's <audio> or <video>
+    with its buffer full, the page left open) does not keep the file's
+    worker past the test: its end cuts the write."""
+
+    def test_the_test_end_frees_the_worker(self):
+        layer = set_up_by_hand(self, static.Layer(name="static_stalled_reader"))
+        with open(os.path.join(layer["documentroot"], "media.wav"), "wb") as file:
+            file.write(bytes(20_000_000))
+        before = thread_names()
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET /media.wav HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.recv(4096)  # the head and a little: then it reads no more
+        httpd = layer["httpd"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the worker is stuck sending to it
+            with httpd._writing_lock:
+                if any(not custom._takes_more(connection) for connection in httpd._writing):
+                    break
+            time.sleep(0.01)
+        else:
+            self.fail("the worker never filled the connection")
+        started = time.monotonic()
+        layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
+        layer.testTearDown()
+        self.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet, nor a thread left
+        self.assertEqual(sorted(set(thread_names()) - set(before)), [])
+        self.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
+        layer.testSetUp()  # for the cleanup's testTearDown
