@@ -969,9 +969,19 @@ class ContentHandler(custom.RequestHandler):
                 converse(self, script)
                 return
         response = self.content.answer(request)
-        if response.delay and not self._client_waits(response.delay):
-            self.close_connection = True
-            return
+        if response.delay:
+            waited = self._client_waits(response.delay)
+            if waited is None and not self.server.stopped.is_set():  # type: ignore[attr-defined]
+                # The test ended first. A connection closed with no answer
+                # looks stale to a browser, which sends the request again
+                # (a POST too) into the next test: it gets an answer.
+                self.close_connection = True
+                with contextlib.suppress(ConnectionError):
+                    self.send_error(503, "The test ended before this delayed answer was due")
+                return
+            if not waited:
+                self.close_connection = True
+                return
         if response.reset:
             self.server.abort_connection(self.connection)  # type: ignore[attr-defined]
             self.close_connection = True
@@ -1036,11 +1046,11 @@ class ContentHandler(custom.RequestHandler):
         wfile.write(head.getvalue())
         wfile.write(body)
 
-    def _client_waits(self, seconds: float) -> bool:
-        """Wait ``seconds``; False if the client closed its connection, the
-        test ended or the server stopped first, so that a client that gave
-        up (or a test that is over) does not keep a thread for the rest of
-        a delay or a stream.
+    def _client_waits(self, seconds: float) -> bool | None:
+        """Wait ``seconds``: True; False if the client closed its connection,
+        None if the test ended or the server stopped first, so that a client
+        that gave up (or a test that is over) does not keep a thread for the
+        rest of a delay or a stream.
 
         The connection turns readable when the client closes it (a client
         that only shuts down its sending side counts as gone too), when the
@@ -1053,13 +1063,13 @@ class ContentHandler(custom.RequestHandler):
         while (remaining := deadline - time.monotonic()) > 0:
             ready = server.wait_readable(self.connection, remaining)
             if ready is None:
-                return False
+                return None
             if ready:
                 peeked = self._peek()
                 if peeked == b"":
                     return False
                 if peeked:  # a pipelined request: readable until answered
-                    return server.wait_readable(None, max(0.0, deadline - time.monotonic())) is False
+                    return None if server.wait_readable(None, max(0.0, deadline - time.monotonic())) is None else True
         return True
 
     def _peek(self) -> bytes | None:

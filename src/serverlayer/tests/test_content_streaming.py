@@ -23,6 +23,7 @@ import httpx
 from serverlayer import ConfigurationError, content
 from serverlayer.content import Event, Response
 from serverlayer.tests.helpers import raw_request, set_up_by_hand, thread_names
+from serverlayer.tests.test_hardening import read_until_closed
 
 STREAMING = content.Layer(name="STREAMING")
 STREAMING_TLS = content.Layer(name="STREAMING_TLS", tls=True)
@@ -433,7 +434,12 @@ class EndOfTestTests(unittest.TestCase):
         client = self.watch_stream(layer, "/late")
         self.assertEqual(self.end_of_test_found_quiet(layer), [True])
         self.assertEqual(thread_names(), before)
-        self.assertEqual(client.recv(4096), b"")
+        # An answer, then the end: a browser resends a request whose
+        # connection closes unanswered, into the next test.
+        answer = read_until_closed(client)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b"The test ended before this delayed answer was due", answer)
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
         layer.testSetUp()
 
     def pipeline_behind(self, layer, path: str) -> socket.socket:
