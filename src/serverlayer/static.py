@@ -44,6 +44,11 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     #: to serve a directory from ``custom.Layer``. A handler object also has
     #: it set to the directory it serves.
     documentroot: str | None = None
+    #: Browsers may keep a file but ask whether it changed (a 304 when it
+    #: did not) each time: a browser shared by the tests would otherwise
+    #: take a file from its cache for a while (a tenth of its age, by
+    #: heuristic) after a later test rewrote it. A subclass may set another.
+    cache_control = "no-cache"
 
     def __init__(
         self,
@@ -123,6 +128,7 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
                 self.send_response(status)
                 self.send_header("ETag", representation.etag)
                 self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
+                self.send_header("Cache-Control", self.cache_control)
                 self.end_headers()
             else:
                 self.send_error(status)
@@ -142,6 +148,7 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", representation.etag)
         self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
+        self.send_header("Cache-Control", self.cache_control)
         self.end_headers()
         return body
 

@@ -46,6 +46,9 @@ class RangeTests(unittest.TestCase):
         self.assertEqual((response.status_code, response.content), (200, DATA))
         self.assertEqual(response.headers["Accept-Ranges"], "bytes")
         self.assertRegex(response.headers["ETag"], r'^"[0-9a-f]+-2800-[0-9a-f]+"$')  # strong: no W/
+        # A browser shared by the tests asks each time whether a file
+        # changed, rather than taking it from its cache by heuristic.
+        self.assertEqual(response.headers["Cache-Control"], "no-cache")
 
     def test_single_ranges(self):
         for spec, first, last in [("0-9", 0, 9), ("100-", 100, 10239), ("-16", 10224, 10239),
@@ -207,6 +210,7 @@ class ConditionalTests(unittest.TestCase):
     def test_a_304_carries_the_etag(self):
         response = requests.get(self.url, headers={"If-None-Match": self.etag}, timeout=10)
         self.assertEqual((response.status_code, response.headers["ETag"]), (304, self.etag))
+        self.assertEqual(response.headers["Cache-Control"], "no-cache")  # as the 200 said
 
     def test_if_none_match_wins_over_if_modified_since(self):
         older = email.utils.formatdate(0, usegmt=True)
