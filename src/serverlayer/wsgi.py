@@ -30,6 +30,7 @@ from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
+from serverlayer.custom import _takes_more
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
@@ -929,6 +930,23 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def test_ended(self, timeout: float) -> None:
         pass  # waitress's workers start with the server and stay
 
+    def cut_stalled_writes(self) -> None:
+        """End the connections whose client stopped reading an answer
+        still being written (a page left open with a long stream half
+        read): their worker waits in waitress's ``write_soon`` for room
+        that never comes, and the end of the test would wait for it in
+        vain. Shut down, the socket fails the loop's next send, waitress
+        closes the channel, and the worker's write raises
+        ``ClientDisconnected``, which ends its request."""
+        for channel in list(self.active_channels.values()):
+            if channel.total_outbufs_len <= channel.adj.outbuf_high_watermark:
+                continue
+            try:
+                if not _takes_more(channel.socket):
+                    channel.socket.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError):  # closed meanwhile
+                continue
+
     def give_up(self) -> None:
         self.activity.give_up()
 
@@ -1053,6 +1071,12 @@ class Layer(HTTPLayer):
         httpd = self.own_server()
         if isinstance(httpd, WaitressServer):
             httpd.app_slot.test_started()
+
+    def check_after_test(self) -> None:
+        httpd = self.own_server()
+        if isinstance(httpd, WaitressServer):
+            httpd.cut_stalled_writes()  # the test is over: no wait for them
+        super().check_after_test()
 
     def testTearDown(self) -> None:
         try:

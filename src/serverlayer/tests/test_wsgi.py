@@ -7,6 +7,7 @@ import io
 import os
 import socket
 import threading
+import time
 import unittest
 import urllib.error
 import urllib.request
@@ -343,3 +344,32 @@ class QuietnessTests(unittest.TestCase):
 
 
 
+
+
+class ClientThatStopsReadingTests(unittest.TestCase):
+    """A client that stops reading a long streamed answer (a page left open
+    with its media half loaded) does not hold up every test's end."""
+
+    def test_the_test_end_cuts_the_stream(self):
+        def stream(environ, start_response):
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            return (bytes(65536) for _ in range(2000))  # 128 MiB, far more than any buffer
+
+        layer = set_up_by_hand(self, wsgi.Layer(stream, name="wsgi_stalled_reader"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.recv(4096)  # the head and a little: then it reads no more
+        httpd = layer["httpd"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(  # until the worker waits for room
+            channel.total_outbufs_len > channel.adj.outbuf_high_watermark for channel in httpd.active_channels.values()
+        ):
+            time.sleep(0.01)
+        self.assertFalse(httpd.wait_quiet(0.05))  # its request runs on, its client reading nothing
+        started = time.monotonic()
+        layer.check_after_test()
+        self.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet in vain
+        self.assertTrue(httpd.wait_quiet(5))
+        self.assertEqual(layer.server_errors.take(), [])  # a cut stream is no error
