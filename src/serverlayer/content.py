@@ -422,14 +422,19 @@ def _matched_headers(headers: object) -> dict[str, str]:
     header values are text, so ``{"X-Count": 1}`` would never match."""
     if headers is None:
         return {}
-    if isinstance(headers, Mapping) and all(
-        isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+    given: Any = headers
+    if not isinstance(given, Mapping) and isinstance(given, Iterable) and not isinstance(given, (str, bytes)):
+        with contextlib.suppress(TypeError, ValueError):  # (name, value) pairs, or nothing
+            given = dict(given)
+    if isinstance(given, Mapping) and all(
+        isinstance(name, str) and isinstance(value, str) for name, value in given.items()
     ):
-        return dict(headers)
+        return dict(given)
     example = {"Authorization": "Bearer sk_test"}
-    if isinstance(headers, Mapping):
-        fixed = {str(name): str(value) for name, value in headers.items()}
-        example = fixed if all(isinstance(value, (str, int, float)) for value in headers.values()) else example
+    if isinstance(given, Mapping) and all(
+        isinstance(value, (str, int, float)) and not isinstance(value, bool) for value in given.values()
+    ):
+        example = {str(name): str(value) for name, value in given.items()}
     raise ConfigurationError(
         f"headers={matching.shown(headers)}: a route matches header fields by their text, as they arrive in a"
         f" request: give a mapping of names to values, each a str, such as {example!r}."

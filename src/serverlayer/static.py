@@ -47,8 +47,9 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     #: Browsers may keep a file but ask whether it changed (a 304 when it
     #: did not) each time: a browser shared by the tests would otherwise
     #: take a file from its cache for a while (a tenth of its age, by
-    #: heuristic) after a later test rewrote it. A subclass may set another.
-    cache_control = "no-cache"
+    #: heuristic) after a later test rewrote it. A subclass may set another,
+    #: or None for none.
+    cache_control: str | None = "no-cache"
 
     def __init__(
         self,
@@ -128,7 +129,8 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
                 self.send_response(status)
                 self.send_header("ETag", representation.etag)
                 self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
-                self.send_header("Cache-Control", self.cache_control)
+                if self.cache_control is not None:
+                    self.send_header("Cache-Control", self.cache_control)
                 self.end_headers()
             else:
                 self.send_error(status)
@@ -148,7 +150,8 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", representation.etag)
         self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
-        self.send_header("Cache-Control", self.cache_control)
+        if self.cache_control is not None:
+            self.send_header("Cache-Control", self.cache_control)
         self.end_headers()
         return body
 

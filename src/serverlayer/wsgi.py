@@ -325,6 +325,8 @@ class _OutbufLock(threading.Condition):
         #: How many times the owner holds the lock (an RLock is re-entered),
         #: 0 while it is free or its owner waits.
         self.depth = 0
+        #: Whether a worker waits for room in the channel's buffers.
+        self.waiting = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if not self._rlock.acquire(blocking, timeout):
@@ -357,9 +359,11 @@ class _OutbufLock(threading.Condition):
     def wait(self, timeout: float | None = None) -> bool:
         depth, self.depth = self.depth, 0
         self.channel.server.pull_trigger()
+        self.waiting = True
         try:
             return super().wait(timeout)
         finally:
+            self.waiting = False
             self.depth = depth
 
 
@@ -939,8 +943,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         closes the channel, and the worker's write raises
         ``ClientDisconnected``, which ends its request."""
         for channel in list(self.active_channels.values()):
-            if channel.total_outbufs_len <= channel.adj.outbuf_high_watermark:
-                continue
+            if not getattr(channel.outbuf_lock, "waiting", False):
+                continue  # no worker waits for it (a wsgi.file_wrapper is sent by the loop alone)
             try:
                 if not _takes_more(channel.socket):
                     channel.socket.shutdown(socket.SHUT_RDWR)

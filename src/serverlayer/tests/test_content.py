@@ -163,6 +163,8 @@ class RouteTests(unittest.TestCase):
             self.assertIn("a route matches header fields by their text", str(caught.exception))
             self.assertIn(f"such as {example}.", str(caught.exception))
         self.assertEqual(http_content.expect("/x", headers={"A": "b"}).headers, {"A": "b"})
+        self.assertEqual(http_content.route("/x", headers=[("A", "b")]).headers, {"A": "b"})  # pairs, as before
+        self.assertEqual(http_content.route("/x", headers=()).headers, {})
 
     def test_a_path_no_request_can_have_is_refused(self):
         # Accepted before, and never matched: a request's path starts with

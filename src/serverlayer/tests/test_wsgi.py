@@ -364,7 +364,7 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         httpd = layer["httpd"]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any(  # until the worker waits for room
-            channel.total_outbufs_len > channel.adj.outbuf_high_watermark for channel in httpd.active_channels.values()
+            channel.outbuf_lock.waiting for channel in httpd.active_channels.values()
         ):
             time.sleep(0.01)
         self.assertFalse(httpd.wait_quiet(0.05))  # its request runs on, its client reading nothing
@@ -373,3 +373,23 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet in vain
         self.assertTrue(httpd.wait_quiet(5))
         self.assertEqual(layer.server_errors.take(), [])  # a cut stream is no error
+
+    def test_a_file_the_loop_sends_to_a_reading_client_is_not_cut(self):
+        # waitress counts a whole wsgi.file_wrapper as buffered: no worker
+        # waits for it, and the download goes on past the test's end.
+        size = 40_000_000
+
+        def download(environ, start_response):
+            start_response("200 OK", [("Content-Length", str(size))])
+            return environ["wsgi.file_wrapper"](io.BytesIO(bytes(size)))
+
+        layer = set_up_by_hand(self, wsgi.Layer(download, name="wsgi_file_download"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+        self.addCleanup(client.close)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = client.recv(65536)
+        httpd = layer["httpd"]
+        self.assertTrue(httpd.wait_quiet(5))  # the worker is done: the loop sends the file
+        layer.check_after_test()  # while the client still reads
+        received += read_until_closed(client)
+        self.assertEqual(len(received.partition(b"\r\n\r\n")[2]), size)
