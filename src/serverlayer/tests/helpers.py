@@ -80,6 +80,18 @@ def thread_names() -> list[str]:
     return sorted(thread.name for thread in threading.enumerate())
 
 
+def reader_that_stops(test: unittest.TestCase, layer: Any, path: str) -> socket.socket:
+    """A client that asks ``layer`` for ``path``, reads the head and a
+    little, then reads no more (a page left open with its media or stream
+    half loaded); a small receive buffer fills at once."""
+    client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+    test.addCleanup(client.close)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    client.recv(4096)
+    return client
+
+
 def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
     """Send ``data`` as it is and read until the server closes."""
     with socket.create_connection((host, port), timeout=timeout) as sock:

@@ -16,7 +16,7 @@ import urllib.request
 from unittest import mock
 
 from serverlayer import ConfigurationError, custom, static
-from serverlayer.tests.helpers import raw_request, set_up_by_hand, thread_names
+from serverlayer.tests.helpers import raw_request, reader_that_stops, set_up_by_hand, thread_names
 
 SECRET = b"TOP-SECRET: must never be served"
 #: The status line of every refusal: the static layer answers 404, as for a missing file.
@@ -350,11 +350,7 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         with open(os.path.join(layer["documentroot"], "media.wav"), "wb") as file:
             file.write(bytes(20_000_000))
         before = thread_names()
-        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
-        self.addCleanup(client.close)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.sendall(b"GET /media.wav HTTP/1.1\r\nHost: x\r\n\r\n")
-        client.recv(4096)  # the head and a little: then it reads no more
+        reader_that_stops(self, layer, "/media.wav")
         httpd = layer["httpd"]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # until the worker is stuck sending to it

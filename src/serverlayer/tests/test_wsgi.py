@@ -18,7 +18,7 @@ from unittest import mock
 import plone.testing
 
 from serverlayer import ConfigurationError, wsgi
-from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand
 from serverlayer.tests.test_hardening import read_until_closed
 from serverlayer.tests.test_tls_front import ipv6_loopback
 
@@ -356,11 +356,7 @@ class ClientThatStopsReadingTests(unittest.TestCase):
             return (bytes(65536) for _ in range(2000))  # 128 MiB, far more than any buffer
 
         layer = set_up_by_hand(self, wsgi.Layer(stream, name="wsgi_stalled_reader"))
-        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
-        self.addCleanup(client.close)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        client.recv(4096)  # the head and a little: then it reads no more
+        reader_that_stops(self, layer, "/")
         httpd = layer["httpd"]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any(  # until the worker waits for room
