@@ -47,9 +47,12 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     #: Browsers may keep a file but ask whether it changed (a 304 when it
     #: did not) each time: a browser shared by the tests would otherwise
     #: take a file from its cache for a while (a tenth of its age, by
-    #: heuristic) after a later test rewrote it. A subclass may set another,
-    #: or None for none.
+    #: heuristic) after a later test rewrote it, and keep a directory's
+    #: redirect (301) or a 404 after a later test made the file. Sent with
+    #: every final answer. A subclass may set another, or None for none.
     cache_control: str | None = "no-cache"
+    #: Whether the answer being sent has its Cache-Control already.
+    _cache_control_sent = True
 
     def __init__(
         self,
@@ -88,6 +91,22 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        # An interim answer (100 Continue) is no answer a cache keeps.
+        self._cache_control_sent = code < 200 or self.cache_control is None
+        super().send_response_only(code, message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "cache-control":
+            self._cache_control_sent = True
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        # Listings, redirects and errors come from http.server, which sends none.
+        if not self._cache_control_sent:
+            self.send_header("Cache-Control", str(self.cache_control))
+        super().end_headers()
 
     def send_head(self) -> Any:
         path = self.translate_path(self.path)
@@ -129,8 +148,6 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
                 self.send_response(status)
                 self.send_header("ETag", representation.etag)
                 self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
-                if self.cache_control is not None:
-                    self.send_header("Cache-Control", self.cache_control)
                 self.end_headers()
             else:
                 self.send_error(status)
@@ -150,8 +167,6 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", representation.etag)
         self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
-        if self.cache_control is not None:
-            self.send_header("Cache-Control", self.cache_control)
         self.end_headers()
         return body
 

@@ -86,6 +86,36 @@ class TemporaryDirectoryTests(unittest.TestCase):
     def test_missing_file_is_404(self):
         self.assertEqual(get(self.layer["http_url"] + "nothing-here.txt")[0], 404)
 
+    def test_every_final_answer_says_how_to_cache_it(self):
+        # A browser shared by the tests keeps a 301 (and may keep a 404 or
+        # a listing) unless told otherwise; a later test may make what was
+        # missing, or a file where a directory was.
+        os.mkdir(os.path.join(self.layer["documentroot"], "sub"))
+        connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for path, status in [("/sub", 301), ("/sub/", 200), ("/missing.txt", 404)]:
+            with self.subTest(path=path):
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                self.assertEqual(response.status, status)
+                self.assertEqual(response.getheader("Cache-Control"), "no-cache")
+                if response.will_close:
+                    connection.close()
+        connection.request("POST", "/sub/", body=b"x")
+        response = connection.getresponse()
+        response.read()
+        self.assertEqual((response.status, response.msg.get_all("Cache-Control")), (405, ["no-cache"]))
+        # An interim 100 Continue has none; the answer after it has one.
+        answer = raw_request(
+            self.layer["http_host"], self.layer["http_port"],
+            b"GET /missing.txt HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        )
+        interim, _, final = answer.partition(b"\r\n\r\n")
+        self.assertEqual(interim, b"HTTP/1.1 100 Continue")
+        self.assertTrue(final.startswith(b"HTTP/1.1 404 "), final)
+        self.assertEqual(final.count(b"\r\nCache-Control: no-cache\r\n"), 1, final)
+
     def test_if_modified_since(self):
         self.write("cached.txt", b"cached")
         status, headers, _ = get(self.layer["http_url"] + "cached.txt")
