@@ -971,8 +971,12 @@ class Layer(HTTPLayer):
 
     def tearDown(self) -> None:
         running = self._running
-        super().tearDown()
-        server = None if running is None else running.server
+        try:
+            super().tearDown()
+        finally:
+            self._check_shutdown(None if running is None else running.server)
+
+    def _check_shutdown(self, server: object) -> None:
         if isinstance(server, UvicornServer) and server.shutdown_failure:
             failure, server.shutdown_failure = server.shutdown_failure, None
             raise ServerSideError(

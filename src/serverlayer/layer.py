@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 import plone.testing
 
-from serverlayer.errors import ConfigurationError, LayerIdentityError, SetUpError
+from serverlayer.errors import ConfigurationError, LayerIdentityError, ServerSideError, SetUpError
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog, pytest_test, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
@@ -287,10 +287,17 @@ class ServerLayer(plone.testing.Layer):
             self._serving_at = format_address(published_host, bound_port)
             self.publish(self.resources(published_host, bound_port, running))
         except BaseException:
-            self.tearDown()
+            try:
+                self.tearDown()
+            except ServerSideError:
+                pass  # raised while the set-up failed: the set-up's error says why
             raise
 
     def tearDown(self) -> None:
+        """Stop the server; then raise ``ServerSideError`` if it raised
+        since the last test ended: a request that test left running (the
+        end of the test gave up waiting for it) may still raise, and there
+        is no later test for it to fail."""
         running, self._running = self._running, None
         sockets, self._sockets = self._sockets, []
         try:
@@ -302,6 +309,10 @@ class ServerLayer(plone.testing.Layer):
             for key in reversed(self._published):
                 del self[key]
             self._published.clear()
+        if self.report_server_errors:
+            self.server_errors.check_after_last_test()
+        else:
+            self.server_errors.clear()
 
     def __enter__(self: _Layer) -> _Layer:
         """Run the server for a ``with`` block, outside any test runner's

@@ -182,17 +182,38 @@ class ErrorLog:
         errors = self.take()
         if not errors:
             return
-        count = "an exception" if len(errors) == 1 else f"{len(errors)} exceptions"
-        details = "\n\n".join(errors)
         earlier = any(error.startswith(_LEFT_RUNNING) for error in errors)
         made_by = "during this test" if earlier else "made by this test"
         raise ServerSideError(
-            f"{self.owner}: the server raised {count} while handling requests"
-            f" {made_by}:\n\n{details}\n\n"
+            f"{self.owner}: the server raised {_count(errors)} while handling requests"
+            f" {made_by}:\n\n{_joined(errors)}\n\n"
             "Fix the server-side error. If the test provokes it on purpose,"
             " take it with layer.server_errors.take() and check it, or create"
             " the layer with report_server_errors=False."
         )
+
+    def check_after_last_test(self) -> None:
+        """Raise ``ServerSideError`` for what was recorded after the last
+        test's end (the layer's tear-down), and forget it."""
+        errors = self.take()
+        if not errors:
+            return
+        raise ServerSideError(
+            f"{self.owner}: the server raised {_count(errors)} after the layer's"
+            " last test ended, while handling requests made before its tear-down"
+            f" (no test is left for it to fail):\n\n{_joined(errors)}\n\n"
+            "Fix the server-side error. A test that makes a request in the"
+            " background should wait for its answer before it ends; create the"
+            " layer with report_server_errors=False to ignore server errors."
+        )
+
+
+def _count(errors: list[str]) -> str:
+    return "an exception" if len(errors) == 1 else f"{len(errors)} exceptions"
+
+
+def _joined(errors: list[str]) -> str:
+    return "\n\n".join(errors)
 
 
 class ErrorLogHandler(logging.Handler):

@@ -184,6 +184,46 @@ class LeftRunningTests(unittest.TestCase):
     def test_an_error_that_comes_between_two_tests_fails_the_next(self):
         self.run_left_running(release_between_tests=True)
 
+    def test_an_error_that_comes_after_the_last_test_fails_the_tear_down(self):
+        started, release = threading.Event(), threading.Event()
+        for kind, layer in self.layers(started, release).items():
+            with self.subTest(kind):
+                started.clear()
+                release.clear()
+                layer.quiet_timeout = 0.1
+                layer.setUp()
+                try:
+                    layer.testSetUp()  # the layer's last test
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT) as client:
+                        wrapped = client
+                        if layer.tls:
+                            wrapped = layer["ssl_context"].wrap_socket(client, server_hostname=layer["http_host"])
+                        wrapped.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                        self.assertTrue(started.wait(TIMEOUT))
+                        layer.check_after_test()  # gives up on it
+                        layer.testTearDown()
+                        release.set()  # it raises now, with no test left to fail
+                        deadline = time.monotonic() + TIMEOUT
+                        while not layer.server_errors._errors and time.monotonic() < deadline:
+                            time.sleep(0.001)
+                        wrapped.close()
+                finally:
+                    release.set()
+                    with self.assertRaises(ServerSideError) as failed:
+                        layer.tearDown()
+                error = str(failed.exception)
+                self.assertIn("after the layer's last test ended", error)
+                self.assertIn("raised by a request that an earlier test left running", error)
+                self.assertIn("RuntimeError: raised after its test ended", error)
+                self.assertNotIn("http_port", layer)  # torn down all the same
+                layer.tearDown()  # nothing more to say
+                with self.subTest(kind, report_server_errors=False):
+                    layer.report_server_errors = False
+                    layer.server_errors.record("raised while nobody listens")
+                    layer.setUp()
+                    layer.server_errors.record("raised after the last test")
+                    layer.tearDown()  # ignored, as the layer was told
+
 
 class AsgiWaitQuietTests(unittest.TestCase):
     """The asgi layer waits for its requests' tasks, which uvicorn keeps."""
