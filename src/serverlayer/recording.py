@@ -96,11 +96,18 @@ class RequestLog(Arrivals[RecordedRequest]):
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """Path and query of a request target (origin or absolute form)."""
-    if not target.startswith("/"):  # absolute form: http://host/path?query
+    """Path and query of a request target (RFC 9112 section 3.2).
+
+    The authority form of ``CONNECT example.com:443`` and the asterisk form
+    of ``OPTIONS *`` have no path: the target is kept whole as the path
+    (``urlsplit`` would take ``example.com`` for a scheme, and ``443`` for
+    the path).
+    """
+    if not target.startswith("/"):
         parts = urllib.parse.urlsplit(target)
-        if parts.scheme:
+        if parts.scheme and parts.netloc:  # absolute form: http://host/path?query
             return parts.path or "/", parts.query
+        return target, ""
     path, _, query = target.partition("?")
     return path, query
 

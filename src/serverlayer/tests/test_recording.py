@@ -508,6 +508,24 @@ class SplitTargetTests(unittest.TestCase):
         self.assertEqual(
             [split_target(target) for target in (
                 "/a/b?c=d", "/", "/a?", "http://host/a/b?c=d", "http://host", "http://host?c=d", "*",
+                "example.com:443", "[::1]:8443", "localhost:80",
             )],
-            [("/a/b", "c=d"), ("/", ""), ("/a", ""), ("/a/b", "c=d"), ("/", ""), ("/", "c=d"), ("*", "")],
+            [("/a/b", "c=d"), ("/", ""), ("/a", ""), ("/a/b", "c=d"), ("/", ""), ("/", "c=d"), ("*", ""),
+             ("example.com:443", ""), ("[::1]:8443", ""), ("localhost:80", "")],
         )
+
+    def test_a_proxy_stand_in_records_where_connect_asked_to_go(self):
+        class Proxy(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_CONNECT(self):
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.close_connection = True
+
+        layer = set_up_by_hand(self, custom.Layer(Proxy, name="CONNECT_RECORDING"))
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            self.assertTrue(client.recv(100).startswith(b"HTTP/1.1 200 "))
+        request = layer["http_requests"].wait_for(1)[0]
+        self.assertEqual((request.method, request.path, request.query), ("CONNECT", "example.com:443", ""))
