@@ -26,7 +26,7 @@ from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
@@ -245,7 +245,7 @@ class _WSGITask(WSGITask):
             self.set_close_on_finish()
         self._building_head = True
         try:
-            self.channel.head = super().build_response_header()
+            self.channel.head = _closing_says_so(self, super().build_response_header())
         finally:
             self._building_head = False
         return b""
@@ -297,10 +297,22 @@ class _WSGITask(WSGITask):
             self.channel.server.request_served(self, failed)
 
 
+def _closing_says_so(task: WSGITask | ErrorTask, head: bytes) -> bytes:
+    """``head`` without the ``Connection: Keep-Alive`` that upstream adds for
+    an HTTP/1.0 keep-alive client even to an answer after which it closes
+    (an error): the client read both ``close`` and ``Keep-Alive``."""
+    if task.close_on_finish and task.version == "1.0":
+        return head.replace(b"\r\nConnection: Keep-Alive\r\n", b"\r\n", 1)
+    return head
+
+
 class _ErrorTask(ErrorTask):
     @property
     def logger(self) -> logging.Logger:  # type: ignore[override]
         return self.channel.server.logger  # type: ignore[no-any-return]
+
+    def build_response_header(self) -> bytes:
+        return _closing_says_so(self, super().build_response_header())
 
     def service(self) -> None:
         super().service()
@@ -385,6 +397,15 @@ class _RequestParser(HTTPRequestParser):
     def parse_header(self, header_plus: bytes) -> None:
         self.head = header_plus
         super().parse_header(header_plus)
+        if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:
+            # Upstream reads an HTTP/1.0 request's body by its Content-Length
+            # alone: a chunked body reached the application empty, and its
+            # chunks were read as the next request. RFC 9112 section 6.1:
+            # the framing of such a request is faulty.
+            raise ParsingError(
+                "an HTTP/1.0 request has no Transfer-Encoding (RFC 9112 section 6.1):"
+                " send it as HTTP/1.1, or with a Content-Length"
+            )
 
 
 def _options(connection: str) -> list[str]:
