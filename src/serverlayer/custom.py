@@ -393,14 +393,18 @@ class _TestsWrite:
         self.connection = connection
 
     def __enter__(self) -> None:
-        server = self.server
+        server, connection = self.server, self.connection
         with server._writing_lock:
-            server._writing.add(self.connection)
+            server._writing[connection] = server._writing.get(connection, 0) + 1
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         server, connection = self.server, self.connection
         with server._writing_lock:
-            server._writing.discard(connection)
+            depth = server._writing[connection] - 1  # blocks nest: a content answer inside its request's
+            if depth:
+                server._writing[connection] = depth
+            else:
+                del server._writing[connection]
             cut = connection in server._cut
             if cut:
                 server._cut.discard(connection)
@@ -480,7 +484,7 @@ class HandlerServer(socketserver.BaseServer):
         #: taken twice for every answer of a content layer: a plain Lock is
         #: entered without running Python code, the Condition above is not.
         self._writing_lock = threading.Lock()
-        self._writing: set[socket.socket] = set()
+        self._writing: dict[socket.socket, int] = {}
         self._cut: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         #: Every open connection.
@@ -702,6 +706,10 @@ class HandlerServer(socketserver.BaseServer):
         write with ``BrokenPipeError``, as a client gone would. A write that
         ended meanwhile raises it as it leaves the block, so that the
         handler does not keep the connection for the next test.
+
+        Every request a worker serves runs inside such a block, so that any
+        handler's writes are cut; blocks nest, and the content and static
+        layers mark their answers too, for a cut to end the answer it cut.
         """
         return _TestsWrite(self, connection)
 
@@ -776,7 +784,10 @@ class HandlerServer(socketserver.BaseServer):
         if not self.handler_shares_threads:
             self.activity.start()  # a handler with its own handle(): busy for the whole connection
         try:
-            serve()
+            # Whatever the handler sends is the test's, and is cut when the
+            # test ends if its client stopped reading (``writing``).
+            with self.writing(conversation.connection):
+                serve()
         except BaseException:
             self.handle_error(conversation.connection, conversation.address)
             conversation.parked = False

@@ -87,6 +87,9 @@ def reader_that_stops(test: unittest.TestCase, layer: Any, path: str) -> socket.
     client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
     test.addCleanup(client.close)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if getattr(layer, "tls", False):
+        client = layer["ssl_context"].wrap_socket(client, server_hostname=layer["http_host"])
+        test.addCleanup(client.close)
     client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     client.recv(4096)
     return client

@@ -16,7 +16,7 @@ from typing import Any
 from unittest import mock
 
 from serverlayer import ConfigurationError, custom
-from serverlayer.tests.helpers import set_up_by_hand
+from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand, thread_names
 from serverlayer.tests.test_hardening import read_until_closed
 
 
@@ -530,6 +530,78 @@ class DisconnectTests(unittest.TestCase):
             layer.check_server_errors()
             layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
+
+
+class StalledReaderTests(unittest.TestCase):
+    """A client that stops reading what a handler of the user's own sends
+    (a page left open with a stream half loaded) holds up neither the end
+    of its test nor a thread: the write is cut when the test ends."""
+
+    def stream_to_a_reader_that_stops(self, handler: type[custom.RequestHandler], **options: Any) -> None:
+        layer = custom.Layer(handler, name=f"stalled_reader_{handler.__name__}_{len(options)}", **options)
+        set_up_by_hand(self, layer)
+        before = thread_names()
+        reader_that_stops(self, layer, "/stream")
+        httpd = layer["httpd"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the worker is stuck sending to it
+            with httpd._writing_lock:
+                if any(not custom._takes_more(connection) for connection in httpd._writing):
+                    break
+            time.sleep(0.01)
+        else:
+            self.fail("the worker never filled the connection")
+        started = time.monotonic()
+        layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
+        layer.testTearDown()
+        self.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet, nor a thread left
+        self.assertEqual(sorted(set(thread_names()) - set(before)), [])
+        self.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
+        layer.testSetUp()  # for the cleanup's testTearDown
+
+    def test_a_handler_streaming_in_many_writes(self):
+        class Stream(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(200 * 65536))
+                self.end_headers()
+                for _ in range(200):
+                    self.wfile.write(b"x" * 65536)
+
+        self.stream_to_a_reader_that_stops(Stream)
+        self.stream_to_a_reader_that_stops(Stream, tls=True)
+
+    def test_a_handler_that_catches_the_cut_does_not_keep_the_connection(self):
+        caught = []
+
+        class Careless(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(200 * 65536))
+                self.end_headers()
+                try:
+                    for _ in range(200):
+                        self.wfile.write(b"x" * 65536)
+                except OSError as error:  # and goes on as if the answer were whole
+                    caught.append(error)
+
+        self.stream_to_a_reader_that_stops(Careless)
+        self.assertEqual([type(error) for error in caught], [BrokenPipeError])
+
+    def test_a_handler_with_a_handle_of_its_own(self):
+        class OwnLoop(custom.RequestHandler):
+            def handle(self):
+                self.raw_requestline = self.rfile.readline()
+                self.parse_request()
+                self.wfile.write(b"HTTP/1.0 200 OK\r\n\r\n")
+                for _ in range(200):
+                    self.wfile.write(b"x" * 65536)
+
+        self.stream_to_a_reader_that_stops(OwnLoop)
 
 
 class QuietnessTests(unittest.TestCase):
