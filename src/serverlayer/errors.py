@@ -20,6 +20,15 @@ class LayerIdentityError(ConfigurationError):
     """Two layers would share one name, so the test runner would mix them up."""
 
 
+class ResourceError(ServerLayerError, KeyError):
+    """A test asked a layer for a resource it does not have: the layer is
+    not set up (the test did not run under a runner that sets up layers),
+    or it has no resource of that name. A ``KeyError`` still, as plone.testing's."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0])
+
+
 class SetUpError(ServerLayerError):
     """A layer's server could not be started."""
 

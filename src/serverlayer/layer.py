@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 import plone.testing
 
-from serverlayer.errors import ConfigurationError, LayerIdentityError, ServerSideError, SetUpError
+from serverlayer.errors import ConfigurationError, LayerIdentityError, ResourceError, ServerSideError, SetUpError
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog, pytest_test, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
@@ -142,6 +142,24 @@ def positive_number(value: object, *, owner: str, setting: str) -> int:
     return whole_number(value, owner=owner, setting=setting, minimum=1)
 
 
+def _layers(bases: object, kind: str) -> tuple[plone.testing.Layer, ...]:
+    """``bases`` as a tuple of layers, or a ConfigurationError saying what to write."""
+    if isinstance(bases, str):
+        raise ConfigurationError(
+            f"{kind}: bases={bases!r} is a string, not a sequence of layers. The positional"
+            f" arguments after the first are bases, then name: for a name, write name={bases!r}."
+        )
+    if isinstance(bases, plone.testing.Layer):
+        raise ConfigurationError(f"{kind}: bases={bases!r} is one layer; give a sequence: bases=({bases!r},).")
+    if not isinstance(bases, Iterable):
+        raise ConfigurationError(f"{kind}: bases={bases!r} is not a sequence of layers.")
+    layers = tuple(bases)
+    for layer in layers:
+        if not hasattr(layer, "__bases__") or not hasattr(layer, "setUp"):
+            raise ConfigurationError(f"{kind}: {layer!r} in bases= is not a layer.")
+    return layers
+
+
 def _port_number(value: object, *, owner: str, source: str) -> int:
     port = -1
     if isinstance(value, int) and not isinstance(value, bool):
@@ -211,7 +229,7 @@ class ServerLayer(plone.testing.Layer):
         if module is None:
             module = instantiating_module(self)
         super().__init__(
-            bases=None if bases is None else tuple(bases),
+            bases=None if bases is None else _layers(bases, f"{type(self).__module__}.{type(self).__qualname__}"),
             name=name or assigned_name(self) or type(self).__name__,
             module=module,
         )
@@ -234,6 +252,24 @@ class ServerLayer(plone.testing.Layer):
 
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__qualname__} {self.__module__}.{self.__name__}>"
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            raise ResourceError(self._missing(key)) from None
+
+    def _missing(self, key: str) -> str:
+        """Why ``key`` is not among the resources, and what to do."""
+        if self._running is None:
+            return (
+                f"{self!r} is not set up, so it has no {key!r} resource yet. Run the test"
+                " with a runner that sets up its layers: zope-testrunner (zope-testrunner"
+                " --path=DIRECTORY), or pytest with zope.pytestlayer installed. By hand, call"
+                " layer.setUp() first, or use the layer in a with block."
+            )
+        names = sorted({name for manager in self.baseResolutionOrder for name in getattr(manager, "_resources", {})})
+        return f"{self!r} has no {key!r} resource; it has: {', '.join(names) or 'none'}."
 
     # What a concrete layer provides.
 

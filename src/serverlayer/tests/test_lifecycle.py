@@ -16,7 +16,16 @@ from unittest import mock
 
 import plone.testing
 
-from serverlayer import AddressInUseError, ConfigurationError, ServerSideError, SetUpError, custom, server, wsgi
+from serverlayer import (
+    AddressInUseError,
+    ConfigurationError,
+    ResourceError,
+    ServerSideError,
+    SetUpError,
+    custom,
+    server,
+    wsgi,
+)
 from serverlayer.layer import ServerLayer
 from serverlayer.server import ServerThread, remembering
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
@@ -574,6 +583,57 @@ class ServerThreadTests(unittest.TestCase):
         self.assertEqual([sock.fileno() for sock in layer.sockets], [-1])
         self.assertEqual(open_descriptors(), descriptors)
         self.assertEqual(thread_names(), threads)
+
+
+class MistakesTests(unittest.TestCase):
+    """What a newcomer gets wrong first is refused in words that say what to write."""
+
+    def test_a_name_passed_where_bases_go(self):
+        from serverlayer import content, static
+
+        for make in (
+            lambda: wsgi.Layer(Running, "HELLO"),
+            lambda: custom.Layer(Hello, "HELLO"),
+            lambda: static.Layer(None, "HELLO"),
+            lambda: content.Layer(bases="HELLO"),
+        ):
+            with self.assertRaises(ConfigurationError) as refused:
+                make()
+            self.assertIn("bases='HELLO' is a string", str(refused.exception))
+            self.assertIn("write name='HELLO'", str(refused.exception))
+
+    def test_one_layer_as_bases(self):
+        base = plone.testing.Layer(name="ONE_BASE")
+        with self.assertRaises(ConfigurationError) as refused:
+            custom.Layer(Hello, bases=base, name="ON_ONE_BASE")
+        self.assertIn("is one layer; give a sequence: bases=(", str(refused.exception))
+        with self.assertRaises(ConfigurationError) as refused:
+            custom.Layer(Hello, bases=[base, "other"], name="ON_A_STRING")
+        self.assertIn("'other' in bases= is not a layer", str(refused.exception))
+        layer = custom.Layer(Hello, bases=[base], name="ON_A_LIST")  # any sequence of layers
+        self.assertEqual(layer.__bases__, (base,))
+
+    def test_a_resource_of_a_layer_not_set_up(self):
+        layer = custom.Layer(Hello, name="NEVER_SET_UP")
+        with self.assertRaises(KeyError) as missing:  # as plone.testing's
+            layer["http_url"]
+        self.assertIsInstance(missing.exception, ResourceError)
+        message = str(missing.exception)
+        self.assertIn("NEVER_SET_UP> is not set up, so it has no 'http_url' resource yet", message)
+        self.assertIn("zope-testrunner", message)
+        self.assertIn("zope.pytestlayer", message)
+        self.assertIsNone(layer.get("http_url"))
+        self.assertNotIn("http_url", layer)
+
+    def test_a_resource_a_layer_does_not_have(self):
+        layer = set_up_by_hand(self, custom.Layer(Hello, name="NO_WS_URL"))
+        with self.assertRaises(ResourceError) as missing:
+            layer["ws_url"]
+        self.assertIn(
+            "NO_WS_URL> has no 'ws_url' resource; it has: http_address, http_host, http_port, http_requests,"
+            " http_url, httpd, httpd_thread, request_handler.",
+            str(missing.exception),
+        )
 
 
 class SecondSetUpTests(unittest.TestCase):
