@@ -308,7 +308,7 @@ class ServerLayer(plone.testing.Layer):
 
     def setUp(self) -> None:
         self.refuse_second_set_up()
-        self.server_errors.clear()  # what a server of an earlier set-up raised is no news
+        self.server_errors._clear()  # what a server of an earlier set-up raised is no news
         try:
             host, port, source = self.listen_address()
             sockets = self._sockets = bind(host, port, owner=repr(self), source=source)
@@ -319,6 +319,7 @@ class ServerLayer(plone.testing.Layer):
             )
             self._running = running
             running.start(owner=repr(self))
+            self.server_errors.settle = lambda: running.server.wait_quiet(self.quiet_timeout)
             published_host = self.published_host(host)
             self._serving_at = format_address(published_host, bound_port)
             self.publish(self.resources(published_host, bound_port, running))
@@ -336,6 +337,7 @@ class ServerLayer(plone.testing.Layer):
         is no later test for it to fail."""
         running, self._running = self._running, None
         sockets, self._sockets = self._sockets, []
+        self.server_errors.settle = None
         try:
             if running is not None:
                 running.stop(timeout=self.stop_timeout)
@@ -348,7 +350,7 @@ class ServerLayer(plone.testing.Layer):
         if self.report_server_errors:
             self.server_errors.check_after_last_test()
         else:
-            self.server_errors.clear()
+            self.server_errors._clear()
 
     def __enter__(self: _Layer) -> _Layer:
         """Run the server for a ``with`` block, outside any test runner's
@@ -412,7 +414,7 @@ class ServerLayer(plone.testing.Layer):
         if self.report_server_errors:
             self._check_recorded()
         else:
-            self.server_errors.clear()  # the ended test's, not the next one's
+            self.server_errors._clear()  # the ended test's, not the next one's
 
     def check_server_errors(self) -> None:
         """Fail now if the server raised since the test began.

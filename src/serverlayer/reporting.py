@@ -163,23 +163,40 @@ class ErrorLog:
         with self._lock:
             self._errors.append(text.rstrip())
 
+    #: Set by the layer while its server runs: waits until no request of
+    #: the test runs (at most the layer's ``quiet_timeout``).
+    settle: Callable[[], object] | None = None
+
     def take(self) -> list[str]:
         """Return the recorded errors and forget them.
 
         A test that provokes a server error on purpose takes it, checks it,
-        and so keeps it from failing the test.
+        and so keeps it from failing the test. It first waits, as the end
+        of the test does, until the test's requests are over: an
+        application may raise after its client has the answer (Starlette
+        and FastAPI answer 500, then raise), and the error would come after
+        ``take()``, to fail the test.
         """
+        settle = self.settle
+        if settle is not None:
+            settle()
+        return self._take()
+
+    def _take(self) -> list[str]:
         with self._lock:
             errors, self._errors = self._errors, []
         return errors
 
     def clear(self) -> None:
-        """Forget every recorded error."""
+        """Forget every recorded error, once the test's requests are over (``take``)."""
         self.take()
+
+    def _clear(self) -> None:
+        self._take()
 
     def check(self) -> None:
         """Raise ``ServerSideError`` if anything was recorded, and forget it."""
-        errors = self.take()
+        errors = self._take()
         if not errors:
             return
         earlier = any(error.startswith(_LEFT_RUNNING) for error in errors)
@@ -195,7 +212,7 @@ class ErrorLog:
     def check_after_last_test(self) -> None:
         """Raise ``ServerSideError`` for what was recorded after the last
         test's end (the layer's tear-down), and forget it."""
-        errors = self.take()
+        errors = self._take()
         if not errors:
             return
         raise ServerSideError(

@@ -805,6 +805,26 @@ class ServerErrorTests(unittest.TestCase):
         self.assertIn("RuntimeError: raised on purpose by the application", report)
         self.assertIn('in http_echo\n    raise RuntimeError("raised on purpose by the application")', report)
 
+    def test_take_finds_an_error_raised_after_the_answer(self):
+        # Starlette and FastAPI answer 500 first, then raise: the error comes
+        # after the client has the answer, and take() waits for it.
+        async def answers_then_raises(scope, receive, send):
+            if scope["type"] != "http":
+                raise RuntimeError("no lifespan here")
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b"oops"})
+            await asyncio.sleep(0)  # as a middleware's re-raise does, one turn later
+            raise ValueError("raised after answering")
+
+        layer = set_up_by_hand(self, asgi.Layer(answers_then_raises, name="asgi_raises_after_answering"))
+        with httpx.Client() as client:
+            for _ in range(50):
+                self.assertEqual(client.get(layer["http_url"]).status_code, 500)
+                [error] = layer.server_errors.take()
+                self.assertIn("ValueError: raised after answering", error)
+            client.get(layer["http_url"])
+            layer.server_errors.clear()  # waits too: nothing comes later to fail the test
+
     def test_websocket_application_error_is_reported(self):
         layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_raises"))
         with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
