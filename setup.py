@@ -21,7 +21,6 @@ setup(
     include_package_data=True,
     zip_safe=False,
     install_requires=[
-        "setuptools",
         "plone.testing",
         "zope.testrunner",
         "waitress >= 3.0",

@@ -23,9 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import plone.testing.zope
-from ZPublisher.httpexceptions import HTTPExceptionHandler
-from ZPublisher.WSGIPublisher import publish_module
+try:
+    import plone.testing.zope
+    from ZPublisher.httpexceptions import HTTPExceptionHandler
+    from ZPublisher.WSGIPublisher import publish_module
+except ImportError as missing:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"serverlayer.plonetestingzope needs Zope and plone.testing's zope extra ({missing})."
+        " Install them with pip install 'serverlayer[zope]'."
+    ) from missing
 
 from serverlayer import wsgi
 from serverlayer.errors import ConfigurationError

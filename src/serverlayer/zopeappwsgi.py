@@ -20,8 +20,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import plone.testing
-import zope.app.wsgi
-from zope.app.appsetup.testlayer import ZODBLayer
+
+try:
+    import zope.app.wsgi
+    from zope.app.appsetup.testlayer import ZODBLayer
+except ImportError as missing:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"serverlayer.zopeappwsgi needs zope.app.wsgi, zope.app.appsetup and ZODB ({missing})."
+        " Install them with pip install 'serverlayer[zopeappwsgi]'."
+    ) from missing
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import claim_identity, instantiating_module

@@ -199,3 +199,23 @@ def _remove_tree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+class MissingExtraTests(unittest.TestCase):
+    """A module whose extra is not installed says which extra to install."""
+
+    def test_each_optional_module_names_its_extra(self):
+        import importlib
+        from unittest import mock
+
+        for module, blocked, extra in [
+            ("serverlayer.asgi", "uvicorn", "asgi"),
+            ("serverlayer.zopeappwsgi", "zope.app.wsgi", "zopeappwsgi"),
+            ("serverlayer.plonetestingzope", "ZPublisher", "zope"),
+        ]:
+            loaded = [name for name in sys.modules if name == blocked or name.startswith(blocked + ".")]
+            with self.subTest(module), mock.patch.dict(sys.modules, dict.fromkeys([blocked, *loaded])):
+                sys.modules.pop(module, None)
+                with self.assertRaises(ImportError) as missing:
+                    importlib.import_module(module)
+                self.assertIn(f"pip install 'serverlayer[{extra}]'", str(missing.exception))
