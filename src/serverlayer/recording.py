@@ -251,6 +251,46 @@ class _BodyFirst:
             return line
         return line + self.rest.readline(-1 if size is None or size < 0 else size - len(line))
 
+    # What a handler may read with besides (io.BufferedReader's), each on
+    # read, read1 or readline above: the connection's own would skip the body.
+
+    def readinto(self, buffer: Any) -> int:
+        return self._into(buffer, self.read)
+
+    def readinto1(self, buffer: Any) -> int:
+        return self._into(buffer, self.read1)
+
+    @staticmethod
+    def _into(buffer: Any, read: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        data = read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> _BodyFirst:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def peek(self, size: int = 0) -> bytes:
+        position = self._body.tell()
+        unread = self._body.getbuffer()[position:].tobytes()
+        return unread if unread else bytes(self.rest.peek(size))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.rest, name)
 

@@ -14,6 +14,8 @@ import unittest
 import urllib.error
 import urllib.request
 
+import requests
+
 from serverlayer import RequestTimeoutError, content, custom, recording, static, wsgi
 from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
@@ -475,9 +477,62 @@ class BodyFirstTests(unittest.TestCase):
         stream.readline()
         self.assertEqual(stream.readline(6), b"line 2")  # 4 bytes of the body, 2 of the connection
 
+    def test_readinto(self):
+        stream, buffer = self.body_first(), bytearray(9)
+        self.assertEqual((stream.readinto(buffer), bytes(buffer)), (9, b"line 1\nli"))
+        self.assertEqual((stream.readinto(memoryview(buffer)[:4]), bytes(buffer[:4])), (4, b"ne 2"))
+        buffer = bytearray(20)
+        self.assertEqual((stream.readinto1(buffer), bytes(buffer[:13])), (13, b"\nnext request"))  # the connection's
+        self.assertEqual(self.body_first().readinto1(bytearray(20)), 11)  # the body's rest first
+
+    def test_lines(self):
+        self.assertEqual(list(self.body_first()), [b"line 1\n", b"line 2\n", b"next request"])
+        self.assertEqual(self.body_first().readlines(), [b"line 1\n", b"line 2\n", b"next request"])
+        self.assertEqual(self.body_first().readlines(3), [b"line 1\n"])
+
+    def test_peek(self):
+        stream = self.body_first()
+        stream.read(7)
+        self.assertEqual(stream.peek(), b"line")
+        self.assertEqual(stream.read(4), b"line")
+        self.assertTrue(stream.peek().startswith(b" 2"))
+
     def test_anything_else_is_the_connections(self):
         stream = self.body_first()
         self.assertIs(stream.raw, stream.rest.raw)
+
+    def test_handlers_read_the_body_every_way_http_server_lets_them(self):
+        class Reading(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_PUT(self):
+                length = int(self.headers["Content-Length"])
+                buffer = bytearray(length)
+                view, got = memoryview(buffer), 0
+                while got < length and (count := self.rfile.readinto(view[got:])):
+                    got += count
+                self.answer(bytes(buffer[:got]))
+
+            def do_POST(self):
+                length, seen, lines = int(self.headers["Content-Length"]), 0, []
+                for line in self.rfile:
+                    lines.append(line.strip())
+                    seen += len(line)
+                    if seen >= length:
+                        break
+                self.answer(b",".join(lines))
+
+            def answer(self, body):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        layer = set_up_by_hand(self, custom.Layer(Reading, name="READING_EVERY_WAY"))
+        with requests.Session() as session:
+            for _ in range(3):  # keep-alive: each request's body, then the next request
+                self.assertEqual(session.put(layer["http_url"], data=b"payload", timeout=5).content, b"payload")
+                self.assertEqual(session.post(layer["http_url"], data=b"a\nb\nc\n", timeout=5).content, b"a,b,c")
 
 
 class RecordedRequestTests(unittest.TestCase):
