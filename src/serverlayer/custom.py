@@ -339,11 +339,11 @@ class _Conversation:
         handler, self.handler = self.handler, None
         if handler is None:
             return
-        if self._files_open:
-            self._files_open = self.parked = False
-            type(handler).finish(handler)
         for name in ("handle", "finish", "parse_request", "handle_one_request"):
             handler.__dict__.pop(name, None)
+        if self._files_open:
+            self._files_open = self.parked = False
+            type(handler).finish(handler)  # the user's, which may raise
 
 
 #: The ``_Worker`` whose thread this is, in a worker's thread.
@@ -801,9 +801,13 @@ class HandlerServer(socketserver.BaseServer):
     def _close(self, connection: socket.socket) -> None:
         with self._connections_lock:
             conversation = self._connections.pop(connection, None)
-        if conversation is not None:
-            conversation.close()
-        self.shutdown_request(connection)
+        try:
+            if conversation is not None:
+                conversation.close()
+        except Exception:  # a handler's finish(), here maybe in the serving loop, which must go on
+            self.handle_error(connection, conversation.address if conversation is not None else ("?", 0))
+        finally:
+            self.shutdown_request(connection)
 
     # The end of a connection that the server ends.
     #

@@ -15,7 +15,9 @@ from contextlib import redirect_stderr
 from typing import Any
 from unittest import mock
 
-from serverlayer import ConfigurationError, custom
+import requests
+
+from serverlayer import ConfigurationError, ServerSideError, custom
 from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand, thread_names
 from serverlayer.tests.test_hardening import read_until_closed
 
@@ -530,6 +532,35 @@ class DisconnectTests(unittest.TestCase):
             layer.check_server_errors()
             layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
+
+
+class FinishRaisesTests(unittest.TestCase):
+
+    def test_a_finish_that_raises_when_a_kept_connection_closes_fails_the_test_and_the_server_serves_on(self):
+        # The connection closes in the serving loop's thread, between requests.
+        class Finicky(Greeter):
+            protocol_version = "HTTP/1.1"
+
+            def finish(self):
+                super().finish()
+                if getattr(self, "path", "") == "/boom":
+                    raise RuntimeError("raised in finish")
+
+        layer = set_up_by_hand(self, custom.Layer(Finicky, name="finish_raises"))
+        with requests.Session() as session:  # kept across tests, as a module-level one is
+            self.assertEqual(session.get(layer["http_url"] + "boom", timeout=5).status_code, 200)
+            layer.check_after_test()  # the end of the test parks the connection for the loop
+            layer.testTearDown()
+            layer.testSetUp()
+        deadline = time.monotonic() + 5
+        while not layer.server_errors._errors and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with self.assertRaises(ServerSideError) as raised:
+            layer.check_server_errors()
+        self.assertIn("RuntimeError: raised in finish", str(raised.exception))
+        for _ in range(3):  # the server serves on
+            self.assertEqual(requests.get(layer["http_url"], timeout=5).status_code, 200)
+        self.assertIsNone(layer._running.failure)  # the serving loop lives
 
 
 class StalledReaderTests(unittest.TestCase):
