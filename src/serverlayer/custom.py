@@ -87,11 +87,18 @@ def _client_left(connection: socket.socket) -> bool:
     count as a thread the test left behind.
     """
     try:
-        return connection.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+        return _peek(connection) == b""
     except BlockingIOError:  # readable was a false alarm
         return False
     except OSError:  # reset by the client
         return True
+
+
+def _peek(connection: socket.socket) -> bytes:
+    """The next byte the connection's socket has, without taking it or
+    waiting; of a TLS connection a handler made (``ssl.SSLSocket``, whose
+    own ``recv`` refuses flags), the next byte of TLS record."""
+    return socket.socket.recv(connection, 1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
 
 
 class _ReadingWithoutWaiting:
@@ -154,6 +161,9 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
     hold nothing, as waiting on it would keep its worker until the client
     closes the connection.
     """
+    pending = getattr(connection, "pending", None)  # an ssl.SSLSocket's decrypted bytes, which poll() does not see
+    if pending is not None and pending():
+        return True
     if not _reads_connection(rfile, connection):
         inner = [value for value in getattr(rfile, "__dict__", {}).values() if _reads_connection(value, connection)]
         if inner:
@@ -171,10 +181,13 @@ def file_holds_data(connection: socket.socket, rfile: Any) -> bool:
 
 
 def _socket_has_data(connection: socket.socket) -> bool:
+    pending = getattr(connection, "pending", None)  # a TLS connection's decrypted bytes
+    if pending is not None and pending():
+        return True
     if not _readable_now(connection):
         return False
     try:
-        return bool(connection.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)))
+        return bool(_peek(connection))
     except OSError:  # nothing yet (BlockingIOError), or gone
         return False
 
@@ -281,6 +294,11 @@ class _Conversation:
 
     def _handle(self) -> None:
         handler, server = self.handler, self.server
+        if handler.connection is not self.connection:
+            # The handler's setup() wrapped it (``ssl.wrap_socket``, the
+            # hand-made HTTPS of many suites): the original socket is
+            # detached, and the wrapper is the connection from now on.
+            server.adopt(self, handler.connection)
         self.parked = False
         while True:
             handler.close_connection = True  # unless the request says otherwise
@@ -614,6 +632,13 @@ class HandlerServer(socketserver.BaseServer):
                 self._watch(selector, conversation, None)
             else:
                 self._watch(selector, conversation, functools.partial(self._serve, conversation, conversation.resume))
+
+    def adopt(self, conversation: _Conversation, connection: socket.socket) -> None:
+        """Make ``connection``, which wraps ``conversation``'s socket, its connection."""
+        with self._connections_lock:
+            self._connections.pop(conversation.connection, None)
+            conversation.connection = connection
+            self._connections[connection] = conversation
 
     def _give_back(self, conversation: _Conversation) -> None:
         """Have the loop watch ``conversation``'s connection for its next request."""

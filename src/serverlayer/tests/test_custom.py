@@ -534,6 +534,49 @@ class DisconnectTests(unittest.TestCase):
         self.assertEqual(stderr.getvalue(), "")
 
 
+class WrappedInSetupTests(unittest.TestCase):
+    """HTTPS made by hand: a handler whose setup() wraps its socket in TLS."""
+
+    def test_keep_alive_pipelining_and_parking_work_on_the_wrapped_socket(self):
+        import ssl
+        import tempfile
+
+        import trustme
+
+        authority = trustme.CA()
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("127.0.0.1").configure_cert(server_context)
+        client_context = ssl.create_default_context()
+        authority.configure_trust(client_context)
+
+        class HandMadeHTTPS(Greeter):
+            def setup(self):
+                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
+                super().setup()
+
+        layer = set_up_by_hand(self, custom.Layer(HandMadeHTTPS, name="wrapped_in_setup"))
+        url = f"https://127.0.0.1:{layer['http_port']}/"
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as bundle, requests.Session() as session:
+            bundle.write(authority.cert_pem.bytes().decode())
+            bundle.flush()
+            for number in range(6):
+                response = session.get(url + str(number), verify=bundle.name, timeout=5)
+                self.assertEqual(response.text, f"hello /{number}")
+                if number == 2:  # the end of a test parks the connection; the loop watches it
+                    layer.check_after_test()
+                    layer.testTearDown()
+                    layer.testSetUp()
+        with socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=5) as raw:
+            with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as client:
+                # Pipelined in one record: the second waits decrypted in the
+                # server's TLS object, where poll() cannot see it.
+                client.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                received = read_until_closed(client)
+        self.assertIn(b"hello /a", received)
+        self.assertIn(b"hello /b", received)
+        layer.check_server_errors()
+
+
 class FinishRaisesTests(unittest.TestCase):
 
     def test_a_finish_that_raises_when_a_kept_connection_closes_fails_the_test_and_the_server_serves_on(self):
