@@ -283,6 +283,8 @@ class _Conversation:
         if server.handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
+        else:
+            handler.handle_one_request = functools.partial(self._one_request, handler.handle_one_request)
         handler_class.__init__(handler, self.connection, self.address, server, **server.handler_arguments)  # type: ignore[misc]
 
     def resume(self) -> None:
@@ -316,6 +318,32 @@ class _Conversation:
                 return
             if not arrived:  # idle for the handler's timeout: closes
                 return
+
+    def _one_request(self, serve_one: Callable[[], None]) -> None:
+        """Serve one request for a handler with a ``handle`` of its own,
+        which keeps its thread for the whole connection.
+
+        The request is busy while it is served, not while the handler waits
+        for it: the end of a test waits for that test's requests alone, and
+        what a request raises is the error of the test that made it, however
+        long the client keeps the connection.
+        """
+        handler, server = self.handler, self.server
+        connection = handler.connection
+        worker: _Worker | None = getattr(_this_thread, "worker", None)
+        server.activity.finish()
+        if worker is not None:
+            worker.holds_connection = True
+        try:
+            if not file_holds_data(connection, handler.rfile):
+                # As long as reading the request line would (the handler's timeout).
+                _ready_to_read((connection.fileno(),), connection.gettimeout())
+        finally:
+            if worker is not None:
+                worker.holds_connection = False
+        server.activity.start()
+        serve_one()
+        server.activity.finish()  # one that raised finishes in the worker, once recorded
 
     def idle_deadline(self) -> float | None:
         """When the connection, waiting for a request, is to close: after the
@@ -376,6 +404,10 @@ class _Worker:
         self.inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         #: Set when the worker is to end once its current item is done.
         self.retiring = False
+        #: Set while it waits for a request of a handler that keeps its
+        #: thread for its connection (``_Conversation._one_request``): it
+        #: ends with the connection, no sooner.
+        self.holds_connection = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -771,7 +803,8 @@ class HandlerServer(socketserver.BaseServer):
                     worker.inbox.put(None)
             self._recall(deadline)
         for worker in extra:
-            worker.thread.join(deadline.remaining())
+            if not worker.holds_connection:
+                worker.thread.join(deadline.remaining())
         with self._workers_lock:
             # Those still serving a request end with it: the stop joins them.
             self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]

@@ -534,6 +534,49 @@ class DisconnectTests(unittest.TestCase):
         self.assertEqual(stderr.getvalue(), "")
 
 
+class OwnHandleTests(unittest.TestCase):
+    """A handler with a handle() of its own keeps its thread for its
+    connection; a client keeping the connection across tests holds up no
+    test's end, and an error is the test's whose request raised it."""
+
+    def test_a_connection_kept_across_tests(self):
+        class Quiet(Greeter):
+            def handle(self):  # a common wrapper: swallow the client's resets
+                try:
+                    super().handle()
+                except ConnectionResetError:
+                    pass
+
+            def do_GET(self):
+                super().do_GET()
+                if self.path == "/raise-after":
+                    raise ValueError("raised after answering")
+
+        layer = set_up_by_hand(self, custom.Layer(Quiet, name="own_handle_kept", threads=1))
+        before = thread_names()
+
+        def end_of_test() -> float:
+            started = time.monotonic()
+            try:
+                layer.check_after_test()
+            finally:
+                layer.testTearDown()
+                layer.testSetUp()
+            return time.monotonic() - started
+
+        with requests.Session() as session:  # as a module-level one
+            self.assertEqual(session.get(layer["http_url"], timeout=5).text, "hello /")
+            self.assertLess(end_of_test(), 0.5)  # not quiet_timeout: the handler waits, it does not serve
+            self.assertEqual(session.get(layer["http_url"] + "raise-after", timeout=5).text, "hello /raise-after")
+            with self.assertRaises(ServerSideError) as raised:
+                end_of_test()
+            self.assertIn("made by this test", str(raised.exception))
+            self.assertIn("ValueError: raised after answering", str(raised.exception))
+            self.assertEqual(session.get(layer["http_url"], timeout=5).text, "hello /")
+            self.assertLess(end_of_test(), 0.5)
+            self.assertEqual(thread_names(), before)  # the steady worker serves it: no thread left behind
+
+
 class WrappedInSetupTests(unittest.TestCase):
     """HTTPS made by hand: a handler whose setup() wraps its socket in TLS."""
 
@@ -570,7 +613,8 @@ class WrappedInSetupTests(unittest.TestCase):
             with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as client:
                 # Pipelined in one record: the second waits decrypted in the
                 # server's TLS object, where poll() cannot see it.
-                client.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                client.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 received = read_until_closed(client)
         self.assertIn(b"hello /a", received)
         self.assertIn(b"hello /b", received)
