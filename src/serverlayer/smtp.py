@@ -165,7 +165,9 @@ class _Handler:
         self.outbox = outbox
         self.errors = errors
         self.maildir = _open_maildir(maildir) if maildir else None
-        self.auth_required = auth_required
+        # Not ``auth_required``: aiosmtpd offers every handler attribute
+        # named ``auth_*`` as an AUTH mechanism (it offered "REQUIRED").
+        self.refuses_unauthenticated = auth_required
         self.arrangements = arrangements
         self.refused_recipients: set[str] = set()
         self.data_reply: str | None = None
@@ -185,7 +187,7 @@ class _Handler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
-        if self.auth_required and not session.authenticated:
+        if self.refuses_unauthenticated and not session.authenticated:
             return "530 5.7.0 Authentication required"  # the application's failure: reported
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
