@@ -284,7 +284,7 @@ class _Conversation:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
         else:
-            handler.handle_one_request = functools.partial(self._one_request, handler.handle_one_request)
+            handler.handle_one_request = functools.partial(self._one_request, handler.handle_one_request)  # type: ignore[method-assign]
         handler_class.__init__(handler, self.connection, self.address, server, **server.handler_arguments)  # type: ignore[misc]
 
     def resume(self) -> None:

@@ -160,11 +160,11 @@ def _open_maildir(path: str) -> mailbox.Maildir:
 class _Handler:
     """aiosmtpd hooks: store each message, refuse what the test asked to refuse."""
 
-    def __init__(self, outbox: Outbox, errors: ErrorLog, maildir: str | None, auth_required: bool,
+    def __init__(self, outbox: Outbox, errors: ErrorLog, maildir: mailbox.Maildir | None, auth_required: bool,
                  arrangements: Arrangements) -> None:
         self.outbox = outbox
         self.errors = errors
-        self.maildir = _open_maildir(maildir) if maildir else None
+        self.maildir = maildir
         # Not ``auth_required``: aiosmtpd offers every handler attribute
         # named ``auth_*`` as an AUTH mechanism (it offered "REQUIRED").
         self.refuses_unauthenticated = auth_required
@@ -679,7 +679,7 @@ class SMTPServer(AsyncioServer):
         errors: ErrorLog,
         hostname: str,
         data_size_limit: int | None,
-        maildir: str | None,
+        maildir: mailbox.Maildir | None,
         credentials: Credentials | None,
         auth_required: bool,
         starttls_context: ssl.SSLContext | None = None,
@@ -923,6 +923,15 @@ class Layer(ServerLayer):
         # The greeting and the certificate name the host clients are told to
         # use (``smtp_host``), as a mail server's greeting names its own.
         hostname = self.published_host(host)
+        maildir = None
+        if self.maildir:
+            try:
+                maildir = _open_maildir(self.maildir)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"{self!r}: maildir={self.maildir!r} cannot hold mail ({error}). Give a directory"
+                    " (missing or empty is fine), or a path where one can be made."
+                ) from error
         context = None
         if self.tls:
             addresses = [sock.getsockname()[0] for sock in sockets]
@@ -934,7 +943,7 @@ class Layer(ServerLayer):
             errors=self.server_errors,
             hostname=hostname,
             data_size_limit=self.data_size_limit,
-            maildir=self.maildir,
+            maildir=maildir,
             credentials=self.auth,
             auth_required=self.auth_required,
             starttls_context=context if self.starttls else None,

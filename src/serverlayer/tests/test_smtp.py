@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from unittest import mock
 
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
-from serverlayer.tests.helpers import set_up_by_hand, stop_in_the_round_that_accepts
+from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, stop_in_the_round_that_accepts
 
 MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
 
@@ -508,6 +508,23 @@ class LifecycleTests(unittest.TestCase):
         Client.connect(self, layer).send_message(make_message(subject="kept"))
         layer.tearDown()
         self.assertEqual([message["Subject"] for message in mailbox.Maildir(directory)], ["kept"])
+
+    def test_a_maildir_that_cannot_be_one_fails_set_up_and_leaves_nothing_open(self):
+        directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
+        self.addCleanup(shutil.rmtree, directory)
+        a_file = os.path.join(directory, "a-file")
+        with open(a_file, "w"):
+            pass
+        layer = smtp.Layer(name="MAILDIR_A_FILE", maildir=a_file)
+        before = open_descriptors()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with self.assertRaises(ConfigurationError) as refused:
+                layer.setUp()
+            gc.collect()
+        self.assertIn(f"MAILDIR_A_FILE>: maildir={a_file!r} cannot hold mail", str(refused.exception))
+        self.assertEqual([str(warning.message) for warning in caught], [])  # no socket or loop left open
+        self.assertEqual(open_descriptors(), before)
 
     def test_maildir_of_an_earlier_run_keeps_its_messages(self):
         directory = tempfile.mkdtemp(prefix="serverlayer-maildir-")
