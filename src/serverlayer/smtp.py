@@ -171,7 +171,7 @@ class _Handler:
         self.arrangements = arrangements
         self.refused_recipients: set[str] = set()
         self.data_reply: str | None = None
-        #: Counts the tests: a message belongs to the one during which its DATA began.
+        #: Counts the tests: a message belongs to the one during which its MAIL came.
         self.test = 0
         #: Held while a message is stored, and while a new test starts (the test's thread).
         self.lock = threading.Lock()
@@ -189,6 +189,10 @@ class _Handler:
     ) -> str:
         if self.refuses_unauthenticated and not session.authenticated:
             return "530 5.7.0 Authentication required"  # the application's failure: reported
+        # The message belongs to the test during which its transaction
+        # began; one that ends in a later test (the earlier one did not
+        # wait for it, or a delay held it) is in no test's outbox.
+        server.message_test = self.test
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -479,7 +483,6 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._message_tail = b"\r\n"  # the DATA command's line end: a body may end at once
         self._client_lines = _ClientLines()  # lines sent before 354 are the message's
         self._crlf_lines = CRLFLines()
-        self.message_test = self.event_handler.test
         if not self.arrangements.active:
             return
         sender = (self.envelope.mail_from if self.envelope is not None else "") or ""

@@ -877,6 +877,40 @@ class RealServerReplyTests(FailureTestCase):
             self.send(message(("x" * 70 + "\n") * 100))
         self.assertEqual((len(self.outbox), cut.used), (1, 1))
 
+    def test_a_message_whose_transaction_began_in_an_earlier_test_is_not_the_next_tests(self):
+        for stage in ("rcpt", "data", None):  # a delay holds the test's end past it, or the client is slow
+            with self.subTest(stage=stage):
+                if stage is not None:
+                    self.smtpd.delay(stage, 0.3)
+                client = self.client()
+                client.ehlo()
+                client.mail("shop@example.org")
+                if stage is None:
+                    self.layer.testTearDown()
+                    self.layer.testSetUp()
+                    client.rcpt("bob@example.org")
+                    client.data(b"Subject: from the test before\r\n\r\nhi\r\n")
+                else:
+                    client.putcmd("rcpt", "TO:<bob@example.org>")
+                    if stage == "data":
+                        self.assertEqual(client.getreply()[0], 250)
+                        client.putcmd("data")
+                    self.layer.testTearDown()  # the reply still to come; the client waits
+                    self.layer.testSetUp()
+                    self.assertEqual(client.getreply()[0], 250 if stage == "rcpt" else 354)
+                    if stage == "rcpt":
+                        client.putcmd("data")
+                        self.assertEqual(client.getreply()[0], 354)
+                    client.send(b"Subject: from the test before\r\n\r\nhi\r\n.\r\n")
+                    self.assertEqual(client.getreply()[0], 250)
+                client.quit()
+                self.assertEqual(list(self.outbox), [])  # the next test's outbox
+                self.send()
+                [mine] = self.outbox
+                self.assertEqual(mine["Subject"], "Your order")
+                self.layer.testTearDown()
+                self.layer.testSetUp()
+
     def test_addresses_in_angle_brackets_match(self):
         self.smtpd.fail("mail", 553, match="<shop@example.org>")
         self.smtpd.refuse_recipients("<carol@example.org>")
