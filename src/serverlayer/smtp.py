@@ -104,7 +104,7 @@ class Arrival(Unread[ReceivedMessage]):
         authenticated = session is not None and session.authenticated
         return cls(
             raw=envelope.original_content or b"",
-            mail_from=envelope.mail_from or "",
+            mail_from=sender_of(envelope),
             rcpt_tos=tuple(envelope.rcpt_tos),
             mail_options=tuple(envelope.mail_options),
             rcpt_options=tuple(envelope.rcpt_options),
@@ -144,6 +144,14 @@ class Outbox(Arrivals[ReceivedMessage]):
         if not refusals:
             return ""
         return "\nThe server refused, without the test arranging it:\n" + "\n".join(refusals)
+
+
+def sender_of(envelope: Envelope | None) -> str:
+    """The envelope's sender; the null reverse-path of a bounce as "", as
+    smtplib writes it and the ``mail`` stage matches it (aiosmtpd keeps
+    it as "<>", an empty one meaning no MAIL yet)."""
+    sender = "" if envelope is None else envelope.mail_from or ""
+    return "" if sender == "<>" else sender
 
 
 def _open_maildir(path: str) -> mailbox.Maildir:
@@ -211,7 +219,7 @@ class _Handler:
         if isinstance(server, LMTP):
             return await self._deliver_per_recipient(server, session, envelope)
         if server.arrangements.active:
-            arrangement = server.take("message", envelope.mail_from or "", cuts=False)
+            arrangement = server.take("message", sender_of(envelope), cuts=False)
             arranged = None if arrangement is None else await server.act_on(arrangement)
             if arranged is not None:
                 assert arrangement is not None
@@ -485,7 +493,7 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._crlf_lines = CRLFLines()
         if not self.arrangements.active:
             return
-        sender = (self.envelope.mail_from if self.envelope is not None else "") or ""
+        sender = sender_of(self.envelope)
         # Counted as used once it cuts: a body shorter than its bytes is not cut.
         cut = self.arrangements.take("message", sender, connection=id(self.transcript), cuts=True, count=False)
         self._cut = None if cut is None else (cut, sender)

@@ -911,6 +911,22 @@ class RealServerReplyTests(FailureTestCase):
                 self.layer.testTearDown()
                 self.layer.testSetUp()
 
+    def test_the_null_sender_of_a_bounce_matches_at_every_stage(self):
+        for stage in ("mail", "message"):
+            with self.subTest(stage=stage):
+                arrangement = self.smtpd.fail(stage, 554, match="<>")
+                client = self.client()
+                with self.assertRaises((smtplib.SMTPSenderRefused, smtplib.SMTPDataError)):
+                    client.sendmail("<>", ["bob@example.org"], b"Subject: bounce\r\n\r\nreturned\r\n")
+                client.quit()
+                self.assertEqual(arrangement.used, 1)
+                self.layer.testTearDown()
+                self.layer.testSetUp()
+        client = self.client()
+        client.sendmail("<>", ["bob@example.org"], b"Subject: bounce\r\n\r\nreturned\r\n")
+        client.quit()
+        self.assertEqual(self.outbox[0].mail_from, "")  # as smtplib writes it, not "<>"
+
     def test_addresses_in_angle_brackets_match(self):
         self.smtpd.fail("mail", 553, match="<shop@example.org>")
         self.smtpd.refuse_recipients("<carol@example.org>")
