@@ -679,6 +679,30 @@ def _without_dsn(argument: str, keywords: tuple[str, ...]) -> tuple[str, list[st
     return " ".join(rest), [f"{name.upper()}={value}" for name, _, value in (word.partition("=") for word in dsn)]
 
 
+class _ThisThreadsRecords(logging.Filter):
+    """Takes a server thread's records of aiosmtpd's logger for the layer.
+
+    aiosmtpd logs every server through one module-wide logger, "mail.log":
+    errors, and at INFO each connection and command. Under a root logger
+    at INFO (pytest's ``log_cli``, an application's ``basicConfig``) all of
+    it reached the test run's output. A filter runs before the logger's
+    handlers and those of its parents: this one hands the server thread's
+    records to the layer's handler (errors fail the test; everything is
+    echoed under ``$SERVERLAYER_VERBOSE``) and stops them there.
+    """
+
+    def __init__(self, handler: logging.Handler, thread_id: int) -> None:
+        super().__init__()
+        self.handler = handler
+        self.thread_id = thread_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread_id:
+            return True
+        self.handler.handle(record)
+        return False
+
+
 class SMTPServer(AsyncioServer):
     """An aiosmtpd server on its own event loop, on the layer's sockets."""
 
@@ -833,14 +857,12 @@ class SMTPServer(AsyncioServer):
         )
 
     def serve(self, ready: Callable[[], None]) -> None:
-        # aiosmtpd logs every server's errors through one module-wide logger;
-        # take the records of this server's thread.
-        self._log_handler.thread_id = threading.get_ident()
-        logging.getLogger("mail.log").addHandler(self._log_handler)
+        taker = _ThisThreadsRecords(self._log_handler, threading.get_ident())
+        logging.getLogger("mail.log").addFilter(taker)
         try:
             super().serve(ready)
         finally:
-            logging.getLogger("mail.log").removeHandler(self._log_handler)
+            logging.getLogger("mail.log").removeFilter(taker)
 
 
 class Layer(ServerLayer):

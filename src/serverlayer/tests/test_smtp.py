@@ -613,6 +613,32 @@ class LifecycleTests(unittest.TestCase):
             layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
 
+    def test_quiet_under_a_root_logger_at_info(self):
+        # pytest's log_cli, or an application's logging.basicConfig(level=INFO).
+        import logging
+
+        class Collect(logging.Handler):
+            def __init__(self):
+                super().__init__(logging.DEBUG)
+                self.records = []
+
+            def emit(self, record):
+                self.records.append(record)
+
+        root, collect = logging.getLogger(), Collect()
+        level = root.level
+        root.addHandler(collect)
+        root.setLevel(logging.INFO)
+        self.addCleanup(root.setLevel, level)
+        self.addCleanup(root.removeHandler, collect)
+        with mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            layer = set_up_by_hand(self, smtp.Layer(name="QUIET_UNDER_INFO"))
+            with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=5) as client:
+                client.send_message(make_message())
+            layer.tearDown()
+        self.assertEqual([record.getMessage() for record in collect.records if record.name == "mail.log"], [])
+
     def test_smtp_server_is_a_ready_layer(self):
         layer = set_up_by_hand(self, smtp.SMTP_SERVER)
         Client.connect(self, layer).send_message(make_message(subject="to the ready layer"))
