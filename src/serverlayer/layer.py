@@ -142,6 +142,20 @@ def positive_number(value: object, *, owner: str, setting: str) -> int:
     return whole_number(value, owner=owner, setting=setting, minimum=1)
 
 
+def flag(value: object, *, owner: str, setting: str) -> bool:
+    """``value``, which must be True or False: ``tls="no"`` would be true."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{owner}: {setting}={value!r} must be True or False.")
+    return value
+
+
+def timeout_seconds(value: object, *, owner: str, setting: str) -> float:
+    """``value``, a positive number of seconds, as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigurationError(f"{owner}: {setting}={value!r} must be a positive number of seconds, such as 1.0.")
+    return float(value)
+
+
 def _layers(bases: object, kind: str) -> tuple[plone.testing.Layer, ...]:
     """``bases`` as a tuple of layers, or a ConfigurationError saying what to write."""
     if isinstance(bases, str):
@@ -225,6 +239,8 @@ class ServerLayer(plone.testing.Layer):
         port: int | None = None,
         public_host: str | None = None,
         report_server_errors: bool | None = None,
+        stop_timeout: float | None = None,
+        quiet_timeout: float | None = None,
     ) -> None:
         if module is None:
             module = instantiating_module(self)
@@ -240,7 +256,11 @@ class ServerLayer(plone.testing.Layer):
         if public_host is not None:
             self.public_host = public_host
         if report_server_errors is not None:
-            self.report_server_errors = report_server_errors
+            self.report_server_errors = flag(report_server_errors, owner=repr(self), setting="report_server_errors")
+        if stop_timeout is not None:
+            self.stop_timeout = timeout_seconds(stop_timeout, owner=repr(self), setting="stop_timeout")
+        if quiet_timeout is not None:
+            self.quiet_timeout = timeout_seconds(quiet_timeout, owner=repr(self), setting="quiet_timeout")
         claim_identity(self, derived=not name)
         self.server_errors = ErrorLog(repr(self))
         self._running: ServerThread | None = None
@@ -503,7 +523,7 @@ class HTTPLayer(ServerLayer):
     def __init__(self, *, tls: bool | None = None, client_certs: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if tls is not None:
-            self.tls = tls
+            self.tls = flag(tls, owner=repr(self), setting="tls")
         if client_certs is not None:
             self.client_certs = client_certs
         if self.client_certs not in (None, "optional", "required"):

@@ -35,7 +35,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals, Unread
 from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayerError
-from serverlayer.layer import ServerLayer, tls_resources
+from serverlayer.layer import ServerLayer, flag, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
 from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread
 from serverlayer.smtp_failures import (
@@ -920,6 +920,10 @@ class Layer(ServerLayer):
                 " after STARTTLS (starttls=True, or require_starttls=True to refuse mail"
                 " without it) or from the first byte (implicit_tls=True, as on port 465)."
             )
+        for setting, value in [("auth_required", auth_required), ("starttls", starttls),
+                               ("require_starttls", require_starttls), ("implicit_tls", implicit_tls),
+                               ("lmtp", False if lmtp is None else lmtp)]:
+            flag(value, owner=repr(self), setting=setting)
         if lmtp is not None:
             self.lmtp = lmtp
         if implicit_tls and (starttls or require_starttls):

@@ -613,6 +613,27 @@ class MistakesTests(unittest.TestCase):
         layer = custom.Layer(Hello, bases=[base], name="ON_A_LIST")  # any sequence of layers
         self.assertEqual(layer.__bases__, (base,))
 
+    def test_switches_are_true_or_false(self):
+        from serverlayer import smtp
+
+        for make, setting in [
+            (lambda: custom.Layer(Hello, name="TLS_NO", tls="no"), "tls='no'"),
+            (lambda: custom.Layer(Hello, name="REPORT_0", report_server_errors=0), "report_server_errors=0"),
+            (lambda: smtp.Layer(name="STARTTLS_YES", starttls="yes"), "starttls='yes'"),
+            (lambda: smtp.Layer(name="LMTP_1", lmtp=1), "lmtp=1"),
+        ]:
+            with self.subTest(setting), self.assertRaises(ConfigurationError) as refused:
+                make()
+            self.assertIn(f"{setting} must be True or False", str(refused.exception))
+
+    def test_timeouts_as_keywords(self):
+        layer = custom.Layer(Hello, name="TIMEOUTS", stop_timeout=2, quiet_timeout=0.25)
+        self.assertEqual((layer.stop_timeout, layer.quiet_timeout), (2.0, 0.25))
+        for value in (0, -1, "1", float("nan"), float("inf"), True):
+            with self.subTest(value=value), self.assertRaises(ConfigurationError) as refused:
+                custom.Layer(Hello, name=f"BAD_TIMEOUT_{value}", quiet_timeout=value)
+            self.assertIn(f"quiet_timeout={value!r} must be a positive number of seconds", str(refused.exception))
+
     def test_a_resource_of_a_layer_not_set_up(self):
         layer = custom.Layer(Hello, name="NEVER_SET_UP")
         with self.assertRaises(KeyError) as missing:  # as plone.testing's
