@@ -13,10 +13,12 @@ own server without deadlocking.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import threading
 import time
+import types
 import wsgiref.simple_server
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -406,6 +408,16 @@ class _RequestParser(HTTPRequestParser):
                 "an HTTP/1.0 request has no Transfer-Encoding (RFC 9112 section 6.1):"
                 " send it as HTTP/1.1, or with a Content-Length"
             )
+
+
+def _takes_two(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` takes exactly two positional arguments (environ, start_response)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 2 and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def _options(connection: str) -> list[str]:
@@ -1052,6 +1064,13 @@ class Layer(HTTPLayer):
         if app is not None and not callable(app):
             raise ConfigurationError(
                 f"{self!r}: the WSGI application {app!r} is not callable."
+            )
+        if isinstance(app, types.MethodType) and app.__self__ is self and _takes_two(app.__func__):
+            name = app.__func__.__name__
+            raise ConfigurationError(
+                f"{self!r}: the wsgi_app class attribute {name} is a function of two arguments,"
+                " which Python binds to the layer as a method: it would be called with the layer"
+                f" as its environ. Write wsgi_app = staticmethod({name}) in the class."
             )
         return app
 

@@ -244,6 +244,22 @@ class AppSourceTests(unittest.TestCase):
         with urllib.request.urlopen(layer["http_url"] + "attr", timeout=5) as response:
             self.assertTrue(response.read().startswith(b"GET /attr"))
 
+    def test_a_function_as_class_attribute_without_staticmethod_is_refused_at_set_up(self):
+        class Forgetful(wsgi.Layer):
+            wsgi_app = echo_app  # bound to the layer: called with it as the environ
+
+        with self.assertRaises(ConfigurationError) as refused:
+            Forgetful(name="forgot_staticmethod").setUp()
+        self.assertIn("Write wsgi_app = staticmethod(echo_app) in the class", str(refused.exception))
+
+        class Publisher(wsgi.Layer):  # a method of the layer's own is fine
+            def wsgi_app(self, environ, start_response):
+                return echo_app(environ, start_response)
+
+        layer = set_up_by_hand(self, Publisher(name="app_method"))
+        with urllib.request.urlopen(layer["http_url"] + "method", timeout=5) as response:
+            self.assertTrue(response.read().startswith(b"GET /method"))
+
     def test_wsgi_app_resource_of_a_base_layer_wins(self):
         def resource_app(environ, start_response):
             start_response("200 OK", [])
