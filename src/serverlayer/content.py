@@ -173,7 +173,9 @@ def _as_bytes(data: bytes | str, setting: str = "body") -> bytes:
     if isinstance(data, str):
         return data.encode("utf-8")
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ConfigurationError(f"{setting}: a body or chunk is bytes or str, not {data!r}.")
+        json_like = setting == "body" and isinstance(data, (dict, list))
+        hint = " To answer JSON, use respond_json(data)." if json_like else ""
+        raise ConfigurationError(f"{setting}: a body or chunk is bytes or str, not {data!r}.{hint}")
     return bytes(data)
 
 

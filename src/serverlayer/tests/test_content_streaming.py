@@ -355,6 +355,8 @@ class StreamConfigurationTests(unittest.TestCase):
             (lambda: route.respond_sse(["a"], headers=[("X-A", "1\r\nX-B: 2")]), "('X-A', '1\\r\\nX-B: 2') is none."),
             (lambda: route.respond("a", headers={"X-A": None}), "('X-A', None) is none."),
             (lambda: route.respond(5), "body: a body or chunk is bytes or str, not 5."),
+            (lambda: route.respond({"a": 1}), "body: a body or chunk is bytes or str, not {'a': 1}."
+                                              " To answer JSON, use respond_json(data)."),
             (lambda: http_content.serve_content(5), "content: a body or chunk is bytes or str, not 5."),
             (lambda: route.respond("abc", truncate="1"),
              "truncate='1': the body is cut after that many bytes, a whole number 0 or more."),
