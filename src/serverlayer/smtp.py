@@ -411,7 +411,16 @@ class _Connection(SMTP):  # type: ignore[misc]
         if is_greeting:  # aiosmtpd's first push is the greeting
             self._greeted = True
             greeting = self.take("connect") if self.arrangements.active else None
-            reply = None if greeting is None else await self.act_on(greeting)
+            try:
+                reply = None if greeting is None else await self.act_on(greeting)
+            except asyncio.CancelledError:
+                # The client ended its side during an arranged delay, and
+                # aiosmtpd cancelled the conversation; it closes the
+                # connection only for a cancel after the greeting, and the
+                # client waited for a reply or an end that never came.
+                if self.transport is not None:
+                    self.transport.close()
+                raise
             if greeting is not None and reply is not None:
                 # Recorded before the client can see it, closing included.
                 self.transcript.server(reply, arranged=True)

@@ -210,6 +210,15 @@ class MoreStageTests(FailureTestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.2)
         self.assertEqual(late.used, 1)  # one greeting, not every reply
 
+    def test_a_client_that_ends_its_side_during_a_late_greeting_is_closed(self):
+        self.smtpd.delay("connect", 30)
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=5) as raw:
+            raw.sendall(b"QUIT\r\n")
+            raw.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            self.assertEqual(raw.recv(1000), b"")  # the server closes too, at once
+        self.assertLess(time.monotonic() - started, 2)
+
     def test_a_cut_for_one_sender(self):
         self.smtpd.drop("message", after_bytes=20, match="shop@example.org")
         self.assertEqual(self.send(message(sender="other@example.org")), {})
