@@ -34,7 +34,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals, Unread
-from serverlayer.errors import ConfigurationError, MailTimeoutError, ServerLayerError
+from serverlayer.errors import AddressInUseError, ConfigurationError, MailTimeoutError, ServerLayerError
 from serverlayer.layer import ServerLayer, flag, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
 from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread
@@ -1050,6 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port, maildir=options.maildir)
     try:
         layer.setUp()
+    except AddressInUseError:
+        parser.exit(2, f"{parser.prog}: port {options.port} on {options.host} is already in use (another mail"
+                       " sink?). Choose another with --port, or --port 0 for any free one.\n")
     except ServerLayerError as error:
         parser.exit(2, f"{parser.prog}: {error}\n")
     print(f"Listening for mail on {layer['smtp_address']}; Ctrl-C stops.", flush=True)
@@ -1060,6 +1063,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_message(outbox.wait_for(shown + 1, timeout=None)[shown], sys.stdout)
             shown += 1
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # Its reader stopped (``| head``): done, as other command-line tools
+        # are, without a traceback, nor another at exit flushing stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         layer.tearDown()

@@ -172,7 +172,27 @@ class MailSinkTests(unittest.TestCase):
         assert sink.stderr is not None
         error = sink.stderr.read()
         self.assertIn("python -m serverlayer.smtp: ", error)
-        self.assertIn("already in use", error)
+        self.assertIn("already in use (another mail sink?). Choose another with --port, or --port 0", error)
+        self.assertNotIn("__main__", error)  # no layer names from the Python API
+
+    def test_a_reader_that_stops_ends_the_sink_quietly(self):
+        # python -m serverlayer.smtp | head -1
+        read_end, write_end = os.pipe()
+        sink = subprocess.Popen(
+            [sys.executable, "-c", SIGINT_DEFAULT, "-W", "error", "-m", "serverlayer.smtp", "--port", "0"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        os.close(write_end)
+        self.addCleanup(_stop, sink, None)
+        with os.fdopen(read_end) as output:
+            first_line = output.readline()  # then head closes its end
+        port = int(first_line.split(":")[1].split(";")[0])
+        with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
+            client.sendmail("ann@example.com", ["bob@example.com"], "Subject: big\r\n\r\n" + "x\r\n" * 100_000)
+        self.assertEqual(sink.wait(20), 0)
+        assert sink.stderr is not None
+        self.assertEqual(sink.stderr.read(), "")
 
     def test_help_names_the_defaults(self):
         completed = subprocess.run(
@@ -185,11 +205,12 @@ class MailSinkTests(unittest.TestCase):
         self.assertIn("port to listen on, 0 for any free one (default: 1025)", usage)
 
 
-def _stop(process: subprocess.Popen[str], reader: threading.Thread) -> None:
+def _stop(process: subprocess.Popen[str], reader: threading.Thread | None) -> None:
     if process.poll() is None:
         process.kill()
         process.wait(10)
-    reader.join(10)  # its pipe ended with the process
+    if reader is not None:
+        reader.join(10)  # its pipe ended with the process
     for stream in (process.stdout, process.stderr):
         if stream is not None:
             stream.close()
