@@ -217,6 +217,25 @@ ADDRESS_ARGUMENTS = (
 )
 
 
+class LineLengthTests(unittest.TestCase):
+    layer = MAIL_LAYER
+
+    def test_a_line_is_at_most_1000_bytes_with_its_crlf(self):
+        # RFC 5321 section 4.5.3.1.6: 998 characters and CRLF.
+        for characters, accepted in ((998, True), (999, False)):
+            with self.subTest(characters=characters):
+                client = Client.connect(self, self.layer)
+                message = b"Subject: long\r\n\r\n" + b"z" * characters + b"\r\n"
+                if accepted:
+                    self.assertEqual(client.sendmail("a@example.org", ["b@example.org"], message), {})
+                else:
+                    with self.assertRaises(smtplib.SMTPDataError) as refused:
+                        client.sendmail("a@example.org", ["b@example.org"], message)
+                    self.assertEqual(refused.exception.smtp_code, 500)
+                    self.assertIn(b"Line too long", refused.exception.smtp_error)
+        self.assertEqual([len(message.get_payload().rstrip("\r\n")) for message in self.layer["outbox"]], [998])
+
+
 class AddressTests(unittest.TestCase):
     """Our connection reads the plain ``<local@domain>`` of MAIL and RCPT
     itself, without aiosmtpd's costly header parser; to the same result."""
