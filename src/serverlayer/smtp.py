@@ -858,7 +858,7 @@ class SMTPServer(AsyncioServer):
             transcripts=self.transcripts,
             loop=self.loop,
             hostname=self.hostname,
-            ident="serverlayer SMTP",
+            ident="serverlayer LMTP" if self.lmtp else "serverlayer SMTP",
             data_size_limit=self.data_size_limit,
             enable_SMTPUTF8=True,
             **options,

@@ -1017,6 +1017,12 @@ class LMTPTests(unittest.TestCase):
         self.assertEqual(client.quit()[0], 221)
         return replies
 
+    def test_the_greeting_says_lmtp(self):
+        with socket.create_connection((self.layer["smtp_host"], self.layer["smtp_port"]), timeout=10) as raw:
+            greeting = raw.recv(1000)
+        self.assertTrue(greeting.startswith(b"220 "), greeting)
+        self.assertIn(b"serverlayer LMTP", greeting)
+
     def test_a_reply_per_recipient(self):
         self.layer["smtpd"].fail("message", 452, match="carol@example.org")
         replies = self.conversation("bob@example.org", "carol@example.org", "dave@example.org")
