@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from serverlayer.errors import ConfigurationError
+from serverlayer.errors import ConfigurationError, ScriptError
 
 STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "message", "quit")
 #: The stages whose command has nothing for ``match`` to look at.
@@ -120,7 +120,13 @@ class Arrangement:
             return subject.lower() == match.lower()
         if isinstance(match, re.Pattern):
             return match.fullmatch(subject) is not None
-        return bool(match(subject))
+        try:
+            return bool(match(subject))
+        except Exception as error:  # the test's own code, not the server's
+            raise ScriptError(
+                f"the match= function {getattr(match, '__qualname__', match)!r} of an arrangement for the"
+                f" {self.stage!r} stage raised {type(error).__name__} on {subject!r}"
+            ) from error
 
 
 class Arrangements:

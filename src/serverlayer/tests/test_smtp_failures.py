@@ -338,6 +338,20 @@ class ScopeTests(FailureTestCase):
                 codes.append(error.smtp_code)
         self.assertEqual(codes, [451, 553, 553])
 
+    def test_a_match_function_that_raises_is_the_tests_error(self):
+        def wrong(sender):
+            return sender.domain == "example.org"  # a str has no domain
+
+        self.smtpd.fail("mail", 553, match=wrong)
+        with self.assertRaises(smtplib.SMTPSenderRefused) as refused:
+            self.send()
+        self.assertEqual(refused.exception.smtp_code, 500)
+        [error] = self.layer.server_errors.take()
+        self.assertIn("ScriptError: the match= function", error)
+        self.assertIn("wrong' of an arrangement for the 'mail' stage raised AttributeError on 'shop@example.org'",
+                      error)
+        self.assertIn("AttributeError: 'str' object has no attribute 'domain'", error)  # the cause
+
     def test_everything_resets_before_the_next_test(self):
         self.smtpd.fail("connect", 554)
         self.smtpd.drop("message", after_bytes=10)
