@@ -255,6 +255,46 @@ def _expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
 
+class _ReceiveOrEnd:
+    """uvicorn's ``receive`` for one request, saying ``http.disconnect`` once
+    its client ended its side (``_Registered.eof_received``).
+
+    The connection then stays open for the answer, so uvicorn does not know
+    the client left; a ``receive()`` waiting after the body wakes with an
+    empty request message, which is the end.
+    """
+
+    __slots__ = ("cycle", "receive", "has_body")
+
+    def __init__(self, cycle: Any, receive: Receive) -> None:
+        self.cycle = cycle
+        self.receive = receive
+        #: Whether the application has the whole body.
+        self.has_body = False
+
+    async def __call__(self) -> Any:
+        if self.has_body and getattr(self.cycle, "client_ended", None) is not None:
+            return self._ended()
+        message = await self.receive()
+        if message["type"] == "http.request":
+            if self.has_body and getattr(self.cycle, "client_ended", None) is not None:  # woken up by the end
+                return self._ended()
+            self.has_body = not message.get("more_body", False)
+        return message
+
+    def _ended(self) -> Any:
+        """The end, told: from now on the client is gone, as upstream takes
+        one whose connection closed (what the application still sends is
+        dropped, and it may return without finishing its answer)."""
+        cycle = self.cycle
+        protocol = cycle.client_ended
+        if not cycle.disconnected:
+            cycle.disconnected = True  # now: the application may return at once
+            if not protocol.pipeline:  # else answers to requests read after this one still go out
+                protocol.transport.close()
+        return {"type": "http.disconnect"}
+
+
 class RecordingApp:
     """Records each HTTP request (body included) and WebSocket handshake in
     ``log``, then hands the application the same messages.
@@ -279,6 +319,9 @@ class RecordingApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
+            if cycle is not None:
+                receive = _ReceiveOrEnd(cycle, receive)
             if not _announces_body(scope["headers"]):  # most requests: nothing to read
                 self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
                 await self.app(scope, receive, send)
@@ -345,7 +388,10 @@ class _Registered(asyncio.Protocol):
       end. Upstream (uvicorn 0.54, its issue 1264) takes that end for a
       client that is gone: the connection closes at once and the answers
       are dropped, even that to a lone request. A client that ends its
-      side with a request unfinished is gone, as upstream.
+      side with a request unfinished is gone, as upstream. Either way the
+      application's ``receive()`` says ``http.disconnect`` from then on
+      (a client that closed its connection ends its side too, and the
+      two look alike), so that a stream listening for it ends.
     """
 
     transport: asyncio.Transport
@@ -413,6 +459,12 @@ class _Registered(asyncio.Protocol):
                     self.pipeline.remove(waiting)
         if self._answers_to_come():
             self.client_done = True
+            # The application learns of it (``_ReceiveOrEnd``): a stream
+            # that listens for http.disconnect ends, as upstream, while an
+            # answer being made still goes out.
+            for cycle in (self.answering(), *(waiting[0] for waiting in self.pipeline)):
+                cycle.client_ended = self
+                cycle.message_event.set()
             return True  # asyncio keeps the transport for the answers
         return None  # asyncio closes the transport
 

@@ -278,6 +278,67 @@ class ServingTests(unittest.TestCase):
         self.assertTrue(response.headers["date"].endswith(" GMT"), response.headers.get("date"))
 
 
+class ClientEndTests(unittest.TestCase):
+    """A client that closes its connection while its answer is coming is
+    gone to the application (uvicorn's http.disconnect), also though the
+    layer keeps the connection for clients that end only their side."""
+
+    http_protocol = "auto"
+
+    def serve_stream(self) -> tuple[Any, list[str]]:
+        told: list[str] = []
+
+        async def stream_until_disconnect(scope, receive, send):
+            # What Starlette's StreamingResponse and sse-starlette do: answer
+            # while listening for the client's disconnect, then return.
+            if scope["type"] != "http":
+                raise RuntimeError("no lifespan here")
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+            assert (await receive())["type"] == "http.request"
+            told.append((await receive())["type"])  # no more to send until then: a long poll, a quiet feed
+
+        layer = asgi.Layer(stream_until_disconnect, name=f"client_end_{self.http_protocol}_{self._testMethodName}",
+                           http_protocol=self.http_protocol)
+        return set_up_by_hand(self, layer), told
+
+    def test_a_client_that_closes_is_gone_at_once(self):
+        layer, told = self.serve_stream()
+        for close in ("close", "httpx"):
+            with self.subTest(close=close):
+                told.clear()
+                if close == "close":
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                        sock.sendall(b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n")
+                        received = b""
+                        while b"first" not in received:  # h11 sends the head and the body apart
+                            received += sock.recv(4096)
+                else:
+                    with httpx.Client() as client, client.stream("GET", layer["http_url"] + "feed") as response:
+                        self.assertEqual(next(response.iter_raw()), b"first\n")
+                started = time.monotonic()
+                layer.check_server_errors()  # waits for the application: it ends, without an error
+                self.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet in vain
+                self.assertEqual(told, ["http.disconnect"])
+                deadline = time.monotonic() + 5
+                while layer["httpd"].transports and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                self.assertEqual(layer["httpd"].transports, set())  # the server's side closed too
+
+    def test_a_client_that_ends_only_its_side_still_gets_a_plain_answer(self):
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name=f"half_close_{self.http_protocol}",
+                                                http_protocol=self.http_protocol))
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            received = read_until_closed(sock)
+        self.assertIn(b'"path": "/plain"', received)
+
+
+class H11ClientEndTests(ClientEndTests):
+    http_protocol = "h11"
+
+
 H11_LIFESPAN_EVENTS: list[str] = []
 ASGI_H11_LAYER = asgi.Layer(lifespan_app(H11_LIFESPAN_EVENTS), name="ASGI_H11_LAYER", http_protocol="h11")
 
