@@ -770,9 +770,21 @@ class UvicornServer(AsyncioServer):
         self.state.default_headers = date + self.config.encoded_headers
         self._date_timer = self.loop.call_later(self.DATE_INTERVAL, self._refresh_headers)
 
+    def _lifespan_logger(self) -> logging.Logger:
+        """uvicorn's lifespan logs a failed startup or shutdown, and the
+        application's failure message, at ERROR: the layer reports those
+        itself (``LifespanStartupError``, the shutdown's ``ServerSideError``),
+        so they stay out of the server's errors, where they would fail the
+        tear-down a second time."""
+        logger = self.logger.getChild("lifespan")
+        logger.propagate = False
+        if not logger.handlers:  # with none, logging's last resort prints errors to stderr
+            logger.addHandler(logging.StreamHandler(sys.stderr) if verbose() else logging.NullHandler())
+        return logger
+
     async def prepare(self) -> None:
         self._refresh_headers()
-        self.lifespan = _Lifespan(self.config, self.logger)
+        self.lifespan = _Lifespan(self.config, self._lifespan_logger())
         await self.lifespan.startup()
         if self.lifespan.startup_failed:
             raise LifespanStartupError(self.lifespan.failure or "the application's startup failed")

@@ -836,6 +836,24 @@ class LifespanTests(unittest.TestCase):
         self.assertEqual(layer._resources, {})
         layer.tearDown()  # the failure was reported once
 
+    def test_a_shutdown_failure_with_a_message_is_reported_once(self):
+        # Starlette and FastAPI send lifespan.shutdown.failed with the
+        # traceback as its message, and uvicorn logs it as an error.
+        async def shutdown(send):
+            await send({"type": "lifespan.shutdown.failed", "message": "Traceback ...\nOSError: disk full"})
+
+        layer = asgi.Layer(lifespan_app([], shutdown=shutdown), name="asgi_shutdown_message")
+        stderr = io.StringIO()
+        with redirect_stderr(stderr), mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            layer.setUp()
+            with self.assertRaises(ServerSideError) as caught:
+                layer.tearDown()
+        self.assertEqual(stderr.getvalue(), "")  # said once, in the failure
+        self.assertIn("the application's lifespan shutdown failed", str(caught.exception))
+        self.assertIn("OSError: disk full", str(caught.exception))
+        self.assertIsNone(caught.exception.__context__)  # not raised while another error was
+
 
 class ServerErrorTests(unittest.TestCase):
 
