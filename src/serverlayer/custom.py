@@ -22,6 +22,7 @@ import select
 import selectors
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -38,7 +39,7 @@ from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
 
 #: Exceptions that only mean the client went away.
-DISCONNECTS = (ConnectionError, TimeoutError)
+DISCONNECTS = (ConnectionError, TimeoutError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 
@@ -284,6 +285,7 @@ class _Conversation:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
         else:
+            handler.handle = self._own_handle  # type: ignore[method-assign]
             handler.handle_one_request = functools.partial(self._one_request, handler.handle_one_request)  # type: ignore[method-assign]
         handler_class.__init__(handler, self.connection, self.address, server, **server.handler_arguments)  # type: ignore[misc]
 
@@ -294,13 +296,24 @@ class _Conversation:
         finally:
             self._finish()
 
+    def adopt_wrapper(self) -> None:
+        """Take the socket the handler's ``setup()`` wrapped the connection
+        in (``ssl.wrap_socket``, the hand-made HTTPS of many suites) for the
+        connection: the original is detached. A wrapper that is no socket
+        (a proxy counting bytes, say) leaves the original as it is."""
+        wrapper = self.handler.connection
+        if wrapper is not self.connection and isinstance(wrapper, socket.socket) and self.connection.fileno() == -1:
+            self.server.adopt(self, wrapper)
+
     def _handle(self) -> None:
+        self.adopt_wrapper()
+        # Whatever the handler sends is the test's, and is cut when the
+        # test ends if its client stopped reading (``writing``).
+        with self.server.writing(self.connection):
+            self._serve_requests()
+
+    def _serve_requests(self) -> None:
         handler, server = self.handler, self.server
-        if handler.connection is not self.connection:
-            # The handler's setup() wrapped it (``ssl.wrap_socket``, the
-            # hand-made HTTPS of many suites): the original socket is
-            # detached, and the wrapper is the connection from now on.
-            server.adopt(self, handler.connection)
         self.parked = False
         while True:
             handler.close_connection = True  # unless the request says otherwise
@@ -319,6 +332,12 @@ class _Conversation:
             if not arrived:  # idle for the handler's timeout: closes
                 return
 
+    def _own_handle(self) -> None:
+        """The handler class's own ``handle()``, its writes the test's (``writing``)."""
+        self.adopt_wrapper()
+        with self.server.writing(self.connection):
+            type(self.handler).handle(self.handler)
+
     def _one_request(self, serve_one: Callable[[], None]) -> None:
         """Serve one request for a handler with a ``handle`` of its own,
         which keeps its thread for the whole connection.
@@ -329,18 +348,23 @@ class _Conversation:
         long the client keeps the connection.
         """
         handler, server = self.handler, self.server
-        connection = handler.connection
+        connection = self.connection
         worker: _Worker | None = getattr(_this_thread, "worker", None)
         server.activity.finish()
         if worker is not None:
             worker.holds_connection = True
         try:
-            if not file_holds_data(connection, handler.rfile):
-                # As long as reading the request line would (the handler's timeout).
+            arrived = file_holds_data(connection, handler.rfile) or bool(
+                # As long as reading the request line would: the handler's timeout.
                 _ready_to_read((connection.fileno(),), connection.gettimeout())
+            )
         finally:
             if worker is not None:
                 worker.holds_connection = False
+        if not arrived:  # what http.server does when reading the request line times out
+            handler.log_error("Request timed out: %r", TimeoutError("timed out"))
+            handler.close_connection = True
+            return
         server.activity.start()
         serve_one()
         server.activity.finish()  # one that raised finishes in the worker, once recorded
@@ -764,9 +788,10 @@ class HandlerServer(socketserver.BaseServer):
         ended meanwhile raises it as it leaves the block, so that the
         handler does not keep the connection for the next test.
 
-        Every request a worker serves runs inside such a block, so that any
-        handler's writes are cut; blocks nest, and the content and static
-        layers mark their answers too, for a cut to end the answer it cut.
+        Every request a worker serves runs inside such a block (of the
+        handler's connection once its ``setup()`` ran), so that any handler's
+        writes are cut; blocks nest, and the content and static layers mark
+        their answers too, for a cut to end the answer it cut.
         """
         return _TestsWrite(self, connection)
 
@@ -842,10 +867,7 @@ class HandlerServer(socketserver.BaseServer):
         if not self.handler_shares_threads:
             self.activity.start()  # a handler with its own handle(): busy for the whole connection
         try:
-            # Whatever the handler sends is the test's, and is cut when the
-            # test ends if its client stopped reading (``writing``).
-            with self.writing(conversation.connection):
-                serve()
+            serve()
         except BaseException:
             self.handle_error(conversation.connection, conversation.address)
             conversation.parked = False
@@ -983,8 +1005,15 @@ class HandlerServer(socketserver.BaseServer):
         with self._connections_lock:
             connections, self._connections = self._connections, {}
         for connection, conversation in connections.items():
-            conversation.close()
-            connection.close()
+            try:
+                conversation.close()
+            except Exception as error:  # a handler's finish(): recorded, and the rest still closes
+                self._errors.record(
+                    f"{self.handler_class.__name__}.finish() raised as the server stopped",
+                    (type(error), error, error.__traceback__),
+                )
+            finally:
+                connection.close()
         for sock in (self._wake_reader, self._wake_writer, self._recall_reader, self._recall_writer):
             sock.close()
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import io
 import os
 import socket
+import socketserver
 import struct
 import threading
 import time
 import unittest
 import urllib.request
+import warnings
 from contextlib import redirect_stderr
 from typing import Any
 from unittest import mock
@@ -539,6 +542,10 @@ class OwnHandleTests(unittest.TestCase):
     connection; a client keeping the connection across tests holds up no
     test's end, and an error is the test's whose request raised it."""
 
+    #: Workers started with the server: with none, the connection's worker
+    #: is one the test started, which the test's end does not wait for.
+    threads = 1
+
     def test_a_connection_kept_across_tests(self):
         class Quiet(Greeter):
             def handle(self):  # a common wrapper: swallow the client's resets
@@ -552,7 +559,7 @@ class OwnHandleTests(unittest.TestCase):
                 if self.path == "/raise-after":
                     raise ValueError("raised after answering")
 
-        layer = set_up_by_hand(self, custom.Layer(Quiet, name="own_handle_kept", threads=1))
+        layer = set_up_by_hand(self, custom.Layer(Quiet, name=f"own_handle_kept_{self.threads}", threads=self.threads))
         before = thread_names()
 
         def end_of_test() -> float:
@@ -574,7 +581,12 @@ class OwnHandleTests(unittest.TestCase):
             self.assertIn("ValueError: raised after answering", str(raised.exception))
             self.assertEqual(session.get(layer["http_url"], timeout=5).text, "hello /")
             self.assertLess(end_of_test(), 0.5)
-            self.assertEqual(thread_names(), before)  # the steady worker serves it: no thread left behind
+            if self.threads:
+                self.assertEqual(thread_names(), before)  # the steady worker serves it: no thread left behind
+
+
+class OwnHandleNoSteadyWorkerTests(OwnHandleTests):
+    threads = 0
 
 
 class WrappedInSetupTests(unittest.TestCase):
@@ -621,7 +633,156 @@ class WrappedInSetupTests(unittest.TestCase):
         layer.check_server_errors()
 
 
+class WrappedConnectionTests(unittest.TestCase):
+    """What a handler's setup() puts in ``self.connection``: TLS made by
+    hand (adopted), or an object of its own that is no socket (left alone)."""
+
+    def setUp(self):
+        import ssl
+
+        import trustme
+
+        authority = trustme.CA()
+        self.server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("127.0.0.1").configure_cert(self.server_context)
+        self.client_context = ssl.create_default_context()
+        authority.configure_trust(self.client_context)
+
+    def end_of_test(self, layer: custom.Layer) -> float:
+        started = time.monotonic()
+        layer.check_after_test()
+        layer.testTearDown()
+        layer.testSetUp()
+        return time.monotonic() - started
+
+    def test_a_stream_to_a_reader_that_stops_is_cut_on_a_hand_made_tls_connection(self):
+        server_context = self.server_context
+
+        class Big(custom.RequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
+                super().setup()
+
+            def do_GET(self):
+                size = 10 if self.path == "/small" else 200 * 65536
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                for start in range(0, size, 65536):
+                    self.wfile.write(b"x" * min(65536, size - start))
+
+        layer = set_up_by_hand(self, custom.Layer(Big, name="hand_made_tls_cut"))
+        before = thread_names()
+        for parked in (False, True):  # served first, and resumed after a test's end
+            with self.subTest(parked=parked):
+                raw = socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=10)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client = self.client_context.wrap_socket(raw, server_hostname="127.0.0.1")
+                self.addCleanup(client.close)
+                if parked:
+                    client.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+                    received = b""
+                    while not received.endswith(b"x" * 10):
+                        received += client.recv(4096)
+                    self.end_of_test(layer)
+                client.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                client.recv(100)  # then reads no more
+                httpd = layer["httpd"]
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # until the worker is stuck sending to it
+                    with httpd._writing_lock:
+                        if any(not custom._takes_more(connection) for connection in httpd._writing):
+                            break
+                    time.sleep(0.01)
+                else:
+                    self.fail("the worker never filled the connection")
+                self.assertLess(self.end_of_test(layer), 0.5)  # cut, not the 1 s wait for quiet
+                self.assertEqual(thread_names(), before)
+                self.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
+
+    def test_a_handler_of_its_own_on_a_hand_made_tls_connection_stops_at_once(self):
+        server_context = self.server_context
+
+        class OwnLoop(Greeter):
+            def setup(self):
+                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
+                super().setup()
+
+            def handle(self):
+                try:
+                    super().handle()
+                except ConnectionResetError:
+                    pass
+
+        layer = custom.Layer(OwnLoop, name="hand_made_tls_own_handle")
+        layer.setUp()
+        raw = socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=10)
+        with self.client_context.wrap_socket(raw, server_hostname="127.0.0.1") as client:
+            try:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                self.assertTrue(client.recv(100).startswith(b"HTTP/1.1 200 OK"))
+            finally:
+                started = time.monotonic()
+                layer.tearDown()  # the client still connected: its worker waits on the wrapper
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual([name for name in thread_names() if "hand_made_tls_own_handle" in name], [])
+
+    def test_a_connection_that_is_no_socket_is_left_to_the_handler(self):
+        class Counting:  # counts what the handler sends, passing the rest through
+            def __init__(self, sock):
+                self.sock, self.sent = sock, 0
+
+            def sendall(self, data, *args):
+                self.sent += len(data)
+                return self.sock.sendall(data, *args)
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        class Counted(Greeter):
+            def setup(self):
+                super().setup()
+                self.connection = Counting(self.request)
+                self.wfile = socketserver._SocketWriter(self.connection)
+
+        layer = set_up_by_hand(self, custom.Layer(Counted, name="connection_no_socket"))
+        with requests.Session() as session:
+            self.assertEqual(session.get(layer["http_url"], timeout=5).text, "hello /")
+            self.end_of_test(layer)  # parked: the serving loop watches the socket itself
+            self.assertEqual(session.get(layer["http_url"] + "again", timeout=5).text, "hello /again")
+        self.assertIsNone(layer._running.failure)
+
+
 class FinishRaisesTests(unittest.TestCase):
+
+    def test_a_finish_that_raises_as_the_server_stops_fails_the_tear_down_and_all_closes(self):
+        class Finicky(Greeter):
+            def finish(self):
+                super().finish()
+                raise RuntimeError("raised in finish")
+
+        layer = custom.Layer(Finicky, name="finish_raises_at_stop")
+        layer.setUp()
+        layer.testSetUp()
+        httpd = layer["httpd"]
+        sessions = [requests.Session(), requests.Session()]
+        for session in sessions:
+            self.addCleanup(session.close)
+            self.assertEqual(session.get(layer["http_url"], timeout=5).text, "hello /")
+        layer.check_after_test()
+        layer.testTearDown()  # the connections wait, parked, for the stop to close them
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with self.assertRaises(ServerSideError) as raised:
+                layer.tearDown()
+            gc.collect()
+        self.assertIn("finish() raised as the server stopped", str(raised.exception))
+        self.assertEqual(str(raised.exception).count("RuntimeError: raised in finish"), 2)  # both connections
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(httpd._connections, {})
+        self.assertTrue(httpd._wake_reader._closed and httpd._recall_writer._closed)
 
     def test_a_finish_that_raises_when_a_kept_connection_closes_fails_the_test_and_the_server_serves_on(self):
         # The connection closes in the serving loop's thread, between requests.
