@@ -585,6 +585,26 @@ class OwnHandleTests(unittest.TestCase):
                 self.assertEqual(thread_names(), before)  # the steady worker serves it: no thread left behind
 
 
+class OwnHandleTimeoutTests(unittest.TestCase):
+
+    def test_an_idle_connection_closes_after_the_handlers_timeout_once(self):
+        class Quiet(Greeter):
+            timeout = 0.3
+
+            def handle(self):
+                super().handle()
+
+        layer = set_up_by_hand(self, custom.Layer(Quiet, name="own_handle_timeout"))
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            started = time.monotonic()
+            received = read_until_closed(client)  # the answer, then nothing: idle until the server closes
+            waited = time.monotonic() - started
+        self.assertIn(b"hello /", received)
+        self.assertGreaterEqual(waited, 0.25)
+        self.assertLess(waited, 0.55)  # the handler's timeout, not twice it
+
+
 class OwnHandleNoSteadyWorkerTests(OwnHandleTests):
     threads = 0
 
