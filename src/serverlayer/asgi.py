@@ -47,10 +47,11 @@ try:
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     from uvicorn.server import ServerState
-except ImportError as missing:  # pragma: no cover - depends on the installation
-    raise ImportError(
+except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
+    raise ModuleNotFoundError(
         f"serverlayer.asgi needs uvicorn and websockets ({missing}). Install them with"
-        " pip install 'serverlayer[asgi]'."
+        " pip install 'serverlayer[asgi]'.",
+        name=missing.name,
     ) from missing
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol

@@ -169,7 +169,7 @@ def _layers(bases: object, kind: str) -> tuple[plone.testing.Layer, ...]:
         raise ConfigurationError(f"{kind}: bases={bases!r} is not a sequence of layers.")
     layers = tuple(bases)
     for layer in layers:
-        if not hasattr(layer, "__bases__") or not hasattr(layer, "setUp"):
+        if not hasattr(layer, "__bases__"):  # zope.testrunner's class layers may lack setUp
             raise ConfigurationError(f"{kind}: {layer!r} in bases= is not a layer.")
     return layers
 
@@ -385,9 +385,14 @@ class ServerLayer(plone.testing.Layer):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         """Check what the end of a test checks, unless the block failed, then stop."""
+        if exc_type is not None:
+            try:
+                self.tearDown()
+            except ServerSideError:
+                pass  # the block's own error says more; what the server raised is in its context
+            return
         try:
-            if exc_type is None:
-                self.check_after_test()
+            self.check_after_test()
         finally:
             self.tearDown()
 

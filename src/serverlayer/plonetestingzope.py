@@ -27,10 +27,11 @@ try:
     import plone.testing.zope
     from ZPublisher.httpexceptions import HTTPExceptionHandler
     from ZPublisher.WSGIPublisher import publish_module
-except ImportError as missing:  # pragma: no cover - depends on the installation
-    raise ImportError(
+except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
+    raise ModuleNotFoundError(
         f"serverlayer.plonetestingzope needs Zope and plone.testing's zope extra ({missing})."
-        " Install them with pip install 'serverlayer[zope]'."
+        " Install them with pip install 'serverlayer[zope]'.",
+        name=missing.name,
     ) from missing
 
 from serverlayer import wsgi

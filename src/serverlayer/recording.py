@@ -107,7 +107,6 @@ def split_target(target: str) -> tuple[str, str]:
         parts = urllib.parse.urlsplit(target)
         if parts.scheme and parts.netloc:  # absolute form: http://host/path?query
             return parts.path or "/", parts.query
-        return target, ""
     path, _, query = target.partition("?")
     return path, query
 

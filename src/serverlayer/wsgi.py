@@ -413,7 +413,7 @@ class _RequestParser(HTTPRequestParser):
 def _takes_two(function: Callable[..., Any]) -> bool:
     """Whether ``function`` takes exactly two positional arguments (environ, start_response)."""
     try:
-        parameters = inspect.signature(function).parameters.values()
+        parameters = inspect.signature(function, follow_wrapped=False).parameters.values()
     except (TypeError, ValueError):  # no signature to read
         return False
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

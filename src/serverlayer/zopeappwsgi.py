@@ -24,10 +24,11 @@ import plone.testing
 try:
     import zope.app.wsgi
     from zope.app.appsetup.testlayer import ZODBLayer
-except ImportError as missing:  # pragma: no cover - depends on the installation
-    raise ImportError(
+except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
+    raise ModuleNotFoundError(
         f"serverlayer.zopeappwsgi needs zope.app.wsgi, zope.app.appsetup and ZODB ({missing})."
-        " Install them with pip install 'serverlayer[zopeappwsgi]'."
+        " Install them with pip install 'serverlayer[zopeappwsgi]'.",
+        name=missing.name,
     ) from missing
 
 from serverlayer.errors import ConfigurationError

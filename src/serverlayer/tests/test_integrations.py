@@ -163,6 +163,19 @@ class MailSinkTests(unittest.TestCase):
         self.assertIsNone(lines.get(timeout=CLIENT_TIMEOUT))  # nothing more was printed
         self.assertEqual(len(os.listdir(os.path.join(maildir, "new"))), 3)
 
+    def test_a_server_error_is_the_clients_and_ctrl_c_still_ends_it_cleanly(self):
+        maildir = tempfile.mkdtemp(prefix="serverlayer-sink-")
+        sink, lines = self.start_sink("--port", "0", "--maildir", maildir)
+        port = int(self.next_line(lines).split(":")[1].split(";")[0])
+        _remove_tree(maildir)  # storing the next message fails
+        with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
+            with self.assertRaises(smtplib.SMTPDataError):  # the client is told
+                client.sendmail("ann@example.com", ["bob@example.com"], "Subject: lost\r\n\r\nhi\r\n")
+        sink.send_signal(signal.SIGINT)
+        self.assertEqual(sink.wait(20), 0)
+        assert sink.stderr is not None
+        self.assertEqual(sink.stderr.read(), "")
+
     def test_busy_port_is_a_clear_error(self):
         with socket.socket() as occupier:
             occupier.bind(("127.0.0.1", 0))
@@ -237,6 +250,6 @@ class MissingExtraTests(unittest.TestCase):
             loaded = [name for name in sys.modules if name == blocked or name.startswith(blocked + ".")]
             with self.subTest(module), mock.patch.dict(sys.modules, dict.fromkeys([blocked, *loaded])):
                 sys.modules.pop(module, None)
-                with self.assertRaises(ImportError) as missing:
+                with self.assertRaises(ModuleNotFoundError) as missing:  # as Python's own, for except clauses
                     importlib.import_module(module)
                 self.assertIn(f"pip install 'serverlayer[{extra}]'", str(missing.exception))

@@ -339,6 +339,27 @@ class OutsideARunningTestTests(unittest.TestCase):
         self.assertIn("RuntimeError: raised on purpose after answering", str(outcome[1]))
 
 
+class WithBlockTests(unittest.TestCase):
+    """``with layer:`` checks the server's errors as a test's end does."""
+
+    def test_a_block_that_fails_keeps_its_own_error(self):
+        layer = custom.Layer(RaisesAfterAnswering, name="with_block_fails")
+        with self.assertRaises(KeyError) as raised:  # the block's error, not the server's
+            with layer:
+                fetch(layer["http_url"])
+                raise KeyError("the block's own")
+        self.assertEqual(raised.exception.args, ("the block's own",))
+        self.assertNotIn("http_port", layer)  # torn down all the same
+
+    def test_a_block_that_passes_gets_the_servers_error(self):
+        layer = custom.Layer(RaisesAfterAnswering, name="with_block_passes")
+        with self.assertRaises(ServerSideError) as raised:
+            with layer:
+                fetch(layer["http_url"])
+        self.assertIn("made by this test", str(raised.exception))  # not "after the layer's last test"
+        self.assertNotIn("http_port", layer)
+
+
 class TearDownTests(unittest.TestCase):
 
     def test_deletes_every_resource_it_set(self):
@@ -633,6 +654,13 @@ class MistakesTests(unittest.TestCase):
             with self.subTest(value=value), self.assertRaises(ConfigurationError) as refused:
                 custom.Layer(Hello, name=f"BAD_TIMEOUT_{value}", quiet_timeout=value)
             self.assertIn(f"quiet_timeout={value!r} must be a positive number of seconds", str(refused.exception))
+
+    def test_class_layers_of_zope_testrunner_are_bases(self):
+        class Bare:  # no setUp: zope.testrunner calls what a class layer has
+            __bases__ = ()
+
+        layer = custom.Layer(Hello, bases=(Bare,), name="ON_A_CLASS_LAYER")
+        self.assertEqual(layer.__bases__, (Bare,))
 
     def test_a_resource_of_a_layer_not_set_up(self):
         layer = custom.Layer(Hello, name="NEVER_SET_UP")

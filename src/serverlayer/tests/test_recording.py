@@ -563,10 +563,10 @@ class SplitTargetTests(unittest.TestCase):
         self.assertEqual(
             [split_target(target) for target in (
                 "/a/b?c=d", "/", "/a?", "http://host/a/b?c=d", "http://host", "http://host?c=d", "*",
-                "example.com:443", "[::1]:8443", "localhost:80",
+                "example.com:443", "[::1]:8443", "localhost:80", "p?x=1",
             )],
             [("/a/b", "c=d"), ("/", ""), ("/a", ""), ("/a/b", "c=d"), ("/", ""), ("/", "c=d"), ("*", ""),
-             ("example.com:443", ""), ("[::1]:8443", ""), ("localhost:80", "")],
+             ("example.com:443", ""), ("[::1]:8443", ""), ("localhost:80", ""), ("p", "x=1")],
         )
 
     def test_a_proxy_stand_in_records_where_connect_asked_to_go(self):

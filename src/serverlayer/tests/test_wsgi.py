@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import functools
 import io
 import os
 import socket
@@ -259,6 +260,13 @@ class AppSourceTests(unittest.TestCase):
         layer = set_up_by_hand(self, Publisher(name="app_method"))
         with urllib.request.urlopen(layer["http_url"] + "method", timeout=5) as response:
             self.assertTrue(response.read().startswith(b"GET /method"))
+
+        class Wrapped(wsgi.Layer):  # a method dressed as the application it calls
+            @functools.wraps(echo_app)
+            def wsgi_app(self, environ, start_response):
+                return echo_app(environ, start_response)
+
+        set_up_by_hand(self, Wrapped(name="app_method_wrapped"))
 
     def test_wsgi_app_resource_of_a_base_layer_wins(self):
         def resource_app(environ, start_response):
