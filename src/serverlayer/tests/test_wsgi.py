@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import http.client
 import functools
+import http.client
 import io
 import os
 import socket
