@@ -288,11 +288,11 @@ class _ReceiveOrEnd:
         one whose connection closed (what the application still sends is
         dropped, and it may return without finishing its answer)."""
         cycle = self.cycle
-        protocol = cycle.client_ended
         if not cycle.disconnected:
             cycle.disconnected = True  # now: the application may return at once
-            if not protocol.pipeline:  # else answers to requests read after this one still go out
-                protocol.transport.close()
+            # The answer to this request is dropped from here on, so those
+            # pipelined behind it would be taken for its: gone too, as upstream.
+            cycle.client_ended.transport.close()
         return {"type": "http.disconnect"}
 
 

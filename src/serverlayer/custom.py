@@ -79,6 +79,37 @@ def _ready_within(fds: tuple[int, ...], timeout: float | None) -> Collection[int
     return dict(poller.poll(None if timeout is None else timeout * 1000))
 
 
+def _ends(connection: socket.socket) -> tuple[Any, Any] | None:
+    try:
+        return connection.getsockname(), connection.getpeername()
+    except OSError:  # gone already
+        return None
+
+
+def _shut_down(connection: socket.socket, descriptor: int, ends: tuple[Any, Any] | None) -> None:
+    """End both sides of a connection, which unblocks a worker reading or
+    writing it; through its descriptor where a handler's ``setup()``
+    detached the socket object to wrap it and has not finished (a stalled
+    TLS handshake), if the descriptor is still that connection's."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+        return
+    except OSError:
+        if connection.fileno() != -1 or ends is None:
+            return  # ended already, or the client is gone
+    try:
+        borrowed = socket.socket(fileno=descriptor)
+    except OSError:  # closed meanwhile
+        return
+    try:
+        if _ends(borrowed) == ends:  # not a descriptor a later socket reuses
+            borrowed.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        borrowed.detach()  # the descriptor is the wrapper's to close
+
+
 def _client_left(connection: socket.socket) -> bool:
     """Whether a connection the serving loop found readable was closed by
     its client rather than sent a request.
@@ -262,6 +293,10 @@ class _Conversation:
     ) -> None:
         self.server = server
         self.connection = connection
+        #: The connection's file descriptor and ends, also once a handler's
+        #: setup() detached the socket to wrap it (a TLS handshake may stall there).
+        self.descriptor = connection.fileno()
+        self.ends = _ends(connection)
         self.address = address
         self.client_cert = client_cert
         self.handler: Any = None
@@ -987,11 +1022,8 @@ class HandlerServer(socketserver.BaseServer):
         # Unblock workers reading a request or writing to a client that
         # stopped reading.
         with self._connections_lock:
-            for connection in self._connections:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            for connection, conversation in self._connections.items():
+                _shut_down(connection, conversation.descriptor, conversation.ends)
         with self._workers_lock:
             workers, self._workers, self._idle = self._workers, [], []
             for worker in workers:

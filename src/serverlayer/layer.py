@@ -388,8 +388,13 @@ class ServerLayer(plone.testing.Layer):
         if exc_type is not None:
             try:
                 self.tearDown()
-            except ServerSideError:
-                pass  # the block's own error says more; what the server raised is in its context
+            except ServerSideError as server_error:
+                # The block's error is the one to see (a test expecting it
+                # must get it); what the server raised, often the reason,
+                # goes with it as a note.
+                if exc is None or not hasattr(exc, "add_note"):  # Python 3.10: no notes
+                    raise
+                exc.add_note(str(server_error))
             return
         try:
             self.check_after_test()

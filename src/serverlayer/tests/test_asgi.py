@@ -325,6 +325,22 @@ class ClientEndTests(unittest.TestCase):
                     time.sleep(0.001)
                 self.assertEqual(layer["httpd"].transports, set())  # the server's side closed too
 
+    def test_pipelined_requests_then_the_end_close_at_once_when_the_first_listens(self):
+        # The first answer is dropped once its application is told the
+        # client left; those behind it would be taken for it: all gone, as upstream.
+        layer, told = self.serve_stream()
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            received = read_until_closed(sock)  # closes, rather than time out
+        self.assertNotIn(b"/two", received)
+        layer.check_server_errors()
+        self.assertEqual(told, ["http.disconnect"])
+        deadline = time.monotonic() + 5
+        while layer["httpd"].transports and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.assertEqual(layer["httpd"].transports, set())
+
     def test_a_client_that_ends_only_its_side_still_gets_a_plain_answer(self):
         layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name=f"half_close_{self.http_protocol}",
                                                 http_protocol=self.http_protocol))

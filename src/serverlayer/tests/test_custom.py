@@ -749,6 +749,28 @@ class WrappedConnectionTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual([name for name in thread_names() if "hand_made_tls_own_handle" in name], [])
 
+    def test_a_handshake_stalled_in_setup_does_not_hold_up_the_stop(self):
+        server_context = self.server_context
+
+        class HandMade(Greeter):
+            def setup(self):
+                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
+                super().setup()
+
+        layer = custom.Layer(HandMade, name="hand_made_tls_stalled")
+        layer.setUp()
+        with socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=10) as client:
+            client.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record's header, then nothing
+            deadline = time.monotonic() + 5
+            while not [name for name in thread_names() if "hand_made_tls_stalled worker" in name]:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.001)
+            time.sleep(0.05)  # into the handshake's read
+            started = time.monotonic()
+            layer.tearDown()  # the client still there, silent
+            self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual([name for name in thread_names() if "hand_made_tls_stalled" in name], [])
+
     def test_a_connection_that_is_no_socket_is_left_to_the_handler(self):
         class Counting:  # counts what the handler sends, passing the rest through
             def __init__(self, sock):

@@ -7,6 +7,7 @@ import errno
 import gc
 import os
 import socket
+import sys
 import threading
 import time
 import unittest
@@ -342,13 +343,21 @@ class OutsideARunningTestTests(unittest.TestCase):
 class WithBlockTests(unittest.TestCase):
     """``with layer:`` checks the server's errors as a test's end does."""
 
-    def test_a_block_that_fails_keeps_its_own_error(self):
+    def test_a_block_that_fails_keeps_its_own_error_with_the_servers_as_a_note(self):
         layer = custom.Layer(RaisesAfterAnswering, name="with_block_fails")
+        if sys.version_info < (3, 11):  # no notes: the server's error, the block's as its context
+            with self.assertRaises(ServerSideError) as raised, layer:
+                fetch(layer["http_url"])
+                raise KeyError("the block's own")
+            self.assertIsInstance(raised.exception.__context__, KeyError)
+            return
         with self.assertRaises(KeyError) as raised:  # the block's error, not the server's
             with layer:
                 fetch(layer["http_url"])
                 raise KeyError("the block's own")
         self.assertEqual(raised.exception.args, ("the block's own",))
+        [note] = raised.exception.__notes__  # often the reason the block failed
+        self.assertIn("RuntimeError: raised on purpose after answering", note)
         self.assertNotIn("http_port", layer)  # torn down all the same
 
     def test_a_block_that_passes_gets_the_servers_error(self):
