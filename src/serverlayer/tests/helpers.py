@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import unittest
 import warnings
 from pathlib import Path
@@ -93,6 +94,21 @@ def reader_that_stops(test: unittest.TestCase, layer: Any, path: str) -> socket.
     client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     client.recv(4096)
     return client
+
+
+def wait_until_a_write_stalls(test: unittest.TestCase, layer: Any) -> None:
+    """Wait until a worker of ``layer`` (custom, static, content) is stuck
+    sending to a client that stopped reading: the socket takes no more."""
+    from serverlayer import custom
+
+    httpd = layer["httpd"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with httpd._writing_lock:
+            if any(not custom._takes_more(connection) for connection in httpd._writing):
+                return
+        time.sleep(0.01)
+    test.fail("the worker never filled the connection")
 
 
 def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> bytes:

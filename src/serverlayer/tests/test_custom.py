@@ -21,7 +21,7 @@ from unittest import mock
 import requests
 
 from serverlayer import ConfigurationError, ServerSideError, custom
-from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand, thread_names
+from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand, thread_names, wait_until_a_write_stalls
 from serverlayer.tests.test_hardening import read_until_closed
 
 
@@ -709,15 +709,7 @@ class WrappedConnectionTests(unittest.TestCase):
                     self.end_of_test(layer)
                 client.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
                 client.recv(100)  # then reads no more
-                httpd = layer["httpd"]
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:  # until the worker is stuck sending to it
-                    with httpd._writing_lock:
-                        if any(not custom._takes_more(connection) for connection in httpd._writing):
-                            break
-                    time.sleep(0.01)
-                else:
-                    self.fail("the worker never filled the connection")
+                wait_until_a_write_stalls(self, layer)
                 self.assertLess(self.end_of_test(layer), 0.5)  # cut, not the 1 s wait for quiet
                 self.assertEqual(thread_names(), before)
                 self.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
@@ -863,15 +855,7 @@ class StalledReaderTests(unittest.TestCase):
         set_up_by_hand(self, layer)
         before = thread_names()
         reader_that_stops(self, layer, "/stream")
-        httpd = layer["httpd"]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # until the worker is stuck sending to it
-            with httpd._writing_lock:
-                if any(not custom._takes_more(connection) for connection in httpd._writing):
-                    break
-            time.sleep(0.01)
-        else:
-            self.fail("the worker never filled the connection")
+        wait_until_a_write_stalls(self, layer)
         started = time.monotonic()
         layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
         layer.testTearDown()

@@ -16,7 +16,13 @@ import urllib.request
 from unittest import mock
 
 from serverlayer import ConfigurationError, custom, static
-from serverlayer.tests.helpers import raw_request, reader_that_stops, set_up_by_hand, thread_names
+from serverlayer.tests.helpers import (
+    raw_request,
+    reader_that_stops,
+    set_up_by_hand,
+    thread_names,
+    wait_until_a_write_stalls,
+)
 
 SECRET = b"TOP-SECRET: must never be served"
 #: The status line of every refusal: the static layer answers 404, as for a missing file.
@@ -381,15 +387,7 @@ class ClientThatStopsReadingTests(unittest.TestCase):
             file.write(bytes(20_000_000))
         before = thread_names()
         reader_that_stops(self, layer, "/media.wav")
-        httpd = layer["httpd"]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # until the worker is stuck sending to it
-            with httpd._writing_lock:
-                if any(not custom._takes_more(connection) for connection in httpd._writing):
-                    break
-            time.sleep(0.01)
-        else:
-            self.fail("the worker never filled the connection")
+        wait_until_a_write_stalls(self, layer)
         started = time.monotonic()
         layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
         layer.testTearDown()
