@@ -408,6 +408,37 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         self.assertTrue(httpd.wait_quiet(5))
         self.assertEqual(layer.server_errors.take(), [])  # a cut stream is no error
 
+    def test_a_stream_that_stalls_while_the_test_end_waits_is_cut_at_its_end(self):
+        go = threading.Event()
+
+        def late_stream(environ, start_response):
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+            def body():
+                yield b"first"
+                go.wait(10)  # the rest begins while the end of the test waits for quiet
+                for _ in range(2000):
+                    yield bytes(65536)
+
+            return body()
+
+        def hello(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"next test"]
+
+        layer = set_up_by_hand(self, wsgi.Layer(late_stream, name="wsgi_late_stall", threads=1))
+        layer.quiet_timeout = 0.5
+        reader_that_stops(self, layer, "/")
+        timer = threading.Timer(0.1, go.set)
+        timer.start()
+        self.addCleanup(timer.cancel)
+        layer.check_after_test()  # cuts what stalled so far, waits in vain, gives up
+        layer.testTearDown()  # cuts what stalled since
+        layer.testSetUp()
+        layer["httpd"].set_app(hello)
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:  # the one worker is free
+            self.assertEqual(response.read(), b"next test")
+
     def test_a_file_the_loop_sends_to_a_reading_client_is_not_cut(self):
         # waitress counts a whole wsgi.file_wrapper as buffered: no worker
         # waits for it, and the download goes on past the test's end.
