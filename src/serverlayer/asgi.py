@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from email.utils import formatdate
 from typing import Any
 
+from serverlayer.errors import missing_extra
+
 try:
     from uvicorn.config import Config
     from uvicorn.lifespan.on import LifespanOn
@@ -48,11 +50,7 @@ try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     from uvicorn.server import ServerState
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
-    raise ModuleNotFoundError(
-        f"serverlayer.asgi needs uvicorn and websockets ({missing}). Install them with"
-        " pip install 'serverlayer[asgi]'.",
-        name=missing.name,
-    ) from missing
+    raise missing_extra("serverlayer.asgi", "uvicorn and websockets", "asgi", missing) from missing
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # httptools is not installed: h11 serves, as in uvicorn's "auto"

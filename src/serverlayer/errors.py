@@ -67,3 +67,12 @@ class ScriptError(ServerLayerError):
     ``ConnectionError`` or ``TimeoutError``: one from a service it called,
     say. It is passed on under this type, its own as the cause, so that the
     server takes it for the test's failure, never for a client gone."""
+
+
+def missing_extra(module: str, needs: str, extra: str, missing: ModuleNotFoundError) -> ModuleNotFoundError:
+    """What a module of an optional capability raises when its extra is not
+    installed: Python's own error type, with the module missing and the fix."""
+    return ModuleNotFoundError(
+        f"{module} needs {needs} ({missing}). Install them with pip install 'serverlayer[{extra}]'.",
+        name=missing.name,
+    )

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from serverlayer.errors import missing_extra
+
 try:
     import plone.testing.zope
     from ZPublisher.httpexceptions import HTTPExceptionHandler
     from ZPublisher.WSGIPublisher import publish_module
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
-    raise ModuleNotFoundError(
-        f"serverlayer.plonetestingzope needs Zope and plone.testing's zope extra ({missing})."
-        " Install them with pip install 'serverlayer[zope]'.",
-        name=missing.name,
-    ) from missing
+    needs = "Zope and plone.testing's zope extra"
+    raise missing_extra("serverlayer.plonetestingzope", needs, "zope", missing) from missing
 
 from serverlayer import wsgi
 from serverlayer.errors import ConfigurationError

@@ -21,15 +21,14 @@ from typing import Any
 
 import plone.testing
 
+from serverlayer.errors import missing_extra
+
 try:
     import zope.app.wsgi
     from zope.app.appsetup.testlayer import ZODBLayer
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
-    raise ModuleNotFoundError(
-        f"serverlayer.zopeappwsgi needs zope.app.wsgi, zope.app.appsetup and ZODB ({missing})."
-        " Install them with pip install 'serverlayer[zopeappwsgi]'.",
-        name=missing.name,
-    ) from missing
+    needs = "zope.app.wsgi, zope.app.appsetup and ZODB"
+    raise missing_extra("serverlayer.zopeappwsgi", needs, "zopeappwsgi", missing) from missing
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import claim_identity, instantiating_module

@@ -111,6 +111,19 @@ def wait_until_a_write_stalls(test: unittest.TestCase, layer: Any) -> None:
     test.fail("the worker never filled the connection")
 
 
+def assert_the_test_end_cuts_the_write(test: unittest.TestCase, layer: Any, before: list[str]) -> None:
+    """End the running test of ``layer`` as a test runner would, with a
+    worker stuck writing to a client that stopped reading: the write is cut
+    at once (not the wait for quiet in vain), no thread is left, no error."""
+    started = time.monotonic()
+    layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
+    layer.testTearDown()
+    test.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet, nor a thread left
+    test.assertEqual(sorted(set(thread_names()) - set(before)), [])
+    test.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
+    layer.testSetUp()  # for the cleanup's testTearDown
+
+
 def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
     """Send ``data`` as it is and read until the server closes."""
     with socket.create_connection((host, port), timeout=timeout) as sock:

@@ -21,7 +21,13 @@ from unittest import mock
 import requests
 
 from serverlayer import ConfigurationError, ServerSideError, custom
-from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand, thread_names, wait_until_a_write_stalls
+from serverlayer.tests.helpers import (
+    assert_the_test_end_cuts_the_write,
+    reader_that_stops,
+    set_up_by_hand,
+    thread_names,
+    wait_until_a_write_stalls,
+)
 from serverlayer.tests.test_hardening import read_until_closed
 
 
@@ -537,6 +543,18 @@ class DisconnectTests(unittest.TestCase):
         self.assertEqual(stderr.getvalue(), "")
 
 
+def tls_by_hand(handler: type[custom.RequestHandler], context: Any) -> type[custom.RequestHandler]:
+    """``handler`` serving HTTPS made by hand, as many suites do: its
+    ``setup()`` wraps the socket in TLS."""
+
+    class HandMade(handler):  # type: ignore[valid-type, misc]
+        def setup(self):
+            self.request = self.connection = context.wrap_socket(self.request, server_side=True)
+            super().setup()
+
+    return HandMade
+
+
 class OwnHandleTests(unittest.TestCase):
     """A handler with a handle() of its own keeps its thread for its
     connection; a client keeping the connection across tests holds up no
@@ -624,12 +642,7 @@ class WrappedInSetupTests(unittest.TestCase):
         client_context = ssl.create_default_context()
         authority.configure_trust(client_context)
 
-        class HandMadeHTTPS(Greeter):
-            def setup(self):
-                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
-                super().setup()
-
-        layer = set_up_by_hand(self, custom.Layer(HandMadeHTTPS, name="wrapped_in_setup"))
+        layer = set_up_by_hand(self, custom.Layer(tls_by_hand(Greeter, server_context), name="wrapped_in_setup"))
         url = f"https://127.0.0.1:{layer['http_port']}/"
         with tempfile.NamedTemporaryFile("w", suffix=".pem") as bundle, requests.Session() as session:
             bundle.write(authority.cert_pem.bytes().decode())
@@ -676,14 +689,8 @@ class WrappedConnectionTests(unittest.TestCase):
         return time.monotonic() - started
 
     def test_a_stream_to_a_reader_that_stops_is_cut_on_a_hand_made_tls_connection(self):
-        server_context = self.server_context
-
         class Big(custom.RequestHandler):
             protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
-                super().setup()
 
             def do_GET(self):
                 size = 10 if self.path == "/small" else 200 * 65536
@@ -693,7 +700,7 @@ class WrappedConnectionTests(unittest.TestCase):
                 for start in range(0, size, 65536):
                     self.wfile.write(b"x" * min(65536, size - start))
 
-        layer = set_up_by_hand(self, custom.Layer(Big, name="hand_made_tls_cut"))
+        layer = set_up_by_hand(self, custom.Layer(tls_by_hand(Big, self.server_context), name="hand_made_tls_cut"))
         before = thread_names()
         for parked in (False, True):  # served first, and resumed after a test's end
             with self.subTest(parked=parked):
@@ -715,20 +722,14 @@ class WrappedConnectionTests(unittest.TestCase):
                 self.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
 
     def test_a_handler_of_its_own_on_a_hand_made_tls_connection_stops_at_once(self):
-        server_context = self.server_context
-
         class OwnLoop(Greeter):
-            def setup(self):
-                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
-                super().setup()
-
             def handle(self):
                 try:
                     super().handle()
                 except ConnectionResetError:
                     pass
 
-        layer = custom.Layer(OwnLoop, name="hand_made_tls_own_handle")
+        layer = custom.Layer(tls_by_hand(OwnLoop, self.server_context), name="hand_made_tls_own_handle")
         layer.setUp()
         raw = socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=10)
         with self.client_context.wrap_socket(raw, server_hostname="127.0.0.1") as client:
@@ -742,14 +743,7 @@ class WrappedConnectionTests(unittest.TestCase):
         self.assertEqual([name for name in thread_names() if "hand_made_tls_own_handle" in name], [])
 
     def test_a_handshake_stalled_in_setup_does_not_hold_up_the_stop(self):
-        server_context = self.server_context
-
-        class HandMade(Greeter):
-            def setup(self):
-                self.request = self.connection = server_context.wrap_socket(self.request, server_side=True)
-                super().setup()
-
-        layer = custom.Layer(HandMade, name="hand_made_tls_stalled")
+        layer = custom.Layer(tls_by_hand(Greeter, self.server_context), name="hand_made_tls_stalled")
         layer.setUp()
         with socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=10) as client:
             client.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record's header, then nothing
@@ -856,13 +850,7 @@ class StalledReaderTests(unittest.TestCase):
         before = thread_names()
         reader_that_stops(self, layer, "/stream")
         wait_until_a_write_stalls(self, layer)
-        started = time.monotonic()
-        layer.check_after_test()  # a test runner's cleanup: it cuts the write, then waits for quiet
-        layer.testTearDown()
-        self.assertLess(time.monotonic() - started, 0.5)  # not the 1 s wait for quiet, nor a thread left
-        self.assertEqual(sorted(set(thread_names()) - set(before)), [])
-        self.assertEqual(layer.server_errors.take(), [])  # a cut write is no error
-        layer.testSetUp()  # for the cleanup's testTearDown
+        assert_the_test_end_cuts_the_write(self, layer, before)
 
     def test_a_handler_streaming_in_many_writes(self):
         class Stream(custom.RequestHandler):
