@@ -384,10 +384,15 @@ class ServerLayer(plone.testing.Layer):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        """Check what the end of a test checks, unless the block failed, then stop."""
+        """Check what the end of a test checks, then stop. If the block
+        failed, its error is the one raised, with what the server raised as
+        a note (from Python 3.11 on)."""
         if exc_type is not None:
             try:
-                self.tearDown()
+                try:
+                    self.check_after_test()  # waits for the block's requests: their errors come
+                finally:
+                    self.tearDown()
             except ServerSideError as server_error:
                 # The block's error is the one to see (a test expecting it
                 # must get it); what the server raised, often the reason,

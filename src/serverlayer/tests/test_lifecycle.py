@@ -344,7 +344,13 @@ class WithBlockTests(unittest.TestCase):
     """``with layer:`` checks the server's errors as a test's end does."""
 
     def test_a_block_that_fails_keeps_its_own_error_with_the_servers_as_a_note(self):
-        layer = custom.Layer(RaisesAfterAnswering, name="with_block_fails")
+        class RaisesLater(Hello):
+            def do_GET(self):
+                super().do_GET()
+                time.sleep(0.2)  # still at work when the block ends
+                raise RuntimeError("raised on purpose after answering")
+
+        layer = custom.Layer(RaisesLater, name="with_block_fails")
         if sys.version_info < (3, 11):  # no notes: the server's error, the block's as its context
             with self.assertRaises(ServerSideError) as raised, layer:
                 fetch(layer["http_url"])
