@@ -24,7 +24,14 @@ from typing import Any, ClassVar, TypeVar
 
 import plone.testing
 
-from serverlayer.errors import ConfigurationError, LayerIdentityError, ResourceError, ServerSideError, SetUpError
+from serverlayer.errors import (
+    ConfigurationError,
+    ExpectationError,
+    LayerIdentityError,
+    ResourceError,
+    ServerSideError,
+    SetUpError,
+)
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog, pytest_test, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
@@ -385,26 +392,32 @@ class ServerLayer(plone.testing.Layer):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         """Check what the end of a test checks, then stop. If the block
-        failed, its error is the one raised, with what the server raised as
-        a note (from Python 3.11 on)."""
-        if exc_type is not None:
+        failed, its error is the one raised, with what the checks found (the
+        server's errors, unmet expectations) as notes (from Python 3.11 on;
+        before, the block's error alone)."""
+        if exc_type is None:
             try:
-                try:
-                    self.check_after_test()  # waits for the block's requests: their errors come
-                finally:
-                    self.tearDown()
-            except ServerSideError as server_error:
-                # The block's error is the one to see (a test expecting it
-                # must get it); what the server raised, often the reason,
-                # goes with it as a note.
-                if exc is None or not hasattr(exc, "add_note"):  # Python 3.10: no notes
-                    raise
-                exc.add_note(str(server_error))
+                self.check_after_test()
+            finally:
+                self.tearDown()
             return
+        # The block's error is the one to see (a test expecting it must get
+        # it); what the checks find, often the reason, goes with it.
+        found: list[AssertionError] = []
         try:
-            self.check_after_test()
+            try:
+                self.check_after_test()  # waits for the block's requests: their errors come
+            except (ServerSideError, ExpectationError) as problem:
+                found.append(problem)
         finally:
-            self.tearDown()
+            try:
+                self.tearDown()
+            except ServerSideError as problem:
+                found.append(problem)
+        add_note = getattr(exc, "add_note", None)  # none before Python 3.11: the block's error alone
+        if add_note is not None:
+            for finding in found:
+                add_note(str(finding))
 
     def testSetUp(self) -> None:
         # Errors recorded since the last test's end are kept: they fail
