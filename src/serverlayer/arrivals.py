@@ -40,14 +40,16 @@ class Arrivals(Sequence[T], Generic[T]):
         # Taken directly (not through the Condition, whose ``with`` is
         # Python code): servers append on every request.
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
+        #: Made by the first ``wait_for``: a Condition costs a kilobyte,
+        #: and most servers' logs are never waited on.
+        self._changed: threading.Condition | None = None
         #: Threads in ``wait_for``; only they need waking.
         self._waiting = 0
 
     def append(self, item: T | Unread[T]) -> None:
         with self._lock:
             self._items.append(item)
-            if self._waiting:
+            if self._waiting and self._changed is not None:
                 self._changed.notify_all()
 
     def clear(self) -> None:
@@ -100,6 +102,8 @@ class Arrivals(Sequence[T], Generic[T]):
             return [item for item in self._ready() if match is None or match(item)]
 
         with self._lock:
+            if self._changed is None:
+                self._changed = threading.Condition(self._lock)
             self._waiting += 1
             try:
                 arrived = self._changed.wait_for(lambda: len(matching()) >= count, timeout)

@@ -26,7 +26,6 @@ Everything is back to the defaults before each test.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import decimal
@@ -683,7 +682,9 @@ class HTTPContent:
         # Re-entrant: a route's match function, which runs under it, may
         # read what the test reads (http_content.requests).
         self._lock = threading.RLock()
-        self._held_arrived = threading.Condition(self._lock)
+        #: Made by the first ``next_request()``, which waits on it: a
+        #: Condition costs a kilobyte, and most tests hold no request.
+        self._held_arrived: threading.Condition | None = None
         #: The server's URL while its layer is set up: ``url_for`` builds on it.
         self.url: str | None = None
         self.reset()
@@ -711,7 +712,7 @@ class HTTPContent:
             self._requests: list[RecordedRequest] = []
             self.websockets: list[WebSocketScript] = []
             #: Held requests that no ``next_request()`` took yet, oldest first.
-            self._held: collections.deque[HeldRequest] = collections.deque()
+            self._held: list[HeldRequest] = []
             #: Held requests the test never took, answered 503 when it ended.
             self._never_taken: list[HeldRequest] = []
 
@@ -812,7 +813,8 @@ class HTTPContent:
         held = HeldRequest(request)
         with self._lock:
             self._held.append(held)
-            self._held_arrived.notify_all()
+            if self._held_arrived is not None:
+                self._held_arrived.notify_all()
         return held.wait()
 
     @contextlib.contextmanager
@@ -835,10 +837,12 @@ class HTTPContent:
                     "next_request() waits for a held request, and no route holds any:"
                     ' declare one first, for example http_content.route("/charges").hold().'
                 )
+            if self._held_arrived is None:
+                self._held_arrived = threading.Condition(self._lock)
             arrived = self._held_arrived.wait_for(lambda: bool(self._held), timeout)
             if not arrived:
                 requests = [request.summary() for request in self._requests]
-            held = self._held.popleft() if arrived else None
+            held = self._held.pop(0) if arrived else None
         if held is None:
             listing = "; ".join(requests) if requests else "none"
             raise RequestTimeoutError(
@@ -860,7 +864,7 @@ class HTTPContent:
         """Answer 503 to every request still held: the test that would
         answer them is over. Returns how many there were."""
         with self._lock:
-            held, self._held = list(self._held), collections.deque()
+            held, self._held = self._held, []
             self._never_taken.extend(held)
         for each in held:
             each.release(503, "The test ended before it answered this held request.")
@@ -978,7 +982,7 @@ class ContentHandler(custom.RequestHandler):
         response = self.content.answer(request)
         if response.delay:
             waited = self._client_waits(response.delay)
-            if waited is None and not self.server.stopped.is_set():  # type: ignore[attr-defined]
+            if waited is None and not self.server.stopping:  # type: ignore[attr-defined]
                 # The test ended first. A connection closed with no answer
                 # looks stale to a browser, which sends the request again
                 # (a POST too) into the next test: it gets an answer.

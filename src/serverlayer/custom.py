@@ -570,8 +570,6 @@ class HandlerServer(socketserver.BaseServer):
         self.activity = Activity()
         errors.left_running = self.activity.left_running
         self._stopping = False
-        #: Set when the server stops: handlers that wait wait on it.
-        self.stopped = threading.Event()
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
         # A byte already waiting wakes the loop as well as another would:
@@ -605,7 +603,10 @@ class HandlerServer(socketserver.BaseServer):
         self._deadline_order = itertools.count()
         self._thread_name = thread_name
         self._steady_workers = threads
-        self._workers_lock = threading.Condition()
+        self._workers_lock = threading.RLock()
+        #: Made by the first ``_recall``, which waits on it: a Condition
+        #: costs a kilobyte, and most servers sit idle.
+        self._workers_changed: threading.Condition | None = None
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
         #: Workers a test's end retired while they still served a request.
@@ -616,6 +617,11 @@ class HandlerServer(socketserver.BaseServer):
 
     def fileno(self) -> int:
         return self.socket.fileno()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the server is stopping (or stopped)."""
+        return self._stopping
 
     @property
     def server_port(self) -> int:
@@ -804,8 +810,8 @@ class HandlerServer(socketserver.BaseServer):
                 if idle:
                     self.activity.start()
                 self._waiting -= 1
-                if self._recalling:  # test_ended waits for the last one
-                    self._workers_lock.notify_all()
+                if self._recalling and self._workers_changed is not None:  # test_ended waits for the last one
+                    self._workers_changed.notify_all()
         if connection is not None and connection.fileno() in ready:
             return True
         return None if ready else False
@@ -891,9 +897,11 @@ class HandlerServer(socketserver.BaseServer):
     def _recall(self, deadline: Deadline) -> None:
         """Have the workers waiting on connections stop waiting. Called
         with ``_workers_lock`` held."""
+        if self._workers_changed is None:
+            self._workers_changed = threading.Condition(self._workers_lock)
         self._recalling = True
         self._recall_writer.send(b"\0")
-        self._workers_lock.wait_for(lambda: not self._waiting, deadline.remaining())
+        self._workers_changed.wait_for(lambda: not self._waiting, deadline.remaining())
         self._recall_reader.recv(1)
         self._recalling = False
 
@@ -1006,7 +1014,6 @@ class HandlerServer(socketserver.BaseServer):
 
     def request_stop(self) -> None:
         self._stopping = True
-        self.stopped.set()
         self._wake_loop()
         # Wakes the handlers waiting without a connection (``wait_readable``);
         # those waiting on one wake as ``release`` shuts it down. Never read:
