@@ -309,13 +309,19 @@ class _Conversation:
         self.lingering = False
         #: Whether ``finish`` left the handler's files open for the next request.
         self._files_open = False
+        #: Whether a worker reads a request that has not all arrived yet
+        #: (its line, head or body): the end of the test cuts it (``_cut_reads``).
+        self.reading_request = False
+        #: Whether the end of a test did: what was read of the request is none.
+        self.reading_cut = False
 
     def start(self) -> None:
         """Make the handler, which serves the requests that have arrived."""
         server = self.server
         handler_class = server.handler_class
         handler = self.handler = handler_class.__new__(handler_class)
-        record_requests(handler, server.requests, self.client_cert)
+        record_requests(handler, server.requests, self.client_cert, cut=lambda: self.reading_cut)
+        handler.parse_request = functools.partial(self._parse_request, handler.parse_request)  # type: ignore[method-assign]
         if server.handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
@@ -353,7 +359,9 @@ class _Conversation:
         while True:
             handler.close_connection = True  # unless the request says otherwise
             server.activity.start()
+            self.reading_request = True
             handler.handle_one_request()
+            self.reading_request = False
             server.activity.finish()  # an exception finishes in the worker, once recorded
             if handler.close_connection:
                 return
@@ -401,8 +409,18 @@ class _Conversation:
             handler.close_connection = True
             return
         server.activity.start()
+        self.reading_request = True
         serve_one()
+        self.reading_request = False
         server.activity.finish()  # one that raised finishes in the worker, once recorded
+
+    def _parse_request(self, parse: Callable[[], bool]) -> bool:
+        """The handler's ``parse_request``, which reads the request's head
+        and (recording it) its body: once it returns, the request is read."""
+        try:
+            return parse()
+        finally:
+            self.reading_request = False
 
     def idle_deadline(self) -> float | None:
         """When the connection, waiting for a request, is to close: after the
@@ -848,6 +866,20 @@ class HandlerServer(socketserver.BaseServer):
                     continue
                 self._cut.add(connection)
 
+    def _cut_reads(self) -> None:
+        """End the connections whose client sent part of a request and
+        nothing more: the test that sent it is over, and the worker reading
+        the rest would wait for ever (http.server reads without a timeout).
+        A request whose bytes are all there is left to be served."""
+        with self._connections_lock:
+            stalled = [
+                conversation for conversation in self._connections.values()
+                if conversation.reading_request and not _socket_has_data(conversation.connection)
+            ]
+        for conversation in stalled:
+            conversation.reading_cut = True
+            _shut_down(conversation.connection, conversation.descriptor, conversation.ends)
+
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers
         started beyond the steady ones, and join them.
@@ -856,6 +888,7 @@ class HandlerServer(socketserver.BaseServer):
         joining it waits at most ``timeout``, then the test runner names it.
         """
         deadline = Deadline(timeout)
+        self._cut_reads()
         with self._workers_lock:
             self._cut_writes()
             # Retiring first: a worker between a request and its wait for
@@ -887,6 +920,7 @@ class HandlerServer(socketserver.BaseServer):
             self.ending = Deadline(timeout)
             self._cut_writes()
             self._recall(Deadline(timeout))
+        self._cut_reads()
 
     def allow_waits(self) -> None:
         """Let workers wait on their connections again (``end_waits``)."""

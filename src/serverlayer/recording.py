@@ -436,9 +436,19 @@ def _content_length(headers: email.message.Message) -> int:
     return int(value)
 
 
-def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificate | None = None) -> None:
+def _never() -> bool:
+    return False
+
+
+def record_requests(
+    handler: Any, log: RequestLog, client_cert: ClientCertificate | None = None, *, cut: Callable[[], bool] = _never
+) -> None:
     """Make ``handler`` record each request it reads into ``log``, with the
     certificate its client presented.
+
+    ``cut()`` says whether the server ended the connection while the
+    request was still arriving (its test is over): the end it read then is
+    no end of the request's head or body, so the request is none.
 
     Called on a ``BaseHTTPRequestHandler`` instance before its ``__init__``
     serves the connection. It sets methods on the instance rather than
@@ -459,7 +469,8 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
             # and the connection waits for the next, as after any answer.
             self.close_connection = False
             return False
-        if not handler_class.parse_request(self):
+        if not handler_class.parse_request(self) or cut():
+            self.close_connection = True
             return False
         codings = _transfer_codings(self.headers)
         if codings and codings[-1] != "chunked":
@@ -482,11 +493,21 @@ def record_requests(handler: Any, log: RequestLog, client_cert: ClientCertificat
             try:
                 body, raw = _read_chunked(self.rfile)
             except _MalformedBody as problem:
+                if cut():
+                    self.close_connection = True
+                    return False
                 malformed = problem.status == 400
                 self.send_error(problem.status, f"Malformed chunked body: {problem}" if malformed else str(problem))
                 return False
         else:
             body = raw = _read_exactly(self.rfile, length) if has_body else b""
+            if cut():
+                self.close_connection = True
+                return False
+            if len(body) < length:  # no request: what came is not what it announced
+                self.send_error(400, f"The connection closed after {len(body)} of the {length} bytes"
+                                     " that Content-Length announced")
+                return False
         # The request line's target, not self.path: parse_request makes a
         # leading "//" one "/" in that (against open redirects of
         # SimpleHTTPRequestHandler, gh-87389), so "//api" would be recorded

@@ -29,7 +29,7 @@ import tracemalloc
 import unittest
 
 from serverlayer import content, custom, static, wsgi
-from serverlayer.tests.helpers import open_descriptors, run_example_modules, set_up_by_hand
+from serverlayer.tests.helpers import open_descriptors, run_example_modules, set_up_by_hand, thread_names
 from serverlayer.tests.test_hardening import (
     CLIENT_TIMEOUT,
     TEAR_DOWN_BOUND,
@@ -441,6 +441,75 @@ class StalledHeadTearDownTests(unittest.TestCase):
                 # shutdown, the worker would hold tearDown for stop_timeout.
                 self.assertLess(took, 0.5)
                 leaks.check()
+
+
+class HalfSentRequestTests(unittest.TestCase):
+    """The end of a test while a client has sent part of a request and
+    stopped (its test failed midway, say): the worker reading the rest
+    waits without a timeout, so the end of the test ends the connection,
+    rather than waiting for quiet in vain and leaving the worker behind."""
+
+    HALVES = {
+        "half a request line": b"GET /file HT",
+        "a head without its blank line": b"GET /file HTTP/1.1\r\nHost: x\r\n",
+        "part of a body": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly 19 of 100 byt",
+        "part of a chunked body": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+        "no body after 100 Continue": (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        ),
+    }
+
+    def test_the_end_of_the_test_ends_a_request_left_half_sent(self):
+        for tls in (False, True):
+            for layer in every_http_layer(f"half_sent_{'tls' if tls else 'plain'}", tls=tls):
+                set_up_by_hand(self, layer)
+                for what, data in self.HALVES.items():
+                    with self.subTest(layer=layer, what=what):
+                        self.end_the_test_with(layer, data)
+
+    def test_a_body_the_client_closes_before_its_end_is_no_request(self):
+        for layer in every_http_layer("short_body")[:3]:
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                with connect(layer) as sock:
+                    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly 18 of 100 by")
+                    sock.shutdown(socket.SHUT_WR)  # as nc -N does: the client sent all it will
+                    answer = read_until_closed(sock)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
+                self.assertIn(b"after 17 of the 100 bytes that Content-Length announced", answer)
+                self.assertEqual(list(layer["http_requests"]), [])
+
+    def end_the_test_with(self, layer, data: bytes) -> None:
+        before = thread_names()
+        with connect(layer) as sock:
+            sock.sendall(data)
+            if not isinstance(layer, wsgi.Layer):  # waitress reads requests in its loop
+                self.wait_until_a_worker_waits_for_the_rest(layer)
+            started = time.monotonic()
+            layer.check_after_test()  # a test runner's cleanup
+            layer.testTearDown()
+            took = time.monotonic() - started
+            self.assertEqual(sorted(set(thread_names()) - set(before)), [])
+            self.assertEqual(layer.server_errors.take(), [])
+            self.assertEqual(list(layer["http_requests"]), [])  # half a request is none
+            layer.testSetUp()  # for the cleanup's testTearDown
+            if not isinstance(layer, wsgi.Layer):  # waitress keeps the connection for the client to finish
+                self.assertNotIn(b"HTTP/1.1 200", read_until_closed(sock))  # closed: no TimeoutError
+        # A few ms; without the cut, the 1 s wait for quiet and the 1 s join.
+        self.assertLess(took, 0.5)
+
+    def wait_until_a_worker_waits_for_the_rest(self, layer) -> None:
+        """Until a worker has read what came of the request (a request whose
+        bytes are all there when the test ends is served, not cut)."""
+        httpd = layer.own_server()
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while time.monotonic() < deadline:
+            with httpd._connections_lock:
+                conversations = list(httpd._connections.values())
+            if any(each.reading_request and not custom._socket_has_data(each.connection) for each in conversations):
+                return
+            time.sleep(0.001)
+        self.fail("no worker read the request")
 
 
 class PathContent(content.Layer):
