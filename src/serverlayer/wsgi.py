@@ -191,10 +191,26 @@ class _AppSlot:
 # logger, so that each layer sees only its own errors.
 
 
+class _NotingWarnings(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A task's logger, which notes on the task that waitress warned: a
+    task warns only that the application's body did not fit its response."""
+
+    def __init__(self, task: _WSGITask) -> None:
+        super().__init__(task.channel.server.logger, None)
+        self.task = task
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.task.warned = True
+        super().warning(msg, *args, **kwargs)
+
+
 class _WSGITask(WSGITask):
+    #: Set when waitress warned of the application's body (``_NotingWarnings``).
+    warned = False
+
     @property
-    def logger(self) -> logging.Logger:  # type: ignore[override]
-        return self.channel.server.logger  # type: ignore[no-any-return]
+    def logger(self) -> logging.LoggerAdapter:  # type: ignore[override,type-arg]
+        return _NotingWarnings(self)
 
     def get_environment(self) -> dict[str, Any]:
         """waitress's environ, telling behind a TLS front what it tells over
@@ -286,6 +302,28 @@ class _WSGITask(WSGITask):
         if self.request.command == "HEAD":
             self.chunked_response = False  # no body: not even the last chunk
         super().finish()
+
+    def execute(self) -> None:
+        super().execute()
+        # waitress only warns (below ERROR, so no server error) when the
+        # application's body does not fit its response: the client then got
+        # other bytes than the application meant, and the test may pass on
+        # them. Reported as the application's error, so the test fails.
+        if self.warned:
+            self.logger.error("%s %s: %s", self.request.command, self.request.path, self._body_mismatch())
+
+    def _body_mismatch(self) -> str:
+        """What waitress warned of about the body the application returned."""
+        length, written = self.content_length, self.content_bytes_written
+        if self.logged_write_no_body:
+            return (f"the application sent a body with {self.status}, which has none; it was dropped."
+                    " Send no body with 1xx, 204 and 304.")
+        if self.logged_write_excess:
+            return (f"the application sent more than the {length} bytes its Content-Length header"
+                    f" announced; the client got the first {length} alone. Set the body's real length.")
+        return (f"the application's body ended after {written} of the {length} bytes its"
+                " Content-Length header announced; the client waited for the rest until the"
+                " connection closed. Set the body's real length.")
 
     def service(self) -> None:
         """Serve the request, then have the server log it (wsgiref logged

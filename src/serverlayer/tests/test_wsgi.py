@@ -288,6 +288,49 @@ class AppSourceTests(unittest.TestCase):
             self.assertEqual(response.read(), b"from the resource")
 
 
+class BodyMismatchTests(unittest.TestCase):
+    """An application whose body does not fit its response: waitress sends
+    other bytes than it meant and only warns, so the layer reports it."""
+
+    def serve(self, status: str, headers: list, body: list):
+        def app(environ, start_response):
+            start_response(status, headers)
+            return body
+
+        return set_up_by_hand(self, wsgi.Layer(app, name=f"mismatch_{self._testMethodName}"))
+
+    def test_a_body_longer_than_its_content_length_is_an_error(self):
+        layer = self.serve("200 OK", [("Content-Length", "3")], [b"abcdefgh"])
+        with urllib.request.urlopen(layer["http_url"] + "long", timeout=5) as response:
+            self.assertEqual(response.read(), b"abc")  # what the client got
+        [error] = layer.server_errors.take()
+        self.assertIn("GET /long: the application sent more than the 3 bytes its Content-Length header announced",
+                      error)
+
+    def test_a_body_shorter_than_its_content_length_is_an_error(self):
+        layer = self.serve("200 OK", [("Content-Length", "10")], [b"abc"])
+        with self.assertRaises(http.client.IncompleteRead):
+            with urllib.request.urlopen(layer["http_url"] + "short", timeout=5) as response:
+                response.read()
+        [error] = layer.server_errors.take()
+        self.assertIn("GET /short: the application's body ended after 3 of the 10 bytes", error)
+
+    def test_a_body_with_204_is_an_error(self):
+        layer = self.serve("204 No Content", [], [b"oops"])
+        with urllib.request.urlopen(layer["http_url"] + "none", timeout=5) as response:
+            self.assertEqual(response.read(), b"")
+        [error] = layer.server_errors.take()
+        self.assertIn("GET /none: the application sent a body with 204 No Content, which has none", error)
+
+    def test_a_head_request_and_a_fitting_body_are_no_error(self):
+        layer = self.serve("200 OK", [("Content-Length", "3")], [b"a", b"bc"])
+        for method in ("GET", "HEAD"):
+            request = urllib.request.Request(layer["http_url"], method=method)
+            with urllib.request.urlopen(request, timeout=5) as response:
+                self.assertEqual(response.read(), b"abc" if method == "GET" else b"")
+        self.assertEqual(layer.server_errors.take(), [])
+
+
 class FixupMiddlewareTests(unittest.TestCase):
 
     def serve(self, app):
