@@ -52,7 +52,7 @@ class PytestTests(unittest.TestCase):
         completed = run_pytest("-q", "-n", "2", "examples/pytest_examples", cwd=CHECKOUT)
         output = completed.stdout + completed.stderr
         self.assertEqual(completed.returncode, 0, output)
-        self.assertIn("8 passed", output)
+        self.assertIn("10 passed", output)
 
 
 class ParallelZopeTestrunnerTests(unittest.TestCase):
