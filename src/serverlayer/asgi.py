@@ -60,7 +60,7 @@ from serverlayer.arrivals import Unread
 from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
 from serverlayer.layer import HTTPLayer
 from serverlayer.recording import RecordedRequest, RequestLog
-from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
+from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import (
     LISTEN_BACKLOG,
     AsyncioServer,
@@ -699,13 +699,10 @@ class UvicornServer(AsyncioServer):
         self.http_protocol = http_protocol
         self.ssl_context = ssl_context
         self.stop_timeout = stop_timeout
-        logger = logging.getLogger(f"serverlayer.uvicorn.{thread_name}")
-        logger.propagate = False  # never reach a root handler printing to the terminal
-        logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
-        if not any(isinstance(each, _NotCancelled) for each in logger.filters):
-            logger.addFilter(_NotCancelled())
+        logger = server_logger(f"serverlayer.uvicorn.{thread_name}")
+        logger.addFilter(_NotCancelled())
         self.logger = logger
-        self.access_logger = logger.getChild("access")
+        self.access_logger = server_logger(f"{logger.name}.access", logger)
         self.access_log = verbose()
         self._log_handler = ErrorLogHandler(errors)
         # uvicorn calls the application it is given with no arguments to
@@ -775,10 +772,10 @@ class UvicornServer(AsyncioServer):
         itself (``LifespanStartupError``, the shutdown's ``ServerSideError``),
         so they stay out of the server's errors, where they would fail the
         tear-down a second time."""
-        logger = self.logger.getChild("lifespan")
-        logger.propagate = False
-        if not logger.handlers:  # with none, logging's last resort prints errors to stderr
-            logger.addHandler(logging.StreamHandler(sys.stderr) if verbose() else logging.NullHandler())
+        logger = server_logger(f"{self.logger.name}.lifespan")
+        logger.setLevel(self.logger.level)
+        # With no handler, logging's last resort prints errors to stderr.
+        logger.addHandler(logging.StreamHandler(sys.stderr) if verbose() else logging.NullHandler())
         return logger
 
     async def prepare(self) -> None:

@@ -233,6 +233,26 @@ def _joined(errors: list[str]) -> str:
     return "\n\n".join(errors)
 
 
+def server_logger(name: str, parent: logging.Logger | None = None) -> logging.Logger:
+    """A logger of one server's own (or, given ``parent``, a part of it
+    that logs through it), outside ``logging``'s registry.
+
+    A registered logger would outlive its server, and pytest (since 9.1)
+    adds its log capture to every registered logger that does not
+    propagate: a failing test would show the server's traceback twice, in
+    its failure and under "Captured log call". A server's logger never
+    propagates to the root: a handler there printing to the terminal would
+    print every server error, which the layer reports itself.
+    """
+    logger = logging.Logger(name)
+    if parent is None:
+        logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
+        logger.propagate = False
+    else:
+        logger.parent = parent
+    return logger
+
+
 class ErrorLogHandler(logging.Handler):
     """Turns a server library's error log records into server-side errors.
 

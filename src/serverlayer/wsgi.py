@@ -36,7 +36,7 @@ from serverlayer.custom import _takes_more
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
-from serverlayer.reporting import ErrorLog, ErrorLogHandler, verbose
+from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
@@ -734,7 +734,7 @@ class _Dispatcher(ThreadedTaskDispatcher):
         # waitress warns "Task queue depth is N" whenever every worker is
         # busy, which under load is every request, on the loop thread that
         # all requests wait for. Only a verbose run wants to read it.
-        self.queue_logger = logger.getChild("queue")
+        self.queue_logger = server_logger(f"{logger.name}.queue", logger)
         self.queue_logger.setLevel(logging.DEBUG if verbose() else logging.ERROR)
         self.started: list[threading.Thread] = []
 
@@ -839,9 +839,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
-        logger = logging.getLogger(f"serverlayer.waitress.{thread_name}")
-        logger.propagate = False  # never reach a root handler printing to the terminal
-        logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
+        logger = server_logger(f"serverlayer.waitress.{thread_name}")
         self._log_handler = ErrorLogHandler(errors)
         logger.addHandler(self._log_handler)
         dispatcher = _Dispatcher(thread_name, logger)
