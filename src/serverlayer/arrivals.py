@@ -35,7 +35,9 @@ class Arrivals(Sequence[T], Generic[T]):
     noun: ClassVar[str] = "item"
     timeout_error: ClassVar[type[WaitTimeoutError]] = WaitTimeoutError
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        #: Who the items arrive at (a layer), named in messages.
+        self.owner = owner
         self._items: list[T | Unread[T]] = []
         # Taken directly (not through the Condition, whose ``with`` is
         # Python code): servers append on every request.
@@ -119,7 +121,8 @@ class Arrivals(Sequence[T], Generic[T]):
             f"  {number}. {item.summary()}" for number, item in enumerate(everything, 1)  # type: ignore[attr-defined]
         )
         raise self.timeout_error(
-            f"Waited {timeout} seconds for {wanted}; {len(found)} of them arrived,"
+            (f"{self.owner}: " if self.owner else "")
+            + f"Waited {timeout} seconds for {wanted}; {len(found)} of them arrived,"
             f" {len(everything)} {self.noun}(s) in all" + (f":\n{listing}" if everything else ".")
             + self.why_missing()
         )

@@ -678,7 +678,9 @@ class Expectation(Route):
 class HTTPContent:
     """What the content layer's server answers, and what the test expects of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        #: The layer serving it, named in messages.
+        self.owner = owner
         # Re-entrant: a route's match function, which runs under it, may
         # read what the test reads (http_content.requests).
         self._lock = threading.RLock()
@@ -846,7 +848,8 @@ class HTTPContent:
         if held is None:
             listing = "; ".join(requests) if requests else "none"
             raise RequestTimeoutError(
-                f"No held request arrived within {timeout} s. The requests that did arrive: {listing}."
+                (f"{self.owner}: " if self.owner else "")
+                + f"No held request arrived within {timeout} s. The requests that did arrive: {listing}."
             )
         try:
             yield held
@@ -932,7 +935,7 @@ class HTTPContent:
         found = self.problems()
         if found:
             raise ExpectationError(
-                "The requests of this test did not meet its expectations:\n"
+                (f"{self.owner}: " if self.owner else "") + "The requests of this test did not meet its expectations:\n"
                 + "\n".join(f"- {line}" for line in found)
             )
 
@@ -1104,7 +1107,7 @@ class Layer(custom.Layer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(ContentHandler, **kwargs)
         #: Published as ``http_content``.
-        self.content = HTTPContent()
+        self.content = HTTPContent(repr(self))
 
     def handler_arguments(self) -> dict[str, Any]:
         return {"content": self.content}

@@ -276,6 +276,8 @@ class ServerLayer(plone.testing.Layer):
         self._check_in_test_tear_down = False
         #: Where the running server listens, for messages.
         self._serving_at = ""
+        #: Since the last tearDown: None before any, else whether it raised.
+        self._tear_down_raised: bool | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__qualname__} {self.__module__}.{self.__name__}>"
@@ -288,6 +290,24 @@ class ServerLayer(plone.testing.Layer):
 
     def _missing(self, key: str) -> str:
         """Why ``key`` is not among the resources, and what to do."""
+        if self._running is None and self._tear_down_raised is not None:
+            message = f"{self!r} was torn down, so it has no {key!r} resource any more."
+            if self._tear_down_raised:
+                message += (
+                    " Its tearDown raised the server error reported there, and zope.pytestlayer does"
+                    " not set up again a layer whose tearDown raised: the tests after it fail like"
+                    " this one. Fix that error."
+                )
+            return message
+        if self._running is None and "zope.pytestlayer" in sys.modules:
+            return (
+                f"{self!r} is not set up (yet), so it has no {key!r} resource. Under pytest,"
+                " zope.pytestlayer sets up a TestCase's layer (its `layer` attribute) before"
+                " setUp, but after setUpClass: read resources in setUp or in the test. A plain"
+                " test function gets the layer through a fixture: globals().update(fixture.create("
+                "LAYER, function_fixture_name='my_layer')) in its module or a conftest.py, and"
+                " my_layer among the function's arguments."
+            )
         if self._running is None:
             return (
                 f"{self!r} is not set up, so it has no {key!r} resource yet. Run the test"
@@ -374,10 +394,12 @@ class ServerLayer(plone.testing.Layer):
             for key in reversed(self._published):
                 del self[key]
             self._published.clear()
+        self._tear_down_raised = True
         if self.report_server_errors:
             self.server_errors.check_after_last_test()
         else:
             self.server_errors._clear()
+        self._tear_down_raised = False
 
     def __enter__(self: _Layer) -> _Layer:
         """Run the server for a ``with`` block, outside any test runner's
@@ -567,7 +589,7 @@ class HTTPLayer(ServerLayer):
                 " add tls=True."
             )
         #: The requests of the current test, published as ``http_requests``.
-        self.requests = RequestLog()
+        self.requests = RequestLog(repr(self))
 
     def testSetUp(self) -> None:
         super().testSetUp()

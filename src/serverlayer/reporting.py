@@ -217,8 +217,7 @@ class ErrorLog:
             return
         raise ServerSideError(
             f"{self.owner}: the server raised {_count(errors)} after the layer's"
-            " last test ended, while handling requests made before its tear-down"
-            f" (no test is left for it to fail):\n\n{_joined(errors)}\n\n"
+            f" last test ended, while handling requests made before its tear-down:\n\n{_joined(errors)}\n\n"
             "Fix the server-side error. A test that makes a request in the"
             " background should wait for its answer before it ends; create the"
             " layer with report_server_errors=False to ignore server errors."

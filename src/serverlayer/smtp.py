@@ -985,7 +985,7 @@ class Layer(ServerLayer):
             context = tls.certificate_authority().server_context(names)
         return SMTPServer(
             sockets,
-            outbox=Outbox(),
+            outbox=Outbox(repr(self)),
             errors=self.server_errors,
             hostname=hostname,
             data_size_limit=self.data_size_limit,

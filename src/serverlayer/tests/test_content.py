@@ -612,7 +612,8 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
         self.assertEqual(completed.returncode, 1, output)
         self.assertIn("Ran 3 tests with 1 failures, 0 errors", output)
         self.assertIn("Failure in test test_1_expected_charge_never_made", output)
-        self.assertIn("ExpectationError: The requests of this test did not meet its expectations:", output)
+        self.assertIn("ExpectationError: <serverlayer.content.Layer expectations_pkg.sample_expectations.PAYMENTS>:"
+                      " The requests of this test did not meet its expectations:", output)
         self.assertIn("POST /charges?amount=99 (2 bytes): query amount is ['99'], not ['100']", output)
         self.assertEqual(output.count("Failure in test"), 1)
         self.assertEqual(completed.stderr, "")

@@ -130,7 +130,8 @@ class NextRequestTests(unittest.TestCase):
             self.fail("no request was held")
         self.assertGreaterEqual(time.monotonic() - started, 0.2)
         self.assertEqual(
-            str(raised.exception), "No held request arrived within 0.2 s. The requests that did arrive: GET /other."
+            str(raised.exception),
+            f"{self.layer!r}: No held request arrived within 0.2 s. The requests that did arrive: GET /other.",
         )
 
     def test_no_request_at_all_within_the_timeout(self):

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import unittest
 import urllib.request
 import warnings
@@ -684,6 +685,26 @@ class MistakesTests(unittest.TestCase):
         self.assertIn("zope.pytestlayer", message)
         self.assertIsNone(layer.get("http_url"))
         self.assertNotIn("http_url", layer)
+
+    def test_a_resource_of_a_layer_not_set_up_under_pytest(self):
+        layer = custom.Layer(Hello, name="NOT_YET_UNDER_PYTEST")
+        with mock.patch.dict(sys.modules, {"zope.pytestlayer": types.ModuleType("zope.pytestlayer")}):
+            with self.assertRaises(ResourceError) as missing:
+                layer["http_url"]
+        message = str(missing.exception)
+        self.assertIn("NOT_YET_UNDER_PYTEST> is not set up (yet), so it has no 'http_url' resource.", message)
+        self.assertIn("after setUpClass: read resources in setUp or in the test", message)
+        self.assertIn("fixture.create(LAYER, function_fixture_name='my_layer')", message)
+        self.assertNotIn("installed", message)  # it is
+
+    def test_a_resource_of_a_layer_torn_down(self):
+        layer = custom.Layer(Hello, name="TORN_DOWN")
+        layer.setUp()
+        layer.tearDown()
+        with self.assertRaises(ResourceError) as missing:
+            layer["http_url"]
+        self.assertEqual(str(missing.exception),
+                         f"{layer!r} was torn down, so it has no 'http_url' resource any more.")
 
     def test_a_resource_a_layer_does_not_have(self):
         layer = set_up_by_hand(self, custom.Layer(Hello, name="NO_WS_URL"))

@@ -494,7 +494,7 @@ class UnarrangedRefusalTests(FailureTestCase):
             self.outbox.wait_for(1, timeout=0.05)
         self.assertEqual(
             str(raised.exception),
-            "Waited 0.05 seconds for 1 message(s); 0 of them arrived, 0 message(s) in all.\n"
+            f"{self.layer!r}: Waited 0.05 seconds for 1 message(s); 0 of them arrived, 0 message(s) in all.\n"
             "The server refused, without the test arranging it:\n"
             "  DATA -> 503 Error: need RCPT command",
         )

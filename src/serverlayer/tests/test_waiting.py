@@ -13,7 +13,7 @@ from typing import Any
 
 from serverlayer import custom
 from serverlayer.arrivals import Arrivals
-from serverlayer.errors import ServerSideError
+from serverlayer.errors import ResourceError, ServerSideError
 from serverlayer.server import Activity
 
 #: Longer than any wait below takes when the waiter is woken; a waiter that
@@ -216,6 +216,10 @@ class LeftRunningTests(unittest.TestCase):
                 self.assertIn("raised by a request that an earlier test left running", error)
                 self.assertIn("RuntimeError: raised after its test ended", error)
                 self.assertNotIn("http_port", layer)  # torn down all the same
+                with self.assertRaises(ResourceError) as gone:  # a test zope.pytestlayer runs next
+                    layer["http_url"]
+                self.assertIn("was torn down, so it has no 'http_url' resource any more. Its tearDown raised"
+                              " the server error reported there", str(gone.exception))
                 layer.tearDown()  # nothing more to say
                 with self.subTest(kind, report_server_errors=False):
                     layer.report_server_errors = False
