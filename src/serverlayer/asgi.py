@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -318,6 +319,7 @@ class RecordingApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            _serving.set(scope)  # in the task of this request alone
             cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
             if cycle is not None:
                 receive = _ReceiveOrEnd(cycle, receive)
@@ -336,6 +338,7 @@ class RecordingApp:
                 body.record()
             return
         if scope["type"] == "websocket":
+            _serving.set(scope)
             self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
         await self.app(scope, receive, send)
 
@@ -664,12 +667,26 @@ class _Lifespan(LifespanOn):
             self.shutdown_event.set()
 
 
-class _NotCancelled(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" for a request the
-    server cancelled itself, stopping: that is no error of the application."""
+#: The scope of the request or WebSocket that the running task serves: set
+#: by ``RecordingApp`` in the task uvicorn runs the application in, where
+#: uvicorn logs what the application raised.
+_serving: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("serving", default=None)
+
+
+class _ApplicationErrors(logging.Filter):
+    """Names the request in uvicorn's "Exception in ASGI application", which
+    says nothing of it; and drops it for a request the server cancelled
+    itself, stopping: that is no error of the application."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        scope = _serving.get()
+        if scope is not None and str(record.msg).startswith("Exception in ASGI application"):
+            what = scope["method"] if scope["type"] == "http" else "WebSocket"
+            record.msg = f"Exception in ASGI application while serving {what} {scope.get('path', '')}"
+            record.args = ()
+        return True
 
 
 class UvicornServer(AsyncioServer):
@@ -700,7 +717,7 @@ class UvicornServer(AsyncioServer):
         self.ssl_context = ssl_context
         self.stop_timeout = stop_timeout
         logger = server_logger(f"serverlayer.uvicorn.{thread_name}")
-        logger.addFilter(_NotCancelled())
+        logger.addFilter(_ApplicationErrors())
         self.logger = logger
         self.access_logger = server_logger(f"{logger.name}.access", logger)
         self.access_log = verbose()

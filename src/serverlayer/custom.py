@@ -1014,9 +1014,13 @@ class HandlerServer(socketserver.BaseServer):
         exc_type, exc, tb = sys.exc_info()
         if exc_type is None or exc is None or self._stopping or isinstance(exc, DISCONNECTS):
             return
-        handler_name = self.handler_class.__name__
+        with self._connections_lock:
+            conversation = self._connections.get(request)
+        handler = conversation.handler if conversation is not None else None
+        command, path = getattr(handler, "command", None), getattr(handler, "path", None)
+        serving = f"{command} {path}" if command and path else "a request"
         self._errors.record(
-            f"{handler_name} raised while serving a request from {client_address[0]}",
+            f"{self.handler_class.__name__} raised while serving {serving} from {client_address[0]}",
             (exc_type, exc, tb),
         )
         if verbose():

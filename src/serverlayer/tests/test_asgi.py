@@ -896,7 +896,7 @@ class ServerErrorTests(unittest.TestCase):
         self.assertEqual(result.errors, [])
         [(_, report)] = result.failures
         self.assertIn("ServerSideError", report)
-        self.assertIn("Exception in ASGI application", report)
+        self.assertIn("Exception in ASGI application while serving GET /raise", report)
         self.assertIn("RuntimeError: raised on purpose by the application", report)
         self.assertIn('in http_echo\n    raise RuntimeError("raised on purpose by the application")', report)
 
@@ -929,6 +929,7 @@ class ServerErrorTests(unittest.TestCase):
         with self.assertRaises(ServerSideError) as caught:
             layer.check_server_errors()
         self.assertIn("RuntimeError: raised on purpose in a WebSocket", str(caught.exception))
+        self.assertIn("Exception in ASGI application while serving WebSocket /", str(caught.exception))
 
     def test_websocket_error_after_its_client_left_is_reported_in_the_same_test(self):
         """The client closed its WebSocket before the application raised."""

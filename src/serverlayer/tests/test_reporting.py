@@ -49,7 +49,7 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
 
     def test_handler_failure_shows_the_server_traceback(self):
         failure = self.failure_of("test_handler_raises")
-        self.assertIn("Handler raised while serving a request from 127.0.0.1", failure)
+        self.assertIn("Handler raised while serving GET / from 127.0.0.1", failure)
         self.assertIn("KeyError: 'boom from the handler'", failure)
 
     def test_a_test_under_a_deep_layer_class_fails_as_any(self):
