@@ -744,7 +744,7 @@ class UvicornServer(AsyncioServer):
         self.websocket_protocols: dict[asyncio.Task[None], _WebSocketProtocol] = {}
         #: The tasks of requests, and of WebSockets whose client left, that
         #: the end of a test waited for in vain. Changed in the loop's thread.
-        self.given_up: set[asyncio.Task[None]] = set()
+        self.given_up: dict[asyncio.Task[None], str] = {}
         errors.left_running = self._left_running
         self.lifespan: _Lifespan | None = None
         #: Why the application's lifespan shutdown failed, once stopped.
@@ -941,8 +941,8 @@ class UvicornServer(AsyncioServer):
         self._call_soon(functools.partial(self._give_up, websockets_only=True))
         return False
 
-    def give_up(self) -> None:
-        self._call_soon(self._give_up)
+    def give_up(self, test: str = "") -> None:
+        self._call_soon(functools.partial(self._give_up, test))
 
     def _call_soon(self, callback: Callable[[], None]) -> None:
         """Have ``callback`` run in the loop's thread, before anything asked of it later."""
@@ -951,19 +951,24 @@ class UvicornServer(AsyncioServer):
         except RuntimeError:  # the loop is closed: nothing runs any more
             pass
 
-    def _give_up(self, *, websockets_only: bool = False) -> None:
+    def _give_up(self, test: str = "", *, websockets_only: bool = False) -> None:
         for task in self._finishing():
             if task not in self.given_up and (not websockets_only or task in self.websocket_protocols):
-                self.given_up.add(task)
-                task.add_done_callback(self.given_up.discard)
+                self.given_up[task] = test
+                task.add_done_callback(self._forget_given_up)
 
-    def _left_running(self) -> bool:
-        """Whether the error being recorded comes from a task given up on."""
+    def _forget_given_up(self, task: asyncio.Task[None]) -> None:
+        self.given_up.pop(task, None)
+
+    def _left_running(self) -> str | None:
+        """The test whose end gave up on the task recording an error (its
+        name, or ""); None if none did."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not in the loop's thread
-            return False
-        return loop is self.loop and asyncio.current_task() in self.given_up
+            return None
+        task = asyncio.current_task()
+        return self.given_up.get(task) if loop is self.loop and task is not None else None
 
 
 class Layer(HTTPLayer):

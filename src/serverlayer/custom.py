@@ -1047,8 +1047,8 @@ class HandlerServer(socketserver.BaseServer):
     def wait_quiet(self, timeout: float) -> bool:
         return self.activity.wait_quiet(timeout)
 
-    def give_up(self) -> None:
-        self.activity.give_up()
+    def give_up(self, test: str = "") -> None:
+        self.activity.give_up(test)
 
     def request_stop(self) -> None:
         self._stopping = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dis
 import gc
+import inspect
 import os
 import socket
 import sys
@@ -480,7 +481,11 @@ class ServerLayer(plone.testing.Layer):
             # fails the test during which it comes.
             give_up = getattr(running.server, "give_up", None)  # a server of a layer's own may have none
             if give_up is not None:
-                give_up()
+                test = running_test() or pytest_test(self)
+                if test is not None and "test" in inspect.signature(give_up).parameters:
+                    give_up(test=test.id())  # named in what those requests raise later
+                else:
+                    give_up()
         if self.report_server_errors:
             self._check_recorded()
         else:

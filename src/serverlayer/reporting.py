@@ -131,10 +131,13 @@ _CONTEXT = "\nDuring handling of the above exception, another exception occurred
 
 
 #: What an error a request of an earlier test raised begins with.
-_LEFT_RUNNING = (
-    "(raised by a request that an earlier test left running: the end of that"
-    " test waited for it in vain, the layer's quiet_timeout)\n"
-)
+def _left_running(test: str) -> str:
+    """The note on an error raised by a request that ``test`` left running."""
+    which = f"an earlier test, {test}," if test else "an earlier test"
+    return (
+        f"(raised by a request that {which} left running: the end of that"
+        " test waited for it in vain, the layer's quiet_timeout)\n"
+    )
 
 
 class ErrorLog:
@@ -149,15 +152,17 @@ class ErrorLog:
         self._lock = threading.RLock()
         self._errors: list[str] = []
         #: Says whether the thread recording serves a request that an
-        #: earlier test left running (``Activity.left_running``).
-        self.left_running: Callable[[], bool] | None = None
+        #: earlier test left running: that test's name (or ""), else None
+        #: (``Activity.left_running``).
+        self.left_running: Callable[[], str | None] | None = None
 
     def record(self, summary: str, exc_info: ExcInfo | None = None) -> None:
         """Remember an exception; the traceback is formatted right away so
         that no frames of the server thread are kept alive."""
         text = summary
-        if self.left_running is not None and self.left_running():
-            text = _LEFT_RUNNING + text
+        left_by = self.left_running() if self.left_running is not None else None
+        if left_by is not None:
+            text = _left_running(left_by) + text
         if exc_info is not None:
             text += "\n" + format_chain(exc_info[1], exc_info[2])
         with self._lock:
@@ -199,7 +204,7 @@ class ErrorLog:
         errors = self._take()
         if not errors:
             return
-        earlier = any(error.startswith(_LEFT_RUNNING) for error in errors)
+        earlier = any(error.startswith("(raised by a request that an earlier test") for error in errors)
         made_by = "during this test" if earlier else "made by this test"
         raise ServerSideError(
             f"{self.owner}: the server raised {_count(errors)} while handling requests"

@@ -51,9 +51,10 @@ class Server(Protocol):
         """Give back what the test needed beyond an idle server (threads it
         started), waiting at most ``timeout`` for work still running."""
 
-    def give_up(self) -> None:
+    def give_up(self, test: str = "") -> None:
         """Wait no more for the requests running now (``wait_quiet``): their
-        test has ended, and its end waited for them in vain."""
+        test has ended, and its end waited for them in vain. ``test`` names
+        it, for the errors those requests raise later (``ErrorLog.left_running``)."""
 
     def release(self, timeout: float) -> None:
         """Close every socket and join every thread, after ``serve`` returned.
@@ -265,8 +266,9 @@ class Activity:
         #: servers sit idle (the memory benchmark's fifty).
         self._changed: threading.Condition | None = None
         self._busy: set[int] = set()
-        #: Threads whose request a wait for quiet gave up on.
-        self._given_up: set[int] = set()
+        #: Threads whose request a wait for quiet gave up on, and the test
+        #: whose end did.
+        self._given_up: dict[int, str] = {}
         #: Threads in ``wait_quiet``; only they need waking.
         self._waiting = 0
 
@@ -278,8 +280,8 @@ class Activity:
         with self._lock:
             me = threading.get_ident()
             self._busy.discard(me)
-            self._given_up.discard(me)
-            if self._waiting and self._changed is not None and self._busy <= self._given_up:
+            self._given_up.pop(me, None)
+            if self._waiting and self._changed is not None and self._busy <= self._given_up.keys():
                 self._changed.notify_all()
 
     def wait_quiet(self, timeout: float) -> bool:
@@ -289,19 +291,21 @@ class Activity:
                 self._changed = threading.Condition(self._lock)
             self._waiting += 1
             try:
-                return self._changed.wait_for(lambda: self._busy <= self._given_up, timeout)
+                return self._changed.wait_for(lambda: self._busy <= self._given_up.keys(), timeout)
             finally:
                 self._waiting -= 1
 
-    def give_up(self) -> None:
-        """Wait no more for the requests running now: their test has ended,
-        and its end waited for them."""
+    def give_up(self, test: str = "") -> None:
+        """Wait no more for the requests running now: their test (named
+        ``test``) has ended, and its end waited for them."""
         with self._lock:
-            self._given_up |= self._busy
+            for thread in self._busy:
+                self._given_up.setdefault(thread, test)
 
-    def left_running(self) -> bool:
-        """Whether this thread serves a request a wait for quiet gave up on."""
-        return threading.get_ident() in self._given_up
+    def left_running(self) -> str | None:
+        """The test (its name, or "") whose end gave up on the request this
+        thread serves; None if none did."""
+        return self._given_up.get(threading.get_ident())
 
 
 class ForwardedClients:
@@ -700,7 +704,7 @@ class AsyncioServer:
     def test_ended(self, timeout: float) -> None:
         pass  # the loop's one thread is all it ever has
 
-    def give_up(self) -> None:
+    def give_up(self, test: str = "") -> None:
         pass  # nothing to wait for (``wait_quiet``)
 
     def request_stop(self) -> None:

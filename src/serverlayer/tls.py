@@ -332,8 +332,8 @@ class TLSFront(AsyncioServer):
     def test_ended(self, timeout: float) -> None:
         self.backend.test_ended(timeout)
 
-    def give_up(self) -> None:
-        self.backend.give_up()
+    def give_up(self, test: str = "") -> None:
+        self.backend.give_up(test)
 
     def release(self, timeout: float) -> None:
         super().release(timeout)

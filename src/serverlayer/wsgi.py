@@ -1023,8 +1023,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
             except (OSError, ValueError):  # closed meanwhile
                 continue
 
-    def give_up(self) -> None:
-        self.activity.give_up()
+    def give_up(self, test: str = "") -> None:
+        self.activity.give_up(test)
 
     def request_stop(self) -> None:
         self._stop_requested = True

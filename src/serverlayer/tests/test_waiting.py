@@ -74,15 +74,17 @@ class ActivityWaitTests(unittest.TestCase):
         activity = Activity()
         activity.start()  # this thread's request, left running
         self.assertFalse(activity.wait_quiet(0.01))
-        self.assertFalse(activity.left_running())  # a wait alone gives up on nothing: a mid-test check
+        self.assertIsNone(activity.left_running())  # a wait alone gives up on nothing: a mid-test check
         self.assertFalse(activity.wait_quiet(0.01))
-        activity.give_up()  # its test has ended
-        self.assertTrue(activity.left_running())
+        activity.give_up("tests.test_one")  # its test has ended
+        self.assertEqual(activity.left_running(), "tests.test_one")
+        activity.give_up("tests.test_two")  # the one that left it running stays named
+        self.assertEqual(activity.left_running(), "tests.test_one")
         started = time.monotonic()
         self.assertTrue(activity.wait_quiet(TIMEOUT))  # at once
         self.assertLess(time.monotonic() - started, TIMEOUT / 2)
         activity.finish()
-        self.assertFalse(activity.left_running())
+        self.assertIsNone(activity.left_running())
         activity.start()  # the thread's next request is waited for
         self.assertFalse(activity.wait_quiet(0.01))
         activity.finish()
@@ -173,7 +175,7 @@ class LeftRunningTests(unittest.TestCase):
         with self.assertRaises(ServerSideError) as failed:
             layer.check_after_test()
         error = str(failed.exception)
-        self.assertIn("raised by a request that an earlier test left running", error)
+        self.assertIn(f"raised by a request that an earlier test, {self.id()}, left running", error)
         self.assertIn("RuntimeError: raised after its test ended", error)
         self.assertIn("while handling requests during this test:", error)  # not "made by this test"
         layer.testTearDown()
@@ -213,7 +215,7 @@ class LeftRunningTests(unittest.TestCase):
                         layer.tearDown()
                 error = str(failed.exception)
                 self.assertIn("after the layer's last test ended", error)
-                self.assertIn("raised by a request that an earlier test left running", error)
+                self.assertIn(f"raised by a request that an earlier test, {self.id()}, left running", error)
                 self.assertIn("RuntimeError: raised after its test ended", error)
                 self.assertNotIn("http_port", layer)  # torn down all the same
                 with self.assertRaises(ResourceError) as gone:  # a test zope.pytestlayer runs next
