@@ -118,13 +118,15 @@ class Response:
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
-        """A JSON body with its Content-Type; NaN and infinities are refused,
-        as json.dumps would write them as ``NaN``, which no JSON parser takes."""
+        """A JSON body with its Content-Type, ``application/json`` unless
+        ``headers`` give one (``application/problem+json``): two would reach
+        clients as one value of both. NaN and infinities are refused, as
+        json.dumps would write them as ``NaN``, which no JSON parser takes."""
         try:
             body = json.dumps(data, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ConfigurationError(f"data={matching.shown(data)} is no JSON value ({error}).") from None
-        return cls(status, body, [("Content-Type", "application/json"), *_header_items(headers)])
+        return cls(status, body, _with_defaults(headers, [("Content-Type", "application/json")]))
 
     @classmethod
     def stream(cls, chunks: Iterable[bytes | str], interval: float = 0.0, status: int = 200,
@@ -153,10 +155,8 @@ class Response:
         characters or keys: write ``[event]``.
         """
         events = _pieces(events, setting="events", example=[{"delta": "Hel"}, "[DONE]"])
-        items = _header_items(headers)
-        given = {name.lower() for name, _ in items}
-        defaults = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
-        items += [(name, value) for name, value in defaults if name.lower() not in given]
+        items = _with_defaults(headers, [("Content-Type", "text/event-stream; charset=utf-8"),
+                                         ("Cache-Control", "no-cache")])
         # A bare None is JSON's null, as the other values are JSON; Event(None) has no data.
         encoded = (
             (event if isinstance(event, Event) else Event("null" if event is None else event)).encode()
@@ -166,6 +166,13 @@ class Response:
 
     def body_bytes(self) -> bytes:
         return _as_bytes(self.body)
+
+
+def _with_defaults(headers: Headers | None, defaults: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers``, then each of ``defaults`` whose name (in any letter case) they do not give."""
+    items = _header_items(headers)
+    given = {name.lower() for name, _ in items}
+    return items + [(name, value) for name, value in defaults if name.lower() not in given]
 
 
 def _as_bytes(data: bytes | str, setting: str = "body") -> bytes:

@@ -188,6 +188,15 @@ class NextRequestTests(unittest.TestCase):
         self.assertEqual(response.headers["X-Answered"], "by the test")
         self.assertEqual(response.headers["Content-Type"], "application/json")
 
+    def test_a_json_answer_with_a_content_type_of_its_own_sends_that_one(self):
+        self.content.route("/problem").hold()
+        client = send(self, "GET", self.content.url_for("/problem"))
+        with self.content.next_request() as request:
+            request.respond_json({"title": "Bad"}, status=400, headers={"content-type": "application/problem+json"})
+        response = client.answer(self)
+        self.assertEqual((response.status_code, response.json()), (400, {"title": "Bad"}))
+        self.assertEqual(response.headers["Content-Type"], "application/problem+json")  # one field, not two joined
+
     def test_a_json_answer_is_200_unless_said_otherwise(self):
         self.content.route("/plain-json").hold()
         client = send(self, "GET", self.content.url_for("/plain-json"))

@@ -182,6 +182,31 @@ class ChunkedTests(unittest.TestCase):
                          (200, "chunked", b"chunked for 1.1 and later", b""))
 
 
+class HeaderTests(unittest.TestCase):
+    """The headers a test gives go out as given, once each, in place of the layer's own."""
+
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_content_type_given_replaces_the_json_default(self):
+        self.http_content.route("/problem").respond_json(
+            {"title": "Bad"}, status=400, headers={"Content-Type": "application/problem+json"})
+        self.http_content.route("/lower").respond_sequence(
+            Response.json([1], headers=[("content-type", "application/vnd.api+json")]))
+        self.http_content.route("/plain").respond_json({"a": 1})
+        data = exchange(self.layer, b"GET /problem HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /lower HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [problem, lower, plain], rest = parse_responses(data, ["GET", "GET", "GET"])
+        self.assertEqual((problem[0], problem[1].get_all("Content-Type"), problem[2]),
+                         (400, ["application/problem+json"], b'{"title": "Bad"}'))
+        self.assertEqual(lower[1].get_all("Content-Type"), ["application/vnd.api+json"])
+        self.assertEqual(plain[1].get_all("Content-Type"), ["application/json"])
+        self.assertEqual(rest, b"")
+
+
 class GivingUpTests(unittest.TestCase):
     layer = PROTOCOL_CONTENT
 
