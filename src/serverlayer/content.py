@@ -1010,9 +1010,7 @@ class ContentHandler(custom.RequestHandler):
         # HTTP/1.0 knows no chunks: closing the connection ends the body.
         until_close = chunked and self.request_version < "HTTP/1.1"
         headers = _header_items(response.headers)
-        self.send_response(response.status)
-        for name, value in headers:
-            self.send_header(name, value)
+        self._send_status(response.status, headers)
         if until_close:
             self.send_header("Connection", "close")
         elif chunked:
@@ -1043,6 +1041,21 @@ class ContentHandler(custom.RequestHandler):
                     self.wfile.write(piece if until_close else b"%x\r\n%s\r\n" % (len(piece), piece))
             if not until_close:
                 self.wfile.write(b"0\r\n\r\n")
+
+    def _send_status(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Start the head with ``status`` and ``headers``: http.server's
+        ``Server`` and ``Date`` fields unless ``headers`` give their own (a
+        cached answer's old Date), which would otherwise go out next to
+        them, two of each."""
+        self.log_request(status)
+        self.send_response_only(status)
+        given = {name.lower() for name, _ in headers}
+        if "server" not in given:
+            self.send_header("Server", self.version_string())
+        if "date" not in given:
+            self.send_header("Date", self.date_time_string())
+        for name, value in headers:
+            self.send_header(name, value)
 
     def _send_head_with(self, body: bytes) -> None:
         """End the head and send it together with ``body``, if that is small.

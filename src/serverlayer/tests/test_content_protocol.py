@@ -206,6 +206,18 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual(plain[1].get_all("Content-Type"), ["application/json"])
         self.assertEqual(rest, b"")
 
+    def test_a_date_or_server_given_replaces_the_servers_own(self):
+        self.http_content.route("/old").respond("cached", headers={
+            "Date": "Mon, 01 Jan 2024 00:00:00 GMT", "server": "nginx/1.25", "Cache-Control": "max-age=60"})
+        self.http_content.route("/new").respond("fresh")
+        data = exchange(self.layer, b"GET /old HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [old, new], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((old[1].get_all("Date"), old[1].get_all("Server"), old[2]),
+                         (["Mon, 01 Jan 2024 00:00:00 GMT"], ["nginx/1.25"], b"cached"))
+        [server] = new[1].get_all("Server")
+        self.assertEqual((len(new[1].get_all("Date")), server.split("/")[0], rest), (1, "BaseHTTP", b""))
+
 
 class GivingUpTests(unittest.TestCase):
     layer = PROTOCOL_CONTENT
