@@ -115,6 +115,8 @@ class Response:
                     " header (the layer sends Transfer-Encoding: chunked, or to an HTTP/1.0 client the"
                     " body until the connection closes)."
                 )
+        else:
+            _check_length_framing(self.status, self.body_bytes(), self.headers)
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
@@ -388,6 +390,26 @@ def _check_no_body(status: int, body: bytes | str) -> None:
             " (RFC 9110 section 6.4.1). Either leave out the body, or answer with a"
             " status that has one, such as 200."
         )
+
+
+def _check_length_framing(status: int, body: bytes, headers: Headers) -> None:
+    """Refuse framing headers that contradict the ``Content-Length`` the
+    layer frames an unchunked body with: clients would wait for bytes that
+    never come, or read what is left over as the next response."""
+    for name, value in _header_items(headers):
+        if name.lower() == "transfer-encoding":
+            raise ConfigurationError(
+                f"headers: {name}: {value}: this response is sent whole, with a Content-Length, and the header"
+                " would make clients wait for chunks that never come. To send the body in chunks, leave out"
+                " the header and write chunked=True (or respond_stream() for a body sent piece by piece)."
+            )
+        # A 304 may give the length a 200 would have (RFC 9110 section 8.6); 1xx and 204 carry no body either.
+        if name.lower() == "content-length" and not _has_no_body(status) and value.strip() != str(len(body)):
+            raise ConfigurationError(
+                f"headers: {name}: {value}, but the body is {len(body)} bytes: clients would wait for bytes"
+                " that never come, or read the rest as the next response. Leave the header out (the layer"
+                " sends the body's length, for HEAD too); for a body cut short, write truncate=N."
+            )
 
 
 def _header_items(headers: Headers | None) -> list[tuple[str, str]]:

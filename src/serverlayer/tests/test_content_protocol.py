@@ -219,6 +219,54 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual((len(new[1].get_all("Date")), server.split("/")[0], rest), (1, "BaseHTTP", b""))
 
 
+class FramingTests(unittest.TestCase):
+    """A response goes out framed one way, the layer's: headers that would
+    frame it otherwise are refused when the test declares them."""
+
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_transfer_encoding_header_on_a_whole_body_is_refused(self):
+        route = self.http_content.route("/te")
+        for programme in (
+            lambda: route.respond("hello", headers={"Transfer-Encoding": "chunked"}),
+            lambda: route.respond(headers=[("transfer-encoding", "gzip")], status=204),
+            lambda: route.respond_json({"a": 1}, headers={"Transfer-Encoding": "chunked"}),
+            lambda: route.respond_sequence(Response(200, "hello", {"Transfer-Encoding": "chunked"})),
+            lambda: self.http_content.serve_content("hello", headers={"Transfer-Encoding": "chunked"}),
+        ):
+            with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                programme()
+            self.assertIn("leave out the header and write chunked=True", str(caught.exception))
+        route.respond("hello", chunked=True)  # what the header meant: chunks, framed by the layer
+        data = exchange(self.layer, b"GET /te HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [(status, headers, body)], rest = parse_responses(data, ["GET"])
+        self.assertEqual((status, headers.get_all("Transfer-Encoding"), headers["Content-Length"], body, rest),
+                         (200, ["chunked"], None, b"hello", b""))
+
+    def test_a_content_length_other_than_the_bodys_is_refused(self):
+        route = self.http_content.route("/length")
+        for headers in ({"Content-Length": "3"}, {"content-length": "6"}, {"Content-Length": "five"}):
+            with self.subTest(headers=headers), self.assertRaises(ConfigurationError) as caught:
+                route.respond("hello", headers=headers)
+            self.assertIn("but the body is 5 bytes", str(caught.exception))
+        with self.assertRaises(ConfigurationError):
+            route.respond("héllo", headers={"Content-Length": "5"})  # six bytes in UTF-8
+
+    def test_a_content_length_that_is_the_bodys_goes_out_once(self):
+        self.http_content.route("/length").respond("héllo", headers={"Content-Length": "6"})
+        # A 304 may name the length a 200 would have (RFC 9110 section 8.6).
+        self.http_content.route("/cached").respond(status=304, headers={"Content-Length": "1234"})
+        data = exchange(self.layer, b"GET /length HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /cached HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [length, cached], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((length[1].get_all("Content-Length"), length[2]), (["6"], "héllo".encode()))
+        self.assertEqual((cached[0], cached[1].get_all("Content-Length"), cached[2], rest),
+                         (304, ["1234"], b"", b""))
+
+
 class GivingUpTests(unittest.TestCase):
     layer = PROTOCOL_CONTENT
 
