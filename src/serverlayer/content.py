@@ -56,7 +56,8 @@ class Response:
     connection with a TCP reset instead of answering; ``truncate`` sends
     the headers for the whole body but only that many bytes of it (a
     chunked body: one chunk announced for the whole body), then closes the
-    connection. A 1xx, 204 or 304 response has no body.
+    connection. A 204 or 304 response has no body; a 1xx status is
+    refused, as it is no final answer.
 
     ``chunks`` is a body sent piece by piece, ``interval`` seconds apart,
     as streaming APIs send theirs: see ``Response.stream`` and
@@ -236,11 +237,19 @@ def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[A
 
 def _check_status(status: object, setting: str = "status") -> int:
     """``status`` as an int; refuses a status no response line can carry:
-    three digits (RFC 9110 section 15), a number rather than its text."""
+    three digits (RFC 9110 section 15), a number rather than its text; and
+    a 1xx, which is no answer: the client waits on for the final response
+    that follows it (RFC 9110 section 15.2), and none ever would."""
     number = matching.whole(status)
     if number is None or not 100 <= number <= 999:
         hint = f": write {int(status)}" if isinstance(status, str) and status.strip().isdigit() else ", such as 200"
         raise ConfigurationError(f"{setting}={status!r}: an HTTP status is a whole number from 100 to 999{hint}.")
+    if number < 200:
+        raise ConfigurationError(
+            f"{setting}={status!r}: a 1xx status is an interim response, which a client reads and then waits"
+            " for the final one after it; answered with it alone, the client waits until its timeout. Answer"
+            " with a final status, 200 to 999 (the content layer sends no interim responses)."
+        )
     return number
 
 

@@ -197,6 +197,18 @@ class NextRequestTests(unittest.TestCase):
         self.assertEqual((response.status_code, response.json()), (400, {"title": "Bad"}))
         self.assertEqual(response.headers["Content-Type"], "application/problem+json")  # one field, not two joined
 
+    def test_a_1xx_status_is_refused_and_the_client_gets_the_final_answer(self):
+        self.content.route("/interim").hold()
+        client = send(self, "GET", self.content.url_for("/interim"))
+        with self.content.next_request() as request:
+            for answer in (lambda: request.respond(status=103), lambda: request.respond_json({}, status=100)):
+                with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                    answer()
+                self.assertIn("a 1xx status is an interim response", str(caught.exception))
+            request.respond("final", status=200)
+        response = client.answer(self)
+        self.assertEqual((response.status_code, response.text), (200, "final"))
+
     def test_a_json_answer_is_200_unless_said_otherwise(self):
         self.content.route("/plain-json").hold()
         client = send(self, "GET", self.content.url_for("/plain-json"))

@@ -84,13 +84,27 @@ class BodilessStatusTests(unittest.TestCase):
             self.assertRegex(message, r"A (204|304) response has no body")
             self.assertIn("leave out the body", message)
 
-    def test_a_body_for_any_1xx_status_is_refused_and_shown(self):
-        for status in (100, 199):
-            with self.subTest(status=status), self.assertRaises(ConfigurationError) as caught:
-                self.http_content.route("/x").respond("0123456789" * 4, status=status)
-            self.assertIn(f"A {status} response has no body, yet this one was given"
-                          " '012345678901234567890123456789':", str(caught.exception))
-        self.http_content.route("/x").respond("a body", status=200)  # 200 has one
+    def test_a_1xx_status_is_refused_as_an_answer_however_given(self):
+        # An interim response alone leaves the client waiting for the final one.
+        route = self.http_content.route("/hints")
+        for programme in (
+            lambda: route.respond(status=103, headers={"Link": "</style.css>; rel=preload"}),
+            lambda: route.respond("0123456789", status=100),
+            lambda: route.respond_json({"a": 1}, status=102),
+            lambda: route.respond_stream(["a"], status=101),
+            lambda: route.respond_sse(["a"], status=199),
+            lambda: route.respond_sequence(Response(103)),
+            lambda: Response.json([1], status=100),
+            lambda: self.http_content.serve_content("", code=103),
+        ):
+            with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                programme()
+            message = str(caught.exception)
+            self.assertRegex(message, r"^(status|code)=1\d\d: a 1xx status is an interim response")
+            self.assertIn("Answer with a final status, 200 to 999", message)
+        route.respond(status=200, headers={"Link": "</style.css>; rel=preload"})
+        with requests.get(self.layer["http_url"] + "hints", timeout=5) as response:
+            self.assertEqual((response.status_code, response.headers["Link"]), (200, "</style.css>; rel=preload"))
 
     def test_204_and_304_have_no_length_and_the_connection_goes_on(self):
         self.http_content.route("/deleted", "DELETE").respond(status=204, headers={"X-Done": "yes"})
