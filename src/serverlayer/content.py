@@ -139,9 +139,10 @@ class Response:
         A client that closes the connection mid-stream ends it, and is no
         error; so does the end of the test. A lone str or bytes is refused:
         it would go out a character at a time; write ``["the text"]``. A
-        generator (any iterator) is read as its chunks are sent, so it may
-        go on for ever; the requests it answers share it, each going on
-        where the last left off.
+        generator (any iterator) is asked for each chunk when it is due,
+        after the interval, so it may go on for ever; its stream ends one
+        interval after its last chunk, when it has none more. The requests
+        it answers share it, each going on where the last left off.
         """
         return cls(status, headers=headers, chunks=_pieces(chunks, setting="chunks", example=["Hel", "lo"]),
                    interval=interval)
@@ -1063,11 +1064,21 @@ class ContentHandler(custom.RequestHandler):
                 return
             self.end_headers()
             half = len(body) // 2
-            pieces = response.chunks if response.chunks is not None else (body[:half], body[half:])
-            for index, piece in enumerate(pieces):
-                if index and response.interval and not self._client_waits(response.interval):
+            chunks = response.chunks if response.chunks is not None else (body[:half], body[half:])
+            # A list ends with its last chunk; a generator when asked for one more.
+            count = len(chunks) if isinstance(chunks, tuple) else None
+            pieces = iter(chunks)
+            sent = 0
+            while count is None or sent < count:
+                if sent and response.interval and not self._client_waits(response.interval):
                     self.close_connection = True  # the body is cut: the connection must end
                     return
+                # Read once it is due, not before the wait: a generator's chunk
+                # is fresh, and one whose client left stays for the next request.
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                sent += 1
                 if piece:  # an empty chunk would end the body
                     self.wfile.write(piece if until_close else b"%x\r\n%s\r\n" % (len(piece), piece))
             if not until_close:
