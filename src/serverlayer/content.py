@@ -274,14 +274,16 @@ _JOINED_BODY_LIMIT = 64 * 1024
 class Event:
     """A Server-Sent Event (WHATWG HTML, "Server-sent events").
 
-    ``data`` that is a ``str`` goes as one ``data:`` line per line of it;
-    any other value (but None, for an event without data) as JSON. ``event``
-    names its type, ``id`` sets the client's last event id, ``retry`` its
-    reconnection time in milliseconds, ``comment`` adds a ``:`` line that
-    clients ignore.
+    ``data`` that is a ``str`` goes as one ``data:`` line per line of it
+    (``""``: one empty ``data:`` line, a message of no text); any other
+    value as JSON; None, or none given, as no data field, which clients
+    dispatch no message for. ``event`` names its type, ``id`` sets the
+    client's last event id, ``retry`` its reconnection time in
+    milliseconds, ``comment`` adds a ``:`` line that clients ignore:
+    ``Event(comment="keep-alive")`` alone is a keep-alive clients never see.
     """
 
-    data: Any = ""
+    data: Any = None
     event: str | None = None
     id: str | None = None
     retry: int | None = None

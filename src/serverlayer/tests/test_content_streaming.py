@@ -248,6 +248,13 @@ class SSETests(unittest.TestCase):
             "retry: 0", "",
         ])
 
+    def test_a_comment_alone_sends_no_data_and_empty_data_is_a_message(self):
+        self.http_content.route("/events").respond_sse(
+            [Event(comment="keep-alive"), Event(""), Event(event="ping", id="3"), "Hi"])
+        _, lines = self.read_lines("/events")
+        # Clients dispatch a message for a data line alone: "" for Event(""), none for the others.
+        self.assertEqual(lines, [": keep-alive", "", "data: ", "", "event: ping", "id: 3", "", "data: Hi", ""])
+
     def test_headers_given_win_over_the_defaults(self):
         self.http_content.route("/events").respond_sse(["x"], headers={"content-type": "text/event-stream"})
         headers, _ = self.read_lines("/events")
