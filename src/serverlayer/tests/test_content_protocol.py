@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import socket
+import ssl
 import time
 import unittest
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from serverlayer import ConfigurationError, content
 from serverlayer.content import Response
 
 PROTOCOL_CONTENT = content.Layer(name="PROTOCOL_CONTENT")
+PROTOCOL_CONTENT_TLS = content.Layer(name="PROTOCOL_CONTENT_TLS", tls=True)
 
 
 class _NeverClosed(io.BytesIO):
@@ -279,6 +281,58 @@ class FramingTests(unittest.TestCase):
         self.assertEqual((length[1].get_all("Content-Length"), length[2]), (["6"], "héllo".encode()))
         self.assertEqual((cached[0], cached[1].get_all("Content-Length"), cached[2], rest),
                          (304, ["1234"], b"", b""))
+
+
+def tls_exchange(layer, data: bytes) -> bytes:
+    """Send ``data`` over TLS on one connection and read until the server
+    ends it (its TLS close_notify, or the TCP connection's end). The TLS is
+    done in memory over a plain socket, so that a TCP reset raises
+    ``ConnectionResetError``: Python's ssl sockets, with OpenSSL 3, report
+    one as an end of stream like any other."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = layer["ssl_context"].wrap_bio(incoming, outgoing, server_hostname="localhost")
+    received = b""
+    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+        handshaken = False
+        while True:
+            if not handshaken:
+                try:
+                    tls.do_handshake()
+                    handshaken = True
+                    tls.write(data)
+                except ssl.SSLWantReadError:
+                    pass
+            sock.sendall(outgoing.read())
+            chunk = sock.recv(65536)  # a reset raises here
+            if not chunk:
+                return received
+            incoming.write(chunk)
+            while handshaken:
+                try:
+                    decrypted = tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    return received
+                if not decrypted:  # the server's close_notify
+                    return received
+                received += decrypted
+
+
+class TLSResetTests(unittest.TestCase):
+    layer = PROTOCOL_CONTENT_TLS
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_reset_reaches_the_client_through_tls_as_a_reset(self):
+        self.http_content.route("/reset").respond(reset=True)
+        self.http_content.route("/fine").respond("fine")
+        answer = tls_exchange(self.layer, b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nfine"), answer)
+        with self.assertRaises(ConnectionResetError):
+            tls_exchange(self.layer, b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
 
 
 class GivingUpTests(unittest.TestCase):
