@@ -984,7 +984,7 @@ def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], show
     if expectation.times is not None and expectation.count > expectation.times:
         lines = [f"    {request.summary()}" for request in expectation.counted]
         return ".\n  The requests it counted:\n" + "\n".join(lines)
-    differing = [(request, found) for request in requests if (found := expectation.differences(request))]
+    differing = [(request, found) for request in requests if (found := _reported_differences(expectation, request))]
     if not differing:
         if not requests:
             return "; no requests arrived at all"
@@ -994,6 +994,18 @@ def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], show
     near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
     lines = [f"    {request.summary()}: {'; '.join(found)}" for request, found in near]
     return ".\n  Closest requests that arrived:\n" + "\n".join(lines)
+
+
+def _reported_differences(expectation: Expectation, request: RecordedRequest) -> list[str]:
+    """How ``request`` differs from ``expectation``, for the report; its
+    ``match`` function raising on it means it did not match it, and the
+    report says so rather than become that exception (the server error it
+    caused when the request came is reported too)."""
+    try:
+        return expectation.differences(request)
+    except Exception as error:  # noqa: BLE001 -- the test's own function, whatever it raises
+        name = getattr(expectation.match, "__qualname__", repr(expectation.match))
+        return [f"{name}(request) raised {type(error).__name__}: {error}"]
 
 
 class ContentHandler(custom.RequestHandler):
