@@ -55,8 +55,9 @@ class Response:
     its connection or ``tearDown`` cuts it short); ``reset`` drops the
     connection with a TCP reset instead of answering; ``truncate`` sends
     the headers for the whole body but only that many bytes of it (a
-    chunked body: one chunk announced for the whole body), then closes the
-    connection. A 204 or 304 response has no body; a 1xx status is
+    chunked body: one chunk announced for the whole body; to an HTTP/1.0
+    client, which knows no chunks, the whole body's Content-Length), then
+    closes the connection. A 204 or 304 response has no body; a 1xx status is
     refused, as it is no final answer.
 
     ``chunks`` is a body sent piece by piece, ``interval`` seconds apart,
@@ -1059,6 +1060,8 @@ class ContentHandler(custom.RequestHandler):
         self._send_status(response.status, headers)
         if until_close:
             self.send_header("Connection", "close")
+            if response.truncate is not None:  # the length of the whole, so that the cut shows
+                self.send_header("Content-Length", str(len(body)))
         elif chunked:
             self.send_header("Transfer-Encoding", "chunked")
         elif not bodiless and "content-length" not in {name.lower() for name, _ in headers}:

@@ -175,6 +175,17 @@ class HTTP10Tests(unittest.TestCase):
                 self.assertIn(b"\r\nConnection: close", head)
                 self.assertEqual(body, b"sent in chunks to HTTP/1.1")
 
+    def test_a_chunked_answer_cut_short_tells_an_http_10_client_its_whole_length(self):
+        # Without chunks or a length, the cut would look like the end of the body.
+        self.http_content.route("/cut").respond("0123456789", truncate=4, chunked=True)
+        data = exchange(self.layer, b"GET /cut HTTP/1.0\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 10\r\n", head + b"\r\n")
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(body, b"0123")
+        with self.assertRaises(http.client.IncompleteRead):
+            parse_responses(data, ["GET"])
+
 
 class ChunkedTests(unittest.TestCase):
     layer = PROTOCOL_CONTENT
