@@ -55,8 +55,10 @@ class Response:
     its connection or ``tearDown`` cuts it short); ``reset`` drops the
     connection with a TCP reset instead of answering; ``truncate`` sends
     the headers for the whole body but only that many bytes of it (a
-    chunked body: one chunk announced for the whole body), then closes the
-    connection. A 1xx, 204 or 304 response has no body.
+    chunked body: one chunk announced for the whole body; to an HTTP/1.0
+    client, which knows no chunks, the whole body's Content-Length), then
+    closes the connection. A 204 or 304 response has no body; a 1xx status is
+    refused, as it is no final answer.
 
     ``chunks`` is a body sent piece by piece, ``interval`` seconds apart,
     as streaming APIs send theirs: see ``Response.stream`` and
@@ -115,16 +117,20 @@ class Response:
                     " header (the layer sends Transfer-Encoding: chunked, or to an HTTP/1.0 client the"
                     " body until the connection closes)."
                 )
+        else:
+            _check_length_framing(self.status, self.body_bytes(), self.headers)
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Headers = ()) -> Response:
-        """A JSON body with its Content-Type; NaN and infinities are refused,
-        as json.dumps would write them as ``NaN``, which no JSON parser takes."""
+        """A JSON body with its Content-Type, ``application/json`` unless
+        ``headers`` give one (``application/problem+json``): two would reach
+        clients as one value of both. NaN and infinities are refused, as
+        json.dumps would write them as ``NaN``, which no JSON parser takes."""
         try:
             body = json.dumps(data, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ConfigurationError(f"data={matching.shown(data)} is no JSON value ({error}).") from None
-        return cls(status, body, [("Content-Type", "application/json"), *_header_items(headers)])
+        return cls(status, body, _with_defaults(headers, [("Content-Type", "application/json")]))
 
     @classmethod
     def stream(cls, chunks: Iterable[bytes | str], interval: float = 0.0, status: int = 200,
@@ -134,9 +140,10 @@ class Response:
         A client that closes the connection mid-stream ends it, and is no
         error; so does the end of the test. A lone str or bytes is refused:
         it would go out a character at a time; write ``["the text"]``. A
-        generator (any iterator) is read as its chunks are sent, so it may
-        go on for ever; the requests it answers share it, each going on
-        where the last left off.
+        generator (any iterator) is asked for each chunk when it is due,
+        after the interval, so it may go on for ever; its stream ends one
+        interval after its last chunk, when it has none more. The requests
+        it answers share it, each going on where the last left off.
         """
         return cls(status, headers=headers, chunks=_pieces(chunks, setting="chunks", example=["Hel", "lo"]),
                    interval=interval)
@@ -153,10 +160,8 @@ class Response:
         characters or keys: write ``[event]``.
         """
         events = _pieces(events, setting="events", example=[{"delta": "Hel"}, "[DONE]"])
-        items = _header_items(headers)
-        given = {name.lower() for name, _ in items}
-        defaults = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
-        items += [(name, value) for name, value in defaults if name.lower() not in given]
+        items = _with_defaults(headers, [("Content-Type", "text/event-stream; charset=utf-8"),
+                                         ("Cache-Control", "no-cache")])
         # A bare None is JSON's null, as the other values are JSON; Event(None) has no data.
         encoded = (
             (event if isinstance(event, Event) else Event("null" if event is None else event)).encode()
@@ -166,6 +171,13 @@ class Response:
 
     def body_bytes(self) -> bytes:
         return _as_bytes(self.body)
+
+
+def _with_defaults(headers: Headers | None, defaults: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers``, then each of ``defaults`` whose name (in any letter case) they do not give."""
+    items = _header_items(headers)
+    given = {name.lower() for name, _ in items}
+    return items + [(name, value) for name, value in defaults if name.lower() not in given]
 
 
 def _as_bytes(data: bytes | str, setting: str = "body") -> bytes:
@@ -227,11 +239,19 @@ def _pieces(given: Iterable[Any], *, setting: str, example: list[Any]) -> list[A
 
 def _check_status(status: object, setting: str = "status") -> int:
     """``status`` as an int; refuses a status no response line can carry:
-    three digits (RFC 9110 section 15), a number rather than its text."""
+    three digits (RFC 9110 section 15), a number rather than its text; and
+    a 1xx, which is no answer: the client waits on for the final response
+    that follows it (RFC 9110 section 15.2), and none ever would."""
     number = matching.whole(status)
     if number is None or not 100 <= number <= 999:
         hint = f": write {int(status)}" if isinstance(status, str) and status.strip().isdigit() else ", such as 200"
         raise ConfigurationError(f"{setting}={status!r}: an HTTP status is a whole number from 100 to 999{hint}.")
+    if number < 200:
+        raise ConfigurationError(
+            f"{setting}={status!r}: a 1xx status is an interim response, which a client reads and then waits"
+            " for the final one after it; answered with it alone, the client waits until its timeout. Answer"
+            " with a final status, 200 to 999 (the content layer sends no interim responses)."
+        )
     return number
 
 
@@ -255,14 +275,16 @@ _JOINED_BODY_LIMIT = 64 * 1024
 class Event:
     """A Server-Sent Event (WHATWG HTML, "Server-sent events").
 
-    ``data`` that is a ``str`` goes as one ``data:`` line per line of it;
-    any other value (but None, for an event without data) as JSON. ``event``
-    names its type, ``id`` sets the client's last event id, ``retry`` its
-    reconnection time in milliseconds, ``comment`` adds a ``:`` line that
-    clients ignore.
+    ``data`` that is a ``str`` goes as one ``data:`` line per line of it
+    (``""``: one empty ``data:`` line, a message of no text); any other
+    value as JSON; None, or none given, as no data field, which clients
+    dispatch no message for. ``event`` names its type, ``id`` sets the
+    client's last event id, ``retry`` its reconnection time in
+    milliseconds, ``comment`` adds a ``:`` line that clients ignore:
+    ``Event(comment="keep-alive")`` alone is a keep-alive clients never see.
     """
 
-    data: Any = ""
+    data: Any = None
     event: str | None = None
     id: str | None = None
     retry: int | None = None
@@ -381,6 +403,26 @@ def _check_no_body(status: int, body: bytes | str) -> None:
             " (RFC 9110 section 6.4.1). Either leave out the body, or answer with a"
             " status that has one, such as 200."
         )
+
+
+def _check_length_framing(status: int, body: bytes, headers: Headers) -> None:
+    """Refuse framing headers that contradict the ``Content-Length`` the
+    layer frames an unchunked body with: clients would wait for bytes that
+    never come, or read what is left over as the next response."""
+    for name, value in _header_items(headers):
+        if name.lower() == "transfer-encoding":
+            raise ConfigurationError(
+                f"headers: {name}: {value}: this response is sent whole, with a Content-Length, and the header"
+                " would make clients wait for chunks that never come. To send the body in chunks, leave out"
+                " the header and write chunked=True (or respond_stream() for a body sent piece by piece)."
+            )
+        # A 304 may give the length a 200 would have (RFC 9110 section 8.6); 1xx and 204 carry no body either.
+        if name.lower() == "content-length" and not _has_no_body(status) and value.strip() != str(len(body)):
+            raise ConfigurationError(
+                f"headers: {name}: {value}, but the body is {len(body)} bytes: clients would wait for bytes"
+                " that never come, or read the rest as the next response. Leave the header out (the layer"
+                " sends the body's length, for HEAD too); for a body cut short, write truncate=N."
+            )
 
 
 def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
@@ -946,7 +988,7 @@ def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], show
     if expectation.times is not None and expectation.count > expectation.times:
         lines = [f"    {request.summary()}" for request in expectation.counted]
         return ".\n  The requests it counted:\n" + "\n".join(lines)
-    differing = [(request, found) for request in requests if (found := expectation.differences(request))]
+    differing = [(request, found) for request in requests if (found := _reported_differences(expectation, request))]
     if not differing:
         if not requests:
             return "; no requests arrived at all"
@@ -956,6 +998,18 @@ def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], show
     near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
     lines = [f"    {request.summary()}: {'; '.join(found)}" for request, found in near]
     return ".\n  Closest requests that arrived:\n" + "\n".join(lines)
+
+
+def _reported_differences(expectation: Expectation, request: RecordedRequest) -> list[str]:
+    """How ``request`` differs from ``expectation``, for the report; its
+    ``match`` function raising on it means it did not match it, and the
+    report says so rather than become that exception (the server error it
+    caused when the request came is reported too)."""
+    try:
+        return expectation.differences(request)
+    except Exception as error:  # noqa: BLE001 -- the test's own function, whatever it raises
+        name = getattr(expectation.match, "__qualname__", repr(expectation.match))
+        return [f"{name}(request) raised {type(error).__name__}: {error}"]
 
 
 class ContentHandler(custom.RequestHandler):
@@ -1006,11 +1060,11 @@ class ContentHandler(custom.RequestHandler):
         # HTTP/1.0 knows no chunks: closing the connection ends the body.
         until_close = chunked and self.request_version < "HTTP/1.1"
         headers = _header_items(response.headers)
-        self.send_response(response.status)
-        for name, value in headers:
-            self.send_header(name, value)
+        self._send_status(response.status, headers)
         if until_close:
             self.send_header("Connection", "close")
+            if response.truncate is not None:  # the length of the whole, so that the cut shows
+                self.send_header("Content-Length", str(len(body)))
         elif chunked:
             self.send_header("Transfer-Encoding", "chunked")
         elif not bodiless and "content-length" not in {name.lower() for name, _ in headers}:
@@ -1030,15 +1084,40 @@ class ContentHandler(custom.RequestHandler):
                 return
             self.end_headers()
             half = len(body) // 2
-            pieces = response.chunks if response.chunks is not None else (body[:half], body[half:])
-            for index, piece in enumerate(pieces):
-                if index and response.interval and not self._client_waits(response.interval):
+            chunks = response.chunks if response.chunks is not None else (body[:half], body[half:])
+            # A list ends with its last chunk; a generator when asked for one more.
+            count = len(chunks) if isinstance(chunks, tuple) else None
+            pieces = iter(chunks)
+            sent = 0
+            while count is None or sent < count:
+                if sent and response.interval and not self._client_waits(response.interval):
                     self.close_connection = True  # the body is cut: the connection must end
                     return
+                # Read once it is due, not before the wait: a generator's chunk
+                # is fresh, and one whose client left stays for the next request.
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                sent += 1
                 if piece:  # an empty chunk would end the body
                     self.wfile.write(piece if until_close else b"%x\r\n%s\r\n" % (len(piece), piece))
             if not until_close:
                 self.wfile.write(b"0\r\n\r\n")
+
+    def _send_status(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Start the head with ``status`` and ``headers``: http.server's
+        ``Server`` and ``Date`` fields unless ``headers`` give their own (a
+        cached answer's old Date), which would otherwise go out next to
+        them, two of each."""
+        self.log_request(status)
+        self.send_response_only(status)
+        given = {name.lower() for name, _ in headers}
+        if "server" not in given:
+            self.send_header("Server", self.version_string())
+        if "date" not in given:
+            self.send_header("Date", self.date_time_string())
+        for name, value in headers:
+            self.send_header(name, value)
 
     def _send_head_with(self, body: bytes) -> None:
         """End the head and send it together with ``body``, if that is small.

@@ -21,6 +21,7 @@ without a second authority to configure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -28,6 +29,7 @@ import re
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import urllib.request
@@ -363,9 +365,16 @@ async def _closed(writer: asyncio.StreamWriter) -> None:
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until end of stream, then pass the end on."""
+    """Copy until end of stream, then pass the end on: a reset as a reset."""
     try:
-        while data := await reader.read(65536):
+        while True:
+            try:
+                data = await reader.read(65536)
+            except ConnectionResetError:
+                _reset(writer)
+                return
+            if not data:
+                break
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
@@ -374,6 +383,17 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
     except OSError:  # reset, not connected any more (ENOTCONN from write_eof), TLS errors
         writer.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer``'s connection with a TCP reset (``SO_LINGER`` 0), as
+    the other side's was: a server's ``respond(reset=True)`` reaches its
+    client as the reset it is, not as an orderly close."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 class TrustLayer(plone.testing.Layer):

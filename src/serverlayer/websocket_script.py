@@ -188,6 +188,16 @@ def message_differences(match: object, message: Message) -> list[str]:
     return json_differences(match, parsed)
 
 
+def _reported_differences(match: object, message: Message) -> list[str]:
+    """``message_differences`` for the report of an unmet expectation: a
+    function ``match`` raising on the message did not match it, and the
+    report says so rather than become that exception."""
+    try:
+        return message_differences(match, message)
+    except Exception as error:  # noqa: BLE001 -- the test's own function, whatever it raises
+        return [f"{getattr(match, '__qualname__', repr(match))} raised {type(error).__name__}: {error}"]
+
+
 @dataclasses.dataclass
 class _MessageRule:
     """Messages that ``match`` accepts, and the reply they get."""
@@ -359,7 +369,7 @@ class WebSocketScript:
         if rule.times is not None and rule.count > rule.times:
             return ".\n  The messages it counted:\n" + "\n".join(f"    {_show(message)}" for message in rule.counted)
         differing = [(message, found) for message in self._received
-                     if (found := message_differences(rule.match, message))]
+                     if (found := _reported_differences(rule.match, message))]
         if not differing:
             if not self._received:
                 return "; no messages arrived" if self._connections else "; no client connected"

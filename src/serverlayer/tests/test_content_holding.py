@@ -189,6 +189,27 @@ class NextRequestTests(unittest.TestCase):
         self.assertEqual(response.headers["X-Answered"], "by the test")
         self.assertEqual(response.headers["Content-Type"], "application/json")
 
+    def test_a_json_answer_with_a_content_type_of_its_own_sends_that_one(self):
+        self.content.route("/problem").hold()
+        client = send(self, "GET", self.content.url_for("/problem"))
+        with self.content.next_request() as request:
+            request.respond_json({"title": "Bad"}, status=400, headers={"content-type": "application/problem+json"})
+        response = client.answer(self)
+        self.assertEqual((response.status_code, response.json()), (400, {"title": "Bad"}))
+        self.assertEqual(response.headers["Content-Type"], "application/problem+json")  # one field, not two joined
+
+    def test_a_1xx_status_is_refused_and_the_client_gets_the_final_answer(self):
+        self.content.route("/interim").hold()
+        client = send(self, "GET", self.content.url_for("/interim"))
+        with self.content.next_request() as request:
+            for answer in (lambda: request.respond(status=103), lambda: request.respond_json({}, status=100)):
+                with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                    answer()
+                self.assertIn("a 1xx status is an interim response", str(caught.exception))
+            request.respond("final", status=200)
+        response = client.answer(self)
+        self.assertEqual((response.status_code, response.text), (200, "final"))
+
     def test_a_json_answer_is_200_unless_said_otherwise(self):
         self.content.route("/plain-json").hold()
         client = send(self, "GET", self.content.url_for("/plain-json"))

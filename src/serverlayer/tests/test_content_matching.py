@@ -192,6 +192,23 @@ class NearMissTests(unittest.TestCase):
         self.assertIn("body is no form (Content-Type application/json)", text)
         self.assertIn("body is no JSON: b'a=1'", text)
 
+    def test_a_match_function_that_raises_is_reported_as_not_matching(self):
+        def order_seven(request):
+            return request.json()["id"] == 7
+
+        self.http_content.expect("/orders", "POST", match=order_seven).respond("ok")
+        with self.assertRaises(requests.ConnectionError):  # the function failed the request
+            requests.post(self.url + "orders", data={"id": "7"}, timeout=10)  # a form, no JSON
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        [error] = self.layer.server_errors.take()
+        self.assertIn("JSONDecodeError", error)
+        self.assertIn(
+            "  Closest requests that arrived:\n    POST /orders (4 bytes):"
+            " NearMissTests.test_a_match_function_that_raises_is_reported_as_not_matching.<locals>.order_seven"
+            "(request) raised JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
+            self.failure(),
+        )
+
     def test_many_differences_are_cut_short(self):
         self.http_content.expect("/bulk", json={f"k{n}": n for n in range(8)})
         requests.post(self.url + "bulk", json={f"k{n}": -n - 1 for n in range(8)}, timeout=10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import socket
+import ssl
 import time
 import unittest
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from serverlayer import ConfigurationError, content
 from serverlayer.content import Response
 
 PROTOCOL_CONTENT = content.Layer(name="PROTOCOL_CONTENT")
+PROTOCOL_CONTENT_TLS = content.Layer(name="PROTOCOL_CONTENT_TLS", tls=True)
 
 
 class _NeverClosed(io.BytesIO):
@@ -84,13 +86,27 @@ class BodilessStatusTests(unittest.TestCase):
             self.assertRegex(message, r"A (204|304) response has no body")
             self.assertIn("leave out the body", message)
 
-    def test_a_body_for_any_1xx_status_is_refused_and_shown(self):
-        for status in (100, 199):
-            with self.subTest(status=status), self.assertRaises(ConfigurationError) as caught:
-                self.http_content.route("/x").respond("0123456789" * 4, status=status)
-            self.assertIn(f"A {status} response has no body, yet this one was given"
-                          " '012345678901234567890123456789':", str(caught.exception))
-        self.http_content.route("/x").respond("a body", status=200)  # 200 has one
+    def test_a_1xx_status_is_refused_as_an_answer_however_given(self):
+        # An interim response alone leaves the client waiting for the final one.
+        route = self.http_content.route("/hints")
+        for programme in (
+            lambda: route.respond(status=103, headers={"Link": "</style.css>; rel=preload"}),
+            lambda: route.respond("0123456789", status=100),
+            lambda: route.respond_json({"a": 1}, status=102),
+            lambda: route.respond_stream(["a"], status=101),
+            lambda: route.respond_sse(["a"], status=199),
+            lambda: route.respond_sequence(Response(103)),
+            lambda: Response.json([1], status=100),
+            lambda: self.http_content.serve_content("", code=103),
+        ):
+            with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                programme()
+            message = str(caught.exception)
+            self.assertRegex(message, r"^(status|code)=1\d\d: a 1xx status is an interim response")
+            self.assertIn("Answer with a final status, 200 to 999", message)
+        route.respond(status=200, headers={"Link": "</style.css>; rel=preload"})
+        with requests.get(self.layer["http_url"] + "hints", timeout=5) as response:
+            self.assertEqual((response.status_code, response.headers["Link"]), (200, "</style.css>; rel=preload"))
 
     def test_204_and_304_have_no_length_and_the_connection_goes_on(self):
         self.http_content.route("/deleted", "DELETE").respond(status=204, headers={"X-Done": "yes"})
@@ -159,6 +175,17 @@ class HTTP10Tests(unittest.TestCase):
                 self.assertIn(b"\r\nConnection: close", head)
                 self.assertEqual(body, b"sent in chunks to HTTP/1.1")
 
+    def test_a_chunked_answer_cut_short_tells_an_http_10_client_its_whole_length(self):
+        # Without chunks or a length, the cut would look like the end of the body.
+        self.http_content.route("/cut").respond("0123456789", truncate=4, chunked=True)
+        data = exchange(self.layer, b"GET /cut HTTP/1.0\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 10\r\n", head + b"\r\n")
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(body, b"0123")
+        with self.assertRaises(http.client.IncompleteRead):
+            parse_responses(data, ["GET"])
+
 
 class ChunkedTests(unittest.TestCase):
     layer = PROTOCOL_CONTENT
@@ -180,6 +207,143 @@ class ChunkedTests(unittest.TestCase):
         [(status, headers, body)], rest = parse_responses(data, ["GET"])
         self.assertEqual((status, headers["Transfer-Encoding"], body, rest),
                          (200, "chunked", b"chunked for 1.1 and later", b""))
+
+
+class HeaderTests(unittest.TestCase):
+    """The headers a test gives go out as given, once each, in place of the layer's own."""
+
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_content_type_given_replaces_the_json_default(self):
+        self.http_content.route("/problem").respond_json(
+            {"title": "Bad"}, status=400, headers={"Content-Type": "application/problem+json"})
+        self.http_content.route("/lower").respond_sequence(
+            Response.json([1], headers=[("content-type", "application/vnd.api+json")]))
+        self.http_content.route("/plain").respond_json({"a": 1})
+        data = exchange(self.layer, b"GET /problem HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /lower HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [problem, lower, plain], rest = parse_responses(data, ["GET", "GET", "GET"])
+        self.assertEqual((problem[0], problem[1].get_all("Content-Type"), problem[2]),
+                         (400, ["application/problem+json"], b'{"title": "Bad"}'))
+        self.assertEqual(lower[1].get_all("Content-Type"), ["application/vnd.api+json"])
+        self.assertEqual(plain[1].get_all("Content-Type"), ["application/json"])
+        self.assertEqual(rest, b"")
+
+    def test_a_date_or_server_given_replaces_the_servers_own(self):
+        self.http_content.route("/old").respond("cached", headers={
+            "Date": "Mon, 01 Jan 2024 00:00:00 GMT", "server": "nginx/1.25", "Cache-Control": "max-age=60"})
+        self.http_content.route("/new").respond("fresh")
+        data = exchange(self.layer, b"GET /old HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [old, new], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((old[1].get_all("Date"), old[1].get_all("Server"), old[2]),
+                         (["Mon, 01 Jan 2024 00:00:00 GMT"], ["nginx/1.25"], b"cached"))
+        [server] = new[1].get_all("Server")
+        self.assertEqual((len(new[1].get_all("Date")), server.split("/")[0], rest), (1, "BaseHTTP", b""))
+
+
+class FramingTests(unittest.TestCase):
+    """A response goes out framed one way, the layer's: headers that would
+    frame it otherwise are refused when the test declares them."""
+
+    layer = PROTOCOL_CONTENT
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_transfer_encoding_header_on_a_whole_body_is_refused(self):
+        route = self.http_content.route("/te")
+        for programme in (
+            lambda: route.respond("hello", headers={"Transfer-Encoding": "chunked"}),
+            lambda: route.respond(headers=[("transfer-encoding", "gzip")], status=204),
+            lambda: route.respond_json({"a": 1}, headers={"Transfer-Encoding": "chunked"}),
+            lambda: route.respond_sequence(Response(200, "hello", {"Transfer-Encoding": "chunked"})),
+            lambda: self.http_content.serve_content("hello", headers={"Transfer-Encoding": "chunked"}),
+        ):
+            with self.subTest(), self.assertRaises(ConfigurationError) as caught:
+                programme()
+            self.assertIn("leave out the header and write chunked=True", str(caught.exception))
+        route.respond("hello", chunked=True)  # what the header meant: chunks, framed by the layer
+        data = exchange(self.layer, b"GET /te HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [(status, headers, body)], rest = parse_responses(data, ["GET"])
+        self.assertEqual((status, headers.get_all("Transfer-Encoding"), headers["Content-Length"], body, rest),
+                         (200, ["chunked"], None, b"hello", b""))
+
+    def test_a_content_length_other_than_the_bodys_is_refused(self):
+        route = self.http_content.route("/length")
+        for headers in ({"Content-Length": "3"}, {"content-length": "6"}, {"Content-Length": "five"}):
+            with self.subTest(headers=headers), self.assertRaises(ConfigurationError) as caught:
+                route.respond("hello", headers=headers)
+            self.assertIn("but the body is 5 bytes", str(caught.exception))
+        with self.assertRaises(ConfigurationError):
+            route.respond("héllo", headers={"Content-Length": "5"})  # six bytes in UTF-8
+
+    def test_a_content_length_that_is_the_bodys_goes_out_once(self):
+        self.http_content.route("/length").respond("héllo", headers={"Content-Length": "6"})
+        # A 304 may name the length a 200 would have (RFC 9110 section 8.6).
+        self.http_content.route("/cached").respond(status=304, headers={"Content-Length": "1234"})
+        data = exchange(self.layer, b"GET /length HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /cached HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [length, cached], rest = parse_responses(data, ["GET", "GET"])
+        self.assertEqual((length[1].get_all("Content-Length"), length[2]), (["6"], "héllo".encode()))
+        self.assertEqual((cached[0], cached[1].get_all("Content-Length"), cached[2], rest),
+                         (304, ["1234"], b"", b""))
+
+
+def tls_exchange(layer, data: bytes) -> bytes:
+    """Send ``data`` over TLS on one connection and read until the server
+    ends it (its TLS close_notify, or the TCP connection's end). The TLS is
+    done in memory over a plain socket, so that a TCP reset raises
+    ``ConnectionResetError``: Python's ssl sockets, with OpenSSL 3, report
+    one as an end of stream like any other."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = layer["ssl_context"].wrap_bio(incoming, outgoing, server_hostname="localhost")
+    received = b""
+    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+        handshaken = False
+        while True:
+            if not handshaken:
+                try:
+                    tls.do_handshake()
+                    handshaken = True
+                    tls.write(data)
+                except ssl.SSLWantReadError:
+                    pass
+            sock.sendall(outgoing.read())
+            chunk = sock.recv(65536)  # a reset raises here
+            if not chunk:
+                return received
+            incoming.write(chunk)
+            while handshaken:
+                try:
+                    decrypted = tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    return received
+                if not decrypted:  # the server's close_notify
+                    return received
+                received += decrypted
+
+
+class TLSResetTests(unittest.TestCase):
+    layer = PROTOCOL_CONTENT_TLS
+
+    def setUp(self):
+        self.http_content = self.layer["http_content"]
+
+    def test_a_reset_reaches_the_client_through_tls_as_a_reset(self):
+        self.http_content.route("/reset").respond(reset=True)
+        self.http_content.route("/fine").respond("fine")
+        answer = tls_exchange(self.layer, b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nfine"), answer)
+        with self.assertRaises(ConnectionResetError):
+            tls_exchange(self.layer, b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
 
 
 class GivingUpTests(unittest.TestCase):

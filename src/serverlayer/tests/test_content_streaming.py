@@ -68,6 +68,37 @@ class StreamTests(unittest.TestCase):
         self.assertGreaterEqual(int(line.split()[1]), 5)
         self.assertTrue(self.layer["httpd"].wait_quiet(5))
 
+    def test_a_generators_chunk_is_read_when_it_is_due_not_an_interval_before(self):
+        read_at = []
+
+        def now():
+            for _ in range(2):
+                read_at.append(time.monotonic())
+                yield f"{read_at[-1]}\n"
+
+        self.http_content.route("/now").respond_stream(now(), interval=0.2)
+        with self.client.stream("GET", "/now") as response:
+            lines = list(response.iter_lines())
+        self.assertEqual(lines, [f"{at}" for at in read_at])
+        # Only a lower bound: a busy machine stretches the pause, never shrinks it.
+        self.assertGreaterEqual(read_at[1] - read_at[0], 0.2)
+
+    def test_a_client_leaving_a_generators_stream_leaves_its_next_chunk_to_the_next_request(self):
+        read = []
+
+        def ticks():
+            for number in itertools.count():
+                read.append(number)
+                yield f"tick {number}\n"
+
+        # The first chunk goes at once; the client leaves during the long pause after it.
+        self.http_content.route("/ticks").respond_stream(ticks(), interval=30)
+        for expected in ("tick 0", "tick 1"):
+            with self.client.stream("GET", "/ticks") as response:
+                self.assertEqual(next(response.iter_lines()), expected)
+            self.assertTrue(self.layer["httpd"].wait_quiet(5))  # the stream saw its client leave
+        self.assertEqual(read, [0, 1])
+
     def test_server_sent_events_from_a_generator(self):
         def events():
             yield {"delta": "Hel"}
@@ -216,6 +247,13 @@ class SSETests(unittest.TestCase):
             "data: line one", "data: line two", "data: line three", "",
             "retry: 0", "",
         ])
+
+    def test_a_comment_alone_sends_no_data_and_empty_data_is_a_message(self):
+        self.http_content.route("/events").respond_sse(
+            [Event(comment="keep-alive"), Event(""), Event(event="ping", id="3"), "Hi"])
+        _, lines = self.read_lines("/events")
+        # Clients dispatch a message for a data line alone: "" for Event(""), none for the others.
+        self.assertEqual(lines, [": keep-alive", "", "data: ", "", "event: ping", "id: 3", "", "data: Hi", ""])
 
     def test_headers_given_win_over_the_defaults(self):
         self.http_content.route("/events").respond_sse(["x"], headers={"content-type": "text/event-stream"})

@@ -501,6 +501,25 @@ class ScriptCheckTests(unittest.TestCase):
                       "<locals>.is_greeting on WebSocket /feed once", text)
         self.assertIn("expected a message of type bytes on WebSocket /feed once", text)
 
+    def test_a_match_function_that_raises_is_reported_as_not_matching(self):
+        def subscribes(message):
+            return json.loads(message)["op"] == "subscribe"
+
+        script = self.http_content.websocket("/feed").expect(subscribes)
+        with ws_connect(self.layer, "/feed") as client:
+            client.send("hello")  # no JSON: the function raises, and the server closes the connection
+            with contextlib.suppress(ConnectionClosed):
+                client.recv(timeout=10)
+        self.assertTrue(self.layer["httpd"].wait_quiet(5))
+        self.layer.server_errors.take()
+        self.assertEqual(script.received, ["hello"])
+        self.assertIn(
+            "  Closest messages that arrived:\n    'hello': ScriptCheckTests.test_a_match_function_that_raises_is"
+            "_reported_as_not_matching.<locals>.subscribes raised JSONDecodeError: Expecting value: line 1 column 1"
+            " (char 0)",
+            self.failure_text(),
+        )
+
     def test_a_message_a_rule_answers_is_not_unexpected(self):
         self.http_content.websocket("/feed").expect("hello").on_message("ping", "pong")
         self.talk("ping", "hello")
