@@ -956,6 +956,10 @@ class UvicornServer(AsyncioServer):
             if task not in self.given_up and (not websockets_only or task in self.websocket_protocols):
                 self.given_up[task] = test
                 task.add_done_callback(self._forget_given_up)
+        if test:  # those a wait for quiet gave up on meanwhile (WebSockets whose client left) are its test's too
+            for task, given_by in self.given_up.items():
+                if not given_by:
+                    self.given_up[task] = test
 
     def _forget_given_up(self, task: asyncio.Task[None]) -> None:
         self.given_up.pop(task, None)
@@ -1061,6 +1065,7 @@ class Layer(HTTPLayer):
     def _check_shutdown(self, server: object) -> None:
         if isinstance(server, UvicornServer) and server.shutdown_failure:
             failure, server.shutdown_failure = server.shutdown_failure, None
+            self._tear_down_raised = True
             raise ServerSideError(
                 f"{self!r}: the application's lifespan shutdown failed (the server"
                 f" is stopped all the same):\n\n{failure}"

@@ -870,7 +870,11 @@ class HandlerServer(socketserver.BaseServer):
         """End the connections whose client sent part of a request and
         nothing more: the test that sent it is over, and the worker reading
         the rest would wait for ever (http.server reads without a timeout).
-        A request whose bytes are all there is left to be served."""
+
+        Only once the end of the test waited for its requests in vain: a
+        request whose bytes have all arrived may still be being read from
+        the worker's buffer, which nothing tells apart from a worker waiting
+        for more; by then such a request is served."""
         with self._connections_lock:
             stalled = [
                 conversation for conversation in self._connections.values()
@@ -920,7 +924,6 @@ class HandlerServer(socketserver.BaseServer):
             self.ending = Deadline(timeout)
             self._cut_writes()
             self._recall(Deadline(timeout))
-        self._cut_reads()
 
     def allow_waits(self) -> None:
         """Let workers wait on their connections again (``end_waits``)."""

@@ -197,6 +197,15 @@ def _port_number(value: object, *, owner: str, source: str) -> int:
     return port
 
 
+def _takes_test(give_up: Any) -> bool:
+    """Whether a server's ``give_up`` takes the ended test's name (a server
+    of a layer's own may predate it)."""
+    try:
+        return "test" in inspect.signature(give_up).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
+
+
 class ServerLayer(plone.testing.Layer):
     """A layer that runs a server from ``setUp`` until ``tearDown``.
 
@@ -376,6 +385,8 @@ class ServerLayer(plone.testing.Layer):
                 self.tearDown()
             except ServerSideError:
                 pass  # raised while the set-up failed: the set-up's error says why
+            finally:
+                self._tear_down_raised = None  # it never served: not set up, rather than torn down
             raise
 
     def tearDown(self) -> None:
@@ -386,6 +397,9 @@ class ServerLayer(plone.testing.Layer):
         running, self._running = self._running, None
         sockets, self._sockets = self._sockets, []
         self.server_errors.settle = None
+        served = running is not None
+        if served:
+            self._tear_down_raised = True  # until it returns
         try:
             if running is not None:
                 running.stop(timeout=self.stop_timeout)
@@ -395,12 +409,12 @@ class ServerLayer(plone.testing.Layer):
             for key in reversed(self._published):
                 del self[key]
             self._published.clear()
-        self._tear_down_raised = True
         if self.report_server_errors:
             self.server_errors.check_after_last_test()
         else:
             self.server_errors._clear()
-        self._tear_down_raised = False
+        if served:
+            self._tear_down_raised = False
 
     def __enter__(self: _Layer) -> _Layer:
         """Run the server for a ``with`` block, outside any test runner's
@@ -482,7 +496,7 @@ class ServerLayer(plone.testing.Layer):
             give_up = getattr(running.server, "give_up", None)  # a server of a layer's own may have none
             if give_up is not None:
                 test = running_test() or pytest_test(self)
-                if test is not None and "test" in inspect.signature(give_up).parameters:
+                if test is not None and _takes_test(give_up):
                     give_up(test=test.id())  # named in what those requests raise later
                 else:
                     give_up()

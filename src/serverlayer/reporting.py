@@ -237,6 +237,17 @@ def _joined(errors: list[str]) -> str:
     return "\n\n".join(errors)
 
 
+class _ServerLogger(logging.Logger):
+    """A logger that ``logging.disable()`` does not silence: a suite that
+    turns logging off to keep its output quiet must not turn off the
+    layer's reports of server errors. (Outside the registry, a logger's
+    cache of what is enabled would also keep what it found while logging
+    was off: ``logging.disable`` and ``setLevel`` clear registered ones only.)"""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level >= self.getEffectiveLevel()
+
+
 def server_logger(name: str, parent: logging.Logger | None = None) -> logging.Logger:
     """A logger of one server's own (or, given ``parent``, a part of it
     that logs through it), outside ``logging``'s registry.
@@ -248,7 +259,7 @@ def server_logger(name: str, parent: logging.Logger | None = None) -> logging.Lo
     propagates to the root: a handler there printing to the terminal would
     print every server error, which the layer reports itself.
     """
-    logger = logging.Logger(name)
+    logger = _ServerLogger(name)
     if parent is None:
         logger.setLevel(logging.DEBUG if verbose() else logging.WARNING)
         logger.propagate = False

@@ -375,14 +375,17 @@ class ServerThread:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
-        ready = self._ready
-        assert ready is not None
         try:
-            self.server.serve(ready.set)
+            self.server.serve(self._became_ready)
         except BaseException as exc:
             self.failure = exc
         finally:
             # Wake ``start`` if the loop died before it became ready.
+            self._became_ready()
+
+    def _became_ready(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:
             ready.set()
 
     def start(self, *, owner: str) -> None:
@@ -390,8 +393,6 @@ class ServerThread:
         self._ready = ready = threading.Event()
         self.thread.start()
         became_ready = ready.wait(READY_TIMEOUT)
-        if became_ready:  # so the thread read it
-            self._ready = None
         if self.failure is not None or not became_ready:
             if self.failure is not None:
                 self.thread.join(READY_TIMEOUT)  # the loop is over; let its thread end

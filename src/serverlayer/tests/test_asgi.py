@@ -32,7 +32,7 @@ import websockets.exceptions
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as _connect
 
-from serverlayer import ConfigurationError, ServerSideError, SetUpError, asgi
+from serverlayer import ConfigurationError, ResourceError, ServerSideError, SetUpError, asgi
 from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog
 from serverlayer.server import PlainAccepting, ServerThread, _first_read, remembering
@@ -850,6 +850,10 @@ class LifespanTests(unittest.TestCase):
         self.assertIn("lifespan shutdown failed", str(caught.exception))
         self.assertIn("RuntimeError: could not flush the cache", str(caught.exception))
         self.assertEqual(layer._resources, {})
+        with self.assertRaises(ResourceError) as missing:  # under zope.pytestlayer, the next test's
+            layer["http_url"]
+        self.assertIn("was torn down, so it has no 'http_url' resource any more. Its tearDown raised",
+                      str(missing.exception))
         layer.tearDown()  # the failure was reported once
 
     def test_a_shutdown_failure_with_a_message_is_reported_once(self):
@@ -947,6 +951,33 @@ class ServerErrorTests(unittest.TestCase):
         with self.assertRaises(ServerSideError) as caught:
             layer.check_server_errors()
         self.assertIn("RuntimeError: raised after the client left", str(caught.exception))
+
+    def test_an_error_of_a_websocket_a_test_left_running_names_that_test(self):
+        go = asyncio.Event()
+
+        async def goes_on_after_its_client(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+                await go.wait()
+                raise RuntimeError("raised after its test ended")
+
+        layer = set_up_by_hand(self, asgi.Layer(goes_on_after_its_client, name="asgi_ws_left_running"))
+        layer.quiet_timeout = 0.1
+        with ws_connect(layer["ws_url"], open_timeout=5):
+            pass
+        layer.check_after_test()  # this test's end waits for it in vain, and gives up on it
+        layer.testTearDown()
+        layer.testSetUp()  # the next test
+        layer["httpd"].loop.call_soon_threadsafe(go.set)
+        with self.assertRaises(ServerSideError) as caught:
+            deadline = time.monotonic() + 5
+            while not layer.server_errors._errors and time.monotonic() < deadline:
+                time.sleep(0.01)
+            layer.server_errors.check()
+        self.assertIn(f"raised by a request that an earlier test, {self.id()}, left running", str(caught.exception))
 
     def test_a_websocket_application_going_on_without_its_client_holds_up_one_test_end_only(self):
         async def never_reads_again(scope, receive, send):

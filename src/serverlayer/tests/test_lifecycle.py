@@ -237,6 +237,9 @@ class BadAddressTests(unittest.TestCase):
         self.assertEqual(caught.exception.__cause__.errno, errno.EADDRINUSE)
         self.assertNotIn("http_port", layer)
         layer.tearDown()  # harmless after a failed setUp
+        with self.assertRaises(ResourceError) as missing:
+            layer["http_url"]
+        self.assertIn("busy_port> is not set up", str(missing.exception))  # it never was
 
     def test_busy_port_preset_by_environment_names_the_variable(self):
         with socket.socket() as occupier, mock.patch.dict(os.environ, {"SERVERLAYER_HTTP_HOST": "127.0.0.1"}):

@@ -15,7 +15,7 @@ from unittest import mock
 
 from serverlayer import LayerIdentityError, ServerSideError, wsgi
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, pytest_test, running_test
-from serverlayer.tests.helpers import run_testrunner
+from serverlayer.tests.helpers import run_testrunner, set_up_by_hand
 
 
 @functools.cache
@@ -285,6 +285,35 @@ class ErrorLogHandlerTests(unittest.TestCase):
         logger = self.log_to(ErrorLogHandler(errors))
         logger.exception("outside any except block")
         self.assertEqual(errors.take(), ["outside any except block"])
+
+
+class LoggingDisabledTests(unittest.TestCase):
+    """A suite that turns logging off (``logging.disable``) to keep its
+    output quiet does not turn off the layers' reports of server errors."""
+
+    def test_server_errors_are_reported_while_logging_is_disabled_and_after(self):
+        from serverlayer import asgi, wsgi
+
+        def wsgi_app(environ, start_response):
+            raise RuntimeError("raised while logging was off")
+
+        async def asgi_app(scope, receive, send):
+            if scope["type"] == "http":
+                raise RuntimeError("raised while logging was off")
+
+        for layer in (wsgi.Layer(wsgi_app, name="logging_off_wsgi"), asgi.Layer(asgi_app, name="logging_off_asgi")):
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                for disabled in (True, False):  # and its logger does not stay off afterwards
+                    logging.disable(logging.CRITICAL if disabled else logging.NOTSET)
+                    try:
+                        with self.assertRaises(urllib.error.HTTPError) as answer:
+                            urllib.request.urlopen(layer["http_url"], timeout=5)
+                        answer.exception.close()
+                    finally:
+                        logging.disable(logging.NOTSET)
+                    [error] = layer.server_errors.take()
+                    self.assertIn("RuntimeError: raised while logging was off", error)
 
 
 class RunningTestSearchTests(unittest.TestCase):

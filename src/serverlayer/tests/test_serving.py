@@ -446,8 +446,9 @@ class StalledHeadTearDownTests(unittest.TestCase):
 class HalfSentRequestTests(unittest.TestCase):
     """The end of a test while a client has sent part of a request and
     stopped (its test failed midway, say): the worker reading the rest
-    waits without a timeout, so the end of the test ends the connection,
-    rather than waiting for quiet in vain and leaving the worker behind."""
+    waits without a timeout, so once the end of the test waited for it in
+    vain (``quiet_timeout``), it ends the connection, rather than leave
+    the worker behind."""
 
     HALVES = {
         "half a request line": b"GET /file HT",
@@ -462,6 +463,7 @@ class HalfSentRequestTests(unittest.TestCase):
     def test_the_end_of_the_test_ends_a_request_left_half_sent(self):
         for tls in (False, True):
             for layer in every_http_layer(f"half_sent_{'tls' if tls else 'plain'}", tls=tls):
+                layer.quiet_timeout = 0.1
                 set_up_by_hand(self, layer)
                 for what, data in self.HALVES.items():
                     with self.subTest(layer=layer, what=what):
@@ -495,8 +497,30 @@ class HalfSentRequestTests(unittest.TestCase):
             layer.testSetUp()  # for the cleanup's testTearDown
             if not isinstance(layer, wsgi.Layer):  # waitress keeps the connection for the client to finish
                 self.assertNotIn(b"HTTP/1.1 200", read_until_closed(sock))  # closed: no TimeoutError
-        # A few ms; without the cut, the 1 s wait for quiet and the 1 s join.
-        self.assertLess(took, 0.5)
+        # The wait for quiet; without the cut, the 1 s join too, in vain.
+        self.assertLess(took, layer.quiet_timeout + 0.5)
+
+    def test_a_request_all_sent_is_served_though_the_test_ends_while_it_is_read(self):
+        reading, proceed = threading.Event(), threading.Event()
+
+        class SlowToRead(EchoHandler):
+            def parse_request(self):
+                reading.set()  # every byte of the request has arrived: its head is read
+                proceed.wait(CLIENT_TIMEOUT)
+                return super().parse_request()
+
+        layer = set_up_by_hand(self, custom.Layer(SlowToRead, name="slow_to_read"))
+        with connect(layer) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            self.assertTrue(reading.wait(CLIENT_TIMEOUT))
+            # The test ends while the worker reads what came; it goes on
+            # meanwhile, well within the wait for quiet.
+            threading.Timer(0.05, proceed.set).start()
+            layer.check_after_test()
+            layer.testTearDown()
+            layer.testSetUp()  # for the cleanup's testTearDown
+            with sock.makefile("rb") as answer:
+                self.assertEqual(read_response(answer)[::2], (200, b"hello"))
 
     def wait_until_a_worker_waits_for_the_rest(self, layer) -> None:
         """Until a worker has read what came of the request (a request whose

@@ -322,6 +322,38 @@ class BodyMismatchTests(unittest.TestCase):
         [error] = layer.server_errors.take()
         self.assertIn("GET /none: the application sent a body with 204 No Content, which has none", error)
 
+    def test_a_304_announcing_the_length_of_the_200_is_no_error(self):
+        # RFC 9110 section 8.6: a 304 may carry the Content-Length a 200 would.
+        layer = self.serve("304 Not Modified", [("Content-Length", "1234"), ("ETag", '"v1"')], [])
+        with self.assertRaises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(layer["http_url"], timeout=5)
+        self.assertEqual(answer.exception.code, 304)
+        answer.exception.close()
+        self.assertEqual(layer.server_errors.take(), [])
+
+    def test_a_body_stopped_because_its_client_left_is_no_error(self):
+        left = threading.Event()
+
+        def app(environ, start_response):
+            gone = environ["waitress.client_disconnected"]
+            start_response("200 OK", [("Content-Length", str(1000 * 65536))])
+
+            def body():
+                yield b"z" * 65536
+                deadline = time.monotonic() + 5
+                while not gone() and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the next chunk takes long to make
+                left.set()  # waitress's way: stop making what no client reads
+
+            return body()
+
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="stops_for_a_client_gone"))
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(client.recv(65536).startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(left.wait(5))
+        self.assertEqual(layer.server_errors.take(), [])
+
     def test_a_head_request_and_a_fitting_body_are_no_error(self):
         layer = self.serve("200 OK", [("Content-Length", "3")], [b"a", b"bc"])
         for method in ("GET", "HEAD"):
