@@ -207,6 +207,9 @@ class _NotingWarnings(logging.LoggerAdapter):  # type: ignore[type-arg]
 class _WSGITask(WSGITask):
     #: Set when waitress warned of the application's body (``_NotingWarnings``).
     warned = False
+    #: The body bytes of a chunked answer, which waitress does not count
+    #: (``content_bytes_written`` counts those of a known length alone).
+    chunked_bytes = 0
 
     @property
     def logger(self) -> logging.LoggerAdapter:  # type: ignore[override,type-arg]
@@ -293,6 +296,8 @@ class _WSGITask(WSGITask):
             # The head still says what a GET gets (its Content-Length).
             data = b""
         super().write(data)
+        if self.chunked_response:
+            self.chunked_bytes += len(data)
         head = self.channel.head
         if head:  # no body bytes came with it
             self.channel.head = b""
@@ -342,6 +347,14 @@ class _WSGITask(WSGITask):
             self.channel.hang_up_after(self)
         finally:
             self.channel.server.request_served(self, failed)
+
+
+def _body_size(task: WSGITask) -> int:
+    """How many body bytes ``task`` sent, as wsgiref's log said."""
+    size: int = task.content_bytes_written + getattr(task, "chunked_bytes", 0)
+    if not size and task.content_length and task.has_body and task.request.command != "HEAD":
+        size = task.content_length  # a wsgi.file_wrapper, which the loop sends past the task
+    return size
 
 
 def _closing_says_so(task: WSGITask | ErrorTask, head: bytes) -> bytes:
@@ -937,7 +950,7 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         # waitress answers 500 when the application fails before it started
         # its response.
         code = "500" if failed and not task.wrote_header else task.status.split(" ", 1)[0]
-        handler.log_request(code, task.content_bytes_written)
+        handler.log_request(code, _body_size(task))
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.loop_thread = threading.get_ident()

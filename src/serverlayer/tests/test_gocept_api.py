@@ -326,6 +326,28 @@ class RequestHandlerClassTests(unittest.TestCase):
         output = self.exercise(layer, {})
         self.assertIn('"GET /logged?q=1 HTTP/1.1" 200 13', output)
 
+    def test_the_logged_size_is_the_body_sent_streamed_or_from_a_file_too(self):
+        logged = []
+
+        class Sizes(wsgi.LogWSGIRequestHandler):
+            def log_request(self, code="-", size="-"):
+                logged.append((self.path, size))
+
+        def app(environ, start_response):
+            start_response("200 OK", [])
+            if environ["PATH_INFO"] == "/file":
+                return environ["wsgi.file_wrapper"](io.BytesIO(b"f" * 1000))
+            return (b"g" * 100 for _ in range(10))  # no length: chunked
+
+        layer = wsgi.Layer(app, name="logged_sizes")
+        layer.request_handler_class = Sizes
+        set_up_by_hand(self, layer)
+        for path in ("/stream", "/file"):
+            with urllib.request.urlopen(layer["http_url"] + path.lstrip("/"), timeout=5) as response:
+                self.assertEqual(len(response.read()), 1000)
+        layer.check_server_errors()  # the log is written as each request ends
+        self.assertEqual(logged, [("/stream", 1000), ("/file", 1000)])
+
     def test_handler_overriding_more_than_logging_is_refused_at_setup(self):
         class Environ(wsgi.LogWSGIRequestHandler):
             def get_environ(self):
