@@ -117,7 +117,7 @@ class Response:
                     " header (the layer sends Transfer-Encoding: chunked, or to an HTTP/1.0 client the"
                     " body until the connection closes)."
                 )
-        else:
+        elif not self.reset:  # a reset sends no head
             _check_length_framing(self.status, self.body_bytes(), self.headers)
 
     @classmethod
@@ -246,7 +246,7 @@ def _check_status(status: object, setting: str = "status") -> int:
     if number is None or not 100 <= number <= 999:
         hint = f": write {int(status)}" if isinstance(status, str) and status.strip().isdigit() else ", such as 200"
         raise ConfigurationError(f"{setting}={status!r}: an HTTP status is a whole number from 100 to 999{hint}.")
-    if number < 200:
+    if number < 200 and number != 101:  # 101 Switching Protocols ends the HTTP exchange
         raise ConfigurationError(
             f"{setting}={status!r}: a 1xx status is an interim response, which a client reads and then waits"
             " for the final one after it; answered with it alone, the client waits until its timeout. Answer"
@@ -271,20 +271,32 @@ def _latin_1(text: str) -> bool:
 _JOINED_BODY_LIMIT = 64 * 1024
 
 
+class _NoData:
+    """``Event``'s ``data`` when none is given."""
+
+    def __repr__(self) -> str:
+        return "<no data>"
+
+
+_NO_DATA: Any = _NoData()
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     """A Server-Sent Event (WHATWG HTML, "Server-sent events").
 
     ``data`` that is a ``str`` goes as one ``data:`` line per line of it
     (``""``: one empty ``data:`` line, a message of no text); any other
-    value as JSON; None, or none given, as no data field, which clients
-    dispatch no message for. ``event`` names its type, ``id`` sets the
-    client's last event id, ``retry`` its reconnection time in
-    milliseconds, ``comment`` adds a ``:`` line that clients ignore:
-    ``Event(comment="keep-alive")`` alone is a keep-alive clients never see.
+    value as JSON; None as no data field, which clients dispatch no message
+    for. ``event`` names its type, ``id`` sets the client's last event id,
+    ``retry`` its reconnection time in milliseconds, ``comment`` adds a
+    ``:`` line that clients ignore. Without ``data``, an event with an
+    ``event``, ``id`` or ``retry`` has empty data (browsers fire no
+    listener for an event without data), and one with a ``comment`` alone
+    none: ``Event(comment="keep-alive")`` is a keep-alive clients never see.
     """
 
-    data: Any = None
+    data: Any = _NO_DATA
     event: str | None = None
     id: str | None = None
     retry: int | None = None
@@ -305,7 +317,7 @@ class Event:
             raise ConfigurationError(
                 f"Event data={bytes(self.data)[:40]!r}: events carry text; decode the bytes, or give a str."
             )
-        if self.data is not None and not isinstance(self.data, str):
+        if self.data is not None and self.data is not _NO_DATA and not isinstance(self.data, str):
             try:
                 json.dumps(self.data, allow_nan=False)
             except (TypeError, ValueError) as exc:
@@ -313,10 +325,14 @@ class Event:
 
     def encode(self) -> bytes:
         lines = [] if self.comment is None else [f": {self.comment}"]
-        lines += [f"{name}: {value}" for name, value in
+        fields = [f"{name}: {value}" for name, value in
                   (("event", self.event), ("id", self.id), ("retry", self.retry)) if value is not None]
-        if self.data is not None:
-            text = self.data if isinstance(self.data, str) else json.dumps(self.data, allow_nan=False)
+        lines += fields
+        data = self.data
+        if data is _NO_DATA:
+            data = "" if fields else None
+        if data is not None:
+            text = data if isinstance(data, str) else json.dumps(data, allow_nan=False)
             lines += [f"data: {line}" for line in _LINE_BREAK.split(text)]
         return ("\n".join(lines) + "\n\n").encode("utf-8")
 
@@ -416,13 +432,18 @@ def _check_length_framing(status: int, body: bytes, headers: Headers) -> None:
                 " would make clients wait for chunks that never come. To send the body in chunks, leave out"
                 " the header and write chunked=True (or respond_stream() for a body sent piece by piece)."
             )
-        # A 304 may give the length a 200 would have (RFC 9110 section 8.6); 1xx and 204 carry no body either.
-        if name.lower() == "content-length" and not _has_no_body(status) and value.strip() != str(len(body)):
-            raise ConfigurationError(
-                f"headers: {name}: {value}, but the body is {len(body)} bytes: clients would wait for bytes"
-                " that never come, or read the rest as the next response. Leave the header out (the layer"
-                " sends the body's length, for HEAD too); for a body cut short, write truncate=N."
-            )
+        # A 304, and an answer to HEAD (a body given empty), may give the
+        # length a 200 to GET would have (RFC 9110 section 8.6); 1xx and 204
+        # carry no body either.
+        if name.lower() == "content-length" and body and not _has_no_body(status):
+            stated = value.strip()
+            if not (stated.isascii() and stated.isdigit() and int(stated) == len(body)):
+                raise ConfigurationError(
+                    f"headers: {name}: {value}, but the body is {len(body)} bytes: clients would wait for"
+                    " bytes that never come, or read the rest as the next response. Leave the header out"
+                    " (the layer sends the body's length, for HEAD too); for a body cut short, write"
+                    " truncate=N."
+                )
 
 
 def _header_items(headers: Headers | None) -> list[tuple[str, str]]:

@@ -93,7 +93,7 @@ class BodilessStatusTests(unittest.TestCase):
             lambda: route.respond(status=103, headers={"Link": "</style.css>; rel=preload"}),
             lambda: route.respond("0123456789", status=100),
             lambda: route.respond_json({"a": 1}, status=102),
-            lambda: route.respond_stream(["a"], status=101),
+            lambda: route.respond_stream(["a"], status=102),
             lambda: route.respond_sse(["a"], status=199),
             lambda: route.respond_sequence(Response(103)),
             lambda: Response.json([1], status=100),
@@ -107,6 +107,14 @@ class BodilessStatusTests(unittest.TestCase):
         route.respond(status=200, headers={"Link": "</style.css>; rel=preload"})
         with requests.get(self.layer["http_url"] + "hints", timeout=5) as response:
             self.assertEqual((response.status_code, response.headers["Link"]), (200, "</style.css>; rel=preload"))
+
+    def test_101_is_an_answer_to_test_a_clients_upgrade_with(self):
+        # Switching Protocols ends the HTTP exchange: no answer follows it.
+        self.http_content.route("/socket").respond(
+            status=101, headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Accept": "bogus"})
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as client:
+            client.sendall(b"GET /socket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            self.assertTrue(client.recv(65536).startswith(b"HTTP/1.1 101 "))
 
     def test_204_and_304_have_no_length_and_the_connection_goes_on(self):
         self.http_content.route("/deleted", "DELETE").respond(status=204, headers={"X-Done": "yes"})
@@ -292,6 +300,18 @@ class FramingTests(unittest.TestCase):
         self.assertEqual((length[1].get_all("Content-Length"), length[2]), (["6"], "héllo".encode()))
         self.assertEqual((cached[0], cached[1].get_all("Content-Length"), cached[2], rest),
                          (304, ["1234"], b"", b""))
+
+    def test_a_content_length_without_a_body_answers_head_with_the_length_of_a_get(self):
+        # RFC 9110 section 8.6: a HEAD answer may name the length of what GET
+        # would send; a body that large need not be made to say so.
+        self.http_content.route("/big.iso", "HEAD").respond(headers={"Content-Length": "4700000000"})
+        self.http_content.route("/zero", "GET").respond("hello", headers={"Content-Length": "05"})
+        self.http_content.route("/gone").respond(reset=True, headers={"Content-Length": "100"})  # no head is sent
+        data = exchange(self.layer, b"HEAD /big.iso HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /zero HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [big, zero], rest = parse_responses(data, ["HEAD", "GET"])
+        self.assertEqual((big[0], big[1].get_all("Content-Length"), big[2]), (200, ["4700000000"], b""))
+        self.assertEqual((zero[1].get_all("Content-Length"), zero[2], rest), (["05"], b"hello", b""))
 
 
 def tls_exchange(layer, data: bytes) -> bytes:

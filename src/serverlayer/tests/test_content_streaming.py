@@ -250,10 +250,13 @@ class SSETests(unittest.TestCase):
 
     def test_a_comment_alone_sends_no_data_and_empty_data_is_a_message(self):
         self.http_content.route("/events").respond_sse(
-            [Event(comment="keep-alive"), Event(""), Event(event="ping", id="3"), "Hi"])
+            [Event(comment="keep-alive"), Event(""), Event(event="ping", id="3"), Event(None, id="4"), "Hi"])
         _, lines = self.read_lines("/events")
-        # Clients dispatch a message for a data line alone: "" for Event(""), none for the others.
-        self.assertEqual(lines, [": keep-alive", "", "data: ", "", "event: ping", "id: 3", "", "data: Hi", ""])
+        # Clients dispatch a message for an event with a data line: the
+        # comment alone and Event(None) have none; a named event without
+        # data has empty data, for a browser's listener of "ping" to fire.
+        self.assertEqual(lines, [": keep-alive", "", "data: ", "", "event: ping", "id: 3", "data: ", "",
+                                 "id: 4", "", "data: Hi", ""])
 
     def test_headers_given_win_over_the_defaults(self):
         self.http_content.route("/events").respond_sse(["x"], headers={"content-type": "text/event-stream"})
