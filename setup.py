@@ -56,7 +56,9 @@ setup(
             "websockets >= 13.0",
         ],
         # serverlayer.plonetestingzope: Zope 5 or 6, through plone.testing's Zope layers.
-        "zope": ["Zope >= 5", "plone.testing[zope]"],
+        # Products.ZCatalog: plone.testing's STARTUP installs Products.PluginIndexes, which Zope 6
+        # moved there; without it, every set-up prints that it could not install the product.
+        "zope": ["Zope >= 5", "plone.testing[zope]", "Products.ZCatalog"],
         # serverlayer.zopeappwsgi: zope.app.wsgi (Zope Toolkit, Grok) over a ZODBLayer's database.
         "zopeappwsgi": ["zope.app.wsgi >= 4", "zope.app.appsetup >= 4", "ZODB"],
         # Building the documentation in docs/ (`tox -e docs`, Read the Docs):

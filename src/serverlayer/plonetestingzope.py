@@ -15,18 +15,24 @@ arrives.
 
 Compared with stacking on ``plone.testing.zope.WSGI_SERVER_FIXTURE`` (what
 gocept.httpserverlayer 4.0 did), only one server runs, on waitress in a
-serverlayer lifecycle, and Zope's global configuration is left as the
-``STARTUP`` layer made it.
+serverlayer lifecycle, and of Zope's global configuration, only what
+``WSGI_SERVER`` changes too is changed while the layer is set up: XML-RPC
+is on (Zope's default is off; Plone's robot tests call the site through it).
+Between tests, when the database is the fixture's, a request is answered
+503, so that a request that comes late (a browser's, a thread's) commits
+nothing that the next tests would see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from serverlayer.errors import missing_extra
 
 try:
     import plone.testing.zope
+    from App.config import getConfiguration
     from ZPublisher.httpexceptions import HTTPExceptionHandler
     from ZPublisher.WSGIPublisher import publish_module
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
@@ -59,10 +65,15 @@ class Layer(wsgi.Layer):
     Besides the ``http_*`` resources, the layer sets ``host`` and ``port``
     (which ``STARTUP`` sets to ``nohost`` and ``80``) to where it listens,
     so that ``absolute_url()`` in a test gives URLs a client can open, as
-    under ``WSGI_SERVER``.
+    under ``WSGI_SERVER`` (``https://`` ones with ``tls=True``).
     """
 
     defaultBases = (plone.testing.zope.FUNCTIONAL_TESTING,)
+
+    #: Whether a test runs: between tests a request gets a 503.
+    _test_running = False
+    #: Zope's XML-RPC setting before the layer turned it on.
+    _xmlrpc_before: Any = None
 
     def setUp(self) -> None:
         if not any(isinstance(layer, plone.testing.zope.FunctionalTesting) for layer in self.baseResolutionOrder):
@@ -74,7 +85,39 @@ class Layer(wsgi.Layer):
                 " layer of your own: plonetestingzope.Layer(bases=(MY_FUNCTIONAL_TESTING,),"
                 " name='MY_HTTP_SERVER')."
             )
-        super().setUp()
+        configuration = getConfiguration()
+        self._xmlrpc_before = getattr(configuration, "enable_xmlrpc", None)
+        configuration.enable_xmlrpc = True
+        try:
+            super().setUp()
+        except BaseException:
+            self._restore_xmlrpc()
+            raise
+
+    def tearDown(self) -> None:
+        try:
+            super().tearDown()
+        finally:
+            self._restore_xmlrpc()
+
+    def _restore_xmlrpc(self) -> None:
+        configuration = getConfiguration()
+        if self._xmlrpc_before is None:
+            vars(configuration).pop("enable_xmlrpc", None)
+        else:
+            configuration.enable_xmlrpc = self._xmlrpc_before
+
+    def testSetUp(self) -> None:
+        super().testSetUp()
+        if self.tls:
+            # FunctionalTesting makes the test's request from SERVER_NAME
+            # and SERVER_PORT alone, which say nothing of HTTPS.
+            self["app"].REQUEST.setServerURL(protocol="https", hostname=self["host"], port=self["port"])
+        self._test_running = True
+
+    def testTearDown(self) -> None:
+        self._test_running = False
+        super().testTearDown()
 
     def application(self) -> wsgi.WSGIApplication:
         """Zope's publisher; a ``wsgi_app`` argument would be ignored, so it is refused."""
@@ -85,13 +128,27 @@ class Layer(wsgi.Layer):
                 " To put middleware in front of Zope, subclass the layer and"
                 " wrap what super().application() returns."
             )
-        app: wsgi.WSGIApplication = HTTPExceptionHandler(publish_module)
+        zope_app = HTTPExceptionHandler(publish_module)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            if not self._test_running:
+                message = (
+                    f"{self!r} serves the database of the running test, and no test is running.\n"
+                ).encode()
+                start_response(
+                    "503 Service Unavailable",
+                    [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))],
+                )
+                return [message]
+            return zope_app(environ, start_response)  # type: ignore[no-any-return]
+
         return app
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)
-        # FunctionalTesting builds each test's app.REQUEST from these.
-        resources["host"] = host
+        # FunctionalTesting builds each test's app.REQUEST from these: an
+        # IPv6 address in brackets, as in a URL.
+        resources["host"] = f"[{host}]" if ":" in host else host
         resources["port"] = port
         return resources
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import unittest
+import urllib.error
+import urllib.request
+import xmlrpc.client
 
 import plone.testing
 import plone.testing.zope
@@ -116,6 +120,25 @@ class ReadyLayerTests(unittest.TestCase):
         status, _ = fetch(self.layer["http_url"] + "manage_main")
         self.assertEqual(status, 401)
 
+    def test_xml_rpc_is_on_as_under_wsgi_server(self):
+        # Plone's robot tests call the site through it (plone.app.robotframework).
+        self.layer["app"].acl_users.userFolderAddUser("robot", "secret", ["Manager"], [])
+        transaction.commit()
+        host, port = self.layer["http_host"], self.layer["http_port"]
+        site = xmlrpc.client.ServerProxy(f"http://robot:secret@{host}:{port}/")
+        site.manage_addFolder("added_by_xmlrpc")
+        transaction.begin()
+        self.assertIn("added_by_xmlrpc", self.layer["app"].objectIds())
+
+    def test_a_request_between_tests_commits_nothing_to_the_fixture(self):
+        self.layer.testTearDown()  # as between this test and the next
+        try:
+            status, body = fetch(self.layer["http_url"])
+        finally:
+            self.layer.testSetUp()
+        self.assertEqual(status, 503)
+        self.assertIn(b"no test is running", body)
+
 
 class RequestTests(unittest.TestCase):
     """Requests get connections of their own, to the running test's database."""
@@ -159,6 +182,36 @@ class RequestTests(unittest.TestCase):
         self.assertEqual(status, 500)
         [error] = self.layer.server_errors.take()
         self.assertIn("ValueError: provoked by the test", error)
+
+
+V6_HTTP = plonetestingzope.Layer(name="V6_HTTP", host="::1")
+TLS_HTTP = plonetestingzope.Layer(name="TLS_HTTP", tls=True)
+
+
+class IPv6Tests(unittest.TestCase):
+    """absolute_url() gives URLs a client can open: an IPv6 address in brackets."""
+
+    layer = V6_HTTP
+
+    def test_absolute_url_is_the_servers(self):
+        self.assertEqual(self.layer["app"].absolute_url() + "/", self.layer["http_url"])
+        self.assertTrue(self.layer["http_url"].startswith("http://[::1]:"), self.layer["http_url"])
+        self.assertEqual(fetch(self.layer["app"].absolute_url() + "/nothing-here")[0], 404)
+
+
+class TLSTests(unittest.TestCase):
+    """absolute_url() gives URLs a client can open: https:// over TLS."""
+
+    layer = TLS_HTTP
+
+    def test_absolute_url_is_the_servers(self):
+        self.assertEqual(self.layer["app"].absolute_url() + "/", self.layer["http_url"])
+        self.assertTrue(self.layer["http_url"].startswith("https://"), self.layer["http_url"])
+        context = ssl.create_default_context(cafile=self.layer["ca_bundle"])
+        with self.assertRaises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(self.layer["app"].absolute_url() + "/nothing-here", timeout=10, context=context)
+        self.assertEqual(answer.exception.code, 404)
+        answer.exception.close()
 
 
 class ConfigurationTests(unittest.TestCase):
