@@ -68,7 +68,7 @@ except ImportError:
     )
     sys.modules["plone.testing.zope"] = stand_in
     plone.testing.zope = stand_in  # type: ignore[attr-defined]
-    autodoc_mock_imports += ["ZPublisher"]
+    autodoc_mock_imports += ["ZPublisher", "App"]
 if importlib.util.find_spec("zope.app") is None:
     autodoc_mock_imports += ["zope.app"]
 
