@@ -1057,7 +1057,18 @@ class ContentHandler(custom.RequestHandler):
                 self.close_connection = True
                 converse(self, script)
                 return
-        response = self.content.answer(request)
+        try:
+            response = self.content.answer(request)
+        except Exception:
+            # The test's own function (respond_with, match=, a handler) or
+            # answer raised: the client gets a 500 at once, as from a service
+            # that failed, not a connection closed unanswered, which a browser
+            # takes for a stale one and sends the request again. The error
+            # still fails the test.
+            self.close_connection = True
+            with contextlib.suppress(ConnectionError):
+                self.send_error(500, "The test's answer for this request raised; the test fails with it")
+            raise
         if response.delay:
             waited = self._client_waits(response.delay)
             if waited is None and not self.server.stopping:  # type: ignore[attr-defined]

@@ -197,8 +197,8 @@ class NearMissTests(unittest.TestCase):
             return request.json()["id"] == 7
 
         self.http_content.expect("/orders", "POST", match=order_seven).respond("ok")
-        with self.assertRaises(requests.ConnectionError):  # the function failed the request
-            requests.post(self.url + "orders", data={"id": "7"}, timeout=10)  # a form, no JSON
+        answer = requests.post(self.url + "orders", data={"id": "7"}, timeout=10)  # a form, no JSON
+        self.assertEqual(answer.status_code, 500)  # the function failed the request
         self.assertTrue(self.layer["httpd"].wait_quiet(5))
         [error] = self.layer.server_errors.take()
         self.assertIn("JSONDecodeError", error)
@@ -208,6 +208,12 @@ class NearMissTests(unittest.TestCase):
             "(request) raised JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
             self.failure(),
         )
+
+    def test_an_answer_function_that_raises_answers_500_and_fails_the_test(self):
+        self.http_content.route("/quote").respond_with(lambda request: {"price": 1 / 0})
+        self.assertEqual(requests.get(self.url + "quote", timeout=10).status_code, 500)
+        [error] = self.layer.server_errors.take()
+        self.assertIn("ZeroDivisionError", error)
 
     def test_many_differences_are_cut_short(self):
         self.http_content.expect("/bulk", json={f"k{n}": n for n in range(8)})
