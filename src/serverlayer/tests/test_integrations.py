@@ -46,9 +46,10 @@ class PytestTests(unittest.TestCase):
         self.assertIn("1 failed, 3 passed, 1 error", output)
         self.assertIn("FAILED sample_pytest_errors.py::CaseTests::test_a_case_that_makes_the_server_raise", output)
         self.assertIn("ERROR sample_pytest_errors.py::test_c_function_that_makes_the_server_raise", output)
-        # Once per failure: not again under "Captured log call" (pytest 9.1
-        # and later capture every registered logger that does not propagate).
-        self.assertEqual(output.count("ZeroDivisionError: boom under pytest"), 2, output)
+        self.assertIn("ZeroDivisionError: boom under pytest", output)
+        # In the failure, not again as a captured log (pytest 9.1 and later
+        # capture every registered logger that does not propagate).
+        self.assertNotIn("Captured log", output)
 
     def test_examples_pass_under_pytest_xdist(self):
         completed = run_pytest("-q", "-n", "2", "examples/pytest_examples", cwd=CHECKOUT)
