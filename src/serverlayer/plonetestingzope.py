@@ -132,14 +132,7 @@ class Layer(wsgi.Layer):
 
         def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
             if not self._test_running:
-                message = (
-                    f"{self!r} serves the database of the running test, and no test is running.\n"
-                ).encode()
-                start_response(
-                    "503 Service Unavailable",
-                    [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))],
-                )
-                return [message]
+                return wsgi.no_test_running(self, start_response)
             return zope_app(environ, start_response)  # type: ignore[no-any-return]
 
         return app

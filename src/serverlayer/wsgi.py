@@ -108,6 +108,18 @@ _LOGGING_METHODS = frozenset(
 )
 
 
+def no_test_running(owner: object, start_response: StartResponse) -> list[bytes]:
+    """Answer 503: ``owner`` (a Zope layer) serves the database of the
+    running test, and between tests there is none; a request committing
+    into the fixture's would change every later test."""
+    message = f"{owner!r} serves the database of the running test, and no test is running.\n".encode()
+    start_response(
+        "503 Service Unavailable",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))],
+    )
+    return [message]
+
+
 def _check_request_handler_class(layer: plone.testing.Layer, handler_class: object) -> None:
     """Refuse a handler class whose behaviour waitress would silently skip."""
     base = wsgiref.simple_server.WSGIRequestHandler

@@ -32,7 +32,7 @@ except ModuleNotFoundError as missing:  # pragma: no cover - depends on the inst
 
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import claim_identity, instantiating_module
-from serverlayer.wsgi import StartResponse, WSGIApplication
+from serverlayer.wsgi import StartResponse, WSGIApplication, no_test_running
 
 
 class Layer(plone.testing.Layer):
@@ -120,12 +120,5 @@ class Layer(plone.testing.Layer):
         """The ``wsgi_app``: hands the request to the running test's publisher."""
         publisher = self._publisher
         if publisher is None:
-            message = (
-                f"{self!r} publishes the database of the running test, and no test is running.\n"
-            ).encode()
-            start_response(
-                "503 Service Unavailable",
-                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))],
-            )
-            return [message]
+            return no_test_running(self, start_response)
         return publisher(environ, start_response)
