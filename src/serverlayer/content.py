@@ -250,7 +250,8 @@ def _check_status(status: object, setting: str = "status") -> int:
         raise ConfigurationError(
             f"{setting}={status!r}: a 1xx status is an interim response, which a client reads and then waits"
             " for the final one after it; answered with it alone, the client waits until its timeout. Answer"
-            " with a final status, 200 to 999 (the content layer sends no interim responses)."
+            " with a final status, 200 to 999, or 101 to switch protocols (the content layer sends no interim"
+            " responses)."
         )
     return number
 

@@ -131,12 +131,15 @@ _CONTEXT = "\nDuring handling of the above exception, another exception occurred
 
 
 #: What an error a request of an earlier test raised begins with.
+#: How the note on an error of a request an earlier test left running begins.
+_LEFT_RUNNING = "(raised by a request that an earlier test"
+
+
 def _left_running(test: str) -> str:
     """The note on an error raised by a request that ``test`` left running."""
-    which = f"an earlier test, {test}," if test else "an earlier test"
     return (
-        f"(raised by a request that {which} left running: the end of that"
-        " test waited for it in vain, the layer's quiet_timeout)\n"
+        _LEFT_RUNNING + (f", {test}," if test else "")
+        + " left running: the end of that test waited for it in vain, the layer's quiet_timeout)\n"
     )
 
 
@@ -204,7 +207,7 @@ class ErrorLog:
         errors = self._take()
         if not errors:
             return
-        earlier = any(error.startswith("(raised by a request that an earlier test") for error in errors)
+        earlier = any(error.startswith(_LEFT_RUNNING) for error in errors)
         made_by = "during this test" if earlier else "made by this test"
         raise ServerSideError(
             f"{self.owner}: the server raised {_count(errors)} while handling requests"
