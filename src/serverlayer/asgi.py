@@ -509,14 +509,19 @@ if HttpToolsProtocol is not None:
         length goes as it is, to the end of the connection. Upstream
         (uvicorn 0.54) chunks it, and announces ``Transfer-Encoding:
         chunked``, which an HTTP/1.0 client does not know (RFC 9112 section
-        6.1: a server must not send it to one). And a client that leaves
+        6.1: a server must not send it to one). A client that leaves
         while pipelined requests wait is gone for the request being
-        answered too, as it is for h11's.
+        answered too, as it is for h11's. And bytes that are no request,
+        after requests still to be answered, get their 400 after those
+        answers, as h11's do.
         """
 
         #: The request being answered: with requests pipelined, not the
         #: one read last (uvicorn's ``cycle``).
         _answering: Any = None
+        #: Why what followed the requests being answered is no request:
+        #: the 400 that says so waits for their answers.
+        _refusal: str | None = None
 
         def answering(self) -> Any:
             return self._answering
@@ -546,11 +551,29 @@ if HttpToolsProtocol is not None:
             self.server_state.total_requests += 1
             if self.transport.is_closing():
                 return
-            self.flow.resume_reading()
+            if self._refusal is None:
+                self.flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
+            elif self._refusal is not None:
+                super().send_400_response(self._refusal)  # and closes the connection
+                return
             self._close_if_client_done()
+
+        def send_400_response(self, msg: str) -> None:
+            # Upstream sends the 400 at once and closes the connection, the
+            # answers to the requests read before the bad bytes unsent: the
+            # client takes the 400 for the answer to a request the
+            # application did answer. The bytes may be the body of a request
+            # that did not announce it (RFC 9112 section 6.3: without
+            # Content-Length or Transfer-Encoding a request has none), sent
+            # with it: its answer was lost.
+            if self._answers_to_come():
+                self._refusal = msg
+                self.flow.pause_reading()  # the parser failed: nothing after is read
+                return
+            super().send_400_response(msg)
 
         def connection_lost(self, exc: Exception | None) -> None:
             # Upstream tells only the request read last that its client is

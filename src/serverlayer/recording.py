@@ -463,6 +463,13 @@ def _content_length(headers: email.message.Message) -> int:
     return int(value)
 
 
+def _http_09(request_line: bytes) -> bool:
+    """Whether ``http.server`` reads ``request_line`` as an HTTP/0.9
+    request: ``GET /path``, without a version."""
+    words = str(request_line, "iso-8859-1").split()
+    return len(words) == 2 and words[0] == "GET"
+
+
 def _never() -> bool:
     return False
 
@@ -496,6 +503,16 @@ def record_requests(
             # and the connection waits for the next, as after any answer.
             self.close_connection = False
             return False
+        # http.server answers a request line it cannot parse as it answers
+        # HTTP/0.9: an error page without status line or headers, which an
+        # HTTP/1.x client reads as no answer (and after an answer on its
+        # connection, as that answer's garbled end). Such a line is what
+        # follows a request whose client sent it a body without saying so
+        # (RFC 9112 section 6.3: no Content-Length, no Transfer-Encoding, no
+        # body), and it gets its 400 in HTTP/1.x. HTTP/0.9 requests are
+        # answered as before.
+        if not _http_09(self.raw_requestline):
+            self.default_request_version = "HTTP/1.0"
         if not handler_class.parse_request(self) or cut():
             self.close_connection = True
             return False

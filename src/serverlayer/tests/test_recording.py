@@ -593,6 +593,96 @@ class EmptyLinesBeforeARequestTests(unittest.TestCase):
                 self.assertEqual([request.path for request in layer["http_requests"]], ["/echo", "/last"])
 
 
+def answers(data: bytes) -> list[tuple[int, str | None, bytes]]:
+    """Status, Connection header and body of each response in ``data``,
+    which holds nothing else."""
+    found: list[tuple[int, str | None, bytes]] = []
+    while data:
+        [(status, headers, body)], data = parse_responses(data, ["POST"])
+        found.append((status, headers["Connection"], body))
+    return found
+
+
+class UnannouncedBodyTests(unittest.TestCase):
+    """A request without Content-Length or Transfer-Encoding has no body
+    (RFC 9112 section 6.3), whatever its client sends after it; an HTTP/1.0
+    one neither, whose body the end of the connection cannot end (RFC 1945
+    section 7.2.2: the server could not answer). Every layer records it
+    without one, as waitress and uvicorn read it, and hands its handler or
+    application none; what the client sent after it is read as the next
+    request, and gets a 400 with a status line once the requests before
+    it are answered."""
+
+    def set_up_layers(self, *, http_server_only: bool = False):
+        """A layer of each kind (those built on http.server alone if told),
+        each answering ``POST /echo``."""
+        name = self._testMethodName
+        layers = [custom.Layer(EchoHandler, name=f"custom_{name}"), static.Layer(name=f"static_{name}"),
+                  content.Layer(name=f"content_{name}")]
+        if not http_server_only:
+            layers += [wsgi.Layer(echo_app, name=f"wsgi_{name}"), asgi.Layer(asgi_echo, name=f"asgi_{name}"),
+                       asgi.Layer(asgi_echo, name=f"h11_{name}", http_protocol="h11")]
+        for layer in layers:
+            set_up_by_hand(self, layer)
+        echo = layers[2]["http_content"].route("/echo", "POST")
+        echo.respond_with(lambda request: content.Response(200, b"echo:" + request.body))
+        return layers
+
+    def answered(self, layer, body: bytes) -> tuple[int, bytes]:
+        return (405, b"POST is not allowed here: a static file server answers GET and HEAD.\n") if isinstance(
+            layer, static.Layer) else (200, b"echo:" + body)
+
+    def test_what_follows_gets_a_400_once_the_request_is_answered(self):
+        """The 400 came without a status line on the layers built on
+        http.server (it answers a line it cannot parse as HTTP/0.9), and in
+        place of the request's answer on the asgi layer's httptools."""
+        unannounced = b"POST /echo HTTP/1.1\r\nHost: x\r\n\r\nhello world\r\n\r\n"
+        announced = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab"
+        for layer in self.set_up_layers():
+            for data, bodies in ((unannounced, [b""]), (announced + unannounced, [b"ab", b""])):
+                with self.subTest(layer=layer, pipelined=len(bodies)):
+                    layer["http_requests"].clear()
+                    found = answers(exchange(layer, data))
+                    self.assertEqual([(status, body) for status, _, body in found[:-1]],
+                                     [self.answered(layer, body) for body in bodies])
+                    self.assertEqual(found[-1][:2], (400, "close"))
+                    recorded = [(request.method, request.path, request.body) for request in layer["http_requests"]]
+                    self.assertEqual(recorded, [("POST", "/echo", body) for body in bodies])
+
+    def test_an_http_10_request_whose_client_ends_its_side(self):
+        """``printf 'POST /echo HTTP/1.0\\r\\n\\r\\nhello' | nc -N``: answered
+        without a body, and the connection ends (HTTP/1.0); with keep-alive
+        asked for, what followed gets a 400 before it ends, or nothing where
+        the server keeps no HTTP/1.0 connection alive (uvicorn's)."""
+        for layer in self.set_up_layers():
+            for keep_alive in (b"", b"Connection: keep-alive\r\n"):
+                with self.subTest(layer=layer, keep_alive=keep_alive):
+                    layer["http_requests"].clear()
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                        sock.sendall(b"POST /echo HTTP/1.0\r\n" + keep_alive + b"\r\nhello")
+                        sock.shutdown(socket.SHUT_WR)
+                        received = b""
+                        while chunk := sock.recv(65536):
+                            received += chunk
+                    found = answers(received)
+                    self.assertEqual((found[0][0], found[0][2]), self.answered(layer, b""))
+                    refused = [status for status, _, _ in found[1:]]
+                    self.assertIn(refused, ([], [400]) if keep_alive else ([],))
+                    self.assertEqual([(request.path, request.body) for request in layer["http_requests"]],
+                                     [("/echo", b"")])
+
+    def test_a_line_that_is_no_request_line_gets_a_status_line(self):
+        """The layers built on http.server answer every request line they
+        cannot parse in HTTP/1.x, with Connection: close."""
+        for layer in self.set_up_layers(http_server_only=True):
+            for line, status in ((b"hello", 400), (b"hello world", 400), (b"a b c d", 400),
+                                 (b"GET / HTTX/1.1", 400), (b"GET / HTTP/2.0", 505)):
+                with self.subTest(layer=layer, line=line):
+                    [(got, connection, _)] = answers(exchange(layer, line + b"\r\nHost: x\r\n\r\n"))
+                    self.assertEqual((got, connection), (status, "close"))
+            self.assertEqual(list(layer["http_requests"]), [])
+
+
 class ReadingInPiecesTests(unittest.TestCase):
 
     def test_a_body_is_read_a_piece_at_a_time(self):
