@@ -60,7 +60,7 @@ except ImportError:  # httptools is not installed: h11 serves, as in uvicorn's "
 from serverlayer.arrivals import Unread
 from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
 from serverlayer.layer import HTTPLayer
-from serverlayer.recording import RecordedRequest, RequestLog
+from serverlayer.recording import RecordedRequest, RequestLog, split_target
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import (
     LISTEN_BACKLOG,
@@ -99,12 +99,19 @@ def is_asgi3(app: object) -> bool:
 # Recording.
 
 
+#: The scope key under which the httptools protocol hands the recording a
+#: request target that is not a path (the absolute form a client sends to
+#: its proxy): its scope's ``raw_path`` leaves out the scheme and authority.
+#: The application never sees it.
+TARGET = "serverlayer.target"
+
+
 class _UnreadScope(Unread[RecordedRequest]):
     """A request or WebSocket handshake as its scope gave it, until a test reads it."""
 
-    __slots__ = ("method", "raw_path", "query", "headers", "body", "client_cert")
+    __slots__ = ("method", "raw_path", "query", "headers", "body", "client_cert", "target")
 
-    def __init__(self, scope: Scope, body: bytes, client_cert: Any = None) -> None:
+    def __init__(self, scope: Scope, body: bytes, client_cert: Any = None, target: bytes | None = None) -> None:
         # A WebSocket handshake is a GET with Upgrade: websocket (RFC 6455).
         self.method: str = scope.get("method", "GET")
         self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -112,17 +119,19 @@ class _UnreadScope(Unread[RecordedRequest]):
         self.headers = tuple(scope.get("headers", ()))
         self.body = body
         self.client_cert = client_cert
+        #: The target as sent, from the httptools protocol (``TARGET``).
+        self.target = target
 
     def parse(self) -> RecordedRequest:
         headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers)
-        return RecordedRequest(
-            self.method,
-            self.raw_path.decode("latin-1"),
-            self.query.decode("latin-1"),
-            headers,
-            self.body,
-            self.client_cert,
-        )
+        if self.target is not None:
+            path, query, scheme, authority = split_target(self.target.decode("latin-1"))
+        else:
+            # h11's raw_path is the target up to its "?": an absolute form whole.
+            path, _, scheme, authority = split_target(self.raw_path.decode("latin-1"))
+            query = self.query.decode("latin-1")
+        return RecordedRequest(method=self.method, path=path, query=query, raw_headers=headers, body=self.body,
+                               client_cert=self.client_cert, scheme=scheme, authority=authority)
 
 
 def _announces_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -154,10 +163,13 @@ class _BodyRecorder:
     may stop sending (curl does), and waiting for the rest would hang.
     """
 
-    def __init__(self, log: RequestLog, scope: Scope, client_cert: Any, receive: Receive, send: Send) -> None:
+    def __init__(
+        self, log: RequestLog, scope: Scope, client_cert: Any, target: bytes | None, receive: Receive, send: Send
+    ) -> None:
         self.log = log
         self.scope = scope
         self.client_cert = client_cert
+        self.target = target
         self.original_receive = receive
         self.original_send = send
         self.chunks: list[bytes] = []
@@ -176,7 +188,7 @@ class _BodyRecorder:
     def record(self) -> None:
         if not self.recorded:
             self.recorded = True
-            self.log.append(_UnreadScope(self.scope, b"".join(self.chunks), self.client_cert))
+            self.log.append(_UnreadScope(self.scope, b"".join(self.chunks), self.client_cert, self.target))
 
     async def _read(self) -> Message:
         message = await self.original_receive()
@@ -323,11 +335,12 @@ class RecordingApp:
             cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
             if cycle is not None:
                 receive = _ReceiveOrEnd(cycle, receive)
+            target = scope.pop(TARGET, None)
             if not _announces_body(scope["headers"]):  # most requests: nothing to read
-                self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
+                self.log.append(_UnreadScope(scope, b"", self._client_cert(scope), target))
                 await self.app(scope, receive, send)
                 return
-            body = _BodyRecorder(self.log, scope, self._client_cert(scope), receive, send)
+            body = _BodyRecorder(self.log, scope, self._client_cert(scope), target, receive, send)
             try:
                 await self.app(scope, body.receive, body.send)
             finally:
@@ -496,17 +509,29 @@ if HttpToolsProtocol is not None:
         length goes as it is, to the end of the connection. Upstream
         (uvicorn 0.54) chunks it, and announces ``Transfer-Encoding:
         chunked``, which an HTTP/1.0 client does not know (RFC 9112 section
-        6.1: a server must not send it to one). And a client that leaves
+        6.1: a server must not send it to one). A client that leaves
         while pipelined requests wait is gone for the request being
-        answered too, as it is for h11's.
+        answered too, as it is for h11's. And bytes that are no request,
+        after requests still to be answered, get their 400 after those
+        answers, as h11's do.
         """
 
         #: The request being answered: with requests pipelined, not the
         #: one read last (uvicorn's ``cycle``).
         _answering: Any = None
+        #: Why what followed the requests being answered is no request:
+        #: the 400 that says so waits for their answers.
+        _refusal: str | None = None
 
         def answering(self) -> Any:
             return self._answering
+
+        def on_headers_complete(self) -> None:
+            if not self.url.startswith(b"/"):  # most requests: a path
+                # The absolute form a client sends to its proxy: httptools'
+                # path leaves its scheme and authority out (h11's keeps them).
+                self.scope[TARGET] = self.url  # type: ignore[literal-required]
+            super().on_headers_complete()
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             if cycle.scope["http_version"] == "1.0":
@@ -526,11 +551,29 @@ if HttpToolsProtocol is not None:
             self.server_state.total_requests += 1
             if self.transport.is_closing():
                 return
-            self.flow.resume_reading()
+            if self._refusal is None:
+                self.flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
+            elif self._refusal is not None:
+                super().send_400_response(self._refusal)  # and closes the connection
+                return
             self._close_if_client_done()
+
+        def send_400_response(self, msg: str) -> None:
+            # Upstream sends the 400 at once and closes the connection, the
+            # answers to the requests read before the bad bytes unsent: the
+            # client takes the 400 for the answer to a request the
+            # application did answer. The bytes may be the body of a request
+            # that did not announce it (RFC 9112 section 6.3: without
+            # Content-Length or Transfer-Encoding a request has none), sent
+            # with it: its answer was lost.
+            if self._answers_to_come():
+                self._refusal = msg
+                self.flow.pause_reading()  # the parser failed: nothing after is read
+                return
+            super().send_400_response(msg)
 
         def connection_lost(self, exc: Exception | None) -> None:
             # Upstream tells only the request read last that its client is

@@ -1,10 +1,11 @@
 """Every HTTP layer records the requests of the current test.
 
 The ``http_requests`` resource lists them in arrival order: method, path
-and query as the client sent them, headers and body bytes. Recording reads
-the body before the application does and hands it on unchanged, so the
-application sees exactly what it would have seen. A chunked body is
-recorded decoded.
+and query as the client sent them (with the scheme and authority of an
+absolute-form target, as a client sends it to its proxy), headers and
+body bytes. Recording reads the body before the application does and
+hands it on unchanged, so the application sees exactly what it would have
+seen. A chunked body is recorded decoded.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class RecordedRequest:
     #: The certificate the client presented on a layer with
     #: ``client_certs=``, else ``None``.
     client_cert: ClientCertificate | None = None
+    #: The scheme and authority (host, and port if sent) of an absolute-form
+    #: target, as sent: ``http`` and ``api.example.com`` for ``GET
+    #: http://api.example.com/v1/items``, which is how a client asks the
+    #: server it uses as its proxy (RFC 9112 section 3.2.2). ``path`` and
+    #: ``query`` are the target's all the same, so that a layer standing in
+    #: for that host matches its routes against them. Both empty for the
+    #: origin form (``GET /v1/items``) that other clients send.
+    scheme: str = ""
+    authority: str = ""
 
     @functools.cached_property
     def headers(self) -> email.message.Message:
@@ -79,10 +89,17 @@ class RecordedRequest:
         except ValueError:
             return False, None
 
+    @property
+    def target(self) -> str:
+        """The request target, rebuilt from its parts: ``/v1/items?x=1``,
+        or ``http://api.example.com/v1/items?x=1`` from a client that uses
+        the layer as its proxy."""
+        origin = f"{self.scheme}://{self.authority}" if self.authority else ""
+        return origin + self.path + (f"?{self.query}" if self.query else "")
+
     def summary(self) -> str:
-        target = self.path + (f"?{self.query}" if self.query else "")
         size = f" ({len(self.body)} bytes)" if self.body else ""
-        return f"{self.method} {target}{size}"
+        return f"{self.method} {self.target}{size}"
 
     def __str__(self) -> str:
         return self.summary()
@@ -95,20 +112,27 @@ class RequestLog(Arrivals[RecordedRequest]):
     timeout_error = RequestTimeoutError
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """Path and query of a request target (RFC 9112 section 3.2).
+#: The absolute form of a request target (RFC 9112 section 3.2.2): a
+#: scheme (RFC 3986 section 3.1), "://", an authority that is not empty,
+#: then the path and query.
+_ABSOLUTE_FORM = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]+)(.*)", re.DOTALL)
 
-    The authority form of ``CONNECT example.com:443`` and the asterisk form
-    of ``OPTIONS *`` have no path: the target is kept whole as the path
-    (``urlsplit`` would take ``example.com`` for a scheme, and ``443`` for
-    the path).
+
+def split_target(target: str) -> tuple[str, str, str, str]:
+    """Path, query, scheme and authority of a request target (RFC 9112
+    section 3.2), each as sent.
+
+    Only the absolute form (``http://host/path?query``, sent to a proxy)
+    has a scheme and an authority; its empty path is ``/``. The authority
+    form of ``CONNECT example.com:443`` and the asterisk form of ``OPTIONS
+    *`` have no path: the target is kept whole as the path.
     """
-    if not target.startswith("/"):
-        parts = urllib.parse.urlsplit(target)
-        if parts.scheme and parts.netloc:  # absolute form: http://host/path?query
-            return parts.path or "/", parts.query
+    if not target.startswith("/") and (absolute := _ABSOLUTE_FORM.fullmatch(target)):
+        scheme, authority, rest = absolute.groups()
+        path, _, query = rest.partition("?")
+        return path or "/", query, scheme, authority
     path, _, query = target.partition("?")
-    return path, query
+    return path, query, "", ""
 
 
 #: WSGI variables that hold the connection's objects, which the request
@@ -157,13 +181,14 @@ class _UnreadHead(Unread[RecordedRequest]):
     def parse(self) -> RecordedRequest:
         request_line, *lines = self.head.split(b"\r\n")
         method, target = request_line.decode("latin-1").split(" ", 2)[:2]
-        path, query = split_target(target)
+        path, query, scheme, authority = split_target(target)
         client_cert = None
         if self.certificate:
             from serverlayer.tls import ClientCertificate
 
             client_cert = ClientCertificate.from_pem(self.certificate)
-        return RecordedRequest(method, path, query, _header_fields(lines), self.body, client_cert)
+        return RecordedRequest(method, path, query, _header_fields(lines), self.body, client_cert,
+                               scheme=scheme, authority=authority)
 
 
 class _UnreadEnviron(Unread[RecordedRequest]):
@@ -184,13 +209,15 @@ class _UnreadEnviron(Unread[RecordedRequest]):
             for key, value in variables.items()
             if key.startswith("HTTP_") or (key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value)
         )
-        path, query = split_target(variables.get("REQUEST_URI") or variables.get("PATH_INFO", "/"))
+        target = variables.get("REQUEST_URI") or variables.get("PATH_INFO", "/")
+        path, query, scheme, authority = split_target(target)
         client_cert = None
         if variables.get("SSL_CLIENT_CERT"):
             from serverlayer.tls import ClientCertificate
 
             client_cert = ClientCertificate.from_pem(variables["SSL_CLIENT_CERT"])
-        return RecordedRequest(variables["REQUEST_METHOD"], path, query, headers, self.body, client_cert)
+        return RecordedRequest(variables["REQUEST_METHOD"], path, query, headers, self.body, client_cert,
+                               scheme=scheme, authority=authority)
 
 
 class RecordingMiddleware:
@@ -436,6 +463,13 @@ def _content_length(headers: email.message.Message) -> int:
     return int(value)
 
 
+def _http_09(request_line: bytes) -> bool:
+    """Whether ``http.server`` reads ``request_line`` as an HTTP/0.9
+    request: ``GET /path``, without a version."""
+    words = str(request_line, "iso-8859-1").split()
+    return len(words) == 2 and words[0] == "GET"
+
+
 def _never() -> bool:
     return False
 
@@ -469,6 +503,16 @@ def record_requests(
             # and the connection waits for the next, as after any answer.
             self.close_connection = False
             return False
+        # http.server answers a request line it cannot parse as it answers
+        # HTTP/0.9: an error page without status line or headers, which an
+        # HTTP/1.x client reads as no answer (and after an answer on its
+        # connection, as that answer's garbled end). Such a line is what
+        # follows a request whose client sent it a body without saying so
+        # (RFC 9112 section 6.3: no Content-Length, no Transfer-Encoding, no
+        # body), and it gets its 400 in HTTP/1.x. HTTP/0.9 requests are
+        # answered as before.
+        if not _http_09(self.raw_requestline):
+            self.default_request_version = "HTTP/1.0"
         if not handler_class.parse_request(self) or cut():
             self.close_connection = True
             return False
@@ -512,8 +556,9 @@ def record_requests(
         # leading "//" one "/" in that (against open redirects of
         # SimpleHTTPRequestHandler, gh-87389), so "//api" would be recorded
         # and matched as "/api". The handler still gets its self.path.
-        path, query = split_target(self.requestline.split()[1])
-        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert)
+        path, query, scheme, authority = split_target(self.requestline.split()[1])
+        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert,
+                                                scheme=scheme, authority=authority)
         log.append(self.recorded_request)
         if raw:
             self.rfile = _BodyFirst(raw, self.rfile)

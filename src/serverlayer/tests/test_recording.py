@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import io
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import unittest
 import urllib.error
 import urllib.request
+from unittest import mock
 
+import httpx
 import requests
 
-from serverlayer import RequestTimeoutError, content, custom, recording, static, wsgi
+from serverlayer import RequestTimeoutError, asgi, content, custom, recording, static, wsgi
 from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
 from serverlayer.tests.test_content_protocol import parse_responses
@@ -41,6 +46,20 @@ class EchoHandler(custom.RequestHandler):
     do_GET = do_POST
 
 
+async def asgi_echo(scope, receive, send):
+    """``echo_app`` for the asgi layer."""
+    if scope["type"] != "http":  # the lifespan: nothing to start
+        return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body) + 5).encode())]})
+    await send({"type": "http.response.body", "body": b"echo:" + body})
+
+
 WSGI_RECORDED = wsgi.Layer(echo_app, name="WSGI_RECORDED")
 WSGI_RECORDED_TLS = wsgi.Layer(echo_app, name="WSGI_RECORDED_TLS", tls=True)
 CUSTOM_RECORDED = custom.Layer(EchoHandler, name="CUSTOM_RECORDED")
@@ -48,6 +67,8 @@ CUSTOM_RECORDED_TLS = custom.Layer(EchoHandler, name="CUSTOM_RECORDED_TLS", tls=
 STATIC_RECORDED = static.Layer(name="STATIC_RECORDED")
 CONTENT_RECORDED = content.Layer(name="CONTENT_RECORDED")
 CONTENT_RECORDED_TLS = content.Layer(name="CONTENT_RECORDED_TLS", tls=True)
+ASGI_RECORDED = asgi.Layer(asgi_echo, name="ASGI_RECORDED")  # on httptools, uvicorn's default
+ASGI_H11_RECORDED = asgi.Layer(asgi_echo, name="ASGI_H11_RECORDED", http_protocol="h11")
 
 
 def exchange(layer, data: bytes) -> bytes:
@@ -361,6 +382,150 @@ class ContentTLSPathAsSentTests(ContentPathAsSentTests):
     layer = CONTENT_RECORDED_TLS
 
 
+#: A URL of the remote service a layer stands in for, as a client asks
+#: the server it uses as its HTTP proxy for it: whole, in the request line
+#: (the absolute form, RFC 9112 section 3.2.2).
+PROXIED = "http://api.example.com/v1/items?x=1"
+
+
+def target_parts(layer) -> list[tuple[str, str, str, str, str, str]]:
+    return [(request.method, request.path, request.query, request.scheme, request.authority, request.target)
+            for request in layer["http_requests"]]
+
+
+class AbsoluteFormChecks:
+    """A request target in the absolute form is recorded as its path and
+    query, as the layer's routes match them, and the scheme and authority
+    the client asked for, as sent; its Host header is recorded as sent too."""
+
+    def test_a_target_in_absolute_form(self):
+        for target, host in ((b"http://API.example.com:8080/v1/items?x=1", b"elsewhere"),
+                             (b"http://api.example.com//v1%2Fx?", b"api.example.com"), (b"/last", b"x")):
+            data = exchange(self.layer, b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+                                        b"Connection: close\r\n\r\n")
+            self.assertTrue(data.startswith(b"HTTP/1.1 "), data)  # 404 on the static layer
+        self.assertEqual(target_parts(self.layer), [
+            ("GET", "/v1/items", "x=1", "http", "API.example.com:8080", "http://API.example.com:8080/v1/items?x=1"),
+            ("GET", "//v1%2Fx", "", "http", "api.example.com", "http://api.example.com//v1%2Fx"),
+            ("GET", "/last", "", "", "", "/last"),
+        ])
+        self.assertEqual(self.layer["http_requests"][0].headers["Host"], "elsewhere")
+        self.assertEqual(str(self.layer["http_requests"][0]), "GET http://API.example.com:8080/v1/items?x=1")
+
+
+class ProxyClientChecks(AbsoluteFormChecks):
+    """Clients configured to use the layer as their HTTP proxy."""
+
+    def setUp(self):
+        # No proxy settings of the machine's count: no_proxy would send urllib and curl past the layer.
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+            del os.environ[name]
+
+    def test_clients_that_use_the_layer_as_their_proxy(self):
+        proxy = self.layer["http_url"]
+        with requests.Session() as session:
+            session.trust_env = False
+            session.get(PROXIED, proxies={"http": proxy}, timeout=5)
+            session.post("http://api.example.com/v1/items", data=b"payload", proxies={"http": proxy}, timeout=5)
+        with httpx.Client(proxy=proxy, trust_env=False, timeout=5) as client:
+            client.get(PROXIED)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+        with contextlib.suppress(urllib.error.HTTPError):  # the static layer's 404 and 405
+            opener.open(PROXIED, timeout=5).close()
+        got = ("GET", "/v1/items", "x=1", "http", "api.example.com", PROXIED)
+        posted = ("POST", "/v1/items", "", "http", "api.example.com", "http://api.example.com/v1/items")
+        self.assertEqual(target_parts(self.layer), [got, posted, got, got])
+        self.assertEqual(self.layer["http_requests"][1].body, b"payload")
+        self.assertEqual(self.layer["http_requests"][1].summary(), "POST http://api.example.com/v1/items (7 bytes)")
+        self.assertEqual({request.headers["Host"] for request in self.layer["http_requests"]}, {"api.example.com"})
+
+    @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
+    def test_curl_with_the_layer_as_its_proxy(self):
+        subprocess.run(["curl", "-sS", "-m", "10", "-o", os.devnull, "-x", self.layer["http_url"],
+                        "http://api.example.com:8080/v1/items?x=1"], check=True, timeout=20)
+        self.assertEqual(target_parts(self.layer), [
+            ("GET", "/v1/items", "x=1", "http", "api.example.com:8080", "http://api.example.com:8080/v1/items?x=1"),
+        ])
+
+
+class WSGIAbsoluteFormTests(ProxyClientChecks, unittest.TestCase):
+    layer = WSGI_RECORDED
+
+
+class WSGITLSAbsoluteFormTests(AbsoluteFormChecks, unittest.TestCase):
+    layer = WSGI_RECORDED_TLS
+
+
+class CustomAbsoluteFormTests(ProxyClientChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED
+
+
+class CustomTLSAbsoluteFormTests(AbsoluteFormChecks, unittest.TestCase):
+    layer = CUSTOM_RECORDED_TLS
+
+
+class StaticAbsoluteFormTests(ProxyClientChecks, unittest.TestCase):
+    layer = STATIC_RECORDED
+
+
+class ASGIAbsoluteFormTests(ProxyClientChecks, unittest.TestCase):
+    """httptools gives a path without the target's scheme and authority."""
+
+    layer = ASGI_RECORDED
+
+    def test_the_application_sees_no_recording_key(self):
+        scopes = []
+
+        async def app(scope, receive, send):
+            if scope["type"] == "http":
+                scopes.append(dict(scope))
+            await asgi_echo(scope, receive, send)
+
+        layer = set_up_by_hand(self, asgi.Layer(app, name="asgi_absolute_scope"))
+        exchange(layer, b"GET http://api.example.com/v1 HTTP/1.1\r\nHost: api.example.com\r\n\r\n" + LAST_GET)
+        self.assertEqual([scope["raw_path"] for scope in scopes], [b"/v1", b"/last"])  # as uvicorn gives it
+        self.assertEqual([key for scope in scopes for key in scope if key.startswith("serverlayer")], [])
+        self.assertEqual([request.target for request in layer["http_requests"]], ["http://api.example.com/v1", "/last"])
+
+
+class ASGIH11AbsoluteFormTests(ProxyClientChecks, unittest.TestCase):
+    """h11 gives the whole target, less the query, as the path."""
+
+    layer = ASGI_H11_RECORDED
+
+
+class ContentAbsoluteFormTests(ProxyClientChecks, unittest.TestCase):
+    layer = CONTENT_RECORDED
+
+    def test_routes_match_a_proxied_request_by_its_path(self):
+        """A layer standing in for a remote service answers a client that
+        uses it as its proxy as one sent to it directly. A route matches the
+        path whatever host the request names, as it matches whatever Host
+        header; ``match=`` tells hosts apart."""
+        http_content = self.layer["http_content"]
+        http_content.route("/v1/items", match=lambda request: request.authority == "other.example.com").respond("other")
+        http_content.route("/v1/items", query={"x": "1"}).respond("items")
+        http_content.expect("/v1/orders", "POST", json={"item": 1})
+        proxies = {"http": self.layer["http_url"]}
+        with requests.Session() as session:
+            session.trust_env = False
+            self.assertEqual(session.get(PROXIED, proxies=proxies, timeout=5).text, "items")
+            self.assertEqual(session.get("http://other.example.com/v1/items", proxies=proxies, timeout=5).text,
+                             "other")
+            session.post("http://api.example.com/v1/orders", json={"item": 1}, proxies=proxies, timeout=5)
+            self.assertEqual(http_content.problems(), [])
+            session.get("http://api.example.com/v1/other", proxies=proxies, timeout=5)
+        self.assertEqual(http_content.problems(), ["unexpected request: GET http://api.example.com/v1/other"])
+        http_content.reset()  # this test checked on purpose
+
+
+class ContentTLSAbsoluteFormTests(AbsoluteFormChecks, unittest.TestCase):
+    layer = CONTENT_RECORDED_TLS
+
+
 class OtherLayerTests(unittest.TestCase):
 
     def test_wsgi_records_the_request_as_sent_though_the_app_rewrites_it(self):
@@ -426,6 +591,96 @@ class EmptyLinesBeforeARequestTests(unittest.TestCase):
                 responses, rest = parse_responses(data, ["POST", "GET"])
                 self.assertEqual((len(responses), rest), (2, b""), data)
                 self.assertEqual([request.path for request in layer["http_requests"]], ["/echo", "/last"])
+
+
+def answers(data: bytes) -> list[tuple[int, str | None, bytes]]:
+    """Status, Connection header and body of each response in ``data``,
+    which holds nothing else."""
+    found: list[tuple[int, str | None, bytes]] = []
+    while data:
+        [(status, headers, body)], data = parse_responses(data, ["POST"])
+        found.append((status, headers["Connection"], body))
+    return found
+
+
+class UnannouncedBodyTests(unittest.TestCase):
+    """A request without Content-Length or Transfer-Encoding has no body
+    (RFC 9112 section 6.3), whatever its client sends after it; an HTTP/1.0
+    one neither, whose body the end of the connection cannot end (RFC 1945
+    section 7.2.2: the server could not answer). Every layer records it
+    without one, as waitress and uvicorn read it, and hands its handler or
+    application none; what the client sent after it is read as the next
+    request, and gets a 400 with a status line once the requests before
+    it are answered."""
+
+    def set_up_layers(self, *, http_server_only: bool = False):
+        """A layer of each kind (those built on http.server alone if told),
+        each answering ``POST /echo``."""
+        name = self._testMethodName
+        layers = [custom.Layer(EchoHandler, name=f"custom_{name}"), static.Layer(name=f"static_{name}"),
+                  content.Layer(name=f"content_{name}")]
+        if not http_server_only:
+            layers += [wsgi.Layer(echo_app, name=f"wsgi_{name}"), asgi.Layer(asgi_echo, name=f"asgi_{name}"),
+                       asgi.Layer(asgi_echo, name=f"h11_{name}", http_protocol="h11")]
+        for layer in layers:
+            set_up_by_hand(self, layer)
+        echo = layers[2]["http_content"].route("/echo", "POST")
+        echo.respond_with(lambda request: content.Response(200, b"echo:" + request.body))
+        return layers
+
+    def answered(self, layer, body: bytes) -> tuple[int, bytes]:
+        return (405, b"POST is not allowed here: a static file server answers GET and HEAD.\n") if isinstance(
+            layer, static.Layer) else (200, b"echo:" + body)
+
+    def test_what_follows_gets_a_400_once_the_request_is_answered(self):
+        """The 400 came without a status line on the layers built on
+        http.server (it answers a line it cannot parse as HTTP/0.9), and in
+        place of the request's answer on the asgi layer's httptools."""
+        unannounced = b"POST /echo HTTP/1.1\r\nHost: x\r\n\r\nhello world\r\n\r\n"
+        announced = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab"
+        for layer in self.set_up_layers():
+            for data, bodies in ((unannounced, [b""]), (announced + unannounced, [b"ab", b""])):
+                with self.subTest(layer=layer, pipelined=len(bodies)):
+                    layer["http_requests"].clear()
+                    found = answers(exchange(layer, data))
+                    self.assertEqual([(status, body) for status, _, body in found[:-1]],
+                                     [self.answered(layer, body) for body in bodies])
+                    self.assertEqual(found[-1][:2], (400, "close"))
+                    recorded = [(request.method, request.path, request.body) for request in layer["http_requests"]]
+                    self.assertEqual(recorded, [("POST", "/echo", body) for body in bodies])
+
+    def test_an_http_10_request_whose_client_ends_its_side(self):
+        """``printf 'POST /echo HTTP/1.0\\r\\n\\r\\nhello' | nc -N``: answered
+        without a body, and the connection ends (HTTP/1.0); with keep-alive
+        asked for, what followed gets a 400 before it ends, or nothing where
+        the server keeps no HTTP/1.0 connection alive (uvicorn's)."""
+        for layer in self.set_up_layers():
+            for keep_alive in (b"", b"Connection: keep-alive\r\n"):
+                with self.subTest(layer=layer, keep_alive=keep_alive):
+                    layer["http_requests"].clear()
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                        sock.sendall(b"POST /echo HTTP/1.0\r\n" + keep_alive + b"\r\nhello")
+                        sock.shutdown(socket.SHUT_WR)
+                        received = b""
+                        while chunk := sock.recv(65536):
+                            received += chunk
+                    found = answers(received)
+                    self.assertEqual((found[0][0], found[0][2]), self.answered(layer, b""))
+                    refused = [status for status, _, _ in found[1:]]
+                    self.assertIn(refused, ([], [400]) if keep_alive else ([],))
+                    self.assertEqual([(request.path, request.body) for request in layer["http_requests"]],
+                                     [("/echo", b"")])
+
+    def test_a_line_that_is_no_request_line_gets_a_status_line(self):
+        """The layers built on http.server answer every request line they
+        cannot parse in HTTP/1.x, with Connection: close."""
+        for layer in self.set_up_layers(http_server_only=True):
+            for line, status in ((b"hello", 400), (b"hello world", 400), (b"a b c d", 400),
+                                 (b"GET / HTTX/1.1", 400), (b"GET / HTTP/2.0", 505)):
+                with self.subTest(layer=layer, line=line):
+                    [(got, connection, _)] = answers(exchange(layer, line + b"\r\nHost: x\r\n\r\n"))
+                    self.assertEqual((got, connection), (status, "close"))
+            self.assertEqual(list(layer["http_requests"]), [])
 
 
 class ReadingInPiecesTests(unittest.TestCase):
@@ -562,12 +817,25 @@ class SplitTargetTests(unittest.TestCase):
     def test_origin_and_absolute_forms(self):
         self.assertEqual(
             [split_target(target) for target in (
-                "/a/b?c=d", "/", "/a?", "http://host/a/b?c=d", "http://host", "http://host?c=d", "*",
-                "example.com:443", "[::1]:8443", "localhost:80", "p?x=1",
+                "/a/b?c=d", "/", "/a?", "*", "example.com:443", "[::1]:8443", "localhost:80", "p?x=1", "http:///a",
             )],
-            [("/a/b", "c=d"), ("/", ""), ("/a", ""), ("/a/b", "c=d"), ("/", ""), ("/", "c=d"), ("*", ""),
-             ("example.com:443", ""), ("[::1]:8443", ""), ("localhost:80", ""), ("p", "x=1")],
+            [("/a/b", "c=d", "", ""), ("/", "", "", ""), ("/a", "", "", ""), ("*", "", "", ""),
+             ("example.com:443", "", "", ""), ("[::1]:8443", "", "", ""), ("localhost:80", "", "", ""),
+             ("p", "x=1", "", ""), ("http:///a", "", "", "")],  # an authority-less "URL" is no absolute form
         )
+
+    def test_the_absolute_form_keeps_its_scheme_and_authority_as_sent(self):
+        self.assertEqual(
+            [split_target(target) for target in (
+                "http://host/a/b?c=d", "http://host", "http://host?c=d", "HTTPS://User@[::1]:8443//a%2Fb?c=d?e",
+                "ws+x.y-z://h:1/p",
+            )],
+            [("/a/b", "c=d", "http", "host"), ("/", "", "http", "host"), ("/", "c=d", "http", "host"),
+             ("//a%2Fb", "c=d?e", "HTTPS", "User@[::1]:8443"), ("/p", "", "ws+x.y-z", "h:1")],
+        )
+        request = RecordedRequest("GET", "/a", "b=c", (), b"", scheme="http", authority="host:80")
+        self.assertEqual((request.target, str(request)), ("http://host:80/a?b=c", "GET http://host:80/a?b=c"))
+        self.assertEqual(RecordedRequest("GET", "/a", "", (), b"").target, "/a")
 
     def test_a_proxy_stand_in_records_where_connect_asked_to_go(self):
         class Proxy(custom.RequestHandler):
