@@ -24,6 +24,7 @@ import plone.testing
 
 from serverlayer import custom, ranges
 from serverlayer.errors import ConfigurationError
+from serverlayer.recording import split_target
 
 
 class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHandler):
@@ -107,6 +108,17 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         if not self._cache_control_sent:
             self.send_header("Cache-Control", str(self.cache_control))
         super().end_headers()
+
+    def translate_path(self, path: str) -> str:
+        # A client that uses the layer as its proxy names the host in the
+        # request target (``GET http://api.example.com/file``: the absolute
+        # form, which RFC 9112 section 3.2.2 says a server must accept).
+        # http.server takes the whole URL for the file's path, and finds none.
+        if not path.startswith("/"):
+            file_path, query, _, authority = split_target(path)
+            if authority:
+                path = file_path + (f"?{query}" if query else "")
+        return str(super().translate_path(path))
 
     def send_head(self) -> Any:
         path = self.translate_path(self.path)

@@ -217,6 +217,19 @@ class TraversalTests(unittest.TestCase):
     def test_absolute_form_request_target(self):
         self.assert_refused_and_still_serving(f"http://{self.layer['http_address']}/../secret.txt")
 
+    def test_a_file_asked_for_by_a_client_that_uses_the_layer_as_its_proxy(self):
+        # The target names the host (RFC 9112 section 3.2.2: a server must accept that form).
+        for target in ("http://api.example.com/public.txt", "http://api.example.com:8080/sub/../public.txt?x=1"):
+            with self.subTest(target=target):
+                response = raw_request(
+                    self.layer["http_host"], self.layer["http_port"], f"GET {target} HTTP/1.0\r\n\r\n".encode(),
+                )
+                self.assertEqual(response.partition(b"\r\n")[0], b"HTTP/1.1 200 OK", response[:200])
+                self.assertTrue(response.endswith(b"\r\n\r\npublic"), response[-100:])
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": self.layer["http_url"]}))
+        with opener.open("http://api.example.com/public.txt", timeout=5) as response:
+            self.assertEqual(response.read(), b"public")
+
 
 class StrictTraversalTests(TraversalTests):
     """The same with ``follow_symlinks=False``, which refuses links that lead outside."""
