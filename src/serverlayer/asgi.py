@@ -225,6 +225,7 @@ class _BodyRecorder:
             not self.recorded
             and message["type"] == "http.response.start"
             and not self.read_any
+            and message["status"] >= 200  # an interim one is refused at once, in the application's task
             and not _expects_continue(self.scope["headers"])
         ):
             self.held = message
@@ -295,6 +296,78 @@ class _ReceiveOrEnd:
         return {"type": "http.disconnect"}
 
 
+#: The final statuses whose responses have no body (RFC 9110 section 6.4.1).
+_NO_CONTENT = (204, 304)
+
+
+class _CheckedSend:
+    """uvicorn's ``send`` for one request, keeping from the client what its
+    response may not carry, and failing the test that made the request.
+
+    Upstream, the httptools protocol writes the body of a 204 or 304 that
+    announces a length, and sends a 1xx as if it were final: the client
+    takes those bytes for the next response on the connection, or waits
+    for a final response that never comes. A 304 that announces the
+    length a 200 would have (RFC 9110 section 8.6) it takes for a body cut
+    short, closing the connection. The h11 protocol refuses a body with a
+    204 or 304, and any 1xx, closing the connection, in h11's words ("Too
+    much data for declared Content-Length"), which do not say what the
+    application did.
+
+    Here, with either, as on the wsgi layer: the body of a 204 or 304 is
+    dropped and reported as a server error, and the connection stays
+    usable; a 1xx raises in the application before anything is written,
+    and its client gets uvicorn's 500. Only the start of a response is
+    looked at, and the body of one that has none: nothing is counted.
+    """
+
+    __slots__ = ("cycle", "send", "bodiless", "reported")
+
+    def __init__(self, cycle: Any, send: Send) -> None:
+        self.cycle = cycle
+        self.send = send
+        #: The status of the response started, if it has no body (204, 304); else 0.
+        self.bodiless = 0
+        #: Whether the body dropped was reported: once per response.
+        self.reported = False
+
+    async def __call__(self, message: Message) -> None:
+        if self.bodiless:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self._report_body()
+                message = {**message, "body": b""}
+        elif message["type"] == "http.response.start":
+            status = message["status"]
+            if status < 200:
+                raise RuntimeError(
+                    f"the application started its response with status {status}, an interim (1xx) status:"
+                    " http.response.start sends the final response, and a client takes a 1xx for an"
+                    " interim one and waits for the final one after it. Start the response with its"
+                    " final status, 200 or above (a WebSocket is served in a scope of type 'websocket')."
+                )
+            if status in _NO_CONTENT:
+                await self.send(message)
+                self.bodiless = status
+                if hasattr(self.cycle, "expected_content_length"):  # httptools: no body follows
+                    self.cycle.expected_content_length = 0
+                    self.cycle.chunked_encoding = False
+                return
+        await self.send(message)
+
+    def _report_body(self) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        scope = self.cycle.scope
+        self.cycle.logger.error(
+            "%s %s: the application sent a body with status %d, which has none; it was dropped."
+            " Send no body with 204 and 304.",
+            scope["method"],
+            scope["path"],
+            self.bodiless,
+        )
+
+
 class RecordingApp:
     """Records each HTTP request (body included) and WebSocket handshake in
     ``log``, then hands the application the same messages.
@@ -323,6 +396,7 @@ class RecordingApp:
             cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
             if cycle is not None:
                 receive = _ReceiveOrEnd(cycle, receive)
+                send = _CheckedSend(cycle, send)
             if not _announces_body(scope["headers"]):  # most requests: nothing to read
                 self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
                 await self.app(scope, receive, send)
@@ -694,18 +768,36 @@ class _Lifespan(LifespanOn):
 _serving: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("serving", default=None)
 
 
+#: What uvicorn's httptools protocol and h11 raise when a response's body
+#: does not fit its Content-Length header, in words that do not say what to do.
+_LENGTH_MISMATCHES = frozenset({
+    "Response content longer than Content-Length",
+    "Response content shorter than Content-Length",
+    "Too much data for declared Content-Length",
+    "Too little data for declared Content-Length",
+})
+
+
 class _ApplicationErrors(logging.Filter):
     """Names the request in uvicorn's "Exception in ASGI application", which
-    says nothing of it; and drops it for a request the server cancelled
+    says nothing of it, and says what to do about a body that does not fit
+    its Content-Length; drops it for a request the server cancelled
     itself, stopping: that is no error of the application."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.CancelledError):
             return False
         scope = _serving.get()
         if scope is not None and str(record.msg).startswith("Exception in ASGI application"):
             what = scope["method"] if scope["type"] == "http" else "WebSocket"
             record.msg = f"Exception in ASGI application while serving {what} {scope.get('path', '')}"
+            if str(error) in _LENGTH_MISMATCHES:
+                record.msg += (
+                    ": the application's body did not fit the Content-Length header it sent; the client"
+                    " got no more of it than fit, and the connection closed. Send the body's length in"
+                    " bytes as Content-Length, or no Content-Length."
+                )
             record.args = ()
         return True
 
