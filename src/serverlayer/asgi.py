@@ -14,8 +14,9 @@ own sockets on an event loop of the layer's own, on its named server
 thread: not uvicorn's ``Server.serve()``, whose loop wakes every 0.1 s to
 look whether it should stop and then waits for connections to go away.
 Here stopping wakes the loop at once, closes every connection (idle
-keep-alive and WebSocket clients included) and runs the application's
-lifespan shutdown, in milliseconds.
+keep-alive and WebSocket clients included; a WebSocket's application is
+told, and may clean up) and runs the application's lifespan shutdown, in
+milliseconds.
 
 The application's lifespan ``startup`` runs in ``setUp`` (a failing one
 fails ``setUp``), its ``shutdown`` in ``tearDown``. Under TLS, asyncio
@@ -646,6 +647,12 @@ if HttpToolsProtocol is not None:
     HTTP_PROTOCOLS["httptools"] = _HttpToolsProtocol
 
 
+#: The close code of a WebSocket that the server's stop closes: going away
+#: (RFC 6455 section 7.4.1), and why.
+GOING_AWAY = 1001
+STOPPING = "the server is stopping"
+
+
 class _WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets' sans-I/O one), logging
     through its server, whose task does not count as a request in progress.
@@ -690,6 +697,28 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         """Whether the connection is over or closing: its application
         then has no client left to wait for, and is soon done."""
         return bool(self.disconnected or self.transport.is_closing())
+
+    def shutdown(self) -> None:
+        """Close an open WebSocket as the server stops, with 1001 (going
+        away), and tell the application so: its ``receive()`` says
+        ``websocket.disconnect`` with that code, as when a client leaves,
+        so that its cleanup runs (``UvicornServer._close_websockets`` waits
+        for it).
+
+        Upstream closes with 1012 (service restart), which asks a client to
+        come back soon; a layer's server stops for good. A handshake in
+        progress, or a closing one, ends as upstream.
+        """
+        if not self.handshake_complete or self.close_sent:
+            super().shutdown()
+            return
+        if self.transport.is_closing():
+            return  # ending already: its application is told as the connection goes (connection_lost)
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": GOING_AWAY, "reason": STOPPING})
+        self.conn.send_close(GOING_AWAY, STOPPING)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -945,9 +974,13 @@ class UvicornServer(AsyncioServer):
 
     def _shut_down(self, servers: list[Listening]) -> None:
         """Close every connection, end the requests, then let the
-        application shut down: uvicorn's order, without its waiting."""
+        application shut down: uvicorn's order, its waiting bounded."""
         if self._date_timer is not None:
             self._date_timer.cancel()
+        # Within the time the layer waits for this thread, so that it finds
+        # how the shutdown went.
+        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
+        self._close_websockets(deadline)
         # A TLS connection accepted in the loop's last round waits in a task
         # of asyncio's that has not started. Started once its server is
         # closed, asyncio fails to make its transport and leaves it for the
@@ -960,8 +993,8 @@ class UvicornServer(AsyncioServer):
                 task.cancel()
         for server in servers:
             server.close()
-        # uvicorn's own goodbye first: an idle connection is closed, a
-        # WebSocket client gets close code 1012 (service restart).
+        # uvicorn's own goodbye to the rest: an idle connection is closed,
+        # one whose answer is on its way closes after it.
         for connection in list(self.state.connections):
             try:
                 connection.shutdown()
@@ -970,9 +1003,6 @@ class UvicornServer(AsyncioServer):
         connections = len(self.transports)
         for transport in list(self.transports):
             transport.abort()
-        # Within the time the layer waits for this thread, so that it finds
-        # how the shutdown went.
-        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
         running = [task for task in (*self.state.tasks, *self.websocket_tasks) if not task.done()]
         for task in running:
             task.cancel()
@@ -999,6 +1029,33 @@ class UvicornServer(AsyncioServer):
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
         super()._shut_down(servers)
+
+    def _close_websockets(self, deadline: Deadline) -> None:
+        """Close every open WebSocket (``_WebSocketProtocol.shutdown``), then
+        give the applications up to half the time left to finish.
+
+        An application learns of it from ``receive()``, as when its client
+        leaves, and cleans up: Starlette's ``WebSocketDisconnect`` handler
+        runs, a subscriber is removed. Cancelled at once, one waiting in
+        ``receive()`` would meet ``CancelledError`` instead, its cleanup
+        never run. Those not done in time are cancelled in ``_shut_down``,
+        with the requests (upstream waits for them without a bound); those
+        an ended test gave up on are not waited for again. Nothing else is cancelled
+        or closed meanwhile (see ``_shut_down``): the listening sockets,
+        which accept no more since the stop was asked (``request_stop``),
+        are only no longer watched, so that a client waiting to be accepted
+        does not wake the loop at every turn.
+        """
+        for protocol in [each for each in self.state.connections if isinstance(each, _WebSocketProtocol)]:
+            try:
+                protocol.shutdown()
+            except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye
+                pass
+        finishing = [task for task in self.websocket_tasks if not task.done() and task not in self.given_up]
+        if finishing:
+            for sock in self.sockets:
+                self.loop.remove_reader(sock.fileno())
+            self.loop.run_until_complete(asyncio.wait(finishing, timeout=deadline.remaining() / 2))
 
     def request_stop(self) -> None:
         self._stop_deadline = Deadline(self.stop_timeout * STOP_SHARE)

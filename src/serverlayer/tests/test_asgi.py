@@ -4,6 +4,7 @@ with httpx, urllib and the websockets client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import http.client
@@ -1526,7 +1527,100 @@ class StopTests(unittest.TestCase):
         self.assertEqual(keep_alive.sock.recv(1), b"")  # the server closed the idle connection
         with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
             websocket.recv(timeout=5)
-        self.assertEqual(caught.exception.rcvd.code, 1012)  # uvicorn's "service restart"
+        self.assertEqual(caught.exception.rcvd.code, 1001)  # going away (uvicorn says 1012, service restart)
+
+    def serve_starlette_feed(self, events: list, *, hang_after_disconnect: bool = False, stop_timeout: float = 5.0):
+        """A Starlette application whose WebSocket ``/feed`` answers in capitals
+        and, once its client is gone, cleans up; its lifespan notes its end."""
+        from starlette.applications import Starlette
+        from starlette.routing import WebSocketRoute
+        from starlette.websockets import WebSocketDisconnect
+
+        async def feed(websocket):
+            await websocket.accept()
+            try:
+                while True:
+                    await websocket.send_text((await websocket.receive_text()).upper())
+            except WebSocketDisconnect as disconnect:
+                events.append(("disconnect", disconnect.code))
+                try:
+                    # As removing a subscriber from a broker does; one that hangs, never to finish.
+                    await (asyncio.Event().wait() if hang_after_disconnect else asyncio.sleep(0))
+                except asyncio.CancelledError:
+                    events.append("cancelled")
+                    raise
+                events.append("cleaned up")
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            events.append("lifespan shutdown")
+
+        app = Starlette(routes=[WebSocketRoute("/feed", feed)], lifespan=lifespan)
+        layer = asgi.Layer(app, name=f"asgi_{self._testMethodName}", stop_timeout=stop_timeout)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)  # does nothing once torn down
+        layer.testSetUp()
+        websocket = ws_connect(layer["ws_url"] + "feed", open_timeout=5).__enter__()
+        self.addCleanup(websocket.close)
+        websocket.send("hi")
+        self.assertEqual(websocket.recv(timeout=5), "HI")
+        return layer, websocket
+
+    def test_tear_down_closes_an_open_websocket_with_1001_and_its_application_cleans_up(self):
+        threads = thread_names()
+        events: list = []
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            warnings.simplefilter("always", ResourceWarning)
+            layer, websocket = self.serve_starlette_feed(events)
+            # The test's end leaves an open WebSocket alone: it neither waits
+            # for its application nor ends it, and the client goes on.
+            layer.check_after_test()
+            layer.testTearDown()
+            self.assertEqual(events, [])
+            websocket.send("still here")
+            self.assertEqual(websocket.recv(timeout=5), "STILL HERE")
+            started = time.monotonic()
+            layer.tearDown()  # no error: the application ended as it does when its client leaves
+            elapsed = time.monotonic() - started
+            with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
+                websocket.recv(timeout=5)
+            websocket.close()
+            gc.collect()
+        self.assertLess(elapsed, 0.5)  # not the 2 s that stop_timeout=5 would let it wait
+        self.assertEqual(events, [("disconnect", 1001), "cleaned up", "lifespan shutdown"])
+        self.assertEqual((caught.exception.rcvd.code, caught.exception.rcvd.reason), (1001, "the server is stopping"))
+        self.assertEqual([str(warning.message) for warning in caught_warnings], [])
+        self.assertEqual(thread_names(), threads)
+
+    def test_what_a_websocket_application_raises_cleaning_up_at_tear_down_fails_it(self):
+        async def raises_when_told(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                told = await receive()
+                raise RuntimeError(f"cleaning up after {told['type']} {told['code']}")
+
+        layer = asgi.Layer(raises_when_told, name="asgi_ws_cleanup_raises")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with ws_connect(layer["ws_url"], open_timeout=5), self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertIn("after the layer's last test ended", str(caught.exception))
+        self.assertIn("Exception in ASGI application while serving WebSocket /\n", str(caught.exception))
+        self.assertIn("RuntimeError: cleaning up after websocket.disconnect 1001", str(caught.exception))
+
+    def test_a_websocket_application_that_does_not_finish_is_cancelled_within_the_stop_timeout(self):
+        events: list = []
+        layer, websocket = self.serve_starlette_feed(events, hang_after_disconnect=True, stop_timeout=0.5)
+        layer.testTearDown()
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(events, [("disconnect", 1001), "cancelled", "lifespan shutdown"])
+        with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
+            websocket.recv(timeout=5)
+        self.assertEqual(caught.exception.rcvd.code, 1001)
 
     def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
         layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_quiet"))
