@@ -14,8 +14,9 @@ own sockets on an event loop of the layer's own, on its named server
 thread: not uvicorn's ``Server.serve()``, whose loop wakes every 0.1 s to
 look whether it should stop and then waits for connections to go away.
 Here stopping wakes the loop at once, closes every connection (idle
-keep-alive and WebSocket clients included) and runs the application's
-lifespan shutdown, in milliseconds.
+keep-alive and WebSocket clients included; a WebSocket's application is
+told, and may clean up) and runs the application's lifespan shutdown, in
+milliseconds.
 
 The application's lifespan ``startup`` runs in ``setUp`` (a failing one
 fails ``setUp``), its ``shutdown`` in ``tearDown``. Under TLS, asyncio
@@ -237,6 +238,7 @@ class _BodyRecorder:
             not self.recorded
             and message["type"] == "http.response.start"
             and not self.read_any
+            and message["status"] >= 200  # an interim one is refused at once, in the application's task
             and not _expects_continue(self.scope["headers"])
         ):
             self.held = message
@@ -307,6 +309,78 @@ class _ReceiveOrEnd:
         return {"type": "http.disconnect"}
 
 
+#: The final statuses whose responses have no body (RFC 9110 section 6.4.1).
+_NO_CONTENT = (204, 304)
+
+
+class _CheckedSend:
+    """uvicorn's ``send`` for one request, keeping from the client what its
+    response may not carry, and failing the test that made the request.
+
+    Upstream, the httptools protocol writes the body of a 204 or 304 that
+    announces a length, and sends a 1xx as if it were final: the client
+    takes those bytes for the next response on the connection, or waits
+    for a final response that never comes. A 304 that announces the
+    length a 200 would have (RFC 9110 section 8.6) it takes for a body cut
+    short, closing the connection. The h11 protocol refuses a body with a
+    204 or 304, and any 1xx, closing the connection, in h11's words ("Too
+    much data for declared Content-Length"), which do not say what the
+    application did.
+
+    Here, with either, as on the wsgi layer: the body of a 204 or 304 is
+    dropped and reported as a server error, and the connection stays
+    usable; a 1xx raises in the application before anything is written,
+    and its client gets uvicorn's 500. Only the start of a response is
+    looked at, and the body of one that has none: nothing is counted.
+    """
+
+    __slots__ = ("cycle", "send", "bodiless", "reported")
+
+    def __init__(self, cycle: Any, send: Send) -> None:
+        self.cycle = cycle
+        self.send = send
+        #: The status of the response started, if it has no body (204, 304); else 0.
+        self.bodiless = 0
+        #: Whether the body dropped was reported: once per response.
+        self.reported = False
+
+    async def __call__(self, message: Message) -> None:
+        if self.bodiless:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self._report_body()
+                message = {**message, "body": b""}
+        elif message["type"] == "http.response.start":
+            status = message["status"]
+            if status < 200:
+                raise RuntimeError(
+                    f"the application started its response with status {status}, an interim (1xx) status:"
+                    " http.response.start sends the final response, and a client takes a 1xx for an"
+                    " interim one and waits for the final one after it. Start the response with its"
+                    " final status, 200 or above (a WebSocket is served in a scope of type 'websocket')."
+                )
+            if status in _NO_CONTENT:
+                await self.send(message)
+                self.bodiless = status
+                if hasattr(self.cycle, "expected_content_length"):  # httptools: no body follows
+                    self.cycle.expected_content_length = 0
+                    self.cycle.chunked_encoding = False
+                return
+        await self.send(message)
+
+    def _report_body(self) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        scope = self.cycle.scope
+        self.cycle.logger.error(
+            "%s %s: the application sent a body with status %d, which has none; it was dropped."
+            " Send no body with 204 and 304.",
+            scope["method"],
+            scope["path"],
+            self.bodiless,
+        )
+
+
 class RecordingApp:
     """Records each HTTP request (body included) and WebSocket handshake in
     ``log``, then hands the application the same messages.
@@ -335,6 +409,7 @@ class RecordingApp:
             cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
             if cycle is not None:
                 receive = _ReceiveOrEnd(cycle, receive)
+                send = _CheckedSend(cycle, send)
             target = scope.pop(TARGET, None)
             if not _announces_body(scope["headers"]):  # most requests: nothing to read
                 self.log.append(_UnreadScope(scope, b"", self._client_cert(scope), target))
@@ -615,6 +690,12 @@ if HttpToolsProtocol is not None:
     HTTP_PROTOCOLS["httptools"] = _HttpToolsProtocol
 
 
+#: The close code of a WebSocket that the server's stop closes: going away
+#: (RFC 6455 section 7.4.1), and why.
+GOING_AWAY = 1001
+STOPPING = "the server is stopping"
+
+
 class _WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets' sans-I/O one), logging
     through its server, whose task does not count as a request in progress.
@@ -659,6 +740,28 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         """Whether the connection is over or closing: its application
         then has no client left to wait for, and is soon done."""
         return bool(self.disconnected or self.transport.is_closing())
+
+    def shutdown(self) -> None:
+        """Close an open WebSocket as the server stops, with 1001 (going
+        away), and tell the application so: its ``receive()`` says
+        ``websocket.disconnect`` with that code, as when a client leaves,
+        so that its cleanup runs (``UvicornServer._close_websockets`` waits
+        for it).
+
+        Upstream closes with 1012 (service restart), which asks a client to
+        come back soon; a layer's server stops for good. A handshake in
+        progress, or a closing one, ends as upstream.
+        """
+        if not self.handshake_complete or self.close_sent:
+            super().shutdown()
+            return
+        if self.transport.is_closing():
+            return  # ending already: its application is told as the connection goes (connection_lost)
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": GOING_AWAY, "reason": STOPPING})
+        self.conn.send_close(GOING_AWAY, STOPPING)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -737,18 +840,36 @@ class _Lifespan(LifespanOn):
 _serving: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("serving", default=None)
 
 
+#: What uvicorn's httptools protocol and h11 raise when a response's body
+#: does not fit its Content-Length header, in words that do not say what to do.
+_LENGTH_MISMATCHES = frozenset({
+    "Response content longer than Content-Length",
+    "Response content shorter than Content-Length",
+    "Too much data for declared Content-Length",
+    "Too little data for declared Content-Length",
+})
+
+
 class _ApplicationErrors(logging.Filter):
     """Names the request in uvicorn's "Exception in ASGI application", which
-    says nothing of it; and drops it for a request the server cancelled
+    says nothing of it, and says what to do about a body that does not fit
+    its Content-Length; drops it for a request the server cancelled
     itself, stopping: that is no error of the application."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.CancelledError):
             return False
         scope = _serving.get()
         if scope is not None and str(record.msg).startswith("Exception in ASGI application"):
             what = scope["method"] if scope["type"] == "http" else "WebSocket"
             record.msg = f"Exception in ASGI application while serving {what} {scope.get('path', '')}"
+            if str(error) in _LENGTH_MISMATCHES:
+                record.msg += (
+                    ": the application's body did not fit the Content-Length header it sent; the client"
+                    " got no more of it than fit, and the connection closed. Send the body's length in"
+                    " bytes as Content-Length, or no Content-Length."
+                )
             record.args = ()
         return True
 
@@ -896,9 +1017,13 @@ class UvicornServer(AsyncioServer):
 
     def _shut_down(self, servers: list[Listening]) -> None:
         """Close every connection, end the requests, then let the
-        application shut down: uvicorn's order, without its waiting."""
+        application shut down: uvicorn's order, its waiting bounded."""
         if self._date_timer is not None:
             self._date_timer.cancel()
+        # Within the time the layer waits for this thread, so that it finds
+        # how the shutdown went.
+        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
+        self._close_websockets(deadline)
         # A TLS connection accepted in the loop's last round waits in a task
         # of asyncio's that has not started. Started once its server is
         # closed, asyncio fails to make its transport and leaves it for the
@@ -911,8 +1036,8 @@ class UvicornServer(AsyncioServer):
                 task.cancel()
         for server in servers:
             server.close()
-        # uvicorn's own goodbye first: an idle connection is closed, a
-        # WebSocket client gets close code 1012 (service restart).
+        # uvicorn's own goodbye to the rest: an idle connection is closed,
+        # one whose answer is on its way closes after it.
         for connection in list(self.state.connections):
             try:
                 connection.shutdown()
@@ -921,9 +1046,6 @@ class UvicornServer(AsyncioServer):
         connections = len(self.transports)
         for transport in list(self.transports):
             transport.abort()
-        # Within the time the layer waits for this thread, so that it finds
-        # how the shutdown went.
-        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
         running = [task for task in (*self.state.tasks, *self.websocket_tasks) if not task.done()]
         for task in running:
             task.cancel()
@@ -950,6 +1072,33 @@ class UvicornServer(AsyncioServer):
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
         super()._shut_down(servers)
+
+    def _close_websockets(self, deadline: Deadline) -> None:
+        """Close every open WebSocket (``_WebSocketProtocol.shutdown``), then
+        give the applications up to half the time left to finish.
+
+        An application learns of it from ``receive()``, as when its client
+        leaves, and cleans up: Starlette's ``WebSocketDisconnect`` handler
+        runs, a subscriber is removed. Cancelled at once, one waiting in
+        ``receive()`` would meet ``CancelledError`` instead, its cleanup
+        never run. Those not done in time are cancelled in ``_shut_down``,
+        with the requests (upstream waits for them without a bound); those
+        an ended test gave up on are not waited for again. Nothing else is cancelled
+        or closed meanwhile (see ``_shut_down``): the listening sockets,
+        which accept no more since the stop was asked (``request_stop``),
+        are only no longer watched, so that a client waiting to be accepted
+        does not wake the loop at every turn.
+        """
+        for protocol in [each for each in self.state.connections if isinstance(each, _WebSocketProtocol)]:
+            try:
+                protocol.shutdown()
+            except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye
+                pass
+        finishing = [task for task in self.websocket_tasks if not task.done() and task not in self.given_up]
+        if finishing:
+            for sock in self.sockets:
+                self.loop.remove_reader(sock.fileno())
+            self.loop.run_until_complete(asyncio.wait(finishing, timeout=deadline.remaining() / 2))
 
     def request_stop(self) -> None:
         self._stop_deadline = Deadline(self.stop_timeout * STOP_SHARE)

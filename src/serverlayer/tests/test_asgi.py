@@ -4,6 +4,7 @@ with httpx, urllib and the websockets client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import http.client
@@ -28,6 +29,7 @@ from unittest import mock
 
 import httpx
 import plone.testing
+import requests
 import websockets.exceptions
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as _connect
@@ -614,6 +616,189 @@ class HTTPProtocolTests(unittest.TestCase):
                 self.assertEqual([request.method for request in layer["http_requests"]],
                                  ["HEAD", "POST", "GET", "GET", "GET"])
                 self.assertEqual(layer["http_requests"][1].body, b"x" * 100_000)
+
+
+def answers_as_told(clients: list[int]):
+    """An application answering ``/<status>/<Content-Length or "none">/<body>``
+    as its path says, without reading the request's body, and ``/next``
+    with ``ok``; it notes each request's client port in ``clients``."""
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        clients.append(scope["client"][1])
+        if scope["path"] == "/next":
+            await respond(send, b"ok")
+            return
+        _, status, length, body = scope["path"].split("/")
+        headers = [] if length == "none" else [(b"content-length", length.encode())]
+        await send({"type": "http.response.start", "status": int(status), "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    return app
+
+
+#: A head, up to the blank line that ends it.
+HEAD = rb"HTTP/1\.1 (\d{3}) [^\r]*\r\n(?:[^\r]+\r\n)*\r\n"
+
+
+class ResponseFitTests(unittest.TestCase):
+    """What a response may not carry never reaches its client, and fails
+    the test that made the request, saying so, as on the wsgi layer: a
+    body with a 204 or 304 is dropped (uvicorn's httptools protocol sent
+    it, and the client read it as the next response), a 1xx status is
+    refused (the client waited for a final response that never came).
+    Each test tries both of uvicorn's protocols."""
+
+    PROTOCOLS = ("httptools", "h11")
+
+    def serve(self, protocol: str) -> tuple[asgi.Layer, list[int]]:
+        clients: list[int] = []
+        layer = asgi.Layer(answers_as_told(clients), name=f"asgi_fit_{protocol}_{self._testMethodName}",
+                           http_protocol=protocol)
+        return set_up_by_hand(self, layer), clients
+
+    def exchange(self, layer, first: bytes) -> bytes:
+        """Send ``first``, then ``GET /next`` on the same connection, and
+        read until the answer to that (``ok``) or the end."""
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(first + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while not received.endswith(b"\r\n\r\nok"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        return received
+
+    def test_a_body_sent_with_204_or_304_never_reaches_the_client(self):
+        for protocol in self.PROTOCOLS:
+            layer, _ = self.serve(protocol)
+            for request in (b"GET /204/5/HELLO", b"GET /204/none/HELLO", b"GET /304/5/HELLO",
+                            b"GET /304/none/HELLO", b"GET /304/3/HELLO", b"PUT /204/5/HELLO"):
+                with self.subTest(protocol=protocol, request=request):
+                    upload = b"Content-Length: 4\r\n\r\ndata" if request.startswith(b"PUT") else b"\r\n"
+                    received = self.exchange(layer, request + b" HTTP/1.1\r\nHost: x\r\n" + upload)
+                    status = request.split(b"/")[1]
+                    # The next answer on the connection right after the head.
+                    self.assertRegex(received, b"^" + HEAD.replace(rb"(\d{3})", status) + HEAD + b"ok$")
+                    method, path = request.decode().split()
+                    self.assertEqual(layer.server_errors.take(), [
+                        f"{method} {path}: the application sent a body with status"
+                        f" {status.decode()}, which has none; it was dropped. Send no body with 204 and 304."
+                    ])
+
+    def test_real_clients_keep_their_connection_after_a_body_with_204(self):
+        for protocol in self.PROTOCOLS:
+            layer, clients = self.serve(protocol)
+            url = layer["http_url"]
+            for client in ("http.client", "httpx", "requests", "curl"):
+                with self.subTest(protocol=protocol, client=client):
+                    clients.clear()
+                    if client == "http.client":
+                        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+                        try:
+                            connection.request("GET", "/204/5/HELLO")
+                            first = connection.getresponse()
+                            answers = [(first.status, first.read())]
+                            connection.request("GET", "/next")
+                            second = connection.getresponse()
+                            answers.append((second.status, second.read()))
+                        finally:
+                            connection.close()
+                    elif client == "httpx":
+                        with httpx.Client(timeout=5) as session:
+                            answers = [(answer.status_code, answer.content)
+                                       for answer in (session.get(url + "204/5/HELLO"), session.get(url + "next"))]
+                    elif client == "requests":
+                        with requests.Session() as session:
+                            answers = [(answer.status_code, answer.content) for answer in (
+                                session.get(url + "204/5/HELLO", timeout=5), session.get(url + "next", timeout=5))]
+                    else:  # two URLs: one connection, the second answer after the first
+                        curl = subprocess.run(["curl", "-sS", "-w", "%{http_code} ", url + "204/5/HELLO", url + "next"],
+                                              capture_output=True, timeout=10, check=False)
+                        self.assertEqual(curl.stderr, b"")
+                        answers = [(204, b""), (200, b"ok")] if curl.stdout == b"204 ok200 " else [curl.stdout]
+                    self.assertEqual(answers, [(204, b""), (200, b"ok")])
+                    self.assertEqual(len(set(clients)), 1, clients)  # one connection for both
+                    [error] = layer.server_errors.take()
+                    self.assertIn("GET /204/5/HELLO: the application sent a body with status 204", error)
+
+    def test_the_test_that_sent_a_body_with_204_fails_saying_so(self):
+        for protocol in self.PROTOCOLS:
+            with self.subTest(protocol=protocol):
+                layer = asgi.Layer(answers_as_told([]), name=f"asgi_fit_fails_{protocol}", http_protocol=protocol)
+                layer.setUp()
+                self.addCleanup(layer.tearDown)
+
+                class Inner(unittest.TestCase):
+                    served = layer
+
+                    def test_deletes(self):
+                        self.served.testSetUp()  # hands the end-of-test check to this test
+                        answer = httpx.delete(self.served["http_url"] + "204/4/null", timeout=5)
+                        self.assertEqual(answer.status_code, 204)
+                        self.served.testTearDown()
+
+                result = unittest.TestResult()
+                Inner("test_deletes").run(result)
+                self.assertEqual(result.errors, [])
+                [(_, report)] = result.failures
+                self.assertIn("ServerSideError", report)
+                self.assertIn("DELETE /204/4/null: the application sent a body with status 204, which has none;"
+                              " it was dropped. Send no body with 204 and 304.", report)
+
+    def test_a_304_or_head_answer_may_announce_the_length_a_get_would_get(self):
+        """RFC 9110 sections 8.6 and 9.3.2. uvicorn's httptools protocol took
+        such a 304 for a body cut short, and closed the connection. The body
+        of an answer to HEAD, uvicorn drops, as a client expects."""
+        for protocol in self.PROTOCOLS:
+            layer, clients = self.serve(protocol)
+            for request in (b"GET /304/5/", b"HEAD /200/5/HELLO", b"HEAD /200/none/HELLO"):
+                with self.subTest(protocol=protocol, request=request):
+                    clients.clear()
+                    received = self.exchange(layer, request + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertRegex(received, b"^" + HEAD + HEAD + b"ok$")
+                    self.assertEqual(len(set(clients)), 1, clients)
+                    self.assertEqual(layer.server_errors.take(), [])
+
+    def test_a_1xx_status_is_refused_and_the_client_gets_a_500(self):
+        for protocol in self.PROTOCOLS:
+            layer, _ = self.serve(protocol)
+            for request in (b"GET /103/none/", b"GET /100/5/HELLO", b"GET /101/none/", b"POST /103/0/"):
+                with self.subTest(protocol=protocol, request=request):
+                    upload = b"Content-Length: 4\r\n\r\ndata" if request.startswith(b"POST") else b"\r\n"
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                        sock.sendall(request + b" HTTP/1.1\r\nHost: x\r\n" + upload)
+                        received = read_until_closed(sock)  # a 500 that closes, rather than a wait
+                    self.assertTrue(received.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), received)
+                    self.assertEqual(received.count(b"HTTP/1.1 "), 1, received)
+                    method, path = request.decode().split()
+                    [error] = layer.server_errors.take()
+                    self.assertIn(f"Exception in ASGI application while serving {method} {path}\n", error)
+                    self.assertIn(f"RuntimeError: the application started its response with status"
+                                  f" {path.split('/')[1]}, an interim (1xx) status", error)
+
+    def test_a_body_that_does_not_fit_its_content_length_fails_the_test_saying_so(self):
+        """uvicorn refuses it already, and closes the connection: the client
+        is not left waiting. The report says what to do about it."""
+        for protocol in self.PROTOCOLS:
+            layer, _ = self.serve(protocol)
+            for path, words in (("/200/3/HELLO", "longer than|Too much"), ("/200/8/HELLO", "shorter than|Too little")):
+                with self.subTest(protocol=protocol, path=path):
+                    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+                    try:
+                        connection.request("GET", path)
+                        with self.assertRaises(http.client.IncompleteRead):  # at once, not after the timeout
+                            connection.getresponse().read()
+                    finally:
+                        connection.close()
+                    [error] = layer.server_errors.take()
+                    self.assertIn(f"Exception in ASGI application while serving GET {path}: the application's body"
+                                  " did not fit the Content-Length header it sent; the client got no more of it than"
+                                  " fit, and the connection closed. Send the body's length in bytes as"
+                                  " Content-Length, or no Content-Length.\n", error)
+                    self.assertRegex(error, f"({words}).* Content-Length$")
 
 
 class AppSourceTests(unittest.TestCase):
@@ -1342,7 +1527,100 @@ class StopTests(unittest.TestCase):
         self.assertEqual(keep_alive.sock.recv(1), b"")  # the server closed the idle connection
         with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
             websocket.recv(timeout=5)
-        self.assertEqual(caught.exception.rcvd.code, 1012)  # uvicorn's "service restart"
+        self.assertEqual(caught.exception.rcvd.code, 1001)  # going away (uvicorn says 1012, service restart)
+
+    def serve_starlette_feed(self, events: list, *, hang_after_disconnect: bool = False, stop_timeout: float = 5.0):
+        """A Starlette application whose WebSocket ``/feed`` answers in capitals
+        and, once its client is gone, cleans up; its lifespan notes its end."""
+        from starlette.applications import Starlette
+        from starlette.routing import WebSocketRoute
+        from starlette.websockets import WebSocketDisconnect
+
+        async def feed(websocket):
+            await websocket.accept()
+            try:
+                while True:
+                    await websocket.send_text((await websocket.receive_text()).upper())
+            except WebSocketDisconnect as disconnect:
+                events.append(("disconnect", disconnect.code))
+                try:
+                    # As removing a subscriber from a broker does; one that hangs, never to finish.
+                    await (asyncio.Event().wait() if hang_after_disconnect else asyncio.sleep(0))
+                except asyncio.CancelledError:
+                    events.append("cancelled")
+                    raise
+                events.append("cleaned up")
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            events.append("lifespan shutdown")
+
+        app = Starlette(routes=[WebSocketRoute("/feed", feed)], lifespan=lifespan)
+        layer = asgi.Layer(app, name=f"asgi_{self._testMethodName}", stop_timeout=stop_timeout)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)  # does nothing once torn down
+        layer.testSetUp()
+        websocket = ws_connect(layer["ws_url"] + "feed", open_timeout=5).__enter__()
+        self.addCleanup(websocket.close)
+        websocket.send("hi")
+        self.assertEqual(websocket.recv(timeout=5), "HI")
+        return layer, websocket
+
+    def test_tear_down_closes_an_open_websocket_with_1001_and_its_application_cleans_up(self):
+        threads = thread_names()
+        events: list = []
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            warnings.simplefilter("always", ResourceWarning)
+            layer, websocket = self.serve_starlette_feed(events)
+            # The test's end leaves an open WebSocket alone: it neither waits
+            # for its application nor ends it, and the client goes on.
+            layer.check_after_test()
+            layer.testTearDown()
+            self.assertEqual(events, [])
+            websocket.send("still here")
+            self.assertEqual(websocket.recv(timeout=5), "STILL HERE")
+            started = time.monotonic()
+            layer.tearDown()  # no error: the application ended as it does when its client leaves
+            elapsed = time.monotonic() - started
+            with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
+                websocket.recv(timeout=5)
+            websocket.close()
+            gc.collect()
+        self.assertLess(elapsed, 0.5)  # not the 2 s that stop_timeout=5 would let it wait
+        self.assertEqual(events, [("disconnect", 1001), "cleaned up", "lifespan shutdown"])
+        self.assertEqual((caught.exception.rcvd.code, caught.exception.rcvd.reason), (1001, "the server is stopping"))
+        self.assertEqual([str(warning.message) for warning in caught_warnings], [])
+        self.assertEqual(thread_names(), threads)
+
+    def test_what_a_websocket_application_raises_cleaning_up_at_tear_down_fails_it(self):
+        async def raises_when_told(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                told = await receive()
+                raise RuntimeError(f"cleaning up after {told['type']} {told['code']}")
+
+        layer = asgi.Layer(raises_when_told, name="asgi_ws_cleanup_raises")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with ws_connect(layer["ws_url"], open_timeout=5), self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertIn("after the layer's last test ended", str(caught.exception))
+        self.assertIn("Exception in ASGI application while serving WebSocket /\n", str(caught.exception))
+        self.assertIn("RuntimeError: cleaning up after websocket.disconnect 1001", str(caught.exception))
+
+    def test_a_websocket_application_that_does_not_finish_is_cancelled_within_the_stop_timeout(self):
+        events: list = []
+        layer, websocket = self.serve_starlette_feed(events, hang_after_disconnect=True, stop_timeout=0.5)
+        layer.testTearDown()
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(events, [("disconnect", 1001), "cancelled", "lifespan shutdown"])
+        with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
+            websocket.recv(timeout=5)
+        self.assertEqual(caught.exception.rcvd.code, 1001)
 
     def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
         layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_quiet"))
