@@ -17,7 +17,9 @@ class ConfigurationError(ServerLayerError, ValueError):
 
 
 class LayerIdentityError(ConfigurationError):
-    """Two layers would share one name, so the test runner would mix them up."""
+    """zope.testrunner is setting a layer up for the tests of another layer
+    with the same module and name: it knows layers by that name only, so it
+    would run the tests of both on the one."""
 
 
 class ResourceError(ServerLayerError, KeyError):

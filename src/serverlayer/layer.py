@@ -18,8 +18,9 @@ import os
 import socket
 import sys
 import threading
+import unittest
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, TypeVar
 
@@ -98,44 +99,136 @@ def assigned_name(layer: plone.testing.Layer) -> str | None:
     return None
 
 
-_identities: dict[str, weakref.ReferenceType[plone.testing.Layer]] = {}
-_identities_lock = threading.Lock()
+#: Every live layer that claimed its identity. Several may share one.
+_claimed: weakref.WeakSet[plone.testing.Layer] = weakref.WeakSet()
+_claimed_lock = threading.Lock()
+_RUNNER = "zope.testrunner.runner"
 
 
-def _identity_taken(identity: str, layer: plone.testing.Layer) -> bool:
-    reference = _identities.get(identity)
-    return reference is not None and reference() not in (None, layer)
+def identity(layer: Any) -> str:
+    """The dotted name zope.testrunner knows ``layer`` by: module and name."""
+    return f"{layer.__module__}.{layer.__name__}"
+
+
+def namesakes(layer: plone.testing.Layer) -> list[plone.testing.Layer]:
+    """The other live layers with ``layer``'s identity."""
+    with _claimed_lock:
+        return [each for each in _claimed if each is not layer and identity(each) == identity(layer)]
 
 
 def claim_identity(layer: plone.testing.Layer, *, derived: bool = False) -> None:
-    """Refuse ``layer`` if a live layer already has its module and name.
+    """Record ``layer`` under its module and name.
 
     A ``derived`` name is one the user did not choose (the variable name or
-    the class name of an unnamed layer); when it is taken, the layer gets
-    the first free of ``NAME_2``, ``NAME_3`` ... instead. Which one depends
-    only on the layers of the module that exist before it, so on the order
-    in which the module's code creates them, as in every process.
+    the class name of an unnamed layer); when a live layer has it, the layer
+    gets the first free of ``NAME_2``, ``NAME_3`` ... instead. Which one
+    depends only on the layers of the module that exist before it, so on the
+    order in which the module's code creates them, as in every process.
+
+    A name the user chose is kept even when a live layer has it. Two layers
+    with one identity are harmless unless both are layers of tests that
+    zope.testrunner runs: gocept.selenium's grok layer creates its inner
+    layers with fixed names, once per instance, and sets them up from its
+    own ``setUp``, where the runner never sees them. So the mistake is
+    reported where the runner makes it: ``refuse_shared_identity`` when the
+    runner sets up a layer for another one's tests, and a ``ResourceError``
+    saying so when such a test asks the layer that was not set up.
     """
-    module, name = layer.__module__, layer.__name__
-    with _identities_lock:
-        if _identity_taken(f"{module}.{name}", layer):
-            # A layer of an earlier run of the same code (a repeated doctest,
-            # a reloaded module) may only be waiting for the cycle collector.
-            gc.collect()
+    with _claimed_lock:
         if derived:
-            # One more candidate than there are identities: one of them is free.
-            candidates = [name, *(f"{name}_{number}" for number in range(2, len(_identities) + 3))]
-            name = next(each for each in candidates if not _identity_taken(f"{module}.{each}", layer))
-            layer.__name__ = name
-        identity = f"{module}.{name}"
-        if _identity_taken(identity, layer):
-            raise LayerIdentityError(
-                f"Two layers would both be called {identity!r}, so the test"
-                " runner would set up only one of them and run the tests of"
-                " both on it. Give each a name of its own, for example"
-                f" {type(layer).__name__}(..., name='ADMIN_HTTP')."
-            )
-        _identities[identity] = weakref.ref(layer)
+            module, name = layer.__module__, layer.__name__
+            taken = {identity(each) for each in _claimed if each is not layer}
+            if f"{module}.{name}" in taken:
+                # A layer of an earlier run of the same code (a repeated doctest,
+                # a reloaded module) may only be waiting for the cycle collector.
+                gc.collect()
+                taken = {identity(each) for each in _claimed if each is not layer}
+            candidates = (name, *(f"{name}_{number}" for number in range(2, len(taken) + 3)))
+            layer.__name__ = next(each for each in candidates if f"{module}.{each}" not in taken)
+        _claimed.add(layer)
+
+
+def _runner_run(layer: plone.testing.Layer) -> tuple[Any, list[Any]]:
+    """What zope.testrunner is setting ``layer`` up for: the layer it runs
+    tests of (``layer`` or one based on it) and those tests, the arguments
+    of its ``run_layer``, found on the call stack when the runner's
+    innermost frame there is ``setup_layer`` setting up ``layer`` itself.
+
+    ``(None, [])`` for a layer set up any other way: by hand, in a ``with``
+    block, from another layer's ``setUp`` (as gocept.selenium's grok layer
+    sets up its inner layers), or by zope.pytestlayer, which tells layers
+    apart by object and so never mixes up two with one name. Also if a
+    zope.testrunner release renames those functions or their arguments:
+    then only the ``ResourceError`` reports the mix-up, and the tests of
+    ``refuse_shared_identity``, which run the installed runner, fail.
+    """
+    runner_frames = [frame for frame in _callers(sys._getframe(1)) if frame.f_globals.get("__name__") == _RUNNER]
+    innermost = runner_frames[0] if runner_frames else None
+    if innermost is None or innermost.f_code.co_name != "setup_layer" or innermost.f_locals.get("layer") is not layer:
+        return None, []
+    run_layer = next((frame for frame in runner_frames if frame.f_code.co_name == "run_layer"), None)
+    if run_layer is None:
+        return None, []
+    return run_layer.f_locals.get("layer"), _flattened(run_layer.f_locals.get("tests"))
+
+
+def _callers(frame: FrameType | None) -> Iterator[FrameType]:
+    """``frame`` and the frames that called it, innermost first."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _flattened(tests: object) -> list[Any]:
+    """The tests of ``tests``, a ``unittest.TestSuite`` (of suites)."""
+    if not isinstance(tests, unittest.TestSuite):
+        return []
+    return [test for each in tests for test in (_flattened(each) if isinstance(each, unittest.TestSuite) else [each])]
+
+
+def _layer_and_bases(layer: Any) -> list[Any]:
+    """``layer`` and every layer below it: what a test of ``layer`` needs."""
+    found = [layer]
+    for base in getattr(layer, "__bases__", ()):
+        if base is not object:
+            found.extend(_layer_and_bases(base))
+    return found
+
+
+def refuse_shared_identity(layer: plone.testing.Layer) -> None:
+    """Raise ``LayerIdentityError`` if zope.testrunner is setting ``layer``
+    up for a test that needs another layer with ``layer``'s identity.
+
+    zope.testrunner files each test under the dotted name of its layer and
+    sets up the one layer it finds under that name (``layer_from_name``),
+    with its bases: of two layers of tests with one identity it sets up
+    only one, and runs the tests of both on it. A layer the runner sets up
+    sees those tests' own ``layer`` attributes, so it fails its ``setUp``,
+    which the runner reports before it runs any of them. Bases the runner
+    sets up by object, so two of one name in the layers of one test are no
+    harm; nor are layers of one name that are not serverlayer's (the runner
+    may well run equal ones alike). Tests whose layer is given to their
+    suite, as a doctest's is, carry none: they meet a ``ResourceError``
+    saying the same when they ask for a resource.
+    """
+    chosen, tests = _runner_run(layer)
+    name = identity(layer)
+    for test in tests:
+        declared = getattr(test, "layer", None)  # a layer, its dotted name, or none
+        if declared is chosen or not hasattr(declared, "__bases__"):
+            continue
+        others = [each for each in _layer_and_bases(declared) if each is not layer and identity(each) == name]
+        if not others:
+            continue
+        test_id = test.id() if callable(getattr(test, "id", None)) else repr(test)
+        through = "" if others[0] is declared else f", through its layer {identity(declared)!r}, named alike too"
+        raise LayerIdentityError(
+            f"Two layers are both called {name!r}: the one zope.testrunner is setting up, and"
+            f" another one, which {test_id} needs{through}. The runner tells layers apart by"
+            " that name, so it sets up only one of them and runs the tests of both on it."
+            f" Give each a name of its own, for example {type(layer).__name__}(...,"
+            " name='ADMIN_HTTP')."
+        )
 
 
 def whole_number(value: object, *, owner: str, setting: str, minimum: int) -> int:
@@ -309,6 +402,16 @@ class ServerLayer(plone.testing.Layer):
                     " this one. Fix that error."
                 )
             return message
+        if self._running is None:
+            set_up = [each for each in namesakes(self) if isinstance(each, ServerLayer) and each._running is not None]
+            if set_up:
+                return (
+                    f"{self!r} is not set up, so it has no {key!r} resource, but another layer"
+                    f" called {identity(self)!r} is. zope.testrunner tells layers apart by that"
+                    " name: of two layers of tests with one name, it sets up only one and runs"
+                    " the tests of both on it. Give each a name of its own, for example"
+                    f" {type(self).__name__}(..., name='ADMIN_HTTP')."
+                )
         if self._running is None and "zope.pytestlayer" in sys.modules:
             return (
                 f"{self!r} is not set up (yet), so it has no {key!r} resource. Under pytest,"
@@ -367,6 +470,7 @@ class ServerLayer(plone.testing.Layer):
         self.refuse_second_set_up()
         self.server_errors._clear()  # what a server of an earlier set-up raised is no news
         try:
+            refuse_shared_identity(self)
             host, port, source = self.listen_address()
             sockets = self._sockets = bind(host, port, owner=repr(self), source=source)
             bound_port = sockets[0].getsockname()[1]

@@ -31,7 +31,7 @@ except ModuleNotFoundError as missing:  # pragma: no cover - depends on the inst
     raise missing_extra("serverlayer.zopeappwsgi", needs, "zopeappwsgi", missing) from missing
 
 from serverlayer.errors import ConfigurationError
-from serverlayer.layer import claim_identity, instantiating_module
+from serverlayer.layer import claim_identity, instantiating_module, refuse_shared_identity
 from serverlayer.wsgi import StartResponse, WSGIApplication, no_test_running
 
 
@@ -102,6 +102,7 @@ class Layer(plone.testing.Layer):
         )
 
     def setUp(self) -> None:
+        refuse_shared_identity(self)
         self.get_current_zodb()  # no database source: fail now, not in every testSetUp
         self["wsgi_app"] = self.publish
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import unittest
+from unittest import mock
 
 import plone.testing
 import transaction
@@ -12,8 +13,11 @@ import zope.app.appsetup.testlayer
 from zope.publisher.browser import BrowserView
 from zope.security.proxy import removeSecurityProxy
 
+import serverlayer.tests
 import serverlayer.tests.zope_integration
 from serverlayer import ConfigurationError, wsgi, zopeappwsgi
+from serverlayer.layer import identity
+from serverlayer.tests.helpers import run_testrunner
 from serverlayer.tests.zope_integration.helpers import fetch, fetch_together
 
 #: Requests to ``@@connection`` wait here for each other.
@@ -201,3 +205,41 @@ class DatabaseTests(unittest.TestCase):
 
     def test_named_after_the_module_that_created_it(self):
         self.assertEqual(APP_LAYER.__module__, __name__)
+
+    def test_two_layers_of_tests_with_one_name_fail_the_set_up(self):
+        """zope.testrunner would set up one of them and run the tests of both on it."""
+        run = run_testrunner("zope_shared_name", "-vv")
+        output = run.stdout + run.stderr
+        self.assertEqual(run.returncode, 1, output)
+        self.assertIn(
+            "LayerIdentityError: Two layers are both called 'zope_shared_name_pkg.sample_apps.APP': the"
+            " one zope.testrunner is setting up, and another one, which"
+            " zope_shared_name_pkg.sample_apps.OneTests.test_one needs.",
+            output,
+        )
+        self.assertNotIn("Ran ", output)
+
+
+class GoceptSeleniumGrokTests(unittest.TestCase):
+    """gocept.selenium's grok layer, with gocept.httpserverlayer's modules
+    resolved to serverlayer's as changing the import does. Each instance
+    creates inner wsgi and zopeappwsgi layers of the same fixed names in its
+    ``__init__`` and sets them up from its own ``setUp``: zope.testrunner
+    never sees them, so two instances in one process are no mistake."""
+
+    def test_two_instances_make_inner_layers_of_one_identity(self):
+        import gocept.httpserverlayer
+        import gocept.selenium.grok  # imports gocept's own modules, replaced below
+
+        with (
+            mock.patch.object(gocept.httpserverlayer, "wsgi", wsgi),
+            mock.patch.object(gocept.httpserverlayer, "zopeappwsgi", zopeappwsgi),
+        ):
+            one = gocept.selenium.grok.Layer(serverlayer.tests.zope_integration)
+            two = gocept.selenium.grok.Layer(serverlayer.tests)
+        self.assertIsInstance(one.WSGI_LAYER, zopeappwsgi.Layer)
+        self.assertIsInstance(one.HTTP_LAYER, wsgi.Layer)
+        for inner in ("WSGI_LAYER", "HTTP_LAYER"):
+            self.assertIsNot(getattr(one, inner), getattr(two, inner))
+            self.assertEqual(identity(getattr(one, inner)), identity(getattr(two, inner)))
+        self.assertEqual(identity(two.HTTP_LAYER), "gocept.selenium.grok.IntegratedHTTPLayer")
