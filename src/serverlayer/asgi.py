@@ -1075,7 +1075,8 @@ class UvicornServer(AsyncioServer):
 
     def _close_websockets(self, deadline: Deadline) -> None:
         """Close every open WebSocket (``_WebSocketProtocol.shutdown``), then
-        give the applications up to half the time left to finish.
+        give the applications that read the close up to half the time left
+        to finish.
 
         An application learns of it from ``receive()``, as when its client
         leaves, and cleans up: Starlette's ``WebSocketDisconnect`` handler
@@ -1094,7 +1095,15 @@ class UvicornServer(AsyncioServer):
                 protocol.shutdown()
             except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye
                 pass
-        finishing = [task for task in self.websocket_tasks if not task.done() and task not in self.given_up]
+        # In one turn of the loop each application waiting in receive()
+        # takes the disconnect. One that is not reading (it only pushes, and
+        # waits for something to push) would learn of the close only when it
+        # next sends: it is not waited for, but cancelled with the requests.
+        self.loop.run_until_complete(asyncio.sleep(0))
+        finishing = [
+            task for task, protocol in self.websocket_protocols.items()
+            if not task.done() and task not in self.given_up and protocol.queue.empty()
+        ]
         if finishing:
             for sock in self.sockets:
                 self.loop.remove_reader(sock.fileno())

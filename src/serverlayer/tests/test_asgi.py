@@ -1622,6 +1622,35 @@ class StopTests(unittest.TestCase):
             websocket.recv(timeout=5)
         self.assertEqual(caught.exception.rcvd.code, 1001)
 
+    def test_a_websocket_application_that_is_not_reading_is_not_waited_for(self):
+        """One that only pushes (here: waits for something to push) would
+        learn of the close only when it next sends: waiting for it would
+        take up to half of ``stop_timeout`` for nothing."""
+        events: list = []
+
+        async def pushes_only(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                try:
+                    await asyncio.Event().wait()  # for news to push, which never comes
+                except asyncio.CancelledError:
+                    events.append("cancelled")
+                    raise
+
+        layer = asgi.Layer(pushes_only, name="asgi_ws_pushes_only", stop_timeout=10.0)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            started = time.monotonic()
+            layer.tearDown()
+            elapsed = time.monotonic() - started
+            with self.assertRaises(websockets.exceptions.ConnectionClosed) as caught:
+                websocket.recv(timeout=5)
+        self.assertLess(elapsed, 1.0)  # not the 4 s that stop_timeout=10 would let it wait
+        self.assertEqual(events, ["cancelled"])
+        self.assertEqual(caught.exception.rcvd.code, 1001)
+
     def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
         layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_quiet"))
         server = layer["httpd"]
