@@ -269,27 +269,54 @@ def _expects_continue(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
 
-class _ReceiveOrEnd:
-    """uvicorn's ``receive`` for one request, saying ``http.disconnect`` once
-    its client ended its side (``_Registered.eof_received``).
+#: The final statuses whose responses have no body (RFC 9110 section 6.4.1).
+_NO_CONTENT = (204, 304)
 
-    The connection then stays open for the answer, so uvicorn does not know
-    the client left; a ``receive()`` waiting after the body wakes with an
-    empty request message, which is the end.
+
+class _Exchange:
+    """uvicorn's ``receive`` and ``send`` for one request (one object, as
+    they run for every request), with what serverlayer adds to each.
+
+    ``receive`` says ``http.disconnect`` once the client ended its side
+    (``_Registered.eof_received``). The connection then stays open for the
+    answer, so uvicorn does not know the client left; a ``receive()``
+    waiting after the body wakes with an empty request message, which is
+    the end.
+
+    ``send`` keeps from the client what the response may not carry, and
+    fails the test that made the request. Upstream, the httptools protocol
+    writes the body of a 204 or 304 that announces a length, and sends a
+    1xx as if it were final: the client takes those bytes for the next
+    response on the connection, or waits for a final response that never
+    comes. A 304 that announces the length a 200 would have (RFC 9110
+    section 8.6) it takes for a body cut short, closing the connection.
+    The h11 protocol refuses a body with a 204 or 304, and any 1xx, closing
+    the connection, in h11's words ("Too much data for declared
+    Content-Length"), which do not say what the application did. Here, with
+    either, as on the wsgi layer: the body of a 204 or 304 is dropped and
+    reported as a server error, and the connection stays usable; a 1xx
+    raises in the application before anything is written, and its client
+    gets uvicorn's 500. Only the start of a response is looked at, and the
+    body of one that has none: nothing is counted.
     """
 
-    __slots__ = ("cycle", "receive", "has_body")
+    __slots__ = ("cycle", "original_receive", "original_send", "has_body", "bodiless", "reported")
 
-    def __init__(self, cycle: Any, receive: Receive) -> None:
+    def __init__(self, cycle: Any, receive: Receive, send: Send) -> None:
         self.cycle = cycle
-        self.receive = receive
+        self.original_receive = receive
+        self.original_send = send
         #: Whether the application has the whole body.
         self.has_body = False
+        #: The status of the response started, if it has no body (204, 304); else 0.
+        self.bodiless = 0
+        #: Whether the body dropped was reported: once per response.
+        self.reported = False
 
-    async def __call__(self) -> Any:
+    async def receive(self) -> Any:
         if self.has_body and getattr(self.cycle, "client_ended", None) is not None:
             return self._ended()
-        message = await self.receive()
+        message = await self.original_receive()
         if message["type"] == "http.request":
             if self.has_body and getattr(self.cycle, "client_ended", None) is not None:  # woken up by the end
                 return self._ended()
@@ -308,43 +335,16 @@ class _ReceiveOrEnd:
             cycle.client_ended.transport.close()
         return {"type": "http.disconnect"}
 
+    def send(self, message: Message) -> Awaitable[None]:
+        # No coroutine of its own for most answers: their messages go
+        # straight to uvicorn's send, with no frame of ours to await between.
+        if self.bodiless or (
+            message["type"] == "http.response.start" and (message["status"] < 200 or message["status"] in _NO_CONTENT)
+        ):
+            return self._checked_send(message)
+        return self.original_send(message)
 
-#: The final statuses whose responses have no body (RFC 9110 section 6.4.1).
-_NO_CONTENT = (204, 304)
-
-
-class _CheckedSend:
-    """uvicorn's ``send`` for one request, keeping from the client what its
-    response may not carry, and failing the test that made the request.
-
-    Upstream, the httptools protocol writes the body of a 204 or 304 that
-    announces a length, and sends a 1xx as if it were final: the client
-    takes those bytes for the next response on the connection, or waits
-    for a final response that never comes. A 304 that announces the
-    length a 200 would have (RFC 9110 section 8.6) it takes for a body cut
-    short, closing the connection. The h11 protocol refuses a body with a
-    204 or 304, and any 1xx, closing the connection, in h11's words ("Too
-    much data for declared Content-Length"), which do not say what the
-    application did.
-
-    Here, with either, as on the wsgi layer: the body of a 204 or 304 is
-    dropped and reported as a server error, and the connection stays
-    usable; a 1xx raises in the application before anything is written,
-    and its client gets uvicorn's 500. Only the start of a response is
-    looked at, and the body of one that has none: nothing is counted.
-    """
-
-    __slots__ = ("cycle", "send", "bodiless", "reported")
-
-    def __init__(self, cycle: Any, send: Send) -> None:
-        self.cycle = cycle
-        self.send = send
-        #: The status of the response started, if it has no body (204, 304); else 0.
-        self.bodiless = 0
-        #: Whether the body dropped was reported: once per response.
-        self.reported = False
-
-    async def __call__(self, message: Message) -> None:
+    async def _checked_send(self, message: Message) -> None:
         if self.bodiless:
             if message["type"] == "http.response.body" and message.get("body"):
                 self._report_body()
@@ -359,13 +359,13 @@ class _CheckedSend:
                     " final status, 200 or above (a WebSocket is served in a scope of type 'websocket')."
                 )
             if status in _NO_CONTENT:
-                await self.send(message)
+                await self.original_send(message)
                 self.bodiless = status
                 if hasattr(self.cycle, "expected_content_length"):  # httptools: no body follows
                     self.cycle.expected_content_length = 0
                     self.cycle.chunked_encoding = False
                 return
-        await self.send(message)
+        await self.original_send(message)
 
     def _report_body(self) -> None:
         if self.reported:
@@ -398,8 +398,6 @@ class RecordingApp:
         self.client_certs = {} if client_certs is None else client_certs
 
     def _client_cert(self, scope: Scope) -> Any:
-        if not self.client_certs:
-            return None
         client = scope.get("client")
         return self.client_certs.get(tuple(client)) if client else None
 
@@ -408,14 +406,20 @@ class RecordingApp:
             _serving.set(scope)  # in the task of this request alone
             cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
             if cycle is not None:
-                receive = _ReceiveOrEnd(cycle, receive)
-                send = _CheckedSend(cycle, send)
+                exchange = _Exchange(cycle, receive, send)
+                receive, send = exchange.receive, exchange.send
+                # The request read whole, with no body: most requests. (uvicorn
+                # reads all that arrived with the head before the task starts.)
+                bodiless = not (cycle.more_body or cycle.body)
+            else:
+                bodiless = not _announces_body(scope["headers"])
             target = scope.pop(TARGET, None)
-            if not _announces_body(scope["headers"]):  # most requests: nothing to read
-                self.log.append(_UnreadScope(scope, b"", self._client_cert(scope), target))
+            client_cert = self._client_cert(scope) if self.client_certs else None
+            if bodiless:  # nothing to read
+                self.log.append(_UnreadScope(scope, b"", client_cert, target))
                 await self.app(scope, receive, send)
                 return
-            body = _BodyRecorder(self.log, scope, self._client_cert(scope), target, receive, send)
+            body = _BodyRecorder(self.log, scope, client_cert, target, receive, send)
             try:
                 await self.app(scope, body.receive, body.send)
             finally:
@@ -427,7 +431,7 @@ class RecordingApp:
             return
         if scope["type"] == "websocket":
             _serving.set(scope)
-            self.log.append(_UnreadScope(scope, b"", self._client_cert(scope)))
+            self.log.append(_UnreadScope(scope, b"", self._client_cert(scope) if self.client_certs else None))
         await self.app(scope, receive, send)
 
 
@@ -549,7 +553,7 @@ class _Registered(asyncio.Protocol):
                     self.pipeline.remove(waiting)
         if self._answers_to_come():
             self.client_done = True
-            # The application learns of it (``_ReceiveOrEnd``): a stream
+            # The application learns of it (``_Exchange.receive``): a stream
             # that listens for http.disconnect ends, as upstream, while an
             # answer being made still goes out.
             for cycle in (self.answering(), *(waiting[0] for waiting in self.pipeline)):
@@ -606,13 +610,13 @@ if HttpToolsProtocol is not None:
                 # The absolute form a client sends to its proxy: httptools'
                 # path leaves its scheme and authority out (h11's keeps them).
                 self.scope[TARGET] = self.url  # type: ignore[literal-required]
-            super().on_headers_complete()
+            HttpToolsProtocol.on_headers_complete(self)  # not super(): it runs for every request
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             if cycle.scope["http_version"] == "1.0":
                 cycle.send = _unchunked_send(cycle)
             self._answering = cycle
-            super()._start_asgi_task(cycle, app)
+            HttpToolsProtocol._start_asgi_task(self, cycle, app)  # not super(): it runs for every request
 
         def on_response_complete(self) -> None:
             # Upstream (uvicorn 0.54) arms a timer after every response, to
