@@ -631,6 +631,22 @@ class _Channel(HTTPChannel):
         """Wait for the client's end, the server's side ended."""
         self.lingering = True
         self.server.lingering_channels.add(self)
+        self.server.began_lingering.append(self)
+
+    def drain(self) -> bool:
+        """Drop what the client of a lingering connection sent, and close it
+        at the client's end; False if nothing had arrived."""
+        try:
+            data = self.socket.recv(self.adj.recv_bytes)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:  # the client's end
+            self.close_now()
+        else:
+            self.last_activity = time.time()  # idle is what waitress's channel_timeout bounds
+        return True
 
     def handle_write(self) -> None:
         # The loop may have found the channel writable just before its
@@ -657,14 +673,7 @@ class _Channel(HTTPChannel):
 
     def handle_read(self) -> None:
         if self.lingering:
-            try:
-                data = self.socket.recv(self.adj.recv_bytes)
-            except OSError:
-                data = b""
-            if not data:  # the client's end
-                self.close_now()
-            else:
-                self.last_activity = time.time()  # idle is what waitress's channel_timeout bounds
+            self.drain()
             return
         if not self.requests:
             super().handle_read()
@@ -868,6 +877,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self.serving = threading.local()
         #: The connections waiting for their client's end (``_Channel.lingering``).
         self.lingering_channels: set[_Channel] = set()
+        #: Those of them that began to since the loop's last turn.
+        self.began_lingering: list[_Channel] = []
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
@@ -973,6 +984,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def poll_once(self) -> None:
         """One turn of the loop: wait until a socket is ready (or the
         trigger is pulled), then serve the ready ones."""
+        if self.began_lingering:
+            self._close_those_ended()
         if self.lingering_channels:
             self._end_lingering()
         poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
@@ -991,6 +1004,23 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
     def maintenance(self, now: float) -> None:
         super().maintenance(now)  # marks idle keep-alive connections to be closed
         self._lingering_cutoff = now - self.adj.channel_timeout
+
+    def _close_those_ended(self) -> None:
+        """Close the connections that began to wait for their client's end
+        since the last turn, and whose client ended its side already.
+
+        A client that sends one request per connection ends it as soon as
+        it has the answer, and connects again: by the turn that accepts its
+        next connection, the end of the last one has arrived. Watched for
+        it, that connection would take a turn of its own, one more per
+        request; looked at here, once, it is closed in this turn.
+        """
+        # Workers append to the list: the swap takes it under the GIL; one
+        # appended to the old list meanwhile is watched as any other.
+        began, self.began_lingering = self.began_lingering, []
+        for channel in began:
+            if channel.lingering and channel.socket is not None:
+                channel.drain()
 
     def _end_lingering(self) -> None:
         """Close the connections waiting for their client's end that were

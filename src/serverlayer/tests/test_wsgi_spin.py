@@ -380,6 +380,21 @@ class NewConnectionTests(unittest.TestCase):
         for channel in open_channels:
             self.assertFalse(channel.connected)
 
+    def test_one_loop_turn_per_connection_of_a_client_that_connects_for_each_request(self):
+        # Such a client ends each connection once it has the answer, and
+        # connects again: the end is there by the turn that accepts the next
+        # connection, which closes the last one. Watched for that end, each
+        # connection took a second turn.
+        server = self.layer["httpd"]
+        connections = 100
+        before = server.turns
+        for _ in range(connections):
+            with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                head, body = read_response(sock)
+            self.assertEqual(body, b"hello")
+        self.assertLessEqual((server.turns - before) / connections, 1.3)
+
     def test_a_small_response_leaves_in_one_send(self):
         # waitress sends a response's head and its body apart: two packets,
         # and a second read for the client.
