@@ -543,14 +543,7 @@ class _Registered(asyncio.Protocol):
             # asyncio's TLS ends the connection anyway (a TCP end without
             # TLS's close_notify may be a cut), warning if told otherwise.
             return None
-        last = self.cycle
-        if last is not None and last.more_body and last is not self.answering():
-            # Read while another is answered, and unfinished: it never will
-            # be, so it is never started, as uvicorn never starts those
-            # waiting when their client is gone.
-            for waiting in list(self.pipeline):
-                if waiting[0] is last:
-                    self.pipeline.remove(waiting)
+        self._forget_unfinished()
         if self._answers_to_come():
             self.client_done = True
             # The application learns of it (``_Exchange.receive``): a stream
@@ -561,6 +554,18 @@ class _Registered(asyncio.Protocol):
                 cycle.message_event.set()
             return True  # asyncio keeps the transport for the answers
         return None  # asyncio closes the transport
+
+    def _forget_unfinished(self) -> None:
+        """Drop the request read last if it waits its turn with its body
+        unfinished, when no more of it will be read (its client ended its
+        side, or what followed could not be parsed): it is never started,
+        as uvicorn never starts those waiting when their client is gone.
+        Started, its application would wait for the rest for ever."""
+        last = self.cycle
+        if last is not None and last.more_body and last is not self.answering():
+            for waiting in list(self.pipeline):
+                if waiting[0] is last:
+                    self.pipeline.remove(waiting)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
@@ -648,6 +653,7 @@ if HttpToolsProtocol is not None:
             # that did not announce it (RFC 9112 section 6.3: without
             # Content-Length or Transfer-Encoding a request has none), sent
             # with it: its answer was lost.
+            self._forget_unfinished()  # its body, which the fault cut, never comes
             if self._answers_to_come():
                 self._refusal = msg
                 self.flow.pause_reading()  # the parser failed: nothing after is read

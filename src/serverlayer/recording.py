@@ -513,6 +513,8 @@ def record_requests(
         # answered as before.
         if not _http_09(self.raw_requestline):
             self.default_request_version = "HTTP/1.0"
+        else:  # the class's again, after an HTTP/1.x request on the connection
+            self.__dict__.pop("default_request_version", None)
         if not handler_class.parse_request(self) or cut():
             self.close_connection = True
             return False

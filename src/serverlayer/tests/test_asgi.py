@@ -353,6 +353,23 @@ class ClientEndTests(unittest.TestCase):
         self.assertIn(b'"path": "/plain"', received)
 
 
+    def test_a_pipelined_request_whose_body_cannot_be_read_gets_its_400_after_the_answer_before_it(self):
+        # Its body will never be whole (nothing after the fault is read): it
+        # is never started, and the 400 follows the answer to the request
+        # before it, then the end of the connection.
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name=f"bad_chunk_{self.http_protocol}",
+                                                http_protocol=self.http_protocol))
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"POST /second HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+            received = read_until_closed(sock)  # closes, rather than time out
+        first, _, rest = received.partition(b'"path": "/first"')
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK"), received)
+        self.assertTrue(rest.partition(b"HTTP/1.1 ")[2].startswith(b"400 "), received)
+        self.assertNotIn(b"/second", received)
+        layer.check_server_errors()
+
+
 class H11ClientEndTests(ClientEndTests):
     http_protocol = "h11"
 

@@ -683,6 +683,15 @@ class UnannouncedBodyTests(unittest.TestCase):
             self.assertEqual(list(layer["http_requests"]), [])
 
 
+    def test_an_http_09_request_after_an_http_11_one_is_answered_in_http_09(self):
+        # As on a connection of its own: no status line, no headers.
+        static_layer = self.set_up_layers(http_server_only=True)[1]
+        received = exchange(static_layer, b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /\r\n\r\n")
+        first, _, second = received.partition(b"</html>\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n"), received[:100])
+        self.assertTrue(second.startswith(b"<!DOCTYPE"), second[:100])
+
+
 class ReadingInPiecesTests(unittest.TestCase):
 
     def test_a_body_is_read_a_piece_at_a_time(self):
