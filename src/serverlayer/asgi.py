@@ -14,9 +14,10 @@ own sockets on an event loop of the layer's own, on its named server
 thread: not uvicorn's ``Server.serve()``, whose loop wakes every 0.1 s to
 look whether it should stop and then waits for connections to go away.
 Here stopping wakes the loop at once, closes every connection (idle
-keep-alive and WebSocket clients included; a WebSocket's application is
-told, and may clean up) and runs the application's lifespan shutdown, in
-milliseconds.
+keep-alive and WebSocket clients included; a WebSocket's application
+waiting for a message is told, and may clean up) and runs the
+application's lifespan shutdown, in milliseconds unless that cleanup takes
+longer.
 
 The application's lifespan ``startup`` runs in ``setUp`` (a failing one
 fails ``setUp``), its ``shutdown`` in ``tearDown``. Under TLS, asyncio
