@@ -787,6 +787,13 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
 
 
+def _asked_to_cancel(task: asyncio.Task[Any] | None) -> bool:
+    """Whether ``task`` was asked to cancel (and has not taken it back);
+    always true on Python 3.10, which does not count it."""
+    cancelling: Callable[[], int] | None = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 class _Lifespan(LifespanOn):
     """uvicorn's lifespan driver, telling a failing startup from an
     application without lifespan support.
@@ -800,6 +807,15 @@ class _Lifespan(LifespanOn):
     its shutdown), and its traceback is kept; one that raised before it
     received anything (``assert scope['type'] == 'http'``, say) has no
     lifespan support, as upstream, and that is fine.
+
+    A ``CancelledError`` is the server ending the lifespan's task (a
+    startup or shutdown that never finishes) only if the task was asked
+    to cancel. One the application raises itself, awaiting a task it
+    cancelled (``task.cancel(); await task``), fails its startup or
+    shutdown as any other exception does: taken for the server's, it
+    ended the shutdown where it was raised, and nothing said so. Python
+    3.10 cannot tell the two apart: there every ``CancelledError`` is
+    taken for the server's.
     """
 
     def __init__(self, config: Config, logger: logging.Logger) -> None:
@@ -827,11 +843,10 @@ class _Lifespan(LifespanOn):
                 "state": self.state,
             }
             await self.config.loaded_app(scope, self.receive, self.send)
-        except asyncio.CancelledError:
-            self.error_occurred = True
-            raise
         except BaseException as exc:
             self.error_occurred = True
+            if isinstance(exc, asyncio.CancelledError) and _asked_to_cancel(asyncio.current_task()):
+                raise
             if self.received and self.failure is None:
                 self.failure = "".join(traceback.format_exception(exc)).rstrip()
                 if self.startup_event.is_set():

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1072,6 +1073,29 @@ class LifespanTests(unittest.TestCase):
         self.assertIn("was torn down, so it has no 'http_url' resource any more. Its tearDown raised",
                       str(missing.exception))
         layer.tearDown()  # the failure was reported once
+
+    @unittest.skipIf(sys.version_info < (3, 11), "Python 3.10 cannot tell it from the task's own cancellation")
+    def test_a_cancelled_error_the_shutdown_raises_itself_fails_tear_down(self):
+        events: list[str] = []
+        workers: list[asyncio.Task] = []
+
+        async def startup(send):
+            workers.append(asyncio.create_task(asyncio.Event().wait()))
+
+        async def shutdown(send):
+            worker = workers[0]
+            worker.cancel()
+            await worker  # raises the worker's CancelledError here
+            events.append("database closed")
+
+        layer = asgi.Layer(lifespan_app(events, startup=startup, shutdown=shutdown), name="asgi_shutdown_cancelled")
+        layer.setUp()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()  # before: taken for the server's cancellation, the failure unsaid
+        self.assertIn("the application's lifespan shutdown failed", str(caught.exception))
+        self.assertIn("await worker", str(caught.exception))
+        self.assertIn("asyncio.exceptions.CancelledError", str(caught.exception))
+        self.assertEqual(events, ["lifespan.startup", "lifespan.shutdown"])
 
     def test_a_shutdown_failure_with_a_message_is_reported_once(self):
         # Starlette and FastAPI send lifespan.shutdown.failed with the
