@@ -16,8 +16,9 @@ look whether it should stop and then waits for connections to go away.
 Here stopping wakes the loop at once, closes every connection (idle
 keep-alive and WebSocket clients included; a WebSocket's application
 waiting for a message is told, and may clean up) and runs the
-application's lifespan shutdown, in milliseconds unless that cleanup takes
-longer.
+application's lifespan shutdown (its own tasks still running, as under
+uvicorn; those it leaves running are cancelled after it), in milliseconds
+unless that cleanup takes longer.
 
 The application's lifespan ``startup`` runs in ``setUp`` (a failing one
 fails ``setUp``), its ``shutdown`` in ``tearDown``. Under TLS, asyncio
@@ -786,6 +787,13 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
 
 
+def _asked_to_cancel(task: asyncio.Task[Any] | None) -> bool:
+    """Whether ``task`` was asked to cancel (and has not taken it back);
+    always true on Python 3.10, which does not count it."""
+    cancelling: Callable[[], int] | None = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 class _Lifespan(LifespanOn):
     """uvicorn's lifespan driver, telling a failing startup from an
     application without lifespan support.
@@ -799,6 +807,15 @@ class _Lifespan(LifespanOn):
     its shutdown), and its traceback is kept; one that raised before it
     received anything (``assert scope['type'] == 'http'``, say) has no
     lifespan support, as upstream, and that is fine.
+
+    A ``CancelledError`` is the server ending the lifespan's task (a
+    startup or shutdown that never finishes) only if the task was asked
+    to cancel. One the application raises itself, awaiting a task it
+    cancelled (``task.cancel(); await task``), fails its startup or
+    shutdown as any other exception does: taken for the server's, it
+    ended the shutdown where it was raised, and nothing said so. Python
+    3.10 cannot tell the two apart: there every ``CancelledError`` is
+    taken for the server's.
     """
 
     def __init__(self, config: Config, logger: logging.Logger) -> None:
@@ -807,8 +824,6 @@ class _Lifespan(LifespanOn):
         self.received: list[str] = []
         #: Why startup or shutdown failed: the application's message or traceback.
         self.failure: str | None = None
-        #: The task that runs the application's lifespan, once it runs.
-        self.task: asyncio.Task[Any] | None = None
 
     async def receive(self) -> Any:
         message = await super().receive()
@@ -821,7 +836,6 @@ class _Lifespan(LifespanOn):
         await super().send(message)
 
     async def main(self) -> None:
-        self.task = asyncio.current_task()
         try:
             scope = {
                 "type": "lifespan",
@@ -829,11 +843,10 @@ class _Lifespan(LifespanOn):
                 "state": self.state,
             }
             await self.config.loaded_app(scope, self.receive, self.send)
-        except asyncio.CancelledError:
-            self.error_occurred = True
-            raise
         except BaseException as exc:
             self.error_occurred = True
+            if isinstance(exc, asyncio.CancelledError) and _asked_to_cancel(asyncio.current_task()):
+                raise
             if self.received and self.failure is None:
                 self.failure = "".join(traceback.format_exception(exc)).rstrip()
                 if self.startup_event.is_set():
@@ -953,6 +966,9 @@ class UvicornServer(AsyncioServer):
         self.sets_no_delay = any(sock.proto != socket.IPPROTO_TCP for sock in self.sockets)
         #: Makes the protocol of each connection, once the lifespan started.
         self.protocol_factory: Callable[[], asyncio.Protocol] | None = None
+        #: asyncio's tasks that make the connections its servers accept
+        #: (TLS ones shake hands in them), while they run (``_accepted_protocol``).
+        self.accepting: set[asyncio.Task[Any]] = set()
 
     def note_client_cert(self, transport: asyncio.BaseTransport) -> None:
         """Remember the certificate the client of ``transport`` presented, if it did."""
@@ -1016,8 +1032,32 @@ class UvicornServer(AsyncioServer):
         if self.ssl_context is None and accepting_plain(self.loop):
             return PlainAccepting(self.loop, sock, self.protocol_factory, self.transports)
         return await self.loop.create_server(
-            self.protocol_factory, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG
+            self._accepted_protocol, sock=sock, ssl=self.ssl_context, backlog=LISTEN_BACKLOG
         )
+
+    def _accepted_protocol(self) -> asyncio.Protocol:
+        """The protocol of a connection ``create_server`` accepted, made in
+        the task asyncio runs for it; that task is noted until it ends.
+
+        asyncio makes each connection it accepts in a task of its own,
+        which makes the transport, then waits for the protocol's
+        ``connection_made``: under TLS, until the handshake is done, which
+        a client may never finish. Closing its server leaves those tasks
+        running (it only stops listening), and ``asyncio.run`` cancels
+        them with every other task as its loop ends. Here the stop ends
+        them with the requests, before the application's shutdown, which a
+        handshake finishing meanwhile would hand a new connection; the
+        application's own tasks are left alone. Calling this is the first
+        thing such a task does, so it is known as the current task, not by
+        asyncio's private names. (A loop that makes connections in no task,
+        as on Windows, has none to note.)
+        """
+        assert self.protocol_factory is not None
+        task = asyncio.current_task(self.loop)
+        if task is not None:
+            self.accepting.add(task)
+            task.add_done_callback(self.accepting.discard)
+        return self.protocol_factory()
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.logger.addHandler(self._log_handler)
@@ -1028,23 +1068,28 @@ class UvicornServer(AsyncioServer):
 
     def _shut_down(self, servers: list[Listening]) -> None:
         """Close every connection, end the requests, then let the
-        application shut down: uvicorn's order, its waiting bounded."""
+        application shut down, then end what it left running: uvicorn's
+        order, its waiting bounded.
+
+        The application's own tasks (a poller or a queue consumer its
+        lifespan started, work a request left behind) run on untouched
+        through its lifespan shutdown, as under uvicorn, so that a shutdown
+        that stops them itself (sets an event and awaits the task, awaits
+        its queue's ``join()``, flushes what they hold) finds them as the
+        tests left them. Only then are those still running cancelled, as
+        uvicorn's ``asyncio.run`` does as its loop ends (``_end_tasks_left``).
+        """
         if self._date_timer is not None:
             self._date_timer.cancel()
         # Within the time the layer waits for this thread, so that it finds
         # how the shutdown went.
         deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
+        # Its first turn of the loop, with the servers still open, also
+        # starts asyncio's tasks for the connections accepted in the loop's
+        # last turn, so that they note themselves (``_accepted_protocol``).
+        # Started once their server is closed, asyncio would fail to make
+        # their transports and leave them for the garbage collector.
         self._close_websockets(deadline)
-        # A TLS connection accepted in the loop's last round waits in a task
-        # of asyncio's that has not started. Started once its server is
-        # closed, asyncio fails to make its transport and leaves it for the
-        # garbage collector; the lifespan shutdown below runs the loop, so
-        # every task but the lifespan's is cancelled first (the base class
-        # closes the sockets).
-        lifespan_task = None if self.lifespan is None else self.lifespan.task
-        for task in asyncio.all_tasks(self.loop):
-            if task is not lifespan_task:
-                task.cancel()
         for server in servers:
             server.close()
         # uvicorn's own goodbye to the rest: an idle connection is closed,
@@ -1057,7 +1102,7 @@ class UvicornServer(AsyncioServer):
         connections = len(self.transports)
         for transport in list(self.transports):
             transport.abort()
-        running = [task for task in (*self.state.tasks, *self.websocket_tasks) if not task.done()]
+        running = [task for task in (*self.state.tasks, *self.websocket_tasks, *self.accepting) if not task.done()]
         for task in running:
             task.cancel()
         if running:
@@ -1082,7 +1127,42 @@ class UvicornServer(AsyncioServer):
                     )
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
+        self._end_tasks_left(deadline)
         super()._shut_down(servers)
+
+    def _end_tasks_left(self, deadline: Deadline) -> None:
+        """Cancel the tasks still running once the application shut down
+        (one its shutdown did not stop, work a request started), and wait
+        for them until the deadline, or at least half the time the stop
+        keeps for closing up: most end at their next ``await``.
+
+        What one raises as it ends is a server error, as under
+        ``asyncio.run``. One that does not end (it catches the cancellation
+        and goes on) fails the tear-down, and is left behind, not waited for.
+        """
+        left = asyncio.all_tasks(self.loop)
+        if not left:
+            return
+        for task in left:
+            task.cancel()
+        budget = max(deadline.remaining(), self.stop_timeout * (1 - STOP_SHARE) / 2)
+        done, pending = self.loop.run_until_complete(asyncio.wait(left, timeout=budget))
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                self.loop.call_exception_handler({
+                    "message": "a task left running when the application had shut down raised as it was cancelled",
+                    "exception": error,
+                    "task": task,
+                })
+        if pending:
+            self.abandoned = pending
+            count = "1 task" if len(pending) == 1 else f"{len(pending)} tasks"
+            stubborn = (
+                f"it left {count} running that did not end within {budget:.2f} seconds of being cancelled"
+                " (caught the cancellation and went on), left behind: " + ", ".join(sorted(map(repr, pending)))
+            )
+            self.shutdown_failure = f"{self.shutdown_failure}\n\n{stubborn}" if self.shutdown_failure else stubborn
 
     def _close_websockets(self, deadline: Deadline) -> None:
         """Close every open WebSocket (``_WebSocketProtocol.shutdown``), then

@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 from serverlayer.errors import AddressInUseError, ConfigurationError, SetUpError
@@ -619,6 +620,10 @@ class AsyncioServer:
     stopping can abort every one, whatever state its conversation is in.
     """
 
+    #: Tasks that did not end when cancelled, which the shutdown leaves
+    #: behind rather than wait for them for ever (a subclass says so).
+    abandoned: AbstractSet[asyncio.Task[Any]] = frozenset()
+
     def __init__(self, sockets: Sequence[socket.socket], *, errors: ErrorLog) -> None:
         #: One listening socket per address of the layer's host.
         self.sockets = [remembering(sock) for sock in sockets]
@@ -638,6 +643,8 @@ class AsyncioServer:
         raise NotImplementedError
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("task") in self.abandoned:
+            return  # "Task was destroyed but it is pending!": reported as it was abandoned
         error = context.get("exception")
         if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError, asyncio.CancelledError)):
             return  # a client that hung up or failed its handshake, or the server stopping
@@ -683,7 +690,7 @@ class AsyncioServer:
             server.close()
         for transport in list(self.transports):
             transport.abort()
-        tasks = asyncio.all_tasks(self.loop)
+        tasks = asyncio.all_tasks(self.loop) - self.abandoned
         for task in tasks:
             task.cancel()
 

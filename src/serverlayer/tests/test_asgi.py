@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ import unittest
 import urllib.error
 import urllib.request
 import warnings
+import weakref
 from contextlib import redirect_stderr
 from typing import Any
 from unittest import mock
@@ -1072,6 +1074,29 @@ class LifespanTests(unittest.TestCase):
                       str(missing.exception))
         layer.tearDown()  # the failure was reported once
 
+    @unittest.skipIf(sys.version_info < (3, 11), "Python 3.10 cannot tell it from the task's own cancellation")
+    def test_a_cancelled_error_the_shutdown_raises_itself_fails_tear_down(self):
+        events: list[str] = []
+        workers: list[asyncio.Task] = []
+
+        async def startup(send):
+            workers.append(asyncio.create_task(asyncio.Event().wait()))
+
+        async def shutdown(send):
+            worker = workers[0]
+            worker.cancel()
+            await worker  # raises the worker's CancelledError here
+            events.append("database closed")
+
+        layer = asgi.Layer(lifespan_app(events, startup=startup, shutdown=shutdown), name="asgi_shutdown_cancelled")
+        layer.setUp()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()  # before: taken for the server's cancellation, the failure unsaid
+        self.assertIn("the application's lifespan shutdown failed", str(caught.exception))
+        self.assertIn("await worker", str(caught.exception))
+        self.assertIn("asyncio.exceptions.CancelledError", str(caught.exception))
+        self.assertEqual(events, ["lifespan.startup", "lifespan.shutdown"])
+
     def test_a_shutdown_failure_with_a_message_is_reported_once(self):
         # Starlette and FastAPI send lifespan.shutdown.failed with the
         # traceback as its message, and uvicorn logs it as an error.
@@ -1089,6 +1114,273 @@ class LifespanTests(unittest.TestCase):
         self.assertIn("the application's lifespan shutdown failed", str(caught.exception))
         self.assertIn("OSError: disk full", str(caught.exception))
         self.assertIsNone(caught.exception.__context__)  # not raised while another error was
+
+
+def writer_app(events: list[str]):
+    """An application whose lifespan starts a writer task that holds what
+    the requests post until it is told to stop, then writes it out at once,
+    as a batching writer does; each request starts a task too, which
+    confirms its item once written. The lifespan shutdown stops the writer
+    and awaits both, as applications do."""
+
+    async def app(scope, receive, send):
+        state = scope["state"]
+        if scope["type"] == "lifespan":
+            await receive()  # lifespan.startup
+            stop, written = asyncio.Event(), asyncio.Event()
+            held: list[str] = []
+
+            async def writer():
+                await stop.wait()
+                events.append(f"wrote {held}")
+                written.set()
+
+            state.update(held=held, written=written, confirmations=set())
+            task = asyncio.create_task(writer())
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            stop.set()
+            await task
+            await asyncio.gather(*state["confirmations"])
+            events.append("shut down")
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        item = (await read_body(receive)).decode()
+        state["held"].append(item)
+
+        async def confirm():
+            await state["written"].wait()
+            events.append(f"confirmed {item}")
+
+        state["confirmations"].add(asyncio.create_task(confirm()))
+        await respond(send, b"held")
+
+    return app
+
+
+def app_with_a_poller(events: list[str], poll):
+    """``lifespan_app`` whose startup starts ``poll()`` in a task, which its
+    shutdown leaves running (as many applications do: the loop's end ends it)."""
+    pollers = []
+
+    async def startup(send):
+        pollers.append(asyncio.create_task(poll()))
+
+    return lifespan_app(events, startup=startup)
+
+
+class ApplicationTaskTests(unittest.TestCase):
+    """The application's own tasks (started by its lifespan or its requests)
+    run on through its lifespan shutdown, as under uvicorn; those still
+    running after it are ended before ``tearDown`` returns."""
+
+    def test_the_shutdown_finds_the_applications_tasks_running_and_stops_them_itself(self):
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                events: list[str] = []
+                layer = asgi.Layer(writer_app(events), name=f"asgi_app_tasks_tls_{tls}", tls=tls)
+                layer.setUp()
+                try:
+                    with httpx.Client(verify=layer["ssl_context"] if tls else True, timeout=5) as client:
+                        for item in ("first", "second"):
+                            self.assertEqual(client.post(layer["http_url"], content=item).text, "held")
+                finally:
+                    layer.tearDown()
+                # Before, the layer cancelled both tasks ahead of the shutdown:
+                # nothing was written, and the shutdown ended in CancelledError.
+                self.assertEqual(events, ["wrote ['first', 'second']", "confirmed first", "confirmed second",
+                                          "shut down"])
+
+    def test_a_starlette_shutdown_that_awaits_its_queue_gets_it_done(self):
+        from starlette.applications import Starlette
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        delivered: list[bytes] = []
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            outbox: asyncio.Queue[bytes] = asyncio.Queue()
+            flush = asyncio.Event()
+
+            async def deliver():
+                await flush.wait()  # in batches: the shutdown asks for the last one
+                while True:
+                    delivered.append(await outbox.get())
+                    outbox.task_done()
+
+            deliverer = asyncio.create_task(deliver())
+            yield {"outbox": outbox}
+            flush.set()
+            await outbox.join()
+            deliverer.cancel()  # not awaited: the layer ends it
+
+        async def send_mail(request):
+            request.state.outbox.put_nowait(await request.body())
+            return Response(status_code=202)
+
+        app = Starlette(routes=[Route("/mail", send_mail, methods=["POST"])], lifespan=lifespan)
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                delivered.clear()
+                layer = asgi.Layer(app, name=f"asgi_starlette_queue_tls_{tls}", tls=tls)
+                layer.setUp()
+                try:
+                    with httpx.Client(verify=layer["ssl_context"] if tls else True, timeout=5) as client:
+                        for mail in (b"one", b"two"):
+                            self.assertEqual(client.post(layer["http_url"] + "mail", content=mail).status_code, 202)
+                finally:
+                    started = time.monotonic()
+                    layer.tearDown()  # before: "did not finish within 0.80 seconds", the mail undelivered
+                self.assertLess(time.monotonic() - started, 0.5)
+                self.assertEqual(delivered, [b"one", b"two"])
+
+    def test_tasks_left_running_are_ended_after_the_shutdown_and_before_tear_down_returns(self):
+        events: list[str] = []
+
+        async def poll():
+            try:
+                await asyncio.Event().wait()  # for news, which never comes
+            finally:
+                await asyncio.sleep(0)  # a goodbye that takes a turn of the loop, as closing a connection does
+                events.append("poller ended")
+
+        threads = thread_names()
+        layer = asgi.Layer(app_with_a_poller(events, poll), name="asgi_tasks_left_running")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer.setUp()
+            started = time.monotonic()
+            layer.tearDown()
+            elapsed = time.monotonic() - started
+            gc.collect()  # a task left pending would say so now
+        self.assertEqual(events, ["lifespan.startup", "lifespan.shutdown", "poller ended"])
+        self.assertLess(elapsed, 0.5)
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(layer.server_errors.take(), [])
+        self.assertEqual(thread_names(), threads)
+
+    def test_what_a_task_left_running_raises_as_it_ends_fails_tear_down(self):
+        async def poll():
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise RuntimeError("could not say goodbye to the feed") from None
+
+        layer = asgi.Layer(app_with_a_poller([], poll), name="asgi_task_left_raises")
+        layer.setUp()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()  # before: swallowed
+        self.assertIn("a task left running when the application had shut down raised as it was cancelled",
+                      str(caught.exception))
+        self.assertIn("RuntimeError: could not say goodbye to the feed", str(caught.exception))
+
+    def test_a_task_that_will_not_end_fails_tear_down_and_is_left_behind(self):
+        refused: list[str] = []
+        started_tasks: list[asyncio.Task] = []
+        set_ups: list[bool] = []
+
+        async def stubborn():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    refused.append("cancellation")  # and goes on
+
+        async def startup(send):
+            set_ups.append(True)
+            if len(set_ups) == 1:
+                started_tasks.append(asyncio.create_task(stubborn()))
+
+        threads = thread_names()
+        layer = asgi.Layer(lifespan_app([], startup=startup), name="asgi_task_will_not_end", stop_timeout=0.5)
+        layer.setUp()
+        started = time.monotonic()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()  # before: no error, and the server's thread waited for it for ever
+        self.assertLess(time.monotonic() - started, 5.0)  # about 0.4 s; room for a busy machine
+        message = str(caught.exception)
+        self.assertIn("the application's lifespan shutdown failed", message)
+        self.assertRegex(message, r"it left 1 task running that did not end within 0\.\d\d seconds of being"
+                                  r" cancelled \(caught the cancellation and went on\), left behind:"
+                                  r" <Task \w+ name='[^']+' coro=<.*stubborn\(\) running at ")
+        self.assertEqual(refused, ["cancellation"])
+        self.assertEqual(thread_names(), threads)
+        # The task goes with its server, which the layer's next set-up
+        # replaces: that it was destroyed pending was said already, and is
+        # no error of the next server's tests.
+        task = weakref.ref(started_tasks[0])
+        del caught, started_tasks[:]  # the error's traceback holds the server
+        layer.setUp()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            gc.collect()
+        self.assertIsNone(task())
+        self.assertEqual([str(warning.message) for warning in warned], [])
+        self.assertEqual(layer.server_errors.take(), [])
+        layer.tearDown()
+
+    def test_tls_connections_accepted_in_the_loops_last_turn_end_before_the_shutdown(self):
+        """asyncio makes each TLS connection it accepts (the handshake
+        included) in a task of its own, which starts a turn after the
+        accept. Here the loop stops in the turn that accepts three clients,
+        which never shake hands: their tasks end before the application's
+        shutdown, which finds its own task running, and nothing is left
+        for the garbage collector."""
+        events: list[str] = []
+        workers: list[tuple[asyncio.Event, asyncio.Task]] = []
+
+        async def startup(send):
+            stop = asyncio.Event()
+
+            async def work():
+                await stop.wait()
+                events.append("worker stopped")
+
+            workers.append((stop, asyncio.create_task(work())))
+
+        async def shutdown(send):
+            handshakes = [task for task in asyncio.all_tasks() if "_accept_connection" in repr(task)]
+            events.append(f"{len(handshakes)} handshakes under way")
+            stop, worker = workers[0]
+            stop.set()
+            await worker
+
+        layer = asgi.Layer(lifespan_app(events, startup=startup, shutdown=shutdown), name="asgi_tls_last_turn",
+                           tls=True)
+        layer.setUp()
+        server, thread = layer["httpd"], layer["httpd_thread"]
+        paused, resume = threading.Event(), threading.Event()
+        clients: list[socket.socket] = []
+
+        def pause() -> None:
+            paused.set()
+            resume.wait(5)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            try:
+                server.loop.call_soon_threadsafe(pause)
+                self.assertTrue(paused.wait(5))
+                for _ in range(3):  # the system completes their connections while the loop is held
+                    clients.append(socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5))
+                # First in the loop's next turn, before that turn's accepts
+                # (request_stop would have the listening sockets refuse them).
+                server.loop.call_soon_threadsafe(server.loop.stop)
+            finally:
+                resume.set()
+            thread.join(5)
+            layer.tearDown()
+            gc.collect()  # what was left for the collector warns now
+        self.assertEqual(events, ["lifespan.startup", "lifespan.shutdown", "0 handshakes under way", "worker stopped"])
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(server.accepting, set())
+        for client in clients:
+            with client:
+                try:
+                    self.assertEqual(client.recv(1), b"")
+                except ConnectionResetError:
+                    pass
 
 
 class ServerErrorTests(unittest.TestCase):
