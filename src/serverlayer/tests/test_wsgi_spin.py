@@ -393,7 +393,8 @@ class NewConnectionTests(unittest.TestCase):
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
                 head, body = read_response(sock)
             self.assertEqual(body, b"hello")
-        # Some turns serve two ends at once, some none: 2.0 before, about 1.0 on a quiet machine.
+        # A worker slower than its client leaves that end to a turn of its own:
+        # 2.02 before, about 1.0 on a quiet machine, 1.35 seen on a busy one.
         self.assertLessEqual((server.turns - before) / connections, 1.6)
 
     def test_a_small_response_leaves_in_one_send(self):
