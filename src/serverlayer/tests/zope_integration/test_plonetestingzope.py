@@ -125,8 +125,8 @@ class ReadyLayerTests(unittest.TestCase):
         self.layer["app"].acl_users.userFolderAddUser("robot", "secret", ["Manager"], [])
         transaction.commit()
         host, port = self.layer["http_host"], self.layer["http_port"]
-        site = xmlrpc.client.ServerProxy(f"http://robot:secret@{host}:{port}/")
-        site.manage_addFolder("added_by_xmlrpc")
+        with xmlrpc.client.ServerProxy(f"http://robot:secret@{host}:{port}/") as site:  # closes its connection
+            site.manage_addFolder("added_by_xmlrpc")
         transaction.begin()
         self.assertIn("added_by_xmlrpc", self.layer["app"].objectIds())
 

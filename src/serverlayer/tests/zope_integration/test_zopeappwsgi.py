@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import unittest
+import warnings
 from unittest import mock
 
 import plone.testing
@@ -229,7 +230,12 @@ class GoceptSeleniumGrokTests(unittest.TestCase):
 
     def test_two_instances_make_inner_layers_of_one_identity(self):
         import gocept.httpserverlayer
-        import gocept.selenium.grok  # imports gocept's own modules, replaced below
+
+        with warnings.catch_warnings():
+            # gocept.selenium 7.1 imports pkg_resources, which warns that it,
+            # and the namespace packages it declares, are deprecated.
+            warnings.simplefilter("ignore")
+            import gocept.selenium.grok  # imports gocept's own modules, replaced below
 
         with (
             mock.patch.object(gocept.httpserverlayer, "wsgi", wsgi),
