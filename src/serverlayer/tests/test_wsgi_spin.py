@@ -386,16 +386,28 @@ class NewConnectionTests(unittest.TestCase):
         # connection, which closes the last one. Watched for that end, each
         # connection took a second turn.
         server = self.layer["httpd"]
+
+        def waiting_for_its_end(port: int) -> bool:
+            # The worker marks the connection so just after it ended the
+            # server's side, which its client may see first.
+            return all(
+                channel.lingering for channel in list(server._map.values())
+                if isinstance(channel, wsgi._Channel) and channel.addr[1] == port
+            )
+
         connections = 100
         before = server.turns
         for _ in range(connections):
             with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=10) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
                 head, body = read_response(sock)
+                deadline = time.monotonic() + 5
+                while not waiting_for_its_end(sock.getsockname()[1]) and time.monotonic() < deadline:
+                    time.sleep(0.0005)
             self.assertEqual(body, b"hello")
-        # A worker slower than its client leaves that end to a turn of its own:
-        # 2.02 before, about 1.0 on a quiet machine, 1.35 seen on a busy one.
-        self.assertLessEqual((server.turns - before) / connections, 1.6)
+        # 2.0 or more before (a turn for each end, one for each connection);
+        # 1.1 to 1.5 seen since (other turns: the loop may wake before the end is there).
+        self.assertLessEqual((server.turns - before) / connections, 1.75)
 
     def test_a_small_response_leaves_in_one_send(self):
         # waitress sends a response's head and its body apart: two packets,
