@@ -633,20 +633,19 @@ class _Channel(HTTPChannel):
         self.server.lingering_channels.add(self)
         self.server.began_lingering.append(self)
 
-    def drain(self) -> bool:
+    def drain(self) -> None:
         """Drop what the client of a lingering connection sent, and close it
-        at the client's end; False if nothing had arrived."""
+        at the client's end."""
         try:
             data = self.socket.recv(self.adj.recv_bytes)
-        except BlockingIOError:
-            return False
+        except BlockingIOError:  # nothing arrived yet
+            return
         except OSError:
             data = b""
         if not data:  # the client's end
             self.close_now()
         else:
             self.last_activity = time.time()  # idle is what waitress's channel_timeout bounds
-        return True
 
     def handle_write(self) -> None:
         # The loop may have found the channel writable just before its
