@@ -318,7 +318,16 @@ class _Exchange:
     async def receive(self) -> Any:
         if self.has_body and getattr(self.cycle, "client_ended", None) is not None:
             return self._ended()
-        message = await self.original_receive()
+        # How many wait in receive() (a stream's listener for the
+        # disconnect, say), for the stop to tell (``_requests_reading``).
+        # On the cycle, which refers to nothing of ours: a reference back
+        # from it would leave each request's objects to the garbage collector.
+        cycle = self.cycle
+        cycle.readers = getattr(cycle, "readers", 0) + 1
+        try:
+            message = await self.original_receive()
+        finally:
+            cycle.readers -= 1
         if message["type"] == "http.request":
             if self.has_body and getattr(self.cycle, "client_ended", None) is not None:  # woken up by the end
                 return self._ended()
@@ -787,6 +796,12 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
 
 
+def _running_self(task: asyncio.Task[Any]) -> Any:
+    """The object whose method the coroutine of ``task`` runs (None once it is done)."""
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    return None if frame is None else frame.f_locals.get("self")
+
+
 def _asked_to_cancel(task: asyncio.Task[Any] | None) -> bool:
     """Whether ``task`` was asked to cancel (and has not taken it back);
     always true on Python 3.10, which does not count it."""
@@ -1100,11 +1115,17 @@ class UvicornServer(AsyncioServer):
             except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye
                 pass
         connections = len(self.transports)
+        reading = self._requests_reading()
         for transport in list(self.transports):
             transport.abort()
         running = [task for task in (*self.state.tasks, *self.websocket_tasks, *self.accepting) if not task.done()]
         for task in running:
-            task.cancel()
+            if task not in reading:
+                task.cancel()
+        if reading:
+            self.loop.run_until_complete(asyncio.wait(reading, timeout=deadline.remaining() / 2))
+            for task in reading:
+                task.cancel()  # those not done in time; nothing for those done
         if running:
             self.loop.run_until_complete(asyncio.wait(running, timeout=deadline.remaining() / 2))
         lifespan = self.lifespan
@@ -1163,6 +1184,36 @@ class UvicornServer(AsyncioServer):
                 " (caught the cancellation and went on), left behind: " + ", ".join(sorted(map(repr, pending)))
             )
             self.shutdown_failure = f"{self.shutdown_failure}\n\n{stubborn}" if self.shutdown_failure else stubborn
+
+    def _requests_reading(self) -> set[asyncio.Task[None]]:
+        """Tell the requests whose application waits in ``receive()`` that
+        their client is gone, and return their tasks, to wait for before
+        the rest are cancelled.
+
+        A stream that listens for ``http.disconnect`` (Starlette's
+        ``StreamingResponse``, an SSE endpoint) then ends as when its client
+        leaves, and what follows it runs (a background task). Upstream
+        waits for such a stream without a bound (or cancels it once its
+        ``timeout_graceful_shutdown`` passed), and it would learn of the
+        stop only from its client; cancelled at once with the rest, it
+        would meet ``CancelledError`` wherever it is. Those not reading (a
+        stream that only pushes) are still cancelled at once, rather than
+        waited for until they next send.
+        """
+        told: set[Any] = set()
+        for protocol in self.state.connections:
+            if not isinstance(protocol, _Registered):
+                continue  # a WebSocket's (``_close_websockets``)
+            cycle = protocol.answering()
+            readers: int = getattr(cycle, "readers", 0)
+            if readers:
+                cycle.disconnected = True
+                cycle.message_event.set()
+                told.add(cycle)
+        if not told:
+            return set()
+        # uvicorn runs each request as a task of its cycle's run_asgi().
+        return {task for task in self.state.tasks if _running_self(task) in told}
 
     def _close_websockets(self, deadline: Deadline) -> None:
         """Close every open WebSocket (``_WebSocketProtocol.shutdown``), then

@@ -1960,6 +1960,116 @@ class StopTests(unittest.TestCase):
         self.assertEqual(events, ["cancelled"])
         self.assertEqual(caught.exception.rcvd.code, 1001)
 
+    def serve_endless_stream(self, events: list, app, *, stop_timeout: float = 5.0, http_protocol: str = "auto"):
+        """Set up ``app`` and read the first line of its endless stream at ``/``,
+        the stream left open; return the layer."""
+        name = f"asgi_{self._testMethodName}_{http_protocol}"
+        layer = asgi.Layer(app, name=name, stop_timeout=stop_timeout, http_protocol=http_protocol)
+        layer.setUp()
+        self.addCleanup(layer.tearDown)  # does nothing once torn down
+        client = httpx.Client(timeout=5)
+        self.addCleanup(client.close)
+        stream = client.stream("GET", layer["http_url"])
+        response = stream.__enter__()
+        self.addCleanup(stream.__exit__, None, None, None)
+        # Kept: a line iterator that goes away closes the connection.
+        self.lines = response.iter_lines()
+        self.assertEqual(next(self.lines), "data: 0")
+        return layer
+
+    def test_tear_down_tells_a_stream_listening_for_the_disconnect_that_its_client_is_gone(self):
+        """As when its client leaves: it ends by itself, and what follows
+        the stream runs (uvicorn cancels it with the rest)."""
+        events: list = []
+
+        async def listens(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            gone = asyncio.Event()
+
+            async def listen():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                events.append("disconnect")
+                gone.set()
+
+            listener = asyncio.ensure_future(listen())
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            try:
+                number = 0
+                while not gone.is_set():
+                    await send({"type": "http.response.body", "body": b"data: %d\n\n" % number, "more_body": True})
+                    number += 1
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(gone.wait(), 0.05)
+                events.append("ended")
+            except asyncio.CancelledError:
+                events.append("cancelled")
+                raise
+            finally:
+                listener.cancel()
+
+        for http_protocol in ("auto", "h11"):
+            with self.subTest(http_protocol=http_protocol):
+                events.clear()
+                layer = self.serve_endless_stream(events, listens, http_protocol=http_protocol)
+                self.assertEqual(events, [])
+                started = time.monotonic()
+                layer.tearDown()
+                self.assertLess(time.monotonic() - started, 0.5)
+                self.assertEqual(events, ["disconnect", "ended"])
+
+    def test_tear_down_lets_a_starlette_stream_end_and_its_background_task_run(self):
+        from starlette.applications import Starlette
+        from starlette.background import BackgroundTask
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        events: list = []
+
+        async def feed(request):
+            async def lines():
+                number = 0
+                try:
+                    while True:
+                        yield f"data: {number}\n\n"
+                        number += 1
+                        await asyncio.sleep(0.05)
+                finally:
+                    events.append("stream closed")
+
+            return StreamingResponse(
+                lines(), media_type="text/event-stream", background=BackgroundTask(events.append, "background ran")
+            )
+
+        layer = self.serve_endless_stream(events, Starlette(routes=[Route("/", feed)]))
+        self.assertEqual(events, [])
+        layer.tearDown()
+        self.assertEqual(events, ["stream closed", "background ran"])
+
+    def test_a_stream_that_goes_on_after_the_disconnect_is_cancelled_within_the_stop_timeout(self):
+        events: list = []
+
+        async def deaf(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
+            await receive()  # the disconnect, ignored
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                events.append("cancelled")
+                raise
+
+        layer = self.serve_endless_stream(events, deaf, stop_timeout=0.5)
+        self.assertEqual(events, [])
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(events, ["cancelled"])
+
     def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
         layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ws_quiet"))
         server = layer["httpd"]
