@@ -717,6 +717,33 @@ GOING_AWAY = 1001
 STOPPING = "the server is stopping"
 
 
+class _ClosedOnce:
+    """A TLS transport that is closed once, however often it is told to.
+
+    uvicorn's WebSocket protocol closes its transport as the closing
+    handshake ends, and again as its application returns. asyncio's TLS
+    transport, closed a second time, lets go of its connection (CPython
+    3.11 to 3.13), and its ``abort()`` then does nothing: a connection
+    still waiting for its client's TLS close_notify when the server stops
+    outlives the loop, and is collected unclosed (ResourceWarning). The
+    methods a WebSocket calls for each message are the transport's own.
+    """
+
+    __slots__ = ("transport", "write", "is_closing")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+
+    def close(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets' sans-I/O one), logging
     through its server, whose task does not count as a request in progress.
@@ -738,13 +765,19 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         self.logger = owner.logger
         self.tasks = owner.websocket_tasks
 
+    #: The transport the connection came with (``self.transport`` may wrap it).
+    own_transport: asyncio.Transport
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.owner.transports.add(transport)  # type: ignore[arg-type]
+        self.own_transport = transport  # type: ignore[assignment]
+        self.owner.transports.add(self.own_transport)
+        if transport.get_extra_info("sslcontext") is not None:
+            transport = _ClosedOnce(self.own_transport)  # type: ignore[assignment]
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.transports.discard(self.transport)
-        self.owner.forget_client_cert(self.transport)
+        self.owner.transports.discard(self.own_transport)
+        self.owner.forget_client_cert(self.own_transport)
         super().connection_lost(exc)
 
     async def run_asgi(self) -> None:
@@ -773,11 +806,14 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         come back soon; a layer's server stops for good. A handshake in
         progress, or a closing one, ends as upstream.
         """
+        if self.transport.is_closing():
+            # Ending already: its application is told as the connection goes
+            # (connection_lost). Closed again, asyncio's TLS transport would
+            # let go of its connection (``UvicornServer._shut_down``).
+            return
         if not self.handshake_complete or self.close_sent:
             super().shutdown()
             return
-        if self.transport.is_closing():
-            return  # ending already: its application is told as the connection goes (connection_lost)
         self.stop_keepalive()
         self.queue.put_nowait({"type": "websocket.disconnect", "code": GOING_AWAY, "reason": STOPPING})
         self.conn.send_close(GOING_AWAY, STOPPING)
@@ -1108,8 +1144,14 @@ class UvicornServer(AsyncioServer):
         for server in servers:
             server.close()
         # uvicorn's own goodbye to the rest: an idle connection is closed,
-        # one whose answer is on its way closes after it.
+        # one whose answer is on its way closes after it. Not to those
+        # closing already (a TLS one waiting for its client's close_notify):
+        # asyncio's TLS transport, closed again, lets go of its connection,
+        # and the abort below would then leave it open, to be collected
+        # unclosed once the loop is gone (ResourceWarning).
         for connection in list(self.state.connections):
+            if connection.transport.is_closing():
+                continue
             try:
                 connection.shutdown()
             except Exception:  # noqa: BLE001 - the connection was in no state to say goodbye

@@ -2142,6 +2142,36 @@ class StopTests(unittest.TestCase):
         self.assertEqual(thread_names(), threads)
         self.assertEqual(open_descriptors(), descriptors)
 
+    def test_a_tls_client_that_has_not_closed_its_ended_connection_leaves_nothing_unclosed(self):
+        """The server ended the connection (an answer with Connection:
+        close, a WebSocket it closed as it stops) and waits for the client's
+        TLS close_notify when the layer is torn down. uvicorn closed such a
+        connection a second time, after which asyncio's TLS transport no
+        longer ends it (Python 3.11 and later): it was collected unclosed,
+        a ResourceWarning, whenever the client was slow to close."""
+        for kind in ("http", "websocket"):
+            with self.subTest(kind=kind), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                layer = asgi.Layer(lifespan_app([]), name=f"asgi_tls_unclosed_{kind}", tls=True)
+                layer.setUp()
+                self.addCleanup(layer.tearDown)
+                raw = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+                with layer["ssl_context"].wrap_socket(raw, server_hostname=layer["http_host"]) as client:
+                    if kind == "http":
+                        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    else:
+                        client.sendall(
+                            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                        )
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += client.recv(4096)
+                    self.assertRegex(head, rb"^HTTP/1.1 (200|101) ")
+                    layer.tearDown()  # the client has read its answer, and not closed
+                gc.collect()
+            self.assertEqual([str(warning.message) for warning in caught], [])
+
     def test_one_layer_survives_many_cycles(self):
         events: list[str] = []
         layer = asgi.Layer(lifespan_app(events), name="asgi_cycles")
