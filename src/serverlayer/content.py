@@ -36,6 +36,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -739,6 +740,12 @@ class Expectation(Route):
         return f"expected {self.describe()} {self.wanted()}, it was requested {self.count} time(s)"
 
 
+#: What a URL's path and query may hold as it is (RFC 3986's reserved and
+#: unreserved characters, and "%" of an escape); ``quote`` keeps the
+#: unreserved ones anyway.
+_URL_CHARACTERS = ":/?#[]@!$&'()*+,;=%"
+
+
 class HTTPContent:
     """What the content layer's server answers, and what the test expects of it."""
 
@@ -761,7 +768,12 @@ class HTTPContent:
             raise ConfigurationError(
                 "url_for() needs the content layer's server: call it while the layer is set up."
             )
-        return self.url + path.removeprefix("/")  # "//api" is no "/api": routes match paths as sent
+        # "//api" is no "/api": routes match paths as sent. Text no URL
+        # holds (route("/café") matches it decoded) is percent-encoded as
+        # UTF-8, as browsers do, so that urllib and http.client, which send
+        # a URL as it is and refuse such text, can open it too; what a URL
+        # may hold stays, so an encoded path or a query is unchanged.
+        return self.url + urllib.parse.quote(path.removeprefix("/"), safe=_URL_CHARACTERS)
 
     def reset(self) -> None:
         """Back to the defaults: 404 for everything, no routes, no expectations."""

@@ -146,6 +146,19 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(call(self.layer, "/orders")[0], 404)  # GET does not match
         self.assertEqual(call(self.layer, "/orders/1", data=b"{}")[0], 404)
 
+    def test_url_for_a_path_of_text_is_a_url_every_client_sends(self):
+        # Routes match decoded paths (route("/café")); url_for of the same
+        # path gave "http://.../café", which urllib and http.client refuse
+        # to send (UnicodeEncodeError), as no URL holds "é" or a space.
+        self.http_content.route("/café/a b", query={"q": "thé", "x": "1%"}).respond("found")
+        url = self.http_content.url_for("/café/a b?q=thé&x=1%25")
+        with urllib.request.urlopen(url, timeout=5) as response:
+            self.assertEqual(response.read(), b"found")
+        self.assertEqual(self.layer["http_requests"][0].target, "/caf%C3%A9/a%20b?q=th%C3%A9&x=1%25")
+        # What is a URL already stays as it is: escapes, "//", the query's "&" and "=".
+        self.assertEqual(self.http_content.url_for("//caf%C3%A9?a=1&b=%2F"),
+                         self.layer["http_url"] + "/caf%C3%A9?a=1&b=%2F")
+
     def test_a_method_route_refuses_every_other_method(self):
         self.http_content.route("/orders", "post").respond("created", status=201)
         for method in ("GET", "PUT", "DELETE", "PATCH"):
