@@ -667,7 +667,7 @@ class Route:
     def _body_differences(self, request: RecordedRequest) -> list[str]:
         body = request.body
         if self.data is not None and body != self.data:
-            return [f"body is {matching.shown(body)}, not {matching.shown(self.data)}"]
+            return [f"body {matching.bytes_difference(body, self.data)}"]
         if self.json is not _NOT_GIVEN or self.json_subset is not None:
             is_json, parsed = request.parsed_json
             if not is_json:
@@ -696,6 +696,8 @@ class Route:
             text += " with headers " + ", ".join(f"{name}: {value}" for name, value in self.headers.items())
         if self.data is not None:
             text += f" with body {matching.shown(self.data)}"
+            if len(repr(self.data)) > 60:  # cut short: its size tells more
+                text += f" ({len(self.data)} bytes)"
         if self.json is not _NOT_GIVEN:
             text += f" with JSON {matching.shown(json.dumps(self.json))}"
         if self.json_subset is not None:

@@ -183,6 +183,18 @@ class NearMissTests(unittest.TestCase):
         requests.post(self.url + "login", data={"user": "bob"}, timeout=10)
         self.assertIn("field user is 'bob', not 'ann'; field pin is missing", self.failure())
 
+    def test_long_bodies_that_differ_late_say_where(self):
+        # Both bodies were cut to their first 60 characters, the same in
+        # each: "body is b'aaaa..., not b'aaaa..." said nothing.
+        self.http_content.expect("/upload", "POST", data=b"a" * 100_000)
+        requests.post(self.url + "upload", data=b"a" * 99_999 + b"b", timeout=10)
+        requests.post(self.url + "upload", data=b"a" * 50_000, timeout=10)
+        text = self.failure()
+        self.assertIn("- expected POST /upload with body b'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa..."
+                      " (100000 bytes) once", text)
+        self.assertIn("POST /upload (100000 bytes): body differs from byte 99999 on: it has b'b', not b'a'", text)
+        self.assertIn("POST /upload (50000 bytes): body is 50000 bytes, not 100000, the same as far as it goes", text)
+
     def test_a_body_that_is_no_form_or_json(self):
         self.http_content.expect("/login", form={"user": "ann"})
         self.http_content.expect("/api", json={"a": 1})
