@@ -698,10 +698,11 @@ class Route:
             text += f" with body {matching.shown(self.data)}"
             if len(repr(self.data)) > 60:  # cut short: its size tells more
                 text += f" ({len(self.data)} bytes)"
+        # JSON's text as the test wrote it ("Zoë"), not escaped ("Zo\u00eb").
         if self.json is not _NOT_GIVEN:
-            text += f" with JSON {matching.shown(json.dumps(self.json))}"
+            text += f" with JSON {matching.shown(json.dumps(self.json, ensure_ascii=False))}"
         if self.json_subset is not None:
-            text += f" with JSON holding {matching.shown(json.dumps(self.json_subset))}"
+            text += f" with JSON holding {matching.shown(json.dumps(self.json_subset, ensure_ascii=False))}"
         if self.form is not None:
             text += f" with form fields {matching.shown(dict(self.form))}"
         if self.match is not None:

@@ -60,7 +60,8 @@ def json_differences(expected: object, actual: object, path: str = "$", *, subse
                 for line in json_differences(want, got, f"{path}[{index}]", subset=subset)]
     if expected == actual and isinstance(expected, bool) == isinstance(actual, bool):
         return []
-    return [f"{path} is {json.dumps(actual)}, not {json.dumps(expected)}"]
+    # Text as written ("Zoë"), not escaped ("Zo\u00eb"): reports show JSON values that way.
+    return [f"{path} is {json.dumps(actual, ensure_ascii=False)}, not {json.dumps(expected, ensure_ascii=False)}"]
 
 
 def shortened(found: list[str], prefix: str) -> list[str]:

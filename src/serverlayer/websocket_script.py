@@ -136,7 +136,7 @@ def _describe(match: object) -> str:
         return f"accepted by {getattr(match, '__qualname__', repr(match))}"
     if isinstance(match, (str, bytes)):
         return _show(match)
-    return f"JSON {_show(json.dumps(match))}"
+    return f"JSON {_show(json.dumps(match, ensure_ascii=False))}"
 
 
 def _checked_match(match: object) -> object:

@@ -195,6 +195,14 @@ class NearMissTests(unittest.TestCase):
         self.assertIn("POST /upload (100000 bytes): body differs from byte 99999 on: it has b'b', not b'a'", text)
         self.assertIn("POST /upload (50000 bytes): body is 50000 bytes, not 100000, the same as far as it goes", text)
 
+    def test_json_text_is_shown_as_written(self):
+        # It was shown escaped, "Zo\\u00eb" and "Zo\u00eb", where the test wrote "Zoë".
+        self.http_content.expect("/customers", "POST", json={"name": "Zoë", "city": "Köln"})
+        requests.post(self.url + "customers", json={"name": "Zoe", "city": "Köln"}, timeout=10)
+        text = self.failure()
+        self.assertIn("""expected POST /customers with JSON '{"name": "Zoë", "city": "Köln"}' once""", text)
+        self.assertIn('body $.name is "Zoe", not "Zoë"', text)
+
     def test_a_body_that_is_no_form_or_json(self):
         self.http_content.expect("/login", form={"user": "ann"})
         self.http_content.expect("/api", json={"a": 1})
