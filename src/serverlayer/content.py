@@ -687,7 +687,9 @@ class Route:
         return next(self._differences(request), None) is None
 
     def describe(self) -> str:
-        path = f"/{self.path.pattern}/" if isinstance(self.path, re.Pattern) else self.path
+        # Not "/pattern/": a path pattern starts with "/", and "//users/\d+/"
+        # read as a path, though "//users" is a path of its own.
+        path = f"a path matching {self.path.pattern!r}" if isinstance(self.path, re.Pattern) else self.path
         text = f"{self.method or 'any method'} {path}"
         if self.query:
             pairs = [f"{key}={value}" for key, values in self.query.items() for value in values]

@@ -5,6 +5,7 @@ Requests come from requests, httpx and urllib, as applications send them."""
 from __future__ import annotations
 
 import json
+import re
 import unittest
 import urllib.request
 from unittest import mock
@@ -202,6 +203,16 @@ class NearMissTests(unittest.TestCase):
         text = self.failure()
         self.assertIn("""expected POST /customers with JSON '{"name": "Zoë", "city": "Köln"}' once""", text)
         self.assertIn('body $.name is "Zoe", not "Zoë"', text)
+
+    def test_a_path_pattern_is_not_shown_as_a_path(self):
+        # It was shown between slashes, "DELETE //users/\d+/", which reads as
+        # the path //users/\d+/, though "//users" is a path of its own here.
+        self.http_content.expect(re.compile(r"/users/\d+"), "DELETE")
+        requests.delete(self.url + "users/ann", timeout=10)
+        text = self.failure()
+        self.assertIn("- expected DELETE a path matching '/users/\\\\d+' once", text)
+        self.assertIn("DELETE /users/ann: path /users/ann does not match '/users/\\\\d+'", text)
+        self.assertNotIn("//users", text)
 
     def test_a_body_that_is_no_form_or_json(self):
         self.http_content.expect("/login", form={"user": "ann"})
