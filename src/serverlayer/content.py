@@ -41,7 +41,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from serverlayer import custom, matching
-from serverlayer.errors import ConfigurationError, ExpectationError, RequestTimeoutError, ScriptError
+from serverlayer.errors import (
+    ConfigurationError,
+    ExpectationError,
+    RequestTimeoutError,
+    ScriptError,
+    ServerSideError,
+)
 from serverlayer.recording import RecordedRequest
 from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
@@ -1263,7 +1269,19 @@ class Layer(custom.Layer):
         # Held requests keep the server busy; the server errors' check
         # would wait for them.
         self.content.release_held()
-        super().check_after_test()
+        try:
+            super().check_after_test()
+        except ServerSideError as server_error:
+            # A server error -- a match= or respond_with function that
+            # raised -- is often why an expectation is unmet; raised alone,
+            # it hid the expectations' report (and its line saying what the
+            # function raised). Both are shown, in one message: test runners
+            # such as zope.testrunner show no exception's cause.
+            try:
+                self.content.check()
+            except ExpectationError as unmet:
+                raise ServerSideError(f"{server_error}\n\nAnd {unmet}") from None
+            raise
         self.content.check()
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:

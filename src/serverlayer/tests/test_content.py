@@ -630,3 +630,19 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
         self.assertIn("POST /charges?amount=99 (2 bytes): query amount is ['99'], not ['100']", output)
         self.assertEqual(output.count("Failure in test"), 1)
         self.assertEqual(completed.stderr, "")
+
+    def test_a_server_error_does_not_hide_the_unmet_expectations(self):
+        # The server error (a match= function raising) was raised alone:
+        # the unmet expectation and its line saying what the function
+        # raised, which the docs promise, were never shown.
+        completed = run_testrunner("raising_match")
+        output = completed.stdout + completed.stderr
+        self.assertEqual(completed.returncode, 1, output)
+        self.assertIn("Ran 1 tests with 1 failures, 0 errors", output)
+        self.assertIn("ServerSideError: <serverlayer.content.Layer raising_match_pkg.sample_raising_match.ORDERS>:"
+                      " the server raised an exception", output)
+        self.assertIn("\n\nAnd <serverlayer.content.Layer raising_match_pkg.sample_raising_match.ORDERS>:"
+                      " The requests of this test did not meet its expectations:\n"
+                      "- expected POST /orders accepted by order_seven once, it was requested 0 time(s).", output)
+        self.assertIn("    POST /orders (4 bytes): order_seven(request) raised JSONDecodeError", output)
+
