@@ -753,13 +753,27 @@ class SMTPServer(AsyncioServer):
     def refuse_recipients(self, *addresses: str) -> None:
         """Answer RCPT for these addresses with 550, as a server that does
         not know them would."""
+        for address in addresses:
+            # A list of them raised AttributeError from deep inside.
+            if not isinstance(address, str):
+                raise ConfigurationError(
+                    f"refuse_recipients(): each address is a str of its own argument, not {address!r}:"
+                    ' refuse_recipients("bob@example.com", "carol@example.com"), or'
+                    " refuse_recipients(*addresses) for a list."
+                )
         self.handler.refused_recipients.update(unbracketed(address).lower() for address in addresses)
 
     def fail_data(self, code: int = 451, text: str | None = None) -> None:
         """Answer every DATA with ``code`` (451: try later, 554: refused)
         instead of accepting the message."""
-        if not 400 <= code <= 599:
-            raise ConfigurationError(f"fail_data({code}): use an SMTP error code from 400 to 599, such as 451 or 554.")
+        # A whole number, as fail()'s: 451.5 went out as "451.5 ...", which
+        # clients read as 451 and a text "5 ..."; "451" raised TypeError here.
+        if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+            raise ConfigurationError(
+                f"fail_data({code!r}): use an SMTP error code from 400 to 599, such as 451 or 554."
+            )
+        if text is not None and not isinstance(text, str):
+            raise ConfigurationError(f"fail_data({code}, {text!r}): the text of a reply is a str.")
         default_text = "4.3.0 Temporary failure, try again later" if code < 500 else "5.3.0 Message refused"
         self.handler.data_reply = reply(code, text or default_text)
 
