@@ -966,6 +966,15 @@ class Layer(ServerLayer):
                 f"{self!r}: auth={auth!r} must be a {{username: password}} mapping or a"
                 " function check(username, password) returning True for valid credentials."
             )
+        if isinstance(auth, Mapping):
+            # Clients send both as text: {"alice": 1234} never matched.
+            wrong = [(user, password) for user, password in auth.items()
+                     if not isinstance(user, str) or not isinstance(password, str)]
+            if wrong:
+                raise ConfigurationError(
+                    f"{self!r}: auth= has {wrong[0]!r}: a user name and its password are each a str,"
+                    " as clients send them, such as {'alice': '1234'}."
+                )
         if auth_required and auth is None:
             raise ConfigurationError(
                 f"{self!r}: auth_required=True needs credentials to check; pass auth= as well."

@@ -462,6 +462,15 @@ class AuthTests(unittest.TestCase):
             smtp.Layer(name="AUTH_WRONG_TYPE", auth="alice:s3cret")
 
 
+    def test_credentials_are_text(self):
+        # {"alice": 1234} was taken, and no login could ever match it: a
+        # client sends the password as text, "1234", never equal to 1234.
+        for auth in ({"alice": 1234}, {"alice": b"s3cret"}, {1: "s3cret"}):
+            with self.subTest(auth=auth), self.assertRaises(ConfigurationError) as caught:
+                smtp.Layer(name="AUTH_NOT_TEXT", auth=auth)
+            self.assertIn("a user name and its password are each a str", str(caught.exception))
+
+
 class ConcurrencyTests(unittest.TestCase):
     layer = MAIL_LAYER
 
