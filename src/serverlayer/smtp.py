@@ -286,7 +286,9 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._first_transport: asyncio.Transport | None = None
         self.arrangements = arrangements
         self._transcripts = transcripts
-        self.transcript = Transcript(peer=None)
+        self._transcript = Transcript(peer=None)
+        #: The test (``_Handler.test``) whose transcripts hold ``_transcript``.
+        self._transcript_test = self.event_handler.test
         self._greeted = False
         self._client_lines = _ClientLines()
         #: A command ran since the last whole reply: the reply is its.
@@ -319,6 +321,23 @@ class _Connection(SMTP):  # type: ignore[misc]
         # command's reply, and records each command, without re-writing any.
         methods: dict[str, Any] = getattr(self, "_smtp_methods")  # noqa: B009 -- untyped upstream
         self._smtp_methods = {name: self._staged(name, method) for name, method in methods.items()}
+
+    @property
+    def transcript(self) -> Transcript:
+        """What this connection's client saw during the current test.
+
+        A connection still open when a test ends (an application that keeps
+        one for its mail queue) starts a transcript in the next test's list
+        once it goes on there: that list started empty, and the old one,
+        the earlier test's, was all it had.
+        """
+        test = self.event_handler.test
+        if test != self._transcript_test:
+            self._transcript_test = test
+            if self._first_transport is not None:  # registered, in an earlier test's list
+                self._transcript = Transcript(peer=self._transcript.peer)
+                self._transcripts.append(self._transcript)
+        return self._transcript
 
     def _staged(self, command: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
         stage = COMMAND_STAGES.get(command)
