@@ -674,6 +674,17 @@ class Route:
         body = request.body
         if self.data is not None and body != self.data:
             return [f"body {matching.bytes_difference(body, self.data)}"]
+        found = self._parsed_body_differences(request)
+        encoding = request.headers.get("Content-Encoding", "").strip()
+        if found and encoding and encoding.lower() != "identity":
+            # Compressed bodies are not decoded: said so, rather than "body
+            # is no JSON: b'\x1f\x8b...'" or a form's fields all "missing".
+            return [f"body is compressed (Content-Encoding: {encoding}), which json= and form= do not decode:"
+                    " match it with match="]
+        return found
+
+    def _parsed_body_differences(self, request: RecordedRequest) -> list[str]:
+        body = request.body
         if self.json is not _NOT_GIVEN or self.json_subset is not None:
             is_json, parsed = request.parsed_json
             if not is_json:

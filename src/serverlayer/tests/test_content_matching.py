@@ -4,6 +4,7 @@ Requests come from requests, httpx and urllib, as applications send them."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import unittest
@@ -213,6 +214,21 @@ class NearMissTests(unittest.TestCase):
         self.assertIn("- expected DELETE a path matching '/users/\\\\d+' once", text)
         self.assertIn("DELETE /users/ann: path /users/ann does not match '/users/\\\\d+'", text)
         self.assertNotIn("//users", text)
+
+    def test_a_compressed_body_is_said_to_be_compressed(self):
+        # Compressed bodies are not decoded; the report said "body is no
+        # JSON: b'\x1f\x8b...'" and, of a form, "field a is missing".
+        self.http_content.expect("/ingest", "POST", json={"events": [1, 2]})
+        self.http_content.expect("/form", "POST", form={"a": "1"})
+        requests.post(self.url + "ingest", data=gzip.compress(b'{"events": [1, 2]}'), timeout=10,
+                      headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        requests.post(self.url + "form", data=gzip.compress(b"a=1"), timeout=10,
+                      headers={"Content-Encoding": "gzip", "Content-Type": "application/x-www-form-urlencoded"})
+        text = self.failure()
+        self.assertIn("POST /ingest (38 bytes): body is compressed (Content-Encoding: gzip), which json= and form="
+                      " do not decode: match it with match=", text)
+        self.assertIn("POST /form (23 bytes): body is compressed (Content-Encoding: gzip)", text)
+        self.assertNotIn("field a is missing", text)
 
     def test_a_body_that_is_no_form_or_json(self):
         self.http_content.expect("/login", form={"user": "ann"})
