@@ -36,11 +36,18 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from serverlayer import custom, matching
-from serverlayer.errors import ConfigurationError, ExpectationError, RequestTimeoutError, ScriptError
+from serverlayer.errors import (
+    ConfigurationError,
+    ExpectationError,
+    RequestTimeoutError,
+    ScriptError,
+    ServerSideError,
+)
 from serverlayer.recording import RecordedRequest
 from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
@@ -666,7 +673,18 @@ class Route:
     def _body_differences(self, request: RecordedRequest) -> list[str]:
         body = request.body
         if self.data is not None and body != self.data:
-            return [f"body is {matching.shown(body)}, not {matching.shown(self.data)}"]
+            return [f"body {matching.bytes_difference(body, self.data)}"]
+        found = self._parsed_body_differences(request)
+        encoding = request.headers.get("Content-Encoding", "").strip()
+        if found and encoding and encoding.lower() != "identity":
+            # Compressed bodies are not decoded: said so, rather than "body
+            # is no JSON: b'\x1f\x8b...'" or a form's fields all "missing".
+            return [f"body is compressed (Content-Encoding: {encoding}), which json= and form= do not decode:"
+                    " match it with match="]
+        return found
+
+    def _parsed_body_differences(self, request: RecordedRequest) -> list[str]:
+        body = request.body
         if self.json is not _NOT_GIVEN or self.json_subset is not None:
             is_json, parsed = request.parsed_json
             if not is_json:
@@ -686,7 +704,9 @@ class Route:
         return next(self._differences(request), None) is None
 
     def describe(self) -> str:
-        path = f"/{self.path.pattern}/" if isinstance(self.path, re.Pattern) else self.path
+        # Not "/pattern/": a path pattern starts with "/", and "//users/\d+/"
+        # read as a path, though "//users" is a path of its own.
+        path = f"a path matching {self.path.pattern!r}" if isinstance(self.path, re.Pattern) else self.path
         text = f"{self.method or 'any method'} {path}"
         if self.query:
             pairs = [f"{key}={value}" for key, values in self.query.items() for value in values]
@@ -695,10 +715,13 @@ class Route:
             text += " with headers " + ", ".join(f"{name}: {value}" for name, value in self.headers.items())
         if self.data is not None:
             text += f" with body {matching.shown(self.data)}"
+            if len(repr(self.data)) > 60:  # cut short: its size tells more
+                text += f" ({len(self.data)} bytes)"
+        # JSON's text as the test wrote it ("Zoë"), not escaped ("Zo\u00eb").
         if self.json is not _NOT_GIVEN:
-            text += f" with JSON {matching.shown(json.dumps(self.json))}"
+            text += f" with JSON {matching.shown(json.dumps(self.json, ensure_ascii=False))}"
         if self.json_subset is not None:
-            text += f" with JSON holding {matching.shown(json.dumps(self.json_subset))}"
+            text += f" with JSON holding {matching.shown(json.dumps(self.json_subset, ensure_ascii=False))}"
         if self.form is not None:
             text += f" with form fields {matching.shown(dict(self.form))}"
         if self.match is not None:
@@ -739,6 +762,12 @@ class Expectation(Route):
         return f"expected {self.describe()} {self.wanted()}, it was requested {self.count} time(s)"
 
 
+#: What a URL's path and query may hold as it is (RFC 3986's reserved and
+#: unreserved characters, and "%" of an escape); ``quote`` keeps the
+#: unreserved ones anyway.
+_URL_CHARACTERS = ":/?#[]@!$&'()*+,;=%"
+
+
 class HTTPContent:
     """What the content layer's server answers, and what the test expects of it."""
 
@@ -761,7 +790,12 @@ class HTTPContent:
             raise ConfigurationError(
                 "url_for() needs the content layer's server: call it while the layer is set up."
             )
-        return self.url + path.removeprefix("/")  # "//api" is no "/api": routes match paths as sent
+        # "//api" is no "/api": routes match paths as sent. Text no URL
+        # holds (route("/café") matches it decoded) is percent-encoded as
+        # UTF-8, as browsers do, so that urllib and http.client, which send
+        # a URL as it is and refuse such text, can open it too; what a URL
+        # may hold stays, so an encoded path or a query is unchanged.
+        return self.url + urllib.parse.quote(path.removeprefix("/"), safe=_URL_CHARACTERS)
 
     def reset(self) -> None:
         """Back to the defaults: 404 for everything, no routes, no expectations."""
@@ -1246,7 +1280,19 @@ class Layer(custom.Layer):
         # Held requests keep the server busy; the server errors' check
         # would wait for them.
         self.content.release_held()
-        super().check_after_test()
+        try:
+            super().check_after_test()
+        except ServerSideError as server_error:
+            # A server error -- a match= or respond_with function that
+            # raised -- is often why an expectation is unmet; raised alone,
+            # it hid the expectations' report (and its line saying what the
+            # function raised). Both are shown, in one message: test runners
+            # such as zope.testrunner show no exception's cause.
+            try:
+                self.content.check()
+            except ExpectationError as unmet:
+                raise ServerSideError(f"{server_error}\n\nAnd {unmet}") from None
+            raise
         self.content.check()
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def json_differences(expected: object, actual: object, path: str = "$", *, subse
                 for line in json_differences(want, got, f"{path}[{index}]", subset=subset)]
     if expected == actual and isinstance(expected, bool) == isinstance(actual, bool):
         return []
-    return [f"{path} is {json.dumps(actual)}, not {json.dumps(expected)}"]
+    # Text as written ("Zoë"), not escaped ("Zo\u00eb"): reports show JSON values that way.
+    return [f"{path} is {json.dumps(actual, ensure_ascii=False)}, not {json.dumps(expected, ensure_ascii=False)}"]
 
 
 def shortened(found: list[str], prefix: str) -> list[str]:
@@ -141,6 +142,27 @@ def shown(value: Any, limit: int = 60) -> str:
     """``value``'s repr, cut to ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def bytes_difference(actual: bytes, expected: bytes, limit: int = 60) -> str:
+    """How ``actual`` differs from ``expected``, for a report: both whole
+    when they are short; else from where they part, as both cut to their
+    first ``limit`` characters are often the same and say nothing."""
+    if len(repr(actual)) <= limit and len(repr(expected)) <= limit:
+        return f"is {shown(actual, limit)}, not {shown(expected, limit)}"
+    # The length of the part they share, found by comparing halves (in C)
+    # rather than byte by byte in Python: bodies run to megabytes.
+    first, second = memoryview(actual), memoryview(expected)
+    low, high = 0, min(len(actual), len(expected))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if first[:middle] == second[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    if low == min(len(actual), len(expected)):
+        return f"is {len(actual)} bytes, not {len(expected)}, the same as far as it goes"
+    return f"differs from byte {low} on: it has {shown(actual[low:], limit)}, not {shown(expected[low:], limit)}"
 
 
 def check_counts(times: int | None, at_least: int | None) -> None:

@@ -286,7 +286,9 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._first_transport: asyncio.Transport | None = None
         self.arrangements = arrangements
         self._transcripts = transcripts
-        self.transcript = Transcript(peer=None)
+        self._transcript = Transcript(peer=None)
+        #: The test (``_Handler.test``) whose transcripts hold ``_transcript``.
+        self._transcript_test = self.event_handler.test
         self._greeted = False
         self._client_lines = _ClientLines()
         #: A command ran since the last whole reply: the reply is its.
@@ -319,6 +321,23 @@ class _Connection(SMTP):  # type: ignore[misc]
         # command's reply, and records each command, without re-writing any.
         methods: dict[str, Any] = getattr(self, "_smtp_methods")  # noqa: B009 -- untyped upstream
         self._smtp_methods = {name: self._staged(name, method) for name, method in methods.items()}
+
+    @property
+    def transcript(self) -> Transcript:
+        """What this connection's client saw during the current test.
+
+        A connection still open when a test ends (an application that keeps
+        one for its mail queue) starts a transcript in the next test's list
+        once it goes on there: that list started empty, and the old one,
+        the earlier test's, was all it had.
+        """
+        test = self.event_handler.test
+        if test != self._transcript_test:
+            self._transcript_test = test
+            if self._first_transport is not None:  # registered, in an earlier test's list
+                self._transcript = Transcript(peer=self._transcript.peer)
+                self._transcripts.append(self._transcript)
+        return self._transcript
 
     def _staged(self, command: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
         stage = COMMAND_STAGES.get(command)
@@ -753,13 +772,27 @@ class SMTPServer(AsyncioServer):
     def refuse_recipients(self, *addresses: str) -> None:
         """Answer RCPT for these addresses with 550, as a server that does
         not know them would."""
+        for address in addresses:
+            # A list of them raised AttributeError from deep inside.
+            if not isinstance(address, str):
+                raise ConfigurationError(
+                    f"refuse_recipients(): each address is a str of its own argument, not {address!r}:"
+                    ' refuse_recipients("bob@example.com", "carol@example.com"), or'
+                    " refuse_recipients(*addresses) for a list."
+                )
         self.handler.refused_recipients.update(unbracketed(address).lower() for address in addresses)
 
     def fail_data(self, code: int = 451, text: str | None = None) -> None:
         """Answer every DATA with ``code`` (451: try later, 554: refused)
         instead of accepting the message."""
-        if not 400 <= code <= 599:
-            raise ConfigurationError(f"fail_data({code}): use an SMTP error code from 400 to 599, such as 451 or 554.")
+        # A whole number, as fail()'s: 451.5 went out as "451.5 ...", which
+        # clients read as 451 and a text "5 ..."; "451" raised TypeError here.
+        if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+            raise ConfigurationError(
+                f"fail_data({code!r}): use an SMTP error code from 400 to 599, such as 451 or 554."
+            )
+        if text is not None and not isinstance(text, str):
+            raise ConfigurationError(f"fail_data({code}, {text!r}): the text of a reply is a str.")
         default_text = "4.3.0 Temporary failure, try again later" if code < 500 else "5.3.0 Message refused"
         self.handler.data_reply = reply(code, text or default_text)
 
@@ -952,6 +985,15 @@ class Layer(ServerLayer):
                 f"{self!r}: auth={auth!r} must be a {{username: password}} mapping or a"
                 " function check(username, password) returning True for valid credentials."
             )
+        if isinstance(auth, Mapping):
+            # Clients send both as text: {"alice": 1234} never matched.
+            wrong = [(user, password) for user, password in auth.items()
+                     if not isinstance(user, str) or not isinstance(password, str)]
+            if wrong:
+                raise ConfigurationError(
+                    f"{self!r}: auth= has {wrong[0]!r}: a user name and its password are each a str,"
+                    " as clients send them, such as {'alice': '1234'}."
+                )
         if auth_required and auth is None:
             raise ConfigurationError(
                 f"{self!r}: auth_required=True needs credentials to check; pass auth= as well."

@@ -35,7 +35,8 @@ Stages, in the order of a conversation:
 Each arrangement holds for the rest of the test, for its next ``times``
 matching commands, or for the first ``connections`` connections that send
 one; the first one that still applies wins. ``match`` is an
-address (any case), a compiled regular expression, or a function. Every
+address (any case), a compiled regular expression (matching the whole
+address), or a function. Every
 arrangement ends with the test.
 """
 

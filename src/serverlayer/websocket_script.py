@@ -136,7 +136,7 @@ def _describe(match: object) -> str:
         return f"accepted by {getattr(match, '__qualname__', repr(match))}"
     if isinstance(match, (str, bytes)):
         return _show(match)
-    return f"JSON {_show(json.dumps(match))}"
+    return f"JSON {_show(json.dumps(match, ensure_ascii=False))}"
 
 
 def _checked_match(match: object) -> object:
@@ -262,7 +262,8 @@ class WebSocketScript:
         self._connections = 0
 
     def describe(self) -> str:
-        return f"/{self.path.pattern}/" if isinstance(self.path, re.Pattern) else self.path
+        # As a route's: "/pattern/" read as a path starting "//".
+        return f"a path matching {self.path.pattern!r}" if isinstance(self.path, re.Pattern) else self.path
 
     def serves(self, request: RecordedRequest) -> bool:
         """Whether it serves the handshake ``request``: the path decoded

@@ -146,6 +146,19 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(call(self.layer, "/orders")[0], 404)  # GET does not match
         self.assertEqual(call(self.layer, "/orders/1", data=b"{}")[0], 404)
 
+    def test_url_for_a_path_of_text_is_a_url_every_client_sends(self):
+        # Routes match decoded paths (route("/café")); url_for of the same
+        # path gave "http://.../café", which urllib and http.client refuse
+        # to send (UnicodeEncodeError), as no URL holds "é" or a space.
+        self.http_content.route("/café/a b", query={"q": "thé", "x": "1%"}).respond("found")
+        url = self.http_content.url_for("/café/a b?q=thé&x=1%25")
+        with urllib.request.urlopen(url, timeout=5) as response:
+            self.assertEqual(response.read(), b"found")
+        self.assertEqual(self.layer["http_requests"][0].target, "/caf%C3%A9/a%20b?q=th%C3%A9&x=1%25")
+        # What is a URL already stays as it is: escapes, "//", the query's "&" and "=".
+        self.assertEqual(self.http_content.url_for("//caf%C3%A9?a=1&b=%2F"),
+                         self.layer["http_url"] + "/caf%C3%A9?a=1&b=%2F")
+
     def test_a_method_route_refuses_every_other_method(self):
         self.http_content.route("/orders", "post").respond("created", status=201)
         for method in ("GET", "PUT", "DELETE", "PATCH"):
@@ -617,3 +630,19 @@ class UnderZopeTestrunnerTests(unittest.TestCase):
         self.assertIn("POST /charges?amount=99 (2 bytes): query amount is ['99'], not ['100']", output)
         self.assertEqual(output.count("Failure in test"), 1)
         self.assertEqual(completed.stderr, "")
+
+    def test_a_server_error_does_not_hide_the_unmet_expectations(self):
+        # The server error (a match= function raising) was raised alone:
+        # the unmet expectation and its line saying what the function
+        # raised, which the docs promise, were never shown.
+        completed = run_testrunner("raising_match")
+        output = completed.stdout + completed.stderr
+        self.assertEqual(completed.returncode, 1, output)
+        self.assertIn("Ran 1 tests with 1 failures, 0 errors", output)
+        self.assertIn("ServerSideError: <serverlayer.content.Layer raising_match_pkg.sample_raising_match.ORDERS>:"
+                      " the server raised an exception", output)
+        self.assertIn("\n\nAnd <serverlayer.content.Layer raising_match_pkg.sample_raising_match.ORDERS>:"
+                      " The requests of this test did not meet its expectations:\n"
+                      "- expected POST /orders accepted by order_seven once, it was requested 0 time(s).", output)
+        self.assertIn("    POST /orders (4 bytes): order_seven(request) raised JSONDecodeError", output)
+

@@ -4,7 +4,9 @@ Requests come from requests, httpx and urllib, as applications send them."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
 import unittest
 import urllib.request
 from unittest import mock
@@ -182,6 +184,51 @@ class NearMissTests(unittest.TestCase):
         self.http_content.expect("/login", form={"user": "ann", "pin": "1234"})
         requests.post(self.url + "login", data={"user": "bob"}, timeout=10)
         self.assertIn("field user is 'bob', not 'ann'; field pin is missing", self.failure())
+
+    def test_long_bodies_that_differ_late_say_where(self):
+        # Both bodies were cut to their first 60 characters, the same in
+        # each: "body is b'aaaa..., not b'aaaa..." said nothing.
+        self.http_content.expect("/upload", "POST", data=b"a" * 100_000)
+        requests.post(self.url + "upload", data=b"a" * 99_999 + b"b", timeout=10)
+        requests.post(self.url + "upload", data=b"a" * 50_000, timeout=10)
+        text = self.failure()
+        self.assertIn("- expected POST /upload with body b'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa..."
+                      " (100000 bytes) once", text)
+        self.assertIn("POST /upload (100000 bytes): body differs from byte 99999 on: it has b'b', not b'a'", text)
+        self.assertIn("POST /upload (50000 bytes): body is 50000 bytes, not 100000, the same as far as it goes", text)
+
+    def test_json_text_is_shown_as_written(self):
+        # It was shown escaped, "Zo\\u00eb" and "Zo\u00eb", where the test wrote "Zoë".
+        self.http_content.expect("/customers", "POST", json={"name": "Zoë", "city": "Köln"})
+        requests.post(self.url + "customers", json={"name": "Zoe", "city": "Köln"}, timeout=10)
+        text = self.failure()
+        self.assertIn("""expected POST /customers with JSON '{"name": "Zoë", "city": "Köln"}' once""", text)
+        self.assertIn('body $.name is "Zoe", not "Zoë"', text)
+
+    def test_a_path_pattern_is_not_shown_as_a_path(self):
+        # It was shown between slashes, "DELETE //users/\d+/", which reads as
+        # the path //users/\d+/, though "//users" is a path of its own here.
+        self.http_content.expect(re.compile(r"/users/\d+"), "DELETE")
+        requests.delete(self.url + "users/ann", timeout=10)
+        text = self.failure()
+        self.assertIn("- expected DELETE a path matching '/users/\\\\d+' once", text)
+        self.assertIn("DELETE /users/ann: path /users/ann does not match '/users/\\\\d+'", text)
+        self.assertNotIn("//users", text)
+
+    def test_a_compressed_body_is_said_to_be_compressed(self):
+        # Compressed bodies are not decoded; the report said "body is no
+        # JSON: b'\x1f\x8b...'" and, of a form, "field a is missing".
+        self.http_content.expect("/ingest", "POST", json={"events": [1, 2]})
+        self.http_content.expect("/form", "POST", form={"a": "1"})
+        requests.post(self.url + "ingest", data=gzip.compress(b'{"events": [1, 2]}'), timeout=10,
+                      headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        requests.post(self.url + "form", data=gzip.compress(b"a=1"), timeout=10,
+                      headers={"Content-Encoding": "gzip", "Content-Type": "application/x-www-form-urlencoded"})
+        text = self.failure()
+        self.assertIn("POST /ingest (38 bytes): body is compressed (Content-Encoding: gzip), which json= and form="
+                      " do not decode: match it with match=", text)
+        self.assertIn("POST /form (23 bytes): body is compressed (Content-Encoding: gzip)", text)
+        self.assertNotIn("field a is missing", text)
 
     def test_a_body_that_is_no_form_or_json(self):
         self.http_content.expect("/login", form={"user": "ann"})

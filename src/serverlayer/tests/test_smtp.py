@@ -320,6 +320,26 @@ class RefusalTests(unittest.TestCase):
                 self.layer["smtpd"].fail_data(code)
             self.assertIn(f"fail_data({code}): use an SMTP error code from 400 to 599", str(caught.exception))
 
+    def test_fail_data_needs_a_whole_number(self):
+        # fail_data(451.5) went out as "451.5 4.3.0 ...", which smtplib read
+        # as 451 with the text "5 4.3.0 ..."; fail_data("451") raised
+        # TypeError from inside the check. fail() refuses both.
+        for code in (451.5, "451", None):
+            with self.subTest(code=code), self.assertRaises(ConfigurationError) as caught:
+                self.layer["smtpd"].fail_data(code)
+            self.assertIn(f"fail_data({code!r}): use an SMTP error code from 400 to 599", str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            self.layer["smtpd"].fail_data(554, b"5.7.1 Spam")
+        self.assertIn("the text of a reply is a str", str(caught.exception))
+
+    def test_refuse_recipients_takes_each_address_as_an_argument(self):
+        # A list raised AttributeError: 'list' object has no attribute 'strip'.
+        for addresses in ((["bob@example.com", "carol@example.com"],), (None,), (b"bob@example.com",)):
+            with self.subTest(addresses=addresses), self.assertRaises(ConfigurationError) as caught:
+                self.layer["smtpd"].refuse_recipients(*addresses)
+            self.assertIn("refuse_recipients(): each address is a str of its own", str(caught.exception))
+            self.assertIn("refuse_recipients(*addresses)", str(caught.exception))
+
     def test_fail_data_by_default_and_at_the_edges(self):
         """With no code a temporary failure (451); the text says whether
         to try again, from the code's first digit."""
@@ -440,6 +460,15 @@ class AuthTests(unittest.TestCase):
             smtp.Layer(name="AUTH_NO_CREDENTIALS", auth_required=True)
         with self.assertRaises(ConfigurationError):
             smtp.Layer(name="AUTH_WRONG_TYPE", auth="alice:s3cret")
+
+
+    def test_credentials_are_text(self):
+        # {"alice": 1234} was taken, and no login could ever match it: a
+        # client sends the password as text, "1234", never equal to 1234.
+        for auth in ({"alice": 1234}, {"alice": b"s3cret"}, {1: "s3cret"}):
+            with self.subTest(auth=auth), self.assertRaises(ConfigurationError) as caught:
+                smtp.Layer(name="AUTH_NOT_TEXT", auth=auth)
+            self.assertIn("a user name and its password are each a str", str(caught.exception))
 
 
 class ConcurrencyTests(unittest.TestCase):

@@ -21,6 +21,7 @@ from typing import Any
 import aiosmtplib
 
 from serverlayer import ConfigurationError, smtp
+from serverlayer.errors import MailTimeoutError
 from serverlayer.tests.helpers import set_up_by_hand
 
 FAILURES = smtp.Layer(name="FAILURES", auth={"alice": "secret"})
@@ -361,6 +362,31 @@ class ScopeTests(FailureTestCase):
         self.assertEqual(self.smtpd.transcripts, [])
         self.assertEqual(self.send(), {})
         self.assertEqual(len(self.outbox), 1)
+
+    def test_a_connection_open_from_an_earlier_test_is_in_this_tests_transcripts(self):
+        # An application that keeps its SMTP connection open (a mail queue's
+        # worker) sent this test's commands on a connection whose transcript
+        # was in the earlier test's list only: this test's were empty, and
+        # outbox.wait_for() could not say what the server refused.
+        client = self.client()
+        client.sendmail("shop@example.org", ["bob@example.org"], message().as_bytes())
+        self.layer.testSetUp()  # what the test runner calls before the next test
+        self.assertEqual(self.smtpd.transcripts, [])
+        self.smtpd.refuse_recipients("bob@example.org")
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("shop@example.org", ["bob@example.org"], message().as_bytes())
+        [transcript] = self.smtpd.transcripts
+        self.assertRegex(transcript.lines[0], r"^C: MAIL FROM:<shop@example.org> size=\d+$")
+        self.assertEqual(transcript.lines[1:4], [
+            "S: 250 OK", "C: RCPT TO:<bob@example.org>", "S: 550 5.1.1 <bob@example.org>: Recipient address rejected",
+        ])
+        with self.assertRaises(smtplib.SMTPDataError):
+            client.sendmail("shop@example.org", ["carol@example.org"], b"Subject: " + b"x" * 1000 + b"\r\n\r\n")
+        with self.assertRaises(MailTimeoutError) as caught:  # a refusal the test did not arrange
+            self.outbox.wait_for(timeout=0.1)
+        self.assertIn("-> 500 Line too long", str(caught.exception))
+        client.quit()
+        self.assertEqual(transcript.lines[-2:], ["C: QUIT", "S: 221 Bye"])
 
     def test_aiosmtplib_retries_too(self):
         self.smtpd.fail("mail", 451, times=1)
