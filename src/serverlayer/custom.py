@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import plone.testing
 
@@ -1098,6 +1098,14 @@ class HandlerServer(socketserver.BaseServer):
             sock.close()
 
 
+def _is_handler_class(handler: object) -> bool:
+    return isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)
+
+
+#: What ``custom.Layer`` serves: a handler class, or a partial of one.
+HandlerFactory = type[http.server.BaseHTTPRequestHandler] | functools.partial[http.server.BaseHTTPRequestHandler]
+
+
 class Layer(HTTPLayer):
     """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
 
@@ -1111,12 +1119,15 @@ class Layer(HTTPLayer):
     are plone.testing's ``bases``, ``name`` and ``module``.
     """
 
-    request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
+    #: A ``BaseHTTPRequestHandler`` subclass, or a ``functools.partial`` of
+    #: one with keyword arguments (``partial(SimpleHTTPRequestHandler,
+    #: directory=...)``, as Python's documentation serves a directory).
+    request_handler: HandlerFactory | None = None
     threads: int = 0
 
     def __init__(
         self,
-        request_handler: type[http.server.BaseHTTPRequestHandler] | None = None,
+        request_handler: HandlerFactory | None = None,
         bases: Iterable[plone.testing.Layer] | None = None,
         name: str | None = None,
         module: str | None = None,
@@ -1134,7 +1145,20 @@ class Layer(HTTPLayer):
         whole_number(self.threads, owner=repr(self), setting="threads", minimum=0)
 
     def _check_handler(self, handler: object) -> None:
-        if not (isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)):
+        if isinstance(handler, functools.partial) and _is_handler_class(handler.func):
+            # gocept.httpserverlayer's HTTPServer called whatever it was
+            # given, so a partial of a handler class served there. Here the
+            # class is taken apart from its arguments (serverlayer makes the
+            # handler object itself); arguments before the connection's
+            # would have no place.
+            if handler.args:
+                raise ConfigurationError(
+                    f"{self!r}: request_handler {handler!r} passes positional arguments,"
+                    " which would come before the connection's. Give the handler class"
+                    " keyword arguments only: functools.partial(Handler, name=value)."
+                )
+            return
+        if not _is_handler_class(handler):
             raise ConfigurationError(
                 f"{self!r}: request_handler must be a subclass of"
                 f" http.server.BaseHTTPRequestHandler, not {handler!r}."
@@ -1180,11 +1204,16 @@ class Layer(HTTPLayer):
         super().check_after_test()
 
     def make_server(self, sockets: Sequence[socket.socket]) -> HandlerServer:
-        assert self.request_handler is not None
+        handler = self.request_handler
+        assert handler is not None
+        arguments = self.handler_arguments()
+        if isinstance(handler, functools.partial):  # its class, called with its keywords
+            arguments = {**handler.keywords, **arguments}
+            handler = cast("type[http.server.BaseHTTPRequestHandler]", handler.func)
         return HandlerServer(
             sockets,
-            self.request_handler,
-            handler_arguments=self.handler_arguments(),
+            handler,
+            handler_arguments=arguments,
             requests=self.requests,
             errors=self.server_errors,
             threads=self.threads,

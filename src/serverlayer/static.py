@@ -284,15 +284,16 @@ class Layer(custom.Layer):
                 " fresh temporary one."
             )
         self.publish({"documentroot": root})
-        assert self.request_handler is not None
-        self.request_handler.documentroot = root  # type: ignore[attr-defined]
+        handler = self.request_handler
+        assert isinstance(handler, type)  # the class of its own that __init__ made
+        handler.documentroot = root  # type: ignore[attr-defined]
         super().setUp()
 
     def tearDown(self) -> None:
         try:
             super().tearDown()
         finally:
-            if self.request_handler is not None:
+            if isinstance(self.request_handler, type):
                 self.request_handler.documentroot = None  # type: ignore[attr-defined]
             if self._temporary is not None:
                 shutil.rmtree(self._temporary, ignore_errors=True)

@@ -7,6 +7,7 @@ signatures and server attributes.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -14,6 +15,7 @@ import unittest
 import urllib.error
 import urllib.request
 from contextlib import redirect_stderr
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from unittest import mock
 from wsgiref.simple_server import WSGIRequestHandler
@@ -260,6 +262,30 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
             get(layer_url(layer, "missing"))
         caught.exception.close()
         self.assertEqual(seen, [layer["documentroot"]])
+
+    def test_a_partial_of_a_handler_class_serves_as_under_http_server(self):
+        # Python's documentation makes a SimpleHTTPRequestHandler serve a
+        # directory with functools.partial(..., directory=...); gocept's
+        # layer calls whatever it is given, as HTTPServer does.
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        Path(directory.name, "page.txt").write_text("from the partial")
+
+        class Quiet(custom.RequestHandler, SimpleHTTPRequestHandler):
+            pass
+
+        handler = functools.partial(Quiet, directory=directory.name)
+        layer = set_up_by_hand(self, custom.Layer(handler, name="partial_handler"))
+        self.assertIs(layer["request_handler"], handler)
+        self.assertEqual(get(layer_url(layer, "page.txt")), b"from the partial")
+        self.assertEqual(get(layer_url(layer, "page.txt")), b"from the partial")
+        self.assertEqual([str(request) for request in layer["http_requests"]], ["GET /page.txt"] * 2)
+
+    def test_a_partial_with_positional_arguments_is_refused_saying_why(self):
+        handler = functools.partial(custom.RequestHandler, "extra")
+        with self.assertRaises(ConfigurationError) as caught:
+            custom.Layer(handler, name="partial_positional")
+        self.assertIn("keyword arguments", str(caught.exception))
 
     def test_without_documentroot_the_request_fails_the_test_with_the_fix(self):
         layer = set_up_by_hand(self, custom.Layer(static.StaticFileRequestHandler, name="no_documentroot"))
