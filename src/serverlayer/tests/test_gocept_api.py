@@ -263,6 +263,32 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
         caught.exception.close()
         self.assertEqual(seen, [layer["documentroot"]])
 
+    def test_a_subclass_that_translates_paths_itself_serves_what_it_names(self):
+        # gocept's handler, like http.server's, serves the file its
+        # translate_path names: a subclass may mount another directory.
+        root, extra = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()
+        self.addCleanup(root.cleanup)
+        self.addCleanup(extra.cleanup)
+        Path(root.name, "page.txt").write_text("from the root")
+        Path(extra.name, "fixture.txt").write_text("from the mounted directory")
+
+        class Handler(static.StaticFileRequestHandler):
+            documentroot = root.name
+
+            def translate_path(self, path):
+                if path.startswith("/extra/"):
+                    return os.path.join(extra.name, path[len("/extra/"):])
+                return super().translate_path(path)
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="translating_handler"))
+        self.assertEqual(get(layer_url(layer, "page.txt")), b"from the root")
+        self.assertEqual(get(layer_url(layer, "extra/fixture.txt")), b"from the mounted directory")
+        for escape in ("../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a%00b"):
+            with self.subTest(escape=escape), self.assertRaises(urllib.error.HTTPError) as caught:
+                get(layer_url(layer, escape))
+            caught.exception.close()
+            self.assertEqual(caught.exception.code, 404)
+
     def test_a_partial_of_a_handler_class_serves_as_under_http_server(self):
         # Python's documentation makes a SimpleHTTPRequestHandler serve a
         # directory with functools.partial(..., directory=...); gocept's
