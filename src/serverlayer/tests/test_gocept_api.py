@@ -289,6 +289,41 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
             caught.exception.close()
             self.assertEqual(caught.exception.code, 404)
 
+    def test_a_subclass_reads_what_send_head_returns_as_a_file(self):
+        # http.server's send_head returns the open file, which subclasses
+        # read: a copyfile of their own (a slow link), or a do_GET that
+        # changes what it sends.
+        class SlowLink(static.StaticFileRequestHandler):
+            def copyfile(self, source, outputfile):
+                while chunk := source.read(1000):
+                    outputfile.write(chunk)
+
+        class Shouting(static.StaticFileRequestHandler):
+            def do_GET(self):
+                file = self.send_head()
+                if file:
+                    try:
+                        self.wfile.write(file.read().upper())
+                    finally:
+                        file.close()
+
+        text = "".join(f"line {number}\n" for number in range(2000))
+        for handler, expected in ((SlowLink, text.encode()), (Shouting, text.upper().encode())):
+            with self.subTest(handler=handler.__name__):
+                layer = static.Layer(name=f"reading_{handler.__name__}")
+                layer.request_handler = type(handler.__name__, (handler,), {})
+                set_up_by_hand(self, layer)
+                Path(layer["documentroot"], "page.txt").write_text(text)
+                self.assertEqual(get(layer_url(layer, "page.txt")), expected)
+                request = urllib.request.Request(layer_url(layer, "page.txt"), headers={"Range": "bytes=5-14"})
+                self.assertEqual(get(request), expected[5:15])
+                request.add_header("Range", "bytes=0-3,10-12")
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    parts = response.read()
+                self.assertIn(b"content-range: bytes 0-3/", parts.lower())  # Shouting's are upper case
+                self.assertIn(b"\r\n\r\n" + expected[0:4] + b"\r\n", parts)
+                self.assertIn(b"\r\n\r\n" + expected[10:13] + b"\r\n", parts)
+
     def test_a_partial_of_a_handler_class_serves_as_under_http_server(self):
         # Python's documentation makes a SimpleHTTPRequestHandler serve a
         # directory with functools.partial(..., directory=...); gocept's
