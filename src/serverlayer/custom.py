@@ -588,6 +588,8 @@ class HandlerServer(socketserver.BaseServer):
         self.activity = Activity()
         errors.left_running = self.activity.left_running
         self._stopping = False
+        #: Set once ``serve`` has returned, for ``shutdown`` to wait on.
+        self._loop_ended = threading.Event()
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
         # A byte already waiting wakes the loop as well as another would:
@@ -658,6 +660,25 @@ class HandlerServer(socketserver.BaseServer):
     # The serving loop.
 
     def serve(self, ready: Callable[[], None]) -> None:
+        try:
+            self._serve_loop(ready)
+        finally:
+            self._loop_ended.set()
+
+    def shutdown(self) -> None:
+        """Stop serving, and return once the serving loop has ended.
+
+        socketserver's way to stop a server, which a test may call to see
+        its client cope with a server gone (``layer["httpd"].shutdown()``
+        stopped gocept.httpserverlayer's ``HTTPServer``). The base class's
+        waits for ``serve_forever``, which this server does not run: it
+        waited for ever. The listening sockets stay open, as under
+        socketserver, until the layer's ``tearDown`` releases them.
+        """
+        self.request_stop()
+        self._loop_ended.wait()
+
+    def _serve_loop(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
             for listening in self.sockets:
                 selector.register(listening, selectors.EVENT_READ)

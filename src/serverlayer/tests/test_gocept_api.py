@@ -11,6 +11,7 @@ import functools
 import io
 import os
 import tempfile
+import threading
 import unittest
 import urllib.error
 import urllib.request
@@ -232,6 +233,27 @@ class PositionalArgumentTests(unittest.TestCase):
         self.assertEqual(get(layer_url(layer)), b"first /")
 
 
+
+class HTTPServerShutdownTests(unittest.TestCase):
+    """gocept's custom and static layers published an ``http.server.HTTPServer``
+    as ``httpd``; ``shutdown()``, socketserver's way to stop one, stopped it."""
+
+    def test_shutdown_stops_the_serving_loop_and_returns(self):
+        class Handler(custom.RequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="shut_down_by_the_test"))
+        self.assertEqual(get(layer_url(layer)), b"ok")
+        stopping = threading.Thread(target=layer["httpd"].shutdown, daemon=True)
+        stopping.start()
+        stopping.join(30)  # a bound for a hang, not a wait for readiness: it returns at once
+        self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
+        self.assertFalse(layer["httpd_thread"].is_alive())
+        layer["httpd"].shutdown()  # again: returns, as socketserver's does
 
 class StaticFileRequestHandlerTests(unittest.TestCase):
     """gocept's users subclass it and set ``documentroot`` on the class."""
