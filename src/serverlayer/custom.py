@@ -678,6 +678,16 @@ class HandlerServer(socketserver.BaseServer):
         self.request_stop()
         self._loop_ended.wait()
 
+    def server_close(self) -> None:
+        """Stop serving (``shutdown``) and close the listening sockets, so
+        that new clients are refused, as after socketserver's
+        ``TCPServer.server_close`` (a test seeing its client cope with a
+        server that is gone). The base class's does nothing. The layer's
+        ``tearDown`` releases the rest as always."""
+        self.shutdown()
+        for listening in self.sockets:
+            listening.close()
+
     def _serve_loop(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
             for listening in self.sockets:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import socket
 import tempfile
 import threading
 import unittest
@@ -254,6 +255,13 @@ class HTTPServerShutdownTests(unittest.TestCase):
         self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
         self.assertFalse(layer["httpd_thread"].is_alive())
         layer["httpd"].shutdown()  # again: returns, as socketserver's does
+
+    def test_server_close_after_shutdown_refuses_new_clients(self):
+        layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="closed_by_the_test"))
+        layer["httpd"].shutdown()
+        layer["httpd"].server_close()
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection((layer["http_host"], layer["http_port"]), timeout=30).close()
 
 class StaticFileRequestHandlerTests(unittest.TestCase):
     """gocept's users subclass it and set ``documentroot`` on the class."""
