@@ -320,7 +320,7 @@ class _Conversation:
         server = self.server
         handler_class = server.handler_class
         handler = self.handler = handler_class.__new__(handler_class)
-        record_requests(handler, server.requests, self.client_cert, cut=lambda: self.reading_cut)
+        record_requests(handler, server._request_log, self.client_cert, cut=lambda: self.reading_cut)
         handler.parse_request = functools.partial(self._parse_request, handler.parse_request)  # type: ignore[method-assign]
         if server.handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
@@ -577,7 +577,11 @@ class HandlerServer(socketserver.BaseServer):
         self.handler_class = handler_class
         #: Keyword arguments the handler class is called with, besides the connection.
         self.handler_arguments = handler_arguments
-        self.requests = requests
+        # Not "requests": tests keep state of their own on the server, which
+        # handlers reach as self.server, and "httpd.requests = []" with
+        # "self.server.requests.append(...)" is the commonest, as under
+        # http.server and gocept.httpserverlayer.
+        self._request_log = requests
         self.handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
         #: One listening socket per address of the layer's host, all on one port.
         self.sockets = list(sockets)

@@ -235,9 +235,10 @@ class PositionalArgumentTests(unittest.TestCase):
 
 
 
-class HTTPServerShutdownTests(unittest.TestCase):
+class HTTPServerTests(unittest.TestCase):
     """gocept's custom and static layers published an ``http.server.HTTPServer``
-    as ``httpd``; ``shutdown()``, socketserver's way to stop one, stopped it."""
+    as ``httpd``: ``shutdown()``, socketserver's way to stop one, stopped it,
+    and tests kept state of their own on it."""
 
     def test_shutdown_stops_the_serving_loop_and_returns(self):
         class Handler(custom.RequestHandler):
@@ -255,6 +256,25 @@ class HTTPServerShutdownTests(unittest.TestCase):
         self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
         self.assertFalse(layer["httpd_thread"].is_alive())
         layer["httpd"].shutdown()  # again: returns, as socketserver's does
+
+    def test_attributes_a_test_sets_on_the_server_are_its_own(self):
+        # http.server fixtures keep their state on the server, which every
+        # handler reaches as self.server: "self.server.requests.append(...)"
+        # after "httpd.requests = []" is the commonest.
+        class Handler(custom.RequestHandler):
+            def do_POST(self):
+                self.server.requests.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(204)
+                self.end_headers()
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="state_on_the_server"))
+        layer["httpd"].requests = []
+        request = urllib.request.Request(layer_url(layer, "api"), data=b"payload")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            self.assertEqual(response.status, 204)
+        self.assertEqual(layer["httpd"].requests, [b"payload"])
+        self.assertEqual([(each.method, each.path, each.body) for each in layer["http_requests"]],
+                         [("POST", "/api", b"payload")])
 
     def test_server_close_after_shutdown_refuses_new_clients(self):
         layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="closed_by_the_test"))
