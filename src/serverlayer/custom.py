@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import plone.testing
 
@@ -320,7 +320,7 @@ class _Conversation:
         server = self.server
         handler_class = server.handler_class
         handler = self.handler = handler_class.__new__(handler_class)
-        record_requests(handler, server.requests, self.client_cert, cut=lambda: self.reading_cut)
+        record_requests(handler, server._request_log, self.client_cert, cut=lambda: self.reading_cut)
         handler.parse_request = functools.partial(self._parse_request, handler.parse_request)  # type: ignore[method-assign]
         if server.handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
@@ -577,7 +577,11 @@ class HandlerServer(socketserver.BaseServer):
         self.handler_class = handler_class
         #: Keyword arguments the handler class is called with, besides the connection.
         self.handler_arguments = handler_arguments
-        self.requests = requests
+        # Not "requests": tests keep state of their own on the server, which
+        # handlers reach as self.server, and "httpd.requests = []" with
+        # "self.server.requests.append(...)" is the commonest, as under
+        # http.server and gocept.httpserverlayer.
+        self._request_log = requests
         self.handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
         #: One listening socket per address of the layer's host, all on one port.
         self.sockets = list(sockets)
@@ -588,6 +592,8 @@ class HandlerServer(socketserver.BaseServer):
         self.activity = Activity()
         errors.left_running = self.activity.left_running
         self._stopping = False
+        #: Set once ``serve`` has returned, for ``shutdown`` to wait on.
+        self._loop_ended = threading.Event()
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
         # A byte already waiting wakes the loop as well as another would:
@@ -658,6 +664,35 @@ class HandlerServer(socketserver.BaseServer):
     # The serving loop.
 
     def serve(self, ready: Callable[[], None]) -> None:
+        try:
+            self._serve_loop(ready)
+        finally:
+            self._loop_ended.set()
+
+    def shutdown(self) -> None:
+        """Stop serving, and return once the serving loop has ended.
+
+        socketserver's way to stop a server, which a test may call to see
+        its client cope with a server gone (``layer["httpd"].shutdown()``
+        stopped gocept.httpserverlayer's ``HTTPServer``). The base class's
+        waits for ``serve_forever``, which this server does not run: it
+        waited for ever. The listening sockets stay open, as under
+        socketserver, until the layer's ``tearDown`` releases them.
+        """
+        self.request_stop()
+        self._loop_ended.wait()
+
+    def server_close(self) -> None:
+        """Stop serving (``shutdown``) and close the listening sockets, so
+        that new clients are refused, as after socketserver's
+        ``TCPServer.server_close`` (a test seeing its client cope with a
+        server that is gone). The base class's does nothing. The layer's
+        ``tearDown`` releases the rest as always."""
+        self.shutdown()
+        for listening in self.sockets:
+            listening.close()
+
+    def _serve_loop(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
             for listening in self.sockets:
                 selector.register(listening, selectors.EVENT_READ)
@@ -1098,6 +1133,14 @@ class HandlerServer(socketserver.BaseServer):
             sock.close()
 
 
+def _is_handler_class(handler: object) -> bool:
+    return isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)
+
+
+#: What ``custom.Layer`` serves: a handler class, or a partial of one.
+HandlerFactory = type[http.server.BaseHTTPRequestHandler] | functools.partial[http.server.BaseHTTPRequestHandler]
+
+
 class Layer(HTTPLayer):
     """Serves ``request_handler``, a ``BaseHTTPRequestHandler`` subclass.
 
@@ -1111,12 +1154,15 @@ class Layer(HTTPLayer):
     are plone.testing's ``bases``, ``name`` and ``module``.
     """
 
-    request_handler: type[http.server.BaseHTTPRequestHandler] | None = None
+    #: A ``BaseHTTPRequestHandler`` subclass, or a ``functools.partial`` of
+    #: one with keyword arguments (``partial(SimpleHTTPRequestHandler,
+    #: directory=...)``, as Python's documentation serves a directory).
+    request_handler: HandlerFactory | None = None
     threads: int = 0
 
     def __init__(
         self,
-        request_handler: type[http.server.BaseHTTPRequestHandler] | None = None,
+        request_handler: HandlerFactory | None = None,
         bases: Iterable[plone.testing.Layer] | None = None,
         name: str | None = None,
         module: str | None = None,
@@ -1134,7 +1180,20 @@ class Layer(HTTPLayer):
         whole_number(self.threads, owner=repr(self), setting="threads", minimum=0)
 
     def _check_handler(self, handler: object) -> None:
-        if not (isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)):
+        if isinstance(handler, functools.partial) and _is_handler_class(handler.func):
+            # gocept.httpserverlayer's HTTPServer called whatever it was
+            # given, so a partial of a handler class served there. Here the
+            # class is taken apart from its arguments (serverlayer makes the
+            # handler object itself); arguments before the connection's
+            # would have no place.
+            if handler.args:
+                raise ConfigurationError(
+                    f"{self!r}: request_handler {handler!r} passes positional arguments,"
+                    " which would come before the connection's. Give the handler class"
+                    " keyword arguments only: functools.partial(Handler, name=value)."
+                )
+            return
+        if not _is_handler_class(handler):
             raise ConfigurationError(
                 f"{self!r}: request_handler must be a subclass of"
                 f" http.server.BaseHTTPRequestHandler, not {handler!r}."
@@ -1180,11 +1239,16 @@ class Layer(HTTPLayer):
         super().check_after_test()
 
     def make_server(self, sockets: Sequence[socket.socket]) -> HandlerServer:
-        assert self.request_handler is not None
+        handler = self.request_handler
+        assert handler is not None
+        arguments = self.handler_arguments()
+        if isinstance(handler, functools.partial):  # its class, called with its keywords
+            arguments = {**handler.keywords, **arguments}
+            handler = cast("type[http.server.BaseHTTPRequestHandler]", handler.func)
         return HandlerServer(
             sockets,
-            self.request_handler,
-            handler_arguments=self.handler_arguments(),
+            handler,
+            handler_arguments=arguments,
             requests=self.requests,
             errors=self.server_errors,
             threads=self.threads,

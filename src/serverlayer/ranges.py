@@ -204,6 +204,42 @@ class Body:
                 self.pieces.append(b"\r\n")
             self.pieces.append(f"--{self.boundary}--\r\n".encode("latin-1"))
         self.ranges = ranges
+        #: Where ``read`` goes on: the piece, and how far into it.
+        self._piece = 0
+        self._offset = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all, if negative) of what ``pieces`` stand
+        for, from where the last read ended.
+
+        ``http.server``'s ``send_head`` returns the open file, and handler
+        subclasses read it: a ``copyfile`` of their own (a slow link), a
+        ``do_GET`` that changes what it sends. ``static`` sends with
+        ``sendfile`` and never reads; this is for them. A file that shrank
+        since its head was sent reads short, as the file itself would.
+        """
+        parts: list[bytes] = []
+        wanted = None if size is None or size < 0 else size
+        while self._piece < len(self.pieces) and wanted != 0:
+            piece = self.pieces[self._piece]
+            if isinstance(piece, bytes):
+                length = len(piece)
+                data = piece[self._offset:length if wanted is None else self._offset + wanted]
+            else:
+                start, length = piece
+                left = length - self._offset
+                self.file.seek(start + self._offset)
+                data = self.file.read(left if wanted is None else min(left, wanted))
+                if not data:  # the file ends sooner now
+                    self._piece = len(self.pieces)
+                    break
+            parts.append(data)
+            self._offset += len(data)
+            if wanted is not None:
+                wanted -= len(data)
+            if self._offset >= length:
+                self._piece, self._offset = self._piece + 1, 0
+        return b"".join(parts)
 
     def headers(self) -> list[tuple[str, str]]:
         length = sum(len(piece) if isinstance(piece, bytes) else piece[1] for piece in self.pieces)

@@ -31,9 +31,9 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     """``SimpleHTTPRequestHandler`` that never lets a URL leave its directory.
 
     The standard library drops ``..`` from the path, but fails on NUL bytes
-    and on names the file system cannot encode; those end in a 404 here, and
-    so does any path outside the directory a subclass's ``translate_path``
-    might make. Symbolic links in the directory are followed wherever they
+    and on names the file system cannot encode; those end in a 404 here. A
+    subclass's own ``translate_path`` is served wherever it points, as
+    under ``http.server``. Symbolic links in the directory are followed wherever they
     point, as the standard library, gocept.httpserverlayer, nginx and Apache
     do: tests link fixtures into the served directory. With
     ``follow_symlinks=False`` a link is served only if it resolves inside.
@@ -229,6 +229,13 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
             os.fsencode(path)
         except UnicodeEncodeError:  # a name the file system cannot encode, such as a lone surrogate
             return False
+        if type(self).translate_path is not StaticFileHandler.translate_path:
+            # A subclass that maps URLs to files itself (another directory
+            # mounted under /extra/, say) is taken at its word, as by
+            # http.server and gocept.httpserverlayer, whose users did so.
+            # The base class's mapping, which it calls for the rest, drops
+            # ".." from URLs already.
+            return True
         # abspath only normalises the path as written; realpath also resolves links.
         resolve = os.path.abspath if self.follow_symlinks else os.path.realpath
         root, candidate = resolve(self.directory), resolve(path)
@@ -284,15 +291,16 @@ class Layer(custom.Layer):
                 " fresh temporary one."
             )
         self.publish({"documentroot": root})
-        assert self.request_handler is not None
-        self.request_handler.documentroot = root  # type: ignore[attr-defined]
+        handler = self.request_handler
+        assert isinstance(handler, type)  # the class of its own that __init__ made
+        handler.documentroot = root  # type: ignore[attr-defined]
         super().setUp()
 
     def tearDown(self) -> None:
         try:
             super().tearDown()
         finally:
-            if self.request_handler is not None:
+            if isinstance(self.request_handler, type):
                 self.request_handler.documentroot = None  # type: ignore[attr-defined]
             if self._temporary is not None:
                 shutil.rmtree(self._temporary, ignore_errors=True)

@@ -7,13 +7,17 @@ signatures and server attributes.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import socket
 import tempfile
+import threading
 import unittest
 import urllib.error
 import urllib.request
 from contextlib import redirect_stderr
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from unittest import mock
 from wsgiref.simple_server import WSGIRequestHandler
@@ -231,6 +235,54 @@ class PositionalArgumentTests(unittest.TestCase):
 
 
 
+class HTTPServerTests(unittest.TestCase):
+    """gocept's custom and static layers published an ``http.server.HTTPServer``
+    as ``httpd``: ``shutdown()``, socketserver's way to stop one, stopped it,
+    and tests kept state of their own on it."""
+
+    def test_shutdown_stops_the_serving_loop_and_returns(self):
+        class Handler(custom.RequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="shut_down_by_the_test"))
+        self.assertEqual(get(layer_url(layer)), b"ok")
+        stopping = threading.Thread(target=layer["httpd"].shutdown, daemon=True)
+        stopping.start()
+        stopping.join(30)  # a bound for a hang, not a wait for readiness: it returns at once
+        self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
+        self.assertFalse(layer["httpd_thread"].is_alive())
+        layer["httpd"].shutdown()  # again: returns, as socketserver's does
+
+    def test_attributes_a_test_sets_on_the_server_are_its_own(self):
+        # http.server fixtures keep their state on the server, which every
+        # handler reaches as self.server: "self.server.requests.append(...)"
+        # after "httpd.requests = []" is the commonest.
+        class Handler(custom.RequestHandler):
+            def do_POST(self):
+                self.server.requests.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(204)
+                self.end_headers()
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="state_on_the_server"))
+        layer["httpd"].requests = []
+        request = urllib.request.Request(layer_url(layer, "api"), data=b"payload")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            self.assertEqual(response.status, 204)
+        self.assertEqual(layer["httpd"].requests, [b"payload"])
+        self.assertEqual([(each.method, each.path, each.body) for each in layer["http_requests"]],
+                         [("POST", "/api", b"payload")])
+
+    def test_server_close_after_shutdown_refuses_new_clients(self):
+        layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="closed_by_the_test"))
+        layer["httpd"].shutdown()
+        layer["httpd"].server_close()
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection((layer["http_host"], layer["http_port"]), timeout=30).close()
+
 class StaticFileRequestHandlerTests(unittest.TestCase):
     """gocept's users subclass it and set ``documentroot`` on the class."""
 
@@ -260,6 +312,91 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
             get(layer_url(layer, "missing"))
         caught.exception.close()
         self.assertEqual(seen, [layer["documentroot"]])
+
+    def test_a_subclass_that_translates_paths_itself_serves_what_it_names(self):
+        # gocept's handler, like http.server's, serves the file its
+        # translate_path names: a subclass may mount another directory.
+        root, extra = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()
+        self.addCleanup(root.cleanup)
+        self.addCleanup(extra.cleanup)
+        Path(root.name, "page.txt").write_text("from the root")
+        Path(extra.name, "fixture.txt").write_text("from the mounted directory")
+
+        class Handler(static.StaticFileRequestHandler):
+            documentroot = root.name
+
+            def translate_path(self, path):
+                if path.startswith("/extra/"):
+                    return os.path.join(extra.name, path[len("/extra/"):])
+                return super().translate_path(path)
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="translating_handler"))
+        self.assertEqual(get(layer_url(layer, "page.txt")), b"from the root")
+        self.assertEqual(get(layer_url(layer, "extra/fixture.txt")), b"from the mounted directory")
+        for escape in ("../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a%00b"):
+            with self.subTest(escape=escape), self.assertRaises(urllib.error.HTTPError) as caught:
+                get(layer_url(layer, escape))
+            caught.exception.close()
+            self.assertEqual(caught.exception.code, 404)
+
+    def test_a_subclass_reads_what_send_head_returns_as_a_file(self):
+        # http.server's send_head returns the open file, which subclasses
+        # read: a copyfile of their own (a slow link), or a do_GET that
+        # changes what it sends.
+        class SlowLink(static.StaticFileRequestHandler):
+            def copyfile(self, source, outputfile):
+                while chunk := source.read(1000):
+                    outputfile.write(chunk)
+
+        class Shouting(static.StaticFileRequestHandler):
+            def do_GET(self):
+                file = self.send_head()
+                if file:
+                    try:
+                        self.wfile.write(file.read().upper())
+                    finally:
+                        file.close()
+
+        text = "".join(f"line {number}\n" for number in range(2000))
+        for handler, expected in ((SlowLink, text.encode()), (Shouting, text.upper().encode())):
+            with self.subTest(handler=handler.__name__):
+                layer = static.Layer(name=f"reading_{handler.__name__}")
+                layer.request_handler = type(handler.__name__, (handler,), {})
+                set_up_by_hand(self, layer)
+                Path(layer["documentroot"], "page.txt").write_text(text)
+                self.assertEqual(get(layer_url(layer, "page.txt")), expected)
+                request = urllib.request.Request(layer_url(layer, "page.txt"), headers={"Range": "bytes=5-14"})
+                self.assertEqual(get(request), expected[5:15])
+                request.add_header("Range", "bytes=0-3,10-12")
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    parts = response.read()
+                self.assertIn(b"content-range: bytes 0-3/", parts.lower())  # Shouting's are upper case
+                self.assertIn(b"\r\n\r\n" + expected[0:4] + b"\r\n", parts)
+                self.assertIn(b"\r\n\r\n" + expected[10:13] + b"\r\n", parts)
+
+    def test_a_partial_of_a_handler_class_serves_as_under_http_server(self):
+        # Python's documentation makes a SimpleHTTPRequestHandler serve a
+        # directory with functools.partial(..., directory=...); gocept's
+        # layer calls whatever it is given, as HTTPServer does.
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        Path(directory.name, "page.txt").write_text("from the partial")
+
+        class Quiet(custom.RequestHandler, SimpleHTTPRequestHandler):
+            pass
+
+        handler = functools.partial(Quiet, directory=directory.name)
+        layer = set_up_by_hand(self, custom.Layer(handler, name="partial_handler"))
+        self.assertIs(layer["request_handler"], handler)
+        self.assertEqual(get(layer_url(layer, "page.txt")), b"from the partial")
+        self.assertEqual(get(layer_url(layer, "page.txt")), b"from the partial")
+        self.assertEqual([str(request) for request in layer["http_requests"]], ["GET /page.txt"] * 2)
+
+    def test_a_partial_with_positional_arguments_is_refused_saying_why(self):
+        handler = functools.partial(custom.RequestHandler, "extra")
+        with self.assertRaises(ConfigurationError) as caught:
+            custom.Layer(handler, name="partial_positional")
+        self.assertIn("keyword arguments", str(caught.exception))
 
     def test_without_documentroot_the_request_fails_the_test_with_the_fix(self):
         layer = set_up_by_hand(self, custom.Layer(static.StaticFileRequestHandler, name="no_documentroot"))
