@@ -94,9 +94,28 @@ class LifespanStartupError(SetUpError):
 
 def is_asgi3(app: object) -> bool:
     """Whether ``app`` is an ASGI 3 application as uvicorn tells them apart:
-    a coroutine function, or an object whose ``__call__`` is one."""
+    a coroutine function, or an object whose ``__call__`` is one. A class
+    is one only if its instances are awaitable (calling it with the
+    scope, receive and send makes what is awaited): the ``__call__`` of
+    ``FastAPI`` or ``Starlette`` is a coroutine function, but it is their
+    instances that are applications."""
+    if inspect.isclass(app):
+        return hasattr(app, "__await__")
     call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
     return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call)
+
+
+def _takes_no_arguments(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` can be called without arguments (an application
+    factory, as uvicorn's ``--factory`` takes), as far as can be told."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: no telling
+        return False
+    return all(
+        parameter.default is not parameter.empty or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        for parameter in signature.parameters.values()
+    )
 
 
 # Recording.
@@ -1348,6 +1367,21 @@ class Layer(HTTPLayer):
         if not callable(app):
             raise ConfigurationError(f"{self!r}: the ASGI application {app!r} is not callable.")
         if not is_asgi3(app):
+            # A class or a factory given for the application it makes would be
+            # served, its every request failing with a TypeError, or be taken
+            # for a WSGI application: say what to give instead.
+            name = getattr(app, "__name__", "app")
+            if inspect.isclass(app) and inspect.iscoroutinefunction(getattr(app, "__call__", None)):  # noqa: B004
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} is a class, not an application: give the layer"
+                    f" an instance, {name}(): asgi.Layer({name}())."
+                )
+            if inspect.isfunction(app) and _takes_no_arguments(app):
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} takes no arguments: an application factory? Give the"
+                    f" layer what it makes, asgi.Layer({name}()); an ASGI 3 application is a"
+                    " coroutine function app(scope, receive, send), or an object whose __call__ is one."
+                )
             raise ConfigurationError(
                 f"{self!r}: {app!r} is no ASGI 3 application: that is a coroutine"
                 " function app(scope, receive, send), or an object whose __call__"

@@ -874,6 +874,41 @@ class AppSourceTests(unittest.TestCase):
         self.assertIn("no ASGI 3 application", str(caught.exception))
         self.assertIn("serverlayer.wsgi.Layer", str(caught.exception))
 
+    def test_an_application_class_given_for_its_instance_is_refused_saying_so(self):
+        # asgi.Layer(FastAPI) for asgi.Layer(FastAPI()): the class's __call__
+        # is a coroutine function, but calling the class makes an instance.
+        # It was served: its "lifespan" raised before receiving anything
+        # (taken for no lifespan support), and every request got a 500 and
+        # "FastAPI.__init__() takes 1 positional argument but 4 were given".
+        from starlette.applications import Starlette
+
+        class App:
+            async def __call__(self, scope, receive, send):
+                pass
+
+        for app_class in (Starlette, App):
+            layer = asgi.Layer(app_class, name=f"asgi_given_{app_class.__name__}_class")
+            with self.assertRaises(ConfigurationError) as caught:
+                layer.setUp()
+            message = str(caught.exception)
+            self.assertIn(f"is a class, not an application: give the layer an instance, {app_class.__name__}()",
+                          message)
+            self.assertNotIn("wsgi", message)
+            self.assertNotIn("http_port", layer)
+
+    def test_an_application_factory_is_refused_saying_to_call_it(self):
+        # uvicorn's --factory: a function of no arguments that makes the application.
+        def create_app():
+            return app_without_lifespan
+
+        layer = asgi.Layer(create_app, name="asgi_given_a_factory")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("takes no arguments: an application factory? Give the layer what it makes,"
+                      " asgi.Layer(create_app())", message)
+        self.assertNotIn("wsgi", message)
+
     def test_application_object_with_async_call(self):
         class App:
             async def __call__(self, scope, receive, send):
