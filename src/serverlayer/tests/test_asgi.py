@@ -829,6 +829,30 @@ class AppSourceTests(unittest.TestCase):
         layer = set_up_by_hand(self, AppLayer(name="asgi_app_attribute"))
         self.assertEqual(get_json(layer["http_url"] + "attr")["path"], "/attr")
 
+    def test_a_class_attribute_function_not_wrapped_in_staticmethod_is_refused_saying_so(self):
+        # Python binds it to the layer: uvicorn called app(layer, scope,
+        # receive, send), setUp passed (the lifespan's TypeError taken for no
+        # lifespan support), and every request got a 500 and "app() takes 3
+        # positional arguments but 4 were given".
+        class AppLayer(asgi.Layer):
+            asgi_app = app_without_lifespan
+
+        layer = AppLayer(name="asgi_app_attribute_unwrapped")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("Write asgi_app = staticmethod(app_without_lifespan) in the class", str(caught.exception))
+        self.assertNotIn("http_port", layer)
+
+    def test_a_method_of_the_layer_taking_scope_receive_and_send_is_served(self):
+        class AppLayer(asgi.Layer):
+            async def asgi_app(self, scope, receive, send):
+                if scope["type"] == "http":
+                    await respond(send, repr(self).encode())
+
+        layer = set_up_by_hand(self, AppLayer(name="asgi_app_method"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), repr(layer).encode())
+
     def test_asgi_app_resource_of_a_base_layer_wins(self):
         async def resource_app(scope, receive, send):
             if scope["type"] == "http":
