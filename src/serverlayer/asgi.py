@@ -904,11 +904,17 @@ _LENGTH_MISMATCHES = frozenset({
 })
 
 
+#: What uvicorn's WebSocket protocol logs of an application that returned
+#: before it accepted or refused its WebSocket.
+_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
+
+
 class _ApplicationErrors(logging.Filter):
     """Names the request in uvicorn's "Exception in ASGI application", which
     says nothing of it, and says what to do about a body that does not fit
-    its Content-Length; drops it for a request the server cancelled
-    itself, stopping: that is no error of the application."""
+    its Content-Length, and of a WebSocket application that returned
+    without accepting or refusing; drops it for a request the server
+    cancelled itself, stopping: that is no error of the application."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -925,6 +931,13 @@ class _ApplicationErrors(logging.Filter):
                     " bytes as Content-Length, or no Content-Length."
                 )
             record.args = ()
+        elif scope is not None and record.msg == _NO_HANDSHAKE:
+            # uvicorn says neither which WebSocket nor what was missing.
+            record.msg = (
+                f"The application returned without accepting or refusing WebSocket {scope.get('path', '')},"
+                " so its client got a 500: send websocket.accept to accept it (Starlette's"
+                " websocket.accept()), or websocket.close to refuse it (a 403)."
+            )
         return True
 
 

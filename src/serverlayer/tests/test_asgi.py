@@ -1502,6 +1502,24 @@ class ServerErrorTests(unittest.TestCase):
         self.assertIn("RuntimeError: raised on purpose in a WebSocket", str(caught.exception))
         self.assertIn("Exception in ASGI application while serving WebSocket /", str(caught.exception))
 
+    def test_a_websocket_application_returning_without_a_handshake_is_told_where_and_what_to_do(self):
+        # uvicorn says only "ASGI callable returned without completing
+        # handshake.": not which WebSocket, nor what the application should send.
+        async def forgets_to_accept(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect, then returns
+
+        layer = set_up_by_hand(self, asgi.Layer(forgets_to_accept, name="asgi_ws_no_handshake"))
+        with self.assertRaises(websockets.exceptions.InvalidStatus) as refused:
+            ws_connect(layer["ws_url"] + "feed?room=1", open_timeout=5)
+        self.assertEqual(refused.exception.response.status_code, 500)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn(
+            "The application returned without accepting or refusing WebSocket /feed, so its client got a 500:"
+            " send websocket.accept to accept it (Starlette's websocket.accept()), or websocket.close to"
+            " refuse it (a 403)", str(caught.exception))
+
     def test_websocket_error_after_its_client_left_is_reported_in_the_same_test(self):
         """The client closed its WebSocket before the application raised."""
         async def raises_after_close(scope, receive, send):
