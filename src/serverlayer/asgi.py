@@ -1405,7 +1405,15 @@ class Layer(HTTPLayer):
             # served, its every request failing with a TypeError, or be taken
             # for a WSGI application: say what to give instead.
             name = getattr(app, "__name__", "app")
-            if inspect.isclass(app) and inspect.iscoroutinefunction(getattr(app, "__call__", None)):  # noqa: B004
+            call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
+            if inspect.isclass(app) and inspect.iscoroutinefunction(call) and _takes_three(call):
+                # (self, receive, send): made with the scope, as ASGI 2 has it.
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} is an ASGI 2 application (made with the scope, then called"
+                    " with receive and send): serve it as ASGI 3 with"
+                    f" asgi.Layer(ASGI2Middleware({name})) (from uvicorn.middleware.asgi2 import ASGI2Middleware)."
+                )
+            if inspect.isclass(app) and inspect.iscoroutinefunction(call):
                 raise ConfigurationError(
                     f"{self!r}: {app!r} is a class, not an application: give the layer"
                     f" an instance, {name}(): asgi.Layer({name}())."

@@ -920,6 +920,30 @@ class AppSourceTests(unittest.TestCase):
             self.assertNotIn("wsgi", message)
             self.assertNotIn("http_port", layer)
 
+    def test_an_asgi_2_application_is_refused_saying_how_to_serve_it(self):
+        # Made with the scope, then called with receive and send: uvicorn
+        # serves it with its ASGI2Middleware. Told to give an instance, or to
+        # serve it with the wsgi layer, its author would be led astray.
+        class ASGI2App:
+            def __init__(self, scope):
+                self.scope = scope
+
+            async def __call__(self, receive, send):
+                await respond(send, b"asgi 2")
+
+        layer = asgi.Layer(ASGI2App, name="asgi_given_asgi_2")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("is an ASGI 2 application (made with the scope, then called with receive and send):"
+                      " serve it as ASGI 3 with asgi.Layer(ASGI2Middleware(ASGI2App))"
+                      " (from uvicorn.middleware.asgi2 import ASGI2Middleware)", message)
+        from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+        layer = set_up_by_hand(self, asgi.Layer(ASGI2Middleware(ASGI2App), name="asgi_2_wrapped"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"asgi 2")
+
     def test_an_application_factory_is_refused_saying_to_call_it(self):
         # uvicorn's --factory: a function of no arguments that makes the application.
         def create_app():
