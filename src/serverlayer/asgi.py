@@ -1449,7 +1449,32 @@ class Layer(HTTPLayer):
         try:
             super().tearDown()
         finally:
+            if running is not None and running.thread.is_alive():
+                self._report_held_loop(running.thread)
             self._check_shutdown(None if running is None else running.server)
+
+    def _report_held_loop(self, thread: threading.Thread) -> None:
+        """Fail the tear-down of a server whose thread outlived the stop.
+
+        The stop's every wait is bounded, so only synchronous code on the
+        event loop keeps it from ending in time: a blocking call in an
+        async endpoint or lifespan (``time.sleep``, requests, a blocking
+        database driver). The loop's thread is abandoned, as a request that
+        never ends is on the other layers; but the application's lifespan
+        shutdown has not run, and nothing said so: ``tearDown`` returned as
+        if all went well. Where the thread is shows what holds it.
+        """
+        frame = sys._current_frames().get(thread.ident or 0)
+        where = "".join(traceback.format_stack(frame, limit=12)).rstrip() if frame is not None else ""
+        self._tear_down_raised = True
+        raise ServerSideError(
+            f"{self!r}: the server's event loop did not stop within the layer's stop_timeout"
+            f" ({self.stop_timeout} seconds): synchronous code of the application holds it,"
+            " such as a blocking call (time.sleep, requests, a blocking database driver) in an"
+            " async endpoint or lifespan. Await an async equivalent, or run it in a thread (a"
+            " plain def endpoint, asyncio.to_thread). So its lifespan shutdown has not run, and"
+            " the server's thread is left behind. The loop's thread is at:\n\n" + where
+        )
 
     def _check_shutdown(self, server: object) -> None:
         if isinstance(server, UvicornServer) and server.shutdown_failure:

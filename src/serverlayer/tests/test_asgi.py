@@ -2106,6 +2106,50 @@ class StopTests(unittest.TestCase):
         self.assertIsInstance(error, httpx.RemoteProtocolError)  # the connection was closed unanswered
         self.assertEqual(layer.server_errors.take(), [])  # a request the server cancelled is no error
 
+    def test_an_application_holding_the_event_loop_fails_tear_down_saying_where(self):
+        # A synchronous call in an async endpoint (time.sleep, requests, a
+        # blocking database driver) holds the loop: tearDown returned after
+        # stop_timeout with the server's thread still running, the lifespan
+        # shutdown not run, and not a word.
+        entered, release = threading.Event(), threading.Event()
+        events: list[str] = []
+        lifespan = lifespan_app(events)
+
+        async def blocks_the_loop(scope, receive, send):
+            if scope["type"] == "http":
+                entered.set()
+                release.wait(10)  # synchronous: nothing else runs on the loop meanwhile
+                await respond(send, b"late")
+            else:
+                await lifespan(scope, receive, send)
+
+        layer = asgi.Layer(blocks_the_loop, name="asgi_blocks_the_loop", stop_timeout=0.2)
+        layer.setUp()
+        thread = layer["httpd_thread"]
+
+        def fetch():
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=10) as client:
+                client.get(layer["http_url"])
+
+        client = threading.Thread(target=fetch)
+        client.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(client.join, 10)
+        self.addCleanup(release.set)  # first: cleanups run last added first
+        self.assertTrue(entered.wait(5))
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        message = str(caught.exception)
+        self.assertIn(
+            "the server's event loop did not stop within the layer's stop_timeout (0.2 seconds):"
+            " synchronous code of the application holds it", message)
+        self.assertIn("its lifespan shutdown has not run", message)
+        self.assertIn("in blocks_the_loop\n    release.wait(10)", message)  # where the loop's thread is
+        self.assertEqual(events, ["lifespan.startup"])
+        release.set()
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+
     def test_no_thread_descriptor_or_unclosed_resource_is_left(self):
         set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ca_first", tls=True))  # the CA exists
         threads, descriptors = thread_names(), open_descriptors()
