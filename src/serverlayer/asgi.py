@@ -75,6 +75,7 @@ from serverlayer.server import (
     ServerThread,
     accepting_plain,
     format_address,
+    holding_code,
 )
 
 Scope = MutableMapping[str, Any]
@@ -1064,10 +1065,18 @@ class UvicornServer(AsyncioServer):
         """What a start that takes too long waits for, to say so."""
         lifespan = self.lifespan
         if lifespan is not None and not lifespan.startup_event.is_set():
-            return (
+            waiting = (
                 "the application's lifespan startup has not finished: it received"
                 f" {', '.join(lifespan.received) or 'nothing'} and sent no lifespan.startup.complete"
             )
+            held = holding_code(self.thread_id)
+            if held is not None:  # not waiting for what it awaits, but running code that does not return
+                waiting += (
+                    ", and synchronous code of the application holds the event loop (a blocking call"
+                    " in its startup: await an async equivalent, or run it in a thread with"
+                    " asyncio.to_thread). The loop's thread is at:\n\n" + held
+                )
+            return waiting
         return None
 
     async def start(self, sock: socket.socket) -> Listening:
@@ -1464,8 +1473,7 @@ class Layer(HTTPLayer):
         shutdown has not run, and nothing said so: ``tearDown`` returned as
         if all went well. Where the thread is shows what holds it.
         """
-        frame = sys._current_frames().get(thread.ident or 0)
-        where = "".join(traceback.format_stack(frame, limit=12)).rstrip() if frame is not None else ""
+        where = holding_code(thread.ident) or ""
         self._tear_down_raised = True
         raise ServerSideError(
             f"{self!r}: the server's event loop did not stop within the layer's stop_timeout"

@@ -1064,6 +1064,50 @@ class LifespanTests(unittest.TestCase):
         self.assertEqual(thread_names(), threads)
         layer.tearDown()
 
+    def test_a_startup_that_holds_the_event_loop_fails_set_up_saying_where_and_leaves_nothing(self):
+        # A blocking call in the lifespan startup (a synchronous database
+        # connect) holds the loop past the wait for the start: setUp said
+        # only that the startup had not finished; and when the call returned
+        # at last, asyncio's callback stopping the loop for the start, left
+        # pending, stopped the shut-down at once: the loop was never closed
+        # (ResourceWarnings for it and its sockets at garbage collection).
+        entered, release = threading.Event(), threading.Event()
+
+        async def startup(send):
+            entered.set()
+            release.wait(10)  # synchronous: nothing else runs on the loop meanwhile
+
+        servers: list[asgi.UvicornServer] = []
+
+        class Layer(asgi.Layer):
+            def _server(self, sockets, ssl_context):
+                servers.append(super()._server(sockets, ssl_context))
+                return servers[-1]
+
+        name = "asgi_startup_holds_the_loop"
+        threads = thread_names()
+        layer = Layer(lifespan_app([], startup=startup), name=name)
+        self.addCleanup(release.set)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with mock.patch("serverlayer.server.READY_TIMEOUT", 0.2), self.assertRaises(SetUpError) as refused:
+                layer.setUp()
+            self.assertTrue(entered.is_set())
+            message = str(refused.exception)
+            self.assertIn("the application's lifespan startup has not finished", message)
+            self.assertIn("synchronous code of the application holds the event loop", message)
+            self.assertIn("in startup\n    release.wait(10)", message)  # where the loop's thread is
+            [server_thread] = [thread for thread in threading.enumerate() if thread.name.endswith(name)]
+            release.set()
+            server_thread.join(10)
+            self.assertFalse(server_thread.is_alive())
+            [server] = servers
+            self.assertTrue(server.loop.is_closed())
+            del server, servers[:]
+            gc.collect()
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(thread_names(), threads)
+
     def test_startup_failed_message_fails_set_up(self):
         async def startup(send):
             await send({"type": "lifespan.startup.failed", "message": "no configuration found"})
