@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
@@ -74,6 +75,7 @@ from serverlayer.server import (
     ServerThread,
     accepting_plain,
     format_address,
+    holding_code,
 )
 
 Scope = MutableMapping[str, Any]
@@ -94,9 +96,38 @@ class LifespanStartupError(SetUpError):
 
 def is_asgi3(app: object) -> bool:
     """Whether ``app`` is an ASGI 3 application as uvicorn tells them apart:
-    a coroutine function, or an object whose ``__call__`` is one."""
+    a coroutine function, or an object whose ``__call__`` is one. A class
+    is one only if its instances are awaitable (calling it with the
+    scope, receive and send makes what is awaited): the ``__call__`` of
+    ``FastAPI`` or ``Starlette`` is a coroutine function, but it is their
+    instances that are applications."""
+    if inspect.isclass(app):
+        return hasattr(app, "__await__")
     call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
     return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call)
+
+
+def _takes_three(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` takes exactly three positional arguments (scope, receive, send)."""
+    try:
+        parameters = inspect.signature(function, follow_wrapped=False).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 3 and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def _takes_no_arguments(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` can be called without arguments (an application
+    factory, as uvicorn's ``--factory`` takes), as far as can be told."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: no telling
+        return False
+    return all(
+        parameter.default is not parameter.empty or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        for parameter in signature.parameters.values()
+    )
 
 
 # Recording.
@@ -925,11 +956,17 @@ _LENGTH_MISMATCHES = frozenset({
 })
 
 
+#: What uvicorn's WebSocket protocol logs of an application that returned
+#: before it accepted or refused its WebSocket.
+_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
+
+
 class _ApplicationErrors(logging.Filter):
     """Names the request in uvicorn's "Exception in ASGI application", which
     says nothing of it, and says what to do about a body that does not fit
-    its Content-Length; drops it for a request the server cancelled
-    itself, stopping: that is no error of the application."""
+    its Content-Length, and of a WebSocket application that returned
+    without accepting or refusing; drops it for a request the server
+    cancelled itself, stopping: that is no error of the application."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -946,6 +983,13 @@ class _ApplicationErrors(logging.Filter):
                     " bytes as Content-Length, or no Content-Length."
                 )
             record.args = ()
+        elif scope is not None and record.msg == _NO_HANDSHAKE:
+            # uvicorn says neither which WebSocket nor what was missing.
+            record.msg = (
+                f"The application returned without accepting or refusing WebSocket {scope.get('path', '')},"
+                " so its client got a 500: send websocket.accept to accept it (Starlette's"
+                " websocket.accept()), or websocket.close to refuse it (a 403)."
+            )
         return True
 
 
@@ -1072,10 +1116,18 @@ class UvicornServer(AsyncioServer):
         """What a start that takes too long waits for, to say so."""
         lifespan = self.lifespan
         if lifespan is not None and not lifespan.startup_event.is_set():
-            return (
+            waiting = (
                 "the application's lifespan startup has not finished: it received"
                 f" {', '.join(lifespan.received) or 'nothing'} and sent no lifespan.startup.complete"
             )
+            held = holding_code(self.thread_id)
+            if held is not None:  # not waiting for what it awaits, but running code that does not return
+                waiting += (
+                    ", and synchronous code of the application holds the event loop (a blocking call"
+                    " in its startup: await an async equivalent, or run it in a thread with"
+                    " asyncio.to_thread). The loop's thread is at:\n\n" + held
+                )
+            return waiting
         return None
 
     async def start(self, sock: socket.socket) -> Listening:
@@ -1440,7 +1492,40 @@ class Layer(HTTPLayer):
             )
         if not callable(app):
             raise ConfigurationError(f"{self!r}: the ASGI application {app!r} is not callable.")
+        if isinstance(app, types.MethodType) and app.__self__ is self and _takes_three(app.__func__):
+            # Served, it would be called with the layer as its scope, its
+            # every request failing with a TypeError (and its lifespan's
+            # taken for no lifespan support, so setUp would pass).
+            name = app.__func__.__name__
+            raise ConfigurationError(
+                f"{self!r}: the asgi_app class attribute {name} is a function of three arguments,"
+                " which Python binds to the layer as a method: it would be called with the layer"
+                f" as its scope. Write asgi_app = staticmethod({name}) in the class."
+            )
         if not is_asgi3(app):
+            # A class or a factory given for the application it makes would be
+            # served, its every request failing with a TypeError, or be taken
+            # for a WSGI application: say what to give instead.
+            name = getattr(app, "__name__", "app")
+            call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
+            if inspect.isclass(app) and inspect.iscoroutinefunction(call) and _takes_three(call):
+                # (self, receive, send): made with the scope, as ASGI 2 has it.
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} is an ASGI 2 application (made with the scope, then called"
+                    " with receive and send): serve it as ASGI 3 with"
+                    f" asgi.Layer(ASGI2Middleware({name})) (from uvicorn.middleware.asgi2 import ASGI2Middleware)."
+                )
+            if inspect.isclass(app) and inspect.iscoroutinefunction(call):
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} is a class, not an application: give the layer"
+                    f" an instance, {name}(): asgi.Layer({name}())."
+                )
+            if inspect.isfunction(app) and _takes_no_arguments(app):
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} takes no arguments: an application factory? Give the"
+                    f" layer what it makes, asgi.Layer({name}()); an ASGI 3 application is a"
+                    " coroutine function app(scope, receive, send), or an object whose __call__ is one."
+                )
             raise ConfigurationError(
                 f"{self!r}: {app!r} is no ASGI 3 application: that is a coroutine"
                 " function app(scope, receive, send), or an object whose __call__"
@@ -1466,7 +1551,31 @@ class Layer(HTTPLayer):
         try:
             super().tearDown()
         finally:
+            if running is not None and running.thread.is_alive():
+                self._report_held_loop(running.thread)
             self._check_shutdown(None if running is None else running.server)
+
+    def _report_held_loop(self, thread: threading.Thread) -> None:
+        """Fail the tear-down of a server whose thread outlived the stop.
+
+        The stop's every wait is bounded, so only synchronous code on the
+        event loop keeps it from ending in time: a blocking call in an
+        async endpoint or lifespan (``time.sleep``, requests, a blocking
+        database driver). The loop's thread is abandoned, as a request that
+        never ends is on the other layers; but the application's lifespan
+        shutdown has not run, and nothing said so: ``tearDown`` returned as
+        if all went well. Where the thread is shows what holds it.
+        """
+        where = holding_code(thread.ident) or ""
+        self._tear_down_raised = True
+        raise ServerSideError(
+            f"{self!r}: the server's event loop did not stop within the layer's stop_timeout"
+            f" ({self.stop_timeout} seconds): synchronous code of the application holds it,"
+            " such as a blocking call (time.sleep, requests, a blocking database driver) in an"
+            " async endpoint or lifespan. Await an async equivalent, or run it in a thread (a"
+            " plain def endpoint, asyncio.to_thread). So its lifespan shutdown has not run, and"
+            " the server's thread is left behind. The loop's thread is at:\n\n" + where
+        )
 
     def _check_shutdown(self, server: object) -> None:
         if isinstance(server, UvicornServer) and server.shutdown_failure:

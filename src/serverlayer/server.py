@@ -21,8 +21,10 @@ import errno
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
@@ -612,6 +614,17 @@ class _NotFromThread(logging.Filter):
         return record.thread != self.thread_id
 
 
+def holding_code(thread_id: int | None, *, limit: int = 12) -> str | None:
+    """Where the thread ``thread_id``, an event loop's, is, if it runs code
+    of its own rather than wait for events in its selector: the synchronous
+    code that holds the loop (a blocking call in a coroutine). None if it
+    waits, or is gone."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    if frame is None or (frame.f_code.co_name == "select" and frame.f_code.co_filename.endswith("selectors.py")):
+        return None
+    return "".join(traceback.format_stack(frame, limit=limit)).rstrip()
+
+
 class AsyncioServer:
     """A ``Server`` whose connections are served by an asyncio event loop of its own.
 
@@ -633,6 +646,10 @@ class AsyncioServer:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_exception)
         self.transports: set[asyncio.Transport] = set()
+        #: The task that prepares and starts serving, while it runs.
+        self._starting: asyncio.Task[None] | None = None
+        #: The thread the loop runs in, once it serves.
+        self.thread_id: int | None = None
 
     async def prepare(self) -> None:
         """Run on the loop before any socket serves; what it raises fails
@@ -673,8 +690,11 @@ class AsyncioServer:
             for sock in self.sockets:
                 servers.append(await self.start(sock))
 
+        self.thread_id = threading.get_ident()
         try:
-            self.loop.run_until_complete(starting())
+            self._starting = self.loop.create_task(starting())
+            self.loop.run_until_complete(self._starting)
+            self._starting = None
             self.loop.call_soon(ready)
             self.loop.run_forever()
         finally:
@@ -719,9 +739,27 @@ class AsyncioServer:
         for sock in self.sockets:
             sock.stopping = True
         try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop.call_soon_threadsafe(self._stop)
         except RuntimeError:  # the loop already finished
             pass
+
+    def _stop(self) -> None:
+        """In the loop's thread: end the start if it is still under way,
+        else the serving.
+
+        The start is cancelled rather than the loop stopped under it: a
+        start whose synchronous code held the loop (a blocking call in an
+        application's startup) finishes in the very turn the stop comes,
+        and asyncio's callback that stops the loop for
+        ``run_until_complete`` was then left pending. It stopped the
+        shut-down's first run at once, which failed: the loop was never
+        closed (ResourceWarnings at garbage collection) nor its tasks ended.
+        """
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+        else:
+            self.loop.stop()
 
     def release(self, timeout: float) -> None:
         for sock in self.sockets:

@@ -169,6 +169,7 @@ class _AppSlot:
     def set(self, app: WSGIApplication | None) -> None:
         if app is not None and not callable(app):
             raise ConfigurationError(f"{self.owner}: the WSGI application {app!r} is not callable.")
+        _refuse_asgi(app, self.owner)
         self.app = app
         if not self.in_test:
             self.between_tests = app
@@ -478,6 +479,19 @@ class _RequestParser(HTTPRequestParser):
                 "an HTTP/1.0 request has no Transfer-Encoding (RFC 9112 section 6.1):"
                 " send it as HTTP/1.1, or with a Content-Length"
             )
+
+
+def _refuse_asgi(app: object, owner: str) -> None:
+    """Refuse an ASGI application (a coroutine function, or an object whose
+    ``__call__`` is one): served, its every request would fail, with
+    "missing 1 required positional argument: 'send'" or a coroutine never
+    awaited, and nothing would say to serve it with the asgi layer."""
+    call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
+    if inspect.iscoroutinefunction(app) or (not inspect.isclass(app) and inspect.iscoroutinefunction(call)):
+        raise ConfigurationError(
+            f"{owner}: {app!r} is an ASGI application, which a WSGI server cannot call."
+            " Serve it with serverlayer.asgi.Layer (pip install 'serverlayer[asgi]')."
+        )
 
 
 def _takes_two(function: Callable[..., Any]) -> bool:
@@ -1165,6 +1179,7 @@ class Layer(HTTPLayer):
             raise ConfigurationError(
                 f"{self!r}: the WSGI application {app!r} is not callable."
             )
+        _refuse_asgi(app, repr(self))
         if isinstance(app, types.MethodType) and app.__self__ is self and _takes_two(app.__func__):
             name = app.__func__.__name__
             raise ConfigurationError(

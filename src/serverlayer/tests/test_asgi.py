@@ -829,6 +829,30 @@ class AppSourceTests(unittest.TestCase):
         layer = set_up_by_hand(self, AppLayer(name="asgi_app_attribute"))
         self.assertEqual(get_json(layer["http_url"] + "attr")["path"], "/attr")
 
+    def test_a_class_attribute_function_not_wrapped_in_staticmethod_is_refused_saying_so(self):
+        # Python binds it to the layer: uvicorn called app(layer, scope,
+        # receive, send), setUp passed (the lifespan's TypeError taken for no
+        # lifespan support), and every request got a 500 and "app() takes 3
+        # positional arguments but 4 were given".
+        class AppLayer(asgi.Layer):
+            asgi_app = app_without_lifespan
+
+        layer = AppLayer(name="asgi_app_attribute_unwrapped")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        self.assertIn("Write asgi_app = staticmethod(app_without_lifespan) in the class", str(caught.exception))
+        self.assertNotIn("http_port", layer)
+
+    def test_a_method_of_the_layer_taking_scope_receive_and_send_is_served(self):
+        class AppLayer(asgi.Layer):
+            async def asgi_app(self, scope, receive, send):
+                if scope["type"] == "http":
+                    await respond(send, repr(self).encode())
+
+        layer = set_up_by_hand(self, AppLayer(name="asgi_app_method"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), repr(layer).encode())
+
     def test_asgi_app_resource_of_a_base_layer_wins(self):
         async def resource_app(scope, receive, send):
             if scope["type"] == "http":
@@ -873,6 +897,65 @@ class AppSourceTests(unittest.TestCase):
             layer.setUp()
         self.assertIn("no ASGI 3 application", str(caught.exception))
         self.assertIn("serverlayer.wsgi.Layer", str(caught.exception))
+
+    def test_an_application_class_given_for_its_instance_is_refused_saying_so(self):
+        # asgi.Layer(FastAPI) for asgi.Layer(FastAPI()): the class's __call__
+        # is a coroutine function, but calling the class makes an instance.
+        # It was served: its "lifespan" raised before receiving anything
+        # (taken for no lifespan support), and every request got a 500 and
+        # "FastAPI.__init__() takes 1 positional argument but 4 were given".
+        from starlette.applications import Starlette
+
+        class App:
+            async def __call__(self, scope, receive, send):
+                pass
+
+        for app_class in (Starlette, App):
+            layer = asgi.Layer(app_class, name=f"asgi_given_{app_class.__name__}_class")
+            with self.assertRaises(ConfigurationError) as caught:
+                layer.setUp()
+            message = str(caught.exception)
+            self.assertIn(f"is a class, not an application: give the layer an instance, {app_class.__name__}()",
+                          message)
+            self.assertNotIn("wsgi", message)
+            self.assertNotIn("http_port", layer)
+
+    def test_an_asgi_2_application_is_refused_saying_how_to_serve_it(self):
+        # Made with the scope, then called with receive and send: uvicorn
+        # serves it with its ASGI2Middleware. Told to give an instance, or to
+        # serve it with the wsgi layer, its author would be led astray.
+        class ASGI2App:
+            def __init__(self, scope):
+                self.scope = scope
+
+            async def __call__(self, receive, send):
+                await respond(send, b"asgi 2")
+
+        layer = asgi.Layer(ASGI2App, name="asgi_given_asgi_2")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("is an ASGI 2 application (made with the scope, then called with receive and send):"
+                      " serve it as ASGI 3 with asgi.Layer(ASGI2Middleware(ASGI2App))"
+                      " (from uvicorn.middleware.asgi2 import ASGI2Middleware)", message)
+        from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+        layer = set_up_by_hand(self, asgi.Layer(ASGI2Middleware(ASGI2App), name="asgi_2_wrapped"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"asgi 2")
+
+    def test_an_application_factory_is_refused_saying_to_call_it(self):
+        # uvicorn's --factory: a function of no arguments that makes the application.
+        def create_app():
+            return app_without_lifespan
+
+        layer = asgi.Layer(create_app, name="asgi_given_a_factory")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("takes no arguments: an application factory? Give the layer what it makes,"
+                      " asgi.Layer(create_app())", message)
+        self.assertNotIn("wsgi", message)
 
     def test_application_object_with_async_call(self):
         class App:
@@ -980,6 +1063,50 @@ class LifespanTests(unittest.TestCase):
             " it received lifespan.startup and sent no lifespan.startup.complete", str(caught.exception))
         self.assertEqual(thread_names(), threads)
         layer.tearDown()
+
+    def test_a_startup_that_holds_the_event_loop_fails_set_up_saying_where_and_leaves_nothing(self):
+        # A blocking call in the lifespan startup (a synchronous database
+        # connect) holds the loop past the wait for the start: setUp said
+        # only that the startup had not finished; and when the call returned
+        # at last, asyncio's callback stopping the loop for the start, left
+        # pending, stopped the shut-down at once: the loop was never closed
+        # (ResourceWarnings for it and its sockets at garbage collection).
+        entered, release = threading.Event(), threading.Event()
+
+        async def startup(send):
+            entered.set()
+            release.wait(10)  # synchronous: nothing else runs on the loop meanwhile
+
+        servers: list[asgi.UvicornServer] = []
+
+        class Layer(asgi.Layer):
+            def _server(self, sockets, ssl_context):
+                servers.append(super()._server(sockets, ssl_context))
+                return servers[-1]
+
+        name = "asgi_startup_holds_the_loop"
+        threads = thread_names()
+        layer = Layer(lifespan_app([], startup=startup), name=name)
+        self.addCleanup(release.set)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with mock.patch("serverlayer.server.READY_TIMEOUT", 0.2), self.assertRaises(SetUpError) as refused:
+                layer.setUp()
+            self.assertTrue(entered.is_set())
+            message = str(refused.exception)
+            self.assertIn("the application's lifespan startup has not finished", message)
+            self.assertIn("synchronous code of the application holds the event loop", message)
+            self.assertIn("in startup\n    release.wait(10)", message)  # where the loop's thread is
+            [server_thread] = [thread for thread in threading.enumerate() if thread.name.endswith(name)]
+            release.set()
+            server_thread.join(10)
+            self.assertFalse(server_thread.is_alive())
+            [server] = servers
+            self.assertTrue(server.loop.is_closed())
+            del server, servers[:]
+            gc.collect()
+        self.assertEqual([str(warning.message) for warning in caught], [])
+        self.assertEqual(thread_names(), threads)
 
     def test_startup_failed_message_fails_set_up(self):
         async def startup(send):
@@ -1442,6 +1569,24 @@ class ServerErrorTests(unittest.TestCase):
             layer.check_server_errors()
         self.assertIn("RuntimeError: raised on purpose in a WebSocket", str(caught.exception))
         self.assertIn("Exception in ASGI application while serving WebSocket /", str(caught.exception))
+
+    def test_a_websocket_application_returning_without_a_handshake_is_told_where_and_what_to_do(self):
+        # uvicorn says only "ASGI callable returned without completing
+        # handshake.": not which WebSocket, nor what the application should send.
+        async def forgets_to_accept(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect, then returns
+
+        layer = set_up_by_hand(self, asgi.Layer(forgets_to_accept, name="asgi_ws_no_handshake"))
+        with self.assertRaises(websockets.exceptions.InvalidStatus) as refused:
+            ws_connect(layer["ws_url"] + "feed?room=1", open_timeout=5)
+        self.assertEqual(refused.exception.response.status_code, 500)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn(
+            "The application returned without accepting or refusing WebSocket /feed, so its client got a 500:"
+            " send websocket.accept to accept it (Starlette's websocket.accept()), or websocket.close to"
+            " refuse it (a 403)", str(caught.exception))
 
     def test_websocket_error_after_its_client_left_is_reported_in_the_same_test(self):
         """The client closed its WebSocket before the application raised."""
@@ -2114,6 +2259,50 @@ class StopTests(unittest.TestCase):
         [error] = outcome
         self.assertIsInstance(error, httpx.RemoteProtocolError)  # the connection was closed unanswered
         self.assertEqual(layer.server_errors.take(), [])  # a request the server cancelled is no error
+
+    def test_an_application_holding_the_event_loop_fails_tear_down_saying_where(self):
+        # A synchronous call in an async endpoint (time.sleep, requests, a
+        # blocking database driver) holds the loop: tearDown returned after
+        # stop_timeout with the server's thread still running, the lifespan
+        # shutdown not run, and not a word.
+        entered, release = threading.Event(), threading.Event()
+        events: list[str] = []
+        lifespan = lifespan_app(events)
+
+        async def blocks_the_loop(scope, receive, send):
+            if scope["type"] == "http":
+                entered.set()
+                release.wait(10)  # synchronous: nothing else runs on the loop meanwhile
+                await respond(send, b"late")
+            else:
+                await lifespan(scope, receive, send)
+
+        layer = asgi.Layer(blocks_the_loop, name="asgi_blocks_the_loop", stop_timeout=0.2)
+        layer.setUp()
+        thread = layer["httpd_thread"]
+
+        def fetch():
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=10) as client:
+                client.get(layer["http_url"])
+
+        client = threading.Thread(target=fetch)
+        client.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(client.join, 10)
+        self.addCleanup(release.set)  # first: cleanups run last added first
+        self.assertTrue(entered.wait(5))
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        message = str(caught.exception)
+        self.assertIn(
+            "the server's event loop did not stop within the layer's stop_timeout (0.2 seconds):"
+            " synchronous code of the application holds it", message)
+        self.assertIn("its lifespan shutdown has not run", message)
+        self.assertIn("in blocks_the_loop\n    release.wait(10)", message)  # where the loop's thread is
+        self.assertEqual(events, ["lifespan.startup"])
+        release.set()
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
 
     def test_no_thread_descriptor_or_unclosed_resource_is_left(self):
         set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="asgi_ca_first", tls=True))  # the CA exists

@@ -237,6 +237,29 @@ class AppSourceTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             layer.setUp()
 
+    def test_an_asgi_application_is_refused_with_a_pointer_to_the_asgi_layer(self):
+        # It was served: setUp passed, and every request got a 500 and
+        # "app() missing 1 required positional argument: 'send'" (a
+        # coroutine function), or a coroutine never awaited (an object).
+        async def asgi_app(scope, receive, send):
+            pass
+
+        class ASGIObject:
+            async def __call__(self, scope, receive, send):
+                pass
+
+        for app in (asgi_app, ASGIObject()):
+            layer = wsgi.Layer(app, name="given_asgi")
+            with self.assertRaises(ConfigurationError) as refused:
+                layer.setUp()
+            self.assertIn("is an ASGI application, which a WSGI server cannot call."
+                          " Serve it with serverlayer.asgi.Layer", str(refused.exception))
+            self.assertNotIn("http_port", layer)
+        layer = set_up_by_hand(self, wsgi.Layer(echo_app, name="given_asgi_later"))
+        with self.assertRaises(ConfigurationError) as refused:
+            layer["httpd"].set_app(asgi_app)
+        self.assertIn("Serve it with serverlayer.asgi.Layer", str(refused.exception))
+
     def test_app_from_class_attribute(self):
         class AppLayer(wsgi.Layer):
             wsgi_app = staticmethod(echo_app)
