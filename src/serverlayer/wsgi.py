@@ -894,6 +894,8 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self.began_lingering: list[_Channel] = []
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
+        #: Set once ``serve`` has returned, for ``shutdown`` to wait on.
+        self._loop_ended = threading.Event()
         self._stop_requested = False
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
         self._log_handler = ErrorLogHandler(errors)
@@ -990,9 +992,31 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.loop_thread = threading.get_ident()
-        ready()
-        while not self._stop_requested:
-            self.poll_once()
+        try:
+            ready()
+            while not self._stop_requested:
+                self.poll_once()
+        finally:
+            self._loop_ended.set()
+
+    def shutdown(self) -> None:
+        """Stop serving, and return once the loop has ended.
+
+        socketserver's way to stop a server, which wsgiref's ``WSGIServer``
+        (gocept.httpserverlayer's ``httpd``) had: a test may call it to see
+        its client cope with a server gone. The listening sockets stay open,
+        as there, until ``server_close`` or the layer's ``tearDown``.
+        """
+        self.request_stop()
+        self._loop_ended.wait()
+
+    def server_close(self) -> None:
+        """Stop serving (``shutdown``) and close the listening sockets, so
+        that new clients are refused, as after wsgiref's. The layer's
+        ``tearDown`` releases the rest as always."""
+        self.shutdown()
+        for sock in self.sockets:
+            sock.close()
 
     def poll_once(self) -> None:
         """One turn of the loop: wait until a socket is ready (or the

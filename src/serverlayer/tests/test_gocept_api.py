@@ -283,6 +283,24 @@ class HTTPServerTests(unittest.TestCase):
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection((layer["http_host"], layer["http_port"]), timeout=30).close()
 
+class WSGIServerTests(unittest.TestCase):
+    """gocept's wsgi layer published wsgiref's ``WSGIServer`` as ``httpd``,
+    with socketserver's ``shutdown()`` and ``server_close()``."""
+
+    def test_shutdown_stops_the_serving_loop_and_server_close_refuses_new_clients(self):
+        layer = set_up_by_hand(self, wsgi.Layer(FIRST, name="wsgi_shut_down_by_the_test"))
+        self.assertEqual(get(layer_url(layer)), b"first /")
+        stopping = threading.Thread(target=layer["httpd"].shutdown, daemon=True)
+        stopping.start()
+        stopping.join(30)  # a bound for a hang, not a wait for readiness: it returns at once
+        self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
+        self.assertFalse(layer["httpd_thread"].is_alive())
+        layer["httpd"].shutdown()  # again: returns, as socketserver's does
+        layer["httpd"].server_close()
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection((layer["http_host"], layer["http_port"]), timeout=30).close()
+
+
 class StaticFileRequestHandlerTests(unittest.TestCase):
     """gocept's users subclass it and set ``documentroot`` on the class."""
 
