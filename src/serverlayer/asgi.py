@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 import traceback
-import types
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
@@ -63,7 +62,7 @@ except ImportError:  # httptools is not installed: h11 serves, as in uvicorn's "
 
 from serverlayer.arrivals import Unread
 from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
-from serverlayer.layer import HTTPLayer
+from serverlayer.layer import HTTPLayer, refuse_bound_application, takes_positional
 from serverlayer.recording import RecordedRequest, RequestLog, split_target
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import (
@@ -105,16 +104,6 @@ def is_asgi3(app: object) -> bool:
         return hasattr(app, "__await__")
     call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
     return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call)
-
-
-def _takes_three(function: Callable[..., Any]) -> bool:
-    """Whether ``function`` takes exactly three positional arguments (scope, receive, send)."""
-    try:
-        parameters = inspect.signature(function, follow_wrapped=False).parameters.values()
-    except (TypeError, ValueError):  # no signature to read
-        return False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) == 3 and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def _takes_no_arguments(function: Callable[..., Any]) -> bool:
@@ -1492,23 +1481,15 @@ class Layer(HTTPLayer):
             )
         if not callable(app):
             raise ConfigurationError(f"{self!r}: the ASGI application {app!r} is not callable.")
-        if isinstance(app, types.MethodType) and app.__self__ is self and _takes_three(app.__func__):
-            # Served, it would be called with the layer as its scope, its
-            # every request failing with a TypeError (and its lifespan's
-            # taken for no lifespan support, so setUp would pass).
-            name = app.__func__.__name__
-            raise ConfigurationError(
-                f"{self!r}: the asgi_app class attribute {name} is a function of three arguments,"
-                " which Python binds to the layer as a method: it would be called with the layer"
-                f" as its scope. Write asgi_app = staticmethod({name}) in the class."
-            )
+        # Its lifespan would be taken for no lifespan support, so setUp would pass.
+        refuse_bound_application(self, app, "asgi_app", ["scope", "receive", "send"])
         if not is_asgi3(app):
             # A class or a factory given for the application it makes would be
             # served, its every request failing with a TypeError, or be taken
             # for a WSGI application: say what to give instead.
             name = getattr(app, "__name__", "app")
             call = getattr(app, "__call__", None)  # noqa: B004 - what it is matters, not whether it exists
-            if inspect.isclass(app) and inspect.iscoroutinefunction(call) and _takes_three(call):
+            if inspect.isclass(app) and inspect.iscoroutinefunction(call) and takes_positional(call, 3):
                 # (self, receive, send): made with the scope, as ASGI 2 has it.
                 raise ConfigurationError(
                     f"{self!r}: {app!r} is an ASGI 2 application (made with the scope, then called"

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+import types
 import unittest
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -228,6 +229,34 @@ def refuse_shared_identity(layer: plone.testing.Layer) -> None:
             " that name, so it sets up only one of them and runs the tests of both on it."
             f" Give each a name of its own, for example {type(layer).__name__}(...,"
             " name='ADMIN_HTTP')."
+        )
+
+
+def takes_positional(function: Any, count: int) -> bool:
+    """Whether ``function`` takes exactly ``count`` positional arguments."""
+    try:
+        parameters = inspect.signature(function, follow_wrapped=False).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == count and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+_COUNTS = {2: "two", 3: "three"}
+
+
+def refuse_bound_application(layer: plone.testing.Layer, app: object, attribute: str, arguments: list[str]) -> None:
+    """Refuse an application function given as a class attribute
+    (``wsgi_app = app``), which Python binds to the layer as a method:
+    served, it would be called with the layer as its first argument, its
+    every request failing with a TypeError."""
+    if isinstance(app, types.MethodType) and app.__self__ is layer and takes_positional(app.__func__, len(arguments)):
+        name = app.__func__.__name__
+        raise ConfigurationError(
+            f"{layer!r}: the {attribute} class attribute {name} is a function of"
+            f" {_COUNTS.get(len(arguments), len(arguments))} arguments, which Python binds to the layer"
+            f" as a method: it would be called with the layer as its {arguments[0]}."
+            f" Write {attribute} = staticmethod({name}) in the class."
         )
 
 

@@ -18,7 +18,6 @@ import logging
 import socket
 import threading
 import time
-import types
 import wsgiref.simple_server
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -34,7 +33,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from serverlayer.custom import _takes_more
 from serverlayer.errors import ConfigurationError
-from serverlayer.layer import HTTPLayer, positive_number
+from serverlayer.layer import HTTPLayer, positive_number, refuse_bound_application
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
@@ -492,16 +491,6 @@ def _refuse_asgi(app: object, owner: str) -> None:
             f"{owner}: {app!r} is an ASGI application, which a WSGI server cannot call."
             " Serve it with serverlayer.asgi.Layer (pip install 'serverlayer[asgi]')."
         )
-
-
-def _takes_two(function: Callable[..., Any]) -> bool:
-    """Whether ``function`` takes exactly two positional arguments (environ, start_response)."""
-    try:
-        parameters = inspect.signature(function, follow_wrapped=False).parameters.values()
-    except (TypeError, ValueError):  # no signature to read
-        return False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) == 2 and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def _options(connection: str) -> list[str]:
@@ -1204,13 +1193,7 @@ class Layer(HTTPLayer):
                 f"{self!r}: the WSGI application {app!r} is not callable."
             )
         _refuse_asgi(app, repr(self))
-        if isinstance(app, types.MethodType) and app.__self__ is self and _takes_two(app.__func__):
-            name = app.__func__.__name__
-            raise ConfigurationError(
-                f"{self!r}: the wsgi_app class attribute {name} is a function of two arguments,"
-                " which Python binds to the layer as a method: it would be called with the layer"
-                f" as its environ. Write wsgi_app = staticmethod({name}) in the class."
-            )
+        refuse_bound_application(self, app, "wsgi_app", ["environ", "start_response"])
         return app
 
     def setUp(self) -> None:
