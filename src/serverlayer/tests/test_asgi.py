@@ -2201,18 +2201,42 @@ class StopTests(unittest.TestCase):
                 return
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
-            await receive()  # the disconnect, ignored
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            events.append("disconnect")  # and goes on as if nothing happened
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
                 events.append("cancelled")
                 raise
 
-        layer = self.serve_endless_stream(events, deaf, stop_timeout=0.5)
+        layer = self.serve_endless_stream(events, deaf, stop_timeout=1.0)
         self.assertEqual(events, [])
         started = time.monotonic()
         layer.tearDown()
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(events, ["disconnect", "cancelled"])
+
+    def test_a_stream_that_is_not_reading_is_not_waited_for(self):
+        """One that only pushes would learn of the stop only when it next
+        sends: waiting for it would take up to 40 % of ``stop_timeout``."""
+        events: list = []
+
+        async def pushes_only(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
+            try:
+                await asyncio.Event().wait()  # for news to push, which never comes
+            except asyncio.CancelledError:
+                events.append("cancelled")
+                raise
+
+        layer = self.serve_endless_stream(events, pushes_only, stop_timeout=10.0)
+        started = time.monotonic()
+        layer.tearDown()
+        self.assertLess(time.monotonic() - started, 1.0)  # not the 4 s that stop_timeout=10 would let it wait
         self.assertEqual(events, ["cancelled"])
 
     def test_open_websocket_neither_delays_the_end_of_test_check_nor_stays_registered(self):
