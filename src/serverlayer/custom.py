@@ -592,8 +592,9 @@ class HandlerServer(socketserver.BaseServer):
         self.activity = Activity()
         errors.left_running = self.activity.left_running
         self._stopping = False
-        #: Set once ``serve`` has returned, for ``shutdown`` to wait on.
-        self._loop_ended = threading.Event()
+        #: The thread running ``serve``, for ``shutdown`` to wait for (an
+        #: Event would cost an idle server its lock and condition).
+        self._serving_thread: threading.Thread | None = None
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
         # A byte already waiting wakes the loop as well as another would:
@@ -664,10 +665,8 @@ class HandlerServer(socketserver.BaseServer):
     # The serving loop.
 
     def serve(self, ready: Callable[[], None]) -> None:
-        try:
-            self._serve_loop(ready)
-        finally:
-            self._loop_ended.set()
+        self._serving_thread = threading.current_thread()
+        self._serve_loop(ready)
 
     def shutdown(self) -> None:
         """Stop serving, and return once the serving loop has ended.
@@ -680,7 +679,9 @@ class HandlerServer(socketserver.BaseServer):
         socketserver, until the layer's ``tearDown`` releases them.
         """
         self.request_stop()
-        self._loop_ended.wait()
+        thread = self._serving_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def server_close(self) -> None:
         """Stop serving (``shutdown``) and close the listening sockets, so

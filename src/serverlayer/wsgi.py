@@ -883,8 +883,9 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self.began_lingering: list[_Channel] = []
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
-        #: Set once ``serve`` has returned, for ``shutdown`` to wait on.
-        self._loop_ended = threading.Event()
+        #: The thread running ``serve``, for ``shutdown`` to wait for (an
+        #: Event would cost an idle server its lock and condition).
+        self._serving_thread: threading.Thread | None = None
         self._stop_requested = False
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
         self._log_handler = ErrorLogHandler(errors)
@@ -981,12 +982,10 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.loop_thread = threading.get_ident()
-        try:
-            ready()
-            while not self._stop_requested:
-                self.poll_once()
-        finally:
-            self._loop_ended.set()
+        self._serving_thread = threading.current_thread()
+        ready()
+        while not self._stop_requested:
+            self.poll_once()
 
     def shutdown(self) -> None:
         """Stop serving, and return once the loop has ended.
@@ -997,7 +996,9 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         as there, until ``server_close`` or the layer's ``tearDown``.
         """
         self.request_stop()
-        self._loop_ended.wait()
+        thread = self._serving_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def server_close(self) -> None:
         """Stop serving (``shutdown``) and close the listening sockets, so
