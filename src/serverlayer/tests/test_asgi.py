@@ -2436,12 +2436,17 @@ class TLSTests(unittest.TestCase):
         for protocol in ("httptools", "h11"):
             layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name=f"asgi_tls_leaving_{protocol}",
                                                     http_protocol=protocol, tls=True))
-            for _ in range(3):
-                plain = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
-                with layer["ssl_context"].wrap_socket(plain, server_hostname=layer["http_host"]) as sock:
-                    sock.sendall(3 * b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")  # the first answered after a while
-            self.assertTrue(layer["httpd"].wait_quiet(10))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                for _ in range(3):
+                    plain = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+                    with layer["ssl_context"].wrap_socket(plain, server_hostname=layer["http_host"]) as sock:
+                        sock.sendall(3 * b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")  # the first answered after a while
+                self.assertTrue(layer["httpd"].wait_quiet(10))
+                gc.collect()
             self.assertEqual(layer.server_errors.take(), [], protocol)
+            # Python 3.10's TLS transport, never closed, warned as it was collected.
+            self.assertEqual([str(warning.message) for warning in caught], [], protocol)
 
     def test_over_tls_the_end_of_the_client_side_ends_the_connection(self):
         # asyncio's TLS ends it anyway, and warns if the protocol asks to keep it.
