@@ -36,7 +36,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, whole_number
 from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
-from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
+from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread, SocketserverStops
 
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
@@ -539,7 +539,7 @@ class _TestsWrite:
             raise BrokenPipeError(errno.EPIPE, "the test ended while its answer was sent to a client not reading it")
 
 
-class HandlerServer(socketserver.BaseServer):
+class HandlerServer(SocketserverStops, socketserver.BaseServer):
     """Serves connections with a request handler on worker threads.
 
     The serving loop watches the listening socket and every connection
@@ -592,9 +592,6 @@ class HandlerServer(socketserver.BaseServer):
         self.activity = Activity()
         errors.left_running = self.activity.left_running
         self._stopping = False
-        #: The thread running ``serve``, for ``shutdown`` to wait for (an
-        #: Event would cost an idle server its lock and condition).
-        self._serving_thread: threading.Thread | None = None
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
         # A byte already waiting wakes the loop as well as another would:
@@ -665,33 +662,8 @@ class HandlerServer(socketserver.BaseServer):
     # The serving loop.
 
     def serve(self, ready: Callable[[], None]) -> None:
-        self._serving_thread = threading.current_thread()
+        self.serving_thread = threading.current_thread()
         self._serve_loop(ready)
-
-    def shutdown(self) -> None:
-        """Stop serving, and return once the serving loop has ended.
-
-        socketserver's way to stop a server, which a test may call to see
-        its client cope with a server gone (``layer["httpd"].shutdown()``
-        stopped gocept.httpserverlayer's ``HTTPServer``). The base class's
-        waits for ``serve_forever``, which this server does not run: it
-        waited for ever. The listening sockets stay open, as under
-        socketserver, until the layer's ``tearDown`` releases them.
-        """
-        self.request_stop()
-        thread = self._serving_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def server_close(self) -> None:
-        """Stop serving (``shutdown``) and close the listening sockets, so
-        that new clients are refused, as after socketserver's
-        ``TCPServer.server_close`` (a test seeing its client cope with a
-        server that is gone). The base class's does nothing. The layer's
-        ``tearDown`` releases the rest as always."""
-        self.shutdown()
-        for listening in self.sockets:
-            listening.close()
 
     def _serve_loop(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:

@@ -352,6 +352,41 @@ class ForwardedClients:
             return len(self._clients)
 
 
+class SocketserverStops:
+    """``shutdown()`` and ``server_close()``, as socketserver's servers
+    have them: gocept.httpserverlayer's ``httpd`` (wsgiref's
+    ``WSGIServer``, ``HTTPServer``) had them, and a test may stop the
+    server with them to see its client cope with one gone. ``serve``
+    notes its thread in ``serving_thread``. (socketserver's ``BaseServer``,
+    the custom layer's base, waits in ``shutdown`` for ``serve_forever``,
+    which these servers do not run: it waited for ever.)"""
+
+    sockets: list[socket.socket]
+    #: The thread running ``serve``, for ``shutdown`` to wait for (an Event
+    #: would cost every idle server a lock and a condition).
+    serving_thread: threading.Thread | None = None
+
+    def request_stop(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop serving, and return once the serving loop has ended. The
+        listening sockets stay open, as under socketserver, until
+        ``server_close`` or the layer's ``tearDown``."""
+        self.request_stop()
+        thread = self.serving_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def server_close(self) -> None:
+        """Stop serving (``shutdown``) and close the listening sockets, so
+        that new clients are refused. The layer's ``tearDown`` releases
+        the rest as always."""
+        self.shutdown()
+        for sock in self.sockets:
+            sock.close()
+
+
 class Deadline:
     """A point in time that several joins share."""
 

@@ -36,7 +36,7 @@ from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, positive_number, refuse_bound_application
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
-from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread
+from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread, SocketserverStops
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
 WSGIApplication = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -829,7 +829,7 @@ class _Listener(wasyncore.dispatcher):  # type: ignore[misc]
 CONNECTION_LIMIT = 1000
 
 
-class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
+class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
     """waitress's server, on the sockets the layer bound, with a loop that stops at once.
 
     waitress's own ``run`` polls with a timeout and offers no way to stop;
@@ -883,9 +883,6 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
         self.began_lingering: list[_Channel] = []
         self._trigger_lock = threading.Lock()
         self._trigger_closed = False
-        #: The thread running ``serve``, for ``shutdown`` to wait for (an
-        #: Event would cost an idle server its lock and condition).
-        self._serving_thread: threading.Thread | None = None
         self._stop_requested = False
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
         self._log_handler = ErrorLogHandler(errors)
@@ -982,31 +979,10 @@ class WaitressServer(TcpWSGIServer):  # type: ignore[misc]
 
     def serve(self, ready: Callable[[], None]) -> None:
         self.loop_thread = threading.get_ident()
-        self._serving_thread = threading.current_thread()
+        self.serving_thread = threading.current_thread()
         ready()
         while not self._stop_requested:
             self.poll_once()
-
-    def shutdown(self) -> None:
-        """Stop serving, and return once the loop has ended.
-
-        socketserver's way to stop a server, which wsgiref's ``WSGIServer``
-        (gocept.httpserverlayer's ``httpd``) had: a test may call it to see
-        its client cope with a server gone. The listening sockets stay open,
-        as there, until ``server_close`` or the layer's ``tearDown``.
-        """
-        self.request_stop()
-        thread = self._serving_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def server_close(self) -> None:
-        """Stop serving (``shutdown``) and close the listening sockets, so
-        that new clients are refused, as after wsgiref's. The layer's
-        ``tearDown`` releases the rest as always."""
-        self.shutdown()
-        for sock in self.sockets:
-            sock.close()
 
     def poll_once(self) -> None:
         """One turn of the loop: wait until a socket is ready (or the
