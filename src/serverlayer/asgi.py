@@ -1052,6 +1052,8 @@ class UvicornServer(AsyncioServer):
         #: The tasks of requests, and of WebSockets whose client left, that
         #: the end of a test waited for in vain. Changed in the loop's thread.
         self.given_up: dict[asyncio.Task[None], str] = {}
+        #: Give-ups of ended tests that the loop's thread has yet to run.
+        self.pending_give_ups: collections.deque[Callable[[], None]] = collections.deque()
         errors.left_running = self._left_running
         self.lifespan: _Lifespan | None = None
         #: Why the application's lifespan shutdown failed, once stopped.
@@ -1399,18 +1401,28 @@ class UvicornServer(AsyncioServer):
         watching.cancel()
         # A WebSocket application that goes on without its client (one
         # that never reads, say) would hold up the end of every later test.
-        self._call_soon(functools.partial(self._give_up, websockets_only=True))
+        self._give_up_soon(functools.partial(self._give_up, websockets_only=True))
         return False
 
     def give_up(self, test: str = "") -> None:
-        self._call_soon(functools.partial(self._give_up, test))
+        self._give_up_soon(functools.partial(self._give_up, test))
 
-    def _call_soon(self, callback: Callable[[], None]) -> None:
-        """Have ``callback`` run in the loop's thread, before anything asked of it later."""
+    def _give_up_soon(self, give_up: Callable[[], None]) -> None:
+        """Have the loop's thread give up, before anything asked of it later.
+
+        A request whose wake-up the loop had queued already runs before
+        the give-up, so what it raises first runs the give-ups pending
+        (``_left_running``) to learn that the ended test left it running.
+        """
+        self.pending_give_ups.append(give_up)
         try:
-            self.loop.call_soon_threadsafe(callback)
+            self.loop.call_soon_threadsafe(self._run_pending_give_ups)
         except RuntimeError:  # the loop is closed: nothing runs any more
             pass
+
+    def _run_pending_give_ups(self) -> None:
+        while self.pending_give_ups:  # only the loop's thread takes them
+            self.pending_give_ups.popleft()()
 
     def _give_up(self, test: str = "", *, websockets_only: bool = False) -> None:
         for task in self._finishing():
@@ -1432,8 +1444,11 @@ class UvicornServer(AsyncioServer):
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not in the loop's thread
             return None
+        if loop is not self.loop:
+            return None
+        self._run_pending_give_ups()
         task = asyncio.current_task()
-        return self.given_up.get(task) if loop is self.loop and task is not None else None
+        return self.given_up.get(task) if task is not None else None
 
 
 class Layer(HTTPLayer):

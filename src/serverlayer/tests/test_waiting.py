@@ -231,6 +231,54 @@ class LeftRunningTests(unittest.TestCase):
                     layer.tearDown()  # ignored, as the layer was told
 
 
+class AsgiGiveUpTests(unittest.TestCase):
+    """The end of a test hands its giving up to the event loop's thread."""
+
+    def test_a_request_woken_before_the_give_up_runs_is_still_named_left_running(self):
+        # The loop may already have the request's wake-up queued when the
+        # test's end gives up on it: here, a callback that holds the loop
+        # wakes the request, and the give-up is queued behind that wake-up.
+        from serverlayer import asgi
+        from serverlayer.tests.helpers import set_up_by_hand
+
+        woken = asyncio.Event()
+        started = threading.Event()
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                raise RuntimeError("no lifespan here")
+            started.set()
+            await woken.wait()
+            raise RuntimeError("raised after its test ended")
+
+        layer = set_up_by_hand(self, asgi.Layer(app, name="asgi_give_up_overtaken"))
+        server = layer["httpd"]
+        layer.testSetUp()
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(started.wait(TIMEOUT))
+            holding, unhold = threading.Event(), threading.Event()
+
+            def hold_the_loop() -> None:
+                woken.set()  # the request's wake-up is queued now
+                holding.set()
+                unhold.wait(TIMEOUT)
+
+            server.loop.call_soon_threadsafe(hold_the_loop)
+            self.assertTrue(holding.wait(TIMEOUT))
+            server.give_up(test=self.id())  # what the end of the test does
+            layer.testTearDown()
+            unhold.set()
+            deadline = time.monotonic() + TIMEOUT
+            while not layer.server_errors._errors and time.monotonic() < deadline:
+                time.sleep(0.001)
+        layer.testSetUp()  # the next test, during which the error came
+        with self.assertRaises(ServerSideError) as failed:
+            layer.check_after_test()
+        layer.testTearDown()
+        self.assertIn(f"raised by a request that an earlier test, {self.id()}, left running", str(failed.exception))
+
+
 class AsgiWaitQuietTests(unittest.TestCase):
     """The asgi layer waits for its requests' tasks, which uvicorn keeps."""
 
