@@ -322,13 +322,13 @@ class _Conversation:
         handler = self.handler = handler_class.__new__(handler_class)
         record_requests(handler, server._request_log, self.client_cert, cut=lambda: self.reading_cut)
         handler.parse_request = functools.partial(self._parse_request, handler.parse_request)  # type: ignore[method-assign]
-        if server.handler_shares_threads:
+        if server._handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
         else:
             handler.handle = self._own_handle  # type: ignore[method-assign]
             handler.handle_one_request = functools.partial(self._one_request, handler.handle_one_request)  # type: ignore[method-assign]
-        handler_class.__init__(handler, self.connection, self.address, server, **server.handler_arguments)  # type: ignore[misc]
+        handler_class.__init__(handler, self.connection, self.address, server, **server._handler_arguments)  # type: ignore[misc]
 
     def resume(self) -> None:
         """Serve the requests that have arrived on the parked connection."""
@@ -358,11 +358,11 @@ class _Conversation:
         self.parked = False
         while True:
             handler.close_connection = True  # unless the request says otherwise
-            server.activity.start()
+            server._activity.start()
             self.reading_request = True
             handler.handle_one_request()
             self.reading_request = False
-            server.activity.finish()  # an exception finishes in the worker, once recorded
+            server._activity.finish()  # an exception finishes in the worker, once recorded
             if handler.close_connection:
                 return
             if file_holds_data(self.connection, handler.rfile):
@@ -393,7 +393,7 @@ class _Conversation:
         handler, server = self.handler, self.server
         connection = self.connection
         worker: _Worker | None = getattr(_this_thread, "worker", None)
-        server.activity.finish()
+        server._activity.finish()
         if worker is not None:
             worker.holds_connection = True
         try:
@@ -408,11 +408,11 @@ class _Conversation:
             handler.log_error("Request timed out: %r", TimeoutError("timed out"))
             handler.close_connection = True
             return
-        server.activity.start()
+        server._activity.start()
         self.reading_request = True
         serve_one()
         self.reading_request = False
-        server.activity.finish()  # one that raised finishes in the worker, once recorded
+        server._activity.finish()  # one that raised finishes in the worker, once recorded
 
     def _parse_request(self, parse: Callable[[], bool]) -> bool:
         """The handler's ``parse_request``, which reads the request's head
@@ -494,7 +494,7 @@ class _Worker:
             try:
                 item()
             finally:
-                self.server.activity.finish()
+                self.server._activity.finish()
             if not self.server.worker_idle(self):
                 return
 
@@ -539,6 +539,23 @@ class _TestsWrite:
             raise BrokenPipeError(errno.EPIPE, "the test ended while its answer was sent to a client not reading it")
 
 
+def _own_methods(server_class: type) -> frozenset[str]:
+    """The public methods and read-only properties serverlayer gives
+    ``server_class``, beyond socketserver's (whose names a test may replace,
+    as on any socketserver server)."""
+    socketservers = (socketserver.BaseServer, socketserver.TCPServer, http.server.HTTPServer)
+    theirs = {name for klass in socketservers for name in vars(klass)}
+    return frozenset(
+        name
+        for klass in server_class.__mro__
+        if klass.__module__.startswith("serverlayer.")
+        for name, member in vars(klass).items()
+        if not name.startswith("_")
+        and name not in theirs
+        and (callable(member) or (isinstance(member, property) and member.fset is None))
+    )
+
+
 class HandlerServer(SocketserverStops, socketserver.BaseServer):
     """Serves connections with a request handler on worker threads.
 
@@ -571,26 +588,29 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         errors: ErrorLog,
         threads: int,
         thread_name: str,
+        owner: str = "serverlayer",
     ) -> None:
+        #: Who is told that a test set one of the server's own names: the layer.
+        self._owner = owner
         host, port = sockets[0].getsockname()[:2]
         super().__init__((host, port), handler_class)
         self.handler_class = handler_class
         #: Keyword arguments the handler class is called with, besides the connection.
-        self.handler_arguments = handler_arguments
+        self._handler_arguments = handler_arguments
         # Not "requests": tests keep state of their own on the server, which
         # handlers reach as self.server, and "httpd.requests = []" with
         # "self.server.requests.append(...)" is the commonest, as under
         # http.server and gocept.httpserverlayer.
         self._request_log = requests
-        self.handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
+        self._handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
         #: One listening socket per address of the layer's host, all on one port.
         self.sockets = list(sockets)
         self.socket = self.sockets[0]
         # http.server handlers and wsgiref read these.
         self.server_name = host
         self._errors = errors
-        self.activity = Activity()
-        errors.left_running = self.activity.left_running
+        self._activity = Activity()
+        errors.left_running = self._activity.left_running
         self._stopping = False
         self._aborted: set[socket.socket] = set()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -606,7 +626,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         #: From ``end_waits`` on, how long the end of the test waits for the
         #: workers: a WebSocket closing at the test's end reads what its
         #: client sent before it saw the close, until then at most.
-        self.ending: Deadline | None = None
+        self._ending_deadline: Deadline | None = None
         self._waiting = 0
         #: Connections a handler is writing a test's answer to (``writing``),
         #: and those of them the end of the test cut. A lock of their own,
@@ -636,6 +656,19 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._started_workers = 0
         with self._workers_lock:
             self._idle = [self._start_worker() for _ in range(threads)]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A test may keep state of its own on the server, as on gocept's
+        # HTTPServer (handlers reach it as self.server), under any name but
+        # those of the methods the layer calls: replaced, they failed the
+        # layer's tearDown or hung the next request, far from the line
+        # that replaced them.
+        if name in _SERVER_METHODS:
+            raise ConfigurationError(
+                f"{self._owner}: httpd.{name} belongs to the server itself, which the layer uses."
+                f" Keep the test's state on the server under another name, such as httpd.{name}_state."
+            )
+        super().__setattr__(name, value)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -733,7 +766,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._connections_lock:
             self._connections[connection] = conversation
         serve = functools.partial(self._serve, conversation, conversation.start)
-        if self.handler_shares_threads:
+        if self._handler_shares_threads:
             self._watch(selector, conversation, serve)  # HTTP clients speak first
         else:
             self._dispatch(serve)  # a handler of its own may speak first
@@ -827,14 +860,14 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 return None
             self._waiting += 1
             if idle:
-                self.activity.finish()
+                self._activity.finish()
         try:
             recall = self._recall_reader.fileno()
             ready = _ready_to_read((recall,) if connection is None else (connection.fileno(), recall), timeout)
         finally:
             with self._workers_lock:
                 if idle:
-                    self.activity.start()
+                    self._activity.start()
                 self._waiting -= 1
                 if self._recalling and self._workers_changed is not None:  # test_ended waits for the last one
                     self._workers_changed.notify_all()
@@ -920,7 +953,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             # Those still serving a request end with it: the stop joins them.
             self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]
             self._test_ending = False
-            self.ending = None
+            self._ending_deadline = None
 
     def end_waits(self, timeout: float) -> None:
         """End every worker's wait on its connection (``wait_readable``)
@@ -929,7 +962,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         end-of-test check waits for the requests still running."""
         with self._workers_lock:
             self._test_ending = True
-            self.ending = Deadline(timeout)
+            self._ending_deadline = Deadline(timeout)
             self._cut_writes()
             self._recall(Deadline(timeout))
 
@@ -937,7 +970,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         """Let workers wait on their connections again (``end_waits``)."""
         with self._workers_lock:
             self._test_ending = False
-            self.ending = None
+            self._ending_deadline = None
 
     def _recall(self, deadline: Deadline) -> None:
         """Have the workers waiting on connections stop waiting. Called
@@ -952,8 +985,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
     def _serve(self, conversation: _Conversation, serve: Callable[[], None]) -> None:
         """Run ``serve`` (start or resume ``conversation``); then park or close it."""
-        if not self.handler_shares_threads:
-            self.activity.start()  # a handler with its own handle(): busy for the whole connection
+        if not self._handler_shares_threads:
+            self._activity.start()  # a handler with its own handle(): busy for the whole connection
         try:
             serve()
         except BaseException:
@@ -1056,10 +1089,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     # Stopping.
 
     def wait_quiet(self, timeout: float) -> bool:
-        return self.activity.wait_quiet(timeout)
+        return self._activity.wait_quiet(timeout)
 
     def give_up(self, test: str = "") -> None:
-        self.activity.give_up(test)
+        self._activity.give_up(test)
 
     def request_stop(self) -> None:
         self._stopping = True
@@ -1104,6 +1137,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 connection.close()
         for sock in (self._wake_reader, self._wake_writer, self._recall_reader, self._recall_writer):
             sock.close()
+
+
+#: What a test may not set on a custom, static or content layer's ``httpd``.
+_SERVER_METHODS = _own_methods(HandlerServer)
 
 
 def _is_handler_class(handler: object) -> bool:
@@ -1226,4 +1263,5 @@ class Layer(HTTPLayer):
             errors=self.server_errors,
             threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+            owner=repr(self),
         )

@@ -483,7 +483,7 @@ class _Conversation:
         answers a close at once; one that does not is waited for as long as
         the end of the test waits for requests, and the server's stop cuts
         the wait (it shuts the connection down)."""
-        ending = server.ending
+        ending = server._ending_deadline
         connection = self.handler.connection
         while not self._over and ending is not None and (remaining := ending.remaining()) > 0:
             if has_buffered_data(connection, self.handler.rfile) or _ready_to_read((connection.fileno(),), remaining):

@@ -276,6 +276,38 @@ class HTTPServerTests(unittest.TestCase):
         self.assertEqual([(each.method, each.path, each.body) for each in layer["http_requests"]],
                          [("POST", "/api", b"payload")])
 
+    def test_state_a_test_keeps_under_any_other_name_is_its_own_too(self):
+        # Names such as "activity" or "ending" are a test's to use, as on
+        # gocept's HTTPServer: the server kept its own state under them, and
+        # tearDown failed with a TypeError or the next request hung.
+        class Handler(custom.RequestHandler):
+            def do_GET(self):
+                self.server.activity.append(self.path)
+                self.server.ending = "seen"
+                self.send_response(204)
+                self.end_headers()
+
+        layer = set_up_by_hand(self, custom.Layer(Handler, name="more_state_on_the_server"))
+        layer["httpd"].activity = []
+        for path in ("/a", "/b"):
+            with urllib.request.urlopen(layer_url(layer, path[1:]), timeout=5) as response:
+                self.assertEqual(response.status, 204)
+        self.assertEqual(layer["httpd"].activity, ["/a", "/b"])
+        self.assertEqual(layer["httpd"].ending, "seen")
+        layer.testSetUp()
+        layer.testTearDown()
+
+    def test_a_name_the_server_calls_itself_is_refused_where_a_test_sets_it(self):
+        layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="method_names_on_the_server"))
+        with self.assertRaises(ConfigurationError) as refused:
+            layer["httpd"].release = threading.Event()
+        message = str(refused.exception)
+        self.assertIn("method_names_on_the_server", message)
+        self.assertIn("httpd.release belongs to the server itself", message)
+        self.assertIn("under another name", message)
+        self.assertIsNone(layer["httpd"].__dict__.get("release"))
+        layer["httpd"].shutdown = lambda: None  # socketserver's: a test may replace it, as under gocept
+
     def test_server_close_after_shutdown_refuses_new_clients(self):
         layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="closed_by_the_test"))
         layer["httpd"].shutdown()

@@ -349,23 +349,23 @@ class IdleWaitTests(unittest.TestCase):
         waiting, checked, results = threading.Event(), threading.Event(), []
 
         def handler() -> None:
-            server.activity.start()  # serving a request, as a worker does
+            server._activity.start()  # serving a request, as a worker does
             waiting.set()
             results.append(server.wait_readable(mine, TIMEOUT, idle=True))
             checked.wait(TIMEOUT)  # reads what its client sent last, say
-            server.activity.finish()
+            server._activity.finish()
 
         thread = threading.Thread(target=handler)
         thread.start()
         self.addCleanup(thread.join, TIMEOUT)
         self.assertTrue(waiting.wait(TIMEOUT))
         deadline = time.monotonic() + TIMEOUT
-        while not server.activity.wait_quiet(0) and time.monotonic() < deadline:
+        while not server._activity.wait_quiet(0) and time.monotonic() < deadline:
             time.sleep(0.001)  # until it waits, idle
         server.end_waits(TIMEOUT)
-        self.assertFalse(server.activity.wait_quiet(0))  # busy again the moment the recall is over
+        self.assertFalse(server._activity.wait_quiet(0))  # busy again the moment the recall is over
         checked.set()
         thread.join(TIMEOUT)
         self.assertEqual(results, [None])  # recalled
-        self.assertTrue(server.activity.wait_quiet(TIMEOUT))
+        self.assertTrue(server._activity.wait_quiet(TIMEOUT))
         server.allow_waits()
