@@ -61,6 +61,21 @@ def set_up_by_hand(test: unittest.TestCase, layer: AnyLayer) -> AnyLayer:
 DOCTEST_SOCKET_TIMEOUT = 30.0
 
 
+class ResourceProvider(plone.testing.Layer):
+    """A base layer that publishes one resource from setUp to tearDown,
+    as a layer of the user's own publishes ``wsgi_app`` or ``asgi_app``."""
+
+    def __init__(self, key: str, value: Any, *, name: str) -> None:
+        super().__init__(name=name)
+        self.key, self.value = key, value
+
+    def setUp(self) -> None:
+        self[self.key] = self.value
+
+    def tearDown(self) -> None:
+        del self[self.key]
+
+
 def bounded_socket_waits(test: Any) -> None:
     """A doctest suite's ``setUp``: every socket made during the doctest
     (clients' and servers' alike) gives up after ``DOCTEST_SOCKET_TIMEOUT``."""

@@ -30,7 +30,6 @@ from typing import Any
 from unittest import mock
 
 import httpx
-import plone.testing
 import requests
 import websockets.exceptions
 from websockets.sync.client import ClientConnection
@@ -41,6 +40,7 @@ from serverlayer.recording import RequestLog
 from serverlayer.reporting import ErrorLog
 from serverlayer.server import PlainAccepting, ServerThread, _first_read, remembering
 from serverlayer.tests.helpers import (
+    ResourceProvider,
     open_descriptors,
     set_up_by_hand,
     stop_in_the_round_that_accepts,
@@ -858,14 +858,7 @@ class AppSourceTests(unittest.TestCase):
             if scope["type"] == "http":
                 await respond(send, b"from the resource")
 
-        class AppProvider(plone.testing.Layer):
-            def setUp(self):
-                self["asgi_app"] = resource_app
-
-            def tearDown(self):
-                del self["asgi_app"]
-
-        provider = AppProvider(name="asgi_app_provider")
+        provider = ResourceProvider("asgi_app", resource_app, name="asgi_app_provider")
         layer = asgi.Layer(app_without_lifespan, bases=(provider,), name="asgi_resource_wins")
         set_up_by_hand(self, provider)
         set_up_by_hand(self, layer)

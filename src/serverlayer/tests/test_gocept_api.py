@@ -250,12 +250,7 @@ class HTTPServerTests(unittest.TestCase):
 
         layer = set_up_by_hand(self, custom.Layer(Handler, name="shut_down_by_the_test"))
         self.assertEqual(get(layer_url(layer)), b"ok")
-        stopping = threading.Thread(target=layer["httpd"].shutdown, daemon=True)
-        stopping.start()
-        stopping.join(30)  # a bound for a hang, not a wait for readiness: it returns at once
-        self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
-        self.assertFalse(layer["httpd_thread"].is_alive())
-        layer["httpd"].shutdown()  # again: returns, as socketserver's does
+        check_shutdown_stops_serving(self, layer)
 
     def test_attributes_a_test_sets_on_the_server_are_its_own(self):
         # http.server fixtures keep their state on the server, which every
@@ -322,15 +317,20 @@ class WSGIServerTests(unittest.TestCase):
     def test_shutdown_stops_the_serving_loop_and_server_close_refuses_new_clients(self):
         layer = set_up_by_hand(self, wsgi.Layer(FIRST, name="wsgi_shut_down_by_the_test"))
         self.assertEqual(get(layer_url(layer)), b"first /")
-        stopping = threading.Thread(target=layer["httpd"].shutdown, daemon=True)
-        stopping.start()
-        stopping.join(30)  # a bound for a hang, not a wait for readiness: it returns at once
-        self.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
-        self.assertFalse(layer["httpd_thread"].is_alive())
-        layer["httpd"].shutdown()  # again: returns, as socketserver's does
+        check_shutdown_stops_serving(self, layer)
         layer["httpd"].server_close()
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection((layer["http_host"], layer["http_port"]), timeout=30).close()
+
+
+def check_shutdown_stops_serving(test: unittest.TestCase, layer: plone.testing.Layer) -> None:
+    """``httpd.shutdown()`` returns once the serving loop has ended, and again when called twice."""
+    stopping = threading.Thread(target=layer["httpd"].shutdown, daemon=True)
+    stopping.start()
+    stopping.join(30)  # a bound for a hang, not a wait for readiness: it returns at once
+    test.assertFalse(stopping.is_alive(), "httpd.shutdown() did not return")
+    test.assertFalse(layer["httpd_thread"].is_alive())
+    layer["httpd"].shutdown()  # again: returns, as socketserver's does
 
 
 class StaticFileRequestHandlerTests(unittest.TestCase):

@@ -16,10 +16,8 @@ import wsgiref.util
 from contextlib import redirect_stderr
 from unittest import mock
 
-import plone.testing
-
 from serverlayer import ConfigurationError, wsgi
-from serverlayer.tests.helpers import reader_that_stops, set_up_by_hand
+from serverlayer.tests.helpers import ResourceProvider, reader_that_stops, set_up_by_hand
 from serverlayer.tests.test_hardening import read_until_closed
 from serverlayer.tests.test_tls_front import ipv6_loopback
 
@@ -296,14 +294,7 @@ class AppSourceTests(unittest.TestCase):
             start_response("200 OK", [])
             return [b"from the resource"]
 
-        class AppProvider(plone.testing.Layer):
-            def setUp(self):
-                self["wsgi_app"] = resource_app
-
-            def tearDown(self):
-                del self["wsgi_app"]
-
-        provider = AppProvider(name="app_provider")
+        provider = ResourceProvider("wsgi_app", resource_app, name="app_provider")
         layer = wsgi.Layer(echo_app, bases=(provider,), name="resource_wins")
         set_up_by_hand(self, provider)
         set_up_by_hand(self, layer)
