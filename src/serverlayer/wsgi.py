@@ -13,6 +13,7 @@ own server without deadlocking.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import socket
@@ -441,8 +442,17 @@ class _OutbufLock(threading.Condition):
             self.channel.lock_freed()
 
     def wait(self, timeout: float | None = None) -> bool:
+        channel = self.channel
+        if channel.server.activity.left_running() is not None:
+            # The test this request served has ended (its end gave up on
+            # it), and its client reads no more: a stall the end of the
+            # test would have cut (``cut_stalled_writes``), come later.
+            # Left waiting, it would hold its worker for good.
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                if not _takes_more(channel.socket):
+                    channel.socket.shutdown(socket.SHUT_RDWR)
         depth, self.depth = self.depth, 0
-        self.channel.server.pull_trigger()
+        channel.server.pull_trigger()
         self.waiting = True
         try:
             return super().wait(timeout)

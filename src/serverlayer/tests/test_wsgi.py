@@ -528,6 +528,38 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:  # the one worker is free
             self.assertEqual(response.read(), b"next test")
 
+    def test_a_stream_that_stalls_after_its_test_ended_is_cut_then(self):
+        # On a busy machine the stall of the test above may come only after
+        # testTearDown: the one worker waited for a reader gone for good,
+        # and the next test's request for the worker.
+        go = threading.Event()
+
+        def late_stream(environ, start_response):
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+            def body():
+                yield b"first"
+                go.wait(10)  # the rest begins once the test has ended
+                for _ in range(2000):
+                    yield bytes(65536)
+
+            return body()
+
+        def hello(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"next test"]
+
+        layer = set_up_by_hand(self, wsgi.Layer(late_stream, name="wsgi_stall_after_the_test", threads=1))
+        layer.quiet_timeout = 0.1
+        reader_that_stops(self, layer, "/")
+        layer.check_after_test()  # nothing stalled: waits in vain, gives up
+        layer.testTearDown()
+        go.set()  # the stream stalls now, its test over
+        layer.testSetUp()
+        layer["httpd"].set_app(hello)
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:  # the one worker is free
+            self.assertEqual(response.read(), b"next test")
+
     def test_a_file_the_loop_sends_to_a_reading_client_is_not_cut(self):
         # waitress counts a whole wsgi.file_wrapper as buffered: no worker
         # waits for it, and the download goes on past the test's end.
