@@ -776,6 +776,12 @@ class HTTPLayer(ServerLayer):
         # for layers that use TLS.
         from serverlayer import tls
 
+        # The certificate first: a host it cannot name fails setUp before
+        # there is a server behind the front (with waitress's worker
+        # threads running already) to stop again.
+        addresses = [sock.getsockname()[0] for sock in sockets]
+        names = tls.certificate_names(host, self.published_host(host), *addresses)
+        context = tls.certificate_authority().server_context(names, self.client_certs)
         # One internal address is enough for the front's own connections.
         [backend_socket] = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")
         try:
@@ -783,16 +789,20 @@ class HTTPLayer(ServerLayer):
         except BaseException:
             backend_socket.close()
             raise
-        addresses = [sock.getsockname()[0] for sock in sockets]
-        names = tls.certificate_names(host, self.published_host(host), *addresses)
-        return tls.TLSFront(
-            sockets,
-            backend,
-            backend_socket,
-            context=tls.certificate_authority().server_context(names, self.client_certs),
-            errors=self.server_errors,
-            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
-        )
+        try:
+            return tls.TLSFront(
+                sockets,
+                backend,
+                backend_socket,
+                context=context,
+                errors=self.server_errors,
+                thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+            )
+        except BaseException:
+            # Never served: its threads and sockets go now, not at garbage collection.
+            backend.release(self.stop_timeout)
+            backend_socket.close()
+            raise
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)

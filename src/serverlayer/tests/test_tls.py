@@ -17,6 +17,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import warnings
 from email.message import EmailMessage
 from unittest import mock
 
@@ -261,6 +262,44 @@ class OtherHTTPLayerTests(unittest.TestCase):
             fetch(layer["http_url"], context=layer["ssl_context"])
         [error] = layer.server_errors.take()
         self.assertIn("KeyError: 'behind tls'", error)
+
+    def test_a_set_up_failing_at_the_certificate_leaves_nothing_behind(self):
+        # A host no certificate can name (Docker Compose's service and
+        # container names have underscores) fails setUp; the server made
+        # for behind the TLS front, and its socket, must not be left for
+        # the garbage collector to find open.
+        for kind, make in {
+            "wsgi": lambda: wsgi.Layer(scheme_app, name="uncertifiable_wsgi", tls=True, public_host="web_1"),
+            "custom": lambda: custom.Layer(Hello, name="uncertifiable_custom", tls=True, public_host="web_1"),
+            "static": lambda: static.Layer(name="uncertifiable_static", tls=True, public_host="web_1"),
+        }.items():
+            with self.subTest(kind), warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                threads = thread_names()
+                layer = make()
+                with self.assertRaises(ValueError):
+                    layer.setUp()
+                gc.collect()
+                self.assertEqual([str(warning.message) for warning in warned], [])
+                self.assertEqual(thread_names(), threads)
+                self.assertEqual(layer._resources, {})
+
+    def test_a_set_up_failing_at_the_tls_front_leaves_nothing_behind(self):
+        # As when the process is out of descriptors for the front's event loop.
+        for kind, make in {
+            "wsgi": lambda: wsgi.Layer(scheme_app, name="frontless_wsgi", tls=True),
+            "custom": lambda: custom.Layer(Hello, name="frontless_custom", tls=True),
+        }.items():
+            with self.subTest(kind), warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                threads, descriptors = thread_names(), open_descriptors()
+                layer = make()
+                with mock.patch.object(tls, "TLSFront", side_effect=OSError(24, "Too many open files")):
+                    with self.assertRaises(OSError):
+                        layer.setUp()
+                self.assertEqual((thread_names(), open_descriptors()), (threads, descriptors))
+                gc.collect()
+                self.assertEqual([str(warning.message) for warning in warned], [])
 
     def test_cycles_leave_nothing_behind(self):
         layer = wsgi.Layer(scheme_app, name="tls_cycles", tls=True)
