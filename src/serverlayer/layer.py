@@ -781,7 +781,7 @@ class HTTPLayer(ServerLayer):
         # threads running already) to stop again.
         addresses = [sock.getsockname()[0] for sock in sockets]
         names = tls.certificate_names(host, self.published_host(host), *addresses)
-        context = tls.certificate_authority().server_context(names, self.client_certs)
+        context = tls.certificate_authority().server_context(names, self.client_certs, owner=repr(self))
         # One internal address is enough for the front's own connections.
         [backend_socket] = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")
         try:

@@ -23,7 +23,7 @@ from unittest import mock
 
 import trustme
 
-from serverlayer import custom, smtp, static, tls, wsgi
+from serverlayer import ConfigurationError, custom, smtp, static, tls, wsgi
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
 
 
@@ -234,6 +234,24 @@ class CertificateNameTests(unittest.TestCase):
             tls.certificate_names("", "localhost", "0.0.0.0", "::", "app.example.test", "app.example.test"),
             (*tls.LOOPBACK_NAMES, "app.example.test"),
         )
+
+    def test_a_host_no_certificate_can_name_is_refused_saying_so(self):
+        # Docker Compose names services and containers with underscores
+        # ("web_1"); a URL's "[fd00::5]" or "host:8080" is no host either.
+        for public_host in ("web_1", "[fd00::5]", "ci-runner:8080"):
+            for layer in (
+                wsgi.Layer(scheme_app, name="unnamed_in_certificate", tls=True, public_host=public_host),
+                static.Layer(name="unnamed_in_static_certificate", tls=True, public_host=public_host),
+                smtp.Layer(name="unnamed_in_mail_certificate", starttls=True, public_host=public_host),
+            ):
+                with self.subTest(layer=layer, public_host=public_host):
+                    with self.assertRaises(ConfigurationError) as caught:
+                        layer.setUp()
+                    message = str(caught.exception)
+                    beginning = f"{layer!r}: {public_host!r} cannot be named in a TLS certificate"
+                    self.assertTrue(message.startswith(beginning), message)
+                    self.assertIn("letters, digits, hyphens and dots", message)
+                    self.assertIn("public_host=", message)
 
     def test_public_host_is_in_the_certificate(self):
         layer = wsgi.Layer(scheme_app, name="names_public", tls=True, public_host="app.example.test")
