@@ -207,7 +207,7 @@ class CertificateAuthority:
         ``curl --cert`` take, and ``SSLContext.load_cert_chain``.
 
         ``name`` is an e-mail address or a host-like name (letters, digits,
-        dots and hyphens), as certificates carry them.
+        dots and hyphens) of 64 characters at most, as certificates carry them.
         """
         if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
             raise ConfigurationError(
@@ -218,9 +218,20 @@ class CertificateAuthority:
         with self._lock:
             path = self._client_certs.get(name)
             if path is None:
-                certificate = self._ca.issue_cert(
-                    name, common_name=name, organization_name="serverlayer", organization_unit_name="test clients"
-                )
+                try:
+                    certificate = self._ca.issue_cert(
+                        name, common_name=name, organization_name="serverlayer", organization_unit_name="test clients"
+                    )
+                except ValueError as error:
+                    # What the pattern above lets through and a certificate
+                    # cannot hold: cryptography's "Attribute's length must
+                    # be >= 1 and <= 64" or idna's "Label too long" and
+                    # "Empty Label" said neither which name nor why.
+                    raise ConfigurationError(
+                        f"A client certificate cannot be issued for {name!r} ({error}): the name is"
+                        " its common name, which holds at most 64 characters, and a host-like"
+                        " name's parts between dots hold 1 to 63 each."
+                    ) from error
                 path = os.path.join(self._directory, f"client-{len(self._client_certs)}.pem")
                 certificate.private_key_and_cert_chain_pem.write_to_path(path)
                 self._client_certs[name] = path
