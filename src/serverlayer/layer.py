@@ -279,6 +279,18 @@ def flag(value: object, *, owner: str, setting: str) -> bool:
     return value
 
 
+def _host_text(value: object, *, owner: str, setting: str) -> str:
+    """``value``, a host as a str: a socketserver address tuple or bytes
+    failed later with getaddrinfo's TypeError, naming neither the setting
+    nor the layer."""
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"{owner}: {setting}={value!r} must be a host name or IP address as a str,"
+            " such as '127.0.0.1' or 'localhost'; a port goes in port=."
+        )
+    return value
+
+
 def timeout_seconds(value: object, *, owner: str, setting: str) -> float:
     """``value``, a positive number of seconds, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -389,11 +401,11 @@ class ServerLayer(plone.testing.Layer):
             module=module,
         )
         if host is not None:
-            self.host = host
+            self.host = _host_text(host, owner=repr(self), setting="host")
         if port is not None:
             self.port = _port_number(port, owner=repr(self), source="port=")
         if public_host is not None:
-            self.public_host = public_host
+            self.public_host = _host_text(public_host, owner=repr(self), setting="public_host")
         if report_server_errors is not None:
             self.report_server_errors = flag(report_server_errors, owner=repr(self), setting="report_server_errors")
         if stop_timeout is not None:
