@@ -1624,7 +1624,8 @@ class Layer(HTTPLayer):
 
         addresses = [sock.getsockname()[0] for sock in sockets]
         names = tls.certificate_names(host, self.published_host(host), *addresses)
-        return self._server(sockets, tls.certificate_authority().server_context(names, self.client_certs))
+        context = tls.certificate_authority().server_context(names, self.client_certs, owner=repr(self))
+        return self._server(sockets, context)
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)

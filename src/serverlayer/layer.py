@@ -279,6 +279,18 @@ def flag(value: object, *, owner: str, setting: str) -> bool:
     return value
 
 
+def _host_text(value: object, *, owner: str, setting: str) -> str:
+    """``value``, a host as a str: a socketserver address tuple or bytes
+    failed later with getaddrinfo's TypeError, naming neither the setting
+    nor the layer."""
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"{owner}: {setting}={value!r} must be a host name or IP address as a str,"
+            " such as '127.0.0.1' or 'localhost'; a port goes in port=."
+        )
+    return value
+
+
 def timeout_seconds(value: object, *, owner: str, setting: str) -> float:
     """``value``, a positive number of seconds, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -389,11 +401,11 @@ class ServerLayer(plone.testing.Layer):
             module=module,
         )
         if host is not None:
-            self.host = host
+            self.host = _host_text(host, owner=repr(self), setting="host")
         if port is not None:
             self.port = _port_number(port, owner=repr(self), source="port=")
         if public_host is not None:
-            self.public_host = public_host
+            self.public_host = _host_text(public_host, owner=repr(self), setting="public_host")
         if report_server_errors is not None:
             self.report_server_errors = flag(report_server_errors, owner=repr(self), setting="report_server_errors")
         if stop_timeout is not None:
@@ -776,6 +788,12 @@ class HTTPLayer(ServerLayer):
         # for layers that use TLS.
         from serverlayer import tls
 
+        # The certificate first: a host it cannot name fails setUp before
+        # there is a server behind the front (with waitress's worker
+        # threads running already) to stop again.
+        addresses = [sock.getsockname()[0] for sock in sockets]
+        names = tls.certificate_names(host, self.published_host(host), *addresses)
+        context = tls.certificate_authority().server_context(names, self.client_certs, owner=repr(self))
         # One internal address is enough for the front's own connections.
         [backend_socket] = bind("127.0.0.1", 0, owner=repr(self), source="the plain-text side of TLS")
         try:
@@ -783,16 +801,20 @@ class HTTPLayer(ServerLayer):
         except BaseException:
             backend_socket.close()
             raise
-        addresses = [sock.getsockname()[0] for sock in sockets]
-        names = tls.certificate_names(host, self.published_host(host), *addresses)
-        return tls.TLSFront(
-            sockets,
-            backend,
-            backend_socket,
-            context=tls.certificate_authority().server_context(names, self.client_certs),
-            errors=self.server_errors,
-            thread_name=f"serverlayer {self.__module__}.{self.__name__}",
-        )
+        try:
+            return tls.TLSFront(
+                sockets,
+                backend,
+                backend_socket,
+                context=context,
+                errors=self.server_errors,
+                thread_name=f"serverlayer {self.__module__}.{self.__name__}",
+            )
+        except BaseException:
+            # Never served: its threads and sockets go now, not at garbage collection.
+            backend.release(self.stop_timeout)
+            backend_socket.close()
+            raise
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)

@@ -9,6 +9,7 @@ byte ranges to send, and sends a ``Body``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.message
 import email.utils
 import re
@@ -62,6 +63,11 @@ def _matches(value: str, etag: str, *, weak: bool) -> bool:
     return any(tag == etag and (weak or not is_weak) for is_weak, tag in tags)
 
 
+#: asctime's date format, the third HTTP-date format (RFC 9110 section
+#: 5.6.7), which names no zone: it is in UTC.
+_ASCTIME = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2} \d{4}")
+
+
 def _date(value: str | None) -> int | None:
     """An HTTP date in whole seconds since the epoch; None if it does not parse."""
     if value is None:
@@ -70,7 +76,13 @@ def _date(value: str | None) -> int | None:
         parsed = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return int(parsed.timestamp()) if parsed.tzinfo is not None else None
+    if parsed.tzinfo is None:
+        # A recipient must accept asctime's format, which parses without a
+        # zone (as http.server does); another date without one is no date.
+        if not _ASCTIME.fullmatch(value.strip()):
+            return None
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return int(parsed.timestamp())
 
 
 def precondition_status(representation: Representation, method: str, headers: Headers) -> int | None:

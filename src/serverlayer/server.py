@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
@@ -102,8 +103,8 @@ def resolve(host: str, port: int, *, owner: str, source: str) -> list[Address]:
     except socket.gaierror as exc:
         raise ConfigurationError(
             f"{owner}: cannot listen on host {host!r} ({source}): {exc.strerror}."
-            " Use an IP address such as 127.0.0.1 or ::1, or a name that"
-            " this machine resolves."
+            + (_url_host_hint(host) or " Use an IP address such as 127.0.0.1 or ::1, or a name that"
+               " this machine resolves.")
         ) from exc
     addresses: list[Address] = []
     for family, socktype, proto, _, sockaddr in infos:
@@ -111,6 +112,35 @@ def resolve(host: str, port: int, *, owner: str, source: str) -> list[Address]:
         if address not in addresses:  # /etc/hosts may name an address twice
             addresses.append(address)
     return addresses
+
+
+def _url_host_hint(host: str) -> str:
+    """What to write instead of a host written as a URL writes it (with
+    brackets, a port or a scheme), or as socketserver's every-interface
+    ``""``; empty if it is none of these. The resolver's "Name or service
+    not known" alone puzzles whoever wrote ``localhost:8080``: localhost
+    resolves."""
+    if not host:
+        return (
+            " An empty host is no address here: for every interface use '0.0.0.0' (IPv4)"
+            " or '::' (IPv6), for this machine alone 127.0.0.1 (the default)."
+        )
+    if "://" in host:
+        parts = urllib.parse.urlsplit(host)
+        if not parts.hostname:
+            return ""
+        try:
+            port = f", and the port as port={parts.port}" if parts.port is not None else ""
+        except ValueError:  # no port number
+            port = ""
+        return f" Give the host alone: {parts.hostname!r}{port} (no scheme, no path)."
+    name, colon, port = host.rpartition(":")
+    bracketed = name.startswith("[") and name.endswith("]")
+    if colon and port.isdigit() and (bracketed or (name and ":" not in name)):
+        return f" Give the port as port={port}, and the host alone: {name[1:-1] if bracketed else name!r}."
+    if host.startswith("[") and host.endswith("]"):
+        return f" Write an IPv6 address without brackets: {host[1:-1]!r}."
+    return ""
 
 
 class _BindFailure(Exception):

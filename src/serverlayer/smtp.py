@@ -1024,7 +1024,7 @@ class Layer(ServerLayer):
         if self.tls:
             addresses = [sock.getsockname()[0] for sock in sockets]
             names = tls.certificate_names(host, hostname, *addresses)
-            context = tls.certificate_authority().server_context(names)
+            context = tls.certificate_authority().server_context(names, owner=repr(self))
         return SMTPServer(
             sockets,
             outbox=Outbox(repr(self)),

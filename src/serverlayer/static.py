@@ -24,6 +24,7 @@ import plone.testing
 
 from serverlayer import custom, ranges
 from serverlayer.errors import ConfigurationError
+from serverlayer.layer import flag
 from serverlayer.recording import split_target
 
 
@@ -275,7 +276,9 @@ class Layer(custom.Layer):
         super().__init__(_handler_of_one_layer(), bases, name, module, **kwargs)
         self.documentroot = None if documentroot is None else os.fspath(documentroot)
         if follow_symlinks is not None:
-            self.follow_symlinks = follow_symlinks
+            # Checked: follow_symlinks="no" would be true, and serve the
+            # links leading outside that it was meant to refuse.
+            self.follow_symlinks = flag(follow_symlinks, owner=repr(self), setting="follow_symlinks")
         self._temporary: str | None = None
 
     def setUp(self) -> None:

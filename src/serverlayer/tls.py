@@ -130,15 +130,21 @@ class CertificateAuthority:
         self._client_certs: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def server_context(self, names: tuple[str, ...], client_certs: str | None = None) -> ssl.SSLContext:
+    def server_context(
+        self, names: tuple[str, ...], client_certs: str | None = None, *, owner: str = ""
+    ) -> ssl.SSLContext:
         """A server context with a certificate for ``names``, made once per
         set of names; with ``client_certs`` (a key of ``CLIENT_CERT_MODES``)
-        it asks clients for a certificate from this CA."""
+        it asks clients for a certificate from this CA.
+
+        A name no certificate can hold raises ``ConfigurationError``, which
+        ``owner`` (the layer) begins.
+        """
         with self._lock:
             context = self._server_contexts.get((names, client_certs))
             if context is None:
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                self._ca.issue_cert(*names).configure_cert(context)
+                self._issue_for_hosts(names, owner).configure_cert(context)
                 if client_certs is not None:
                     context.verify_mode = CLIENT_CERT_MODES[client_certs]
                     context.load_verify_locations(cafile=self.ca_bundle)
@@ -158,6 +164,34 @@ class CertificateAuthority:
                 self._server_contexts[names, client_certs] = context
             return context
 
+    def _issue_for_hosts(self, names: tuple[str, ...], owner: str) -> trustme.LeafCert:
+        """A server certificate for ``names``; ``ConfigurationError`` naming
+        the first that none can hold.
+
+        trustme puts a name that is no IP address into the certificate as a
+        DNS name, which idna refuses unless it is letters, digits, hyphens
+        and dots: Docker Compose's ``web_1`` failed setUp with idna's
+        "Codepoint U+005F at position 4 of 'web_1' not allowed", which said
+        neither where the name came from nor what to do.
+        """
+        try:
+            return self._ca.issue_cert(*names)
+        except ValueError as error:  # idna's refusals are UnicodeErrors, so ValueErrors
+            culprit, reason = ", ".join(names), error
+            for name in names:
+                try:
+                    self._ca.issue_cert(name)
+                except ValueError as refusal:
+                    culprit, reason = repr(name), refusal
+                    break
+            raise ConfigurationError(
+                f"{owner + ': ' if owner else ''}{culprit} cannot be named in a TLS certificate"
+                f" ({reason}): a certificate names a host by an IP address, or by a name of"
+                " letters, digits, hyphens and dots (no '_', no port, no brackets). Give the"
+                " layer such a host, and public_host= (or SERVERLAYER_HTTP_PUBLIC_HOST,"
+                " SERVERLAYER_SMTP_PUBLIC_HOST) for the name clients use, if this one is not it."
+            ) from error
+
     def client_context(self, client_cert: str | None = None) -> ssl.SSLContext:
         """A client context that trusts this CA (and only this CA), and
         presents ``client_cert`` (a file ``client_cert()`` wrote) if given."""
@@ -173,7 +207,7 @@ class CertificateAuthority:
         ``curl --cert`` take, and ``SSLContext.load_cert_chain``.
 
         ``name`` is an e-mail address or a host-like name (letters, digits,
-        dots and hyphens), as certificates carry them.
+        dots and hyphens) of 64 characters at most, as certificates carry them.
         """
         if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
             raise ConfigurationError(
@@ -184,9 +218,20 @@ class CertificateAuthority:
         with self._lock:
             path = self._client_certs.get(name)
             if path is None:
-                certificate = self._ca.issue_cert(
-                    name, common_name=name, organization_name="serverlayer", organization_unit_name="test clients"
-                )
+                try:
+                    certificate = self._ca.issue_cert(
+                        name, common_name=name, organization_name="serverlayer", organization_unit_name="test clients"
+                    )
+                except ValueError as error:
+                    # What the pattern above lets through and a certificate
+                    # cannot hold: cryptography's "Attribute's length must
+                    # be >= 1 and <= 64" or idna's "Label too long" and
+                    # "Empty Label" said neither which name nor why.
+                    raise ConfigurationError(
+                        f"A client certificate cannot be issued for {name!r} ({error}): the name is"
+                        " its common name, which holds at most 64 characters, and a host-like"
+                        " name's parts between dots hold 1 to 63 each."
+                    ) from error
                 path = os.path.join(self._directory, f"client-{len(self._client_certs)}.pem")
                 certificate.private_key_and_cert_chain_pem.write_to_path(path)
                 self._client_certs[name] = path

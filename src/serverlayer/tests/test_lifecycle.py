@@ -271,6 +271,37 @@ class BadAddressTests(unittest.TestCase):
         self.assertIn("no-such-host.invalid", str(caught.exception))
         self.assertIn("host=", str(caught.exception))
 
+    def test_a_host_written_as_a_url_writes_it_is_explained(self):
+        # The generic "Use an IP address such as 127.0.0.1 or ::1, or a
+        # name that this machine resolves" puzzled whoever wrote a name the
+        # machine does resolve, with a port or a scheme, as in a URL.
+        for number, (host, hint) in enumerate((
+            ("[::1]", "without brackets: '::1'"),
+            ("localhost:8080", "port=8080, and the host alone: 'localhost'"),
+            ("127.0.0.1:8080", "port=8080, and the host alone: '127.0.0.1'"),
+            ("[::1]:8080", "port=8080, and the host alone: '::1'"),
+            ("http://localhost:8080/", "the host alone: 'localhost'"),
+            ("", "'0.0.0.0'"),
+        )):
+            with self.subTest(host=host):
+                layer = wsgi.Layer(hello_app, name=f"url_like_host_{number}", host=host)
+                with self.assertRaises(ConfigurationError) as caught:
+                    layer.setUp()
+                message = str(caught.exception)
+                self.assertIn(f"cannot listen on host {host!r}", message)
+                self.assertIn(hint, message)
+
+    def test_a_host_that_is_no_text_is_refused_saying_so(self):
+        # A socketserver address, or bytes: a TypeError from getaddrinfo
+        # ("argument 1 must be string or None") named neither setting nor layer.
+        for setting in ("host", "public_host"):
+            for value in (("127.0.0.1", 8080), b"127.0.0.1", 127001):
+                with self.subTest(setting=setting, value=value):
+                    with self.assertRaises(ConfigurationError) as caught:
+                        wsgi.Layer(hello_app, name="host_of_no_text", **{setting: value})
+                    message = str(caught.exception)
+                    self.assertIn(f"{setting}={value!r} must be a host name or IP address as a str", message)
+
     def test_tls_keyword_beats_the_class_attribute(self):
         class PlainByDefault(wsgi.Layer):
             tls = False

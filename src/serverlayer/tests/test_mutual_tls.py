@@ -106,6 +106,28 @@ class RequiredClientCertificateTests(unittest.TestCase):
         )
         self.assertEqual(self.layer["http_requests"][0].client_cert.sans, ("alice@example.org",))
 
+    def test_a_name_as_long_as_a_certificate_holds_is_issued_and_a_longer_one_refused(self):
+        # A common name holds 64 characters (RFC 5280's ub-common-name), a
+        # host name's part between dots 63: service accounts' e-mail
+        # addresses and fully qualified service names are often longer.
+        longest = "billing-service-account-of-the-accounting-depts@corp.example.org"
+        self.assertEqual(len(longest), 64)
+        cert = self.layer["issue_client_cert"](longest)
+        seen = requests.get(self.layer["http_url"], verify=self.layer["ca_bundle"], cert=cert, timeout=5).json()
+        self.assertEqual(seen["SSL_CLIENT_S_DN"], f"CN={longest},OU=test clients,O=serverlayer")
+        for name in (
+            "billing-service-account-of-the-accounting-dept@corp.example.org.uk",
+            "billing-service-of-the-accounting-department.internal.example.com",
+            "x" * 64,
+            "billing..service",
+        ):
+            with self.subTest(name=name):
+                with self.assertRaises(ConfigurationError) as raised:
+                    self.layer["issue_client_cert"](name)
+                message = str(raised.exception)
+                self.assertTrue(message.startswith(f"A client certificate cannot be issued for {name!r}"), message)
+                self.assertIn("at most 64 characters", message)
+
     def test_httpx_with_the_published_ssl_context(self):
         seen = httpx.get(self.layer["http_url"], verify=self.layer["ssl_context"], timeout=5).json()
         self.assertEqual(seen["SSL_CLIENT_S_DN"], "CN=test-client,OU=test clients,O=serverlayer")

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import unittest
 from unittest import mock
 
@@ -226,6 +227,16 @@ class ConditionalTests(unittest.TestCase):
         self.assertEqual(self.status(**{"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"})[0], 304)
         self.assertEqual(self.status(**{"If-Modified-Since": email.utils.formatdate(0, usegmt=True)})[0], 200)
         self.assertEqual(self.status("POST", **{"If-Modified-Since": last_modified})[0], 405)  # GET and HEAD only
+
+    def test_dates_in_the_obsolete_asctime_format_count(self):
+        # RFC 9110 section 5.6.7: a recipient MUST accept all three HTTP-date
+        # formats; asctime's has no zone and is UTC. http.server, which
+        # gocept.httpserverlayer's static layer was, answers 304 to it.
+        last_modified = email.utils.parsedate_to_datetime(requests.head(self.url, timeout=10).headers["Last-Modified"])
+        asctime = time.asctime(last_modified.timetuple())  # "Tue Dec  1 21:33:52 2026"
+        self.assertEqual(self.status(**{"If-Modified-Since": asctime}), (304, b""))
+        self.assertEqual(self.status(**{"If-Unmodified-Since": "Thu Jan  1 00:00:00 1970"})[0], 412)
+        self.assertEqual(self.status(**{"If-Unmodified-Since": asctime})[0], 200)
 
     def test_if_match(self):
         self.assertEqual(self.status(**{"If-Match": self.etag}), (200, b"<p>hello</p>"))

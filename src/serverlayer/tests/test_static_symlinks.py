@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import unittest
 
-from serverlayer import static
+from serverlayer import ConfigurationError, static
 from serverlayer.tests.helpers import raw_request
 
 FIXTURE = b"fixture kept outside the document root"
@@ -126,3 +126,17 @@ class StrictLinksTests(LinkedFixtures, unittest.TestCase):
 
     def test_files_inside_are_still_served(self):
         self.assertEqual(get(self.layer, "/inside.txt"), (200, b"inside"))
+
+
+class FollowSymlinksSettingTests(unittest.TestCase):
+
+    def test_follow_symlinks_is_true_or_false(self):
+        # follow_symlinks="no" (or "false", read from a configuration) was
+        # taken as true: the layer served links leading outside, the very
+        # thing it was asked not to. tls="no" is refused the same way.
+        for value in ("no", "false", "False", 0, 1):
+            with self.subTest(value=value):
+                with self.assertRaises(ConfigurationError) as raised:
+                    static.Layer(name="symlinks_setting", follow_symlinks=value)
+                self.assertIn(f"follow_symlinks={value!r} must be True or False", str(raised.exception))
+        self.assertFalse(static.Layer(name="symlinks_strict", follow_symlinks=False).follow_symlinks)

@@ -17,12 +17,13 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import warnings
 from email.message import EmailMessage
 from unittest import mock
 
 import trustme
 
-from serverlayer import custom, smtp, static, tls, wsgi
+from serverlayer import ConfigurationError, custom, smtp, static, tls, wsgi
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
 
 
@@ -234,6 +235,24 @@ class CertificateNameTests(unittest.TestCase):
             (*tls.LOOPBACK_NAMES, "app.example.test"),
         )
 
+    def test_a_host_no_certificate_can_name_is_refused_saying_so(self):
+        # Docker Compose names services and containers with underscores
+        # ("web_1"); a URL's "[fd00::5]" or "host:8080" is no host either.
+        for public_host in ("web_1", "[fd00::5]", "ci-runner:8080"):
+            for layer in (
+                wsgi.Layer(scheme_app, name="unnamed_in_certificate", tls=True, public_host=public_host),
+                static.Layer(name="unnamed_in_static_certificate", tls=True, public_host=public_host),
+                smtp.Layer(name="unnamed_in_mail_certificate", starttls=True, public_host=public_host),
+            ):
+                with self.subTest(layer=layer, public_host=public_host):
+                    with self.assertRaises(ConfigurationError) as caught:
+                        layer.setUp()
+                    message = str(caught.exception)
+                    beginning = f"{layer!r}: {public_host!r} cannot be named in a TLS certificate"
+                    self.assertTrue(message.startswith(beginning), message)
+                    self.assertIn("letters, digits, hyphens and dots", message)
+                    self.assertIn("public_host=", message)
+
     def test_public_host_is_in_the_certificate(self):
         layer = wsgi.Layer(scheme_app, name="names_public", tls=True, public_host="app.example.test")
         self.check_names(layer, ["app.example.test", "127.0.0.1"])
@@ -261,6 +280,44 @@ class OtherHTTPLayerTests(unittest.TestCase):
             fetch(layer["http_url"], context=layer["ssl_context"])
         [error] = layer.server_errors.take()
         self.assertIn("KeyError: 'behind tls'", error)
+
+    def test_a_set_up_failing_at_the_certificate_leaves_nothing_behind(self):
+        # A host no certificate can name (Docker Compose's service and
+        # container names have underscores) fails setUp; the server made
+        # for behind the TLS front, and its socket, must not be left for
+        # the garbage collector to find open.
+        for kind, make in {
+            "wsgi": lambda: wsgi.Layer(scheme_app, name="uncertifiable_wsgi", tls=True, public_host="web_1"),
+            "custom": lambda: custom.Layer(Hello, name="uncertifiable_custom", tls=True, public_host="web_1"),
+            "static": lambda: static.Layer(name="uncertifiable_static", tls=True, public_host="web_1"),
+        }.items():
+            with self.subTest(kind), warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                threads = thread_names()
+                layer = make()
+                with self.assertRaises(ValueError):
+                    layer.setUp()
+                gc.collect()
+                self.assertEqual([str(warning.message) for warning in warned], [])
+                self.assertEqual(thread_names(), threads)
+                self.assertEqual(layer._resources, {})
+
+    def test_a_set_up_failing_at_the_tls_front_leaves_nothing_behind(self):
+        # As when the process is out of descriptors for the front's event loop.
+        for kind, make in {
+            "wsgi": lambda: wsgi.Layer(scheme_app, name="frontless_wsgi", tls=True),
+            "custom": lambda: custom.Layer(Hello, name="frontless_custom", tls=True),
+        }.items():
+            with self.subTest(kind), warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                threads, descriptors = thread_names(), open_descriptors()
+                layer = make()
+                with mock.patch.object(tls, "TLSFront", side_effect=OSError(24, "Too many open files")):
+                    with self.assertRaises(OSError):
+                        layer.setUp()
+                self.assertEqual((thread_names(), open_descriptors()), (threads, descriptors))
+                gc.collect()
+                self.assertEqual([str(warning.message) for warning in warned], [])
 
     def test_cycles_leave_nothing_behind(self):
         layer = wsgi.Layer(scheme_app, name="tls_cycles", tls=True)
