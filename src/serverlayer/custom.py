@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
+from types import TracebackType
 from typing import Any, cast
 
 import plone.testing
@@ -1023,11 +1024,15 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Record what a handler raised; a client hanging up is no error."""
         exc_type, exc, tb = sys.exc_info()
-        if exc_type is None or exc is None or self._stopping or isinstance(exc, DISCONNECTS):
+        if exc_type is None or exc is None or self._stopping:
             return
         with self._connections_lock:
             conversation = self._connections.get(request)
         handler = conversation.handler if conversation is not None else None
+        if isinstance(exc, DISCONNECTS) and _raised_by_connection(
+            tb, (request, getattr(handler, "connection", None), getattr(handler, "request", None))
+        ):
+            return
         command, path = getattr(handler, "command", None), getattr(handler, "path", None)
         serving = f"{command} {path}" if command and path else "a request"
         self._errors.record(
@@ -1104,6 +1109,36 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 connection.close()
         for sock in (self._wake_reader, self._wake_writer, self._recall_reader, self._recall_writer):
             sock.close()
+
+
+def _raised_by_connection(tb: TracebackType | None, connections: Iterable[object]) -> bool:
+    """Whether the exception of ``tb`` was raised working on one of
+    ``connections`` (a client's): its innermost frame has the connection,
+    or an object holding it (a handler, its ``rfile`` and ``wfile``).
+
+    A ``ConnectionError`` from the client's connection means that the
+    client went away. One from a connection of the handler's own, to a
+    service that refused or hung up, is the handler's error: its client is
+    still there, and gets no answer. Without a traceback to go by, the
+    exception is taken for the client's. (A ``TimeoutError`` never gets
+    here from a request: ``http.server`` catches it, and logs "Request
+    timed out".)
+    """
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = [each for each in connections if each is not None]
+    for value in tb.tb_frame.f_locals.values():
+        if any(value is each for each in ours):
+            return True
+        try:
+            held = vars(value).values()  # not getattr: no __getattr__ of the handler's runs
+        except TypeError:  # no __dict__
+            continue
+        if any(item is each for item in held for each in ours):
+            return True
+    return False
 
 
 def _is_handler_class(handler: object) -> bool:

@@ -542,6 +542,58 @@ class DisconnectTests(unittest.TestCase):
             layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
 
+    def assert_a_failing_backend_call_fails_the_test(self, call_backend, expected):
+        """A handler whose own call to another service fails with a
+        ConnectionError or TimeoutError raised: its client is still there,
+        and gets no answer. That is the handler's error, not a client gone."""
+
+        class Proxy(custom.RequestHandler):
+            def do_GET(self):
+                call_backend()
+                self.send_response(200)
+                self.end_headers()
+
+        layer = custom.Layer(Proxy, name="proxy")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with self.assertRaises(http.client.RemoteDisconnected):
+            urllib.request.urlopen(layer["http_url"], timeout=5)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn("Proxy raised while serving GET /", str(caught.exception))
+        self.assertIn(expected, str(caught.exception))
+
+    def test_a_backend_that_refuses_is_the_handlers_error(self):
+        with socket.create_server(("127.0.0.1", 0)) as closed:
+            port = closed.getsockname()[1]
+
+        def call_backend():
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+        self.assert_a_failing_backend_call_fails_the_test(call_backend, "ConnectionRefusedError")
+
+    def test_a_backend_that_hangs_up_is_the_handlers_error(self):
+        backend = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(backend.close)
+
+        def hang_up():
+            connection, _ = backend.accept()
+            connection.recv(65536)
+            connection.close()
+
+        def call_backend():
+            thread = threading.Thread(target=hang_up)
+            thread.start()
+            try:
+                connection = http.client.HTTPConnection(*backend.getsockname(), timeout=5)
+                connection.request("GET", "/")
+                connection.getresponse()  # RemoteDisconnected, a ConnectionResetError
+            finally:
+                connection.close()
+                thread.join(5)
+
+        self.assert_a_failing_backend_call_fails_the_test(call_backend, "RemoteDisconnected")
+
 
 def tls_by_hand(handler: type[custom.RequestHandler], context: Any) -> type[custom.RequestHandler]:
     """``handler`` serving HTTPS made by hand, as many suites do: its
