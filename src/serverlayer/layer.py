@@ -743,6 +743,15 @@ class HTTPLayer(ServerLayer):
         #: The requests of the current test, published as ``http_requests``.
         self.requests = RequestLog(repr(self))
 
+    def setUp(self) -> None:
+        self.refuse_second_set_up()  # a refused set-up leaves the running server's requests alone
+        # What the server of an earlier set-up received is no news, as its
+        # errors are not: a layer set up again without a test in between
+        # (``with layer:`` blocks, by hand) runs no testSetUp to empty the
+        # log, and a wait_for would return those requests.
+        self.requests.clear()
+        super().setUp()
+
     def testSetUp(self) -> None:
         super().testSetUp()
         self.requests.clear()

@@ -21,7 +21,7 @@ from unittest import mock
 import httpx
 import requests
 
-from serverlayer import RequestTimeoutError, asgi, content, custom, recording, static, wsgi
+from serverlayer import RequestTimeoutError, SetUpError, asgi, content, custom, recording, static, wsgi
 from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
 from serverlayer.tests.test_content_protocol import parse_responses
@@ -573,6 +573,28 @@ class OtherLayerTests(unittest.TestCase):
         with self.assertRaises(urllib.error.HTTPError):
             urllib.request.urlopen(request, timeout=5)
         self.assertEqual(layer["http_requests"][0].summary(), "PUT /x (7 bytes)")
+
+    def test_a_layer_set_up_again_starts_without_the_requests_of_its_last_server(self):
+        """Blocks of ``with layer:`` (a pytest test without layers, a
+        script) run no testSetUp: the next block's server received nothing
+        yet, and a wait_for must not return what the last one received."""
+        for layer in (wsgi.Layer(echo_app, name="again_wsgi"), custom.Layer(EchoHandler, name="again_custom"),
+                      content.Layer(name="again_content")):
+            with layer:
+                if isinstance(layer, content.Layer):
+                    layer["http_content"].expect("/earlier", "POST").respond("ok")
+                urllib.request.urlopen(layer["http_url"] + "earlier", data=b"", timeout=5).close()
+            with layer:
+                self.assertEqual(list(layer["http_requests"]), [], layer)
+                with self.assertRaises(RequestTimeoutError):
+                    layer["http_requests"].wait_for(1, timeout=0.01)
+
+    def test_a_refused_second_set_up_keeps_the_requests(self):
+        layer = set_up_by_hand(self, wsgi.Layer(echo_app, name="refused_again"))
+        urllib.request.urlopen(layer["http_url"] + "kept", timeout=5).close()
+        with self.assertRaises(SetUpError):
+            layer.setUp()
+        self.assertEqual([request.path for request in layer["http_requests"]], ["/kept"])
 
 
 
