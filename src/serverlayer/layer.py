@@ -752,6 +752,10 @@ class HTTPLayer(ServerLayer):
         self.requests.clear()
         super().setUp()
 
+    def tearDown(self) -> None:
+        self.requests.url = ""
+        super().tearDown()
+
     def testSetUp(self) -> None:
         super().testSetUp()
         self.requests.clear()
@@ -805,7 +809,7 @@ class HTTPLayer(ServerLayer):
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)
-        resources["http_url"] = f"{self.scheme}://{format_address(host, port)}/"
+        resources["http_url"] = self.requests.url = f"{self.scheme}://{format_address(host, port)}/"
         resources["httpd_thread"] = running.thread
         resources["http_requests"] = self.requests
         if self.tls:

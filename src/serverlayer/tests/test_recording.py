@@ -160,6 +160,14 @@ class RecordingChecks:
         self.assertIn("Waited 0.1 seconds for 2 request(s); 1 of them arrived, 1 request(s) in all:\n"
                       "  1. GET /only", str(caught.exception))
 
+    def test_wait_for_says_where_the_requests_it_waits_for_go(self):
+        """Requests that never came were often sent elsewhere: to another
+        layer's server, whose http_url hid this one's in a stack."""
+        with self.assertRaises(RequestTimeoutError) as caught:
+            self.layer["http_requests"].wait_for(1, timeout=0.01)
+        self.assertIn(f"0 request(s) in all.\nThis server records the requests sent to {self.layer['http_url']};"
+                      " those sent to another address", str(caught.exception))
+
 
 class WSGIRecordingTests(RecordingChecks, unittest.TestCase):
     layer = WSGI_RECORDED
