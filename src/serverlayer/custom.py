@@ -39,6 +39,9 @@ from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread, SocketserverStops
 
+#: What an attribute the handler object did not have is restored to: none.
+_NO_ATTRIBUTE = object()
+
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
@@ -419,9 +422,47 @@ class _Conversation:
         """The handler's ``parse_request``, which reads the request's head
         and (recording it) its body: once it returns, the request is read."""
         try:
-            return parse()
+            parsed = parse()
         finally:
             self.reading_request = False
+        if parsed:
+            self._report_timeouts()
+        return parsed
+
+    def _report_timeouts(self) -> None:
+        """Have the ``do_`` method that answers the request just read
+        report a ``TimeoutError`` of the handler's own.
+
+        ``http.server`` catches every ``TimeoutError`` of that method,
+        taking it for the client's connection timing out, and only logs
+        "Request timed out": one from a call the handler made (a service
+        that did not answer in time) failed nothing, and the client got no
+        answer. The method is wrapped for this request alone; what it
+        raises goes to ``handle_error``, which drops it if it came from the
+        client's connection after all, and on to ``http.server`` as before.
+        """
+        handler = self.handler
+        name = f"do_{handler.command}"
+        method = getattr(handler, name, None)
+        if not callable(method) or getattr(method, "reports_timeouts", False):
+            return  # http.server answers 501; or wrapped for a request a handle() of its own did not answer
+        own = vars(handler)
+        previous = own.get(name, _NO_ATTRIBUTE)
+
+        def answer(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except TimeoutError:
+                self.server.handle_error(self.connection, self.address)
+                raise
+            finally:
+                if previous is _NO_ATTRIBUTE:
+                    own.pop(name, None)
+                else:
+                    own[name] = previous
+
+        answer.reports_timeouts = True  # type: ignore[attr-defined]
+        own[name] = answer
 
     def idle_deadline(self) -> float | None:
         """When the connection, waiting for a request, is to close: after the
@@ -1116,13 +1157,12 @@ def _raised_by_connection(tb: TracebackType | None, connections: Iterable[object
     ``connections`` (a client's): its innermost frame has the connection,
     or an object holding it (a handler, its ``rfile`` and ``wfile``).
 
-    A ``ConnectionError`` from the client's connection means that the
-    client went away. One from a connection of the handler's own, to a
-    service that refused or hung up, is the handler's error: its client is
-    still there, and gets no answer. Without a traceback to go by, the
-    exception is taken for the client's. (A ``TimeoutError`` never gets
-    here from a request: ``http.server`` catches it, and logs "Request
-    timed out".)
+    A ``ConnectionError`` or ``TimeoutError`` from the client's connection
+    means that the client went away, or stalled past the handler's
+    ``timeout``. One from a connection of the handler's own, to a service
+    that refused, hung up or did not answer in time, is the handler's
+    error: its client is still there, and gets no answer. Without a
+    traceback to go by, the exception is taken for the client's.
     """
     if tb is None:
         return True

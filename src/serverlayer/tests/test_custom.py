@@ -594,6 +594,35 @@ class DisconnectTests(unittest.TestCase):
 
         self.assert_a_failing_backend_call_fails_the_test(call_backend, "RemoteDisconnected")
 
+    def test_a_backend_that_times_out_is_the_handlers_error(self):
+        """http.server takes every TimeoutError of a do_ method for its
+        client's connection timing out, and only logs it."""
+        backend = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(backend.close)
+
+        def call_backend():
+            with socket.create_connection(backend.getsockname(), timeout=0.05) as connection:
+                connection.makefile("rb").read(1)  # the backend never answers: TimeoutError
+
+        self.assert_a_failing_backend_call_fails_the_test(call_backend, "TimeoutError")
+
+    def test_a_client_that_stalls_past_the_handlers_timeout_is_no_error(self):
+        class Patient(custom.RequestHandler):
+            timeout = 0.05
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.end_headers()
+
+        layer = custom.Layer(Patient, name="patient")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")  # and no more
+            self.assertEqual(client.recv(100), b"")  # the handler's timeout closed it
+        layer.check_server_errors()
+
 
 def tls_by_hand(handler: type[custom.RequestHandler], context: Any) -> type[custom.RequestHandler]:
     """``handler`` serving HTTPS made by hand, as many suites do: its
