@@ -572,7 +572,10 @@ def record_requests(
         # SimpleHTTPRequestHandler, gh-87389), so "//api" would be recorded
         # and matched as "/api". The handler still gets its self.path.
         path, query, scheme, authority = split_target(self.requestline.split()[1])
-        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert,
+        # The fields, not the handler's self.headers, which the handler may
+        # change (replace_header, del) while the request is recorded as sent.
+        fields = tuple(self.headers.raw_items())
+        self.recorded_request = RecordedRequest(self.command, path, query, fields, body, client_cert,
                                                 scheme=scheme, authority=authority)
         log.append(self.recorded_request)
         if raw:

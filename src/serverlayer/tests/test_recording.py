@@ -556,6 +556,23 @@ class OtherLayerTests(unittest.TestCase):
         self.assertEqual(recorded.headers["x-token"], "sent")
         self.assertIs(layer["http_requests"][0], recorded)  # made once, then kept
 
+    def test_custom_records_the_headers_as_sent_though_the_handler_changes_its_own(self):
+        class Rewriting(custom.RequestHandler):
+            def do_GET(self):
+                self.headers.replace_header("X-Token", "changed")
+                del self.headers["User-Agent"]
+                self.headers["X-Added"] = "by the handler"
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        layer = set_up_by_hand(self, custom.Layer(Rewriting, name="custom_rewriting"))
+        request = urllib.request.Request(layer["http_url"], headers={"X-Token": "sent", "User-Agent": "agent/1"})
+        urllib.request.urlopen(request, timeout=5).close()
+        [recorded] = layer["http_requests"]
+        self.assertEqual((recorded.headers["X-Token"], recorded.headers["User-Agent"], recorded.headers["X-Added"]),
+                         ("sent", "agent/1", None))
+
     def test_wsgi_record_keeps_no_stream_of_the_connection(self):
         def app(environ, start_response):
             start_response("200 OK", [("Content-Length", "2")])
