@@ -573,6 +573,31 @@ class OtherLayerTests(unittest.TestCase):
         self.assertEqual((recorded.headers["X-Token"], recorded.headers["User-Agent"], recorded.headers["X-Added"]),
                          ("sent", "agent/1", None))
 
+    def test_asgi_records_a_request_with_a_body_as_sent_though_middleware_changes_its_scope(self):
+        """ASGI middleware changes the scope it passes on in place (Starlette's
+        MutableHeaders(scope=scope) changes scope["headers"]); a request with a
+        body is recorded once the body is whole, after the application began."""
+
+        async def rewriting_app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            scope["headers"].append((b"x-added", b"by middleware"))
+            scope["headers"][:] = [(name, b"changed" if name == b"x-token" else value)
+                                   for name, value in scope["headers"]]
+            scope["method"], scope["raw_path"], scope["query_string"] = "PUT", b"/rewritten", b"b=2"
+            await asgi_echo(scope, receive, send)
+
+        for protocol in ("httptools", "h11"):
+            layer = set_up_by_hand(self, asgi.Layer(rewriting_app, name=f"asgi_rewriting_{protocol}",
+                                                    http_protocol=protocol))
+            request = urllib.request.Request(layer["http_url"] + "original?a=1", data=b"body",
+                                             headers={"X-Token": "sent"})
+            self.assertEqual(urllib.request.urlopen(request, timeout=5).read(), b"echo:body")
+            [recorded] = layer["http_requests"]
+            self.assertEqual((recorded.method, recorded.path, recorded.query, recorded.body),
+                             ("POST", "/original", "a=1", b"body"), protocol)
+            self.assertEqual((recorded.headers["x-token"], recorded.headers["x-added"]), ("sent", None), protocol)
+
     def test_wsgi_record_keeps_no_stream_of_the_connection(self):
         def app(environ, start_response):
             start_response("200 OK", [("Content-Length", "2")])
