@@ -289,6 +289,15 @@ class _WSGITask(WSGITask):
         # (TCP_NODELAY is on), and each send hands the interpreter lock to
         # the waiting client and back. Here the channel keeps the head and
         # sends it with the first body bytes (``_Channel.write_soon``).
+        status = self.status
+        if not (status[:3].isdigit() and status[3:4] in ("", " ")):
+            # waitress sends whatever status it is given: "2000 OK" made the
+            # status line "HTTP/1.1 2000 OK", which no client reads, and the
+            # test saw only its client's error (wsgiref refused it).
+            raise AssertionError(
+                f"the application's status {status!r} is no HTTP status: PEP 3333 wants three digits,"
+                " a space and a reason, such as '200 OK'"
+            )
         request = self.request
         if request.chunked and b"\ncontent-length:" in request.head.lower():
             # RFC 9112 section 6.1: a request with both Transfer-Encoding and
