@@ -191,8 +191,10 @@ class _BodyRecorder:
     ) -> None:
         self.log = log
         self.scope = scope
-        self.client_cert = client_cert
-        self.target = target
+        # The request as sent, taken now: the record is made once the body
+        # is whole, and by then middleware may have changed the scope it
+        # passed on in place (Starlette's MutableHeaders(scope=scope)).
+        self.request = _UnreadScope(scope, b"", client_cert, target)
         self.original_receive = receive
         self.original_send = send
         self.chunks: list[bytes] = []
@@ -211,7 +213,8 @@ class _BodyRecorder:
     def record(self) -> None:
         if not self.recorded:
             self.recorded = True
-            self.log.append(_UnreadScope(self.scope, b"".join(self.chunks), self.client_cert, self.target))
+            self.request.body = b"".join(self.chunks)
+            self.log.append(self.request)
 
     async def _read(self) -> Message:
         message = await self.original_receive()

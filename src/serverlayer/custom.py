@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
+from types import TracebackType
 from typing import Any, cast
 
 import plone.testing
@@ -37,6 +38,9 @@ from serverlayer.layer import HTTPLayer, whole_number
 from serverlayer.recording import RequestLog, record_requests
 from serverlayer.reporting import ErrorLog, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread, SocketserverStops
+
+#: What an attribute the handler object did not have is restored to: none.
+_NO_ATTRIBUTE = object()
 
 #: Exceptions that only mean the client went away.
 DISCONNECTS = (ConnectionError, TimeoutError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
@@ -418,9 +422,47 @@ class _Conversation:
         """The handler's ``parse_request``, which reads the request's head
         and (recording it) its body: once it returns, the request is read."""
         try:
-            return parse()
+            parsed = parse()
         finally:
             self.reading_request = False
+        if parsed:
+            self._report_timeouts()
+        return parsed
+
+    def _report_timeouts(self) -> None:
+        """Have the ``do_`` method that answers the request just read
+        report a ``TimeoutError`` of the handler's own.
+
+        ``http.server`` catches every ``TimeoutError`` of that method,
+        taking it for the client's connection timing out, and only logs
+        "Request timed out": one from a call the handler made (a service
+        that did not answer in time) failed nothing, and the client got no
+        answer. The method is wrapped for this request alone; what it
+        raises goes to ``handle_error``, which drops it if it came from the
+        client's connection after all, and on to ``http.server`` as before.
+        """
+        handler = self.handler
+        name = f"do_{handler.command}"
+        method = getattr(handler, name, None)
+        if not callable(method) or getattr(method, "reports_timeouts", False):
+            return  # http.server answers 501; or wrapped for a request a handle() of its own did not answer
+        own = vars(handler)
+        previous = own.get(name, _NO_ATTRIBUTE)
+
+        def answer(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except TimeoutError:
+                self.server.handle_error(self.connection, self.address)
+                raise
+            finally:
+                if previous is _NO_ATTRIBUTE:
+                    own.pop(name, None)
+                else:
+                    own[name] = previous
+
+        answer.reports_timeouts = True  # type: ignore[attr-defined]
+        own[name] = answer
 
     def idle_deadline(self) -> float | None:
         """When the connection, waiting for a request, is to close: after the
@@ -1056,11 +1098,15 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Record what a handler raised; a client hanging up is no error."""
         exc_type, exc, tb = sys.exc_info()
-        if exc_type is None or exc is None or self._stopping or isinstance(exc, DISCONNECTS):
+        if exc_type is None or exc is None or self._stopping:
             return
         with self._connections_lock:
             conversation = self._connections.get(request)
         handler = conversation.handler if conversation is not None else None
+        if isinstance(exc, DISCONNECTS) and _raised_by_connection(
+            tb, (request, getattr(handler, "connection", None), getattr(handler, "request", None))
+        ):
+            return
         command, path = getattr(handler, "command", None), getattr(handler, "path", None)
         serving = f"{command} {path}" if command and path else "a request"
         self._errors.record(
@@ -1141,6 +1187,35 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
 #: What a test may not set on a custom, static or content layer's ``httpd``.
 _SERVER_METHODS = _own_methods(HandlerServer)
+
+
+def _raised_by_connection(tb: TracebackType | None, connections: Iterable[object]) -> bool:
+    """Whether the exception of ``tb`` was raised working on one of
+    ``connections`` (a client's): its innermost frame has the connection,
+    or an object holding it (a handler, its ``rfile`` and ``wfile``).
+
+    A ``ConnectionError`` or ``TimeoutError`` from the client's connection
+    means that the client went away, or stalled past the handler's
+    ``timeout``. One from a connection of the handler's own, to a service
+    that refused, hung up or did not answer in time, is the handler's
+    error: its client is still there, and gets no answer. Without a
+    traceback to go by, the exception is taken for the client's.
+    """
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = [each for each in connections if each is not None]
+    for value in tb.tb_frame.f_locals.values():
+        if any(value is each for each in ours):
+            return True
+        try:
+            held = vars(value).values()  # not getattr: no __getattr__ of the handler's runs
+        except TypeError:  # no __dict__
+            continue
+        if any(item is each for item in held for each in ours):
+            return True
+    return False
 
 
 def _is_handler_class(handler: object) -> bool:

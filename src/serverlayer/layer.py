@@ -755,6 +755,19 @@ class HTTPLayer(ServerLayer):
         #: The requests of the current test, published as ``http_requests``.
         self.requests = RequestLog(repr(self))
 
+    def setUp(self) -> None:
+        self.refuse_second_set_up()  # a refused set-up leaves the running server's requests alone
+        # What the server of an earlier set-up received is no news, as its
+        # errors are not: a layer set up again without a test in between
+        # (``with layer:`` blocks, by hand) runs no testSetUp to empty the
+        # log, and a wait_for would return those requests.
+        self.requests.clear()
+        super().setUp()
+
+    def tearDown(self) -> None:
+        self.requests.url = ""
+        super().tearDown()
+
     def testSetUp(self) -> None:
         super().testSetUp()
         self.requests.clear()
@@ -818,7 +831,7 @@ class HTTPLayer(ServerLayer):
 
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         resources = super().resources(host, port, running)
-        resources["http_url"] = f"{self.scheme}://{format_address(host, port)}/"
+        resources["http_url"] = self.requests.url = f"{self.scheme}://{format_address(host, port)}/"
         resources["httpd_thread"] = running.thread
         resources["http_requests"] = self.requests
         if self.tls:

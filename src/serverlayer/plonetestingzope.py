@@ -76,6 +76,9 @@ class Layer(wsgi.Layer):
     _xmlrpc_before: Any = None
 
     def setUp(self) -> None:
+        # Before XML-RPC is turned on: a refused second set-up would take the
+        # running layer's setting for the one to restore at its tear-down.
+        self.refuse_second_set_up()
         if not any(isinstance(layer, plone.testing.zope.FunctionalTesting) for layer in self.baseResolutionOrder):
             raise ConfigurationError(
                 f"{self!r}: none of its base layers gives each test a database"

@@ -110,6 +110,19 @@ class RequestLog(Arrivals[RecordedRequest]):
 
     noun = "request"
     timeout_error = RequestTimeoutError
+    #: The server's ``http_url`` while its layer is set up, else "".
+    url = ""
+
+    def why_missing(self) -> str:
+        """Where the requests waited for should have gone: those that never
+        came were often sent to another server (another layer's, whose
+        ``http_url`` hid this one's in a stack of layers)."""
+        if not self.url:
+            return ""
+        return (
+            f"\nThis server records the requests sent to {self.url}; those sent to another address"
+            " (another layer's http_url, a URL kept from an earlier set-up) are not among them."
+        )
 
 
 #: The absolute form of a request target (RFC 9112 section 3.2.2): a
@@ -559,7 +572,10 @@ def record_requests(
         # SimpleHTTPRequestHandler, gh-87389), so "//api" would be recorded
         # and matched as "/api". The handler still gets its self.path.
         path, query, scheme, authority = split_target(self.requestline.split()[1])
-        self.recorded_request = RecordedRequest(self.command, path, query, self.headers, body, client_cert,
+        # The fields, not the handler's self.headers, which the handler may
+        # change (replace_header, del) while the request is recorded as sent.
+        fields = tuple(self.headers.raw_items())
+        self.recorded_request = RecordedRequest(self.command, path, query, fields, body, client_cert,
                                                 scheme=scheme, authority=authority)
         log.append(self.recorded_request)
         if raw:

@@ -165,6 +165,9 @@ class _AppSlot:
         self.app = self.between_tests = app
         self.owner = owner
         self.in_test = False
+        #: Set by the layer: the ``wsgi_app`` resource its bases publish now
+        #: (it read the resource in setUp alone), for the 503's message.
+        self.published_now: Callable[[], object] | None = None
 
     def set(self, app: WSGIApplication | None) -> None:
         if app is not None and not callable(app):
@@ -191,12 +194,29 @@ class _AppSlot:
             f" (Host: {environ.get('HTTP_HOST', '-')}). Give it one: wsgi.Layer(app), the"
             " wsgi_app attribute or a wsgi_app resource of a base layer, or"
             " layer['httpd'].set_app(app) from a test.\n"
+            + self._published_too_late()
         ).encode()
         start_response(
             "503 Service Unavailable",
             [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
         return [body]
+
+    def _published_too_late(self) -> str:
+        """What to say of a ``wsgi_app`` resource that a base layer published
+        after the layer set up (in its testSetUp, say): the advice above
+        would tell the test to publish what it does publish."""
+        try:
+            published = self.published_now() if self.published_now is not None else None
+        except Exception:  # resources change under a test's set-up and tear-down: no advice then
+            return ""
+        if published is None:
+            return ""
+        return (
+            "A base layer publishes a wsgi_app resource now, but had none when this layer set up,"
+            " which is when the layer reads it: publish it in the base layer's setUp, or give it"
+            " with layer['httpd'].set_app(app) in the base layer's testSetUp.\n"
+        )
 
 
 # waitress's channels and tasks log through a class attribute shared by all
@@ -270,6 +290,15 @@ class _WSGITask(WSGITask):
         # (TCP_NODELAY is on), and each send hands the interpreter lock to
         # the waiting client and back. Here the channel keeps the head and
         # sends it with the first body bytes (``_Channel.write_soon``).
+        status = self.status
+        if not (status[:3].isdigit() and status[3:4] in ("", " ")):
+            # waitress sends whatever status it is given: "2000 OK" made the
+            # status line "HTTP/1.1 2000 OK", which no client reads, and the
+            # test saw only its client's error (wsgiref refused it).
+            raise AssertionError(
+                f"the application's status {status!r} is no HTTP status: PEP 3333 wants three digits,"
+                " a space and a reason, such as '200 OK'"
+            )
         request = self.request
         if request.chunked and b"\ncontent-length:" in request.head.lower():
             # RFC 9112 section 6.1: a request with both Transfer-Encoding and
@@ -1211,6 +1240,8 @@ class Layer(HTTPLayer):
         resources = super().resources(host, port, running)
         httpd = resources["httpd"]
         if isinstance(httpd, WaitressServer):
+            if self.get("wsgi_app") is None:  # one published later is not served: the 503 says so
+                httpd.app_slot.published_now = lambda: self.get("wsgi_app")
             httpd.published_host = host
             # SERVER_NAME, which applications fall back on without a Host
             # header (wsgiref.util.application_uri): waitress says

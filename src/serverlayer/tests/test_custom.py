@@ -542,6 +542,87 @@ class DisconnectTests(unittest.TestCase):
             layer.tearDown()  # and what stopping prints, if anything
         self.assertEqual(stderr.getvalue(), "")
 
+    def assert_a_failing_backend_call_fails_the_test(self, call_backend, expected):
+        """A handler whose own call to another service fails with a
+        ConnectionError or TimeoutError raised: its client is still there,
+        and gets no answer. That is the handler's error, not a client gone."""
+
+        class Proxy(custom.RequestHandler):
+            def do_GET(self):
+                call_backend()
+                self.send_response(200)
+                self.end_headers()
+
+        layer = custom.Layer(Proxy, name="proxy")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with self.assertRaises(http.client.RemoteDisconnected):
+            urllib.request.urlopen(layer["http_url"], timeout=5)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.check_server_errors()
+        self.assertIn("Proxy raised while serving GET /", str(caught.exception))
+        self.assertIn(expected, str(caught.exception))
+
+    def test_a_backend_that_refuses_is_the_handlers_error(self):
+        with socket.create_server(("127.0.0.1", 0)) as closed:
+            port = closed.getsockname()[1]
+
+        def call_backend():
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+        self.assert_a_failing_backend_call_fails_the_test(call_backend, "ConnectionRefusedError")
+
+    def test_a_backend_that_hangs_up_is_the_handlers_error(self):
+        backend = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(backend.close)
+
+        def hang_up():
+            connection, _ = backend.accept()
+            connection.recv(65536)
+            connection.close()
+
+        def call_backend():
+            thread = threading.Thread(target=hang_up)
+            thread.start()
+            try:
+                connection = http.client.HTTPConnection(*backend.getsockname(), timeout=5)
+                connection.request("GET", "/")
+                connection.getresponse()  # RemoteDisconnected, a ConnectionResetError
+            finally:
+                connection.close()
+                thread.join(5)
+
+        self.assert_a_failing_backend_call_fails_the_test(call_backend, "RemoteDisconnected")
+
+    def test_a_backend_that_times_out_is_the_handlers_error(self):
+        """http.server takes every TimeoutError of a do_ method for its
+        client's connection timing out, and only logs it."""
+        backend = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(backend.close)
+
+        def call_backend():
+            with socket.create_connection(backend.getsockname(), timeout=0.05) as connection:
+                connection.makefile("rb").read(1)  # the backend never answers: TimeoutError
+
+        self.assert_a_failing_backend_call_fails_the_test(call_backend, "TimeoutError")
+
+    def test_a_client_that_stalls_past_the_handlers_timeout_is_no_error(self):
+        class Patient(custom.RequestHandler):
+            timeout = 0.05
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.end_headers()
+
+        layer = custom.Layer(Patient, name="patient")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")  # and no more
+            self.assertEqual(client.recv(100), b"")  # the handler's timeout closed it
+        layer.check_server_errors()
+
 
 def tls_by_hand(handler: type[custom.RequestHandler], context: Any) -> type[custom.RequestHandler]:
     """``handler`` serving HTTPS made by hand, as many suites do: its

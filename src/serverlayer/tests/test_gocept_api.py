@@ -155,6 +155,31 @@ class NoAppTests(unittest.TestCase):
         layer["httpd"].set_app(FIRST)
         self.assertEqual(get(layer_url(layer, "page")), b"first /page")
 
+    def test_503_says_when_a_base_publishes_wsgi_app_too_late(self):
+        """A base that publishes wsgi_app in its testSetUp: the layer reads
+        the resource in setUp, and its 503 must not tell the test to publish
+        what it does publish."""
+
+        class PerTestApp(plone.testing.Layer):
+            def testSetUp(self):
+                self["wsgi_app"] = FIRST
+
+            def testTearDown(self):
+                del self["wsgi_app"]
+
+        base = PerTestApp(name="per_test_app")
+        base.setUp()
+        self.addCleanup(base.tearDown)
+        layer = set_up_by_hand(self, wsgi.Layer(bases=(base,), name="over_per_test_app"))
+        base.testSetUp()
+        self.addCleanup(base.testTearDown)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            get(layer_url(layer))
+        self.addCleanup(caught.exception.close)
+        self.assertEqual(caught.exception.code, 503)
+        self.assertIn("A base layer publishes a wsgi_app resource now, but had none when this layer set up",
+                      caught.exception.read().decode())
+
     def test_set_app_none_goes_back_to_503(self):
         layer = set_up_by_hand(self, wsgi.Layer(FIRST, name="set_app_none"))
         layer["httpd"].set_app(None)

@@ -21,7 +21,7 @@ from unittest import mock
 import httpx
 import requests
 
-from serverlayer import RequestTimeoutError, asgi, content, custom, recording, static, wsgi
+from serverlayer import RequestTimeoutError, SetUpError, asgi, content, custom, recording, static, wsgi
 from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
 from serverlayer.tests.test_content_protocol import parse_responses
@@ -159,6 +159,14 @@ class RecordingChecks:
             self.layer["http_requests"].wait_for(2, timeout=0.1)
         self.assertIn("Waited 0.1 seconds for 2 request(s); 1 of them arrived, 1 request(s) in all:\n"
                       "  1. GET /only", str(caught.exception))
+
+    def test_wait_for_says_where_the_requests_it_waits_for_go(self):
+        """Requests that never came were often sent elsewhere: to another
+        layer's server, whose http_url hid this one's in a stack."""
+        with self.assertRaises(RequestTimeoutError) as caught:
+            self.layer["http_requests"].wait_for(1, timeout=0.01)
+        self.assertIn(f"0 request(s) in all.\nThis server records the requests sent to {self.layer['http_url']};"
+                      " those sent to another address", str(caught.exception))
 
 
 class WSGIRecordingTests(RecordingChecks, unittest.TestCase):
@@ -548,6 +556,48 @@ class OtherLayerTests(unittest.TestCase):
         self.assertEqual(recorded.headers["x-token"], "sent")
         self.assertIs(layer["http_requests"][0], recorded)  # made once, then kept
 
+    def test_custom_records_the_headers_as_sent_though_the_handler_changes_its_own(self):
+        class Rewriting(custom.RequestHandler):
+            def do_GET(self):
+                self.headers.replace_header("X-Token", "changed")
+                del self.headers["User-Agent"]
+                self.headers["X-Added"] = "by the handler"
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        layer = set_up_by_hand(self, custom.Layer(Rewriting, name="custom_rewriting"))
+        request = urllib.request.Request(layer["http_url"], headers={"X-Token": "sent", "User-Agent": "agent/1"})
+        urllib.request.urlopen(request, timeout=5).close()
+        [recorded] = layer["http_requests"]
+        self.assertEqual((recorded.headers["X-Token"], recorded.headers["User-Agent"], recorded.headers["X-Added"]),
+                         ("sent", "agent/1", None))
+
+    def test_asgi_records_a_request_with_a_body_as_sent_though_middleware_changes_its_scope(self):
+        """ASGI middleware changes the scope it passes on in place (Starlette's
+        MutableHeaders(scope=scope) changes scope["headers"]); a request with a
+        body is recorded once the body is whole, after the application began."""
+
+        async def rewriting_app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            scope["headers"].append((b"x-added", b"by middleware"))
+            scope["headers"][:] = [(name, b"changed" if name == b"x-token" else value)
+                                   for name, value in scope["headers"]]
+            scope["method"], scope["raw_path"], scope["query_string"] = "PUT", b"/rewritten", b"b=2"
+            await asgi_echo(scope, receive, send)
+
+        for protocol in ("httptools", "h11"):
+            layer = set_up_by_hand(self, asgi.Layer(rewriting_app, name=f"asgi_rewriting_{protocol}",
+                                                    http_protocol=protocol))
+            request = urllib.request.Request(layer["http_url"] + "original?a=1", data=b"body",
+                                             headers={"X-Token": "sent"})
+            self.assertEqual(urllib.request.urlopen(request, timeout=5).read(), b"echo:body")
+            [recorded] = layer["http_requests"]
+            self.assertEqual((recorded.method, recorded.path, recorded.query, recorded.body),
+                             ("POST", "/original", "a=1", b"body"), protocol)
+            self.assertEqual((recorded.headers["x-token"], recorded.headers["x-added"]), ("sent", None), protocol)
+
     def test_wsgi_record_keeps_no_stream_of_the_connection(self):
         def app(environ, start_response):
             start_response("200 OK", [("Content-Length", "2")])
@@ -573,6 +623,28 @@ class OtherLayerTests(unittest.TestCase):
         with self.assertRaises(urllib.error.HTTPError):
             urllib.request.urlopen(request, timeout=5)
         self.assertEqual(layer["http_requests"][0].summary(), "PUT /x (7 bytes)")
+
+    def test_a_layer_set_up_again_starts_without_the_requests_of_its_last_server(self):
+        """Blocks of ``with layer:`` (a pytest test without layers, a
+        script) run no testSetUp: the next block's server received nothing
+        yet, and a wait_for must not return what the last one received."""
+        for layer in (wsgi.Layer(echo_app, name="again_wsgi"), custom.Layer(EchoHandler, name="again_custom"),
+                      content.Layer(name="again_content")):
+            with layer:
+                if isinstance(layer, content.Layer):
+                    layer["http_content"].expect("/earlier", "POST").respond("ok")
+                urllib.request.urlopen(layer["http_url"] + "earlier", data=b"", timeout=5).close()
+            with layer:
+                self.assertEqual(list(layer["http_requests"]), [], layer)
+                with self.assertRaises(RequestTimeoutError):
+                    layer["http_requests"].wait_for(1, timeout=0.01)
+
+    def test_a_refused_second_set_up_keeps_the_requests(self):
+        layer = set_up_by_hand(self, wsgi.Layer(echo_app, name="refused_again"))
+        urllib.request.urlopen(layer["http_url"] + "kept", timeout=5).close()
+        with self.assertRaises(SetUpError):
+            layer.setUp()
+        self.assertEqual([request.path for request in layer["http_requests"]], ["/kept"])
 
 
 

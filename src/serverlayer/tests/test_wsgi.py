@@ -336,6 +336,25 @@ class BodyMismatchTests(unittest.TestCase):
         [error] = layer.server_errors.take()
         self.assertIn("GET /none: the application sent a body with 204 No Content, which has none", error)
 
+    def test_a_status_that_is_no_http_status_is_an_error(self):
+        """waitress sends any status it is given: "2000 OK" made the status
+        line "HTTP/1.1 2000 OK", which clients cannot read (wsgiref, under
+        gocept's layer, refused it)."""
+        for status in ("2000 OK", "OK", "20x Fine"):
+            layer = self.serve(status, [("Content-Length", "2")], [b"ok"])
+            with self.assertRaises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(layer["http_url"] + "status", timeout=5)
+            answer.exception.close()
+            self.assertEqual(answer.exception.code, 500, status)
+            [error] = layer.server_errors.take()
+            self.assertIn(f"the application's status {status!r} is no HTTP status", error)
+
+    def test_a_status_without_a_reason_is_no_error(self):
+        layer = self.serve("200", [("Content-Length", "2")], [b"ok"])
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual((response.status, response.read()), (200, b"ok"))
+        self.assertEqual(layer.server_errors.take(), [])
+
     def test_a_304_announcing_the_length_of_the_200_is_no_error(self):
         # RFC 9110 section 8.6: a 304 may carry the Content-Length a 200 would.
         layer = self.serve("304 Not Modified", [("Content-Length", "1234"), ("ETag", '"v1"')], [])

@@ -13,12 +13,13 @@ import plone.testing
 import plone.testing.zope
 import transaction
 from Acquisition import aq_base
+from App.config import getConfiguration
 from OFS.Image import manage_addFile
 from plone.testing import zca
 from Products.Five.browser import BrowserView
 from zope.configuration import xmlconfig
 
-from serverlayer import ConfigurationError, plonetestingzope
+from serverlayer import ConfigurationError, SetUpError, plonetestingzope
 from serverlayer.tests.zope_integration.helpers import fetch, fetch_together
 
 #: Requests to ``@@connection`` wait here for each other.
@@ -235,3 +236,15 @@ class ConfigurationTests(unittest.TestCase):
         self.assertIn("GIVEN_AN_APP", str(caught.exception))
         self.assertIn("super().application()", str(caught.exception))
         self.assertEqual(layer._resources, {})
+
+    def test_a_refused_second_set_up_leaves_xml_rpc_as_the_layer_found_it(self):
+        configuration = getConfiguration()
+        before = vars(configuration).get("enable_xmlrpc", "unset")
+        layer = plonetestingzope.Layer(name="SET_UP_TWICE")
+        layer.setUp()
+        try:
+            with self.assertRaises(SetUpError):
+                layer.setUp()
+        finally:
+            layer.tearDown()
+        self.assertEqual(vars(configuration).get("enable_xmlrpc", "unset"), before)
