@@ -651,7 +651,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         #: workers: a WebSocket closing at the test's end reads what its
         #: client sent before it saw the close, until then at most.
         self._ending_deadline: Deadline | None = None
-        self._waiting = 0
+        #: The threads waiting on connections (``wait_readable``): a set,
+        #: not a count, which every request would change through the
+        #: server's ``__setattr__``.
+        self._waiting: set[int] = set()
         #: Connections a handler is writing a test's answer to (``writing``),
         #: and those of them the end of the test cut. A lock of their own,
         #: taken twice for every answer of a content layer: a plain Lock is
@@ -882,7 +885,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._workers_lock:
             if self._recalling or self._test_ending or self._stopping or (worker is not None and worker.retiring):
                 return None
-            self._waiting += 1
+            self._waiting.add(threading.get_ident())
             if idle:
                 self._activity.finish()
         try:
@@ -892,7 +895,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             with self._workers_lock:
                 if idle:
                     self._activity.start()
-                self._waiting -= 1
+                self._waiting.discard(threading.get_ident())
                 if self._recalling and self._workers_changed is not None:  # test_ended waits for the last one
                     self._workers_changed.notify_all()
         if connection is not None and connection.fileno() in ready:
