@@ -1042,6 +1042,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._errors.record(
             f"{self.handler_class.__name__} raised while serving {serving} from {client_address[0]}",
             (exc_type, exc, tb),
+            left_running=self.activity.left_running,  # also once the layer is set up again
         )
         if verbose():
             super().handle_error(request, client_address)

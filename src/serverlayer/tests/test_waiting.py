@@ -4,6 +4,8 @@ when its timeout runs out (which would pass too, only late)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import socket
 import threading
 import time
@@ -303,6 +305,60 @@ class RaisedWhileStoppingTests(unittest.TestCase):
                     layer.tearDown()  # nothing more to say, or what the set-up left
                 error = str(failed.exception)
                 self.assertIn("after the layer's last test ended", error)
+                self.assertIn("RuntimeError: raised while its server stopped", error)
+
+    def test_a_request_tear_down_left_behind_that_raises_later_prints_nothing(self):
+        # Under pytest a plain function's layer is torn down after it and
+        # set up again for the next: a request the first left running past
+        # both timeouts raises during the second. The error fails the test
+        # during which it comes (errors.rst); the wsgi layer printed it to
+        # stderr instead (logging's last resort, its server's logger having
+        # no handler left), and the test passed.
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def stuck_answer(request):
+            started.set()
+            release.wait(TIMEOUT)
+            raise RuntimeError("raised while its server stopped")
+
+        for kind, layer in self.layers(started, release).items():
+            with self.subTest(kind):
+                started.clear()
+                release.clear()
+                layer.quiet_timeout = layer.stop_timeout = 0.05
+                before = set(threading.enumerate())
+                layer.setUp()
+                self.addCleanup(layer.tearDown)
+                layer.testSetUp()  # the first test
+                if kind == "content":
+                    layer["http_content"].route("/").respond_with(stuck_answer)
+                with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT) as client:
+                    wrapped = client
+                    if layer.tls:
+                        wrapped = layer["ssl_context"].wrap_socket(client, server_hostname=layer["http_host"])
+                    wrapped.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertTrue(started.wait(TIMEOUT))
+                    layer.check_after_test()  # gives up on it
+                    layer.testTearDown()
+                    layer.tearDown()  # gives up on it too, its thread left behind
+                    workers = set(threading.enumerate()) - before
+                    self.assertTrue(workers)  # the request's
+                    wrapped.close()
+                layer.setUp()
+                layer.testSetUp()  # the next test
+                printed = io.StringIO()
+                with contextlib.redirect_stderr(printed):
+                    release.set()
+                    for worker in workers:
+                        worker.join(TIMEOUT)
+                self.assertEqual(printed.getvalue(), "")
+                self.assertEqual([worker for worker in workers if worker.is_alive()], [])
+                with self.assertRaises(ServerSideError) as failed:
+                    layer.check_after_test()
+                layer.testTearDown()
+                error = str(failed.exception)
+                self.assertIn("raised by a request that an earlier test", error)
                 self.assertIn("RuntimeError: raised while its server stopped", error)
 
 
