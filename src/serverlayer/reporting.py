@@ -83,6 +83,14 @@ def pytest_test(layer: object) -> unittest.TestCase | None:
     return instance if isinstance(instance, unittest.TestCase) else None
 
 
+def pytest_item_id(layer: object) -> str | None:
+    """The pytest node id of the test zope.pytestlayer is running ``layer``
+    for (``file.py::test_name``), if it is: a plain test function has no
+    ``TestCase`` whose ``id()`` names it."""
+    node_id = getattr(getattr(getattr(layer, "pytest_request", None), "node", None), "nodeid", None)
+    return node_id if isinstance(node_id, str) and node_id else None
+
+
 def format_chain(error: BaseException, tb: TracebackType | None) -> str:
     """``error``'s traceback, after those of the exceptions it came from
     (``raise ... from``, or raised while handling another), as Python prints it.
