@@ -36,7 +36,7 @@ from serverlayer.errors import (
     SetUpError,
 )
 from serverlayer.recording import RequestLog
-from serverlayer.reporting import ErrorLog, pytest_test, running_test
+from serverlayer.reporting import ErrorLog, pytest_item_id, pytest_test, running_test
 from serverlayer.server import Server, ServerThread, bind, format_address
 
 DEFAULT_HOST = "127.0.0.1"
@@ -641,8 +641,11 @@ class ServerLayer(plone.testing.Layer):
             give_up = getattr(running.server, "give_up", None)  # a server of a layer's own may have none
             if give_up is not None:
                 test = running_test() or pytest_test(self)
-                if test is not None and _takes_test(give_up):
-                    give_up(test=test.id())  # named in what those requests raise later
+                # Under pytest, a plain test function has no TestCase: its
+                # node id names it.
+                name = test.id() if test is not None else pytest_item_id(self)
+                if name is not None and _takes_test(give_up):
+                    give_up(test=name)  # named in what those requests raise later
                 else:
                     give_up()
         if self.report_server_errors:

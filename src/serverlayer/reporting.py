@@ -83,6 +83,14 @@ def pytest_test(layer: object) -> unittest.TestCase | None:
     return instance if isinstance(instance, unittest.TestCase) else None
 
 
+def pytest_item_id(layer: object) -> str | None:
+    """The pytest node id of the test zope.pytestlayer is running ``layer``
+    for (``file.py::test_name``), if it is: a plain test function has no
+    ``TestCase`` whose ``id()`` names it."""
+    node_id = getattr(getattr(getattr(layer, "pytest_request", None), "node", None), "nodeid", None)
+    return node_id if isinstance(node_id, str) and node_id else None
+
+
 def format_chain(error: BaseException, tb: TracebackType | None) -> str:
     """``error``'s traceback, after those of the exceptions it came from
     (``raise ... from``, or raised while handling another), as Python prints it.
@@ -159,11 +167,20 @@ class ErrorLog:
         #: (``Activity.left_running``).
         self.left_running: Callable[[], str | None] | None = None
 
-    def record(self, summary: str, exc_info: ExcInfo | None = None) -> None:
+    def record(
+        self, summary: str, exc_info: ExcInfo | None = None, *, left_running: Callable[[], str | None] | None = None
+    ) -> None:
         """Remember an exception; the traceback is formatted right away so
-        that no frames of the server thread are kept alive."""
+        that no frames of the server thread are kept alive.
+
+        ``left_running`` is the recording server's own ``left_running``:
+        a server that ``tearDown`` left a request to may record after the
+        layer was set up again, whose new server's (``self.left_running``)
+        knows nothing of that request.
+        """
         text = summary
-        left_by = self.left_running() if self.left_running is not None else None
+        source = left_running or self.left_running
+        left_by = source() if source is not None else None
         if left_by is not None:
             text = _left_running(left_by) + text
         if exc_info is not None:
@@ -282,16 +299,20 @@ class ErrorLogHandler(logging.Handler):
     module-wide logger.
     """
 
-    def __init__(self, errors: ErrorLog, *, thread_id: int | None = None) -> None:
+    def __init__(
+        self, errors: ErrorLog, *, thread_id: int | None = None, left_running: Callable[[], str | None] | None = None
+    ) -> None:
         super().__init__(logging.DEBUG)
         self.errors = errors
         self.thread_id = thread_id
+        #: The server's own ``left_running`` (``ErrorLog.record``).
+        self.left_running = left_running
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.thread_id is not None and record.thread != self.thread_id:
             return
         if record.levelno >= logging.ERROR:
             exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
-            self.errors.record(record.getMessage(), exc_info)  # type: ignore[arg-type]
+            self.errors.record(record.getMessage(), exc_info, left_running=self.left_running)  # type: ignore[arg-type]
         if verbose():
             sys.stderr.write(self.format(record) + "\n")

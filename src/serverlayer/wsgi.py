@@ -924,7 +924,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self._trigger_closed = False
         self._stop_requested = False
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
-        self._log_handler = ErrorLogHandler(errors)
+        self._log_handler = ErrorLogHandler(errors, left_running=self.activity.left_running)
         logger.addHandler(self._log_handler)
         dispatcher = _Dispatcher(thread_name, logger)
         adjustments = Adjustments(
@@ -1147,7 +1147,12 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         with self._trigger_lock:
             self._trigger_closed = True
             wasyncore.close_all(self._map)
-        self.logger.removeHandler(self._log_handler)
+        # The handler stays: a request still running now (past the
+        # timeout, its thread left behind) may raise later. Its logger
+        # without a handler, logging's last resort printed the traceback to
+        # stderr; recorded, it fails the test during which it comes, should
+        # the layer be set up again (pytest does so for each plain test
+        # function), and is forgotten by the layer's next setUp otherwise.
 
 
 class Layer(HTTPLayer):

@@ -51,6 +51,17 @@ class PytestTests(unittest.TestCase):
         # capture every registered logger that does not propagate).
         self.assertNotIn("Captured log", output)
 
+    def test_an_error_a_plain_function_left_running_names_that_function(self):
+        # A plain function has no TestCase to name: the error said only
+        # "an earlier test", which under pytest may be any test of the run.
+        completed = run_pytest("-q", "sample_pytest_left_running.py", cwd=SAMPLES / "pytest_errors")
+        output = completed.stdout + completed.stderr
+        self.assertEqual(completed.returncode, 1, output)
+        self.assertIn("ERROR sample_pytest_left_running.py::test_b_during_which_it_raises", output)
+        self.assertIn("(raised by a request that an earlier test, ", output)  # its node id, from pytest's rootdir
+        self.assertIn("sample_pytest_left_running.py::test_a_leaves_a_request_running, left running", output)
+        self.assertIn("RuntimeError: raised after its test ended", output)
+
     def test_examples_pass_under_pytest_xdist(self):
         completed = run_pytest("-q", "-n", "2", "examples/pytest_examples", cwd=CHECKOUT)
         output = completed.stdout + completed.stderr

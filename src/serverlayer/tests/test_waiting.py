@@ -4,6 +4,8 @@ when its timeout runs out (which would pass too, only late)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import socket
 import threading
 import time
@@ -229,6 +231,135 @@ class LeftRunningTests(unittest.TestCase):
                     layer.setUp()
                     layer.server_errors.record("raised after the last test")
                     layer.tearDown()  # ignored, as the layer was told
+
+
+class RaisedWhileStoppingTests(unittest.TestCase):
+    """A request the layer's last test left running that raises while
+    ``tearDown`` waits for it (within ``stop_timeout``) fails the tear-down,
+    on every layer whose requests run on threads. Under pytest, whose plain
+    test functions get their layer set up and torn down around each of
+    them, that is every such test's end; the custom and content layers
+    dropped the error (and the wsgi layer reported it)."""
+
+    def layers(self, started: threading.Event, release: threading.Event) -> dict[str, Any]:
+        from serverlayer import content, wsgi
+
+        class Stuck(custom.RequestHandler):
+            def do_GET(self):
+                started.set()
+                release.wait(TIMEOUT)
+                raise RuntimeError("raised while its server stopped")
+
+        def wsgi_app(environ, start_response):
+            started.set()
+            release.wait(TIMEOUT)
+            raise RuntimeError("raised while its server stopped")
+
+        return {
+            "custom": custom.Layer(Stuck, name="stopping_custom"),
+            "custom, TLS": custom.Layer(Stuck, name="stopping_custom_tls", tls=True),
+            "content": content.Layer(name="stopping_content"),
+            "wsgi": wsgi.Layer(wsgi_app, name="stopping_wsgi"),
+        }
+
+    def test_an_error_raised_while_tear_down_waits_for_its_request_fails_the_tear_down(self):
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def stuck_answer(request):
+            started.set()
+            release.wait(TIMEOUT)
+            raise RuntimeError("raised while its server stopped")
+
+        for kind, layer in self.layers(started, release).items():
+            with self.subTest(kind):
+                started.clear()
+                release.clear()
+                layer.quiet_timeout = 0.1
+                layer.setUp()
+                server = layer["httpd"]
+                request_stop = server.request_stop
+
+                def stop_then_release(request_stop=request_stop) -> None:
+                    request_stop()
+                    release.set()  # the request raises now, while tearDown waits for it
+
+                server.request_stop = stop_then_release
+                try:
+                    layer.testSetUp()  # the layer's last test
+                    if kind == "content":
+                        layer["http_content"].route("/").respond_with(stuck_answer)
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT) as client:
+                        wrapped = client
+                        if layer.tls:
+                            wrapped = layer["ssl_context"].wrap_socket(client, server_hostname=layer["http_host"])
+                        wrapped.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                        self.assertTrue(started.wait(TIMEOUT))
+                        layer.check_after_test()  # gives up on it
+                        layer.testTearDown()
+                        with self.assertRaises(ServerSideError) as failed:
+                            layer.tearDown()
+                        wrapped.close()
+                finally:
+                    release.set()
+                    layer.tearDown()  # nothing more to say, or what the set-up left
+                error = str(failed.exception)
+                self.assertIn("after the layer's last test ended", error)
+                self.assertIn("RuntimeError: raised while its server stopped", error)
+
+    def test_a_request_tear_down_left_behind_that_raises_later_prints_nothing(self):
+        # Under pytest a plain function's layer is torn down after it and
+        # set up again for the next: a request the first left running past
+        # both timeouts raises during the second. The error fails the test
+        # during which it comes (errors.rst); the wsgi layer printed it to
+        # stderr instead (logging's last resort, its server's logger having
+        # no handler left), and the test passed.
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def stuck_answer(request):
+            started.set()
+            release.wait(TIMEOUT)
+            raise RuntimeError("raised while its server stopped")
+
+        for kind, layer in self.layers(started, release).items():
+            with self.subTest(kind):
+                started.clear()
+                release.clear()
+                layer.quiet_timeout = layer.stop_timeout = 0.05
+                before = set(threading.enumerate())
+                layer.setUp()
+                self.addCleanup(layer.tearDown)
+                layer.testSetUp()  # the first test
+                if kind == "content":
+                    layer["http_content"].route("/").respond_with(stuck_answer)
+                with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=TIMEOUT) as client:
+                    wrapped = client
+                    if layer.tls:
+                        wrapped = layer["ssl_context"].wrap_socket(client, server_hostname=layer["http_host"])
+                    wrapped.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertTrue(started.wait(TIMEOUT))
+                    layer.check_after_test()  # gives up on it
+                    layer.testTearDown()
+                    layer.tearDown()  # gives up on it too, its thread left behind
+                    workers = set(threading.enumerate()) - before
+                    self.assertTrue(workers)  # the request's
+                    wrapped.close()
+                layer.setUp()
+                layer.testSetUp()  # the next test
+                printed = io.StringIO()
+                with contextlib.redirect_stderr(printed):
+                    release.set()
+                    for worker in workers:
+                        worker.join(TIMEOUT)
+                self.assertEqual(printed.getvalue(), "")
+                self.assertEqual([worker for worker in workers if worker.is_alive()], [])
+                with self.assertRaises(ServerSideError) as failed:
+                    layer.check_after_test()
+                layer.testTearDown()
+                error = str(failed.exception)
+                self.assertIn("raised by a request that an earlier test", error)
+                self.assertIn("RuntimeError: raised while its server stopped", error)
 
 
 class AsgiGiveUpTests(unittest.TestCase):
