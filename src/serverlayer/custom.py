@@ -1187,7 +1187,11 @@ _SERVER_METHODS = _own_methods(HandlerServer)
 def _raised_by_connection(tb: TracebackType | None, connections: Iterable[object]) -> bool:
     """Whether the exception of ``tb`` was raised working on one of
     ``connections`` (a client's): its innermost frame has the connection,
-    or an object holding it (a handler, its ``rfile`` and ``wfile``).
+    or an object holding it (a handler, its ``rfile`` and ``wfile``), or
+    the server side of a TLS connection (what a handler's ``setup()`` wraps
+    the client's connection in, which a client leaving during the
+    handshake fails before the handler holds it; a handler's own calls to
+    other services are TLS clients).
 
     A ``ConnectionError`` or ``TimeoutError`` from the client's connection
     means that the client went away, or stalled past the handler's
@@ -1203,6 +1207,8 @@ def _raised_by_connection(tb: TracebackType | None, connections: Iterable[object
     ours = [each for each in connections if each is not None]
     for value in tb.tb_frame.f_locals.values():
         if any(value is each for each in ours):
+            return True
+        if isinstance(value, ssl.SSLSocket) and value.server_side:
             return True
         try:
             held = vars(value).values()  # not getattr: no __getattr__ of the handler's runs

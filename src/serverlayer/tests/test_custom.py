@@ -838,6 +838,19 @@ class WrappedConnectionTests(unittest.TestCase):
             self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual([name for name in thread_names() if "hand_made_tls_stalled" in name], [])
 
+    def test_a_client_leaving_during_a_hand_made_handshake_is_no_error(self):
+        # The handler's setup() fails in the SSLSocket it wraps the
+        # connection in, before it holds that: still the client's doing.
+        layer = set_up_by_hand(self, custom.Layer(tls_by_hand(Greeter, self.server_context), name="hand_made_tls_left"))
+        with socket.create_connection(("127.0.0.1", layer["http_port"]), timeout=10) as client:
+            client.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record's header, then the end
+            client.shutdown(socket.SHUT_WR)
+            while client.recv(100):  # a TLS alert, perhaps: the handshake failed
+                pass
+        layer.check_after_test()  # no error to report
+        layer.testTearDown()
+        layer.testSetUp()
+
     def test_a_connection_that_is_no_socket_is_left_to_the_handler(self):
         class Counting:  # counts what the handler sends, passing the rest through
             def __init__(self, sock):

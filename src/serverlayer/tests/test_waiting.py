@@ -12,6 +12,7 @@ import time
 import unittest
 import urllib.request
 from typing import Any
+from unittest import mock
 
 from serverlayer import custom
 from serverlayer.arrivals import Arrivals
@@ -278,13 +279,17 @@ class RaisedWhileStoppingTests(unittest.TestCase):
                 layer.quiet_timeout = 0.1
                 layer.setUp()
                 server = layer["httpd"]
-                request_stop = server.request_stop
+                request_stop = type(server).request_stop
 
-                def stop_then_release(request_stop=request_stop) -> None:
-                    request_stop()
-                    release.set()  # the request raises now, while tearDown waits for it
+                def stop_then_release(self: Any, request_stop: Any = request_stop, server: Any = server) -> None:
+                    request_stop(self)
+                    if self is server:
+                        release.set()  # the request raises now, while tearDown waits for it
 
-                server.request_stop = stop_then_release
+                # On the class: a test may not replace the server's own methods on it.
+                stopping = mock.patch.object(type(server), "request_stop", stop_then_release)
+                stopping.start()
+                self.addCleanup(stopping.stop)
                 try:
                     layer.testSetUp()  # the layer's last test
                     if kind == "content":
