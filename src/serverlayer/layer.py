@@ -488,10 +488,11 @@ class ServerLayer(plone.testing.Layer):
     def resources(self, host: str, port: int, running: ServerThread) -> dict[str, Any]:
         """The resources to publish once the server runs."""
         prefix = self.resource_prefix
+        self.server_errors.address = format_address(host, port)
         return {
             f"{prefix}_host": host,
             f"{prefix}_port": port,
-            f"{prefix}_address": format_address(host, port),
+            f"{prefix}_address": self.server_errors.address,
             self.server_resource: running.server,
         }
 

@@ -156,6 +156,9 @@ class ErrorLog:
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
+        #: Where the server listens (``host:port``), named in the errors
+        #: raised; set by the layer once it serves.
+        self.address = ""
         # Re-entrant: a garbage collection that starts while the lock is
         # held (any allocation may start one) can finalize a pending task
         # of a layer's event loop, whose error is recorded then, in the
@@ -166,6 +169,9 @@ class ErrorLog:
         #: earlier test left running: that test's name (or ""), else None
         #: (``Activity.left_running``).
         self.left_running: Callable[[], str | None] | None = None
+
+    def _at(self) -> str:
+        return f" at {self.address}" if self.address else ""
 
     def record(
         self, summary: str, exc_info: ExcInfo | None = None, *, left_running: Callable[[], str | None] | None = None
@@ -227,7 +233,7 @@ class ErrorLog:
         earlier = any(error.startswith(_LEFT_RUNNING) for error in errors)
         made_by = "during this test" if earlier else "made by this test"
         raise ServerSideError(
-            f"{self.owner}: the server raised {_count(errors)} while handling requests"
+            f"{self.owner}: the server{self._at()} raised {_count(errors)} while handling requests"
             f" {made_by}:\n\n{_joined(errors)}\n\n"
             "Fix the server-side error. If the test provokes it on purpose,"
             " take it with layer.server_errors.take() and check it, or create"
@@ -241,7 +247,7 @@ class ErrorLog:
         if not errors:
             return
         raise ServerSideError(
-            f"{self.owner}: the server raised {_count(errors)} after the layer's"
+            f"{self.owner}: the server{self._at()} raised {_count(errors)} after the layer's"
             f" last test ended, while handling requests made before its tear-down:\n\n{_joined(errors)}\n\n"
             "Fix the server-side error. A test that makes a request in the"
             " background should wait for its answer before it ends; create the"

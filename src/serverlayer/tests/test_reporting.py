@@ -214,6 +214,26 @@ class ErrorLogTests(unittest.TestCase):
         self.assertEqual([helpers.check(), helpers.use_layer()], [self, self])
 
 
+class ErrorAddressTests(unittest.TestCase):
+    """A server error names where the server listens: two layers of one
+    class in a suite, or a stack of them, are told apart by it."""
+
+    def test_the_error_names_the_servers_host_and_port(self):
+        def broken(environ, start_response):
+            raise ValueError("broken")
+
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                layer = set_up_by_hand(self, wsgi.Layer(broken, name=f"error_address_{tls}", tls=tls))
+                with self.assertRaises(urllib.error.HTTPError) as answer:
+                    urllib.request.urlopen(layer["http_url"], timeout=5, context=layer.get("ssl_context"))
+                answer.exception.close()
+                with self.assertRaises(ServerSideError) as caught:
+                    layer.check_server_errors()
+                self.assertIn(f"{layer!r}: the server at {layer['http_address']} raised an exception",
+                              str(caught.exception))
+
+
 class ErrorLogHandlerTests(unittest.TestCase):
     """What a server library logs becomes a server-side error, or not."""
 
