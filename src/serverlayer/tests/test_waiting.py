@@ -93,6 +93,24 @@ class ActivityWaitTests(unittest.TestCase):
         activity.finish()
 
 
+def stuck(started: threading.Event, release: threading.Event, message: str) -> tuple[type[Any], Any]:
+    """A request handler and a WSGI application that say they started, wait
+    for ``release``, then raise ``message``: a request left running."""
+
+    class Stuck(custom.RequestHandler):
+        def do_GET(self):
+            started.set()
+            release.wait(TIMEOUT)
+            raise RuntimeError(message)
+
+    def wsgi_app(environ, start_response):
+        started.set()
+        release.wait(TIMEOUT)
+        raise RuntimeError(message)
+
+    return Stuck, wsgi_app
+
+
 class LeftRunningTests(unittest.TestCase):
     """A request that a test left running (a client that stopped reading, a
     handler waiting for ever) holds up its own test's end, not every later
@@ -102,16 +120,7 @@ class LeftRunningTests(unittest.TestCase):
     def layers(self, started: threading.Event, release: threading.Event) -> dict[str, Any]:
         from serverlayer import asgi, wsgi
 
-        class Stuck(custom.RequestHandler):
-            def do_GET(self):
-                started.set()
-                release.wait(TIMEOUT)
-                raise RuntimeError("raised after its test ended")
-
-        def wsgi_app(environ, start_response):
-            started.set()
-            release.wait(TIMEOUT)
-            raise RuntimeError("raised after its test ended")
+        Stuck, wsgi_app = stuck(started, release, "raised after its test ended")
 
         async def asgi_app(scope, receive, send):
             if scope["type"] != "http":
@@ -245,16 +254,7 @@ class RaisedWhileStoppingTests(unittest.TestCase):
     def layers(self, started: threading.Event, release: threading.Event) -> dict[str, Any]:
         from serverlayer import content, wsgi
 
-        class Stuck(custom.RequestHandler):
-            def do_GET(self):
-                started.set()
-                release.wait(TIMEOUT)
-                raise RuntimeError("raised while its server stopped")
-
-        def wsgi_app(environ, start_response):
-            started.set()
-            release.wait(TIMEOUT)
-            raise RuntimeError("raised while its server stopped")
+        Stuck, wsgi_app = stuck(started, release, "raised while its server stopped")
 
         return {
             "custom": custom.Layer(Stuck, name="stopping_custom"),

@@ -13,7 +13,9 @@ import unittest
 import urllib.error
 import urllib.request
 import wsgiref.util
+from collections.abc import Callable
 from contextlib import redirect_stderr
+from typing import Any
 from unittest import mock
 
 from serverlayer import ConfigurationError, wsgi
@@ -492,6 +494,29 @@ class QuietnessTests(unittest.TestCase):
 
 
 
+def stream_after(go: threading.Event) -> Callable[..., Any]:
+    """An application that streams a few bytes, then, once ``go`` is set,
+    128 MiB: more than a client that stopped reading leaves room for."""
+
+    def late_stream(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+        def body():
+            yield b"first"
+            go.wait(10)
+            for _ in range(2000):
+                yield bytes(65536)
+
+        return body()
+
+    return late_stream
+
+
+def next_test(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"next test"]
+
+
 class ClientThatStopsReadingTests(unittest.TestCase):
     """A client that stops reading a long streamed answer (a page left open
     with its media half loaded) does not hold up every test's end."""
@@ -518,23 +543,8 @@ class ClientThatStopsReadingTests(unittest.TestCase):
 
     def test_a_stream_that_stalls_while_the_test_end_waits_is_cut_at_its_end(self):
         go = threading.Event()
-
-        def late_stream(environ, start_response):
-            start_response("200 OK", [("Content-Type", "application/octet-stream")])
-
-            def body():
-                yield b"first"
-                go.wait(10)  # the rest begins while the end of the test waits for quiet
-                for _ in range(2000):
-                    yield bytes(65536)
-
-            return body()
-
-        def hello(environ, start_response):
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"next test"]
-
-        layer = set_up_by_hand(self, wsgi.Layer(late_stream, name="wsgi_late_stall", threads=1))
+        # The rest begins while the end of the test waits for quiet.
+        layer = set_up_by_hand(self, wsgi.Layer(stream_after(go), name="wsgi_late_stall", threads=1))
         layer.quiet_timeout = 0.5
         reader_that_stops(self, layer, "/")
         timer = threading.Timer(0.1, go.set)
@@ -543,7 +553,7 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         layer.check_after_test()  # cuts what stalled so far, waits in vain, gives up
         layer.testTearDown()  # cuts what stalled since
         layer.testSetUp()
-        layer["httpd"].set_app(hello)
+        layer["httpd"].set_app(next_test)
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:  # the one worker is free
             self.assertEqual(response.read(), b"next test")
 
@@ -552,30 +562,15 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         # testTearDown: the one worker waited for a reader gone for good,
         # and the next test's request for the worker.
         go = threading.Event()
-
-        def late_stream(environ, start_response):
-            start_response("200 OK", [("Content-Type", "application/octet-stream")])
-
-            def body():
-                yield b"first"
-                go.wait(10)  # the rest begins once the test has ended
-                for _ in range(2000):
-                    yield bytes(65536)
-
-            return body()
-
-        def hello(environ, start_response):
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"next test"]
-
-        layer = set_up_by_hand(self, wsgi.Layer(late_stream, name="wsgi_stall_after_the_test", threads=1))
+        # The rest begins once the test has ended.
+        layer = set_up_by_hand(self, wsgi.Layer(stream_after(go), name="wsgi_stall_after_the_test", threads=1))
         layer.quiet_timeout = 0.1
         reader_that_stops(self, layer, "/")
         layer.check_after_test()  # nothing stalled: waits in vain, gives up
         layer.testTearDown()
         go.set()  # the stream stalls now, its test over
         layer.testSetUp()
-        layer["httpd"].set_app(hello)
+        layer["httpd"].set_app(next_test)
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:  # the one worker is free
             self.assertEqual(response.read(), b"next test")
 
