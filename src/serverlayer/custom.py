@@ -612,10 +612,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         errors: ErrorLog,
         threads: int,
         thread_name: str,
-        owner: str = "serverlayer",
     ) -> None:
-        #: Who is told that a test set one of the server's own names: the layer.
-        self._owner = owner
         host, port = sockets[0].getsockname()[:2]
         super().__init__((host, port), handler_class)
         self.handler_class = handler_class
@@ -651,10 +648,11 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         #: workers: a WebSocket closing at the test's end reads what its
         #: client sent before it saw the close, until then at most.
         self._ending_deadline: Deadline | None = None
-        #: The threads waiting on connections (``wait_readable``): a set,
-        #: not a count, which every request would change through the
-        #: server's ``__setattr__``.
-        self._waiting: set[int] = set()
+        #: The threads waiting on connections (``wait_readable``): a list
+        #: changed in place, not a count, which every request would change
+        #: through the server's ``__setattr__`` (and not a set: an empty
+        #: one costs every idle server 216 bytes, a list 56).
+        self._waiting: list[int] = []
         #: Connections a handler is writing a test's answer to (``writing``),
         #: and those of them the end of the test cut. A lock of their own,
         #: taken twice for every answer of a content layer: a plain Lock is
@@ -692,7 +690,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         # that replaced them.
         if name in _SERVER_METHODS:
             raise ConfigurationError(
-                f"{self._owner}: httpd.{name} belongs to the server itself, which the layer uses."
+                f"{self._errors.owner}: httpd.{name} belongs to the server itself, which the layer uses."
                 f" Keep the test's state on the server under another name, such as httpd.{name}_state."
             )
         super().__setattr__(name, value)
@@ -885,7 +883,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._workers_lock:
             if self._recalling or self._test_ending or self._stopping or (worker is not None and worker.retiring):
                 return None
-            self._waiting.add(threading.get_ident())
+            self._waiting.append(threading.get_ident())
             if idle:
                 self._activity.finish()
         try:
@@ -895,7 +893,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             with self._workers_lock:
                 if idle:
                     self._activity.start()
-                self._waiting.discard(threading.get_ident())
+                self._waiting.remove(threading.get_ident())
                 if self._recalling and self._workers_changed is not None:  # test_ended waits for the last one
                     self._workers_changed.notify_all()
         if connection is not None and connection.fileno() in ready:
@@ -1339,5 +1337,4 @@ class Layer(HTTPLayer):
             errors=self.server_errors,
             threads=self.threads,
             thread_name=f"serverlayer {self.__module__}.{self.__name__}",
-            owner=repr(self),
         )
