@@ -1095,8 +1095,13 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._connections_lock:
             conversation = self._connections.get(request)
         handler = conversation.handler if conversation is not None else None
-        if isinstance(exc, DISCONNECTS) and _raised_by_connection(
-            tb, (request, getattr(handler, "connection", None), getattr(handler, "request", None))
+        # While the server stops, a disconnect is what the stop did to the
+        # handler's connection (shut down or closed under it).
+        if isinstance(exc, DISCONNECTS) and (
+            self._stopping
+            or _raised_by_connection(
+                tb, (request, getattr(handler, "connection", None), getattr(handler, "request", None))
+            )
         ):
             return
         command, path = getattr(handler, "command", None), getattr(handler, "path", None)
