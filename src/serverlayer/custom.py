@@ -1100,7 +1100,15 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         if isinstance(exc, DISCONNECTS) and (
             self._stopping
             or _raised_by_connection(
-                tb, (request, getattr(handler, "connection", None), getattr(handler, "request", None))
+                tb,
+                (
+                    request,
+                    getattr(handler, "connection", None),
+                    getattr(handler, "request", None),
+                    # The handler's read file: closed by its finish() before
+                    # this runs, its SocketIO no longer holds the connection.
+                    getattr(getattr(handler, "rfile", None), "raw", None),
+                ),
             )
         ):
             return
