@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from types import TracebackType
+from types import MethodType, TracebackType
 from typing import Any, cast
 
 import plone.testing
@@ -262,6 +262,11 @@ def has_buffered_data(connection: socket.socket, rfile: Any) -> bool:
         connection.settimeout(timeout)
 
 
+def _log_if_verbose(handler: http.server.BaseHTTPRequestHandler, format: str, *args: Any) -> None:
+    if verbose():
+        http.server.BaseHTTPRequestHandler.log_message(handler, format, *args)
+
+
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     """A request handler that logs nothing unless ``$SERVERLAYER_VERBOSE`` is set.
 
@@ -327,6 +332,8 @@ class _Conversation:
         record_requests(handler, server._request_log, self.client_cert, cut=lambda: self.reading_cut)
         handler.parse_request = functools.partial(self._parse_request, handler.parse_request)  # type: ignore[method-assign]
         handler.log_error = self._log_error  # type: ignore[method-assign]
+        if server._logs_to_stderr:
+            handler.log_message = MethodType(_log_if_verbose, handler)  # type: ignore[method-assign]
         if server._handler_shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
@@ -624,6 +631,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         # http.server and gocept.httpserverlayer.
         self._request_log = requests
         self._handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
+        #: Whether the handler logs with http.server's ``log_message``, which
+        #: writes every request to stderr (a plain ``BaseHTTPRequestHandler``
+        #: subclass, ``SimpleHTTPRequestHandler``): quiet unless verbose, as ours.
+        self._logs_to_stderr = handler_class.log_message is http.server.BaseHTTPRequestHandler.log_message
         #: One listening socket per address of the layer's host, all on one port.
         self.sockets = list(sockets)
         self.socket = self.sockets[0]

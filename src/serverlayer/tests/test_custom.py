@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import http.client
+import http.server
 import io
 import os
 import socket
 import socketserver
 import struct
+import tempfile
 import threading
 import time
 import unittest
@@ -1013,10 +1016,30 @@ class StalledReaderTests(unittest.TestCase):
         self.stream_to_a_reader_that_stops(OwnLoop)
 
 
-class QuietnessTests(unittest.TestCase):
+class PlainGreeter(http.server.BaseHTTPRequestHandler):
+    """A handler as http.server's documentation writes them: its
+    ``log_message`` is the standard library's, which writes to stderr."""
 
-    def exercise(self):
-        layer = custom.Layer(Greeter, name=f"quiet_{self._testMethodName}")
+    do_GET = Greeter.do_GET
+
+
+class QuietnessTests(unittest.TestCase):
+    """Requests are logged to stderr only under ``$SERVERLAYER_VERBOSE``,
+    whatever the handler: ours, a plain ``BaseHTTPRequestHandler`` subclass,
+    or ``SimpleHTTPRequestHandler`` through ``functools.partial``."""
+
+    def handlers(self):
+        directory = self.enterContext(tempfile.TemporaryDirectory())
+        with open(os.path.join(directory, "logged"), "w") as file:
+            file.write("a file")
+        return {
+            "ours": Greeter,
+            "plain": PlainGreeter,
+            "partial": functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory),
+        }
+
+    def exercise(self, handler):
+        layer = custom.Layer(handler, name=f"quiet_{self._testMethodName}")
         stderr = io.StringIO()
         with redirect_stderr(stderr):
             set_up_by_hand(self, layer)
@@ -1029,11 +1052,28 @@ class QuietnessTests(unittest.TestCase):
         with mock.patch.dict(os.environ):
             os.environ.pop("SERVERLAYER_VERBOSE", None)
             os.environ.pop("GOCEPT_HTTP_VERBOSE_LOGGING", None)
-            self.assertEqual(self.exercise(), "")
+            for kind, handler in self.handlers().items():
+                with self.subTest(kind):
+                    self.assertEqual(self.exercise(handler), "")
 
     def test_verbose_variable_logs_requests(self):
         with mock.patch.dict(os.environ, {"SERVERLAYER_VERBOSE": "1"}):
-            self.assertIn('"GET /logged HTTP/1.1" 200', self.exercise())
+            for kind, handler in self.handlers().items():
+                with self.subTest(kind):
+                    self.assertIn('"GET /logged HTTP/1.1" 200', self.exercise(handler))
+
+    def test_a_handler_logging_its_own_way_keeps_it(self):
+        logged = []
+
+        class OwnLog(Greeter):
+            def log_message(self, format, *args):
+                logged.append(format % args)
+
+        with mock.patch.dict(os.environ):
+            os.environ.pop("SERVERLAYER_VERBOSE", None)
+            self.assertEqual(self.exercise(OwnLog), "")
+        self.assertEqual(len(logged), 1)
+        self.assertIn('"GET /logged HTTP/1.1" 200', logged[0])
 
 
 class LongWaitTests(unittest.TestCase):
