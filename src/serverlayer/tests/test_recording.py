@@ -142,6 +142,22 @@ class RecordingChecks:
         self.assertIn(b"echo:de", received)
         self.assertEqual([(r.path, r.body) for r in self.layer["http_requests"]], [("/a", b"abc"), ("/b", b"de")])
 
+    #: The records of an upload its client left unfinished: none where the
+    #: application or handler runs once the body is whole.
+    unfinished_upload_records: list[str] = []
+
+    def test_an_upload_its_client_left_unfinished(self):
+        urllib.request.urlopen(self.layer["http_url"] + "whole", timeout=5).close()
+        with socket.create_connection((self.layer["http_host"], self.layer["http_port"]), timeout=5) as sock:
+            sock.sendall(b"POST /unfinished HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+            # Once the server asks for the body, it reads it: a wait for
+            # quiet waits until it has seen the client leave.
+            self.assertEqual(sock.recv(25), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"half")
+        self.layer.check_server_errors()  # waits until no request runs
+        self.assertEqual([request.summary() for request in self.layer["http_requests"]],
+                         ["GET /whole", *self.unfinished_upload_records])
+
     def test_wait_for_a_request_made_in_the_background(self):
         def request_later():
             time.sleep(0.05)  # the application under test taking its time
@@ -184,6 +200,16 @@ class CustomRecordingTests(RecordingChecks, unittest.TestCase):
 
     def test_the_published_handler_is_the_users_class(self):
         self.assertIs(self.layer["request_handler"], EchoHandler)
+
+
+class ASGIRecordingTests(RecordingChecks, unittest.TestCase):
+    layer = ASGI_RECORDED
+    # The application runs once the head is in, and read what came of the body.
+    unfinished_upload_records = ["POST /unfinished (4 bytes)"]
+
+
+class ASGIH11RecordingTests(ASGIRecordingTests):
+    layer = ASGI_H11_RECORDED
 
 
 #: Header fields as a client may send them: names in any case, with an
