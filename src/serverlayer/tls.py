@@ -470,14 +470,36 @@ class TrustLayer(plone.testing.Layer):
         del self["ca_bundle"]
 
 
+#: The handlers of the opener ``urlopen()`` builds for itself, in ``build_opener()``.
+_URLLIB_DEFAULT_HANDLERS = frozenset({
+    urllib.request.ProxyHandler, urllib.request.UnknownHandler, urllib.request.HTTPHandler,
+    urllib.request.HTTPDefaultErrorHandler, urllib.request.HTTPRedirectHandler, urllib.request.FTPHandler,
+    urllib.request.FileHandler, urllib.request.HTTPErrorProcessor, urllib.request.DataHandler,
+    urllib.request.HTTPSHandler,
+})
+
+
 def _forget_urllib_opener() -> None:
     """Make ``urlopen()`` read the CA settings again.
 
     Since Python 3.12 its default opener makes its TLS context once, when
     the first ``urlopen()`` of the process builds it; ``install_opener(None)``
-    is the documented way to have the next call build a new one.
+    is the documented way to have the next call build a new one. An opener
+    the suite installed (cookies, authentication, proxies of its own) is
+    kept: dropping it would change every later request of the suite.
     """
-    urllib.request.install_opener(None)  # type: ignore[arg-type]
+    installed = getattr(urllib.request, "_opener", None)  # urllib keeps it there, and nowhere public
+    if installed is None or _is_urllib_default(installed):
+        urllib.request.install_opener(None)  # type: ignore[arg-type]
+
+
+def _is_urllib_default(opener: urllib.request.OpenerDirector) -> bool:
+    for handler in opener.handlers:
+        if type(handler) not in _URLLIB_DEFAULT_HANDLERS:
+            return False
+        if isinstance(handler, urllib.request.ProxyHandler) and handler.proxies != urllib.request.getproxies():
+            return False
+    return True
 
 
 #: Trust the test CA for the duration of a layer.

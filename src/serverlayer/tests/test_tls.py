@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import http.client
+import http.cookiejar
 import os
 import select
 import shutil
@@ -482,6 +483,37 @@ class TrustTests(unittest.TestCase):
         self.assertEqual({name: os.environ.get(name) for name in tls.TRUST_ENVIRONMENT}, before)
         with self.assertRaises(urllib.error.URLError):
             fetch(layer["http_url"])
+
+    def test_an_opener_the_suite_installed_is_kept(self):
+        layer = set_up_by_hand(self, wsgi.Layer(scheme_app, name="trusted_own_opener", tls=True))
+        jar = http.cookiejar.CookieJar()
+        suites = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        urllib.request.install_opener(suites)
+        self.addCleanup(urllib.request.install_opener, None)
+        tls.TRUST_TEST_CA.setUp()
+        try:
+            with urllib.request.urlopen(layer["http_url"], context=layer["ssl_context"], timeout=5) as answer:
+                self.assertEqual(answer.read(), b"https /")
+        finally:
+            tls.TRUST_TEST_CA.tearDown()
+        self.assertIs(urllib.request._opener, suites)
+
+    def test_urllibs_own_opener_is_made_anew(self):
+        """Its TLS context, made once since Python 3.12, is made again with
+        the test CA; the one made with it goes at tearDown."""
+        layer = set_up_by_hand(self, wsgi.Layer(scheme_app, name="trusted_default_opener", tls=True))
+        urllib.request.install_opener(None)
+        self.addCleanup(urllib.request.install_opener, None)
+        with self.assertRaises(urllib.error.URLError):
+            urllib.request.urlopen(layer["http_url"], timeout=5)
+        tls.TRUST_TEST_CA.setUp()
+        try:
+            with urllib.request.urlopen(layer["http_url"], timeout=5) as answer:
+                self.assertEqual(answer.read(), b"https /")
+        finally:
+            tls.TRUST_TEST_CA.tearDown()
+        with self.assertRaises(urllib.error.URLError):
+            urllib.request.urlopen(layer["http_url"], timeout=5)
 
 
 def make_message():
