@@ -494,10 +494,14 @@ def _forget_urllib_opener() -> None:
 
 
 def _is_urllib_default(opener: urllib.request.OpenerDirector) -> bool:
-    for handler in opener.handlers:
+    handlers = getattr(opener, "handlers", None)  # an OpenerDirector's, untyped
+    if handlers is None:  # an opener of the suite's own making
+        return False
+    for handler in handlers:
         if type(handler) not in _URLLIB_DEFAULT_HANDLERS:
             return False
-        if isinstance(handler, urllib.request.ProxyHandler) and handler.proxies != urllib.request.getproxies():
+        proxies = getattr(handler, "proxies", None)  # a ProxyHandler's
+        if isinstance(handler, urllib.request.ProxyHandler) and proxies != urllib.request.getproxies():
             return False
     return True
 
