@@ -153,13 +153,23 @@ class _BindFailure(Exception):
         self.error = error
 
 
-def _set_listening_options(sock: socket.socket) -> None:
+def _set_listening_options(sock: socket.socket, *, ipv4_too: bool = False) -> None:
     """Set what a listening socket needs before it is bound."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sock.family == socket.AF_INET6:
         # Without it, [::] would take the port at 0.0.0.0 too, which a
-        # wildcard name also resolves to.
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # wildcard name also resolves to, and which gets a socket of its own.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ipv4_too else 1)
+
+
+def _serves_ipv4_too(addresses: Sequence[Address]) -> bool:
+    """Whether the one socket at ``::`` is to take IPv4 clients as well.
+
+    ``host="::"`` asks for every interface, and the layer publishes this
+    machine's name, which most often resolves to an IPv4 address only: an
+    IPv6-only socket would leave that URL refused.
+    """
+    return len(addresses) == 1 and addresses[0][0] == socket.AF_INET6 and addresses[0][3][0] == "::"
 
 
 def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
@@ -176,12 +186,12 @@ def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
 LISTEN_BACKLOG = 1024
 
 
-def _listen(address: Address, port: int) -> socket.socket:
+def _listen(address: Address, port: int, *, ipv4_too: bool = False) -> socket.socket:
     """A socket listening on ``address`` at ``port``; raises OSError."""
     family, socktype, proto, _ = address
     sock = socket.socket(family, socktype, proto)
     try:
-        _set_listening_options(sock)
+        _set_listening_options(sock, ipv4_too=ipv4_too)
         sock.bind(_bind_address(address, port))
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
@@ -201,7 +211,7 @@ def _listen_everywhere(addresses: list[Address], port: int) -> list[socket.socke
     try:
         for address in addresses:
             try:
-                sock = _listen(address, port)
+                sock = _listen(address, port, ipv4_too=_serves_ipv4_too(addresses))
             except OSError as exc:
                 failure = _BindFailure(address[3][0], port, exc)
                 if exc.errno in _UNAVAILABLE and len(addresses) > 1:

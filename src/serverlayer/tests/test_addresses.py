@@ -217,6 +217,23 @@ class EveryAddressTests(MadeUpNames):
             server_module._set_listening_options(sock)
             self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
 
+    def test_the_ipv6_wildcard_alone_takes_ipv4_clients_too(self):
+        """``host="::"`` is every interface, and the layer publishes this
+        machine's name, which most often resolves to IPv4 alone. Checked
+        on the socket before it is bound (tests listen on loopback only):
+        ``::`` alone leaves the option off, as Linux would by default."""
+        def addresses(host):
+            return server_module.resolve(host, 0, owner="a layer", source="a test")
+
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            server_module._set_listening_options(sock, ipv4_too=server_module._serves_ipv4_too(addresses("::")))
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 0)
+        for host in ("::1", "127.0.0.1", "0.0.0.0"):
+            with self.subTest(host):
+                self.assertFalse(server_module._serves_ipv4_too(addresses(host)))
+        wildcard_name = [*addresses("0.0.0.0"), *addresses("::")]  # what a name may resolve to
+        self.assertFalse(server_module._serves_ipv4_too(wildcard_name))
+
     def test_a_link_local_address_keeps_its_interface(self):
         """Tests listen on loopback only, and ``fe80::`` addresses are not;
         this checks what would be bound."""
@@ -348,11 +365,11 @@ class BusyPortTests(MadeUpNames):
         real_listen = server_module._listen
         asked: list[int] = []
 
-        def listen(address: Any, wanted: int) -> socket.socket:
+        def listen(address: Any, wanted: int, **options: Any) -> socket.socket:
             asked.append(wanted)
             if wanted == 0 and asked.count(0) <= times:
                 wanted = port
-            return real_listen(address, wanted)
+            return real_listen(address, wanted, **options)
 
         patcher = mock.patch.object(server_module, "_listen", listen)
         patcher.start()
@@ -396,11 +413,11 @@ class BusyPortTests(MadeUpNames):
         real_listen = server_module._listen
         asked: list[tuple[str, int]] = []
 
-        def listen(address: Any, wanted: int) -> socket.socket:
+        def listen(address: Any, wanted: int, **options: Any) -> socket.socket:
             asked.append((address[3][0], wanted))
             if address[3][0] == "::1":
                 raise PermissionError(errno.EACCES, "Permission denied")
-            return real_listen(address, wanted)
+            return real_listen(address, wanted, **options)
 
         descriptors = open_descriptors()
         layer = wsgi.Layer(hello_app, name="denied_at_one", host="dual.test")
