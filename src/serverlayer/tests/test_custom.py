@@ -8,6 +8,7 @@ import http.client
 import http.server
 import io
 import os
+import shutil
 import socket
 import socketserver
 import struct
@@ -1029,7 +1030,8 @@ class QuietnessTests(unittest.TestCase):
     or ``SimpleHTTPRequestHandler`` through ``functools.partial``."""
 
     def handlers(self):
-        directory = self.enterContext(tempfile.TemporaryDirectory())
+        directory = tempfile.mkdtemp(prefix="serverlayer-quiet-")
+        self.addCleanup(shutil.rmtree, directory)
         with open(os.path.join(directory, "logged"), "w") as file:
             file.write("a file")
         return {
