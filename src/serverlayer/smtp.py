@@ -402,9 +402,11 @@ class _Connection(SMTP):  # type: ignore[misc]
             self._arranged_split = split
         return reply
 
-    async def drop_connection(self) -> None:
-        """Close the connection without a reply; never returns."""
-        self.transcript.closed()
+    async def drop_connection(self, *, recorded: bool = False) -> None:
+        """Close the connection without a reply (or after one that
+        ``recorded`` the closing already); never returns."""
+        if not recorded:
+            self.transcript.closed()
         if self.transport is not None:
             self.transport.close()
         # Closing makes aiosmtpd cancel this conversation's task (in
@@ -468,6 +470,15 @@ class _Connection(SMTP):  # type: ignore[misc]
         for each in line.split("\r\n"):  # LMTP answers a message with a line per recipient
             self.transcript.server(each, arranged=arranged or each in self._arranged_replies)
         self._arranged_replies.clear()
+        # 421: the server is closing the channel (RFC 5321 section 3.8);
+        # nothing the client sent after it is served. The closing is
+        # recorded before the client can read the reply, as the reply is: a
+        # client hangs up on reading it (smtplib does), and its test may end
+        # at once; recorded later, it was missing from that test's
+        # transcript and came in the next test's, as a connection of its own.
+        closing = any(each.startswith("421") for each in line.split("\r\n"))
+        if closing:
+            self.transcript.closed()
         if split is None:
             split, self._arranged_split = self._arranged_split, None
         if line.startswith("354"):
@@ -480,10 +491,8 @@ class _Connection(SMTP):  # type: ignore[misc]
             # The reply to the message: aiosmtpd skips _set_post_data_state
             # when its DATA hook raised, and then sends only this.
             self._end_message()
-        if any(each.startswith("421") for each in line.split("\r\n")):
-            # 421: the server is closing the channel (RFC 5321 section 3.8);
-            # nothing the client sent after it is served.
-            await self.drop_connection()
+        if closing:
+            await self.drop_connection(recorded=True)
 
     async def _send_split(self, line: str, pause: float) -> None:
         middle = len(line) // 2

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import shutil
 import smtplib
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 import unittest.mock
@@ -22,6 +24,7 @@ import aiosmtplib
 
 from serverlayer import ConfigurationError, smtp
 from serverlayer.errors import MailTimeoutError
+from serverlayer.smtp_failures import Transcript
 from serverlayer.tests.helpers import set_up_by_hand
 
 FAILURES = smtp.Layer(name="FAILURES", auth={"alice": "secret"})
@@ -843,6 +846,36 @@ class RealServerReplyTests(FailureTestCase):
         self.assertTrue(reader.readline().startswith(b"421 "))
         self.assertEqual(reader.readline(), b"")  # closed: "closing transmission channel"
         self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
+
+    def test_a_421_closing_is_in_the_transcript_before_the_client_can_read_the_reply(self):
+        # The closing was recorded after the 421 went out. smtplib hangs up
+        # on reading a 421, and a test checking the transcript then often
+        # found no "<connection closed>"; once the next test had begun, it
+        # landed in that test's transcripts, as a connection of its own.
+        raw, reader = self.after_helo()
+        readable_when_recorded = []
+        recorded = threading.Event()
+        record_closing = Transcript.closed
+
+        def closed(transcript: Transcript) -> None:  # in the server's thread
+            readable_when_recorded.append(bool(select.select([raw], [], [], 0)[0]))
+            record_closing(transcript)
+            recorded.set()
+
+        self.smtpd.fail("mail", 421)
+        with unittest.mock.patch.object(Transcript, "closed", closed):
+            raw.sendall(b"MAIL FROM:<shop@example.org>\r\n")
+            self.assertTrue(recorded.wait(10))  # not reading meanwhile: what came stays readable
+            self.assertTrue(reader.readline().startswith(b"421 "))
+            self.assertEqual(reader.readline(), b"")
+        self.assertEqual(readable_when_recorded, [False])  # the client had nothing to read yet
+        self.assertEqual(self.smtpd.transcripts[0].lines[-2:], [
+            "S: 421 4.3.2 Service not available, closing transmission channel", "S: <connection closed>",
+        ])
+        self.layer.testTearDown()
+        self.layer.testSetUp()  # what the test runner calls before the next test
+        self.assertEqual(self.send(), {})
+        self.assertEqual(len(self.smtpd.transcripts), 1)
 
     def at_354(self) -> tuple[socket.socket, Any]:
         """A raw connection whose message the server is ready to take, and a file reading it."""
