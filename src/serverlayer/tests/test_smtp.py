@@ -158,6 +158,32 @@ class OutboxTests(unittest.TestCase):
             self.layer["outbox"].wait_for(match=addressed_to_mallory, timeout=0.05)
         self.assertIn("matching addressed_to_mallory; 0 of them arrived, 0 message(s) in all.", str(caught.exception))
 
+    def test_wait_for_refuses_what_it_cannot_wait_for_at_the_call(self):
+        # match="bob@example.com", as smtpd.fail() takes it, waited the whole
+        # timeout on an empty outbox and then said no message matched it,
+        # or raised "'str' object is not callable" once one came; a count of
+        # "2" raised a TypeError from inside the wait, one of 1.5 waited the
+        # whole timeout for a count no outbox reaches.
+        outbox = self.layer["outbox"]
+        for arguments, says in [
+            ({"match": "bob@example.com"}, "match='bob@example.com' must be a function"),
+            ({"count": "2"}, "count='2' must be a whole number"),
+            ({"count": 1.5}, "count=1.5 must be a whole number"),
+            ({"count": -1}, "count=-1 must be a whole number"),
+            ({"timeout": "5"}, "timeout='5' must be a number of seconds"),
+            ({"timeout": -1}, "timeout=-1 must be a number of seconds"),
+        ]:
+            with self.subTest(**arguments):
+                started = time.monotonic()
+                with self.assertRaises(ConfigurationError) as caught:
+                    outbox.wait_for(**{"timeout": 0.5, **arguments})
+                self.assertIn(says, str(caught.exception))
+                self.assertLess(time.monotonic() - started, 0.4)  # at the call, not after waiting
+        Client.connect(self, self.layer).send_message(make_message(subject="one"))
+        with self.assertRaises(ConfigurationError):
+            outbox.wait_for(match="bob@example.com")
+        self.assertEqual(outbox.wait_for(0, timeout=0), [])
+
 
 class ProtocolTests(unittest.TestCase):
     layer = MAIL_LAYER
