@@ -34,10 +34,16 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals, Unread
-from serverlayer.errors import AddressInUseError, ConfigurationError, MailTimeoutError, ServerLayerError
+from serverlayer.errors import (
+    AddressInUseError,
+    ConfigurationError,
+    MailTimeoutError,
+    ServerLayerError,
+    ServerSideError,
+)
 from serverlayer.layer import ServerLayer, flag, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
-from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread
+from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread, holding_code
 from serverlayer.smtp_failures import (
     COMMAND_STAGES,
     Arrangement,
@@ -1055,6 +1061,31 @@ class Layer(ServerLayer):
         if self.tls:
             resources.update(tls_resources(tls.certificate_authority()))
         return resources
+
+    def tearDown(self) -> None:
+        running = self._running
+        try:
+            super().tearDown()
+        finally:
+            if running is not None and running.thread.is_alive():
+                self._report_held_loop(running.thread)
+
+    def _report_held_loop(self, thread: threading.Thread) -> None:
+        """Fail the tear-down of a server whose thread outlived the stop.
+
+        Only synchronous code on the event loop keeps it from stopping in
+        time: an ``auth=`` check or a ``match=`` function that blocks (a
+        slow directory lookup). ``tearDown`` returned as if all went well,
+        with the thread left running; where it is shows what holds it.
+        """
+        where = holding_code(thread.ident) or ""
+        self._tear_down_raised = True
+        raise ServerSideError(
+            f"{self!r}: the server's event loop did not stop within the layer's stop_timeout"
+            f" ({self.stop_timeout} seconds): synchronous code holds it, such as an auth= check or"
+            " a match= function that blocks. The server's thread is left behind until it"
+            " returns. The loop's thread is at:\n\n" + where
+        )
 
     def testSetUp(self) -> None:
         super().testSetUp()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import gc
 import io
@@ -20,6 +21,7 @@ from email.message import EmailMessage
 from unittest import mock
 
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
+from serverlayer.errors import ServerSideError
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, stop_in_the_round_that_accepts
 
 MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
@@ -480,6 +482,51 @@ class AuthTests(unittest.TestCase):
         for error in errors:  # one per mechanism smtplib tried
             self.assertIn("LookupError: user database is down", error)
         self.assertEqual(Client.connect(self, layer).noop()[0], 250)
+
+    def test_a_check_holding_the_loop_past_stop_timeout_fails_tear_down_and_leaves_nothing_open(self):
+        # A check function runs on the server's event loop; one that blocks
+        # (a slow directory lookup) at tearDown kept the loop from stopping.
+        # tearDown returned after stop_timeout as if all went well, with the
+        # server's thread left running, and once the check returned, the
+        # thread's shutdown failed on the listening socket tearDown had
+        # closed: the loop and the connection were never closed
+        # (ResourceWarnings when collected).
+        entered, release = threading.Event(), threading.Event()
+
+        def check(username, password):
+            entered.set()
+            release.wait(10)  # synchronous: nothing else runs on the loop meanwhile
+            return True
+
+        layer = smtp.Layer(name="AUTH_HOLDS_THE_LOOP", auth=check, stop_timeout=0.2)
+        layer.setUp()
+        server = layer["smtpd"]
+
+        def log_in():
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=10) as client:
+                    client.login("alice", "s3cret")
+
+        client = threading.Thread(target=log_in)
+        client.start()
+        self.addCleanup(client.join, 10)
+        self.addCleanup(release.set)  # first: cleanups run last added first
+        self.assertTrue(entered.wait(5))
+        thread = next(each for each in threading.enumerate() if each.ident == server.thread_id)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        message = str(caught.exception)
+        self.assertIn("the server's event loop did not stop within the layer's stop_timeout (0.2 seconds)", message)
+        self.assertIn("in check\n    release.wait(10)", message)  # where the loop's thread is
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", ResourceWarning)
+            release.set()
+            thread.join(10)
+            client.join(10)
+            gc.collect()
+        self.assertFalse(thread.is_alive())
+        self.assertTrue(server.loop.is_closed())
+        self.assertEqual([str(warning.message) for warning in warned], [])
 
     def test_bad_settings(self):
         with self.assertRaises(ConfigurationError):
