@@ -991,7 +991,10 @@ class Layer(ServerLayer):
         self.starttls = starttls or require_starttls
         self.require_starttls = require_starttls
         self.implicit_tls = implicit_tls
-        if data_size_limit is not None and (not isinstance(data_size_limit, int) or data_size_limit < 1):
+        # A bool is an int: True was a limit of 1 byte, refusing every message.
+        if data_size_limit is not None and (
+            isinstance(data_size_limit, bool) or not isinstance(data_size_limit, int) or data_size_limit < 1
+        ):
             raise ConfigurationError(
                 f"{self!r}: data_size_limit={data_size_limit!r} must be a number of bytes, or None for no limit."
             )

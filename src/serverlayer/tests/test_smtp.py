@@ -412,6 +412,13 @@ class SizeLimitTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             smtp.Layer(name="BAD_LIMIT", data_size_limit=0)
 
+    def test_limit_is_no_flag(self):
+        # data_size_limit=True (as if it switched a limit on) was taken as
+        # a limit of 1 byte: every message was refused with 552.
+        with self.assertRaises(ConfigurationError) as caught:
+            smtp.Layer(name="FLAG_LIMIT", data_size_limit=True)
+        self.assertIn("data_size_limit=True must be a number of bytes", str(caught.exception))
+
     def test_the_smallest_limit_is_one_byte(self):
         layer = set_up_by_hand(self, smtp.Layer(name="ONE_BYTE_LIMIT", data_size_limit=1))
         client = Client.connect(self, layer)
