@@ -536,11 +536,18 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._crlf_lines = CRLFLines()
         if not self.arrangements.active:
             return
-        sender = sender_of(self.envelope)
-        # Counted as used once it cuts: a body shorter than its bytes is not cut.
-        cut = self.arrangements.take("message", sender, connection=id(self.transcript), cuts=True, count=False)
-        self._cut = None if cut is None else (cut, sender)
+        cut, subject = None, ""
+        for subject in self._message_subjects():
+            # Counted as used once it cuts: a body shorter than its bytes is not cut.
+            cut = self.arrangements.take("message", subject, connection=id(self.transcript), cuts=True, count=False)
+            if cut is not None:
+                break
+        self._cut = None if cut is None else (cut, subject)
         self._cut_at = None if cut is None else cut.after_bytes
+
+    def _message_subjects(self) -> list[str]:
+        """What ``match`` looks at for the message being received: its sender."""
+        return [sender_of(self.envelope)]
 
     def _end_message(self) -> None:
         self._receiving_message = self._message_ended = False
@@ -688,6 +695,12 @@ class CRLFLines:
 class _LMTPConnection(_Connection, LMTP):  # type: ignore[misc]
     """The same, speaking LMTP: LHLO instead of EHLO and HELO, and a reply
     per recipient to each message."""
+
+    def _message_subjects(self) -> list[str]:
+        # The message stage's match looks at each recipient over LMTP, as a
+        # failing reply does: a cut applies when it matches any of them. It
+        # looked at the sender, so match= a recipient never cut.
+        return list(self.envelope.rcpt_tos) if self.envelope is not None else []
 
     async def push(self, status: str | bytes, *, split: float | None = None, arranged: bool = False) -> None:
         # aiosmtpd refuses a message too large or with too long a line with

@@ -1150,6 +1150,22 @@ class LMTPTests(unittest.TestCase):
         with self.assertRaises(smtplib.SMTPServerDisconnected):
             client.noop()
 
+    def test_a_cut_matching_a_recipient(self):
+        # Over LMTP the message stage's match looks at each recipient; a cut
+        # looked at the sender, so match= a recipient never cut anything.
+        cut = self.layer["smtpd"].drop("message", after_bytes=10, match="carol@example.org")
+        client = self.sending_to_two(self.layer)
+        client.send(b"Subject: x\r\n\r\n" + b"y" * 100 + b"\r\n.\r\n")
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            client.getreply()
+        self.assertEqual((cut.used, len(self.layer["outbox"])), (1, 0))
+        self.assertEqual(self.layer["smtpd"].transcripts[0].lines[-1], "S: <connection closed>")
+        # A message to others only is not cut.
+        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        refused = client.sendmail("shop@example.org", ["bob@example.org"], b"Subject: x\r\n\r\n" + b"y" * 100 + b"\r\n")
+        self.assertEqual((refused, cut.used, len(self.layer["outbox"])), ({}, 1, 1))
+
     def test_after_a_message_whose_hook_raised_one_reply_per_command(self):
         def raising(subject: str) -> bool:
             raise ValueError("raised on purpose by a match function")
