@@ -587,8 +587,14 @@ class _Connection(SMTP):  # type: ignore[misc]
         if self._first_transport is None:  # STARTTLS calls this again with the TLS transport
             self._first_transport = transport
             self._transports.add(transport)
-            self.transcript.peer = transport.get_extra_info("peername")
-            self._transcripts.append(self.transcript)
+            # Registered in the list of the test under way, whichever test
+            # it was when the server accepted the connection and made this
+            # protocol (over TLS, before the handshake). Read through the
+            # ``transcript`` property, a test begun in between registered
+            # it there too: the list held the one transcript twice.
+            self._transcript_test = self.event_handler.test
+            self._transcript.peer = transport.get_extra_info("peername")
+            self._transcripts.append(self._transcript)
         else:  # what came before TLS is gone (aiosmtpd clears its buffer too)
             self._client_lines = _ClientLines()
         super().connection_made(transport)

@@ -11,6 +11,7 @@ import select
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -393,6 +394,40 @@ class ScopeTests(FailureTestCase):
         self.assertIn("-> 500 Line too long", str(caught.exception))
         client.quit()
         self.assertEqual(transcript.lines[-2:], ["C: QUIT", "S: 221 Bye"])
+
+    def test_a_connection_accepted_as_the_test_ended_is_in_the_next_tests_transcripts_once(self):
+        # The server makes a connection's protocol when it accepts it, and
+        # registers it when the connection is made: over TLS, after the
+        # handshake. A test that began in between had that transcript twice
+        # (the same one, registered under the old test, then again as the
+        # new test's), so len(transcripts) counted one connection as two.
+        layer = set_up_by_hand(self, smtp.Layer(name="SMTPS_TRANSCRIPTS", implicit_tls=True))
+        raw = socket.create_connection((layer["smtp_host"], layer["smtp_port"]), timeout=10)
+        self.addCleanup(raw.close)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = layer["ssl_context"].wrap_bio(incoming, outgoing, server_hostname=layer["smtp_host"])
+
+        def shake_hands() -> None:
+            try:
+                client.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            raw.sendall(outgoing.read())
+
+        shake_hands()  # the ClientHello
+        incoming.write(raw.recv(65536))  # the server's answer: it accepted the connection
+        layer.testTearDown()
+        layer.testSetUp()  # what the test runner calls before the next test
+        shake_hands()  # the client's Finished: now the server's handshake is done
+        greeting = b""
+        while not greeting.endswith(b"\r\n"):
+            try:
+                greeting += client.read()
+            except ssl.SSLWantReadError:
+                incoming.write(raw.recv(65536))
+        self.assertTrue(greeting.startswith(b"220 "), greeting)
+        [transcript] = layer["smtpd"].transcripts
+        self.assertEqual(transcript.lines, ["S: " + greeting.decode().rstrip("\r\n")])
 
     def test_aiosmtplib_retries_too(self):
         self.smtpd.fail("mail", 451, times=1)
