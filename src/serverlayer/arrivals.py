@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, Generic, TypeVar, overload
 
-from serverlayer.errors import WaitTimeoutError
+from serverlayer.errors import ConfigurationError, WaitTimeoutError
 
 T = TypeVar("T")
 
@@ -100,6 +100,8 @@ class Arrivals(Sequence[T], Generic[T]):
         ``timeout=None`` waits as long as it takes (Ctrl-C still stops it).
         """
 
+        self._check_wait(count, match, timeout)
+
         def matching() -> list[T]:
             return [item for item in self._ready() if match is None or match(item)]
 
@@ -126,6 +128,31 @@ class Arrivals(Sequence[T], Generic[T]):
             f" {len(everything)} {self.noun}(s) in all" + (f":\n{listing}" if everything else ".")
             + self.why_missing()
         )
+
+    def _check_wait(self, count: object, match: object, timeout: object) -> None:
+        """Refuse, at the call, what ``wait_for`` cannot wait for. Otherwise
+        ``match="bob@example.com"`` (as the SMTP layer's ``fail()`` takes it)
+        waited the whole timeout and then said nothing matched, or raised
+        TypeError once something came; a count of ``"2"`` raised from inside
+        the wait, and one of 1.5 waited the whole timeout for a count no list
+        reaches."""
+        noun = self.noun
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigurationError(
+                f"wait_for(): count={count!r} must be a whole number of {noun}s, 0 or more, such as 2."
+            )
+        if match is not None and not callable(match):
+            raise ConfigurationError(
+                f"wait_for(): match={match!r} must be a function that takes a {noun} and returns"
+                f" True for those to wait for, such as match=lambda {noun}: ..."
+            )
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf")
+        ):
+            raise ConfigurationError(
+                f"wait_for(): timeout={timeout!r} must be a number of seconds, 0 or more,"
+                " or None to wait as long as it takes."
+            )
 
     def why_missing(self) -> str:
         """What a timeout's message adds: what the server knows of items that did not arrive."""

@@ -781,6 +781,13 @@ class AsyncioServer:
                     logging.getLogger("asyncio").removeFilter(quiet)
 
     def _shut_down(self, servers: list[Listening]) -> None:
+        # A server whose socket ``release`` closed already (synchronous code
+        # held the loop past the layer's stop_timeout, and tearDown went on
+        # without it) cannot be closed: asyncio fails to unregister a closed
+        # socket (ValueError), and the shutdown ended there, leaving the loop
+        # and its connections open. Closing the loop unregisters it.
+        # ``serve`` starts a server per socket, in order; a failed start leaves fewer servers.
+        servers = [server for server, sock in zip(servers, self.sockets, strict=False) if sock.fileno() != -1]
         for server in servers:
             server.close()
         for transport in list(self.transports):

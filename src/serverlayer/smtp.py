@@ -34,10 +34,16 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from serverlayer import tls
 from serverlayer.arrivals import Arrivals, Unread
-from serverlayer.errors import AddressInUseError, ConfigurationError, MailTimeoutError, ServerLayerError
+from serverlayer.errors import (
+    AddressInUseError,
+    ConfigurationError,
+    MailTimeoutError,
+    ServerLayerError,
+    ServerSideError,
+)
 from serverlayer.layer import ServerLayer, flag, tls_resources
 from serverlayer.reporting import ErrorLog, ErrorLogHandler
-from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread
+from serverlayer.server import LISTEN_BACKLOG, AsyncioServer, Listening, ServerThread, holding_code
 from serverlayer.smtp_failures import (
     COMMAND_STAGES,
     Arrangement,
@@ -402,9 +408,11 @@ class _Connection(SMTP):  # type: ignore[misc]
             self._arranged_split = split
         return reply
 
-    async def drop_connection(self) -> None:
-        """Close the connection without a reply; never returns."""
-        self.transcript.closed()
+    async def drop_connection(self, *, recorded: bool = False) -> None:
+        """Close the connection without a reply (or after one that
+        ``recorded`` the closing already); never returns."""
+        if not recorded:
+            self.transcript.closed()
         if self.transport is not None:
             self.transport.close()
         # Closing makes aiosmtpd cancel this conversation's task (in
@@ -468,6 +476,15 @@ class _Connection(SMTP):  # type: ignore[misc]
         for each in line.split("\r\n"):  # LMTP answers a message with a line per recipient
             self.transcript.server(each, arranged=arranged or each in self._arranged_replies)
         self._arranged_replies.clear()
+        # 421: the server is closing the channel (RFC 5321 section 3.8);
+        # nothing the client sent after it is served. The closing is
+        # recorded before the client can read the reply, as the reply is: a
+        # client hangs up on reading it (smtplib does), and its test may end
+        # at once; recorded later, it was missing from that test's
+        # transcript and came in the next test's, as a connection of its own.
+        closing = any(each.startswith("421") for each in line.split("\r\n"))
+        if closing:
+            self.transcript.closed()
         if split is None:
             split, self._arranged_split = self._arranged_split, None
         if line.startswith("354"):
@@ -480,10 +497,8 @@ class _Connection(SMTP):  # type: ignore[misc]
             # The reply to the message: aiosmtpd skips _set_post_data_state
             # when its DATA hook raised, and then sends only this.
             self._end_message()
-        if any(each.startswith("421") for each in line.split("\r\n")):
-            # 421: the server is closing the channel (RFC 5321 section 3.8);
-            # nothing the client sent after it is served.
-            await self.drop_connection()
+        if closing:
+            await self.drop_connection(recorded=True)
 
     async def _send_split(self, line: str, pause: float) -> None:
         middle = len(line) // 2
@@ -521,11 +536,18 @@ class _Connection(SMTP):  # type: ignore[misc]
         self._crlf_lines = CRLFLines()
         if not self.arrangements.active:
             return
-        sender = sender_of(self.envelope)
-        # Counted as used once it cuts: a body shorter than its bytes is not cut.
-        cut = self.arrangements.take("message", sender, connection=id(self.transcript), cuts=True, count=False)
-        self._cut = None if cut is None else (cut, sender)
+        cut, subject = None, ""
+        for subject in self._message_subjects():
+            # Counted as used once it cuts: a body shorter than its bytes is not cut.
+            cut = self.arrangements.take("message", subject, connection=id(self.transcript), cuts=True, count=False)
+            if cut is not None:
+                break
+        self._cut = None if cut is None else (cut, subject)
         self._cut_at = None if cut is None else cut.after_bytes
+
+    def _message_subjects(self) -> list[str]:
+        """What ``match`` looks at for the message being received: its sender."""
+        return [sender_of(self.envelope)]
 
     def _end_message(self) -> None:
         self._receiving_message = self._message_ended = False
@@ -565,8 +587,14 @@ class _Connection(SMTP):  # type: ignore[misc]
         if self._first_transport is None:  # STARTTLS calls this again with the TLS transport
             self._first_transport = transport
             self._transports.add(transport)
-            self.transcript.peer = transport.get_extra_info("peername")
-            self._transcripts.append(self.transcript)
+            # Registered in the list of the test under way, whichever test
+            # it was when the server accepted the connection and made this
+            # protocol (over TLS, before the handshake). Read through the
+            # ``transcript`` property, a test begun in between registered
+            # it there too: the list held the one transcript twice.
+            self._transcript_test = self.event_handler.test
+            self._transcript.peer = transport.get_extra_info("peername")
+            self._transcripts.append(self._transcript)
         else:  # what came before TLS is gone (aiosmtpd clears its buffer too)
             self._client_lines = _ClientLines()
         super().connection_made(transport)
@@ -673,6 +701,12 @@ class CRLFLines:
 class _LMTPConnection(_Connection, LMTP):  # type: ignore[misc]
     """The same, speaking LMTP: LHLO instead of EHLO and HELO, and a reply
     per recipient to each message."""
+
+    def _message_subjects(self) -> list[str]:
+        # The message stage's match looks at each recipient over LMTP, as a
+        # failing reply does: a cut applies when it matches any of them. It
+        # looked at the sender, so match= a recipient never cut.
+        return list(self.envelope.rcpt_tos) if self.envelope is not None else []
 
     async def push(self, status: str | bytes, *, split: float | None = None, arranged: bool = False) -> None:
         # aiosmtpd refuses a message too large or with too long a line with
@@ -976,7 +1010,10 @@ class Layer(ServerLayer):
         self.starttls = starttls or require_starttls
         self.require_starttls = require_starttls
         self.implicit_tls = implicit_tls
-        if data_size_limit is not None and (not isinstance(data_size_limit, int) or data_size_limit < 1):
+        # A bool is an int: True was a limit of 1 byte, refusing every message.
+        if data_size_limit is not None and (
+            isinstance(data_size_limit, bool) or not isinstance(data_size_limit, int) or data_size_limit < 1
+        ):
             raise ConfigurationError(
                 f"{self!r}: data_size_limit={data_size_limit!r} must be a number of bytes, or None for no limit."
             )
@@ -1046,6 +1083,31 @@ class Layer(ServerLayer):
         if self.tls:
             resources.update(tls_resources(tls.certificate_authority()))
         return resources
+
+    def tearDown(self) -> None:
+        running = self._running
+        try:
+            super().tearDown()
+        finally:
+            if running is not None and running.thread.is_alive():
+                self._report_held_loop(running.thread)
+
+    def _report_held_loop(self, thread: threading.Thread) -> None:
+        """Fail the tear-down of a server whose thread outlived the stop.
+
+        Only synchronous code on the event loop keeps it from stopping in
+        time: an ``auth=`` check or a ``match=`` function that blocks (a
+        slow directory lookup). ``tearDown`` returned as if all went well,
+        with the thread left running; where it is shows what holds it.
+        """
+        where = holding_code(thread.ident) or ""
+        self._tear_down_raised = True
+        raise ServerSideError(
+            f"{self!r}: the server's event loop did not stop within the layer's stop_timeout"
+            f" ({self.stop_timeout} seconds): synchronous code holds it, such as an auth= check or"
+            " a match= function that blocks. The server's thread is left behind until it"
+            " returns. The loop's thread is at:\n\n" + where
+        )
 
     def testSetUp(self) -> None:
         super().testSetUp()

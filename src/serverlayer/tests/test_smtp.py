@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import gc
 import io
@@ -20,6 +21,7 @@ from email.message import EmailMessage
 from unittest import mock
 
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
+from serverlayer.errors import ServerSideError
 from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, stop_in_the_round_that_accepts
 
 MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
@@ -157,6 +159,32 @@ class OutboxTests(unittest.TestCase):
         with self.assertRaises(MailTimeoutError) as caught:
             self.layer["outbox"].wait_for(match=addressed_to_mallory, timeout=0.05)
         self.assertIn("matching addressed_to_mallory; 0 of them arrived, 0 message(s) in all.", str(caught.exception))
+
+    def test_wait_for_refuses_what_it_cannot_wait_for_at_the_call(self):
+        # match="bob@example.com", as smtpd.fail() takes it, waited the whole
+        # timeout on an empty outbox and then said no message matched it,
+        # or raised "'str' object is not callable" once one came; a count of
+        # "2" raised a TypeError from inside the wait, one of 1.5 waited the
+        # whole timeout for a count no outbox reaches.
+        outbox = self.layer["outbox"]
+        for arguments, says in [
+            ({"match": "bob@example.com"}, "match='bob@example.com' must be a function"),
+            ({"count": "2"}, "count='2' must be a whole number"),
+            ({"count": 1.5}, "count=1.5 must be a whole number"),
+            ({"count": -1}, "count=-1 must be a whole number"),
+            ({"timeout": "5"}, "timeout='5' must be a number of seconds"),
+            ({"timeout": -1}, "timeout=-1 must be a number of seconds"),
+        ]:
+            with self.subTest(**arguments):
+                started = time.monotonic()
+                with self.assertRaises(ConfigurationError) as caught:
+                    outbox.wait_for(**{"timeout": 0.5, **arguments})
+                self.assertIn(says, str(caught.exception))
+                self.assertLess(time.monotonic() - started, 0.4)  # at the call, not after waiting
+        Client.connect(self, self.layer).send_message(make_message(subject="one"))
+        with self.assertRaises(ConfigurationError):
+            outbox.wait_for(match="bob@example.com")
+        self.assertEqual(outbox.wait_for(0, timeout=0), [])
 
 
 class ProtocolTests(unittest.TestCase):
@@ -384,6 +412,13 @@ class SizeLimitTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             smtp.Layer(name="BAD_LIMIT", data_size_limit=0)
 
+    def test_limit_is_no_flag(self):
+        # data_size_limit=True (as if it switched a limit on) was taken as
+        # a limit of 1 byte: every message was refused with 552.
+        with self.assertRaises(ConfigurationError) as caught:
+            smtp.Layer(name="FLAG_LIMIT", data_size_limit=True)
+        self.assertIn("data_size_limit=True must be a number of bytes", str(caught.exception))
+
     def test_the_smallest_limit_is_one_byte(self):
         layer = set_up_by_hand(self, smtp.Layer(name="ONE_BYTE_LIMIT", data_size_limit=1))
         client = Client.connect(self, layer)
@@ -454,6 +489,51 @@ class AuthTests(unittest.TestCase):
         for error in errors:  # one per mechanism smtplib tried
             self.assertIn("LookupError: user database is down", error)
         self.assertEqual(Client.connect(self, layer).noop()[0], 250)
+
+    def test_a_check_holding_the_loop_past_stop_timeout_fails_tear_down_and_leaves_nothing_open(self):
+        # A check function runs on the server's event loop; one that blocks
+        # (a slow directory lookup) at tearDown kept the loop from stopping.
+        # tearDown returned after stop_timeout as if all went well, with the
+        # server's thread left running, and once the check returned, the
+        # thread's shutdown failed on the listening socket tearDown had
+        # closed: the loop and the connection were never closed
+        # (ResourceWarnings when collected).
+        entered, release = threading.Event(), threading.Event()
+
+        def check(username, password):
+            entered.set()
+            release.wait(10)  # synchronous: nothing else runs on the loop meanwhile
+            return True
+
+        layer = smtp.Layer(name="AUTH_HOLDS_THE_LOOP", auth=check, stop_timeout=0.2)
+        layer.setUp()
+        server = layer["smtpd"]
+
+        def log_in():
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                with smtplib.SMTP(layer["smtp_host"], layer["smtp_port"], timeout=10) as client:
+                    client.login("alice", "s3cret")
+
+        client = threading.Thread(target=log_in)
+        client.start()
+        self.addCleanup(client.join, 10)
+        self.addCleanup(release.set)  # first: cleanups run last added first
+        self.assertTrue(entered.wait(5))
+        thread = next(each for each in threading.enumerate() if each.ident == server.thread_id)
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        message = str(caught.exception)
+        self.assertIn("the server's event loop did not stop within the layer's stop_timeout (0.2 seconds)", message)
+        self.assertIn("in check\n    release.wait(10)", message)  # where the loop's thread is
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", ResourceWarning)
+            release.set()
+            thread.join(10)
+            client.join(10)
+            gc.collect()
+        self.assertFalse(thread.is_alive())
+        self.assertTrue(server.loop.is_closed())
+        self.assertEqual([str(warning.message) for warning in warned], [])
 
     def test_bad_settings(self):
         with self.assertRaises(ConfigurationError):

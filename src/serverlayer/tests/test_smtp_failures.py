@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 import unittest.mock
@@ -22,6 +25,7 @@ import aiosmtplib
 
 from serverlayer import ConfigurationError, smtp
 from serverlayer.errors import MailTimeoutError
+from serverlayer.smtp_failures import Transcript
 from serverlayer.tests.helpers import set_up_by_hand
 
 FAILURES = smtp.Layer(name="FAILURES", auth={"alice": "secret"})
@@ -390,6 +394,40 @@ class ScopeTests(FailureTestCase):
         self.assertIn("-> 500 Line too long", str(caught.exception))
         client.quit()
         self.assertEqual(transcript.lines[-2:], ["C: QUIT", "S: 221 Bye"])
+
+    def test_a_connection_accepted_as_the_test_ended_is_in_the_next_tests_transcripts_once(self):
+        # The server makes a connection's protocol when it accepts it, and
+        # registers it when the connection is made: over TLS, after the
+        # handshake. A test that began in between had that transcript twice
+        # (the same one, registered under the old test, then again as the
+        # new test's), so len(transcripts) counted one connection as two.
+        layer = set_up_by_hand(self, smtp.Layer(name="SMTPS_TRANSCRIPTS", implicit_tls=True))
+        raw = socket.create_connection((layer["smtp_host"], layer["smtp_port"]), timeout=10)
+        self.addCleanup(raw.close)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = layer["ssl_context"].wrap_bio(incoming, outgoing, server_hostname=layer["smtp_host"])
+
+        def shake_hands() -> None:
+            try:
+                client.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            raw.sendall(outgoing.read())
+
+        shake_hands()  # the ClientHello
+        incoming.write(raw.recv(65536))  # the server's answer: it accepted the connection
+        layer.testTearDown()
+        layer.testSetUp()  # what the test runner calls before the next test
+        shake_hands()  # the client's Finished: now the server's handshake is done
+        greeting = b""
+        while not greeting.endswith(b"\r\n"):
+            try:
+                greeting += client.read()
+            except ssl.SSLWantReadError:
+                incoming.write(raw.recv(65536))
+        self.assertTrue(greeting.startswith(b"220 "), greeting)
+        [transcript] = layer["smtpd"].transcripts
+        self.assertEqual(transcript.lines, ["S: " + greeting.decode().rstrip("\r\n")])
 
     def test_aiosmtplib_retries_too(self):
         self.smtpd.fail("mail", 451, times=1)
@@ -844,6 +882,36 @@ class RealServerReplyTests(FailureTestCase):
         self.assertEqual(reader.readline(), b"")  # closed: "closing transmission channel"
         self.assertEqual(self.smtpd.transcripts[0].lines[-1], "S: <connection closed>")
 
+    def test_a_421_closing_is_in_the_transcript_before_the_client_can_read_the_reply(self):
+        # The closing was recorded after the 421 went out. smtplib hangs up
+        # on reading a 421, and a test checking the transcript then often
+        # found no "<connection closed>"; once the next test had begun, it
+        # landed in that test's transcripts, as a connection of its own.
+        raw, reader = self.after_helo()
+        readable_when_recorded = []
+        recorded = threading.Event()
+        record_closing = Transcript.closed
+
+        def closed(transcript: Transcript) -> None:  # in the server's thread
+            readable_when_recorded.append(bool(select.select([raw], [], [], 0)[0]))
+            record_closing(transcript)
+            recorded.set()
+
+        self.smtpd.fail("mail", 421)
+        with unittest.mock.patch.object(Transcript, "closed", closed):
+            raw.sendall(b"MAIL FROM:<shop@example.org>\r\n")
+            self.assertTrue(recorded.wait(10))  # not reading meanwhile: what came stays readable
+            self.assertTrue(reader.readline().startswith(b"421 "))
+            self.assertEqual(reader.readline(), b"")
+        self.assertEqual(readable_when_recorded, [False])  # the client had nothing to read yet
+        self.assertEqual(self.smtpd.transcripts[0].lines[-2:], [
+            "S: 421 4.3.2 Service not available, closing transmission channel", "S: <connection closed>",
+        ])
+        self.layer.testTearDown()
+        self.layer.testSetUp()  # what the test runner calls before the next test
+        self.assertEqual(self.send(), {})
+        self.assertEqual(len(self.smtpd.transcripts), 1)
+
     def at_354(self) -> tuple[socket.socket, Any]:
         """A raw connection whose message the server is ready to take, and a file reading it."""
         raw, reader = self.after_helo()
@@ -1116,6 +1184,22 @@ class LMTPTests(unittest.TestCase):
         self.assertEqual([client.getreply()[0] for _ in range(2)], [250, 421])
         with self.assertRaises(smtplib.SMTPServerDisconnected):
             client.noop()
+
+    def test_a_cut_matching_a_recipient(self):
+        # Over LMTP the message stage's match looks at each recipient; a cut
+        # looked at the sender, so match= a recipient never cut anything.
+        cut = self.layer["smtpd"].drop("message", after_bytes=10, match="carol@example.org")
+        client = self.sending_to_two(self.layer)
+        client.send(b"Subject: x\r\n\r\n" + b"y" * 100 + b"\r\n.\r\n")
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            client.getreply()
+        self.assertEqual((cut.used, len(self.layer["outbox"])), (1, 0))
+        self.assertEqual(self.layer["smtpd"].transcripts[0].lines[-1], "S: <connection closed>")
+        # A message to others only is not cut.
+        client = smtplib.LMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10)
+        self.addCleanup(client.close)
+        refused = client.sendmail("shop@example.org", ["bob@example.org"], b"Subject: x\r\n\r\n" + b"y" * 100 + b"\r\n")
+        self.assertEqual((refused, cut.used, len(self.layer["outbox"])), ({}, 1, 1))
 
     def test_after_a_message_whose_hook_raised_one_reply_per_command(self):
         def raising(subject: str) -> bool:
