@@ -111,6 +111,13 @@ def resolve(host: str, port: int, *, owner: str, source: str) -> list[Address]:
         address = (int(family), int(socktype), proto, tuple(sockaddr))
         if address not in addresses:  # /etc/hosts may name an address twice
             addresses.append(address)
+    if [address[3][0] for address in addresses] == ["::"]:
+        # Every interface, IPv4 ones too: the layer publishes this machine's
+        # name, which most often resolves to an IPv4 address alone. A socket
+        # of its own, not one dual-stack socket, whose IPv4 clients the
+        # application would see as ::ffff:127.0.0.1.
+        wildcard = addresses[0]
+        addresses.append((int(socket.AF_INET), wildcard[1], wildcard[2], ("0.0.0.0", port)))
     return addresses
 
 
@@ -153,23 +160,13 @@ class _BindFailure(Exception):
         self.error = error
 
 
-def _set_listening_options(sock: socket.socket, *, ipv4_too: bool = False) -> None:
+def _set_listening_options(sock: socket.socket) -> None:
     """Set what a listening socket needs before it is bound."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sock.family == socket.AF_INET6:
         # Without it, [::] would take the port at 0.0.0.0 too, which a
         # wildcard name also resolves to, and which gets a socket of its own.
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ipv4_too else 1)
-
-
-def _serves_ipv4_too(addresses: Sequence[Address]) -> bool:
-    """Whether the one socket at ``::`` is to take IPv4 clients as well.
-
-    ``host="::"`` asks for every interface, and the layer publishes this
-    machine's name, which most often resolves to an IPv4 address only: an
-    IPv6-only socket would leave that URL refused.
-    """
-    return len(addresses) == 1 and addresses[0][0] == socket.AF_INET6 and addresses[0][3][0] == "::"
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
@@ -186,12 +183,12 @@ def _bind_address(address: Address, port: int) -> tuple[Any, ...]:
 LISTEN_BACKLOG = 1024
 
 
-def _listen(address: Address, port: int, *, ipv4_too: bool = False) -> socket.socket:
+def _listen(address: Address, port: int) -> socket.socket:
     """A socket listening on ``address`` at ``port``; raises OSError."""
     family, socktype, proto, _ = address
     sock = socket.socket(family, socktype, proto)
     try:
-        _set_listening_options(sock, ipv4_too=ipv4_too)
+        _set_listening_options(sock)
         sock.bind(_bind_address(address, port))
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
@@ -211,7 +208,7 @@ def _listen_everywhere(addresses: list[Address], port: int) -> list[socket.socke
     try:
         for address in addresses:
             try:
-                sock = _listen(address, port, ipv4_too=_serves_ipv4_too(addresses))
+                sock = _listen(address, port)
             except OSError as exc:
                 failure = _BindFailure(address[3][0], port, exc)
                 if exc.errno in _UNAVAILABLE and len(addresses) > 1:

@@ -217,22 +217,19 @@ class EveryAddressTests(MadeUpNames):
             server_module._set_listening_options(sock)
             self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
 
-    def test_the_ipv6_wildcard_alone_takes_ipv4_clients_too(self):
+    def test_the_ipv6_wildcard_alone_listens_on_ipv4_too(self):
         """``host="::"`` is every interface, and the layer publishes this
-        machine's name, which most often resolves to IPv4 alone. Checked
-        on the socket before it is bound (tests listen on loopback only):
-        ``::`` alone leaves the option off, as Linux would by default."""
-        def addresses(host):
-            return server_module.resolve(host, 0, owner="a layer", source="a test")
+        machine's name, which most often resolves to IPv4 alone. IPv4 gets
+        a socket of its own, so that the application sees its clients'
+        addresses as IPv4 ones. Checked before binding: tests listen on
+        loopback only."""
+        def resolved(host):
+            return [address[3][0] for address in server_module.resolve(host, 0, owner="a layer", source="a test")]
 
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            server_module._set_listening_options(sock, ipv4_too=server_module._serves_ipv4_too(addresses("::")))
-            self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 0)
+        self.assertEqual(resolved("::"), ["::", "0.0.0.0"])
         for host in ("::1", "127.0.0.1", "0.0.0.0"):
             with self.subTest(host):
-                self.assertFalse(server_module._serves_ipv4_too(addresses(host)))
-        wildcard_name = [*addresses("0.0.0.0"), *addresses("::")]  # what a name may resolve to
-        self.assertFalse(server_module._serves_ipv4_too(wildcard_name))
+                self.assertEqual(resolved(host), [host])
 
     def test_a_link_local_address_keeps_its_interface(self):
         """Tests listen on loopback only, and ``fe80::`` addresses are not;
@@ -365,11 +362,11 @@ class BusyPortTests(MadeUpNames):
         real_listen = server_module._listen
         asked: list[int] = []
 
-        def listen(address: Any, wanted: int, **options: Any) -> socket.socket:
+        def listen(address: Any, wanted: int) -> socket.socket:
             asked.append(wanted)
             if wanted == 0 and asked.count(0) <= times:
                 wanted = port
-            return real_listen(address, wanted, **options)
+            return real_listen(address, wanted)
 
         patcher = mock.patch.object(server_module, "_listen", listen)
         patcher.start()
@@ -413,11 +410,11 @@ class BusyPortTests(MadeUpNames):
         real_listen = server_module._listen
         asked: list[tuple[str, int]] = []
 
-        def listen(address: Any, wanted: int, **options: Any) -> socket.socket:
+        def listen(address: Any, wanted: int) -> socket.socket:
             asked.append((address[3][0], wanted))
             if address[3][0] == "::1":
                 raise PermissionError(errno.EACCES, "Permission denied")
-            return real_listen(address, wanted, **options)
+            return real_listen(address, wanted)
 
         descriptors = open_descriptors()
         layer = wsgi.Layer(hello_app, name="denied_at_one", host="dual.test")
