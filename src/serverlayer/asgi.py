@@ -803,6 +803,12 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
 
     #: The transport the connection came with (``self.transport`` may wrap it).
     own_transport: asyncio.Transport
+    #: How many of the application's tasks wait in ``receive()`` now.
+    readers = 0
+    #: Whether the stop told an application waiting in ``receive()`` of the
+    #: close (``shutdown``): it takes the disconnect and cleans up, and is
+    #: waited for (``UvicornServer._close_websockets``).
+    told = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.own_transport = transport  # type: ignore[assignment]
@@ -826,6 +832,13 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
     def on_task_complete(self, task: asyncio.Task[None]) -> None:
         self.owner.websocket_protocols.pop(task, None)
         super().on_task_complete(task)
+
+    async def receive(self) -> Any:
+        self.readers += 1
+        try:
+            return await super().receive()
+        finally:
+            self.readers -= 1
 
     def over(self) -> bool:
         """Whether the connection is over or closing: its application
@@ -852,6 +865,7 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
             super().shutdown()
             return
         self.stop_keepalive()
+        self.told = self.readers > 0
         self.queue.put_nowait({"type": "websocket.disconnect", "code": GOING_AWAY, "reason": STOPPING})
         self.conn.send_close(GOING_AWAY, STOPPING)
         self.transport.write(b"".join(self.conn.data_to_send()))
@@ -1343,10 +1357,15 @@ class UvicornServer(AsyncioServer):
         # takes the disconnect. One that is not reading (it only pushes, and
         # waits for something to push) would learn of the close only when it
         # next sends: it is not waited for, but cancelled with the requests.
+        # Which were reading is noted as they are told (``told``), not seen
+        # from their queue's being empty after that turn: the close ends a
+        # plain connection at once, and uvicorn's ``connection_lost`` then
+        # queues a disconnect of its own (1005) in that turn, so that every
+        # application whose cleanup awaits anything was cancelled at once.
         self.loop.run_until_complete(asyncio.sleep(0))
         finishing = [
             task for task, protocol in self.websocket_protocols.items()
-            if not task.done() and task not in self.given_up and protocol.queue.empty()
+            if not task.done() and task not in self.given_up and protocol.told
         ]
         if finishing:
             for sock in self.sockets:

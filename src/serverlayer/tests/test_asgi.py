@@ -1976,9 +1976,12 @@ class StopTests(unittest.TestCase):
             websocket.recv(timeout=5)
         self.assertEqual(caught.exception.rcvd.code, 1001)  # going away (uvicorn says 1012, service restart)
 
-    def serve_starlette_feed(self, events: list, *, hang_after_disconnect: bool = False, stop_timeout: float = 5.0):
+    def serve_starlette_feed(
+        self, events: list, *, hang_after_disconnect: bool = False, stop_timeout: float = 5.0, cleanup: float = 0
+    ):
         """A Starlette application whose WebSocket ``/feed`` answers in capitals
-        and, once its client is gone, cleans up; its lifespan notes its end."""
+        and, once its client is gone, cleans up (taking ``cleanup`` seconds);
+        its lifespan notes its end."""
         from starlette.applications import Starlette
         from starlette.routing import WebSocketRoute
         from starlette.websockets import WebSocketDisconnect
@@ -1992,7 +1995,7 @@ class StopTests(unittest.TestCase):
                 events.append(("disconnect", disconnect.code))
                 try:
                     # As removing a subscriber from a broker does; one that hangs, never to finish.
-                    await (asyncio.Event().wait() if hang_after_disconnect else asyncio.sleep(0))
+                    await (asyncio.Event().wait() if hang_after_disconnect else asyncio.sleep(cleanup))
                 except asyncio.CancelledError:
                     events.append("cancelled")
                     raise
@@ -2039,6 +2042,20 @@ class StopTests(unittest.TestCase):
         self.assertEqual((caught.exception.rcvd.code, caught.exception.rcvd.reason), (1001, "the server is stopping"))
         self.assertEqual([str(warning.message) for warning in caught_warnings], [])
         self.assertEqual(thread_names(), threads)
+
+    def test_a_websocket_cleanup_that_awaits_is_waited_for_at_tear_down(self):
+        """A cleanup that awaits something (a broker told the subscriber is
+        gone) finishes: the close the stop sends ends the connection at
+        once, and uvicorn then queues a second disconnect (1005) for it,
+        which is no sign that the application is not reading."""
+        events: list = []
+        layer, websocket = self.serve_starlette_feed(events, cleanup=0.1)
+        layer.testTearDown()
+        started = time.monotonic()
+        layer.tearDown()
+        elapsed = time.monotonic() - started
+        self.assertEqual(events, [("disconnect", 1001), "cleaned up", "lifespan shutdown"])
+        self.assertLess(elapsed, 1.5)  # the cleanup's 0.1 s, not the 2 s that stop_timeout=5 would let it wait
 
     def test_what_a_websocket_application_raises_cleaning_up_at_tear_down_fails_it(self):
         async def raises_when_told(scope, receive, send):
