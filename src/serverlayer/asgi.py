@@ -1547,6 +1547,15 @@ class Layer(HTTPLayer):
                     " with receive and send): serve it as ASGI 3 with"
                     f" asgi.Layer(ASGI2Middleware({name})) (from uvicorn.middleware.asgi2 import ASGI2Middleware)."
                 )
+            if inspect.isfunction(app) and takes_positional(app, 1):
+                # ASGI 2's own form, def app(scope) returning the coroutine
+                # function for receive and send, which uvicorn serves as
+                # ASGI 2. No WSGI application takes one argument.
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} is an ASGI 2 application (called with the scope, then what it"
+                    " returns with receive and send): serve it as ASGI 3 with"
+                    f" asgi.Layer(ASGI2Middleware({name})) (from uvicorn.middleware.asgi2 import ASGI2Middleware)."
+                )
             if inspect.isclass(app) and inspect.iscoroutinefunction(call):
                 raise ConfigurationError(
                     f"{self!r}: {app!r} is a class, not an application: give the layer"

@@ -937,6 +937,30 @@ class AppSourceTests(unittest.TestCase):
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
             self.assertEqual(response.read(), b"asgi 2")
 
+    def test_an_asgi_2_application_function_is_refused_saying_how_to_serve_it(self):
+        # ASGI 2's own form: called with the scope, it returns the coroutine
+        # function called with receive and send. No WSGI application takes
+        # one argument: pointed at the wsgi layer, its author is led astray.
+        def asgi2_app(scope):
+            async def instance(receive, send):
+                await respond(send, b"asgi 2 function")
+
+            return instance
+
+        layer = asgi.Layer(asgi2_app, name="asgi_given_asgi_2_function")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("is an ASGI 2 application (called with the scope, then what it returns with receive and"
+                      " send): serve it as ASGI 3 with asgi.Layer(ASGI2Middleware(asgi2_app))"
+                      " (from uvicorn.middleware.asgi2 import ASGI2Middleware)", message)
+        self.assertNotIn("wsgi", message)
+        from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+        layer = set_up_by_hand(self, asgi.Layer(ASGI2Middleware(asgi2_app), name="asgi_2_function_wrapped"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"asgi 2 function")
+
     def test_an_application_factory_is_refused_saying_to_call_it(self):
         # uvicorn's --factory: a function of no arguments that makes the application.
         def create_app():
