@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
@@ -883,6 +884,38 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
 
 
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where the suspended ``task`` waits: each coroutine of the chain of
+    awaits, outermost first, as a traceback shows them.
+
+    asyncio's ``Task.get_stack()`` gives a suspended coroutine's outermost
+    frame alone. An async generator driven by ``anext()`` (the
+    ``asynccontextmanager`` lifespans of FastAPI and Starlette) cannot be
+    reached from what awaits it, only from the frame that awaits: among
+    its locals, or their ``gen`` (contextlib's), the one running. Read
+    from another thread while the loop waits in its selector, so the
+    chain holds still; one that moves on meanwhile is cut short.
+    """
+    frames: list[tuple[types.FrameType, int]] = []
+    awaitable: Any = task.get_coro()
+    while awaitable is not None and len(frames) < 50:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        frame = frame or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "ag_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+        )
+        if type(awaitable).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            values = list(frame.f_locals.values())
+            candidates = [*values, *(getattr(value, "gen", None) for value in values)]
+            awaitable = next((each for each in candidates if inspect.isasyncgen(each) and each.ag_running), None)
+    return "".join(traceback.StackSummary.extract(frames).format()).rstrip()
+
+
 def _running_self(task: asyncio.Task[Any]) -> Any:
     """The object whose method the coroutine of ``task`` runs (None once it is done)."""
     frame = getattr(task.get_coro(), "cr_frame", None)
@@ -923,6 +956,8 @@ class _Lifespan(LifespanOn):
     def __init__(self, config: Config, logger: logging.Logger) -> None:
         super().__init__(config)
         self.logger = logger
+        #: The task the application's lifespan runs in, once started.
+        self.task: asyncio.Task[None] | None = None
         self.received: list[str] = []
         #: Why startup or shutdown failed: the application's message or traceback.
         self.failure: str | None = None
@@ -938,6 +973,7 @@ class _Lifespan(LifespanOn):
         await super().send(message)
 
     async def main(self) -> None:
+        self.task = asyncio.current_task()
         try:
             scope = {
                 "type": "lifespan",
@@ -1149,6 +1185,8 @@ class UvicornServer(AsyncioServer):
                     " in its startup: await an async equivalent, or run it in a thread with"
                     " asyncio.to_thread). The loop's thread is at:\n\n" + held
                 )
+            elif lifespan.task is not None and (awaiting := _awaiting(lifespan.task)):
+                waiting += ", and it waits at:\n\n" + awaiting
             return waiting
         return None
 

@@ -1081,6 +1081,32 @@ class LifespanTests(unittest.TestCase):
         self.assertEqual(thread_names(), threads)
         layer.tearDown()
 
+    def test_a_startup_that_waits_for_ever_fails_set_up_saying_where_it_waits(self):
+        # FastAPI's and Starlette's lifespan: an async context manager, whose
+        # generator the chain of awaits reaches only through contextlib's
+        # frame. "It sent no lifespan.startup.complete" says nothing of
+        # which of the startup's awaits never finishes.
+        from starlette.applications import Starlette
+
+        async def connect_to_the_database():
+            await asyncio.Event().wait()  # a server that accepts and never answers
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            await connect_to_the_database()
+            yield
+
+        threads = thread_names()
+        layer = asgi.Layer(Starlette(lifespan=lifespan), name="asgi_startup_waits")
+        with mock.patch("serverlayer.server.READY_TIMEOUT", 0.2), self.assertRaises(SetUpError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("sent no lifespan.startup.complete, and it waits at:\n", message)
+        self.assertIn(", in lifespan\n    await connect_to_the_database()\n", message)
+        self.assertIn(", in connect_to_the_database\n    await asyncio.Event().wait()", message)
+        self.assertEqual(thread_names(), threads)
+        layer.tearDown()
+
     def test_a_startup_that_holds_the_event_loop_fails_set_up_saying_where_and_leaves_nothing(self):
         # A blocking call in the lifespan startup (a synchronous database
         # connect) holds the loop past the wait for the start: setUp said
