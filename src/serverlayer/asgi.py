@@ -1300,6 +1300,10 @@ class UvicornServer(AsyncioServer):
                         f"it did not finish within {budget:.2f} seconds; the layer's"
                         f" stop_timeout ({self.stop_timeout} seconds) bounds it"
                     )
+                    # The application's lifespan, still waiting: which of its awaits never finished.
+                    awaiting = _awaiting(lifespan.task) if lifespan.task is not None else ""
+                    if awaiting:
+                        self.shutdown_failure += ". It waits at:\n\n" + awaiting
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
         self._end_tasks_left(deadline)

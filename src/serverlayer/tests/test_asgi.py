@@ -1206,6 +1206,27 @@ class LifespanTests(unittest.TestCase):
         self.assertIn("stop_timeout (0.5 seconds)", str(caught.exception))
         self.assertEqual(thread_names(), threads)
 
+    def test_a_shutdown_that_hangs_says_where_it_waits(self):
+        from starlette.applications import Starlette
+
+        async def flush_the_queue():
+            await asyncio.Event().wait()  # a consumer that is gone
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            await flush_the_queue()
+
+        layer = asgi.Layer(Starlette(lifespan=lifespan), name="asgi_shutdown_waits", stop_timeout=0.5)
+        layer.setUp()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        message = str(caught.exception)
+        self.assertRegex(message, r"did not finish within 0\.[0-4]\d seconds; the layer's stop_timeout"
+                                  r" \(0\.5 seconds\) bounds it\. It waits at:\n")
+        self.assertIn(", in lifespan\n    await flush_the_queue()\n", message)
+        self.assertIn(", in flush_the_queue\n    await asyncio.Event().wait()", message)
+
     def test_shutdown_left_no_time_says_so(self):
         """A stop that spent its whole time ending connections (a flood of
         them, say) does not blame the application's shutdown."""
