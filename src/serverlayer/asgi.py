@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
@@ -803,6 +804,12 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
 
     #: The transport the connection came with (``self.transport`` may wrap it).
     own_transport: asyncio.Transport
+    #: How many of the application's tasks wait in ``receive()`` now.
+    readers = 0
+    #: Whether the stop told an application waiting in ``receive()`` of the
+    #: close (``shutdown``): it takes the disconnect and cleans up, and is
+    #: waited for (``UvicornServer._close_websockets``).
+    told = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.own_transport = transport  # type: ignore[assignment]
@@ -826,6 +833,13 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
     def on_task_complete(self, task: asyncio.Task[None]) -> None:
         self.owner.websocket_protocols.pop(task, None)
         super().on_task_complete(task)
+
+    async def receive(self) -> Any:
+        self.readers += 1
+        try:
+            return await super().receive()
+        finally:
+            self.readers -= 1
 
     def over(self) -> bool:
         """Whether the connection is over or closing: its application
@@ -852,6 +866,7 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
             super().shutdown()
             return
         self.stop_keepalive()
+        self.told = self.readers > 0
         self.queue.put_nowait({"type": "websocket.disconnect", "code": GOING_AWAY, "reason": STOPPING})
         self.conn.send_close(GOING_AWAY, STOPPING)
         self.transport.write(b"".join(self.conn.data_to_send()))
@@ -867,6 +882,38 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         # fail the test; its other WebSocket protocol logs nothing.
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where the suspended ``task`` waits: each coroutine of the chain of
+    awaits, outermost first, as a traceback shows them.
+
+    asyncio's ``Task.get_stack()`` gives a suspended coroutine's outermost
+    frame alone. An async generator driven by ``anext()`` (the
+    ``asynccontextmanager`` lifespans of FastAPI and Starlette) cannot be
+    reached from what awaits it, only from the frame that awaits: among
+    its locals, or their ``gen`` (contextlib's), the one running. Read
+    from another thread while the loop waits in its selector, so the
+    chain holds still; one that moves on meanwhile is cut short.
+    """
+    frames: list[tuple[types.FrameType, int]] = []
+    awaitable: Any = task.get_coro()
+    while awaitable is not None and len(frames) < 50:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        frame = frame or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "ag_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+        )
+        if type(awaitable).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            values = list(frame.f_locals.values())
+            candidates = [*values, *(getattr(value, "gen", None) for value in values)]
+            awaitable = next((each for each in candidates if inspect.isasyncgen(each) and each.ag_running), None)
+    return "".join(traceback.StackSummary.extract(frames).format()).rstrip()
 
 
 def _running_self(task: asyncio.Task[Any]) -> Any:
@@ -909,6 +956,8 @@ class _Lifespan(LifespanOn):
     def __init__(self, config: Config, logger: logging.Logger) -> None:
         super().__init__(config)
         self.logger = logger
+        #: The task the application's lifespan runs in, once started.
+        self.task: asyncio.Task[None] | None = None
         self.received: list[str] = []
         #: Why startup or shutdown failed: the application's message or traceback.
         self.failure: str | None = None
@@ -924,6 +973,7 @@ class _Lifespan(LifespanOn):
         await super().send(message)
 
     async def main(self) -> None:
+        self.task = asyncio.current_task()
         try:
             scope = {
                 "type": "lifespan",
@@ -1135,6 +1185,8 @@ class UvicornServer(AsyncioServer):
                     " in its startup: await an async equivalent, or run it in a thread with"
                     " asyncio.to_thread). The loop's thread is at:\n\n" + held
                 )
+            elif lifespan.task is not None and (awaiting := _awaiting(lifespan.task)):
+                waiting += ", and it waits at:\n\n" + awaiting
             return waiting
         return None
 
@@ -1248,6 +1300,10 @@ class UvicornServer(AsyncioServer):
                         f"it did not finish within {budget:.2f} seconds; the layer's"
                         f" stop_timeout ({self.stop_timeout} seconds) bounds it"
                     )
+                    # The application's lifespan, still waiting: which of its awaits never finished.
+                    awaiting = _awaiting(lifespan.task) if lifespan.task is not None else ""
+                    if awaiting:
+                        self.shutdown_failure += ". It waits at:\n\n" + awaiting
         if lifespan is not None and lifespan.shutdown_failed:
             self.shutdown_failure = lifespan.failure
         self._end_tasks_left(deadline)
@@ -1343,10 +1399,15 @@ class UvicornServer(AsyncioServer):
         # takes the disconnect. One that is not reading (it only pushes, and
         # waits for something to push) would learn of the close only when it
         # next sends: it is not waited for, but cancelled with the requests.
+        # Which were reading is noted as they are told (``told``), not seen
+        # from their queue's being empty after that turn: the close ends a
+        # plain connection at once, and uvicorn's ``connection_lost`` then
+        # queues a disconnect of its own (1005) in that turn, so that every
+        # application whose cleanup awaits anything was cancelled at once.
         self.loop.run_until_complete(asyncio.sleep(0))
         finishing = [
             task for task, protocol in self.websocket_protocols.items()
-            if not task.done() and task not in self.given_up and protocol.queue.empty()
+            if not task.done() and task not in self.given_up and protocol.told
         ]
         if finishing:
             for sock in self.sockets:
@@ -1526,6 +1587,15 @@ class Layer(HTTPLayer):
                 raise ConfigurationError(
                     f"{self!r}: {app!r} is an ASGI 2 application (made with the scope, then called"
                     " with receive and send): serve it as ASGI 3 with"
+                    f" asgi.Layer(ASGI2Middleware({name})) (from uvicorn.middleware.asgi2 import ASGI2Middleware)."
+                )
+            if inspect.isfunction(app) and takes_positional(app, 1):
+                # ASGI 2's own form, def app(scope) returning the coroutine
+                # function for receive and send, which uvicorn serves as
+                # ASGI 2. No WSGI application takes one argument.
+                raise ConfigurationError(
+                    f"{self!r}: {app!r} is an ASGI 2 application (called with the scope, then what it"
+                    " returns with receive and send): serve it as ASGI 3 with"
                     f" asgi.Layer(ASGI2Middleware({name})) (from uvicorn.middleware.asgi2 import ASGI2Middleware)."
                 )
             if inspect.isclass(app) and inspect.iscoroutinefunction(call):

@@ -937,6 +937,30 @@ class AppSourceTests(unittest.TestCase):
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
             self.assertEqual(response.read(), b"asgi 2")
 
+    def test_an_asgi_2_application_function_is_refused_saying_how_to_serve_it(self):
+        # ASGI 2's own form: called with the scope, it returns the coroutine
+        # function called with receive and send. No WSGI application takes
+        # one argument: pointed at the wsgi layer, its author is led astray.
+        def asgi2_app(scope):
+            async def instance(receive, send):
+                await respond(send, b"asgi 2 function")
+
+            return instance
+
+        layer = asgi.Layer(asgi2_app, name="asgi_given_asgi_2_function")
+        with self.assertRaises(ConfigurationError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("is an ASGI 2 application (called with the scope, then what it returns with receive and"
+                      " send): serve it as ASGI 3 with asgi.Layer(ASGI2Middleware(asgi2_app))"
+                      " (from uvicorn.middleware.asgi2 import ASGI2Middleware)", message)
+        self.assertNotIn("wsgi", message)
+        from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+        layer = set_up_by_hand(self, asgi.Layer(ASGI2Middleware(asgi2_app), name="asgi_2_function_wrapped"))
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            self.assertEqual(response.read(), b"asgi 2 function")
+
     def test_an_application_factory_is_refused_saying_to_call_it(self):
         # uvicorn's --factory: a function of no arguments that makes the application.
         def create_app():
@@ -1057,6 +1081,32 @@ class LifespanTests(unittest.TestCase):
         self.assertEqual(thread_names(), threads)
         layer.tearDown()
 
+    def test_a_startup_that_waits_for_ever_fails_set_up_saying_where_it_waits(self):
+        # FastAPI's and Starlette's lifespan: an async context manager, whose
+        # generator the chain of awaits reaches only through contextlib's
+        # frame. "It sent no lifespan.startup.complete" says nothing of
+        # which of the startup's awaits never finishes.
+        from starlette.applications import Starlette
+
+        async def connect_to_the_database():
+            await asyncio.Event().wait()  # a server that accepts and never answers
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            await connect_to_the_database()
+            yield
+
+        threads = thread_names()
+        layer = asgi.Layer(Starlette(lifespan=lifespan), name="asgi_startup_waits")
+        with mock.patch("serverlayer.server.READY_TIMEOUT", 0.2), self.assertRaises(SetUpError) as caught:
+            layer.setUp()
+        message = str(caught.exception)
+        self.assertIn("sent no lifespan.startup.complete, and it waits at:\n", message)
+        self.assertIn(", in lifespan\n    await connect_to_the_database()\n", message)
+        self.assertIn(", in connect_to_the_database\n    await asyncio.Event().wait()", message)
+        self.assertEqual(thread_names(), threads)
+        layer.tearDown()
+
     def test_a_startup_that_holds_the_event_loop_fails_set_up_saying_where_and_leaves_nothing(self):
         # A blocking call in the lifespan startup (a synchronous database
         # connect) holds the loop past the wait for the start: setUp said
@@ -1155,6 +1205,27 @@ class LifespanTests(unittest.TestCase):
         self.assertRegex(str(caught.exception), r"did not finish within 0\.[0-4]\d seconds")
         self.assertIn("stop_timeout (0.5 seconds)", str(caught.exception))
         self.assertEqual(thread_names(), threads)
+
+    def test_a_shutdown_that_hangs_says_where_it_waits(self):
+        from starlette.applications import Starlette
+
+        async def flush_the_queue():
+            await asyncio.Event().wait()  # a consumer that is gone
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            await flush_the_queue()
+
+        layer = asgi.Layer(Starlette(lifespan=lifespan), name="asgi_shutdown_waits", stop_timeout=0.5)
+        layer.setUp()
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        message = str(caught.exception)
+        self.assertRegex(message, r"did not finish within 0\.[0-4]\d seconds; the layer's stop_timeout"
+                                  r" \(0\.5 seconds\) bounds it\. It waits at:\n")
+        self.assertIn(", in lifespan\n    await flush_the_queue()\n", message)
+        self.assertIn(", in flush_the_queue\n    await asyncio.Event().wait()", message)
 
     def test_shutdown_left_no_time_says_so(self):
         """A stop that spent its whole time ending connections (a flood of
@@ -1976,9 +2047,12 @@ class StopTests(unittest.TestCase):
             websocket.recv(timeout=5)
         self.assertEqual(caught.exception.rcvd.code, 1001)  # going away (uvicorn says 1012, service restart)
 
-    def serve_starlette_feed(self, events: list, *, hang_after_disconnect: bool = False, stop_timeout: float = 5.0):
+    def serve_starlette_feed(
+        self, events: list, *, hang_after_disconnect: bool = False, stop_timeout: float = 5.0, cleanup: float = 0
+    ):
         """A Starlette application whose WebSocket ``/feed`` answers in capitals
-        and, once its client is gone, cleans up; its lifespan notes its end."""
+        and, once its client is gone, cleans up (taking ``cleanup`` seconds);
+        its lifespan notes its end."""
         from starlette.applications import Starlette
         from starlette.routing import WebSocketRoute
         from starlette.websockets import WebSocketDisconnect
@@ -1992,7 +2066,7 @@ class StopTests(unittest.TestCase):
                 events.append(("disconnect", disconnect.code))
                 try:
                     # As removing a subscriber from a broker does; one that hangs, never to finish.
-                    await (asyncio.Event().wait() if hang_after_disconnect else asyncio.sleep(0))
+                    await (asyncio.Event().wait() if hang_after_disconnect else asyncio.sleep(cleanup))
                 except asyncio.CancelledError:
                     events.append("cancelled")
                     raise
@@ -2039,6 +2113,20 @@ class StopTests(unittest.TestCase):
         self.assertEqual((caught.exception.rcvd.code, caught.exception.rcvd.reason), (1001, "the server is stopping"))
         self.assertEqual([str(warning.message) for warning in caught_warnings], [])
         self.assertEqual(thread_names(), threads)
+
+    def test_a_websocket_cleanup_that_awaits_is_waited_for_at_tear_down(self):
+        """A cleanup that awaits something (a broker told the subscriber is
+        gone) finishes: the close the stop sends ends the connection at
+        once, and uvicorn then queues a second disconnect (1005) for it,
+        which is no sign that the application is not reading."""
+        events: list = []
+        layer, websocket = self.serve_starlette_feed(events, cleanup=0.1)
+        layer.testTearDown()
+        started = time.monotonic()
+        layer.tearDown()
+        elapsed = time.monotonic() - started
+        self.assertEqual(events, [("disconnect", 1001), "cleaned up", "lifespan shutdown"])
+        self.assertLess(elapsed, 1.5)  # the cleanup's 0.1 s, not the 2 s that stop_timeout=5 would let it wait
 
     def test_what_a_websocket_application_raises_cleaning_up_at_tear_down_fails_it(self):
         async def raises_when_told(scope, receive, send):
