@@ -549,6 +549,11 @@ class ServerLayer(plone.testing.Layer):
         try:
             if running is not None:
                 running.stop(timeout=self.stop_timeout)
+                failure, running.failure = running.failure, None
+                if failure is not None:  # its shut-down failed: what it left open is the layer's
+                    self.server_errors.record(
+                        "The serving loop died", (type(failure), failure, failure.__traceback__)
+                    )
         finally:
             for sock in sockets:
                 sock.close()  # the server closes them too; this covers one that failed to start

@@ -722,6 +722,10 @@ class AsyncioServer:
         self._starting: asyncio.Task[None] | None = None
         #: The thread the loop runs in, once it serves.
         self.thread_id: int | None = None
+        #: Whether the loop serves (``run_forever``), and whether the stop
+        #: came (``_stop``): both set and read in the loop's thread alone.
+        self._serving = False
+        self._stop_asked = False
 
     async def prepare(self) -> None:
         """Run on the loop before any socket serves; what it raises fails
@@ -767,8 +771,11 @@ class AsyncioServer:
             self._starting = self.loop.create_task(starting())
             self.loop.run_until_complete(self._starting)
             self._starting = None
-            self.loop.call_soon(ready)
-            self.loop.run_forever()
+            if not self._stop_asked:  # in the turn the start finished in: asked before it served
+                self._serving = True
+                self.loop.call_soon(ready)
+                self.loop.run_forever()
+                self._serving = False
         finally:
             try:
                 self._shut_down(servers)
@@ -837,7 +844,12 @@ class AsyncioServer:
         starting = self._starting
         if starting is not None and not starting.done():
             starting.cancel()
-        else:
+            return
+        # Once: a stop asked again (two threads at once) that comes after
+        # the serving ended would stop the shut-down's first run of the
+        # loop, which then failed, leaving the loop and its sockets open.
+        self._stop_asked = True
+        if self._serving:
             self.loop.stop()
 
     def release(self, timeout: float) -> None:

@@ -208,6 +208,29 @@ def run_testrunner(sample: str, *args: str, env: dict[str, str] | None = None) -
     )
 
 
+def stop_asked_again_as_the_serving_ends(test: unittest.TestCase, layer: Any) -> None:
+    """Tear ``layer`` down with a second stop request that reaches its
+    asyncio loop after the first one ended the serving (two threads asking
+    at once, say), and fail ``test`` unless the loop and every socket are
+    still closed, and nothing is left for the garbage collector."""
+    server = layer._running.server
+
+    def ask_again_next_round() -> None:
+        server.request_stop()
+
+    def ask_twice() -> None:
+        server.request_stop()  # runs in the next round, and ends the serving
+        server.loop.call_soon(ask_again_next_round)  # in that round: queues a stop for the round after
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        server.loop.call_soon_threadsafe(ask_twice)
+        layer.tearDown()
+        gc.collect()
+    test.assertEqual([str(warning.message) for warning in caught], [])
+    test.assertTrue(server.loop.is_closed())
+
+
 def stop_in_the_round_that_accepts(test: unittest.TestCase, layer: Any, address: tuple[str, int]) -> None:
     """Tear ``layer`` down so that its asyncio loop stops in the round in
     which it accepts three clients, and fail ``test`` unless each client is

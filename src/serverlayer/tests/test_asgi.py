@@ -43,6 +43,7 @@ from serverlayer.tests.helpers import (
     ResourceProvider,
     open_descriptors,
     set_up_by_hand,
+    stop_asked_again_as_the_serving_ends,
     stop_in_the_round_that_accepts,
     thread_names,
     without_host_variables,
@@ -2020,6 +2021,28 @@ class StopTests(unittest.TestCase):
         layer = asgi.Layer(lifespan_app([]), name="asgi_last_round")
         layer.setUp()
         stop_in_the_round_that_accepts(self, layer, (layer["http_host"], layer["http_port"]))
+
+    def test_a_stop_asked_again_once_the_serving_ended_leaves_nothing_open(self):
+        layer = asgi.Layer(lifespan_app([]), name="asgi_stop_twice")
+        layer.setUp()
+        stop_asked_again_as_the_serving_ends(self, layer)
+
+    def test_a_shut_down_that_fails_fails_tear_down(self):
+        layer = asgi.Layer(lifespan_app([]), name="asgi_shut_down_fails")
+        layer.setUp()
+        server = layer._running.server
+
+        def failing_shut_down(servers):
+            try:
+                type(server)._shut_down(server, servers)
+            finally:
+                raise RuntimeError("the shut-down failed")
+
+        server._shut_down = failing_shut_down
+        with self.assertRaises(ServerSideError) as caught:
+            layer.tearDown()
+        self.assertIn("The serving loop died", str(caught.exception))
+        self.assertIn("RuntimeError: the shut-down failed", str(caught.exception))
 
     def test_tear_down_is_fast_with_idle_keep_alive_and_websocket_clients(self):
         layer = asgi.Layer(lifespan_app([]), name="asgi_fast_stop")

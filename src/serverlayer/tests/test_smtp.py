@@ -22,7 +22,12 @@ from unittest import mock
 
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
 from serverlayer.errors import ServerSideError
-from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, stop_in_the_round_that_accepts
+from serverlayer.tests.helpers import (
+    open_descriptors,
+    set_up_by_hand,
+    stop_asked_again_as_the_serving_ends,
+    stop_in_the_round_that_accepts,
+)
 
 MAIL_LAYER = smtp.Layer(name="MAIL_LAYER")
 
@@ -703,6 +708,11 @@ class LifecycleTests(unittest.TestCase):
         layer = smtp.Layer(name="STOP_LAST_ROUND")
         layer.setUp()
         stop_in_the_round_that_accepts(self, layer, (layer["smtp_host"], layer["smtp_port"]))
+
+    def test_a_stop_asked_again_once_the_serving_ended_leaves_nothing_open(self):
+        layer = smtp.Layer(name="STOP_TWICE")
+        layer.setUp()
+        stop_asked_again_as_the_serving_ends(self, layer)
 
     def test_stop_closes_every_connection_itself(self):
         """Each connection is closed by the server as it stops, not left
