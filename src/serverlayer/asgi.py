@@ -425,18 +425,33 @@ class RecordingApp:
     """
 
     def __init__(
-        self, app: ASGIApplication, log: RequestLog, client_certs: Mapping[tuple[str, int], Any] | None = None
+        self,
+        app: ASGIApplication,
+        log: RequestLog,
+        client_certs: Mapping[tuple[str, int], Any] | None = None,
+        tls_connections: Mapping[tuple[str, int], dict[str, Any]] | None = None,
     ) -> None:
         self.app = app
         self.log = log
         #: The certificate each client (by address and port) presented.
         self.client_certs = {} if client_certs is None else client_certs
+        #: Over TLS, the ASGI TLS extension of each client's connection (by address and port).
+        self.tls_connections = tls_connections
+
+    def _with_tls(self, scope: Scope) -> None:
+        """Give the scope asgiref's TLS extension of its connection (uvicorn gives none)."""
+        client = scope.get("client")
+        facts = self.tls_connections.get(tuple(client)) if self.tls_connections and client else None
+        if facts is not None:
+            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": dict(facts)}
 
     def _client_cert(self, scope: Scope) -> Any:
         client = scope.get("client")
         return self.client_certs.get(tuple(client)) if client else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.tls_connections is not None and scope["type"] in ("http", "websocket"):
+            self._with_tls(scope)
         if scope["type"] == "http":
             _serving.set(scope)  # in the task of this request alone
             cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
@@ -565,15 +580,15 @@ class _Registered(asyncio.Protocol):
         if owner.sets_no_delay:
             _no_delay(transport)
         owner.transports.add(transport)
-        if owner.asks_client_certs:
-            owner.note_client_cert(transport)
+        if owner.tls_connections is not None:
+            owner.note_tls(transport)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
         owner.transports.discard(self.transport)
-        if owner.asks_client_certs:
-            owner.forget_client_cert(self.transport)
+        if owner.tls_connections is not None:
+            owner.forget_tls(self.transport)
         _mark_closed(self.transport)
         super().connection_lost(exc)
 
@@ -820,7 +835,8 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.transports.discard(self.own_transport)
-        self.owner.forget_client_cert(self.own_transport)
+        if self.owner.tls_connections is not None:
+            self.owner.forget_tls(self.own_transport)
         _mark_closed(self.own_transport)
         super().connection_lost(exc)
 
@@ -1087,9 +1103,11 @@ class UvicornServer(AsyncioServer):
         # wrapper, never the user's application.
         #: The certificates clients presented, by client address, while connected.
         self.client_certs: dict[tuple[str, int], Any] = {}
-        self._certified_peers: dict[asyncio.BaseTransport, tuple[str, int]] = {}
+        #: Over TLS, what the ASGI TLS extension tells of each client's connection (``note_tls``).
+        self.tls_connections: dict[tuple[str, int], dict[str, Any]] | None = None if ssl_context is None else {}
+        self._tls_peers: dict[asyncio.BaseTransport, tuple[str, int]] = {}
         self.config = Config(
-            RecordingApp(app, requests, self.client_certs),
+            RecordingApp(app, requests, self.client_certs, self.tls_connections),
             http=http_protocol,
             ws=_WebSocketProtocol,
             lifespan="auto",
@@ -1115,6 +1133,12 @@ class UvicornServer(AsyncioServer):
         self._stop_deadline: Deadline | None = None
         #: Whether clients may present certificates, to be remembered.
         self.asks_client_certs = ssl_context is not None and ssl_context.verify_mode != ssl.CERT_NONE
+        #: The certificate (PEM) the server presents, for the ASGI TLS extension.
+        self.server_certificate: str | None = None
+        if ssl_context is not None:
+            from serverlayer import tls
+
+            self.server_certificate = tls.certificate_authority().server_certificate(ssl_context)
         #: Whether connections need TCP_NODELAY set (``_no_delay``): asyncio sets it on the rest.
         self.sets_no_delay = any(sock.proto != socket.IPPROTO_TCP for sock in self.sockets)
         #: Makes the protocol of each connection, once the lifespan started.
@@ -1123,23 +1147,28 @@ class UvicornServer(AsyncioServer):
         #: (TLS ones shake hands in them), while they run (``_accepted_protocol``).
         self.accepting: set[asyncio.Task[Any]] = set()
 
-    def note_client_cert(self, transport: asyncio.BaseTransport) -> None:
-        """Remember the certificate the client of ``transport`` presented, if it did."""
-        if not self.asks_client_certs:
-            return
-        from serverlayer.tls import presented_certificate
+    def note_tls(self, transport: asyncio.BaseTransport) -> None:
+        """Remember what the client of the TLS ``transport`` presented (its
+        certificate, if asked for one) and what the application's scope
+        tells of its connection, until it closes (``forget_tls``)."""
+        from serverlayer import tls
 
-        certificate = presented_certificate(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
         peer = transport.get_extra_info("peername")
-        if certificate is not None and peer:
-            self.client_certs[peer[0], peer[1]] = certificate
-            # A closed TLS transport no longer knows its peer.
-            self._certified_peers[transport] = (peer[0], peer[1])
+        if ssl_object is None or not peer or self.tls_connections is None:
+            return
+        peer = (peer[0], peer[1])
+        certificate = tls.presented_certificate(transport) if self.asks_client_certs else None
+        if certificate is not None:
+            self.client_certs[peer] = certificate
+        self.tls_connections[peer] = tls.asgi_tls_extension(ssl_object, certificate, self.server_certificate)
+        self._tls_peers[transport] = peer  # a closed TLS transport no longer knows its peer
 
-    def forget_client_cert(self, transport: asyncio.BaseTransport) -> None:
-        peer = self._certified_peers.pop(transport, None)
-        if peer is not None:
+    def forget_tls(self, transport: asyncio.BaseTransport) -> None:
+        peer = self._tls_peers.pop(transport, None)
+        if peer is not None and self.tls_connections is not None:
             self.client_certs.pop(peer, None)
+            self.tls_connections.pop(peer, None)
 
     # What uvicorn's Server does, without its polling loop.
 

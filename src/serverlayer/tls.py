@@ -127,8 +127,14 @@ class CertificateAuthority:
         self.ca_bundle = os.path.join(self._directory, "ca.pem")
         self._ca.cert_pem.write_to_path(self.ca_bundle)
         self._server_contexts: dict[tuple[tuple[str, ...], str | None], ssl.SSLContext] = {}
+        #: The certificate (PEM) each of those contexts presents.
+        self._server_certificates: dict[ssl.SSLContext, str] = {}
         self._client_certs: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    def server_certificate(self, context: ssl.SSLContext) -> str | None:
+        """The certificate (PEM) a context of ``server_context`` presents; None for another context."""
+        return self._server_certificates.get(context)
 
     def server_context(
         self, names: tuple[str, ...], client_certs: str | None = None, *, owner: str = ""
@@ -144,7 +150,9 @@ class CertificateAuthority:
             context = self._server_contexts.get((names, client_certs))
             if context is None:
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                self._issue_for_hosts(names, owner).configure_cert(context)
+                leaf = self._issue_for_hosts(names, owner)
+                leaf.configure_cert(context)
+                self._server_certificates[context] = leaf.cert_chain_pems[0].bytes().decode()
                 if client_certs is not None:
                     context.verify_mode = CLIENT_CERT_MODES[client_certs]
                     context.load_verify_locations(cafile=self.ca_bundle)
@@ -394,6 +402,38 @@ def presented_certificate(transport: asyncio.BaseTransport) -> ClientCertificate
     ssl_object = transport.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     return ClientCertificate.from_der(der) if der else None
+
+
+#: The TLS versions as ssl.SSLObject.version() names them, and as the ASGI
+#: TLS extension numbers them (the protocol's own version numbers).
+_TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+#: Each server context's cipher suites: OpenSSL's name to the IANA number.
+_cipher_suites: weakref.WeakKeyDictionary[ssl.SSLContext, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def asgi_tls_extension(
+    ssl_object: ssl.SSLObject, client_cert: ClientCertificate | None, server_cert: str | None
+) -> dict[str, Any]:
+    """What asgiref's TLS extension (``scope["extensions"]["tls"]``) tells an
+    ASGI application of its client's TLS connection, which uvicorn does not:
+    a certificate login reads ``client_cert_name`` or ``client_cert_chain``
+    there, as a WSGI one reads ``SSL_CLIENT_S_DN``. Python's ssl module has
+    the client's own certificate, not the chain it sent."""
+    cipher = ssl_object.cipher()
+    suites = _cipher_suites.get(ssl_object.context)
+    if suites is None:  # OpenSSL's id holds the IANA number in its low 16 bits
+        suites = _cipher_suites[ssl_object.context] = {
+            each["name"]: each["id"] & 0xFFFF for each in ssl_object.context.get_ciphers()
+        }
+    return {
+        "server_cert": server_cert,
+        "client_cert_chain": [client_cert.pem] if client_cert is not None else [],
+        "client_cert_name": client_cert.subject if client_cert is not None else None,
+        "client_cert_error": None,  # a certificate that fails verification fails the handshake
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": suites.get(cipher[0]) if cipher is not None else None,
+    }
 
 
 #: How long a connection may take to finish its TLS shutdown before it is cut.

@@ -306,6 +306,55 @@ class OtherLayerTests(unittest.TestCase):
             time.sleep(0.01)
         self.assertEqual(layer["httpd"].client_certs, {})
 
+    def test_asgi_applications_get_the_asgi_tls_extension(self):
+        """What FastAPI or Starlette code of a certificate login reads:
+        ``scope["extensions"]["tls"]`` (asgiref's TLS extension), for
+        requests and WebSockets, and none over plain connections."""
+        from cryptography import x509
+        from websockets.sync.client import connect
+
+        async def app(scope, receive, send):
+            if scope["type"] not in ("http", "websocket"):
+                return
+            facts = scope.get("extensions", {}).get("tls")
+            body = json.dumps(facts).encode()
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "bytes": body})
+                await send({"type": "websocket.close"})
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        for mode in ("required", "optional"):
+            with self.subTest(client_certs=mode):
+                layer = asgi.Layer(app, name=f"MTLS_ASGI_SCOPE_{mode}", tls=True, client_certs=mode)
+                set_up_by_hand(self, layer)
+                carol = layer["issue_client_cert"]("carol")
+                facts = httpx.get(layer["http_url"], verify=tls.certificate_authority().client_context(carol),
+                                  timeout=5).json()
+                [presented] = facts["client_cert_chain"]
+                self.assertEqual(presented, certificate_in(carol).pem)
+                self.assertEqual(facts["client_cert_name"], certificate_in(carol).subject)
+                self.assertIsNone(facts["client_cert_error"])
+                self.assertEqual(facts["tls_version"], 0x0304)  # TLS 1.3, what httpx and the server settle on
+                self.assertEqual(facts["cipher_suite"] >> 8, 0x13)  # a TLS 1.3 suite (RFC 8446 B.4)
+                served = x509.load_pem_x509_certificate(facts["server_cert"].encode())
+                self.assertIn(layer["http_host"], str(served.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName).value))
+                websocket = connect(layer["ws_url"], ssl=layer["ssl_context"], open_timeout=5,
+                                    ping_interval=None).__enter__()
+                self.addCleanup(websocket.close)
+                over_websocket = json.loads(websocket.recv(timeout=5))
+                self.assertEqual(over_websocket["client_cert_name"], certificate_in(layer["client_cert"]).subject)
+        layer = set_up_by_hand(self, asgi.Layer(app, name="MTLS_ASGI_SCOPE_NONE", tls=True, client_certs="optional"))
+        anonymous = httpx.get(layer["http_url"], verify=tls.certificate_authority().client_context(), timeout=5).json()
+        self.assertEqual((anonymous["client_cert_chain"], anonymous["client_cert_name"]), ([], None))
+        self.assertIsNotNone(anonymous["server_cert"])
+        plain = set_up_by_hand(self, asgi.Layer(app, name="MTLS_ASGI_SCOPE_PLAIN"))
+        self.assertIsNone(httpx.get(plain["http_url"], timeout=5).json())  # never over plain connections
+
     def test_a_class_attribute_works_as_the_keyword_does(self):
         class MutualLayer(wsgi.Layer):
             tls = True
