@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from serverlayer import custom, matching
 from serverlayer.errors import (
@@ -53,6 +53,7 @@ from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+_T = TypeVar("_T")
 
 @dataclasses.dataclass(frozen=True)
 class Response:
@@ -524,6 +525,34 @@ def _as_response(answer: Answer, request: RecordedRequest) -> Response:
 _NOT_GIVEN: Any = object()
 
 
+def _checked_data(data: object) -> bytes | None:
+    """``data=`` as bytes; refuses what no body equals, which matched no
+    request without a word until the test ended (``data={"amount": 1}``,
+    meant as JSON)."""
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    hint = "; to match it parsed as JSON, write json=" if isinstance(data, (Mapping, list)) else ""
+    raise ConfigurationError(f"data={matching.shown(data)}: the exact body, bytes or str{hint}.")
+
+
+def _checked_json(setting: str, value: _T) -> _T:
+    """``json=`` or ``json_subset=``, refused unless it is a JSON value: no
+    parsed body equals a set or NaN, and the report of the unmet
+    expectation, which shows it as JSON, raised a TypeError instead."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"{setting}={matching.shown(value)} is no JSON value ({error}), so no request body could match it;"
+            " give dicts, lists, str, numbers, booleans and None."
+        ) from None
+    return value
+
+
 class Route:
     """Requests a route matches, and what they get.
 
@@ -562,9 +591,9 @@ class Route:
         self.query = {key: [value] if isinstance(value, str) else value for key, value in checked_query.items()}
         self.headers = _matched_headers(headers)
         self.raw_path = raw_path
-        self.data = data.encode("utf-8") if isinstance(data, str) else data
-        self.json = json
-        self.json_subset = json_subset
+        self.data = _checked_data(data)
+        self.json = json if json is _NOT_GIVEN else _checked_json("json", json)
+        self.json_subset = None if json_subset is None else _checked_json("json_subset", json_subset)
         self.form = checked_form
         self.match = match
         self._answers: list[Answer | _Hold] = [Response()]
