@@ -634,12 +634,26 @@ class Route:
         """
         if not answers:
             raise ConfigurationError("respond_sequence() needs at least one answer.")
+        for answer in answers:
+            # Checked here: taken as it is, it failed at each request, a 500.
+            if not isinstance(answer, Response) and not callable(answer):
+                raise ConfigurationError(
+                    f"respond_sequence(): {matching.shown(answer)} is no answer; an answer is a content.Response,"
+                    " such as Response(200, 'ok'), or a function of the request returning one."
+                )
         with self._lock:
             self._answers = list(answers)
         return self
 
     def respond_with(self, function: Callable[[RecordedRequest], Response]) -> Route:
         """Answer with what ``function(request)`` returns."""
+        if not callable(function):
+            hint = ("; for a fixed answer, write respond_sequence(Response(...)) or respond(...)"
+                    if isinstance(function, Response) else ", such as lambda request: Response(200, request.body)")
+            raise ConfigurationError(
+                f"respond_with({matching.shown(function)}): give a function of the request that returns a"
+                f" content.Response{hint}."
+            )
         return self.respond_sequence(function)
 
     def hold(self) -> Route:

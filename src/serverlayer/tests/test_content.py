@@ -311,6 +311,22 @@ class RouteTests(unittest.TestCase):
         status, headers, body = call(self.layer, "/echo", data=b"shout")
         self.assertEqual((body, headers["X-Method"]), (b"SHOUT", "POST"))
 
+    def test_answers_that_are_no_response_are_refused_when_declared(self):
+        # respond_sequence("ok") and respond_with("ok") were taken, and each
+        # request then got a 500 and the test a TypeError from the server.
+        route = self.http_content.route("/answer").respond("first")
+        for call_, message in (
+            (lambda: route.respond_sequence("ok"), "respond_sequence(): 'ok' is no answer; an answer is a"
+             " content.Response, such as Response(200, 'ok'), or a function of the request returning one"),
+            (lambda: route.respond_sequence(Response(503), {"status": 200}), "{'status': 200} is no answer"),
+            (lambda: route.respond_with("ok"), "respond_with('ok'): give a function of the request"),
+            (lambda: route.respond_with(Response(200, "ok")), "for a fixed answer, write respond_sequence(Response"),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call_()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(call(self.layer, "/answer")[2], b"first")  # the answer before stays
+
     def test_handler_for_anything_else(self):
         self.http_content.route("/known").respond("known")
         self.http_content.handler = lambda request: Response(200, f"handled {request.path}") \
