@@ -525,6 +525,24 @@ def _as_response(answer: Answer, request: RecordedRequest) -> Response:
 _NOT_GIVEN: Any = object()
 
 
+def _checked_method(method: object) -> str | None:
+    """``method`` in capitals; refuses what no request line has, which
+    raised an AttributeError (a list of methods) or matched nothing
+    without a word (``"GET /orders"``)."""
+    if method is None:
+        return None
+    if not isinstance(method, str):
+        raise ConfigurationError(
+            f"method={matching.shown(method)}: a route matches one method, such as 'POST', or any without"
+            " method=; declare a route for each method it should match."
+        )
+    if not _TOKEN.fullmatch(method):
+        raise ConfigurationError(
+            f"method={method!r}: a method is one word, such as 'GET' or 'PROPFIND'; the path is the first argument."
+        )
+    return method.upper()
+
+
 def _checked_data(data: object) -> bytes | None:
     """``data=`` as bytes; refuses what no body equals, which matched no
     request without a word until the test ended (``data={"amount": 1}``,
@@ -587,7 +605,7 @@ class Route:
         checked_query = matching.checked_fields("query", query or {})
         checked_form = None if form is None else matching.checked_fields("form", form)
         self.path = path
-        self.method = method.upper() if method else None
+        self.method = _checked_method(method)
         self.query = {key: [value] if isinstance(value, str) else value for key, value in checked_query.items()}
         self.headers = _matched_headers(headers)
         self.raw_path = raw_path

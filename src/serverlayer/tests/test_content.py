@@ -343,6 +343,23 @@ class RouteTests(unittest.TestCase):
         response = connection.getresponse()
         self.assertEqual((response.status, response.read()), (207, b"props"))
 
+    def test_a_method_no_request_has_is_refused_when_declared(self):
+        # route("/x", ["GET", "POST"]) and route("/x", 405) raised an
+        # AttributeError ('list' object has no attribute 'upper');
+        # route("/x", "GET /x") was taken, and matched no request.
+        for method, message in (
+            (["GET", "POST"], "method=['GET', 'POST']: a route matches one method, such as 'POST', or any"
+             " without method=; declare a route for each method"),
+            (405, "method=405: a route matches one method"),
+            ("GET /orders", "method='GET /orders': a method is one word"),
+        ):
+            with self.subTest(method=method), self.assertRaises(ConfigurationError) as caught:
+                self.http_content.expect("/orders", method)  # type: ignore[arg-type]
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.http_content.expectations, [])
+        self.http_content.route("/orders", "post").respond("created", status=201)  # any letter case, as before
+        self.assertEqual(call(self.layer, "/orders", data=b"{}")[:3:2], (201, b"created"))
+
     def test_bad_settings(self):
         with self.assertRaises(ConfigurationError):
             self.http_content.route(42)
