@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
+import difflib
 import io
 import json
 import numbers
@@ -384,6 +385,7 @@ class HeldRequest:
                 **faults: Any) -> None:
         """Answer with this body and status (and ``chunked``, ``delay``,
         ``reset`` or ``truncate``, see ``Response``); the client gets it at once."""
+        _check_options("respond", faults, _RESPONSE_OPTIONS, _RESPOND_TAKES)
         self.respond_with_response(Response(status, body, _header_items(headers), **faults))
 
     def respond_json(self, data: Any, status: int = 200, headers: Headers | None = None) -> None:
@@ -525,6 +527,46 @@ def _as_response(answer: Answer, request: RecordedRequest) -> Response:
 _NOT_GIVEN: Any = object()
 
 
+#: What a route matches on besides its path, method, query and headers.
+_ROUTE_OPTIONS = ("raw_path", "data", "json", "json_subset", "form", "match")
+#: What respond() takes besides body, status and headers: the faults, and a
+#: stream's chunks (respond_stream() is the way the docs show).
+_RESPONSE_OPTIONS = ("chunked", "delay", "reset", "truncate", "chunks", "interval")
+_TO_MATCH_THE_BODY = ("to match the body, write data= (the exact bytes or text), json=, json_subset=, form="
+                      " or match=")
+_EXPECTED = "an expected request is declared with expect(path, times=...) or expect(path, at_least=...)"
+_OPTION_HINTS = {
+    "route": {"body": _TO_MATCH_THE_BODY, "content": _TO_MATCH_THE_BODY, "text": _TO_MATCH_THE_BODY,
+              "params": "write query=", "query_params": "write query=",
+              "times": _EXPECTED, "at_least": _EXPECTED, "ordered": _EXPECTED},
+    "respond": {"json": "write respond_json(data)", "status_code": "write status=", "code": "write status=",
+                "content": "the body is the first argument, or body=", "text": "the body is the first argument,"
+                " or body=", "data": "the body is the first argument, or body=",
+                "events": "write respond_sse(events)"},
+}
+_OPTION_HINTS["expect"] = {name: hint for name, hint in _OPTION_HINTS["route"].items() if hint is not _EXPECTED}
+
+
+_ROUTE_TAKES = "path, method, query=, headers=, raw_path=, data=, json=, json_subset=, form= and match="
+_EXPECT_TAKES = _ROUTE_TAKES.replace(" and match=", ", match=, times=, at_least= and ordered=")
+_RESPOND_TAKES = "body, status, headers, and chunked=, delay=, reset=, truncate= (respond_stream() sends chunks)"
+
+
+def _check_options(where: str, given: Mapping[str, Any], known: Sequence[str], takes: str) -> None:
+    """Refuse keywords ``where()`` does not take, saying what to write: passed
+    on as they were, they raised a TypeError naming Route.__init__() or
+    Response.__init__(), which the test never called."""
+    for name in given:
+        if name in known:
+            continue
+        hint = _OPTION_HINTS.get(where, {}).get(name)
+        if hint:
+            raise ConfigurationError(f"{where}() takes no {name}=: {hint}.")
+        close = difflib.get_close_matches(name, known, n=1)
+        guess = f" Did you mean {close[0]}=?" if close else ""
+        raise ConfigurationError(f"{where}() takes no {name}=; it takes {takes}.{guess}")
+
+
 def _checked_method(method: object) -> str | None:
     """``method`` in capitals; refuses what no request line has, which
     raised an AttributeError (a list of methods) or matched nothing
@@ -628,6 +670,7 @@ class Route:
     ) -> Route:
         """Answer with this body and status (and ``chunked``, ``delay``,
         ``reset`` or ``truncate``, see ``Response``)."""
+        _check_options("respond", faults, _RESPONSE_OPTIONS, _RESPOND_TAKES)
         return self.respond_sequence(Response(status, body, _header_items(headers), **faults))
 
     def respond_json(self, data: Any, status: int = 200, headers: Headers | None = None) -> Route:
@@ -899,6 +942,7 @@ class HTTPContent:
         ``raw_path``, ``data``, ``json``, ``json_subset``, ``form`` and
         ``match`` (see ``Route``).
         """
+        _check_options("route", body_and_more, _ROUTE_OPTIONS, _ROUTE_TAKES)
         route = Route(path, method, query=query, headers=headers, **body_and_more)
         with self._lock:
             self.routes.append(route)
@@ -912,6 +956,7 @@ class HTTPContent:
         """Expect matching requests: ``times`` exactly (once unless said
         otherwise) or ``at_least``; ``ordered`` ones must first be met in
         the order they were declared. Match and answer them like a route."""
+        _check_options("expect", body_and_more, (*_ROUTE_OPTIONS, "times", "at_least", "ordered"), _EXPECT_TAKES)
         expectation = Expectation(path, method, query=query, headers=headers,
                                   times=times, at_least=at_least, ordered=ordered, **body_and_more)
         with self._lock:

@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import socketserver
+import threading
 import time
 import unittest
 import urllib.error
@@ -359,6 +360,39 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(self.http_content.expectations, [])
         self.http_content.route("/orders", "post").respond("created", status=201)  # any letter case, as before
         self.assertEqual(call(self.layer, "/orders", data=b"{}")[:3:2], (201, b"created"))
+
+    def test_unknown_options_are_refused_naming_the_ones_to_write(self):
+        # A TypeError named Route.__init__() or Response.__init__(), which
+        # the test never called, and not what to write instead.
+        self.http_content.route("/charges", "POST").hold()
+        for call_, message in (
+            (lambda: self.http_content.route("/charges", body="x"),
+             "route() takes no body=: to match the body, write data= (the exact bytes or text), json=,"
+             " json_subset=, form= or match="),
+            (lambda: self.http_content.expect("/charges", params={"q": "1"}),
+             "expect() takes no params=: write query="),
+            (lambda: self.http_content.route("/charges", times=2), "route() takes no times=: an expected"
+             " request is declared with expect(path, times=...)"),
+            (lambda: self.http_content.route("/x").respond(json={"id": 1}), "respond() takes no json=: write"
+             " respond_json(data)"),
+            (lambda: self.http_content.route("/x").respond("late", delays=2), "respond() takes no delays=;"
+             " it takes body, status, headers, and chunked=, delay=, reset=, truncate="),
+            (lambda: self.http_content.route("/x").respond(status_code=201), "respond() takes no status_code=:"
+             " write status="),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call_()
+            self.assertIn(message, str(caught.exception))
+        replies: list[int] = []
+        shop = threading.Thread(target=lambda: replies.append(call(self.layer, "/charges", data=b"{}")[0]))
+        shop.start()
+        with self.http_content.next_request() as charge:
+            with self.assertRaises(ConfigurationError) as caught:
+                charge.respond(json={"id": 1})
+            self.assertIn("respond() takes no json=: write respond_json(data)", str(caught.exception))
+            charge.respond("charged", status=201)
+        shop.join(10)
+        self.assertEqual(replies, [201])
 
     def test_bad_settings(self):
         with self.assertRaises(ConfigurationError):
