@@ -906,11 +906,11 @@ class HTTPContent:
     def reset(self) -> None:
         """Back to the defaults: 404 for everything, no routes, no expectations."""
         with self._lock:
-            self.code = 404
-            self.content: bytes | str = b""
-            self.headers: dict[str, str] = {}
-            self.chunked = False
-            self.handler: Callable[[RecordedRequest], Response | None] | None = None
+            self._code = 404
+            self._content: bytes | str = b""
+            self._headers: dict[str, str] = {}
+            self._chunked = False
+            self._handler: Callable[[RecordedRequest], Response | None] | None = None
             self.routes: list[Route] = []
             self.expectations: list[Expectation] = []
             self._unexpected: list[RecordedRequest] = []
@@ -931,7 +931,65 @@ class HTTPContent:
         _as_bytes(content, "content")
         _check_no_body(code, content)
         Response(code, content, _header_items(headers), chunked=chunked)  # refuses what it would fail on
-        self.content, self.code, self.headers, self.chunked = content, code, dict(headers or {}), chunked
+        self._content, self._code, self._headers, self._chunked = content, code, dict(headers or {}), chunked
+
+    # The default answer's parts, as attributes (as in pytest-localserver):
+    # each checked as it is set, as serve_content() checks them; taken as
+    # they were, a wrong one failed every request with a 500 and the test
+    # with a TypeError from the server thread.
+
+    @property
+    def code(self) -> int:
+        """The default answer's status."""
+        return self._code
+
+    @code.setter
+    def code(self, code: int) -> None:
+        self._code = _check_status(code, "code")
+
+    @property
+    def content(self) -> bytes | str:
+        """The default answer's body."""
+        return self._content
+
+    @content.setter
+    def content(self, content: bytes | str) -> None:
+        _as_bytes(content, "content")
+        self._content = content
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The default answer's header fields."""
+        return self._headers
+
+    @headers.setter
+    def headers(self, headers: Headers) -> None:
+        self._headers = dict(_header_items(headers))
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the default answer is sent in chunks."""
+        return self._chunked
+
+    @chunked.setter
+    def chunked(self, chunked: bool) -> None:
+        if not isinstance(chunked, bool):
+            raise ConfigurationError(f"chunked={chunked!r}: True or False.")
+        self._chunked = chunked
+
+    @property
+    def handler(self) -> Callable[[RecordedRequest], Response | None] | None:
+        """A function answering what no route or expectation matches."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Callable[[RecordedRequest], Response | None] | None) -> None:
+        if handler is not None and not callable(handler):
+            raise ConfigurationError(
+                f"handler={matching.shown(handler)}: a function of the recorded request that returns a"
+                " content.Response, or None for the default answer."
+            )
+        self._handler = handler
 
     def route(self, path: str | re.Pattern[str], method: str | None = None, *,
               query: Mapping[str, str | Sequence[str]] | None = None,

@@ -76,6 +76,28 @@ class DefaultAnswerTests(unittest.TestCase):
         self.assertEqual((status, body, headers["X-Tea"]), (418, b"teapot", "green"))
         self.assertEqual((headers["Content-Length"], headers["Transfer-Encoding"]), ("6", None))
 
+    def test_attributes_no_answer_could_have_are_refused_when_set(self):
+        # They were taken, and each request then got a 500, the test a
+        # TypeError or AttributeError from the server thread.
+        http_content = self.layer["http_content"]
+        for name, value, message in (
+            ("code", "200", "code='200': an HTTP status is a whole number from 100 to 999: write 200."),
+            ("content", {"id": 1}, "content: a body or chunk is bytes or str, not {'id': 1}."),
+            ("headers", [("X-Tea", "green"), "X-Cup: 1"], "'X-Cup: 1' is none."),
+            ("headers", "X-Tea: green", "headers='X-Tea: green': give a mapping of names to values"),
+            ("handler", "teapot", "handler='teapot': a function of the recorded request that returns a"
+             " content.Response, or None for the default answer"),
+            ("chunked", "no", "chunked='no': True or False"),
+        ):
+            with self.subTest(name=name):
+                with self.assertRaises(ConfigurationError) as caught:
+                    setattr(http_content, name, value)
+                self.assertIn(message, str(caught.exception))
+        status, _, body = call(self.layer, "/")
+        self.assertEqual((status, body), (404, b""))  # the defaults stay
+        http_content.headers = [("X-Tea", "green")]  # pairs, as respond() takes them
+        self.assertEqual(call(self.layer, "/")[1]["X-Tea"], "green")
+
     def test_the_default_404_has_a_length_not_chunks(self):
         status, headers, body = call(self.layer, "/anything")
         self.assertEqual((status, headers["Content-Length"], headers["Transfer-Encoding"], body),
@@ -354,9 +376,10 @@ class RouteTests(unittest.TestCase):
             (405, "method=405: a route matches one method"),
             ("GET /orders", "method='GET /orders': a method is one word"),
         ):
-            with self.subTest(method=method), self.assertRaises(ConfigurationError) as caught:
-                self.http_content.expect("/orders", method)  # type: ignore[arg-type]
-            self.assertIn(message, str(caught.exception))
+            with self.subTest(method=method):
+                with self.assertRaises(ConfigurationError) as caught:
+                    self.http_content.expect("/orders", method)  # type: ignore[arg-type]
+                self.assertIn(message, str(caught.exception))
         self.assertEqual(self.http_content.expectations, [])
         self.http_content.route("/orders", "post").respond("created", status=201)  # any letter case, as before
         self.assertEqual(call(self.layer, "/orders", data=b"{}")[:3:2], (201, b"created"))
