@@ -281,6 +281,24 @@ class ScriptTests(unittest.TestCase):
         self.assertIn(b"Sec-WebSocket-Key", response.read())
         self.assertEqual(self.connect().recv(timeout=10), "hi")
 
+    def test_a_handshake_websockets_cannot_read_gets_a_400_saying_why(self):
+        # A handshake with a body (a POST's) was closed unanswered, and
+        # failed the test with a ValueError of the server's ("not enough
+        # values to unpack") that asked to fix the server.
+        self.http_content.websocket("/feed").on_connect("hi")
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        for method, body, why in (("POST", b"abc", b"unsupported request body"),
+                                  ("GET", b"abc", b"unsupported request body")):
+            with self.subTest(method=method):
+                connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+                self.addCleanup(connection.close)
+                connection.request(method, "/feed", body=body, headers=upgrade)
+                response = connection.getresponse()
+                self.assertEqual(response.status, 400)
+                self.assertIn(b"Failed to open a WebSocket connection: " + why, response.read())
+        self.assertEqual(self.connect().recv(timeout=10), "hi")
+
     def test_invalid_utf8_in_a_text_message_closes_with_1007(self):
         feed = self.http_content.websocket("/feed")
         client = self.connect()
