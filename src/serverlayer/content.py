@@ -32,6 +32,7 @@ import decimal
 import difflib
 import io
 import json
+import math
 import numbers
 import re
 import socket
@@ -1097,6 +1098,14 @@ class HTTPContent:
         A block left without an answer (an assertion failed in it, say)
         answers 500, so no client is left waiting.
         """
+        if timeout is not None:
+            # NaN waited for ever (threading's wait compares it with 0),
+            # infinity and text raised from inside threading.
+            meaning = "next_request() waits that many seconds for a held request, 0 or more"
+            if timeout == math.inf:
+                raise ConfigurationError(f"timeout={timeout!r}: {meaning}; write timeout=None to wait until one comes.")
+            timeout = min(threading.TIMEOUT_MAX, matching.seconds(
+                timeout, setting="timeout", meaning=meaning, otherwise="write timeout=None to wait until one comes"))
         with self._lock:
             if not any(route.holds for route in [*self.expectations, *self.routes]):
                 raise ConfigurationError(
