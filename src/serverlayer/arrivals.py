@@ -8,13 +8,26 @@ already has. When it times out, the error lists everything that did arrive.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, Generic, TypeVar, overload
 
-from serverlayer.errors import WaitTimeoutError
+from serverlayer.errors import ConfigurationError, WaitTimeoutError
+from serverlayer.matching import seconds
 
 T = TypeVar("T")
+
+
+def _checked_timeout(timeout: object) -> float:
+    """``timeout`` in seconds; refuses NaN, which waited for ever (threading
+    compares it with 0), and infinity and text, which threading raised on."""
+    meaning = "wait_for() waits that many seconds, 0 or more"
+    if timeout == math.inf:
+        raise ConfigurationError(f"timeout={timeout!r}: {meaning}; write timeout=None to wait as long as it takes.")
+    checked = seconds(timeout, setting="timeout", meaning=meaning,
+                      otherwise="write timeout=None to wait as long as it takes")
+    return min(checked, threading.TIMEOUT_MAX)
 
 
 class Unread(Generic[T]):
@@ -99,6 +112,9 @@ class Arrivals(Sequence[T], Generic[T]):
         arrive, when they are not all there after ``timeout`` seconds.
         ``timeout=None`` waits as long as it takes (Ctrl-C still stops it).
         """
+
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
 
         def matching() -> list[T]:
             return [item for item in self._ready() if match is None or match(item)]
