@@ -1147,12 +1147,18 @@ class HTTPContent:
         return len(held)
 
     def _expectation_for(self, request: RecordedRequest) -> Expectation | None:
-        """The first matching expectation still wanting requests, else the
-        last matching one (which then counts one request too many)."""
+        """The first matching expectation not met yet, else the first still
+        wanting requests (``at_least`` ones always do), else the last
+        matching one (which then counts one request too many). Unmet ones
+        first: an ``at_least`` expectation declared earlier took every
+        request it matched, leaving a later one unmet that the request met."""
         matching = [expectation for expectation in self.expectations if expectation.matches(request)]
         if not matching:
             return None
-        expectation = next((e for e in matching if e.times is None or e.count < e.times), matching[-1])
+        expectation = next(
+            (e for e in matching if e.count < e.minimum),
+            next((e for e in matching if e.times is None or e.count < e.times), matching[-1]),
+        )
         self._check_order(expectation, request)
         expectation.count += 1
         expectation.counted.append(request)

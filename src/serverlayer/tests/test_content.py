@@ -16,6 +16,8 @@ import urllib.parse
 import urllib.request
 from unittest import mock
 
+import requests
+
 from serverlayer import ConfigurationError, ExpectationError, content, wsgi
 from serverlayer.content import Response
 from serverlayer.tests.helpers import run_testrunner
@@ -592,6 +594,17 @@ class ExpectationTests(unittest.TestCase):
             "  The requests it counted:\n    GET /x\n    GET /x",
         ])
         self.http_content.reset()
+
+    def test_a_request_goes_to_an_unmet_expectation_before_a_met_at_least_one(self):
+        # An at_least expectation always wants more: declared first, it took
+        # every request it matched, the final one too, which got its answer
+        # ("pending") and left the second expectation unmet, the test failed.
+        self.http_content.expect("/status", at_least=1).respond_json({"state": "pending"})
+        self.http_content.expect("/status", query={"final": "1"}).respond_json({"state": "done"})
+        answers = [requests.get(self.http_content.url_for(path), timeout=10).json()["state"]
+                   for path in ("/status", "/status", "/status?final=1")]
+        self.assertEqual(answers, ["pending", "pending", "done"])
+        self.assertEqual(self.http_content.problems(), [])
 
     def test_ordered_expectations_met_in_order_pass(self):
         self.http_content.expect("/login", ordered=True, at_least=1)
