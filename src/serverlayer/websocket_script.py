@@ -394,7 +394,10 @@ class WebSocketScript:
             self._received.append(message)
             matching = [rule for rule in self._expectations if not message_differences(rule.match, message)]
             if matching:
-                rule = next((rule for rule in matching if rule.wants_more()), matching[-1])
+                # The first not met yet: an at_least rule always wants more,
+                # and took what a later one was still waiting for.
+                rule = next((rule for rule in matching if not rule.met() and rule.wants_more()),
+                            next((rule for rule in matching if rule.wants_more()), matching[-1]))
                 rule.count += 1
                 rule.counted.append(message)
                 return rule.reply

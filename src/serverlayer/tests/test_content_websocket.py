@@ -467,6 +467,18 @@ class ScriptCheckTests(unittest.TestCase):
                          ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s).\n"
                           "  The messages it counted:\n    'ab'\n    'ab'"])
 
+    def test_a_met_at_least_expectation_leaves_a_message_to_an_unmet_one(self):
+        # An at_least expectation always wants more: declared first, it
+        # took "bye" too, which got its reply, and "bye" stayed unmet.
+        feed = self.http_content.websocket("/feed")
+        feed.expect(str, "ok", at_least=1).expect("bye", "see you", close=1000)
+        with ws_connect(self.layer, "/feed") as client:
+            for message, reply in [("tick", "ok"), ("tick", "ok"), ("bye", "see you")]:
+                client.send(message)
+                self.assertEqual(client.recv(timeout=10), reply)
+            self.assertEqual(close_details(client)[0], 1000)
+        self.assertEqual(feed.problems(), [])
+
     def test_an_earlier_expectation_met_too_often_does_not_take_what_a_later_one_wants(self):
         self.http_content.websocket("/feed").expect(re.compile("a."), "first").expect("ab", "second")
         with ws_connect(self.layer, "/feed") as client:
