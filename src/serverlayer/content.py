@@ -1225,16 +1225,27 @@ def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], show
     if expectation.times is not None and expectation.count > expectation.times:
         lines = [f"    {request.summary()}" for request in expectation.counted]
         return ".\n  The requests it counted:\n" + "\n".join(lines)
-    differing = [(request, found) for request in requests if (found := _reported_differences(expectation, request))]
+    differing, elsewhere = [], []
+    counted = {id(request) for request in expectation.counted}
+    for request in requests:
+        found = _reported_differences(expectation, request)
+        if found:
+            differing.append((request, found))
+        elif id(request) not in counted:
+            elsewhere.append(request)
     if not differing:
         if not requests:
             return "; no requests arrived at all"
         # Every request matched it: too many, or none counted because they
         # went to an earlier expectation or came before this one was declared.
         return "" if expectation.count else "; the requests it matches came before it or met an earlier expectation"
+    # Named too when others differ: shown alone, those read as if none of
+    # its requests had arrived.
+    went = "".join(f"\n    {request.summary()}" for request in elsewhere[:shown])
+    went = f".\n  Requests it matches that came before it or met an earlier expectation:{went}" if went else ""
     near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
     lines = [f"    {request.summary()}: {'; '.join(found)}" for request, found in near]
-    return ".\n  Closest requests that arrived:\n" + "\n".join(lines)
+    return went + (".\n" if not went else "\n") + "  Closest requests that arrived:\n" + "\n".join(lines)
 
 
 def _reported_differences(expectation: Expectation, request: RecordedRequest) -> list[str]:

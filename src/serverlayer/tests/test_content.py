@@ -676,6 +676,22 @@ class ExpectationTests(unittest.TestCase):
         ])
         self.http_content.reset()
 
+    def test_an_unmet_expectation_names_the_requests_it_matched_that_went_elsewhere(self):
+        # With a request that differed, the report showed it alone as the
+        # closest, as if no GET /x had arrived.
+        self.http_content.expect("/x")
+        self.http_content.expect("/x")
+        call(self.layer, "/x")
+        call(self.layer, "/y")
+        self.assertEqual(self.http_content.problems()[0], (
+            "expected any method /x once, it was requested 0 time(s).\n"
+            "  Requests it matches that came before it or met an earlier expectation:\n"
+            "    GET /x\n"
+            "  Closest requests that arrived:\n"
+            "    GET /y: path is /y, not /x"
+        ))
+        self.http_content.reset()
+
     def test_the_three_closest_requests_are_shown_fewest_differences_first(self):
         self.http_content.expect("/charges", "POST", query={"amount": "100"})
         connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=5)
