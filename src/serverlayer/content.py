@@ -524,6 +524,21 @@ def _as_response(answer: Answer, request: RecordedRequest) -> Response:
     return response
 
 
+def _header_difference(name: str, got: str | None, wanted: str) -> str:
+    """How a request's header field differs, for a report: "is missing"
+    rather than "is None", and a value the client sent as UTF-8 said to be
+    one, as it reads garbled ('ZoÃ«' for 'Zoë') next to what was wanted."""
+    if got is None:
+        return f"header {name} is missing, not {wanted!r}"
+    as_utf8: str | None
+    try:
+        as_utf8 = got.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        as_utf8 = None
+    why = " (sent as UTF-8; header values are read as ISO-8859-1)" if as_utf8 == wanted != got else ""
+    return f"header {name} is {got!r}, not {wanted!r}{why}"
+
+
 #: For ``json=``, whose every value (None too) is something to match.
 _NOT_GIVEN: Any = object()
 
@@ -771,8 +786,9 @@ class Route:
                 got = "missing" if key not in params else f"{params[key]}"
                 yield f"query {key} is {got}, not {values}"
         for name, value in self.headers.items():
-            if request.headers.get(name) != value:
-                yield f"header {name} is {request.headers.get(name)!r}, not {value!r}"
+            sent = request.headers.get(name)
+            if sent != value:
+                yield _header_difference(name, sent, value)
         yield from self._body_differences(request)
 
     def _body_differences(self, request: RecordedRequest) -> list[str]:

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from unittest import mock
 
+import httpx
 import requests
 
 from serverlayer import ConfigurationError, ExpectationError, content, wsgi
@@ -638,6 +639,18 @@ class ExpectationTests(unittest.TestCase):
         self.assertIn("expected any method /search with headers Accept: application/json once,"
                       " it was requested 0 time(s).\n  Closest requests that arrived:\n"
                       "    GET /search: header Accept is 'text/html', not 'application/json'", str(caught.exception))
+        self.http_content.reset()
+
+    def test_a_missing_header_and_one_sent_as_utf8_are_said_so(self):
+        # The report said "header Authorization is None", and showed a value
+        # httpx sent as UTF-8 as 'ZoÃ«' beside 'Zoë', with no word why.
+        self.http_content.expect("/me", headers={"Authorization": "Bearer sk", "X-Name": "Zoë"})
+        httpx.get(self.http_content.url_for("/me"), headers={"X-Name": "Zoë".encode()}, timeout=10)
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        self.assertIn("    GET /me: header Authorization is missing, not 'Bearer sk'; header X-Name is 'ZoÃ«', not"
+                      " 'Zoë' (sent as UTF-8; header values are read as ISO-8859-1)",
+                      str(caught.exception))
         self.http_content.reset()
 
     def test_an_expectation_met_too_often_shows_the_requests_it_counted(self):
