@@ -1212,7 +1212,8 @@ class HTTPContent:
                 if problem:
                     found.append(problem + _closest(expectation, self._requests))
             found.extend(f"out of order: {problem}" for problem in self._order_problems)
-            found.extend(f"unexpected request: {request.summary()}" for request in self._unexpected)
+            found.extend(f"unexpected request: {request.summary()}{self._handshake_note(request)}"
+                         for request in self._unexpected)
             found.extend(
                 f"held, and never taken with next_request(): {held.request.summary()}"
                 for held in [*self._never_taken, *self._held]
@@ -1221,6 +1222,15 @@ class HTTPContent:
         for script in scripts:
             found.extend(script.problems())
         return found
+
+    def _handshake_note(self, request: RecordedRequest) -> str:
+        """For an unexpected WebSocket handshake, which reads as any GET: the
+        paths the scripts serve, the likely near miss."""
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return ""
+        paths = [script.describe() for script in self.websockets]
+        served = (", ".join(paths[:-1]) + " and " + paths[-1]) if len(paths) > 1 else "".join(paths)
+        return f" (a WebSocket handshake; the scripts serve {served})" if paths else " (a WebSocket handshake)"
 
     def check(self) -> None:
         """Fail now, with what went wrong, if anything did.

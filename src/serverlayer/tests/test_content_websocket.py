@@ -372,6 +372,16 @@ class ScriptCheckTests(unittest.TestCase):
         self.assertIn("no client connected", message)
         self.assertIn("unexpected request: GET /price", message)
 
+    def test_a_handshake_no_script_serves_is_said_to_be_one(self):
+        # It read as a plain GET, with nothing to say which paths the
+        # scripts serve.
+        self.http_content.websocket("/prices").expect("subscribe")
+        self.http_content.websocket(re.compile(r"/feeds/\d+"))
+        with self.assertRaises(InvalidStatus):
+            ws_connect(self.layer, "/price?token=abc")
+        self.assertIn("- unexpected request: GET /price?token=abc (a WebSocket handshake; the scripts serve /prices"
+                      " and a path matching '/feeds/\\\\d+')", self.failure_text())
+
     def test_an_unmet_expectation_fails_with_the_closest_messages(self):
         # The rules keep the near misses from being unexpected, which would
         # close the connection while talk() still sends.
