@@ -89,7 +89,14 @@ class Response:
         # Checked here, where the test declares it, rather than found out
         # inside the server at the first request, where the client only
         # sees its connection drop.
-        object.__setattr__(self, "status", _check_status(self.status))
+        status: object = self.status
+        if isinstance(status, (str, bytes)) and not status.strip().isdigit():
+            # respond() takes the body first, Response() the status: Response("ok").
+            raise ConfigurationError(
+                f"status={status!r}: an HTTP status is a whole number from 100 to 999; Response takes the status"
+                " first, then the body: Response(200, 'ok') (respond() takes the body first)."
+            )
+        object.__setattr__(self, "status", _check_status(status))
         _as_bytes(self.body, "body")
         _check_no_body(self.status, self.body)
         object.__setattr__(self, "headers", tuple(_header_items(self.headers)))
