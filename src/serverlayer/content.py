@@ -97,6 +97,8 @@ class Response:
                 " first, then the body: Response(200, 'ok') (respond() takes the body first)."
             )
         object.__setattr__(self, "status", _check_status(status))
+        _switch(self.chunked, "chunked")
+        _switch(self.reset, "reset")
         _as_bytes(self.body, "body")
         _check_no_body(self.status, self.body)
         object.__setattr__(self, "headers", tuple(_header_items(self.headers)))
@@ -188,6 +190,14 @@ class Response:
 
     def body_bytes(self) -> bytes:
         return _as_bytes(self.body)
+
+
+def _switch(value: object, setting: str) -> bool:
+    """A switch, refused unless True or False: taken for its truth,
+    ``reset="no"`` reset the connection."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{setting}={value!r}: True or False.")
+    return value
 
 
 def _with_defaults(headers: Headers | None, defaults: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -673,7 +683,7 @@ class Route:
         self.method = _checked_method(method)
         self.query = {key: [value] if isinstance(value, str) else value for key, value in checked_query.items()}
         self.headers = _matched_headers(headers)
-        self.raw_path = raw_path
+        self.raw_path = _switch(raw_path, "raw_path")
         self.data = _checked_data(data)
         self.json = json if json is _NOT_GIVEN else _checked_json("json", json)
         self.json_subset = None if json_subset is None else _checked_json("json_subset", json_subset)
@@ -870,7 +880,7 @@ class Expectation(Route):
         matching.check_counts(times, at_least)
         self.times = times
         self.at_least = at_least
-        self.ordered = ordered
+        self.ordered = _switch(ordered, "ordered")
         self.count = 0
         #: The requests it counted, in the order they came.
         self.counted: list[RecordedRequest] = []
@@ -997,9 +1007,7 @@ class HTTPContent:
 
     @chunked.setter
     def chunked(self, chunked: bool) -> None:
-        if not isinstance(chunked, bool):
-            raise ConfigurationError(f"chunked={chunked!r}: True or False.")
-        self._chunked = chunked
+        self._chunked = _switch(chunked, "chunked")
 
     @property
     def handler(self) -> Callable[[RecordedRequest], Response | None] | None:

@@ -420,6 +420,22 @@ class RouteTests(unittest.TestCase):
         shop.join(10)
         self.assertEqual(replies, [201])
 
+    def test_switches_that_are_no_bool_are_refused(self):
+        # Taken for their truth: reset="no" reset the connection, and
+        # raw_path="false" compared paths as sent.
+        for call_, message in (
+            (lambda: self.http_content.route("/x").respond("a", reset="no"), "reset='no': True or False"),
+            (lambda: self.http_content.route("/x").respond("a", chunked="false"), "chunked='false': True or False"),
+            (lambda: self.http_content.route("/x", raw_path="false"), "raw_path='false': True or False"),
+            (lambda: self.http_content.expect("/x", ordered="yes"), "ordered='yes': True or False"),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call_()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.http_content.expectations, [])
+        self.http_content.route("/switched").respond("a", reset=False, chunked=True)
+        self.assertEqual(call(self.layer, "/switched")[2], b"a")
+
     def test_bad_settings(self):
         with self.assertRaises(ConfigurationError):
             self.http_content.route(42)
