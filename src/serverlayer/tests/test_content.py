@@ -240,6 +240,17 @@ class RouteTests(unittest.TestCase):
                 declare()
             self.assertEqual(str(caught.exception), message)
 
+    def test_a_pattern_of_bytes_is_refused_when_declared(self):
+        # Taken, it made every request a 500: the server's TypeError
+        # ("cannot use a bytes pattern on a string-like object").
+        for declare, where in ((lambda: self.http_content.route(re.compile(rb"/feeds/\d+")), "route"),
+                               (lambda: self.http_content.websocket(re.compile(rb"/feeds/\d+")), "websocket")):
+            with self.assertRaises(ConfigurationError) as caught:
+                declare()
+            self.assertIn(f"{where}(re.compile(b'/feeds/\\\\d+')): paths are text: compile a str pattern,"
+                          " such as re.compile(r'/orders/\\d+').", str(caught.exception))
+        self.assertEqual(call(self.layer, "/feeds/1")[0], 404)
+
     def test_a_path_with_an_encoded_question_mark_or_asterisk_form(self):
         self.http_content.route("/what%3F").respond("a question")
         self.http_content.route("*", "OPTIONS").respond("the server")  # OPTIONS * asks about the server
