@@ -8,13 +8,26 @@ already has. When it times out, the error lists everything that did arrive.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, Generic, TypeVar, overload
 
 from serverlayer.errors import ConfigurationError, WaitTimeoutError
+from serverlayer.matching import seconds
 
 T = TypeVar("T")
+
+
+def _checked_timeout(timeout: object) -> float:
+    """``timeout`` in seconds; refuses NaN, which waited for ever (threading
+    compares it with 0), and infinity and text, which threading raised on."""
+    meaning = "wait_for() waits that many seconds, 0 or more"
+    if timeout == math.inf:
+        raise ConfigurationError(f"timeout={timeout!r}: {meaning}; write timeout=None to wait as long as it takes.")
+    checked = seconds(timeout, setting="timeout", meaning=meaning,
+                      otherwise="write timeout=None to wait as long as it takes")
+    return min(checked, threading.TIMEOUT_MAX)
 
 
 class Unread(Generic[T]):
@@ -100,7 +113,9 @@ class Arrivals(Sequence[T], Generic[T]):
         ``timeout=None`` waits as long as it takes (Ctrl-C still stops it).
         """
 
-        self._check_wait(count, match, timeout)
+        self._check_wait(count, match)
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
 
         def matching() -> list[T]:
             return [item for item in self._ready() if match is None or match(item)]
@@ -129,7 +144,7 @@ class Arrivals(Sequence[T], Generic[T]):
             + self.why_missing()
         )
 
-    def _check_wait(self, count: object, match: object, timeout: object) -> None:
+    def _check_wait(self, count: object, match: object) -> None:
         """Refuse, at the call, what ``wait_for`` cannot wait for. Otherwise
         ``match="bob@example.com"`` (as the SMTP layer's ``fail()`` takes it)
         waited the whole timeout and then said nothing matched, or raised
@@ -145,13 +160,6 @@ class Arrivals(Sequence[T], Generic[T]):
             raise ConfigurationError(
                 f"wait_for(): match={match!r} must be a function that takes a {noun} and returns"
                 f" True for those to wait for, such as match=lambda {noun}: ..."
-            )
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf")
-        ):
-            raise ConfigurationError(
-                f"wait_for(): timeout={timeout!r} must be a number of seconds, 0 or more,"
-                " or None to wait as long as it takes."
             )
 
     def why_missing(self) -> str:

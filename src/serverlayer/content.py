@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
+import difflib
 import io
 import json
+import math
 import numbers
 import re
 import socket
@@ -38,7 +40,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from serverlayer import custom, matching
 from serverlayer.errors import (
@@ -53,6 +55,7 @@ from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+_T = TypeVar("_T")
 
 @dataclasses.dataclass(frozen=True)
 class Response:
@@ -86,7 +89,16 @@ class Response:
         # Checked here, where the test declares it, rather than found out
         # inside the server at the first request, where the client only
         # sees its connection drop.
-        object.__setattr__(self, "status", _check_status(self.status))
+        status: object = self.status
+        if isinstance(status, (str, bytes)) and not status.strip().isdigit():
+            # respond() takes the body first, Response() the status: Response("ok").
+            raise ConfigurationError(
+                f"status={status!r}: an HTTP status is a whole number from 100 to 999; Response takes the status"
+                " first, then the body: Response(200, 'ok') (respond() takes the body first)."
+            )
+        object.__setattr__(self, "status", _check_status(status))
+        _switch(self.chunked, "chunked")
+        _switch(self.reset, "reset")
         _as_bytes(self.body, "body")
         _check_no_body(self.status, self.body)
         object.__setattr__(self, "headers", tuple(_header_items(self.headers)))
@@ -178,6 +190,14 @@ class Response:
 
     def body_bytes(self) -> bytes:
         return _as_bytes(self.body)
+
+
+def _switch(value: object, setting: str) -> bool:
+    """A switch, refused unless True or False: taken for its truth,
+    ``reset="no"`` reset the connection."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{setting}={value!r}: True or False.")
+    return value
 
 
 def _with_defaults(headers: Headers | None, defaults: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -383,6 +403,7 @@ class HeldRequest:
                 **faults: Any) -> None:
         """Answer with this body and status (and ``chunked``, ``delay``,
         ``reset`` or ``truncate``, see ``Response``); the client gets it at once."""
+        _check_options("respond", faults, _RESPONSE_OPTIONS, _RESPOND_TAKES)
         self.respond_with_response(Response(status, body, _header_items(headers), **faults))
 
     def respond_json(self, data: Any, status: int = 200, headers: Headers | None = None) -> None:
@@ -520,8 +541,109 @@ def _as_response(answer: Answer, request: RecordedRequest) -> Response:
     return response
 
 
+def _header_difference(name: str, got: str | None, wanted: str) -> str:
+    """How a request's header field differs, for a report: "is missing"
+    rather than "is None", and a value the client sent as UTF-8 said to be
+    one, as it reads garbled ('ZoÃ«' for 'Zoë') next to what was wanted."""
+    if got is None:
+        return f"header {name} is missing, not {wanted!r}"
+    as_utf8: str | None
+    try:
+        as_utf8 = got.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        as_utf8 = None
+    why = " (sent as UTF-8; header values are read as ISO-8859-1)" if as_utf8 == wanted != got else ""
+    return f"header {name} is {got!r}, not {wanted!r}{why}"
+
+
 #: For ``json=``, whose every value (None too) is something to match.
 _NOT_GIVEN: Any = object()
+
+
+#: What a route matches on besides its path, method, query and headers.
+_ROUTE_OPTIONS = ("raw_path", "data", "json", "json_subset", "form", "match")
+#: What respond() takes besides body, status and headers: the faults, and a
+#: stream's chunks (respond_stream() is the way the docs show).
+_RESPONSE_OPTIONS = ("chunked", "delay", "reset", "truncate", "chunks", "interval")
+_TO_MATCH_THE_BODY = ("to match the body, write data= (the exact bytes or text), json=, json_subset=, form="
+                      " or match=")
+_EXPECTED = "an expected request is declared with expect(path, times=...) or expect(path, at_least=...)"
+_OPTION_HINTS = {
+    "route": {"body": _TO_MATCH_THE_BODY, "content": _TO_MATCH_THE_BODY, "text": _TO_MATCH_THE_BODY,
+              "params": "write query=", "query_params": "write query=",
+              "times": _EXPECTED, "at_least": _EXPECTED, "ordered": _EXPECTED},
+    "respond": {"json": "write respond_json(data)", "status_code": "write status=", "code": "write status=",
+                "content": "the body is the first argument, or body=", "text": "the body is the first argument,"
+                " or body=", "data": "the body is the first argument, or body=",
+                "events": "write respond_sse(events)"},
+}
+_OPTION_HINTS["expect"] = {name: hint for name, hint in _OPTION_HINTS["route"].items() if hint is not _EXPECTED}
+
+
+_ROUTE_TAKES = "path, method, query=, headers=, raw_path=, data=, json=, json_subset=, form= and match="
+_EXPECT_TAKES = _ROUTE_TAKES.replace(" and match=", ", match=, times=, at_least= and ordered=")
+_RESPOND_TAKES = "body, status, headers, and chunked=, delay=, reset=, truncate= (respond_stream() sends chunks)"
+
+
+def _check_options(where: str, given: Mapping[str, Any], known: Sequence[str], takes: str) -> None:
+    """Refuse keywords ``where()`` does not take, saying what to write: passed
+    on as they were, they raised a TypeError naming Route.__init__() or
+    Response.__init__(), which the test never called."""
+    for name in given:
+        if name in known:
+            continue
+        hint = _OPTION_HINTS.get(where, {}).get(name)
+        if hint:
+            raise ConfigurationError(f"{where}() takes no {name}=: {hint}.")
+        close = difflib.get_close_matches(name, known, n=1)
+        guess = f" Did you mean {close[0]}=?" if close else ""
+        raise ConfigurationError(f"{where}() takes no {name}=; it takes {takes}.{guess}")
+
+
+def _checked_method(method: object) -> str | None:
+    """``method`` in capitals; refuses what no request line has, which
+    raised an AttributeError (a list of methods) or matched nothing
+    without a word (``"GET /orders"``)."""
+    if method is None:
+        return None
+    if not isinstance(method, str):
+        raise ConfigurationError(
+            f"method={matching.shown(method)}: a route matches one method, such as 'POST', or any without"
+            " method=; declare a route for each method it should match."
+        )
+    if not _TOKEN.fullmatch(method):
+        raise ConfigurationError(
+            f"method={method!r}: a method is one word, such as 'GET' or 'PROPFIND'; the path is the first argument."
+        )
+    return method.upper()
+
+
+def _checked_data(data: object) -> bytes | None:
+    """``data=`` as bytes; refuses what no body equals, which matched no
+    request without a word until the test ended (``data={"amount": 1}``,
+    meant as JSON)."""
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    hint = "; to match it parsed as JSON, write json=" if isinstance(data, (Mapping, list)) else ""
+    raise ConfigurationError(f"data={matching.shown(data)}: the exact body, bytes or str{hint}.")
+
+
+def _checked_json(setting: str, value: _T) -> _T:
+    """``json=`` or ``json_subset=``, refused unless it is a JSON value: no
+    parsed body equals a set or NaN, and the report of the unmet
+    expectation, which shows it as JSON, raised a TypeError instead."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"{setting}={matching.shown(value)} is no JSON value ({error}), so no request body could match it;"
+            " give dicts, lists, str, numbers, booleans and None."
+        ) from None
+    return value
 
 
 class Route:
@@ -558,13 +680,13 @@ class Route:
         checked_query = matching.checked_fields("query", query or {})
         checked_form = None if form is None else matching.checked_fields("form", form)
         self.path = path
-        self.method = method.upper() if method else None
+        self.method = _checked_method(method)
         self.query = {key: [value] if isinstance(value, str) else value for key, value in checked_query.items()}
         self.headers = _matched_headers(headers)
-        self.raw_path = raw_path
-        self.data = data.encode("utf-8") if isinstance(data, str) else data
-        self.json = json
-        self.json_subset = json_subset
+        self.raw_path = _switch(raw_path, "raw_path")
+        self.data = _checked_data(data)
+        self.json = json if json is _NOT_GIVEN else _checked_json("json", json)
+        self.json_subset = None if json_subset is None else _checked_json("json_subset", json_subset)
         self.form = checked_form
         self.match = match
         self._answers: list[Answer | _Hold] = [Response()]
@@ -581,6 +703,7 @@ class Route:
     ) -> Route:
         """Answer with this body and status (and ``chunked``, ``delay``,
         ``reset`` or ``truncate``, see ``Response``)."""
+        _check_options("respond", faults, _RESPONSE_OPTIONS, _RESPOND_TAKES)
         return self.respond_sequence(Response(status, body, _header_items(headers), **faults))
 
     def respond_json(self, data: Any, status: int = 200, headers: Headers | None = None) -> Route:
@@ -605,12 +728,26 @@ class Route:
         """
         if not answers:
             raise ConfigurationError("respond_sequence() needs at least one answer.")
+        for answer in answers:
+            # Checked here: taken as it is, it failed at each request, a 500.
+            if not isinstance(answer, Response) and not callable(answer):
+                raise ConfigurationError(
+                    f"respond_sequence(): {matching.shown(answer)} is no answer; an answer is a content.Response,"
+                    " such as Response(200, 'ok'), or a function of the request returning one."
+                )
         with self._lock:
             self._answers = list(answers)
         return self
 
     def respond_with(self, function: Callable[[RecordedRequest], Response]) -> Route:
         """Answer with what ``function(request)`` returns."""
+        if not callable(function):
+            hint = ("; for a fixed answer, write respond_sequence(Response(...)) or respond(...)"
+                    if isinstance(function, Response) else ", such as lambda request: Response(200, request.body)")
+            raise ConfigurationError(
+                f"respond_with({matching.shown(function)}): give a function of the request that returns a"
+                f" content.Response{hint}."
+            )
         return self.respond_sequence(function)
 
     def hold(self) -> Route:
@@ -666,8 +803,9 @@ class Route:
                 got = "missing" if key not in params else f"{params[key]}"
                 yield f"query {key} is {got}, not {values}"
         for name, value in self.headers.items():
-            if request.headers.get(name) != value:
-                yield f"header {name} is {request.headers.get(name)!r}, not {value!r}"
+            sent = request.headers.get(name)
+            if sent != value:
+                yield _header_difference(name, sent, value)
         yield from self._body_differences(request)
 
     def _body_differences(self, request: RecordedRequest) -> list[str]:
@@ -742,7 +880,7 @@ class Expectation(Route):
         matching.check_counts(times, at_least)
         self.times = times
         self.at_least = at_least
-        self.ordered = ordered
+        self.ordered = _switch(ordered, "ordered")
         self.count = 0
         #: The requests it counted, in the order they came.
         self.counted: list[RecordedRequest] = []
@@ -802,11 +940,11 @@ class HTTPContent:
     def reset(self) -> None:
         """Back to the defaults: 404 for everything, no routes, no expectations."""
         with self._lock:
-            self.code = 404
-            self.content: bytes | str = b""
-            self.headers: dict[str, str] = {}
-            self.chunked = False
-            self.handler: Callable[[RecordedRequest], Response | None] | None = None
+            self._code = 404
+            self._content: bytes | str = b""
+            self._headers: dict[str, str] = {}
+            self._chunked = False
+            self._handler: Callable[[RecordedRequest], Response | None] | None = None
             self.routes: list[Route] = []
             self.expectations: list[Expectation] = []
             self._unexpected: list[RecordedRequest] = []
@@ -827,7 +965,63 @@ class HTTPContent:
         _as_bytes(content, "content")
         _check_no_body(code, content)
         Response(code, content, _header_items(headers), chunked=chunked)  # refuses what it would fail on
-        self.content, self.code, self.headers, self.chunked = content, code, dict(headers or {}), chunked
+        self._content, self._code, self._headers, self._chunked = content, code, dict(headers or {}), chunked
+
+    # The default answer's parts, as attributes (as in pytest-localserver):
+    # each checked as it is set, as serve_content() checks them; taken as
+    # they were, a wrong one failed every request with a 500 and the test
+    # with a TypeError from the server thread.
+
+    @property
+    def code(self) -> int:
+        """The default answer's status."""
+        return self._code
+
+    @code.setter
+    def code(self, code: int) -> None:
+        self._code = _check_status(code, "code")
+
+    @property
+    def content(self) -> bytes | str:
+        """The default answer's body."""
+        return self._content
+
+    @content.setter
+    def content(self, content: bytes | str) -> None:
+        _as_bytes(content, "content")
+        self._content = content
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The default answer's header fields."""
+        return self._headers
+
+    @headers.setter
+    def headers(self, headers: Headers) -> None:
+        self._headers = dict(_header_items(headers))
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the default answer is sent in chunks."""
+        return self._chunked
+
+    @chunked.setter
+    def chunked(self, chunked: bool) -> None:
+        self._chunked = _switch(chunked, "chunked")
+
+    @property
+    def handler(self) -> Callable[[RecordedRequest], Response | None] | None:
+        """A function answering what no route or expectation matches."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Callable[[RecordedRequest], Response | None] | None) -> None:
+        if handler is not None and not callable(handler):
+            raise ConfigurationError(
+                f"handler={matching.shown(handler)}: a function of the recorded request that returns a"
+                " content.Response, or None for the default answer."
+            )
+        self._handler = handler
 
     def route(self, path: str | re.Pattern[str], method: str | None = None, *,
               query: Mapping[str, str | Sequence[str]] | None = None,
@@ -838,6 +1032,7 @@ class HTTPContent:
         ``raw_path``, ``data``, ``json``, ``json_subset``, ``form`` and
         ``match`` (see ``Route``).
         """
+        _check_options("route", body_and_more, _ROUTE_OPTIONS, _ROUTE_TAKES)
         route = Route(path, method, query=query, headers=headers, **body_and_more)
         with self._lock:
             self.routes.append(route)
@@ -851,6 +1046,7 @@ class HTTPContent:
         """Expect matching requests: ``times`` exactly (once unless said
         otherwise) or ``at_least``; ``ordered`` ones must first be met in
         the order they were declared. Match and answer them like a route."""
+        _check_options("expect", body_and_more, (*_ROUTE_OPTIONS, "times", "at_least", "ordered"), _EXPECT_TAKES)
         expectation = Expectation(path, method, query=query, headers=headers,
                                   times=times, at_least=at_least, ordered=ordered, **body_and_more)
         with self._lock:
@@ -933,6 +1129,14 @@ class HTTPContent:
         A block left without an answer (an assertion failed in it, say)
         answers 500, so no client is left waiting.
         """
+        if timeout is not None:
+            # NaN waited for ever (threading's wait compares it with 0),
+            # infinity and text raised from inside threading.
+            meaning = "next_request() waits that many seconds for a held request, 0 or more"
+            if timeout == math.inf:
+                raise ConfigurationError(f"timeout={timeout!r}: {meaning}; write timeout=None to wait until one comes.")
+            timeout = min(threading.TIMEOUT_MAX, matching.seconds(
+                timeout, setting="timeout", meaning=meaning, otherwise="write timeout=None to wait until one comes"))
         with self._lock:
             if not any(route.holds for route in [*self.expectations, *self.routes]):
                 raise ConfigurationError(
@@ -974,12 +1178,18 @@ class HTTPContent:
         return len(held)
 
     def _expectation_for(self, request: RecordedRequest) -> Expectation | None:
-        """The first matching expectation still wanting requests, else the
-        last matching one (which then counts one request too many)."""
+        """The first matching expectation not met yet, else the first still
+        wanting requests (``at_least`` ones always do), else the last
+        matching one (which then counts one request too many). Unmet ones
+        first: an ``at_least`` expectation declared earlier took every
+        request it matched, leaving a later one unmet that the request met."""
         matching = [expectation for expectation in self.expectations if expectation.matches(request)]
         if not matching:
             return None
-        expectation = next((e for e in matching if e.times is None or e.count < e.times), matching[-1])
+        expectation = next(
+            (e for e in matching if e.count < e.minimum),
+            next((e for e in matching if e.times is None or e.count < e.times), matching[-1]),
+        )
         self._check_order(expectation, request)
         expectation.count += 1
         expectation.counted.append(request)
@@ -1017,7 +1227,8 @@ class HTTPContent:
                 if problem:
                     found.append(problem + _closest(expectation, self._requests))
             found.extend(f"out of order: {problem}" for problem in self._order_problems)
-            found.extend(f"unexpected request: {request.summary()}" for request in self._unexpected)
+            found.extend(f"unexpected request: {request.summary()}{self._handshake_note(request)}"
+                         for request in self._unexpected)
             found.extend(
                 f"held, and never taken with next_request(): {held.request.summary()}"
                 for held in [*self._never_taken, *self._held]
@@ -1026,6 +1237,15 @@ class HTTPContent:
         for script in scripts:
             found.extend(script.problems())
         return found
+
+    def _handshake_note(self, request: RecordedRequest) -> str:
+        """For an unexpected WebSocket handshake, which reads as any GET: the
+        paths the scripts serve, the likely near miss."""
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return ""
+        paths = [script.describe() for script in self.websockets]
+        served = (", ".join(paths[:-1]) + " and " + paths[-1]) if len(paths) > 1 else "".join(paths)
+        return f" (a WebSocket handshake; the scripts serve {served})" if paths else " (a WebSocket handshake)"
 
     def check(self) -> None:
         """Fail now, with what went wrong, if anything did.
@@ -1046,16 +1266,27 @@ def _closest(expectation: Expectation, requests: Sequence[RecordedRequest], show
     if expectation.times is not None and expectation.count > expectation.times:
         lines = [f"    {request.summary()}" for request in expectation.counted]
         return ".\n  The requests it counted:\n" + "\n".join(lines)
-    differing = [(request, found) for request in requests if (found := _reported_differences(expectation, request))]
+    differing, elsewhere = [], []
+    counted = {id(request) for request in expectation.counted}
+    for request in requests:
+        found = _reported_differences(expectation, request)
+        if found:
+            differing.append((request, found))
+        elif id(request) not in counted:
+            elsewhere.append(request)
     if not differing:
         if not requests:
             return "; no requests arrived at all"
         # Every request matched it: too many, or none counted because they
         # went to an earlier expectation or came before this one was declared.
         return "" if expectation.count else "; the requests it matches came before it or met an earlier expectation"
+    # Named too when others differ: shown alone, those read as if none of
+    # its requests had arrived.
+    went = "".join(f"\n    {request.summary()}" for request in elsewhere[:shown])
+    went = f".\n  Requests it matches that came before it or met an earlier expectation:{went}" if went else ""
     near = sorted(differing, key=lambda pair: len(pair[1]))[:shown]
     lines = [f"    {request.summary()}: {'; '.join(found)}" for request, found in near]
-    return ".\n  Closest requests that arrived:\n" + "\n".join(lines)
+    return went + (".\n" if not went else "\n") + "  Closest requests that arrived:\n" + "\n".join(lines)
 
 
 def _reported_differences(expectation: Expectation, request: RecordedRequest) -> list[str]:

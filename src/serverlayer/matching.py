@@ -231,6 +231,11 @@ def check_path(path: object, *, where: str, takes_query: bool) -> None:
     ``"/feed?token=abc"`` would never match. ``"*"``, the target of
     ``OPTIONS *``, is a path an HTTP request (not a handshake) can have.
     ``takes_query``: whether ``where`` matches a query with ``query=``."""
+    if isinstance(path, re.Pattern) and isinstance(path.pattern, bytes):
+        # Paths are matched as text: each request raised a TypeError in the server.
+        raise ConfigurationError(
+            f"{where}({path!r}): paths are text: compile a str pattern, such as re.compile(r'/orders/\\d+')."
+        )
     if isinstance(path, re.Pattern) or (path == "*" and takes_query):
         return
     if not isinstance(path, str):

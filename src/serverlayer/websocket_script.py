@@ -394,7 +394,10 @@ class WebSocketScript:
             self._received.append(message)
             matching = [rule for rule in self._expectations if not message_differences(rule.match, message)]
             if matching:
-                rule = next((rule for rule in matching if rule.wants_more()), matching[-1])
+                # The first not met yet: an at_least rule always wants more,
+                # and took what a later one was still waiting for.
+                rule = next((rule for rule in matching if not rule.met() and rule.wants_more()),
+                            next((rule for rule in matching if rule.wants_more()), matching[-1]))
                 rule.count += 1
                 rule.counted.append(message)
                 return rule.reply
@@ -440,7 +443,20 @@ class _Conversation:
         lines = [f"{handler.command} {handler.path} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in handler.headers.items()]
         protocol.receive_data(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        [request] = protocol.events_received()
+        events = protocol.events_received()
+        if not events:
+            # websockets read no handshake in it (a body, which a handshake
+            # has none of; a path not in ASCII) and ends the connection with
+            # no answer, as a server error here: the client gets a 400
+            # saying why, as for the handshakes websockets refuses itself.
+            error = protocol.handshake_exc
+            why = error.__cause__ if error is not None and error.__cause__ is not None else error
+            refusal = protocol.reject(400, f"Failed to open a WebSocket connection: {why}.\n")
+            server: HandlerServer = handler.server  # type: ignore[assignment]
+            with server.writing(handler.connection):
+                handler.wfile.write(refusal.serialize())
+            return
+        [request] = events
         response = protocol.accept(request)  # type: ignore[arg-type]
         protocol.send_response(response)
         self._flush()

@@ -8,12 +8,16 @@ import json
 import re
 import socket
 import socketserver
+import threading
 import time
 import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
 from unittest import mock
+
+import httpx
+import requests
 
 from serverlayer import ConfigurationError, ExpectationError, content, wsgi
 from serverlayer.content import Response
@@ -74,6 +78,28 @@ class DefaultAnswerTests(unittest.TestCase):
         status, headers, body = call(self.layer, "/")
         self.assertEqual((status, body, headers["X-Tea"]), (418, b"teapot", "green"))
         self.assertEqual((headers["Content-Length"], headers["Transfer-Encoding"]), ("6", None))
+
+    def test_attributes_no_answer_could_have_are_refused_when_set(self):
+        # They were taken, and each request then got a 500, the test a
+        # TypeError or AttributeError from the server thread.
+        http_content = self.layer["http_content"]
+        for name, value, message in (
+            ("code", "200", "code='200': an HTTP status is a whole number from 100 to 999: write 200."),
+            ("content", {"id": 1}, "content: a body or chunk is bytes or str, not {'id': 1}."),
+            ("headers", [("X-Tea", "green"), "X-Cup: 1"], "'X-Cup: 1' is none."),
+            ("headers", "X-Tea: green", "headers='X-Tea: green': give a mapping of names to values"),
+            ("handler", "teapot", "handler='teapot': a function of the recorded request that returns a"
+             " content.Response, or None for the default answer"),
+            ("chunked", "no", "chunked='no': True or False"),
+        ):
+            with self.subTest(name=name):
+                with self.assertRaises(ConfigurationError) as caught:
+                    setattr(http_content, name, value)
+                self.assertIn(message, str(caught.exception))
+        status, _, body = call(self.layer, "/")
+        self.assertEqual((status, body), (404, b""))  # the defaults stay
+        http_content.headers = [("X-Tea", "green")]  # pairs, as respond() takes them
+        self.assertEqual(call(self.layer, "/")[1]["X-Tea"], "green")
 
     def test_the_default_404_has_a_length_not_chunks(self):
         status, headers, body = call(self.layer, "/anything")
@@ -214,6 +240,17 @@ class RouteTests(unittest.TestCase):
                 declare()
             self.assertEqual(str(caught.exception), message)
 
+    def test_a_pattern_of_bytes_is_refused_when_declared(self):
+        # Taken, it made every request a 500: the server's TypeError
+        # ("cannot use a bytes pattern on a string-like object").
+        for declare, where in ((lambda: self.http_content.route(re.compile(rb"/feeds/\d+")), "route"),
+                               (lambda: self.http_content.websocket(re.compile(rb"/feeds/\d+")), "websocket")):
+            with self.assertRaises(ConfigurationError) as caught:
+                declare()
+            self.assertIn(f"{where}(re.compile(b'/feeds/\\\\d+')): paths are text: compile a str pattern,"
+                          " such as re.compile(r'/orders/\\d+').", str(caught.exception))
+        self.assertEqual(call(self.layer, "/feeds/1")[0], 404)
+
     def test_a_path_with_an_encoded_question_mark_or_asterisk_form(self):
         self.http_content.route("/what%3F").respond("a question")
         self.http_content.route("*", "OPTIONS").respond("the server")  # OPTIONS * asks about the server
@@ -311,6 +348,22 @@ class RouteTests(unittest.TestCase):
         status, headers, body = call(self.layer, "/echo", data=b"shout")
         self.assertEqual((body, headers["X-Method"]), (b"SHOUT", "POST"))
 
+    def test_answers_that_are_no_response_are_refused_when_declared(self):
+        # respond_sequence("ok") and respond_with("ok") were taken, and each
+        # request then got a 500 and the test a TypeError from the server.
+        route = self.http_content.route("/answer").respond("first")
+        for call_, message in (
+            (lambda: route.respond_sequence("ok"), "respond_sequence(): 'ok' is no answer; an answer is a"
+             " content.Response, such as Response(200, 'ok'), or a function of the request returning one"),
+            (lambda: route.respond_sequence(Response(503), {"status": 200}), "{'status': 200} is no answer"),
+            (lambda: route.respond_with("ok"), "respond_with('ok'): give a function of the request"),
+            (lambda: route.respond_with(Response(200, "ok")), "for a fixed answer, write respond_sequence(Response"),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call_()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(call(self.layer, "/answer")[2], b"first")  # the answer before stays
+
     def test_handler_for_anything_else(self):
         self.http_content.route("/known").respond("known")
         self.http_content.handler = lambda request: Response(200, f"handled {request.path}") \
@@ -326,6 +379,73 @@ class RouteTests(unittest.TestCase):
         connection.request("PROPFIND", "/dav")
         response = connection.getresponse()
         self.assertEqual((response.status, response.read()), (207, b"props"))
+
+    def test_a_method_no_request_has_is_refused_when_declared(self):
+        # route("/x", ["GET", "POST"]) and route("/x", 405) raised an
+        # AttributeError ('list' object has no attribute 'upper');
+        # route("/x", "GET /x") was taken, and matched no request.
+        for method, message in (
+            (["GET", "POST"], "method=['GET', 'POST']: a route matches one method, such as 'POST', or any"
+             " without method=; declare a route for each method"),
+            (405, "method=405: a route matches one method"),
+            ("GET /orders", "method='GET /orders': a method is one word"),
+        ):
+            with self.subTest(method=method):
+                with self.assertRaises(ConfigurationError) as caught:
+                    self.http_content.expect("/orders", method)  # type: ignore[arg-type]
+                self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.http_content.expectations, [])
+        self.http_content.route("/orders", "post").respond("created", status=201)  # any letter case, as before
+        self.assertEqual(call(self.layer, "/orders", data=b"{}")[:3:2], (201, b"created"))
+
+    def test_unknown_options_are_refused_naming_the_ones_to_write(self):
+        # A TypeError named Route.__init__() or Response.__init__(), which
+        # the test never called, and not what to write instead.
+        self.http_content.route("/charges", "POST").hold()
+        for call_, message in (
+            (lambda: self.http_content.route("/charges", body="x"),
+             "route() takes no body=: to match the body, write data= (the exact bytes or text), json=,"
+             " json_subset=, form= or match="),
+            (lambda: self.http_content.expect("/charges", params={"q": "1"}),
+             "expect() takes no params=: write query="),
+            (lambda: self.http_content.route("/charges", times=2), "route() takes no times=: an expected"
+             " request is declared with expect(path, times=...)"),
+            (lambda: self.http_content.route("/x").respond(json={"id": 1}), "respond() takes no json=: write"
+             " respond_json(data)"),
+            (lambda: self.http_content.route("/x").respond("late", delays=2), "respond() takes no delays=;"
+             " it takes body, status, headers, and chunked=, delay=, reset=, truncate="),
+            (lambda: self.http_content.route("/x").respond(status_code=201), "respond() takes no status_code=:"
+             " write status="),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call_()
+            self.assertIn(message, str(caught.exception))
+        replies: list[int] = []
+        shop = threading.Thread(target=lambda: replies.append(call(self.layer, "/charges", data=b"{}")[0]))
+        shop.start()
+        with self.http_content.next_request() as charge:
+            with self.assertRaises(ConfigurationError) as caught:
+                charge.respond(json={"id": 1})
+            self.assertIn("respond() takes no json=: write respond_json(data)", str(caught.exception))
+            charge.respond("charged", status=201)
+        shop.join(10)
+        self.assertEqual(replies, [201])
+
+    def test_switches_that_are_no_bool_are_refused(self):
+        # Taken for their truth: reset="no" reset the connection, and
+        # raw_path="false" compared paths as sent.
+        for call_, message in (
+            (lambda: self.http_content.route("/x").respond("a", reset="no"), "reset='no': True or False"),
+            (lambda: self.http_content.route("/x").respond("a", chunked="false"), "chunked='false': True or False"),
+            (lambda: self.http_content.route("/x", raw_path="false"), "raw_path='false': True or False"),
+            (lambda: self.http_content.expect("/x", ordered="yes"), "ordered='yes': True or False"),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call_()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.http_content.expectations, [])
+        self.http_content.route("/switched").respond("a", reset=False, chunked=True)
+        self.assertEqual(call(self.layer, "/switched")[2], b"a")
 
     def test_bad_settings(self):
         with self.assertRaises(ConfigurationError):
@@ -503,6 +623,17 @@ class ExpectationTests(unittest.TestCase):
         ])
         self.http_content.reset()
 
+    def test_a_request_goes_to_an_unmet_expectation_before_a_met_at_least_one(self):
+        # An at_least expectation always wants more: declared first, it took
+        # every request it matched, the final one too, which got its answer
+        # ("pending") and left the second expectation unmet, the test failed.
+        self.http_content.expect("/status", at_least=1).respond_json({"state": "pending"})
+        self.http_content.expect("/status", query={"final": "1"}).respond_json({"state": "done"})
+        answers = [requests.get(self.http_content.url_for(path), timeout=10).json()["state"]
+                   for path in ("/status", "/status", "/status?final=1")]
+        self.assertEqual(answers, ["pending", "pending", "done"])
+        self.assertEqual(self.http_content.problems(), [])
+
     def test_ordered_expectations_met_in_order_pass(self):
         self.http_content.expect("/login", ordered=True, at_least=1)
         self.http_content.expect("/token", ordered=True)
@@ -535,6 +666,18 @@ class ExpectationTests(unittest.TestCase):
         self.assertIn("expected any method /search with headers Accept: application/json once,"
                       " it was requested 0 time(s).\n  Closest requests that arrived:\n"
                       "    GET /search: header Accept is 'text/html', not 'application/json'", str(caught.exception))
+        self.http_content.reset()
+
+    def test_a_missing_header_and_one_sent_as_utf8_are_said_so(self):
+        # The report said "header Authorization is None", and showed a value
+        # httpx sent as UTF-8 as 'ZoÃ«' beside 'Zoë', with no word why.
+        self.http_content.expect("/me", headers={"Authorization": "Bearer sk", "X-Name": "Zoë"})
+        httpx.get(self.http_content.url_for("/me"), headers={"X-Name": "Zoë".encode()}, timeout=10)
+        with self.assertRaises(ExpectationError) as caught:
+            self.http_content.check()
+        self.assertIn("    GET /me: header Authorization is missing, not 'Bearer sk'; header X-Name is 'ZoÃ«', not"
+                      " 'Zoë' (sent as UTF-8; header values are read as ISO-8859-1)",
+                      str(caught.exception))
         self.http_content.reset()
 
     def test_an_expectation_met_too_often_shows_the_requests_it_counted(self):
@@ -571,6 +714,22 @@ class ExpectationTests(unittest.TestCase):
             "expected any method /x once, it was requested 0 time(s);"
             " the requests it matches came before it or met an earlier expectation",
         ])
+        self.http_content.reset()
+
+    def test_an_unmet_expectation_names_the_requests_it_matched_that_went_elsewhere(self):
+        # With a request that differed, the report showed it alone as the
+        # closest, as if no GET /x had arrived.
+        self.http_content.expect("/x")
+        self.http_content.expect("/x")
+        call(self.layer, "/x")
+        call(self.layer, "/y")
+        self.assertEqual(self.http_content.problems()[0], (
+            "expected any method /x once, it was requested 0 time(s).\n"
+            "  Requests it matches that came before it or met an earlier expectation:\n"
+            "    GET /x\n"
+            "  Closest requests that arrived:\n"
+            "    GET /y: path is /y, not /x"
+        ))
         self.http_content.reset()
 
     def test_the_three_closest_requests_are_shown_fewest_differences_first(self):

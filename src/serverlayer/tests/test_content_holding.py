@@ -140,6 +140,37 @@ class NextRequestTests(unittest.TestCase):
             pass
         self.assertIn("The requests that did arrive: none.", str(raised.exception))
 
+    def test_a_timeout_that_is_no_number_of_seconds_is_refused(self):
+        # NaN waited for ever (the test hung), infinity raised OverflowError,
+        # "1" a TypeError from threading.
+        self.content.route("/held").hold()
+        for timeout, message in (
+            (float("nan"), "timeout=nan: next_request() waits that many seconds for a held request"),
+            (float("inf"), "timeout=inf: next_request() waits that many seconds for a held request, 0 or more;"
+             " write timeout=None to wait until one comes."),
+            ("1", "write the number 1.0, not the text '1'"),
+            (-1, "timeout=-1: next_request() waits"),
+        ):
+            raised: list[BaseException] = []
+
+            def take(timeout=timeout, raised=raised):
+                try:
+                    with self.content.next_request(timeout=timeout) as request:
+                        request.respond("taken")
+                except Exception as error:  # noqa: BLE001 -- the test looks at it
+                    raised.append(error)
+
+            waiting = threading.Thread(target=take)
+            waiting.start()
+            waiting.join(2)
+            if waiting.is_alive():  # hung: a held request sets it free
+                send(self, "GET", self.content.url_for("/held")).answer(self)
+                waiting.join(10)
+            with self.subTest(timeout=timeout):
+                self.assertEqual(len(raised), 1, "next_request() did not raise")
+                self.assertIsInstance(raised[0], ConfigurationError)
+                self.assertIn(message, str(raised[0]))
+
     def test_next_request_without_a_holding_route(self):
         self.content.route("/charges").respond("ok")
         with self.assertRaises(ConfigurationError) as raised, self.content.next_request(timeout=0):

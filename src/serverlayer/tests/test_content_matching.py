@@ -108,6 +108,25 @@ class BodyMatchingTests(unittest.TestCase):
         self.http_content.route("/g", query={"tag": (each for each in ["a", "b"])}).respond("generated")
         self.assertEqual(requests.get(self.url + "g?tag=a&tag=b", timeout=10).text, "generated")  # as before
 
+    def test_body_conditions_no_body_could_meet_are_refused_when_declared(self):
+        # data={"amount": 4200} (JSON meant) or data=5 matched no request,
+        # and said so only when the test ended; json={1, 2} answered the
+        # client a 500 and made the end-of-test report raise a TypeError.
+        for call, message in (
+            (lambda: self.http_content.route("/d", data={"amount": 4200}),
+             "data={'amount': 4200}: the exact body, bytes or str; to match it parsed as JSON, write json="),
+            (lambda: self.http_content.expect("/d", data=5), "data=5: the exact body, bytes or str"),
+            (lambda: self.http_content.expect("/j", json={1, 2}), "json={1, 2} is no JSON value"),
+            (lambda: self.http_content.route("/j", json=float("nan")), "json=nan is no JSON value"),
+            (lambda: self.http_content.route("/j", json_subset={"at": object()}), "json_subset={'at': <object"),
+        ):
+            with self.assertRaises(ConfigurationError) as caught:
+                call()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.http_content.expectations, [])
+        self.http_content.route("/d", data=bytearray(b"ab")).respond("bytes")
+        self.assertEqual(requests.post(self.url + "d", data=b"ab", timeout=10).text, "bytes")
+
 
 class MatchingCostTests(unittest.TestCase):
     """Body matchers cost a request only what it must: bench_matching.py

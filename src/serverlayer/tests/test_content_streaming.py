@@ -408,6 +408,18 @@ class StreamConfigurationTests(unittest.TestCase):
             self.assertIn(message, str(caught.exception))
         self.assertEqual(Response(headers={"X-Id": 7}).headers, (("X-Id", "7"),))  # as http.server writes it
 
+    def test_a_body_given_first_to_response_is_said_to_go_second(self):
+        # respond() takes the body first, Response() the status: Response("ok")
+        # was refused as "status='ok'", with no word of the order.
+        for given in (("ok",), (b"ok",), ("ok", 200)):
+            with self.subTest(given=given):
+                with self.assertRaises(ConfigurationError) as caught:
+                    Response(*given)
+                self.assertIn(f"status={given[0]!r}: an HTTP status is a whole number from 100 to 999;"
+                              " Response takes the status first, then the body: Response(200, 'ok')"
+                              " (respond() takes the body first)", str(caught.exception))
+        self.assertEqual(Response(200, "ok").body, "ok")
+
     def test_numbers_of_any_kind(self):
         # As before the checks: http.server writes a header value with str(),
         # and waits take any number of seconds.

@@ -281,6 +281,24 @@ class ScriptTests(unittest.TestCase):
         self.assertIn(b"Sec-WebSocket-Key", response.read())
         self.assertEqual(self.connect().recv(timeout=10), "hi")
 
+    def test_a_handshake_websockets_cannot_read_gets_a_400_saying_why(self):
+        # A handshake with a body (a POST's) was closed unanswered, and
+        # failed the test with a ValueError of the server's ("not enough
+        # values to unpack") that asked to fix the server.
+        self.http_content.websocket("/feed").on_connect("hi")
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        for method, body, why in (("POST", b"abc", b"unsupported request body"),
+                                  ("GET", b"abc", b"unsupported request body")):
+            with self.subTest(method=method):
+                connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
+                self.addCleanup(connection.close)
+                connection.request(method, "/feed", body=body, headers=upgrade)
+                response = connection.getresponse()
+                self.assertEqual(response.status, 400)
+                self.assertIn(b"Failed to open a WebSocket connection: " + why, response.read())
+        self.assertEqual(self.connect().recv(timeout=10), "hi")
+
     def test_invalid_utf8_in_a_text_message_closes_with_1007(self):
         feed = self.http_content.websocket("/feed")
         client = self.connect()
@@ -353,6 +371,16 @@ class ScriptCheckTests(unittest.TestCase):
         message = str(caught.exception)
         self.assertIn("no client connected", message)
         self.assertIn("unexpected request: GET /price", message)
+
+    def test_a_handshake_no_script_serves_is_said_to_be_one(self):
+        # It read as a plain GET, with nothing to say which paths the
+        # scripts serve.
+        self.http_content.websocket("/prices").expect("subscribe")
+        self.http_content.websocket(re.compile(r"/feeds/\d+"))
+        with self.assertRaises(InvalidStatus):
+            ws_connect(self.layer, "/price?token=abc")
+        self.assertIn("- unexpected request: GET /price?token=abc (a WebSocket handshake; the scripts serve /prices"
+                      " and a path matching '/feeds/\\\\d+')", self.failure_text())
 
     def test_an_unmet_expectation_fails_with_the_closest_messages(self):
         # The rules keep the near misses from being unexpected, which would
@@ -448,6 +476,18 @@ class ScriptCheckTests(unittest.TestCase):
         self.assertEqual(self.http_content.problems(),
                          ["expected a message 'ab' on WebSocket /feed once, it arrived 2 time(s).\n"
                           "  The messages it counted:\n    'ab'\n    'ab'"])
+
+    def test_a_met_at_least_expectation_leaves_a_message_to_an_unmet_one(self):
+        # An at_least expectation always wants more: declared first, it
+        # took "bye" too, which got its reply, and "bye" stayed unmet.
+        feed = self.http_content.websocket("/feed")
+        feed.expect(str, "ok", at_least=1).expect("bye", "see you", close=1000)
+        with ws_connect(self.layer, "/feed") as client:
+            for message, reply in [("tick", "ok"), ("tick", "ok"), ("bye", "see you")]:
+                client.send(message)
+                self.assertEqual(client.recv(timeout=10), reply)
+            self.assertEqual(close_details(client)[0], 1000)
+        self.assertEqual(feed.problems(), [])
 
     def test_an_earlier_expectation_met_too_often_does_not_take_what_a_later_one_wants(self):
         self.http_content.websocket("/feed").expect(re.compile("a."), "first").expect("ab", "second")

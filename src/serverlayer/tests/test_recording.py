@@ -21,7 +21,17 @@ from unittest import mock
 import httpx
 import requests
 
-from serverlayer import RequestTimeoutError, SetUpError, asgi, content, custom, recording, static, wsgi
+from serverlayer import (
+    ConfigurationError,
+    RequestTimeoutError,
+    SetUpError,
+    asgi,
+    content,
+    custom,
+    recording,
+    static,
+    wsgi,
+)
 from serverlayer.recording import REQUEST_HEAD, RecordedRequest, _BodyFirst, _UnreadHead, split_target
 from serverlayer.tests.helpers import set_up_by_hand
 from serverlayer.tests.test_content_protocol import parse_responses
@@ -175,6 +185,34 @@ class RecordingChecks:
             self.layer["http_requests"].wait_for(2, timeout=0.1)
         self.assertIn("Waited 0.1 seconds for 2 request(s); 1 of them arrived, 1 request(s) in all:\n"
                       "  1. GET /only", str(caught.exception))
+
+    def test_wait_for_refuses_a_timeout_that_is_no_number_of_seconds(self):
+        # NaN waited for ever (the test hung), infinity raised OverflowError,
+        # "1" a TypeError from threading.
+        for timeout, message in (
+            (float("nan"), "timeout=nan: wait_for() waits that many seconds, 0 or more"),
+            (float("inf"), "timeout=inf: wait_for() waits that many seconds, 0 or more; write timeout=None"),
+            ("1", "write the number 1.0, not the text '1'"),
+        ):
+            raised: list[BaseException] = []
+
+            def wait(timeout=timeout, raised=raised):
+                try:
+                    self.layer["http_requests"].wait_for(1, match=lambda request: request.path == "/free",
+                                                         timeout=timeout)
+                except Exception as error:  # noqa: BLE001 -- the test looks at it
+                    raised.append(error)
+
+            waiting = threading.Thread(target=wait)
+            waiting.start()
+            waiting.join(2)
+            if waiting.is_alive():  # hung: the request it waits for sets it free
+                urllib.request.urlopen(self.layer["http_url"] + "free", timeout=5).close()
+                waiting.join(10)
+            with self.subTest(timeout=timeout):
+                self.assertEqual(len(raised), 1, "wait_for() did not raise")
+                self.assertIsInstance(raised[0], ConfigurationError)
+                self.assertIn(message, str(raised[0]))
 
     def test_wait_for_says_where_the_requests_it_waits_for_go(self):
         """Requests that never came were often sent elsewhere: to another

@@ -177,8 +177,8 @@ class OutboxTests(unittest.TestCase):
             ({"count": "2"}, "count='2' must be a whole number"),
             ({"count": 1.5}, "count=1.5 must be a whole number"),
             ({"count": -1}, "count=-1 must be a whole number"),
-            ({"timeout": "5"}, "timeout='5' must be a number of seconds"),
-            ({"timeout": -1}, "timeout=-1 must be a number of seconds"),
+            ({"timeout": "5"}, "timeout='5': wait_for() waits that many seconds"),
+            ({"timeout": -1}, "timeout=-1: wait_for() waits that many seconds"),
         ]:
             with self.subTest(**arguments):
                 started = time.monotonic()
