@@ -605,6 +605,14 @@ class Route:
         """
         if not answers:
             raise ConfigurationError("respond_sequence() needs at least one answer.")
+        for answer in answers:
+            # A body given where a Response belongs would otherwise fail only at
+            # the first request, inside the server, as an "answer function" error.
+            if not isinstance(answer, Response) and not callable(answer):
+                raise ConfigurationError(
+                    f"{answer!r}: an answer is a content.Response or a function of the request that returns"
+                    f" one; write Response({answer!r}) (or respond({answer!r}) for a single answer)."
+                )
         with self._lock:
             self._answers = list(answers)
         return self

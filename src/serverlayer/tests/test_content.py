@@ -333,6 +333,17 @@ class RouteTests(unittest.TestCase):
         with self.assertRaises(ConfigurationError):
             self.http_content.route("/x").respond_sequence()
 
+    def test_sequence_of_bodies_is_refused_when_declared(self):
+        # respond_sequence("busy", "ok") reads like respond("busy"), but takes
+        # Response objects: refused at once, saying what to write, rather than
+        # a server error at the first request about an "answer function".
+        with self.assertRaises(ConfigurationError) as caught:
+            self.http_content.route("/flaky").respond_sequence("busy", "ok")
+        self.assertIn("Response('busy')", str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            self.http_content.route("/echo").respond_with(b"pong")
+        self.assertIn("Response(b'pong')", str(caught.exception))
+
 
 class FaultTests(unittest.TestCase):
     layer = CONTENT
