@@ -81,7 +81,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApplication = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: What the layer serves: called with (scope, receive, send). Its arguments are
+#: left untyped, as uvicorn's Config leaves them: Quart and asgiref.typing type
+#: the scope and messages as TypedDicts, which a user's type checker would not
+#: let stand in for the mappings above, so their applications were refused.
+ASGIApplication = Callable[..., Awaitable[None]]
 
 
 #: The share of the layer's ``stop_timeout`` that requests still running and
