@@ -1258,7 +1258,21 @@ class ContentHandler(custom.RequestHandler):
 
 
 class Layer(custom.Layer):
-    """A programmable HTTP server; ``http_content`` says what it answers."""
+    """A programmable HTTP server; ``http_content`` says what it answers.
+
+    It stands in for a service the application calls. Its ``http_content``
+    resource, an ``HTTPContent``, takes routes (``route(path, ...)`` then
+    ``respond(...)``, ``respond_json(...)``, faults such as
+    ``respond(reset=True)``) and expectations (``expect(...)``), which fail
+    the test at its end when unmet; what a test set is reset before the
+    next one. Besides the resources of every HTTP layer it publishes
+    ``ws_url``, for WebSocket endpoints scripted with
+    ``http_content.websocket(path)``.
+
+    It takes the keywords of every HTTP layer (``name``, ``bases``,
+    ``host``, ``port``, ``tls``, ...) and ``threads``, as ``custom.Layer``
+    does; no positional arguments.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(ContentHandler, **kwargs)
