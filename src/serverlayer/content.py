@@ -745,9 +745,7 @@ class Expectation(Route):
     def __init__(self, *args: Any, times: int | None = 1, at_least: int | None = None,
                  ordered: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if at_least is not None:
-            times = None
-        matching.check_counts(times, at_least)
+        times = matching.check_counts(times, at_least)
         self.times = times
         self.at_least = at_least
         self.ordered = ordered
