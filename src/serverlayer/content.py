@@ -915,7 +915,9 @@ class HTTPContent:
         if expects or any(script.expects for script in scripts):
             with self._lock:
                 self._unexpected.append(request)
-        return Response(self.code, self.content, list(self.headers.items()), chunked=self.chunked)
+        # The headers attribute may be set to (name, value) pairs, as
+        # pytest-localserver's takes them; .items() failed on those.
+        return Response(self.code, self.content, _header_items(self.headers), chunked=self.chunked)
 
     def _hold(self, request: RecordedRequest) -> Response:
         held = HeldRequest(request)

@@ -75,6 +75,16 @@ class DefaultAnswerTests(unittest.TestCase):
         self.assertEqual((status, body, headers["X-Tea"]), (418, b"teapot", "green"))
         self.assertEqual((headers["Content-Length"], headers["Transfer-Encoding"]), ("6", None))
 
+    def test_headers_attribute_as_pairs_as_in_pytest_localserver(self):
+        # pytest-localserver's headers take (name, value) pairs too, repeats
+        # included; here the server raised AttributeError: 'list' object has
+        # no attribute 'items', at the first request.
+        http_content = self.layer["http_content"]
+        http_content.code, http_content.content = 200, "cookies"
+        http_content.headers = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+        status, headers, body = call(self.layer, "/")
+        self.assertEqual((status, body, headers.get_all("Set-Cookie")), (200, b"cookies", ["a=1", "b=2"]))
+
     def test_the_default_404_has_a_length_not_chunks(self):
         status, headers, body = call(self.layer, "/anything")
         self.assertEqual((status, headers["Content-Length"], headers["Transfer-Encoding"], body),
