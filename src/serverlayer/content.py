@@ -390,6 +390,8 @@ class HeldRequest:
         self.respond_with_response(Response.json(data, status, headers or ()))
 
     def respond_with_response(self, response: Response) -> None:
+        """Answer with ``response``, a ``content.Response`` (``Response.sse(...)``,
+        a fault such as ``Response(reset=True)``); the client gets it at once."""
         if not isinstance(response, Response):
             raise TypeError(f"a held request is answered with content.Response, not {response!r}")
         with self._lock:
