@@ -898,6 +898,19 @@ class AppSourceTests(unittest.TestCase):
         self.assertIn("asgi_app resource of a base layer", message)
         self.assertNotIn("http_port", layer)
 
+    def test_no_application_of_a_layer_set_up_without_its_bases_says_so(self):
+        # `with` sets up the layer alone: the base that publishes asgi_app
+        # in its setUp never ran, and the message told the user to give "an
+        # asgi_app resource of a base layer", which the base does.
+        provider = ResourceProvider("asgi_app", app_without_lifespan, name="asgi_provider_not_set_up")
+        layer = asgi.Layer(bases=(provider,), name="asgi_bases_not_set_up")
+        with self.assertRaises(ConfigurationError) as caught:
+            with layer:
+                pass
+        message = str(caught.exception)
+        self.assertIn(f"its base layers ({provider.__module__}.{provider.__name__})", message)
+        self.assertIn("set up this layer alone", message)
+
     def test_uncallable_application(self):
         layer = asgi.Layer("not an app", name="asgi_uncallable")
         with self.assertRaises(ConfigurationError) as caught:
