@@ -150,5 +150,8 @@ if __name__ == "__main__":  # try it in a browser: python -m notes.app
     from wsgiref.simple_server import make_server
 
     with make_server("127.0.0.1", 8080, make_app()) as server:
-        print("Serving on http://127.0.0.1:8080/")
-        server.serve_forever()
+        print("Serving on http://127.0.0.1:8080/; Ctrl-C stops.")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C: stop without a traceback, as uvicorn does
+            pass

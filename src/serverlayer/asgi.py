@@ -63,7 +63,7 @@ except ImportError:  # httptools is not installed: h11 serves, as in uvicorn's "
 
 from serverlayer.arrivals import Unread
 from serverlayer.errors import ConfigurationError, ServerSideError, SetUpError
-from serverlayer.layer import HTTPLayer, refuse_bound_application, takes_positional
+from serverlayer.layer import HTTPLayer, identity, refuse_bound_application, takes_positional
 from serverlayer.recording import RecordedRequest, RequestLog, split_target
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import (
@@ -82,7 +82,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApplication = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: What the layer serves: called with (scope, receive, send). Its arguments are
+#: left untyped, as uvicorn's Config leaves them: Quart and asgiref.typing type
+#: the scope and messages as TypedDicts, which a user's type checker would not
+#: let stand in for the mappings above, so their applications were refused.
+ASGIApplication = Callable[..., Awaitable[None]]
 
 
 #: The share of the layer's ``stop_timeout`` that requests still running and
@@ -1596,10 +1600,21 @@ class Layer(HTTPLayer):
         """The application to serve; the ``asgi_app`` resource wins."""
         app = self.get("asgi_app") or self.asgi_app
         if app is None:
+            # With bases, one that publishes asgi_app in its setUp may not have
+            # been set up (`with layer:` sets up the layer alone): the advice
+            # alone would tell the user to write what they wrote.
+            bases = ", ".join(identity(base) for base in self.__bases__)
             raise ConfigurationError(
                 f"{self!r} has no ASGI application to serve. Give it one:"
                 " asgi.Layer(app), an asgi_app class attribute (a function"
                 " wrapped in staticmethod) or an asgi_app resource of a base layer."
+                + (
+                    f" If one of its base layers ({bases}) publishes asgi_app in its setUp, it was not set"
+                    " up before this layer: `with layer:` and layer.setUp() set up this layer alone. Set"
+                    " the bases up first, as zope-testrunner does."
+                    if bases
+                    else ""
+                )
             )
         if not callable(app):
             raise ConfigurationError(f"{self!r}: the ASGI application {app!r} is not callable.")

@@ -411,6 +411,8 @@ class HeldRequest:
         self.respond_with_response(Response.json(data, status, headers or ()))
 
     def respond_with_response(self, response: Response) -> None:
+        """Answer with ``response``, a ``content.Response`` (``Response.sse(...)``,
+        a fault such as ``Response(reset=True)``); the client gets it at once."""
         if not isinstance(response, Response):
             raise TypeError(f"a held request is answered with content.Response, not {response!r}")
         with self._lock:
@@ -875,9 +877,7 @@ class Expectation(Route):
     def __init__(self, *args: Any, times: int | None = 1, at_least: int | None = None,
                  ordered: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if at_least is not None:
-            times = None
-        matching.check_counts(times, at_least)
+        times = matching.check_counts(times, at_least)
         self.times = times
         self.at_least = at_least
         self.ordered = _switch(ordered, "ordered")
@@ -943,6 +943,8 @@ class HTTPContent:
             self._code = 404
             self._content: bytes | str = b""
             self._headers: dict[str, str] = {}
+            #: The headers as set, pairs with a name repeated included (``headers``).
+            self._header_pairs: list[tuple[str, str]] = []
             self._chunked = False
             self._handler: Callable[[RecordedRequest], Response | None] | None = None
             self.routes: list[Route] = []
@@ -965,7 +967,8 @@ class HTTPContent:
         _as_bytes(content, "content")
         _check_no_body(code, content)
         Response(code, content, _header_items(headers), chunked=chunked)  # refuses what it would fail on
-        self._content, self._code, self._headers, self._chunked = content, code, dict(headers or {}), chunked
+        self._content, self._code, self._chunked = content, code, chunked
+        self.headers = headers or {}
 
     # The default answer's parts, as attributes (as in pytest-localserver):
     # each checked as it is set, as serve_content() checks them; taken as
@@ -998,7 +1001,16 @@ class HTTPContent:
 
     @headers.setter
     def headers(self, headers: Headers) -> None:
-        self._headers = dict(_header_items(headers))
+        # Pairs too, as pytest-localserver takes them, a name repeated
+        # (Set-Cookie) sent as often as it is given; the attribute reads as
+        # a dict, which a test may change in place.
+        self._header_pairs = _header_items(headers)
+        self._headers = dict(self._header_pairs)
+
+    def _default_headers(self) -> list[tuple[str, str]]:
+        """The default answer's headers: as set, unless changed in place since."""
+        pairs = self._header_pairs
+        return pairs if dict(pairs) == self._headers else list(self._headers.items())
 
     @property
     def chunked(self) -> bool:
@@ -1105,7 +1117,9 @@ class HTTPContent:
         if expects or any(script.expects for script in scripts):
             with self._lock:
                 self._unexpected.append(request)
-        return Response(self.code, self.content, list(self.headers.items()), chunked=self.chunked)
+        # The headers attribute may be set to (name, value) pairs, as
+        # pytest-localserver's takes them; .items() failed on those.
+        return Response(self.code, self.content, self._default_headers(), chunked=self.chunked)
 
     def _hold(self, request: RecordedRequest) -> Response:
         held = HeldRequest(request)
@@ -1481,7 +1495,21 @@ class ContentHandler(custom.RequestHandler):
 
 
 class Layer(custom.Layer):
-    """A programmable HTTP server; ``http_content`` says what it answers."""
+    """A programmable HTTP server; ``http_content`` says what it answers.
+
+    It stands in for a service the application calls. Its ``http_content``
+    resource, an ``HTTPContent``, takes routes (``route(path, ...)`` then
+    ``respond(...)``, ``respond_json(...)``, faults such as
+    ``respond(reset=True)``) and expectations (``expect(...)``), which fail
+    the test at its end when unmet; what a test set is reset before the
+    next one. Besides the resources of every HTTP layer it publishes
+    ``ws_url``, for WebSocket endpoints scripted with
+    ``http_content.websocket(path)``.
+
+    It takes the keywords of every HTTP layer (``name``, ``bases``,
+    ``host``, ``port``, ``tls``, ...) and ``threads``, as ``custom.Layer``
+    does; no positional arguments.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(ContentHandler, **kwargs)

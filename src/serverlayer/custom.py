@@ -1245,8 +1245,12 @@ def _is_handler_class(handler: object) -> bool:
     return isinstance(handler, type) and issubclass(handler, http.server.BaseHTTPRequestHandler)
 
 
-#: What ``custom.Layer`` serves: a handler class, or a partial of one.
-HandlerFactory = type[http.server.BaseHTTPRequestHandler] | functools.partial[http.server.BaseHTTPRequestHandler]
+#: What ``custom.Layer`` serves: a handler class, or a partial of one. The
+#: partial's type is left open: ``functools.partial`` is invariant, so
+#: ``partial[BaseHTTPRequestHandler]`` refused a partial of any subclass
+#: (``partial(SimpleHTTPRequestHandler, directory=...)``) under a user's type
+#: checker; ``_check_handler`` refuses a partial of anything else at run time.
+HandlerFactory = type[http.server.BaseHTTPRequestHandler] | functools.partial[Any]
 
 
 class Layer(HTTPLayer):

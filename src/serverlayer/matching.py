@@ -165,14 +165,25 @@ def bytes_difference(actual: bytes, expected: bytes, limit: int = 60) -> str:
     return f"differs from byte {low} on: it has {shown(actual[low:], limit)}, not {shown(expected[low:], limit)}"
 
 
-def check_counts(times: int | None, at_least: int | None) -> None:
+def check_counts(times: int | None, at_least: int | None) -> int | None:
     """Refuse an expectation's count that no number of requests or messages
-    could meet (``times=-1``, ``times=1.5``), or that any would (``at_least=0``)."""
+    could meet (``times=-1``, ``times=1.5``), or that any would (``at_least=0``);
+    return the exact count, None when ``at_least`` gives a minimum instead."""
     if times is None and at_least is None:
         raise ConfigurationError("expect() needs times= or at_least=.")
+    if at_least is not None:
+        # times defaults to 1, so only another number says the test gave both;
+        # at_least won, and the exact count asked for too went unchecked.
+        if times is not None and times != 1:
+            raise ConfigurationError(
+                f"expect(times={times!r}, at_least={at_least!r}): give times= for an exact count"
+                " or at_least= for a minimum, not both."
+            )
+        times = None
     for name, value, least in (("times", times, 0), ("at_least", at_least, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ConfigurationError(f"expect({name}={value!r}): a count is a whole number, {least} or more.")
+    return times
 
 
 def seconds(value: object, *, setting: str, meaning: str, otherwise: str) -> float:

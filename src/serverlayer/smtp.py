@@ -1151,16 +1151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="port to listen on, 0 for any free one (default: %(default)s)")
     parser.add_argument("--maildir", help="also store every message in this Maildir")
     options = parser.parse_args(argv)
-    # A client gets its error reply; $SERVERLAYER_VERBOSE prints the server's side.
-    layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port, maildir=options.maildir,
-                  report_server_errors=False)
     try:
+        # Made in here too: it refuses some settings as it is made (--port 70000).
+        # A client gets its error reply; $SERVERLAYER_VERBOSE prints the server's side.
+        layer = Layer(name="serverlayer_smtp_main", host=options.host, port=options.port,
+                      maildir=options.maildir, report_server_errors=False)
         layer.setUp()
     except AddressInUseError:
         parser.exit(2, f"{parser.prog}: port {options.port} on {options.host} is already in use (another mail"
                        " sink?). Choose another with --port, or --port 0 for any free one.\n")
     except ServerLayerError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
+        # Without the layer's name, "<__main__.Layer __main__.serverlayer_smtp_main>: ",
+        # which means nothing on the command line.
+        parser.exit(2, f"{parser.prog}: {re.sub(r'^<[^>]*>:? ', '', str(error))}\n")
     print(f"Listening for mail on {layer['smtp_address']}; Ctrl-C stops.", flush=True)
     outbox: Outbox = layer["outbox"]
     shown = 0

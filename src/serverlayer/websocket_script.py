@@ -314,9 +314,7 @@ class WebSocketScript:
         (policy violation) so that a client waiting for an answer fails
         at once rather than hang.
         """
-        if at_least is not None:
-            times = None
-        check_counts(times, at_least)
+        times = check_counts(times, at_least)
         rule = _MessageRule(_checked_match(match), Reply.of(replies, interval, close), times=times, at_least=at_least)
         with self._lock:
             self._expectations.append(rule)

@@ -34,7 +34,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from serverlayer.custom import _takes_more
 from serverlayer.errors import ConfigurationError
-from serverlayer.layer import HTTPLayer, positive_number, refuse_bound_application
+from serverlayer.layer import HTTPLayer, identity, positive_number, refuse_bound_application
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread, SocketserverStops
@@ -168,6 +168,9 @@ class _AppSlot:
         #: Set by the layer: the ``wsgi_app`` resource its bases publish now
         #: (it read the resource in setUp alone), for the 503's message.
         self.published_now: Callable[[], object] | None = None
+        #: Set by the layer: its bases' names, when it found no ``wsgi_app``
+        #: resource; for the 503's message.
+        self.bases = ""
 
     def set(self, app: WSGIApplication | None) -> None:
         if app is not None and not callable(app):
@@ -194,13 +197,26 @@ class _AppSlot:
             f" (Host: {environ.get('HTTP_HOST', '-')}). Give it one: wsgi.Layer(app), the"
             " wsgi_app attribute or a wsgi_app resource of a base layer, or"
             " layer['httpd'].set_app(app) from a test.\n"
-            + self._published_too_late()
+            + (self._published_too_late() or self._bases_not_set_up())
         ).encode()
         start_response(
             "503 Service Unavailable",
             [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
         return [body]
+
+    def _bases_not_set_up(self) -> str:
+        """What to say when the layer has bases: one that publishes
+        ``wsgi_app`` in its setUp may simply not have been set up, as
+        ``with layer:`` and ``layer.setUp()`` set up the layer alone, and the
+        advice above would tell the user to write what they wrote."""
+        if not self.bases:
+            return ""
+        return (
+            f"If one of its base layers ({self.bases}) publishes wsgi_app in its setUp, it was not set up"
+            " before this layer: `with layer:` and layer.setUp() set up this layer alone. Set the bases up"
+            " first, as zope-testrunner does.\n"
+        )
 
     def _published_too_late(self) -> str:
         """What to say of a ``wsgi_app`` resource that a base layer published
@@ -1247,6 +1263,7 @@ class Layer(HTTPLayer):
         if isinstance(httpd, WaitressServer):
             if self.get("wsgi_app") is None:  # one published later is not served: the 503 says so
                 httpd.app_slot.published_now = lambda: self.get("wsgi_app")
+                httpd.app_slot.bases = ", ".join(identity(base) for base in self.__bases__)
             httpd.published_host = host
             # SERVER_NAME, which applications fall back on without a Host
             # header (wsgiref.util.application_uri): waitress says

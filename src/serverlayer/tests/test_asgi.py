@@ -25,8 +25,9 @@ import urllib.error
 import urllib.request
 import warnings
 import weakref
+from collections.abc import Awaitable, Callable
 from contextlib import redirect_stderr
-from typing import Any
+from typing import Any, Literal, TypedDict
 from unittest import mock
 
 import httpx
@@ -854,6 +855,28 @@ class AppSourceTests(unittest.TestCase):
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
             self.assertEqual(response.read(), repr(layer).encode())
 
+    def test_an_application_typed_with_typeddict_scopes_is_served_and_type_checks(self) -> None:
+        # Quart and asgiref.typing type the scope and messages as TypedDicts;
+        # an application typed so is an ASGI 3 application all the same, and
+        # a user's `mypy --strict` must accept it for asgi.Layer (`mypy src`
+        # checks this body).
+        class HTTPScope(TypedDict):
+            type: Literal["http"]
+            path: str
+
+        class Message(TypedDict):
+            type: str
+
+        async def typed_app(
+            scope: HTTPScope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+        ) -> None:
+            if scope["type"] == "http":
+                await respond(send, scope["path"].encode())
+
+        layer = set_up_by_hand(self, asgi.Layer(typed_app, name="asgi_typed_app"))
+        with urllib.request.urlopen(layer["http_url"] + "typed", timeout=5) as response:
+            self.assertEqual(response.read(), b"/typed")
+
     def test_asgi_app_resource_of_a_base_layer_wins(self):
         async def resource_app(scope, receive, send):
             if scope["type"] == "http":
@@ -875,6 +898,19 @@ class AppSourceTests(unittest.TestCase):
         self.assertIn("asgi.Layer(app)", message)
         self.assertIn("asgi_app resource of a base layer", message)
         self.assertNotIn("http_port", layer)
+
+    def test_no_application_of_a_layer_set_up_without_its_bases_says_so(self):
+        # `with` sets up the layer alone: the base that publishes asgi_app
+        # in its setUp never ran, and the message told the user to give "an
+        # asgi_app resource of a base layer", which the base does.
+        provider = ResourceProvider("asgi_app", app_without_lifespan, name="asgi_provider_not_set_up")
+        layer = asgi.Layer(bases=(provider,), name="asgi_bases_not_set_up")
+        with self.assertRaises(ConfigurationError) as caught:
+            with layer:
+                pass
+        message = str(caught.exception)
+        self.assertIn(f"its base layers ({provider.__module__}.{provider.__name__})", message)
+        self.assertIn("set up this layer alone", message)
 
     def test_uncallable_application(self):
         layer = asgi.Layer("not an app", name="asgi_uncallable")

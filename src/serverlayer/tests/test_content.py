@@ -101,6 +101,16 @@ class DefaultAnswerTests(unittest.TestCase):
         http_content.headers = [("X-Tea", "green")]  # pairs, as respond() takes them
         self.assertEqual(call(self.layer, "/")[1]["X-Tea"], "green")
 
+    def test_headers_attribute_as_pairs_as_in_pytest_localserver(self):
+        # pytest-localserver's headers take (name, value) pairs too, repeats
+        # included; here the server raised AttributeError: 'list' object has
+        # no attribute 'items', at the first request.
+        http_content = self.layer["http_content"]
+        http_content.code, http_content.content = 200, "cookies"
+        http_content.headers = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+        status, headers, body = call(self.layer, "/")
+        self.assertEqual((status, body, headers.get_all("Set-Cookie")), (200, b"cookies", ["a=1", "b=2"]))
+
     def test_the_default_404_has_a_length_not_chunks(self):
         status, headers, body = call(self.layer, "/anything")
         self.assertEqual((status, headers["Content-Length"], headers["Transfer-Encoding"], body),
@@ -452,6 +462,17 @@ class RouteTests(unittest.TestCase):
             self.http_content.route(42)
         with self.assertRaises(ConfigurationError):
             self.http_content.route("/x").respond_sequence()
+
+    def test_sequence_of_bodies_is_refused_when_declared(self):
+        # respond_sequence("busy", "ok") reads like respond("busy"), but takes
+        # Response objects: refused at once, saying what to write, rather than
+        # a server error at the first request about an "answer function".
+        with self.assertRaises(ConfigurationError) as caught:
+            self.http_content.route("/flaky").respond_sequence("busy", "ok")
+        self.assertIn("'busy' is no answer; an answer is a content.Response", str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            self.http_content.route("/echo").respond_with(b"pong")
+        self.assertIn("b'pong'", str(caught.exception))
 
 
 class FaultTests(unittest.TestCase):

@@ -893,6 +893,18 @@ class ConfigurationTests(unittest.TestCase):
                     expect("/x", **counts)
                 self.assertEqual(str(caught.exception), message)
 
+    def test_an_exact_count_and_a_minimum_together_are_refused(self):
+        # times=2 and at_least=1 contradict each other: at_least won, and the
+        # exact count the test also asked for was never checked.
+        for expect in (self.script.expect, content.HTTPContent().expect):
+            with self.subTest(expect=expect), self.assertRaises(ConfigurationError) as caught:
+                expect("/x", times=2, at_least=1)
+            self.assertEqual(
+                str(caught.exception),
+                "expect(times=2, at_least=1): give times= for an exact count or at_least= for a minimum,"
+                " not both.",
+            )
+
     def test_path_must_be_a_string_or_pattern(self):
         with self.assertRaises(ConfigurationError):
             content.HTTPContent().websocket(b"/feed")  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler
 import plone.testing
 
 from serverlayer import ConfigurationError, custom, static, wsgi
-from serverlayer.tests.helpers import run_example_modules, set_up_by_hand
+from serverlayer.tests.helpers import ResourceProvider, run_example_modules, set_up_by_hand
 
 
 def text_app(text: str):
@@ -179,6 +179,21 @@ class NoAppTests(unittest.TestCase):
         self.assertEqual(caught.exception.code, 503)
         self.assertIn("A base layer publishes a wsgi_app resource now, but had none when this layer set up",
                       caught.exception.read().decode())
+
+    def test_503_of_a_layer_set_up_without_its_bases_says_so(self):
+        """``with`` (or setUp() by hand) sets up the layer alone: a base that
+        would publish wsgi_app in its setUp never ran. The 503 told the user
+        to give the layer "a wsgi_app resource of a base layer", which the
+        base does; it must say that the base was not set up."""
+        provider = ResourceProvider("wsgi_app", FIRST, name="app_provider_not_set_up")
+        with wsgi.Layer(bases=(provider,), name="bases_not_set_up") as layer:
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                get(layer_url(layer))
+            self.addCleanup(caught.exception.close)
+            self.assertEqual(caught.exception.code, 503)
+            body = caught.exception.read().decode()
+        self.assertIn(f"its base layers ({provider.__module__}.{provider.__name__})", body)
+        self.assertIn("set up this layer alone", body)
 
     def test_set_app_none_goes_back_to_503(self):
         layer = set_up_by_hand(self, wsgi.Layer(FIRST, name="set_app_none"))

@@ -202,6 +202,25 @@ class MailSinkTests(unittest.TestCase):
         self.assertIn("already in use (another mail sink?). Choose another with --port, or --port 0", error)
         self.assertNotIn("__main__", error)  # no layer names from the Python API
 
+    def test_settings_the_layer_refuses_are_clear_errors_too(self):
+        # --port 70000 ended in a traceback (the layer refused it as it was
+        # made, outside the try); other refusals named the layer as the
+        # Python API does, "<__main__.Layer __main__.serverlayer_smtp_main>".
+        with tempfile.NamedTemporaryFile() as not_a_directory:
+            for args, expected in [
+                (("--port", "70000"), "port 70000 (port=) is not a port number"),
+                (("--port", "0", "--maildir", not_a_directory.name),
+                 f"maildir={not_a_directory.name!r} cannot hold mail"),
+            ]:
+                with self.subTest(args=args):
+                    sink, _ = self.start_sink(*args)
+                    self.assertEqual(sink.wait(20), 2)
+                    assert sink.stderr is not None
+                    error = sink.stderr.read()
+                    self.assertTrue(error.startswith(f"python -m serverlayer.smtp: {expected}"), error)
+                    self.assertNotIn("Traceback", error)
+                    self.assertNotIn("__main__", error)
+
     def test_a_reader_that_stops_ends_the_sink_quietly(self):
         # python -m serverlayer.smtp | head -1
         read_end, write_end = os.pipe()
