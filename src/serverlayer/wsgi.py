@@ -386,7 +386,7 @@ class _WSGITask(WSGITask):
         if self.logged_write_excess:
             return (f"the application sent more than the {length} bytes its Content-Length header"
                     f" announced; the client got the first {length} alone. Set the body's real length.")
-        if not self.has_body or not self.channel.connected:
+        if not self.has_body or self.channel.check_client_disconnected():
             # A 304 may announce the length a 200 would have (RFC 9110
             # section 8.6); and an application may stop a body whose client
             # left (waitress.client_disconnected) or was cut at the test's end.
@@ -558,6 +558,12 @@ def _ends_connection(request: Any) -> bool:
     (the rule of waitress's ``Task.build_response_header``)."""
     connection = request.headers.get("CONNECTION", "").lower()
     return bool(connection == "close" if request.version == "1.1" else connection != "keep-alive")
+
+
+#: Linux's TCP_INFO, whose first byte is the connection's state, and the
+#: state of a connection its peer reset (``_Channel.check_client_disconnected``).
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_TCP_CLOSE = 7
 
 
 class _Channel(HTTPChannel):
@@ -745,6 +751,27 @@ class _Channel(HTTPChannel):
         else:
             self.client_done = True
             self.watched = False  # from now on, so that the worker wakes the loop when done
+
+    def check_client_disconnected(self) -> bool:
+        """``environ["waitress.client_disconnected"]``: whether the client is gone.
+
+        Upstream the loop closes the connection when a read meets the
+        client's end, so ``connected`` says it. Here the end of the client's
+        stream may be a half-close (``nc -N``, waiting for its answer), and
+        the connection stays open for the answer (``handle_read``); a reset
+        that follows (the client closed with the answer unread) reaches no
+        read of the loop's, which no longer watches it, and a read would
+        find the end again (the kernel says so first): the connection's
+        state is asked, closed once the reset came.
+        """
+        if not self.connected:
+            return True
+        if not self.client_done or not _TCP_INFO:
+            return False
+        try:
+            return self.socket.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_CLOSE
+        except OSError:  # closed under us
+            return True
 
     def loop_needs_nothing(self) -> bool:
         """Whether the loop watches this connection already and has nothing

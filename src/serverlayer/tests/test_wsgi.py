@@ -389,6 +389,44 @@ class BodyMismatchTests(unittest.TestCase):
         self.assertTrue(left.wait(5))
         self.assertEqual(layer.server_errors.take(), [])
 
+    def test_a_client_that_ended_its_side_then_reset_is_gone_for_the_application(self):
+        """The client's end of the stream (a half-close, as ``nc -N`` sends)
+        leaves the connection open for the answer; its reset afterwards (it
+        closed with the answer unread) is the client gone."""
+        left = threading.Event()
+        first_chunk_sent = threading.Event()
+
+        def app(environ, start_response):
+            gone = environ["waitress.client_disconnected"]
+            start_response("200 OK", [("Content-Length", str(1000 * 65536))])
+
+            def body():
+                yield b"z" * 65536
+                first_chunk_sent.set()
+                deadline = time.monotonic() + 5
+                while not gone() and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the next chunk takes long to make
+                if gone():
+                    left.set()
+
+            return body()
+
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="gone_after_its_end"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        with client:
+            client.sendall(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(client.recv(100).startswith(b"HTTP/1.1 200 OK"))
+            self.assertTrue(first_chunk_sent.wait(5))
+            client.shutdown(socket.SHUT_WR)
+            channels = [each for each in layer["httpd"]._map.values() if hasattr(each, "client_done")]
+            deadline = time.monotonic() + 5  # bounded: until the server has read the end
+            while not all(channel.client_done for channel in channels) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self.assertTrue(all(channel.client_done for channel in channels))
+        # Closed with the answer unread: a reset.
+        self.assertTrue(left.wait(5))
+        self.assertEqual(layer.server_errors.take(), [])
+
     def test_a_head_request_and_a_fitting_body_are_no_error(self):
         layer = self.serve("200 OK", [("Content-Length", "3")], [b"a", b"bc"])
         for method in ("GET", "HEAD"):
