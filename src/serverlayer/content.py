@@ -115,6 +115,14 @@ class Response:
                     f"truncate={self.truncate!r}: the body is cut after that many bytes, a whole number 0 or more."
                 )
             object.__setattr__(self, "truncate", cut)
+            size = len(self.body_bytes())
+            if self.chunks is None and not self.reset and cut >= size:
+                # Nothing would be cut: the whole body would go, and the test
+                # would not try its client with the cut it means to.
+                raise ConfigurationError(
+                    f"truncate={cut} cuts nothing: the body is {size} bytes. Give fewer bytes"
+                    f" than that (truncate={size // 2}: half of it; truncate=0: none of it)."
+                )
         if self.chunks is not None:
             if self.body or self.truncate is not None or _has_no_body(self.status):
                 raise ConfigurationError(

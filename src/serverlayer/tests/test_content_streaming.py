@@ -402,6 +402,8 @@ class StreamConfigurationTests(unittest.TestCase):
             (lambda: http_content.serve_content(5), "content: a body or chunk is bytes or str, not 5."),
             (lambda: route.respond("abc", truncate="1"),
              "truncate='1': the body is cut after that many bytes, a whole number 0 or more."),
+            (lambda: route.respond("abc", truncate=3), "truncate=3 cuts nothing: the body is 3 bytes."),
+            (lambda: route.respond("", truncate=0), "truncate=0 cuts nothing: the body is 0 bytes."),
         ]:
             with self.subTest(message=message), self.assertRaises(ConfigurationError) as caught:
                 declare()
@@ -430,7 +432,7 @@ class StreamConfigurationTests(unittest.TestCase):
                 self.assertEqual(Response(delay=seconds).delay, 0.2)
                 self.assertEqual(Response.stream(["a"], interval=seconds).interval, 0.2)
         self.assertEqual(Response(HTTPStatus.CREATED).status, 201)
-        self.assertEqual(Response(truncate=HTTPStatus.OK, body="x").truncate, 200)  # any whole number
+        self.assertEqual(Response(truncate=HTTPStatus.OK, body="x" * 300).truncate, 200)  # any whole number
 
 
 class EndOfTestTests(unittest.TestCase):
