@@ -1119,6 +1119,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                     # The handler's read file: closed by its finish() before
                     # this runs, its SocketIO no longer holds the connection.
                     getattr(getattr(handler, "rfile", None), "raw", None),
+                    # Its write file where ``wbufsize`` buffers it: finish()
+                    # closes it, and the flush that raised let go of the
+                    # connection too (the client hung up on a buffered answer).
+                    getattr(getattr(handler, "wfile", None), "raw", None),
                 ),
             )
         ):

@@ -571,6 +571,29 @@ class DisconnectTests(unittest.TestCase):
             client.close()  # a reset, as a browser's closed tab sends
         layer.check_after_test()  # no error to report
 
+    def test_a_client_hanging_up_on_a_handler_with_a_buffered_wfile_is_no_error(self):
+        # finish() closes the buffered wfile, whose flush raises; by the time
+        # the error is looked at, the close took the connection off the file.
+        answered = threading.Event()
+
+        class BufferedAnswer(custom.RequestHandler):
+            wbufsize = -1
+
+            def do_GET(self):
+                answered.wait(5)  # the client is gone by now
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"hello")
+
+        layer = set_up_by_hand(self, custom.Layer(BufferedAnswer, name="hangs_up_buffered"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+        answered.set()
+        layer.check_after_test()  # no error to report
+
     def test_client_hanging_up_early_is_no_error_and_prints_nothing(self):
         finished = threading.Event()
 
