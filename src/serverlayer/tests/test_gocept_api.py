@@ -343,6 +343,38 @@ class HTTPServerTests(unittest.TestCase):
         self.assertIsNone(layer["httpd"].__dict__.get("release"))
         layer["httpd"].shutdown = lambda: None  # socketserver's: a test may replace it, as under gocept
 
+    def test_a_handler_class_the_test_sets_on_the_server_serves_the_next_requests(self):
+        # socketserver makes each connection's handler from the server's
+        # RequestHandlerClass, so gocept's tests could swap it; serverlayer
+        # went on serving the layer's handler, without a word.
+        class Answer(custom.RequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "6")
+                self.end_headers()
+                self.wfile.write(b"answer")
+
+        class Other(custom.RequestHandler):
+            def handle(self):  # a handle() of its own: served on a thread of its own
+                super().handle()
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"other")
+
+        layer = set_up_by_hand(self, custom.Layer(Answer, name="handler_class_set_on_the_server"))
+        self.assertEqual(get(layer_url(layer)), b"answer")
+        layer["httpd"].RequestHandlerClass = Other
+        self.assertIs(layer["httpd"].RequestHandlerClass, Other)
+        self.assertEqual(get(layer_url(layer)), b"other")
+        layer["httpd"].RequestHandlerClass = Answer
+        self.assertEqual(get(layer_url(layer)), b"answer")
+        with self.assertRaises(ConfigurationError) as refused:
+            layer["httpd"].RequestHandlerClass = object
+        self.assertIn("must be a subclass of http.server.BaseHTTPRequestHandler", str(refused.exception))
+
     def test_server_close_after_shutdown_refuses_new_clients(self):
         layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="closed_by_the_test"))
         layer["httpd"].shutdown()
