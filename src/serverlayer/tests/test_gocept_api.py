@@ -23,6 +23,7 @@ from unittest import mock
 from wsgiref.simple_server import WSGIRequestHandler
 
 import plone.testing
+import requests
 
 from serverlayer import ConfigurationError, custom, static, wsgi
 from serverlayer.tests.helpers import ResourceProvider, run_example_modules, set_up_by_hand
@@ -434,6 +435,23 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
             get(layer_url(layer, "missing"))
         caught.exception.close()
         self.assertEqual(seen, [layer["documentroot"]])
+
+    def test_documentroot_a_test_sets_on_the_handler_class_serves_from_the_next_request(self):
+        # gocept's handler read its class's documentroot for every request,
+        # so a test could point a static layer elsewhere for a while; the
+        # directory given when the layer was set up went on being served.
+        other = tempfile.TemporaryDirectory()
+        self.addCleanup(other.cleanup)
+        Path(other.name, "file.txt").write_text("other")
+        layer = set_up_by_hand(self, static.Layer(name="documentroot_set_by_a_test"))
+        Path(layer["documentroot"], "file.txt").write_text("layer's")
+        handler = layer["request_handler"]
+        with requests.Session() as session:  # one keep-alive connection for all
+            self.assertEqual(session.get(layer_url(layer, "file.txt"), timeout=5).text, "layer's")
+            handler.documentroot = other.name
+            self.assertEqual(session.get(layer_url(layer, "file.txt"), timeout=5).text, "other")
+            handler.documentroot = layer["documentroot"]
+            self.assertEqual(session.get(layer_url(layer, "file.txt"), timeout=5).text, "layer's")
 
     def test_a_subclass_that_translates_paths_itself_serves_what_it_names(self):
         # gocept's handler, like http.server's, serves the file its
