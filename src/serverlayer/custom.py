@@ -308,6 +308,12 @@ class _Conversation:
         self.ends = _ends(connection)
         self.address = address
         self.client_cert = client_cert
+        #: The server's handler class when the client connected, and how it
+        #: is served: a test may set another (``httpd.RequestHandlerClass``)
+        #: while this connection is under way.
+        self.handler_class = server.handler_class
+        self.shares_threads = server._handler_shares_threads
+        self.logs_to_stderr = server._logs_to_stderr
         self.handler: Any = None
         self.parked = False
         #: Since when (``time.monotonic()``) the connection waits for a request.
@@ -327,14 +333,14 @@ class _Conversation:
     def start(self) -> None:
         """Make the handler, which serves the requests that have arrived."""
         server = self.server
-        handler_class = server.handler_class
+        handler_class = self.handler_class
         handler = self.handler = handler_class.__new__(handler_class)
         record_requests(handler, server._request_log, self.client_cert, cut=lambda: self.reading_cut)
         handler.parse_request = functools.partial(self._parse_request, handler.parse_request)  # type: ignore[method-assign]
         handler.log_error = self._log_error  # type: ignore[method-assign]
-        if server._logs_to_stderr:
+        if self.logs_to_stderr:
             handler.log_message = MethodType(_log_if_verbose, handler)  # type: ignore[method-assign]
-        if server._handler_shares_threads:
+        if self.shares_threads:
             handler.handle = self._handle  # type: ignore[method-assign]
             handler.finish = self._finish  # type: ignore[method-assign]
         else:
@@ -461,7 +467,7 @@ class _Conversation:
         next request times out; here the wait for it ends then, whether a
         worker or the serving loop waits.
         """
-        limit = getattr(self.handler or self.server.handler_class, "timeout", None)
+        limit = getattr(self.handler or self.handler_class, "timeout", None)
         return None if limit is None else self.idle_since + limit
 
     def client_sent_its_last(self) -> bool:
@@ -608,6 +614,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     published_port: int | None = None
     #: Set by the layer: the host clients connect to (``http_host``).
     published_host: str | None = None
+    #: What connections from now on are served with (``_serve_handler_class``).
+    handler_class: type[http.server.BaseHTTPRequestHandler]
+    _handler_shares_threads: bool
+    _logs_to_stderr: bool
 
     def __init__(
         self,
@@ -622,7 +632,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     ) -> None:
         host, port = sockets[0].getsockname()[:2]
         super().__init__((host, port), handler_class)
-        self.handler_class = handler_class
+        self._serve_handler_class(handler_class)
         #: Keyword arguments the handler class is called with, besides the connection.
         self._handler_arguments = handler_arguments
         # Not "requests": tests keep state of their own on the server, which
@@ -630,11 +640,6 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         # "self.server.requests.append(...)" is the commonest, as under
         # http.server and gocept.httpserverlayer.
         self._request_log = requests
-        self._handler_shares_threads = handler_class.handle is http.server.BaseHTTPRequestHandler.handle
-        #: Whether the handler logs with http.server's ``log_message``, which
-        #: writes every request to stderr (a plain ``BaseHTTPRequestHandler``
-        #: subclass, ``SimpleHTTPRequestHandler``): quiet unless verbose, as ours.
-        self._logs_to_stderr = handler_class.log_message is http.server.BaseHTTPRequestHandler.log_message
         #: One listening socket per address of the layer's host, all on one port.
         self.sockets = list(sockets)
         self.socket = self.sockets[0]
@@ -693,7 +698,29 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._workers_lock:
             self._idle = [self._start_worker() for _ in range(threads)]
 
+    def _serve_handler_class(self, handler_class: type[http.server.BaseHTTPRequestHandler]) -> None:
+        """Make the handlers of connections from now on of ``handler_class``."""
+        object.__setattr__(self, "handler_class", handler_class)
+        object.__setattr__(self, "_handler_shares_threads",
+                           handler_class.handle is http.server.BaseHTTPRequestHandler.handle)
+        #: Whether the handler logs with http.server's ``log_message``, which
+        #: writes every request to stderr (a plain ``BaseHTTPRequestHandler``
+        #: subclass, ``SimpleHTTPRequestHandler``): quiet unless verbose, as ours.
+        object.__setattr__(self, "_logs_to_stderr",
+                           handler_class.log_message is http.server.BaseHTTPRequestHandler.log_message)
+
     def __setattr__(self, name: str, value: Any) -> None:
+        # socketserver makes each connection's handler from
+        # RequestHandlerClass, so a test could swap it on gocept's
+        # HTTPServer; here the server makes them from handler_class, which
+        # follows (it was set and ignored).
+        if name == "RequestHandlerClass" and "handler_class" in self.__dict__:
+            if not _is_handler_class(value):
+                raise ConfigurationError(
+                    f"{self._errors.owner}: httpd.RequestHandlerClass must be a subclass of"
+                    f" http.server.BaseHTTPRequestHandler, not {value!r}."
+                )
+            self._serve_handler_class(value)
         # A test may keep state of its own on the server, as on gocept's
         # HTTPServer (handlers reach it as self.server), under any name but
         # those of the methods the layer calls: replaced, they failed the
@@ -802,7 +829,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._connections_lock:
             self._connections[connection] = conversation
         serve = functools.partial(self._serve, conversation, conversation.start)
-        if self._handler_shares_threads:
+        if conversation.shares_threads:
             self._watch(selector, conversation, serve)  # HTTP clients speak first
         else:
             self._dispatch(serve)  # a handler of its own may speak first
@@ -1021,7 +1048,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
     def _serve(self, conversation: _Conversation, serve: Callable[[], None]) -> None:
         """Run ``serve`` (start or resume ``conversation``); then park or close it."""
-        if not self._handler_shares_threads:
+        if not conversation.shares_threads:
             self._activity.start()  # a handler with its own handle(): busy for the whole connection
         try:
             serve()
@@ -1119,6 +1146,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                     # The handler's read file: closed by its finish() before
                     # this runs, its SocketIO no longer holds the connection.
                     getattr(getattr(handler, "rfile", None), "raw", None),
+                    # Its write file where ``wbufsize`` buffers it: finish()
+                    # closes it, and the flush that raised let go of the
+                    # connection too (the client hung up on a buffered answer).
+                    getattr(getattr(handler, "wfile", None), "raw", None),
                 ),
             )
         ):

@@ -546,6 +546,12 @@ def record_requests(
         has_body = bool(codings) or length > 0
         if has_body and _owes_continue(self) and not self.handle_expect_100():
             return False
+        if has_body and self.headers.get("Expect", "").lower() == "100-continue":
+            # handle_expect_100 writes its 100 Continue to wfile, which a
+            # handler with ``wbufsize`` set buffers: the body read next would
+            # wait for a client that waits for that answer (gocept's handler
+            # ran first, and its answer flushed both).
+            self.wfile.flush()
         if codings:
             if "Content-Length" in self.headers:  # chunked wins, and the framing is in doubt
                 self.close_connection = True

@@ -53,6 +53,9 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
     #: redirect (301) or a 404 after a later test made the file. Sent with
     #: every final answer. A subclass may set another, or None for none.
     cache_control: str | None = "no-cache"
+    #: Set on the class a static layer serves while it is set up: the
+    #: directory the layer passes is its ``documentroot``, which a test may change.
+    _documentroot_from_layer = False
     #: Whether the answer being sent has its Cache-Control already.
     _cache_control_sent = True
 
@@ -64,6 +67,8 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
         **kwargs: Any,
     ) -> None:
         self.follow_symlinks = follow_symlinks  # before the base class serves the request
+        #: Whether the directory is the class's ``documentroot``, read again for every request.
+        self._root_of_class = directory is None or self._documentroot_from_layer
         if directory is None:
             directory = self.documentroot
         if directory is None:
@@ -76,6 +81,18 @@ class StaticFileHandler(custom.RequestHandler, http.server.SimpleHTTPRequestHand
             )
         self.documentroot = os.fspath(directory)
         super().__init__(*args, directory=self.documentroot, **kwargs)
+
+    def parse_request(self) -> bool:
+        # gocept.httpserverlayer's handler read its class's documentroot
+        # for every request: a test could point the layer's
+        # ``request_handler`` at another directory for a while. Here one
+        # handler serves a keep-alive connection's requests, so the class's
+        # is taken again for each.
+        if self._root_of_class:
+            root = type(self).documentroot
+            if root is not None:
+                self.documentroot = self.directory = os.fspath(root)
+        return bool(super().parse_request())
 
     def __getattr__(self, name: str) -> Any:
         # http.server answers a method without a do_ method 501 (not
@@ -297,6 +314,7 @@ class Layer(custom.Layer):
         handler = self.request_handler
         assert isinstance(handler, type)  # the class of its own that __init__ made
         handler.documentroot = root  # type: ignore[attr-defined]
+        handler._documentroot_from_layer = True  # type: ignore[attr-defined]
         super().setUp()
 
     def tearDown(self) -> None:
@@ -305,6 +323,7 @@ class Layer(custom.Layer):
         finally:
             if isinstance(self.request_handler, type):
                 self.request_handler.documentroot = None  # type: ignore[attr-defined]
+                self.request_handler._documentroot_from_layer = False  # type: ignore[attr-defined]
             if self._temporary is not None:
                 shutil.rmtree(self._temporary, ignore_errors=True)
                 self._temporary = None

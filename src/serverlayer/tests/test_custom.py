@@ -478,6 +478,37 @@ class EndingTests(unittest.TestCase):
         self.assertEqual(layer["httpd"]._connections, {})  # not waiting for the client's end
 
 
+class ExpectContinueTests(unittest.TestCase):
+    """A client that waits for ``100 Continue`` before it sends its body."""
+
+    def check_continue_reaches_a_buffering_handler_client(self, protocol):
+        class Rejecting(custom.RequestHandler):
+            protocol_version = protocol
+            wbufsize = -1  # a buffered wfile: http.server's 100 Continue waits in it
+
+            def do_POST(self):
+                self.send_response(413)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self.close_connection = True
+
+        layer = set_up_by_hand(self, custom.Layer(Rejecting, name=f"expect_continue_{protocol[-1]}"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+        # Under gocept.httpserverlayer the handler answered at once; here
+        # the body is read before it runs, so the client must be told to send it.
+        self.assertEqual(client.recv(25), protocol.encode() + b" 100 Continue\r\n\r\n")
+        client.sendall(b"0123456789")
+        self.assertIn(b" 413 ", read_until_closed(client))
+
+    def test_an_http_1_1_handler_with_a_buffered_wfile_sends_100_continue(self):
+        self.check_continue_reaches_a_buffering_handler_client("HTTP/1.1")
+
+    def test_an_http_1_0_handler_with_a_buffered_wfile_sends_100_continue(self):
+        self.check_continue_reaches_a_buffering_handler_client("HTTP/1.0")
+
+
 class WakeUpTests(unittest.TestCase):
 
     def test_stopping_does_not_wait_for_the_loop_to_read_its_wake_ups(self):
@@ -538,6 +569,29 @@ class DisconnectTests(unittest.TestCase):
             client.recv(10)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()  # a reset, as a browser's closed tab sends
+        layer.check_after_test()  # no error to report
+
+    def test_a_client_hanging_up_on_a_handler_with_a_buffered_wfile_is_no_error(self):
+        # finish() closes the buffered wfile, whose flush raises; by the time
+        # the error is looked at, the close took the connection off the file.
+        answered = threading.Event()
+
+        class BufferedAnswer(custom.RequestHandler):
+            wbufsize = -1
+
+            def do_GET(self):
+                answered.wait(5)  # the client is gone by now
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"hello")
+
+        layer = set_up_by_hand(self, custom.Layer(BufferedAnswer, name="hangs_up_buffered"))
+        client = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5)
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+        answered.set()
         layer.check_after_test()  # no error to report
 
     def test_client_hanging_up_early_is_no_error_and_prints_nothing(self):

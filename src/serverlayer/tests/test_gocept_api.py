@@ -23,6 +23,7 @@ from unittest import mock
 from wsgiref.simple_server import WSGIRequestHandler
 
 import plone.testing
+import requests
 
 from serverlayer import ConfigurationError, custom, static, wsgi
 from serverlayer.tests.helpers import ResourceProvider, run_example_modules, set_up_by_hand
@@ -343,6 +344,38 @@ class HTTPServerTests(unittest.TestCase):
         self.assertIsNone(layer["httpd"].__dict__.get("release"))
         layer["httpd"].shutdown = lambda: None  # socketserver's: a test may replace it, as under gocept
 
+    def test_a_handler_class_the_test_sets_on_the_server_serves_the_next_requests(self):
+        # socketserver makes each connection's handler from the server's
+        # RequestHandlerClass, so gocept's tests could swap it; serverlayer
+        # went on serving the layer's handler, without a word.
+        class Answer(custom.RequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "6")
+                self.end_headers()
+                self.wfile.write(b"answer")
+
+        class Other(custom.RequestHandler):
+            def handle(self):  # a handle() of its own: served on a thread of its own
+                super().handle()
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"other")
+
+        layer = set_up_by_hand(self, custom.Layer(Answer, name="handler_class_set_on_the_server"))
+        self.assertEqual(get(layer_url(layer)), b"answer")
+        layer["httpd"].RequestHandlerClass = Other
+        self.assertIs(layer["httpd"].RequestHandlerClass, Other)
+        self.assertEqual(get(layer_url(layer)), b"other")
+        layer["httpd"].RequestHandlerClass = Answer
+        self.assertEqual(get(layer_url(layer)), b"answer")
+        with self.assertRaises(ConfigurationError) as refused:
+            layer["httpd"].RequestHandlerClass = object
+        self.assertIn("must be a subclass of http.server.BaseHTTPRequestHandler", str(refused.exception))
+
     def test_server_close_after_shutdown_refuses_new_clients(self):
         layer = set_up_by_hand(self, custom.Layer(custom.RequestHandler, name="closed_by_the_test"))
         layer["httpd"].shutdown()
@@ -402,6 +435,23 @@ class StaticFileRequestHandlerTests(unittest.TestCase):
             get(layer_url(layer, "missing"))
         caught.exception.close()
         self.assertEqual(seen, [layer["documentroot"]])
+
+    def test_documentroot_a_test_sets_on_the_handler_class_serves_from_the_next_request(self):
+        # gocept's handler read its class's documentroot for every request,
+        # so a test could point a static layer elsewhere for a while; the
+        # directory given when the layer was set up went on being served.
+        other = tempfile.TemporaryDirectory()
+        self.addCleanup(other.cleanup)
+        Path(other.name, "file.txt").write_text("other")
+        layer = set_up_by_hand(self, static.Layer(name="documentroot_set_by_a_test"))
+        Path(layer["documentroot"], "file.txt").write_text("layer's")
+        handler = layer["request_handler"]
+        with requests.Session() as session:  # one keep-alive connection for all
+            self.assertEqual(session.get(layer_url(layer, "file.txt"), timeout=5).text, "layer's")
+            handler.documentroot = other.name
+            self.assertEqual(session.get(layer_url(layer, "file.txt"), timeout=5).text, "other")
+            handler.documentroot = layer["documentroot"]
+            self.assertEqual(session.get(layer_url(layer, "file.txt"), timeout=5).text, "layer's")
 
     def test_a_subclass_that_translates_paths_itself_serves_what_it_names(self):
         # gocept's handler, like http.server's, serves the file its
