@@ -264,6 +264,23 @@ class _WSGITask(WSGITask):
     def logger(self) -> logging.LoggerAdapter:  # type: ignore[override,type-arg]
         return _NotingWarnings(self)
 
+    _content_length: int | None = None
+
+    @property
+    def content_length(self) -> int | None:  # type: ignore[override]
+        return self._content_length
+
+    @content_length.setter
+    def content_length(self, length: int | None) -> None:
+        # waitress takes the length of a body returned as a list of one
+        # item for its Content-Length, even when the application wrote
+        # with start_response's ``write`` before: the head went out without
+        # one (chunked), and waitress then counted the body against the
+        # length no client was told, closed the connection and warned of
+        # too few bytes. A length decided once the head is sent tells nothing.
+        if not self.wrote_header:
+            self._content_length = length
+
     def get_environment(self) -> dict[str, Any]:
         """waitress's environ, telling behind a TLS front what it tells over
         plain HTTP: the client's address and port, and the published port

@@ -427,6 +427,27 @@ class BodyMismatchTests(unittest.TestCase):
         self.assertTrue(left.wait(5))
         self.assertEqual(layer.server_errors.take(), [])
 
+    def test_a_body_begun_with_the_write_callable_then_returned_in_a_list_is_no_error(self):
+        """PEP 3333's ``write`` callable, then the rest as a list of one item:
+        waitress took that item's length for a Content-Length the head,
+        already sent without one, never announced; the layer reported an
+        application sending too few bytes, and closed the connection."""
+
+        def app(environ, start_response):
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"written ")
+            return [b"returned"]
+
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="write_then_list"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for _ in range(2):  # the connection stays open for the next request
+            connection.request("GET", "/")
+            with connection.getresponse() as response:
+                self.assertEqual(response.read(), b"written returned")
+                self.assertFalse(response.will_close)
+        self.assertEqual(layer.server_errors.take(), [])
+
     def test_a_head_request_and_a_fitting_body_are_no_error(self):
         layer = self.serve("200 OK", [("Content-Length", "3")], [b"a", b"bc"])
         for method in ("GET", "HEAD"):
