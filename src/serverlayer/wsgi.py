@@ -365,6 +365,7 @@ class _WSGITask(WSGITask):
     def write(self, data: bytes) -> None:
         # What a file wrapper's body must not be sent for (below).
         self.channel.bodiless = self.request.command == "HEAD" or not self.has_body
+        self.channel.chunked = self.chunked_response
         if data and self.request.command == "HEAD":
             # waitress sends the application's body in answer to HEAD too,
             # which the client takes for the start of the next response.
@@ -632,6 +633,9 @@ class _Channel(HTTPChannel):
     #: Whether the response being sent has no body (HEAD, 204, 304).
     bodiless = False
 
+    #: Whether the response being sent is chunked.
+    chunked = False
+
     def write_soon(self, data: Any) -> int:
         if isinstance(data, ReadOnlyFileBasedBuffer) and self.bodiless:
             # waitress hands an application's wsgi.file_wrapper to the
@@ -640,6 +644,15 @@ class _Channel(HTTPChannel):
             # client read them as the next answer on the connection.
             data.close()
             data = b""
+        if isinstance(data, ReadOnlyFileBasedBuffer) and self.chunked and data.remain:
+            # An application that wrote with start_response's ``write``
+            # first had its head sent chunked (no Content-Length), and
+            # waitress sends a file wrapper returned then as it is, without
+            # a chunk's framing: the client could not read the answer. Sent
+            # as one chunk of the file's size (``prepare`` measured it).
+            super().write_soon(f"{data.remain:X}\r\n".encode())
+            super().write_soon(data)
+            return int(super().write_soon(b"\r\n"))
         head = self.head
         if not (head and data):
             return int(super().write_soon(data))

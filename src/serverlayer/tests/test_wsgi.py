@@ -448,6 +448,25 @@ class BodyMismatchTests(unittest.TestCase):
                 self.assertFalse(response.will_close)
         self.assertEqual(layer.server_errors.take(), [])
 
+    def test_a_file_wrapper_after_the_write_callable_is_sent_as_a_chunk(self):
+        """The head went out chunked (``write``, no Content-Length); waitress
+        then sent the file wrapper's bytes raw, without a chunk's framing,
+        and the client could not read the answer."""
+
+        def app(environ, start_response):
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"written ")
+            return environ["wsgi.file_wrapper"](io.BytesIO(b"from a file"))
+
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="write_then_file"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for _ in range(2):
+            connection.request("GET", "/")
+            with connection.getresponse() as response:
+                self.assertEqual(response.read(), b"written from a file")
+        self.assertEqual(layer.server_errors.take(), [])
+
     def test_a_head_request_and_a_fitting_body_are_no_error(self):
         layer = self.serve("200 OK", [("Content-Length", "3")], [b"a", b"bc"])
         for method in ("GET", "HEAD"):
