@@ -706,6 +706,14 @@ class _Channel(HTTPChannel):
         """Close the connection, lingering or not."""
         self.server.lingering_channels.discard(self)
         super().handle_close()
+        # A request still arriving (its client left halfway through a
+        # large body) holds the part that came in a temporary file, which
+        # waitress closes with whole requests alone: left to the garbage
+        # collector, it was a ResourceWarning at some later test.
+        partial: HTTPRequestParser | None = self.request  # type: ignore[has-type]
+        self.request = None
+        if partial is not None:
+            partial.close()
 
     def _start_lingering(self) -> bool:
         """End the server's side of a connection it ends after an answer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import http.client
 import io
 import os
@@ -12,6 +13,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import warnings
 import wsgiref.util
 from collections.abc import Callable
 from contextlib import redirect_stderr
@@ -474,6 +476,34 @@ class BodyMismatchTests(unittest.TestCase):
             with urllib.request.urlopen(request, timeout=5) as response:
                 self.assertEqual(response.read(), b"abc" if method == "GET" else b"")
         self.assertEqual(layer.server_errors.take(), [])
+
+
+class UploadLeftTests(unittest.TestCase):
+    """A client that leaves in the middle of a large upload."""
+
+    def test_the_part_of_the_body_that_came_is_closed(self):
+        """waitress keeps a large body in a temporary file as it arrives,
+        and closed it only with a whole request: one whose client left
+        halfway was left to the garbage collector, a ResourceWarning
+        (an error under ``python -W error``) at some later test."""
+        layer = wsgi.Layer(echo_app, name="upload_left")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            layer.setUp()
+            try:
+                for framing in (b"Content-Length: 50000000", b"Transfer-Encoding: chunked"):
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+                        client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+                        part = b"x" * 1_000_000  # far above what waitress keeps in memory
+                        client.sendall(b"F4240\r\n" + part + b"\r\n" if b"chunked" in framing else part)
+                # The server's answer to a whole request on a new connection:
+                # it has read the others' ends by then (one loop, in order).
+                with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+                    response.read()
+            finally:
+                layer.tearDown()
+            gc.collect()
+        self.assertEqual([str(each.message) for each in caught if each.category is ResourceWarning], [])
 
 
 class FixupMiddlewareTests(unittest.TestCase):
