@@ -190,7 +190,17 @@ class _AppSlot:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         app = self.app
         if app is not None:
-            return app(environ, start_response)
+            answer = app(environ, start_response)
+            if isinstance(answer, (bytes, str)):
+                # ``return body`` for ``return [body]``: waitress iterates
+                # it, and fails with "object of type 'int' has no len()"
+                # (bytes) or "can't concat str to bytes" (str).
+                hint = "[body]" if isinstance(answer, bytes) else "[body.encode()]"
+                raise TypeError(
+                    f"{self.owner}: the application {app!r} returned a {type(answer).__name__} as its body,"
+                    f" where PEP 3333 wants an iterable of bytes: return {hint}."
+                )
+            return answer
         body = (
             f"{self.owner} has no WSGI application to answer"
             f" {environ['REQUEST_METHOD']} {environ.get('REQUEST_URI', '')}"

@@ -353,6 +353,19 @@ class BodyMismatchTests(unittest.TestCase):
             [error] = layer.server_errors.take()
             self.assertIn(f"the application's status {status!r} is no HTTP status", error)
 
+    def test_a_body_returned_as_bytes_or_str_is_an_error_that_says_so(self):
+        """``return body`` instead of ``return [body]``: waitress iterated
+        the bytes and failed with "object of type 'int' has no len()"."""
+        for body in (b"abc", "abc"):
+            layer = self.serve("200 OK", [("Content-Type", "text/plain")], body)  # type: ignore[arg-type]
+            with self.assertRaises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(layer["http_url"], timeout=5)
+            answer.exception.close()
+            self.assertEqual(answer.exception.code, 500)
+            [error] = layer.server_errors.take()
+            self.assertIn(f"returned a {type(body).__name__} as its body, where PEP 3333 wants an iterable of"
+                          " bytes", error)
+
     def test_a_status_without_a_reason_is_no_error(self):
         layer = self.serve("200", [("Content-Length", "2")], [b"ok"])
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
