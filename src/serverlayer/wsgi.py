@@ -373,6 +373,14 @@ class _WSGITask(WSGITask):
         super().set_close_on_finish()
 
     def write(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):
+            # waitress fails deep in its own buffers, with "can't concat str
+            # to bytes" and the like, which do not name the body.
+            hint = ": encode it" if isinstance(data, str) else ""
+            raise TypeError(
+                f"the application's body gave a {type(data).__name__} ({data!r:.40}),"
+                f" where PEP 3333 wants bytes{hint}"
+            )
         # What a file wrapper's body must not be sent for (below).
         self.channel.bodiless = self.request.command == "HEAD" or not self.has_body
         self.channel.chunked = self.chunked_response

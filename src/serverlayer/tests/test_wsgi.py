@@ -366,6 +366,26 @@ class BodyMismatchTests(unittest.TestCase):
             self.assertIn(f"returned a {type(body).__name__} as its body, where PEP 3333 wants an iterable of"
                           " bytes", error)
 
+    def test_a_body_part_that_is_no_bytes_is_an_error_that_says_so(self):
+        """waitress failed with "can't concat str to bytes" (or "can only
+        concatenate str (not "bytes") to str", or of a memoryview), about
+        its own code rather than the application's body."""
+        for headers, body in (
+            ([("Content-Length", "5")], iter(["hello"])),
+            ([], iter(["hello"])),
+            ([], [b"ok", memoryview(b"view")]),
+        ):
+            layer = self.serve("200 OK", headers, body)
+            with self.assertRaises((urllib.error.HTTPError, http.client.HTTPException)) as answer:
+                with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+                    response.read()
+            if isinstance(answer.exception, urllib.error.HTTPError):
+                answer.exception.close()
+            [error] = layer.server_errors.take()
+            kind = "str" if headers or isinstance(body, type(iter([]))) else "memoryview"
+            self.assertIn(f"the application's body gave a {kind} (", error)
+            self.assertIn("where PEP 3333 wants bytes", error)
+
     def test_a_status_without_a_reason_is_no_error(self):
         layer = self.serve("200", [("Content-Length", "2")], [b"ok"])
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
