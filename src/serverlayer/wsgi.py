@@ -342,6 +342,17 @@ class _WSGITask(WSGITask):
                 f"the application's status {status!r} is no HTTP status: PEP 3333 wants three digits,"
                 " a space and a reason, such as '200 OK'"
             )
+        # waitress encodes the whole head at once, and its UnicodeEncodeError
+        # gives a position in it, naming no header.
+        unencodable = [f"status {status!r}"] if not _latin_1(status) else []
+        unencodable += [f"header {name}: {value!r}" for name, value in self.response_headers
+                        if not _latin_1(name + value)]
+        if unencodable:
+            raise ValueError(
+                f"the application's {unencodable[0]} is not latin-1, which PEP 3333 wants (HTTP sends"
+                " bytes): percent-encode the value (RFC 8187's filename*=UTF-8''... in a"
+                " Content-Disposition)"
+            )
         request = self.request
         if request.chunked and b"\ncontent-length:" in request.head.lower():
             # RFC 9112 section 6.1: a request with both Transfer-Encoding and
@@ -441,6 +452,15 @@ class _WSGITask(WSGITask):
             self.channel.hang_up_after(self)
         finally:
             self.channel.server.request_served(self, failed)
+
+
+def _latin_1(text: str) -> bool:
+    """Whether ``text`` can go into a response's head (PEP 3333)."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _body_size(task: WSGITask) -> int:

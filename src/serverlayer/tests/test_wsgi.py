@@ -386,6 +386,21 @@ class BodyMismatchTests(unittest.TestCase):
             self.assertIn(f"the application's body gave a {kind} (", error)
             self.assertIn("where PEP 3333 wants bytes", error)
 
+    def test_a_header_or_status_outside_latin_1_is_an_error_that_names_it(self):
+        """waitress failed with "'latin-1' codec can't encode characters in
+        position 99-100" of the whole head, which names no header."""
+        for status, headers, named in (
+            ("200 OK", [("X-Name", "\u65e5\u672c"), ("Content-Length", "2")], "header X-Name: '\u65e5\u672c'"),
+            ("200 \u2713", [("Content-Length", "2")], "status '200 \u2713'"),
+        ):
+            layer = self.serve(status, headers, [b"ok"])
+            with self.assertRaises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(layer["http_url"], timeout=5)
+            answer.exception.close()
+            self.assertEqual(answer.exception.code, 500)
+            [error] = layer.server_errors.take()
+            self.assertIn(f"the application's {named} is not latin-1", error)
+
     def test_a_status_without_a_reason_is_no_error(self):
         layer = self.serve("200", [("Content-Length", "2")], [b"ok"])
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
