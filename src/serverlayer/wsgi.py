@@ -190,7 +190,17 @@ class _AppSlot:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         app = self.app
         if app is not None:
-            return app(environ, start_response)
+            answer = app(environ, start_response)
+            if isinstance(answer, (bytes, str)):
+                # ``return body`` for ``return [body]``: waitress iterates
+                # it, and fails with "object of type 'int' has no len()"
+                # (bytes) or "can't concat str to bytes" (str).
+                hint = "[body]" if isinstance(answer, bytes) else "[body.encode()]"
+                raise TypeError(
+                    f"{self.owner}: the application {app!r} returned a {type(answer).__name__} as its body,"
+                    f" where PEP 3333 wants an iterable of bytes: return {hint}."
+                )
+            return answer
         body = (
             f"{self.owner} has no WSGI application to answer"
             f" {environ['REQUEST_METHOD']} {environ.get('REQUEST_URI', '')}"
@@ -264,6 +274,23 @@ class _WSGITask(WSGITask):
     def logger(self) -> logging.LoggerAdapter:  # type: ignore[override,type-arg]
         return _NotingWarnings(self)
 
+    _content_length: int | None = None
+
+    @property
+    def content_length(self) -> int | None:  # type: ignore[override]
+        return self._content_length
+
+    @content_length.setter
+    def content_length(self, length: int | None) -> None:
+        # waitress takes the length of a body returned as a list of one
+        # item for its Content-Length, even when the application wrote
+        # with start_response's ``write`` before: the head went out without
+        # one (chunked), and waitress then counted the body against the
+        # length no client was told, closed the connection and warned of
+        # too few bytes. A length decided once the head is sent tells nothing.
+        if not self.wrote_header:
+            self._content_length = length
+
     def get_environment(self) -> dict[str, Any]:
         """waitress's environ, telling behind a TLS front what it tells over
         plain HTTP: the client's address and port, and the published port
@@ -315,6 +342,17 @@ class _WSGITask(WSGITask):
                 f"the application's status {status!r} is no HTTP status: PEP 3333 wants three digits,"
                 " a space and a reason, such as '200 OK'"
             )
+        # waitress encodes the whole head at once, and its UnicodeEncodeError
+        # gives a position in it, naming no header.
+        unencodable = [f"status {status!r}"] if not _latin_1(status) else []
+        unencodable += [f"header {name}: {value!r}" for name, value in self.response_headers
+                        if not _latin_1(name + value)]
+        if unencodable:
+            raise ValueError(
+                f"the application's {unencodable[0]} is not latin-1, which PEP 3333 wants (HTTP sends"
+                " bytes): percent-encode the value (RFC 8187's filename*=UTF-8''... in a"
+                " Content-Disposition)"
+            )
         request = self.request
         if request.chunked and b"\ncontent-length:" in request.head.lower():
             # RFC 9112 section 6.1: a request with both Transfer-Encoding and
@@ -346,8 +384,17 @@ class _WSGITask(WSGITask):
         super().set_close_on_finish()
 
     def write(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):
+            # waitress fails deep in its own buffers, with "can't concat str
+            # to bytes" and the like, which do not name the body.
+            hint = ": encode it" if isinstance(data, str) else ""
+            raise TypeError(
+                f"the application's body gave a {type(data).__name__} ({data!r:.40}),"
+                f" where PEP 3333 wants bytes{hint}"
+            )
         # What a file wrapper's body must not be sent for (below).
         self.channel.bodiless = self.request.command == "HEAD" or not self.has_body
+        self.channel.chunked = self.chunked_response
         if data and self.request.command == "HEAD":
             # waitress sends the application's body in answer to HEAD too,
             # which the client takes for the start of the next response.
@@ -405,6 +452,15 @@ class _WSGITask(WSGITask):
             self.channel.hang_up_after(self)
         finally:
             self.channel.server.request_served(self, failed)
+
+
+def _latin_1(text: str) -> bool:
+    """Whether ``text`` can go into a response's head (PEP 3333)."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _body_size(task: WSGITask) -> int:
@@ -615,6 +671,9 @@ class _Channel(HTTPChannel):
     #: Whether the response being sent has no body (HEAD, 204, 304).
     bodiless = False
 
+    #: Whether the response being sent is chunked.
+    chunked = False
+
     def write_soon(self, data: Any) -> int:
         if isinstance(data, ReadOnlyFileBasedBuffer) and self.bodiless:
             # waitress hands an application's wsgi.file_wrapper to the
@@ -623,6 +682,15 @@ class _Channel(HTTPChannel):
             # client read them as the next answer on the connection.
             data.close()
             data = b""
+        if isinstance(data, ReadOnlyFileBasedBuffer) and self.chunked and data.remain:
+            # An application that wrote with start_response's ``write``
+            # first had its head sent chunked (no Content-Length), and
+            # waitress sends a file wrapper returned then as it is, without
+            # a chunk's framing: the client could not read the answer. Sent
+            # as one chunk of the file's size (``prepare`` measured it).
+            super().write_soon(f"{data.remain:X}\r\n".encode())
+            super().write_soon(data)
+            return int(super().write_soon(b"\r\n"))
         head = self.head
         if not (head and data):
             return int(super().write_soon(data))
@@ -676,6 +744,14 @@ class _Channel(HTTPChannel):
         """Close the connection, lingering or not."""
         self.server.lingering_channels.discard(self)
         super().handle_close()
+        # A request still arriving (its client left halfway through a
+        # large body) holds the part that came in a temporary file, which
+        # waitress closes with whole requests alone: left to the garbage
+        # collector, it was a ResourceWarning at some later test.
+        partial: HTTPRequestParser | None = self.request  # type: ignore[has-type]
+        self.request = None
+        if partial is not None:
+            partial.close()
 
     def _start_lingering(self) -> bool:
         """End the server's side of a connection it ends after an answer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import http.client
 import io
 import os
@@ -12,6 +13,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import warnings
 import wsgiref.util
 from collections.abc import Callable
 from contextlib import redirect_stderr
@@ -351,6 +353,54 @@ class BodyMismatchTests(unittest.TestCase):
             [error] = layer.server_errors.take()
             self.assertIn(f"the application's status {status!r} is no HTTP status", error)
 
+    def test_a_body_returned_as_bytes_or_str_is_an_error_that_says_so(self):
+        """``return body`` instead of ``return [body]``: waitress iterated
+        the bytes and failed with "object of type 'int' has no len()"."""
+        for body in (b"abc", "abc"):
+            layer = self.serve("200 OK", [("Content-Type", "text/plain")], body)  # type: ignore[arg-type]
+            with self.assertRaises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(layer["http_url"], timeout=5)
+            answer.exception.close()
+            self.assertEqual(answer.exception.code, 500)
+            [error] = layer.server_errors.take()
+            self.assertIn(f"returned a {type(body).__name__} as its body, where PEP 3333 wants an iterable of"
+                          " bytes", error)
+
+    def test_a_body_part_that_is_no_bytes_is_an_error_that_says_so(self):
+        """waitress failed with "can't concat str to bytes" (or "can only
+        concatenate str (not "bytes") to str", or of a memoryview), about
+        its own code rather than the application's body."""
+        for headers, body in (
+            ([("Content-Length", "5")], iter(["hello"])),
+            ([], iter(["hello"])),
+            ([], [b"ok", memoryview(b"view")]),
+        ):
+            layer = self.serve("200 OK", headers, body)
+            with self.assertRaises((urllib.error.HTTPError, http.client.HTTPException)) as answer:
+                with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+                    response.read()
+            if isinstance(answer.exception, urllib.error.HTTPError):
+                answer.exception.close()
+            [error] = layer.server_errors.take()
+            kind = "str" if headers or isinstance(body, type(iter([]))) else "memoryview"
+            self.assertIn(f"the application's body gave a {kind} (", error)
+            self.assertIn("where PEP 3333 wants bytes", error)
+
+    def test_a_header_or_status_outside_latin_1_is_an_error_that_names_it(self):
+        """waitress failed with "'latin-1' codec can't encode characters in
+        position 99-100" of the whole head, which names no header."""
+        for status, headers, named in (
+            ("200 OK", [("X-Name", "\u65e5\u672c"), ("Content-Length", "2")], "header X-Name: '\u65e5\u672c'"),
+            ("200 \u2713", [("Content-Length", "2")], "status '200 \u2713'"),
+        ):
+            layer = self.serve(status, headers, [b"ok"])
+            with self.assertRaises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(layer["http_url"], timeout=5)
+            answer.exception.close()
+            self.assertEqual(answer.exception.code, 500)
+            [error] = layer.server_errors.take()
+            self.assertIn(f"the application's {named} is not latin-1", error)
+
     def test_a_status_without_a_reason_is_no_error(self):
         layer = self.serve("200", [("Content-Length", "2")], [b"ok"])
         with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
@@ -427,6 +477,46 @@ class BodyMismatchTests(unittest.TestCase):
         self.assertTrue(left.wait(5))
         self.assertEqual(layer.server_errors.take(), [])
 
+    def test_a_body_begun_with_the_write_callable_then_returned_in_a_list_is_no_error(self):
+        """PEP 3333's ``write`` callable, then the rest as a list of one item:
+        waitress took that item's length for a Content-Length the head,
+        already sent without one, never announced; the layer reported an
+        application sending too few bytes, and closed the connection."""
+
+        def app(environ, start_response):
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"written ")
+            return [b"returned"]
+
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="write_then_list"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for _ in range(2):  # the connection stays open for the next request
+            connection.request("GET", "/")
+            with connection.getresponse() as response:
+                self.assertEqual(response.read(), b"written returned")
+                self.assertFalse(response.will_close)
+        self.assertEqual(layer.server_errors.take(), [])
+
+    def test_a_file_wrapper_after_the_write_callable_is_sent_as_a_chunk(self):
+        """The head went out chunked (``write``, no Content-Length); waitress
+        then sent the file wrapper's bytes raw, without a chunk's framing,
+        and the client could not read the answer."""
+
+        def app(environ, start_response):
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"written ")
+            return environ["wsgi.file_wrapper"](io.BytesIO(b"from a file"))
+
+        layer = set_up_by_hand(self, wsgi.Layer(app, name="write_then_file"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        for _ in range(2):
+            connection.request("GET", "/")
+            with connection.getresponse() as response:
+                self.assertEqual(response.read(), b"written from a file")
+        self.assertEqual(layer.server_errors.take(), [])
+
     def test_a_head_request_and_a_fitting_body_are_no_error(self):
         layer = self.serve("200 OK", [("Content-Length", "3")], [b"a", b"bc"])
         for method in ("GET", "HEAD"):
@@ -434,6 +524,34 @@ class BodyMismatchTests(unittest.TestCase):
             with urllib.request.urlopen(request, timeout=5) as response:
                 self.assertEqual(response.read(), b"abc" if method == "GET" else b"")
         self.assertEqual(layer.server_errors.take(), [])
+
+
+class UploadLeftTests(unittest.TestCase):
+    """A client that leaves in the middle of a large upload."""
+
+    def test_the_part_of_the_body_that_came_is_closed(self):
+        """waitress keeps a large body in a temporary file as it arrives,
+        and closed it only with a whole request: one whose client left
+        halfway was left to the garbage collector, a ResourceWarning
+        (an error under ``python -W error``) at some later test."""
+        layer = wsgi.Layer(echo_app, name="upload_left")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            layer.setUp()
+            try:
+                for framing in (b"Content-Length: 50000000", b"Transfer-Encoding: chunked"):
+                    with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+                        client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+                        part = b"x" * 1_000_000  # far above what waitress keeps in memory
+                        client.sendall(b"F4240\r\n" + part + b"\r\n" if b"chunked" in framing else part)
+                # The server's answer to a whole request on a new connection:
+                # it has read the others' ends by then (one loop, in order).
+                with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+                    response.read()
+            finally:
+                layer.tearDown()
+            gc.collect()
+        self.assertEqual([str(each.message) for each in caught if each.category is ResourceWarning], [])
 
 
 class FixupMiddlewareTests(unittest.TestCase):
