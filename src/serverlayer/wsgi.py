@@ -342,17 +342,6 @@ class _WSGITask(WSGITask):
                 f"the application's status {status!r} is no HTTP status: PEP 3333 wants three digits,"
                 " a space and a reason, such as '200 OK'"
             )
-        # waitress encodes the whole head at once, and its UnicodeEncodeError
-        # gives a position in it, naming no header.
-        unencodable = [f"status {status!r}"] if not _latin_1(status) else []
-        unencodable += [f"header {name}: {value!r}" for name, value in self.response_headers
-                        if not _latin_1(name + value)]
-        if unencodable:
-            raise ValueError(
-                f"the application's {unencodable[0]} is not latin-1, which PEP 3333 wants (HTTP sends"
-                " bytes): percent-encode the value (RFC 8187's filename*=UTF-8''... in a"
-                " Content-Disposition)"
-            )
         request = self.request
         if request.chunked and b"\ncontent-length:" in request.head.lower():
             # RFC 9112 section 6.1: a request with both Transfer-Encoding and
@@ -362,9 +351,22 @@ class _WSGITask(WSGITask):
             self.set_close_on_finish()
         self._building_head = True
         try:
-            self.channel.head = _closing_says_so(self, super().build_response_header())
+            head = super().build_response_header()
+        except UnicodeEncodeError:
+            # waitress encodes the whole head at once, and its error gives a
+            # position in it, naming no header.
+            unencodable = [f"status {status!r}"] if not _latin_1(status) else []
+            unencodable += [f"header {name}: {value!r}" for name, value in self.response_headers
+                            if not _latin_1(name + value)]
+            what = unencodable[0] if unencodable else "response head"
+            raise ValueError(
+                f"the application's {what} is not latin-1, which PEP 3333 wants (HTTP sends"
+                " bytes): percent-encode the value (RFC 8187's filename*=UTF-8''... in a"
+                " Content-Disposition)"
+            ) from None
         finally:
             self._building_head = False
+        self.channel.head = _closing_says_so(self, head)
         return b""
 
     def set_close_on_finish(self) -> None:
