@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import operator
 import socket
 import threading
 import time
@@ -276,12 +277,7 @@ class _WSGITask(WSGITask):
 
     _content_length: int | None = None
 
-    @property
-    def content_length(self) -> int | None:  # type: ignore[override]
-        return self._content_length
-
-    @content_length.setter
-    def content_length(self, length: int | None) -> None:
+    def _set_content_length(self, length: int | None) -> None:
         # waitress takes the length of a body returned as a list of one
         # item for its Content-Length, even when the application wrote
         # with start_response's ``write`` before: the head went out without
@@ -290,6 +286,9 @@ class _WSGITask(WSGITask):
         # too few bytes. A length decided once the head is sent tells nothing.
         if not self.wrote_header:
             self._content_length = length
+
+    # Read several times per response: a getter of C code, no Python frame.
+    content_length = property(operator.attrgetter("_content_length"), _set_content_length)  # type: ignore[assignment]
 
     def get_environment(self) -> dict[str, Any]:
         """waitress's environ, telling behind a TLS front what it tells over
