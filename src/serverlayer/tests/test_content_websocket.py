@@ -288,15 +288,18 @@ class ScriptTests(unittest.TestCase):
         self.http_content.websocket("/feed").on_connect("hi")
         upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-        for method, body, why in (("POST", b"abc", b"unsupported request body"),
-                                  ("GET", b"abc", b"unsupported request body")):
+        # websockets 16 (the last for Python 3.10) names a POST's method first.
+        for method, body, reasons in (("POST", b"abc", (b"unsupported request body", b"unsupported HTTP method")),
+                                      ("GET", b"abc", (b"unsupported request body",))):
             with self.subTest(method=method):
                 connection = http.client.HTTPConnection(self.layer["http_host"], self.layer["http_port"], timeout=10)
                 self.addCleanup(connection.close)
                 connection.request(method, "/feed", body=body, headers=upgrade)
                 response = connection.getresponse()
                 self.assertEqual(response.status, 400)
-                self.assertIn(b"Failed to open a WebSocket connection: " + why, response.read())
+                answer = response.read()
+                self.assertTrue(any(b"Failed to open a WebSocket connection: " + why in answer for why in reasons),
+                                answer)
         self.assertEqual(self.connect().recv(timeout=10), "hi")
 
     def test_invalid_utf8_in_a_text_message_closes_with_1007(self):
