@@ -354,8 +354,10 @@ class HandlerTimeoutTests(unittest.TestCase):
 
     def test_a_keep_alive_connection_idle_for_the_handlers_timeout_is_closed(self):
         layer = self.serve(ShortTimeout, threads=1)
-        client = self.keep_alive_request(layer)
+        # Before the request: the server's idle time begins once it has
+        # answered, which may come before this thread runs again.
         started = time.monotonic()
+        client = self.keep_alive_request(layer)
         answer = read_until_closed(client)
         self.assertTrue(answer.endswith(b"hello /first"), answer)
         self.assertGreaterEqual(time.monotonic() - started, ShortTimeout.timeout)
