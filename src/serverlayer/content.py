@@ -50,7 +50,7 @@ from serverlayer.errors import (
     ScriptError,
     ServerSideError,
 )
-from serverlayer.recording import RecordedRequest
+from serverlayer.recording import RecordedRequest, is_latin_1
 from serverlayer.server import ServerThread, format_address
 from serverlayer.websocket_script import WebSocketScript
 
@@ -295,13 +295,6 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: A header field's name (RFC 9110 section 5.1): a token, no spaces, no colon.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
-
-def _latin_1(text: str) -> bool:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
 #: Bodies up to this size go out in one write with the head: copying them
 #: costs less than a second packet.
 _JOINED_BODY_LIMIT = 64 * 1024
@@ -503,7 +496,7 @@ def _header_items(headers: Headers | None) -> list[tuple[str, str]]:
             if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
                 value = str(value)  # http.server writes it as str() does
             if isinstance(value, str) and _TOKEN.fullmatch(name) and not _LINE_BREAK.search(value):
-                if not _latin_1(value):
+                if not is_latin_1(value):
                     raise ConfigurationError(
                         f"headers: {name}: {value!r} has characters a header cannot carry (it is"
                         " sent as ISO-8859-1); encode them, as RFC 8187 does for file names"

@@ -131,6 +131,15 @@ class RequestLog(Arrivals[RecordedRequest]):
 _ABSOLUTE_FORM = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]+)(.*)", re.DOTALL)
 
 
+def is_latin_1(text: str) -> bool:
+    """Whether ``text`` can go into an HTTP head, which carries ISO-8859-1 (PEP 3333)."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def split_target(target: str) -> tuple[str, str, str, str]:
     """Path, query, scheme and authority of a request target (RFC 9112
     section 3.2), each as sent.

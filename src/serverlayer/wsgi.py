@@ -36,7 +36,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from serverlayer.custom import _takes_more
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, identity, positive_number, refuse_bound_application
-from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog
+from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog, is_latin_1
 from serverlayer.reporting import ErrorLog, ErrorLogHandler, server_logger, verbose
 from serverlayer.server import Activity, Deadline, ForwardedClients, ServerThread, SocketserverStops
 
@@ -354,9 +354,9 @@ class _WSGITask(WSGITask):
         except UnicodeEncodeError:
             # waitress encodes the whole head at once, and its error gives a
             # position in it, naming no header.
-            unencodable = [f"status {status!r}"] if not _latin_1(status) else []
+            unencodable = [f"status {status!r}"] if not is_latin_1(status) else []
             unencodable += [f"header {name}: {value!r}" for name, value in self.response_headers
-                            if not _latin_1(name + value)]
+                            if not is_latin_1(name + value)]
             what = unencodable[0] if unencodable else "response head"
             raise ValueError(
                 f"the application's {what} is not latin-1, which PEP 3333 wants (HTTP sends"
@@ -454,14 +454,6 @@ class _WSGITask(WSGITask):
         finally:
             self.channel.server.request_served(self, failed)
 
-
-def _latin_1(text: str) -> bool:
-    """Whether ``text`` can go into a response's head (PEP 3333)."""
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _body_size(task: WSGITask) -> int:
