@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import heapq
 import http.server
 import io
 import itertools
+import os
 import queue
 import select
 import selectors
@@ -81,6 +83,21 @@ def _ready_within(fds: tuple[int, ...], timeout: float | None) -> Collection[int
     for fd in fds:
         poller.register(fd, select.POLLIN)
     return dict(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _exclusive_accepting(sockets: Sequence[socket.socket]) -> Any:
+    """An epoll object that waits for connections on ``sockets``, woken
+    only if no waiter registered before it is waiting (``EPOLLEXCLUSIVE``)."""
+    accepting = select.epoll()
+    try:
+        for listening in sockets:
+            accepting.register(listening, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    except OSError:
+        accepting.close()
+        raise
+    for listening in sockets:
+        listening.setblocking(False)  # the acceptor and the loop both accept
+    return accepting
 
 
 def _ends(connection: socket.socket) -> tuple[Any, Any] | None:
@@ -535,6 +552,45 @@ class _Worker:
             if not self.server.worker_idle(self):
                 return
 
+    def wake(self) -> None:
+        """Have the worker see that it is retiring, if it waits for work."""
+        self.inbox.put(None)
+
+
+class _Acceptor(_Worker):
+    """A worker that accepts connections and serves their first requests itself.
+
+    Handed from the serving loop to a worker, a request on a new connection
+    costs a thread switch and the loop's turn: more than the rest of a small
+    request's work. The acceptor waits on the listening sockets beside the
+    loop, registered first and exclusively (``EPOLLEXCLUSIVE``), so that the
+    kernel wakes it alone while it waits, and the loop alone while it serves:
+    an application calling its own server is still accepted.
+    """
+
+    def __init__(self, server: HandlerServer, name: str, accepting: Any, wake_fd: int) -> None:
+        self._accepting = accepting
+        self._wake_fd = wake_fd
+        super().__init__(server, name)
+
+    def _run(self) -> None:
+        _this_thread.worker = self
+        server = self.server
+        while not (self.retiring or server._stopping):
+            for fd, _ in self._accepting.poll():
+                if fd == self._wake_fd:
+                    with contextlib.suppress(BlockingIOError):  # a retired acceptor's wake, read already
+                        os.eventfd_read(fd)
+                else:
+                    # Then the next connection, before waiting: one that came
+                    # while this one was served woke the loop too, which waits
+                    # for the interpreter lock this thread holds.
+                    while not (self.retiring or server._stopping) and server._accept_and_serve(fd):
+                        pass
+
+    def wake(self) -> None:
+        os.eventfd_write(self._wake_fd, 1)
+
 
 def _takes_more(connection: socket.socket) -> bool:
     """Whether ``connection``'s socket has room for more to send now: its
@@ -605,7 +661,9 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     ``threads`` workers start with the server and stay; when a request
     finds none free, another starts. The test runner warns about threads a
     test leaves behind, so those extra workers end, and are joined, when
-    the test ends (``test_ended``).
+    the test ends (``test_ended``). So does the acceptor (``_Acceptor``),
+    which the loop starts when it accepts a connection, where epoll has
+    ``EPOLLEXCLUSIVE``.
     """
 
     #: Set by a TLS front that forwards its connections here: who is really
@@ -697,6 +755,21 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._started_workers = 0
         with self._workers_lock:
             self._idle = [self._start_worker() for _ in range(threads)]
+        self._listening = {listening.fileno(): listening for listening in self.sockets}
+        #: Where the acceptor waits (``_Acceptor``): registered on the
+        #: listening sockets before the loop is, so that the kernel offers
+        #: it a new connection first. None where epoll cannot wake one waiter.
+        self._accepting: Any = None
+        self._acceptor: _Acceptor | None = None
+        self._acceptor_wake = -1
+        if hasattr(select, "EPOLLEXCLUSIVE"):
+            try:
+                self._accepting = _exclusive_accepting(self.sockets)
+            except OSError:  # a kernel before Linux 4.5
+                pass
+            else:
+                self._acceptor_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._accepting.register(self._acceptor_wake, select.EPOLLIN)
 
     def _serve_handler_class(self, handler_class: type[http.server.BaseHTTPRequestHandler]) -> None:
         """Make the handlers of connections from now on of ``handler_class``."""
@@ -763,15 +836,24 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
     def _serve_loop(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
-            for listening in self.sockets:
-                selector.register(listening, selectors.EVENT_READ)
+            loop_accepting: select.epoll | None = None
+            if self._accepting is not None:
+                loop_accepting = _exclusive_accepting(self.sockets)
+                selector.register(loop_accepting, selectors.EVENT_READ)
+            else:
+                for listening in self.sockets:
+                    selector.register(listening, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
             ready()
             while not self._stopping:
                 for key, _ in selector.select(self._until_next_deadline()):
                     if self._stopping:
                         break
-                    if key.fileobj in self.sockets:
+                    if key.fileobj is loop_accepting:
+                        for fd, _ in loop_accepting.poll(0):
+                            self._accept(selector, self._listening[fd])
+                        self._start_acceptor()
+                    elif key.fileobj in self.sockets:
                         self._accept(selector, key.fileobj)
                     elif key.fileobj is self._wake_reader:
                         self._watch_returned(selector)
@@ -788,6 +870,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                             self._dispatch(serve)
                 if self._deadlines:
                     self._close_idle(selector)
+            if loop_accepting is not None:
+                loop_accepting.close()
 
     def _watch(
         self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None] | None
@@ -815,8 +899,46 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def _accept(self, selector: selectors.BaseSelector, listening: socket.socket) -> None:
         try:
             connection, address = listening.accept()
-        except OSError:  # the client gave up before we got to it
+        except OSError:  # the client gave up before we got to it, or the acceptor took it
             return
+        conversation = self._converse(connection, address)
+        serve = functools.partial(self._serve, conversation, conversation.start)
+        if conversation.shares_threads:
+            self._watch(selector, conversation, serve)  # HTTP clients speak first
+        else:
+            self._dispatch(serve)  # a handler of its own may speak first
+
+    def _start_acceptor(self) -> None:
+        """Start the acceptor if it is not running: the loop accepted a connection."""
+        with self._workers_lock:
+            if self._acceptor is not None or self._stopping:
+                return
+            acceptor = self._acceptor = _Acceptor(
+                self, f"{self._thread_name} acceptor", self._accepting, self._acceptor_wake
+            )
+            self._workers.append(acceptor)
+
+    def _accept_and_serve(self, fd: int) -> bool:
+        """Accept a connection on the listening socket ``fd``, in the
+        acceptor, and serve the request that came with it; False if there
+        was none to accept."""
+        try:
+            connection, address = self._listening[fd].accept()
+        except OSError:  # none, or the loop took it
+            return False
+        conversation = self._converse(connection, address)
+        if conversation.shares_threads and _socket_has_data(connection):
+            try:
+                self._serve(conversation, conversation.start)
+            finally:
+                self._activity.finish()
+        elif conversation.shares_threads:
+            self._give_back(conversation)  # the loop waits for its request
+        else:
+            self._dispatch(functools.partial(self._serve, conversation, conversation.start))
+        return True
+
+    def _converse(self, connection: socket.socket, address: Any) -> _Conversation:
         client_cert = None
         if self.forwarded_clients is not None:
             client_cert = self.forwarded_clients.certificate_of(address)
@@ -828,11 +950,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         conversation = _Conversation(self, connection, address, client_cert)
         with self._connections_lock:
             self._connections[connection] = conversation
-        serve = functools.partial(self._serve, conversation, conversation.start)
-        if conversation.shares_threads:
-            self._watch(selector, conversation, serve)  # HTTP clients speak first
-        else:
-            self._dispatch(serve)  # a handler of its own may speak first
+        return conversation
 
     def _watch_returned(self, selector: selectors.BaseSelector) -> None:
         try:
@@ -850,7 +968,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 conversation.idle_since = time.monotonic()
                 self._watch(selector, conversation, None)
             else:
-                self._watch(selector, conversation, functools.partial(self._serve, conversation, conversation.resume))
+                serve = conversation.start if conversation.handler is None else conversation.resume
+                self._watch(selector, conversation, functools.partial(self._serve, conversation, serve))
 
     def adopt(self, conversation: _Conversation, connection: socket.socket) -> None:
         """Make ``connection``, which wraps ``conversation``'s socket, its connection."""
@@ -1008,6 +1127,9 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 if worker in self._idle:
                     self._idle.remove(worker)
                     worker.inbox.put(None)
+                elif worker is self._acceptor:
+                    worker.wake()
+            self._acceptor = None
             self._recall(deadline)
         for worker in extra:
             if not worker.holds_connection:
@@ -1211,7 +1333,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             workers, self._workers, self._idle = self._workers, [], []
             for worker in workers:
                 worker.retiring = True
-                worker.inbox.put(None)
+                worker.wake()
             workers += self._retired
             self._retired = []
         deadline = Deadline(timeout)
@@ -1231,6 +1353,9 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 connection.close()
         for sock in (self._wake_reader, self._wake_writer, self._recall_reader, self._recall_writer):
             sock.close()
+        if self._accepting is not None:
+            self._accepting.close()
+            os.close(self._acceptor_wake)
 
 
 #: What a test may not set on a custom, static or content layer's ``httpd``.

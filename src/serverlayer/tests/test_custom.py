@@ -8,6 +8,7 @@ import http.client
 import http.server
 import io
 import os
+import select
 import shutil
 import socket
 import socketserver
@@ -326,6 +327,97 @@ class PoolTests(unittest.TestCase):
         # About 1 ms each on an idle machine; an idle grace period of the
         # busy connection's worker (0.25 s once) would show here.
         self.assertLess(max(waits), 0.2, waits)
+
+
+class ThreadNaming(custom.RequestHandler):
+    """Answers with the name of the thread that serves the request; on
+    ``/self``, with what its own server answered to ``/inner`` too."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        served_by = threading.current_thread().name
+        if self.path == "/self":
+            url = f"http://{self.server.server_address[0]}:{self.server.server_port}/inner"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                served_by += " | " + response.read().decode()
+        body = served_by.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def get_closing(layer: custom.Layer, path: str) -> str:
+    """GET ``path`` on a connection of its own, closed after the answer."""
+    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
+@unittest.skipUnless(hasattr(select, "EPOLLEXCLUSIVE"), "the acceptor needs epoll's EPOLLEXCLUSIVE (Linux)")
+class AcceptorTests(unittest.TestCase):
+    """Once a test's first connection came, a thread of its own (the
+    acceptor) accepts new connections and serves the request each brought,
+    without handing it from the loop to a worker. A connection that comes
+    while it is busy goes to the loop (so that one may also come just as
+    it finishes: the tests try a few)."""
+
+    ATTEMPTS = 20
+
+    def serve(self, **kwargs):
+        layer = set_up_by_hand(self, custom.Layer(ThreadNaming, name=f"acceptor_{self._testMethodName}", **kwargs))
+        self.assertTrue(get_closing(layer, "/first").endswith(" worker 1"))  # the loop accepted it
+        return layer
+
+    def test_the_acceptor_serves_a_new_connection_s_request(self):
+        layer = self.serve()
+        served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
+        self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
+
+    def test_a_handler_the_acceptor_runs_is_answered_by_its_own_server(self):
+        # While the acceptor serves, the kernel wakes the loop for a new
+        # connection; here the handler's own, which would otherwise wait for ever.
+        layer = self.serve()
+        served_by = []
+        for _ in range(self.ATTEMPTS):
+            outer, inner = get_closing(layer, "/self").split(" | ")
+            served_by.append(outer)
+            if outer.endswith(" acceptor"):
+                self.assertIn(" worker ", inner)
+                return
+        self.fail(f"the acceptor served none of {served_by}")
+
+    def test_the_acceptor_ends_with_the_test(self):
+        layer = self.serve()
+
+        def acceptors():
+            return [thread for thread in threading.enumerate() if thread.name.endswith(f"{layer.__name__} acceptor")]
+
+        self.assertEqual(len(acceptors()), 1)
+        layer.testTearDown()
+        layer.testSetUp()
+        self.assertEqual(acceptors(), [])
+        self.assertIn(" worker ", get_closing(layer, "/next-test"))  # the loop accepted it
+        self.assertEqual(len(acceptors()), 1)
+
+    def test_a_keep_alive_connection_the_acceptor_took_leaves_new_ones_to_the_loop(self):
+        layer = self.serve()
+        for _ in range(self.ATTEMPTS):
+            kept = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+            self.addCleanup(kept.close)
+            kept.request("GET", "/kept")
+            if kept.getresponse().read().decode().endswith(" acceptor"):
+                break
+        else:
+            self.fail("the acceptor took none of the connections")
+        # The acceptor now waits for the kept connection's next request.
+        self.assertIn(" worker ", get_closing(layer, "/new"))
+        kept.request("GET", "/kept-again")
+        self.assertTrue(kept.getresponse().read().decode().endswith(" acceptor"))
 
 
 class ShortTimeout(Greeter):
