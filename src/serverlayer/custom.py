@@ -587,6 +587,8 @@ class _Acceptor(_Worker):
                     # for the interpreter lock this thread holds.
                     while not (self.retiring or server._stopping) and server._accept_and_serve(fd):
                         pass
+        if not server._stopping:
+            server.hand_over_waiting()
 
     def wake(self) -> None:
         os.eventfd_write(self._wake_fd, 1)
@@ -937,6 +939,21 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         else:
             self._dispatch(functools.partial(self._serve, conversation, conversation.start))
         return True
+
+    def hand_over_waiting(self) -> None:
+        """Give the loop the connections waiting to be accepted, as the
+        acceptor ends: the kernel may have offered them to it alone."""
+        for listening in self.sockets:
+            while True:
+                try:
+                    connection, address = listening.accept()
+                except OSError:  # none left
+                    break
+                conversation = self._converse(connection, address)
+                if conversation.shares_threads:
+                    self._give_back(conversation)  # the loop waits for its request
+                else:
+                    self._dispatch(functools.partial(self._serve, conversation, conversation.start))
 
     def _converse(self, connection: socket.socket, address: Any) -> _Conversation:
         client_cert = None

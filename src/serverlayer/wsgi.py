@@ -17,6 +17,8 @@ import contextlib
 import inspect
 import logging
 import operator
+import os
+import select
 import socket
 import threading
 import time
@@ -33,7 +35,7 @@ from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
-from serverlayer.custom import _takes_more
+from serverlayer.custom import _exclusive_accepting, _socket_has_data, _takes_more
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, identity, positive_number, refuse_bound_application
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog, is_latin_1
@@ -639,9 +641,21 @@ class _Channel(HTTPChannel):
     def __init__(
         self, server: WaitressServer, sock: socket.socket, addr: Any, adj: Adjustments, map: Any = None
     ) -> None:
+        #: Whether the acceptor makes the channel: the loop is not to see it
+        #: before the acceptor read its waiting request, or a readable it
+        #: saw first would find nothing left to read (which waitress takes
+        #: for a broken connection).
+        self.joins_later = getattr(server.serving, "accepting", False)
         super().__init__(server, sock, addr, adj, map)
         self.outbuf_lock = _OutbufLock(self)
         self.read_waiting()
+        if self.joins_later:
+            self.joins_later = False
+            self.add_channel(map)
+
+    def add_channel(self, map: Any = None) -> None:
+        if not self.joins_later:
+            super().add_channel(map)
 
     def read_waiting(self) -> None:
         """Take up a request the client sent with its connection.
@@ -788,6 +802,8 @@ class _Channel(HTTPChannel):
             super().handle_write()
 
     def readable(self) -> bool:
+        if self.__dict__.setdefault("owner", "loop") != "loop":
+            return False  # the acceptor closed it (closed_by_acceptor)
         if self.lingering:
             return True
         self.watched = self.to_be_watched()
@@ -835,7 +851,10 @@ class _Channel(HTTPChannel):
         """
         if not self.connected:
             return True
-        if not self.client_done or not _TCP_INFO:
+        # The loop reads the client's end once it comes, where it watches
+        # the connection; one whose first request the acceptor answers, it
+        # does not watch yet.
+        if (self.watched and not self.client_done) or not _TCP_INFO:
             return False
         try:
             return self.socket.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_CLOSE
@@ -873,14 +892,43 @@ class _Channel(HTTPChannel):
                 return
             self.will_close = True  # for the loop: close it (lock_freed does not wake it)
             self.connected = False
-            try:
-                self.socket.shutdown(socket.SHUT_WR)
-            except OSError:
-                return  # the client is gone already: the loop closes it
-            self.linger()  # the loop waits for the client's end, as after _start_lingering
+            if self.closed_by_acceptor(task):
+                closing = True
+            else:
+                closing = False
+                try:
+                    self.socket.shutdown(socket.SHUT_WR)
+                except OSError:
+                    return  # the client is gone already: the loop closes it
+                self.linger()  # the loop waits for the client's end, as after _start_lingering
+        if closing:
+            self.close_now()
+
+    #: Who closes the connection, once one of them claimed it: "loop" once
+    #: the loop looked at it, "acceptor" once the acceptor closed it.
+    owner: str | None = None
+
+    def closed_by_acceptor(self, task: WSGITask | ErrorTask) -> bool:
+        """Whether the acceptor, serving this connection's first request,
+        closes it now: the client said the request was its last and sent
+        it whole, so nothing more comes (that the kernel would answer with
+        a reset), and the loop never looked at the connection.
+
+        Only then: a socket closed outside the loop while the loop's poll()
+        watched its descriptor could make the loop take a new connection
+        given the same descriptor for readable, read nothing, and close it.
+        """
+        if threading.get_ident() != self.server.acceptor_ident:
+            return False
+        request = task.request
+        if not (request.headers.get("CONNECTION", "").lower() == "close" or request.version == "1.0"):
+            return False
+        if self.request is not None or len(self.requests) > 1 or _socket_has_data(self.socket):
+            return False
+        return self.__dict__.setdefault("owner", "acceptor") == "acceptor"
 
     def writable(self) -> bool:
-        if self.lingering:
+        if self.lingering or self.owner == "acceptor":
             return False
         if self.outbuf_lock.depth:
             return False  # the holder wakes the loop when it lets go
@@ -974,6 +1022,43 @@ class _Listener(wasyncore.dispatcher):  # type: ignore[misc]
             return
         if accepted is not None:
             self.server.adopt(*accepted)
+
+
+class _ExclusiveListener(wasyncore.file_dispatcher):  # type: ignore[misc]
+    """Accepts connections at every address of the layer's host, for the
+    loop, where the kernel offers them to the acceptor first
+    (``WaitressServer.accept_and_serve``): an epoll object that waits on
+    the listening sockets, registered after the acceptor's, and
+    exclusively, so that the kernel wakes the loop only when no acceptor
+    waits."""
+
+    def __init__(self, server: WaitressServer, accepting: select.epoll) -> None:
+        super().__init__(accepting.fileno(), map=server._map)  # watches a copy of its descriptor
+        self.server = server
+        self.epoll = accepting
+
+    @property
+    def logger(self) -> logging.Logger:  # type: ignore[override]
+        return self.server.logger  # type: ignore[no-any-return]
+
+    def readable(self) -> bool:
+        return self.server.below_limit
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        for fd, _ in self.epoll.poll(0):
+            try:
+                connection, address = self.server.listening[fd].accept()
+            except OSError:  # the acceptor took it, or the client left before we got to it
+                continue
+            self.server.adopt(connection, address)
+        self.server.resume_acceptor()
+
+    def close(self) -> None:
+        super().close()
+        self.epoll.close()
 
 
 #: How many connections a wsgi layer serves at once; more wait to be accepted.
@@ -1073,8 +1158,133 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self.logger = logger
         #: One listening socket per address of the layer's host, all on one port.
         self.sockets = list(sockets)
-        self.listeners = [_Listener(self, sock) for sock in sockets[1:]]
+        self.listening = {sock.fileno(): sock for sock in self.sockets}
+        self.listeners: list[wasyncore.dispatcher] = []
+        self._accepting = self._exclusive_accepting()
+        if self._accepting is None:
+            self.listeners = [_Listener(self, sock) for sock in sockets[1:]]
         dispatcher.set_thread_count(threads)
+        self.resume_acceptor()
+
+    # The acceptor.
+    #
+    # Upstream the loop accepts a connection and reads its request, and a
+    # worker answers it: for a client that makes a connection per request
+    # (gocept's wsgiref server served on one thread), a hand-over from
+    # thread to thread that costs more than the rest of a small request.
+    # Here, on Linux, a thread of the layer's own, the acceptor, waits on
+    # the listening sockets too, registered first and exclusively: the
+    # kernel offers a new connection to the acceptor while it waits, and
+    # to the loop while it serves, so an application calling its own
+    # server is accepted as before. The acceptor reads the request that
+    # came with the connection and answers it itself; the connection is
+    # the loop's as any other from then on.
+
+    #: Whether an acceptor answers the first requests of new connections,
+    #: where the kernel allows it (Linux).
+    uses_acceptor = True
+    #: The acceptor's thread, while it runs.
+    acceptor: threading.Thread | None = None
+    acceptor_ident: int | None = None
+    #: Whether there was room for more connections at the loop's latest
+    #: turn (waitress's ``readable``), for its listener.
+    below_limit = True
+
+    def _exclusive_accepting(self) -> select.epoll | None:
+        """Register the acceptor's epoll object, then the loop's, on the
+        listening sockets; None where the kernel cannot wake one waiter."""
+        if not (self.uses_acceptor and hasattr(select, "EPOLLEXCLUSIVE")):
+            return None
+        try:
+            accepting = _exclusive_accepting(self.sockets)
+        except OSError:  # a kernel before Linux 4.5
+            return None
+        self._acceptor_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        accepting.register(self._acceptor_wake, select.EPOLLIN)
+        self.listeners = [_ExclusiveListener(self, _exclusive_accepting(self.sockets))]
+        return accepting
+
+    def readable(self) -> bool:
+        # waitress's: its periodic maintenance, and the connection limit.
+        self.below_limit = bool(super().readable())
+        return self.below_limit and self._accepting is None
+
+    def maintenance(self, now: float) -> None:
+        # waitress iterates its channels in a Python loop, which the
+        # acceptor, adding a connection meanwhile, would break ("dictionary
+        # changed size during iteration"): the same on a copy.
+        cutoff = now - self.adj.channel_timeout
+        for channel in list(self.active_channels.values()):
+            if not channel.requests and channel.last_activity < cutoff:
+                channel.will_close = True
+        self._lingering_cutoff = cutoff
+
+    def resume_acceptor(self) -> None:
+        """Start the acceptor, if the server has one and it is not running."""
+        if self._accepting is None or self._stop_requested or self.acceptor is not None:
+            return
+        self.acceptor = threading.Thread(
+            target=self._accept_and_serve, name=f"{self.task_dispatcher.thread_name} acceptor", daemon=True
+        )
+        self.acceptor.start()
+
+    def _accept_and_serve(self) -> None:
+        self.acceptor_ident = threading.get_ident()
+        accepting = self._accepting
+        assert accepting is not None
+        try:
+            while not self._stop_requested:
+                if not self.has_room():
+                    # Not after the kernel woke it for a connection: the
+                    # loop would not hear of that one. The loop accepts once
+                    # there is room, and starts the acceptor again.
+                    self.pull_trigger()
+                    return
+                for fd, _ in accepting.poll():
+                    if fd == self._acceptor_wake:
+                        continue  # the stop
+                    # The one it was woken for; then the next ones, before
+                    # waiting: one that came while this one was served woke
+                    # the loop too, which waits for the lock this thread holds.
+                    while self.accept_and_serve(fd) and self.has_room() and not self._stop_requested:
+                        pass
+        finally:
+            self.acceptor = None
+
+    def has_room(self) -> bool:
+        """Whether the server is below its connection limit."""
+        return len(self._map) < self.adj.connection_limit
+
+    def accept_and_serve(self, fd: int) -> bool:
+        """Accept a connection on the listening socket ``fd``, in the
+        acceptor, and answer the request that came with it; False if there
+        was none to accept."""
+        try:
+            connection, address = self.listening[fd].accept()
+        except OSError:  # none, or the loop took it
+            return False
+        serving = self.serving
+        serving.accepting = True
+        try:
+            self.adopt(connection, address)  # the request, if it came whole, to add_task
+        finally:
+            serving.accepting = False
+        channel, serving.accepted = getattr(serving, "accepted", None), None
+        if channel is None:  # the request is still coming (or none)
+            self.pull_trigger()  # the loop watches the connection from its next turn
+            return True
+        try:
+            channel.service()
+        except BaseException:  # as waitress's workers
+            self.logger.exception("Exception when servicing %r", channel)
+        return True
+
+    def add_task(self, task: Any) -> None:
+        serving = self.serving
+        if getattr(serving, "accepting", False):
+            serving.accepted = task  # the acceptor answers it (accept_and_serve)
+            return
+        super().add_task(task)
 
     def adopt(self, connection: socket.socket, address: Any) -> None:
         """Serve ``connection``, which another of the layer's sockets accepted."""
@@ -1155,9 +1365,6 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
     #: Set by waitress's periodic maintenance: close what lingered since.
     _lingering_cutoff: float | None = None
 
-    def maintenance(self, now: float) -> None:
-        super().maintenance(now)  # marks idle keep-alive connections to be closed
-        self._lingering_cutoff = now - self.adj.channel_timeout
 
     def _close_those_ended(self) -> None:
         """Close the connections that began to wait for their client's end
@@ -1245,6 +1452,8 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
     def request_stop(self) -> None:
         self._stop_requested = True
         self.pull_trigger()
+        if self._accepting is not None:
+            os.eventfd_write(self._acceptor_wake, 1)
 
     def release(self, timeout: float) -> None:
         deadline = Deadline(timeout)
@@ -1253,12 +1462,18 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         for channel in list(self._map.values()):
             if isinstance(channel, HTTPChannel):
                 channel.handle_close()
+        if self._accepting is not None:
+            os.eventfd_write(self._acceptor_wake, 1)
         self.task_dispatcher.shutdown(cancel_pending=True, timeout=deadline.remaining())
-        for thread in self.task_dispatcher.started:
-            thread.join(deadline.remaining())
+        for thread in [*self.task_dispatcher.started, self.acceptor]:
+            if thread is not None:
+                thread.join(deadline.remaining())
         with self._trigger_lock:
             self._trigger_closed = True
             wasyncore.close_all(self._map)
+        if self._accepting is not None:
+            self._accepting.close()
+            os.close(self._acceptor_wake)
         # The handler stays: a request still running now (past the
         # timeout, its thread left behind) may raise later. Its logger
         # without a handler, logging's last resort printed the traceback to

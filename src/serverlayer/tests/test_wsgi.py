@@ -7,7 +7,9 @@ import gc
 import http.client
 import io
 import os
+import select
 import socket
+import struct
 import threading
 import time
 import unittest
@@ -749,3 +751,139 @@ class ClientThatStopsReadingTests(unittest.TestCase):
         layer.check_after_test()  # while the client still reads
         received += read_until_closed(client)
         self.assertEqual(len(received.partition(b"\r\n\r\n")[2]), size)
+
+
+def thread_naming_app(environ, start_response):
+    """Answers with the name of the thread that runs it; on ``/self`` with
+    what its own server answered to ``/inner`` too; on ``/big`` with 20 MiB
+    (more than waitress buffers before a worker waits for its loop); on
+    ``/until-gone`` once its client is gone (at most 5 s), saying whether
+    ``waitress.client_disconnected`` said so."""
+    served_by = threading.current_thread().name
+    path = environ["PATH_INFO"]
+    if path == "/self":
+        url = f"http://{environ['SERVER_NAME']}:{environ['SERVER_PORT']}/inner"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            served_by += " | " + response.read().decode()
+    if path == "/big":
+        start_response("200 OK", [("Content-Length", str(20 * 2**20)), ("X-Served-By", served_by)])
+        return [b"x" * 2**20 for _ in range(20)]
+    if path == "/until-gone":
+        gone = environ["waitress.client_disconnected"]
+        deadline = time.monotonic() + 5
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        GONE_SEEN.append((served_by, gone()))
+    body = served_by.encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+GONE_SEEN: list[tuple[str, bool]] = []
+
+
+def get_closing(layer: wsgi.Layer, path: str) -> str:
+    """GET ``path`` on a connection of its own, closed after the answer."""
+    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
+@unittest.skipUnless(hasattr(select, "EPOLLEXCLUSIVE"), "the acceptor needs epoll's EPOLLEXCLUSIVE (Linux)")
+class AcceptorTests(unittest.TestCase):
+    """A thread of the layer's own (the acceptor) accepts new connections
+    and answers the request each brought, without handing it from the loop
+    to a worker. A connection that comes while it is busy goes to the loop
+    (so one may also come just as it finishes: the tests try a few)."""
+
+    ATTEMPTS = 20
+
+    def serve(self):
+        return set_up_by_hand(self, wsgi.Layer(thread_naming_app, name=f"acceptor_{self._testMethodName}"))
+
+    def test_the_acceptor_answers_a_new_connection_s_request(self):
+        layer = self.serve()
+        served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
+        self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
+
+    def test_an_application_the_acceptor_runs_is_answered_by_its_own_server(self):
+        layer = self.serve()
+        served_by = []
+        for _ in range(self.ATTEMPTS):
+            outer, inner = get_closing(layer, "/self").split(" | ")
+            served_by.append(outer)
+            if outer.endswith(" acceptor"):
+                self.assertIn(" worker ", inner)
+                return
+        self.fail(f"the acceptor answered none of {served_by}")
+
+    def test_a_response_larger_than_waitress_buffers_is_sent_whole(self):
+        # The acceptor then waits for the loop to send what is buffered.
+        layer = self.serve()
+        served_by = []
+        for _ in range(self.ATTEMPTS):
+            for headers in ({"Connection": "close"}, {}):
+                connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+                self.addCleanup(connection.close)
+                connection.request("GET", "/big", headers=headers)
+                response = connection.getresponse()
+                self.assertEqual(len(response.read()), 20 * 2**20)
+                served_by.append(response.headers["X-Served-By"])
+                if not headers:  # the kept connection goes on
+                    connection.request("GET", "/after")
+                    self.assertTrue(connection.getresponse().read())
+            if all(name.endswith(" acceptor") for name in served_by[-2:]):
+                return
+        self.fail(f"the acceptor answered none of {served_by}")
+
+    def test_a_client_gone_is_seen_by_a_request_the_acceptor_runs(self):
+        layer = self.serve()
+        GONE_SEEN.clear()
+        for _ in range(self.ATTEMPTS):
+            sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+            sock.sendall(b"GET /until-gone HTTP/1.1\r\nHost: test\r\n\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+            deadline = time.monotonic() + 10
+            while not GONE_SEEN and time.monotonic() < deadline:
+                time.sleep(0.005)
+            served_by, seen = GONE_SEEN.pop()
+            if served_by.endswith(" acceptor"):
+                self.assertTrue(seen)
+                return
+        self.fail("the acceptor answered none of the requests")
+
+    def test_the_acceptor_stops_at_the_connection_limit_and_goes_on_below_it(self):
+        limit = 12
+        with mock.patch.object(wsgi, "CONNECTION_LIMIT", limit):
+            layer = self.serve()
+        server = layer["httpd"]
+        room = limit - len(server._map)  # the server's socket, its trigger and its listener count too
+        kept = []
+        for number in range(room + 1):
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+            self.addCleanup(connection.close)
+            kept.append(connection)
+            connection.request("GET", f"/kept-{number}")
+            if number < room:
+                self.assertTrue(connection.getresponse().read())
+        # The last one waits to be accepted; once another closes, it is answered.
+        kept[0].close()
+        self.assertTrue(kept[-1].getresponse().read())
+        for connection in kept:
+            connection.close()
+        served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
+        self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
+
+    def test_the_acceptor_ends_with_the_layer(self):
+        layer = wsgi.Layer(thread_naming_app, name="acceptor_ends")
+        layer.setUp()
+        try:
+            names = [thread.name for thread in threading.enumerate()]
+            self.assertIn("serverlayer serverlayer.tests.test_wsgi.acceptor_ends acceptor", names)
+        finally:
+            layer.tearDown()
+        self.assertEqual([thread for thread in threading.enumerate() if "acceptor_ends" in thread.name], [])
