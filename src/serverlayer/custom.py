@@ -762,6 +762,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         #: listening sockets before the loop is, so that the kernel offers
         #: it a new connection first. None where epoll cannot wake one waiter.
         self._accepting: Any = None
+        #: Where the loop waits for connections then, registered second.
+        self._loop_accepting: select.epoll | None = None
         self._acceptor: _Acceptor | None = None
         self._acceptor_wake = -1
         if hasattr(select, "EPOLLEXCLUSIVE"):
@@ -770,6 +772,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             except OSError:  # a kernel before Linux 4.5
                 pass
             else:
+                self._loop_accepting = _exclusive_accepting(self.sockets)
                 self._acceptor_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._accepting.register(self._acceptor_wake, select.EPOLLIN)
 
@@ -838,9 +841,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
     def _serve_loop(self, ready: Callable[[], None]) -> None:
         with selectors.DefaultSelector() as selector:
-            loop_accepting: select.epoll | None = None
-            if self._accepting is not None:
-                loop_accepting = _exclusive_accepting(self.sockets)
+            loop_accepting = self._loop_accepting
+            if loop_accepting is not None:
                 selector.register(loop_accepting, selectors.EVENT_READ)
             else:
                 for listening in self.sockets:
@@ -872,8 +874,6 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                             self._dispatch(serve)
                 if self._deadlines:
                     self._close_idle(selector)
-            if loop_accepting is not None:
-                loop_accepting.close()
 
     def _watch(
         self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None] | None
@@ -1372,6 +1372,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             sock.close()
         if self._accepting is not None:
             self._accepting.close()
+            cast(select.epoll, self._loop_accepting).close()
             os.close(self._acceptor_wake)
 
 
