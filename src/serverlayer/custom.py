@@ -854,9 +854,13 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                     if self._stopping:
                         break
                     if key.fileobj is loop_accepting:
-                        for fd, _ in loop_accepting.poll(0):
-                            self._accept(selector, self._listening[fd])
-                        self._start_acceptor()
+                        accepted = [self._accept(selector, self._listening[fd]) for fd, _ in loop_accepting.poll(0)]
+                        # Only for a connection it took: woken for one the
+                        # acceptor then took, the loop may look only after
+                        # the test ended (and retired the acceptor), and an
+                        # acceptor started then outlives the test.
+                        if any(accepted):
+                            self._start_acceptor()
                     elif key.fileobj in self.sockets:
                         self._accept(selector, key.fileobj)
                     elif key.fileobj is self._wake_reader:
@@ -898,17 +902,19 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 selector.unregister(conversation.connection)
                 self._close(conversation.connection)
 
-    def _accept(self, selector: selectors.BaseSelector, listening: socket.socket) -> None:
+    def _accept(self, selector: selectors.BaseSelector, listening: socket.socket) -> bool:
+        """Accept a connection on ``listening``, in the loop; False if there was none."""
         try:
             connection, address = listening.accept()
         except OSError:  # the client gave up before we got to it, or the acceptor took it
-            return
+            return False
         conversation = self._converse(connection, address)
         serve = functools.partial(self._serve, conversation, conversation.start)
         if conversation.shares_threads:
             self._watch(selector, conversation, serve)  # HTTP clients speak first
         else:
             self._dispatch(serve)  # a handler of its own may speak first
+        return True
 
     def _start_acceptor(self) -> None:
         """Start the acceptor if it is not running: the loop accepted a connection."""

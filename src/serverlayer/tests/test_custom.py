@@ -419,6 +419,34 @@ class AcceptorTests(unittest.TestCase):
         kept.request("GET", "/kept-again")
         self.assertTrue(kept.getresponse().read().decode().endswith(" acceptor"))
 
+    def test_a_connection_the_loop_finds_taken_after_the_test_ended_starts_no_acceptor(self):
+        # The kernel also wakes the loop for a connection that comes while
+        # the acceptor serves; the acceptor may take it and the test end
+        # before the loop, waiting for the interpreter lock, looks. Finding
+        # nothing to accept, the loop started an acceptor after the test's
+        # end, which the test runner named as a thread the test left behind.
+        layer = set_up_by_hand(self, custom.Layer(ThreadNaming, name="acceptor_after_the_end"))
+        server = layer["httpd"]
+        kept = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(kept.close)
+        kept.request("GET", "/kept")
+        self.assertTrue(kept.getresponse().read())
+        layer.testTearDown()  # ends the acceptor the loop's accept started
+        self.addCleanup(layer.testSetUp)  # set_up_by_hand tears the test down again
+        accept = server._accept
+
+        def taken_meanwhile(selector, listening):
+            listening.accept()[0].close()  # by the acceptor, before the loop's turn came
+            return accept(selector, listening)
+
+        with mock.patch.object(server, "_accept", taken_meanwhile):
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as taken:
+                self.assertEqual(taken.recv(1), b"")
+        kept.request("GET", "/kept-again")  # answered at the loop's next turn
+        self.assertTrue(kept.getresponse().read())
+        names = [thread.name for thread in threading.enumerate()]
+        self.assertEqual([name for name in names if name.endswith(".acceptor_after_the_end acceptor")], [])
+
 
 class ShortTimeout(Greeter):
     protocol_version = "HTTP/1.1"
