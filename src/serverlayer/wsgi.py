@@ -1352,6 +1352,12 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             self._close_those_ended()
         if self.lingering_channels:
             self._end_lingering()
+        if self.acceptor is None and self._accepting is not None and self.has_room():
+            # It stopped at the connection limit. A kernel that keeps a
+            # woken waiter registered until it runs (older ones) may have
+            # offered it one more connection that the loop never heard
+            # of: the acceptor finds it as it waits again.
+            self.resume_acceptor()
         poll = wasyncore.poll2 if self.adj.asyncore_use_poll else wasyncore.poll
         poll(self.adj.asyncore_loop_timeout, self._map)
 

@@ -878,6 +878,30 @@ class AcceptorTests(unittest.TestCase):
         served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
         self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
 
+    def test_the_loop_starts_the_acceptor_again_once_there_is_room(self):
+        # Not only when the loop itself accepts a connection: one the kernel
+        # offered the acceptor alone as it stopped would wait for another.
+        limit = 12
+        with mock.patch.object(wsgi, "CONNECTION_LIMIT", limit):
+            layer = self.serve()
+        server = layer["httpd"]
+        kept = []
+        while len(server._map) < limit:
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+            self.addCleanup(connection.close)
+            connection.request("GET", "/kept")
+            self.assertTrue(connection.getresponse().read())
+            kept.append(connection)
+        deadline = time.monotonic() + 10
+        while server.acceptor is not None and time.monotonic() < deadline:
+            time.sleep(0.005)  # until it stopped at the limit
+        self.assertIsNone(server.acceptor)
+        for connection in kept:
+            connection.close()
+        while (server.acceptor is None or len(server._map) >= limit) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.assertIsNotNone(server.acceptor)
+
     def test_the_acceptor_ends_with_the_layer(self):
         layer = wsgi.Layer(thread_naming_app, name="acceptor_ends")
         layer.setUp()
