@@ -919,7 +919,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def _start_acceptor(self) -> None:
         """Start the acceptor if it is not running: the loop accepted a connection."""
         with self._workers_lock:
-            if self._acceptor is not None or self._stopping:
+            # Nor as the test ends: it would outlive the test.
+            if self._acceptor is not None or self._stopping or self._test_ending:
                 return
             acceptor = self._acceptor = _Acceptor(
                 self, f"{self._thread_name} acceptor", self._accepting, self._acceptor_wake

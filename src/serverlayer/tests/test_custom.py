@@ -404,6 +404,17 @@ class AcceptorTests(unittest.TestCase):
         self.assertIn(" worker ", get_closing(layer, "/next-test"))  # the loop accepted it
         self.assertEqual(len(acceptors()), 1)
 
+    def test_a_connection_made_as_the_test_ends_starts_no_acceptor(self):
+        layer = set_up_by_hand(self, custom.Layer(ThreadNaming, name="acceptor_as_the_test_ends"))
+        server = layer["httpd"]
+        server.end_waits(1.0)  # what the end of the test does first
+        self.addCleanup(server.allow_waits)
+        self.assertIn(" worker ", get_closing(layer, "/late"))  # the loop accepted it
+        self.assertEqual(
+            [thread for thread in threading.enumerate() if thread.name.endswith("acceptor_as_the_test_ends acceptor")],
+            [],
+        )
+
     def test_a_keep_alive_connection_the_acceptor_took_leaves_new_ones_to_the_loop(self):
         layer = self.serve()
         for _ in range(self.ATTEMPTS):
