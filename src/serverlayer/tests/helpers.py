@@ -4,6 +4,7 @@ raw HTTP over a socket, and running zope.testrunner on a sample suite."""
 from __future__ import annotations
 
 import gc
+import http.client
 import os
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import time
 import unittest
 import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from unittest import mock
 
 import plone.testing
@@ -268,3 +269,47 @@ def stop_in_the_round_that_accepts(test: unittest.TestCase, layer: Any, address:
                 test.assertEqual(client.recv(1), b"")
             except ConnectionResetError:
                 pass  # not accepted by a server that was stopping: reset as its socket closed
+
+
+def get_closing(layer: Any, path: str) -> str:
+    """GET ``path`` from an HTTP layer on a connection of its own, closed after the answer."""
+    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
+class AcceptorChecks:
+    """Checks of a layer's acceptor, mixed into a ``TestCase`` whose
+    ``serve()`` sets up a layer answering with the name of the thread that
+    serves the request, and on ``/self`` with what its own server answered
+    to ``/inner`` too (``name | inner name``). A connection that comes
+    while the acceptor is busy goes to the loop, so one may also come just
+    as it finishes: the checks try a few."""
+
+    ATTEMPTS = 20
+
+    def serve(self) -> Any:
+        raise NotImplementedError
+
+    def test_the_acceptor_answers_a_new_connection_s_request(self) -> None:
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
+        test.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
+
+    def test_a_request_the_acceptor_runs_is_answered_by_its_own_server(self) -> None:
+        # While the acceptor serves, the kernel wakes the loop for a new
+        # connection; here the request's own, which would otherwise wait for ever.
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        served_by = []
+        for _ in range(self.ATTEMPTS):
+            outer, inner = get_closing(layer, "/self").split(" | ")
+            served_by.append(outer)
+            if outer.endswith(" acceptor"):
+                test.assertIn(" worker ", inner)
+                return
+        test.fail(f"the acceptor answered none of {served_by}")

@@ -27,7 +27,9 @@ import requests
 
 from serverlayer import ConfigurationError, ServerSideError, custom
 from serverlayer.tests.helpers import (
+    AcceptorChecks,
     assert_the_test_end_cuts_the_write,
+    get_closing,
     reader_that_stops,
     set_up_by_hand,
     thread_names,
@@ -348,48 +350,20 @@ class ThreadNaming(custom.RequestHandler):
         self.wfile.write(body)
 
 
-def get_closing(layer: custom.Layer, path: str) -> str:
-    """GET ``path`` on a connection of its own, closed after the answer."""
-    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
-    try:
-        connection.request("GET", path, headers={"Connection": "close"})
-        return connection.getresponse().read().decode()
-    finally:
-        connection.close()
 
 
 @unittest.skipUnless(hasattr(select, "EPOLLEXCLUSIVE"), "the acceptor needs epoll's EPOLLEXCLUSIVE (Linux)")
-class AcceptorTests(unittest.TestCase):
+class AcceptorTests(AcceptorChecks, unittest.TestCase):
     """Once a test's first connection came, a thread of its own (the
     acceptor) accepts new connections and serves the request each brought,
     without handing it from the loop to a worker. A connection that comes
     while it is busy goes to the loop (so that one may also come just as
     it finishes: the tests try a few)."""
 
-    ATTEMPTS = 20
-
     def serve(self, **kwargs):
         layer = set_up_by_hand(self, custom.Layer(ThreadNaming, name=f"acceptor_{self._testMethodName}", **kwargs))
         self.assertTrue(get_closing(layer, "/first").endswith(" worker 1"))  # the loop accepted it
         return layer
-
-    def test_the_acceptor_serves_a_new_connection_s_request(self):
-        layer = self.serve()
-        served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
-        self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
-
-    def test_a_handler_the_acceptor_runs_is_answered_by_its_own_server(self):
-        # While the acceptor serves, the kernel wakes the loop for a new
-        # connection; here the handler's own, which would otherwise wait for ever.
-        layer = self.serve()
-        served_by = []
-        for _ in range(self.ATTEMPTS):
-            outer, inner = get_closing(layer, "/self").split(" | ")
-            served_by.append(outer)
-            if outer.endswith(" acceptor"):
-                self.assertIn(" worker ", inner)
-                return
-        self.fail(f"the acceptor served none of {served_by}")
 
     def test_the_acceptor_ends_with_the_test(self):
         layer = self.serve()

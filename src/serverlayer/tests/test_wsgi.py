@@ -23,7 +23,13 @@ from typing import Any
 from unittest import mock
 
 from serverlayer import ConfigurationError, wsgi
-from serverlayer.tests.helpers import ResourceProvider, reader_that_stops, set_up_by_hand
+from serverlayer.tests.helpers import (
+    AcceptorChecks,
+    ResourceProvider,
+    get_closing,
+    reader_that_stops,
+    set_up_by_hand,
+)
 from serverlayer.tests.test_hardening import read_until_closed
 from serverlayer.tests.test_tls_front import ipv6_loopback
 
@@ -782,43 +788,17 @@ def thread_naming_app(environ, start_response):
 GONE_SEEN: list[tuple[str, bool]] = []
 
 
-def get_closing(layer: wsgi.Layer, path: str) -> str:
-    """GET ``path`` on a connection of its own, closed after the answer."""
-    connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
-    try:
-        connection.request("GET", path, headers={"Connection": "close"})
-        return connection.getresponse().read().decode()
-    finally:
-        connection.close()
 
 
 @unittest.skipUnless(hasattr(select, "EPOLLEXCLUSIVE"), "the acceptor needs epoll's EPOLLEXCLUSIVE (Linux)")
-class AcceptorTests(unittest.TestCase):
+class AcceptorTests(AcceptorChecks, unittest.TestCase):
     """A thread of the layer's own (the acceptor) accepts new connections
     and answers the request each brought, without handing it from the loop
     to a worker. A connection that comes while it is busy goes to the loop
     (so one may also come just as it finishes: the tests try a few)."""
 
-    ATTEMPTS = 20
-
     def serve(self):
         return set_up_by_hand(self, wsgi.Layer(thread_naming_app, name=f"acceptor_{self._testMethodName}"))
-
-    def test_the_acceptor_answers_a_new_connection_s_request(self):
-        layer = self.serve()
-        served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
-        self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
-
-    def test_an_application_the_acceptor_runs_is_answered_by_its_own_server(self):
-        layer = self.serve()
-        served_by = []
-        for _ in range(self.ATTEMPTS):
-            outer, inner = get_closing(layer, "/self").split(" | ")
-            served_by.append(outer)
-            if outer.endswith(" acceptor"):
-                self.assertIn(" worker ", inner)
-                return
-        self.fail(f"the acceptor answered none of {served_by}")
 
     def test_a_response_larger_than_waitress_buffers_is_sent_whole(self):
         # The acceptor then waits for the loop to send what is buffered.
