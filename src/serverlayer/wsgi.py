@@ -648,6 +648,9 @@ class _Channel(HTTPChannel):
         self.joins_later = getattr(server.serving, "accepting", False)
         super().__init__(server, sock, addr, adj, map)
         self.outbuf_lock = _OutbufLock(self)
+        #: Taken by whoever reads the connection's requests, the loop or
+        #: the worker that holds it (``hold``).
+        self.read_lock = threading.Lock()
         self.read_waiting()
         if self.joins_later:
             self.joins_later = False
@@ -804,8 +807,11 @@ class _Channel(HTTPChannel):
     def readable(self) -> bool:
         if self.__dict__.setdefault("owner", "loop") != "loop":
             return False  # the acceptor closed it (closed_by_acceptor)
+        if self.held:
+            return False  # its worker reads it (hold)
         if self.lingering:
             return True
+        self.holds_watched = self.holds
         self.watched = self.to_be_watched()
         return self.watched
 
@@ -823,6 +829,14 @@ class _Channel(HTTPChannel):
         if self.lingering:
             self.drain()
             return
+        with self.read_lock:
+            # Not if a worker holds it (``hold``), or held it since this
+            # turn's poll() began: what that saw, the worker may have read,
+            # and waitress would take nothing to read for a broken connection.
+            if not self.held and self.holds == self.holds_watched:
+                self._read()
+
+    def _read(self) -> None:
         if not self.requests:
             super().handle_read()
             return
@@ -864,7 +878,7 @@ class _Channel(HTTPChannel):
     def loop_needs_nothing(self) -> bool:
         """Whether the loop watches this connection already and has nothing
         to send or close for it."""
-        return self.watched and not (self.total_outbufs_len or self.will_close or self.close_when_flushed)
+        return (self.watched or self.held) and not (self.total_outbufs_len or self.will_close or self.close_when_flushed)
 
     def hang_up_after(self, task: WSGITask | ErrorTask) -> None:
         """End the connection at once after a task that ends it
@@ -950,6 +964,103 @@ class _Channel(HTTPChannel):
             self.server.pull_trigger()
 
     def service(self) -> None:
+        self.answer()
+        self.hold()
+
+    # A keep-alive connection's next request, read by the worker that
+    # answered the last one.
+    #
+    # Upstream the loop reads every request and hands it to a worker: for
+    # a client that sends its requests one after another on one connection,
+    # three threads take turns per request (the client's, the loop, the
+    # worker), where a server with a thread per connection needs two. Here
+    # a worker done with a request waits for the connection's next one
+    # itself, as long as another worker stays idle for the requests the
+    # loop reads; the loop leaves the connection alone meanwhile. The
+    # worker gives the connection back to the loop as soon as the loop has
+    # a request that no idle worker is left for, when anything but a
+    # request arrives (the client's end, a reset), when the answer left
+    # something for the loop to send or close, once the connection was idle
+    # for waitress's ``channel_timeout``, and when the server stops.
+
+    #: Whether a worker waits for the connection's next request (``hold``).
+    held = False
+    #: How many times a worker held it; as many when the loop last watched it.
+    holds = 0
+    holds_watched = 0
+
+    def holdable(self) -> bool:
+        """Whether a worker may wait for the connection's next request: the
+        connection has nothing for the loop to do, and nothing waits for a
+        worker."""
+        return (
+            self.connected
+            and not (self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed)
+            and not (self.client_done or self.lingering or self.server.stop_requested)
+        )
+
+    def hold(self) -> None:
+        """Wait for the connection's next requests in this worker, and
+        answer them, until the loop needs the worker or the connection
+        needs the loop."""
+        server = self.server
+        waiting = server.task_dispatcher.waits.get(threading.current_thread())
+        if waiting is None or not self.holdable():  # not a worker (the acceptor), or not now
+            return
+        poller, wake = waiting
+        with self.read_lock:
+            # Not if another worker holds it already: one that answered a
+            # request the loop read while this worker's ran.
+            if self.held or not (self.holdable() and server.task_dispatcher.begin_hold(wake)):
+                return
+            self.held = True
+            self.holds += 1
+            self.watched = False
+        try:
+            sock = self.socket
+            if sock is not None and sock.fileno() != -1:  # not closed meanwhile (the server's stop)
+                self._serve_held(sock, poller, wake)
+        finally:
+            with self.read_lock:
+                self.held = False
+            server.task_dispatcher.end_hold()
+            if self.connected and not server.stop_requested:
+                server.pull_trigger()  # the loop watches it again
+
+    def _serve_held(self, sock: socket.socket, poller: select.poll, wake: int) -> None:
+        server = self.server
+        serving = server.serving
+        fd = sock.fileno()
+        poller.register(fd, select.POLLIN)
+        try:
+            while True:
+                idle_for = self.adj.channel_timeout - (time.time() - self.last_activity)
+                ready = poller.poll(max(0.0, idle_for) * 1000)
+                if not ready or server.stop_requested or any(each == wake for each, _ in ready):
+                    return  # idle too long (the loop's maintenance closes it), wanted elsewhere, or stopping
+                try:
+                    data = sock.recv(self.adj.recv_bytes)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return  # a reset: the loop's read finds it too
+                if not data:
+                    return  # the client's end: the loop's read finds it too
+                self.last_activity = time.time()
+                serving.holding = self
+                try:
+                    self.received(data)
+                    while serving.__dict__.pop("next_request", False):
+                        self.answer()
+                finally:
+                    serving.holding = None
+                if not self.holdable():
+                    return
+        finally:
+            poller.unregister(fd)
+
+    def answer(self) -> None:
+        """Answer the connection's first waiting request (waitress's ``service``)."""
         # waitress logs what the application raised (so the layer records
         # it) inside service(): the request is over when service() returns.
         self.server.activity.start()
@@ -969,9 +1080,11 @@ class _Channel(HTTPChannel):
 class _Dispatcher(ThreadedTaskDispatcher):
     """waitress's worker pool, with named threads that can be joined."""
 
-    def __init__(self, thread_name: str, logger: logging.Logger) -> None:
+    def __init__(self, thread_name: str, logger: logging.Logger, *, holds: bool) -> None:
         super().__init__()
         self.thread_name = thread_name
+        #: Whether workers hold connections (``_Channel.hold``).
+        self.holds = holds
         self.logger = logger
         # waitress warns "Task queue depth is N" whenever every worker is
         # busy, which under load is every request, on the loop thread that
@@ -979,11 +1092,59 @@ class _Dispatcher(ThreadedTaskDispatcher):
         self.queue_logger = server_logger(f"{logger.name}.queue", logger)
         self.queue_logger.setLevel(logging.DEBUG if verbose() else logging.ERROR)
         self.started: list[threading.Thread] = []
+        #: Each worker's poller for the connection it holds, with its
+        #: wake-up descriptor registered (``_Channel.hold``).
+        self.waits: dict[threading.Thread, tuple[select.poll, int]] = {}
+        #: The wake-up descriptors of the workers that hold a connection now, by thread.
+        self.holders: dict[int, int] = {}
+
+    def begin_hold(self, wake: int) -> bool:
+        """Count this worker as holding a connection, woken through
+        ``wake`` once it is wanted elsewhere; False if no other worker would
+        stay idle for the loop's requests."""
+        with contextlib.suppress(BlockingIOError):  # a wake-up come too late for the last hold
+            os.eventfd_read(wake)
+        with self.lock:
+            idle = len(self.threads) - self.stop_count - self.active_count
+            if idle - len(self.queue) < 1:
+                return False
+            self.holders[threading.get_ident()] = wake
+            return True
+
+    def end_hold(self) -> None:
+        with self.lock:
+            self.holders.pop(threading.get_ident(), None)
+
+    def add_task(self, task: Any) -> None:
+        super().add_task(task)
+        if self.holders:
+            with self.lock:
+                idle = len(self.threads) - self.stop_count - self.active_count
+                if self.holders and len(self.queue) > idle:
+                    os.eventfd_write(self.holders.popitem()[1], 1)
+
+    def wake_holders(self) -> None:
+        """Have every worker that holds a connection give it back."""
+        with self.lock:
+            for wake in self.holders.values():
+                os.eventfd_write(wake, 1)
+            self.holders.clear()
+
+    def close_waits(self) -> None:
+        """Close the workers' wake-up descriptors, the workers joined."""
+        for _, wake in self.waits.values():
+            os.close(wake)
+        self.waits.clear()
 
     def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
         thread = threading.Thread(
             target=target, args=(thread_no,), name=f"{self.thread_name} worker {thread_no}", daemon=True
         )
+        if self.holds:
+            wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            poller = select.poll()
+            poller.register(wake, select.POLLIN)
+            self.waits[thread] = (poller, wake)
         thread.start()
         self.started.append(thread)
 
@@ -1123,7 +1284,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
         self._log_handler = ErrorLogHandler(errors, left_running=self.activity.left_running)
         logger.addHandler(self._log_handler)
-        dispatcher = _Dispatcher(thread_name, logger)
+        dispatcher = _Dispatcher(thread_name, logger, holds=self.holds_connections and hasattr(os, "eventfd"))
         adjustments = Adjustments(
             sockets=list(sockets),
             threads=threads,
@@ -1215,7 +1376,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         # changed size during iteration"): the same on a copy.
         cutoff = now - self.adj.channel_timeout
         for channel in list(self.active_channels.values()):
-            if not channel.requests and channel.last_activity < cutoff:
+            if not channel.requests and not channel.held and channel.last_activity < cutoff:
                 channel.will_close = True
         self._lingering_cutoff = cutoff
 
@@ -1284,7 +1445,14 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         if getattr(serving, "accepting", False):
             serving.accepted = task  # the acceptor answers it (accept_and_serve)
             return
+        if getattr(serving, "holding", None) is task:
+            serving.next_request = True  # the worker holding it answers it (_Channel.hold)
+            return
         super().add_task(task)
+
+    #: Whether a worker done with a keep-alive connection's request waits
+    #: for the next one itself (``_Channel.hold``), where the system allows.
+    holds_connections = True
 
     def adopt(self, connection: socket.socket, address: Any) -> None:
         """Serve ``connection``, which another of the layer's sockets accepted."""
@@ -1457,6 +1625,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
 
     def request_stop(self) -> None:
         self._stop_requested = True
+        self.task_dispatcher.wake_holders()
         self.pull_trigger()
         if self._accepting is not None:
             os.eventfd_write(self._acceptor_wake, 1)
@@ -1464,6 +1633,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
     def release(self, timeout: float) -> None:
         deadline = Deadline(timeout)
         self._stop_requested = True  # also when the loop died before it was asked to stop
+        self.task_dispatcher.wake_holders()
         # Closing the channels wakes workers blocked writing to them.
         for channel in list(self._map.values()):
             if isinstance(channel, HTTPChannel):
@@ -1480,6 +1650,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         if self._accepting is not None:
             self._accepting.close()
             os.close(self._acceptor_wake)
+        self.task_dispatcher.close_waits()
         # The handler stays: a request still running now (past the
         # timeout, its thread left behind) may raise later. Its logger
         # without a handler, logging's last resort printed the traceback to

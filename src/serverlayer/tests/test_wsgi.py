@@ -891,3 +891,203 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         finally:
             layer.tearDown()
         self.assertEqual([thread for thread in threading.enumerate() if "acceptor_ends" in thread.name], [])
+
+
+
+#: Released by a test to let the ``/block`` requests of ``holding_app`` end.
+UNBLOCK = threading.Event()
+
+
+def holding_app(environ, start_response):
+    """``thread_naming_app``; on ``/block`` once ``UNBLOCK`` is set (at most
+    10 s); echoes a request's body after the thread's name."""
+    if environ["PATH_INFO"] == "/block":
+        UNBLOCK.wait(10)
+    body = threading.current_thread().name.encode() + b" " + environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+def held_channels(server) -> list:
+    return [channel for channel in list(server._map.values()) if isinstance(channel, wsgi._Channel) and channel.held]
+
+
+def until(condition: Callable[[], Any], seconds: float = 10) -> Any:
+    """``condition()`` once true, or its last (false) value after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return result
+
+
+class RawClient:
+    """Reads answers with a ``Content-Length`` from a socket, as they come."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def take(self, size: int) -> bytes:
+        """``size`` bytes, fewer at the end of the connection."""
+        while len(self.buffer) < size and (data := self.sock.recv(65536)):
+            self.buffer += data
+        taken, self.buffer = self.buffer[:size], self.buffer[size:]
+        return taken
+
+    def answer(self) -> bytes:
+        """The next answer's body; its status must be 200."""
+        while b"\r\n\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError(f"the connection ended before an answer: {self.buffer!r}")
+            self.buffer += data
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise AssertionError(head)
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+        return self.take(length)
+
+
+@unittest.skipUnless(hasattr(os, "eventfd"), "workers hold connections where the system has eventfd (Linux)")
+class HoldTests(unittest.TestCase):
+    """A worker done with a keep-alive connection's request waits for the
+    next one itself, while another worker stays idle for the loop's."""
+
+    def serve(self, **kwargs):
+        UNBLOCK.clear()
+        self.addCleanup(UNBLOCK.set)
+        return set_up_by_hand(self, wsgi.Layer(holding_app, name=f"hold_{self._testMethodName}", **kwargs))
+
+    def kept(self, layer) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+        self.addCleanup(connection.close)
+        return connection
+
+    def get(self, connection: http.client.HTTPConnection, path: str = "/", body: bytes | None = None) -> str:
+        connection.request("GET" if body is None else "POST", path, body=body)
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        return response.read().decode()
+
+    def test_a_keep_alive_client_s_requests_are_read_by_the_worker_that_answered_the_last(self):
+        layer = self.serve()
+        connection = self.kept(layer)
+        handed = []
+        server = layer["httpd"]
+        with mock.patch.object(server.task_dispatcher, "add_task", side_effect=server.task_dispatcher.add_task) as add:
+            served_by = [self.get(connection, f"/{number}").strip() for number in range(50)]
+            handed = add.call_count
+        # The loop hands a worker the first requests (one or two, as the
+        # worker may still finish the last as the next arrives); that worker
+        # reads and answers the rest.
+        self.assertLessEqual(handed, 4, served_by)
+        self.assertEqual(len(set(served_by[10:])), 1, served_by)
+        self.assertIn(" worker ", served_by[-1])
+
+    def test_what_a_held_connection_receives_is_served_as_from_the_loop(self):
+        layer = self.serve()
+        server = layer["httpd"]
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+            client = RawClient(sock)
+
+            def ask(*parts: bytes, answers: int = 1) -> list[bytes]:
+                for part in parts:
+                    self.assertTrue(until(lambda: held_channels(server)))  # each part to the holder
+                    sock.sendall(part)
+                return [client.answer() for _ in range(answers)]
+
+            for _ in range(3):
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                client.answer()
+            # Two requests at once, answered in order.
+            first, second = ask(
+                b"POST /1 HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\na"
+                b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nb",
+                answers=2,
+            )
+            self.assertTrue(first.endswith(b" a") and second.endswith(b" b"), (first, second))
+            # A head and body in pieces; a chunked body; a body sent after 100 Continue.
+            pieces = ask(b"POST / HTTP/1.1\r\nHo", b"st: t\r\nContent-Length: 3\r\n\r\n", b"abc")[0]
+            self.assertTrue(pieces.endswith(b" abc"), pieces)
+            chunked = ask(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")[0]
+            self.assertTrue(chunked.endswith(b" hi"), chunked)
+            self.assertTrue(until(lambda: held_channels(server)))
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            self.assertEqual(client.take(25), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"ok")
+            continued = client.answer()
+            self.assertTrue(continued.endswith(b" ok"), continued)
+            # The client's end after its last request: answered, then ended.
+            self.assertTrue(until(lambda: held_channels(server)))
+            sock.sendall(b"GET /last HTTP/1.1\r\nHost: t\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertIn(b" worker ", client.answer())
+            self.assertEqual(client.take(1), b"")
+
+    def test_a_worker_holding_a_connection_answers_a_request_the_loop_has_no_idle_worker_for(self):
+        layer = self.serve(threads=2)
+        server = layer["httpd"]
+        held, blocked, waiting = self.kept(layer), self.kept(layer), self.kept(layer)
+        for connection in (blocked, waiting, held, held, held):
+            self.get(connection)
+        self.assertTrue(until(lambda: held_channels(server)))  # held's, by one worker; the other is idle
+        blocked.request("GET", "/block")  # takes the idle worker
+        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2))
+        self.assertIn(" worker ", self.get(waiting, "/waiting"))  # answered by the holder, the other still blocked
+        self.assertFalse(UNBLOCK.is_set())
+        UNBLOCK.set()
+        self.assertIn(" worker ", blocked.getresponse().read().decode())
+        self.assertIn(" worker ", self.get(held))  # from the loop again
+
+    def test_a_held_connection_idle_for_waitress_s_channel_timeout_is_closed(self):
+        layer = self.serve()
+        server = layer["httpd"]
+        server.adj.channel_timeout = server.adj.cleanup_interval = 0.2
+        server.next_channel_cleanup = 0  # waitress's maintenance, from the loop's next turn on
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+            client = RawClient(sock)
+            for _ in range(3):
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                client.answer()
+            self.assertTrue(until(lambda: held_channels(server)))
+            self.assertEqual(client.take(1), b"")  # closed once idle, within the socket's timeout
+
+    def test_the_layer_s_tear_down_ends_a_worker_holding_a_connection(self):
+        layer = wsgi.Layer(holding_app, name="hold_tear_down")
+        layer.setUp()
+        try:
+            connection = self.kept(layer)
+            for _ in range(3):
+                self.get(connection)
+            self.assertTrue(until(lambda: held_channels(layer["httpd"])))
+        finally:
+            started = time.monotonic()
+            layer.tearDown()
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual([thread.name for thread in threading.enumerate() if "hold_tear_down" in thread.name], [])
+
+    def test_more_keep_alive_clients_than_spare_workers_each_get_their_own_answers(self):
+        # Workers begin and end holds all the time here: a connection held
+        # by two, or read by the loop and a worker at once, mixed answers
+        # up, or made waitress close the connection.
+        layer = self.serve(threads=2)
+        failures = []
+
+        def ask(number: int) -> None:
+            try:
+                connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+                try:
+                    for request in range(300):
+                        body = b"%d.%d" % (number, request)
+                        self.assertTrue(self.get(connection, "/", body).endswith(" " + body.decode()))
+                finally:
+                    connection.close()
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(number,)) for number in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(failures, [])
