@@ -876,9 +876,10 @@ class _Channel(HTTPChannel):
             return True
 
     def loop_needs_nothing(self) -> bool:
-        """Whether the loop watches this connection already and has nothing
-        to send or close for it."""
-        return (self.watched or self.held) and not (self.total_outbufs_len or self.will_close or self.close_when_flushed)
+        """Whether the loop watches this connection already (or a worker
+        holds it) and has nothing to send or close for it."""
+        watched = self.watched or self.held
+        return watched and not (self.total_outbufs_len or self.will_close or self.close_when_flushed)
 
     def hang_up_after(self, task: WSGITask | ErrorTask) -> None:
         """End the connection at once after a task that ends it
@@ -1667,7 +1668,8 @@ class Layer(HTTPLayer):
     layer still sets up, and answers 503 until a test gives it one with
     ``layer['httpd'].set_app(app)``, as gocept.httpserverlayer's did.
     ``threads`` is how many requests run in the application at once
-    (waitress's default, four); idle keep-alive connections hold no thread.
+    (waitress's default, four); an idle keep-alive connection holds a
+    worker only while another is idle, and not once a request needs it.
 
     Positional arguments after the application are plone.testing's
     ``bases``, ``name`` and ``module``; a tuple or list first is taken as

@@ -894,8 +894,10 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
 
 
 
-#: Released by a test to let the ``/block`` requests of ``holding_app`` end.
+#: Set by a test to let the ``/block`` requests of ``holding_app`` end;
+#: whether it was, for each that ended.
 UNBLOCK = threading.Event()
+UNBLOCKED: list[bool] = []
 
 
 def holding_app(environ, start_response):
@@ -903,6 +905,7 @@ def holding_app(environ, start_response):
     10 s); echoes a request's body after the thread's name."""
     if environ["PATH_INFO"] == "/block":
         UNBLOCK.wait(10)
+        UNBLOCKED.append(UNBLOCK.is_set())
     body = threading.current_thread().name.encode() + b" " + environ["wsgi.input"].read()
     start_response("200 OK", [("Content-Length", str(len(body)))])
     return [body]
@@ -944,7 +947,8 @@ class RawClient:
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200 "):
             raise AssertionError(head)
-        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+        lines = head.lower().split(b"\r\n")
+        length = int(next(line for line in lines if line.startswith(b"content-length:")).split(b":")[1])
         return self.take(length)
 
 
@@ -955,6 +959,7 @@ class HoldTests(unittest.TestCase):
 
     def serve(self, **kwargs):
         UNBLOCK.clear()
+        UNBLOCKED.clear()
         self.addCleanup(UNBLOCK.set)
         return set_up_by_hand(self, wsgi.Layer(holding_app, name=f"hold_{self._testMethodName}", **kwargs))
 
@@ -1033,8 +1038,8 @@ class HoldTests(unittest.TestCase):
         self.assertTrue(until(lambda: held_channels(server)))  # held's, by one worker; the other is idle
         blocked.request("GET", "/block")  # takes the idle worker
         self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2))
-        self.assertIn(" worker ", self.get(waiting, "/waiting"))  # answered by the holder, the other still blocked
-        self.assertFalse(UNBLOCK.is_set())
+        self.assertIn(" worker ", self.get(waiting, "/waiting"))  # answered by the holder
+        self.assertEqual(UNBLOCKED, [])  # while the other worker is still blocked
         UNBLOCK.set()
         self.assertIn(" worker ", blocked.getresponse().read().decode())
         self.assertIn(" worker ", self.get(held))  # from the loop again
@@ -1066,11 +1071,53 @@ class HoldTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual([thread.name for thread in threading.enumerate() if "hold_tear_down" in thread.name], [])
 
+    def test_a_connection_held_by_a_worker_is_not_held_by_another_too(self):
+        # Another worker, done with a request of the same connection that
+        # the loop read while the first one's ran, would read it too.
+        layer = self.serve()
+        server = layer["httpd"]
+        connection = self.kept(layer)
+        for _ in range(3):
+            self.get(connection)
+        (channel,) = until(lambda: held_channels(server))
+        poller, wake = select.poll(), os.eventfd(0, os.EFD_NONBLOCK)
+        poller.register(wake, select.POLLIN)
+        other = threading.Thread(target=channel.hold, name="other worker")
+        server.task_dispatcher.waits[other] = (poller, wake)
+        try:
+            other.start()
+            other.join(5)
+            os.eventfd_write(wake, 1)  # had it held the connection: give it back
+            other.join(5)
+        finally:
+            del server.task_dispatcher.waits[other]
+            os.close(wake)
+        self.assertNotIn(other.ident, server.task_dispatcher.holders)
+        self.assertEqual(channel.holds, 1)
+        self.assertIn(" worker ", self.get(connection))
+
+    def test_the_loop_does_not_read_what_a_worker_held_since_the_loop_s_turn_began(self):
+        # The loop's poll() found the connection readable before a worker
+        # held it; the worker read the request, answered it and gave the
+        # connection back; then the loop reads: nothing is there, which
+        # waitress took for a broken connection and closed it.
+        layer = self.serve(threads=1)  # no worker holds: the loop reads each request
+        server = layer["httpd"]
+        connection = self.kept(layer)
+        self.get(connection)
+        self.get(connection)
+        (channel,) = [each for each in list(server._map.values()) if isinstance(each, wsgi._Channel)]
+        self.assertTrue(until(lambda: channel.watched))
+        channel.holds += 1  # a hold came and went since the loop watched it
+        channel.handle_read()
+        self.assertTrue(channel.connected)
+        self.assertIn(" worker ", self.get(connection))
+
     def test_more_keep_alive_clients_than_spare_workers_each_get_their_own_answers(self):
         # Workers begin and end holds all the time here: a connection held
         # by two, or read by the loop and a worker at once, mixed answers
         # up, or made waitress close the connection.
-        layer = self.serve(threads=2)
+        layer = self.serve(threads=4)
         failures = []
 
         def ask(number: int) -> None:
@@ -1085,7 +1132,7 @@ class HoldTests(unittest.TestCase):
             except BaseException as exc:
                 failures.append(exc)
 
-        threads = [threading.Thread(target=ask, args=(number,)) for number in range(5)]
+        threads = [threading.Thread(target=ask, args=(number,)) for number in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
