@@ -577,11 +577,15 @@ class _Acceptor(_Worker):
         _this_thread.worker = self
         server = self.server
         while not (self.retiring or server._stopping):
-            for fd, _ in self._accepting.poll():
+            events = self._accepting.poll()
+            pending = server.pending
+            if pending is not None and any(fd == pending.descriptor for fd, _ in events):
+                server.serve_pending()  # its connection came before any new one
+            for fd, _ in events:
                 if fd == self._wake_fd:
                     with contextlib.suppress(BlockingIOError):  # a retired acceptor's wake, read already
                         os.eventfd_read(fd)
-                else:
+                elif fd in server._listening:
                     # Then the next connection, before waiting: one that came
                     # while this one was served woke the loop too, which waits
                     # for the interpreter lock this thread holds.
@@ -935,21 +939,53 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             connection, address = self._listening[fd].accept()
         except OSError:  # none, or the loop took it
             return False
+        self.hand_over_pending()
         conversation = self._converse(connection, address)
         if conversation.shares_threads and _socket_has_data(connection):
-            try:
-                self._serve(conversation, conversation.start)
-            finally:
-                self._activity.finish()
+            self._serve_accepted(conversation)
         elif conversation.shares_threads:
-            self._give_back(conversation)  # the loop waits for its request
+            # Its request is still coming: a client in the same process (a
+            # test calling its layer) needs the interpreter lock to send it,
+            # which the acceptor holds. The acceptor waits for it beside
+            # the listening sockets; a connection that comes first goes to
+            # the loop instead (it came first, and the acceptor is about to
+            # serve the next).
+            self.pending = conversation
+            self._accepting.register(conversation.descriptor, select.EPOLLIN)
         else:
             self._dispatch(functools.partial(self._serve, conversation, conversation.start))
         return True
 
+    def _serve_accepted(self, conversation: _Conversation) -> None:
+        try:
+            self._serve(conversation, conversation.start)
+        finally:
+            self._activity.finish()
+
+    #: The connection the acceptor waits for a request on, if any.
+    pending: _Conversation | None = None
+
+    def serve_pending(self) -> None:
+        """Serve the request that came on the connection the acceptor waits on."""
+        conversation, self.pending = self.pending, None
+        assert conversation is not None
+        self._accepting.unregister(conversation.descriptor)
+        if _socket_has_data(conversation.connection):
+            self._serve_accepted(conversation)
+        else:  # its end, or an error: the loop closes it
+            self._give_back(conversation)
+
+    def hand_over_pending(self) -> None:
+        """Have the loop wait for the request of the connection the acceptor waited on."""
+        conversation, self.pending = self.pending, None
+        if conversation is not None:
+            self._accepting.unregister(conversation.descriptor)
+            self._give_back(conversation)
+
     def hand_over_waiting(self) -> None:
         """Give the loop the connections waiting to be accepted, as the
         acceptor ends: the kernel may have offered them to it alone."""
+        self.hand_over_pending()
         for listening in self.sockets:
             while True:
                 try:

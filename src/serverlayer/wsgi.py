@@ -642,9 +642,9 @@ class _Channel(HTTPChannel):
         self, server: WaitressServer, sock: socket.socket, addr: Any, adj: Adjustments, map: Any = None
     ) -> None:
         #: Whether the acceptor makes the channel: the loop is not to see it
-        #: before the acceptor read its waiting request, or a readable it
-        #: saw first would find nothing left to read (which waitress takes
-        #: for a broken connection).
+        #: before the acceptor read its request, or a readable it saw first
+        #: would find nothing left to read (which waitress takes for a
+        #: broken connection). The acceptor has it join (``join``).
         self.joins_later = getattr(server.serving, "accepting", False)
         super().__init__(server, sock, addr, adj, map)
         self.outbuf_lock = _OutbufLock(self)
@@ -652,16 +652,19 @@ class _Channel(HTTPChannel):
         #: the worker that holds it (``hold``).
         self.read_lock = threading.Lock()
         self.read_waiting()
-        if self.joins_later:
-            self.joins_later = False
-            self.add_channel(map)
 
     def add_channel(self, map: Any = None) -> None:
         if not self.joins_later:
             super().add_channel(map)
 
-    def read_waiting(self) -> None:
-        """Take up a request the client sent with its connection.
+    def join(self) -> None:
+        """Have the loop serve the connection too (one the acceptor made)."""
+        self.joins_later = False
+        self.add_channel()
+
+    def read_waiting(self) -> bool:
+        """Take up what the client sent with its connection (or since);
+        False at its end, or if it broke.
 
         A client sends its request as soon as it connects, so it is usually
         there by the time the connection is accepted. waitress leaves it to
@@ -669,11 +672,15 @@ class _Channel(HTTPChannel):
         """
         try:
             data = self.socket.recv(self.adj.recv_bytes)
-        except OSError:  # nothing yet (the socket does not block), or gone
-            return  # either way, the loop finds out
-        if data:
-            self.last_activity = time.time()
-            self.received(data)
+        except BlockingIOError:  # nothing yet (the socket does not block)
+            return True
+        except OSError:  # gone: the loop finds out
+            return False
+        if not data:
+            return False
+        self.last_activity = time.time()
+        self.received(data)
+        return True
 
     #: A response's head, waiting for the first bytes of its body.
     head = b""
@@ -1217,6 +1224,8 @@ class _ExclusiveListener(wasyncore.file_dispatcher):  # type: ignore[misc]
                 continue
             self.server.adopt(connection, address)
         self.server.resume_acceptor()
+        if not self.server.has_room():
+            self.server.wake_acceptor()  # to stop, as it would have had it accepted the last
 
     def close(self) -> None:
         super().close()
@@ -1402,20 +1411,43 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                     # there is room, and starts the acceptor again.
                     self.pull_trigger()
                     return
-                for fd, _ in accepting.poll():
+                events = accepting.poll()
+                pending = self.pending
+                if pending is not None and any(fd == pending._fileno for fd, _ in events):
+                    self.serve_pending()  # its connection came before any new one
+                for fd, _ in events:
                     if fd == self._acceptor_wake:
-                        continue  # the stop
+                        with contextlib.suppress(BlockingIOError):  # read by an earlier turn
+                            os.eventfd_read(fd)
+                    if fd not in self.listening:
+                        continue  # the wake-up, or the connection waited on
                     # The one it was woken for; then the next ones, before
                     # waiting: one that came while this one was served woke
                     # the loop too, which waits for the lock this thread holds.
                     while self.accept_and_serve(fd) and self.has_room() and not self._stop_requested:
                         pass
         finally:
+            self.hand_over_pending()
             self.acceptor = None
+
+    def wake_acceptor(self) -> None:
+        """Have the acceptor look again whether to go on (or stop)."""
+        if self._accepting is not None:
+            os.eventfd_write(self._acceptor_wake, 1)
 
     def has_room(self) -> bool:
         """Whether the server is below its connection limit."""
-        return len(self._map) < self.adj.connection_limit
+        return len(self._map) + (self.pending is not None) < self.adj.connection_limit
+
+    # A client's request may come after the acceptor accepted its
+    # connection: a client in the same process (a test calling its layer)
+    # needs the interpreter lock to send it, which the acceptor holds. The
+    # acceptor then waits for it beside the listening sockets, and answers
+    # it as it comes; a connection that comes meanwhile goes to the loop
+    # instead (it came first, and the acceptor is about to serve the next).
+
+    #: The connection the acceptor waits for a request on, if any.
+    pending: _Channel | None = None
 
     def accept_and_serve(self, fd: int) -> bool:
         """Accept a connection on the listening socket ``fd``, in the
@@ -1425,21 +1457,55 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             connection, address = self.listening[fd].accept()
         except OSError:  # none, or the loop took it
             return False
+        self.hand_over_pending()
         serving = self.serving
         serving.accepting = True
         try:
-            self.adopt(connection, address)  # the request, if it came whole, to add_task
+            channel = self.adopt(connection, address)  # the request, if it came whole, to add_task
         finally:
             serving.accepting = False
-        channel, serving.accepted = getattr(serving, "accepted", None), None
-        if channel is None:  # the request is still coming (or none)
-            self.pull_trigger()  # the loop watches the connection from its next turn
-            return True
+        if channel is not None:
+            self._answer_or_wait(channel, True)
+        return True
+
+    def serve_pending(self) -> None:
+        """Take up what came on the connection the acceptor waits on."""
+        channel, self.pending = self.pending, None
+        assert channel is not None and self._accepting is not None
+        self._accepting.unregister(channel._fileno)
+        serving = self.serving
+        serving.accepting = True
+        try:
+            still_open = channel.read_waiting()
+        finally:
+            serving.accepting = False
+        self._answer_or_wait(channel, still_open)
+
+    def _answer_or_wait(self, channel: _Channel, still_open: bool) -> None:
+        serving = self.serving
+        task, serving.accepted = getattr(serving, "accepted", None), None
+        if task is None and still_open and not channel.will_close:
+            self.pending = channel  # its request is still coming
+            assert self._accepting is not None
+            self._accepting.register(channel._fileno, select.EPOLLIN)
+            return
+        channel.join()
+        if task is None:  # its end, or an error: the loop's
+            self.pull_trigger()
+            return
         try:
             channel.service()
         except BaseException:  # as waitress's workers
             self.logger.exception("Exception when servicing %r", channel)
-        return True
+
+    def hand_over_pending(self) -> None:
+        """Have the loop wait for the request of the connection the acceptor waited on."""
+        channel, self.pending = self.pending, None
+        if channel is not None:
+            assert self._accepting is not None
+            self._accepting.unregister(channel._fileno)
+            channel.join()
+            self.pull_trigger()
 
     def add_task(self, task: Any) -> None:
         serving = self.serving
@@ -1455,14 +1521,15 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
     #: for the next one itself (``_Channel.hold``), where the system allows.
     holds_connections = True
 
-    def adopt(self, connection: socket.socket, address: Any) -> None:
+    def adopt(self, connection: socket.socket, address: Any) -> _Channel | None:
         """Serve ``connection``, which another of the layer's sockets accepted."""
         try:
             self.set_socket_options(connection)
         except OSError:  # the client left already
             connection.close()
-            return
-        self.channel_class(self, connection, address, self.adj, map=self._map)
+            return None
+        channel: _Channel = self.channel_class(self, connection, address, self.adj, map=self._map)
+        return channel
 
     # What gocept.httpserverlayer's server (wsgiref's WSGIServer) offered.
 

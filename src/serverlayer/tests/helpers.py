@@ -271,6 +271,28 @@ def stop_in_the_round_that_accepts(test: unittest.TestCase, layer: Any, address:
                 pass  # not accepted by a server that was stopping: reset as its socket closed
 
 
+def until(condition: Any, seconds: float = 10) -> Any:
+    """``condition()`` once true, or its last (false) value after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return result
+
+
+def client_connections(server: Any) -> int:
+    """How many client connections a custom, static, content or wsgi layer's server has open."""
+    if hasattr(server, "_connections"):
+        return len(server._connections)
+    return sum(1 for each in list(server._map.values()) if hasattr(each, "requests"))
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    received = b""
+    while data := sock.recv(65536):
+        received += data
+    return received
+
+
 def get_closing(layer: Any, path: str) -> str:
     """GET ``path`` from an HTTP layer on a connection of its own, closed after the answer."""
     connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
@@ -313,3 +335,65 @@ class AcceptorChecks:
                 test.assertIn(" worker ", inner)
                 return
         test.fail(f"the acceptor answered none of {served_by}")
+
+
+    def wait_pending(self, layer: Any) -> socket.socket | None:
+        """A connection, sending nothing, that the acceptor waits on; None if
+        the loop took it every time (the acceptor was busy)."""
+        server = layer["httpd"]
+        for _ in range(self.ATTEMPTS):
+            sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+            if until(lambda: server.pending is not None, 2):
+                return sock
+            sock.close()
+            until(lambda: client_connections(server) == 0, 2)
+        return None
+
+    def test_a_request_sent_after_its_connection_is_answered_by_the_acceptor(self) -> None:
+        # A client in the test's own process connects, then waits for the
+        # interpreter lock (which the acceptor may hold) to send its request.
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        sock = self.wait_pending(layer)
+        test.assertIsNotNone(sock, "the acceptor waited on none of the connections")
+        assert sock is not None
+        with sock:
+            sock.sendall(b"GET /late HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            answer = read_to_end(sock)
+        test.assertTrue(answer.endswith(b" acceptor"), answer)
+
+    def test_a_connection_the_acceptor_waits_on_goes_to_the_loop_when_another_comes(self) -> None:
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        server = layer["httpd"]
+        sock = self.wait_pending(layer)
+        assert sock is not None
+        with sock:
+            get_closing(layer, "/next")
+            test.assertIsNone(server.pending)
+            sock.sendall(b"GET /first HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            answer = read_to_end(sock)
+        test.assertIn(b" worker ", answer)  # read by the loop, answered by a worker
+
+    def test_a_connection_the_acceptor_waits_on_closes_at_its_client_s_end_and_at_the_stop(self) -> None:
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        server = layer["httpd"]
+        sock = self.wait_pending(layer)
+        assert sock is not None
+        sock.close()
+        test.assertTrue(until(lambda: server.pending is None and client_connections(server) == 0))
+        sock = self.wait_pending(layer)
+        assert sock is not None
+        with sock, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            layer.testTearDown()
+            layer.tearDown()
+            gc.collect()
+            try:
+                test.assertEqual(sock.recv(1), b"")
+            except ConnectionResetError:
+                pass
+        test.assertEqual([str(warning.message) for warning in caught], [])
+        layer.setUp()  # for the test's own tear-down
+        layer.testSetUp()

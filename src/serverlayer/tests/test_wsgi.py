@@ -29,6 +29,7 @@ from serverlayer.tests.helpers import (
     get_closing,
     reader_that_stops,
     set_up_by_hand,
+    until,
 )
 from serverlayer.tests.test_hardening import read_until_closed
 from serverlayer.tests.test_tls_front import ipv6_loopback
@@ -913,14 +914,6 @@ def holding_app(environ, start_response):
 
 def held_channels(server) -> list:
     return [channel for channel in list(server._map.values()) if isinstance(channel, wsgi._Channel) and channel.held]
-
-
-def until(condition: Callable[[], Any], seconds: float = 10) -> Any:
-    """``condition()`` once true, or its last (false) value after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not (result := condition()) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return result
 
 
 class RawClient:
