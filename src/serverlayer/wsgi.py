@@ -1031,6 +1031,7 @@ class _Channel(HTTPChannel):
     def _serve_held(self, sock: socket.socket, poller: select.poll, wake: int) -> None:
         server = self.server
         serving = server.serving
+        dispatcher = server.task_dispatcher
         fd = sock.fileno()
         poller.register(fd, select.POLLIN)
         try:
@@ -1051,11 +1052,19 @@ class _Channel(HTTPChannel):
                 serving.holding = self
                 try:
                     self.received(data)
+                    answering = serving.__dict__.get("next_request", False)
+                    if answering:
+                        # Not a holder while it answers: the loop's wake-up
+                        # for a request no idle worker is left for would
+                        # wait for the answer (which may itself wait for
+                        # that request: an application calling its server),
+                        # while another holder only waits for its client.
+                        dispatcher.end_hold()
                     while serving.__dict__.pop("next_request", False):
                         self.answer()
                 finally:
                     serving.holding = None
-                if not self.holdable():
+                if not self.holdable() or (answering and not dispatcher.begin_hold(wake)):
                     return
         finally:
             poller.unregister(fd)

@@ -1044,6 +1044,32 @@ class HoldTests(unittest.TestCase):
         self.assertIn(" worker ", blocked.getresponse().read().decode())
         self.assertIn(" worker ", self.get(held))  # from the loop again
 
+    def test_a_request_no_idle_worker_is_left_for_goes_to_a_waiting_holder_not_to_one_answering(self):
+        # Two workers hold a connection each; one of them answers a request
+        # of its connection that blocks, and the third worker is blocked
+        # too. The loop's next request woke the holder that had begun its
+        # hold last, the one answering, and waited for it, while the other
+        # only waited for its connection's next request.
+        layer = self.serve(threads=3)
+        server = layer["httpd"]
+        waiting_holder, answering_holder, blocked, asking = (self.kept(layer) for _ in range(4))
+        for holds, connection in enumerate((waiting_holder, answering_holder), 1):
+            self.get(connection)
+            self.get(connection)
+            self.assertTrue(until(lambda holds=holds: len(held_channels(server)) == holds))
+        self.get(blocked)  # the third worker's, or the acceptor's: neither holds it
+        self.get(asking)
+        self.assertEqual(len(held_channels(server)), 2)
+        answering_holder.request("GET", "/block")  # its holder answers it
+        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2 and len(held_channels(server)) == 2))
+        blocked.request("GET", "/block")  # takes the idle worker
+        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 3))
+        self.assertIn(" worker ", self.get(asking, "/asking"))  # answered by the waiting holder
+        self.assertEqual(UNBLOCKED, [])  # while the others are still blocked
+        UNBLOCK.set()
+        for connection in (answering_holder, blocked):
+            self.assertIn(" worker ", connection.getresponse().read().decode())
+
     def test_a_held_connection_idle_for_waitress_s_channel_timeout_is_closed(self):
         layer = self.serve()
         server = layer["httpd"]
