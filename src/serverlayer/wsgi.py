@@ -807,13 +807,19 @@ class _Channel(HTTPChannel):
     def readable(self) -> bool:
         if self.__dict__.setdefault("owner", "loop") != "loop":
             return False  # the acceptor closed it (closed_by_acceptor)
+        # The holds first, then whether one is on: a worker may begin to
+        # hold the connection (``hold``) between the two, and its hold is
+        # then one this turn did not see (``handle_read``).
+        holds = self.holds
         if self.held:
+            self.watched = False  # nor when a hold began after this turn's look at held
             return False  # its worker reads it (hold)
         if self.lingering:
             return True
-        self.holds_watched = self.holds
-        self.watched = self.to_be_watched()
-        return self.watched
+        self.holds_watched = holds
+        watched = self.to_be_watched()
+        self.watched = watched and not self.held
+        return watched
 
     def to_be_watched(self) -> bool:
         """Whether the loop is to watch the socket for reading now."""

@@ -1139,6 +1139,37 @@ class HoldTests(unittest.TestCase):
         self.assertTrue(channel.connected)
         self.assertIn(" worker ", self.get(connection))
 
+    def test_the_loop_does_not_read_what_a_worker_began_to_hold_while_the_loop_looked_at_it(self):
+        # A worker began to hold the connection just after the loop's
+        # readable() found it not held, but before that recorded the holds
+        # it saw: the loop's turn then took the worker's hold for one it had
+        # seen, read after the worker (nothing there) and waitress closed
+        # the connection as broken.
+        layer = self.serve(threads=1)  # no worker holds: the test does, by hand
+        server = layer["httpd"]
+        connection = self.kept(layer)
+        self.get(connection)
+        self.get(connection)
+        (channel,) = [each for each in list(server._map.values()) if isinstance(each, wsgi._Channel)]
+        self.assertTrue(until(lambda: channel.watched and not channel.total_outbufs_len))
+        looking = threading.get_ident()
+
+        def lingering(*set_to: bool) -> bool:
+            # readable() asks it between its look at ``held`` and its record of ``holds``.
+            if threading.get_ident() == looking and not channel.held:
+                channel.held = True  # as hold() does, under read_lock
+                channel.holds += 1
+                channel.watched = False
+            return False
+
+        with mock.patch.object(wsgi._Channel, "lingering", new_callable=mock.PropertyMock, side_effect=lingering):
+            channel.readable()
+        self.assertFalse(channel.watched)  # the worker reads it: client_disconnected asks the kernel
+        channel.held = False  # the worker read a request, answered it and gave the connection back
+        channel.handle_read()  # for what the loop's poll() saw
+        self.assertTrue(channel.connected)
+        self.assertIn(" worker ", self.get(connection))
+
     def test_more_keep_alive_clients_than_spare_workers_each_get_their_own_answers(self):
         # Workers begin and end holds all the time here: a connection held
         # by two, or read by the loop and a worker at once, mixed answers
