@@ -1033,7 +1033,9 @@ class HoldTests(unittest.TestCase):
         layer = self.serve(threads=2)
         server = layer["httpd"]
         held, blocked, waiting = self.kept(layer), self.kept(layer), self.kept(layer)
-        for connection in (blocked, waiting, held, held, held):
+        # held's first: a worker that answered blocked's or waiting's first
+        # request (one that came after its connection, under load) held it.
+        for connection in (held, held, held, blocked, waiting):
             self.get(connection)
         self.assertTrue(until(lambda: held_channels(server)))  # held's, by one worker; the other is idle
         blocked.request("GET", "/block")  # takes the idle worker
