@@ -1042,6 +1042,11 @@ class _Channel(HTTPChannel):
         poller.register(fd, select.POLLIN)
         try:
             while True:
+                if server.stop_requested:
+                    # Set before the stop woke the holders (wake_holders); a
+                    # hold begun after that wake-up has none coming, and
+                    # closing the socket does not end a poll() on it.
+                    return
                 idle_for = self.adj.channel_timeout - (time.time() - self.last_activity)
                 ready = poller.poll(max(0.0, idle_for) * 1000)
                 if not ready or server.stop_requested or any(each == wake for each, _ in ready):

@@ -1099,6 +1099,30 @@ class HoldTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual([thread.name for thread in threading.enumerate() if "hold_tear_down" in thread.name], [])
 
+    def test_a_hold_that_begins_after_the_stop_woke_the_holders_ends_at_once(self):
+        # A worker found the connection holdable just before the stop, and
+        # counted itself a holder only after the stop (request_stop, then
+        # release) woke the holders: no one woke it, and the release's
+        # closing the socket does not end a poll() on it. It waited for
+        # channel_timeout, and tearDown left it behind.
+        layer = self.serve()
+        server = layer["httpd"]
+        dispatcher = server.task_dispatcher
+        begin_hold = dispatcher.begin_hold
+
+        def begin_hold_after_the_stop(wake: int) -> bool:
+            server._stop_requested = True  # as request_stop() and release() do, then
+            dispatcher.wake_holders()
+            return begin_hold(wake)
+
+        connection = self.kept(layer)
+        self.get(connection)  # the acceptor's or a worker's
+        (channel,) = [each for each in list(server._map.values()) if isinstance(each, wsgi._Channel)]
+        with mock.patch.object(dispatcher, "begin_hold", side_effect=begin_hold_after_the_stop):
+            self.get(connection)
+            self.assertTrue(until(lambda: channel.holds))
+            self.assertTrue(until(lambda: not channel.held), "the worker still holds the connection")
+
     def test_a_connection_held_by_a_worker_is_not_held_by_another_too(self):
         # Another worker, done with a request of the same connection that
         # the loop read while the first one's ran, would read it too.
