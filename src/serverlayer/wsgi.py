@@ -814,13 +814,19 @@ class _Channel(HTTPChannel):
     def readable(self) -> bool:
         if self.__dict__.setdefault("owner", "loop") != "loop":
             return False  # the acceptor closed it (closed_by_acceptor)
+        # The holds first, then whether one is on: a worker may begin to
+        # hold the connection (``hold``) between the two, and its hold is
+        # then one this turn did not see (``handle_read``).
+        holds = self.holds
         if self.held:
+            self.watched = False  # nor when a hold began after this turn's look at held
             return False  # its worker reads it (hold)
         if self.lingering:
             return True
-        self.holds_watched = self.holds
-        self.watched = self.to_be_watched()
-        return self.watched
+        self.holds_watched = holds
+        watched = self.to_be_watched()
+        self.watched = watched and not self.held
+        return watched
 
     def to_be_watched(self) -> bool:
         """Whether the loop is to watch the socket for reading now."""
@@ -1038,10 +1044,16 @@ class _Channel(HTTPChannel):
     def _serve_held(self, sock: socket.socket, poller: select.poll, wake: int) -> None:
         server = self.server
         serving = server.serving
+        dispatcher = server.task_dispatcher
         fd = sock.fileno()
         poller.register(fd, select.POLLIN)
         try:
             while True:
+                if server.stop_requested:
+                    # Set before the stop woke the holders (wake_holders); a
+                    # hold begun after that wake-up has none coming, and
+                    # closing the socket does not end a poll() on it.
+                    return
                 idle_for = self.adj.channel_timeout - (time.time() - self.last_activity)
                 ready = poller.poll(max(0.0, idle_for) * 1000)
                 if not ready or server.stop_requested or any(each == wake for each, _ in ready):
@@ -1058,11 +1070,19 @@ class _Channel(HTTPChannel):
                 serving.holding = self
                 try:
                     self.received(data)
+                    answering = serving.__dict__.get("next_request", False)
+                    if answering:
+                        # Not a holder while it answers: the loop's wake-up
+                        # for a request no idle worker is left for would
+                        # wait for the answer (which may itself wait for
+                        # that request: an application calling its server),
+                        # while another holder only waits for its client.
+                        dispatcher.end_hold()
                     while serving.__dict__.pop("next_request", False):
                         self.answer()
                 finally:
                     serving.holding = None
-                if not self.holdable():
+                if not self.holdable() or (answering and not dispatcher.begin_hold(wake)):
                     return
         finally:
             poller.unregister(fd)

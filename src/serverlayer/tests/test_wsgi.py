@@ -1026,7 +1026,9 @@ class HoldTests(unittest.TestCase):
         layer = self.serve(threads=2)
         server = layer["httpd"]
         held, blocked, waiting = self.kept(layer), self.kept(layer), self.kept(layer)
-        for connection in (blocked, waiting, held, held, held):
+        # held's first: a worker that answered blocked's or waiting's first
+        # request (one that came after its connection, under load) held it.
+        for connection in (held, held, held, blocked, waiting):
             self.get(connection)
         self.assertTrue(until(lambda: held_channels(server)))  # held's, by one worker; the other is idle
         blocked.request("GET", "/block")  # takes the idle worker
@@ -1036,6 +1038,32 @@ class HoldTests(unittest.TestCase):
         UNBLOCK.set()
         self.assertIn(" worker ", blocked.getresponse().read().decode())
         self.assertIn(" worker ", self.get(held))  # from the loop again
+
+    def test_a_request_no_idle_worker_is_left_for_goes_to_a_waiting_holder_not_to_one_answering(self):
+        # Two workers hold a connection each; one of them answers a request
+        # of its connection that blocks, and the third worker is blocked
+        # too. The loop's next request woke the holder that had begun its
+        # hold last, the one answering, and waited for it, while the other
+        # only waited for its connection's next request.
+        layer = self.serve(threads=3)
+        server = layer["httpd"]
+        waiting_holder, answering_holder, blocked, asking = (self.kept(layer) for _ in range(4))
+        for holds, connection in enumerate((waiting_holder, answering_holder), 1):
+            self.get(connection)
+            self.get(connection)
+            self.assertTrue(until(lambda holds=holds: len(held_channels(server)) == holds))
+        self.get(blocked)  # the third worker's, or the acceptor's: neither holds it
+        self.get(asking)
+        self.assertEqual(len(held_channels(server)), 2)
+        answering_holder.request("GET", "/block")  # its holder answers it
+        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2 and len(held_channels(server)) == 2))
+        blocked.request("GET", "/block")  # takes the idle worker
+        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 3))
+        self.assertIn(" worker ", self.get(asking, "/asking"))  # answered by the waiting holder
+        self.assertEqual(UNBLOCKED, [])  # while the others are still blocked
+        UNBLOCK.set()
+        for connection in (answering_holder, blocked):
+            self.assertIn(" worker ", connection.getresponse().read().decode())
 
     def test_a_held_connection_idle_for_waitress_s_channel_timeout_is_closed(self):
         layer = self.serve()
@@ -1063,6 +1091,30 @@ class HoldTests(unittest.TestCase):
             layer.tearDown()
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual([thread.name for thread in threading.enumerate() if "hold_tear_down" in thread.name], [])
+
+    def test_a_hold_that_begins_after_the_stop_woke_the_holders_ends_at_once(self):
+        # A worker found the connection holdable just before the stop, and
+        # counted itself a holder only after the stop (request_stop, then
+        # release) woke the holders: no one woke it, and the release's
+        # closing the socket does not end a poll() on it. It waited for
+        # channel_timeout, and tearDown left it behind.
+        layer = self.serve()
+        server = layer["httpd"]
+        dispatcher = server.task_dispatcher
+        begin_hold = dispatcher.begin_hold
+
+        def begin_hold_after_the_stop(wake: int) -> bool:
+            server._stop_requested = True  # as request_stop() and release() do, then
+            dispatcher.wake_holders()
+            return begin_hold(wake)
+
+        connection = self.kept(layer)
+        self.get(connection)  # the acceptor's or a worker's
+        (channel,) = [each for each in list(server._map.values()) if isinstance(each, wsgi._Channel)]
+        with mock.patch.object(dispatcher, "begin_hold", side_effect=begin_hold_after_the_stop):
+            self.get(connection)
+            self.assertTrue(until(lambda: channel.holds))
+            self.assertTrue(until(lambda: not channel.held), "the worker still holds the connection")
 
     def test_a_connection_held_by_a_worker_is_not_held_by_another_too(self):
         # Another worker, done with a request of the same connection that
@@ -1103,6 +1155,37 @@ class HoldTests(unittest.TestCase):
         self.assertTrue(until(lambda: channel.watched))
         channel.holds += 1  # a hold came and went since the loop watched it
         channel.handle_read()
+        self.assertTrue(channel.connected)
+        self.assertIn(" worker ", self.get(connection))
+
+    def test_the_loop_does_not_read_what_a_worker_began_to_hold_while_the_loop_looked_at_it(self):
+        # A worker began to hold the connection just after the loop's
+        # readable() found it not held, but before that recorded the holds
+        # it saw: the loop's turn then took the worker's hold for one it had
+        # seen, read after the worker (nothing there) and waitress closed
+        # the connection as broken.
+        layer = self.serve(threads=1)  # no worker holds: the test does, by hand
+        server = layer["httpd"]
+        connection = self.kept(layer)
+        self.get(connection)
+        self.get(connection)
+        (channel,) = [each for each in list(server._map.values()) if isinstance(each, wsgi._Channel)]
+        self.assertTrue(until(lambda: channel.watched and not channel.total_outbufs_len))
+        looking = threading.get_ident()
+
+        def lingering(*set_to: bool) -> bool:
+            # readable() asks it between its look at ``held`` and its record of ``holds``.
+            if threading.get_ident() == looking and not channel.held:
+                channel.held = True  # as hold() does, under read_lock
+                channel.holds += 1
+                channel.watched = False
+            return False
+
+        with mock.patch.object(wsgi._Channel, "lingering", new_callable=mock.PropertyMock, side_effect=lingering):
+            channel.readable()
+        self.assertFalse(channel.watched)  # the worker reads it: client_disconnected asks the kernel
+        channel.held = False  # the worker read a request, answered it and gave the connection back
+        channel.handle_read()  # for what the loop's poll() saw
         self.assertTrue(channel.connected)
         self.assertIn(" worker ", self.get(connection))
 
