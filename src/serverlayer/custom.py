@@ -724,6 +724,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._recalling = False
         #: Set from ``end_waits`` until ``test_ended``: no worker waits.
         self._test_ending = False
+        #: Set from ``test_ended`` until the next test's ``allow_waits``:
+        #: no acceptor starts, as zope.testrunner looks for the threads the
+        #: test left behind after its tear-down.
+        self._between_tests = False
         #: From ``end_waits`` on, how long the end of the test waits for the
         #: workers: a WebSocket closing at the test's end reads what its
         #: client sent before it saw the close, until then at most.
@@ -923,8 +927,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def _start_acceptor(self) -> None:
         """Start the acceptor if it is not running: the loop accepted a connection."""
         with self._workers_lock:
-            # Nor as the test ends: it would outlive the test.
-            if self._acceptor is not None or self._stopping or self._test_ending:
+            # Nor as the test ends, or after: it would outlive the test.
+            if self._acceptor is not None or self._stopping or self._test_ending or self._between_tests:
                 return
             acceptor = self._acceptor = _Acceptor(
                 self, f"{self._thread_name} acceptor", self._accepting, self._acceptor_wake
@@ -1198,6 +1202,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             # Those still serving a request end with it: the stop joins them.
             self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]
             self._test_ending = False
+            self._between_tests = True
             self._ending_deadline = None
 
     def end_waits(self, timeout: float) -> None:
@@ -1214,7 +1219,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def allow_waits(self) -> None:
         """Let workers wait on their connections again (``end_waits``)."""
         with self._workers_lock:
-            self._test_ending = False
+            self._test_ending = self._between_tests = False
             self._ending_deadline = None
 
     def _recall(self, deadline: Deadline) -> None:

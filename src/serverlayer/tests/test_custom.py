@@ -365,6 +365,19 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         self.assertTrue(get_closing(layer, "/first").endswith(" worker 1"))  # the loop accepted it
         return layer
 
+    def test_no_acceptor_starts_between_tests(self):
+        # A client still connecting after the test's tear-down (a browser
+        # left open) started one that zope.testrunner then found left
+        # behind by that test; the loop serves such a connection itself.
+        layer = self.serve()
+        layer.testTearDown()  # the test's end
+        self.assertIn(" worker ", get_closing(layer, "/between"))
+        self.assertIsNone(layer["httpd"]._acceptor)
+        self.assertEqual([thread for thread in threading.enumerate() if thread.name.endswith(" acceptor")], [])
+        layer.testSetUp()  # the next test's start
+        self.assertIn(" worker ", get_closing(layer, "/next"))  # the loop's, which starts the acceptor
+        self.assertIsNotNone(layer["httpd"]._acceptor)
+
     def test_the_acceptor_ends_with_the_test(self):
         layer = self.serve()
 
