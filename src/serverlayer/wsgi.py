@@ -990,7 +990,8 @@ class _Channel(HTTPChannel):
     # worker), where a server with a thread per connection needs two. Here
     # a worker done with a request waits for the connection's next one
     # itself, as long as another worker stays idle for the requests the
-    # loop reads; the loop leaves the connection alone meanwhile. The
+    # loop reads and the server has fewer connections than workers; the
+    # loop leaves the connection alone meanwhile. The
     # worker gives the connection back to the loop as soon as the loop has
     # a request that no idle worker is left for, when anything but a
     # request arrives (the client's end, a reset), when the answer left
@@ -1020,6 +1021,12 @@ class _Channel(HTTPChannel):
         server = self.server
         waiting = server.task_dispatcher.waits.get(threading.current_thread())
         if waiting is None or not self.holdable():  # not a worker (the acceptor), or not now
+            return
+        if len(server.active_channels) >= server.adj.threads:
+            # More connections than workers to spare: their requests would
+            # keep taking the worker back (a wake-up and a loop turn each),
+            # which costs more than holding saves (a tenth of the requests
+            # of 8 keep-alive clients with 4 workers).
             return
         poller, wake = waiting
         with self.read_lock:
@@ -1756,7 +1763,8 @@ class Layer(HTTPLayer):
     ``layer['httpd'].set_app(app)``, as gocept.httpserverlayer's did.
     ``threads`` is how many requests run in the application at once
     (waitress's default, four); an idle keep-alive connection holds a
-    worker only while another is idle, and not once a request needs it.
+    worker only while another is idle and there are fewer connections
+    than workers, and not once a request needs it.
 
     Positional arguments after the application are plone.testing's
     ``bases``, ``name`` and ``module``; a tuple or list first is taken as

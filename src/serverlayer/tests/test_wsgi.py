@@ -1065,6 +1065,27 @@ class HoldTests(unittest.TestCase):
         for connection in (answering_holder, blocked):
             self.assertIn(" worker ", connection.getresponse().read().decode())
 
+    def test_no_worker_holds_a_connection_while_there_are_as_many_as_workers(self):
+        # Their requests would keep taking the holders back: with 8
+        # keep-alive clients and 4 workers, a tenth fewer requests.
+        layer = self.serve(threads=4)
+        server = layer["httpd"]
+        others = [self.kept(layer) for _ in range(3)]
+        for connection in others:
+            self.get(connection)
+        connection = self.kept(layer)
+        for _ in range(5):
+            self.get(connection)
+        address = connection.sock.getsockname()
+        (channel,) = [each for each in list(server._map.values()) if getattr(each, "addr", None) == address]
+        self.assertEqual(channel.holds, 0)
+        for other in others:
+            other.close()
+        self.assertTrue(until(lambda: len(server.active_channels) < 4))
+        for _ in range(3):
+            self.get(connection)
+        self.assertTrue(until(lambda: channel.held))  # with fewer, it is held again
+
     def test_a_held_connection_idle_for_waitress_s_channel_timeout_is_closed(self):
         layer = self.serve()
         server = layer["httpd"]
