@@ -271,6 +271,26 @@ def stop_in_the_round_that_accepts(test: unittest.TestCase, layer: Any, address:
                 pass  # not accepted by a server that was stopping: reset as its socket closed
 
 
+def failures_in_threads(target: Any, count: int, timeout: float = 60) -> list[BaseException]:
+    """Run ``target(number)`` for ``number`` in ``range(count)``, each on a
+    thread of its own, at once; what they raised, to be reported in the
+    test's thread."""
+    failures: list[BaseException] = []
+
+    def run(number: int) -> None:
+        try:
+            target(number)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return failures
+
+
 def until(condition: Any, seconds: float = 10) -> Any:
     """``condition()`` once true, or its last (false) value after ``seconds``."""
     deadline = time.monotonic() + seconds

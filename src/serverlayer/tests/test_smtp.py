@@ -23,6 +23,7 @@ from unittest import mock
 from serverlayer import AddressInUseError, ConfigurationError, MailTimeoutError, smtp
 from serverlayer.errors import ServerSideError
 from serverlayer.tests.helpers import (
+    failures_in_threads,
     open_descriptors,
     set_up_by_hand,
     stop_asked_again_as_the_serving_ends,
@@ -560,22 +561,12 @@ class ConcurrencyTests(unittest.TestCase):
     layer = MAIL_LAYER
 
     def test_ten_threads_sending_a_hundred_messages_each_lose_nothing(self):
-        errors = []
-
         def send(sender_number):
-            try:
-                with smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10) as client:
-                    for number in range(100):
-                        client.send_message(make_message(subject=f"{sender_number}-{number}"))
-            except Exception as error:  # reported below, in the test's thread
-                errors.append(error)
+            with smtplib.SMTP(self.layer["smtp_host"], self.layer["smtp_port"], timeout=10) as client:
+                for number in range(100):
+                    client.send_message(make_message(subject=f"{sender_number}-{number}"))
 
-        senders = [threading.Thread(target=send, args=(number,)) for number in range(10)]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join(60)
-        self.assertEqual(errors, [])
+        self.assertEqual(failures_in_threads(send, 10), [])
         subjects = [message["Subject"] for message in self.layer["outbox"].wait_for(1000, timeout=10)]
         self.assertEqual(sorted(subjects), sorted(f"{s}-{n}" for s in range(10) for n in range(100)))
         for sender_number in range(10):  # each sender's messages arrive in the order sent

@@ -26,6 +26,7 @@ from serverlayer import ConfigurationError, wsgi
 from serverlayer.tests.helpers import (
     AcceptorChecks,
     ResourceProvider,
+    failures_in_threads,
     get_closing,
     reader_that_stops,
     set_up_by_hand,
@@ -1215,23 +1216,14 @@ class HoldTests(unittest.TestCase):
         # by two, or read by the loop and a worker at once, mixed answers
         # up, or made waitress close the connection.
         layer = self.serve(threads=4)
-        failures = []
 
         def ask(number: int) -> None:
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
             try:
-                connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
-                try:
-                    for request in range(300):
-                        body = b"%d.%d" % (number, request)
-                        self.assertTrue(self.get(connection, "/", body).endswith(" " + body.decode()))
-                finally:
-                    connection.close()
-            except BaseException as exc:
-                failures.append(exc)
+                for request in range(300):
+                    body = b"%d.%d" % (number, request)
+                    self.assertTrue(self.get(connection, "/", body).endswith(" " + body.decode()))
+            finally:
+                connection.close()
 
-        threads = [threading.Thread(target=ask, args=(number,)) for number in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        self.assertEqual(failures, [])
+        self.assertEqual(failures_in_threads(ask, 8), [])
