@@ -894,6 +894,19 @@ class _Channel(HTTPChannel):
         watched = self.watched or self.held
         return watched and not (self.total_outbufs_len or self.will_close or self.close_when_flushed)
 
+    def loop_needed_for(self) -> str | None:
+        """What the loop would have to do for the connection (send what is
+        buffered, close it, wait for its client's end), if anything."""
+        if self.lingering:
+            return "lingering"
+        if self.total_outbufs_len:
+            return "sending"
+        if self.will_close or self.close_when_flushed or not self.connected:
+            return "closing"
+        if self.requests:
+            return "answering"
+        return None
+
     def hang_up_after(self, task: WSGITask | ErrorTask) -> None:
         """End the connection at once after a task that ends it
         (``Connection: close``, HTTP/1.0, an error, the last request of a
@@ -1438,9 +1451,11 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                     # there is room, and starts the acceptor again.
                     self.pull_trigger()
                     return
-                events = accepting.poll()
+                events = accepting.poll(self._pending_idle_left())
                 pending = self.pending
-                if pending is not None and any(fd == pending._fileno for fd, _ in events):
+                if not events:  # the connection waited on idle for waitress's channel_timeout
+                    self.hand_over_pending()  # the loop's maintenance closes it
+                elif pending is not None and any(fd == pending._fileno for fd, _ in events):
                     self.serve_pending()  # its connection came before any new one
                 for fd, _ in events:
                     if fd == self._acceptor_wake:
@@ -1454,8 +1469,20 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                     while self.accept_and_serve(fd) and self.has_room() and not self._stop_requested:
                         pass
         finally:
-            self.hand_over_pending()
+            if self._stop_requested:
+                self._close_pending()
+            else:
+                self.hand_over_pending()
             self.acceptor = None
+
+    def _pending_idle_left(self) -> float:
+        """How long the acceptor may wait for the connection it waits on
+        before it has been idle for waitress's ``channel_timeout`` (-1: no
+        such connection, no limit)."""
+        pending = self.pending
+        if pending is None:
+            return -1
+        return max(0.0, self.adj.channel_timeout - (time.time() - pending.last_activity))
 
     def wake_acceptor(self) -> None:
         """Have the acceptor look again whether to go on (or stop)."""
@@ -1475,6 +1502,9 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
 
     #: The connection the acceptor waits for a request on, if any.
     pending: _Channel | None = None
+    #: The connection whose request the acceptor answers, if the loop has
+    #: not seen it (``_answer_or_wait``): the stop closes it with the loop's.
+    answering: _Channel | None = None
 
     def accept_and_serve(self, fd: int) -> bool:
         """Accept a connection on the listening socket ``fd``, in the
@@ -1512,23 +1542,57 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         serving = self.serving
         task, serving.accepted = getattr(serving, "accepted", None), None
         if task is None and still_open and not channel.will_close:
-            self.pending = channel  # its request is still coming
-            assert self._accepting is not None
-            self._accepting.register(channel._fileno, select.EPOLLIN)
+            self._wait_on(channel)  # its request is still coming
             return
-        channel.join()
-        if task is None:  # its end, or an error: the loop's
-            self.pull_trigger()
+        if task is None:  # its end, or an error
+            if channel.joins_later and channel.loop_needed_for() is None:
+                channel.close_now()  # the loop never saw it: nothing of its to undo
+            else:
+                channel.join()
+                self.pull_trigger()
             return
+        if len(channel.requests) > 1 or channel.request is not None:
+            # Requests pipelined behind it go to workers (waitress's
+            # service), or the rest of one is still coming: the loop's.
+            channel.join()
+        self.answering = channel
         try:
             channel.service()
         except BaseException:  # as waitress's workers
             self.logger.exception("Exception when servicing %r", channel)
+        finally:
+            self.answering = None
+        if not channel.joins_later or channel._fileno is None:
+            return  # the loop's already (it sends or reads what is left), or closed
+        needed = channel.loop_needed_for()
+        if self._stop_requested:
+            needed = "closing"  # the stop closes the loop's connections
+        if needed is None:
+            self._wait_on(channel)  # for its next request, or its end
+            return
+        channel.join()
+        if needed != "lingering":  # the loop looks at those from its next turn, as after a worker's
+            self.pull_trigger()
+
+    def _wait_on(self, channel: _Channel) -> None:
+        """Wait for what comes next on ``channel`` beside the listening sockets."""
+        self.pending = channel
+        assert self._accepting is not None
+        self._accepting.register(channel._fileno, select.EPOLLIN)
+
+    def _close_pending(self) -> None:
+        """Close the connection the acceptor waits on (the server stops),
+        with the part of a request that came (``_Channel.close_now``)."""
+        channel, self.pending = self.pending, None
+        if channel is not None and channel._fileno is not None:
+            assert self._accepting is not None
+            self._accepting.unregister(channel._fileno)
+            channel.close_now()
 
     def hand_over_pending(self) -> None:
         """Have the loop wait for the request of the connection the acceptor waited on."""
         channel, self.pending = self.pending, None
-        if channel is not None:
+        if channel is not None and channel._fileno is not None:  # not closed by the stop meanwhile
             assert self._accepting is not None
             self._accepting.unregister(channel._fileno)
             channel.join()
@@ -1670,7 +1734,12 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         # something for the loop to send; not for a connection the loop
         # watches already and has nothing to do for (see _Channel).
         channel = getattr(self.serving, "channel", None)
-        if channel is not None and channel.loop_needs_nothing():
+        if channel is not None and channel.joins_later:
+            # The acceptor answers it, and the loop has not seen it yet.
+            if channel.loop_needed_for() is None:
+                return  # the acceptor waits for what comes next (_answer_or_wait)
+            channel.join()
+        elif channel is not None and channel.loop_needs_nothing():
             return
         # Workers pull the trigger after each response. While the server
         # serves, nothing closes the trigger, and a lock here would make
@@ -1730,7 +1799,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self._stop_requested = True  # also when the loop died before it was asked to stop
         self.task_dispatcher.wake_holders()
         # Closing the channels wakes workers blocked writing to them.
-        for channel in list(self._map.values()):
+        for channel in [*self._map.values(), self.answering]:
             if isinstance(channel, HTTPChannel):
                 channel.handle_close()
         if self._accepting is not None:

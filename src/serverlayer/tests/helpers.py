@@ -303,7 +303,9 @@ def client_connections(server: Any) -> int:
     """How many client connections a custom, static, content or wsgi layer's server has open."""
     if hasattr(server, "_connections"):
         return len(server._connections)
-    return sum(1 for each in list(server._map.values()) if hasattr(each, "requests"))
+    # The wsgi acceptor's pending connection is not in the loop's map.
+    pending = getattr(server, "pending", None) is not None
+    return sum(1 for each in list(server._map.values()) if hasattr(each, "requests")) + pending
 
 
 def read_to_end(sock: socket.socket) -> bytes:

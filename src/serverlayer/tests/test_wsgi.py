@@ -26,6 +26,7 @@ from serverlayer import ConfigurationError, wsgi
 from serverlayer.tests.helpers import (
     AcceptorChecks,
     ResourceProvider,
+    client_connections,
     failures_in_threads,
     get_closing,
     reader_that_stops,
@@ -564,6 +565,33 @@ class UploadLeftTests(unittest.TestCase):
         self.assertEqual([str(each.message) for each in caught if each.category is ResourceWarning], [])
 
 
+    @unittest.skipUnless(hasattr(select, "EPOLLEXCLUSIVE"), "the acceptor needs epoll's EPOLLEXCLUSIVE (Linux)")
+    def test_the_part_that_came_of_a_request_the_acceptor_waits_for_is_closed_by_the_stop(self):
+        layer = wsgi.Layer(echo_app, name="upload_waited_for")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            layer.setUp()
+            try:
+                server = layer["httpd"]
+                with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+                    client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n")
+                    client.sendall(b"x" * 1_000_000)
+                    # The acceptor read it all (far above what waitress keeps
+                    # in memory), and waits for the rest (no other connection
+                    # comes, which would send this one to the loop).
+                    def read_all() -> bool:
+                        request = getattr(server.pending, "request", None)
+                        return getattr(getattr(request, "body_rcv", None), "remain", None) == 49_000_000
+
+                    self.assertTrue(until(read_all))
+                    layer.tearDown()
+            finally:
+                if "httpd" in layer:
+                    layer.tearDown()
+            gc.collect()
+        self.assertEqual([str(each.message) for each in caught if each.category is ResourceWarning], [])
+
+
 class FixupMiddlewareTests(unittest.TestCase):
 
     def serve(self, app):
@@ -821,6 +849,61 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
                 return
         self.fail(f"the acceptor answered none of {served_by}")
 
+    def test_the_acceptor_answers_the_next_requests_of_a_keep_alive_connection_it_answered(self):
+        # It waits for them beside the listening sockets (pending), as for a
+        # first request that comes after its connection: the loop neither
+        # reads them nor hands them to a worker.
+        layer = self.serve()
+        server = layer["httpd"]
+        for _ in range(self.ATTEMPTS):
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+            self.addCleanup(connection.close)
+            served_by = []
+            for number in range(5):
+                connection.request("GET", f"/{number}")
+                served_by.append(connection.getresponse().read().decode())
+            if served_by[0].endswith(" acceptor"):
+                self.assertEqual(served_by, served_by[:1] * 5)
+                self.assertTrue(until(lambda: server.pending is not None))
+                self.assertNotIn(server.pending, list(server._map.values()))
+                return
+            connection.close()
+        self.fail("the acceptor answered none of the connections' first requests")
+
+    def test_a_connection_the_acceptor_kept_is_closed_by_it_at_its_client_s_end(self):
+        # The loop never hears of it: no turn of the loop to watch it
+        # (join), none to close it.
+        layer = self.serve()
+        server = layer["httpd"]
+        served_by = []
+        with mock.patch.object(wsgi._Channel, "join", autospec=True, side_effect=wsgi._Channel.join) as join:
+            for number in range(self.ATTEMPTS):
+                with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+                    client = RawClient(sock)
+                    sock.sendall(f"GET /{number} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                    served_by.append(client.answer().decode())
+                    sock.shutdown(socket.SHUT_WR)
+                    # The server's end, after the client's; only then the next
+                    # connection (one coming first hands this one to the loop).
+                    self.assertEqual(client.take(1), b"")
+        self.assertEqual(client_connections(server), 0)
+        self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
+        self.assertEqual(join.call_count, 0, served_by)
+
+    def test_a_connection_the_acceptor_kept_idle_for_waitress_s_channel_timeout_is_closed(self):
+        layer = self.serve()
+        server = layer["httpd"]
+        server.adj.channel_timeout = server.adj.cleanup_interval = 0.2
+        server.next_channel_cleanup = 0  # waitress's maintenance, from the loop's next turn on
+        for _ in range(self.ATTEMPTS):
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+                client = RawClient(sock)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                if client.answer().endswith(b" acceptor"):
+                    self.assertEqual(client.take(1), b"")  # the server's end, not the socket's timeout
+                    return
+        self.fail("the acceptor answered none of the connections' first requests")
+
     def test_a_client_gone_is_seen_by_a_request_the_acceptor_runs(self):
         layer = self.serve()
         GONE_SEEN.clear()
@@ -868,16 +951,17 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             layer = self.serve()
         server = layer["httpd"]
         kept = []
-        while len(server._map) < limit:
+        while server.acceptor is not None:  # until it stopped at the limit
             connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
             self.addCleanup(connection.close)
             connection.request("GET", "/kept")
             self.assertTrue(connection.getresponse().read())
             kept.append(connection)
+            # The acceptor keeps the connection it answered (pending), and
+            # waits for more while there is room; it stops at the limit.
+            self.assertTrue(until(lambda: server.acceptor is None or (server.pending and server.has_room())))
+            self.assertLessEqual(len(kept), limit)
         deadline = time.monotonic() + 10
-        while server.acceptor is not None and time.monotonic() < deadline:
-            time.sleep(0.005)  # until it stopped at the limit
-        self.assertIsNone(server.acceptor)
         for connection in kept:
             connection.close()
         while (server.acceptor is None or len(server._map) >= limit) and time.monotonic() < deadline:
@@ -955,7 +1039,10 @@ class HoldTests(unittest.TestCase):
         UNBLOCK.clear()
         UNBLOCKED.clear()
         self.addCleanup(UNBLOCK.set)
-        return set_up_by_hand(self, wsgi.Layer(holding_app, name=f"hold_{self._testMethodName}", **kwargs))
+        # Without the acceptor, which keeps the keep-alive connection it
+        # answered to itself (AcceptorTests): the loop's go to workers.
+        with mock.patch.object(wsgi.WaitressServer, "uses_acceptor", False):
+            return set_up_by_hand(self, wsgi.Layer(holding_app, name=f"hold_{self._testMethodName}", **kwargs))
 
     def kept(self, layer) -> http.client.HTTPConnection:
         connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
@@ -1102,7 +1189,8 @@ class HoldTests(unittest.TestCase):
 
     def test_the_layer_s_tear_down_ends_a_worker_holding_a_connection(self):
         layer = wsgi.Layer(holding_app, name="hold_tear_down")
-        layer.setUp()
+        with mock.patch.object(wsgi.WaitressServer, "uses_acceptor", False):  # as serve()
+            layer.setUp()
         try:
             connection = self.kept(layer)
             for _ in range(3):
