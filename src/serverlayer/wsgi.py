@@ -1239,7 +1239,8 @@ class _ExclusiveListener(wasyncore.file_dispatcher):  # type: ignore[misc]
     (``WaitressServer.accept_and_serve``): an epoll object that waits on
     the listening sockets, registered after the acceptor's, and
     exclusively, so that the kernel wakes the loop only when no acceptor
-    waits."""
+    waits. The acceptor registers it only while the loop is to accept
+    (``WaitressServer.loop_accepts``)."""
 
     def __init__(self, server: WaitressServer, accepting: select.epoll) -> None:
         super().__init__(accepting.fileno(), map=server._map)  # watches a copy of its descriptor
@@ -1257,15 +1258,8 @@ class _ExclusiveListener(wasyncore.file_dispatcher):  # type: ignore[misc]
         return False
 
     def handle_read(self) -> None:
-        for fd, _ in self.epoll.poll(0):
-            try:
-                connection, address = self.server.listening[fd].accept()
-            except OSError:  # the acceptor took it, or the client left before we got to it
-                continue
-            self.server.adopt(connection, address)
-        self.server.resume_acceptor()
-        if not self.server.has_room():
-            self.server.wake_acceptor()  # to stop, as it would have had it accepted the last
+        self.epoll.poll(0)
+        self.server.accept_waiting()
 
     def close(self) -> None:
         super().close()
@@ -1413,6 +1407,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self._acceptor_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         accepting.register(self._acceptor_wake, select.EPOLLIN)
         self.listeners = [_ExclusiveListener(self, _exclusive_accepting(self.sockets))]
+        self._loop_accepting = True  # until the acceptor runs
         return accepting
 
     def readable(self) -> bool:
@@ -1441,6 +1436,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
 
     def _accept_and_serve(self) -> None:
         self.acceptor_ident = threading.get_ident()
+        self.loop_accepts(False)
         accepting = self._accepting
         assert accepting is not None
         try:
@@ -1473,6 +1469,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                 self._close_pending()
             else:
                 self.hand_over_pending()
+            self.loop_accepts(True)
             self.acceptor = None
 
     def _pending_idle_left(self) -> float:
@@ -1483,6 +1480,50 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         if pending is None:
             return -1
         return max(0.0, self.adj.channel_timeout - (time.time() - pending.last_activity))
+
+    # The loop accepts new connections only while the acceptor answers a
+    # request (which may take long: an application calling its own server
+    # waits for the loop to accept), or does not run. The kernel wakes the
+    # loop for a connection whenever the acceptor is not waiting for one,
+    # also when it is about to look again (with a client in the server's
+    # process, it often waits for the interpreter lock to do so): the loop
+    # then took a fifth of the new connections, each handed to a worker,
+    # and was woken in vain for as many again.
+
+    #: Whether the loop's epoll object watches the listening sockets.
+    _loop_accepting = False
+
+    def loop_accepts(self, accepts: bool) -> None:
+        """Have the loop accept new connections too, or not: registered
+        while the loop waits, a listening socket with a connection waiting
+        wakes it at once. Called by the acceptor alone."""
+        if accepts == self._loop_accepting:
+            return
+        self._loop_accepting = accepts
+        epoll = self.listeners[0].epoll
+        for listening in self.sockets:
+            try:
+                if accepts:
+                    epoll.register(listening, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                else:
+                    epoll.unregister(listening)
+            except (OSError, ValueError):  # closed by the stop (the acceptor outlived it)
+                return
+
+    def accept_waiting(self) -> None:
+        """Accept the connections waiting, in the loop, while there is room."""
+        for listening in self.listening.values():
+            while self.has_room():
+                try:
+                    connection, address = listening.accept()
+                except ConnectionAbortedError:  # the client left before we got to it
+                    continue
+                except OSError:  # none left (the acceptor took them), or none can be had now
+                    break
+                self.adopt(connection, address)
+        self.resume_acceptor()
+        if not self.has_room():
+            self.wake_acceptor()  # to stop, as it would have had it accepted the last
 
     def wake_acceptor(self) -> None:
         """Have the acceptor look again whether to go on (or stop)."""
@@ -1556,12 +1597,15 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             # service), or the rest of one is still coming: the loop's.
             channel.join()
         self.answering = channel
+        self.loop_accepts(True)
         try:
             channel.service()
         except BaseException:  # as waitress's workers
             self.logger.exception("Exception when servicing %r", channel)
         finally:
             self.answering = None
+            if not self._stop_requested:
+                self.loop_accepts(False)
         if not channel.joins_later or channel._fileno is None:
             return  # the loop's already (it sends or reads what is left), or closed
         needed = channel.loop_needed_for()

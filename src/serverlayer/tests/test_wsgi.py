@@ -870,6 +870,47 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             connection.close()
         self.fail("the acceptor answered none of the connections' first requests")
 
+    def test_the_loop_leaves_new_connections_to_the_acceptor_while_it_answers_no_request(self):
+        # Even when the acceptor is not waiting for one right then (here:
+        # held up before it waits again), as with a client in the server's
+        # process, which the acceptor waits for the interpreter lock to let
+        # it run: the kernel wakes the loop, which took such a connection.
+        layer = self.serve()
+        server = layer["httpd"]
+        self.assertTrue(until(lambda: server.acceptor is not None))
+        held_up, go_on = threading.Event(), threading.Event()
+        self.addCleanup(go_on.set)
+        idle_left = server._pending_idle_left
+
+        def acceptor_held_up() -> float:
+            held_up.set()
+            go_on.wait(10)
+            return idle_left()
+
+        turns = []
+        poll_once = server.poll_once
+
+        def counted_turn() -> None:
+            turns.append(None)
+            poll_once()
+
+        with mock.patch.object(server, "_pending_idle_left", acceptor_held_up), mock.patch.object(
+            server, "poll_once", counted_turn
+        ):
+            server.wake_acceptor()
+            self.assertTrue(held_up.wait(10))
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                # A whole turn of the loop after the connection came, which
+                # would have accepted it where the loop watches for them.
+                for _ in range(2):
+                    seen = len(turns)
+                    server.pull_trigger()
+                    self.assertTrue(until(lambda seen=seen: len(turns) > seen))
+                self.assertEqual(client_connections(server), 0)
+                go_on.set()
+                self.assertTrue(RawClient(sock).answer().endswith(b" acceptor"))
+
     def test_a_connection_the_acceptor_kept_is_closed_by_it_at_its_client_s_end(self):
         # The loop never hears of it: no turn of the loop to watch it
         # (join), none to close it.
