@@ -1459,11 +1459,10 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                             os.eventfd_read(fd)
                     if fd not in self.listening:
                         continue  # the wake-up, or the connection waited on
-                    # The one it was woken for; then the next ones, before
-                    # waiting: one that came while this one was served woke
-                    # the loop too, which waits for the lock this thread holds.
-                    while self.accept_and_serve(fd) and self.has_room() and not self._stop_requested:
-                        pass
+                    # The one it was woken for. Those that came while it was
+                    # answered, the loop accepted; any left, the next poll()
+                    # finds at once (without a failed accept() each time).
+                    self.accept_and_serve(fd)
         finally:
             if self._stop_requested:
                 self._close_pending()

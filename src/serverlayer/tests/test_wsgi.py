@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import http.client
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 import warnings
 import wsgiref.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr
 from typing import Any
 from unittest import mock
@@ -870,23 +871,32 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             connection.close()
         self.fail("the acceptor answered none of the connections' first requests")
 
-    def test_the_loop_leaves_new_connections_to_the_acceptor_while_it_answers_no_request(self):
-        # Even when the acceptor is not waiting for one right then (here:
-        # held up before it waits again), as with a client in the server's
-        # process, which the acceptor waits for the interpreter lock to let
-        # it run: the kernel wakes the loop, which took such a connection.
-        layer = self.serve()
-        server = layer["httpd"]
+    @contextlib.contextmanager
+    def acceptor_held_up(self, server: wsgi.WaitressServer) -> Iterator[threading.Event]:
+        """The acceptor held up before it waits again (neither waiting nor
+        answering a request) until the event yielded is set: as with a
+        client in the server's process, which the acceptor waits for the
+        interpreter lock to let it run."""
         self.assertTrue(until(lambda: server.acceptor is not None))
         held_up, go_on = threading.Event(), threading.Event()
         self.addCleanup(go_on.set)
         idle_left = server._pending_idle_left
 
-        def acceptor_held_up() -> float:
+        def held_up_first() -> float:
             held_up.set()
             go_on.wait(10)
             return idle_left()
 
+        with mock.patch.object(server, "_pending_idle_left", held_up_first):
+            server.wake_acceptor()
+            self.assertTrue(held_up.wait(10))
+            yield go_on
+
+    def test_the_loop_leaves_new_connections_to_the_acceptor_while_it_answers_no_request(self):
+        # The kernel wakes the loop for a connection whenever the acceptor
+        # does not wait for one, and the loop took it.
+        layer = self.serve()
+        server = layer["httpd"]
         turns = []
         poll_once = server.poll_once
 
@@ -894,11 +904,7 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             turns.append(None)
             poll_once()
 
-        with mock.patch.object(server, "_pending_idle_left", acceptor_held_up), mock.patch.object(
-            server, "poll_once", counted_turn
-        ):
-            server.wake_acceptor()
-            self.assertTrue(held_up.wait(10))
+        with mock.patch.object(server, "poll_once", counted_turn), self.acceptor_held_up(server) as go_on:
             with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
                 # A whole turn of the loop after the connection came, which
@@ -910,6 +916,32 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
                 self.assertEqual(client_connections(server), 0)
                 go_on.set()
                 self.assertTrue(RawClient(sock).answer().endswith(b" acceptor"))
+
+    def test_the_loop_accepts_a_connection_left_to_the_acceptor_once_it_answers_a_request(self):
+        # The second request came before the acceptor took up the first,
+        # which waits for it: the loop accepts and answers it meanwhile.
+        other_answered = threading.Event()
+
+        def waits_for_the_other(environ, start_response):
+            if environ["PATH_INFO"] == "/first":
+                body = b"the other came" if other_answered.wait(10) else b"waited in vain"
+            else:
+                other_answered.set()
+                body = b"other"
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+
+        layer = set_up_by_hand(self, wsgi.Layer(waits_for_the_other, name="acceptor_left_first"))
+        server = layer["httpd"]
+        address = (layer["http_host"], layer["http_port"])
+        with self.acceptor_held_up(server) as go_on:
+            with socket.create_connection(address, timeout=10) as first:
+                first.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+                with socket.create_connection(address, timeout=10) as other:
+                    other.sendall(b"GET /other HTTP/1.1\r\nHost: t\r\n\r\n")
+                    go_on.set()
+                    self.assertEqual(RawClient(other).answer(), b"other")
+                self.assertEqual(RawClient(first).answer(), b"the other came")
 
     def test_a_connection_the_acceptor_kept_is_closed_by_it_at_its_client_s_end(self):
         # The loop never hears of it: no turn of the loop to watch it
