@@ -577,9 +577,11 @@ class _Acceptor(_Worker):
         _this_thread.worker = self
         server = self.server
         while not (self.retiring or server._stopping):
-            events = self._accepting.poll()
+            events = self._accepting.poll(server.pending_idle_left())
             pending = server.pending
-            if pending is not None and any(fd == pending.descriptor for fd, _ in events):
+            if not events:  # the connection waited on idle for its handler's timeout
+                server.hand_over_pending()  # the loop closes it
+            elif pending is not None and any(fd == pending.descriptor for fd, _ in events):
                 server.serve_pending()  # its connection came before any new one
             for fd, _ in events:
                 if fd == self._wake_fd:
@@ -954,20 +956,46 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             # the listening sockets; a connection that comes first goes to
             # the loop instead (it came first, and the acceptor is about to
             # serve the next).
-            self.pending = conversation
-            self._accepting.register(conversation.descriptor, select.EPOLLIN)
+            self._wait_on(conversation)
         else:
             self._dispatch(functools.partial(self._serve, conversation, conversation.start))
         return True
 
     def _serve_accepted(self, conversation: _Conversation) -> None:
         try:
-            self._serve(conversation, conversation.start)
+            self._serve(conversation, conversation.start if conversation.handler is None else conversation.resume)
         finally:
             self._activity.finish()
 
-    #: The connection the acceptor waits for a request on, if any.
+    #: The connection the acceptor waits for a request on, if any: one it
+    #: accepted before its request came, or a keep-alive one whose request
+    #: it answered (``_keeps``).
     pending: _Conversation | None = None
+
+    def _wait_on(self, conversation: _Conversation) -> None:
+        self.pending = conversation
+        self._accepting.register(conversation.descriptor, select.EPOLLIN)
+
+    def pending_idle_left(self) -> float | None:
+        """How long the acceptor may wait for the connection it waits on
+        before its handler's ``timeout`` passes (None: no limit)."""
+        pending = self.pending
+        deadline = None if pending is None else pending.idle_deadline()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _keeps(self, conversation: _Conversation) -> bool:
+        """Whether the acceptor, having answered a keep-alive request on
+        ``conversation``, waits for its next request (or its end) beside
+        the listening sockets, rather than giving it back to the loop: a
+        client that opens a connection per request and closes it after the
+        answer (``requests.get``) then costs the loop nothing."""
+        acceptor = self._acceptor
+        if acceptor is None or acceptor.retiring or self.pending is not None:
+            return False
+        if getattr(_this_thread, "worker", None) is not acceptor:
+            return False
+        self._wait_on(conversation)
+        return True
 
     def serve_pending(self) -> None:
         """Serve the request that came on the connection the acceptor waits on."""
@@ -976,6 +1004,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._accepting.unregister(conversation.descriptor)
         if _socket_has_data(conversation.connection):
             self._serve_accepted(conversation)
+        elif conversation.handler is not None:  # the end of one it kept: the loop never saw it
+            self._close(conversation.connection)
         else:  # its end, or an error: the loop closes it
             self._give_back(conversation)
 
@@ -1079,6 +1109,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def await_request(self, connection: socket.socket, deadline: float | None = None) -> bool | None:
         """Wait for the next request on ``connection``: True once it comes,
         False if ``deadline`` (``time.monotonic()``) passes first, None to park it instead."""
+        if getattr(_this_thread, "worker", None) is self._acceptor:
+            return None  # parked at once: the acceptor waits for it beside the listening sockets (_keeps)
         return self.wait_readable(connection, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def wait_readable(
@@ -1243,7 +1275,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             self.handle_error(conversation.connection, conversation.address)
             conversation.parked = False
         if conversation.parked and not self._stopping:
-            self._give_back(conversation)
+            if not self._keeps(conversation):
+                self._give_back(conversation)
         elif conversation.client_sent_its_last():
             self._close(conversation.connection)
         else:
