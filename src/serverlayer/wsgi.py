@@ -1447,7 +1447,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                     # there is room, and starts the acceptor again.
                     self.pull_trigger()
                     return
-                events = accepting.poll(self._pending_idle_left())
+                events = accepting.poll(self.pending_idle_left())
                 pending = self.pending
                 if not events:  # the connection waited on idle for waitress's channel_timeout
                     self.hand_over_pending()  # the loop's maintenance closes it
@@ -1471,7 +1471,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             self.loop_accepts(True)
             self.acceptor = None
 
-    def _pending_idle_left(self) -> float:
+    def pending_idle_left(self) -> float:
         """How long the acceptor may wait for the connection it waits on
         before it has been idle for waitress's ``channel_timeout`` (-1: no
         such connection, no limit)."""

@@ -3,6 +3,7 @@ raw HTTP over a socket, and running zope.testrunner on a sample suite."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import http.client
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 import unittest
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from unittest import mock
@@ -337,6 +339,56 @@ class AcceptorChecks:
 
     def serve(self) -> Any:
         raise NotImplementedError
+
+    def loop_turn(self, server: Any) -> None:
+        """Have the server's loop take a whole turn, and wait for it."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def acceptor_held_up(self, server: Any) -> Iterator[threading.Event]:
+        """The acceptor held up before it waits again (neither waiting nor
+        answering a request) until the event yielded is set: as with a
+        client in the server's process, which the acceptor waits for the
+        interpreter lock to let it run."""
+        test = cast(unittest.TestCase, self)
+
+        def acceptor() -> Any:
+            return getattr(server, "acceptor", None) or getattr(server, "_acceptor", None)
+
+        test.assertTrue(until(lambda: acceptor() is not None))
+        held_up, go_on = threading.Event(), threading.Event()
+        test.addCleanup(go_on.set)
+        idle_left = type(server).pending_idle_left
+
+        def held_up_first(this: Any) -> float | None:
+            if this is server:
+                held_up.set()
+                go_on.wait(10)
+            return idle_left(this)  # type: ignore[no-any-return]
+
+        # On the class: the custom layer's server refuses a method of its own set on it.
+        with mock.patch.object(type(server), "pending_idle_left", held_up_first):
+            (getattr(server, "wake_acceptor", None) or acceptor().wake)()
+            test.assertTrue(held_up.wait(10))
+            yield go_on
+
+    def test_the_loop_leaves_new_connections_to_the_acceptor_while_it_answers_no_request(self) -> None:
+        # The kernel wakes the loop for a connection whenever the acceptor
+        # does not wait for one, and the loop took it.
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        server = layer["httpd"]
+        test.assertTrue(until(lambda: client_connections(server) == 0))
+        with self.acceptor_held_up(server) as go_on:
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+            test.addCleanup(connection.close)
+            connection.request("GET", "/")
+            # A whole turn of the loop after the connection came, which
+            # would have accepted it where the loop watches for them.
+            self.loop_turn(server)
+            test.assertEqual(client_connections(server), 0)
+            go_on.set()
+            test.assertTrue(connection.getresponse().read().decode().endswith(" acceptor"))
 
     def test_the_acceptor_answers_a_new_connection_s_request(self) -> None:
         test = cast(unittest.TestCase, self)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import http.client
@@ -18,7 +17,7 @@ import urllib.error
 import urllib.request
 import warnings
 import wsgiref.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import redirect_stderr
 from typing import Any
 from unittest import mock
@@ -871,32 +870,7 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             connection.close()
         self.fail("the acceptor answered none of the connections' first requests")
 
-    @contextlib.contextmanager
-    def acceptor_held_up(self, server: wsgi.WaitressServer) -> Iterator[threading.Event]:
-        """The acceptor held up before it waits again (neither waiting nor
-        answering a request) until the event yielded is set: as with a
-        client in the server's process, which the acceptor waits for the
-        interpreter lock to let it run."""
-        self.assertTrue(until(lambda: server.acceptor is not None))
-        held_up, go_on = threading.Event(), threading.Event()
-        self.addCleanup(go_on.set)
-        idle_left = server._pending_idle_left
-
-        def held_up_first() -> float:
-            held_up.set()
-            go_on.wait(10)
-            return idle_left()
-
-        with mock.patch.object(server, "_pending_idle_left", held_up_first):
-            server.wake_acceptor()
-            self.assertTrue(held_up.wait(10))
-            yield go_on
-
-    def test_the_loop_leaves_new_connections_to_the_acceptor_while_it_answers_no_request(self):
-        # The kernel wakes the loop for a connection whenever the acceptor
-        # does not wait for one, and the loop took it.
-        layer = self.serve()
-        server = layer["httpd"]
+    def loop_turn(self, server):
         turns = []
         poll_once = server.poll_once
 
@@ -904,18 +878,11 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             turns.append(None)
             poll_once()
 
-        with mock.patch.object(server, "poll_once", counted_turn), self.acceptor_held_up(server) as go_on:
-            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                # A whole turn of the loop after the connection came, which
-                # would have accepted it where the loop watches for them.
-                for _ in range(2):
-                    seen = len(turns)
-                    server.pull_trigger()
-                    self.assertTrue(until(lambda seen=seen: len(turns) > seen))
-                self.assertEqual(client_connections(server), 0)
-                go_on.set()
-                self.assertTrue(RawClient(sock).answer().endswith(b" acceptor"))
+        with mock.patch.object(server, "poll_once", counted_turn):
+            for _ in range(2):  # the second begins once the first is whole
+                seen = len(turns)
+                server.pull_trigger()
+                self.assertTrue(until(lambda seen=seen: len(turns) > seen))
 
     def test_the_loop_accepts_a_connection_left_to_the_acceptor_once_it_answers_a_request(self):
         # The second request came before the acceptor took up the first,
