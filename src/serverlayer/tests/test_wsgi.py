@@ -1259,8 +1259,12 @@ class HoldTests(unittest.TestCase):
             return begin_hold(wake)
 
         connection = self.kept(layer)
-        self.get(connection)  # the acceptor's or a worker's
+        self.get(connection)  # a worker's (no acceptor here), which then holds the connection
         (channel,) = [each for each in list(server._map.values()) if isinstance(each, wsgi._Channel)]
+        # Its hold begun before the patch: one begun after it (the worker
+        # slow to get there) stopped the server before the next request,
+        # which the loop then never read (a 10 s timeout, now and then).
+        self.assertTrue(until(lambda: channel.held))
         with mock.patch.object(dispatcher, "begin_hold", side_effect=begin_hold_after_the_stop):
             self.get(connection)
             self.assertTrue(until(lambda: channel.holds))
