@@ -1158,6 +1158,10 @@ class HoldTests(unittest.TestCase):
         # request (one that came after its connection, under load) held it.
         for connection in (held, held, held, blocked, waiting):
             self.get(connection)
+            # The worker that answered is idle again (or holds): the next
+            # request finds it idle, rather than waking the holder to answer
+            # it, after which no worker holds (3 connections, 2 workers).
+            self.assertTrue(until(lambda: server.task_dispatcher.active_count <= len(held_channels(server))))
         self.assertTrue(until(lambda: held_channels(server)))  # held's, by one worker; the other is idle
         blocked.request("GET", "/block")  # takes the idle worker
         self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2))
@@ -1176,12 +1180,19 @@ class HoldTests(unittest.TestCase):
         layer = self.serve(threads=3)
         server = layer["httpd"]
         waiting_holder, answering_holder, blocked, asking = (self.kept(layer) for _ in range(4))
+        def idle_or_holding() -> bool:
+            # The worker that answered is idle again (or holds): the next
+            # request finds it idle, rather than waking a holder to answer
+            # it (which then holds no more: as many connections as workers).
+            return bool(server.task_dispatcher.active_count <= len(held_channels(server)))
+
         for holds, connection in enumerate((waiting_holder, answering_holder), 1):
             self.get(connection)
             self.get(connection)
             self.assertTrue(until(lambda holds=holds: len(held_channels(server)) == holds))
-        self.get(blocked)  # the third worker's, or the acceptor's: neither holds it
-        self.get(asking)
+        for connection in (blocked, asking):
+            self.get(connection)  # the third worker's: it holds neither
+            self.assertTrue(until(idle_or_holding))
         self.assertEqual(len(held_channels(server)), 2)
         answering_holder.request("GET", "/block")  # its holder answers it
         self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2 and len(held_channels(server)) == 2))
