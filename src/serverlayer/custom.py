@@ -604,6 +604,20 @@ class _Acceptor(_Worker):
         os.eventfd_write(self._wake_fd, 1)
 
 
+def _watch_listening(epoll: Any, sockets: Sequence[socket.socket], watching: bool) -> None:
+    """Register ``epoll`` on the listening ``sockets`` after the acceptor's
+    (``EPOLLEXCLUSIVE``), or unregister it. Registered while a connection
+    waits, it wakes whoever waits on it at once."""
+    for listening in sockets:
+        try:
+            if watching:
+                epoll.register(listening, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            else:
+                epoll.unregister(listening)
+        except (OSError, ValueError):  # closed by the stop (an acceptor outlived it)
+            return
+
+
 def _takes_more(connection: socket.socket) -> bool:
     """Whether ``connection``'s socket has room for more to send now: its
     client reads what it is sent (a write blocks only while it has none)."""
@@ -1009,14 +1023,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         if epoll is None or accepts == self._loop_registered or self._stopping:
             return
         self._loop_registered = accepts
-        for listening in self.sockets:
-            try:
-                if accepts:
-                    epoll.register(listening, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-                else:
-                    epoll.unregister(listening)
-            except (OSError, ValueError):  # closed by the stop
-                return
+        _watch_listening(epoll, self.sockets, accepts)
 
     #: The connection the acceptor waits for a request on, if any: one it
     #: accepted before its request came, or a keep-alive one whose request

@@ -35,7 +35,7 @@ from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
-from serverlayer.custom import _exclusive_accepting, _socket_has_data, _takes_more
+from serverlayer.custom import _exclusive_accepting, _socket_has_data, _takes_more, _watch_listening
 from serverlayer.errors import ConfigurationError
 from serverlayer.layer import HTTPLayer, identity, positive_number, refuse_bound_application
 from serverlayer.recording import REQUEST_HEAD, RecordingMiddleware, RequestLog, is_latin_1
@@ -1499,15 +1499,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         if accepts == self._loop_accepting:
             return
         self._loop_accepting = accepts
-        epoll = self.listeners[0].epoll
-        for listening in self.sockets:
-            try:
-                if accepts:
-                    epoll.register(listening, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-                else:
-                    epoll.unregister(listening)
-            except (OSError, ValueError):  # closed by the stop (the acceptor outlived it)
-                return
+        _watch_listening(self.listeners[0].epoll, self.sockets, accepts)
 
     def accept_waiting(self) -> None:
         """Accept the connections waiting, in the loop, while there is room."""

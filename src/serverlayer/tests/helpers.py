@@ -340,9 +340,29 @@ class AcceptorChecks:
     def serve(self) -> Any:
         raise NotImplementedError
 
+    #: The server's method that its loop calls once a turn (for ``loop_turn``).
+    LOOP_TURN_METHOD = ""
+
+    def wake_loop(self, server: Any) -> None:
+        raise NotImplementedError
+
     def loop_turn(self, server: Any) -> None:
         """Have the server's loop take a whole turn, and wait for it."""
-        raise NotImplementedError
+        test = cast(unittest.TestCase, self)
+        turns: list[None] = []
+        method = getattr(type(server), self.LOOP_TURN_METHOD)
+
+        def counted_turn(this: Any, *args: Any) -> Any:
+            if this is server:
+                turns.append(None)
+            return method(this, *args)
+
+        # On the class: the custom layer's server refuses a method of its own set on it.
+        with mock.patch.object(type(server), self.LOOP_TURN_METHOD, counted_turn):
+            for _ in range(2):  # the second begins once the first is whole
+                seen = len(turns)
+                self.wake_loop(server)
+                test.assertTrue(until(lambda seen=seen: len(turns) > seen))
 
     @contextlib.contextmanager
     def acceptor_held_up(self, server: Any) -> Iterator[threading.Event]:

@@ -870,19 +870,10 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             connection.close()
         self.fail("the acceptor answered none of the connections' first requests")
 
-    def loop_turn(self, server):
-        turns = []
-        poll_once = server.poll_once
+    LOOP_TURN_METHOD = "poll_once"
 
-        def counted_turn() -> None:
-            turns.append(None)
-            poll_once()
-
-        with mock.patch.object(server, "poll_once", counted_turn):
-            for _ in range(2):  # the second begins once the first is whole
-                seen = len(turns)
-                server.pull_trigger()
-                self.assertTrue(until(lambda seen=seen: len(turns) > seen))
+    def wake_loop(self, server):
+        server.pull_trigger()
 
     def test_the_loop_accepts_a_connection_left_to_the_acceptor_once_it_answers_a_request(self):
         # The second request came before the acceptor took up the first,
