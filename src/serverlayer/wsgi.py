@@ -1252,7 +1252,10 @@ class _ExclusiveListener(wasyncore.file_dispatcher):  # type: ignore[misc]
         return self.server.logger  # type: ignore[no-any-return]
 
     def readable(self) -> bool:
-        return self.server.below_limit
+        # Not waitress's count alone: with a connection the acceptor
+        # answers, its map is one short, and the listener, readable with
+        # nothing it may accept, would make the loop spin.
+        return self.server.below_limit and self.server.has_room()
 
     def writable(self) -> bool:
         return False
@@ -1522,8 +1525,10 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             os.eventfd_write(self._acceptor_wake, 1)
 
     def has_room(self) -> bool:
-        """Whether the server is below its connection limit."""
-        return len(self._map) + (self.pending is not None) < self.adj.connection_limit
+        """Whether the server is below its connection limit. The connection
+        the acceptor waits on or answers counts too: the loop's map lacks it."""
+        outside = self.pending or self.answering
+        return len(self._map) + (outside is not None and outside.joins_later) < self.adj.connection_limit
 
     # A client's request may come after the acceptor accepted its
     # connection: a client in the same process (a test calling its layer)
@@ -1588,6 +1593,13 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             # service), or the rest of one is still coming: the loop's.
             channel.join()
         self.answering = channel
+        if self._stop_requested:
+            # The stop closes the connection the acceptor answers, and may
+            # have looked for it just before it was set: not run (the stop
+            # waits for no request taken up after it), closed here.
+            self.answering = None
+            self._close_untaken(channel)
+            return
         self.loop_accepts(True)
         try:
             channel.service()
@@ -1608,6 +1620,15 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         channel.join()
         if needed != "lingering":  # the loop looks at those from its next turn, as after a worker's
             self.pull_trigger()
+
+    @staticmethod
+    def _close_untaken(channel: _Channel) -> None:
+        """Close ``channel`` with the requests it read and nobody will
+        answer (their bodies may be in temporary files)."""
+        for request in channel.requests:
+            request.close()
+        channel.requests = []
+        channel.close_now()
 
     def _wait_on(self, channel: _Channel) -> None:
         """Wait for what comes next on ``channel`` beside the listening sockets."""

@@ -974,6 +974,80 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
         self.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
 
+    def acceptor_answering(self, path: str, go_on: threading.Event, limit: int = 100):
+        """A layer whose acceptor answered a request to ``path``, or
+        answers it until ``go_on`` is set (``/wait``); the layer and the
+        request's connection."""
+
+        self.paths_run: list[str] = []
+
+        def waits_on_wait(environ, start_response):
+            self.paths_run.append(environ["PATH_INFO"])
+            if environ["PATH_INFO"] == "/wait":
+                go_on.wait(10)
+            body = threading.current_thread().name.encode()
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+
+        with mock.patch.object(wsgi, "CONNECTION_LIMIT", limit):
+            layer = set_up_by_hand(self, wsgi.Layer(waits_on_wait, name=f"acceptor_{self._testMethodName}"))
+        self.addCleanup(go_on.set)
+        server = layer["httpd"]
+        # Waiting alone on the listening sockets, the acceptor takes the next connection.
+        self.assertTrue(until(lambda: server.acceptor is not None and not server._loop_accepting))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", path)
+        if path == "/wait":
+            self.assertTrue(until(lambda: server.answering is not None))
+        else:
+            self.assertTrue(connection.getresponse().read().endswith(b" acceptor"))
+        return layer, connection
+
+    def test_a_connection_the_acceptor_answers_counts_towards_the_connection_limit(self):
+        # The loop's map lacks it; the loop accepts meanwhile, and stops one below the limit.
+        go_on = threading.Event()
+        layer, waiting = self.acceptor_answering("/wait", go_on, limit=12)
+        server = layer["httpd"]
+        room = 12 - len(server._map) - 1  # the server's socket, its trigger and its listener count too
+        others = []
+        for number in range(room + 1):
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+            self.addCleanup(connection.close)
+            connection.request("GET", f"/other-{number}")
+            others.append(connection)
+        for connection in others[:room]:
+            self.assertTrue(connection.getresponse().read())
+        self.loop_turn(server)
+        self.assertEqual(len(server._map), 11)  # and the one answered: 12
+        # Nor does it watch the listening sockets meanwhile (it would spin).
+        self.assertFalse(server.listeners[0].readable())
+        go_on.set()
+        self.assertTrue(waiting.getresponse().read().endswith(b" acceptor"))
+        for connection in [waiting, *others[:room]]:
+            connection.close()
+        self.assertTrue(others[-1].getresponse().read())  # accepted once there was room
+
+    def test_a_request_the_acceptor_takes_up_as_the_server_stops_is_not_run(self):
+        # The stop closes the connection the acceptor answers (``answering``),
+        # which it may look for just before the acceptor sets it.
+        go_on = threading.Event()
+        layer, _ = self.acceptor_answering("/", go_on)  # takes the first connection
+        server = layer["httpd"]
+        answer_or_wait = wsgi.WaitressServer._answer_or_wait
+
+        def stop_comes_first(this, channel, still_open):
+            if this is server and getattr(this.serving, "accepted", None) and not this.stop_requested:
+                this.request_stop()
+            return answer_or_wait(this, channel, still_open)
+
+        self.assertTrue(until(lambda: server.pending is not None))  # the first, kept: the acceptor waits again
+        with mock.patch.object(wsgi.WaitressServer, "_answer_or_wait", stop_comes_first):
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+                sock.sendall(b"GET /during-stop HTTP/1.1\r\nHost: t\r\n\r\n")
+                self.assertEqual(read_until_closed(sock), b"")
+        self.assertEqual(self.paths_run, ["/"])
+
     def test_the_loop_starts_the_acceptor_again_once_there_is_room(self):
         # Not only when the loop itself accepts a connection: one the kernel
         # offered the acceptor alone as it stopped would wait for another.
