@@ -147,11 +147,15 @@ def _client_left(connection: socket.socket) -> bool:
         return True
 
 
+#: As a plain int: or-ing the enum members costs more than the call.
+_PEEK_FLAGS = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
+
+
 def _peek(connection: socket.socket) -> bytes:
     """The next byte the connection's socket has, without taking it or
     waiting; of a TLS connection a handler made (``ssl.SSLSocket``, whose
     own ``recv`` refuses flags), the next byte of TLS record."""
-    return socket.socket.recv(connection, 1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
+    return socket.socket.recv(connection, 1, _PEEK_FLAGS)
 
 
 class _ReadingWithoutWaiting:
@@ -322,7 +326,9 @@ class _Conversation:
         #: The connection's file descriptor and ends, also once a handler's
         #: setup() detached the socket to wrap it (a TLS handshake may stall there).
         self.descriptor = connection.fileno()
-        self.ends = _ends(connection)
+        # Only a handler's own setup() detaches it (two system calls saved
+        # per connection for the others).
+        self.ends = _ends(connection) if server._handler_sets_up else None
         self.address = address
         self.client_cert = client_cert
         #: The server's handler class when the client connected, and how it
@@ -592,11 +598,10 @@ class _Acceptor(_Worker):
                     with contextlib.suppress(BlockingIOError):  # a retired acceptor's wake, read already
                         os.eventfd_read(fd)
                 elif fd in server._listening:
-                    # Then the next connection, before waiting: one that came
-                    # while this one was served woke the loop too, which waits
-                    # for the interpreter lock this thread holds.
-                    while not (self.retiring or server._stopping) and server._accept_and_serve(fd):
-                        pass
+                    # The one it was woken for. Those that came while it was
+                    # answered, the loop accepted; any left, the next poll()
+                    # finds at once (without a failed accept() each time).
+                    server._accept_and_serve(fd)
         if not server._stopping:
             server.hand_over_waiting()
 
@@ -701,6 +706,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     #: What connections from now on are served with (``_serve_handler_class``).
     handler_class: type[http.server.BaseHTTPRequestHandler]
     _handler_shares_threads: bool
+    _handler_sets_up: bool
     _logs_to_stderr: bool
 
     def __init__(
@@ -815,6 +821,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         object.__setattr__(self, "handler_class", handler_class)
         object.__setattr__(self, "_handler_shares_threads",
                            handler_class.handle is http.server.BaseHTTPRequestHandler.handle)
+        object.__setattr__(self, "_handler_sets_up", handler_class.setup is not socketserver.StreamRequestHandler.setup)
         #: Whether the handler logs with http.server's ``log_message``, which
         #: writes every request to stderr (a plain ``BaseHTTPRequestHandler``
         #: subclass, ``SimpleHTTPRequestHandler``): quiet unless verbose, as ours.

@@ -410,6 +410,29 @@ class AcceptorChecks:
             go_on.set()
             test.assertTrue(connection.getresponse().read().decode().endswith(" acceptor"))
 
+    def test_the_acceptor_accepts_once_per_connection(self) -> None:
+        # Not again at once after each, which fails (no connection yet): a
+        # system call and an exception per request.
+        test = cast(unittest.TestCase, self)
+        layer = self.serve()
+        listening = set(layer["httpd"].sockets)
+        failed = []
+        accept = socket.socket.accept
+
+        def counted_accept(this: socket.socket) -> Any:
+            try:
+                return accept(this)
+            except BlockingIOError:
+                if this in listening:
+                    failed.append(threading.current_thread().name.rsplit(" ", 1)[-1])
+                raise
+
+        with mock.patch.object(socket.socket, "accept", counted_accept):
+            served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
+        test.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
+        # The loop and the acceptor may both be woken for one that comes as the acceptor finishes.
+        test.assertLessEqual(len(failed), self.ATTEMPTS // 4, failed)
+
     def test_the_acceptor_answers_a_new_connection_s_request(self) -> None:
         test = cast(unittest.TestCase, self)
         layer = self.serve()
