@@ -1326,6 +1326,8 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         #: Those of them that began to since the loop's last turn.
         self.began_lingering: list[_Channel] = []
         self._trigger_lock = threading.Lock()
+        #: Taken to look for room and accept: by the loop and the acceptor.
+        self._admitting = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
@@ -1506,15 +1508,16 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
 
     def accept_waiting(self) -> None:
         """Accept the connections waiting, in the loop, while there is room."""
-        for listening in self.listening.values():
-            while self.has_room():
-                try:
-                    connection, address = listening.accept()
-                except ConnectionAbortedError:  # the client left before we got to it
-                    continue
-                except OSError:  # none left (the acceptor took them), or none can be had now
-                    break
-                self.adopt(connection, address)
+        with self._admitting:  # see accept_and_serve
+            for listening in self.listening.values():
+                while self.has_room():
+                    try:
+                        connection, address = listening.accept()
+                    except ConnectionAbortedError:  # the client left before we got to it
+                        continue
+                    except OSError:  # none left (the acceptor took them), or none can be had now
+                        break
+                    self.adopt(connection, address)
         self.resume_acceptor()
         if not self.has_room():
             self.wake_acceptor()  # to stop, as it would have had it accepted the last
@@ -1540,86 +1543,112 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
     #: The connection the acceptor waits for a request on, if any.
     pending: _Channel | None = None
     #: The connection whose request the acceptor answers, if the loop has
-    #: not seen it (``_answer_or_wait``): the stop closes it with the loop's.
+    #: not seen it (``_take_up``): the stop closes it with the loop's.
     answering: _Channel | None = None
 
     def accept_and_serve(self, fd: int) -> bool:
         """Accept a connection on the listening socket ``fd``, in the
         acceptor, and answer the request that came with it; False if there
-        was none to accept."""
-        try:
-            connection, address = self.listening[fd].accept()
-        except OSError:  # none, or the loop took it
-            return False
-        self.hand_over_pending()
-        serving = self.serving
-        serving.accepting = True
-        try:
-            channel = self.adopt(connection, address)  # the request, if it came whole, to add_task
-        finally:
-            serving.accepting = False
-        if channel is not None:
-            self._answer_or_wait(channel, True)
+        was none to accept, or no room for it."""
+        # Under the lock the loop accepts under too (accept_waiting): each
+        # looks for room, and a connection the acceptor took counts only
+        # once it answers or waits on it (answering, pending).
+        with self._admitting:
+            if not self.has_room():
+                return False  # the acceptor stops as it looks again; the loop accepts once there is room
+            try:
+                connection, address = self.listening[fd].accept()
+            except OSError:  # none, or the loop took it
+                return False
+            self.hand_over_pending()
+            serving = self.serving
+            serving.accepting = True
+            try:
+                channel = self.adopt(connection, address)  # the request, if it came whole, to add_task
+            finally:
+                serving.accepting = False
+            answers = channel is not None and self._take_up(channel, True)
+        if answers:
+            assert channel is not None
+            self._answer(channel)
         return True
 
     def serve_pending(self) -> None:
-        """Take up what came on the connection the acceptor waits on."""
-        channel, self.pending = self.pending, None
+        """Take up what came on the connection the acceptor waits on (which
+        stays ``pending``, counted, until it answers it or lets it go)."""
+        channel = self.pending
         assert channel is not None and self._accepting is not None
         self._accepting.unregister(channel._fileno)
         serving = self.serving
         serving.accepting = True
         try:
             still_open = channel.read_waiting()
+        except BaseException:
+            self.pending = None  # not to be unregistered again
+            raise
         finally:
             serving.accepting = False
-        self._answer_or_wait(channel, still_open)
+        if self._take_up(channel, still_open):
+            self._answer(channel)
 
-    def _answer_or_wait(self, channel: _Channel, still_open: bool) -> None:
+    def _take_up(self, channel: _Channel, still_open: bool) -> bool:
+        """Wait on ``channel`` for its request, let it go (its end, an
+        error), or make it the one the acceptor answers: True then."""
         serving = self.serving
         task, serving.accepted = getattr(serving, "accepted", None), None
         if task is None and still_open and not channel.will_close:
             self._wait_on(channel)  # its request is still coming
-            return
+            return False
         if task is None:  # its end, or an error
             if channel.joins_later and channel.loop_needed_for() is None:
+                self._let_go(channel)
                 channel.close_now()  # the loop never saw it: nothing of its to undo
             else:
-                channel.join()
+                channel.join()  # in the loop's map before it stops being counted as pending
+                self._let_go(channel)
                 self.pull_trigger()
-            return
+            return False
         if len(channel.requests) > 1 or channel.request is not None:
             # Requests pipelined behind it go to workers (waitress's
             # service), or the rest of one is still coming: the loop's.
             channel.join()
         self.answering = channel
+        self._let_go(channel)
         if self._stop_requested:
             # The stop closes the connection the acceptor answers, and may
             # have looked for it just before it was set: not run (the stop
             # waits for no request taken up after it), closed here.
             self.answering = None
             self._close_untaken(channel)
-            return
+            return False
+        return True
+
+    def _answer(self, channel: _Channel) -> None:
+        """Answer the request the acceptor took up on ``channel``, then wait
+        on it for the next, or give it to the loop. It stays ``answering``
+        until then, counted as one of the server's connections."""
         self.loop_accepts(True)
         try:
-            channel.service()
-        except BaseException:  # as waitress's workers
-            self.logger.exception("Exception when servicing %r", channel)
+            try:
+                channel.service()
+            except BaseException:  # as waitress's workers
+                self.logger.exception("Exception when servicing %r", channel)
+            finally:
+                if not self._stop_requested:
+                    self.loop_accepts(False)
+            if not channel.joins_later or channel._fileno is None:
+                return  # the loop's already (it sends or reads what is left), or closed
+            needed = channel.loop_needed_for()
+            if self._stop_requested:
+                needed = "closing"  # the stop closes the loop's connections
+            if needed is None:
+                self._wait_on(channel)  # for its next request, or its end
+                return
+            channel.join()
+            if needed != "lingering":  # the loop looks at those from its next turn, as after a worker's
+                self.pull_trigger()
         finally:
             self.answering = None
-            if not self._stop_requested:
-                self.loop_accepts(False)
-        if not channel.joins_later or channel._fileno is None:
-            return  # the loop's already (it sends or reads what is left), or closed
-        needed = channel.loop_needed_for()
-        if self._stop_requested:
-            needed = "closing"  # the stop closes the loop's connections
-        if needed is None:
-            self._wait_on(channel)  # for its next request, or its end
-            return
-        channel.join()
-        if needed != "lingering":  # the loop looks at those from its next turn, as after a worker's
-            self.pull_trigger()
 
     @staticmethod
     def _close_untaken(channel: _Channel) -> None:
@@ -1645,14 +1674,20 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             self._accepting.unregister(channel._fileno)
             channel.close_now()
 
+    def _let_go(self, channel: _Channel) -> None:
+        """Stop waiting on ``channel``, if the acceptor did."""
+        if self.pending is channel:
+            self.pending = None
+
     def hand_over_pending(self) -> None:
         """Have the loop wait for the request of the connection the acceptor waited on."""
-        channel, self.pending = self.pending, None
+        channel = self.pending
         if channel is not None and channel._fileno is not None:  # not closed by the stop meanwhile
             assert self._accepting is not None
             self._accepting.unregister(channel._fileno)
-            channel.join()
+            channel.join()  # in the loop's map before it stops being counted as pending
             self.pull_trigger()
+        self.pending = None
 
     def add_task(self, task: Any) -> None:
         serving = self.serving
@@ -1793,7 +1828,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         if channel is not None and channel.joins_later:
             # The acceptor answers it, and the loop has not seen it yet.
             if channel.loop_needed_for() is None:
-                return  # the acceptor waits for what comes next (_answer_or_wait)
+                return  # the acceptor waits for what comes next (_answer)
             channel.join()
         elif channel is not None and channel.loop_needs_nothing():
             return

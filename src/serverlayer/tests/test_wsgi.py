@@ -1028,21 +1028,67 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             connection.close()
         self.assertTrue(others[-1].getresponse().read())  # accepted once there was room
 
+    def test_the_loop_and_the_acceptor_do_not_both_take_the_last_free_connection(self):
+        # Each looks for room, then accepts: a connection the acceptor took
+        # counts once it answers it, which the loop, accepting meanwhile
+        # (woken while the acceptor answered the one before), did not see.
+        go_on = threading.Event()
+        layer, _ = self.acceptor_answering("/", go_on, limit=12)  # kept: pending
+        server = layer["httpd"]
+        self.assertTrue(until(lambda: server.pending is not None))
+        kept = []
+        while len(server._map) + 1 < 11:  # and the pending one: 1 free
+            connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
+            self.addCleanup(connection.close)
+            connection.request("GET", "/kept")
+            self.assertTrue(connection.getresponse().read())
+            kept.append(connection)
+            self.assertTrue(until(lambda: server.pending is not None))
+        # Held after it accepted the last connection, before it counts it.
+        held, take_up = threading.Event(), wsgi.WaitressServer._take_up
+
+        def held_first(this, *args):
+            if this is server:
+                held.set()
+                go_on.wait(10)
+            return take_up(this, *args)
+
+        with mock.patch.object(wsgi.WaitressServer, "_take_up", held_first):
+            last = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+            self.addCleanup(last.close)
+            last.sendall(b"GET /last HTTP/1.1\r\nHost: t\r\n\r\n")
+            self.assertTrue(held.wait(10))
+            beyond = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
+            self.addCleanup(beyond.close)
+            self.assertTrue(until(lambda: select.select(server.sockets, [], [], 0)[0]))  # there to be accepted
+            loops_turn = threading.Thread(target=server.accept_waiting)  # what the loop's listener does
+            loop_waits = threading.Event()
+            with mock.patch.object(server, "_admitting", _Announced(server._admitting, loops_turn, loop_waits)):
+                loops_turn.start()
+                # Before the fix it accepted at once; now it waits for the acceptor.
+                self.assertTrue(until(lambda: loop_waits.is_set() or not loops_turn.is_alive()))
+                go_on.set()
+                loops_turn.join(10)
+        self.assertTrue(RawClient(last).answer())  # by the acceptor, or by a worker if it came after its connection
+        # At the limit the acceptor stops, and leaves the connection it kept to the loop.
+        self.assertTrue(until(lambda: server.acceptor is None))
+        self.assertEqual(len(server._map), 12)
+
     def test_a_request_the_acceptor_takes_up_as_the_server_stops_is_not_run(self):
         # The stop closes the connection the acceptor answers (``answering``),
         # which it may look for just before the acceptor sets it.
         go_on = threading.Event()
         layer, _ = self.acceptor_answering("/", go_on)  # takes the first connection
         server = layer["httpd"]
-        answer_or_wait = wsgi.WaitressServer._answer_or_wait
+        take_up = wsgi.WaitressServer._take_up
 
         def stop_comes_first(this, channel, still_open):
             if this is server and getattr(this.serving, "accepted", None) and not this.stop_requested:
                 this.request_stop()
-            return answer_or_wait(this, channel, still_open)
+            return take_up(this, channel, still_open)
 
         self.assertTrue(until(lambda: server.pending is not None))  # the first, kept: the acceptor waits again
-        with mock.patch.object(wsgi.WaitressServer, "_answer_or_wait", stop_comes_first):
+        with mock.patch.object(wsgi.WaitressServer, "_take_up", stop_comes_first):
             with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
                 sock.sendall(b"GET /during-stop HTTP/1.1\r\nHost: t\r\n\r\n")
                 self.assertEqual(read_until_closed(sock), b"")
@@ -1104,6 +1150,21 @@ def holding_app(environ, start_response):
 
 def held_channels(server) -> list:
     return [channel for channel in list(server._map.values()) if isinstance(channel, wsgi._Channel) and channel.held]
+
+
+class _Announced:
+    """A lock that sets ``event`` as ``thread`` asks for it."""
+
+    def __init__(self, lock: Any, thread: threading.Thread, event: threading.Event) -> None:
+        self.lock, self.thread, self.event = lock, thread, event
+
+    def __enter__(self) -> Any:
+        if threading.current_thread() is self.thread:
+            self.event.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self.lock.__exit__(*exc_info)
 
 
 class RawClient:
