@@ -1326,7 +1326,7 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         #: Those of them that began to since the loop's last turn.
         self.began_lingering: list[_Channel] = []
         self._trigger_lock = threading.Lock()
-        #: Taken to look for room and accept: by the loop and the acceptor.
+        #: Taken to look for room and reserve it (``_reserve_room``).
         self._admitting = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
@@ -1508,9 +1508,9 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
 
     def accept_waiting(self) -> None:
         """Accept the connections waiting, in the loop, while there is room."""
-        with self._admitting:  # see accept_and_serve
-            for listening in self.listening.values():
-                while self.has_room():
+        for listening in self.listening.values():
+            while self._reserve_room():
+                try:
                     try:
                         connection, address = listening.accept()
                     except ConnectionAbortedError:  # the client left before we got to it
@@ -1518,6 +1518,8 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                     except OSError:  # none left (the acceptor took them), or none can be had now
                         break
                     self.adopt(connection, address)
+                finally:
+                    self._give_back_room()
         self.resume_acceptor()
         if not self.has_room():
             self.wake_acceptor()  # to stop, as it would have had it accepted the last
@@ -1529,9 +1531,30 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
 
     def has_room(self) -> bool:
         """Whether the server is below its connection limit. The connection
-        the acceptor waits on or answers counts too: the loop's map lacks it."""
+        the acceptor waits on or answers counts too: the loop's map lacks
+        it; and those the loop and the acceptor are accepting (``reserved``)."""
         outside = self.pending or self.answering
-        return len(self._map) + (outside is not None and outside.joins_later) < self.adj.connection_limit
+        taken = len(self._map) + (outside is not None and outside.joins_later) + self.reserved
+        return taken < self.adj.connection_limit
+
+    #: Places the loop and the acceptor took for the connections they are
+    #: accepting, until those count otherwise (in the loop's map, or as the
+    #: acceptor's ``pending`` or ``answering``): each looked for room, then
+    #: accepted, and both took the last free place.
+    reserved = 0
+
+    def _reserve_room(self) -> bool:
+        """Take a place for a connection about to be accepted, if there is
+        one; the caller gives it back once the connection counts otherwise."""
+        with self._admitting:
+            if not self.has_room():
+                return False
+            self.reserved += 1
+            return True
+
+    def _give_back_room(self) -> None:
+        with self._admitting:  # two threads: not a lost update
+            self.reserved -= 1
 
     # A client's request may come after the acceptor accepted its
     # connection: a client in the same process (a test calling its layer)
@@ -1550,12 +1573,9 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         """Accept a connection on the listening socket ``fd``, in the
         acceptor, and answer the request that came with it; False if there
         was none to accept, or no room for it."""
-        # Under the lock the loop accepts under too (accept_waiting): each
-        # looks for room, and a connection the acceptor took counts only
-        # once it answers or waits on it (answering, pending).
-        with self._admitting:
-            if not self.has_room():
-                return False  # the acceptor stops as it looks again; the loop accepts once there is room
+        if not self._reserve_room():
+            return False  # the acceptor stops as it looks again; the loop accepts once there is room
+        try:
             try:
                 connection, address = self.listening[fd].accept()
             except OSError:  # none, or the loop took it
@@ -1567,7 +1587,9 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                 channel = self.adopt(connection, address)  # the request, if it came whole, to add_task
             finally:
                 serving.accepting = False
-            answers = channel is not None and self._take_up(channel, True)
+            answers = channel is not None and self._take_up(channel, True)  # counted from here on
+        finally:
+            self._give_back_room()
         if answers:
             assert channel is not None
             self._answer(channel)
