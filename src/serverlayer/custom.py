@@ -540,7 +540,7 @@ _this_thread = threading.local()
 class _Worker:
     """A thread that runs what the server hands it, one item at a time."""
 
-    def __init__(self, server: HandlerServer, name: str) -> None:
+    def __init__(self, server: HandlerServer, name: str, start: bool = True) -> None:
         self.server = server
         self.inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         #: Set when the worker is to end once its current item is done.
@@ -550,7 +550,8 @@ class _Worker:
         #: ends with the connection, no sooner.
         self.holds_connection = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def _run(self) -> None:
         _this_thread.worker = self
@@ -581,7 +582,9 @@ class _Acceptor(_Worker):
     def __init__(self, server: HandlerServer, name: str, accepting: Any, wake_fd: int) -> None:
         self._accepting = accepting
         self._wake_fd = wake_fd
-        super().__init__(server, name)
+        # Started by the server once it is the server's acceptor: what it
+        # says about answering (``_acceptor_answers``) counts only then.
+        super().__init__(server, name, start=False)
 
     def _run(self) -> None:
         _this_thread.worker = self
@@ -801,6 +804,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         #: (``_update_loop_accepting``).
         self._loop_accepting: select.epoll | None = None
         self._loop_registered = False
+        #: Held while the loop's registration changes (``_update_loop_accepting``).
+        self._registering = threading.Lock()
         self._acceptor: _Acceptor | None = None
         #: Whether the acceptor answers a request now.
         self._acceptor_answering = False
@@ -966,9 +971,11 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
             acceptor = self._acceptor = _Acceptor(
                 self, f"{self._thread_name} acceptor", self._accepting, self._acceptor_wake
             )
-            self._acceptor_answering = False
+            with self._registering:
+                self._acceptor_answering = False
             self._update_loop_accepting()
             self._workers.append(acceptor)
+            acceptor.thread.start()
 
     def _accept_and_serve(self, fd: int) -> bool:
         """Accept a connection on the listening socket ``fd``, in the
@@ -1014,17 +1021,31 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
     def _acceptor_answers(self, answering: bool) -> None:
         """Say whether the acceptor answers a request now (the acceptor;
         in any other thread, nothing)."""
-        if answering == self._acceptor_answering:
+        # Every worker calls this after each request: it looks without a
+        # lock, and the acceptor takes ``_registering`` alone, not
+        # ``_workers_lock``, which every worker takes twice a request
+        # (``wait_readable``): held across the system calls that
+        # (un)register the loop, it kept them waiting (eight client threads
+        # in the server's process: a worker blocked on it several times a
+        # request).
+        worker = getattr(_this_thread, "worker", None)
+        if worker is None or worker is not self._acceptor or answering == self._acceptor_answering:
             return
-        with self._workers_lock:
-            if getattr(_this_thread, "worker", None) is self._acceptor:  # not one retired meanwhile
+        with self._registering:
+            if worker is self._acceptor:  # not one retired meanwhile
                 self._acceptor_answering = answering
-                self._update_loop_accepting()
+                self._register_loop_as_due()
 
     def _update_loop_accepting(self) -> None:
         """Register the loop's epoll object on the listening sockets, or
-        not, as the acceptor's state asks (with ``_workers_lock`` held).
+        not, as the acceptor's state asks (``_acceptor`` just changed).
         Registered while a connection waits, it wakes the loop at once."""
+        with self._registering:
+            self._register_loop_as_due()
+
+    def _register_loop_as_due(self) -> None:
+        # Called with ``_registering`` held: whoever changes the acceptor's
+        # state registers after the change, so the last to register saw it.
         accepts = self._acceptor is None or self._acceptor_answering
         epoll = self._loop_accepting
         if epoll is None or accepts == self._loop_registered or self._stopping:

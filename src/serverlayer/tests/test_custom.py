@@ -444,6 +444,33 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
                 return
         self.fail(f"the acceptor answered none of the new connections: {served_by}")
 
+    def test_answering_takes_no_lock_the_workers_wait_on(self):
+        # Every worker takes the workers' lock twice a request (its wait for
+        # the next one). The acceptor took it too, as it began and ended
+        # each answer, and held it across the system calls that (un)register
+        # the loop: with eight client threads in the server's process, the
+        # workers blocked on it about once a request.
+        layer = self.serve()
+        server = layer["httpd"]
+        takers: list[str] = []
+        lock = _Counted(server._workers_lock, takers)
+        kept = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(kept.close)
+        for _ in range(self.ATTEMPTS):
+            kept.close()
+            kept.request("GET", "/kept")
+            if kept.getresponse().read().endswith(b" acceptor"):
+                break
+        else:
+            self.fail("the acceptor answered none of the connections")
+        with mock.patch.object(server, "_workers_lock", lock):
+            answered_by = []
+            for _ in range(10):
+                kept.request("GET", "/kept")
+                answered_by.append(kept.getresponse().read().decode())
+        self.assertTrue(all(name.endswith(" acceptor") for name in answered_by), answered_by)
+        self.assertEqual([name for name in takers if name.endswith(" acceptor")], [])
+
     def test_a_connection_the_loop_finds_taken_after_the_test_ended_starts_no_acceptor(self):
         # The kernel also wakes the loop for a connection that comes while
         # the acceptor serves; the acceptor may take it and the test end
@@ -1387,3 +1414,20 @@ class HasBufferedDataTests(unittest.TestCase):
         self.assertFalse(custom.file_holds_data(server_side, rfile))  # the wait for the request sees it
         self.assertTrue(custom.has_buffered_data(server_side, rfile))
         self.assertEqual(rfile.read(3), b"GET")
+
+
+class _Counted:
+    """A lock that notes the name of each thread that takes it in ``takers``."""
+
+    def __init__(self, lock: Any, takers: list[str]) -> None:
+        self.lock, self.takers = lock, takers
+
+    def __enter__(self) -> Any:
+        self.takers.append(threading.current_thread().name)
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self.lock.__exit__(*exc_info)
+
+    def __getattr__(self, name: str) -> Any:  # acquire, release: for a Condition made on it
+        return getattr(self.lock, name)
