@@ -430,8 +430,15 @@ class AcceptorChecks:
         with mock.patch.object(socket.socket, "accept", counted_accept):
             served_by = [get_closing(layer, f"/{number}") for number in range(self.ATTEMPTS)]
         test.assertTrue(any(name.endswith(" acceptor") for name in served_by), served_by)
-        # The loop and the acceptor may both be woken for one that comes as the acceptor finishes.
-        test.assertLessEqual(len(failed), self.ATTEMPTS // 4, failed)
+        # The acceptor's own failed accepts: 0 or 1 in 20 seen, 8 to 20
+        # when it accepted again at once after each connection. The loop's
+        # are a race with the client: a connection that comes as the
+        # acceptor finishes an answer, the kernel offers to the loop as
+        # well (it accepts while the acceptor answers), and whichever looks
+        # second finds nothing; with the client in this process, the loop
+        # lost it 8 times in 20 on one machine (the acceptor, holding the
+        # interpreter lock as it finishes, rarely does).
+        test.assertLessEqual(failed.count("acceptor"), self.ATTEMPTS // 6, failed)
 
     def test_the_acceptor_answers_a_new_connection_s_request(self) -> None:
         test = cast(unittest.TestCase, self)
