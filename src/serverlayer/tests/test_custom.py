@@ -33,6 +33,7 @@ from serverlayer.tests.helpers import (
     reader_that_stops,
     set_up_by_hand,
     thread_names,
+    until,
     wait_until_a_write_stalls,
 )
 from serverlayer.tests.test_hardening import read_until_closed
@@ -470,6 +471,25 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
                 answered_by.append(kept.getresponse().read().decode())
         self.assertTrue(all(name.endswith(" acceptor") for name in answered_by), answered_by)
         self.assertEqual([name for name in takers if name.endswith(" acceptor")], [])
+
+    def test_the_acceptor_runs_only_once_it_is_the_server_s_acceptor(self):
+        # Started before the server took it for its acceptor, it could
+        # answer a connection unseen: what it said about answering did not
+        # count, the loop did not accept meanwhile, and a handler waiting
+        # for a second connection waited for ever.
+        layer = set_up_by_hand(self, custom.Layer(ThreadNaming, name="acceptor_runs_once_taken"))
+        server = layer["httpd"]
+        seen = []
+        run = custom._Acceptor._run
+
+        def noted_run(acceptor):
+            seen.append(server._acceptor is acceptor)
+            return run(acceptor)
+
+        with mock.patch.object(custom._Acceptor, "_run", noted_run):
+            self.assertIn(" worker ", get_closing(layer, "/first"))  # the loop's, which starts the acceptor
+            self.assertTrue(until(lambda: seen))
+        self.assertEqual(seen, [True])
 
     def test_a_connection_the_loop_finds_taken_after_the_test_ended_starts_no_acceptor(self):
         # The kernel also wakes the loop for a connection that comes while
