@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import gc
 import http.client
@@ -140,6 +141,49 @@ class HandlerValidationTests(unittest.TestCase):
                 custom.Layer(Greeter, name="wrong_threads", threads=wrong)
             self.assertIn("threads=", str(caught.exception))
             self.assertIn("whole number of at least 0", str(caught.exception))
+
+
+class DateTests(unittest.TestCase):
+
+    def test_the_date_of_a_response_is_formatted_once_a_second(self):
+        # http.server formats it anew for each response (email.utils), a
+        # tenth of a small answer's work.
+        handler = object.__new__(custom.RequestHandler)
+        this_thread = threading.get_ident()
+        formatted = []
+        formatdate = email.utils.formatdate
+
+        def counted(*args, **kwargs):
+            if threading.get_ident() == this_thread:
+                formatted.append(args)
+            return formatdate(*args, **kwargs)
+
+        clock = mock.Mock(wraps=time)
+        with mock.patch.object(custom, "_date_now", (-1, "")), mock.patch.object(custom, "time", clock), \
+                mock.patch("email.utils.formatdate", counted):
+            dates = []
+            for now in (1_700_000_000.25, 1_700_000_000.9, 1_700_000_001.0):
+                clock.time = mock.Mock(return_value=now)
+                dates.append(handler.date_time_string())
+            self.assertEqual(len(formatted), 2)
+            # A file's date (static's Last-Modified) as http.server gives it.
+            self.assertEqual(handler.date_time_string(1_000_000_000), "Sun, 09 Sep 2001 01:46:40 GMT")
+        self.assertEqual(
+            dates, ["Tue, 14 Nov 2023 22:13:20 GMT", "Tue, 14 Nov 2023 22:13:20 GMT", "Tue, 14 Nov 2023 22:13:21 GMT"]
+        )
+
+    def test_a_response_s_date_is_now(self):
+        class Dated(custom.RequestHandler):
+            def do_GET(self):
+                self.send_response(204)
+                self.end_headers()
+
+        layer = set_up_by_hand(self, custom.Layer(Dated, name="dated"))
+        before = time.time()
+        with urllib.request.urlopen(layer["http_url"], timeout=5) as response:
+            date = email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp()
+        self.assertLessEqual(int(before), date)
+        self.assertLessEqual(date, time.time())
 
 
 class PoolTests(unittest.TestCase):
