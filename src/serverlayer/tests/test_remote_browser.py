@@ -459,8 +459,15 @@ class RemoteBrowserTests(unittest.TestCase):
 
         from selenium.common.exceptions import WebDriverException
 
-        with self.assertRaisesRegex(WebDriverException, "ERR_CONNECTION_REFUSED"):
+        try:
             driver.get(local["http_url"])
+        except WebDriverException as refused:
+            shown_error = str(refused)
+        else:
+            # Now and then (1 run in 6 here) chromedriver reports the
+            # navigation done, with Chromium's error page on show.
+            shown_error = driver.page_source
+        self.assertIn("ERR_CONNECTION_REFUSED", shown_error)
         self.assertEqual(list(local["http_requests"]), [])
 
     def test_gocept_selenium_on_the_grid_node_through_the_environment(self):
