@@ -805,6 +805,7 @@ def thread_naming_app(environ, start_response):
         start_response("200 OK", [("Content-Length", str(20 * 2**20)), ("X-Served-By", served_by)])
         return [b"x" * 2**20 for _ in range(20)]
     if path == "/until-gone":
+        UNTIL_GONE_RUNS.set()
         gone = environ["waitress.client_disconnected"]
         deadline = time.monotonic() + 5
         while not gone() and time.monotonic() < deadline:
@@ -816,6 +817,7 @@ def thread_naming_app(environ, start_response):
 
 
 GONE_SEEN: list[tuple[str, bool]] = []
+UNTIL_GONE_RUNS = threading.Event()
 
 
 
@@ -939,8 +941,12 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         layer = self.serve()
         GONE_SEEN.clear()
         for _ in range(self.ATTEMPTS):
+            UNTIL_GONE_RUNS.clear()
             sock = socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10)
             sock.sendall(b"GET /until-gone HTTP/1.1\r\nHost: test\r\n\r\n")
+            # Reset once the request runs: one the server had not read by
+            # then would never run (on a busy machine, now and then).
+            self.assertTrue(UNTIL_GONE_RUNS.wait(10))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()  # a reset
             deadline = time.monotonic() + 10
