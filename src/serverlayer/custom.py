@@ -1044,8 +1044,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         # ``_workers_lock``, which every worker takes twice a request
         # (``wait_readable``): held across the system calls that
         # (un)register the loop, it kept them waiting (eight client threads
-        # in the server's process: a worker blocked on it several times a
-        # request).
+        # in the server's process: a worker blocked on it about four times
+        # a request).
         worker = getattr(_this_thread, "worker", None)
         if worker is None or worker is not self._acceptor or answering == self._acceptor_answering:
             return

@@ -492,8 +492,8 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         # Every worker takes the workers' lock twice a request (its wait for
         # the next one). The acceptor took it too, as it began and ended
         # each answer, and held it across the system calls that (un)register
-        # the loop: with eight client threads in the server's process, the
-        # workers blocked on it about once a request.
+        # the loop: with eight client threads in the server's process, a
+        # worker blocked on it about four times a request (strace).
         layer = self.serve()
         server = layer["httpd"]
         takers: list[str] = []
