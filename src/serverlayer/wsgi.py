@@ -1328,6 +1328,9 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self._trigger_lock = threading.Lock()
         #: Taken to look for room and reserve it (``_reserve_room``).
         self._admitting = threading.Lock()
+        #: Taken to close, or to hand on, the connection the acceptor
+        #: answers (``answering``).
+        self._handing_on = threading.Lock()
         self._trigger_closed = False
         self._stop_requested = False
         logger = server_logger(f"serverlayer.waitress.{thread_name}")
@@ -1440,6 +1443,15 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self.acceptor.start()
 
     def _accept_and_serve(self) -> None:
+        try:
+            self._accept_until_stopped()
+        except BaseException:
+            # A fault of ours, past the handling of each request: logged,
+            # the layer fails the test with it, where the thread's traceback
+            # on stderr would have passed unnoticed.
+            self.logger.exception("The acceptor of %s failed", self.task_dispatcher.thread_name)
+
+    def _accept_until_stopped(self) -> None:
         self.acceptor_ident = threading.get_ident()
         self.loop_accepts(False)
         accepting = self._accepting
@@ -1634,15 +1646,16 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
             # Requests pipelined behind it go to workers (waitress's
             # service), or the rest of one is still coming: the loop's.
             channel.join()
-        self.answering = channel
-        self._let_go(channel)
-        if self._stop_requested:
-            # The stop closes the connection the acceptor answers, and may
-            # have looked for it just before it was set: not run (the stop
-            # waits for no request taken up after it), closed here.
-            self.answering = None
-            self._close_untaken(channel)
-            return False
+        with self._handing_on:
+            if self._stop_requested:
+                # The stop closes the connection the acceptor answers, and
+                # looked for it before it was set: not run (the stop waits
+                # for no request taken up after it), closed here.
+                self._let_go(channel)
+                self._close_untaken(channel)
+                return False
+            self.answering = channel
+            self._let_go(channel)
         return True
 
     def _answer(self, channel: _Channel) -> None:
@@ -1655,22 +1668,32 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                 channel.service()
             except BaseException:  # as waitress's workers
                 self.logger.exception("Exception when servicing %r", channel)
-            finally:
-                if not self._stop_requested:
-                    self.loop_accepts(False)
-            if not channel.joins_later or channel._fileno is None:
-                return  # the loop's already (it sends or reads what is left), or closed
-            needed = channel.loop_needed_for()
-            if self._stop_requested:
-                needed = "closing"  # the stop closes the loop's connections
-            if needed is None:
-                self._wait_on(channel)  # for its next request, or its end
-                return
-            channel.join()
-            if needed != "lingering":  # the loop looks at those from its next turn, as after a worker's
-                self.pull_trigger()
+            if not self._stop_requested:
+                self.loop_accepts(False)
         finally:
-            self.answering = None
+            # The stop closes the connection the acceptor answers, from its
+            # own thread (it wakes the acceptor should it wait to write); a
+            # connection the acceptor waits on, the acceptor closes itself.
+            # Checked for the stop before the stop came, it once waited on
+            # one the stop then closed too, and unregistered a closed
+            # descriptor: a connection goes from one to the other at once.
+            with self._handing_on:
+                self.answering = None
+                if channel.joins_later and channel._fileno is not None:  # else the loop's already, or closed
+                    self._hand_on(channel)
+
+    def _hand_on(self, channel: _Channel) -> None:
+        """Wait on ``channel``, answered, for its next request, or give it
+        to the loop (to send or read what is left, or close it)."""
+        needed = channel.loop_needed_for()
+        if self._stop_requested:
+            needed = "closing"  # the stop closes the loop's connections
+        if needed is None:
+            self._wait_on(channel)  # for its next request, or its end
+            return
+        channel.join()
+        if needed != "lingering":  # the loop looks at those from its next turn, as after a worker's
+            self.pull_trigger()
 
     @staticmethod
     def _close_untaken(channel: _Channel) -> None:
@@ -1912,9 +1935,12 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
         self._stop_requested = True  # also when the loop died before it was asked to stop
         self.task_dispatcher.wake_holders()
         # Closing the channels wakes workers blocked writing to them.
-        for channel in [*self._map.values(), self.answering]:
+        for channel in list(self._map.values()):
             if isinstance(channel, HTTPChannel):
                 channel.handle_close()
+        with self._handing_on:  # the acceptor closes the one it waits on (_answer)
+            if self.answering is not None:
+                self.answering.handle_close()
         if self._accepting is not None:
             os.eventfd_write(self._acceptor_wake, 1)
         self.task_dispatcher.shutdown(cancel_pending=True, timeout=deadline.remaining())

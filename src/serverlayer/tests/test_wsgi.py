@@ -1100,6 +1100,63 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
                 self.assertEqual(read_until_closed(sock), b"")
         self.assertEqual(self.paths_run, ["/"])
 
+    def test_the_stop_leaves_the_connection_the_acceptor_waits_on_to_the_acceptor(self):
+        # The stop closes the connection the acceptor answers, from its own
+        # thread; the acceptor, done answering it, waits on it for the next
+        # request and closes it once it sees the stop. Both closed it when
+        # the stop looked for it just before the acceptor waited on it: the
+        # acceptor unregistered a closed descriptor (EBADF) and its thread died.
+        layer = wsgi.Layer(thread_naming_app, name="acceptor_waits_as_the_stop_comes")
+        layer.setUp()
+        server = layer["httpd"]
+        stop_raised: list[BaseException] = []
+
+        def stop():
+            try:
+                layer.tearDown()  # which raises what the server raised
+            except BaseException as error:
+                stop_raised.append(error)
+
+        stopping = threading.Thread(target=stop, name="stopping")
+        self.addCleanup(lambda: stopping.join(10) if stopping.ident else layer.tearDown())
+        self.assertTrue(until(lambda: server.acceptor is not None and not server._loop_accepting))
+        for listening in server.sockets:  # accepted with its request: waited on once answered, not before
+            listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        stop_waits, wait_on = threading.Event(), server._wait_on
+
+        def stop_comes_first(channel):
+            if threading.get_ident() == server.acceptor_ident and not stopping.ident:
+                stopping.start()
+                # The stop closes what the acceptor answers; now it waits for the acceptor.
+                self.assertTrue(until(lambda: stop_waits.is_set() or channel._fileno is None))
+            wait_on(channel)
+
+        with (
+            mock.patch.object(server, "_wait_on", stop_comes_first),
+            mock.patch.object(server, "_handing_on", _Announced(server._handing_on, stopping, stop_waits)),
+        ):
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                self.assertIn(b" acceptor", RawClient(sock).answer())
+                self.assertEqual(read_until_closed(sock), b"")  # closed by the stop
+            stopping.join(10)
+        self.assertFalse(stopping.is_alive())
+        self.assertEqual(stop_raised, [])
+        self.assertFalse(any("acceptor_waits_as_the_stop_comes" in thread.name for thread in threading.enumerate()))
+
+    def test_a_failure_of_the_acceptor_is_a_server_error(self):
+        # Not only a traceback on stderr, which a passing test run hides.
+        layer = set_up_by_hand(self, wsgi.Layer(thread_naming_app, name="acceptor_fails"))
+        server = layer["httpd"]
+        self.assertTrue(until(lambda: server.acceptor is not None and not server._loop_accepting))
+        failing = server.acceptor
+        with mock.patch.object(server, "accept_and_serve", side_effect=RuntimeError("a fault of ours")):
+            self.assertIn(" worker ", get_closing(layer, "/"))  # the loop accepts it instead
+            failing.join(10)
+        [error] = layer.server_errors.take()
+        self.assertIn("The acceptor of serverlayer serverlayer.tests.test_wsgi.acceptor_fails failed", error)
+        self.assertIn("RuntimeError: a fault of ours", error)
+
     def test_the_loop_starts_the_acceptor_again_once_there_is_room(self):
         # Not only when the loop itself accepts a connection: one the kernel
         # offered the acceptor alone as it stopped would wait for another.
