@@ -14,7 +14,7 @@ import threading
 import time
 import unittest
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from unittest import mock
@@ -521,3 +521,22 @@ class AcceptorChecks:
         test.assertEqual([str(warning.message) for warning in caught], [])
         layer.setUp()  # for the test's own tear-down
         layer.testSetUp()
+
+
+class Watched:
+    """A lock that calls ``asking`` with each thread that asks for it,
+    before that thread waits for it: a test sees who takes a lock, or that
+    a thread waits for one."""
+
+    def __init__(self, lock: Any, asking: Callable[[threading.Thread], object]) -> None:
+        self.lock, self.asking = lock, asking
+
+    def __enter__(self) -> Any:
+        self.asking(threading.current_thread())
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self.lock.__exit__(*exc_info)
+
+    def __getattr__(self, name: str) -> Any:  # acquire, release: for a Condition made on it
+        return getattr(self.lock, name)

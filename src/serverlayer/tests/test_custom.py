@@ -29,6 +29,7 @@ import requests
 from serverlayer import ConfigurationError, ServerSideError, custom
 from serverlayer.tests.helpers import (
     AcceptorChecks,
+    Watched,
     assert_the_test_end_cuts_the_write,
     get_closing,
     reader_that_stops,
@@ -497,7 +498,7 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         layer = self.serve()
         server = layer["httpd"]
         takers: list[str] = []
-        lock = _Counted(server._workers_lock, takers)
+        lock = Watched(server._workers_lock, lambda thread: takers.append(thread.name))
         kept = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
         self.addCleanup(kept.close)
         for _ in range(self.ATTEMPTS):
@@ -1477,20 +1478,3 @@ class HasBufferedDataTests(unittest.TestCase):
         self.assertFalse(custom.file_holds_data(server_side, rfile))  # the wait for the request sees it
         self.assertTrue(custom.has_buffered_data(server_side, rfile))
         self.assertEqual(rfile.read(3), b"GET")
-
-
-class _Counted:
-    """A lock that notes the name of each thread that takes it in ``takers``."""
-
-    def __init__(self, lock: Any, takers: list[str]) -> None:
-        self.lock, self.takers = lock, takers
-
-    def __enter__(self) -> Any:
-        self.takers.append(threading.current_thread().name)
-        return self.lock.__enter__()
-
-    def __exit__(self, *exc_info: Any) -> Any:
-        return self.lock.__exit__(*exc_info)
-
-    def __getattr__(self, name: str) -> Any:  # acquire, release: for a Condition made on it
-        return getattr(self.lock, name)

@@ -26,6 +26,7 @@ from serverlayer import ConfigurationError, wsgi
 from serverlayer.tests.helpers import (
     AcceptorChecks,
     ResourceProvider,
+    Watched,
     client_connections,
     failures_in_threads,
     get_closing,
@@ -1069,7 +1070,8 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
             self.assertTrue(until(lambda: select.select(server.sockets, [], [], 0)[0]))  # there to be accepted
             loops_turn = threading.Thread(target=server.accept_waiting)  # what the loop's listener does
             loop_waits = threading.Event()
-            with mock.patch.object(server, "_admitting", _Announced(server._admitting, loops_turn, loop_waits)):
+            watched = Watched(server._admitting, lambda thread: thread is loops_turn and loop_waits.set())
+            with mock.patch.object(server, "_admitting", watched):
                 loops_turn.start()
                 # Before the fix it accepted at once; now it waits for the acceptor.
                 self.assertTrue(until(lambda: loop_waits.is_set() or not loops_turn.is_alive()))
@@ -1131,10 +1133,8 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
                 self.assertTrue(until(lambda: stop_waits.is_set() or channel._fileno is None))
             wait_on(channel)
 
-        with (
-            mock.patch.object(server, "_wait_on", stop_comes_first),
-            mock.patch.object(server, "_handing_on", _Announced(server._handing_on, stopping, stop_waits)),
-        ):
+        watched = Watched(server._handing_on, lambda thread: thread is stopping and stop_waits.set())
+        with mock.patch.object(server, "_wait_on", stop_comes_first), mock.patch.object(server, "_handing_on", watched):
             with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=10) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
                 self.assertIn(b" acceptor", RawClient(sock).answer())
@@ -1213,21 +1213,6 @@ def holding_app(environ, start_response):
 
 def held_channels(server) -> list:
     return [channel for channel in list(server._map.values()) if isinstance(channel, wsgi._Channel) and channel.held]
-
-
-class _Announced:
-    """A lock that sets ``event`` as ``thread`` asks for it."""
-
-    def __init__(self, lock: Any, thread: threading.Thread, event: threading.Event) -> None:
-        self.lock, self.thread, self.event = lock, thread, event
-
-    def __enter__(self) -> Any:
-        if threading.current_thread() is self.thread:
-            self.event.set()
-        return self.lock.__enter__()
-
-    def __exit__(self, *exc_info: Any) -> Any:
-        return self.lock.__exit__(*exc_info)
 
 
 class RawClient:
