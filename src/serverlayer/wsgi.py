@@ -1672,15 +1672,18 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                 self.loop_accepts(False)
         finally:
             # The stop closes the connection the acceptor answers, from its
-            # own thread (it wakes the acceptor should it wait to write); a
-            # connection the acceptor waits on, the acceptor closes itself.
-            # Checked for the stop before the stop came, it once waited on
-            # one the stop then closed too, and unregistered a closed
-            # descriptor: a connection goes from one to the other at once.
+            # own thread (to wake the acceptor should it wait to write); one
+            # the acceptor waits on, the acceptor closes itself. Without the
+            # lock, an acceptor that looked for the stop just before it came
+            # began to wait on a connection the stop was closing, and then
+            # unregistered a closed descriptor (EBADF): to the stop, it is
+            # now the one answered or the one waited on, never both.
             with self._handing_on:
-                self.answering = None
-                if channel.joins_later and channel._fileno is not None:  # else the loop's already, or closed
-                    self._hand_on(channel)
+                try:
+                    if channel.joins_later and channel._fileno is not None:  # else the loop's already, or closed
+                        self._hand_on(channel)
+                finally:
+                    self.answering = None  # counted as pending or in the loop's map from now on
 
     def _hand_on(self, channel: _Channel) -> None:
         """Wait on ``channel``, answered, for its next request, or give it
