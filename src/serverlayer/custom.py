@@ -567,9 +567,18 @@ class _Worker:
         #: thread for its connection (``_Conversation._one_request``): it
         #: ends with the connection, no sooner.
         self.holds_connection = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread = threading.Thread(target=self._run_recorded, name=name, daemon=True)
         if start:
             self.thread.start()
+
+    def _run_recorded(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:
+            # A fault of ours, past what handle_error records of handlers:
+            # recorded, it fails the test, where the thread's traceback on
+            # stderr alone would have passed unnoticed.
+            self.server._errors.record(f"{self.thread.name} failed", (type(error), error, error.__traceback__))
 
     def _run(self) -> None:
         _this_thread.worker = self

@@ -428,6 +428,19 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         self.assertIn(" worker ", get_closing(layer, "/next"))  # the loop's, which starts the acceptor
         self.assertIsNotNone(layer["httpd"]._acceptor)
 
+    def test_a_failure_of_a_server_thread_is_a_server_error(self):
+        # Not only a traceback on stderr, which a passing test run hides.
+        layer = self.serve()
+        server = layer["httpd"]
+        acceptor = server._acceptor  # started as the loop accepted the first connection
+        self.assertIsNotNone(acceptor)
+        with mock.patch.object(server, "_accept_and_serve", side_effect=RuntimeError("a fault of ours")):
+            with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5):
+                acceptor.thread.join(5)
+        [error] = layer.server_errors.take()
+        self.assertIn(f"serverlayer {layer.__module__}.{layer.__name__} acceptor failed", error)
+        self.assertIn("RuntimeError: a fault of ours", error)
+
     def test_the_acceptor_ends_with_the_test(self):
         layer = self.serve()
 
