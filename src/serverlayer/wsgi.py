@@ -1481,12 +1481,14 @@ class WaitressServer(SocketserverStops, TcpWSGIServer):  # type: ignore[misc]
                     # finds at once (without a failed accept() each time).
                     self.accept_and_serve(fd)
         finally:
-            if self._stop_requested:
-                self._close_pending()
-            else:
-                self.hand_over_pending()
-            self.loop_accepts(True)
-            self.acceptor = None
+            try:
+                if self._stop_requested:
+                    self._close_pending()
+                else:
+                    self.hand_over_pending()
+            finally:  # the loop accepts from now on, and starts another acceptor, also after a fault
+                self.loop_accepts(True)
+                self.acceptor = None
 
     def pending_idle_left(self) -> float:
         """How long the acceptor may wait for the connection it waits on

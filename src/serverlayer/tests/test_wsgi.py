@@ -1150,12 +1150,17 @@ class AcceptorTests(AcceptorChecks, unittest.TestCase):
         server = layer["httpd"]
         self.assertTrue(until(lambda: server.acceptor is not None and not server._loop_accepting))
         failing = server.acceptor
-        with mock.patch.object(server, "accept_and_serve", side_effect=RuntimeError("a fault of ours")):
-            self.assertIn(" worker ", get_closing(layer, "/"))  # the loop accepts it instead
+        with (
+            mock.patch.object(server, "accept_and_serve", side_effect=RuntimeError("a fault of ours")),
+            mock.patch.object(server, "hand_over_pending", side_effect=RuntimeError("another, as it ends")),
+        ):
+            # The loop accepts it instead, as after any end of the acceptor.
+            self.assertIn(" worker ", get_closing(layer, "/"))
             failing.join(10)
         [error] = layer.server_errors.take()
         self.assertIn("The acceptor of serverlayer serverlayer.tests.test_wsgi.acceptor_fails failed", error)
         self.assertIn("RuntimeError: a fault of ours", error)
+        self.assertIn("RuntimeError: another, as it ends", error)
 
     def test_the_loop_starts_the_acceptor_again_once_there_is_room(self):
         # Not only when the loop itself accepts a connection: one the kernel
