@@ -1216,6 +1216,15 @@ def holding_app(environ, start_response):
     return [body]
 
 
+def idle_or_waiting_as_holders(server) -> bool:
+    """Whether every worker is idle or waits for a request of the
+    connection it holds: a holder still answering one counts as neither
+    (a request the loop queues meanwhile makes it give up its hold)."""
+    dispatcher = server.task_dispatcher
+    with dispatcher.lock:
+        return bool(dispatcher.active_count <= len(dispatcher.holders))
+
+
 def held_channels(server) -> list:
     return [channel for channel in list(server._map.values()) if isinstance(channel, wsgi._Channel) and channel.held]
 
@@ -1280,13 +1289,16 @@ class HoldTests(unittest.TestCase):
         handed = []
         server = layer["httpd"]
         served_by = []
+        # Every worker waits for work (a worker starting up counts as busy:
+        # with none idle but the one that answered, it would not hold).
+        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 0))
         with mock.patch.object(server.task_dispatcher, "add_task", side_effect=server.task_dispatcher.add_task) as add:
             for number in range(50):
                 served_by.append(self.get(connection, f"/{number}").strip())
-                # Its next request comes once the worker holds the
-                # connection: not while it still finishes the answer (a
-                # busy machine), which leaves the request to the loop.
-                self.assertTrue(until(lambda: held_channels(server)))
+                # Its next request comes once the worker waits for it as
+                # the connection's holder: not while it still finishes the
+                # answer (a busy machine), which leaves the request to the loop.
+                self.assertTrue(until(lambda: idle_or_waiting_as_holders(server) and held_channels(server)))
             handed = add.call_count
         # The loop hands a worker the first request (or two: the loop's
         # turn may have begun before the hold); that worker reads and
@@ -1343,10 +1355,11 @@ class HoldTests(unittest.TestCase):
         # request (one that came after its connection, under load) held it.
         for connection in (held, held, held, blocked, waiting):
             self.get(connection)
-            # The worker that answered is idle again (or holds): the next
-            # request finds it idle, rather than waking the holder to answer
-            # it, after which no worker holds (3 connections, 2 workers).
-            self.assertTrue(until(lambda: server.task_dispatcher.active_count <= len(held_channels(server))))
+            # The worker that answered is idle again, or waits as a holder
+            # (not still answering as one): the next request finds it idle,
+            # rather than waking the holder to answer it, or making it give
+            # up its hold, after which no worker holds (3 connections, 2 workers).
+            self.assertTrue(until(lambda: idle_or_waiting_as_holders(server)))
         self.assertTrue(until(lambda: held_channels(server)))  # held's, by one worker; the other is idle
         blocked.request("GET", "/block")  # takes the idle worker
         self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2))
@@ -1365,19 +1378,16 @@ class HoldTests(unittest.TestCase):
         layer = self.serve(threads=3)
         server = layer["httpd"]
         waiting_holder, answering_holder, blocked, asking = (self.kept(layer) for _ in range(4))
-        def idle_or_holding() -> bool:
-            # The worker that answered is idle again (or holds): the next
-            # request finds it idle, rather than waking a holder to answer
-            # it (which then holds no more: as many connections as workers).
-            return bool(server.task_dispatcher.active_count <= len(held_channels(server)))
-
         for holds, connection in enumerate((waiting_holder, answering_holder), 1):
             self.get(connection)
             self.get(connection)
             self.assertTrue(until(lambda holds=holds: len(held_channels(server)) == holds))
         for connection in (blocked, asking):
             self.get(connection)  # the third worker's: it holds neither
-            self.assertTrue(until(idle_or_holding))
+            # It is idle again: the next request finds it idle, rather than
+            # waking a holder to answer it (which then holds no more: as
+            # many connections as workers).
+            self.assertTrue(until(lambda: idle_or_waiting_as_holders(server)))
         self.assertEqual(len(held_channels(server)), 2)
         answering_holder.request("GET", "/block")  # its holder answers it
         self.assertTrue(until(lambda: server.task_dispatcher.active_count == 2 and len(held_channels(server)) == 2))
