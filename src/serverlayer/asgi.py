@@ -1261,6 +1261,21 @@ class UvicornServer(AsyncioServer):
             super().serve(ready)
         finally:
             self.logger.removeHandler(self._log_handler)
+            self._join_worker_threads()
+
+    def _join_worker_threads(self) -> None:
+        """Wait for the threads anyio ran the application's synchronous
+        code on (Starlette's ``def`` endpoints and background tasks).
+
+        anyio tells each to end once the task it began for has ended, and
+        does not wait for it: one was now and then still there when the
+        test ended (zope.testrunner: "left new threads behind"). Its
+        threads name the loop they serve (``loop``).
+        """
+        deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
+        for thread in threading.enumerate():
+            if getattr(thread, "loop", None) is self.loop and thread is not threading.current_thread():
+                thread.join(deadline.remaining())
 
     def _shut_down(self, servers: list[Listening]) -> None:
         """Close every connection, end the requests, then let the

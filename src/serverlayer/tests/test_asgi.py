@@ -47,6 +47,7 @@ from serverlayer.tests.helpers import (
     stop_asked_again_as_the_serving_ends,
     stop_in_the_round_that_accepts,
     thread_names,
+    until,
     without_host_variables,
 )
 from serverlayer.tests.test_hardening import read_until_closed
@@ -2332,6 +2333,36 @@ class StopTests(unittest.TestCase):
         self.assertEqual(events, [])
         layer.tearDown()
         self.assertEqual(events, ["stream closed", "background ran"])
+
+    def test_tear_down_waits_for_the_thread_a_background_task_ran_on(self):
+        # anyio tells it to end as the request's task ends, and does not
+        # wait for it: the test ended now and then with it still there.
+        from anyio._backends._asyncio import WorkerThread
+        from starlette.applications import Starlette
+        from starlette.background import BackgroundTask
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        ran: list[str] = []
+
+        async def page(request):
+            return PlainTextResponse("page", background=BackgroundTask(ran.append, "background ran"))
+
+        run = WorkerThread.run
+
+        def run_then_linger(thread):
+            run(thread)
+            time.sleep(0.2)  # widens the moment between its end and its thread's
+
+        layer = asgi.Layer(Starlette(routes=[Route("/", page)]), name="asgi_worker_thread")
+        layer.setUp()
+        self.addCleanup(layer.tearDown)  # does nothing once torn down
+        with mock.patch.object(WorkerThread, "run", run_then_linger):
+            self.assertEqual(httpx.get(layer["http_url"]).text, "page")
+            self.assertTrue(until(lambda: ran))  # after the answer; its thread then waits for more
+            layer.tearDown()
+        self.assertEqual(ran, ["background ran"])
+        self.assertEqual([thread for thread in threading.enumerate() if isinstance(thread, WorkerThread)], [])
 
     def test_a_stream_that_goes_on_after_the_disconnect_is_cancelled_within_the_stop_timeout(self):
         events: list = []
