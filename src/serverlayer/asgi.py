@@ -1269,8 +1269,8 @@ class UvicornServer(AsyncioServer):
 
         anyio tells each to end once the task it began for has ended, and
         does not wait for it: one was now and then still there when the
-        test ended (zope.testrunner: "left new threads behind"). Its
-        threads name the loop they serve (``loop``).
+        test ended (zope.testrunner: "left new threads behind"). Each of
+        those threads holds the loop it serves as its ``loop`` attribute.
         """
         deadline = self._stop_deadline or Deadline(self.stop_timeout * STOP_SHARE)
         for thread in threading.enumerate():
