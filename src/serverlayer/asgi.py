@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -565,6 +565,9 @@ class _Registered(asyncio.Protocol):
     logger: logging.Logger
     access_logger: logging.Logger
     access_log: bool
+    loop: asyncio.AbstractEventLoop
+    #: What the requests' cycles write their responses through.
+    _writes: _HeadWithBody
 
     def __init__(
         self,
@@ -586,7 +589,21 @@ class _Registered(asyncio.Protocol):
         owner.transports.add(transport)
         if owner.tls_connections is not None:
             owner.note_tls(transport)
+        self._writes = _HeadWithBody(transport, self.loop)
         super().connection_made(transport)
+
+    def _write_heads_with_bodies(self) -> None:
+        """Have the request just read write its response through ``_writes``."""
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = self._writes
+
+    def _response_written(self) -> None:
+        """Write what ``_writes`` holds (a ``HEAD`` answer's head), before
+        the connection may close, and hold the next response's head."""
+        writes = self._writes
+        writes.flush()
+        writes.holds = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
@@ -635,6 +652,7 @@ class _Registered(asyncio.Protocol):
                     self.pipeline.remove(waiting)
 
     def on_response_complete(self) -> None:
+        self._response_written()
         super().on_response_complete()  # type: ignore[misc]
         self._close_if_client_done()
 
@@ -643,8 +661,67 @@ class _Registered(asyncio.Protocol):
             self.transport.close()
 
 
+class _HeadWithBody:
+    """The transport a request's cycle writes its response through: the
+    response's head waits for the first part of its body, and both go out
+    in one write.
+
+    uvicorn's cycles (httptools' and h11's) write the status line and
+    headers, then each part of the body, each with a ``send()`` of its own:
+    a small answer took two system calls, and two TCP segments that its
+    client, woken by the first, read with two. The head is held until the next write, or the end
+    of the loop turn it was written in (an application that sends its body
+    later, a ``HEAD`` answer): never longer. One per connection; the
+    protocol has it hold again once a response is complete.
+    """
+
+    __slots__ = ("transport", "loop", "held", "holds")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held: bytes | None = None
+        #: Whether the next write is a response's head, to be held.
+        self.holds = True
+
+    def write(self, data: bytes) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.transport.write(held + data)
+        elif self.holds:
+            self.holds = False
+            self.held = data
+            self.loop.call_soon(self.flush)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write the head held, if any, unless the connection is closing
+        (closed by the protocol: the client is gone, or the server stops)."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _H11Protocol(_Registered, H11Protocol):
     """uvicorn's pure-Python HTTP/1.1 protocol (h11)."""
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._write_heads_with_bodies()  # before its task writes (the loop's next turn)
 
 
 #: The HTTP/1.1 protocols a layer can serve with, by uvicorn's names for them.
@@ -683,6 +760,7 @@ if HttpToolsProtocol is not None:
                 # path leaves its scheme and authority out (h11's keeps them).
                 self.scope[TARGET] = self.url  # type: ignore[literal-required]
             HttpToolsProtocol.on_headers_complete(self)  # not super(): it runs for every request
+            self._write_heads_with_bodies()
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             if cycle.scope["http_version"] == "1.0":
@@ -700,6 +778,7 @@ if HttpToolsProtocol is not None:
             # on the other layers. Otherwise as upstream: the next of the
             # requests read ahead (pipelined) is started.
             self.server_state.total_requests += 1
+            self._response_written()
             if self.transport.is_closing():
                 return
             if self._refusal is None:
@@ -773,16 +852,34 @@ GOING_AWAY = 1001
 STOPPING = "the server is stopping"
 
 
-class _ClosedOnce:
-    """A TLS transport that is closed once, however often it is told to.
+#: How many received messages may wait for a WebSocket application's
+#: ``receive()`` before its connection stops reading: websockets' own
+#: default for its servers (``max_queue``).
+UNREAD_MESSAGES = 16
 
-    uvicorn's WebSocket protocol closes its transport as the closing
-    handshake ends, and again as its application returns. asyncio's TLS
-    transport, closed a second time, lets go of its connection (CPython
-    3.11 to 3.13), and its ``abort()`` then does nothing: a connection
-    still waiting for its client's TLS close_notify when the server stops
-    outlives the loop, and is collected unclosed (ResourceWarning). The
-    methods a WebSocket calls for each message are the transport's own.
+
+class _WebSocketTransport:
+    """The transport a WebSocket's protocol writes to, closes and pauses.
+
+    - It is closed once, however often it is told to. uvicorn's WebSocket
+      protocol closes its transport as the closing handshake ends, and
+      again as its application returns. asyncio's TLS transport, closed a
+      second time, lets go of its connection (CPython 3.11 to 3.13), and
+      its ``abort()`` then does nothing: a connection still waiting for its
+      client's TLS close_notify when the server stops outlives the loop,
+      and is collected unclosed (ResourceWarning).
+    - It goes on reading while the application has fewer than
+      ``UNREAD_MESSAGES`` messages to take. Upstream (uvicorn 0.55's
+      websockets-sansio protocol) stops reading at every message it
+      receives and reads again once the application took it: two changes
+      to the loop's selector, and two system calls, for each message of a
+      conversation. Here the protocol's pause is left to
+      ``_WebSocketProtocol.data_received``, which pauses once that many
+      wait, so that a client sending faster than its application reads is
+      still held back.
+
+    ``write`` and ``is_closing``, called for every message, are the
+    transport's own.
     """
 
     __slots__ = ("transport", "write", "is_closing")
@@ -795,6 +892,13 @@ class _ClosedOnce:
     def close(self) -> None:
         if not self.transport.is_closing():
             self.transport.close()
+
+    def pause_reading(self) -> None:
+        """Nothing: see ``_WebSocketProtocol.data_received``."""
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
@@ -833,9 +937,13 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.own_transport = transport  # type: ignore[assignment]
         self.owner.transports.add(self.own_transport)
-        if transport.get_extra_info("sslcontext") is not None:
-            transport = _ClosedOnce(self.own_transport)  # type: ignore[assignment]
-        super().connection_made(transport)
+        super().connection_made(_WebSocketTransport(self.own_transport))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        transport = self.own_transport
+        if self.queue.qsize() >= UNREAD_MESSAGES and transport.is_reading():
+            transport.pause_reading()  # until the application took them all (upstream's receive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.transports.discard(self.own_transport)
@@ -892,7 +1000,14 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.transport.close()
 
-    async def send(self, message: Any) -> None:
+    def send(self, message: Any) -> Coroutine[Any, Any, None]:
+        # Upstream's own coroutine for the messages of a conversation: no
+        # frame of ours to run between the application and it.
+        if message["type"] == "websocket.http.response.body":
+            return self._send_response_body(message)
+        return super().send(message)
+
+    async def _send_response_body(self, message: Any) -> None:
         await super().send(message)
         # A WebSocket refused with a response of the application's own
         # (the ``websocket.http.response`` extension) ended its handshake
@@ -900,7 +1015,7 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         # takes it for no handshake at all and logs "ASGI callable
         # returned without completing handshake.", an error that would
         # fail the test; its other WebSocket protocol logs nothing.
-        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+        if not message.get("more_body", False):
             self.handshake_complete = True
 
 

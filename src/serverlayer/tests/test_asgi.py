@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2726,6 +2727,121 @@ class NoDelayTests(unittest.TestCase):
                     [transport] = server.transports
                     accepted = transport.get_extra_info("socket")
                     self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    """How many TCP segments with data ``sock`` received (Linux's
+    ``tcpi_data_segs_in``: pure acknowledgements not counted)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160), 152)[0]
+
+
+@unittest.skipUnless(sys.platform == "linux", "counts TCP segments with Linux's TCP_INFO")
+class ResponseSegmentTests(unittest.TestCase):
+    """A small answer reaches its client in one TCP segment, its head with
+    its body; a head whose body comes later is not kept from the client
+    meanwhile."""
+
+    http_protocol = "httptools"
+
+    def serve(self, app) -> asgi.Layer:
+        return set_up_by_hand(self, asgi.Layer(app, name=f"segments_{self.http_protocol}",
+                                               http_protocol=self.http_protocol))
+
+    def test_each_small_answer_comes_in_one_segment(self):
+        layer = self.serve(app_without_lifespan)
+        client = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(client.close)
+        client.connect()
+        before = data_segments_received(client.sock)
+        for number in range(20):
+            client.request("POST", "/", body=str(number))
+            response = client.getresponse()
+            self.assertEqual(json.loads(response.read())["body"], str(number))
+        self.assertEqual(data_segments_received(client.sock) - before, 20)
+
+    def test_the_head_of_an_answer_to_head_goes_out_before_the_connection_closes(self):
+        layer = self.serve(app_without_lifespan)
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.shutdown(socket.SHUT_WR)  # the server closes once it answered
+            received = read_until_closed(client)
+        self.assertRegex(received, rb"^HTTP/1\.1 200 OK\r\n(?:[^\r]+\r\n)*content-length: \d+\r\n")
+        self.assertTrue(received.endswith(b"\r\n\r\n"), received)
+
+    def test_a_head_goes_out_while_the_application_waits_to_send_its_body(self):
+        go_on = threading.Event()
+
+        async def app(scope, receive, send):
+            assert scope["type"] == "http"
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+            while not go_on.is_set():  # the head must reach the client meanwhile
+                await asyncio.sleep(0.01)
+            await send({"type": "http.response.body", "body": b"body"})
+
+        layer = self.serve(app)
+        self.addCleanup(go_on.set)
+        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                chunk = client.recv(1024)
+                self.assertTrue(chunk, head)
+                head += chunk
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+            go_on.set()
+            self.assertEqual(client.recv(1024), b"body")
+
+
+class H11ResponseSegmentTests(ResponseSegmentTests):
+    http_protocol = "h11"
+
+
+class WebSocketReadingTests(unittest.TestCase):
+    """A WebSocket's connection goes on reading while its application keeps
+    up, and stops once it falls behind by ``UNREAD_MESSAGES`` messages."""
+
+    def test_an_echo_conversation_never_pauses_reading(self):
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="ws_reading"))
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket:
+            websocket.send("first")
+            self.assertEqual(websocket.recv(timeout=5), "echo: first")
+            [transport] = layer["httpd"].transports
+            with mock.patch.object(transport, "pause_reading", wraps=transport.pause_reading) as pause_reading:
+                for number in range(50):
+                    websocket.send(str(number))
+                    self.assertEqual(websocket.recv(timeout=5), f"echo: {number}")
+            self.assertEqual(pause_reading.call_count, 0)
+
+    def test_a_client_faster_than_its_application_is_held_back_and_loses_nothing(self):
+        go_on = threading.Event()
+
+        async def app(scope, receive, send):
+            if scope["type"] != "websocket":
+                return
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            while not go_on.is_set():  # falls behind
+                await asyncio.sleep(0.01)
+            while (message := await receive())["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "text": str(len(message["bytes"]))})
+
+        layer = set_up_by_hand(self, asgi.Layer(app, name="ws_held_back"))
+        self.addCleanup(go_on.set)
+        server = layer["httpd"]
+        sizes = [100 + number for number in range(asgi.UNREAD_MESSAGES + 4)]
+        with ws_connect(layer["ws_url"], open_timeout=5) as websocket, contextlib.ExitStack() as failing:
+            failing.callback(go_on.set)  # before the client's closing handshake, which the application answers
+            until(lambda: server.websocket_protocols)
+            [protocol] = server.websocket_protocols.values()
+            for number, size in enumerate(sizes[:asgi.UNREAD_MESSAGES]):
+                self.assertTrue(protocol.own_transport.is_reading(), f"paused at {number} unread messages")
+                websocket.send(b"x" * size)
+                self.assertTrue(until(lambda count=number + 1: protocol.queue.qsize() == count))
+            self.assertFalse(protocol.own_transport.is_reading())
+            for size in sizes[asgi.UNREAD_MESSAGES:]:  # wait in the kernel's buffers
+                websocket.send(b"x" * size)
+            go_on.set()
+            self.assertEqual([int(websocket.recv(timeout=5)) for _ in sizes], sizes)
 
 
 class LeavingClientTests(unittest.TestCase):
