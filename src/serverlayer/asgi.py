@@ -565,9 +565,6 @@ class _Registered(asyncio.Protocol):
     logger: logging.Logger
     access_logger: logging.Logger
     access_log: bool
-    loop: asyncio.AbstractEventLoop
-    #: What the requests' cycles write their responses through.
-    _writes: _HeadWithBody
 
     def __init__(
         self,
@@ -589,21 +586,7 @@ class _Registered(asyncio.Protocol):
         owner.transports.add(transport)
         if owner.tls_connections is not None:
             owner.note_tls(transport)
-        self._writes = _HeadWithBody(transport, self.loop)
         super().connection_made(transport)
-
-    def _write_heads_with_bodies(self) -> None:
-        """Have the request just read write its response through ``_writes``."""
-        cycle = self.cycle
-        if cycle is not None and cycle.transport is self.transport:
-            cycle.transport = self._writes
-
-    def _response_written(self) -> None:
-        """Write what ``_writes`` holds (a ``HEAD`` answer's head), before
-        the connection may close, and hold the next response's head."""
-        writes = self._writes
-        writes.flush()
-        writes.holds = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         owner = self.owner
@@ -652,7 +635,6 @@ class _Registered(asyncio.Protocol):
                     self.pipeline.remove(waiting)
 
     def on_response_complete(self) -> None:
-        self._response_written()
         super().on_response_complete()  # type: ignore[misc]
         self._close_if_client_done()
 
@@ -661,67 +643,8 @@ class _Registered(asyncio.Protocol):
             self.transport.close()
 
 
-class _HeadWithBody:
-    """The transport a request's cycle writes its response through: the
-    response's head waits for the first part of its body, and both go out
-    in one write.
-
-    uvicorn's cycles (httptools' and h11's) write the status line and
-    headers, then each part of the body, each with a ``send()`` of its own:
-    a small answer took two system calls, and two TCP segments that its
-    client, woken by the first, read with two. The head is held until the next write, or the end
-    of the loop turn it was written in (an application that sends its body
-    later, a ``HEAD`` answer): never longer. One per connection; the
-    protocol has it hold again once a response is complete.
-    """
-
-    __slots__ = ("transport", "loop", "held", "holds")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self.transport = transport
-        self.loop = loop
-        self.held: bytes | None = None
-        #: Whether the next write is a response's head, to be held.
-        self.holds = True
-
-    def write(self, data: bytes) -> None:
-        held = self.held
-        if held is not None:
-            self.held = None
-            self.transport.write(held + data)
-        elif self.holds:
-            self.holds = False
-            self.held = data
-            self.loop.call_soon(self.flush)
-        else:
-            self.transport.write(data)
-
-    def flush(self) -> None:
-        """Write the head held, if any, unless the connection is closing
-        (closed by the protocol: the client is gone, or the server stops)."""
-        held = self.held
-        if held is not None:
-            self.held = None
-            if not self.transport.is_closing():
-                self.transport.write(held)
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
-
-
 class _H11Protocol(_Registered, H11Protocol):
     """uvicorn's pure-Python HTTP/1.1 protocol (h11)."""
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        self._write_heads_with_bodies()  # before its task writes (the loop's next turn)
 
 
 #: The HTTP/1.1 protocols a layer can serve with, by uvicorn's names for them.
@@ -760,7 +683,6 @@ if HttpToolsProtocol is not None:
                 # path leaves its scheme and authority out (h11's keeps them).
                 self.scope[TARGET] = self.url  # type: ignore[literal-required]
             HttpToolsProtocol.on_headers_complete(self)  # not super(): it runs for every request
-            self._write_heads_with_bodies()
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             if cycle.scope["http_version"] == "1.0":
@@ -778,7 +700,6 @@ if HttpToolsProtocol is not None:
             # on the other layers. Otherwise as upstream: the next of the
             # requests read ahead (pipelined) is started.
             self.server_state.total_requests += 1
-            self._response_written()
             if self.transport.is_closing():
                 return
             if self._refusal is None:

@@ -15,7 +15,6 @@ import logging.handlers
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -2727,73 +2726,6 @@ class NoDelayTests(unittest.TestCase):
                     [transport] = server.transports
                     accepted = transport.get_extra_info("socket")
                     self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
-
-
-def data_segments_received(sock: socket.socket) -> int:
-    """How many TCP segments with data ``sock`` received (Linux's
-    ``tcpi_data_segs_in``: pure acknowledgements not counted)."""
-    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160), 152)[0]
-
-
-@unittest.skipUnless(sys.platform == "linux", "counts TCP segments with Linux's TCP_INFO")
-class ResponseSegmentTests(unittest.TestCase):
-    """A small answer reaches its client in one TCP segment, its head with
-    its body; a head whose body comes later is not kept from the client
-    meanwhile."""
-
-    http_protocol = "httptools"
-
-    def serve(self, app) -> asgi.Layer:
-        return set_up_by_hand(self, asgi.Layer(app, name=f"segments_{self.http_protocol}",
-                                               http_protocol=self.http_protocol))
-
-    def test_each_small_answer_comes_in_one_segment(self):
-        layer = self.serve(app_without_lifespan)
-        client = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
-        self.addCleanup(client.close)
-        client.connect()
-        before = data_segments_received(client.sock)
-        for number in range(20):
-            client.request("POST", "/", body=str(number))
-            response = client.getresponse()
-            self.assertEqual(json.loads(response.read())["body"], str(number))
-        self.assertEqual(data_segments_received(client.sock) - before, 20)
-
-    def test_the_head_of_an_answer_to_head_goes_out_before_the_connection_closes(self):
-        layer = self.serve(app_without_lifespan)
-        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
-            client.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
-            client.shutdown(socket.SHUT_WR)  # the server closes once it answered
-            received = read_until_closed(client)
-        self.assertRegex(received, rb"^HTTP/1\.1 200 OK\r\n(?:[^\r]+\r\n)*content-length: \d+\r\n")
-        self.assertTrue(received.endswith(b"\r\n\r\n"), received)
-
-    def test_a_head_goes_out_while_the_application_waits_to_send_its_body(self):
-        go_on = threading.Event()
-
-        async def app(scope, receive, send):
-            assert scope["type"] == "http"
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
-            while not go_on.is_set():  # the head must reach the client meanwhile
-                await asyncio.sleep(0.01)
-            await send({"type": "http.response.body", "body": b"body"})
-
-        layer = self.serve(app)
-        self.addCleanup(go_on.set)
-        with socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as client:
-            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = b""
-            while not head.endswith(b"\r\n\r\n"):
-                chunk = client.recv(1024)
-                self.assertTrue(chunk, head)
-                head += chunk
-            self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
-            go_on.set()
-            self.assertEqual(client.recv(1024), b"body")
-
-
-class H11ResponseSegmentTests(ResponseSegmentTests):
-    http_protocol = "h11"
 
 
 class WebSocketReadingTests(unittest.TestCase):
