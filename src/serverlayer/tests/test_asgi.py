@@ -2745,24 +2745,26 @@ class WebSocketReadingTests(unittest.TestCase):
             self.assertEqual(pause_reading.call_count, 0)
 
     def test_a_client_faster_than_its_application_is_held_back_and_loses_nothing(self):
-        go_on = threading.Event()
+        go_on = asyncio.Event()
 
         async def app(scope, receive, send):
             if scope["type"] != "websocket":
                 return
             await receive()  # websocket.connect
             await send({"type": "websocket.accept"})
-            while not go_on.is_set():  # falls behind
-                await asyncio.sleep(0.01)
+            await go_on.wait()  # falls behind
             while (message := await receive())["type"] == "websocket.receive":
                 await send({"type": "websocket.send", "text": str(len(message["bytes"]))})
 
         layer = set_up_by_hand(self, asgi.Layer(app, name="ws_held_back"))
-        self.addCleanup(go_on.set)
         server = layer["httpd"]
+
+        def let_it_go_on() -> None:
+            server.loop.call_soon_threadsafe(go_on.set)
+
         sizes = [100 + number for number in range(asgi.UNREAD_MESSAGES + 4)]
         with ws_connect(layer["ws_url"], open_timeout=5) as websocket, contextlib.ExitStack() as failing:
-            failing.callback(go_on.set)  # before the client's closing handshake, which the application answers
+            failing.callback(let_it_go_on)  # before the client's closing handshake, which the application answers
             until(lambda: server.websocket_protocols)
             [protocol] = server.websocket_protocols.values()
             for number, size in enumerate(sizes[:asgi.UNREAD_MESSAGES]):
@@ -2772,7 +2774,7 @@ class WebSocketReadingTests(unittest.TestCase):
             self.assertFalse(protocol.own_transport.is_reading())
             for size in sizes[asgi.UNREAD_MESSAGES:]:  # wait in the kernel's buffers
                 websocket.send(b"x" * size)
-            go_on.set()
+            let_it_go_on()
             self.assertEqual([int(websocket.recv(timeout=5)) for _ in sizes], sizes)
 
 
