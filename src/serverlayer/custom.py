@@ -172,6 +172,44 @@ class _ReadingWithoutWaiting:
         return self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
 
 
+class _Connection(socket.socket):
+    """An accepted connection whose worker, reading a request whose rest
+    has not come, waits where the end of the test calls it back.
+
+    http.server reads a request without a timeout: a client that sent part
+    of one and stopped (its test failed midway) held the worker until the
+    end of the test had waited for that request in vain (``quiet_timeout``,
+    a second by default), as nothing else tells a worker waiting for bytes
+    from one still reading what came. Here the worker that would wait
+    finds the test over and ends the connection itself (``cut_read``). A
+    read that finds bytes costs what it did: one ``recv``.
+    """
+
+    __slots__ = ()
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        conversation: _Conversation | None = getattr(_this_thread, "reading", None)
+        timeout = self.gettimeout()
+        if conversation is None or conversation.connection is not self or flags or timeout == 0:
+            return super().recv_into(buffer, nbytes, flags)
+        if timeout is None:
+            try:
+                return super().recv_into(buffer, nbytes, _DONT_WAIT)
+            except BlockingIOError:
+                pass
+        elif _ready_to_read((self.fileno(),), 0):
+            return super().recv_into(buffer, nbytes)
+        arrived = conversation.server.wait_readable(self, timeout)
+        if arrived is None:  # the test is over, or the server stops
+            conversation.cut_read()
+        elif not arrived:
+            raise TimeoutError("timed out")
+        return super().recv_into(buffer, nbytes)
+
+
+_DONT_WAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+
+
 def _readable_now(connection: socket.socket) -> bool:
     """Whether a read of ``connection`` would not wait, where it might.
 
@@ -418,9 +456,10 @@ class _Conversation:
         while True:
             handler.close_connection = True  # unless the request says otherwise
             server._activity.start()
-            self.reading_request = True
+            self.reading_request, _this_thread.reading = True, self
             handler.handle_one_request()
             self.reading_request = False
+            _this_thread.reading = None
             server._activity.finish()  # an exception finishes in the worker, once recorded
             # The answer is out: the acceptor lets the loop go before it
             # closes the connection, with which its client goes on to the
@@ -472,10 +511,17 @@ class _Conversation:
             handler.close_connection = True
             return
         server._activity.start()
-        self.reading_request = True
+        self.reading_request, _this_thread.reading = True, self
         serve_one()
         self.reading_request = False
+        _this_thread.reading = None
         server._activity.finish()  # one that raised finishes in the worker, once recorded
+
+    def cut_read(self) -> None:
+        """End the connection of a request the client left half sent as
+        the test ended: what came of it is no request."""
+        self.reading_cut = True
+        _shut_down(self.connection, self.descriptor, self.ends)
 
     def _parse_request(self, parse: Callable[[], bool]) -> bool:
         """The handler's ``parse_request``, which reads the request's head
@@ -484,6 +530,7 @@ class _Conversation:
             return parse()
         finally:
             self.reading_request = False
+            _this_thread.reading = None
 
     def _log_error(self, format: str, *args: Any) -> None:
         """The handler's ``log_error``, which reports a ``TimeoutError`` of
@@ -1154,6 +1201,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         # Nagle's algorithm each keep-alive response would wait for the
         # client's delayed ACK (40 ms on Linux).
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if type(connection) is socket.socket:  # the same object, its reads those of a _Connection
+            connection.__class__ = _Connection
         conversation = _Conversation(self, connection, address, client_cert)
         with self._connections_lock:
             self._connections[connection] = conversation
@@ -1302,6 +1351,8 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         """End the connections whose client sent part of a request and
         nothing more: the test that sent it is over, and the worker reading
         the rest would wait for ever (http.server reads without a timeout).
+        A worker reading a ``_Connection`` ends it itself as the test ends;
+        this is for the others (a handler's own TLS wrapper).
 
         Only once the end of the test waited for its requests in vain: a
         request whose bytes have all arrived may still be being read from
@@ -1313,8 +1364,7 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 if conversation.reading_request and not _socket_has_data(conversation.connection)
             ]
         for conversation in stalled:
-            conversation.reading_cut = True
-            _shut_down(conversation.connection, conversation.descriptor, conversation.ends)
+            conversation.cut_read()
 
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers

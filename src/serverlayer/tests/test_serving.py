@@ -464,10 +464,9 @@ class StalledHeadTearDownTests(unittest.TestCase):
 
 class HalfSentRequestTests(unittest.TestCase):
     """The end of a test while a client has sent part of a request and
-    stopped (its test failed midway, say): the worker reading the rest
-    waits without a timeout, so once the end of the test waited for it in
-    vain (``quiet_timeout``), it ends the connection, rather than leave
-    the worker behind."""
+    stopped (its test failed midway, say): the worker that would wait for
+    the rest without a timeout ends the connection instead, rather than
+    hold up the end of the test or be left behind."""
 
     HALVES = {
         "half a request line": b"GET /file HT",
@@ -488,6 +487,18 @@ class HalfSentRequestTests(unittest.TestCase):
                     with self.subTest(layer=layer, what=what):
                         self.end_the_test_with(layer, data)
 
+    def test_a_request_left_half_sent_is_cut_without_the_wait_for_quiet(self):
+        # The worker waiting for the rest finds the test over: the end of
+        # the test waits neither quiet_timeout (1 s) nor for its join.
+        # Not the wsgi layer, whose loop reads requests (waitress's).
+        for tls in (False, True):
+            for layer in every_http_layer(f"half_sent_at_once_{'tls' if tls else 'plain'}", tls=tls)[:3]:
+                self.assertEqual(layer.quiet_timeout, 1.0)
+                set_up_by_hand(self, layer)
+                for what, data in self.HALVES.items():
+                    with self.subTest(layer=layer, what=what):
+                        self.assertLess(self.end_the_test_with(layer, data), 0.5)
+
     def test_a_body_the_client_closes_before_its_end_is_no_request(self):
         for layer in every_http_layer("short_body")[:3]:
             with self.subTest(layer=layer):
@@ -500,7 +511,7 @@ class HalfSentRequestTests(unittest.TestCase):
                 self.assertIn(b"after 17 of the 100 bytes that Content-Length announced", answer)
                 self.assertEqual(list(layer["http_requests"]), [])
 
-    def end_the_test_with(self, layer, data: bytes) -> None:
+    def end_the_test_with(self, layer, data: bytes) -> float:
         before = thread_names()
         with connect(layer) as sock:
             sock.sendall(data)
@@ -518,6 +529,7 @@ class HalfSentRequestTests(unittest.TestCase):
                 self.assertNotIn(b"HTTP/1.1 200", read_until_closed(sock))  # closed: no TimeoutError
         # The wait for quiet; without the cut, the 1 s join too, in vain.
         self.assertLess(took, layer.quiet_timeout + 0.5)
+        return took
 
     def test_a_request_all_sent_is_served_though_the_test_ends_while_it_is_read(self):
         reading, proceed = threading.Event(), threading.Event()
