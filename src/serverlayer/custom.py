@@ -197,7 +197,7 @@ class _Connection(socket.socket):
                 return super().recv_into(buffer, nbytes, _DONT_WAIT)
             except BlockingIOError:
                 pass
-        elif _ready_to_read((self.fileno(),), 0):
+        elif _readable_now(self):
             return super().recv_into(buffer, nbytes)
         arrived = conversation.server.wait_readable(self, timeout)
         if arrived is None:  # the test is over, or the server stops
