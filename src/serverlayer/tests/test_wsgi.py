@@ -1270,7 +1270,13 @@ class HoldTests(unittest.TestCase):
         # Without the acceptor, which keeps the keep-alive connection it
         # answered to itself (AcceptorTests): the loop's go to workers.
         with mock.patch.object(wsgi.WaitressServer, "uses_acceptor", False):
-            return set_up_by_hand(self, wsgi.Layer(holding_app, name=f"hold_{self._testMethodName}", **kwargs))
+            layer = set_up_by_hand(self, wsgi.Layer(holding_app, name=f"hold_{self._testMethodName}", **kwargs))
+        # Every worker waits for work: one still starting counts as busy,
+        # and with none idle but the one that answered, that one would not
+        # hold (or would give up its hold after its next answer).
+        dispatcher = layer["httpd"].task_dispatcher
+        self.assertTrue(until(lambda: dispatcher.active_count == 0))
+        return layer
 
     def kept(self, layer) -> http.client.HTTPConnection:
         connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=10)
@@ -1289,9 +1295,6 @@ class HoldTests(unittest.TestCase):
         handed = []
         server = layer["httpd"]
         served_by = []
-        # Every worker waits for work (a worker starting up counts as busy:
-        # with none idle but the one that answered, it would not hold).
-        self.assertTrue(until(lambda: server.task_dispatcher.active_count == 0))
         with mock.patch.object(server.task_dispatcher, "add_task", side_effect=server.task_dispatcher.add_task) as add:
             for number in range(50):
                 served_by.append(self.get(connection, f"/{number}").strip())
@@ -1381,7 +1384,11 @@ class HoldTests(unittest.TestCase):
         for holds, connection in enumerate((waiting_holder, answering_holder), 1):
             self.get(connection)
             self.get(connection)
-            self.assertTrue(until(lambda holds=holds: len(held_channels(server)) == holds))
+            # Not while the holder still finishes its answer: it may give
+            # up its hold after it.
+            self.assertTrue(until(
+                lambda holds=holds: idle_or_waiting_as_holders(server) and len(held_channels(server)) == holds
+            ))
         for connection in (blocked, asking):
             self.get(connection)  # the third worker's: it holds neither
             # It is idle again: the next request finds it idle, rather than
