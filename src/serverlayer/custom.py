@@ -827,6 +827,15 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._recalling = False
         #: Set from ``end_waits`` until ``test_ended``: no worker waits.
         self._test_ending = False
+        #: Set by ``test_ended`` for the loop to act on what came before
+        #: the test ended (``_catch_up``).
+        self._catching_up: threading.Event | None = None
+        #: Whether the loop acts on what its last look found (a list set
+        #: in place: through the server's ``__setattr__`` twice a turn
+        #: costs every request), and what it looks at, where the end of a
+        #: test can look too (an epoll object's descriptor; -1 elsewhere).
+        self._loop_acting = [False]
+        self._loop_waits_on = -1
         #: Set from ``test_ended`` until the next test's ``allow_waits``:
         #: no acceptor starts, as zope.testrunner looks for the threads the
         #: test left behind after its tear-down.
@@ -968,36 +977,68 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
                 for listening in self.sockets:
                     selector.register(listening, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
+            self._loop_waits_on = selector.fileno() if hasattr(selector, "fileno") else -1
+            acting = self._loop_acting
             ready()
             while not self._stopping:
-                for key, _ in selector.select(self._until_next_deadline()):
+                events = selector.select(self._until_next_deadline())
+                acting[0] = True
+                for key, _ in events:
                     if self._stopping:
                         break
-                    if key.fileobj is loop_accepting:
-                        accepted = [self._accept(selector, self._listening[fd]) for fd, _ in loop_accepting.poll(0)]
-                        # Only for a connection it took: woken for one the
-                        # acceptor then took, the loop may look only after
-                        # the test ended (and retired the acceptor), and an
-                        # acceptor started then outlives the test.
-                        if any(accepted):
-                            self._start_acceptor()
-                    elif key.fileobj in self.sockets:
-                        self._accept(selector, key.fileobj)
-                    elif key.fileobj is self._wake_reader:
-                        self._watch_returned(selector)
-                    else:
-                        conversation, serve = key.data
-                        if conversation.lingering:
-                            self._drain(selector, conversation)
-                            continue
-                        selector.unregister(key.fileobj)
-                        conversation.watched_until = None
-                        if _client_left(conversation.connection):
-                            self._close(conversation.connection)
-                        else:
-                            self._dispatch(serve)
+                    self._on_ready(selector, key)
                 if self._deadlines:
                     self._close_idle(selector)
+                if self._catching_up is not None:
+                    self._catch_up(selector)
+                acting[0] = False
+
+    def _on_ready(self, selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        """Act on what ``key`` has ready."""
+        loop_accepting = self._loop_accepting
+        if loop_accepting is not None and key.fileobj is loop_accepting:
+            accepted = [self._accept(selector, self._listening[fd]) for fd, _ in loop_accepting.poll(0)]
+            # Only for a connection it took: woken for one the acceptor then
+            # took, the loop may look only after the test ended (and retired
+            # the acceptor), and an acceptor started then outlives the test.
+            if any(accepted):
+                self._start_acceptor()
+        elif key.fileobj in self.sockets:
+            self._accept(selector, key.fileobj)
+        elif key.fileobj is self._wake_reader:
+            self._watch_returned(selector)
+        else:
+            self._serve_ready(selector, *key.data)
+
+    def _serve_ready(
+        self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None]
+    ) -> None:
+        """Hand a worker the request that came on ``conversation``'s connection (or close it, ended)."""
+        if conversation.lingering:
+            self._drain(selector, conversation)
+            return
+        selector.unregister(conversation.connection)
+        conversation.watched_until = None
+        if _client_left(conversation.connection):
+            self._close(conversation.connection)
+        else:
+            self._dispatch(serve)
+
+    def _catch_up(self, selector: selectors.BaseSelector) -> None:
+        """Act on every request that came before the test ended (``test_ended``).
+
+        The loop may not have looked since: a client that sent (part of) a
+        request as its test ended would otherwise get a worker only after
+        the end of the test retired the workers, one that outlives the test.
+        """
+        caught_up, self._catching_up = self._catching_up, None
+        assert caught_up is not None
+        self._watch_returned(selector)  # the connections workers parked as the test ended
+        # Twice: a connection accepted in the first look, its request in the second.
+        for _ in range(2):
+            for key, _ in selector.select(0):
+                self._on_ready(selector, key)
+        caught_up.set()
 
     def _watch(
         self, selector: selectors.BaseSelector, conversation: _Conversation, serve: Callable[[], None] | None
@@ -1210,8 +1251,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
     def _watch_returned(self, selector: selectors.BaseSelector) -> None:
         try:
-            self._wake_reader.recv(4096)
-        except OSError:
+            # Without waiting: the end of a test's catch-up (``_catch_up``)
+            # looks whether a wake-up came or not.
+            self._wake_reader.recv(4096, _DONT_WAIT)
+        except OSError:  # none came (BlockingIOError), or closed: stopping
             pass
         while True:
             try:
@@ -1368,12 +1411,42 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
 
     def test_ended(self, timeout: float) -> None:
         """Park the connections workers wait on, then end the workers
-        started beyond the steady ones, and join them.
+        started beyond the steady ones, and join them; again for those the
+        loop then hands what the test sent last (``_catch_up``).
 
         A worker still serving a request ends when its request does;
         joining it waits at most ``timeout``, then the test runner names it.
         """
         deadline = Deadline(timeout)
+        self._retire_workers(deadline)
+        self._loop_caught_up(deadline)
+        with self._workers_lock:
+            started_since = len(self._workers) > self._steady_workers
+        if started_since:
+            self._retire_workers(deadline)
+        with self._workers_lock:
+            self._test_ending = False
+            self._between_tests = True
+            self._ending_deadline = None
+
+    def _loop_caught_up(self, deadline: Deadline) -> None:
+        """Have the loop act on every request that came before now (``_catch_up``)."""
+        loop = getattr(self, "serving_thread", None)
+        if self._stopping or loop is None or loop is threading.current_thread() or not loop.is_alive():
+            return
+        # Most often the loop waits with nothing to act on, and asking it
+        # would cost the end of every test a round trip to its thread (four
+        # times what the end of a test costs otherwise). What it acted on
+        # before this look started its workers by now, which test_ended sees.
+        waits_on = self._loop_waits_on
+        if waits_on != -1 and not _ready_to_read((waits_on,), 0) and not self._loop_acting[0]:
+            return
+        caught_up = self._catching_up = threading.Event()
+        self._wake_loop()
+        caught_up.wait(deadline.remaining())
+
+    def _retire_workers(self, deadline: Deadline) -> None:
+        """End the workers started beyond the steady ones, and join them."""
         self._cut_reads()
         with self._workers_lock:
             self._cut_writes()
@@ -1397,9 +1470,6 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._workers_lock:
             # Those still serving a request end with it: the stop joins them.
             self._retired = [worker for worker in [*self._retired, *extra] if worker.thread.is_alive()]
-            self._test_ending = False
-            self._between_tests = True
-            self._ending_deadline = None
 
     def end_waits(self, timeout: float) -> None:
         """End every worker's wait on its connection (``wait_readable``)

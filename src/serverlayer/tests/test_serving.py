@@ -25,6 +25,7 @@ import textwrap
 import threading
 import time
 import unittest
+from unittest import mock
 
 from serverlayer import content, custom, static, wsgi
 from serverlayer.tests.helpers import open_descriptors, run_example_modules, set_up_by_hand, thread_names
@@ -510,6 +511,49 @@ class HalfSentRequestTests(unittest.TestCase):
                 self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
                 self.assertIn(b"after 17 of the 100 bytes that Content-Length announced", answer)
                 self.assertEqual(list(layer["http_requests"]), [])
+
+    def test_a_request_the_loop_had_not_handed_on_as_the_test_ended_leaves_no_worker_behind(self):
+        # Its bytes had come, but the loop had not yet handed them to a
+        # worker (it waited for the interpreter lock, say) when the end of
+        # the test retired the workers: the worker started for them then
+        # outlived the test. Here the loop hands them on only after that.
+        test_ending, retired, dispatched = threading.Event(), threading.Event(), threading.Event()
+        dispatch, recall, test_ended = (
+            custom.HandlerServer._dispatch, custom.HandlerServer._recall, custom.HandlerServer.test_ended
+        )
+
+        def late_dispatch(server, item):
+            if threading.current_thread() is server.serving_thread:
+                retired.wait(CLIENT_TIMEOUT)
+                dispatch(server, item)
+                dispatched.set()
+            else:
+                dispatch(server, item)
+
+        def recall_and_note(server, deadline):
+            recall(server, deadline)
+            if test_ending.is_set():  # the end of the test retires the workers (not end_waits)
+                retired.set()
+
+        def ending(server, timeout):
+            test_ending.set()
+            test_ended(server, timeout)
+
+        patches = {"_dispatch": late_dispatch, "_recall": recall_and_note, "test_ended": ending}
+        for layer in every_http_layer("not_handed_on")[:3]:
+            with self.subTest(layer=layer):
+                set_up_by_hand(self, layer)
+                for event in (test_ending, retired, dispatched):
+                    event.clear()
+                before = thread_names()
+                with mock.patch.multiple(custom.HandlerServer, **patches), connect(layer) as sock:
+                    sock.sendall(self.HALVES["a head without its blank line"])
+                    layer.check_after_test()
+                    layer.testTearDown()
+                    self.assertTrue(dispatched.wait(CLIENT_TIMEOUT))  # by the end of the test, or after it
+                    self.assertEqual(sorted(set(thread_names()) - set(before)), [])
+                    self.assertEqual(list(layer["http_requests"]), [])  # half a request is none
+                    layer.testSetUp()  # for the cleanup's testTearDown
 
     def end_the_test_with(self, layer, data: bytes) -> float:
         before = thread_names()
