@@ -895,8 +895,13 @@ class DisconnectTests(unittest.TestCase):
         self.assertIn(expected, str(caught.exception))
 
     def test_a_backend_that_refuses_is_the_handlers_error(self):
-        with socket.create_server(("127.0.0.1", 0)) as closed:
-            port = closed.getsockname()[1]
+        # Bound, not listening: refused, and held. A port closed again
+        # before the call may be taken meanwhile: another server's, or the
+        # calling socket's own (connected to itself, it was not refused).
+        refusing = socket.socket()
+        self.addCleanup(refusing.close)
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
 
         def call_backend():
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
