@@ -1423,7 +1423,11 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         with self._workers_lock:
             started_since = len(self._workers) > self._steady_workers
         if started_since:
-            self._retire_workers(deadline)
+            # Not cutting reads: what the loop handed on came whole or in
+            # part, and without a wait for quiet a worker still reading a
+            # whole one from its buffer looks the same as one waiting for
+            # the rest (which, a _Connection's, cuts itself as it would wait).
+            self._retire_workers(deadline, cut_reads=False)
         with self._workers_lock:
             self._test_ending = False
             self._between_tests = True
@@ -1445,9 +1449,10 @@ class HandlerServer(SocketserverStops, socketserver.BaseServer):
         self._wake_loop()
         caught_up.wait(deadline.remaining())
 
-    def _retire_workers(self, deadline: Deadline) -> None:
+    def _retire_workers(self, deadline: Deadline, *, cut_reads: bool = True) -> None:
         """End the workers started beyond the steady ones, and join them."""
-        self._cut_reads()
+        if cut_reads:
+            self._cut_reads()
         with self._workers_lock:
             self._cut_writes()
             # Retiring first: a worker between a request and its wait for

@@ -555,6 +555,62 @@ class HalfSentRequestTests(unittest.TestCase):
                     self.assertEqual(list(layer["http_requests"]), [])  # half a request is none
                     layer.testSetUp()  # for the cleanup's testTearDown
 
+    def test_a_whole_request_the_loop_hands_on_as_the_test_ends_is_served_not_cut(self):
+        # As above, but all of the request came: the worker reads it while
+        # the end of the test retires it, without the wait for quiet that
+        # makes a request found unread a half one (_cut_reads).
+        test_ending, retired, reading, proceed = (threading.Event() for _ in range(4))
+
+        class SlowToRead(EchoHandler):
+            def parse_request(self):
+                reading.set()  # every byte of the request has arrived: its head is read
+                proceed.wait(CLIENT_TIMEOUT)
+                return super().parse_request()
+
+        dispatch, recall, test_ended, cut_reads, caught_up = (
+            custom.HandlerServer._dispatch, custom.HandlerServer._recall, custom.HandlerServer.test_ended,
+            custom.HandlerServer._cut_reads, custom.HandlerServer._loop_caught_up,
+        )
+
+        def late_dispatch(server, item):
+            if threading.current_thread() is server.serving_thread:
+                retired.wait(CLIENT_TIMEOUT)
+            dispatch(server, item)
+
+        def recall_and_note(server, deadline):
+            recall(server, deadline)
+            if test_ending.is_set():
+                (proceed if retired.is_set() else retired).set()  # the workers retired once, or again
+
+        def ending(server, timeout):
+            test_ending.set()
+            test_ended(server, timeout)
+
+        def cut_reads_then_proceed(server):
+            cut_reads(server)
+            if reading.is_set():
+                proceed.set()
+
+        def caught_up_once_read(server, deadline):
+            caught_up(server, deadline)
+            self.assertTrue(reading.wait(CLIENT_TIMEOUT))
+
+        patches = {
+            "_dispatch": late_dispatch, "_recall": recall_and_note, "test_ended": ending,
+            "_cut_reads": cut_reads_then_proceed, "_loop_caught_up": caught_up_once_read,
+        }
+        layer = set_up_by_hand(self, custom.Layer(SlowToRead, name="whole_not_handed_on"))
+        with mock.patch.multiple(custom.HandlerServer, **patches), connect(layer) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            layer.check_after_test()
+            layer.testTearDown()
+            # Served by the end of the test, by a worker that ended with it.
+            self.assertEqual([request.path for request in layer["http_requests"]], ["/echo"])
+            self.assertEqual(layer.own_server()._workers, [])
+            layer.testSetUp()  # for the cleanup's testTearDown
+            with sock.makefile("rb") as answer:
+                self.assertEqual(read_response(answer)[::2], (200, b"hello"))
+
     def end_the_test_with(self, layer, data: bytes) -> float:
         before = thread_names()
         with connect(layer) as sock:
