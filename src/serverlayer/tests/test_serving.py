@@ -25,6 +25,8 @@ import textwrap
 import threading
 import time
 import unittest
+from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 from serverlayer import content, custom, static, wsgi
@@ -463,6 +465,50 @@ class StalledHeadTearDownTests(unittest.TestCase):
                 leaks.check()
 
 
+class LateHandOn:
+    """Patches of ``HandlerServer`` under which its loop hands a worker
+    what came only once the end of the test has retired the workers: the
+    race of a request that came as the test ended, made certain."""
+
+    def __init__(self, retired_again: Callable[[], None] = lambda: None) -> None:
+        self.test_ending, self.retired, self.dispatched = threading.Event(), threading.Event(), threading.Event()
+        #: Called when the end of the test retires workers a second time.
+        self.retired_again = retired_again
+
+    def clear(self) -> None:
+        for event in (self.test_ending, self.retired, self.dispatched):
+            event.clear()
+
+    def patched(self, **more: Any) -> Any:
+        dispatch, recall, test_ended = (
+            custom.HandlerServer._dispatch, custom.HandlerServer._recall, custom.HandlerServer.test_ended
+        )
+
+        def late_dispatch(server, item):
+            if threading.current_thread() is not server.serving_thread:
+                dispatch(server, item)
+                return
+            self.retired.wait(CLIENT_TIMEOUT)
+            dispatch(server, item)
+            self.dispatched.set()
+
+        def recall_and_note(server, deadline):
+            recall(server, deadline)
+            if not self.test_ending.is_set():  # end_waits', not the end of the test retiring workers
+                return
+            if self.retired.is_set():
+                self.retired_again()
+            self.retired.set()
+
+        def ending(server, timeout):
+            self.test_ending.set()
+            test_ended(server, timeout)
+
+        return mock.patch.multiple(
+            custom.HandlerServer, _dispatch=late_dispatch, _recall=recall_and_note, test_ended=ending, **more
+        )
+
+
 class HalfSentRequestTests(unittest.TestCase):
     """The end of a test while a client has sent part of a request and
     stopped (its test failed midway, say): the worker that would wait for
@@ -517,40 +563,17 @@ class HalfSentRequestTests(unittest.TestCase):
         # worker (it waited for the interpreter lock, say) when the end of
         # the test retired the workers: the worker started for them then
         # outlived the test. Here the loop hands them on only after that.
-        test_ending, retired, dispatched = threading.Event(), threading.Event(), threading.Event()
-        dispatch, recall, test_ended = (
-            custom.HandlerServer._dispatch, custom.HandlerServer._recall, custom.HandlerServer.test_ended
-        )
-
-        def late_dispatch(server, item):
-            if threading.current_thread() is server.serving_thread:
-                retired.wait(CLIENT_TIMEOUT)
-                dispatch(server, item)
-                dispatched.set()
-            else:
-                dispatch(server, item)
-
-        def recall_and_note(server, deadline):
-            recall(server, deadline)
-            if test_ending.is_set():  # the end of the test retires the workers (not end_waits)
-                retired.set()
-
-        def ending(server, timeout):
-            test_ending.set()
-            test_ended(server, timeout)
-
-        patches = {"_dispatch": late_dispatch, "_recall": recall_and_note, "test_ended": ending}
+        late = LateHandOn()
         for layer in every_http_layer("not_handed_on")[:3]:
             with self.subTest(layer=layer):
                 set_up_by_hand(self, layer)
-                for event in (test_ending, retired, dispatched):
-                    event.clear()
+                late.clear()
                 before = thread_names()
-                with mock.patch.multiple(custom.HandlerServer, **patches), connect(layer) as sock:
+                with late.patched(), connect(layer) as sock:
                     sock.sendall(self.HALVES["a head without its blank line"])
                     layer.check_after_test()
                     layer.testTearDown()
-                    self.assertTrue(dispatched.wait(CLIENT_TIMEOUT))  # by the end of the test, or after it
+                    self.assertTrue(late.dispatched.wait(CLIENT_TIMEOUT))  # by the end of the test, or after it
                     self.assertEqual(sorted(set(thread_names()) - set(before)), [])
                     self.assertEqual(list(layer["http_requests"]), [])  # half a request is none
                     layer.testSetUp()  # for the cleanup's testTearDown
@@ -559,7 +582,8 @@ class HalfSentRequestTests(unittest.TestCase):
         # As above, but all of the request came: the worker reads it while
         # the end of the test retires it, without the wait for quiet that
         # makes a request found unread a half one (_cut_reads).
-        test_ending, retired, reading, proceed = (threading.Event() for _ in range(4))
+        reading, proceed = threading.Event(), threading.Event()
+        late = LateHandOn(retired_again=proceed.set)
 
         class SlowToRead(EchoHandler):
             def parse_request(self):
@@ -567,24 +591,7 @@ class HalfSentRequestTests(unittest.TestCase):
                 proceed.wait(CLIENT_TIMEOUT)
                 return super().parse_request()
 
-        dispatch, recall, test_ended, cut_reads, caught_up = (
-            custom.HandlerServer._dispatch, custom.HandlerServer._recall, custom.HandlerServer.test_ended,
-            custom.HandlerServer._cut_reads, custom.HandlerServer._loop_caught_up,
-        )
-
-        def late_dispatch(server, item):
-            if threading.current_thread() is server.serving_thread:
-                retired.wait(CLIENT_TIMEOUT)
-            dispatch(server, item)
-
-        def recall_and_note(server, deadline):
-            recall(server, deadline)
-            if test_ending.is_set():
-                (proceed if retired.is_set() else retired).set()  # the workers retired once, or again
-
-        def ending(server, timeout):
-            test_ending.set()
-            test_ended(server, timeout)
+        cut_reads, caught_up = custom.HandlerServer._cut_reads, custom.HandlerServer._loop_caught_up
 
         def cut_reads_then_proceed(server):
             cut_reads(server)
@@ -595,12 +602,9 @@ class HalfSentRequestTests(unittest.TestCase):
             caught_up(server, deadline)
             self.assertTrue(reading.wait(CLIENT_TIMEOUT))
 
-        patches = {
-            "_dispatch": late_dispatch, "_recall": recall_and_note, "test_ended": ending,
-            "_cut_reads": cut_reads_then_proceed, "_loop_caught_up": caught_up_once_read,
-        }
         layer = set_up_by_hand(self, custom.Layer(SlowToRead, name="whole_not_handed_on"))
-        with mock.patch.multiple(custom.HandlerServer, **patches), connect(layer) as sock:
+        patches = late.patched(_cut_reads=cut_reads_then_proceed, _loop_caught_up=caught_up_once_read)
+        with patches, connect(layer) as sock:
             sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
             layer.check_after_test()
             layer.testTearDown()
