@@ -688,6 +688,7 @@ if HttpToolsProtocol is not None:
             if cycle.scope["http_version"] == "1.0":
                 cycle.send = _unchunked_send(cycle)
             self._answering = cycle
+            cycle.transport = _HeadJoiningTransport(self.transport, self.loop)
             HttpToolsProtocol._start_asgi_task(self, cycle, app)  # not super(): it runs for every request
 
         def on_response_complete(self) -> None:
@@ -700,6 +701,7 @@ if HttpToolsProtocol is not None:
             # on the other layers. Otherwise as upstream: the next of the
             # requests read ahead (pipelined) is started.
             self.server_state.total_requests += 1
+            self._answering.transport.flush()  # a head with no body (HEAD, 204, 304) goes out now
             if self.transport.is_closing():
                 return
             if self._refusal is None:
@@ -738,6 +740,56 @@ if HttpToolsProtocol is not None:
                 cycle.disconnected = True
                 cycle.message_event.set()
             super().connection_lost(exc)
+
+    class _HeadJoiningTransport:
+        """The transport one request's answer is written to: its head
+        waits for the first part of its body, and both go out as one write.
+
+        uvicorn's cycle writes the head (status line and headers) when
+        ``http.response.start`` comes, and each part of the body when it
+        comes, each at once: a small answer leaves in two TCP segments,
+        and its client wakes up for each (an HTTP client in the test's own
+        process then takes the interpreter lock from the server twice per
+        request). Here a write waits until the next one, which it joins,
+        or until the loop's next turn or the response's end, whichever
+        comes first: an application that starts its answer and then awaits
+        something before the body still has its head sent at once. Only one
+        write ever waits, so a large or streamed body is written as
+        upstream writes it, under asyncio's flow control.
+        """
+
+        __slots__ = ("transport", "loop", "held")
+
+        def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+            self.transport = transport
+            self.loop = loop
+            self.held: bytes | None = None
+
+        def write(self, data: bytes) -> None:
+            held = self.held
+            if held is None:
+                self.held = data
+                self.loop.call_soon(self.flush)
+            else:
+                self.held = None
+                self.transport.writelines((held, data))
+
+        def flush(self) -> None:
+            held = self.held
+            if held is not None:
+                self.held = None
+                if not self.transport.is_closing():  # else aborted or lost: nothing more goes out
+                    self.transport.write(held)
+
+        def close(self) -> None:
+            self.flush()
+            self.transport.close()
+
+        def is_closing(self) -> bool:
+            return self.transport.is_closing()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.transport, name)
 
     def _unchunked_send(cycle: Any) -> Callable[[Any], Awaitable[None]]:
         """``cycle.send``, sending a body of no announced length unchunked.

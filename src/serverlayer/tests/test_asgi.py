@@ -357,6 +357,20 @@ class ClientEndTests(unittest.TestCase):
             received = read_until_closed(sock)
         self.assertIn(b'"path": "/plain"', received)
 
+    def test_a_client_that_ends_only_its_side_gets_the_head_of_a_bodiless_answer(self):
+        # HEAD, 204 and 304 end with their head: it goes out before the
+        # connection closes after its last answer.
+        layer = set_up_by_hand(self, asgi.Layer(answers_as_told([]), name=f"half_close_head_{self.http_protocol}",
+                                                http_protocol=self.http_protocol))
+        for request, status in ((b"HEAD /200/2/ok", b"200"), (b"GET /204/none/", b"204")):
+            with self.subTest(request=request), \
+                    socket.create_connection((layer["http_host"], layer["http_port"]), timeout=5) as sock:
+                sock.sendall(request + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                received = read_until_closed(sock)
+                self.assertTrue(received.startswith(b"HTTP/1.1 " + status), received)
+                self.assertTrue(received.endswith(b"\r\n\r\n"), received)
+
 
     def test_a_pipelined_request_whose_body_cannot_be_read_gets_its_400_after_the_answer_before_it(self):
         # Its body will never be whole (nothing after the fault is read): it
@@ -608,6 +622,49 @@ class HTTPProtocolTests(unittest.TestCase):
         [transport] = layer["httpd"].transports
         self.assertIsNone(transport.get_protocol().timeout_keep_alive_task)
 
+    def test_httptools_sends_a_small_answer_in_one_segment(self):
+        """A count, not a time: uvicorn writes a response's head and its body
+        apart, two TCP segments for a small answer; the layer joins them.
+        The client's kernel counts the segments that brought it data."""
+        layer = set_up_by_hand(self, asgi.Layer(app_without_lifespan, name="one_segment",
+                                                http_protocol="httptools"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/")
+        self.assertEqual(connection.getresponse().read()[:1], b"{")
+        before = data_segments_received(connection.sock)
+        for _ in range(5):
+            connection.request("GET", "/")
+            self.assertEqual(connection.getresponse().read()[:1], b"{")
+        self.assertEqual(data_segments_received(connection.sock) - before, 5)
+
+    def test_httptools_sends_a_head_whose_body_waits_at_once(self):
+        """The head of an answer whose application awaits something before
+        its body is not held back for the body: its client reads it first."""
+        go_on = threading.Event()
+        events: list[asyncio.Event] = []
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"4"), (b"x-head", b"first")]})
+            body_may_come = asyncio.Event()
+            events.append(body_may_come)
+            go_on.set()
+            await body_may_come.wait()
+            await send({"type": "http.response.body", "body": b"body"})
+
+        layer = set_up_by_hand(self, asgi.Layer(app, name="head_first", http_protocol="httptools"))
+        connection = http.client.HTTPConnection(layer["http_host"], layer["http_port"], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/")
+        self.assertTrue(go_on.wait(5))
+        response = connection.getresponse()  # the head alone: the body is still to come
+        self.assertEqual(response.getheader("x-head"), "first")
+        layer["httpd"].loop.call_soon_threadsafe(events[0].set)
+        self.assertEqual(response.read(), b"body")
+
     def test_curl_through_either_protocol(self):
         """What curl does that the Python clients above do not: HEAD, a
         chunked upload after ``Expect: 100-continue``, HTTP/1.0."""
@@ -638,6 +695,13 @@ class HTTPProtocolTests(unittest.TestCase):
                 self.assertEqual([request.method for request in layer["http_requests"]],
                                  ["HEAD", "POST", "GET", "GET", "GET"])
                 self.assertEqual(layer["http_requests"][1].body, b"x" * 100_000)
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    """How many TCP segments carrying data ``sock`` received (Linux's
+    ``tcpi_data_segs_in``, in ``struct tcp_info`` since Linux 4.6)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int.from_bytes(info[152:156], sys.byteorder)
 
 
 def answers_as_told(clients: list[int]):
