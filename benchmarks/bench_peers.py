@@ -739,17 +739,28 @@ def rates(
     repeats: int,
     quiet: _timing.OutputTrap,
     notes: Notes,
+    per: tuple[int, str] | None = None,
 ) -> dict[str, float]:
     """The median of ``repeats`` interleaved ``run(name, server)`` for each
     of ``names``, each run after the server forgot what it recorded (untimed).
-    A server whose run fails is named in the notes and left out."""
+    A server whose run fails is named in the notes and left out.
+
+    With ``per`` (how many of what one run does: ``(2000, "GET")``), the
+    notes also tell this process's median CPU time for each, clients
+    included: a steadier measure than a rate, which the scheduling of
+    the client's and the server's threads sways from run to run.
+    """
+    cpu: dict[str, list[float]] = {name: [] for name in names}
 
     def measure(name: str) -> _timing.Measurement:
         def once() -> float:
             item = running[name]
             item.clear()
             with quiet():
-                return run(name, item)
+                start = time.process_time()
+                rate = run(name, item)
+                cpu[name].append(time.process_time() - start)
+                return rate
 
         return once
 
@@ -761,6 +772,12 @@ def rates(
         f"{what}, lowest to highest of {repeats} runs: "
         + ", ".join(f"{name} {min(results[name]):,.0f}-{max(results[name]):,.0f}" for name in medians)
     )
+    if per is not None:
+        count, unit = per
+        notes.add(
+            f"{what}, median CPU time of this process per {unit}, clients included: "
+            + ", ".join(f"{name} {_timing.median(cpu[name]) / count * 1e6:,.0f} us" for name in medians)
+        )
     return medians
 
 
@@ -1158,7 +1175,7 @@ def bench_http_throughput(
                 return requests / seconds
 
             what = f"{kind} GETs, {label}"
-            values = rates(what, running, paths, run, arguments.repeats, quiet, notes)
+            values = rates(what, running, paths, run, arguments.repeats, quiet, notes, per=(requests, "GET"))
             rows.append(PeerRow.rate(what, values, "req/s", target=target))
     notes.add(connects_note(f"{kind}: TCP connections per {requests} GETs over one keep-alive connection", connects))
     return rows
@@ -1180,7 +1197,7 @@ def bench_transfer(
             connects[name], seconds = _timing.timed(lambda: item.gets(paths[name], data, downloads))
             return downloads * FILE_SIZE / (1024 * 1024) / seconds
 
-        values = rates("1 MiB file", running, paths, run, arguments.repeats, quiet, notes)
+        values = rates("1 MiB file", running, paths, run, arguments.repeats, quiet, notes, per=(downloads, "download"))
     notes.add(connects_note(f"1 MiB file: TCP connections per {downloads} downloads", connects))
     return PeerRow.rate(f"1 MiB file, {downloads} GETs, keep-alive", values, "MiB/s")
 
@@ -1238,7 +1255,9 @@ def bench_smtp_throughput(
                     lost[name].append(problem)
                 return sent.accepted / seconds
 
-            values = rates(f"mail, {label}", running, running, run, arguments.repeats, quiet, notes)
+            values = rates(
+                f"mail, {label}", running, running, run, arguments.repeats, quiet, notes, per=(messages, "message")
+            )
             rows.append(PeerRow.rate(f"mail, {label}", values, "msg/s", valid=not lost.get("serverlayer")))
             for name, problems in lost.items():
                 if problems:
@@ -1298,7 +1317,7 @@ def bench_websocket(
         def run(name: str, item: Running) -> float:
             return count / echoes(item, BODY, count)
 
-        values = rates(what, running, working, run, arguments.repeats, quiet, notes)
+        values = rates(what, running, working, run, arguments.repeats, quiet, notes, per=(count, "echo"))
     return PeerRow.rate(what, values, "echoes/s", target="level")
 
 
