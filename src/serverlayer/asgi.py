@@ -756,8 +756,9 @@ if HttpToolsProtocol is not None:
         an application that starts its answer and then awaits something
         before the body still has its head sent at once. Every later write
         goes straight through, as upstream, under asyncio's flow control.
-        (Joined with ``write``, not ``writelines``: Python 3.12's
-        ``writelines`` neither drops what is written to a connection that
+        (Joined with ``write``, not ``writelines``: the selector
+        transport's own ``writelines``, since Python 3.12 (3.12.1 and
+        3.13.0 here), neither drops what is written to a connection that
         was lost nor ever drains an empty part, so a connection it was
         given one never closed.)
         """
