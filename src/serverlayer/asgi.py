@@ -643,7 +643,9 @@ class _Registered(asyncio.Protocol):
             self.transport.close()
 
 
-class _H11Protocol(_Registered, H11Protocol):
+# uvicorn annotates eof_received as returning None; asyncio's protocols may
+# return True to keep the transport open, as _Registered's does.
+class _H11Protocol(_Registered, H11Protocol):  # type: ignore[misc]
     """uvicorn's pure-Python HTTP/1.1 protocol (h11)."""
 
 
@@ -651,7 +653,7 @@ class _H11Protocol(_Registered, H11Protocol):
 HTTP_PROTOCOLS: dict[str, type[_Registered]] = {"h11": _H11Protocol}
 if HttpToolsProtocol is not None:
 
-    class _HttpToolsProtocol(_Registered, HttpToolsProtocol):
+    class _HttpToolsProtocol(_Registered, HttpToolsProtocol):  # type: ignore[misc]  # as _H11Protocol
         """uvicorn's HTTP/1.1 protocol on httptools' C parser: what uvicorn
         serves with by default where httptools is installed (``uvicorn[standard]``,
         serverlayer's ``asgi`` extra), and some 1.5 times as fast as h11.

@@ -191,7 +191,7 @@ class _Handler:
         self.lock = threading.Lock()
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self, server: _Connection, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         # Commands may be pipelined (RFC 2920): aiosmtpd reads them one by
         # one from its buffer either way, but does not say so.
@@ -199,7 +199,7 @@ class _Handler:
         return [*responses[:-1], "250-PIPELINING", "250-DSN", responses[-1]]
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+        self, server: _Connection, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         if self.refuses_unauthenticated and not session.authenticated:
             return "530 5.7.0 Authentication required"  # the application's failure: reported
@@ -212,7 +212,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+        self, server: _Connection, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if address.lower() in self.refused_recipients:
             return server.arranged(f"550 5.1.1 <{address}>: Recipient address rejected")
@@ -220,7 +220,7 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: _Connection, session: Session, envelope: Envelope) -> str:
         server.transcript.client(f"<message, {len(envelope.original_content or b'')} bytes>")
         if isinstance(server, LMTP):
             return await self._deliver_per_recipient(server, session, envelope)
@@ -492,7 +492,8 @@ class _Connection(SMTP):  # type: ignore[misc]
         if split is not None:
             await self._send_split(line, split)
         else:
-            await super().push(status)
+            # aiosmtpd's push takes either (its AnyStr), which a union does not match.
+            await super().push(status)  # type: ignore[type-var]
         if self._receiving_message and not line.startswith("354"):
             # The reply to the message: aiosmtpd skips _set_post_data_state
             # when its DATA hook raised, and then sends only this.

@@ -421,15 +421,18 @@ class _Conversation:
 
     def __init__(self, handler: ContentHandler, script: WebSocketScript) -> None:
         from websockets.server import ServerProtocol
+        from websockets.typing import Subprotocol
 
         self.handler = handler
         self.script = script
-        self.protocol = ServerProtocol(subprotocols=list(script.subprotocols) or None, max_size=None)
+        subprotocols = [Subprotocol(name) for name in script.subprotocols]
+        self.protocol = ServerProtocol(subprotocols=subprotocols or None, max_size=None)
         #: (when, order, message or close frame) to send, soonest first.
         self._outbox: list[tuple[float, int, Message | tuple[int, str]]] = []
         self._order = itertools.count()
         #: The frames of the message being received, and whether it is text.
-        self._parts: list[bytes] = []
+        #: The parts of a message being received (websockets gives bytes, or a view of them).
+        self._parts: list[bytes | bytearray | memoryview] = []
         self._text: bool
         self._over = False
 
@@ -504,7 +507,7 @@ class _Conversation:
                 self._receive()
 
     def _receive(self) -> None:
-        from websockets.frames import Opcode
+        from websockets.frames import Frame, Opcode
 
         data = self.handler.rfile.read1(65536)
         if data:
@@ -520,6 +523,8 @@ class _Conversation:
             self.protocol.receive_eof()
 
         for frame in self.protocol.events_received():
+            if not isinstance(frame, Frame):  # never: the handshake's request, its one other event, came in run()
+                continue
             if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
                 self._text, self._parts = frame.opcode is Opcode.TEXT, [frame.data]
             elif frame.opcode is Opcode.CONT:
