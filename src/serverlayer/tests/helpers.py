@@ -32,6 +32,19 @@ HOST_VARIABLES = (
 )
 
 
+def reserved_port(test: unittest.TestCase, address: str = "127.0.0.1") -> int:
+    """A port free at ``address`` that nobody else gets until ``test`` is
+    over, for a layer given it as a fixed port. A socket bound there and
+    not listening holds it (a probe closed again left a moment in which a
+    client's connect or another process's port 0 could take it); bound with
+    SO_REUSEADDR, as the layer's own socket is, it lets the layer listen."""
+    holder = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    test.addCleanup(holder.close)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind((address, 0))
+    return cast(int, holder.getsockname()[1])
+
+
 def without_host_variables(test: unittest.TestCase) -> None:
     """Unset ``HOST_VARIABLES`` for the rest of ``test``: the machine's own
     settings must not move the layers a test sets up."""

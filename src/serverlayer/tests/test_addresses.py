@@ -26,7 +26,13 @@ import plone.testing
 from serverlayer import AddressInUseError, SetUpError, content, custom, smtp, static, wsgi
 from serverlayer import server as server_module
 from serverlayer.layer import ServerLayer
-from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names, without_host_variables
+from serverlayer.tests.helpers import (
+    open_descriptors,
+    reserved_port,
+    set_up_by_hand,
+    thread_names,
+    without_host_variables,
+)
 from serverlayer.tests.test_hardening import listening_addresses
 from serverlayer.tests.test_lifecycle import Hello
 
@@ -458,9 +464,7 @@ class BusyPortTests(MadeUpNames):
         layer.tearDown()
 
     def test_fixed_port_free_at_every_address_is_used_at_every_address(self):
-        with socket.socket() as probe:  # a port that is free now
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = reserved_port(self)  # at 127.0.0.1; ::1 is left to chance
         layer = smtp.Layer(name="fixed_free", host="dual.test", port=port)
         self.set_up(layer, {"dual.test": DUAL})
         self.assertEqual(layer["smtp_port"], port)

@@ -30,7 +30,7 @@ from serverlayer import (
 )
 from serverlayer.layer import ServerLayer
 from serverlayer.server import ServerThread, remembering
-from serverlayer.tests.helpers import open_descriptors, set_up_by_hand, thread_names
+from serverlayer.tests.helpers import open_descriptors, reserved_port, set_up_by_hand, thread_names
 
 
 def hello_app(environ, start_response):
@@ -136,9 +136,7 @@ class WhereItListensTests(unittest.TestCase):
         self.assertEqual(layer["http_host"], "127.0.0.1")
 
     def test_fixed_port(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free_port = probe.getsockname()[1]
+        free_port = reserved_port(self)
         layer = wsgi.Layer(hello_app, name="fixed_port", port=free_port)
         set_up_by_hand(self, layer)
         self.assertEqual(layer["http_port"], free_port)
@@ -147,9 +145,7 @@ class WhereItListensTests(unittest.TestCase):
     def test_fixed_port_is_set_up_again_right_after_tear_down(self):
         """The server closed a connection first, so the port has a
         connection in TIME_WAIT: setting up on it again at once works."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free_port = probe.getsockname()[1]
+        free_port = reserved_port(self)
         layer = custom.Layer(Hello, name="fixed_port_again", port=free_port)
         for _ in range(2):
             with Running(layer):
@@ -162,9 +158,7 @@ class WhereItListensTests(unittest.TestCase):
                 self.assertTrue(answer.endswith(b"hello"), answer)
 
     def test_host_and_port_preset_by_a_base_layer(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free_port = probe.getsockname()[1]
+        free_port = reserved_port(self)
 
         class Preset(plone.testing.Layer):
             def setUp(self):
