@@ -430,8 +430,8 @@ class _Conversation:
         #: (when, order, message or close frame) to send, soonest first.
         self._outbox: list[tuple[float, int, Message | tuple[int, str]]] = []
         self._order = itertools.count()
-        #: The frames of the message being received, and whether it is text.
-        #: The parts of a message being received (websockets gives bytes, or a view of them).
+        #: The frames of the message being received (websockets gives bytes,
+        #: or a view of them), and whether it is text.
         self._parts: list[bytes | bytearray | memoryview] = []
         self._text: bool
         self._over = False

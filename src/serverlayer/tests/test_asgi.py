@@ -371,7 +371,6 @@ class ClientEndTests(unittest.TestCase):
                 self.assertTrue(received.startswith(b"HTTP/1.1 " + status), received)
                 self.assertTrue(received.endswith(b"\r\n\r\n"), received)
 
-
     def test_a_pipelined_request_whose_body_cannot_be_read_gets_its_400_after_the_answer_before_it(self):
         # Its body will never be whole (nothing after the fault is read): it
         # is never started, and the 400 follows the answer to the request
